@@ -45,6 +45,7 @@ class GenerationSettings:
     height: int = 1024
     wrap: bool = True
     model: str = DEFAULT_MODEL
+    model_config: str | None = None  # for a single .safetensors file: a diffusers folder or repo id with the configs
     method: str = "msd"
     gradient: str = "exact"
     omega: float = 10.0
