@@ -1,5 +1,6 @@
 """The worker protocol: JSON lines, one request per line on the worker's stdin, one event per line on
-its stdout. Defined once here; the worker, the client and the Blender add-on all import it.
+its stdout (UTF-8; the worker writes nothing else there: logs go to stderr). Defined once here; the
+worker, the client and the Blender add-on all import it.
 
 Requests (client → worker), each a JSON object with ``op``:
   {"op": "generate", "id": ID, "settings": {...GenerationSettings...}, "output": PATH,
@@ -8,17 +9,46 @@ Requests (client → worker), each a JSON object with ``op``:
   {"op": "ping", "id": ID}             answered with a "pong" event
   {"op": "shutdown", "id": ID}         the worker answers "bye" and exits 0
 
+  generate: ``id`` (a string or integer, unique among the requests not yet finished), ``settings``
+    (GenerationSettings.to_dict(); unknown keys are an error) and ``output`` (the PNG to write) are
+    required. ``overwrite`` (default false) allows replacing an existing file. ``preview_every``
+    (default 5; 0 = no previews) is the step interval of previews, which are also sent after step 1.
+    ``preview_dir`` must be an existing folder, the previews written there
+    ("msd-preview-<id>-step-0005.png") belong to the client; null = a folder the worker owns, where a
+    request's previews are deleted when it fails or is cancelled, when the next request starts, and
+    when the worker exits. Requests that arrive while one runs are queued and run in order.
+  cancel: a queued request ends at once, a running one at its next window batch, both with error
+    kind "cancelled" and no output file. A cancel for an id that is neither running nor queued (for
+    example one that has just finished) is ignored.
+  shutdown: the running request is cancelled, queued ones end with "cancelled", then "bye". End of
+    file on stdin does the same.
+  ping is answered at once, also while a request runs.
+
 Events (worker → client), each a JSON object with ``event`` and ``id`` (the request id; null for
 "ready" and for errors about lines that could not be parsed):
-  ready      {msd_core, torch, diffusers, device, dtype, pid}
+  ready      {protocol, msd_core, torch, diffusers, device, dtype, pid}
+                                                   device/dtype: what "auto" resolves to on this machine
   accepted   {}                                    the request passed validation
   loading    {model, warm}                         warm = the model was already loaded
   progress   {step, total, level, levels, elapsed, eta}   step counts from 1; eta in seconds or null
   preview    {path, step, width, height}           a small PNG of the coarsest level's x0 estimate
-  done       {output, metadata, timings}           timings: {load, sample, decode, total} seconds
+  done       {output, metadata, timings}           timings: {load, sample, decode, save, total} seconds
   error      {kind, message}                       kind is one of ERROR_KINDS
   pong       {}
   bye        {}
+
+  A generate request's events come in this order: accepted, loading, then progress and preview
+  (progress once per step, step increasing), then exactly one of done or error. A request rejected
+  by validation gets only its error. Error kinds: bad_input (invalid request or settings; nothing
+  was started or written), model_not_found, out_of_memory (the message suggests what to reduce),
+  cancelled, internal (an unexpected failure; a one-line message, the traceback is on stderr).
+  The worker keeps running after every error.
+
+  "died" errors are made by the client (msd_core.client), never by the worker: the process ended
+  without being asked to, or did not send "ready" in time. They carry the id of the request that
+  was running (null if none) and three more fields: {kind: "died", message, returncode, signal,
+  stderr}; returncode is the exit status (negative = killed by a signal on POSIX, null if unknown),
+  signal its name (e.g. "SIGKILL") or null, stderr the last lines the worker wrote there.
 """
 
 from __future__ import annotations
@@ -33,6 +63,9 @@ EVENTS = ("ready", "accepted", "loading", "progress", "preview", "done", "error"
 ERROR_KINDS = ("bad_input", "model_not_found", "out_of_memory", "cancelled", "internal", "died")
 # After one of these events a generate request is over.
 FINAL_EVENTS = ("done", "error")
+# The fields a generate request may have besides "op" and "id", and the default preview interval.
+GENERATE_FIELDS = ("settings", "output", "overwrite", "preview_every", "preview_dir")
+DEFAULT_PREVIEW_EVERY = 5
 
 
 class ProtocolError(ValueError):
@@ -61,10 +94,10 @@ def event(name: str, request_id, **fields) -> dict:
     return {"event": name, "id": request_id, **fields}
 
 
-def error_event(request_id, kind: str, message: str) -> dict:
+def error_event(request_id, kind: str, message: str, **fields) -> dict:
     if kind not in ERROR_KINDS:
         raise ValueError(f"unknown error kind {kind!r}")
-    return event("error", request_id, kind=kind, message=message)
+    return event("error", request_id, kind=kind, message=message, **fields)
 
 
 def request(op: str, request_id, **fields) -> dict:

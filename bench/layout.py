@@ -1,0 +1,220 @@
+"""Does MSD keep the layout coherent where MultiDiffusion does not? Tested without pretrained weights.
+
+Part 1 samples panoramas from an analytic horizon prior (bench/horizon.py: an exact posterior-mean
+denoiser of window-sized sky-above-ground images) with msd_core's own sampler, and counts how many
+panoramas have one horizon across every column. Part 2 runs the tiny SD model through the real
+pipeline and records the cross-scale discrepancy and the 360° seam.
+
+    .venv/bin/python bench/layout.py            # full: 24 seeds, 50 steps   (≈ 15 min on 2 cores)
+    .venv/bin/python bench/layout.py --quick    # 8 seeds, 20 steps           (≈ 3 min)
+
+Writes bench/results/layout[-quick].json, docs/bench-layout.png, docs/bench-horizon-examples.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import common  # noqa: F401  (puts the checkout on sys.path)
+import torch
+from common import DOCS, environment, markdown_table, pyplot, write_json
+from horizon import SD_COARSE_NUMEL, HorizonPrior, sample_panoramas, score_layout, seam_ratio
+
+from msd_core.sampler import cross_scale_discrepancy
+from msd_core.settings import GenerationSettings
+
+WIDE_PRIOR = range(-4, 21)  # 40 % of the components are all sky or all ground
+NARROW_PRIOR = range(-1, 18)  # 21 %
+OMEGAS = (0.0, 2.0, 5.0, 10.0, 20.0)
+COLUMNS = ["panorama", "prior", "method", "omega", "loss", "noise", "coherent", "uniform", "transitions",
+           "spread", "discrepancy", "seam", "seconds"]
+
+
+def run_config(prior, prior_name, height, width, seeds, steps, *, wrap=False, omega=0.0, gradient="fast",
+               loss="projection", noise="literal", keep=None):
+    """Sample one panorama per seed and summarise the layouts (``keep``: list to store images in)."""
+    mean_numel = SD_COARSE_NUMEL if loss == "mean-sd" else None
+    started = time.perf_counter()
+    images, trajectory = sample_panoramas(
+        prior, height, width, seeds, omega=omega, gradient=gradient,
+        omega_loss="mean" if loss.startswith("mean") else loss, mean_numel=mean_numel,
+        noise=noise, steps=steps, wrap=wrap,
+    )
+    seconds = time.perf_counter() - started
+    layouts = [score_layout(image) for image in images]
+    spreads = [layout.horizon_spread for layout in layouts if layout.coherent]
+    coherent = sum(layout.coherent for layout in layouts)
+    row = {
+        "panorama": f"{height}×{width}{' wrap' if wrap else ''}",
+        "height": height, "width": width, "wrap": wrap, "prior": prior_name,
+        "method": "MD" if omega == 0 else f"MSD {gradient}", "gradient": gradient, "omega": omega,
+        "loss": loss if omega else "", "noise": noise, "seeds": len(seeds), "steps": steps,
+        "coherent": coherent / len(seeds), "coherent_count": coherent,
+        "uniform": sum(layout.uniform for layout in layouts) / len(seeds),
+        "transitions": statistics.mean(layout.transitions for layout in layouts),
+        "spread": statistics.mean(spreads) if spreads else None,
+        "discrepancy": statistics.mean(trajectory.discrepancy) if trajectory.discrepancy else None,
+        "seam": statistics.mean(seam_ratio(image) for image in images),
+        "seconds": seconds,
+    }
+    if keep is not None:
+        keep.append((row, images[:4].clone()))
+    print(markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
+    return row
+
+
+def horizon_part(quick: bool) -> tuple[list[dict], list]:
+    seeds = list(range(8 if quick else 24))
+    steps = 20 if quick else 50
+    wide, narrow = HorizonPrior(horizons=WIDE_PRIOR), HorizonPrior(horizons=NARROW_PRIOR)
+    rows, examples = [], []
+    print(f"\nhorizon prior: {len(seeds)} seeds, {steps} DDIM steps, window 16, stride 4")
+    print("\n".join(markdown_table([], COLUMNS).splitlines()[:2]))
+
+    # 1. The ω sweep for every loss normalisation and gradient mode, 64×64 (3 levels).
+    rows.append(run_config(wide, "wide", 64, 64, seeds, steps))
+    gradients = ("fast",) if quick else ("fast", "exact")
+    for gradient in gradients:
+        for loss in ("projection", "mean", "mean-sd", "sum"):
+            for omega in OMEGAS[1:]:
+                rows.append(run_config(wide, "wide", 64, 64, seeds, steps, omega=omega, gradient=gradient, loss=loss))
+    if quick:  # the exact gradient at the default only
+        rows.append(run_config(wide, "wide", 64, 64, seeds, steps, omega=10.0, gradient="exact"))
+
+    # 2. Other shapes, with and without wrap-around.
+    shapes = [(32, 64, False), (64, 128, False), (64, 128, True)] + ([] if quick else [(32, 64, True), (64, 64, True)])
+    for height, width, wrap in shapes:
+        keep = examples if (height, width, wrap) == (64, 128, False) else None
+        rows.append(run_config(wide, "wide", height, width, seeds, steps, wrap=wrap, keep=keep))
+        for gradient in gradients:
+            rows.append(run_config(wide, "wide", height, width, seeds, steps, wrap=wrap, omega=10.0,
+                                   gradient=gradient, keep=keep))
+
+    # 3. A prior with fewer uniform windows.
+    rows.append(run_config(narrow, "narrow", 64, 64, seeds, steps))
+    for omega in OMEGAS[1:]:
+        rows.append(run_config(narrow, "narrow", 64, 64, seeds, steps, omega=omega))
+
+    # 4. How the coarse levels treat the noise that ds averaged away.
+    for noise in ("fresh", "snr"):
+        for omega in OMEGAS[1:]:
+            rows.append(run_config(wide, "wide", 64, 64, seeds, steps, omega=omega, noise=noise))
+        rows.append(run_config(narrow, "narrow", 64, 64, seeds, steps, omega=10.0, noise=noise))
+    return rows, examples
+
+
+def tiny_model_part(quick: bool) -> list[dict]:
+    """Cross-scale discrepancy (mean over steps and level pairs) and the 360° seam on the tiny SD model."""
+    from msd_core.pipeline import MSDPanoramaPipeline
+    from msd_core.vae import decode_latents
+
+    base = GenerationSettings(
+        prompt="a misty alpine valley", model="tiny", device="cpu", width=256 if quick else 512,
+        height=128 if quick else 256, steps=10 if quick else 20, view_batch=16, seed=3, gradient="fast",
+    )
+    pipe = MSDPanoramaPipeline.from_settings(base)
+    rows = []
+    print(f"\ntiny SD model: {base.width}×{base.height} px, {base.steps} steps")
+
+    def run(**changes):
+        settings = dataclasses.replace(base, **changes)
+        per_step: dict[int, dict[int, torch.Tensor]] = {}
+
+        def callback(info):
+            per_step.setdefault(info.step, {})[info.level] = info.latents
+
+        result = pipe(settings, callback=callback, decode=False)
+        gaps = [
+            cross_scale_discrepancy(levels[level], levels[level - 1])
+            for levels in per_step.values() for level in sorted(levels) if level > 1
+        ]
+        image = decode_latents(pipe.vae, result.latents, wrap=settings.wrap, tile=64)
+        return result, (statistics.mean(gaps) if gaps else None), image
+
+    omegas = (0.0, 2.0, 10.0, 20.0)
+    for gradient in ("fast", "exact"):
+        for omega in omegas:
+            if omega == 0 and gradient == "exact":
+                continue
+            started = time.perf_counter()
+            result, gap, _ = run(omega=omega, gradient=gradient)
+            row = {"part": "discrepancy", "method": "MD (ω=0)" if omega == 0 else f"MSD {gradient}", "omega": omega,
+                   "levels": result.plan.levels, "discrepancy": gap, "seconds": time.perf_counter() - started}
+            rows.append(row)
+            print(row, flush=True)
+    for wrap in (True, False):
+        result, _, image = run(wrap=wrap)
+        row = {"part": "seam", "wrap": wrap, "latent_seam": seam_ratio(result.latents[0]),
+               "image_seam": seam_ratio(image[0])}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def plot(rows: list[dict], examples: list) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    DOCS.mkdir(exist_ok=True)
+    sweep = [r for r in rows if r["panorama"] == "64×64" and r["prior"] == "wide" and r["noise"] == "literal"]
+    md = next(r for r in sweep if r["omega"] == 0)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"projection": "-", "mean": ":", "mean-sd": (0, (1, 3)), "sum": "--"}
+    for gradient, marker in (("fast", "o"), ("exact", "s")):
+        for loss, style in styles.items():
+            line = sorted((r for r in sweep if r["gradient"] == gradient and r["loss"] == loss), key=lambda r: r["omega"])
+            if not line:
+                continue
+            omegas = [0.0] + [r["omega"] for r in line]
+            label = f"{gradient}, {loss}"
+            axes[0].plot(omegas, [md["coherent"]] + [r["coherent"] for r in line], linestyle=style, marker=marker, label=label)
+            axes[1].plot(omegas, [md["transitions"]] + [r["transitions"] for r in line], linestyle=style, marker=marker, label=label)
+    for noise, color in (("fresh", "red"), ("snr", "green")):
+        line = sorted((r for r in rows if r["noise"] == noise and r["prior"] == "wide"), key=lambda r: r["omega"])
+        axes[0].plot([r["omega"] for r in line], [r["coherent"] for r in line], color=color, marker="^",
+                     label=f"fast, projection, coarse noise {noise}")
+    axes[0].set(xlabel="ω", ylabel="coherent fraction", title=f"horizon prior 64×64, {md['seeds']} seeds", ylim=(-0.03, 1.03))
+    axes[1].set(xlabel="ω", ylabel="sky→ground transitions per column", title="(1 = one horizon)")
+    axes[1].axhline(1, color="grey", linewidth=0.5)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(DOCS / f"bench-layout.png", dpi=110)
+    plt.close(figure)
+
+    if examples:
+        figure, axes = plt.subplots(len(examples), 4, figsize=(12, 1.0 + 0.9 * len(examples)))
+        for row_axes, (row, images) in zip(axes, examples):
+            for column, (axis, image) in enumerate(zip(row_axes, images)):
+                axis.imshow(image.numpy(), cmap="Blues_r", vmin=-1.5, vmax=1.5)
+                axis.set_xticks([])
+                axis.set_yticks([])
+                if column == 0:
+                    axis.set_ylabel(f"{row['method']}\nω={row['omega']:g}", fontsize=8)
+                score = score_layout(image)
+                axis.set_title("coherent" if score.coherent else f"{score.transitions:.2f} transitions/col", fontsize=7)
+        figure.suptitle("horizon prior 64×128 (sky light, ground dark), seeds 0–3", fontsize=9)
+        figure.tight_layout()
+        figure.savefig(DOCS / f"bench-horizon-examples.png", dpi=110)
+        plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer seeds and steps (a few minutes)")
+    parser.add_argument("--skip-tiny", action="store_true", help="only the horizon prior")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # small float64 tensors: one thread is fastest and fair to a busy machine
+    env = environment()
+    horizon_rows, examples = horizon_part(args.quick)
+    print("\n" + markdown_table(horizon_rows, COLUMNS))
+    tiny_rows = [] if args.skip_tiny else tiny_model_part(args.quick)
+    suffix = "-quick" if args.quick else ""
+    write_json(f"layout{suffix}", {"environment": env, "horizon": horizon_rows, "tiny_model": tiny_rows})
+    plot(horizon_rows, examples)
+
+
+if __name__ == "__main__":
+    main()

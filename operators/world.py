@@ -1,0 +1,217 @@
+"""A panorama as the world background.
+
+Node layout (both kinds of panorama):
+
+    Texture Coordinate (Generated: the view direction) → Mapping (Z rotation) → colour → Background
+    → World Output
+
+where "colour" is, for a 2:1 image (360° × 180°), an Environment Texture with EQUIRECTANGULAR
+projection, and for any other aspect (a strip covering 360° horizontally, e.g. 4:1) a cylindrical
+projection built from nodes that feeds UVs into an Image Texture (see _cylindrical_color). Both put the
+image's centre at +X and its left edge at −X, the way Blender's equirectangular projection does.
+
+The world is marked with the image it shows (world["msd_image"]), so applying the same image again
+updates that world; the user's other worlds are never touched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import bpy
+import numpy as np
+from bpy.props import FloatProperty
+from mathutils import Color
+
+from .images import PanoramaFileOperator
+
+SOURCE_PROPERTY = "msd_image"  # on worlds and backdrops: the panorama image they show
+EQUIRECTANGULAR_ASPECT = 2.0
+ASPECT_TOLERANCE = 0.01  # relative: 2:1 within ±1 % is an equirectangular 360° × 180° panorama
+COLUMN_WIDTH = 240
+ROW_HEIGHT = 220
+
+
+def apply_world(context, image: bpy.types.Image, *, strength: float = 1.0, rotation: float = 0.0) -> bpy.types.World:
+    """Show ``image`` as the scene's world and return the world.
+
+    ``rotation`` (radians) turns the panorama about Z as Mapping's Z rotation does in any world:
+    looking at azimuth a shows what was at a + rotation. Applying the same image again rebuilds its world.
+    """
+    world = find_world(image)
+    if world is None:
+        world = bpy.data.worlds.new(image.name)
+        world[SOURCE_PROPERTY] = image
+    if world.node_tree is None:  # Blender < 5.0 makes worlds without nodes
+        world.use_nodes = True
+    tree = world.node_tree
+    tree.nodes.clear()
+
+    coordinates = tree.nodes.new("ShaderNodeTexCoord")
+    mapping = tree.nodes.new("ShaderNodeMapping")
+    mapping.inputs["Rotation"].default_value = (0.0, 0.0, rotation)
+    tree.links.new(coordinates.outputs["Generated"], mapping.inputs["Vector"])
+    color_of = _equirectangular_color if is_equirectangular(image) else _cylindrical_color
+    color = color_of(tree, image, mapping.outputs["Vector"])
+    background = tree.nodes.new("ShaderNodeBackground")
+    background.inputs["Strength"].default_value = strength
+    tree.links.new(color, background.inputs["Color"])
+    output = tree.nodes.new("ShaderNodeOutputWorld")
+    tree.links.new(background.outputs["Background"], output.inputs["Surface"])
+    arrange_nodes(output)
+
+    context.scene.world = world
+    return world
+
+
+def find_world(image: bpy.types.Image) -> bpy.types.World | None:
+    """The world apply_world made for ``image``, if there is one."""
+    return next((world for world in bpy.data.worlds if world.get(SOURCE_PROPERTY) == image), None)
+
+
+def is_equirectangular(image: bpy.types.Image) -> bool:
+    width, height = image.size
+    return abs(width - EQUIRECTANGULAR_ASPECT * height) <= ASPECT_TOLERANCE * EQUIRECTANGULAR_ASPECT * height
+
+
+def _equirectangular_color(tree, image, direction):
+    # The Environment Texture wraps horizontally and clamps at the poles by itself.
+    texture = tree.nodes.new("ShaderNodeTexEnvironment")
+    texture.image = image
+    texture.projection = "EQUIRECTANGULAR"
+    texture.interpolation = "Linear"
+    tree.links.new(direction, texture.inputs["Vector"])
+    return texture.outputs["Color"]
+
+
+def _cylindrical_color(tree, image, direction):
+    """The image wrapped once around a vertical cylinder centred on the viewer, with square pixels.
+
+    A w × h strip covers the full 360° horizontally: on the unit cylinder (radius 1, circumference
+    2π) one pixel is 2π / w wide, so for square pixels it is 2π / w tall too and the strip is
+    H = h · 2π / w = 2π / aspect tall, centred on the horizon. The view direction (x, y, z) meets
+    the unit cylinder at azimuth atan2(y, x) and height t = z / √(x² + y²), hence
+        u = 0.5 − atan2(y, x) / 2π     (the same orientation as Blender's equirectangular projection)
+        v = 0.5 + t / H                (inside the strip while |t| ≤ H / 2).
+    Above and below the strip the world is a plain colour: the average of the top, resp. bottom, row.
+    """
+    width, height = image.size
+    strip_height = 2.0 * math.pi * height / width
+    nodes, links = tree.nodes, tree.links
+
+    split = nodes.new("ShaderNodeSeparateXYZ")
+    links.new(direction, split.inputs["Vector"])
+    azimuth = _math(tree, "ARCTAN2", split.outputs["Y"], split.outputs["X"])
+    u = _math(tree, "MULTIPLY_ADD", azimuth, -0.5 / math.pi, 0.5)
+
+    horizontal = nodes.new("ShaderNodeVectorMath")
+    horizontal.operation = "MULTIPLY"
+    links.new(direction, horizontal.inputs[0])
+    horizontal.inputs[1].default_value = (1.0, 1.0, 0.0)
+    radius = nodes.new("ShaderNodeVectorMath")
+    radius.operation = "LENGTH"
+    links.new(horizontal.outputs["Vector"], radius.inputs[0])
+    t = _math(tree, "DIVIDE", split.outputs["Z"], radius.outputs["Value"])
+    v = _math(tree, "MULTIPLY_ADD", t, 1.0 / strip_height, 0.5)
+    # Texture wraps (REPEAT) so the 0/360° seam blends both edges; keeping v half a texel inside
+    # [0, 1] stops the top and bottom rows from blending into each other.
+    clamp = nodes.new("ShaderNodeClamp")
+    links.new(v, clamp.inputs["Value"])
+    clamp.inputs["Min"].default_value = 0.5 / height
+    clamp.inputs["Max"].default_value = 1.0 - 0.5 / height
+
+    uv = nodes.new("ShaderNodeCombineXYZ")
+    links.new(u, uv.inputs["X"])
+    links.new(clamp.outputs["Result"], uv.inputs["Y"])
+    texture = nodes.new("ShaderNodeTexImage")
+    texture.image = image
+    texture.extension = "REPEAT"
+    texture.interpolation = "Linear"
+    links.new(uv.outputs["Vector"], texture.inputs["Vector"])
+
+    bottom_color, top_color = edge_row_colors(image)
+    above = _math(tree, "GREATER_THAN", t, 0.0)
+    outside = _mix_color(tree, above, bottom_color, top_color)
+    inside = _math(tree, "COMPARE", t, 0.0, strip_height / 2.0)  # 1 where |t| ≤ H / 2
+    return _mix_color(tree, inside, outside, texture.outputs["Color"])
+
+
+def edge_row_colors(image: bpy.types.Image) -> tuple[tuple, tuple]:
+    """The mean colour (scene linear RGBA) of the image's bottom row and of its top row."""
+    width, height = image.size
+    pixels = np.empty(width * height * image.channels, dtype=np.float32)
+    image.pixels.foreach_get(pixels)
+    rows = pixels.reshape(height, width, image.channels)[[0, -1], :, :3]  # Blender stores bottom row first
+    if not image.is_float:  # 8-bit pixels are sRGB-encoded; average light, not code values
+        rows = np.where(rows <= 0.04045, rows / 12.92, ((rows + 0.055) / 1.055) ** 2.4)
+    return tuple((*Color(mean).from_rec709_linear_to_scene_linear(), 1.0) for mean in rows.mean(axis=1))
+
+
+def _math(tree, operation, *operands):
+    """A Math node; each operand is an output socket to link or a number."""
+    node = tree.nodes.new("ShaderNodeMath")
+    node.operation = operation
+    for socket, operand in zip(node.inputs, operands):
+        if isinstance(operand, bpy.types.NodeSocket):
+            tree.links.new(operand, socket)
+        else:
+            socket.default_value = operand
+    return node.outputs["Value"]
+
+
+def _mix_color(tree, factor, first, second):
+    """A Mix (colour) node: ``first`` where factor is 0, ``second`` where it is 1; colours are
+    sockets to link or RGBA values."""
+    node = tree.nodes.new("ShaderNodeMix")
+    node.data_type = "RGBA"
+    sockets = {socket.identifier: socket for socket in node.inputs}
+    tree.links.new(factor, sockets["Factor_Float"])
+    for socket, color in ((sockets["A_Color"], first), (sockets["B_Color"], second)):
+        if isinstance(color, bpy.types.NodeSocket):
+            tree.links.new(color, socket)
+        else:
+            socket.default_value = color
+    return next(socket for socket in node.outputs if socket.identifier == "Result_Color")
+
+
+def arrange_nodes(output: bpy.types.Node) -> None:
+    """Lay out a node tree in columns, right to left by the longest path to ``output``."""
+    depth = {output: 0}
+    pending = [output]
+    while pending:
+        node = pending.pop()
+        for socket in node.inputs:
+            for link in socket.links:
+                if depth.get(link.from_node, -1) < depth[node] + 1:
+                    depth[link.from_node] = depth[node] + 1
+                    pending.append(link.from_node)
+    rows: dict[int, int] = {}
+    for node, column in depth.items():
+        row = rows[column] = rows.get(column, -1) + 1
+        node.location = (-column * COLUMN_WIDTH, -row * ROW_HEIGHT)
+
+
+class MSD_OT_apply_world(PanoramaFileOperator, bpy.types.Operator):
+    """Use a panorama as the world background: a 2:1 image all around, a wider strip as a cylinder"""
+
+    bl_idname = "msd.apply_world"
+    bl_label = "Apply as World"
+    bl_options = {"REGISTER", "UNDO"}
+
+    strength: FloatProperty(
+        name="Strength", description="Brightness of the background", default=1.0, min=0.0, soft_max=10.0
+    )
+    rotation: FloatProperty(
+        name="Rotation", description="Turns the panorama about the vertical axis", default=0.0, subtype="ANGLE"
+    )
+
+    def execute(self, context):
+        image = self.load_image()
+        if image is None:
+            return {"CANCELLED"}
+        world = apply_world(context, image, strength=self.strength, rotation=self.rotation)
+        self.report({"INFO"}, f"World {world.name!r} shows {image.name!r}")
+        return {"FINISHED"}
+
+
+classes = (MSD_OT_apply_world,)

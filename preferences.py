@@ -1,0 +1,131 @@
+"""Add-on preferences: which Python runs the worker, which model, where panoramas are written."""
+
+import os
+import sys
+
+import bpy
+from bpy.props import BoolProperty, EnumProperty, StringProperty
+from bpy.types import AddonPreferences
+
+from .msd_core import settings
+
+ADDON_PACKAGE = __package__
+# The extension's folder: it contains msd_core/, which the worker process imports (via PYTHONPATH).
+ADDON_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUTPUT_FOLDER = "//panoramas/"
+# Blender 4.5+ warns about "//" in path properties unless they declare support (the flag is new in 4.5).
+_BLEND_RELATIVE = {'PATH_SUPPORTS_BLEND_RELATIVE'} if bpy.app.version >= (4, 5, 0) else set()
+
+_DEVICE_LABELS = {"auto": "Automatic", "cuda": "CUDA (NVIDIA)", "mps": "Metal (Apple)", "cpu": "CPU"}
+_DTYPE_LABELS = {"auto": "Automatic", "float16": "Half (float16)", "bfloat16": "BFloat16", "float32": "Full (float32)"}
+
+
+def get_preferences(context=None):
+    context = context or bpy.context
+    return context.preferences.addons[ADDON_PACKAGE].preferences
+
+
+def user_folder(subfolder: str = "") -> str:
+    """A folder of this extension in Blender's user resources (created if missing)."""
+    return bpy.utils.extension_path_user(ADDON_PACKAGE, path=subfolder, create=True)
+
+
+def managed_worker_python() -> str:
+    """Where "Install worker" puts the worker environment's Python (it may not exist yet)."""
+    env_dir = os.path.join(bpy.utils.extension_path_user(ADDON_PACKAGE), "worker")
+    if sys.platform == "win32":
+        return os.path.join(env_dir, "Scripts", "python.exe")
+    return os.path.join(env_dir, "bin", "python")
+
+
+def worker_python(prefs) -> str:
+    """The Python that runs the worker: the preference if set, else the installed worker
+    environment's, else "" (the worker is not installed)."""
+    if prefs.worker_python:
+        return bpy.path.abspath(prefs.worker_python)
+    managed = managed_worker_python()
+    return managed if os.path.isfile(managed) else ""
+
+
+def output_folder(prefs) -> str:
+    """The folder new panoramas go to. A relative (//) folder needs a saved .blend; until then it is
+    the extension's user folder."""
+    folder = prefs.output_folder or DEFAULT_OUTPUT_FOLDER
+    if folder.startswith("//") and not bpy.data.is_saved:
+        return user_folder("panoramas")
+    return os.path.normpath(bpy.path.abspath(folder))
+
+
+class MSD_AddonPreferences(AddonPreferences):
+    bl_idname = ADDON_PACKAGE
+
+    worker_python: StringProperty(
+        name="Worker Python",
+        description=(
+            "Python interpreter with torch and diffusers that runs the generator. "
+            "Empty: the environment made by Install Worker"
+        ),
+        subtype='FILE_PATH',
+    )
+    install_python: StringProperty(
+        name="Base Python",
+        description=(
+            "Python 3.10 or newer used to create the worker environment. "
+            "Empty: search for python3.13 … python3.10, python3 on the system"
+        ),
+        subtype='FILE_PATH',
+    )
+    model: StringProperty(
+        name="Model",
+        description="Hugging Face id, local diffusers folder or .safetensors file of a Stable Diffusion model",
+        default=settings.DEFAULT_MODEL,
+    )
+    model_config: StringProperty(
+        name="Model Config",
+        description="For a single .safetensors file: a diffusers folder or Hugging Face id with its configs",
+    )
+    device: EnumProperty(
+        name="Device",
+        items=[(name, _DEVICE_LABELS[name], "") for name in settings.DEVICES],
+        default="auto",
+    )
+    precision: EnumProperty(
+        name="Precision",
+        description="Number format of the model's weights and activations",
+        items=[(name, _DTYPE_LABELS[name], "") for name in settings.DTYPES],
+        default="auto",
+    )
+    keep_worker_warm: BoolProperty(
+        name="Keep Model Loaded",
+        description="Keep the worker and its model in memory between runs (faster, uses memory)",
+        default=True,
+    )
+    output_folder: StringProperty(
+        name="Output Folder",
+        description="Where panoramas are written; // is the folder of the .blend file",
+        default=DEFAULT_OUTPUT_FOLDER,
+        subtype='DIR_PATH',
+        options=_BLEND_RELATIVE,
+    )
+
+    def draw(self, context):
+        from .ui.panel import draw_worker_status
+
+        layout = self.layout
+        layout.use_property_split = True
+        col = layout.column(heading="Worker")
+        col.prop(self, "worker_python")
+        col.prop(self, "install_python")
+        col.prop(self, "keep_worker_warm")
+        draw_worker_status(layout, context)
+        col = layout.column(heading="Model")
+        col.prop(self, "model")
+        col.prop(self, "model_config")
+        col.prop(self, "device")
+        col.prop(self, "precision")
+        layout.prop(self, "output_folder")
+
+
+classes = (MSD_AddonPreferences,)
+
+register, unregister = bpy.utils.register_classes_factory(classes)

@@ -1,0 +1,91 @@
+"""The `msd-panorama` command: an end-to-end run and every kind of bad input."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from msd_core import cli, pngmeta
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SMALL = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--seed", "5"]
+
+
+def test_generate_end_to_end_through_the_console_script(tmp_path):
+    out = tmp_path / "pano.png"
+    script = pathlib.Path(sys.executable).with_name("msd-panorama")
+    completed = subprocess.run(
+        [str(script), "generate", "a red barn in a wheat field", "-o", str(out), "--width", "256", "--height", "128",
+         "--gradient", "fast", "--stride", "32", *SMALL],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == str(out)
+    assert "seed 5" in completed.stderr
+    with Image.open(out) as image:
+        assert image.size == (256, 128) and image.mode == "RGB"
+    meta = pngmeta.read_text_chunks(out)
+    assert meta["prompt"] == "a red barn in a wheat field" and meta["seed"] == "5"
+    assert meta["width"] == "256" and meta["height"] == "128" and meta["wrap"] == "true"  # 2:1 → seamless
+    assert meta["gradient"] == "fast" and meta["model"] == "tiny" and meta["scales"] == "2"
+    assert meta["msd_core_version"]
+
+
+def test_python_dash_m_msd_core_shows_help():
+    completed = subprocess.run(
+        [sys.executable, "-m", "msd_core", "generate", "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert completed.returncode == 0
+    for option in ("--preset", "--omega", "--gradient", "--wrap", "--no-wrap", "--overwrite", "--view-batch"):
+        assert option in completed.stdout
+    assert "torch" not in completed.stderr  # --help must not load the model stack
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--width", "1001"], "width 1001 is not a multiple of 8 (the VAE's factor); nearest valid: 1000 or 1008"),
+        (["--width", "48", "--height", "48"], "smaller than one 64 px window"),
+        (["--omega", "-1"], "omega must be ≥ 0"),
+        (["--guidance", "-2"], "guidance must be ≥ 0"),
+        (["--steps", "0"], "steps must be a whole number ≥ 1"),
+        (["--model", "nobody/no-such-model"], "'nobody/no-such-model' was not found"),
+        (["--model", "weights.ckpt"], "pickle"),
+        (["--preset", "strip", "--scales", "9"], "fewer --scales"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, arguments, message):
+    out = tmp_path / "out.png"
+    code = cli.main(["generate", "a lake", "-o", str(out), "-q", *SMALL, *arguments])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("msd-panorama: error: ") and message in err[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_and_existing_file(tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "folder" / "out.png"
+    assert cli.main(["generate", "a lake", "-o", str(missing), *SMALL]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    existing = tmp_path / "keep.png"
+    existing.write_bytes(b"precious")
+    assert cli.main(["generate", "a lake", "-o", str(existing), *SMALL]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert existing.read_bytes() == b"precious"
+
+
+def test_presets_and_wrap_defaults():
+    parser = cli.build_parser()
+
+    def settings(*arguments):
+        return cli.settings_from_args(parser.parse_args(["generate", "x", "-o", "x.png", *arguments]))
+
+    assert (settings().width, settings().height, settings().wrap) == (2048, 1024, True)
+    strip = settings("--preset", "strip")
+    assert (strip.width, strip.height, strip.wrap) == (4096, 1024, False)
+    assert settings("--preset", "360", "--no-wrap").wrap is False
+    assert settings("--width", "1536", "--height", "512").wrap is False  # 3:1 is not a 360° image
+    assert settings("--seed", "9").seed == 9
+    assert len({settings().seed for _ in range(5)}) > 1  # a fresh seed unless one is given

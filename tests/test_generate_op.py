@@ -1,0 +1,391 @@
+"""Generating from Blender: the operators and the polling functions behind them, with the tiny real
+model in a real worker process (this Python), installed from the extension's zip."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+
+import bpy
+import pytest
+
+from blender_env import MODULE, addon_module, addon_preferences, blender, extension  # noqa: F401  (fixtures)
+
+PROMPT = "a quiet harbour at dusk"
+POLL_TIMEOUT = 120.0  # seconds; a tiny run takes a few
+
+
+@pytest.fixture
+def addon(extension, tmp_path, monkeypatch):
+    """The add-on set up for the tiny model on CPU, writing into tmp_path/out; an empty scene."""
+    # The worker inherits this: one thread per tiny UNet call is far faster than two threads
+    # fighting over a loaded two-core machine.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    prefs = addon_preferences()
+    prefs.worker_python = sys.executable
+    prefs.model = "tiny"
+    prefs.model_config = ""
+    prefs.device = "cpu"
+    prefs.precision = "float32"
+    prefs.keep_worker_warm = True
+    prefs.output_folder = str(tmp_path / "out")
+    group = bpy.context.scene.msd_panorama
+    group.prompt = PROMPT
+    group.aspect = "CUSTOM"
+    group.width, group.height = 256, 128
+    group.wrap = True
+    group.steps = 3
+    group.random_seed = False
+    group.seed = 7
+    group.target = "WORLD"
+    state = addon_module().properties.run_state
+    state.last_error = ""
+    state.status = "READY"
+    yield extension
+    generate = extension.operators.generate
+    if generate.session.busy:  # a failed test must not leave a run behind for the next one
+        generate.cancel_generation()
+        wait(generate, bpy.context)
+
+
+def generate_module():
+    return sys.modules[f"{MODULE}.operators.generate"]
+
+
+def run_state():
+    return addon_module().properties.run_state
+
+
+def datablocks() -> dict[str, set[str]]:
+    return {kind: set(getattr(bpy.data, kind).keys()) for kind in ("images", "worlds", "objects", "meshes", "materials")}
+
+
+def wait(generate, context, until=None) -> str:
+    """Poll like the modal timer does, until the run ends or ``until()`` holds; returns the last outcome."""
+    deadline = time.monotonic() + POLL_TIMEOUT
+    while time.monotonic() < deadline:
+        outcome = generate.poll_worker(context)
+        if outcome != "RUNNING" or (until is not None and until()):
+            return outcome
+        time.sleep(0.02)
+    raise AssertionError("the run did not end in time")
+
+
+def world_images(world) -> list:
+    return [node.image for node in world.node_tree.nodes if node.type == "TEX_ENVIRONMENT"]
+
+
+# -- the operator, as a script uses it ---------------------------------------------------------------
+
+
+def test_generate_wait_makes_the_world_from_a_panorama_with_its_settings(addon, tmp_path):
+    assert bpy.ops.msd.generate(wait=True) == {"FINISHED"}
+
+    state = run_state()
+    assert state.status == "READY" and state.last_error == ""
+    assert os.path.dirname(state.last_output) == str(tmp_path / "out")
+    assert os.path.basename(state.last_output).startswith("msd_") and state.last_output.endswith("_7.png")
+    image = bpy.data.images[state.last_image]
+    assert tuple(image.size) == (256, 128)
+    assert image["msd"]["prompt"] == PROMPT
+    assert image["msd"]["seed"] == "7"
+    assert image["msd"]["model"] == "tiny"
+    world = bpy.context.scene.world
+    assert world is not None and image in world_images(world)
+    assert state.preview_image == "" and "MSD Preview" not in bpy.data.images  # previews live only during a run
+
+    # Restoring fills the panel from the image's stored settings.
+    group = bpy.context.scene.msd_panorama
+    group.prompt, group.steps, group.seed = "something else", 40, 1
+    group.aspect = "STRIP"
+    assert bpy.ops.msd.restore_settings(image_name=image.name) == {"FINISHED"}
+    assert (group.prompt, group.steps, group.seed, group.random_seed) == (PROMPT, 3, 7, False)
+    assert (group.aspect, group.width, group.height, group.wrap) == ("CUSTOM", 256, 128, True)
+    assert bpy.ops.msd.restore_settings(filepath=state.last_output, vary_seed=True) == {"FINISHED"}
+    assert group.prompt == PROMPT and group.seed != 7
+
+
+def test_second_run_reuses_the_worker_and_never_overwrites(addon):
+    generate = generate_module()
+    assert bpy.ops.msd.generate(wait=True) == {"FINISHED"}
+    first_output, client = run_state().last_output, generate.session.client
+    assert bpy.ops.msd.generate(wait=True) == {"FINISHED"}
+    assert run_state().last_output != first_output and os.path.isfile(first_output)
+    assert generate.session.client is client and client.alive
+
+
+def test_worker_stops_after_a_run_unless_kept_warm(addon):
+    addon_preferences().keep_worker_warm = False
+    assert bpy.ops.msd.generate(wait=True) == {"FINISHED"}
+    assert generate_module().session.client is None
+
+
+# -- the polling function, as the modal timer drives it --------------------------------------------
+
+
+def test_polling_by_hand_reports_progress_shows_previews_and_applies_the_target(addon):
+    generate = generate_module()
+    group = bpy.context.scene.msd_panorama
+    group.width, group.height = 128, 64  # one level: the previews are of the whole panorama
+    group.steps = 11  # previews after steps 1, 5 and 10
+    group.target = "BACKDROP"
+    objects_before = set(bpy.data.objects)
+    generate.start_generation(bpy.context)
+    assert not bpy.ops.msd.generate.poll()  # one run at a time
+
+    state = run_state()
+    progress, preview_paths = [], set()
+    outcome = "RUNNING"
+    deadline = time.monotonic() + POLL_TIMEOUT
+    while outcome == "RUNNING" and time.monotonic() < deadline:
+        outcome = generate.poll_worker(bpy.context)
+        if outcome == "RUNNING":
+            progress.append(state.progress)
+            if state.preview_image:
+                image = bpy.data.images[state.preview_image]
+                assert tuple(image.size) == (128, 64)
+                preview_paths.add(image.filepath)
+        time.sleep(0.01)
+
+    assert outcome == "FINISHED"
+    assert progress == sorted(progress) and 0 < progress[-1] <= 1
+    written = sorted(name for name in os.listdir(addon_module().preferences.user_folder("previews")))
+    assert [name[-13:] for name in written] == ["step-0001.png", "step-0005.png", "step-0010.png"]
+    assert preview_paths and {os.path.basename(path) for path in preview_paths} <= set(written)
+    assert "MSD Preview" not in bpy.data.images and state.preview_image == ""
+    new_objects = set(bpy.data.objects) - objects_before
+    assert len(new_objects) == 1  # the backdrop
+    assert bpy.ops.msd.generate.poll()
+
+
+def test_the_preview_image_is_one_datablock_updated_in_place(addon, tmp_path):
+    generate = generate_module()
+    paths = []
+    for number, size in enumerate(((32, 16), (64, 32))):
+        image = bpy.data.images.new(f"source {number}", *size)
+        image.filepath_raw = str(tmp_path / f"preview-{number}.png")
+        image.file_format = "PNG"
+        image.save()
+        paths.append(image.filepath_raw)
+    before = len(bpy.data.images)
+    generate._show_preview(paths[0])
+    name = run_state().preview_image
+    generate._show_preview(paths[1])
+    assert run_state().preview_image == name and len(bpy.data.images) == before + 1
+    preview = bpy.data.images[name]
+    assert preview.filepath == paths[1] and tuple(preview.size) == (64, 32)
+    generate._remove_preview()
+    assert name not in bpy.data.images and run_state().preview_image == ""
+
+
+def test_cancel_leaves_the_scene_as_it_was(addon, tmp_path):
+    generate = generate_module()
+    bpy.context.scene.msd_panorama.steps = 50
+    before = datablocks()
+    generate.start_generation(bpy.context)
+    state = run_state()
+    assert wait(generate, bpy.context, until=lambda: state.step >= 1) == "RUNNING"
+    assert bpy.ops.msd.cancel() == {"FINISHED"}
+    assert wait(generate, bpy.context) == "CANCELLED"
+
+    assert state.last_error == "" and state.status == "READY"
+    assert datablocks() == before and bpy.context.scene.world is None
+    assert not os.listdir(tmp_path / "out")
+    assert not generate.session.busy and generate.session.client.alive
+
+
+# -- failures ---------------------------------------------------------------------------------------
+
+
+def test_a_missing_worker_python_is_reported_and_changes_nothing(addon):
+    addon_preferences().worker_python = "/nonexistent/bin/python3"
+    before = datablocks()
+    with pytest.raises(RuntimeError, match="'/nonexistent/bin/python3' does not exist"):
+        bpy.ops.msd.generate(wait=True)
+    state = run_state()
+    assert "/nonexistent/bin/python3" in state.last_error and state.status == "ERROR"
+    assert datablocks() == before and not generate_module().session.busy
+
+
+def test_a_killed_worker_is_reported_changes_nothing_and_the_next_run_works(addon, tmp_path):
+    generate = generate_module()
+    bpy.context.scene.msd_panorama.steps = 50
+    before = datablocks()
+    generate.start_generation(bpy.context)
+    state = run_state()
+    assert wait(generate, bpy.context, until=lambda: state.step >= 1) == "RUNNING"
+    os.kill(generate.session.client.ready_info["pid"], signal.SIGKILL)
+    assert wait(generate, bpy.context) == "CANCELLED"
+
+    assert "killed by SIGKILL" in state.last_error and state.status == "ERROR"
+    assert datablocks() == before and bpy.context.scene.world is None
+    assert not os.listdir(tmp_path / "out")
+    assert generate.session.client is None
+
+    bpy.context.scene.msd_panorama.steps = 3
+    assert bpy.ops.msd.generate(wait=True) == {"FINISHED"}
+    assert state.last_error == "" and state.status == "READY"
+
+
+def test_invalid_settings_are_reported_before_anything_starts(addon, tmp_path):
+    generate = generate_module()
+    generate.session.stop()
+    group = bpy.context.scene.msd_panorama
+    group["width"] = 250  # as a script or an old file could set it, bypassing the panel's rounding
+    with pytest.raises(RuntimeError, match="width 250 is not a multiple of 8.*nearest valid: 248 or 256"):
+        bpy.ops.msd.generate(wait=True)
+    assert generate.session.client is None and not (tmp_path / "out").exists()
+
+    group.width, group.prompt = 256, "   "
+    with pytest.raises(RuntimeError, match="the prompt is empty"):
+        bpy.ops.msd.generate(wait=True)
+    assert "prompt is empty" in run_state().last_error
+
+
+def test_worker_not_installed_is_reported(addon, monkeypatch):
+    addon_preferences().worker_python = ""
+    monkeypatch.setattr(addon_module().preferences, "managed_worker_python", lambda: "/nonexistent/worker/python")
+    with pytest.raises(RuntimeError, match="the worker is not installed: click Install Worker"):
+        bpy.ops.msd.generate(wait=True)
+    assert generate_module().worker_status(addon_preferences()) == "NOT_INSTALLED"
+
+
+# -- panel values → GenerationSettings --------------------------------------------------------------
+
+
+def test_presets_set_size_and_wrap_and_keep_sizes_multiples_of_8(addon):
+    group = bpy.context.scene.msd_panorama
+    properties = addon_module().properties
+    group.aspect = "WORLD_360"
+    assert (group.width, group.height, properties.effective_wrap(group)) == (2048, 1024, True)
+    group.aspect = "STRIP"
+    assert (group.width, group.height, properties.effective_wrap(group)) == (4096, 1024, False)
+    group.width = 2001  # a preset keeps its ratio, both sides multiples of 8
+    assert (group.width, group.height) == (2000, 504)
+    group.aspect = "BACKDROP"
+    group.height = 517
+    assert (group.width, group.height) == (1560, 520)
+    group.aspect = "CUSTOM"
+    group.width, group.height = 250, 125
+    assert (group.width, group.height) == (248, 128)
+
+
+def test_settings_from_scene_maps_the_panel_and_preferences(addon):
+    group = bpy.context.scene.msd_panorama
+    group.negative_prompt = "people"
+    group.scales, group.omega, group.method, group.gradient, group.guidance = 0, 4.0, "msd", "fast", 5.0
+    settings = addon_module().properties.settings_from_scene(bpy.context.scene, addon_preferences())
+    assert (settings.prompt, settings.negative_prompt) == (PROMPT, "people")
+    assert (settings.width, settings.height, settings.wrap) == (256, 128, True)
+    assert (settings.model, settings.model_config, settings.device, settings.dtype) == ("tiny", None, "cpu", "float32")
+    assert (settings.scales, settings.omega, settings.gradient, settings.guidance, settings.steps, settings.seed) == (
+        None, 4.0, "fast", 5.0, 3, 7,
+    )  # fmt: skip
+    group.random_seed = True
+    seeds = {addon_module().properties.settings_from_scene(bpy.context.scene, addon_preferences()).seed for _ in range(5)}
+    assert len(seeds) > 1
+
+
+def test_output_files_get_new_names(addon, tmp_path):
+    unique_output_path = generate_module().unique_output_path
+    first = unique_output_path(str(tmp_path / "new"), 3)
+    open(first, "wb").close()
+    second = unique_output_path(str(tmp_path / "new"), 3)
+    assert first != second and second.endswith("_3_2.png") and not os.path.exists(second)
+
+
+def test_output_folder_is_beside_the_blend_once_saved(addon, tmp_path):
+    preferences = addon_module().preferences
+    prefs = addon_preferences()
+    prefs.output_folder = "//panoramas/"
+    unsaved = preferences.output_folder(prefs)
+    assert unsaved.startswith(bpy.utils.extension_path_user(MODULE))
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "scene.blend"))
+    assert preferences.output_folder(prefs) == str(tmp_path / "panoramas")
+
+
+# -- the worker's environment -----------------------------------------------------------------------
+
+
+def worker_env_module():
+    return sys.modules[f"{MODULE}.operators.worker_env"]
+
+
+def test_check_worker_finds_torch_and_the_device(addon):
+    assert bpy.ops.msd.check_worker() == {"FINISHED"}
+    message = worker_env_module().install_state.message
+    assert f"torch {version('torch')}, diffusers {version('diffusers')}, device cpu" in message
+
+
+def test_check_worker_names_what_is_wrong(addon, tmp_path):
+    check_worker = worker_env_module().check_worker
+    result = check_worker("/nonexistent/bin/python3")
+    assert not result.ok and result.message == "worker Python not found: /nonexistent/bin/python3"
+    assert "not installed" in check_worker("").message
+
+    bare = tmp_path / "bare"  # a real Python without torch
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    result = check_worker(str(bare / "bin" / "python"))
+    assert not result.ok
+    assert "torch is missing (ModuleNotFoundError: No module named 'torch')" in result.message
+
+    addon_preferences().worker_python = "/nonexistent/bin/python3"
+    with pytest.raises(RuntimeError, match="worker Python not found"):
+        bpy.ops.msd.check_worker()
+
+
+def test_install_is_refused_without_online_access(addon):
+    assert not bpy.app.online_access  # headless Blender's default; the user must allow it
+    worker_folder = os.path.join(bpy.utils.extension_path_user(MODULE), "worker")
+    with pytest.raises(RuntimeError, match="online access is disabled.*Preferences › System › Network"):
+        bpy.ops.msd.install_worker()
+    assert worker_env_module().install_state.job is None and not os.path.exists(worker_folder)
+
+
+def test_install_steps_make_a_venv_and_install_the_worker_requirements(addon):
+    steps = worker_env_module().install_commands("/usr/bin/python3", "/x/worker", "/x/worker/bin/python")
+    commands = [command for _, command in steps]
+    assert commands[0] == ["/usr/bin/python3", "-m", "venv", "--clear", "/x/worker"]
+    assert commands[-1][:4] == ["/x/worker/bin/python", "-m", "pip", "install"]
+    assert tuple(commands[-1][4:]) == addon_module().msd_core.requirements.WORKER_REQUIREMENTS
+
+
+def test_command_sequence_runs_steps_in_order_and_stops_at_a_failure(addon, tmp_path):
+    CommandSequence = worker_env_module().CommandSequence
+    marker = tmp_path / "third-ran"
+
+    def python(code):
+        return [sys.executable, "-c", code]
+
+    def run(steps):
+        sequence = CommandSequence(steps, str(tmp_path / "install.log"))
+        deadline = time.monotonic() + 60
+        while (outcome := sequence.poll()) == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return sequence, outcome
+
+    sequence, outcome = run([("First", python("print('one')")), ("Second", python("print('two')"))])
+    assert outcome == "FINISHED" and sequence.error == "" and sequence.progress == 1.0
+    log = (tmp_path / "install.log").read_text()
+    assert log.index("one") < log.index("two")
+
+    sequence, outcome = run([
+        ("First", python("print('one')")),
+        ("Second", python("import sys; print('no space left'); sys.exit(3)")),
+        ("Third", python(f"open({str(marker)!r}, 'w')")),
+    ])
+    assert outcome == "FAILED" and sequence.error == "Second failed (exit status 3): no space left"
+    assert not marker.exists()
+
+    sequence, outcome = run([("Missing", ["/nonexistent/bin/python3", "-V"])])
+    assert outcome == "FAILED" and "cannot run /nonexistent/bin/python3" in sequence.error
+
+
+def test_find_base_python(addon):
+    worker_env = worker_env_module()
+    found = worker_env.find_base_python()
+    assert worker_env.python_version(found) >= (3, 10)
+    with pytest.raises(addon_module().msd_core.errors.BadInput, match="/nonexistent/python does not run"):
+        worker_env.find_base_python("/nonexistent/python")

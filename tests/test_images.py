@@ -1,0 +1,215 @@
+"""Loading a panorama into Blender (operators/images.py), and what the .blend keeps of it.
+
+Also holds the helpers test_world.py and test_backdrop.py share: a synthetic test panorama, tiny
+Cycles renders and cameras looking in known directions.
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import bpy
+import numpy as np
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from blender_env import blender, extension  # noqa: F401  (fixtures)
+
+# The test panorama: four vertical quarters, left to right; each one colour above its middle row and
+# another below. 8-bit sRGB values.
+TOP_COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0))  # red, green, blue, yellow
+BOTTOM_COLORS = ((0, 255, 255), (255, 0, 255), (255, 255, 255), (128, 128, 128))  # cyan, magenta, white, grey
+PROMPT = "a misty alpine valley at dawn with pine trees"
+
+
+def panorama_pixels(width: int, height: int, top=TOP_COLORS, bottom=BOTTOM_COLORS) -> np.ndarray:
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)  # top row first
+    for quarter in range(4):
+        columns = slice(quarter * width // 4, (quarter + 1) * width // 4)
+        pixels[: height // 2, columns] = top[quarter]
+        pixels[height // 2 :, columns] = bottom[quarter]
+    return pixels
+
+
+def write_panorama(path: Path, width: int, height: int, texts: dict | None = None, **colors) -> Path:
+    """The test panorama as a PNG, with ``texts`` as its text chunks (the generator's metadata)."""
+    info = PngInfo()
+    for key, value in (texts or {}).items():
+        info.add_itxt(key, value)
+    Image.fromarray(panorama_pixels(width, height, **colors)).save(path, pnginfo=info)
+    return path
+
+
+def generation_texts(prompt: str = PROMPT, seed: int = 42) -> dict[str, str]:
+    settings = {"prompt": prompt, "seed": seed, "width": 64, "height": 32, "steps": 3}
+    return {"prompt": prompt, "seed": str(seed), "width": "64", "height": "32", "settings": json.dumps(settings)}
+
+
+def srgb_to_linear(value):
+    value = np.asarray(value, dtype=float)
+    return np.where(value <= 0.04045, value / 12.92, ((value + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(value):
+    value = np.asarray(value, dtype=float)
+    return np.where(value <= 0.0031308, value * 12.92, 1.055 * value ** (1 / 2.4) - 0.055)
+
+
+def add_camera(scene, azimuth: float = 0.0, elevation: float = 0.0, lens: float = 200.0, location=(0, 0, 0)):
+    """A perspective camera looking horizontally at ``azimuth`` degrees (0 = +X, 90 = +Y), tilted up by
+    ``elevation`` degrees; the scene's active camera. 200 mm: a 10° view."""
+    camera = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+    camera.data.lens = lens
+    camera.location = location
+    camera.rotation_euler = (math.radians(90 + elevation), 0.0, math.radians(azimuth - 90))
+    scene.collection.objects.link(camera)
+    scene.camera = camera
+    bpy.context.view_layer.update()  # matrix_world follows the new transform
+    return camera
+
+
+def render(scene, width: int, height: int, directory: Path) -> np.ndarray:
+    """Render with Cycles (CPU, 1 sample through each pixel's centre, Standard view transform, so an
+    emitted image comes back as its own sRGB values); pixels top row first, 0–255 RGB integers."""
+    scene.render.engine = "CYCLES"
+    scene.cycles.device = "CPU"
+    scene.cycles.samples = 1
+    scene.cycles.use_denoising = False
+    scene.cycles.filter_width = 0.01
+    scene.render.resolution_x, scene.render.resolution_y = width, height
+    scene.render.resolution_percentage = 100
+    scene.render.dither_intensity = 0.0
+    scene.view_settings.view_transform = "Standard"
+    scene.view_settings.look = "None"
+    if scene.world is not None:  # only camera rays matter here; the world's importance map would dominate the time
+        scene.world.cycles.sampling_method = "NONE"
+    scene.render.image_settings.file_format = "PNG"
+    scene.render.filepath = str(directory / "render.png")
+    bpy.ops.render.render(write_still=True)
+    return np.asarray(Image.open(directory / "render.png").convert("RGB"), dtype=int)
+
+
+def image_pixel(image, x: int, y_from_top: int) -> tuple[int, int, int]:
+    """One pixel of a Blender image as 0–255 sRGB (Blender stores the bottom row first)."""
+    width, height = image.size
+    start = ((height - 1 - y_from_top) * width + x) * image.channels
+    return tuple(round(value * 255) for value in image.pixels[start : start + 3])
+
+
+def test_load_stores_metadata_names_image_and_packs_it(extension, tmp_path):
+    path = write_panorama(tmp_path / "valley.png", 64, 32, generation_texts())
+    images = extension.operators.images
+
+    image = images.load_panorama(str(path))
+
+    assert image.name == "MSD a misty alpine valley at"  # the prompt's first five words
+    assert tuple(image.size) == (64, 32)
+    assert image.colorspace_settings.name == "sRGB"
+    assert images.metadata_of(image) == generation_texts()
+    assert image["msd"]["seed"] == "42"
+    assert json.loads(image["msd"]["settings"])["prompt"] == PROMPT
+    assert image.packed_file is not None  # the .blend is not saved yet: the image travels inside it
+    assert image_pixel(image, 0, 0) == TOP_COLORS[0] and image_pixel(image, 63, 31) == BOTTOM_COLORS[3]
+
+
+def test_image_without_prompt_is_named_after_its_file(extension, tmp_path):
+    image = extension.operators.images.load_panorama(str(write_panorama(tmp_path / "harbour_dusk.png", 64, 32)))
+    assert image.name == "MSD harbour_dusk"
+    assert extension.operators.images.metadata_of(image) == {}
+
+
+def test_other_image_formats_load_without_metadata(extension, tmp_path):
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(panorama_pixels(64, 32)).save(path, quality=95)
+    image = extension.operators.images.load_panorama(str(path))
+    assert tuple(image.size) == (64, 32) and extension.operators.images.metadata_of(image) == {}
+
+
+def test_loading_the_same_file_again_reloads_it_instead_of_duplicating(extension, tmp_path):
+    images = extension.operators.images
+    path = write_panorama(tmp_path / "pano.png", 64, 32, generation_texts())
+    first = images.load_panorama(str(path))
+    name = first.name
+    # The file is made again with another prompt and other colours, then applied through another
+    # spelling of the same path: the same image comes back with the new pixels and settings.
+    write_panorama(path, 64, 32, generation_texts("a red desert", 7), top=BOTTOM_COLORS, bottom=TOP_COLORS)
+
+    second = images.load_panorama(str(tmp_path / "." / "sub" / ".." / "pano.png"))
+
+    assert second == first and len(bpy.data.images) == 1
+    assert second.name == name
+    assert images.metadata_of(second) == generation_texts("a red desert", 7)
+    assert image_pixel(second, 0, 0) == BOTTOM_COLORS[0]
+    assert second.packed_file is not None
+
+
+def test_saved_blend_refers_to_the_image_by_relative_path(extension, tmp_path):
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "scene.blend"))
+    (tmp_path / "renders").mkdir()
+    path = write_panorama(tmp_path / "renders" / "pano.png", 64, 32)
+
+    image = extension.operators.images.load_panorama(str(path))
+
+    assert image.filepath == "//renders/pano.png"
+    assert image.packed_file is None
+    name = image.name
+    # The .blend and its images move together (say, to another disk): the relative path still finds it.
+    extension.operators.world.apply_world(bpy.context, image)  # a user: Blender saves no unused image
+    bpy.ops.wm.save_mainfile()
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.move(tmp_path, moved)
+    bpy.ops.wm.open_mainfile(filepath=str(moved / "scene.blend"))
+    image = bpy.data.images[name]
+    assert tuple(image.size) == (64, 32) and image_pixel(image, 0, 0) == TOP_COLORS[0]
+    assert extension.operators.images.find_loaded(str(moved / "renders" / "pano.png")) == image
+
+
+def test_save_and_reload_keeps_world_backdrop_image_and_metadata(extension, tmp_path):
+    source = tmp_path / "made" / "pano.png"
+    source.parent.mkdir()
+    write_panorama(source, 128, 32, generation_texts())
+    context = bpy.context
+    image = extension.operators.images.load_panorama(str(source))
+    world = extension.operators.world.apply_world(context, image, strength=1.5, rotation=0.25)
+    backdrop = extension.operators.backdrop.add_backdrop(context, image, shape="CURVED", strength=2.0)
+    names = image.name, world.name, backdrop.name
+    node_types = sorted(node.bl_idname for node in world.node_tree.nodes)
+    vertex_count = len(backdrop.data.vertices)
+    blend = tmp_path / "saved" / "scene.blend"
+    blend.parent.mkdir()
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+    shutil.rmtree(source.parent)  # the image was packed: the .blend alone must be enough
+
+    bpy.ops.wm.open_mainfile(filepath=str(blend))
+
+    image, world, backdrop = bpy.data.images[names[0]], bpy.data.worlds[names[1]], bpy.data.objects[names[2]]
+    assert bpy.context.scene.world == world
+    assert sorted(node.bl_idname for node in world.node_tree.nodes) == node_types
+    assert world.node_tree.nodes["Background"].inputs["Strength"].default_value == pytest.approx(1.5)
+    assert world.node_tree.nodes["Mapping"].inputs["Rotation"].default_value[2] == pytest.approx(0.25)
+    assert world["msd_image"] == image and backdrop["msd_image"] == image
+    assert len(backdrop.data.vertices) == vertex_count
+    assert backdrop.active_material.node_tree.nodes["Image Texture"].image == image
+    assert image.packed_file is not None and tuple(image.size) == (128, 32)
+    assert image_pixel(image, 0, 0) == TOP_COLORS[0]
+    assert extension.operators.images.metadata_of(image) == generation_texts()
+
+
+@pytest.mark.parametrize(
+    "make_file, message",
+    [
+        (lambda path: None, "not found"),
+        (lambda path: path.write_text("not a picture"), "not an image Blender can read"),
+        (lambda path: path.write_bytes(write_panorama(path, 64, 32, generation_texts()).read_bytes()[:120]), "damaged"),
+        (lambda path: path.mkdir(), "not found"),
+    ],
+    ids=["missing", "not-an-image", "truncated-png", "folder"],
+)
+def test_bad_file_raises_a_clear_error_and_loads_nothing(extension, tmp_path, make_file, message):
+    path = tmp_path / "pano.png"
+    make_file(path)
+    with pytest.raises(extension.operators.images.PanoramaImageError, match=message):
+        extension.operators.images.load_panorama(str(path))
+    assert len(bpy.data.images) == 0

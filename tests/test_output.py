@@ -1,0 +1,199 @@
+"""PNG output and the PIL-free metadata reader."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import zlib
+
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import msd_core
+from msd_core import pngmeta
+from msd_core.errors import BadInput
+from msd_core.output import check_output_path, generation_metadata, save_png
+from msd_core.settings import GenerationSettings
+
+PROMPT = "雪山の夜明け, a misty valley — ünïcödé 🌄"
+
+
+def _image(color=(200, 30, 90), size=(16, 8)):
+    return Image.new("RGB", size, color)
+
+
+def _leftovers(folder):
+    return sorted(name for name in os.listdir(folder) if name.endswith(".tmp"))
+
+
+def test_metadata_round_trips_through_the_png_with_a_unicode_prompt(tmp_path):
+    settings = GenerationSettings(prompt=PROMPT, negative_prompt="blurry", width=128, height=64, model="tiny", seed=7)
+    resolved = {"levels": 2, "window": 64, "stride": 8, "view_batch": 4, "device": "cpu", "dtype": "float32"}
+    metadata = generation_metadata(settings, resolved)
+
+    assert set(pngmeta.METADATA_KEYS) <= set(metadata) and "levels" not in metadata
+    assert metadata["view_batch"] == "4" and metadata["device"] == "cpu"
+    assert metadata["prompt"] == PROMPT and metadata["seed"] == "7" and metadata["wrap"] == "true"
+    assert metadata["scales"] == "2" and metadata["window"] == "64"  # what was used, not the None asked for
+    assert metadata["msd_core_version"] == msd_core.__version__
+
+    path = save_png(_image(), tmp_path / "panorama.png", metadata)
+    assert pngmeta.read_text_chunks(path) == metadata
+    assert GenerationSettings.from_dict(pngmeta.read_settings(path)) == settings
+    with Image.open(path) as written:
+        assert written.mode == "RGB" and written.size == (16, 8) and written.getpixel((3, 3)) == (200, 30, 90)
+        assert written.info.get("srgb") == 0
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_existing_file_is_never_replaced_without_overwrite(tmp_path):
+    target = tmp_path / "panorama.png"
+    save_png(_image((1, 2, 3)), target, {"prompt": "first"})
+    before = target.read_bytes()
+    with pytest.raises(BadInput, match="exists; pass --overwrite"):
+        check_output_path(target, overwrite=False)
+    with pytest.raises(BadInput, match="exists; pass --overwrite"):
+        save_png(_image((9, 9, 9)), target, {"prompt": "second"})
+    assert target.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_file_that_appears_during_the_write_is_not_replaced(tmp_path):
+    """The existence check is repeated atomically when the file is put in place."""
+    target = tmp_path / "panorama.png"
+
+    class ImageWhileAnotherProcessWrites:
+        def convert(self, mode):
+            target.write_bytes(b"written meanwhile")
+            return _image().convert(mode)
+
+    with pytest.raises(BadInput, match="exists"):
+        save_png(ImageWhileAnotherProcessWrites(), target, {})
+    assert target.read_bytes() == b"written meanwhile"
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_the_file(tmp_path):
+    target = tmp_path / "panorama.png"
+    save_png(_image((1, 2, 3)), target, {"prompt": "first"})
+    assert check_output_path(target, overwrite=True) == target
+    save_png(_image((9, 9, 9), size=(4, 4)), target, {"prompt": "second"}, overwrite=True)
+    with Image.open(target) as written:
+        assert written.size == (4, 4) and written.getpixel((0, 0)) == (9, 9, 9)
+    assert pngmeta.read_text_chunks(target) == {"prompt": "second"}
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path):
+    with pytest.raises(ValueError, match="empty image"):
+        save_png(Image.new("RGB", (0, 0)), tmp_path / "panorama.png", {})
+    assert os.listdir(tmp_path) == []
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = save_png(_image(), tmp_path / "panorama.png", {})
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing/panorama.png", "folder .*missing does not exist"),
+    ("a-file.txt/panorama.png", "folder .*a-file.txt does not exist"),
+    ("panorama.jpg", "must end in .png"),
+    ("folder.png", "is a folder"),
+])  # fmt: skip
+def test_bad_output_paths_are_refused_before_generating(tmp_path, name, message):
+    (tmp_path / "a-file.txt").write_text("x")
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(BadInput, match=message):
+        check_output_path(tmp_path / name, overwrite=True)
+    with pytest.raises(BadInput, match=message):
+        save_png(_image(), tmp_path / name, {}, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["a-file.txt", "folder.png"]
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o555)
+    # Root ignores permission bits; the immutable attribute stops it too.
+    as_root = os.geteuid() == 0
+    if as_root and (not shutil.which("chattr") or subprocess.run(["chattr", "+i", folder], capture_output=True).returncode):
+        pytest.skip("running as root where chattr +i is unavailable: no way to make a folder unwritable")
+    yield folder
+    if as_root:
+        subprocess.run(["chattr", "-i", folder], check=True)
+    folder.chmod(0o755)
+
+
+def test_an_unwritable_folder_is_refused(unwritable_folder):
+    message = re.escape(f"the output folder {unwritable_folder} is not writable")
+    with pytest.raises(BadInput, match=message):
+        check_output_path(unwritable_folder / "panorama.png", overwrite=False)
+    with pytest.raises(BadInput, match=message):
+        save_png(_image(), unwritable_folder / "panorama.png", {})
+    assert os.listdir(unwritable_folder) == []
+
+
+# --- pngmeta ---------------------------------------------------------------------------------------------
+
+
+def test_pngmeta_reads_compressed_and_international_text(tmp_path):
+    info = PngInfo()
+    info.add_text("plain", "latin-1 text: café")
+    info.add_text("long", "a long Latin-1 value " * 40, zip=True)
+    info.add_itxt("unicode", PROMPT, lang="ja", tkey="プロンプト")
+    info.add_itxt("unicode_zipped", PROMPT * 10, zip=True)
+    path = tmp_path / "chunks.png"
+    _image().save(path, pnginfo=info)
+    data = path.read_bytes()
+    assert b"tEXt" in data and b"zTXt" in data and b"iTXt" in data
+
+    assert pngmeta.read_text_chunks(path) == {
+        "plain": "latin-1 text: café",
+        "long": "a long Latin-1 value " * 40,
+        "unicode": PROMPT,
+        "unicode_zipped": PROMPT * 10,
+    }
+    assert pngmeta.read_settings(path) is None
+
+
+def test_pngmeta_rejects_files_that_are_not_intact_pngs(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(ValueError, match="not a PNG"):
+        pngmeta.read_text_chunks(text)
+
+    good = save_png(_image(), tmp_path / "good.png", {"prompt": "a valley"})
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(data[: len(data) - 12])  # IEND cut off
+    with pytest.raises(ValueError, match="truncated"):
+        pngmeta.read_text_chunks(truncated)
+
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(data.replace(b"a valley", b"a vAlley"))
+    with pytest.raises(ValueError, match="damaged tEXt"):
+        pngmeta.read_text_chunks(damaged)
+
+
+def test_pngmeta_reports_a_malformed_compressed_chunk(tmp_path):
+    payload = b"key\0\0" + b"not zlib data"
+    chunk = len(payload).to_bytes(4, "big") + b"zTXt" + payload + zlib.crc32(b"zTXt" + payload).to_bytes(4, "big")
+    path = tmp_path / "carrier.png"  # any valid PNG will do
+    _image().save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:33] + chunk + data[33:])  # after the signature and IHDR
+    with pytest.raises(ValueError, match="malformed zTXt"):
+        pngmeta.read_text_chunks(path)
+
+
+def test_settings_json_keeps_the_prompt_readable(tmp_path):
+    metadata = generation_metadata(GenerationSettings(prompt=PROMPT), {})
+    assert PROMPT in metadata["settings"]
+    assert json.loads(metadata["settings"])["prompt"] == PROMPT

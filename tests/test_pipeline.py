@@ -1,0 +1,162 @@
+"""The pipeline on the tiny model: peer oracle against diffusers, MSD behaviour, wrap, determinism."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPanoramaPipeline
+
+from msd_core.errors import BadInput, Cancelled
+from msd_core.pipeline import MSDPanoramaPipeline, default_levels
+from msd_core.sampler import cross_scale_discrepancy
+from msd_core.settings import GenerationSettings
+
+BASE = GenerationSettings(
+    prompt="a quiet lake under mountains", width=256, height=128, wrap=False, model="tiny",
+    steps=4, seed=3, stride=32, device="cpu", view_batch=8,
+)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return MSDPanoramaPipeline.from_settings(BASE)
+
+
+@pytest.fixture(scope="module")
+def pipe_v():
+    return MSDPanoramaPipeline.from_settings(dataclasses.replace(BASE, model="tiny-v"))
+
+
+def run(pipe, **changes):
+    return pipe(dataclasses.replace(BASE, **changes), decode=False)
+
+
+class TinyWindowPanorama(StableDiffusionPanoramaPipeline):
+    """diffusers' MultiDiffusion with the tiny model's window (it hard-codes 64 latents and stride 8)."""
+
+    window_stride = 4
+
+    def get_views(self, panorama_height, panorama_width, window_size=64, stride=8, circular_padding=False):
+        return super().get_views(
+            panorama_height, panorama_width, self.unet.config.sample_size, self.window_stride, circular_padding
+        )
+
+
+def diffusers_latents(pipe, settings, latents):
+    c = pipe.components
+    reference = TinyWindowPanorama(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    reference.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return reference(
+            settings.prompt, height=settings.height, width=settings.width, num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance, latents=latents.clone(), output_type="latent", view_batch_size=3,
+        ).images
+
+
+@pytest.mark.parametrize("fixture", ["pipe", "pipe_v"])
+@pytest.mark.parametrize("changes", [{"method": "multidiffusion"}, {"method": "msd", "omega": 0.0, "scales": 1}])
+def test_peer_oracle_equals_diffusers_multidiffusion(request, fixture, changes):
+    pipe = request.getfixturevalue(fixture)
+    settings = dataclasses.replace(BASE, **changes)
+    initial = pipe.initial_latents(pipe.check_inputs(settings), settings.seed)
+    ours = pipe(settings, latents=initial, decode=False).latents
+    theirs = diffusers_latents(pipe, settings, initial)
+    assert ours.shape == theirs.shape == (1, 4, 16, 32)
+    assert torch.allclose(ours, theirs, atol=1e-4), float((ours - theirs).abs().max())
+
+
+def test_msd_differs_from_multidiffusion_and_omega_zero_equals_it(pipe):
+    md = run(pipe, method="multidiffusion", height=256).latents
+    assert torch.allclose(run(pipe, method="msd", omega=0.0, height=256).latents, md, atol=1e-5)
+    msd = run(pipe, method="msd", gradient="fast", height=256).latents
+    assert (msd - md).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("gradient,at_most", [("fast", 0.5), ("exact", 0.8)])
+def test_guidance_lowers_cross_scale_discrepancy_along_the_trajectory(pipe, gradient, at_most):
+    """ω = 10 ("projection") closes the gap exactly in the fast mode's model; the exact gradient also
+    follows the random UNet's own dependence on x, so it pulls less predictably."""
+    def mean_discrepancy(omega):
+        levels, values = {}, []
+
+        def record(info):
+            levels[info.level] = info.latents
+            if info.level == info.levels:
+                values.append(cross_scale_discrepancy(levels[2], levels[1]))
+
+        pipe(dataclasses.replace(BASE, height=256, omega=omega, gradient=gradient), callback=record, decode=False)
+        return float(np.mean(values))
+
+    assert mean_discrepancy(10.0) < at_most * mean_discrepancy(0.0)
+
+
+def test_levels_and_windows_resolved_from_the_model(pipe):
+    plan = pipe.check_inputs(dataclasses.replace(BASE, height=256, width=512, stride=None))
+    assert plan.window == 8 and plan.levels == 3 and plan.stride == 2  # 32×64 latents → 16×32 → 8×16
+    assert [(g.height, g.width) for g in plan.grids] == [(8, 16), (16, 32), (32, 64)]
+    assert default_levels(128, 512, 64) == 2 and default_levels(256, 512, 64) == 3  # the paper's sizes with SD-2
+    assert pipe.check_inputs(dataclasses.replace(BASE, method="multidiffusion", height=256)).levels == 1
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"width": 48, "height": 48}, "smaller than one 64 px window"),
+        ({"scales": 4}, "fewer --scales"),
+        ({"stride": 24, "height": 256}, "odd"),
+        ({"width": 250}, "nearest valid: 248 or 256"),
+    ],
+)
+def test_bad_plans_are_refused_with_a_reason(pipe, changes, message):
+    with pytest.raises(BadInput, match=message):
+        pipe.check_inputs(dataclasses.replace(BASE, **changes))
+
+
+def test_determinism_and_seed(pipe):
+    first, again, other = (run(pipe, seed=seed, gradient="fast") for seed in (11, 11, 12))
+    assert torch.equal(first.latents, again.latents)
+    assert not torch.allclose(first.latents, other.latents)
+
+
+def seam_ratio(image) -> float:
+    """Mean |first − last column| over the mean difference of interior neighbouring columns."""
+    pixels = np.asarray(image, dtype=np.float64)
+    seam = np.abs(pixels[:, 0] - pixels[:, -1]).mean()
+    interior = np.abs(np.diff(pixels, axis=1)).mean()
+    return seam / interior
+
+
+def test_wrap_makes_the_360_seam_continuous(pipe):
+    wrapped = pipe(dataclasses.replace(BASE, wrap=True, steps=6, gradient="fast")).image
+    plain = pipe(dataclasses.replace(BASE, wrap=False, steps=6, gradient="fast")).image
+    assert wrapped.size == plain.size == (256, 128)
+    assert seam_ratio(wrapped) < 1.4  # the seam looks like any other pair of neighbouring columns
+    assert seam_ratio(plain) > 1.6 * seam_ratio(wrapped)
+
+
+def test_image_and_metadata(pipe):
+    result = pipe(dataclasses.replace(BASE, negative_prompt="blurry"))
+    assert result.image.size == (256, 128) and result.image.mode == "RGB"
+    meta = result.metadata
+    assert meta["prompt"] == BASE.prompt and meta["negative_prompt"] == "blurry"
+    assert meta["method"] == "msd" and meta["gradient"] == "exact" and meta["scales"] == "2"
+    assert meta["window"] == "64" and meta["stride"] == "32" and meta["model"] == "tiny"
+    assert np.isfinite(np.asarray(result.image)).all()
+
+
+def test_callback_reports_every_level_of_every_step_and_interrupt_cancels(pipe):
+    seen = []
+    pipe(BASE, callback=lambda info: seen.append((info.step, info.level)), decode=False)
+    assert seen == [(step, level) for step in range(1, 5) for level in (1, 2)]
+
+    class CancelAfterFirstStep:
+        def is_set(self):
+            return len(seen) > 8
+
+    with pytest.raises(Cancelled):
+        pipe(BASE, callback=lambda info: seen.append(info.step),
+             interrupt=CancelAfterFirstStep(), decode=False)

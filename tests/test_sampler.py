@@ -1,0 +1,182 @@
+"""Sampler math on tensors: DDIM step, gradients, guidance normalisation, MSD vs MultiDiffusion."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from msd_core import sampler
+from msd_core.sampler import DDIMTimestep, ddim_jacobian, ddim_schedule, ddim_step
+from msd_core.windows import WindowGrid, downsample
+
+
+def sd_scheduler(prediction_type="epsilon"):
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+    )
+
+
+class SmoothDenoiser(torch.nn.Module):
+    """A small nonlinear, t-dependent stand-in for a UNet (per-sample, like a real one)."""
+
+    def __init__(self, channels=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1, dtype=torch.float64)
+
+    def forward(self, x, t):
+        return torch.tanh(self.conv(x)) * (1 + t / 1000)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_step_equals_diffusers(prediction_type):
+    scheduler = sd_scheduler(prediction_type)
+    schedule = ddim_schedule(scheduler, 10)
+    reference = sd_scheduler(prediction_type)
+    reference.set_timesteps(10)
+    sample, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for step in schedule:
+        ours, x0 = ddim_step(sample, output, step, prediction_type)
+        theirs = reference.step(output, step.t, sample)
+        assert torch.allclose(ours, theirs.prev_sample, atol=1e-5)
+        assert torch.allclose(x0, theirs.pred_original_sample, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_jacobian_matches_autograd(prediction_type):
+    step = ddim_schedule(sd_scheduler(prediction_type), 20)[3]
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    output = torch.randn(3, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(ddim_step(x, output, step, prediction_type)[0].sum(), x)
+    assert torch.allclose(grad, torch.full_like(grad, ddim_jacobian(step, prediction_type)))
+
+
+def test_fast_gradient_equals_autograd_with_output_held_constant():
+    step = ddim_schedule(sd_scheduler(), 20)[5]
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    output = torch.randn_like(x)
+    target = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    scale, omega = 0.37, 3.0
+    prev, _ = ddim_step(x, output, step)
+    fast = sampler.guided_windows_fast(x, prev, target, step, omega, scale)
+    leaf = x.clone().requires_grad_(True)
+    loss = sampler.cross_scale_loss(ddim_step(leaf, output, step)[0], target, scale)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    assert torch.allclose(fast, x - omega * grad, atol=1e-10)
+
+
+def test_exact_gradient_agrees_with_finite_differences():
+    denoiser = SmoothDenoiser()
+    step = ddim_schedule(sd_scheduler(), 20)[8]
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    target = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    scale, omega = 0.5, 1.0
+    with torch.no_grad():
+        x_hat = sampler.guided_windows_exact(x, target, step, denoiser, omega, scale)
+    grad = (x - x_hat) / omega
+
+    def loss(z):
+        with torch.no_grad():
+            return float(sampler.cross_scale_loss(ddim_step(z, denoiser(z, step.t), step)[0], target, scale))
+
+    eps = 1e-6
+    for index in [(0, 0, 0, 0), (0, 1, 2, 3), (0, 0, 5, 5), (0, 1, 4, 1)]:
+        bump = torch.zeros_like(x)
+        bump[index] = eps
+        numeric = (loss(x + bump) - loss(x - bump)) / (2 * eps)
+        assert grad[index].item() == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+    # The model output depends on x, so the exact gradient differs from the fast one.
+    prev, _ = ddim_step(x, denoiser(x, step.t), step)
+    fast = sampler.guided_windows_fast(x, prev.detach(), target, step, omega, scale)
+    assert not torch.allclose(fast, x_hat, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "omega_loss,omega,fraction,alpha",
+    [("projection", 10.0, 1.0, 0.05), ("projection", 5.0, 0.5, 0.3), ("sum", 2.0, 1.0, 0.5), ("sum", 2.0, 2.0, 0.25)],
+)
+def test_guidance_scale_means_what_it_says(omega_loss, omega, fraction, alpha):
+    """One fast step removes the fraction ω·k·c²/2 of the cross-scale gap: ω = 10 in "projection"
+    units closes it at any step; ω = 2 on a plain sum only when c = 1 (here c² = ᾱ_prev/ᾱ_t)."""
+    step = DDIMTimestep(t=500, alpha=alpha, alpha_prev=0.5)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    output = torch.randn_like(x)
+    target = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    scale = sampler.guidance_scale(omega_loss, 4 * 4 * 4, ddim_jacobian(step))
+    prev, _ = ddim_step(x, output, step)
+    x_hat = sampler.guided_windows_fast(x, prev, target, step, omega, scale)
+    after, _ = ddim_step(x_hat, output, step)
+    gap_before, gap_after = downsample(prev) - target, downsample(after) - target
+    assert torch.allclose(gap_after, (1 - fraction) * gap_before, atol=1e-10)
+
+
+def test_mean_reduction_is_a_negligible_pull_at_omega_10():
+    numel = 4 * 32 * 32  # one SD coarse crop
+    removed = 10 * sampler.guidance_scale("mean", numel) / 2
+    assert removed < 0.002
+
+
+def test_cosine_decay_endpoints():
+    assert sampler.cosine_decay(1000, 1000) == pytest.approx(1.0)
+    assert sampler.cosine_decay(500, 1000) == pytest.approx(0.5)
+    assert sampler.cosine_decay(0, 1000) == pytest.approx(0.0, abs=1e-12)
+
+
+def _two_level_grids(wrap=False):
+    return [WindowGrid(8, 16, 4, 2, wrap), WindowGrid(16, 32, 4, 2, wrap)]
+
+
+@pytest.mark.parametrize("gradient", ["exact", "fast"])
+def test_msd_with_omega_zero_is_multidiffusion(gradient):
+    denoiser = SmoothDenoiser()
+    step = ddim_schedule(sd_scheduler(), 10)[2]
+    latents = torch.randn(1, 2, 16, 32, dtype=torch.float64)
+    grids = _two_level_grids()
+    md, _ = sampler.multidiffusion_step(latents, grids[1], step, denoiser, view_batch=5)
+    msd = sampler.msd_step(latents, grids, step, denoiser, 0.0, gradient=gradient, view_batch=5)
+    assert torch.equal(msd, md)
+
+
+@pytest.mark.parametrize("gradient", ["exact", "fast"])
+def test_guidance_lowers_the_cross_scale_discrepancy(gradient):
+    denoiser = SmoothDenoiser()
+    step = ddim_schedule(sd_scheduler(), 10)[2]
+    latents = torch.randn(1, 2, 16, 32, dtype=torch.float64)
+    grids = _two_level_grids(wrap=True)
+    levels = {}
+
+    def record(result):
+        levels[result.level] = result.latents
+
+    discrepancy = {}
+    for omega in (0.0, 10.0):
+        sampler.msd_step(latents, grids, step, denoiser, omega, gradient=gradient, on_level=record)
+        discrepancy[omega] = sampler.cross_scale_discrepancy(levels[2], levels[1])
+    assert discrepancy[10.0] < 0.5 * discrepancy[0.0]
+
+
+def test_view_batch_does_not_change_the_result():
+    denoiser = SmoothDenoiser()
+    step = ddim_schedule(sd_scheduler(), 10)[4]
+    latents = torch.randn(1, 2, 16, 32, dtype=torch.float64)
+    results = [sampler.msd_step(latents, _two_level_grids(), step, denoiser, 10.0, view_batch=vb) for vb in (1, 7, 1000)]
+    assert torch.allclose(results[0], results[1], atol=1e-12) and torch.allclose(results[0], results[2], atol=1e-12)
+
+
+def test_interrupt_stops_at_the_next_batch():
+    from msd_core.errors import Cancelled
+
+    calls = []
+
+    class AfterTwoCalls:
+        def is_set(self):
+            return len(calls) >= 2
+
+    def denoise(x, t):
+        calls.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    step = ddim_schedule(sd_scheduler(), 10)[0]
+    with pytest.raises(Cancelled):
+        sampler.msd_step(torch.randn(1, 2, 16, 32), _two_level_grids(), step, denoise, 10.0, view_batch=3, interrupt=AfterTwoCalls())
+    assert len(calls) == 2

@@ -1,0 +1,331 @@
+"""The worker process with the tiny model on the CPU, driven through WorkerClient (and once through raw
+pipes): events, previews, the warm model, cancel, queueing, errors, and a worker killed mid-run.
+
+Every wait is bounded (WAIT seconds), so a broken worker fails a test instead of hanging it."""
+
+import importlib.metadata
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import msd_core
+from msd_core import pngmeta, protocol
+from msd_core.client import WorkerClient
+from msd_core.settings import GenerationSettings
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WAIT = 120  # seconds; an upper bound for every wait, never an expectation
+LONG_RUN = {"steps": 500}  # a minute or more unless cancelled or killed
+SMALL = {"width": 128, "height": 64, "steps": 2}  # one level, one window row: the quickest run
+# The tiny model's operations are too small to gain from threads, and on a busy 2-core machine torch's
+# worker threads thrash (runs 20× slower): one thread, in the workers and in-process alike.
+THREADS = 1
+WORKER_ENV = {"OMP_NUM_THREADS": str(THREADS)}
+
+
+def tiny(**changes) -> dict:
+    """Settings for the tiny model: 192×128 px is two pyramid levels of 64 px windows."""
+    values = {"prompt": "a misty alpine valley", "model": "tiny", "width": 192, "height": 128, "steps": 4,
+              "gradient": "fast", "device": "cpu", **changes}  # fmt: skip
+    return GenerationSettings(**values).to_dict()
+
+
+def wait_for(client: WorkerClient, predicate) -> list[dict]:
+    """All events up to and including the first that matches."""
+    seen = []
+    while True:
+        event = client.next_event(timeout=WAIT)
+        assert event is not None, f"no matching event within {WAIT} s; saw {seen}; stderr: {client.stderr_lines}"
+        seen.append(event)
+        if predicate(event):
+            return seen
+
+
+def finished(request_id):
+    return lambda event: event["id"] == request_id and event["event"] in protocol.FINAL_EVENTS
+
+
+def of(events: list[dict], request_id, name: str | None = None) -> list[dict]:
+    return [e for e in events if e["id"] == request_id and name in (None, e["event"])]
+
+
+@pytest.fixture(scope="module")
+def worker():
+    client = WorkerClient(sys.executable, pythonpath=REPO_ROOT, env=WORKER_ENV).start()
+    wait_for(client, lambda event: event["event"] == "ready")
+    yield client
+    assert client.stop() == 0
+
+
+def test_ready_reports_versions_device_and_pid(worker):
+    ready = worker.ready_info
+    assert ready["event"] == "ready" and ready["id"] is None
+    assert ready["protocol"] == protocol.PROTOCOL_VERSION
+    assert (ready["msd_core"], ready["torch"]) == (msd_core.__version__, torch.__version__)
+    assert ready["diffusers"] == importlib.metadata.version("diffusers")
+    assert (ready["device"], ready["dtype"]) == ("cpu", "float32")  # what "auto" means on this CPU-only machine
+    os.kill(ready["pid"], 0)  # raises if there is no such process
+
+
+def test_generate_streams_progress_and_previews_then_writes_the_png(worker, tmp_path):
+    output = tmp_path / "pano.png"
+    settings = tiny(steps=5)
+    request_id = worker.generate(settings, output, preview_every=2)
+    events = of(wait_for(worker, finished(request_id)), request_id)
+
+    names = [e["event"] for e in events]
+    assert names[:2] == ["accepted", "loading"] and names[-1] == "done", names
+    assert set(names[2:-1]) == {"progress", "preview"}
+    progress = of(events, request_id, "progress")
+    assert [p["step"] for p in progress] == [1, 2, 3, 4, 5]
+    assert all((p["total"], p["level"], p["levels"]) == (5, 2, 2) for p in progress)
+    assert all(a["elapsed"] <= b["elapsed"] for a, b in zip(progress, progress[1:]))
+    assert all(p["eta"] >= 0 for p in progress) and progress[-1]["eta"] == 0
+
+    previews = of(events, request_id, "preview")
+    assert [p["step"] for p in previews] == [1, 2, 4]  # the first step, then every 2nd
+    for preview in previews:
+        with Image.open(preview["path"]) as image:
+            assert image.format == "PNG"
+            # The coarsest of two levels is half the size.
+            assert image.size == (preview["width"], preview["height"]) == (96, 64)
+
+    done = events[-1]
+    assert Path(done["output"]) == output
+    with Image.open(output) as image:
+        assert (image.format, image.size) == ("PNG", (192, 128))
+    assert pngmeta.read_text_chunks(output) == done["metadata"]
+    assert json.loads(done["metadata"]["settings"]) == settings
+    assert {"load", "sample", "decode", "save", "total"} <= set(done["timings"])
+    assert all(seconds >= 0 for seconds in done["timings"].values())
+
+
+def test_same_model_stays_warm_and_another_model_replaces_it(worker, tmp_path):
+    """Only this test uses "tiny-v", so its first request here loads it whatever ran before."""
+
+    def run(model: str, name: str) -> tuple[bool, float]:
+        """(the loading event's warm flag, seconds from sending the request to its first progress)"""
+        started = time.perf_counter()
+        request_id = worker.generate(tiny(model=model, **SMALL), tmp_path / name)
+        loading = wait_for(worker, lambda e: e["id"] == request_id and e["event"] == "loading")[-1]
+        assert loading["model"] == model
+        wait_for(worker, lambda e: e["id"] == request_id and e["event"] == "progress")
+        first_progress = time.perf_counter() - started
+        assert wait_for(worker, finished(request_id))[-1]["event"] == "done"
+        return loading["warm"], first_progress
+
+    cold_warm, cold_seconds = run("tiny-v", "cold.png")
+    warm_warm, warm_seconds = run("tiny-v", "warm.png")
+    assert (cold_warm, warm_warm) == (False, True)
+    assert warm_seconds < cold_seconds
+
+    assert run("tiny", "other.png")[0] is False
+    assert run("tiny-v", "again.png")[0] is False  # one model at a time: tiny-v was dropped for tiny
+
+
+def test_cancel_stops_the_run_writes_nothing_and_the_worker_goes_on(worker, tmp_path):
+    output = tmp_path / "pano.png"
+    request_id = worker.generate(tiny(**LONG_RUN), output, preview_every=1)
+    events = wait_for(worker, lambda e: e["id"] == request_id and e["event"] == "progress")
+    ping_id = worker.ping()
+    events += wait_for(worker, lambda e: e["id"] == ping_id)
+    assert events[-1]["event"] == "pong"
+    assert not of(events, request_id, "done") and not of(events, request_id, "error")  # answered mid-run
+
+    worker.cancel(request_id)
+    events += wait_for(worker, finished(request_id))
+    assert (events[-1]["event"], events[-1]["kind"]) == ("error", "cancelled")
+    assert max(p["step"] for p in of(events, request_id, "progress")) < LONG_RUN["steps"]
+    assert list(tmp_path.iterdir()) == []  # no output, no partial file
+    previews = of(events, request_id, "preview")
+    assert previews and not any(os.path.exists(p["path"]) for p in previews)  # the worker's temp files are gone
+
+    again = worker.generate(tiny(**SMALL), output)
+    assert wait_for(worker, finished(again))[-1]["event"] == "done"
+    assert output.is_file()
+
+
+def test_requests_queue_in_order_and_a_queued_one_can_be_cancelled(worker, tmp_path):
+    first = worker.generate(tiny(**{**SMALL, "steps": 8}), tmp_path / "first.png")
+    queued = worker.generate(tiny(**SMALL), tmp_path / "queued.png")
+    last = worker.generate(tiny(**SMALL), tmp_path / "last.png")
+    worker.cancel(queued)
+    events = wait_for(worker, finished(last))
+
+    assert [e["event"] for e in of(events, queued)] == ["accepted", "error"]
+    assert of(events, queued)[-1]["kind"] == "cancelled"
+    assert of(events, first)[-1]["event"] == "done" and of(events, last)[-1]["event"] == "done"
+    assert events.index(of(events, first, "done")[0]) < events.index(of(events, last, "loading")[0])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["first.png", "last.png"]
+
+
+def test_previews_go_to_the_clients_folder_when_given_and_the_workers_own_are_cleaned(worker, tmp_path):
+    own = worker.generate(tiny(**SMALL), tmp_path / "own.png", preview_every=1)
+    own_previews = of(wait_for(worker, finished(own)), own, "preview")
+    assert own_previews and all(os.path.exists(p["path"]) for p in own_previews)  # kept until the next run
+
+    folder = tmp_path / "previews"
+    folder.mkdir()
+    given = worker.generate(tiny(**SMALL), tmp_path / "given.png", preview_every=1, preview_dir=folder)
+    given_previews = of(wait_for(worker, finished(given)), given, "preview")
+    assert not any(os.path.exists(p["path"]) for p in own_previews)
+    assert sorted(os.listdir(folder)) == [f"msd-preview-{given}-step-0001.png", f"msd-preview-{given}-step-0002.png"]
+    assert [Path(p["path"]) for p in given_previews] == [folder / name for name in sorted(os.listdir(folder))]
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "kind", "fragment"),
+    [
+        ({"op": "dance"}, "bad_input", "unknown op 'dance'"),
+        ({}, "bad_input", "no 'op'"),
+        ({"op": "generate", "settings": tiny()}, "bad_input", "'output'"),
+        ({"op": "generate", "settings": tiny(width=100), "output": "OUT"}, "bad_input", "width 100 is not a multiple of 8"),
+        ({"op": "generate", "settings": {**tiny(), "sampler": "x"}, "output": "OUT"}, "bad_input", "unknown setting(s): sampler"),
+        ({"op": "generate", "settings": tiny(), "output": "OUT", "colour": 1}, "bad_input", "unknown field(s)"),
+        ({"op": "generate", "settings": tiny(), "output": "OUT", "preview_every": -1}, "bad_input", "preview_every"),
+        ({"op": "generate", "settings": tiny(), "output": "OUT", "preview_dir": "/no/such/dir"}, "bad_input", "preview_dir"),
+        ({"op": "generate", "settings": tiny(), "output": "EXISTING"}, "bad_input", "exists"),
+        ({"op": "generate", "settings": tiny(model="no/such-model"), "output": "OUT"}, "model_not_found", "no/such-model"),
+    ],
+    ids=["unknown-op", "no-op", "no-output", "bad-width", "unknown-setting", "unknown-field", "bad-preview-every",
+         "missing-preview-dir", "output-exists", "unknown-model"],  # fmt: skip
+)
+def test_bad_requests_get_specific_errors_and_the_worker_keeps_answering(worker, tmp_path, request_fields, kind, fragment):
+    existing = tmp_path / "existing.png"
+    existing.write_bytes(b"not replaced")
+    paths = {"OUT": str(tmp_path / "out.png"), "EXISTING": str(existing)}
+    request_id = f"bad-{kind}-{fragment}"
+    message = {**request_fields, "id": request_id}
+    if "output" in message:
+        message["output"] = paths[message["output"]]
+    worker.send(message)
+    error = wait_for(worker, finished(request_id))[-1]
+    assert (error["event"], error["kind"]) == ("error", kind)
+    assert fragment in error["message"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["existing.png"]
+    assert existing.read_bytes() == b"not replaced"
+
+    ping_id = worker.ping()
+    assert wait_for(worker, lambda e: e["id"] == ping_id)[-1]["event"] == "pong"
+
+
+def test_raw_lines_malformed_input_and_end_of_stdin():
+    """Straight through pipes: every stdout line is protocol JSON, bad lines get errors, EOF ends it."""
+    lines = [
+        b"{not json",
+        b"\xff\xfe",
+        b"[1, 2]",
+        b"",
+        b'{"op": "ping", "id": 7}',
+        b'{"op": "cancel", "id": "nothing-runs"}',
+        b'{"op": "ping", "id": {"nested": 1}}',
+    ]
+    result = subprocess.run(
+        [sys.executable, "-u", "-m", "msd_core.worker"],
+        input=b"\n".join(lines) + b"\n",
+        capture_output=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, **WORKER_ENV},
+        timeout=WAIT,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    events = [json.loads(line) for line in result.stdout.decode("utf-8").splitlines()]
+    summary = [(e["event"], e["id"], e.get("kind")) for e in events]
+    assert summary == [
+        ("ready", None, None),
+        ("error", None, "bad_input"),
+        ("error", None, "bad_input"),
+        ("error", None, "bad_input"),
+        ("pong", 7, None),
+        ("error", None, "bad_input"),
+        ("bye", None, None),
+    ]
+    assert "not valid JSON" in events[1]["message"]
+    assert "UTF-8" in events[2]["message"]
+    assert "JSON object" in events[3]["message"]
+    assert "string or an integer" in events[5]["message"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_worker_killed_mid_run_is_reported_as_died_for_the_running_request(tmp_path):
+    client = WorkerClient(sys.executable, pythonpath=REPO_ROOT, env=WORKER_ENV).start()
+    try:
+        ready = wait_for(client, lambda e: e["event"] == "ready")[-1]
+        request_id = client.generate(tiny(**LONG_RUN), tmp_path / "pano.png")
+        wait_for(client, lambda e: e["id"] == request_id and e["event"] == "progress")
+        os.kill(ready["pid"], signal.SIGKILL)
+        died = wait_for(client, finished(request_id))[-1]
+        assert (died["event"], died["kind"]) == ("error", "died")
+        assert (died["returncode"], died["signal"]) == (-signal.SIGKILL, "SIGKILL")
+        assert "killed by SIGKILL" in died["message"]
+        assert not client.alive
+        assert client.next_event(timeout=0.5) is None  # exactly one report
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        client.stop(timeout=1)
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    """A Worker in this process writing events to a string, with the tiny model already loaded."""
+    from msd_core.worker import EventWriter, Worker, parse_generate
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    folder = tmp_path_factory.mktemp("in-process")
+    stream = io.StringIO()
+    worker = Worker(EventWriter(stream), folder / "previews")
+
+    def run(request_id: str) -> dict:
+        """Run one small request to its end; its last event."""
+        output = folder / f"{request_id}.png"
+        request = protocol.request("generate", request_id, settings=tiny(**SMALL), output=str(output), preview_every=1)
+        worker.run_job(parse_generate(request))
+        return [e for e in map(json.loads, stream.getvalue().splitlines()) if e["id"] == request_id][-1]
+
+    assert run("warm-up")["event"] == "done"
+    yield worker, run, folder
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    ("failure", "kind", "message"),
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "out_of_memory", None),
+        (RuntimeError("MPS backend out of memory (MPS allocated: 17 GB)"), "out_of_memory", None),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"), "out_of_memory", None),
+        (ZeroDivisionError("division by zero\nmore detail"), "internal", "ZeroDivisionError: division by zero"),
+    ],
+    ids=["cuda-oom", "mps-oom", "cpu-oom", "other"],
+)
+def test_failures_inside_a_run_are_reported_and_the_worker_goes_on(in_process, monkeypatch, request, failure, kind, message):
+    """In-process, because a UNet that fails on cue cannot be made in the subprocess: the real tiny
+    pipeline's UNet raises mid-run; the error has the right kind and message, the next request succeeds."""
+    worker, run, folder = in_process
+    case = request.node.callspec.id
+
+    def failing_forward(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(worker._pipeline.unet, "forward", failing_forward)
+    error = run(f"failing-{case}")
+    assert (error["event"], error["kind"]) == ("error", kind)
+    if kind == "out_of_memory":
+        assert error["message"].startswith("out of memory on cpu: ")
+        assert all(hint in error["message"] for hint in ("smaller size", "--gradient fast", "view batch"))
+    else:
+        assert error["message"] == message  # one line; the traceback went to the log
+    assert not (folder / f"failing-{case}.png").exists()
+    assert os.listdir(folder / "previews") == []  # the failed run's previews are gone (and the last one's)
+
+    monkeypatch.undo()
+    assert run(f"after-{case}")["event"] == "done"

@@ -1,0 +1,179 @@
+"""The Panorama tab of the 3D Viewport's sidebar (N panel)."""
+
+import textwrap
+
+import bpy
+from bpy.types import Panel
+
+from ..operators.generate import session, worker_status
+from ..operators.worker_env import install_state
+from ..preferences import get_preferences, output_folder
+from ..properties import run_state
+
+STATUS_WORDS = {
+    "NOT_INSTALLED": ("Worker not installed", 'ERROR'),
+    "STARTING": ("Starting the worker…", 'TIME'),
+    "READY": ("Ready", 'CHECKMARK'),
+    "BUSY": ("Generating", 'RENDER_STILL'),
+    "ERROR": ("The last run failed", 'ERROR'),
+}
+WRAP_CHARS = 48  # characters per line of long messages in the sidebar
+PREVIEW_SCALE = 8.0
+
+
+def draw_wrapped(layout, text: str, icon: str = 'NONE') -> None:
+    """A long message as several labels (a label does not wrap)."""
+    col = layout.column(align=True)
+    indent = 'NONE' if icon == 'NONE' else 'BLANK1'  # continuation lines line up with the first
+    for number, line in enumerate(textwrap.wrap(text, WRAP_CHARS) or [""]):
+        col.label(text=line, icon=icon if number == 0 else indent)
+
+
+def progress_text() -> str:
+    if not run_state.total:
+        return run_state.message or "Waiting…"
+    parts = [f"Step {run_state.step}/{run_state.total}"]
+    if run_state.levels > 1:
+        parts.append(f"level {run_state.level}/{run_state.levels}")
+    if run_state.eta is not None:
+        parts.append(format_eta(run_state.eta) + " left")
+    return " · ".join(parts)
+
+
+def format_eta(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def draw_worker_status(layout, context) -> None:
+    """The worker's state in words, with Install/Check buttons when it is not ready to use."""
+    status = worker_status(get_preferences(context))
+    words, icon = STATUS_WORDS[status]
+    row = layout.row()
+    row.label(text=words, icon=icon)
+    if status != "NOT_INSTALLED" and install_state.job is None and not install_state.message:
+        row.operator("msd.check_worker", text="", icon='VIEWZOOM')
+        return
+    box = layout.box()
+    job = install_state.job
+    if job is not None:
+        box.progress(factor=job.progress, type='BAR', text=job.description + "…")
+        draw_wrapped(box, job.last_log_line())
+    elif install_state.message:
+        draw_wrapped(box, install_state.message, icon='ERROR' if install_state.failed else 'INFO')
+    elif status == "NOT_INSTALLED":
+        draw_wrapped(box, "Generation runs in a separate Python with PyTorch. Install it (several GB), "
+                          "or set Worker Python in the add-on preferences.")
+    row = box.row(align=True)
+    row.operator("msd.install_worker", icon='IMPORT')
+    row.operator("msd.check_worker", icon='VIEWZOOM')
+
+
+class MSD_PT_panorama(Panel):
+    bl_label = "MSD Panorama"
+    bl_space_type = 'VIEW_3D'
+    bl_region_type = 'UI'
+    bl_category = "Panorama"
+
+    @classmethod
+    def poll(cls, context):
+        return context.scene is not None
+
+    def draw(self, context):
+        layout = self.layout
+        group = context.scene.msd_panorama
+        draw_worker_status(layout, context)
+
+        col = layout.column(align=True)
+        col.label(text="Prompt")
+        col.prop(group, "prompt", text="")
+        col.label(text="Negative Prompt")
+        col.prop(group, "negative_prompt", text="")
+
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        layout.prop(group, "aspect")
+        col = layout.column(align=True)
+        col.prop(group, "width")
+        col.prop(group, "height")
+        if group.aspect == 'CUSTOM':
+            layout.prop(group, "wrap")
+        layout.prop(group, "target")
+        if group.target == 'WORLD':
+            layout.prop(group, "world_strength")
+            layout.prop(group, "world_rotation")
+        elif group.target == 'BACKDROP':
+            layout.prop(group, "backdrop_shape")
+            layout.prop(group, "backdrop_strength")
+
+        layout.use_property_split = False
+        if session.busy:
+            layout.progress(factor=run_state.progress, type='BAR', text=progress_text())
+            layout.operator("msd.cancel", icon='CANCEL')
+        else:
+            layout.operator("msd.generate", icon='RENDER_STILL')
+        if run_state.last_error:
+            box = layout.box()
+            box.alert = True
+            draw_wrapped(box, run_state.last_error, icon='ERROR')
+
+        image = bpy.data.images.get(run_state.preview_image or run_state.last_image)
+        if image is not None:
+            layout.template_icon(icon_value=layout.icon(image), scale=PREVIEW_SCALE)
+
+
+class MSD_PT_panorama_sampler(Panel):
+    bl_label = "Sampler"
+    bl_space_type = 'VIEW_3D'
+    bl_region_type = 'UI'
+    bl_category = "Panorama"
+    bl_parent_id = "MSD_PT_panorama"
+    bl_options = {'DEFAULT_CLOSED'}
+
+    def draw(self, context):
+        layout = self.layout
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        group = context.scene.msd_panorama
+        layout.prop(group, "random_seed")
+        row = layout.row()
+        row.active = not group.random_seed
+        row.prop(group, "seed")
+        if run_state.last_seed is not None:
+            layout.label(text=f"Last seed: {run_state.last_seed}")
+        layout.prop(group, "steps")
+        layout.prop(group, "guidance")
+        layout.prop(group, "method")
+        col = layout.column()
+        col.active = group.method == "msd"
+        col.prop(group, "omega")
+        col.prop(group, "gradient")
+        col.prop(group, "scales")
+
+
+class MSD_PT_panorama_output(Panel):
+    bl_label = "Model & Output"
+    bl_space_type = 'VIEW_3D'
+    bl_region_type = 'UI'
+    bl_category = "Panorama"
+    bl_parent_id = "MSD_PT_panorama"
+    bl_options = {'DEFAULT_CLOSED'}
+
+    def draw(self, context):
+        layout = self.layout
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        prefs = get_preferences(context)
+        layout.prop(prefs, "model")
+        layout.prop(prefs, "device")
+        layout.prop(prefs, "output_folder")
+        layout.label(text=f"Writes to {output_folder(prefs)}")
+        layout.prop(prefs, "keep_worker_warm")
+        if run_state.last_output:
+            draw_wrapped(layout, f"Last: {run_state.last_output}", icon='FILE_IMAGE')
+        if run_state.last_image in bpy.data.images:
+            op = layout.operator("msd.restore_settings", text="Use Settings of Last Panorama", icon='RECOVER_LAST')
+            op.image_name = run_state.last_image
+
+
+classes = (MSD_PT_panorama, MSD_PT_panorama_sampler, MSD_PT_panorama_output)
