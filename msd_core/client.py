@@ -148,6 +148,10 @@ class WorkerClient:
         return self._process is not None and self._process.poll() is None
 
     @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
     def ready_info(self) -> dict | None:
         """The worker's "ready" event (versions, device, dtype, pid) once it has arrived."""
         return self._ready

@@ -119,8 +119,10 @@ class MSDPanoramaPipeline:
 
     @staticmethod
     def key_for(settings: GenerationSettings) -> tuple:
-        """What identifies a loaded model (for keeping one warm between requests)."""
-        return (settings.model, settings.model_config, settings.device, settings.dtype)
+        """What identifies a loaded model (for keeping one warm between requests); "auto" is resolved,
+        so asking for the device that auto picks does not reload the model."""
+        device, dtype = models.resolve_device(settings.device, settings.dtype)
+        return (settings.model, settings.model_config, str(device), str(dtype))
 
     # -- 1. inputs ---------------------------------------------------------------------------------
     def check_inputs(self, settings: GenerationSettings) -> Plan:

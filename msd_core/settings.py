@@ -92,13 +92,13 @@ class GenerationSettings:
             raise BadInput(f"omega must be ≥ 0 (0 is plain MultiDiffusion), got {self.omega!r}")
         if not _is_number(self.guidance) or self.guidance < 0:
             raise BadInput(f"guidance must be ≥ 0, got {self.guidance!r}")
-        if not _is_int(self.steps) or self.steps < 1:
+        if not is_int(self.steps) or self.steps < 1:
             raise BadInput(f"steps must be a whole number ≥ 1, got {self.steps!r}")
-        if self.scales is not None and (not _is_int(self.scales) or self.scales < 1):
+        if self.scales is not None and (not is_int(self.scales) or self.scales < 1):
             raise BadInput(f"scales must be a whole number ≥ 1, got {self.scales!r}")
-        if self.view_batch is not None and (not _is_int(self.view_batch) or self.view_batch < 1):
+        if self.view_batch is not None and (not is_int(self.view_batch) or self.view_batch < 1):
             raise BadInput(f"view_batch must be a whole number ≥ 1, got {self.view_batch!r}")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise BadInput(f"seed must be a whole number from 0 to 2^63−1, got {self.seed!r}")
         if not isinstance(self.model, str) or not self.model.strip():
             raise BadInput("model is empty: give a Hugging Face id, a local folder or a .safetensors file")
@@ -141,7 +141,7 @@ def nearest_multiples(value: int, factor: int = LATENT_FACTOR) -> tuple[int, int
 
 
 def _check_pixels(name: str, value) -> None:
-    if not _is_int(value) or value < LATENT_FACTOR:
+    if not is_int(value) or value < LATENT_FACTOR:
         raise BadInput(f"{name} must be a whole number of pixels ≥ {LATENT_FACTOR}, got {value!r}")
     if value % LATENT_FACTOR:
         below, above = nearest_multiples(value)
@@ -156,7 +156,7 @@ def _check_choice(name: str, value, choices, hint: str = "") -> None:
         raise BadInput(f"{message} ({hint})" if hint else message)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -48,7 +48,7 @@ from . import __version__, models, protocol  # noqa: E402
 from .errors import BadInput, Cancelled, MSDError  # noqa: E402
 from .output import check_output_path  # noqa: E402
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
-from .settings import GenerationSettings, _is_int  # noqa: E402
+from .settings import GenerationSettings, is_int  # noqa: E402
 
 log = logging.getLogger("msd_core.worker")
 
@@ -88,6 +88,9 @@ class EventWriter:
 
 
 class Worker:
+    """The request queue, the warm pipeline and the runs. The reader thread calls handle_line (and
+    through it submit, cancel, shutdown); the main thread calls run."""
+
     def __init__(self, writer: EventWriter, preview_root: Path):
         self.emit = writer.emit
         self._preview_root = preview_root
@@ -124,7 +127,7 @@ class Worker:
             self._error(None, "bad_input", f"the request could not be read: {exc}")
             return
         request_id = message.get("id")
-        if not (request_id is None or isinstance(request_id, str) or _is_int(request_id)):
+        if not (request_id is None or isinstance(request_id, str) or is_int(request_id)):
             self._error(None, "bad_input", f"a request id must be a string or an integer, got {request_id!r}")
             return
         op = message.get("op")
@@ -136,10 +139,9 @@ class Worker:
             self.cancel(request_id)
         elif op == "shutdown":
             self.shutdown(request_id)
-        elif op is None:
-            self._error(request_id, "bad_input", f"the request has no 'op'; expected one of: {', '.join(protocol.REQUEST_OPS)}")
         else:
-            self._error(request_id, "bad_input", f"unknown op {op!r}; expected one of: {', '.join(protocol.REQUEST_OPS)}")
+            problem = "the request has no 'op'" if op is None else f"unknown op {op!r}"
+            self._error(request_id, "bad_input", f"{problem}; expected one of: {', '.join(protocol.REQUEST_OPS)}")
 
     def submit(self, message: dict) -> None:
         """Validate a generate request and queue it; "accepted" or the error is sent at once."""
@@ -155,7 +157,7 @@ class Worker:
                 return
             if any(j.id == job.id for j in self._active_jobs()):
                 # Answering with this id would be read as the other request's end.
-                self._error(None, "bad_input", f"request id {job.id!r} is already in use by a queued or running request")
+                self._error(None, "bad_input", f"request id {job.id!r} is in use by a queued or running request")
                 return
             self._queue.append(job)
             # Sent under the lock so that "accepted" always precedes the job's "loading".
@@ -220,7 +222,7 @@ class Worker:
             pipe, load_seconds = self._pipeline_for(job)
             result = pipe(job.settings, callback=self._step_callback(job, pipe, preview_dir), interrupt=job.interrupt)
             if job.interrupt.is_set():  # cancelled after the last window batch: still write nothing
-                raise Cancelled("cancelled")
+                raise Cancelled("generation cancelled")
             saving = time.perf_counter()
             output = pipe.save(result, job.output, overwrite=job.overwrite)
             now = time.perf_counter()
@@ -269,7 +271,11 @@ class Worker:
                 image = pipe.decode_preview(info.pred_x0)
                 path = preview_dir / f"{prefix}step-{info.step:04d}.png"
                 _save_png_atomically(image, path)
-                self.emit(protocol.event("preview", job.id, path=str(path), step=info.step, width=image.width, height=image.height))
+                self.emit(
+                    protocol.event(
+                        "preview", job.id, path=str(path), step=info.step, width=image.width, height=image.height
+                    )
+                )
             if info.level == info.levels:  # once per step, after its finest level
                 eta = info.elapsed / info.step * (info.total - info.step)
                 self.emit(
@@ -314,7 +320,7 @@ def parse_generate(message: dict) -> Job:
     if not isinstance(overwrite, bool):
         raise BadInput(f"'overwrite' must be true or false, got {overwrite!r}")
     preview_every = message.get("preview_every", protocol.DEFAULT_PREVIEW_EVERY)
-    if not _is_int(preview_every) or preview_every < 0:
+    if not is_int(preview_every) or preview_every < 0:
         raise BadInput(f"'preview_every' must be a whole number ≥ 0 (0 = no previews), got {preview_every!r}")
     preview_dir = message.get("preview_dir")
     if preview_dir is not None:
@@ -335,7 +341,7 @@ def main() -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="msd-worker %(levelname)s: %(message)s")
     # A polite terminate() from the client still runs the clean-up below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    writer = EventWriter(PROTOCOL_STREAM)
+    writer = EventWriter(PROTOCOL_STREAM or _take_stdout())
     preview_root = Path(tempfile.mkdtemp(prefix="msd-worker-previews-"))
     try:
         worker = Worker(writer, preview_root)
@@ -354,7 +360,9 @@ def main() -> int:
             )
         )
         # Started after "ready", so that answers to early requests never precede it.
-        threading.Thread(target=worker.read_requests, args=(sys.stdin.fileno(),), name="msd-requests", daemon=True).start()
+        reader = threading.Thread(target=worker.read_requests, args=(sys.stdin.fileno(),), name="msd-requests")
+        reader.daemon = True  # blocked on stdin; must not keep the process alive after "bye"
+        reader.start()
         worker.run()
     finally:
         shutil.rmtree(preview_root, ignore_errors=True)

@@ -92,7 +92,7 @@ def start_generation(context) -> Job:
         )
     output = unique_output_path(output_folder(prefs), settings.seed)
     preview_dir = _empty_preview_folder()
-    run_state.last_error = ""
+    run_state.last_error = run_state.last_error_kind = ""
     try:
         client = session.client_for(python, offline=not bpy.app.online_access)
     except MSDError:
@@ -206,6 +206,7 @@ def _handle_event(context, job: Job, event: dict) -> str | None:
         if event.get("kind") == "died":
             session.client = None  # the process is gone; the next run starts a new one
         run_state.last_error = event.get("message") or "the worker failed without a message"
+        run_state.last_error_kind = event.get("kind", "internal")
         return 'CANCELLED'
     return None
 
@@ -226,6 +227,7 @@ def _import_result(context, job: Job, output: str) -> str:
         scene.world = previous_world
         _remove_new_datablocks(before)
         run_state.last_error = f"the panorama was saved to {output} but could not be imported: {exc}"
+        run_state.last_error_kind = "internal"
         return 'CANCELLED'
     run_state.last_output, run_state.last_image = output, image.name
     return 'FINISHED'
@@ -328,7 +330,7 @@ class MSD_OT_generate(Operator):
         try:
             start_generation(context)
         except MSDError as exc:
-            run_state.last_error = str(exc)
+            run_state.last_error, run_state.last_error_kind = str(exc), exc.kind
             return self._finish('CANCELLED')
         if self.wait or bpy.app.background or context.window is None:
             return self._finish(wait_for_run(context))

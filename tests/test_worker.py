@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import msd_core
-from msd_core import pngmeta, protocol
+from msd_core import models, pngmeta, protocol
 from msd_core.client import WorkerClient
 from msd_core.settings import GenerationSettings
 
@@ -29,7 +29,13 @@ SMALL = {"width": 128, "height": 64, "steps": 2}  # one level, one window row: t
 # The tiny model's operations are too small to gain from threads, and on a busy 2-core machine torch's
 # worker threads thrash (runs 20× slower): one thread, in the workers and in-process alike.
 THREADS = 1
-WORKER_ENV = {"OMP_NUM_THREADS": str(THREADS)}
+
+
+@pytest.fixture(scope="module")
+def worker_env(tmp_path_factory) -> dict:
+    """Variables for the test workers: one thread, and a temporary folder inside the test's own (a
+    worker killed by SIGKILL cannot delete its preview folder)."""
+    return {"OMP_NUM_THREADS": str(THREADS), "TMPDIR": str(tmp_path_factory.mktemp("worker-tmp"))}
 
 
 def tiny(**changes) -> dict:
@@ -59,8 +65,8 @@ def of(events: list[dict], request_id, name: str | None = None) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def worker():
-    client = WorkerClient(sys.executable, pythonpath=REPO_ROOT, env=WORKER_ENV).start()
+def worker(worker_env):
+    client = WorkerClient(sys.executable, pythonpath=REPO_ROOT, env=worker_env).start()
     wait_for(client, lambda event: event["event"] == "ready")
     yield client
     assert client.stop() == 0
@@ -72,8 +78,9 @@ def test_ready_reports_versions_device_and_pid(worker):
     assert ready["protocol"] == protocol.PROTOCOL_VERSION
     assert (ready["msd_core"], ready["torch"]) == (msd_core.__version__, torch.__version__)
     assert ready["diffusers"] == importlib.metadata.version("diffusers")
-    assert (ready["device"], ready["dtype"]) == ("cpu", "float32")  # what "auto" means on this CPU-only machine
-    os.kill(ready["pid"], 0)  # raises if there is no such process
+    device, dtype = models.resolve_device("auto", "auto")  # "float32" on a CPU, "float16" on a GPU
+    assert (ready["device"], ready["dtype"]) == (device.type, str(dtype).removeprefix("torch."))
+    assert ready["pid"] == worker.pid
 
 
 def test_generate_streams_progress_and_previews_then_writes_the_png(worker, tmp_path):
@@ -182,24 +189,29 @@ def test_previews_go_to_the_clients_folder_when_given_and_the_workers_own_are_cl
     assert [Path(p["path"]) for p in given_previews] == [folder / name for name in sorted(os.listdir(folder))]
 
 
+GENERATE = {"op": "generate", "settings": tiny(), "output": "OUT"}
+
+
 @pytest.mark.parametrize(
     ("request_fields", "kind", "fragment"),
     [
         ({"op": "dance"}, "bad_input", "unknown op 'dance'"),
         ({}, "bad_input", "no 'op'"),
         ({"op": "generate", "settings": tiny()}, "bad_input", "'output'"),
-        ({"op": "generate", "settings": tiny(width=100), "output": "OUT"}, "bad_input", "width 100 is not a multiple of 8"),
-        ({"op": "generate", "settings": {**tiny(), "sampler": "x"}, "output": "OUT"}, "bad_input", "unknown setting(s): sampler"),
-        ({"op": "generate", "settings": tiny(), "output": "OUT", "colour": 1}, "bad_input", "unknown field(s)"),
-        ({"op": "generate", "settings": tiny(), "output": "OUT", "preview_every": -1}, "bad_input", "preview_every"),
-        ({"op": "generate", "settings": tiny(), "output": "OUT", "preview_dir": "/no/such/dir"}, "bad_input", "preview_dir"),
-        ({"op": "generate", "settings": tiny(), "output": "EXISTING"}, "bad_input", "exists"),
-        ({"op": "generate", "settings": tiny(model="no/such-model"), "output": "OUT"}, "model_not_found", "no/such-model"),
+        ({**GENERATE, "settings": tiny(width=100)}, "bad_input", "width 100 is not a multiple of 8"),
+        ({**GENERATE, "settings": {**tiny(), "sampler": "x"}}, "bad_input", "unknown setting(s): sampler"),
+        ({**GENERATE, "colour": 1}, "bad_input", "unknown field(s)"),
+        ({**GENERATE, "preview_every": -1}, "bad_input", "preview_every"),
+        ({**GENERATE, "preview_dir": "/no/such/dir"}, "bad_input", "preview_dir"),
+        ({**GENERATE, "output": "EXISTING"}, "bad_input", "exists"),
+        ({**GENERATE, "settings": tiny(model="no/such-model")}, "model_not_found", "no/such-model"),
     ],
     ids=["unknown-op", "no-op", "no-output", "bad-width", "unknown-setting", "unknown-field", "bad-preview-every",
          "missing-preview-dir", "output-exists", "unknown-model"],  # fmt: skip
 )
-def test_bad_requests_get_specific_errors_and_the_worker_keeps_answering(worker, tmp_path, request_fields, kind, fragment):
+def test_bad_requests_get_specific_errors_and_the_worker_keeps_answering(
+    worker, tmp_path, request_fields, kind, fragment
+):
     existing = tmp_path / "existing.png"
     existing.write_bytes(b"not replaced")
     paths = {"OUT": str(tmp_path / "out.png"), "EXISTING": str(existing)}
@@ -218,7 +230,7 @@ def test_bad_requests_get_specific_errors_and_the_worker_keeps_answering(worker,
     assert wait_for(worker, lambda e: e["id"] == ping_id)[-1]["event"] == "pong"
 
 
-def test_raw_lines_malformed_input_and_end_of_stdin():
+def test_raw_lines_malformed_input_and_end_of_stdin(worker_env):
     """Straight through pipes: every stdout line is protocol JSON, bad lines get errors, EOF ends it."""
     lines = [
         b"{not json",
@@ -234,7 +246,7 @@ def test_raw_lines_malformed_input_and_end_of_stdin():
         input=b"\n".join(lines) + b"\n",
         capture_output=True,
         cwd=REPO_ROOT,
-        env={**os.environ, **WORKER_ENV},
+        env={**os.environ, **worker_env},
         timeout=WAIT,
     )
     assert result.returncode == 0, result.stderr.decode(errors="replace")
@@ -256,8 +268,8 @@ def test_raw_lines_malformed_input_and_end_of_stdin():
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_worker_killed_mid_run_is_reported_as_died_for_the_running_request(tmp_path):
-    client = WorkerClient(sys.executable, pythonpath=REPO_ROOT, env=WORKER_ENV).start()
+def test_worker_killed_mid_run_is_reported_as_died_for_the_running_request(tmp_path, worker_env):
+    client = WorkerClient(sys.executable, pythonpath=REPO_ROOT, env=worker_env).start()
     try:
         ready = wait_for(client, lambda e: e["event"] == "ready")[-1]
         request_id = client.generate(tiny(**LONG_RUN), tmp_path / "pano.png")
@@ -302,12 +314,14 @@ def in_process(tmp_path_factory):
     [
         (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "out_of_memory", None),
         (RuntimeError("MPS backend out of memory (MPS allocated: 17 GB)"), "out_of_memory", None),
-        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"), "out_of_memory", None),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"), "out_of_memory", None),
         (ZeroDivisionError("division by zero\nmore detail"), "internal", "ZeroDivisionError: division by zero"),
     ],
     ids=["cuda-oom", "mps-oom", "cpu-oom", "other"],
 )
-def test_failures_inside_a_run_are_reported_and_the_worker_goes_on(in_process, monkeypatch, request, failure, kind, message):
+def test_failures_inside_a_run_are_reported_and_the_worker_goes_on(
+    in_process, monkeypatch, request, failure, kind, message
+):
     """In-process, because a UNet that fails on cue cannot be made in the subprocess: the real tiny
     pipeline's UNet raises mid-run; the error has the right kind and message, the next request succeeds."""
     worker, run, folder = in_process

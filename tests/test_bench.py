@@ -1,0 +1,121 @@
+"""The layout benchmark's analytic horizon prior (bench/horizon.py): its denoiser is the exact posterior
+mean, the sampler pieces it is built from compose into msd_step, and MSD with it keeps one horizon where
+MultiDiffusion does not."""
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+from msd_core.sampler import ddim_schedule, msd_step
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _load_horizon():
+    spec = importlib.util.spec_from_file_location("bench_horizon", ROOT / "bench" / "horizon.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+horizon = _load_horizon()
+
+
+def mixture_log_density(prior, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log p_t(x) of the noised prior, written out independently: a full multivariate normal per component."""
+    window = prior.window
+    means = prior.profiles[:, :, None].expand(-1, window, window).reshape(len(prior.profiles), -1)
+    covariance = (alpha * prior.texture**2 + 1 - alpha) * torch.eye(window * window, dtype=torch.float64)
+    component = torch.distributions.MultivariateNormal(math.sqrt(alpha) * means, covariance_matrix=covariance)
+    log_probs = component.log_prob(x.reshape(x.shape[0], 1, -1))  # (batch, K)
+    return torch.logsumexp(log_probs, dim=1) - math.log(len(prior.profiles))
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.5, 0.97])
+def test_posterior_mean_is_tweedies_formula_on_the_full_mixture(alpha):
+    # Tweedie: E[x0 | x_t] = (x_t + (1 − ᾱ) ∇ log p_t(x_t)) / √ᾱ, with p_t the exact noised mixture.
+    prior = horizon.HorizonPrior(window=4, horizons=range(-1, 6), texture=0.3)
+    generator = torch.Generator().manual_seed(0)
+    x0 = prior.sample(64, generator)
+    x = math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    x.requires_grad_(True)
+    (score,) = torch.autograd.grad(mixture_log_density(prior, x, alpha).sum(), x)
+    expected = (x.detach() + (1 - alpha) * score) / math.sqrt(alpha)
+    actual = prior.posterior_mean(x.detach(), alpha)
+    assert torch.allclose(actual, expected, atol=1e-9), float((actual - expected).abs().max())
+    eps = prior.eps(x.detach(), alpha)
+    assert torch.allclose(math.sqrt(alpha) * actual + math.sqrt(1 - alpha) * eps, x.detach(), atol=1e-9)
+
+
+def test_posterior_mean_beats_neighbouring_estimators_in_squared_error():
+    # The posterior mean minimises E‖x0 − f(x_t)‖²: perturbing it (shrinking or sharpening) does worse.
+    prior = horizon.HorizonPrior(window=8, horizons=range(-2, 11))
+    generator = torch.Generator().manual_seed(1)
+    alpha = 0.3
+    x0 = prior.sample(4000, generator)
+    x = math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    estimate = prior.posterior_mean(x, alpha)
+    error = (estimate - x0).pow(2).mean()
+    for factor in (0.9, 1.1):
+        assert (factor * estimate - x0).pow(2).mean() > error
+    assert (prior.posterior_mean(x, alpha * 0.8) - x0).pow(2).mean() > error
+
+
+def test_literal_pyramid_step_is_msd_step():
+    prior = horizon.HorizonPrior()
+    grids = horizon.make_grids(32, 64, 16, 4, wrap=True)
+    step = ddim_schedule(horizon.sd_scheduler(), 20)[5]
+    latents = torch.randn(1, 2, 32, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ours = horizon.pyramid_step(latents, grids, step, prior, 7.0, noise="literal", gradient="exact")
+    reference = msd_step(latents, grids, step, prior.denoiser(), 7.0, gradient="exact", view_batch=64)
+    assert torch.allclose(ours, reference, atol=1e-12)
+    # The SNR-matched variant changes only the coarse levels' treatment, so it differs.
+    assert not torch.allclose(horizon.pyramid_step(latents, grids, step, prior, 7.0, noise="snr"), reference)
+
+
+def test_matched_alpha_has_the_snr_of_the_downsampled_latent():
+    for alpha in (0.01, 0.3, 0.9):
+        for depth in (1, 2):
+            matched = horizon.matched_alpha(alpha, depth)
+            assert matched / (1 - matched) == pytest.approx(4**depth * alpha / (1 - alpha))
+
+
+def test_layout_score():
+    sky_over_ground = torch.where(torch.arange(32)[:, None] < 12, 1.0, -1.0).expand(32, 48).clone()
+    sky_over_ground[20, 5] = 1.0  # a lone texture outlier is not a transition
+    score = horizon.score_layout(sky_over_ground)
+    assert score.coherent and not score.uniform and score.transitions == 1 and score.horizon_spread == 0
+    two_horizons = sky_over_ground.clone()
+    two_horizons[24:, :] = 1.0
+    assert not horizon.score_layout(two_horizons).coherent
+    assert horizon.score_layout(-sky_over_ground).coherent is False  # ground above sky
+    assert horizon.score_layout(torch.ones(32, 48)).uniform
+
+
+@pytest.fixture
+def one_thread():
+    """Small float64 tensors: one thread is many times faster than two fighting over a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_msd_keeps_one_horizon_where_multidiffusion_does_not(one_thread):
+    prior = horizon.HorizonPrior(horizons=range(-1, 18))
+    seeds = [0, 1, 2, 3]
+    scores = {}
+    for name, omega in (("md", 0.0), ("msd", 10.0)):
+        images, trajectory = horizon.sample_panoramas(prior, 64, 64, seeds, omega=omega, gradient="fast", steps=20)
+        scores[name] = [horizon.score_layout(image) for image in images]
+        scores[name + "_gap"] = sum(trajectory.discrepancy) / len(trajectory.discrepancy)
+    coherent = {name: sum(s.coherent for s in scores[name]) for name in ("md", "msd")}
+    transitions = {name: sum(s.transitions for s in scores[name]) / len(seeds) for name in ("md", "msd")}
+    assert coherent["msd"] >= 3 > coherent["md"], coherent
+    assert transitions["md"] > 1.5 and abs(transitions["msd"] - 1) < 0.25, transitions
+    assert scores["msd_gap"] < scores["md_gap"] / 2  # the levels agree along the whole trajectory
