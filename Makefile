@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# MODEL=tiny runs offline; DOWNLOAD=1 lets the demo fetch MODEL from the Hugging Face Hub.
 demo: $(STAMP)
-	$(PY) -m msd_core.demo --model "$(MODEL)" --out "$(OUT)"
+	$(PY) scripts/demo.py --model "$(MODEL)" --out "$(OUT)" $(if $(DOWNLOAD),--allow-download)
 
 clean:
 	rm -rf $(VENV) build dist $(OUT) *.egg-info

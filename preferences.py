@@ -109,7 +109,8 @@ class MSD_AddonPreferences(AddonPreferences):
     )
 
     def draw(self, context):
-        from .ui.panel import draw_worker_status
+        from .ui.panel import draw_worker_status  # here: ui imports this module
+
 
         layout = self.layout
         layout.use_property_split = True

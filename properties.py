@@ -1,6 +1,7 @@
 """Scene settings (Scene.msd_panorama), the run's live state, and the one mapping UI ⇄ GenerationSettings."""
 
 import math
+import os
 import random
 from dataclasses import dataclass
 
@@ -161,8 +162,8 @@ def settings_from_scene(scene, prefs) -> GenerationSettings:
         width=group.width,
         height=group.height,
         wrap=effective_wrap(group),
-        model=prefs.model.strip(),
-        model_config=prefs.model_config.strip() or None,
+        model=_model_path(prefs.model.strip()),
+        model_config=_model_path(prefs.model_config.strip()) or None,
         method=group.method,
         gradient=group.gradient,
         omega=group.omega,
@@ -173,6 +174,15 @@ def settings_from_scene(scene, prefs) -> GenerationSettings:
         device=prefs.device,
         dtype=prefs.precision,
     ).validate()
+
+
+def _model_path(text: str) -> str:
+    """Local model paths made absolute (Blender's "//" included), since the worker runs in another
+    folder; anything else (a Hugging Face id) unchanged."""
+    if text.startswith("//"):
+        return bpy.path.abspath(text)
+    expanded = os.path.expanduser(text)
+    return os.path.abspath(expanded) if os.path.exists(expanded) else text
 
 
 def settings_to_scene(settings: GenerationSettings, scene) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -69,7 +70,7 @@ def child(kind: str, width: int, height: int, device: str, steps: int) -> dict:
             "cuda_peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None, **extra}
 
 
-def measure(kind: str, width: int, height: int, device: str, steps: int, limit_gb: float) -> dict:
+def measure(kind: str, width: int, height: int, device: str, steps: int, limit_gb: float, threads: int) -> dict:
     def cap_address_space():
         limit = int(limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -77,7 +78,8 @@ def measure(kind: str, width: int, height: int, device: str, steps: int, limit_g
     command = [sys.executable, __file__, "--child", kind, "--size", f"{width}x{height}", "--device", device,
                "--steps", str(steps)]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env,
                           preexec_fn=cap_address_space if device == "cpu" else None)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode == 0 and lines:
@@ -91,7 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--limit-gb", type=float, default=12.0, help="address-space cap of each CPU child")
+    parser.add_argument("--limit-gb", type=float, default=8.0, help="address-space cap of each CPU child")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each child")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=1, help=argparse.SUPPRESS)
@@ -105,13 +108,13 @@ def main() -> None:
     rows = []
     for kind in ("decode_tiled", "decode_plain"):
         for width, height in SIZES:
-            row = measure(kind, width, height, args.device, 1, args.limit_gb)
+            row = measure(kind, width, height, args.device, 1, args.limit_gb, args.threads)
             rows.append(row)
             print(row, flush=True)
             if row["ok"]:
                 break  # the largest size that worked
     steps = 1 if args.quick else 4
-    rows.append(measure("msd_run", 4096, 2048, args.device, steps, args.limit_gb))
+    rows.append(measure("msd_run", 4096, 2048, args.device, steps, args.limit_gb, args.threads))
     print(rows[-1], flush=True)
     print(markdown_table(rows, ["kind", "width", "height", "ok", "tile", "seconds", "baseline_rss_mib", "peak_rss_mib",
                                 "peak_above_baseline_mib", "cuda_peak_allocated_mib", "error"]))

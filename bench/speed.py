@@ -6,8 +6,8 @@ same size, steps, window, stride, view batch, prompt and initial latents for eve
 timed side by side in one process, repetitions interleaved (the order rotates every round), and the
 median and spread are reported: on a shared machine only such ratios mean something.
 
-    .venv/bin/python bench/speed.py            # full  (≈ 10 min on 2 cores)
-    .venv/bin/python bench/speed.py --quick    # quick (≈ 3 min)
+    .venv/bin/python bench/speed.py            # full: 1024×256 px, areas up to 32 windows  (≈ 20 min on 2 cores)
+    .venv/bin/python bench/speed.py --quick    # quick: 512×128 px, areas up to 16 windows  (≈ 5 min)
 
 Writes bench/results/speed[-quick].json and docs/bench-cost.png.
 """
@@ -34,7 +34,7 @@ from msd_core import models
 from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.settings import GenerationSettings
 
-PROMPT = "a misty alpine valley at dawn"
+PROMPT = "alpine valley"  # the tiny model reads 14 characters
 METHODS = ("diffusers MD", "our MD", "MSD fast", "MSD exact")
 
 
@@ -229,14 +229,19 @@ def overhead_part(components, base: GenerationSettings, repetitions: int) -> dic
     profile.enable()
     pipe(settings)
     profile.disable()
-    stats = pstats.Stats(profile)
-    top = sorted(
-        ((func, stat[2]) for func, stat in stats.stats.items()
-         if not any(part in func[0] for part in ("torch/nn/modules", "diffusers/models", "transformers/"))),
-        key=lambda item: item[1], reverse=True,
-    )[:12]
+    # Self time spent in msd_core's own code, plus torch built-ins called directly from msd_core (a
+    # built-in's self time is split by caller, so conv2d inside the UNet does not count here).
+    own = {}
+    for (filename, line, name), (_, _, self_time, _, callers) in pstats.Stats(profile).stats.items():
+        if "msd_core" in filename:
+            own[f"{pathlib_name(filename)}:{line}({name})"] = self_time
+        elif filename == "~":
+            for (caller_file, caller_line, caller_name), caller_stats in callers.items():
+                if "msd_core" in caller_file:
+                    key = f"{name} from {pathlib_name(caller_file)}:{caller_line}({caller_name})"
+                    own[key] = own.get(key, 0.0) + caller_stats[2]
     results["profile_top_self_time"] = [
-        {"function": f"{pathlib_name(func[0])}:{func[1]}({func[2]})", "self_seconds": seconds} for func, seconds in top
+        {"function": key, "self_seconds": seconds} for key, seconds in sorted(own.items(), key=lambda kv: -kv[1])[:12]
     ]
     return results
 
@@ -246,7 +251,7 @@ def pathlib_name(filename: str) -> str:
     return "/".join(parts[-2:])
 
 
-def worker_part(base: GenerationSettings) -> dict:
+def worker_part(base: GenerationSettings, threads: int) -> dict:
     """Seconds from sending a generate request to its first progress event: cold (model loaded on
     demand) and warm (second request, model kept), plus the worker's start-up until "ready"."""
     from msd_core.client import WorkerClient
@@ -254,10 +259,10 @@ def worker_part(base: GenerationSettings) -> dict:
     settings = dataclasses.replace(base, wrap=False)
     timings = {}
     started = time.perf_counter()
+    worker_env = {"MSD_PANORAMA_CACHE": os.environ["MSD_PANORAMA_CACHE"], "OMP_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as folder, WorkerClient(
-        sys.executable, pythonpath=str(ROOT), env={"MSD_PANORAMA_CACHE": os.environ["MSD_PANORAMA_CACHE"]},
-        offline=True,
-    ).start() as client:
+        sys.executable, pythonpath=str(ROOT), env=worker_env, offline=True
+    ) as client:
         event = client.next_event(timeout=300)
         if not event or event["event"] != "ready":
             raise RuntimeError(f"worker did not start: {event}")
@@ -309,15 +314,18 @@ def plot_cost(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine two threads can be 50× slower)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     env = environment()
     components = models.load_components("tiny", device="cpu", dtype="float32")
     quick = args.quick
     base = GenerationSettings(
         prompt=PROMPT, model="tiny", device="cpu", width=512 if quick else 1024, height=128 if quick else 256,
-        wrap=False, steps=10 if quick else 20, stride=16, view_batch=16, seed=1, omega=10.0,
+        wrap=False, steps=10, stride=16, view_batch=16, seed=1, omega=10.0,
     )
-    repetitions = 3 if quick else 5
+    repetitions = 3
 
     print(f"speed: {base.width}×{base.height} px, {base.steps} steps, window 64 px, stride 16 px, view batch 16")
     speed = speed_part(components, base, repetitions)
@@ -335,15 +343,15 @@ def main() -> None:
                                   "ms_per_window"]))
     print("linear fits (seconds = a · windows + b):", fits)
 
-    overhead = overhead_part(components, dataclasses.replace(base, steps=5 if quick else 10), repetitions)
+    overhead = overhead_part(components, dataclasses.replace(base, width=512, height=128, steps=5), repetitions)
     for name in ("our MD", "MSD fast", "MSD exact"):
         print(f"overhead {name}: median {overhead[name]['median_share']:.1%} "
               f"(min {overhead[name]['min_share']:.1%}, max {overhead[name]['max_share']:.1%})")
-    print("top self time outside the models (MSD fast):")
+    print("top self time in msd_core (MSD fast, cProfile):")
     for entry in overhead["profile_top_self_time"][:8]:
         print(f"  {entry['self_seconds']:.3f} s  {entry['function']}")
 
-    worker = worker_part(dataclasses.replace(base, width=256, height=128, steps=5))
+    worker = worker_part(dataclasses.replace(base, width=256, height=128, steps=5), args.threads)
     print("worker:", worker)
 
     write_json("speed-quick" if quick else "speed", {"environment": env, "speed": speed, "growth": growth,

@@ -92,6 +92,10 @@ class WorkerClient:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=self._environment(),
+                # `-m` puts the working folder first on sys.path: start in pythonpath, so a folder
+                # that happens to contain another msd_core (a checkout Blender was started from)
+                # cannot shadow the one the add-on ships.
+                cwd=self.pythonpath,
                 encoding="utf-8",
                 errors="replace",
                 bufsize=1,
@@ -195,10 +199,10 @@ class WorkerClient:
                 "generate",
                 request_id,
                 settings=data,
-                output=os.fspath(output),
+                output=os.path.abspath(output),  # the worker runs in another folder
                 overwrite=overwrite,
                 preview_every=preview_every,
-                preview_dir=None if preview_dir is None else os.fspath(preview_dir),
+                preview_dir=None if preview_dir is None else os.path.abspath(preview_dir),
             )
         )
         return request_id

@@ -90,14 +90,14 @@ def start_generation(context) -> Job:
             "the worker is not installed: click Install Worker in the Panorama panel, "
             "or set Worker Python in the add-on preferences"
         )
-    output = unique_output_path(output_folder(prefs), settings.seed)
-    preview_dir = _empty_preview_folder()
     run_state.last_error = run_state.last_error_kind = ""
     try:
         client = session.client_for(python, offline=not bpy.app.online_access)
     except MSDError:
         run_state.status = "ERROR"
         raise
+    output = unique_output_path(output_folder(prefs), settings.seed)
+    preview_dir = _empty_preview_folder()
     request_id = client.generate(settings, output, preview_every=PREVIEW_EVERY, preview_dir=preview_dir)
     group = scene.msd_panorama
     session.job = Job(

@@ -49,6 +49,10 @@ def main(argv=None) -> int:
     # The worker runs "python -m msd_core.worker", which looks in the current folder first: run it
     # from OUT so it uses the installed extension's msd_core, as it would inside Blender.
     os.chdir(out)
+    if args.model == "tiny":
+        # Its model calls are too small to gain from threads, and on a busy 2-core machine
+        # oversubscribed torch threads made it many times slower. Real models keep torch's default.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     import blender_env  # imports bpy
     import bpy
@@ -64,6 +68,7 @@ def main(argv=None) -> int:
     print(f"Installed and enabled: {module} (in {blender_env.installed_dir()})")
 
     bpy.ops.wm.read_homefile(use_empty=True)
+    bpy.context.preferences.filepaths.save_version = 0  # no demo.blend1 backups
     scene = bpy.context.scene
     add_camera_and_probe(scene)
     blend_path = out / "demo.blend"
@@ -140,7 +145,8 @@ def add_camera_and_probe(scene) -> None:
     bm.to_mesh(mesh)
     bm.free()
     material = bpy.data.materials.new("Mirror")
-    material.use_nodes = True
+    if bpy.app.version < (5, 0, 0):
+        material.use_nodes = True  # always on (and deprecated) since 5.0
     bsdf = material.node_tree.nodes["Principled BSDF"]
     bsdf.inputs["Metallic"].default_value = 1.0
     bsdf.inputs["Roughness"].default_value = 0.05

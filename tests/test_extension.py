@@ -6,7 +6,6 @@ import tomllib
 import zipfile
 
 import bpy
-import pytest
 
 import addon_utils  # isort: skip  (importable only once bpy is: it lives in Blender's scripts)
 
@@ -82,7 +81,7 @@ def test_zip_holds_the_add_on_and_msd_core_and_nothing_for_development():
         assert needed in names
     for name in names:
         top = name.split("/")[0]
-        assert top not in {"tests", "bench", "scripts", ".venv", ".git", ".notes", ".ci", "out", "build", "Makefile", "pyproject.toml"}, name
+        assert top not in {"tests", "bench", "docs", "scripts", ".venv", ".git", ".notes", ".ci", "out", "build", "Makefile", "pyproject.toml"}, name
         assert "__pycache__" not in name and not name.endswith(".pyc") and ".egg-info" not in name, name
 
 

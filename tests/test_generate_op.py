@@ -18,11 +18,8 @@ POLL_TIMEOUT = 120.0  # seconds; a tiny run takes a few
 
 
 @pytest.fixture
-def addon(extension, tmp_path, monkeypatch):
+def addon(extension, tmp_path):
     """The add-on set up for the tiny model on CPU, writing into tmp_path/out; an empty scene."""
-    # The worker inherits this: one thread per tiny UNet call is far faster than two threads
-    # fighting over a loaded two-core machine.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     prefs = addon_preferences()
     prefs.worker_python = sys.executable
     prefs.model = "tiny"
@@ -116,6 +113,17 @@ def test_second_run_reuses_the_worker_and_never_overwrites(addon):
     assert generate.session.client is client and client.alive
 
 
+def test_unregister_stops_the_worker(addon):
+    assert bpy.ops.msd.generate(wait=True) == {"FINISHED"}
+    client = generate_module().session.client
+    assert client.alive
+    addon.unregister()
+    try:
+        assert not client.alive and generate_module().session.client is None
+    finally:
+        addon.register()
+
+
 def test_worker_stops_after_a_run_unless_kept_warm(addon):
     addon_preferences().keep_worker_warm = False
     assert bpy.ops.msd.generate(wait=True) == {"FINISHED"}
@@ -199,7 +207,7 @@ def test_cancel_leaves_the_scene_as_it_was(addon, tmp_path):
 # -- failures ---------------------------------------------------------------------------------------
 
 
-def test_a_missing_worker_python_is_reported_and_changes_nothing(addon):
+def test_a_missing_worker_python_is_reported_and_changes_nothing(addon, tmp_path):
     addon_preferences().worker_python = "/nonexistent/bin/python3"
     before = datablocks()
     with pytest.raises(RuntimeError, match="'/nonexistent/bin/python3' does not exist"):
@@ -207,6 +215,7 @@ def test_a_missing_worker_python_is_reported_and_changes_nothing(addon):
     state = run_state()
     assert "/nonexistent/bin/python3" in state.last_error and state.status == "ERROR"
     assert datablocks() == before and not generate_module().session.busy
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_killed_worker_is_reported_changes_nothing_and_the_next_run_works(addon, tmp_path):
@@ -227,6 +236,24 @@ def test_a_killed_worker_is_reported_changes_nothing_and_the_next_run_works(addo
     bpy.context.scene.msd_panorama.steps = 3
     assert bpy.ops.msd.generate(wait=True) == {"FINISHED"}
     assert state.last_error == "" and state.status == "READY"
+
+
+def test_a_failed_import_removes_what_it_had_added(addon, tmp_path):
+    generate = generate_module()
+    source = bpy.data.images.new("source", 64, 32)
+    source.filepath_raw, source.file_format = str(tmp_path / "pano.png"), "PNG"
+    source.save()
+    bpy.data.images.remove(source)
+    before = datablocks()
+    job = generate.Job(
+        request_id="r1", settings=addon_module().msd_core.settings.GenerationSettings(prompt=PROMPT),
+        output=str(tmp_path / "pano.png"), scene_name=bpy.context.scene.name, target="BACKDROP",
+        backdrop_shape="WAVY", world_strength=1.0, world_rotation=0.0, backdrop_strength=1.0,
+    )  # fmt: skip
+    assert generate._import_result(bpy.context, job, job.output) == "CANCELLED"
+    assert run_state().last_error.startswith(f"the panorama was saved to {job.output} but could not be imported")
+    assert "WAVY" in run_state().last_error
+    assert datablocks() == before  # the image it had loaded is gone again
 
 
 def test_invalid_settings_are_reported_before_anything_starts(addon, tmp_path):
