@@ -29,7 +29,11 @@ from msd_core.sampler import (
     build_pyramid,
     cosine_decay,
     cross_scale_discrepancy,
+    cross_scale_loss,
+    ddim_jacobian,
     ddim_schedule,
+    ddim_step,
+    guidance_scale,
     msd_level_step,
     msd_step,
     multidiffusion_step,
@@ -134,6 +138,7 @@ def pyramid_step(
     - "fresh":   fresh Gaussian noise restores the variance ds removed, so the level is at t in fact.
     - "snr":     the level is rescaled to the variance-preserving form of the timestep with the same SNR
                  (``matched_alpha``), stepped there, and scaled back; no noise is added.
+    ``gradient`` is "fast", "exact" or "exact-1f" (``level_step_exact_one_forward``).
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"unknown noise mode {noise!r}")
@@ -156,6 +161,10 @@ def pyramid_step(
             scale_in, scale_out = math.sqrt(alpha / step.alpha), math.sqrt(alpha_prev / step.alpha_prev)
         if index == 0 or omega == 0:
             out, x0 = multidiffusion_step(scale_in * level_latents, grid, level_step, denoise, view_batch=view_batch)
+        elif gradient == "exact-1f":
+            out, x0 = level_step_exact_one_forward(
+                scale_in * level_latents, scale_out * prev, grid, level_step, denoise, omega, omega_loss
+            )
         else:
             out, x0 = msd_level_step(
                 scale_in * level_latents, scale_out * prev, grid, level_step, denoise, omega,
@@ -165,6 +174,22 @@ def pyramid_step(
         if on_level:
             on_level(LevelResult(index + 1, prev, x0))
     return prev
+
+
+def level_step_exact_one_forward(latents, coarse_prev, grid, step, denoise, omega, omega_loss):
+    """msd_level_step with the exact gradient whose Φ(x̂) reuses ε(x): x̂ = x − ω∇L, then DDIM(x̂, ε(x)).
+
+    One forward and one backward per window instead of two forwards and one backward (gradient "exact-1f").
+    """
+    windows, targets = grid.crop(latents), grid.coarse_crop(coarse_prev)
+    scale = guidance_scale(omega_loss, targets[0].numel(), ddim_jacobian(step))
+    with torch.enable_grad():
+        x = windows.detach().requires_grad_(True)
+        output = denoise(x, step.t)
+        prev, _ = ddim_step(x, output, step)
+        (grad,) = torch.autograd.grad(cross_scale_loss(prev, targets, scale), x)
+    prev, x0 = ddim_step(windows - omega * grad, output.detach(), step)
+    return grid.merge(prev), grid.merge(x0)
 
 
 def make_grids(height: int, width: int, window: int, stride: int, wrap: bool, levels: int | None = None):
@@ -211,7 +236,7 @@ def sample_panoramas(
         levels_out: list[torch.Tensor] = []
         record = lambda result: levels_out.append(result.latents)  # noqa: E731
         omega_t = omega * cosine_decay(step.t, TRAIN_STEPS)
-        if noise == "literal":
+        if noise == "literal" and gradient in ("fast", "exact"):
             latents = msd_step(
                 latents, grids, step, prior.denoiser(), omega_t, gradient=gradient, omega_loss=omega_loss,
                 view_batch=1024, on_level=record,

@@ -118,7 +118,8 @@ def main() -> None:
     print(rows[-1], flush=True)
     print(markdown_table(rows, ["kind", "width", "height", "ok", "tile", "seconds", "baseline_rss_mib", "peak_rss_mib",
                                 "peak_above_baseline_mib", "cuda_peak_allocated_mib", "error"]))
-    write_json("memory-quick" if args.quick else "memory", {"environment": env, "limit_gb": args.limit_gb, "rows": rows})
+    write_json("memory-quick" if args.quick else "memory",
+               {"environment": env, "limit_gb": args.limit_gb, "child_threads": args.threads, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -82,7 +82,8 @@ def memory_section(data: dict, source: str) -> str:
                      "peak − load MiB": r.get("peak_above_baseline_mib"),
                      "note": r.get("error") or (f"{r['steps']} step(s), levels {r['plan']['levels']}, windows/level "
                                                 f"{r['plan']['windows_per_level']}" if r["kind"] == "msd_run" else "")})
-    return header(data, source) + f" Address space of each child capped at {data['limit_gb']} GB.\n\n" + markdown_table(
+    note = f" Each child: address space capped at {data['limit_gb']} GB, {data.get('child_threads', 1)} torch thread(s)."
+    return header(data, source) + note + "\n\n" + markdown_table(
         rows, list(rows[0]))
 
 

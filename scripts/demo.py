@@ -118,7 +118,7 @@ def report_failure(run_state, model: str) -> int:
             f"The model {model!r} is not available offline: {run_state.last_error}\n"
             "Use a local model (--model /path/to/diffusers-folder or /path/to/model.safetensors, "
             "or make demo MODEL=...), run the offline smoke test with MODEL=tiny, "
-            "or pass --allow-download to fetch it from the Hugging Face Hub.",
+            "or allow the download from the Hugging Face Hub (make demo DOWNLOAD=1, or --allow-download).",
             file=sys.stderr,
         )
         return 2
