@@ -15,9 +15,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
 
-# The tiny model is built in a scratch cache, never in ~, and nothing reaches the Hugging Face Hub.
+# Scratch caches (the tiny model, matplotlib's fonts) outside ~, and nothing reaches the Hugging Face Hub.
 os.environ.setdefault("MSD_PANORAMA_CACHE", os.path.join(tempfile.gettempdir(), "msd-panorama-bench-cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLCONFIGDIR", os.path.join(tempfile.gettempdir(), "msd-panorama-bench-matplotlib"))
 
 if str(ROOT) not in sys.path:  # run as `python bench/x.py`: make msd_core importable from the checkout
     sys.path.insert(0, str(ROOT))

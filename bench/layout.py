@@ -18,7 +18,6 @@ import dataclasses
 import statistics
 import time
 
-import common  # noqa: F401  (puts the checkout on sys.path)
 import torch
 from common import DOCS, environment, markdown_table, pyplot, write_json
 from horizon import SD_COARSE_NUMEL, HorizonPrior, sample_panoramas, score_layout, seam_ratio

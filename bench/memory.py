@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 
-import common  # noqa: F401  (puts the checkout on sys.path, sets the scratch model cache)
 from common import ROOT, environment, markdown_table, write_json
 
 SIZES = [(4096, 2048), (2048, 1024), (1024, 512)]  # width × height px, tried largest first

@@ -18,16 +18,17 @@ def load(name: str) -> tuple[dict | None, str]:
     return None, ""
 
 
-def header(data: dict, source: str) -> str:
+def header(data: dict, source: str, threads: int | None = None) -> str:
     env = data["environment"]
+    threads = env["torch_threads"] if threads is None else threads
     load_start = ", ".join(f"{v:.1f}" for v in env["loadavg"])
     load_end = ", ".join(f"{v:.1f}" for v in data["environment_end"]["loadavg"])
     return (f"*{source}: `{env['command']}`, {env['date']}, {env['cpu_count']} CPUs, torch {env['torch']} "
-            f"({env['torch_threads']} thread(s)), diffusers {env['diffusers']}; load average {load_start} at the "
+            f"({threads} thread(s)), diffusers {env['diffusers']}; load average {load_start} at the "
             f"start, {load_end} at the end.*")
 
 
-def speed_section(data: dict, source: str) -> str:
+def speed_main(data: dict, source: str) -> str:
     s = data["speed"]["settings"]
     out = [header(data, source), "",
            f"{s['width']}×{s['height']} px, {s['steps']} steps, window 64 px (the tiny UNet's 8 latents), stride "
@@ -41,36 +42,46 @@ def speed_section(data: dict, source: str) -> str:
                      "per-round ratio range": f"{min(ratios):.2f}–{max(ratios):.2f}",
                      "× our MD": r["vs_our_md"], "UNet window evals": r["windows"], "UNet calls": r["calls"],
                      "wall ms / UNet call": 1000 * r["median"] / r["calls"]})
-    out.append(markdown_table(rows, list(rows[0])))
-    out += ["", "Cost growth (5 steps; area in window areas, doubling width then height):", ""]
+    return "\n".join(out) + "\n" + markdown_table(rows, list(rows[0]))
+
+
+def speed_growth(data: dict) -> str:
     growth = [{"area": r["area"], "px": f"{r['width']}×{r['height']}", "method": r["method"],
                "windows per level": r["windows_per_level"], "UNet window evals": r["unet_windows"],
                "median s": r["median"], "ms / window eval": r["ms_per_window"]} for r in data["growth"]]
-    out.append(markdown_table(growth, list(growth[0])))
-    fits = data["growth_fits"]
-    out += ["", "Least-squares fit seconds = a · (UNet window evaluations) + b: " + "; ".join(
+    fits = "; ".join(
         f"{name}: a = {f['seconds_per_window'] * 1000:.2f} ms, b = {f['intercept']:.2f} s, R² = {f['r2']:.4f}"
-        for name, f in fits.items()) + "."]
+        for name, f in data["growth_fits"].items())
+    return (markdown_table(growth, list(growth[0])) +
+            f"\n\nLeast-squares fit seconds = a · (UNet window evaluations) + b: {fits}.")
+
+
+def speed_overhead(data: dict) -> str:
     o = data["overhead"]
-    out += ["", "Share of wall time outside the model calls (UNet forward and backward, VAE, text encoder), "
-                "decoding included:", ""]
     rows = []
     for name in ("our MD", "MSD fast", "MSD exact"):
         run = min(o[name]["runs"], key=lambda r: abs(r["overhead_share"] - o[name]["median_share"]))
-        rows.append({"method": name, "overhead (median)": f"{o[name]['median_share']:.1%}",
+        rows.append({"method": name, "outside models (median)": f"{o[name]['median_share']:.1%}",
                      "min–max": f"{o[name]['min_share']:.1%}–{o[name]['max_share']:.1%}", "total s": run["total"],
                      "UNet fwd s": run["unet"], "UNet bwd s": run["unet_backward"], "VAE s": run["vae"],
                      "text s": run["text_encoder"]})
-    out.append(markdown_table(rows, list(rows[0])))
-    out += ["", "Largest self times in msd_core (cProfile, MSD fast):", ""]
-    out += [f"- {e['self_seconds']:.3f} s {e['function']}" for e in o["profile_top_self_time"][:6]]
+    top = "\n".join(f"- {e['self_seconds'] * 1000:.1f} ms {e['function']}" for e in o["profile_top_self_time"][:5])
+    return (f"512×128 px, 5 steps, {len(o['our MD']['runs'])} runs each:\n\n" + markdown_table(rows, list(rows[0]))
+            + "\n\nLargest self times in msd_core (cProfile, one MSD fast run, built-ins charged to their msd_core "
+              "caller):\n\n" + top)
+
+
+def speed_worker(data: dict) -> str:
     w = data["worker"]
-    out += ["", f"Worker (256×128 px, 5 steps): start-up to \"ready\" {w['start_to_ready']:.1f} s; generate → first "
-                f"progress event: cold {w['cold_first_progress']:.2f} s (model load {w['cold_worker_timings']['load']:.2f} s), "
-                f"warm {w['warm_first_progress']:.2f} s and {w['warm_again_first_progress']:.2f} s (load 0, "
-                f"\"loading\" says warm={w['warm_loading_warm_flag']}); a whole request: cold "
-                f"{w['cold_total']:.2f} s, warm {w['warm_total']:.2f} s."]
-    return "\n".join(out)
+    return (f"Worker (256×128 px, 5 steps): start-up to \"ready\" {w['start_to_ready']:.1f} s; generate → first "
+            f"progress event: cold {w['cold_first_progress']:.2f} s (model load {w['cold_worker_timings']['load']:.2f} s), "
+            f"warm {w['warm_first_progress']:.2f} s and {w['warm_again_first_progress']:.2f} s (load 0 s, the "
+            f"\"loading\" event says warm={w['warm_loading_warm_flag']}); a whole request: cold "
+            f"{w['cold_total']:.2f} s, warm {w['warm_total']:.2f} s.")
+
+
+def speed_section(data: dict, source: str) -> str:
+    return "\n\n".join([speed_main(data, source), speed_growth(data), speed_overhead(data), speed_worker(data)])
 
 
 def memory_section(data: dict, source: str) -> str:
@@ -82,25 +93,80 @@ def memory_section(data: dict, source: str) -> str:
                      "peak − load MiB": r.get("peak_above_baseline_mib"),
                      "note": r.get("error") or (f"{r['steps']} step(s), levels {r['plan']['levels']}, windows/level "
                                                 f"{r['plan']['windows_per_level']}" if r["kind"] == "msd_run" else "")})
-    note = f" Each child: address space capped at {data['limit_gb']} GB, {data.get('child_threads', 1)} torch thread(s)."
-    return header(data, source) + note + "\n\n" + markdown_table(
+    threads = data.get("child_threads", 1)
+    note = f" Each measurement in its own process, address space capped at {data['limit_gb']} GB."
+    return header(data, source, threads) + note + "\n\n" + markdown_table(
         rows, list(rows[0]))
 
 
 def layout_section(data: dict, source: str) -> str:
-    columns = ["panorama", "prior", "method", "omega", "loss", "noise", "coherent", "uniform", "transitions",
-               "spread", "discrepancy", "seam"]
-    rows = [{**r, "coherent": f"{r['coherent_count']}/{r['seeds']}"} for r in data["horizon"]]
-    first = data["horizon"][0]
+    rows = data["horizon"]
+    first = rows[0]
+    seeds = first["seeds"]
+
+    def cell(r):
+        return f"{r['coherent_count']}/{seeds} ({r['transitions']:.2f})"
+
+    def find(**match):
+        return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+
     out = [header(data, source), "",
-           f"{first['seeds']} seeds per row (the same seeds in every row), {first['steps']} DDIM steps, window 16, "
-           "stride 4. coherent = one sky→ground transition in every column, sky on top; uniform = all sky or all "
-           "ground; transitions = per column (1 = one horizon); spread = horizon row max − min over columns of the "
-           "coherent ones; discrepancy = cross-scale discrepancy averaged over steps and level pairs; seam = mean "
-           "|first − last column| / mean interior neighbour difference.", "",
-           markdown_table(rows, columns)]
+           f"{seeds} seeds per cell (the same seeds everywhere), {first['steps']} DDIM steps, window 16, stride 4. "
+           f"Cells: coherent panoramas / seeds (mean sky→ground transitions per column; 1 = one horizon).", ""]
+    md = find(panorama="64×64", prior="wide", omega=0.0)[0]
+    omegas = sorted({r["omega"] for r in find(panorama="64×64", prior="wide", noise="literal")})
+    sweep = []
+    for gradient in ("fast", "exact"):
+        for loss in ("projection", "mean", "mean-sd", "sum"):
+            cells = {f"ω={o:g}": cell(md) if o == 0 else next(
+                (cell(r) for r in find(panorama="64×64", prior="wide", noise="literal", gradient=gradient, loss=loss,
+                                       omega=o)), "") for o in omegas}
+            if any(cells[k] for k in cells if k != "ω=0"):
+                sweep.append({"gradient": gradient, "omega_loss": loss, **cells})
+    out += ["**ω sweep**, 64×64, wide prior (ω = 0 is MultiDiffusion; mean-sd divides by SD's coarse-crop "
+            "size 4·32·32 instead of this prior's 8·8):", "", markdown_table(sweep, list(sweep[0])), ""]
+
+    shapes = []
+    for panorama in dict.fromkeys(r["panorama"] for r in rows):
+        group = find(panorama=panorama, prior="wide", noise="literal")
+        entry = {"panorama (latent px)": panorama}
+        for label, match in (("MD", {"omega": 0.0}), ("MSD fast ω=10", {"omega": 10.0, "gradient": "fast", "loss": "projection"}),
+                             ("MSD exact ω=10", {"omega": 10.0, "gradient": "exact", "loss": "projection"}),
+                             ("MSD exact-1f ω=10", {"omega": 10.0, "gradient": "exact-1f", "loss": "projection"})):
+            hit = [r for r in group if all(r.get(k) == v for k, v in match.items())]
+            entry[label] = cell(hit[0]) if hit else ""
+            if hit and label == "MD":
+                entry["MD seam"] = hit[0]["seam"]
+            if hit and label == "MSD fast ω=10":
+                entry["MSD fast seam"] = hit[0]["seam"]
+                entry["horizon spread (rows)"] = hit[0]["spread"]
+        shapes.append(entry)
+    out += ["**Shapes**, wide prior (seam = mean |first − last column| / mean interior neighbour difference; ≈ 1 "
+            "means the 0/360° edge looks like any other neighbouring pair; horizon spread = max − min horizon row "
+            "over the columns of the coherent panoramas):", "", markdown_table(shapes, list(shapes[0])), ""]
+
+    variants = []
+    for prior in ("wide", "narrow"):
+        for noise in ("literal", "fresh", "snr"):
+            for gradient in ("fast", "exact-1f"):
+                group = find(panorama="64×64", prior=prior, noise=noise, gradient=gradient, loss="projection")
+                if not group:
+                    continue
+                entry = {"prior": prior, "coarse-level noise": noise, "gradient": gradient,
+                         "MD": cell(find(panorama="64×64", prior=prior, omega=0.0)[0])}
+                for o in omegas[1:]:
+                    hit = [r for r in group if r["omega"] == o]
+                    entry[f"ω={o:g}"] = cell(hit[0]) if hit else ""
+                    if hit and o == 10.0:
+                        entry["uniform at ω=10"] = f"{round(hit[0]['uniform'] * seeds)}/{seeds}"
+                        entry["discrepancy at ω=10"] = hit[0]["discrepancy"]
+                variants.append(entry)
+    out += ["**Prior and coarse-level noise handling**, 64×64, projection loss (discrepancy = cross-scale "
+            f"discrepancy averaged over steps and level pairs; MultiDiffusion's: {md['discrepancy']:.3f}):", "",
+            markdown_table(variants, list(variants[0]))]
     if data.get("tiny_model"):
-        out += ["", "Tiny SD model through the pipeline:", ""]
+        out += ["", "**Tiny SD model** through the pipeline (cross-scale discrepancy averaged over steps and level "
+                    "pairs; seam ratio of the latent and of the decoded image):", ""]
         disc = [r for r in data["tiny_model"] if r["part"] == "discrepancy"]
         out.append(markdown_table(disc, ["method", "omega", "levels", "discrepancy"]))
         seam = [r for r in data["tiny_model"] if r["part"] == "seam"]

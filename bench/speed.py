@@ -25,7 +25,6 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-import common  # noqa: F401  (puts the checkout on sys.path, sets the scratch model cache)
 import torch
 from common import DOCS, ROOT, environment, markdown_table, median_spread, pyplot, write_json
 from diffusers import StableDiffusionPanoramaPipeline
@@ -59,7 +58,6 @@ class Meter:
     def reset(self) -> None:
         self.windows = self.calls = 0
         self.seconds = {"unet": 0.0, "unet_backward": 0.0, "vae": 0.0, "text_encoder": 0.0}
-        self.call_times: list[float] = []
 
     @contextmanager
     def attached(self):
@@ -72,18 +70,16 @@ class Meter:
                 try:
                     return function(*args, **kwargs)
                 finally:
-                    elapsed = time.perf_counter() - started
-                    self.seconds[name] += elapsed
+                    self.seconds[name] += time.perf_counter() - started
                     if on_call:
-                        on_call(args, kwargs, elapsed)
+                        on_call(args, kwargs)
 
             return wrapper
 
-        def count_unet(args, kwargs, elapsed):
+        def count_unet(args, kwargs):
             sample = args[0] if args else kwargs["sample"]
             self.windows += sample.shape[0] // 2  # classifier-free guidance: two samples per window
             self.calls += 1
-            self.call_times.append(elapsed)
 
         unet.forward = timed("unet", unet.forward, count_unet)
         vae.decode = timed("vae", vae.decode)
@@ -141,8 +137,7 @@ def interleaved(meter: Meter, runs: dict, repetitions: int) -> dict:
         meter.reset()
         with meter.attached():
             run()
-        counts[name] = {"windows": meter.windows, "calls": meter.calls,
-                        "ms_per_call": 1000 * statistics.median(meter.call_times)}
+        counts[name] = {"windows": meter.windows, "calls": meter.calls}
     for round_ in range(repetitions):
         for name in names[round_ % len(names):] + names[: round_ % len(names)]:
             started = time.perf_counter()
@@ -161,6 +156,7 @@ def speed_part(components, base: GenerationSettings, repetitions: int) -> dict:
     for name, row in results.items():
         row["vs_diffusers"] = row["median"] / reference_time
         row["vs_our_md"] = row["median"] / our_md
+        row["ms_per_call"] = 1000 * row["median"] / row["calls"]
         # The same ratio per round (each round's runs were back to back): its spread shows the noise.
         row["round_ratios_vs_diffusers"] = [t / r for t, r in zip(row["times"], results["diffusers MD"]["times"])]
     return {"settings": base.to_dict(), "windows_per_level": [len(grid) for grid in plan.grids], "results": results}

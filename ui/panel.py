@@ -69,11 +69,16 @@ def draw_worker_status(layout, context) -> None:
     row.operator("msd.check_worker", icon='VIEWZOOM')
 
 
-class MSD_PT_panorama(Panel):
-    bl_label = "MSD Panorama"
+class SidebarPanel:
+    """Where every panel of the add-on lives: the 3D viewport's sidebar, tab "Panorama"."""
+
     bl_space_type = 'VIEW_3D'
     bl_region_type = 'UI'
     bl_category = "Panorama"
+
+
+class MSD_PT_panorama(SidebarPanel, Panel):
+    bl_label = "MSD Panorama"
 
     @classmethod
     def poll(cls, context):
@@ -122,11 +127,8 @@ class MSD_PT_panorama(Panel):
             layout.template_icon(icon_value=layout.icon(image), scale=PREVIEW_SCALE)
 
 
-class MSD_PT_panorama_sampler(Panel):
+class MSD_PT_panorama_sampler(SidebarPanel, Panel):
     bl_label = "Sampler"
-    bl_space_type = 'VIEW_3D'
-    bl_region_type = 'UI'
-    bl_category = "Panorama"
     bl_parent_id = "MSD_PT_panorama"
     bl_options = {'DEFAULT_CLOSED'}
 
@@ -151,11 +153,8 @@ class MSD_PT_panorama_sampler(Panel):
         col.prop(group, "scales")
 
 
-class MSD_PT_panorama_output(Panel):
+class MSD_PT_panorama_output(SidebarPanel, Panel):
     bl_label = "Model & Output"
-    bl_space_type = 'VIEW_3D'
-    bl_region_type = 'UI'
-    bl_category = "Panorama"
     bl_parent_id = "MSD_PT_panorama"
     bl_options = {'DEFAULT_CLOSED'}
 
