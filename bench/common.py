@@ -67,6 +67,15 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def figure_path(name: str, quick: bool):
+    """Full runs draw the README's figures (docs/bench-NAME.png); quick runs draw beside their JSON."""
+    if quick:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        return RESULTS / f"bench-{name}-quick.png"
+    DOCS.mkdir(exist_ok=True)
+    return DOCS / f"bench-{name}.png"
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend, or None (then figures are skipped, JSON still written)."""
     try:

@@ -43,6 +43,7 @@ from msd_core.windows import WindowGrid
 TRAIN_STEPS = 1000
 SD_COARSE_NUMEL = 4 * 32 * 32  # what F.mse_loss divides by on an SD coarse crop (64-latent window)
 NOISE_MODES = ("literal", "fresh", "snr")
+VIEW_BATCH = 1024  # windows per denoiser call: batching never changes results, and the prior is cheap
 
 
 def sd_scheduler() -> DDIMScheduler:
@@ -128,7 +129,7 @@ def pyramid_step(
     noise: str = "literal",
     gradient: str = "fast",
     omega_loss: str = "projection",
-    view_batch: int = 1024,
+    view_batch: int = VIEW_BATCH,
     generator: torch.Generator | None = None,
     on_level=None,
 ) -> torch.Tensor:
@@ -138,7 +139,8 @@ def pyramid_step(
     - "fresh":   fresh Gaussian noise restores the variance ds removed, so the level is at t in fact.
     - "snr":     the level is rescaled to the variance-preserving form of the timestep with the same SNR
                  (``matched_alpha``), stepped there, and scaled back; no noise is added.
-    ``gradient`` is "fast", "exact" or "exact-1f" (``level_step_exact_one_forward``).
+    ``gradient`` is one of the sampler's modes ("fast", "refresh", "exact"), "fast-2f" (the name this
+    bench first gave "refresh"), or ``level_step_variant``'s "exact-1f".
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"unknown noise mode {noise!r}")
@@ -162,13 +164,13 @@ def pyramid_step(
         if index == 0 or omega == 0:
             out, x0 = multidiffusion_step(scale_in * level_latents, grid, level_step, denoise, view_batch=view_batch)
         elif gradient == "exact-1f":
-            out, x0 = level_step_exact_one_forward(
+            out, x0 = level_step_variant(
                 scale_in * level_latents, scale_out * prev, grid, level_step, denoise, omega, omega_loss
             )
         else:
             out, x0 = msd_level_step(
                 scale_in * level_latents, scale_out * prev, grid, level_step, denoise, omega,
-                gradient=gradient, omega_loss=omega_loss, view_batch=view_batch,
+                gradient="refresh" if gradient == "fast-2f" else gradient, omega_loss=omega_loss, view_batch=view_batch,
             )
         prev = out / scale_out
         if on_level:
@@ -176,11 +178,9 @@ def pyramid_step(
     return prev
 
 
-def level_step_exact_one_forward(latents, coarse_prev, grid, step, denoise, omega, omega_loss):
-    """msd_level_step with the exact gradient whose Φ(x̂) reuses ε(x): x̂ = x − ω∇L, then DDIM(x̂, ε(x)).
-
-    One forward and one backward per window instead of two forwards and one backward (gradient "exact-1f").
-    """
+def level_step_variant(latents, coarse_prev, grid, step, denoise, omega, omega_loss):
+    """"exact-1f": msd_level_step's exact gradient, but Φ(x̂) reuses ε(x) from the gradient pass
+    (1 forward + 1 backward), to see where "exact" gains over "fast"."""
     windows, targets = grid.crop(latents), grid.coarse_crop(coarse_prev)
     scale = guidance_scale(omega_loss, targets[0].numel(), ddim_jacobian(step))
     with torch.enable_grad():
@@ -234,12 +234,15 @@ def sample_panoramas(
     trajectory = Trajectory()
     for step in schedule:
         levels_out: list[torch.Tensor] = []
-        record = lambda result: levels_out.append(result.latents)  # noqa: E731
+
+        def record(result: LevelResult) -> None:
+            levels_out.append(result.latents)
+
         omega_t = omega * cosine_decay(step.t, TRAIN_STEPS)
         if noise == "literal" and gradient in ("fast", "exact"):
             latents = msd_step(
                 latents, grids, step, prior.denoiser(), omega_t, gradient=gradient, omega_loss=omega_loss,
-                view_batch=1024, on_level=record,
+                view_batch=VIEW_BATCH, on_level=record,
             )
         else:
             latents = pyramid_step(

@@ -8,7 +8,8 @@ pipeline and records the cross-scale discrepancy and the 360° seam.
     .venv/bin/python bench/layout.py            # full: 24 seeds, 50 steps   (≈ 15 min on 2 cores)
     .venv/bin/python bench/layout.py --quick    # 8 seeds, 20 steps           (≈ 3 min)
 
-Writes bench/results/layout[-quick].json, docs/bench-layout.png, docs/bench-horizon-examples.png.
+Writes bench/results/layout.json, docs/bench-layout.png and docs/bench-horizon-examples.png (--quick:
+bench/results/layout-quick.json and the figures as bench-*-quick.png beside it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import statistics
 import time
 
 import torch
-from common import DOCS, environment, markdown_table, pyplot, write_json
+from common import environment, figure_path, markdown_table, pyplot, write_json
 from horizon import SD_COARSE_NUMEL, HorizonPrior, sample_panoramas, score_layout, seam_ratio
 
 from msd_core.sampler import cross_scale_discrepancy
@@ -92,10 +93,12 @@ def horizon_part(quick: bool) -> tuple[list[dict], list]:
             rows.append(run_config(wide, "wide", height, width, seeds, steps, wrap=wrap, omega=10.0,
                                    gradient=gradient, keep=keep))
 
-    # The exact gradient with one model call per window instead of two (what would bring its cost under 3×).
-    for height, width in ((64, 64), (64, 128)):
-        rows.append(run_config(wide, "wide", height, width, seeds, steps, omega=10.0, gradient="exact-1f"))
-    rows.append(run_config(narrow, "narrow", 64, 64, seeds, steps, omega=10.0, gradient="exact-1f"))
+    # Where does "exact" gain over "fast": the gradient through the model, or the second model call at x̂?
+    for gradient in ("exact-1f", "fast-2f"):
+        for height, width in ((64, 64), (64, 128)):
+            rows.append(run_config(wide, "wide", height, width, seeds, steps, omega=10.0, gradient=gradient))
+    for gradient in ("exact", "exact-1f", "fast-2f"):
+        rows.append(run_config(narrow, "narrow", 64, 64, seeds, steps, omega=10.0, gradient=gradient))
 
     # 3. A prior with fewer uniform windows.
     rows.append(run_config(narrow, "narrow", 64, 64, seeds, steps))
@@ -158,11 +161,10 @@ def tiny_model_part(quick: bool) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], examples: list) -> None:
+def plot(rows: list[dict], examples: list, quick: bool) -> None:
     plt = pyplot()
     if plt is None:
         return
-    DOCS.mkdir(exist_ok=True)
     sweep = [r for r in rows if r["panorama"] == "64×64" and r["prior"] == "wide" and r["noise"] == "literal"]
     md = next(r for r in sweep if r["omega"] == 0)
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -185,7 +187,7 @@ def plot(rows: list[dict], examples: list) -> None:
     axes[1].axhline(1, color="grey", linewidth=0.5)
     axes[0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(DOCS / f"bench-layout.png", dpi=110)
+    figure.savefig(figure_path("layout", quick), dpi=110)
     plt.close(figure)
 
     if examples:
@@ -201,7 +203,7 @@ def plot(rows: list[dict], examples: list) -> None:
                 axis.set_title("coherent" if score.coherent else f"{score.transitions:.2f} transitions/col", fontsize=7)
         figure.suptitle("horizon prior 64×128 (sky light, ground dark), seeds 0–3", fontsize=9)
         figure.tight_layout()
-        figure.savefig(DOCS / f"bench-horizon-examples.png", dpi=110)
+        figure.savefig(figure_path("horizon-examples", quick), dpi=110)
         plt.close(figure)
 
 
@@ -217,7 +219,7 @@ def main() -> None:
     tiny_rows = [] if args.skip_tiny else tiny_model_part(args.quick)
     suffix = "-quick" if args.quick else ""
     write_json(f"layout{suffix}", {"environment": env, "horizon": horizon_rows, "tiny_model": tiny_rows})
-    plot(horizon_rows, examples)
+    plot(horizon_rows, examples, args.quick)
 
 
 if __name__ == "__main__":

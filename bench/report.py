@@ -132,7 +132,8 @@ def layout_section(data: dict, source: str) -> str:
         entry = {"panorama (latent px)": panorama}
         for label, match in (("MD", {"omega": 0.0}), ("MSD fast ω=10", {"omega": 10.0, "gradient": "fast", "loss": "projection"}),
                              ("MSD exact ω=10", {"omega": 10.0, "gradient": "exact", "loss": "projection"}),
-                             ("MSD exact-1f ω=10", {"omega": 10.0, "gradient": "exact-1f", "loss": "projection"})):
+                             ("MSD exact-1f ω=10", {"omega": 10.0, "gradient": "exact-1f", "loss": "projection"}),
+                             ("MSD fast-2f ω=10", {"omega": 10.0, "gradient": "fast-2f", "loss": "projection"})):
             hit = [r for r in group if all(r.get(k) == v for k, v in match.items())]
             entry[label] = cell(hit[0]) if hit else ""
             if hit and label == "MD":
@@ -141,14 +142,15 @@ def layout_section(data: dict, source: str) -> str:
                 entry["MSD fast seam"] = hit[0]["seam"]
                 entry["horizon spread (rows)"] = hit[0]["spread"]
         shapes.append(entry)
-    out += ["**Shapes**, wide prior (seam = mean |first − last column| / mean interior neighbour difference; ≈ 1 "
+    out += ["**Shapes**, wide prior (exact-1f: exact gradient, Φ(x̂) reusing ε(x), 1 forward + 1 backward; "
+            "fast-2f: fast gradient, a fresh model call at x̂, 2 forwards; seam = mean |first − last column| / mean interior neighbour difference; ≈ 1 "
             "means the 0/360° edge looks like any other neighbouring pair; horizon spread = max − min horizon row "
             "over the columns of the coherent panoramas):", "", markdown_table(shapes, list(shapes[0])), ""]
 
     variants = []
     for prior in ("wide", "narrow"):
         for noise in ("literal", "fresh", "snr"):
-            for gradient in ("fast", "exact-1f"):
+            for gradient in ("fast", "exact", "exact-1f", "fast-2f"):
                 group = find(panorama="64×64", prior=prior, noise=noise, gradient=gradient, loss="projection")
                 if not group:
                     continue

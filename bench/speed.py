@@ -9,7 +9,8 @@ median and spread are reported: on a shared machine only such ratios mean someth
     .venv/bin/python bench/speed.py            # full: 1024×256 px, areas up to 32 windows  (≈ 20 min on 2 cores)
     .venv/bin/python bench/speed.py --quick    # quick: 512×128 px, areas up to 16 windows  (≈ 5 min)
 
-Writes bench/results/speed[-quick].json and docs/bench-cost.png.
+Writes bench/results/speed.json and docs/bench-cost.png (--quick: bench/results/speed-quick.json and
+bench-cost-quick.png beside it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from contextlib import contextmanager
 
 import torch
-from common import DOCS, ROOT, environment, markdown_table, median_spread, pyplot, write_json
+from common import ROOT, environment, figure_path, markdown_table, median_spread, pyplot, write_json
 from diffusers import StableDiffusionPanoramaPipeline
 
 from msd_core import models
@@ -285,11 +286,10 @@ def worker_part(base: GenerationSettings, threads: int) -> dict:
     return timings
 
 
-def plot_cost(rows: list[dict]) -> None:
+def plot_cost(rows: list[dict], quick: bool) -> None:
     plt = pyplot()
     if plt is None:
         return
-    DOCS.mkdir(exist_ok=True)
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, marker in (("our MD", "o"), ("MSD fast", "s"), ("MSD exact", "^")):
         line = [r for r in rows if r["method"] == name]
@@ -303,7 +303,7 @@ def plot_cost(rows: list[dict]) -> None:
     for axis in axes:
         axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(DOCS / "bench-cost.png", dpi=110)
+    figure.savefig(figure_path("cost", quick), dpi=110)
     plt.close(figure)
 
 
@@ -352,7 +352,7 @@ def main() -> None:
 
     write_json("speed-quick" if quick else "speed", {"environment": env, "speed": speed, "growth": growth,
                                                      "growth_fits": fits, "overhead": overhead, "worker": worker})
-    plot_cost(growth)
+    plot_cost(growth, quick)
 
 
 if __name__ == "__main__":

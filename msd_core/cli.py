@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--method", choices=METHODS, default="msd",
                         help="msd = Multi-Scale Diffusion (default); multidiffusion = no pyramid (faster, weaker layout)")
     method.add_argument("--gradient", choices=GRADIENTS, default="exact",
-                        help="exact = autograd through the UNet (the paper's method, ~4× the UNet cost of the finest level); "
+                        help="exact = autograd through the UNet (the paper's method, ~4× the UNet cost of multidiffusion); "
+                             "refresh = closed-form gradient, then a second UNet call on the guided window (~2×); "
                              "fast = model output held constant, one UNet call per window like multidiffusion")
     method.add_argument("--omega", type=float, default=10.0,
                         help="guidance strength ω towards the coarser level (default 10, 0 = multidiffusion)")

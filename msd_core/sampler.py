@@ -216,8 +216,11 @@ def msd_level_step(
     """One finer level of Algorithm 1: guide every window towards the already-denoised coarser level,
     denoise the guided windows, and merge them the MultiDiffusion way. Returns (z^s_{t−1}, merged x₀).
 
-    ``gradient="exact"`` costs a forward+backward and a second forward per window; ``"fast"`` reuses
-    the single model output for both the gradient and Φ(x̂), so it costs what MultiDiffusion does.
+    Gradient modes, by cost per window:
+    - ``"exact"``: forward + backward through the model, then a second forward for Φ(x̂) (~4× MD);
+    - ``"refresh"``: the fast closed-form gradient, then a second forward for Φ(x̂) (2× MD); on the
+      analytic horizon prior it recovers most of what exact gains over fast (bench/layout.py);
+    - ``"fast"``: one model output serves the gradient and Φ(x̂), so it costs what MD does.
     """
     windows, targets = grid.crop(latents), grid.coarse_crop(coarse_prev)
     loss_scale = guidance_scale(omega_loss, targets[0].numel(), ddim_jacobian(step, prediction_type))
@@ -229,12 +232,15 @@ def msd_level_step(
             x_hat = guided_windows_exact(x, y, step, denoise, omega, loss_scale, prediction_type)
             _check_interrupt(interrupt)
             output = denoise(x_hat, step.t)
-        elif gradient == "fast":
+        elif gradient in ("fast", "refresh"):
             output = denoise(x, step.t)
             prev, _ = ddim_step(x, output, step, prediction_type)
             x_hat = guided_windows_fast(x, prev, y, step, omega, loss_scale, prediction_type)
+            if gradient == "refresh":
+                _check_interrupt(interrupt)
+                output = denoise(x_hat, step.t)
         else:
-            raise ValueError(f"unknown gradient mode {gradient!r} (exact or fast)")
+            raise ValueError(f"unknown gradient mode {gradient!r} (exact, refresh or fast)")
         prev, x0 = ddim_step(x_hat, output, step, prediction_type)
         prevs.append(prev)
         x0s.append(x0)

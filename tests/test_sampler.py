@@ -180,3 +180,20 @@ def test_interrupt_stops_at_the_next_batch():
     with pytest.raises(Cancelled):
         sampler.msd_step(torch.randn(1, 2, 16, 32), _two_level_grids(), step, denoise, 10.0, view_batch=3, interrupt=AfterTwoCalls())
     assert len(calls) == 2
+
+
+def test_refresh_denoises_the_fast_guided_windows_again():
+    denoiser = SmoothDenoiser()
+    step = ddim_schedule(sd_scheduler(), 10)[3]
+    latents = torch.randn(1, 2, 16, 32, dtype=torch.float64)
+    coarse = torch.randn(1, 2, 8, 16, dtype=torch.float64)
+    grid = WindowGrid(16, 32, 4, 2)
+    with torch.no_grad():
+        refreshed, _ = sampler.msd_level_step(latents, coarse, grid, step, denoiser, 10.0, gradient="refresh", view_batch=5)
+        fast, _ = sampler.msd_level_step(latents, coarse, grid, step, denoiser, 10.0, gradient="fast", view_batch=5)
+        x, y = grid.crop(latents), grid.coarse_crop(coarse)
+        scale = sampler.guidance_scale("projection", y[0].numel(), ddim_jacobian(step))
+        x_hat = sampler.guided_windows_fast(x, ddim_step(x, denoiser(x, step.t), step)[0], y, step, 10.0, scale)
+        expected = grid.merge(ddim_step(x_hat, denoiser(x_hat, step.t), step)[0])
+    assert torch.allclose(refreshed, expected, atol=1e-12)
+    assert not torch.allclose(refreshed, fast, atol=1e-6)
