@@ -127,15 +127,25 @@ class MSD_PT_panorama(SidebarPanel, Panel):
             layout.template_icon(icon_value=layout.icon(image), scale=PREVIEW_SCALE)
 
 
-class MSD_PT_panorama_sampler(SidebarPanel, Panel):
-    bl_label = "Sampler"
+class SettingsSubPanel(SidebarPanel):
+    """A collapsed sub-panel of MSD_PT_panorama."""
+
     bl_parent_id = "MSD_PT_panorama"
     bl_options = {'DEFAULT_CLOSED'}
 
+
+def split_layout(layout):
+    """Labels beside the fields, no animation decorators: the layout of a settings list."""
+    layout.use_property_split = True
+    layout.use_property_decorate = False
+    return layout
+
+
+class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
+    bl_label = "Sampler"
+
     def draw(self, context):
-        layout = self.layout
-        layout.use_property_split = True
-        layout.use_property_decorate = False
+        layout = split_layout(self.layout)
         group = context.scene.msd_panorama
         layout.prop(group, "random_seed")
         row = layout.row()
@@ -153,15 +163,11 @@ class MSD_PT_panorama_sampler(SidebarPanel, Panel):
         col.prop(group, "scales")
 
 
-class MSD_PT_panorama_output(SidebarPanel, Panel):
+class MSD_PT_panorama_output(SettingsSubPanel, Panel):
     bl_label = "Model & Output"
-    bl_parent_id = "MSD_PT_panorama"
-    bl_options = {'DEFAULT_CLOSED'}
 
     def draw(self, context):
-        layout = self.layout
-        layout.use_property_split = True
-        layout.use_property_decorate = False
+        layout = split_layout(self.layout)
         prefs = get_preferences(context)
         layout.prop(prefs, "model")
         layout.prop(prefs, "device")
