@@ -1,6 +1,7 @@
 """The extension as Blender sees it: manifest, built zip, install/uninstall, register cycle, UI classes."""
 
 import shutil
+import subprocess
 import sys
 import tomllib
 import zipfile
@@ -251,3 +252,12 @@ def test_panel_draw_code_uses_real_properties_and_operators(extension):
     assert ("label", "Ready") in main and ("operator", "msd.install_worker") not in main
     assert ("prop", "omega") in draw("MSD_PT_panorama_sampler")
     assert ("prop", "model") in draw("MSD_PT_panorama_output")
+
+
+def test_import_msd_core_loads_neither_torch_nor_bpy():
+    """Blender's own Python imports msd_core (it has no torch); heavy imports wait for the modules
+    that run the model."""
+    code = "import sys, msd_core; print(sorted({'torch', 'diffusers', 'bpy'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
