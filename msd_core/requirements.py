@@ -11,4 +11,5 @@ WORKER_REQUIREMENTS = (
     "safetensors>=0.4",
     "pillow>=10",
     "numpy",
+    "accelerate",
 )
