@@ -28,6 +28,7 @@ from diffusers.loaders.single_file_utils import SingleFileComponentError
 from huggingface_hub import snapshot_download
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .environment import auto_device
 from .errors import BadInput, ModelNotFound, UnsupportedModelFile
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
     tensor cores) and float32 on the CPU, where many float16 kernels are missing or very slow.
     """
     try:
-        chosen = torch.device(_auto_device() if device == "auto" else device)
+        chosen = torch.device(auto_device(torch) if device == "auto" else device)
     except (RuntimeError, TypeError):
         raise BadInput(f"unknown device {device!r}; choose auto, cuda, mps or cpu") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
@@ -95,13 +96,6 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
         raise BadInput("float16 is not supported on the CPU (many operations lack float16 kernels); use float32 or bfloat16")
     return chosen, DTYPES[dtype]
 
-
-def _auto_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 # ------------------------------------------------------------------------------------------ tiny model

@@ -18,34 +18,13 @@ from bpy.types import Operator
 
 from ..msd_core.errors import BadInput
 from ..msd_core.requirements import WORKER_REQUIREMENTS
-from ..preferences import get_preferences, managed_worker_python, user_folder, worker_python
+from ..preferences import ADDON_DIR, get_preferences, managed_worker_python, user_folder, worker_python
 
 MIN_PYTHON = (3, 10)
 BASE_PYTHON_NAMES = ("python3.13", "python3.12", "python3.11", "python3.10", "python3", "python")
 CHECK_TIMEOUT = 120.0  # seconds; importing torch and diffusers the first time can take a while
 INSTALL_POLL_INTERVAL = 0.5
 LOG_TAIL_BYTES = 4096
-# Run with ``python -c``: prints one JSON object describing what the worker would have.
-CHECK_SNIPPET = """
-import json, sys
-info = {"python": "%d.%d.%d" % sys.version_info[:3]}
-for name in ("torch", "diffusers"):
-    try:
-        info[name] = __import__(name).__version__
-    except Exception as exc:
-        info[name] = None
-        info[name + "_error"] = "%s: %s" % (type(exc).__name__, exc)
-if info["torch"]:
-    import torch
-    mps = getattr(torch.backends, "mps", None)
-    if torch.cuda.is_available():
-        info["device"] = "cuda (%s)" % torch.cuda.get_device_name(0)
-    elif mps is not None and mps.is_available():
-        info["device"] = "mps"
-    else:
-        info["device"] = "cpu"
-print(json.dumps(info))
-"""
 
 
 @dataclass
@@ -60,7 +39,10 @@ def check_worker(python: str, timeout: float = CHECK_TIMEOUT) -> WorkerCheck:
     if not python:
         return WorkerCheck(False, "the worker is not installed: click Install Worker or set Worker Python in the preferences")
     try:
-        result = subprocess.run([python, "-c", CHECK_SNIPPET], capture_output=True, text=True, timeout=timeout)
+        # In the extension's folder, so `-m` finds the msd_core shipped with it (as the worker does).
+        result = subprocess.run(
+            [python, "-m", "msd_core.environment"], cwd=ADDON_DIR, capture_output=True, text=True, timeout=timeout
+        )
     except FileNotFoundError:
         return WorkerCheck(False, f"worker Python not found: {python}")
     except PermissionError:
