@@ -22,7 +22,7 @@ from ..preferences import ADDON_DIR, get_preferences, output_folder, user_folder
 from ..properties import run_state, settings_from_scene
 from .backdrop import add_backdrop
 from .images import load_panorama
-from .world import apply_world
+from .world import apply_world, find_world
 
 POLL_INTERVAL = 0.2  # seconds between timer polls in the UI
 WAIT_INTERVAL = 0.05  # seconds between polls when blocking (wait=True, background)
@@ -44,6 +44,7 @@ class Job:
     world_strength: float
     world_rotation: float
     backdrop_strength: float
+    world_before: str | None = None  # the scene's world when a live preview replaced it
     cancel_requested: bool = False
 
 
@@ -196,6 +197,8 @@ def _handle_event(context, job: Job, event: dict) -> str | None:
         run_state.progress = event["step"] / max(1, event["total"])
     elif name == "preview":
         _show_preview(event["path"])
+        if job.target == "WORLD":
+            _show_preview_as_world(context, job)
     elif name == "done":
         if job.cancel_requested:
             return 'CANCELLED'  # finished just before the cancel arrived: the user no longer wants it
@@ -214,6 +217,7 @@ def _handle_event(context, job: Job, event: dict) -> str | None:
 def _import_result(context, job: Job, output: str) -> str:
     """Load the panorama and use it as chosen; on any failure remove what was added and report it."""
     scene = bpy.data.scenes.get(job.scene_name) or context.scene
+    _end_live_preview(job)
     before = _datablock_pointers()
     previous_world = scene.world
     try:
@@ -234,6 +238,7 @@ def _import_result(context, job: Job, output: str) -> str:
 
 
 def _end_run(context, failed: bool) -> None:
+    _end_live_preview(session.job)
     session.job = None
     _remove_preview()
     run_state.reset_progress()
@@ -279,6 +284,30 @@ def _show_preview(path: str) -> None:
     run_state.preview_image = image.name
     if image.preview is not None:
         image.preview.reload()
+
+
+def _show_preview_as_world(context, job: Job) -> None:
+    """Let the viewport show the layout forming: the preview becomes the world until the run ends."""
+    scene = bpy.data.scenes.get(job.scene_name)
+    image = bpy.data.images.get(run_state.preview_image) if run_state.preview_image else None
+    if scene is None or image is None:
+        return
+    if find_world(image) is None:
+        job.world_before = scene.world.name if scene.world else None
+    with context.temp_override(scene=scene):
+        apply_world(bpy.context, image, strength=job.world_strength, rotation=job.world_rotation)
+
+
+def _end_live_preview(job: Job | None) -> None:
+    """Give the scene its world back and remove the preview's world (before the result is applied)."""
+    image = bpy.data.images.get(run_state.preview_image) if run_state.preview_image else None
+    world = find_world(image) if image is not None else None
+    if job is None or world is None:
+        return
+    scene = bpy.data.scenes.get(job.scene_name)
+    if scene is not None and scene.world == world:
+        scene.world = bpy.data.worlds.get(job.world_before) if job.world_before else None
+    bpy.data.worlds.remove(world)
 
 
 def _remove_preview() -> None:

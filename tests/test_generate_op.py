@@ -168,6 +168,38 @@ def test_polling_by_hand_reports_progress_shows_previews_and_applies_the_target(
     assert bpy.ops.msd.generate.poll()
 
 
+def test_a_world_target_shows_the_previews_live_then_the_result(addon):
+    generate = generate_module()
+    studio = bpy.data.worlds.new("Studio")
+    bpy.context.scene.world = studio
+    bpy.context.scene.msd_panorama.steps = 6  # previews after steps 1 and 5
+    generate.start_generation(bpy.context)
+    state = run_state()
+    assert wait(generate, bpy.context, until=lambda: state.preview_image != "") == "RUNNING"
+    preview = bpy.data.images[state.preview_image]
+    assert world_images(bpy.context.scene.world) == [preview] and bpy.context.scene.world != studio
+
+    assert wait(generate, bpy.context) == "FINISHED"
+    world = bpy.context.scene.world
+    assert [image.name for image in world_images(world)] == [state.last_image]
+    assert set(bpy.data.worlds.keys()) == {"Studio", world.name}  # the preview's world is gone
+
+
+def test_cancelling_a_live_world_preview_gives_the_scene_its_world_back(addon):
+    generate = generate_module()
+    studio = bpy.data.worlds.new("Studio")
+    bpy.context.scene.world = studio
+    bpy.context.scene.msd_panorama.steps = 50
+    before = datablocks()
+    generate.start_generation(bpy.context)
+    state = run_state()
+    assert wait(generate, bpy.context, until=lambda: state.preview_image != "") == "RUNNING"
+    assert bpy.context.scene.world != studio
+    generate.cancel_generation()
+    assert wait(generate, bpy.context) == "CANCELLED"
+    assert bpy.context.scene.world == studio and datablocks() == before
+
+
 def test_the_preview_image_is_one_datablock_updated_in_place(addon, tmp_path):
     generate = generate_module()
     paths = []
