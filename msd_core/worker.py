@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 from . import __version__, models, protocol  # noqa: E402
 from .errors import BadInput, Cancelled, MSDError  # noqa: E402
-from .output import check_output_path  # noqa: E402
+from .output import check_output_path, save_png  # noqa: E402
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
 from .settings import GenerationSettings, is_int  # noqa: E402
 
@@ -270,7 +270,8 @@ class Worker:
             if info.level == 1 and job.preview_every and (info.step == 1 or info.step % job.preview_every == 0):
                 image = pipe.decode_preview(info.pred_x0)
                 path = preview_dir / f"{prefix}step-{info.step:04d}.png"
-                _save_png_atomically(image, path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_png(image, path, {}, overwrite=True)  # atomic: a client never reads half a preview
                 self.emit(
                     protocol.event(
                         "preview", job.id, path=str(path), step=info.step, width=image.width, height=image.height
@@ -399,14 +400,6 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
     elif torch.backends.mps.is_available():
         torch.mps.empty_cache()
-
-
-def _save_png_atomically(image, path: Path) -> None:
-    """Write then rename, so a client never reads a half-written preview."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    image.save(partial, format="PNG")
-    os.replace(partial, path)
 
 
 def _one_line(exc: Exception) -> str:
