@@ -20,8 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import DDIMScheduler
-
+from msd_core.models import sd_ddim_scheduler
 from msd_core.pipeline import default_levels
 from msd_core.sampler import (
     DDIMTimestep,
@@ -46,14 +45,6 @@ NOISE_MODES = ("literal", "fresh", "snr")
 VIEW_BATCH = 1024  # windows per denoiser call: batching never changes results, and the prior is cheap
 
 
-def sd_scheduler() -> DDIMScheduler:
-    """Stable Diffusion's DDIM schedule (scaled-linear betas 0.00085–0.012)."""
-    return DDIMScheduler(
-        num_train_timesteps=TRAIN_STEPS, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
-
-
 class HorizonPrior:
     """The mixture prior and its exact posterior-mean denoiser (float64)."""
 
@@ -64,7 +55,7 @@ class HorizonPrior:
         horizon = torch.tensor(list(horizons))
         # (K, window): each component's row profile; rows above the horizon row are sky (+1).
         self.profiles = torch.where(rows[None, :] < horizon[:, None], 1.0, -1.0).double()
-        self.alphas_cumprod = (scheduler or sd_scheduler()).alphas_cumprod.double()
+        self.alphas_cumprod = (scheduler or sd_ddim_scheduler()).alphas_cumprod.double()
 
     @property
     def uniform_fraction(self) -> float:
@@ -222,7 +213,7 @@ def sample_panoramas(
     crop); the ω passed to the sampler is rescaled so that stacking seeds as channels changes nothing.
     """
     grids = make_grids(height, width, prior.window, stride, wrap, levels)
-    schedule = ddim_schedule(sd_scheduler(), steps)
+    schedule = ddim_schedule(sd_ddim_scheduler(), steps)
     latents = torch.stack(
         [torch.randn(height, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in seeds]
     )[None]

@@ -101,6 +101,20 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
 # ------------------------------------------------------------------------------------------ tiny model
 
 
+def sd_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """DDIM with Stable Diffusion's training schedule (1000 steps, scaled-linear betas 0.00085–0.012)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
 def tiny_pipeline(prediction_type: str = "epsilon") -> "StableDiffusionPipeline":
     """A tiny random Stable-Diffusion-shaped pipeline, identical on every call (fixed seed).
 
@@ -152,16 +166,7 @@ def tiny_pipeline(prediction_type: str = "epsilon") -> "StableDiffusionPipeline"
             sample_size=64,
             scaling_factor=0.18215,
         )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = sd_ddim_scheduler(prediction_type)
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from msd_core.models import sd_ddim_scheduler
 from msd_core.sampler import ddim_schedule, msd_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -69,7 +70,7 @@ def test_posterior_mean_beats_neighbouring_estimators_in_squared_error():
 def test_literal_pyramid_step_is_msd_step():
     prior = horizon.HorizonPrior()
     grids = horizon.make_grids(32, 64, 16, 4, wrap=True)
-    step = ddim_schedule(horizon.sd_scheduler(), 20)[5]
+    step = ddim_schedule(sd_ddim_scheduler(), 20)[5]
     latents = torch.randn(1, 2, 32, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ours = horizon.pyramid_step(latents, grids, step, prior, 7.0, noise="literal", gradient="exact")
     reference = msd_step(latents, grids, step, prior.denoiser(), 7.0, gradient="exact", view_batch=64)

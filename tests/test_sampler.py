@@ -2,18 +2,11 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 from msd_core import sampler
+from msd_core.models import sd_ddim_scheduler
 from msd_core.sampler import DDIMTimestep, ddim_jacobian, ddim_schedule, ddim_step
 from msd_core.windows import WindowGrid, downsample
-
-
-def sd_scheduler(prediction_type="epsilon"):
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
-    )
 
 
 class SmoothDenoiser(torch.nn.Module):
@@ -30,9 +23,9 @@ class SmoothDenoiser(torch.nn.Module):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_ddim_step_equals_diffusers(prediction_type):
-    scheduler = sd_scheduler(prediction_type)
+    scheduler = sd_ddim_scheduler(prediction_type)
     schedule = ddim_schedule(scheduler, 10)
-    reference = sd_scheduler(prediction_type)
+    reference = sd_ddim_scheduler(prediction_type)
     reference.set_timesteps(10)
     sample, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     for step in schedule:
@@ -44,7 +37,7 @@ def test_ddim_step_equals_diffusers(prediction_type):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_ddim_jacobian_matches_autograd(prediction_type):
-    step = ddim_schedule(sd_scheduler(prediction_type), 20)[3]
+    step = ddim_schedule(sd_ddim_scheduler(prediction_type), 20)[3]
     x = torch.randn(3, dtype=torch.float64, requires_grad=True)
     output = torch.randn(3, dtype=torch.float64)
     (grad,) = torch.autograd.grad(ddim_step(x, output, step, prediction_type)[0].sum(), x)
@@ -52,7 +45,7 @@ def test_ddim_jacobian_matches_autograd(prediction_type):
 
 
 def test_fast_gradient_equals_autograd_with_output_held_constant():
-    step = ddim_schedule(sd_scheduler(), 20)[5]
+    step = ddim_schedule(sd_ddim_scheduler(), 20)[5]
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
     output = torch.randn_like(x)
     target = torch.randn(3, 2, 4, 4, dtype=torch.float64)
@@ -67,7 +60,7 @@ def test_fast_gradient_equals_autograd_with_output_held_constant():
 
 def test_exact_gradient_agrees_with_finite_differences():
     denoiser = SmoothDenoiser()
-    step = ddim_schedule(sd_scheduler(), 20)[8]
+    step = ddim_schedule(sd_ddim_scheduler(), 20)[8]
     x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
     target = torch.randn(1, 2, 3, 3, dtype=torch.float64)
     scale, omega = 0.5, 1.0
@@ -129,7 +122,7 @@ def _two_level_grids(wrap=False):
 @pytest.mark.parametrize("gradient", ["exact", "fast"])
 def test_msd_with_omega_zero_is_multidiffusion(gradient):
     denoiser = SmoothDenoiser()
-    step = ddim_schedule(sd_scheduler(), 10)[2]
+    step = ddim_schedule(sd_ddim_scheduler(), 10)[2]
     latents = torch.randn(1, 2, 16, 32, dtype=torch.float64)
     grids = _two_level_grids()
     md, _ = sampler.multidiffusion_step(latents, grids[1], step, denoiser, view_batch=5)
@@ -140,7 +133,7 @@ def test_msd_with_omega_zero_is_multidiffusion(gradient):
 @pytest.mark.parametrize("gradient", ["exact", "fast"])
 def test_guidance_lowers_the_cross_scale_discrepancy(gradient):
     denoiser = SmoothDenoiser()
-    step = ddim_schedule(sd_scheduler(), 10)[2]
+    step = ddim_schedule(sd_ddim_scheduler(), 10)[2]
     latents = torch.randn(1, 2, 16, 32, dtype=torch.float64)
     grids = _two_level_grids(wrap=True)
     levels = {}
@@ -157,7 +150,7 @@ def test_guidance_lowers_the_cross_scale_discrepancy(gradient):
 
 def test_view_batch_does_not_change_the_result():
     denoiser = SmoothDenoiser()
-    step = ddim_schedule(sd_scheduler(), 10)[4]
+    step = ddim_schedule(sd_ddim_scheduler(), 10)[4]
     latents = torch.randn(1, 2, 16, 32, dtype=torch.float64)
     results = [sampler.msd_step(latents, _two_level_grids(), step, denoiser, 10.0, view_batch=vb) for vb in (1, 7, 1000)]
     assert torch.allclose(results[0], results[1], atol=1e-12) and torch.allclose(results[0], results[2], atol=1e-12)
@@ -176,7 +169,7 @@ def test_interrupt_stops_at_the_next_batch():
         calls.append(x.shape[0])
         return torch.zeros_like(x)
 
-    step = ddim_schedule(sd_scheduler(), 10)[0]
+    step = ddim_schedule(sd_ddim_scheduler(), 10)[0]
     with pytest.raises(Cancelled):
         sampler.msd_step(torch.randn(1, 2, 16, 32), _two_level_grids(), step, denoise, 10.0, view_batch=3, interrupt=AfterTwoCalls())
     assert len(calls) == 2
@@ -184,7 +177,7 @@ def test_interrupt_stops_at_the_next_batch():
 
 def test_refresh_denoises_the_fast_guided_windows_again():
     denoiser = SmoothDenoiser()
-    step = ddim_schedule(sd_scheduler(), 10)[3]
+    step = ddim_schedule(sd_ddim_scheduler(), 10)[3]
     latents = torch.randn(1, 2, 16, 32, dtype=torch.float64)
     coarse = torch.randn(1, 2, 8, 16, dtype=torch.float64)
     grid = WindowGrid(16, 32, 4, 2)
