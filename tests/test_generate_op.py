@@ -70,6 +70,13 @@ def wait(generate, context, until=None) -> str:
     raise AssertionError("the run did not end in time")
 
 
+def start_long_run(generate, until) -> None:
+    """Start a 50-step run and poll it until ``until(run_state)`` holds, with the run still going."""
+    bpy.context.scene.msd_panorama.steps = 50
+    generate.start_generation(bpy.context)
+    assert wait(generate, bpy.context, until=lambda: until(run_state())) == "RUNNING"
+
+
 def world_images(world) -> list:
     return [node.image for node in world.node_tree.nodes if node.type == "TEX_ENVIRONMENT"]
 
@@ -189,11 +196,8 @@ def test_cancelling_a_live_world_preview_gives_the_scene_its_world_back(addon):
     generate = generate_module()
     studio = bpy.data.worlds.new("Studio")
     bpy.context.scene.world = studio
-    bpy.context.scene.msd_panorama.steps = 50
     before = datablocks()
-    generate.start_generation(bpy.context)
-    state = run_state()
-    assert wait(generate, bpy.context, until=lambda: state.preview_image != "") == "RUNNING"
+    start_long_run(generate, until=lambda state: state.preview_image != "")
     assert bpy.context.scene.world != studio
     generate.cancel_generation()
     assert wait(generate, bpy.context) == "CANCELLED"
@@ -222,11 +226,9 @@ def test_the_preview_image_is_one_datablock_updated_in_place(addon, tmp_path):
 
 def test_cancel_leaves_the_scene_as_it_was(addon, tmp_path):
     generate = generate_module()
-    bpy.context.scene.msd_panorama.steps = 50
     before = datablocks()
-    generate.start_generation(bpy.context)
+    start_long_run(generate, until=lambda state: state.step >= 1)
     state = run_state()
-    assert wait(generate, bpy.context, until=lambda: state.step >= 1) == "RUNNING"
     assert bpy.ops.msd.cancel() == {"FINISHED"}
     assert wait(generate, bpy.context) == "CANCELLED"
 
@@ -252,11 +254,9 @@ def test_a_missing_worker_python_is_reported_and_changes_nothing(addon, tmp_path
 
 def test_a_killed_worker_is_reported_changes_nothing_and_the_next_run_works(addon, tmp_path):
     generate = generate_module()
-    bpy.context.scene.msd_panorama.steps = 50
     before = datablocks()
-    generate.start_generation(bpy.context)
+    start_long_run(generate, until=lambda state: state.step >= 1)
     state = run_state()
-    assert wait(generate, bpy.context, until=lambda: state.step >= 1) == "RUNNING"
     os.kill(generate.session.client.ready_info["pid"], signal.SIGKILL)
     assert wait(generate, bpy.context) == "CANCELLED"
 
