@@ -32,7 +32,7 @@ class RunState:
     eta: float | None = None  # seconds
     last_error: str = ""
     last_error_kind: str = ""  # msd_core.protocol.ERROR_KINDS, e.g. "model_not_found"
-    preview_image: str = ""  # name of the image datablock with the latest coarse preview
+    preview_image_uid: int | None = None  # session_uid of the image with the latest coarse preview
     last_output: str = ""  # file of the latest finished panorama
     last_image: str = ""  # its image datablock
     last_seed: int | None = None

@@ -98,7 +98,7 @@ def test_generate_wait_makes_the_world_from_a_panorama_with_its_settings(addon, 
     assert image["msd"]["model"] == "tiny"
     world = bpy.context.scene.world
     assert world is not None and image in world_images(world)
-    assert state.preview_image == "" and "MSD Preview" not in bpy.data.images  # previews live only during a run
+    assert state.preview_image_uid is None and "MSD Preview" not in bpy.data.images  # previews live only during a run
 
     # Restoring fills the panel from the image's stored settings.
     group = bpy.context.scene.msd_panorama
@@ -158,8 +158,8 @@ def test_polling_by_hand_reports_progress_shows_previews_and_applies_the_target(
         outcome = generate.poll_worker(bpy.context)
         if outcome == "RUNNING":
             progress.append(state.progress)
-            if state.preview_image:
-                image = bpy.data.images[state.preview_image]
+            image = generate.preview_image()
+            if image is not None:
                 assert tuple(image.size) == (128, 64)
                 preview_paths.add(image.filepath)
         time.sleep(0.01)
@@ -169,7 +169,7 @@ def test_polling_by_hand_reports_progress_shows_previews_and_applies_the_target(
     written = sorted(name for name in os.listdir(addon_module().preferences.user_folder("previews")))
     assert [name[-13:] for name in written] == ["step-0001.png", "step-0005.png", "step-0010.png"]
     assert preview_paths and {os.path.basename(path) for path in preview_paths} <= set(written)
-    assert "MSD Preview" not in bpy.data.images and state.preview_image == ""
+    assert "MSD Preview" not in bpy.data.images and state.preview_image_uid is None
     new_objects = set(bpy.data.objects) - objects_before
     assert len(new_objects) == 1  # the backdrop
     assert bpy.ops.msd.generate.poll()
@@ -182,8 +182,8 @@ def test_a_world_target_shows_the_previews_live_then_the_result(addon):
     bpy.context.scene.msd_panorama.steps = 6  # previews after steps 1 and 5
     generate.start_generation(bpy.context)
     state = run_state()
-    assert wait(generate, bpy.context, until=lambda: state.preview_image != "") == "RUNNING"
-    preview = bpy.data.images[state.preview_image]
+    assert wait(generate, bpy.context, until=lambda: state.preview_image_uid is not None) == "RUNNING"
+    preview = generate.preview_image()
     assert world_images(bpy.context.scene.world) == [preview] and bpy.context.scene.world != studio
 
     assert wait(generate, bpy.context) == "FINISHED"
@@ -197,7 +197,7 @@ def test_cancelling_a_live_world_preview_gives_the_scene_its_world_back(addon):
     studio = bpy.data.worlds.new("Studio")
     bpy.context.scene.world = studio
     before = datablocks()
-    start_long_run(generate, until=lambda state: state.preview_image != "")
+    start_long_run(generate, until=lambda state: state.preview_image_uid is not None)
     assert bpy.context.scene.world != studio
     generate.cancel_generation()
     assert wait(generate, bpy.context) == "CANCELLED"
@@ -215,13 +215,13 @@ def test_the_preview_image_is_one_datablock_updated_in_place(addon, tmp_path):
         paths.append(image.filepath_raw)
     before = len(bpy.data.images)
     generate._show_preview(paths[0])
-    name = run_state().preview_image
+    preview = generate.preview_image()
+    name = preview.name
     generate._show_preview(paths[1])
-    assert run_state().preview_image == name and len(bpy.data.images) == before + 1
-    preview = bpy.data.images[name]
+    assert generate.preview_image() == preview and len(bpy.data.images) == before + 1
     assert preview.filepath == paths[1] and tuple(preview.size) == (64, 32)
     generate._remove_preview()
-    assert name not in bpy.data.images and run_state().preview_image == ""
+    assert name not in bpy.data.images and run_state().preview_image_uid is None
 
 
 def test_cancel_leaves_the_scene_as_it_was(addon, tmp_path):
@@ -279,7 +279,8 @@ def test_a_failed_import_removes_what_it_had_added(addon, tmp_path):
     before = datablocks()
     job = generate.Job(
         request_id="r1", settings=addon_module().msd_core.settings.GenerationSettings(prompt=PROMPT),
-        output=str(tmp_path / "pano.png"), scene_name=bpy.context.scene.name, target="BACKDROP",
+        output=str(tmp_path / "pano.png"), scene_uid=bpy.context.scene.session_uid, scene_name=bpy.context.scene.name,
+        target="BACKDROP",
         backdrop_shape="WAVY", world_strength=1.0, world_rotation=0.0, backdrop_strength=1.0,
     )  # fmt: skip
     assert generate._import_result(bpy.context, job, job.output) == "CANCELLED"

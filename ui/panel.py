@@ -5,7 +5,7 @@ import textwrap
 import bpy
 from bpy.types import Panel
 
-from ..operators.generate import session, worker_status
+from ..operators.generate import preview_image, session, worker_status
 from ..operators.worker_env import install_state
 from ..preferences import get_preferences, output_folder
 from ..properties import run_state
@@ -122,7 +122,7 @@ class MSD_PT_panorama(SidebarPanel, Panel):
             box.alert = True
             draw_wrapped(box, run_state.last_error, icon='ERROR')
 
-        image = bpy.data.images.get(run_state.preview_image or run_state.last_image)
+        image = preview_image() or bpy.data.images.get(run_state.last_image)
         if image is not None:
             layout.template_icon(icon_value=layout.icon(image), scale=PREVIEW_SCALE)
 
