@@ -26,12 +26,12 @@ from ..preferences import ADDON_DIR, get_preferences, output_folder, user_folder
 from ..properties import run_state, settings_from_scene
 from .backdrop import add_backdrop
 from .images import load_panorama
-from .world import apply_world, keep_if_unused
+from .world import SOURCE_PROPERTY, apply_world, keep_if_unused
 
 POLL_INTERVAL = 0.2  # seconds between timer polls in the UI
 WAIT_INTERVAL = 0.05  # seconds between polls when blocking (wait=True, background)
 PREVIEW_EVERY = 5  # steps between coarse previews
-PREVIEW_OF_PROPERTY = "msd_live_preview_of"  # on the live preview's world: the world it replaced (or 0)
+PREVIEW_PROPERTY = "msd_live_preview"  # on the live preview's world: the world it replaced (or 0), its fake user
 # Datablocks a failed import may have created; removed again so a failure changes nothing.
 _IMPORTED_KINDS = ("objects", "meshes", "materials", "node_groups", "worlds", "images")
 
@@ -340,8 +340,11 @@ def _show_preview_as_world(context, job: Job) -> None:
         return
     with context.temp_override(scene=scene):
         world = apply_world(bpy.context, image, strength=job.world_strength, rotation=job.world_rotation, world=preview_world)
-    # Also a second user of the user's world, and how to give it back after an autosave (see _recover_previews).
-    world[PREVIEW_OF_PROPERTY] = find_by_uid(bpy.data.worlds, job.world_before_uid) or 0
+    # What _recover_previews needs after an autosave or an undo; the reference is a second user too.
+    world[PREVIEW_PROPERTY] = {
+        "world": find_by_uid(bpy.data.worlds, job.world_before_uid) or 0,
+        "fake_user": job.fake_user_before,
+    }
     job.preview_world_uid = world.session_uid
 
 
@@ -405,12 +408,18 @@ def _recover_previews(*_args) -> None:
     quit.blend) can bring back a live preview's world without its run: give each scene showing it
     the world it replaced, and remove it."""
     live = session.job.preview_world_uid if session.job else None
-    for world in [world for world in bpy.data.worlds if PREVIEW_OF_PROPERTY in world and world.session_uid != live]:
-        user_world = world[PREVIEW_OF_PROPERTY] or None
+    for world in [world for world in bpy.data.worlds if PREVIEW_PROPERTY in world and world.session_uid != live]:
+        user_world, fake_user = world[PREVIEW_PROPERTY]["world"] or None, bool(world[PREVIEW_PROPERTY]["fake_user"])
+        image = world.get(SOURCE_PROPERTY)
         for scene in bpy.data.scenes:
             if scene.world == world:
                 scene.world = user_world
         bpy.data.worlds.remove(world)
+        if user_world is not None:
+            user_world.use_fake_user = fake_user
+            keep_if_unused(user_world)
+        if image is not None and image.users == 0 and image.session_uid != run_state.preview_image_uid:
+            bpy.data.images.remove(image)  # the preview image that came back with it
 
 
 _HANDLERS = (

@@ -77,6 +77,14 @@ def start_long_run(generate, until) -> None:
     assert wait(generate, bpy.context, until=lambda: until(run_state())) == "RUNNING"
 
 
+def write_test_png(path, width, height):
+    image = bpy.data.images.new("source", width, height)
+    image.filepath_raw, image.file_format = str(path), "PNG"
+    image.save()
+    bpy.data.images.remove(image)
+    return path
+
+
 def world_images(world) -> list:
     return [node.image for node in world.node_tree.nodes if node.type == "TEX_ENVIRONMENT"]
 
@@ -202,6 +210,147 @@ def test_cancelling_a_live_world_preview_gives_the_scene_its_world_back(addon):
     generate.cancel_generation()
     assert wait(generate, bpy.context) == "CANCELLED"
     assert bpy.context.scene.world == studio and datablocks() == before
+
+
+# -- the live preview never costs the user their world ----------------------------------------------
+
+
+@pytest.fixture
+def studio(addon):
+    """The user's own world, assigned to the scene and used by nothing else."""
+    world = bpy.data.worlds.new("Studio")
+    world.node_tree.nodes.new("ShaderNodeTexSky")
+    bpy.context.scene.world = world
+    return world
+
+
+def start_live_preview(generate) -> None:
+    start_long_run(generate, until=lambda state: state.preview_image_uid is not None)
+    assert bpy.context.scene.world["msd_image"] == generate.preview_image()
+
+
+def assert_studio_is_back(studio, name="Studio") -> None:
+    scene = bpy.context.scene
+    assert scene.world == studio and studio.name == name and not studio.use_fake_user
+    assert [node.bl_idname for node in studio.node_tree.nodes if node.bl_idname == "ShaderNodeTexSky"]
+    assert list(bpy.data.worlds) == [studio] and "MSD Preview" not in bpy.data.images
+
+
+def cancel_and_wait(generate) -> None:
+    generate.cancel_generation()
+    assert wait(generate, bpy.context) == "CANCELLED"
+
+
+def test_the_users_world_keeps_a_user_while_the_preview_shows(addon, studio):
+    generate = generate_module()
+    start_live_preview(generate)
+    assert studio.users >= 1 and studio.use_fake_user
+    bpy.data.orphans_purge(do_recursive=True)  # Outliner › Purge: removes whatever has no user
+    assert "Studio" in bpy.data.worlds
+    cancel_and_wait(generate)
+    assert_studio_is_back(studio)
+
+
+def test_a_save_mid_run_stores_the_users_world_and_nothing_of_the_preview(addon, studio, tmp_path):
+    generate = generate_module()
+    start_live_preview(generate)
+    blend = tmp_path / "mid-run.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))  # runs save_pre and save_post
+    # The run goes on and the preview is the world again.
+    assert generate.session.busy and bpy.context.scene.world["msd_image"] == generate.preview_image()
+    assert studio.use_fake_user
+
+    bpy.ops.wm.open_mainfile(filepath=str(blend))  # load_pre ends the run
+
+    assert not generate.session.busy and run_state().preview_image_uid is None
+    world = bpy.context.scene.world
+    assert world is not None and world.name == "Studio" and not world.use_fake_user
+    assert list(bpy.data.worlds) == [world] and list(bpy.data.images) == []
+    assert bpy.ops.msd.generate.poll()  # and the next run can start
+
+
+def test_renaming_the_users_world_mid_run_then_cancelling_restores_it(addon, studio):
+    generate = generate_module()
+    start_live_preview(generate)
+    studio.name = "Renamed"
+    cancel_and_wait(generate)
+    assert_studio_is_back(studio, name="Renamed")
+
+
+def test_a_failed_run_restores_the_users_world(addon, studio):
+    generate = generate_module()
+    start_live_preview(generate)
+    os.kill(generate.session.client.ready_info["pid"], signal.SIGKILL)
+    assert wait(generate, bpy.context) == "CANCELLED" and "SIGKILL" in run_state().last_error
+    assert_studio_is_back(studio)
+
+
+def test_deleting_the_preview_world_gives_the_users_world_back(addon, studio):
+    generate = generate_module()
+    start_live_preview(generate)
+    bpy.data.worlds.remove(bpy.context.scene.world)
+    state = run_state()
+    step = state.step
+    assert wait(generate, bpy.context, until=lambda: state.step >= step + 5) == "RUNNING"  # another preview came
+    assert bpy.context.scene.world == studio and list(bpy.data.worlds) == [studio]
+    cancel_and_wait(generate)
+    assert_studio_is_back(studio)
+
+
+def test_a_world_chosen_mid_run_stands(addon, studio, tmp_path):
+    # Applying a panorama (or picking any world) while the preview shows: the user's choice wins,
+    # and their earlier world is kept for them.
+    generate = generate_module()
+    start_live_preview(generate)
+    source = write_test_png(tmp_path / "other.png", 64, 32)
+    assert bpy.ops.msd.apply_world(filepath=str(source)) == {"FINISHED"}
+    chosen = bpy.context.scene.world
+    state = run_state()
+    step = state.step
+    assert wait(generate, bpy.context, until=lambda: state.step >= step + 5) == "RUNNING"
+    assert bpy.context.scene.world == chosen
+    cancel_and_wait(generate)
+    assert bpy.context.scene.world == chosen and set(bpy.data.worlds) == {studio, chosen}
+    assert studio.use_fake_user  # unused now, but not lost on save
+
+
+def test_undo_after_the_run_never_brings_the_preview_back(addon, studio):
+    generate = generate_module()
+    start_live_preview(generate)
+    bpy.ops.ed.undo_push(message="something the user did mid-run")
+    cancel_and_wait(generate)
+    bpy.ops.ed.undo_push(message="after the run")
+    bpy.ops.ed.undo()  # back to the state with the preview as the world
+    studio = bpy.data.worlds["Studio"]  # references do not survive an undo
+    assert_studio_is_back(studio)
+
+
+def test_the_result_goes_to_the_scene_the_run_was_for_even_renamed(addon, studio):
+    generate = generate_module()
+    scene = bpy.context.scene
+    scene.msd_panorama.steps = 8  # a preview after step 1 and 5, and an end soon
+    generate.start_generation(bpy.context)
+    assert wait(generate, bpy.context, until=lambda: run_state().preview_image_uid is not None) == "RUNNING"
+    scene.name = "Renamed Scene"
+    other = bpy.data.scenes.new("Other")
+    with bpy.context.temp_override(scene=other):  # the user switched to another scene
+        assert wait(generate, bpy.context) == "FINISHED"
+    assert other.world is None
+    assert scene.world["msd_image"] == bpy.data.images[run_state().last_image]
+    assert set(bpy.data.worlds) == {studio, scene.world} and studio.use_fake_user
+
+
+def test_opening_another_file_mid_run_ends_it_cleanly(addon):
+    generate = generate_module()
+    start_long_run(generate, until=lambda state: state.step >= 1)
+    bpy.ops.wm.read_homefile(use_empty=True)
+    assert not generate.session.busy and run_state().status == "READY"
+    addon_module().properties  # the add-on is still enabled in the new file
+    group = bpy.context.scene.msd_panorama
+    group.prompt, group.aspect, group.width, group.height, group.steps = PROMPT, "CUSTOM", 256, 128, 3
+    group.random_seed = False
+    assert bpy.ops.msd.generate(wait=True) == {"FINISHED"}  # the old run's late events are ignored
+    assert run_state().last_error == ""
 
 
 def test_the_preview_image_is_one_datablock_updated_in_place(addon, tmp_path):
