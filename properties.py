@@ -190,27 +190,43 @@ def _model_path(text: str) -> str:
 
 
 def settings_to_scene(settings: GenerationSettings, scene) -> None:
-    """Fill the panel from settings (the reverse of settings_from_scene for the scene's fields)."""
-    if settings.seed > SEED_MAX:
-        raise BadInput(f"seed {settings.seed} is larger than Blender's seed field allows ({SEED_MAX})")
+    """Fill the panel from settings (the reverse of settings_from_scene for the scene's fields).
+
+    Every value is checked against the panel's own limits first, so either all fields are written
+    or, with BadInput naming the field as the panel does, none."""
+    values = _panel_values(settings)
+    for name, value in values.items():
+        _check_fits_panel(name, value)
     group = scene.msd_panorama
-    aspect = next(
-        (item for item, preset in ASPECT_PRESETS.items() if core.PRESETS[preset][:3] == (settings.width, settings.height, settings.wrap)),
-        "CUSTOM",
-    )
-    group.aspect = aspect
+    group.aspect = values.pop("aspect")
     # Through the ID properties: the size callbacks would otherwise adjust one side to the preset's ratio.
-    group["width"], group["height"], group["wrap"] = settings.width, settings.height, settings.wrap
-    group.prompt = settings.prompt
-    group.negative_prompt = settings.negative_prompt
-    group.method = settings.method
-    group.gradient = settings.gradient
-    group.omega = settings.omega
-    group.scales = settings.scales or 0
-    group.steps = settings.steps
-    group.guidance = settings.guidance
-    group.seed = settings.seed
-    group.random_seed = False
+    for name in ("width", "height", "wrap"):
+        group[name] = values.pop(name)
+    for name, value in values.items():
+        setattr(group, name, value)
+
+
+def _panel_values(settings: GenerationSettings) -> dict:
+    size = (settings.width, settings.height, settings.wrap)
+    aspect = next((item for item, preset in ASPECT_PRESETS.items() if core.PRESETS[preset][:3] == size), "CUSTOM")
+    return {
+        "aspect": aspect, "width": settings.width, "height": settings.height, "wrap": settings.wrap,
+        "prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "method": settings.method,
+        "gradient": settings.gradient, "omega": settings.omega, "scales": settings.scales or 0,
+        "steps": settings.steps, "guidance": settings.guidance, "seed": settings.seed, "random_seed": False,
+    }  # fmt: skip
+
+
+def _check_fits_panel(name: str, value) -> None:
+    """Raise BadInput unless the panel's property ``name`` can hold ``value`` exactly."""
+    prop = MSD_PanoramaSettings.bl_rna.properties[name]
+    kind = {"INT": int, "FLOAT": (int, float), "BOOLEAN": bool, "STRING": str, "ENUM": str}[prop.type]
+    if isinstance(value, bool) != (prop.type == "BOOLEAN") or not isinstance(value, kind):
+        raise BadInput(f"{prop.name} {value!r} is not a {prop.type.lower()} value")
+    if prop.type in {"INT", "FLOAT"} and not prop.hard_min <= value <= prop.hard_max:
+        raise BadInput(f"{prop.name} {value!r} is outside what the panel allows ({prop.hard_min} to {prop.hard_max})")
+    if prop.type == "ENUM" and value not in prop.enum_items.keys():
+        raise BadInput(f"{prop.name} {value!r} is not one of the panel's choices")
 
 
 classes = (MSD_PanoramaSettings,)

@@ -288,3 +288,58 @@ def test_bad_file_raises_a_clear_error_and_loads_nothing(extension, tmp_path, ma
     with pytest.raises(extension.operators.images.PanoramaImageError, match=message):
         extension.operators.images.load_panorama(str(path))
     assert len(bpy.data.images) == 0
+
+
+# -- Use Settings of Panorama: all fields or none, one clean message ---------------------------------
+
+
+def panel_values() -> dict:
+    group = bpy.context.scene.msd_panorama
+    return {name: getattr(group, name) for name in group.bl_rna.properties.keys() if name != "rna_type"}
+
+
+NESTED = '{"prompt": ' + "[" * 20_000 + "]" * 20_000 + "}"
+
+
+@pytest.mark.parametrize(
+    "settings_text, message",
+    [
+        ('{"prompt": "x", "width": 1099511627776}', "[Ww]idth"),
+        ('{"prompt": "x", "steps": 1099511627776}', "[Ss]teps"),
+        ('{"prompt": "x", "scales": 1099511627776}', "Levels|scales"),
+        ('{"prompt": "x", "seed": 1099511627776}', "Seed"),
+        ('{"prompt": "x", "seed": 1' + "0" * 5000 + "}", "5001 digits"),
+        ('{"prompt": "x", "omega": 1e300}', "[Oo]mega"),
+        ('{"prompt": "x", "omega": NaN}', "NaN is not a setting value"),
+        (NESTED, "nested too deeply"),
+        ('{"prompt": "' + "x" * 70_000 + '"}', "more than settings ever take"),
+        ('{"prompt": "x", "width": ', "damaged"),
+    ],
+    ids=["width-2^40", "steps-2^40", "scales-2^40", "seed-2^40", "5000-digits", "omega-1e300", "nan", "nested",
+         "too-long", "cut-short"],
+)  # fmt: skip
+def test_bad_stored_settings_change_nothing_and_give_one_clean_error(extension, tmp_path, settings_text, message):
+    group = bpy.context.scene.msd_panorama
+    group.prompt, group.aspect, group.steps = "my own prompt", "STRIP", 33
+    before = panel_values()
+    path = write_panorama(tmp_path / "pano.png", 64, 32, {"settings": settings_text})
+    with pytest.raises(RuntimeError, match=message) as error:
+        bpy.ops.msd.restore_settings(filepath=str(path))
+    assert "Traceback" not in str(error.value) and str(error.value).count("\n") <= 1
+    assert panel_values() == before
+
+    image = bpy.data.images.new("stored", 8, 8)  # the same text stored on an image
+    image["msd"] = {"settings": settings_text}
+    with pytest.raises(RuntimeError, match=message):
+        bpy.ops.msd.restore_settings(image_name=image.name)
+    assert panel_values() == before
+
+
+def test_settings_restore_writes_every_field(extension, tmp_path):
+    settings = {"prompt": "a red desert", "negative_prompt": "people", "width": 512, "height": 128, "wrap": False,
+                "steps": 12, "omega": 3.5, "guidance": 5.0, "scales": 2, "seed": 99, "method": "msd", "gradient": "fast"}  # fmt: skip
+    path = write_panorama(tmp_path / "pano.png", 64, 32, {"settings": json.dumps(settings)})
+    assert bpy.ops.msd.restore_settings(filepath=str(path)) == {"FINISHED"}
+    values = panel_values()
+    assert {name: values[name] for name in settings} == pytest.approx(settings)
+    assert values["aspect"] == "CUSTOM" and values["random_seed"] is False
