@@ -3,6 +3,7 @@
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import bpy
@@ -12,6 +13,7 @@ from bpy.types import PropertyGroup
 from .msd_core import settings as core
 from .msd_core.errors import BadInput
 from .msd_core.settings import GenerationSettings
+from .preferences import MSD_AddonPreferences
 
 # Aspect enum item → msd_core preset name.
 ASPECT_PRESETS = {"WORLD_360": "360", "STRIP": "strip", "BACKDROP": "backdrop"}
@@ -227,6 +229,46 @@ def _check_fits_panel(name: str, value) -> None:
         raise BadInput(f"{prop.name} {value!r} is outside what the panel allows ({prop.hard_min} to {prop.hard_max})")
     if prop.type == "ENUM" and value not in prop.enum_items.keys():
         raise BadInput(f"{prop.name} {value!r} is not one of the panel's choices")
+
+
+# Where each setting is set in Blender: (where, property). Settings are GenerationSettings' fields,
+# as the worker's events name them ("field"); the CLI's flags are their names with dashes (--model-config).
+_PANEL, _SAMPLER, _PREFERENCES = "the Panorama panel", "the Panorama panel's Sampler section", "the add-on preferences"
+SETTING_PLACES = {
+    "prompt": (_PANEL, "prompt"), "negative_prompt": (_PANEL, "negative_prompt"),
+    "negative": (_PANEL, "negative_prompt"),  # the CLI's --negative
+    "width": (_PANEL, "width"), "height": (_PANEL, "height"), "wrap": (_PANEL, "wrap"),
+    "seed": (_SAMPLER, "seed"), "steps": (_SAMPLER, "steps"), "guidance": (_SAMPLER, "guidance"),
+    "method": (_SAMPLER, "method"), "omega": (_SAMPLER, "omega"), "gradient": (_SAMPLER, "gradient"),
+    "scales": (_SAMPLER, "scales"),
+    "model": (_PREFERENCES, "model"), "model_config": (_PREFERENCES, "model_config"),
+    "device": (_PREFERENCES, "device"), "dtype": (_PREFERENCES, "precision"),
+}  # fmt: skip
+_CLI_FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
+
+
+def setting_label(setting: str) -> tuple[str, str] | None:
+    """(label, where) of a setting as Blender shows it, e.g. ("Model", "the add-on preferences")."""
+    if setting not in SETTING_PLACES:  # None included
+        return None
+    where, name = SETTING_PLACES[setting]
+    owner = MSD_AddonPreferences if where == _PREFERENCES else MSD_PanoramaSettings
+    return owner.bl_rna.properties[name].name, where
+
+
+def in_panel_terms(message: str, setting: str | None = None, fallback: str | None = None) -> str:
+    """An error message of the worker or msd_core as Blender's panel speaks: command-line flags become
+    the labels of the fields they stand for, and the setting concerned (``setting``, else the first
+    flag named, else ``fallback``) is pointed to where it is set: "set Model in the add-on preferences"."""
+    flags = [match.group(1).replace("-", "_") for match in _CLI_FLAG.finditer(message)]
+
+    def label(match):
+        place = setting_label(match.group(1).replace("-", "_"))
+        return place[0] if place else match.group(0)
+
+    text = _CLI_FLAG.sub(label, message)
+    place = next(filter(None, map(setting_label, [setting, *flags, fallback])), None)
+    return f"{text}; set {place[0]} in {place[1]}" if place else text
 
 
 classes = (MSD_PanoramaSettings,)

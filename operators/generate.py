@@ -23,7 +23,7 @@ from ..msd_core.client import WorkerClient
 from ..msd_core.errors import BadInput, MSDError
 from ..msd_core.settings import GenerationSettings
 from ..preferences import ADDON_DIR, get_preferences, output_folder, user_folder, worker_python
-from ..properties import run_state, settings_from_scene
+from ..properties import in_panel_terms, run_state, settings_from_scene
 from .backdrop import add_backdrop
 from .images import load_panorama
 from .world import SOURCE_PROPERTY, apply_world, keep_if_unused
@@ -31,6 +31,7 @@ from .world import SOURCE_PROPERTY, apply_world, keep_if_unused
 POLL_INTERVAL = 0.2  # seconds between timer polls in the UI
 WAIT_INTERVAL = 0.05  # seconds between polls when blocking (wait=True, background)
 PREVIEW_EVERY = 5  # steps between coarse previews
+DEFAULT_SETTING_OF_KIND = {"model_not_found": "model"}  # what to set when the worker's error names no field
 PREVIEW_PROPERTY = "msd_live_preview"  # on the live preview's world: the world it replaced (or 0), its fake user
 # Datablocks a failed import may have created; removed again so a failure changes nothing.
 _IMPORTED_KINDS = ("objects", "meshes", "materials", "node_groups", "worlds", "images")
@@ -219,7 +220,9 @@ def _handle_event(context, job: Job, event: dict) -> str | None:
             return 'CANCELLED'
         if event.get("kind") == "died":
             session.client = None  # the process is gone; the next run starts a new one
-        run_state.last_error = event.get("message") or "the worker failed without a message"
+        message = event.get("message") or "the worker failed without a message"
+        fallback = DEFAULT_SETTING_OF_KIND.get(event.get("kind"))
+        run_state.last_error = in_panel_terms(message, event.get("field"), fallback)
         run_state.last_error_kind = event.get("kind", "internal")
         return 'CANCELLED'
     return None
@@ -456,7 +459,8 @@ class MSD_OT_generate(Operator):
         try:
             start_generation(context)
         except MSDError as exc:
-            run_state.last_error, run_state.last_error_kind = str(exc), exc.kind
+            run_state.last_error = in_panel_terms(str(exc), getattr(exc, "field", None))
+            run_state.last_error_kind = exc.kind
             return self._finish('CANCELLED')
         if self.wait or bpy.app.background or context.window is None:
             return self._finish(wait_for_run(context))

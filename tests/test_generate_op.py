@@ -598,3 +598,28 @@ def test_find_base_python(addon):
     assert worker_env.python_version(found) >= (3, 10)
     with pytest.raises(addon_module().msd_core.errors.BadInput, match="/nonexistent/python does not run"):
         worker_env.find_base_python("/nonexistent/python")
+
+
+# -- messages speak the panel's language ------------------------------------------------------------
+
+
+def test_a_missing_model_says_where_to_set_it_in_blender(addon, tmp_path):
+    addon_preferences().model = str(tmp_path / "no-such-model")
+    with pytest.raises(RuntimeError, match="set Model in the add-on preferences"):
+        bpy.ops.msd.generate(wait=True)
+    state = run_state()
+    assert state.last_error_kind == "model_not_found" and "--" not in state.last_error
+    assert str(tmp_path / "no-such-model") in state.last_error
+
+
+def test_settings_and_flags_in_messages_become_panel_labels(addon):
+    in_panel_terms = addon_module().properties.in_panel_terms
+    assert in_panel_terms("steps 5000 is more than the scheduler's 1000", "steps") == (
+        "steps 5000 is more than the scheduler's 1000; set Steps in the Panorama panel's Sampler section"
+    )
+    assert in_panel_terms("no such folder; pass --model-config or --dtype") == (
+        "no such folder; pass Model Config or Precision; set Model Config in the add-on preferences"
+    )
+    assert in_panel_terms("scales 9 is too many", "scales").endswith("set Levels in the Panorama panel's Sampler section")
+    assert in_panel_terms("the model is missing", None, "model").endswith("; set Model in the add-on preferences")
+    assert in_panel_terms("window 100 is odd", "window") == "window 100 is odd"  # not in the panel
