@@ -22,18 +22,23 @@ import numpy as np
 REC709_LUMINANCE = (0.2126, 0.7152, 0.0722)
 
 EXR_MAGIC = 20000630
-EXR_VERSION = 2  # single-part scanline file, short attribute names
+EXR_VERSION = 2  # single-part scanline file
+LONG_NAMES_FLAG = 0x400  # set in the version field when an attribute name is longer than 31 bytes
 ZIP_COMPRESSION = 3  # zlib, 16 scanlines per block
 ZIP_LINES = 16
 HALF = 1  # pixel type
 MAX_HEADER_BYTES = 4 * 2**20  # a header is a few KB; a larger one is not ours
 MAX_NAME_BYTES = 255
+SHORT_NAME_BYTES = 31
 
 
 def srgb_to_linear(encoded: np.ndarray) -> np.ndarray:
     """The sRGB transfer function's inverse (IEC 61966-2-1): encoded values in [0, 1] → linear light."""
     encoded = np.asarray(encoded, dtype=np.float64)
     return np.where(encoded <= 0.04045, encoded / 12.92, ((encoded + 0.055) / 1.055) ** 2.4)
+
+
+_SRGB8_TO_LINEAR = srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)  # a table: 8-bit codes → linear
 
 
 def expansion_rate(knee: float, peak: float) -> float:
@@ -72,19 +77,20 @@ def expand_highlights(rgb_linear: np.ndarray, knee: float, peak: float) -> np.nd
     """Scale each pixel of a linear Rec.709 image (…, 3) by inverse_tonemap(Y) / Y, Y its luminance.
 
     Keyed on luminance, not per channel: hues are kept, and a saturated colour with one channel at 1
-    (a deep blue sky) is not mistaken for a light source; white becomes (peak, peak, peak).
+    (a deep blue sky) is not mistaken for a light source; white becomes (peak, peak, peak). Computed
+    in the input's float precision (at least float32), so an 8192 × 4096 panorama fits in memory.
     """
-    rgb_linear = np.asarray(rgb_linear, dtype=np.float64)
-    luminance = rgb_linear @ np.asarray(REC709_LUMINANCE)
+    rgb = np.asarray(rgb_linear)
+    rgb = rgb.astype(np.result_type(rgb.dtype, np.float32), copy=True)
+    luminance = rgb @ np.asarray(REC709_LUMINANCE, dtype=rgb.dtype)
     bright = luminance > knee
-    gain = np.ones_like(luminance)
-    gain[bright] = inverse_tonemap(luminance[bright], knee, peak) / luminance[bright]
-    return rgb_linear * gain[..., None]
+    rgb[bright] *= (inverse_tonemap(luminance[bright], knee, peak) / luminance[bright])[:, None].astype(rgb.dtype)
+    return rgb
 
 
 def linear_hdr(srgb8: np.ndarray, knee: float, peak: float) -> np.ndarray:
     """The HDR companion of an 8-bit sRGB image (H, W, 3): linearised, highlights expanded (float32)."""
-    return expand_highlights(srgb_to_linear(np.asarray(srgb8)[..., :3] / 255.0), knee, peak).astype(np.float32)
+    return expand_highlights(_SRGB8_TO_LINEAR[np.asarray(srgb8, dtype=np.uint8)[..., :3]], knee, peak)
 
 
 # -- OpenEXR -------------------------------------------------------------------------------------------
@@ -165,11 +171,16 @@ def _exr_header(width: int, height: int, attributes: dict[str, str], latlong: bo
     if clashes:
         raise ValueError(f"attribute name(s) reserved by OpenEXR: {', '.join(clashes)}")
     texts = [(name, "string", value.encode("utf-8")) for name, value in attributes.items()]
-    parts = [struct.pack("<ii", EXR_MAGIC, EXR_VERSION)]
+    longest = 0
+    parts = []
     for name, kind, value in required + texts:
-        if not 0 < len(name.encode("utf-8")) <= 31:  # the limit without the long-names flag
-            raise ValueError(f"OpenEXR attribute names are 1–31 bytes, got {name!r}")
-        parts.append(name.encode("utf-8") + b"\0" + kind.encode() + b"\0" + struct.pack("<i", len(value)) + value)
+        encoded = name.encode("utf-8")
+        if not 0 < len(encoded) <= MAX_NAME_BYTES or b"\0" in encoded:
+            raise ValueError(f"OpenEXR attribute names are 1–{MAX_NAME_BYTES} bytes without NUL, got {name!r}")
+        longest = max(longest, len(encoded))
+        parts.append(encoded + b"\0" + kind.encode() + b"\0" + struct.pack("<i", len(value)) + value)
+    version = EXR_VERSION | (LONG_NAMES_FLAG if longest > SHORT_NAME_BYTES else 0)
+    parts.insert(0, struct.pack("<ii", EXR_MAGIC, version))
     parts.append(b"\0")
     return b"".join(parts)
 

@@ -137,14 +137,16 @@ def test_exr_reads_back_in_blender_equal_to_the_png_below_the_knee_and_expanded_
     assert attributes["envmap"] == b"\0" and attributes["compression"] == bytes([hdr.ZIP_COMPRESSION])  # lat-long map
 
 
-def test_exr_of_any_size_and_of_incompressible_blocks_reads_back_exactly(blender, tmp_path):
+def test_exr_of_any_size_incompressible_blocks_and_long_names_reads_back_exactly(blender, tmp_path):
     rng = np.random.default_rng(3)
     rgb = rng.uniform(0, 60000, (37, 23, 3)).astype(np.float16).astype(np.float32)  # noise: ZIP blocks stored raw
     rgb[:5] = 1.5  # and a few compressible lines
+    long_name = "a_metadata_key_longer_than_thirty_one_bytes"  # needs the long-names flag
     with open(tmp_path / "noise.exr", "wb") as file:
-        hdr.write_exr(file, rgb)
+        hdr.write_exr(file, rgb, {long_name: "kept"})
     assert np.array_equal(blender_pixels(tmp_path / "noise.exr"), rgb)
-    assert "envmap" not in hdr.read_exr_attributes(tmp_path / "noise.exr")
+    attributes = hdr.read_exr_attributes(tmp_path / "noise.exr")
+    assert attributes[long_name] == "kept" and "envmap" not in attributes
 
 
 @pytest.mark.parametrize(
@@ -154,7 +156,8 @@ def test_exr_of_any_size_and_of_incompressible_blocks_reads_back_exactly(blender
         (np.full((2, 2, 3), np.nan), {}, "finite values within the half-float range"),
         (np.full((2, 2, 3), 1e6), {}, "finite values within the half-float range"),
         (np.zeros((2, 2, 3)), {"compression": "none"}, "reserved by OpenEXR: compression"),
-        (np.zeros((2, 2, 3)), {"x" * 32: "long"}, "1–31 bytes"),
+        (np.zeros((2, 2, 3)), {"x" * 256: "long"}, "1–255 bytes"),
+        (np.zeros((2, 2, 3)), {"": "nameless"}, "1–255 bytes"),
     ],
 )
 def test_write_exr_refuses_what_it_cannot_store(rgb, attributes, message):
