@@ -92,8 +92,10 @@ def hdr_companion(image: bpy.types.Image) -> bpy.types.Image | None:
     """The linear EXR written beside the panorama file of ``image`` with the HDR option, loaded (once)
     as a Linear Rec.709 image; None when there is none or it belongs to another run."""
     settings = metadata_of(image).get(SETTINGS_KEY)
+    if settings is None or not image.filepath:
+        return None
     path = os.path.splitext(absolute_path(image.filepath, library=image.library))[0] + ".exr"
-    if settings is None or not os.path.isfile(path):
+    if not os.path.isfile(path):
         return None
     try:
         if hdr.read_exr_attributes(path).get(SETTINGS_KEY) != settings:

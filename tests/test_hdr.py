@@ -290,6 +290,27 @@ def test_world_uses_the_exr_beside_the_png_and_the_png_without_hdr(extension, tm
     assert len(bpy.data.images) == 2
 
 
+def test_a_saved_blend_keeps_the_world_lit_by_the_packed_exr(extension, tmp_path):
+    made = tmp_path / "made"
+    made.mkdir()
+    _, exr = write_pair(made, sky_with_sun(64, 32))
+    image, world = apply(extension, made / "pano.png")
+    names = image.name, world.name, environment_image(world).name
+    blend = tmp_path / "scene.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+    for path in made.iterdir():  # packed: the .blend alone must be enough
+        path.unlink()
+
+    bpy.ops.wm.open_mainfile(filepath=str(blend))
+
+    image, world, lit_by = (bpy.data.images[names[0]], bpy.data.worlds[names[1]], bpy.data.images[names[2]])
+    assert environment_image(world) == lit_by == world["msd_hdr_image"] and world["msd_image"] == image
+    assert lit_by.packed_file is not None and lit_by.is_float
+    pixels = np.empty(64 * 32 * 4, dtype=np.float32)
+    lit_by.pixels.foreach_get(pixels)
+    assert pixels.max() == pytest.approx(PEAK)  # the sun, still expanded
+
+
 @pytest.mark.parametrize("case", ["stale", "damaged", "no-settings"])
 def test_world_ignores_an_exr_that_is_not_this_pngs(extension, tmp_path, case):
     metadata = {"settings": json.dumps({"prompt": "a sunny meadow"})}
