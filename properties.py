@@ -156,6 +156,21 @@ class MSD_PanoramaSettings(PropertyGroup):
     world_strength: FloatProperty(name="Strength", min=0.0, soft_max=10.0, default=1.0)
     world_rotation: FloatProperty(name="Rotation", subtype='ANGLE', soft_min=-math.pi, soft_max=math.pi, default=0.0)
     backdrop_strength: FloatProperty(name="Strength", min=0.0, soft_max=10.0, default=1.0)
+    hdr: BoolProperty(
+        name="HDR (EXR)",
+        description="Also write a linear OpenEXR beside the PNG whose bright highlights (sun, sky) are expanded, "
+                    "and light the world with it. An estimate for lighting, not measured radiance",
+        default=GenerationSettings.hdr,
+    )
+    hdr_knee: FloatProperty(
+        name="HDR Knee", description="Linear brightness above which highlights are expanded; below it the EXR "
+                                     "equals the PNG",
+        min=core.HDR_KNEE_RANGE[0], max=core.HDR_KNEE_RANGE[1], default=GenerationSettings.hdr_knee,
+    )
+    hdr_peak: FloatProperty(
+        name="HDR Peak", description="Linear brightness that white becomes in the EXR (1 = no expansion)",
+        min=core.HDR_PEAK_RANGE[0], max=core.HDR_PEAK_RANGE[1], soft_max=100.0, default=GenerationSettings.hdr_peak,
+    )
 
 
 def settings_from_scene(scene, prefs) -> GenerationSettings:
@@ -179,6 +194,9 @@ def settings_from_scene(scene, prefs) -> GenerationSettings:
         seed=seed,
         device=prefs.device,
         dtype=prefs.precision,
+        hdr=group.hdr,
+        hdr_knee=group.hdr_knee,
+        hdr_peak=group.hdr_peak,
     ).validate()
 
 
@@ -216,6 +234,7 @@ def _panel_values(settings: GenerationSettings) -> dict:
         "prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "method": settings.method,
         "gradient": settings.gradient, "omega": settings.omega, "scales": settings.scales or 0,
         "steps": settings.steps, "guidance": settings.guidance, "seed": settings.seed, "random_seed": False,
+        "hdr": settings.hdr, "hdr_knee": settings.hdr_knee, "hdr_peak": settings.hdr_peak,
     }  # fmt: skip
 
 
@@ -240,7 +259,8 @@ SETTING_PLACES = {
     "width": (_PANEL, "width"), "height": (_PANEL, "height"), "wrap": (_PANEL, "wrap"),
     "seed": (_SAMPLER, "seed"), "steps": (_SAMPLER, "steps"), "guidance": (_SAMPLER, "guidance"),
     "method": (_SAMPLER, "method"), "omega": (_SAMPLER, "omega"), "gradient": (_SAMPLER, "gradient"),
-    "scales": (_SAMPLER, "scales"),
+    "scales": (_SAMPLER, "scales"), "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"),
+    "hdr_peak": (_SAMPLER, "hdr_peak"),
     "model": (_PREFERENCES, "model"), "model_config": (_PREFERENCES, "model_config"),
     "device": (_PREFERENCES, "device"), "dtype": (_PREFERENCES, "precision"),
 }  # fmt: skip
