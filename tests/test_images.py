@@ -193,9 +193,9 @@ def test_a_failed_reapply_leaves_the_world_and_its_image_as_they_were(extension,
     world = bpy.context.scene.world
     image = world["msd_image"]
     nodes = sorted((node.bl_idname, node.name) for node in world.node_tree.nodes)
-    path.write_bytes(path.read_bytes()[:200])  # the file is damaged since
+    path.write_text("the file was overwritten since")
 
-    with pytest.raises(RuntimeError, match="damaged|not an image"):
+    with pytest.raises(RuntimeError, match="not an image Blender can read"):
         bpy.ops.msd.apply_world(filepath=str(path), strength=5.0)
 
     assert bpy.context.scene.world == world and list(bpy.data.images) == [image]
