@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import BadInput, Cancelled, ModelNotFound, NetworkError, UnsupportedModelFile
+from .errors import BadInput, Cancelled, ModelNotFound, NetworkError, NotDownloaded, UnsupportedModelFile
 
 CONFIG_COMPONENTS = ("scheduler", "tokenizer")
 WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
@@ -104,6 +104,13 @@ def model_status(repo_id: str, cache: Path | None = None) -> CachedModel | None:
 def is_downloaded(repo_id: str, cache: Path | None = None) -> bool:
     status = model_status(repo_id, cache)
     return status is not None and status.complete
+
+
+def require_downloaded(model: str) -> None:
+    """Raise NotDownloaded for a Hub model that is not completely in the cache: it is fetched by an
+    explicit download (with progress), never silently by a run. Paths and built-in names pass."""
+    if is_hub_id(model) and not is_downloaded(model):
+        raise NotDownloaded(model)
 
 
 def repo_folder(repo_id: str) -> str:

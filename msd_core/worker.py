@@ -45,7 +45,7 @@ PROTOCOL_STREAM = _take_stdout() if __name__ == "__main__" else None
 import torch  # noqa: E402
 
 from . import __version__, hub, models, protocol  # noqa: E402
-from .errors import BadInput, Cancelled, MSDError, NotDownloaded  # noqa: E402
+from .errors import BadInput, Cancelled, MSDError  # noqa: E402
 from .output import check_output_path, save_png  # noqa: E402
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
 from .settings import GenerationSettings, is_int  # noqa: E402
@@ -235,7 +235,7 @@ class Worker:
         own_previews = job.preview_dir is None
         preview_dir = self._preview_root / f"job-{self._job_count}" if own_previews else job.preview_dir
         try:
-            _check_downloaded(job.settings.model)
+            hub.require_downloaded(job.settings.model)
             pipe, load_seconds = self._pipeline_for(job)
             result = pipe(job.settings, callback=self._step_callback(job, pipe, preview_dir), interrupt=job.interrupt)
             if job.interrupt.is_set():  # cancelled after the last window batch: still write nothing
@@ -390,12 +390,6 @@ def parse_download(message: dict) -> DownloadJob:
         raise BadInput("'device' and 'dtype' must be text, as in the generate settings")
     _, torch_dtype = models.resolve_device(device, dtype)
     return DownloadJob(id=request_id, model=model, fp16=torch_dtype == torch.float16)
-
-
-def _check_downloaded(model: str) -> None:
-    """A Hub model is fetched by a download request (with progress), never silently by a run."""
-    if model not in models.TINY_MODELS and hub.is_hub_id(model) and not hub.is_downloaded(model):
-        raise NotDownloaded(model)
 
 
 def main() -> int:
