@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import secrets
 import shutil
 import sys
@@ -200,6 +201,8 @@ def _state(model) -> str:
 def download_model(args: argparse.Namespace) -> int:
     from . import hub
 
+    for name, value in hub.DOWNLOAD_ENV.items():  # before anything imports huggingface_hub
+        os.environ.setdefault(name, value)
     if args.dtype == "auto":
         from .models import resolve_device  # imports torch: only to learn what "auto" means here
 

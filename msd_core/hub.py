@@ -35,6 +35,11 @@ FP16 = "fp16"
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SHARD = re.compile(r"-\d{5}-of-\d{5}$")  # diffusers/transformers shard names: model-00001-of-00002
 SPEED_WINDOW = 5.0  # seconds of recent transfer the speed is measured over
+# The environment of a process that downloads: plain HTTP transfers, whose progress hook runs in the
+# transfer loop, so a cancel stops the current file within a chunk. (Xet transfers call the hook from
+# a native thread that ignores its exceptions: a cancel would wait for the end of a multi-GB file.)
+# It must be set before huggingface_hub is imported, which reads it once.
+DOWNLOAD_ENV = {"HF_HUB_DISABLE_XET": "1"}
 
 
 # ------------------------------------------------------------------------------------------- the cache

@@ -23,7 +23,8 @@ Requests (client → worker), each a JSON object with ``op``:
     components' configs and safetensors weights; the fp16 weights where the repository has them and
     device/dtype resolve to float16). Queued with the generate requests. A generate request for a Hub
     model that is not completely in the cache fails at once with model_not_found ("not downloaded
-    yet") instead of downloading it unasked.
+    yet") instead of downloading it unasked. Start the worker with hub.DOWNLOAD_ENV in its
+    environment so that a cancel stops a download within a chunk rather than at the end of a file.
   cancel: a queued request ends at once, a running one at its next window batch, both with error
     kind "cancelled" and no output file. A cancel for an id that is neither running nor queued (for
     example one that has just finished) is ignored.

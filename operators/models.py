@@ -88,7 +88,7 @@ def start_download(context, model: str = "") -> str:
     python = worker_python(prefs)
     if not python:
         raise BadInput("the worker is not installed: click Install Worker first (it also does the downloads)")
-    client = WorkerClient(python, pythonpath=ADDON_DIR, offline=False).start()
+    client = WorkerClient(python, pythonpath=ADDON_DIR, offline=False, env=hub.DOWNLOAD_ENV).start()
     request_id = client.download(model, device=prefs.device, dtype=prefs.precision)
     download_state.begin(model, request_id, client)
     return request_id
