@@ -151,6 +151,7 @@ class MSD_PT_panorama(SidebarPanel, Panel):
         elif group.target == 'BACKDROP':
             layout.prop(group, "backdrop_shape")
             layout.prop(group, "backdrop_strength")
+        layout.prop(group, "hdr")
 
         layout.use_property_split = False
         draw_model_download(layout, context)
@@ -203,6 +204,10 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         col.prop(group, "omega")
         col.prop(group, "gradient")
         col.prop(group, "scales")
+        col = layout.column()
+        col.active = group.hdr
+        col.prop(group, "hdr_knee")
+        col.prop(group, "hdr_peak")
 
 
 class MSD_PT_panorama_output(SettingsSubPanel, Panel):
