@@ -360,3 +360,29 @@ def test_worker_cancels_a_download_mid_file(fake_hub, tiny_files, tmp_path):
     assert end["event"] == "error" and end["kind"] == "cancelled"
     status = hub.model_status(REPO, tmp_path)
     assert not status.complete and "unet" in status.missing
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({}, "'model' must be a Hugging Face model id"),
+        ({"model": "../models/sd"}, "'model' must be a Hugging Face model id (owner/name), got '../models/sd'"),
+        ({"model": REPO, "mirror": "x"}, "unknown field(s) in the download request: mirror"),
+        ({"model": REPO, "dtype": "float8"}, "unknown dtype 'float8'"),
+    ],
+)
+def test_download_requests_are_validated_before_anything_starts(fields, fragment):
+    from msd_core.worker import parse_download
+
+    with pytest.raises(hub.BadInput) as caught:
+        parse_download({"op": "download", "id": 1, **fields})
+    assert fragment in str(caught.value)
+
+
+def test_a_download_request_for_float16_fetches_the_fp16_weights():
+    from msd_core.worker import parse_download
+
+    assert parse_download({"op": "download", "id": 1, "model": REPO, "device": "cpu", "dtype": "float32"}).fp16 is False
+    # float16 is refused on the CPU (no kernels): it is what a GPU run in "auto" uses.
+    with pytest.raises(hub.BadInput, match="float16 is not supported on the CPU"):
+        parse_download({"op": "download", "id": 1, "model": REPO, "device": "cpu", "dtype": "float16"})
