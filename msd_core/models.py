@@ -331,7 +331,7 @@ def _load_folder(source: str, dtype: torch.dtype, local_files_only: bool):
     def weights(subfolder: str) -> dict:
         # The fp16 variant when that is what a download fetched (msd_core.hub), or what a float16 run wants.
         variant = hub.weights_variant(local / subfolder, dtype == torch.float16) if local is not None else None
-        return {"use_safetensors": True, "variant": variant, "local_files_only": local_files_only}
+        return {**common, "use_safetensors": True, "variant": variant}
 
     common = {"local_files_only": local_files_only}
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **weights("unet"))
