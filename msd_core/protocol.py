@@ -83,6 +83,10 @@ def decode(line: str) -> dict:
         message = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise ProtocolError("not a valid request: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ProtocolError(f"not a valid request: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError("a message must be a JSON object")
     return message

@@ -117,20 +117,6 @@ def test_bad_output_paths_are_refused_before_generating(tmp_path, name, message)
     assert sorted(os.listdir(tmp_path)) == ["a-file.txt", "folder.png"]
 
 
-@pytest.fixture
-def unwritable_folder(tmp_path):
-    folder = tmp_path / "locked"
-    folder.mkdir(mode=0o555)
-    # Root ignores permission bits; the immutable attribute stops it too.
-    as_root = os.geteuid() == 0
-    if as_root and (not shutil.which("chattr") or subprocess.run(["chattr", "+i", folder], capture_output=True).returncode):
-        pytest.skip("running as root where chattr +i is unavailable: no way to make a folder unwritable")
-    yield folder
-    if as_root:
-        subprocess.run(["chattr", "-i", folder], check=True)
-    folder.chmod(0o755)
-
-
 def test_an_unwritable_folder_is_refused(unwritable_folder):
     message = re.escape(f"the output folder {unwritable_folder} is not writable")
     with pytest.raises(BadInput, match=message):
