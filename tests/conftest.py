@@ -14,6 +14,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # One thread per process: tests start workers beside the test process on 2-core machines, and
 # oversubscribed torch threads made tiny-model runs about 20× slower there.
 os.environ["OMP_NUM_THREADS"] = "1"
+# Workers keep their usual priority: niced beside other busy test processes, they would crawl.
+os.environ["MSD_WORKER_NICENESS"] = "0"
 os.environ["HF_HOME"] = os.path.join(_ROOT, "hf")
 
 

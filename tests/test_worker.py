@@ -197,7 +197,7 @@ GENERATE = {"op": "generate", "settings": tiny(), "output": "OUT"}
     [
         ({"op": "dance"}, "bad_input", "unknown op 'dance'"),
         ({}, "bad_input", "no 'op'"),
-        ({"op": "generate", "settings": tiny()}, "bad_input", "'output'"),
+        ({"op": "generate", "settings": tiny()}, "bad_input", "output must be the path"),
         ({**GENERATE, "settings": tiny(width=100)}, "bad_input", "width 100 is not a multiple of 8"),
         ({**GENERATE, "settings": {**tiny(), "sampler": "x"}}, "bad_input", "unknown setting(s): sampler"),
         ({**GENERATE, "colour": 1}, "bad_input", "unknown field(s)"),
@@ -228,6 +228,65 @@ def test_bad_requests_get_specific_errors_and_the_worker_keeps_answering(
 
     ping_id = worker.ping()
     assert wait_for(worker, lambda e: e["id"] == ping_id)[-1]["event"] == "pong"
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field", "fragment"),
+    [
+        ({**GENERATE, "settings": tiny(wrap="yes")}, "wrap", "wrap must be true or false, got 'yes'"),
+        ({**GENERATE, "settings": tiny(feather="no")}, "feather", "feather must be true or false"),
+        ({**GENERATE, "settings": tiny(model_config=3)}, "model_config", "model_config must be text, got 3"),
+        ({**GENERATE, "settings": tiny(seed=5.0)}, "seed", "seed must be a whole number"),
+        ({**GENERATE, "settings": tiny(steps=True)}, "steps", "steps must be a whole number from 1 to 1000"),
+        ({**GENERATE, "settings": tiny(steps=100000)}, "steps", "scheduler has 1000 timesteps"),
+        ({**GENERATE, "settings": tiny(omega=float("inf"))}, "omega", "got inf"),
+        ({**GENERATE, "settings": tiny(guidance=float("nan"))}, "guidance", "got nan"),
+        ({**GENERATE, "settings": tiny(width=100000)}, "width", "from 8 to 16384"),
+        ({**GENERATE, "settings": tiny(scales=2**40)}, "scales", "from 1 to 12"),
+        ({**GENERATE, "settings": tiny(view_batch=2**200)}, "view_batch", "got a 201-bit number"),
+        ({**GENERATE, "settings": tiny(prompt="a\x00b")}, "prompt", "control character U+0000"),
+        ({**GENERATE, "settings": tiny(prompt="x" * 20000)}, "prompt", "the limit is 10000"),
+        ({**GENERATE, "settings": tiny(negative_prompt=["a"])}, "negative_prompt", "must be text"),
+        ({**GENERATE, "settings": tiny(stride=8)}, "stride", "stride 8 px: with more than one pyramid level"),
+        ({**GENERATE, "overwrite": "yes"}, "overwrite", "overwrite must be true or false"),
+        ({**GENERATE, "output": "EXISTING"}, "overwrite", "exists; to replace it, turn on overwrite"),
+        ({**GENERATE, "output": "DANGLING"}, "output", "is a link to"),
+        ({**GENERATE, "output": "OUT\x00.png"}, "output", "NUL"),
+        ({**GENERATE, "preview_every": 1.5}, "preview_every", "preview_every must be a whole number"),
+        ({**GENERATE, "threads": -1}, "threads", "threads must be a whole number from 0"),
+        ({**GENERATE, "threads": "4"}, "threads", "threads must be a whole number from 0"),
+    ],
+)  # fmt: skip
+def test_every_field_is_checked_and_the_error_names_it(worker, tmp_path, request_fields, field, fragment):
+    (tmp_path / "existing.png").write_bytes(b"not replaced")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "missing.png")
+    paths = {"OUT": str(tmp_path / "out.png"), "EXISTING": str(tmp_path / "existing.png"),
+             "DANGLING": str(tmp_path / "dangling.png"), "OUT\x00.png": str(tmp_path / "out\x00.png")}  # fmt: skip
+    request_id = f"field-{field}-{fragment}"
+    worker.send({**request_fields, "id": request_id, "output": paths[request_fields["output"]]})
+    error = wait_for(worker, finished(request_id))[-1]
+    assert (error["event"], error["kind"], error["field"]) == ("error", "bad_input", field), error
+    assert fragment in error["message"] and "--" not in error["message"]  # protocol words, not CLI flags
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dangling.png", "existing.png"]
+
+
+def test_an_unwritable_preview_dir_is_refused_before_anything_runs(worker, tmp_path, unwritable_folder):
+    request_id = worker.generate(tiny(**SMALL), tmp_path / "out.png", preview_dir=unwritable_folder)
+    error = wait_for(worker, finished(request_id))[-1]
+    assert (error["kind"], error["field"]) == ("bad_input", "preview_dir")
+    assert "not writable" in error["message"] and not (tmp_path / "out.png").exists()
+
+
+def test_a_second_request_for_the_same_output_is_refused_at_once(worker, tmp_path):
+    output = tmp_path / "pano.png"
+    first = worker.generate(tiny(**LONG_RUN), output)
+    second = worker.generate(tiny(**SMALL), output)
+    events = wait_for(worker, finished(second))
+    assert (events[-1]["kind"], events[-1]["field"]) == ("bad_input", "output")
+    assert f"already the output of the queued or running request {first!r}" in events[-1]["message"]
+    assert not of(events, first, "done")  # refused while the first still runs
+    worker.cancel(first)
+    assert wait_for(worker, finished(first))[-1]["kind"] == "cancelled"
 
 
 def test_raw_lines_malformed_input_and_end_of_stdin(worker_env):
