@@ -326,6 +326,69 @@ def test_raw_lines_malformed_input_and_end_of_stdin(worker_env):
     assert "string or an integer" in events[5]["message"]
 
 
+def test_a_20_mb_request_line_is_refused_and_ping_is_still_answered(worker_env):
+    """Through pipes: a 20 MB line (a huge prompt), then ping. The long line is dropped as it arrives and
+    answered with bad_input; the ping after it is answered; the worker ends normally."""
+    huge = json.dumps(protocol.request("generate", "huge", settings=tiny(prompt="x" * 20_000_000), output="/x.png"))
+    result = subprocess.run(
+        [sys.executable, "-u", "-m", "msd_core.worker"],
+        input=huge.encode() + b"\n" + b'{"op": "ping", "id": "after"}\n',
+        capture_output=True, cwd=REPO_ROOT, env={**os.environ, **worker_env}, timeout=WAIT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    events = [json.loads(line) for line in result.stdout.decode("utf-8").splitlines()]
+    assert [(e["event"], e["id"], e.get("kind")) for e in events] == [
+        ("ready", None, None), ("error", None, "bad_input"), ("pong", "after", None), ("bye", None, None)
+    ]  # fmt: skip
+    assert events[1]["message"] == (
+        f"a request of {len(huge)} bytes was ignored: the limit is {protocol.MAX_LINE_BYTES} bytes a line"
+    )
+
+
+def test_bounded_lines_drops_a_long_line_and_keeps_the_lines_around_it():
+    """The reader itself: a 50 MB line in 64 KB chunks becomes one LineTooLong with its length, and the
+    lines around it come through intact, split anywhere across chunks."""
+    chunk = b"y" * 65536
+    stream = [b'{"op": "ping"}\n{"op":', *([chunk] * 800), b'"x"}\n', b"tail-", b"end\n", b"last"]
+    lines = list(protocol.bounded_lines(iter(stream)))
+    assert lines[0] == b'{"op": "ping"}'
+    assert isinstance(lines[1], protocol.LineTooLong) and lines[1].length == 6 + 800 * 65536 + 4
+    assert lines[2:] == [b"tail-end", b"last"]
+    assert list(protocol.bounded_lines([b"a" * 10 + b"\n"], limit=10)) == [b"a" * 10]  # the limit itself is fine
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX scheduling priority and pids")
+def test_default_threads_priority_and_stale_files_of_dead_workers(tmp_path, monkeypatch):
+    """A worker started as a user's Blender starts it: no OMP_NUM_THREADS, no niceness override. It uses
+    max(1, physical cores − 1) threads, runs at lower priority, and sweeps what killed workers left
+    behind (their preview folders, half-written PNGs), never a live process's files."""
+    from msd_core.environment import physical_cores
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    stale = [temporary / f"msd-worker-previews-{dead.pid}-abcd1234", tmp_path / f".pano.png.{dead.pid}-0123abcd.tmp"]
+    alive = [temporary / f"msd-worker-previews-{os.getpid()}-abcd1234", temporary / "msd-worker-previews-nopid",
+             tmp_path / f".pano.png.{os.getpid()}-0123abcd.tmp", tmp_path / f".other.png.{dead.pid}-0123abcd.TMP"]  # fmt: skip
+    for path in stale + alive:
+        path.mkdir() if "previews" in path.name else path.write_bytes(b"")
+    monkeypatch.delenv("OMP_NUM_THREADS")  # set for every test by conftest.py
+    monkeypatch.delenv("MSD_WORKER_NICENESS")
+    client = WorkerClient(sys.executable, pythonpath=REPO_ROOT, env={"TMPDIR": str(temporary)}).start()
+    try:
+        ready = wait_for(client, lambda e: e["event"] == "ready")[-1]
+        assert ready["threads"] == max(1, physical_cores() - 1)
+        assert os.getpriority(os.PRIO_PROCESS, ready["pid"]) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+        assert not stale[0].exists()  # swept at start-up
+        request_id = client.generate(tiny(**SMALL), tmp_path / "pano.png", preview_every=0)
+        assert wait_for(client, finished(request_id))[-1]["event"] == "done"
+        assert not stale[1].exists()  # swept when a request for that folder came
+        assert all(path.exists() for path in alive)
+    finally:
+        client.stop()
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_worker_killed_mid_run_is_reported_as_died_for_the_running_request(tmp_path, worker_env):
     client = WorkerClient(sys.executable, pythonpath=REPO_ROOT, env=worker_env).start()
