@@ -34,7 +34,8 @@ Events (worker → client), each a JSON object with ``event`` and ``id`` (the re
                                                    device/dtype: what "auto" resolves to on this machine;
                                                    threads: torch's CPU threads (see environment.threads)
   accepted   {}                                    the request passed validation
-  loading    {model, warm}                         warm = the model was already loaded
+  loading    {model, warm, threads}                warm = the model was already loaded; threads:
+                                                   torch's CPU threads for this run
   progress   {step, total, level, levels, elapsed, eta}   step counts from 1; eta in seconds or null
   preview    {path, step, width, height}           a small PNG of the coarsest level's x0 estimate
   done       {output, metadata, timings}           timings: {load, sample, decode, save, total} seconds

@@ -283,7 +283,7 @@ class Worker:
         """The warm pipeline if the key matches, else a freshly loaded one (the old one dropped first)."""
         key = MSDPanoramaPipeline.key_for(job.settings)
         warm = self._pipeline is not None and self._pipeline.key == key
-        self.emit(protocol.event("loading", job.id, model=job.settings.model, warm=warm))
+        self.emit(protocol.event("loading", job.id, model=job.settings.model, warm=warm, threads=torch.get_num_threads()))
         if warm:
             return self._pipeline, 0.0
         if self._pipeline is not None:

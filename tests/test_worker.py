@@ -381,8 +381,11 @@ def test_default_threads_priority_and_stale_files_of_dead_workers(tmp_path, monk
         assert ready["threads"] == max(1, physical_cores() - 1)
         assert os.getpriority(os.PRIO_PROCESS, ready["pid"]) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
         assert not stale[0].exists()  # swept at start-up
-        request_id = client.generate(tiny(**SMALL), tmp_path / "pano.png", preview_every=0)
-        assert wait_for(client, finished(request_id))[-1]["event"] == "done"
+        request_id = client.generate(tiny(**SMALL), tmp_path / "pano.png", preview_every=0,
+                                     threads=ready["threads"] + 1)
+        events = wait_for(client, finished(request_id))
+        assert events[-1]["event"] == "done"
+        assert of(events, request_id, "loading")[0]["threads"] == ready["threads"] + 1  # the request's own count
         assert not stale[1].exists()  # swept when a request for that folder came
         assert all(path.exists() for path in alive)
     finally:
