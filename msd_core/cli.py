@@ -30,7 +30,7 @@ from .settings import (
 EXIT_BAD_INPUT = 2
 MAX_THREADS = 1024
 # Settings whose option is not simply "--" + the name with dashes (errors name the option the user typed).
-OPTION_NAMES = {"prompt": "PROMPT", "negative_prompt": "--negative", "overwrite": "--overwrite"}
+OPTION_NAMES = {"prompt": "prompt", "negative_prompt": "--negative", "overwrite": "--overwrite"}
 
 DESCRIPTION = """\
 Generate a panorama from a text prompt with Multi-Scale Diffusion (MSD).

@@ -93,7 +93,7 @@ class GenerationSettings:
         if self.window is not None:
             if self.window > min(self.width, self.height):
                 raise BadInput(
-                    "the panorama ({width}×{height}) is smaller than one {window} px {field}; "
+                    "the panorama ({width}×{height}) is smaller than one {window} px window ({field}); "
                     "use at least {window}×{window}",
                     field="window", width=self.width, height=self.height, window=self.window,
                 )
