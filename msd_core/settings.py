@@ -117,15 +117,8 @@ class GenerationSettings:
             _check_count("scales", self.scales, MAX_SCALES, "each level halves the size")
         if self.view_batch is not None:
             _check_count("view_batch", self.view_batch, MAX_VIEW_BATCH, "windows per UNet call")
-        aligned = 2 * LATENT_FACTOR  # coarse levels crop at half the offset: even latent strides
-        if self.stride is not None and self.method == "msd" and self.scales != 1 and self.stride % aligned:
-            below, above = nearest_multiples(self.stride, aligned)
-            raise BadInput(
-                "{field} {stride} px: with more than one pyramid level the stride must be a multiple of {aligned} px "
-                "so that coarse crops align; nearest valid: {below} or {above} (with one level, scales 1, any "
-                "multiple of 8 works)",
-                field="stride", stride=self.stride, aligned=aligned, below=below, above=above,
-            )
+        if self.stride is not None and self.method == "msd" and self.scales is not None:
+            check_stride_alignment(self.stride, self.scales)
         if not is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise BadInput("{field} must be a whole number from 0 to 2^63−1, got {value}", field="seed",
                            value=_shown(self.seed))
@@ -169,6 +162,20 @@ def nearest_multiples(value: int, factor: int = LATENT_FACTOR) -> tuple[int, int
     """The nearest valid sizes below and above ``value``."""
     below = max(factor, value // factor * factor)
     return below, below + factor
+
+
+def check_stride_alignment(stride: int, levels: int) -> None:
+    """With more than one pyramid level, coarse levels crop at half the offsets: the stride must be an
+    even number of latent pixels. Said in pixels, the unit of the setting."""
+    aligned = 2 * LATENT_FACTOR
+    if levels > 1 and stride % aligned:
+        below, above = nearest_multiples(stride, aligned)
+        raise BadInput(
+            "{field} {stride} px: with more than one pyramid level the stride must be a multiple of {aligned} px "
+            "so that coarse crops align; nearest valid: {below} or {above} (with one level, scales 1, any "
+            "multiple of 8 works)",
+            field="stride", stride=stride, aligned=aligned, below=below, above=above,
+        )
 
 
 def memory_needed(settings: GenerationSettings) -> int:

@@ -248,6 +248,7 @@ def test_bad_requests_get_specific_errors_and_the_worker_keeps_answering(
         ({**GENERATE, "settings": tiny(prompt="x" * 20000)}, "prompt", "the limit is 10000"),
         ({**GENERATE, "settings": tiny(negative_prompt=["a"])}, "negative_prompt", "must be text"),
         ({**GENERATE, "settings": tiny(stride=8)}, "stride", "stride 8 px: with more than one pyramid level"),
+        ({**GENERATE, "settings": tiny(stride=24, scales=2)}, "stride", "nearest valid: 16 or 32"),
         ({**GENERATE, "overwrite": "yes"}, "overwrite", "overwrite must be true or false"),
         ({**GENERATE, "output": "EXISTING"}, "overwrite", "exists; to replace it, turn on overwrite"),
         ({**GENERATE, "output": "DANGLING"}, "output", "is a link to"),
