@@ -267,6 +267,9 @@ def _pickle_file(path, marker):
     return path
 
 
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
 def _tiny_copy(tmp_path, name="model"):
     folder = tmp_path / name
     shutil.copytree(models.tiny_model_dir(), folder)
@@ -297,13 +300,13 @@ def _hostile(layout, tmp_path, marker):
     folder = _tiny_copy(tmp_path)
     if layout.startswith("bin-only:"):
         component = layout.split(":")[1]
-        stem = models.COMPONENT_WEIGHTS[component]
+        stem = WEIGHT_STEMS[component]
         (folder / component / f"{stem}.safetensors").unlink()
         name = "pytorch_model.Bin" if component == "text_encoder" else f"{stem}.bin"
         return {"model": str(folder)}, _pickle_file(folder / component / name, marker)
     if layout.startswith("renamed-pickle:"):
         component = layout.split(":")[1]
-        evil = folder / component / f"{models.COMPONENT_WEIGHTS[component]}.safetensors"
+        evil = folder / component / f"{WEIGHT_STEMS[component]}.safetensors"
         return {"model": str(folder)}, _pickle_file(evil, marker)
     if layout == "symlinked-weights":
         weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
