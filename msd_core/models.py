@@ -36,8 +36,9 @@ from huggingface_hub import constants as hub_constants, snapshot_download
 from safetensors import SafetensorError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from . import hub
 from .environment import auto_device
-from .errors import BadInput, ModelNotFound, UnsupportedModelFile
+from .errors import BadInput, ModelNotFound, NetworkError, UnsupportedModelFile
 
 if TYPE_CHECKING:
     # Imported where used: importing the pipeline pulls in image processors (and their warnings)
@@ -293,7 +294,8 @@ def load_components(
             try:
                 parts = _load_folder(model, torch_dtype, local_files_only or unreachable is not None)
             except OSError as exc:
-                raise ModelNotFound(_not_found(f"model {model!r}", local_files_only, unreachable, exc)) from None
+                error = NetworkError if unreachable else ModelNotFound
+                raise error(_not_found(f"model {model!r}", local_files_only, unreachable, exc)) from None
 
     unet, vae, text_encoder, tokenizer, scheduler = parts
     for module in (unet, vae, text_encoder):  # loaded in torch_dtype already
@@ -373,13 +375,26 @@ def _looks_like_path(text: str) -> bool:
 def _load_folder(source: str, dtype: torch.dtype, local_files_only: bool):
     """Components from a diffusers layout: a local folder or a Hugging Face id (only the five
     subfolders are fetched, never a safety checker)."""
-    if pathlib.Path(source).is_dir():
-        check_folder_weights(pathlib.Path(source))
+    local = pathlib.Path(source)
+    folder_given = local.is_dir()
+    if not folder_given:
+        local = hub.snapshot_folder(source)  # None: not in the cache (yet)
+    # The fp16 variant when that is what a download fetched (msd_core.hub), or what a float16 run wants.
+    variants = {
+        component: hub.weights_variant(local / component, dtype == torch.float16) if local is not None else None
+        for component in COMPONENT_WEIGHTS
+    }
+    if local is not None:  # a cached snapshot may still lack components: they are checked once fetched
+        check_folder_weights(local, variants, partial=not folder_given)
+
+    def weights(subfolder: str) -> dict:
+        return {**common, "use_safetensors": True, "variant": variants[subfolder]}
+
     common = {"local_files_only": local_files_only}
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, use_safetensors=True, **common)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, use_safetensors=True, **common)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **weights("unet"))
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **weights("vae"))
     # Cast after loading: transformers renamed torch_dtype to dtype (4.56), and .to() works with every version.
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True, **common).to(dtype)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights("text_encoder")).to(dtype)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
     scheduler = _ddim(DDIMScheduler.load_config(source, subfolder="scheduler", **common))
     return unet, vae, text_encoder, tokenizer, scheduler
@@ -418,7 +433,8 @@ def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, l
                 model_config, allow_patterns=["*.json", "*.txt"], local_files_only=local_files_only or bool(unreachable)
             )
         except OSError as exc:
-            raise ModelNotFound(
+            error = NetworkError if unreachable else ModelNotFound
+            raise error(
                 _not_found(f"the configuration {model_config!r} for {path}", local_files_only, unreachable, exc)
             ) from None
     try:
@@ -458,32 +474,37 @@ def _ddim(scheduler_config) -> DDIMScheduler:
     return DDIMScheduler.from_config(scheduler_config, clip_sample=False)
 
 
-def check_folder_weights(folder: pathlib.Path) -> None:
+def check_folder_weights(folder: pathlib.Path, variants: dict | None = None, partial: bool = False) -> None:
     """Refuse a diffusers folder unless every component's weights are safetensors, checked by content.
 
-    For unet/, vae/ and text_encoder/: the weight file the loader reads (or, for sharded weights, every
-    shard its index names) must exist, be named *.safetensors and hold safetensors. A component with only
-    pickle files is refused naming one of them; nothing here or later unpickles anything.
+    For unet/, vae/ and text_encoder/: the weight file the loader reads (``variants`` names the variant
+    it reads, e.g. "fp16"; or, for sharded weights, every shard its index names) must exist, be named
+    *.safetensors and hold safetensors. A component with only pickle files is refused naming one of
+    them; nothing here or later unpickles anything. ``partial``: components not there yet are skipped.
     """
     for component, stem in COMPONENT_WEIGHTS.items():
+        variant = (variants or {}).get(component)
         subfolder = folder / component
-        if not subfolder.is_dir():
-            raise ModelNotFound(f"{folder} is not a complete diffusers model folder: it has no {component}/ subfolder")
-        weights = subfolder / f"{stem}{SAFETENSORS}"
-        index = subfolder / f"{stem}{SAFETENSORS}.index.json"
+        name = f"{stem}.{variant}{SAFETENSORS}" if variant else f"{stem}{SAFETENSORS}"
+        weights = subfolder / name
+        index = subfolder / (f"{stem}{SAFETENSORS}.index.{variant}.json" if variant else f"{name}.index.json")
         if weights.is_file():
             check_safetensors(weights)
         elif index.is_file():
             for shard in _shards(index):
                 check_safetensors(shard)
+        elif partial:
+            continue
+        elif not subfolder.is_dir():
+            raise ModelNotFound(f"{folder} is not a complete diffusers model folder: it has no {component}/ subfolder")
         else:
             pickles = sorted(p for p in subfolder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
             if pickles:
                 raise UnsupportedModelFile(
                     f"{pickles[0]} is a pickle file (it can execute code when loaded) and {component}/ has no "
-                    f"{stem}{SAFETENSORS}: convert the folder to safetensors (diffusers' save_pretrained does)"
+                    f"{name}: convert the folder to safetensors (diffusers' save_pretrained does)"
                 )
-            raise ModelNotFound(f"{subfolder} has no weights: expected {stem}{SAFETENSORS}")
+            raise ModelNotFound(f"{subfolder} has no weights: expected {name}")
 
 
 def _shards(index: pathlib.Path) -> list[pathlib.Path]:

@@ -46,6 +46,10 @@ MAX_GUIDANCE = 100.0
 MAX_PROMPT = 10000  # characters; the text encoder reads only the first 77 tokens anyway
 MAX_PATH = 4096
 LATENT_COPIES = 8  # latents, noise, x0 estimates, merge sums and weights, the pyramid: a generous count
+# The HDR companion's highlight expansion (msd_core.hdr.inverse_tonemap): linear luminance where it
+# starts, and the linear value white becomes (1 = none; half floats end at 65504).
+HDR_KNEE_RANGE = (0.1, 0.99)
+HDR_PEAK_RANGE = (1.0, 1000.0)
 
 
 @dataclass
@@ -74,6 +78,9 @@ class GenerationSettings:
     view_batch: int | None = None  # windows per UNet call; None = chosen from free memory
     device: str = "auto"
     dtype: str = "auto"
+    hdr: bool = False  # also write a linear OpenEXR with expanded highlights beside the PNG, for lighting
+    hdr_knee: float = 0.8
+    hdr_peak: float = 32.0
 
     def validate(self) -> "GenerationSettings":
         """Raise BadInput with one clear sentence for the first invalid setting; return self.
@@ -110,8 +117,8 @@ class GenerationSettings:
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
-        _check_number("omega", self.omega, MAX_OMEGA, "0 is plain MultiDiffusion")
-        _check_number("guidance", self.guidance, MAX_GUIDANCE, "7.5 is usual; 1 or less turns it off")
+        _check_range("omega", self.omega, (0, MAX_OMEGA), "0 is plain MultiDiffusion")
+        _check_range("guidance", self.guidance, (0, MAX_GUIDANCE), "7.5 is usual; 1 or less turns it off")
         _check_count("steps", self.steps, MAX_STEPS, f"Stable Diffusion's scheduler has {MAX_STEPS} timesteps")
         if self.scales is not None:
             _check_count("scales", self.scales, MAX_SCALES, "each level halves the size")
@@ -126,6 +133,9 @@ class GenerationSettings:
                     empty="{field} is empty: give a Hugging Face id, a local folder or a .safetensors file")
         if self.model_config is not None:
             _check_text("model_config", self.model_config, required=True, limit=MAX_PATH)
+        _check_bool("hdr", self.hdr)
+        _check_range("hdr_knee", self.hdr_knee, HDR_KNEE_RANGE, "the linear luminance where highlight expansion starts")
+        _check_range("hdr_peak", self.hdr_peak, HDR_PEAK_RANGE, "the linear value white becomes; 1 = no expansion")
         return self
 
     def to_dict(self) -> dict:
@@ -249,12 +259,6 @@ def _check_bool(name: str, value) -> None:
         raise BadInput("{field} must be true or false, got {value}", field=name, value=_shown(value))
 
 
-def _check_number(name: str, value, limit: float, note: str) -> None:
-    if not _is_number(value) or not 0 <= value <= limit:
-        raise BadInput("{field} must be a number from 0 to {limit:g} ({note}), got {value}", field=name,
-                       limit=limit, note=note, value=_shown(value))
-
-
 def _check_count(name: str, value, limit: int, note: str) -> None:
     if not is_int(value) or not 1 <= value <= limit:
         raise BadInput("{field} must be a whole number from 1 to {limit} ({note}), got {value}", field=name,
@@ -277,6 +281,13 @@ def _check_choice(name: str, value, choices, hint: str = "") -> None:
     if not isinstance(value, str) or value not in choices:
         raise BadInput("unknown {field} {value}; choose one of: {choices}{hint}", field=name, value=_shown(value),
                        choices=", ".join(choices), hint=f" ({hint})" if hint else "")
+
+
+def _check_range(name: str, value, bounds: tuple[float, float], meaning: str) -> None:
+    low, high = bounds
+    if not _is_number(value) or not low <= value <= high:
+        raise BadInput("{field} must be a number from {low:g} to {high:g} ({meaning}), got {value}", field=name,
+                       low=low, high=high, meaning=meaning, value=_shown(value))
 
 
 def is_int(value) -> bool:

@@ -45,9 +45,15 @@ PROTOCOL_STREAM = _take_stdout() if __name__ == "__main__" else None
 
 import torch  # noqa: E402
 
-from . import __version__, environment, models, protocol  # noqa: E402
+from . import __version__, environment, hub, models, protocol  # noqa: E402
 from .errors import BadInput, Cancelled, MSDError  # noqa: E402
-from .output import check_output_path, check_writable_folder, remove_stale_temporaries, save_png  # noqa: E402
+from .output import (  # noqa: E402
+    check_output_path,
+    check_writable_folder,
+    remove_stale_temporaries,
+    save_exr,
+    save_png,
+)
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
 from .settings import MAX_STEPS, GenerationSettings, check_memory, is_int  # noqa: E402
 
@@ -74,6 +80,16 @@ class Job:
     preview_every: int
     preview_dir: Path | None  # None: the worker's own temporary folder
     threads: int = 0  # torch's CPU threads for this run; 0 = the worker's default
+    interrupt: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class DownloadJob:
+    """One accepted download request."""
+
+    id: str | int
+    model: str
+    fp16: bool  # fetch the fp16 weights where the repository has them: the run will use float16
     interrupt: threading.Event = field(default_factory=threading.Event)
 
 
@@ -104,8 +120,8 @@ class Worker:
         self._preview_root = preview_root
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._queue: collections.deque[Job] = collections.deque()
-        self._current: Job | None = None
+        self._queue: collections.deque[Job | DownloadJob] = collections.deque()
+        self._current: Job | DownloadJob | None = None
         self._shutdown_id = None
         self._shutting_down = False
         self._pipeline: MSDPanoramaPipeline | None = None
@@ -147,6 +163,11 @@ class Worker:
             self.emit(protocol.event("pong", request_id))
         elif op == "generate":
             self.submit(message)
+        elif op == "download":
+            self.submit(message, parse_download)
+        elif op == "models":
+            models_found = [model.to_dict() for model in hub.list_models()]
+            self.emit(protocol.event("models", request_id, models=models_found, cache=str(hub.cache_dir())))
         elif op == "cancel":
             self.cancel(request_id)
         elif op == "shutdown":
@@ -155,17 +176,19 @@ class Worker:
             problem = "the request has no 'op'" if op is None else f"unknown op {op!r}"
             self._error(request_id, "bad_input", f"{problem}; expected one of: {', '.join(protocol.REQUEST_OPS)}")
 
-    def submit(self, message: dict) -> None:
-        """Validate a generate request and queue it; "accepted" or the error is sent at once."""
+    def submit(self, message: dict, parse=None) -> None:
+        """Validate a generate (or, with parse_download, a download) request and queue it; "accepted"
+        or the error is sent at once."""
         request_id = message.get("id")
         try:
-            job = parse_generate(message)
+            job = (parse or parse_generate)(message)
         except BadInput as exc:
             self._error(request_id, "bad_input", str(exc), exc.field)
             return
-        for folder in (job.output.parent, job.preview_dir):  # files left by a worker killed while writing
-            if folder is not None:
-                remove_stale_temporaries(folder)
+        if isinstance(job, Job):
+            for folder in (job.output.parent, job.preview_dir):  # files left by a worker killed while writing
+                if folder is not None:
+                    remove_stale_temporaries(folder)
         with self._lock:
             if self._shutting_down:
                 self._error(request_id, "cancelled", "the worker is shutting down")
@@ -174,8 +197,8 @@ class Worker:
                 # Answering with this id would be read as the other request's end.
                 self._error(None, "bad_input", f"request id {job.id!r} is in use by a queued or running request")
                 return
-            same_output = next((j for j in self._active_jobs() if j.output == job.output), None)
-            if same_output is not None and not job.overwrite:
+            same_output = next((j for j in self._active_jobs() if _output(j) == _output(job)), None)
+            if same_output is not None and isinstance(job, Job) and not job.overwrite:
                 self._error(job.id, "bad_input", f"{job.output} is already the output of the queued or running "
                             f"request {same_output.id!r}; choose another file", "output")
                 return
@@ -211,7 +234,7 @@ class Worker:
                 self._error(job.id, "cancelled", "the worker is shutting down")
             self._wake.notify()
 
-    def _active_jobs(self) -> list[Job]:
+    def _active_jobs(self) -> list[Job | DownloadJob]:
         return [*self._queue, *([self._current] if self._current else [])]
 
     # -- main thread ------------------------------------------------------------------------------
@@ -226,7 +249,7 @@ class Worker:
                     break
                 job = self._current = self._queue.popleft()
             try:
-                self.run_job(job)
+                (self.run_download if isinstance(job, DownloadJob) else self.run_job)(job)
             finally:
                 with self._lock:
                     self._current = None
@@ -240,15 +263,22 @@ class Worker:
         preview_dir = self._preview_root / f"job-{self._job_count}" if own_previews else job.preview_dir
         torch.set_num_threads(job.threads or self.threads)
         try:
+            hub.require_downloaded(job.settings.model)
             pipe, load_seconds = self._pipeline_for(job)
             result = pipe(job.settings, callback=self._step_callback(job, pipe, preview_dir), interrupt=job.interrupt)
             if job.interrupt.is_set():  # cancelled after the last window batch: still write nothing
                 raise Cancelled("generation cancelled")
             saving = time.perf_counter()
             output = pipe.save(result, job.output, overwrite=job.overwrite)
+            exr = None
+            if job.settings.hdr:
+                exr = save_exr(result.image, output, result.metadata, knee=job.settings.hdr_knee,
+                               peak=job.settings.hdr_peak, overwrite=job.overwrite)
             now = time.perf_counter()
             timings = {"load": load_seconds, **result.timings, "save": now - saving, "total": now - started}
-            self._finish(job, protocol.event("done", job.id, output=str(output), metadata=result.metadata, timings=timings))
+            self._finish(job, protocol.event(
+                "done", job.id, output=str(output), exr=None if exr is None else str(exr), metadata=result.metadata, timings=timings
+            ))
             error = None
         except MSDError as exc:  # Cancelled, BadInput, ModelNotFound, ...
             error = (exc.kind, str(exc), exc.field)
@@ -278,6 +308,24 @@ class Worker:
             if self._current is job:
                 self._current = None
             self.emit(message)
+
+    def run_download(self, job: DownloadJob) -> None:
+        """Fetch a Hub model into the cache with "download" progress events; "done" or "error" ends it."""
+
+        def report(progress: hub.DownloadProgress) -> None:
+            self.emit(protocol.event("download", job.id, **progress.to_dict()))
+
+        try:
+            folder = hub.download(job.model, fp16=job.fp16, on_progress=report, cancel=job.interrupt)
+        except MSDError as exc:  # Cancelled, NetworkError, ModelNotFound, UnsupportedModelFile
+            self._finish(job, protocol.error_event(job.id, exc.kind, str(exc), exc.field))
+            return
+        except Exception as exc:
+            log.exception("download %r failed", job.id)
+            self._finish(job, protocol.error_event(job.id, "internal", _one_line(exc)))
+            return
+        status = hub.model_status(job.model)
+        self._finish(job, protocol.event("done", job.id, model=job.model, snapshot=str(folder), size=status.size_on_disk))
 
     def _pipeline_for(self, job: Job) -> tuple[MSDPanoramaPipeline, float]:
         """The warm pipeline if the key matches, else a freshly loaded one (the old one dropped first)."""
@@ -369,12 +417,31 @@ def parse_generate(message: dict) -> Job:
     return Job(
         id=request_id,
         settings=settings,
-        output=check_output_path(output, overwrite),
+        output=check_output_path(output, overwrite, exr=settings.hdr),
         overwrite=overwrite,
         preview_every=preview_every,
         preview_dir=preview_dir,
         threads=threads,
     )
+
+
+def parse_download(message: dict) -> DownloadJob:
+    """A validated DownloadJob from a download request, or BadInput naming the first problem."""
+    request_id = message.get("id")
+    if request_id is None:
+        raise BadInput("a download request needs an 'id'")
+    unknown = sorted(set(message) - {"op", "id", *protocol.DOWNLOAD_FIELDS})
+    if unknown:
+        raise BadInput(f"unknown field(s) in the download request: {', '.join(unknown)}")
+    model = message.get("model")
+    if not isinstance(model, str) or not hub.REPO_ID.match(model):
+        raise BadInput(f"'model' must be a Hugging Face model id (owner/name), got {model!r}")
+    device = message.get("device", "auto")
+    dtype = message.get("dtype", "auto")
+    if not isinstance(device, str) or not isinstance(dtype, str):
+        raise BadInput("'device' and 'dtype' must be text, as in the generate settings")
+    _, torch_dtype = models.resolve_device(device, dtype)
+    return DownloadJob(id=request_id, model=model, fp16=torch_dtype == torch.float16)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,6 +498,10 @@ def sweep_stale_preview_roots(folder: Path) -> list[Path]:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
+
+
+def _output(job: Job | DownloadJob) -> Path | None:
+    return job.output if isinstance(job, Job) else None
 
 
 def _niceness() -> int:

@@ -14,7 +14,7 @@ from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from safetensors.torch import load_file, save_file
 
 from msd_core import models
-from msd_core.errors import BadInput, ModelNotFound, UnsupportedModelFile
+from msd_core.errors import BadInput, ModelNotFound, NetworkError, UnsupportedModelFile
 from msd_core.vae import decode_latents
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -431,7 +431,7 @@ def test_an_unreachable_hub_is_told_apart_from_a_missing_model_without_retries(m
     """Online allowed but the Hub's address does not resolve: one quick probe, then the local cache only;
     the message says the Hub cannot be reached (not "not found"), and huggingface_hub prints nothing."""
     monkeypatch.setattr(models.hub_constants, "ENDPOINT", "https://msd-panorama-tests.invalid")
-    with pytest.raises(ModelNotFound) as caught:
+    with pytest.raises(NetworkError) as caught:
         models.load_components("msd-panorama-tests/no-such-model", local_files_only=False)
     message = str(caught.value)
     assert "cannot be reached" in message and "msd-panorama-tests.invalid" in message
