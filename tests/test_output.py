@@ -50,9 +50,9 @@ def test_an_existing_file_is_never_replaced_without_overwrite(tmp_path):
     target = tmp_path / "panorama.png"
     save_png(_image((1, 2, 3)), target, {"prompt": "first"})
     before = target.read_bytes()
-    with pytest.raises(BadInput, match="exists; pass --overwrite"):
+    with pytest.raises(BadInput, match="exists; to replace it, turn on overwrite"):
         check_output_path(target, overwrite=False)
-    with pytest.raises(BadInput, match="exists; pass --overwrite"):
+    with pytest.raises(BadInput, match="exists; to replace it, turn on overwrite"):
         save_png(_image((9, 9, 9)), target, {"prompt": "second"})
     assert target.read_bytes() == before
     assert _leftovers(tmp_path) == []
