@@ -14,8 +14,8 @@ import secrets
 import shutil
 import sys
 
-from . import __version__
-from .errors import MSDError
+from . import __version__, environment
+from .errors import BadInput, MSDError
 from .settings import (
     DEFAULT_MODEL,
     DEVICES,
@@ -28,9 +28,13 @@ from .settings import (
     PRESETS,
     SCHEDULERS,
     GenerationSettings,
+    check_memory,
 )
 
 EXIT_BAD_INPUT = 2
+MAX_THREADS = 1024
+# Settings whose option is not simply "--" + the name with dashes (errors name the option the user typed).
+OPTION_NAMES = {"prompt": "prompt", "negative_prompt": "--negative", "overwrite": "--overwrite"}
 
 DESCRIPTION = """\
 Generate a panorama from a text prompt with Multi-Scale Diffusion (MSD).
@@ -46,8 +50,20 @@ Examples:
 PRESET_HELP = "; ".join(f"{name} = {w}×{h}{' with wrap' if wrap else ''} ({what})" for name, (w, h, wrap, what) in PRESETS.items())
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2, like every other error of this command."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"msd-panorama: error: {message} (see {self.prog} --help)\n")
+
+
+def option_name(field: str) -> str:
+    """How the command line names a setting: its option (or the PROMPT argument)."""
+    return OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="msd-panorama", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -98,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA, else Apple MPS, else CPU")
     device.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float16 on GPUs, float32 on the CPU")
     device.add_argument("--view-batch", type=int, help="windows per UNet call (default: from free memory)")
+    device.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (default 0: OMP_NUM_THREADS if set, else physical cores − 1)")
     lighting = gen.add_argument_group("HDR for lighting (see docs/hdr.md)")
     lighting.add_argument("--hdr", action="store_true",
                           help="also write a linear half-float OpenEXR beside OUTPUT (same name, .exr) whose "
@@ -155,11 +173,18 @@ def generate(args: argparse.Namespace) -> int:
     from .output import check_output_path, save_exr
 
     settings = settings_from_args(args)
+    check_memory(settings)
     output = check_output_path(args.output, args.overwrite, exr=settings.hdr)
+    if not 0 <= args.threads <= MAX_THREADS:
+        raise BadInput("{field} must be from 0 (automatic) to {limit}, got {value}", field="threads", limit=MAX_THREADS,
+                       value=args.threads)
     print(f"msd-panorama: {settings.width}×{settings.height}, seed {settings.seed}, model {settings.model}", file=sys.stderr)
+
+    import torch
 
     from .pipeline import MSDPanoramaPipeline
 
+    torch.set_num_threads(environment.threads(args.threads))
     pipe = MSDPanoramaPipeline.from_settings(settings)
     progress = None if args.quiet else _progress_bar(settings.steps)
     try:
@@ -281,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[getattr(args, "models_command", None) or args.command](args)
     except MSDError as exc:
-        print(f"msd-panorama: error: {exc}", file=sys.stderr)
+        print(f"msd-panorama: error: {exc.render(option_name)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("msd-panorama: interrupted, nothing written", file=sys.stderr)

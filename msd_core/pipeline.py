@@ -22,7 +22,7 @@ from .sampler import (
     ddim_schedule,
     msd_step,
 )
-from .settings import GenerationSettings
+from .settings import GenerationSettings, check_stride_alignment
 from .windows import WindowGrid, feathered_weights
 
 
@@ -147,6 +147,7 @@ class MSDPanoramaPipeline:
         else:
             levels = default_levels(height, width, window)
         if settings.stride:
+            check_stride_alignment(settings.stride, levels)  # in pixels; the grids would say latent pixels
             stride = settings.stride // factor
         else:
             stride = max(1, window // 8)

@@ -111,7 +111,9 @@ def start_generation(context) -> Job:
         raise
     output = unique_output_path(output_folder(prefs), settings.seed)
     preview_dir = _empty_preview_folder()
-    request_id = client.generate(settings, output, preview_every=PREVIEW_EVERY, preview_dir=preview_dir)
+    request_id = client.generate(
+        settings, output, preview_every=PREVIEW_EVERY, preview_dir=preview_dir, threads=prefs.threads
+    )
     group = scene.msd_panorama
     session.job = Job(
         request_id=request_id,

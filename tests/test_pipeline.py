@@ -107,7 +107,7 @@ def test_levels_and_windows_resolved_from_the_model(pipe):
     [
         ({"width": 48, "height": 48}, "smaller than one 64 px window"),
         ({"scales": 4}, "fewer --scales"),
-        ({"stride": 24, "height": 256}, "odd"),
+        ({"stride": 24, "height": 256}, "stride 24 px: with more than one pyramid level the stride must be a multiple of 16 px"),
         ({"width": 250}, "nearest valid: 248 or 256"),
     ],
 )
