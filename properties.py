@@ -1,5 +1,6 @@
 """Scene settings (Scene.msd_panorama), the run's live state, and the one mapping UI ⇄ GenerationSettings."""
 
+import dataclasses
 import math
 import os
 import random
@@ -10,6 +11,7 @@ from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, Po
 from bpy.types import PropertyGroup
 
 from .msd_core import settings as core
+from .msd_core import plan
 from .msd_core.errors import BadInput
 from .msd_core.settings import GenerationSettings
 
@@ -36,6 +38,7 @@ class RunState:
     last_output: str = ""  # file of the latest finished panorama
     last_image: str = ""  # its image datablock
     last_seed: int | None = None
+    ms_per_window: float | None = None  # the worker's last measured UNet rate, for estimates before a run
 
     def reset_progress(self) -> None:
         self.progress, self.step, self.total, self.level, self.levels, self.eta = 0.0, 0, 0, 0, 0, None
@@ -89,6 +92,15 @@ def effective_wrap(group) -> bool:
     return core.PRESETS[preset][2] if preset else group.wrap
 
 
+def _update_quality(group, context):
+    """Write the quality preset's settings (msd_core.settings.QUALITY) into the panel's fields."""
+    for name, value in core.QUALITY[group.quality.lower()][0].items():
+        setattr(group, name, value)
+
+
+_STANDARD = core.QUALITY[core.DEFAULT_QUALITY][0]
+
+
 class MSD_PanoramaSettings(PropertyGroup):
     prompt: StringProperty(name="Prompt", description="What the panorama shows")
     negative_prompt: StringProperty(name="Negative Prompt", description="What it should not show")
@@ -116,7 +128,13 @@ class MSD_PanoramaSettings(PropertyGroup):
     )
     seed: IntProperty(name="Seed", min=0, max=SEED_MAX, default=0)
     random_seed: BoolProperty(name="Random Seed", description="Use a new seed for every run", default=True)
-    steps: IntProperty(name="Steps", min=1, soft_max=150, default=50)
+    quality: EnumProperty(
+        name="Quality",
+        items=[(name.upper(), name.capitalize(), what) for name, (_, what) in core.QUALITY.items()],
+        default=core.DEFAULT_QUALITY.upper(),
+        update=_update_quality,
+    )
+    steps: IntProperty(name="Steps", min=1, soft_max=150, default=_STANDARD["steps"])
     guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale", min=0.0, soft_max=20.0, default=7.5)
     method: EnumProperty(
         name="Method",
@@ -134,7 +152,15 @@ class MSD_PanoramaSettings(PropertyGroup):
             ("refresh", "Refresh", "Closed-form gradient, then the guided window is denoised again (about 2×)"),
             ("fast", "Fast", "Closed-form gradient, one UNet call per window (as fast as MultiDiffusion, less memory)"),
         ],
-        default="exact",
+        default=_STANDARD["gradient"],
+    )
+    windows: EnumProperty(
+        name="Windows",
+        items=[
+            ("dense", "Dense", "Overlapping windows every 1/8 window (the paper's MultiDiffusion)"),
+            ("shifted", "Shifted", "Non-overlapping tiles at a new offset every step (a fraction of the work)"),
+        ],
+        default=_STANDARD["windows"],
     )
     scales: IntProperty(name="Levels", description="Pyramid levels (0 = automatic)", min=0, soft_max=6, default=0)
     target: EnumProperty(
@@ -158,6 +184,10 @@ class MSD_PanoramaSettings(PropertyGroup):
 
 def settings_from_scene(scene, prefs) -> GenerationSettings:
     """The GenerationSettings for the scene's panel values and the preferences; raises BadInput."""
+    return _scene_settings(scene, prefs).validate()
+
+
+def _scene_settings(scene, prefs) -> GenerationSettings:
     group = scene.msd_panorama
     seed = random.randint(0, SEED_MAX) if group.random_seed else group.seed
     return GenerationSettings(
@@ -170,6 +200,7 @@ def settings_from_scene(scene, prefs) -> GenerationSettings:
         model_config=_model_path(prefs.model_config.strip()) or None,
         method=group.method,
         gradient=group.gradient,
+        windows=group.windows,
         omega=group.omega,
         scales=group.scales or None,
         steps=group.steps,
@@ -177,7 +208,20 @@ def settings_from_scene(scene, prefs) -> GenerationSettings:
         seed=seed,
         device=prefs.device,
         dtype=prefs.precision,
-    ).validate()
+    )
+
+
+def estimate_text(scene, prefs) -> str:
+    """The UNet work the panel's settings will take, in seconds once the worker has measured its rate;
+    empty when the settings are invalid or the model's window is unknown without loading it."""
+    settings = dataclasses.replace(_scene_settings(scene, prefs), prompt="estimate")
+    try:
+        work = plan.plan_without_model(settings, None, "float32").work()
+    except BadInput:
+        return ""
+    if run_state.ms_per_window:
+        return f"≈ {round(plan.estimated_seconds(work, run_state.ms_per_window))} s of sampling"
+    return f"{work['forwards']} UNet window passes + {work['backwards']} backward"
 
 
 def _model_path(text: str) -> str:
@@ -205,6 +249,7 @@ def settings_to_scene(settings: GenerationSettings, scene) -> None:
     group.negative_prompt = settings.negative_prompt
     group.method = settings.method
     group.gradient = settings.gradient
+    group.windows = settings.windows
     group.omega = settings.omega
     group.scales = settings.scales or 0
     group.steps = settings.steps

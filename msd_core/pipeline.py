@@ -70,6 +70,8 @@ class MSDPanoramaPipeline:
                 settings.model, device=settings.device, dtype=settings.dtype, model_config=settings.model_config
             )
         )
+        if settings.compile:
+            pipe.unet = torch.compile(pipe.unet)
         pipe.key = cls.key_for(settings)
         return pipe
 
@@ -78,7 +80,7 @@ class MSDPanoramaPipeline:
         """What identifies a loaded model (for keeping one warm between requests); "auto" is resolved,
         so asking for the device that auto picks does not reload the model."""
         device, dtype = models.resolve_device(settings.device, settings.dtype)
-        return (settings.model, settings.model_config, str(device), str(dtype))
+        return (settings.model, settings.model_config, str(device), str(dtype), settings.compile)
 
     # -- 1. inputs ---------------------------------------------------------------------------------
     def check_inputs(self, settings: GenerationSettings) -> Plan:

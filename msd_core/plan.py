@@ -203,6 +203,14 @@ class Plan:
     def work(self) -> dict:
         return unet_work(self.windows_per_step(), self.gradient, self.guided)
 
+    def step_costs(self) -> list[float]:
+        """UNet work of every step in window forwards, a backward counted as ``BACKWARD_COST`` forwards."""
+        costs = []
+        for counts in self.windows_per_step():
+            work = unet_work([counts], self.gradient, self.guided)
+            costs.append(work["forwards"] + BACKWARD_COST * work["backwards"])
+        return costs
+
     def describe(self) -> dict:
         """What the run will do, in pixels (stored in the output's metadata)."""
         per_step = self.windows_per_step()
@@ -228,6 +236,11 @@ class Plan:
             "estimated_peak_gib": round((weights + self.view_batch * per_window) / 2**30, 2),
             "memory_note": "SD-2-base-sized weights plus view_batch windows of measured activations",
         }
+
+
+def estimated_seconds(work: dict, ms_per_window: float) -> float:
+    """Sampling time of ``work`` (``unet_work``'s counts) at a measured rate of ms per window forward."""
+    return (work["forwards"] + BACKWARD_COST * work["backwards"]) * ms_per_window / 1000
 
 
 def make_plan(settings: GenerationSettings, factor: int, native_window: int, free_bytes: float | None = None,
@@ -277,12 +290,10 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
                 settings.steps, factor, settings.gradient, guided)
 
 
-def plan_without_model(settings: GenerationSettings) -> Plan:
+def plan_without_model(settings: GenerationSettings, free_bytes: float | None, dtype: str) -> Plan:
     """The plan for ``--dry-run``: the window from ``settings.window`` or the model's known family."""
     window = settings.window or known_window(settings.model, settings.model_config)
     if window is None:
         raise BadInput(f"the window size of {settings.model!r} is not known without loading it; give --window "
                        "(512 for SD 1.x and SD-2-base, 768 for SD-2 768-v)")
-    dtype = "float32" if settings.dtype == "auto" and settings.device == "cpu" else (
-        "float16" if settings.dtype == "auto" else settings.dtype)
-    return make_plan(settings, 8, window, None if settings.device == "cpu" else float("inf"), dtype)
+    return make_plan(settings, 8, window, free_bytes, dtype)

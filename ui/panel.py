@@ -8,7 +8,7 @@ from bpy.types import Panel
 from ..operators.generate import session, worker_status
 from ..operators.worker_env import install_state
 from ..preferences import get_preferences, output_folder
-from ..properties import run_state
+from ..properties import estimate_text, run_state
 
 STATUS_WORDS = {
     "NOT_INSTALLED": ("Worker not installed", 'ERROR'),
@@ -116,7 +116,9 @@ class MSD_PT_panorama(SidebarPanel, Panel):
             layout.progress(factor=run_state.progress, type='BAR', text=progress_text())
             layout.operator("msd.cancel", icon='CANCEL')
         else:
+            layout.prop(group, "quality")
             layout.operator("msd.generate", icon='RENDER_STILL')
+            layout.label(text=estimate_text(context.scene, get_preferences(context)), icon='TIME')
         if run_state.last_error:
             box = layout.box()
             box.alert = True
@@ -160,6 +162,7 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         col.active = group.method == "msd"
         col.prop(group, "omega")
         col.prop(group, "gradient")
+        col.prop(group, "windows")
         col.prop(group, "scales")
 
 
