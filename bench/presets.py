@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import time
 
 import torch
-from common import environment, markdown_table, median_spread, window_seam_ratio, write_json
+from common import RESULTS, environment, markdown_table, median_spread, window_seam_ratio, write_json
 from horizon import HorizonPrior, score_layout, seam_ratio
 from speed import WindowPanorama, interleaved, Meter
 
@@ -42,6 +43,13 @@ SD_WINDOW = 512
 # (height, width, wrap) in prior pixels: the four shapes (the prior's window is 16)
 SHAPES = [(64, 64, False), (32, 64, True), (64, 128, True), (32, 128, False)]
 QUICK_SHAPES = [(64, 64, False), (32, 64, True)]
+
+
+def shape_name(height: int, width: int, wrap: bool) -> str:
+    return f"{height}×{width}{' wrap' if wrap else ''}"
+
+
+SHAPE_NAMES = [shape_name(*shape) for shape in SHAPES]
 # Rows of the tables: the presets, and variants that answer "what does each choice cost or buy".
 CONFIGS = {name: values for name, (values, _) in QUALITY.items()}
 VARIANTS = {
@@ -105,7 +113,7 @@ def layout_row(prior, name: str, config: dict, shape, seeds: list[int], steps_di
     layouts = [score_layout(image) for image in images]
     seams = window_seam_ratio(images, last_grid)
     row = {
-        "config": name, "panorama": f"{height}×{width}{' wrap' if wrap else ''}", "seeds": len(seeds),
+        "config": name, "panorama": shape_name(height, width, wrap), "seeds": len(seeds),
         "steps": settings.steps, "coherent": statistics.mean(layout.coherent for layout in layouts),
         "collapsed": statistics.mean(layout.uniform for layout in layouts),
         "transitions": statistics.mean(layout.transitions for layout in layouts),
@@ -172,13 +180,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--prior", choices=PRIORS, default="horizon")
     parser.add_argument("--seeds", type=int, help="seeds per layout row (default 24, quick 8)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, …")
+    parser.add_argument("--output", help="results name in bench/results (default presets[-quick])")
     parser.add_argument("--variants", action="store_true", help="also the VARIANTS rows (what each choice buys)")
     parser.add_argument("--skip-time", action="store_true", help="no tiny-model timing")
+    parser.add_argument("--only", nargs="+", metavar="CONFIG",
+                        help="sample only these layout rows and keep the others of the last results file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     quick = args.quick
     configs = CONFIGS | (VARIANTS if args.variants else {})
-    seeds = list(range(args.seeds or (8 if quick else 24)))
+    sampled = {name: config for name, config in configs.items() if not args.only or name in args.only}
+    seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (8 if quick else 24))))
+    output = args.output or ("presets-quick" if quick else "presets")
     steps_divisor = 5 if quick else 1
 
     work = work_part(configs)
@@ -186,7 +200,12 @@ def main() -> None:
 
     prior = PRIORS[args.prior]()
     layout = [layout_row(prior, name, config, shape, seeds, steps_divisor)
-              for shape in (QUICK_SHAPES if quick else SHAPES) for name, config in configs.items()]
+              for shape in (QUICK_SHAPES if quick else SHAPES) for name, config in sampled.items()]
+    last_path = RESULTS / f"{output}.json"
+    if args.only and last_path.exists():  # the other rows as the last run measured them
+        last = json.loads(last_path.read_text(encoding="utf-8"))
+        layout += [row for row in last["layout"] if row["config"] in configs and row["config"] not in sampled]
+        layout.sort(key=lambda row: (SHAPE_NAMES.index(row["panorama"]), list(configs).index(row["config"])))
     print(markdown_table(layout, ["panorama", "config", "steps", "coherent", "collapsed", "transitions",
                                   "window_seam_rows", "window_seam_columns", "seam_360", "seconds"]))
 
@@ -198,8 +217,8 @@ def main() -> None:
                                               "planned_forwards", "planned_backwards", "unet_windows_counted",
                                               "window_seam_rows", "window_seam_columns"]))
 
-    write_json("presets-quick" if quick else "presets", {
-        "environment": environment(), "prior": args.prior, "quality": {k: v for k, (v, _) in QUALITY.items()},
+    write_json(output, {
+        "environment": environment(), "prior": args.prior, "seeds": [seeds[0], seeds[-1]], "quality": {k: v for k, (v, _) in QUALITY.items()},
         "variants": VARIANTS if args.variants else {}, "work": work, "layout": layout, "time": timing,
     })
 

@@ -38,8 +38,8 @@ PRESETS = {
 # Quality presets: name → (settings it sets, what it is for). Explicit settings override them. UNet work
 # and layout coherence of each are measured by bench/presets.py (docs/speed.md).
 QUALITY = {
-    "draft": ({"windows": "shifted", "gradient": "fast", "steps": 25},
-              "seconds on a GPU: the cheapest settings that keep the layout"),
+    "draft": ({"windows": "shifted", "gradient": "exact", "steps": 25},
+              "half of Standard's work: the cheapest settings that keep the layout (the fast gradient loses it)"),
     "standard": ({"windows": "shifted", "gradient": "exact", "steps": 50},
                  "the default: shifted tiles, exact gradient, a fraction of Best's UNet work"),
     "best": ({"windows": "dense", "gradient": "exact", "steps": 50},
