@@ -219,7 +219,8 @@ def main() -> None:
                                               "window_seam_rows", "window_seam_columns"]))
 
     write_json(output, {
-        "environment": environment(), "prior": args.prior, "seeds": [seeds[0], seeds[-1]], "quality": {k: v for k, (v, _) in QUALITY.items()},
+        "environment": environment(), "prior": args.prior, "seeds": [seeds[0], seeds[-1]],
+        "quality": {k: v for k, (v, _) in QUALITY.items()},
         "variants": VARIANTS if args.variants else {}, "work": work, "layout": layout, "time": timing,
     })
 

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--windows", choices=WINDOW_MODES,
                         help="dense = windows every --stride px (the paper's MultiDiffusion overlap); shifted = "
                              "non-overlapping tiles at a new seeded offset every step (a fraction of the UNet work)")
-    method.add_argument("--stride", type=int, help="dense window stride in pixels (default: window/8; implies --windows dense)")
+    method.add_argument("--stride", type=int,
+                        help="dense window stride in pixels (default: window/8; implies --windows dense)")
     method.add_argument("--feather", action="store_true", help="feathered instead of uniform window weights")
 
     sampling = gen.add_argument_group("sampling")
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float16 on GPUs, float32 on the CPU")
     device.add_argument("--view-batch", type=int, help="windows per UNet call (default: from free memory)")
     device.add_argument("--compile", action="store_true",
-                        help="torch.compile the UNet (off by default: compiling takes minutes and its gain is unmeasured)")
+                        help="torch.compile the UNet (off by default: compiling takes minutes, its gain is unmeasured)")
     lighting = gen.add_argument_group("HDR for lighting (see docs/hdr.md)")
     lighting.add_argument("--hdr", action="store_true",
                           help="also write a linear half-float OpenEXR beside OUTPUT (same name, .exr) whose "
@@ -149,7 +150,8 @@ def _add_models_command(commands) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     """The one mapping from command-line arguments to GenerationSettings (validated)."""
-    settings = GenerationSettings(prompt=args.prompt).with_preset(args.preset or "360").with_quality(args.quality or "standard")
+    settings = GenerationSettings(prompt=args.prompt).with_preset(args.preset or "360")
+    settings = settings.with_quality(args.quality or "standard")
     changes = {
         "negative_prompt": args.negative, "model": args.model, "model_config": args.model_config,
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss,

