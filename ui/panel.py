@@ -161,7 +161,9 @@ class MSD_PT_panorama(SidebarPanel, Panel):
         else:
             layout.prop(group, "quality")
             layout.operator("msd.generate", icon='RENDER_STILL')
-            layout.label(text=estimate_text(context.scene, get_preferences(context)), icon='TIME')
+            estimate = estimate_text(context.scene, get_preferences(context))
+            if estimate:
+                layout.label(text=estimate, icon='TIME')
         if run_state.last_error:
             box = layout.box()
             box.alert = True
