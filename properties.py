@@ -1,5 +1,6 @@
 """Scene settings (Scene.msd_panorama), the run's live state, and the one mapping UI ⇄ GenerationSettings."""
 
+import dataclasses
 import math
 import os
 import random
@@ -11,6 +12,7 @@ from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, Po
 from bpy.types import PropertyGroup
 
 from .msd_core import settings as core
+from .msd_core import plan
 from .msd_core.errors import BadInput
 from .msd_core.settings import GenerationSettings
 from .preferences import MSD_AddonPreferences
@@ -38,6 +40,7 @@ class RunState:
     last_output: str = ""  # file of the latest finished panorama
     last_image: str = ""  # its image datablock
     last_seed: int | None = None
+    ms_per_window: float | None = None  # the worker's last measured UNet rate, for estimates before a run
 
     def reset_progress(self) -> None:
         self.progress, self.step, self.total, self.level, self.levels, self.eta = 0.0, 0, 0, 0, 0, None
@@ -91,6 +94,15 @@ def effective_wrap(group) -> bool:
     return core.PRESETS[preset][2] if preset else group.wrap
 
 
+def _update_quality(group, context):
+    """Write the quality preset's settings (msd_core.settings.QUALITY) into the panel's fields."""
+    for name, value in core.QUALITY[group.quality.lower()][0].items():
+        setattr(group, name, value)
+
+
+_STANDARD = core.QUALITY[core.DEFAULT_QUALITY][0]
+
+
 class MSD_PanoramaSettings(PropertyGroup):
     prompt: StringProperty(name="Prompt", description="What the panorama shows")
     negative_prompt: StringProperty(name="Negative Prompt", description="What it should not show")
@@ -118,7 +130,13 @@ class MSD_PanoramaSettings(PropertyGroup):
     )
     seed: IntProperty(name="Seed", min=0, max=SEED_MAX, default=0)
     random_seed: BoolProperty(name="Random Seed", description="Use a new seed for every run", default=True)
-    steps: IntProperty(name="Steps", min=1, soft_max=150, default=50)
+    quality: EnumProperty(
+        name="Quality",
+        items=[(name.upper(), name.capitalize(), what) for name, (_, what) in core.QUALITY.items()],
+        default=core.DEFAULT_QUALITY.upper(),
+        update=_update_quality,
+    )
+    steps: IntProperty(name="Steps", min=1, soft_max=150, default=_STANDARD["steps"])
     guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale", min=0.0, soft_max=20.0, default=7.5)
     method: EnumProperty(
         name="Method",
@@ -136,7 +154,15 @@ class MSD_PanoramaSettings(PropertyGroup):
             ("refresh", "Refresh", "Closed-form gradient, then the guided window is denoised again (about 2×)"),
             ("fast", "Fast", "Closed-form gradient, one UNet call per window (as fast as MultiDiffusion, less memory)"),
         ],
-        default="exact",
+        default=_STANDARD["gradient"],
+    )
+    windows: EnumProperty(
+        name="Windows",
+        items=[
+            ("dense", "Dense", "Overlapping windows every 1/8 window (the paper's MultiDiffusion)"),
+            ("shifted", "Shifted", "Non-overlapping tiles at a new offset every step (a fraction of the work)"),
+        ],
+        default=_STANDARD["windows"],
     )
     scales: IntProperty(name="Levels", description="Pyramid levels (0 = automatic)", min=0, soft_max=6, default=0)
     target: EnumProperty(
@@ -175,6 +201,10 @@ class MSD_PanoramaSettings(PropertyGroup):
 
 def settings_from_scene(scene, prefs) -> GenerationSettings:
     """The GenerationSettings for the scene's panel values and the preferences; raises BadInput."""
+    return _scene_settings(scene, prefs).validate()
+
+
+def _scene_settings(scene, prefs) -> GenerationSettings:
     group = scene.msd_panorama
     seed = random.randint(0, SEED_MAX) if group.random_seed else group.seed
     return GenerationSettings(
@@ -187,6 +217,7 @@ def settings_from_scene(scene, prefs) -> GenerationSettings:
         model_config=_model_path(prefs.model_config.strip()) or None,
         method=group.method,
         gradient=group.gradient,
+        windows=group.windows,
         omega=group.omega,
         scales=group.scales or None,
         steps=group.steps,
@@ -197,7 +228,20 @@ def settings_from_scene(scene, prefs) -> GenerationSettings:
         hdr=group.hdr,
         hdr_knee=group.hdr_knee,
         hdr_peak=group.hdr_peak,
-    ).validate()
+    )
+
+
+def estimate_text(scene, prefs) -> str:
+    """The UNet work the panel's settings will take, in seconds once the worker has measured its rate;
+    empty when the settings are invalid or the model's window is unknown without loading it."""
+    settings = dataclasses.replace(_scene_settings(scene, prefs), prompt="estimate")
+    try:
+        work = plan.plan_without_model(settings, None, "float32").work()
+    except BadInput:
+        return ""
+    if run_state.ms_per_window:
+        return f"≈ {round(plan.estimated_seconds(work, run_state.ms_per_window))} s of sampling"
+    return f"{work['forwards']} UNet window passes + {work['backwards']} backward"
 
 
 def _model_path(text: str) -> str:
@@ -232,7 +276,7 @@ def _panel_values(settings: GenerationSettings) -> dict:
     return {
         "aspect": aspect, "width": settings.width, "height": settings.height, "wrap": settings.wrap,
         "prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "method": settings.method,
-        "gradient": settings.gradient, "omega": settings.omega, "scales": settings.scales or 0,
+        "gradient": settings.gradient, "windows": settings.windows, "omega": settings.omega, "scales": settings.scales or 0,
         "steps": settings.steps, "guidance": settings.guidance, "seed": settings.seed, "random_seed": False,
         "hdr": settings.hdr, "hdr_knee": settings.hdr_knee, "hdr_peak": settings.hdr_peak,
     }  # fmt: skip
@@ -258,7 +302,7 @@ SETTING_PLACES = {
     "negative": (_PANEL, "negative_prompt"),  # the CLI's --negative
     "width": (_PANEL, "width"), "height": (_PANEL, "height"), "wrap": (_PANEL, "wrap"),
     "seed": (_SAMPLER, "seed"), "steps": (_SAMPLER, "steps"), "guidance": (_SAMPLER, "guidance"),
-    "method": (_SAMPLER, "method"), "omega": (_SAMPLER, "omega"), "gradient": (_SAMPLER, "gradient"),
+    "method": (_SAMPLER, "method"), "omega": (_SAMPLER, "omega"), "gradient": (_SAMPLER, "gradient"), "windows": (_SAMPLER, "windows"),
     "scales": (_SAMPLER, "scales"), "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"),
     "hdr_peak": (_SAMPLER, "hdr_peak"),
     "model": (_PREFERENCES, "model"), "model_config": (_PREFERENCES, "model_config"),

@@ -44,7 +44,9 @@ Events (worker → client), each a JSON object with ``event`` and ``id`` (the re
   accepted   {}                                    the request passed validation
   loading    {model, warm, threads}                warm = the model was already loaded; threads:
                                                    torch's CPU threads for this run
-  progress   {step, total, level, levels, elapsed, eta}   step counts from 1; eta in seconds or null
+  progress   {step, total, level, levels, elapsed, eta, ms_per_window}
+                                                   step counts from 1; eta in seconds or null; ms_per_window:
+                                                   ms per UNet window forward measured after step 1 (null at 1)
   preview    {path, step, width, height}           a small PNG of the coarsest level's x0 estimate
   done       {output, exr, metadata, timings}      timings: {load, sample, decode, save, total} seconds;
                                                    exr: the HDR EXR's path with settings.hdr, else null

@@ -24,6 +24,9 @@ GRADIENTS = ("exact", "refresh", "fast")
 # sum of squares.
 OMEGA_LOSSES = ("projection", "mean", "sum")
 SCHEDULERS = ("ddim",)
+# "dense": windows every `stride` px (MultiDiffusion's overlap); "shifted": non-overlapping tiles whose
+# offset changes every step, so one step's tile edges are denoised inside the next step's tiles.
+WINDOW_MODES = ("dense", "shifted")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
@@ -33,6 +36,19 @@ PRESETS = {
     "strip": (4096, 1024, False, "the paper's 1:4 strip (1024×4096)"),
     "backdrop": (3072, 1024, False, "wide 3:1 backdrop, no wrap"),
 }
+
+# Quality presets: name → (settings it sets, what it is for). Explicit settings override them. UNet work
+# and layout coherence of each are measured by bench/presets.py (docs/speed.md).
+QUALITY = {
+    "draft": ({"windows": "shifted", "gradient": "exact", "steps": 25},
+              "half of Standard's work: the cheapest settings that keep the layout (the fast gradient loses it)"),
+    "standard": ({"windows": "shifted", "gradient": "exact", "steps": 50},
+                 "the default: shifted tiles, exact gradient, a fraction of Best's UNet work"),
+    "best": ({"windows": "dense", "gradient": "exact", "steps": 50},
+             "the paper's faithful settings: dense windows every window/8, exact gradient, DDIM 50"),
+}
+DEFAULT_QUALITY = "standard"
+_DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
 
 LATENT_FACTOR = 8  # pixels per latent pixel for Stable Diffusion's VAE
 
@@ -64,20 +80,22 @@ class GenerationSettings:
     model: str = DEFAULT_MODEL
     model_config: str | None = None  # for a single .safetensors file: a diffusers folder or repo id with the configs
     method: str = "msd"
-    gradient: str = "exact"
+    gradient: str = _DEFAULTS["gradient"]
     omega: float = 10.0
     omega_loss: str = "projection"
     scales: int | None = None  # pyramid levels; None = smallest count whose coarsest height fits a window
-    steps: int = 50
+    steps: int = _DEFAULTS["steps"]
     guidance: float = 7.5
     scheduler: str = "ddim"
     seed: int = 0
     window: int | None = None  # pixels; None = the model's native size (unet.config.sample_size · 8)
-    stride: int | None = None  # pixels; None = window / 8 (diffusers' MultiDiffusion: 8 latent px)
+    stride: int | None = None  # pixels; None = window / 8 (diffusers' MultiDiffusion: 8 latent px); dense only
+    windows: str = _DEFAULTS["windows"]  # WINDOW_MODES
     feather: bool = False  # feathered window weights instead of uniform ones
     view_batch: int | None = None  # windows per UNet call; None = chosen from free memory
     device: str = "auto"
     dtype: str = "auto"
+    compile: bool = False  # torch.compile the UNet: same results, faster only after minutes of compiling
     hdr: bool = False  # also write a linear OpenEXR with expanded highlights beside the PNG, for lighting
     hdr_knee: float = 0.8
     hdr_peak: float = 32.0
@@ -113,6 +131,10 @@ class GenerationSettings:
             _check_bool(name, getattr(self, name))
         _check_choice("method", self.method, METHODS)
         _check_choice("gradient", self.gradient, GRADIENTS)
+        _check_choice("windows", self.windows, WINDOW_MODES)
+        if self.stride is not None and self.windows != "dense":
+            raise BadInput(f"a stride applies to dense windows only; use windows 'dense' with stride {self.stride}, "
+                           f"or no stride with windows {self.windows!r}")
         _check_choice("omega_loss", self.omega_loss, OMEGA_LOSSES)
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)
         _check_choice("device", self.device, DEVICES)
@@ -134,6 +156,7 @@ class GenerationSettings:
         if self.model_config is not None:
             _check_text("model_config", self.model_config, required=True, limit=MAX_PATH)
         _check_bool("hdr", self.hdr)
+        _check_bool("compile", self.compile)
         _check_range("hdr_knee", self.hdr_knee, HDR_KNEE_RANGE, "the linear luminance where highlight expansion starts")
         _check_range("hdr_peak", self.hdr_peak, HDR_PEAK_RANGE, "the linear value white becomes; 1 = no expansion")
         return self
@@ -160,6 +183,13 @@ class GenerationSettings:
             raise BadInput(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         width, height, wrap, _ = PRESETS[preset]
         return dataclasses.replace(self, width=width, height=height, wrap=wrap)
+
+
+    def with_quality(self, quality: str) -> "GenerationSettings":
+        """Return a copy with the quality preset's settings (``QUALITY``)."""
+        if quality not in QUALITY:
+            raise BadInput(f"unknown quality {quality!r}; choose one of: {', '.join(QUALITY)}")
+        return dataclasses.replace(self, **QUALITY[quality][0])
 
 
 SCHEDULER_HINT = (

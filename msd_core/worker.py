@@ -343,6 +343,8 @@ class Worker:
 
     def _step_callback(self, job: Job, pipe: MSDPanoramaPipeline, preview_dir: Path):
         prefix = "" if job.preview_dir is None else f"msd-preview-{_file_safe(job.id)}-"
+        costs = pipe.check_inputs(job.settings).step_costs()  # window forwards per step
+        first_step_done = []  # elapsed at the end of step 1: later steps give the rate without warm-up
 
         def on_step(info) -> None:
             if info.level == 1 and job.preview_every and (info.step == 1 or info.step % job.preview_every == 0):
@@ -356,7 +358,15 @@ class Worker:
                     )
                 )
             if info.level == info.levels:  # once per step, after its finest level
-                eta = info.elapsed / info.step * (info.total - info.step)
+                seconds_per_window = None
+                if info.step == 1:
+                    first_step_done.append(info.elapsed)
+                else:
+                    seconds_per_window = (info.elapsed - first_step_done[0]) / sum(costs[1:info.step])
+                if seconds_per_window is None:
+                    eta = info.elapsed / info.step * (info.total - info.step)
+                else:
+                    eta = seconds_per_window * sum(costs[info.step:])
                 self.emit(
                     protocol.event(
                         "progress",
@@ -367,6 +377,7 @@ class Worker:
                         levels=info.levels,
                         elapsed=info.elapsed,
                         eta=eta,
+                        ms_per_window=None if seconds_per_window is None else 1000 * seconds_per_window,
                     )
                 )
 

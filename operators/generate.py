@@ -211,6 +211,7 @@ def _handle_event(context, job: Job, event: dict) -> str | None:
         run_state.step, run_state.total = event["step"], event["total"]
         run_state.level, run_state.levels = event["level"], event["levels"]
         run_state.eta = event.get("eta")
+        run_state.ms_per_window = event.get("ms_per_window") or run_state.ms_per_window
         run_state.progress = event["step"] / max(1, event["total"])
     elif name == "preview":
         _show_preview(event["path"])

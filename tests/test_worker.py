@@ -98,6 +98,8 @@ def test_generate_streams_progress_and_previews_then_writes_the_png(worker, tmp_
     assert all((p["total"], p["level"], p["levels"]) == (5, 2, 2) for p in progress)
     assert all(a["elapsed"] <= b["elapsed"] for a, b in zip(progress, progress[1:]))
     assert all(p["eta"] >= 0 for p in progress) and progress[-1]["eta"] == 0
+    # The UNet rate is measured from the end of step 1 on (step 1 holds the warm-up).
+    assert progress[0]["ms_per_window"] is None and all(p["ms_per_window"] > 0 for p in progress[1:])
 
     previews = of(events, request_id, "preview")
     assert [p["step"] for p in previews] == [1, 2, 4]  # the first step, then every 2nd
