@@ -8,7 +8,7 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from test_pipeline import BASE, TinyWindowPanorama
 from test_sampler import SmoothDenoiser
 
-from msd_core import sampler
+from msd_core import cli, sampler
 from msd_core.errors import BadInput
 from msd_core.models import sd_ddim_scheduler
 from msd_core.pipeline import MSDPanoramaPipeline
@@ -203,7 +203,9 @@ def test_multidiffusion_equals_diffusers_panorama_with_dpm_solver(pipe):
     the merge is affine, so that equals our per-level merged memory."""
     settings = dataclasses.replace(DPM, method="multidiffusion")
     initial = pipe.initial_latents(pipe.check_inputs(settings), settings.seed)
-    ours = pipe(settings, latents=initial, decode=False).latents
+    result = pipe(settings, latents=initial, decode=False)
+    ours = result.latents
+    assert result.metadata["scheduler"] == "dpmpp-2m"
     c = pipe.components
     reference = TinyWindowPanorama(
         vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
@@ -241,3 +243,10 @@ def test_msd_with_the_solver_follows_the_coarse_level(pipe, gradient):
 def test_unknown_scheduler_is_refused_with_the_choices():
     with pytest.raises(BadInput, match="ddim, dpmpp-2m.*DPM-Solver"):
         GenerationSettings(prompt="x", scheduler="euler-a").validate()
+
+
+def test_cli_scheduler_option_reaches_the_settings():
+    args = cli.build_parser().parse_args(["generate", "a fjord", "-o", "x.png", "--scheduler", "dpmpp-2m", "--steps", "20"])
+    settings = cli.settings_from_args(args)
+    assert (settings.scheduler, settings.steps) == ("dpmpp-2m", 20)
+    assert cli.settings_from_args(cli.build_parser().parse_args(["generate", "a fjord", "-o", "x.png"])).scheduler == "ddim"
