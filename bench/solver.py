@@ -2,10 +2,11 @@
 MultiDiffusion and every MSD gradient mode, on the analytic horizon prior (coherent fraction; distance to
 the sampling ODE's solution) and on the tiny SD model (cross-scale discrepancy along the trajectory).
 
-    .venv/bin/python bench/solver.py --quick    # 12 seeds, 64×64 only, no exact gradient   (≈ 3 min)
+    .venv/bin/python bench/solver.py --quick    # 12 seeds, 64×64 only, no exact gradient   (≈ 6 min)
     .venv/bin/python bench/solver.py            # 24 seeds, 64×64 and 64×128 wrap          (≈ 25 min on 2 cores)
+    .venv/bin/python bench/solver.py --only omega    # one part: horizon, ode, omega (the ω sweep) or tiny
 
-Writes bench/results/solver.json (--quick: solver-quick.json).
+Writes bench/results/solver.json (--quick: solver-quick.json; --only PART: solver-PART.json).
 """
 
 from __future__ import annotations
@@ -24,9 +25,15 @@ from msd_core.sampler import cross_scale_discrepancy
 from msd_core.settings import GenerationSettings
 
 SOLVERS = (("ddim", 50), ("ddim", 20), ("dpmpp-2m", 15), ("dpmpp-2m", 20), ("dpmpp-2m", 25), ("dpmpp-2m", 30))
-REFERENCE = ("ddim", 500)  # stands in for the exact solution of the sampling ODE
+# Stand in for the exact solution of the sampling ODE. DPM++ runs from t = 999 to σ = 0; DDIM starts later
+# (981 for 50 steps) and stops at ᾱ_0 < 1, so each solver is measured against both.
+REFERENCES = (("dpmpp-2m", 500), ("ddim", 500))
 GRADIENTS = ("exact", "refresh", "fast")
 SHAPES = ((64, 64, False), (64, 128, True))
+
+
+def print_header(scheduler: str, steps: int) -> None:
+    print(f"\n{scheduler}, {steps} steps\n" + "\n".join(markdown_table([], COLUMNS).splitlines()[:2]))
 
 
 def horizon_part(quick: bool) -> list[dict]:
@@ -37,7 +44,7 @@ def horizon_part(quick: bool) -> list[dict]:
     print(f"\nhorizon prior: {len(seeds)} seeds, window 16, stride 4, ω = 10 (projection)")
     for height, width, wrap in SHAPES[:1] if quick else SHAPES:
         for scheduler, steps in SOLVERS:
-            print(f"\n{scheduler}, {steps} steps\n" + "\n".join(markdown_table([], COLUMNS).splitlines()[:2]))
+            print_header(scheduler, steps)
             run = dict(wrap=wrap, scheduler=scheduler)
             rows.append(run_config(prior, "wide", height, width, seeds, steps, **run))
             for gradient in gradients:
@@ -45,17 +52,34 @@ def horizon_part(quick: bool) -> list[dict]:
     return rows
 
 
+def omega_sweep(quick: bool) -> list[dict]:
+    """Does ω's cosine decay need retuning for fewer steps? ω_t depends on t only, but the number of
+    guidance steps per unit of t grows with the step count: sweep ω for both solvers."""
+    seeds, prior, rows = list(range(12 if quick else 24)), HorizonPrior(horizons=WIDE_PRIOR), []
+    for scheduler, steps in (SOLVERS[0], SOLVERS[3]):
+        print_header(scheduler, steps)
+        for omega in (2.5, 5.0, 10.0):
+            rows.append(run_config(prior, "wide", 64, 128, seeds, steps, wrap=True, omega=omega, gradient="refresh",
+                                   scheduler=scheduler))
+    return rows
+
+
 def ode_error_part(quick: bool) -> list[dict]:
     """MultiDiffusion (ω = 0) is a deterministic ODE with the merged denoiser, so a solver's accuracy is its
-    distance to that ODE's solution from the same noise: RMS over pixels against DDIM with 500 steps."""
+    distance to that ODE's solution from the same noise: RMS over pixels against each of ``REFERENCES``."""
     seeds = list(range(12 if quick else 24))
     prior = HorizonPrior(horizons=WIDE_PRIOR)
-    reference, _ = sample_panoramas(prior, 64, 64, seeds, scheduler=REFERENCE[0], steps=REFERENCE[1])
+
+    def sample(scheduler, steps):
+        return sample_panoramas(prior, 64, 64, seeds, scheduler=scheduler, steps=steps)[0]
+
+    references = {f"{scheduler} {steps}": sample(scheduler, steps) for scheduler, steps in REFERENCES}
     rows = []
-    for scheduler, steps in SOLVERS:
-        images, _ = sample_panoramas(prior, 64, 64, seeds, scheduler=scheduler, steps=steps)
-        row = {"scheduler": scheduler, "steps": steps, "seeds": len(seeds), "reference": f"{REFERENCE[0]} {REFERENCE[1]}",
-               "rms_error": float((images - reference).pow(2).mean().sqrt())}
+    for scheduler, steps in (*SOLVERS, *REFERENCES):
+        images = sample(scheduler, steps)
+        row = {"scheduler": scheduler, "steps": steps, "seeds": len(seeds), **{
+            f"rms_error_vs_{name}": float((images - reference).pow(2).mean().sqrt()) for name, reference in references.items()
+        }}
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -93,19 +117,19 @@ def tiny_model_part(quick: bool) -> list[dict]:
     return rows
 
 
+PARTS = {"horizon": horizon_part, "ode": ode_error_part, "omega": omega_sweep, "tiny": tiny_model_part}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer seeds and configurations (a few minutes)")
-    parser.add_argument("--skip-tiny", action="store_true", help="only the horizon prior")
+    parser.add_argument("--only", choices=PARTS, help="run one part (written to solver-PART.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small float64 tensors: one thread is fastest and fair to a busy machine
-    env = environment()
-    horizon_rows = horizon_part(args.quick)
-    print("\n" + markdown_table(horizon_rows, ["scheduler", "steps", *COLUMNS]))
-    ode_rows = ode_error_part(args.quick)
-    tiny_rows = [] if args.skip_tiny else tiny_model_part(args.quick)
-    write_json("solver-quick" if args.quick else "solver",
-               {"environment": env, "horizon": horizon_rows, "ode_error": ode_rows, "tiny_model": tiny_rows})
+    results = {"environment": environment()}
+    for name in [args.only] if args.only else ("horizon", "ode", "tiny"):
+        results[name] = PARTS[name](args.quick)
+    write_json(f"solver-{args.only}" if args.only else "solver-quick" if args.quick else "solver", results)
 
 
 if __name__ == "__main__":

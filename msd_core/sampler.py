@@ -76,6 +76,15 @@ def ddim_schedule(scheduler, steps: int) -> list[DDIMTimestep]:
     return schedule
 
 
+def predicted_x0(sample: torch.Tensor, model_output: torch.Tensor, alpha: float, sigma: float, prediction_type: str):
+    """The model's x₀ estimate at a timestep where x = α x₀ + σ ε (α = √ᾱ, σ = √(1−ᾱ))."""
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output
+    raise ValueError(f"unsupported prediction type {prediction_type!r} (epsilon or v_prediction)")
+
+
 def ddim_step(
     sample: torch.Tensor, model_output: torch.Tensor, step: DDIMTimestep, prediction_type: str = "epsilon"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,15 +93,9 @@ def ddim_step(
     Same arithmetic as diffusers' DDIMScheduler.step with clip_sample and thresholding off, but pure:
     it keeps no state, so every window (and every pyramid level) can be stepped independently.
     """
-    alpha, alpha_prev = step.alpha, step.alpha_prev
-    if prediction_type == "epsilon":
-        eps = model_output
-        x0 = (sample - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha)
-    elif prediction_type == "v_prediction":
-        x0 = math.sqrt(alpha) * sample - math.sqrt(1 - alpha) * model_output
-        eps = math.sqrt(alpha) * model_output + math.sqrt(1 - alpha) * sample
-    else:
-        raise ValueError(f"unsupported prediction type {prediction_type!r} (epsilon or v_prediction)")
+    signal, noise, alpha_prev = math.sqrt(step.alpha), math.sqrt(1 - step.alpha), step.alpha_prev
+    x0 = predicted_x0(sample, model_output, signal, noise, prediction_type)
+    eps = model_output if prediction_type == "epsilon" else signal * model_output + noise * sample
     return math.sqrt(alpha_prev) * x0 + math.sqrt(1 - alpha_prev) * eps, x0
 
 
@@ -140,7 +143,9 @@ class DPMTimestep:
 
 def dpm_solver_schedule(config, steps: int) -> list[DPMTimestep]:
     """The steps of diffusers' DPMSolverMultistepScheduler for ``steps`` inference steps, built from a
-    scheduler config (training betas, prediction type, timestep spacing and offset are taken from it).
+    scheduler config as ``from_config`` does: the betas and prediction type come from the config, and so
+    do settings it names explicitly; SD's configs name no timestep spacing, so it is DPM's "linspace"
+    (t = 999 down to ~1000/steps, then σ = 0), not DDIM's "leading".
 
     The solver is DPM-Solver++ (2M) with diffusers' defaults: data prediction, second order, midpoint
     rule, first order at the first step and (final σ = 0, ``lower_order_final``) at the last one.
@@ -163,15 +168,6 @@ def dpm_solver_schedule(config, steps: int) -> list[DPMTimestep]:
         ratio = float((lambdas[i] - lambdas[i - 1]) / (lambdas[i + 1] - lambdas[i])) if second_order else None
         schedule.append(DPMTimestep(int(t), float(alphas[i]), float(sigmas[i]), float(alphas[i + 1]), float(sigmas[i + 1]), ratio))
     return schedule
-
-
-def predicted_x0(sample: torch.Tensor, model_output: torch.Tensor, alpha: float, sigma: float, prediction_type: str):
-    """The model's x₀ estimate at a timestep where x = α x₀ + σ ε."""
-    if prediction_type == "epsilon":
-        return (sample - sigma * model_output) / alpha
-    if prediction_type == "v_prediction":
-        return alpha * sample - sigma * model_output
-    raise ValueError(f"unsupported prediction type {prediction_type!r} (epsilon or v_prediction)")
 
 
 def dpm_solver_step(
