@@ -12,7 +12,7 @@ from msd_core import cli, sampler
 from msd_core.errors import BadInput
 from msd_core.models import sd_ddim_scheduler
 from msd_core.pipeline import MSDPanoramaPipeline
-from msd_core.sampler import DPMTimestep, dpm_solver_schedule, dpm_solver_step
+from msd_core.sampler import DPMTimestep, cross_scale_discrepancy, dpm_solver_schedule, dpm_solver_step
 from msd_core.settings import GenerationSettings
 from msd_core.windows import WindowGrid, downsample
 
@@ -39,6 +39,7 @@ def test_dpm_step_equals_diffusers(prediction_type, steps):
     schedule = dpm_solver_schedule(sd_ddim_scheduler(prediction_type).config, steps)
     reference = diffusers_dpm(prediction_type, steps)
     assert [step.t for step in schedule] == reference.timesteps.tolist()
+    assert schedule[0].t == 999  # SD's config names no spacing: DPM's own "linspace", not DDIM's "leading"
     assert [step.ratio is None for step in schedule] == [True] + [False] * (steps - 2) + [True]
     generator = torch.Generator().manual_seed(0)
     sample, previous_x0 = torch.randn(2, 4, 8, 8, generator=generator), None
@@ -224,7 +225,6 @@ def test_multidiffusion_equals_diffusers_panorama_with_dpm_solver(pipe):
 @pytest.mark.parametrize("gradient", ["exact", "refresh", "fast"])
 def test_msd_with_the_solver_follows_the_coarse_level(pipe, gradient):
     """Every gradient mode runs with DPM-Solver++ and pulls the finer level towards the coarser one."""
-    from msd_core.sampler import cross_scale_discrepancy
 
     def mean_gap(omega):
         levels, gaps = {}, []
