@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--model-config", help="for a single .safetensors file: folder or Hugging Face id with its configs")
     sampling.add_argument("--steps", type=int, help="denoising steps (default: the quality preset's)")
     sampling.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    sampling.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler (DDIM, as in the paper)")
+    sampling.add_argument("--scheduler", choices=SCHEDULERS, default="ddim",
+                          help="ddim = DDIM, as in the paper (default); dpmpp-2m = DPM-Solver++ (2M), a multistep solver "
+                               "that needs fewer --steps for the same quality (docs/solver.md)")
     sampling.add_argument("--seed", type=int, help="random seed (default: a new one, printed and stored in the PNG)")
 
     device = gen.add_argument_group("device")

@@ -19,8 +19,8 @@ from .sampler import (
     Interrupt,
     LevelResult,
     cosine_decay,
-    ddim_schedule,
     msd_step,
+    solver_schedule,
 )
 from .settings import GenerationSettings
 from .windows import feathered_weights
@@ -147,8 +147,9 @@ class MSDPanoramaPipeline:
         # 2. Encode the prompt.
         embeddings = self.encode_prompt(settings.prompt, settings.negative_prompt, settings.guidance)
         denoise = self.make_denoiser(embeddings, settings.guidance)
-        # 3. Timesteps.
-        schedule = ddim_schedule(self.scheduler, settings.steps)
+        # 3. Timesteps of the chosen solver (a multistep one remembers each level's x₀ of the last step).
+        schedule = solver_schedule(settings.scheduler, self.scheduler, settings.steps)
+        x0_history = [None] * plan.levels
         train_steps = self.scheduler.config.num_train_timesteps
         # 4. Initial latents (float32: the merge averages in full precision; the UNet casts).
         if latents is None:
@@ -171,7 +172,7 @@ class MSDPanoramaPipeline:
                     latents, plan.grids_at(index), step, denoise, omega * cosine_decay(step.t, train_steps),
                     gradient=settings.gradient, omega_loss=settings.omega_loss,
                     prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
-                    weights=weights, interrupt=interrupt, on_level=on_level,
+                    weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
                 )
         sampled = time.perf_counter()
         # 6. Decode.

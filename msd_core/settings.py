@@ -23,10 +23,11 @@ GRADIENTS = ("exact", "refresh", "fast")
 # way onto the coarser level at the first step; "mean" is the literal mean-reduced MSE, "sum" the
 # sum of squares.
 OMEGA_LOSSES = ("projection", "mean", "sum")
-SCHEDULERS = ("ddim",)
 # "dense": windows every `stride` px (MultiDiffusion's overlap); "shifted": non-overlapping tiles whose
 # offset changes every step, so one step's tile edges are denoised inside the next step's tiles.
 WINDOW_MODES = ("dense", "shifted")
+# ddim: the paper's sampler; dpmpp-2m: DPM-Solver++ (2M), multistep, fewer steps (docs/solver.md).
+SCHEDULERS = ("ddim", "dpmpp-2m")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
@@ -193,8 +194,9 @@ class GenerationSettings:
 
 
 SCHEDULER_HINT = (
-    "MSD steps every window independently, so it needs a single-step deterministic scheduler; "
-    "multistep ones (PNDM, DPM-Solver, UniPC) and stochastic ones (DDPM, ancestral) are not supported"
+    "MSD steps every window independently with a deterministic solver whose memory it keeps per pyramid "
+    "level: DDIM or DPM-Solver++ (2M); stochastic ones (DDPM, ancestral, SDE) and other multistep ones "
+    "(PNDM, UniPC) are not supported"
 )
 
 
