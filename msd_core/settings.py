@@ -134,8 +134,9 @@ class GenerationSettings:
         _check_choice("gradient", self.gradient, GRADIENTS)
         _check_choice("windows", self.windows, WINDOW_MODES)
         if self.stride is not None and self.windows != "dense":
-            raise BadInput(f"a stride applies to dense windows only; use windows 'dense' with stride {self.stride}, "
-                           f"or no stride with windows {self.windows!r}")
+            raise BadInput("a {field} applies to dense windows only; use windows 'dense' with stride {stride}, "
+                           "or no stride with windows {windows!r}", field="stride", stride=self.stride,
+                           windows=self.windows)
         _check_choice("omega_loss", self.omega_loss, OMEGA_LOSSES)
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)
         _check_choice("device", self.device, DEVICES)

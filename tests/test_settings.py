@@ -24,7 +24,8 @@ def validate(**changes):
         ({"seed": 1.5}, "seed"), ({"seed": 2**63}, "seed"), ({"wrap": "yes"}, "wrap"), ({"feather": 0}, "feather"),
         ({"model_config": 3}, "model_config"), ({"model_config": ""}, "model_config"), ({"model": None}, "model"),
         ({"prompt": "a\x00b"}, "prompt"), ({"prompt": "x" * 10001}, "prompt"), ({"negative_prompt": b"x"}, "negative_prompt"),
-        ({"method": ["msd"]}, "method"), ({"device": None}, "device"), ({"stride": 24, "scales": 3}, "stride"),
+        ({"method": ["msd"]}, "method"), ({"device": None}, "device"), ({"stride": 24, "scales": 3, "windows": "dense"}, "stride"),
+        ({"stride": 16}, "stride"),
     ],
 )  # fmt: skip
 def test_each_bad_value_is_refused_naming_its_field(changes, field):
@@ -38,8 +39,8 @@ def test_each_bad_value_is_refused_naming_its_field(changes, field):
 def test_the_limits_themselves_are_accepted():
     validate(width=16384, height=8192, steps=1000, omega=1000, guidance=100, view_batch=1024, seed=2**63 - 1)
     validate(prompt="line one\nline two\ttabbed", negative_prompt="", model_config=None)
-    validate(stride=8, scales=1)  # one level: any multiple of 8
-    validate(stride=8)  # levels not known yet: the pipeline checks the stride once it has resolved them
+    validate(stride=8, scales=1, windows="dense")  # one level: any multiple of 8
+    validate(stride=8, windows="dense")  # levels not known yet: the pipeline checks the stride once it has resolved them
 
 
 def test_messages_are_rendered_with_each_front_ends_names():
