@@ -171,7 +171,7 @@ class WorkerClient:
         """Write one request. If the worker is gone this does nothing: a "died" event reports it."""
         if self._process is None:
             raise RuntimeError("the worker is not started; call start() first")
-        if message.get("op") == "generate":
+        if message.get("op") in protocol.RUN_OPS:
             with self._state_lock:
                 self._unfinished.append(message.get("id"))
         line = protocol.encode(message)
@@ -205,6 +205,15 @@ class WorkerClient:
                 preview_dir=None if preview_dir is None else os.path.abspath(preview_dir),
             )
         )
+        return request_id
+
+    def variations(self, settings: GenerationSettings | dict, output, count: int, *, overwrite: bool = False) -> str:
+        """Queue ``count`` drafts (seeds seed, seed+1, …) written beside ``output`` as ``*_v01.png``, …;
+        returns the request's id."""
+        data = settings.to_dict() if isinstance(settings, GenerationSettings) else dict(settings)
+        request_id = _new_id()
+        self.send(protocol.request("variations", request_id, settings=data, count=count,
+                                   output=os.path.abspath(output), overwrite=overwrite))
         return request_id
 
     def cancel(self, request_id) -> None:

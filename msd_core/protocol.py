@@ -5,6 +5,7 @@ worker, the client and the Blender add-on all import it.
 Requests (client → worker), each a JSON object with ``op``:
   {"op": "generate", "id": ID, "settings": {...GenerationSettings...}, "output": PATH,
    "overwrite": false, "preview_every": 5, "preview_dir": PATH|null}
+  {"op": "variations", "id": ID, "settings": {...}, "count": N, "output": PATH, "overwrite": false}
   {"op": "cancel", "id": ID}           stop the generate request ID at its next window batch
   {"op": "ping", "id": ID}             answered with a "pong" event
   {"op": "shutdown", "id": ID}         the worker answers "bye" and exits 0
@@ -17,6 +18,13 @@ Requests (client → worker), each a JSON object with ``op``:
     ("msd-preview-<id>-step-0005.png") belong to the client; null = a folder the worker owns, where a
     request's previews are deleted when it fails or is cancelled, when the next request starts, and
     when the worker exits. Requests that arrive while one runs are queued and run in order.
+  variations: N drafts (1 ≤ N ≤ 16) of the panorama ``settings`` describes, with seeds seed, seed+1,
+    …, at draft size (msd_core.variations.draft_size: the short side one model window, the aspect
+    kept; levels automatic, no HDR). Variation i (0-based) is written to ``output`` with "_v01",
+    "_v02", … before ".png" (none of them may exist unless ``overwrite``), with its metadata, and
+    reported by a "variation" event as soon as it is written. They run one after the other in the
+    request, so the first arrives after 1/N of the time; cancel stops the rest (the files already
+    reported stay). No previews.
   cancel: a queued request ends at once, a running one at its next window batch, both with error
     kind "cancelled" and no output file. A cancel for an id that is neither running nor queued (for
     example one that has just finished) is ignored.
@@ -32,15 +40,21 @@ Events (worker → client), each a JSON object with ``event`` and ``id`` (the re
   loading    {model, warm}                         warm = the model was already loaded
   progress   {step, total, level, levels, elapsed, eta}   step counts from 1; eta in seconds or null
   preview    {path, step, width, height}           a small PNG of the coarsest level's x0 estimate
+  variation  {index, seed, path, width, height}   one finished draft of a variations request
   done       {output, exr, metadata, timings}      timings: {load, sample, decode, save, total} seconds;
                                                    exr: the HDR EXR's path with settings.hdr, else null
   error      {kind, message}                       kind is one of ERROR_KINDS
   pong       {}
   bye        {}
 
+  done of a variations request: {outputs, timings} (the N files in order; timings {load, total}).
+  Its progress events also carry {variation, count} (step and total count within the variation;
+  eta covers all variations).
+
   A generate request's events come in this order: accepted, loading, then progress and preview
   (progress once per step, step increasing), then exactly one of done or error. A request rejected
-  by validation gets only its error. Error kinds: bad_input (invalid request or settings; nothing
+  by validation gets only its error. A variations request's: accepted, loading, then progress and
+  one "variation" per draft (index increasing), then done or error. Error kinds: bad_input (invalid request or settings; nothing
   was started or written), model_not_found, out_of_memory (the message suggests what to reduce),
   cancelled, internal (an unexpected failure; a one-line message, the traceback is on stderr).
   The worker keeps running after every error.
@@ -58,8 +72,10 @@ import json
 
 PROTOCOL_VERSION = 1
 
-REQUEST_OPS = ("generate", "cancel", "ping", "shutdown")
-EVENTS = ("ready", "accepted", "loading", "progress", "preview", "done", "error", "pong", "bye")
+REQUEST_OPS = ("generate", "variations", "cancel", "ping", "shutdown")
+# The requests that run (queued, one at a time, ending with one of FINAL_EVENTS).
+RUN_OPS = ("generate", "variations")
+EVENTS = ("ready", "accepted", "loading", "progress", "preview", "variation", "done", "error", "pong", "bye")
 # "died" is produced by the client, never by the worker: the worker process ended unexpectedly.
 ERROR_KINDS = ("bad_input", "model_not_found", "out_of_memory", "cancelled", "internal", "died")
 # After one of these events a generate request is over.
@@ -67,6 +83,7 @@ FINAL_EVENTS = ("done", "error")
 # The fields a generate request may have besides "op" and "id", and the default preview interval.
 GENERATE_FIELDS = ("settings", "output", "overwrite", "preview_every", "preview_dir")
 DEFAULT_PREVIEW_EVERY = 5
+VARIATIONS_FIELDS = ("settings", "count", "output", "overwrite")
 
 
 class ProtocolError(ValueError):

@@ -14,6 +14,7 @@ one after the other. The loaded pipeline stays warm between requests with the sa
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import importlib.metadata
 import logging
@@ -44,7 +45,7 @@ PROTOCOL_STREAM = _take_stdout() if __name__ == "__main__" else None
 
 import torch  # noqa: E402
 
-from . import __version__, models, protocol  # noqa: E402
+from . import __version__, models, protocol, variations  # noqa: E402
 from .errors import BadInput, Cancelled, MSDError  # noqa: E402
 from .output import check_output_path, save_exr, save_png  # noqa: E402
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
@@ -59,7 +60,7 @@ OOM_PHRASES = ("out of memory", "can't allocate memory")
 
 @dataclass
 class Job:
-    """One accepted generate request."""
+    """One accepted generate or variations request."""
 
     id: str | int
     settings: GenerationSettings
@@ -68,6 +69,7 @@ class Job:
     preview_every: int
     preview_dir: Path | None  # None: the worker's own temporary folder
     interrupt: threading.Event = field(default_factory=threading.Event)
+    variations: int = 0  # > 0: a variations request making that many drafts
 
 
 class EventWriter:
@@ -133,7 +135,7 @@ class Worker:
         op = message.get("op")
         if op == "ping":
             self.emit(protocol.event("pong", request_id))
-        elif op == "generate":
+        elif op in protocol.RUN_OPS:
             self.submit(message)
         elif op == "cancel":
             self.cancel(request_id)
@@ -144,10 +146,10 @@ class Worker:
             self._error(request_id, "bad_input", f"{problem}; expected one of: {', '.join(protocol.REQUEST_OPS)}")
 
     def submit(self, message: dict) -> None:
-        """Validate a generate request and queue it; "accepted" or the error is sent at once."""
+        """Validate a generate or variations request and queue it; "accepted" or the error is sent at once."""
         request_id = message.get("id")
         try:
-            job = parse_generate(message)
+            job = parse_variations(message) if message.get("op") == "variations" else parse_generate(message)
         except BadInput as exc:
             self._error(request_id, "bad_input", str(exc))
             return
@@ -220,20 +222,8 @@ class Worker:
         preview_dir = self._preview_root / f"job-{self._job_count}" if own_previews else job.preview_dir
         try:
             pipe, load_seconds = self._pipeline_for(job)
-            result = pipe(job.settings, callback=self._step_callback(job, pipe, preview_dir), interrupt=job.interrupt)
-            if job.interrupt.is_set():  # cancelled after the last window batch: still write nothing
-                raise Cancelled("generation cancelled")
-            saving = time.perf_counter()
-            output = pipe.save(result, job.output, overwrite=job.overwrite)
-            exr = None
-            if job.settings.hdr:
-                exr = save_exr(result.image, output, result.metadata, knee=job.settings.hdr_knee,
-                               peak=job.settings.hdr_peak, overwrite=job.overwrite)
-            now = time.perf_counter()
-            timings = {"load": load_seconds, **result.timings, "save": now - saving, "total": now - started}
-            self.emit(protocol.event(
-                "done", job.id, output=str(output), exr=None if exr is None else str(exr), metadata=result.metadata, timings=timings
-            ))
+            run = self._run_variations if job.variations else self._run_panorama
+            run(job, pipe, load_seconds, started, preview_dir)
             error = None
         except MSDError as exc:  # Cancelled, BadInput, ModelNotFound, ...
             error = (exc.kind, str(exc))
@@ -255,6 +245,44 @@ class Worker:
                 _free_accelerator_memory()
             self._error(job.id, *error)  # after the clean-up: when the client reads it, the files are gone
 
+    def _run_panorama(self, job: Job, pipe: MSDPanoramaPipeline, load_seconds: float, started: float,
+                      preview_dir: Path) -> None:
+        result = pipe(job.settings, callback=self._step_callback(job, pipe, preview_dir), interrupt=job.interrupt)
+        if job.interrupt.is_set():  # cancelled after the last window batch: still write nothing
+            raise Cancelled("generation cancelled")
+        saving = time.perf_counter()
+        output = pipe.save(result, job.output, overwrite=job.overwrite)
+        exr = None
+        if job.settings.hdr:
+            exr = save_exr(result.image, output, result.metadata, knee=job.settings.hdr_knee,
+                           peak=job.settings.hdr_peak, overwrite=job.overwrite)
+        now = time.perf_counter()
+        timings = {"load": load_seconds, **result.timings, "save": now - saving, "total": now - started}
+        self.emit(protocol.event(
+            "done", job.id, output=str(output), exr=None if exr is None else str(exr), metadata=result.metadata, timings=timings
+        ))
+
+    def _run_variations(self, job: Job, pipe: MSDPanoramaPipeline, load_seconds: float, started: float,
+                        preview_dir: Path) -> None:
+        """The drafts one after the other (not batched through the UNet together: one by one, each is
+        on disk and reported after 1/N of the time, and a cancel keeps the ones already made)."""
+        draft = variations.draft_settings(job.settings, pipe.unet.config.sample_size * pipe.factor)
+        outputs = []
+        sampling = time.perf_counter()
+        for index in range(job.variations):
+            settings = dataclasses.replace(draft, seed=draft.seed + index)
+            on_step = self._step_callback(job, pipe, preview_dir, variation=index,
+                                          earlier=time.perf_counter() - sampling)
+            result = pipe(settings, callback=on_step, interrupt=job.interrupt)
+            if job.interrupt.is_set():
+                raise Cancelled("generation cancelled")
+            path = pipe.save(result, variations.variation_path(job.output, index), overwrite=job.overwrite)
+            outputs.append(str(path))
+            self.emit(protocol.event("variation", job.id, index=index, seed=settings.seed, path=str(path),
+                                     width=result.image.width, height=result.image.height))
+        timings = {"load": load_seconds, "total": time.perf_counter() - started}
+        self.emit(protocol.event("done", job.id, outputs=outputs, timings=timings))
+
     def _pipeline_for(self, job: Job) -> tuple[MSDPanoramaPipeline, float]:
         """The warm pipeline if the key matches, else a freshly loaded one (the old one dropped first)."""
         key = MSDPanoramaPipeline.key_for(job.settings)
@@ -269,8 +297,12 @@ class Worker:
         self._pipeline = MSDPanoramaPipeline.from_settings(job.settings)
         return self._pipeline, time.perf_counter() - started
 
-    def _step_callback(self, job: Job, pipe: MSDPanoramaPipeline, preview_dir: Path):
+    def _step_callback(self, job: Job, pipe: MSDPanoramaPipeline, preview_dir: Path, variation: int | None = None,
+                       earlier: float = 0.0):
+        """Previews and progress of one pipeline run; for a variation, progress also names it, and
+        ``earlier`` (seconds the earlier variations took) lets the eta cover all of them."""
         prefix = "" if job.preview_dir is None else f"msd-preview-{_file_safe(job.id)}-"
+        extra = {} if variation is None else {"variation": variation, "count": job.variations}
 
         def on_step(info) -> None:
             if info.level == 1 and job.preview_every and (info.step == 1 or info.step % job.preview_every == 0):
@@ -284,7 +316,9 @@ class Worker:
                     )
                 )
             if info.level == info.levels:  # once per step, after its finest level
-                eta = info.elapsed / info.step * (info.total - info.step)
+                steps_done = (variation or 0) * info.total + info.step
+                steps_left = max(1, job.variations) * info.total - steps_done
+                eta = (earlier + info.elapsed) / steps_done * steps_left
                 self.emit(
                     protocol.event(
                         "progress",
@@ -295,6 +329,7 @@ class Worker:
                         levels=info.levels,
                         elapsed=info.elapsed,
                         eta=eta,
+                        **extra,
                     )
                 )
 
@@ -342,6 +377,22 @@ def parse_generate(message: dict) -> Job:
         preview_every=preview_every,
         preview_dir=preview_dir,
     )
+
+
+def parse_variations(message: dict) -> Job:
+    """A validated Job from a variations request, or BadInput naming the first problem."""
+    unknown = sorted(set(message) - {"op", "id", *protocol.VARIATIONS_FIELDS})
+    if unknown:
+        raise BadInput(f"unknown field(s) in the variations request: {', '.join(unknown)}")
+    if "count" not in message:
+        raise BadInput(f"the variations request has no 'count' (1 to {variations.MAX_VARIATIONS})")
+    count = variations.check_count(message["count"])
+    fields = {key: message[key] for key in ("id", "settings", "output", "overwrite") if key in message}
+    job = parse_generate({"op": "generate", **fields, "preview_every": 0})
+    variations.check_seeds(job.settings.seed, count)
+    for index in range(count):
+        check_output_path(variations.variation_path(job.output, index), job.overwrite)
+    return dataclasses.replace(job, variations=count)
 
 
 def main() -> int:
