@@ -12,6 +12,7 @@ from bpy.types import PropertyGroup
 from .msd_core import settings as core
 from .msd_core.errors import BadInput
 from .msd_core.settings import GenerationSettings
+from .msd_core.variations import MAX_VARIATIONS
 
 # Aspect enum item → msd_core preset name.
 ASPECT_PRESETS = {"WORLD_360": "360", "STRIP": "strip", "BACKDROP": "backdrop"}
@@ -154,6 +155,10 @@ class MSD_PanoramaSettings(PropertyGroup):
     world_strength: FloatProperty(name="Strength", min=0.0, soft_max=10.0, default=1.0)
     world_rotation: FloatProperty(name="Rotation", subtype='ANGLE', soft_min=-math.pi, soft_max=math.pi, default=0.0)
     backdrop_strength: FloatProperty(name="Strength", min=0.0, soft_max=10.0, default=1.0)
+    variation_count: IntProperty(
+        name="Variations", description="How many drafts Generate Variations makes (consecutive seeds)",
+        min=1, max=MAX_VARIATIONS, default=4,
+    )
     hdr: BoolProperty(
         name="HDR (EXR)",
         description="Also write a linear OpenEXR beside the PNG whose bright highlights (sun, sky) are expanded, "

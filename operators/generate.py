@@ -9,6 +9,7 @@ The result is imported only when the worker reports "done"; until then the scene
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import bpy
 from bpy.app.handlers import persistent
@@ -46,6 +47,8 @@ class Job:
     backdrop_strength: float
     world_before: str | None = None  # the scene's world when a live preview replaced it
     cancel_requested: bool = False
+    # Another kind of run (operators/variations.py) handles its events instead of handle_event.
+    on_event: Callable[..., str | None] | None = None
 
 
 class WorkerSession:
@@ -78,8 +81,10 @@ class WorkerSession:
 session = WorkerSession()
 
 
-def start_generation(context) -> Job:
-    """Validate the panel's settings and send them to the worker; raises MSDError with a clear message."""
+def start_generation(context, send: Callable[[WorkerClient, GenerationSettings], tuple[str, str]] | None = None) -> Job:
+    """Validate the panel's settings and send them to the worker; raises MSDError with a clear message.
+
+    ``send(client, settings) -> (request id, output)`` sends another kind of request instead of generate."""
     if session.busy:
         raise BadInput("a panorama is already being generated; wait for it or cancel it")
     prefs = get_preferences(context)
@@ -97,9 +102,11 @@ def start_generation(context) -> Job:
     except MSDError:
         run_state.status = "ERROR"
         raise
-    output = unique_output_path(output_folder(prefs), settings.seed)
-    preview_dir = _empty_preview_folder()
-    request_id = client.generate(settings, output, preview_every=PREVIEW_EVERY, preview_dir=preview_dir)
+    if send is None:
+        output = unique_output_path(output_folder(prefs), settings.seed)
+        request_id = client.generate(settings, output, preview_every=PREVIEW_EVERY, preview_dir=_empty_preview_folder())
+    else:
+        request_id, output = send(client, settings)
     group = scene.msd_panorama
     session.job = Job(
         request_id=request_id,
@@ -149,8 +156,9 @@ def poll_worker(context) -> str:
     job = session.job
     if job is None:
         return 'CANCELLED'
+    handle = job.on_event or handle_event
     for event in session.client.poll():
-        outcome = _handle_event(context, job, event)
+        outcome = handle(context, job, event)
         if outcome is not None:
             _end_run(context, failed=outcome != 'FINISHED')
             return outcome
@@ -180,7 +188,8 @@ def cancel_generation() -> bool:
     return True
 
 
-def _handle_event(context, job: Job, event: dict) -> str | None:
+def handle_event(context, job: Job, event: dict) -> str | None:
+    """What an event means for the run: an outcome when it ended it, else None."""
     name = event.get("event")
     if event.get("id") not in (job.request_id, None):
         return None  # a late event of an earlier, cancelled run
@@ -357,7 +366,7 @@ class MSD_OT_generate(Operator):
 
     def execute(self, context):
         try:
-            start_generation(context)
+            self.start(context)
         except MSDError as exc:
             run_state.last_error, run_state.last_error_kind = str(exc), exc.kind
             return self._finish('CANCELLED')
@@ -381,9 +390,16 @@ class MSD_OT_generate(Operator):
         context.window_manager.event_timer_remove(self._timer)
         return self._finish(outcome)
 
+    def start(self, context) -> Job:
+        """Send the request (other kinds of runs, e.g. variations, override this and finished_message)."""
+        return start_generation(context)
+
+    def finished_message(self) -> str:
+        return f"Panorama saved to {run_state.last_output}"
+
     def _finish(self, outcome: str) -> set:
         if outcome == 'FINISHED':
-            self.report({'INFO'}, f"Panorama saved to {run_state.last_output}")
+            self.report({'INFO'}, self.finished_message())
             return {'FINISHED'}
         if run_state.last_error:
             self.report({'ERROR'}, run_state.last_error)

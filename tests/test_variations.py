@@ -1,8 +1,10 @@
 """Drafts and variations: the draft size rule, the worker's variations request with the tiny real model
 (files, seeds, events, cancel, bad input), and the Blender side (operator, thumbnails, using one)."""
 
+import os
 import sys
 
+import bpy
 import pytest
 from PIL import Image
 
@@ -11,6 +13,8 @@ from msd_core.client import WorkerClient
 from msd_core.errors import BadInput
 from msd_core.settings import GenerationSettings
 
+from blender_env import MODULE, addon_module, addon_preferences, blender, extension  # noqa: F401  (fixtures)
+from test_generate_op import PROMPT, addon, datablocks, generate_module, run_state, wait, world_images  # noqa: F401
 from test_worker import REPO_ROOT, finished, of, tiny, wait_for, worker_env  # noqa: F401  (fixture)
 
 # -- the draft size rule -----------------------------------------------------------------------------
@@ -147,3 +151,90 @@ def test_an_existing_variation_file_is_refused_unless_overwrite(worker, tmp_path
 def test_protocol_documents_the_variations_request_and_event():
     assert "variations" in protocol.REQUEST_OPS and "variation" in protocol.EVENTS
     assert '"op": "variations"' in protocol.__doc__ and "variation  {index, seed, path" in protocol.__doc__
+
+
+# -- Blender: the operator, the thumbnails and using a draft ------------------------------------------
+
+
+@pytest.fixture
+def drafts_addon(addon):  # noqa: F811  (addon is a fixture of test_generate_op)
+    """The add-on on the tiny model (see test_generate_op.addon), 256×128 px, 2 steps, seed 7."""
+    bpy.context.scene.msd_panorama.steps = 2
+    return addon.operators.variations
+
+
+def thumbnail_loaded(state, variation) -> bool:
+    preview = state.previews[variation.icon_key]
+    return tuple(preview.image_size) == Image.open(variation.path).size and any(preview.image_pixels)
+
+
+def test_variations_operator_shows_thumbnails_and_changes_nothing_until_one_is_used(drafts_addon, tmp_path):
+    blocks = datablocks()
+    assert bpy.ops.msd.generate_variations(count=3, wait=True) == {"FINISHED"}
+
+    state = drafts_addon.variation_state
+    assert [(v.index, v.seed) for v in state.variations] == [(0, 7), (1, 8), (2, 9)]
+    drafts_dir = tmp_path / "out" / "drafts"
+    assert [os.path.dirname(v.path) for v in state.variations] == [str(drafts_dir)] * 3
+    assert all(Image.open(v.path).size == (128, 64) for v in state.variations)  # drafts: one window tall
+    # Thumbnails: one preview per draft, read from its file (headless Blender makes no icons, so
+    # icon_id stays 0 here; the preview's pixels are there).
+    assert sorted(state.previews.keys()) == sorted(v.icon_key for v in state.variations)
+    assert all(thumbnail_loaded(state, v) for v in state.variations)
+    assert datablocks() == blocks and bpy.context.scene.world is None  # the scene is untouched so far
+    assert run_state().status == "READY" and not generate_module().session.busy
+
+    # Using one applies it as the world and keeps its seed and settings, at full size, for the next run.
+    group = bpy.context.scene.msd_panorama
+    group.prompt, group.seed, group.random_seed, group.steps = "something else", 1, True, 9
+    assert bpy.ops.msd.use_variation(index=1) == {"FINISHED"}
+    world = bpy.context.scene.world
+    assert world is not None and [image.filepath_raw for image in world_images(world)] == [state.variations[1].path]
+    assert (group.seed, group.random_seed, group.prompt, group.steps) == (8, False, PROMPT, 2)
+    assert (group.width, group.height) == (256, 128)
+
+    with pytest.raises(RuntimeError, match="there is no variation 5; generate variations first"):
+        bpy.ops.msd.use_variation(index=5)
+
+
+def test_use_variation_adds_a_backdrop_when_the_panel_says_so(drafts_addon):
+    assert bpy.ops.msd.generate_variations(count=1, wait=True) == {"FINISHED"}
+    bpy.context.scene.msd_panorama.target = "BACKDROP"
+    assert bpy.ops.msd.use_variation(index=0) == {"FINISHED"}
+    backdrops = [o for o in bpy.data.objects if o.type == "MESH"]
+    assert len(backdrops) == 1 and bpy.context.scene.world is None
+
+
+def test_thumbnails_arrive_as_drafts_finish_and_cancel_keeps_the_finished_ones(drafts_addon, tmp_path):
+    generate = generate_module()
+    bpy.context.scene.msd_panorama.steps = 40
+    state = drafts_addon.variation_state
+    drafts_addon.start_variations(bpy.context, 4)
+    assert wait(generate, bpy.context, until=lambda: len(state.variations) == 1) == "RUNNING"
+    assert 0.25 <= run_state().progress < 0.5 and thumbnail_loaded(state, state.variations[0])
+    assert generate.cancel_generation()
+    assert wait(generate, bpy.context) == "CANCELLED"
+    made = sorted(str(p) for p in (tmp_path / "out" / "drafts").glob("*.png"))
+    assert 1 <= len(state.variations) < 4 and made == [v.path for v in state.variations]
+    assert bpy.ops.msd.use_variation(index=0) == {"FINISHED"}  # a finished draft is still usable
+
+
+def test_a_random_seed_near_the_top_keeps_every_draft_seed_in_the_panel_field(drafts_addon):
+    group = bpy.context.scene.msd_panorama
+    group.seed = drafts_addon.SEED_MAX
+    assert bpy.ops.msd.generate_variations(count=2, wait=True) == {"FINISHED"}
+    seeds = [v.seed for v in drafts_addon.variation_state.variations]
+    assert seeds == [drafts_addon.SEED_MAX - 1, drafts_addon.SEED_MAX]
+    assert bpy.ops.msd.use_variation(index=1) == {"FINISHED"} and group.seed == drafts_addon.SEED_MAX
+
+
+def test_disabling_the_add_on_frees_the_thumbnails(drafts_addon):
+    assert bpy.ops.msd.generate_variations(count=1, wait=True) == {"FINISHED"}
+    previews = drafts_addon.variation_state.previews
+    assert len(previews) == 1
+    bpy.ops.preferences.addon_disable(module=MODULE)
+    try:
+        assert len(previews) == 0 and drafts_addon.variation_state.previews is None
+    finally:
+        bpy.ops.preferences.addon_enable(module=MODULE)
+    assert len(sys.modules[f"{MODULE}.operators.variations"].variation_state.previews) == 0

@@ -6,6 +6,8 @@ import bpy
 from bpy.types import Panel
 
 from ..operators.generate import session, worker_status
+from ..operators.history import cached_history, history_buttons, history_cache
+from ..operators.variations import variation_state
 from ..operators.worker_env import install_state
 from ..preferences import get_preferences, output_folder
 from ..properties import run_state
@@ -19,6 +21,7 @@ STATUS_WORDS = {
 }
 WRAP_CHARS = 48  # characters per line of long messages in the sidebar
 PREVIEW_SCALE = 8.0
+THUMBNAIL_SCALE = 4.0  # drafts and history entries
 
 
 def draw_wrapped(layout, text: str, icon: str = 'NONE') -> None:
@@ -186,4 +189,51 @@ class MSD_PT_panorama_output(SettingsSubPanel, Panel):
             op.image_name = run_state.last_image
 
 
-classes = (MSD_PT_panorama, MSD_PT_panorama_sampler, MSD_PT_panorama_output)
+class MSD_PT_panorama_variations(SettingsSubPanel, Panel):
+    bl_label = "Drafts"
+
+    def draw(self, context):
+        layout = self.layout
+        group = context.scene.msd_panorama
+        row = layout.row(align=True)
+        row.prop(group, "variation_count", text="")
+        row.operator("msd.generate_variations", icon='IMGDISPLAY').count = group.variation_count
+        running = session.busy and session.job.on_event is not None
+        if running:
+            layout.label(text=f"{len(variation_state.variations)} of {variation_state.count} drafts done")
+        if not variation_state.variations:
+            return
+        grid = layout.grid_flow(columns=2, even_columns=True, align=True)
+        for variation in variation_state.variations:
+            col = grid.column(align=True)
+            col.template_icon(icon_value=variation_state.icon_id(variation), scale=THUMBNAIL_SCALE)
+            col.operator("msd.use_variation", text=f"Use seed {variation.seed}").index = variation.index
+
+
+class MSD_PT_history(SettingsSubPanel, Panel):
+    bl_label = "History"
+
+    def draw(self, context):
+        layout = self.layout
+        group = context.scene.msd_panorama
+        entries = cached_history(context)
+        row = layout.row()
+        row.label(text=f"{len(entries)} panoramas")
+        row.operator("msd.refresh_history", text="", icon='FILE_REFRESH')
+        for entry in entries:
+            box = layout.box()
+            row = box.row()
+            row.template_icon(icon_value=history_cache.icon_id(entry, layout), scale=THUMBNAIL_SCALE)
+            col = row.column(align=True)
+            draw_wrapped(col, entry.prompt or "(no prompt)")
+            col.label(text=f"Seed {entry.seed} · {entry.size_text}",
+                      icon='FILE_BLEND' if entry.image_name else 'FILE_IMAGE')
+            buttons = box.row(align=True)
+            for operator, label, icon, arguments in history_buttons(entry, group):
+                properties = buttons.operator(operator, text=label, icon=icon)
+                for name, value in arguments.items():
+                    setattr(properties, name, value)
+
+
+classes = (MSD_PT_panorama, MSD_PT_panorama_variations, MSD_PT_panorama_sampler, MSD_PT_panorama_output,
+           MSD_PT_history)
