@@ -344,12 +344,9 @@ def _forget_run_on_load(*_args) -> None:
         run_state.status, run_state.message = "READY", ""
 
 
-class MSD_OT_generate(Operator):
-    """Generate a panorama from the prompt in a background process"""
-
-    bl_idname = "msd.generate"
-    bl_label = "Generate Panorama"
-    bl_options = {'UNDO'}
+class WorkerRunOperator:
+    """Mix-in for operators that run a request in the worker: start it, then poll it from a modal timer
+    (or block with wait). Subclasses override start and finished_message."""
 
     wait: BoolProperty(
         name="Wait",
@@ -391,7 +388,6 @@ class MSD_OT_generate(Operator):
         return self._finish(outcome)
 
     def start(self, context) -> Job:
-        """Send the request (other kinds of runs, e.g. variations, override this and finished_message)."""
         return start_generation(context)
 
     def finished_message(self) -> str:
@@ -406,6 +402,14 @@ class MSD_OT_generate(Operator):
         else:
             self.report({'WARNING'}, "Generation cancelled")
         return {'CANCELLED'}
+
+
+class MSD_OT_generate(WorkerRunOperator, Operator):
+    """Generate a panorama from the prompt in a background process"""
+
+    bl_idname = "msd.generate"
+    bl_label = "Generate Panorama"
+    bl_options = {'UNDO'}
 
 
 class MSD_OT_cancel(Operator):

@@ -111,7 +111,7 @@ def use_variation(context, variation: Variation) -> None:
     run_state.last_image = image.name
 
 
-class MSD_OT_generate_variations(generate.MSD_OT_generate):
+class MSD_OT_generate_variations(generate.WorkerRunOperator, Operator):
     """Generate several small drafts of the panorama (consecutive seeds) to choose one for the full-size run"""
 
     bl_idname = "msd.generate_variations"
