@@ -384,8 +384,9 @@ def parse_variations(message: dict) -> Job:
     unknown = sorted(set(message) - {"op", "id", *protocol.VARIATIONS_FIELDS})
     if unknown:
         raise BadInput(f"unknown field(s) in the variations request: {', '.join(unknown)}")
-    if "count" not in message:
-        raise BadInput(f"the variations request has no 'count' (1 to {variations.MAX_VARIATIONS})")
+    for required in ("id", "settings", "count"):
+        if message.get(required) is None:
+            raise BadInput(f"the variations request has no '{required}'")
     count = variations.check_count(message["count"])
     fields = {key: message[key] for key in ("id", "settings", "output", "overwrite") if key in message}
     job = parse_generate({"op": "generate", **fields, "preview_every": 0})

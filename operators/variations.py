@@ -23,8 +23,8 @@ from ..preferences import get_preferences, output_folder
 from ..properties import SEED_MAX, run_state, settings_to_scene
 from . import generate
 from .backdrop import add_backdrop, check_shape
-from .images import load_panorama
-from .world import apply_world
+from .images import absolute_path, load_panorama
+from .world import SOURCE_PROPERTY, apply_world
 
 DRAFTS_FOLDER = "drafts"
 
@@ -109,6 +109,20 @@ def use_variation(context, variation: Variation) -> None:
         add_backdrop(context, image, shape=group.backdrop_shape, strength=group.backdrop_strength)
     settings_to_scene(dataclasses.replace(variation_state.settings, seed=variation.seed), scene)
     run_state.last_image = image.name
+    _remove_unused_drafts(keep=image)
+
+
+def _remove_unused_drafts(keep) -> None:
+    """Drafts tried before (their images and our worlds showing them) that nothing uses any more:
+    clicking through the thumbnails leaves only the one in use."""
+    drafts_files = {absolute_path(v.path) for v in variation_state.variations}
+
+    def is_unused_draft(image) -> bool:
+        return image is not None and image != keep and absolute_path(image.filepath) in drafts_files
+
+    unused_worlds = [w for w in bpy.data.worlds if w.users == 0 and is_unused_draft(w.get(SOURCE_PROPERTY))]
+    bpy.data.batch_remove(unused_worlds)
+    bpy.data.batch_remove([image for image in bpy.data.images if image.users == 0 and is_unused_draft(image)])
 
 
 class MSD_OT_generate_variations(generate.WorkerRunOperator, Operator):

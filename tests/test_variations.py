@@ -126,7 +126,9 @@ def test_cancel_stops_the_remaining_variations_and_keeps_the_finished_ones(worke
     [
         ({"count": 0}, "'count' must be a whole number from 1 to 16"),
         ({"count": 17}, "from 1 to 16"),
-        ({"count": None}, "from 1 to 16"),
+        ({"count": 2.0}, "from 1 to 16"),
+        ({"count": None}, "the variations request has no 'count'"),
+        ({"settings": None}, "the variations request has no 'settings'"),
         ({"preview_every": 5}, "unknown field(s) in the variations request: preview_every"),
         ({"settings": tiny(seed=2**63 - 1)}, "largest seed"),
     ],
@@ -192,6 +194,11 @@ def test_variations_operator_shows_thumbnails_and_changes_nothing_until_one_is_u
     assert world is not None and [image.filepath_raw for image in world_images(world)] == [state.variations[1].path]
     assert (group.seed, group.random_seed, group.prompt, group.steps) == (8, False, PROMPT, 2)
     assert (group.width, group.height) == (256, 128)
+
+    # Trying another leaves only the one in use: the first one's world and image are gone.
+    assert bpy.ops.msd.use_variation(index=2) == {"FINISHED"}
+    assert len(bpy.data.worlds) == 1 and world_images(bpy.context.scene.world)[0].filepath_raw == state.variations[2].path
+    assert [image.filepath_raw for image in bpy.data.images] == [state.variations[2].path]
 
     with pytest.raises(RuntimeError, match="there is no variation 5; generate variations first"):
         bpy.ops.msd.use_variation(index=5)
