@@ -53,11 +53,13 @@ Events (worker → client), each a JSON object with ``event`` and ``id`` (the re
 
   A generate request's events come in this order: accepted, loading, then progress and preview
   (progress once per step, step increasing), then exactly one of done or error. A request rejected
-  by validation gets only its error. A variations request's: accepted, loading, then progress and
-  one "variation" per draft (index increasing), then done or error. Error kinds: bad_input (invalid request or settings; nothing
+  by validation gets only its error. Error kinds: bad_input (invalid request or settings; nothing
   was started or written), model_not_found, out_of_memory (the message suggests what to reduce),
   cancelled, internal (an unexpected failure; a one-line message, the traceback is on stderr).
   The worker keeps running after every error.
+
+  A variations request's events: accepted, loading, then progress and one "variation" per draft
+  (index increasing), then done or error.
 
   "died" errors are made by the client (msd_core.client), never by the worker: the process ended
   without being asked to, or did not send "ready" in time. They carry the id of the request that

@@ -98,7 +98,8 @@ def test_an_image_whose_file_is_gone_is_listed_with_use_settings_only(folder):
     os.remove(bpy.path.abspath(image.filepath))
     entry = module.list_panoramas(str(folder))[0]
     assert (entry.image_name, entry.filepath) == (image.name, "")
-    assert [name for name, *_ in module.history_buttons(entry, bpy.context.scene.msd_panorama)] == ["msd.restore_settings"]
+    buttons = module.history_buttons(entry, bpy.context.scene.msd_panorama)
+    assert [name for name, *_ in buttons] == ["msd.restore_settings"]
 
 
 def test_the_panel_reads_files_only_when_the_folder_or_the_blends_panoramas_change(folder, monkeypatch):

@@ -80,7 +80,8 @@ def test_variations_write_drafts_with_consecutive_seeds_and_report_each_in_order
     assert [e["path"] for e in reported] == paths == events[-1]["outputs"]
     # Each variation is reported right after its own last step, before the next one's first.
     steps = [(e["event"], e.get("variation", e.get("index")), e.get("step")) for e in events[2:-1]]
-    assert steps == [item for v in range(3) for item in (("progress", v, 1), ("progress", v, 2), ("variation", v, None))]
+    expected = [(("progress", v, 1), ("progress", v, 2), ("variation", v, None)) for v in range(3)]
+    assert steps == [item for per_variation in expected for item in per_variation]
     progress = [e for e in events if e["event"] == "progress"]
     assert all(e["count"] == 3 and e["total"] == 2 for e in progress)
     assert progress[-1]["eta"] == 0 and progress[0]["eta"] > 0  # the eta covers all three
@@ -197,7 +198,8 @@ def test_variations_operator_shows_thumbnails_and_changes_nothing_until_one_is_u
 
     # Trying another leaves only the one in use: the first one's world and image are gone.
     assert bpy.ops.msd.use_variation(index=2) == {"FINISHED"}
-    assert len(bpy.data.worlds) == 1 and world_images(bpy.context.scene.world)[0].filepath_raw == state.variations[2].path
+    assert len(bpy.data.worlds) == 1
+    assert world_images(bpy.context.scene.world)[0].filepath_raw == state.variations[2].path
     assert [image.filepath_raw for image in bpy.data.images] == [state.variations[2].path]
 
     with pytest.raises(RuntimeError, match="there is no variation 5; generate variations first"):
