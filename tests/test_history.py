@@ -13,6 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 from blender_env import MODULE, addon_module, addon_preferences, blender, extension  # noqa: F401  (fixtures)
 from msd_core import output
 from msd_core.settings import GenerationSettings
+from test_extension import draw
 from test_generate_op import PROMPT, addon, world_images  # noqa: F401  (addon is a fixture)
 
 
@@ -132,3 +133,13 @@ def test_file_thumbnails_are_previews_of_the_files(folder):
     module.history_cache.icon_id(file_entry, layout=None)  # a file's thumbnail needs no layout
     preview = module.history_cache.previews[file_entry.filepath]
     assert tuple(preview.image_size) == (64, 32) and any(preview.image_pixels)
+
+
+def test_history_panel_draws_each_entry_with_its_buttons(folder):
+    log = draw("MSD_PT_history")  # CheckingLayout: every operator and argument name must exist
+    assert ("label", "3 panoramas") in log and ("operator", "msd.refresh_history") in log
+    assert ("label", "Seed 12 · 64×32") in log and ("label", "a snowy forest") in log
+    operators = [name for kind, name in log if kind == "operator" and name != "msd.refresh_history"]
+    per_entry = ["msd.apply_world", "msd.add_backdrop", "msd.restore_settings"]
+    assert operators == per_entry * 3
+    assert sum(1 for kind, _ in log if kind == "icon") == 3

@@ -14,6 +14,7 @@ from msd_core.errors import BadInput
 from msd_core.settings import GenerationSettings
 
 from blender_env import MODULE, addon_module, addon_preferences, blender, extension  # noqa: F401  (fixtures)
+from test_extension import draw
 from test_generate_op import PROMPT, addon, datablocks, generate_module, run_state, wait, world_images  # noqa: F401
 from test_worker import REPO_ROOT, finished, of, tiny, wait_for, worker_env  # noqa: F401  (fixture)
 
@@ -163,6 +164,7 @@ def test_protocol_documents_the_variations_request_and_event():
 def drafts_addon(addon):  # noqa: F811  (addon is a fixture of test_generate_op)
     """The add-on on the tiny model (see test_generate_op.addon), 256×128 px, 2 steps, seed 7."""
     bpy.context.scene.msd_panorama.steps = 2
+    addon.operators.variations.variation_state.begin(None, 0)  # no drafts from an earlier test
     return addon.operators.variations
 
 
@@ -247,3 +249,17 @@ def test_disabling_the_add_on_frees_the_thumbnails(drafts_addon):
     finally:
         bpy.ops.preferences.addon_enable(module=MODULE)
     assert len(sys.modules[f"{MODULE}.operators.variations"].variation_state.previews) == 0
+
+
+def test_drafts_panel_draws_a_thumbnail_and_a_use_button_per_draft(drafts_addon):
+    group = bpy.context.scene.msd_panorama
+    group.variation_count = 3
+    before = draw("MSD_PT_panorama_variations")
+    assert ("prop", "variation_count") in before and ("operator", "msd.generate_variations") in before
+    assert ("operator", "msd.use_variation") not in before
+    assert bpy.ops.msd.generate_variations(count=group.variation_count, wait=True) == {"FINISHED"}
+    after = draw("MSD_PT_panorama_variations")
+    assert [entry for entry in after if entry[0] in ("icon", "operator")][1:] == [
+        item for v in drafts_addon.variation_state.variations
+        for item in (("icon", drafts_addon.variation_state.icon_id(v)), ("operator", "msd.use_variation"))
+    ]

@@ -22,6 +22,7 @@ STATUS_WORDS = {
 WRAP_CHARS = 48  # characters per line of long messages in the sidebar
 PREVIEW_SCALE = 8.0
 THUMBNAIL_SCALE = 4.0  # drafts and history entries
+THUMBNAILS_PER_ROW = 2
 
 
 def draw_wrapped(layout, text: str, icon: str = 'NONE') -> None:
@@ -203,11 +204,13 @@ class MSD_PT_panorama_variations(SettingsSubPanel, Panel):
             layout.label(text=f"{len(variation_state.variations)} of {variation_state.count} drafts done")
         if not variation_state.variations:
             return
-        grid = layout.grid_flow(columns=2, even_columns=True, align=True)
-        for variation in variation_state.variations:
-            col = grid.column(align=True)
-            col.template_icon(icon_value=variation_state.icon_id(variation), scale=THUMBNAIL_SCALE)
-            col.operator("msd.use_variation", text=f"Use seed {variation.seed}").index = variation.index
+        shown = variation_state.variations
+        for start in range(0, len(shown), THUMBNAILS_PER_ROW):
+            row = layout.row(align=True)
+            for variation in shown[start:start + THUMBNAILS_PER_ROW]:
+                col = row.column(align=True)
+                col.template_icon(icon_value=variation_state.icon_id(variation), scale=THUMBNAIL_SCALE)
+                col.operator("msd.use_variation", text=f"Use seed {variation.seed}").index = variation.index
 
 
 class MSD_PT_history(SettingsSubPanel, Panel):
