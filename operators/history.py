@@ -5,7 +5,8 @@ settings (operators/images.py stores them on the image) and the output folder's 
 them (read with msd_core.pngmeta, no pixels), newest first, at most MAX_ENTRIES, reading at most
 MAX_FILES_READ files. The panel draws a cached listing (``cached_history``) that is made again only
 when the folder's modification time or the set of our images changes, or on Refresh: a redraw reads
-no file. ``history_buttons`` says which operator each button runs, with which arguments.
+no file. ``history_buttons`` says which operator each button runs, with which arguments. Drafts
+(the output folder's "drafts" folder, see variations.py) are not listed unless used in this .blend.
 """
 
 from __future__ import annotations
