@@ -69,7 +69,7 @@ class WorkerClient:
         self._stderr: collections.deque = collections.deque(maxlen=STDERR_LINES)
         self._write_lock = threading.Lock()
         self._state_lock = threading.Lock()
-        self._unfinished: list = []  # generate ids sent and not finished, in the worker's (FIFO) order
+        self._unfinished: list = []  # generate and download ids sent and not finished, in the worker's (FIFO) order
         self._ready: dict | None = None
         self._said_bye = False
         self._stopping = False
@@ -214,6 +214,19 @@ class WorkerClient:
         request_id = _new_id()
         self.send(protocol.request("variations", request_id, settings=data, count=count,
                                    output=os.path.abspath(output), overwrite=overwrite))
+        return request_id
+
+    def download(self, model: str, *, device: str = "auto", dtype: str = "auto") -> str:
+        """Queue the download of a Hugging Face model (what a run on device/dtype loads); returns the
+        request's id. Its "download" events carry bytes done/total, speed and time left."""
+        request_id = _new_id()
+        self.send(protocol.request("download", request_id, model=model, device=device, dtype=dtype))
+        return request_id
+
+    def list_models(self) -> str:
+        """Ask for the models in the worker's Hugging Face cache; a "models" event answers."""
+        request_id = _new_id()
+        self.send(protocol.request("models", request_id))
         return request_id
 
     def cancel(self, request_id) -> None:

@@ -45,7 +45,7 @@ PROTOCOL_STREAM = _take_stdout() if __name__ == "__main__" else None
 
 import torch  # noqa: E402
 
-from . import __version__, models, protocol, variations  # noqa: E402
+from . import __version__, hub, models, protocol, variations  # noqa: E402
 from .errors import BadInput, Cancelled, MSDError  # noqa: E402
 from .output import check_output_path, save_exr, save_png  # noqa: E402
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
@@ -70,6 +70,16 @@ class Job:
     preview_dir: Path | None  # None: the worker's own temporary folder
     interrupt: threading.Event = field(default_factory=threading.Event)
     variations: int = 0  # > 0: a variations request making that many drafts
+
+
+@dataclass
+class DownloadJob:
+    """One accepted download request."""
+
+    id: str | int
+    model: str
+    fp16: bool  # fetch the fp16 weights where the repository has them: the run will use float16
+    interrupt: threading.Event = field(default_factory=threading.Event)
 
 
 class EventWriter:
@@ -98,8 +108,8 @@ class Worker:
         self._preview_root = preview_root
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._queue: collections.deque[Job] = collections.deque()
-        self._current: Job | None = None
+        self._queue: collections.deque[Job | DownloadJob] = collections.deque()
+        self._current: Job | DownloadJob | None = None
         self._shutdown_id = None
         self._shutting_down = False
         self._pipeline: MSDPanoramaPipeline | None = None
@@ -135,8 +145,15 @@ class Worker:
         op = message.get("op")
         if op == "ping":
             self.emit(protocol.event("pong", request_id))
-        elif op in protocol.RUN_OPS:
+        elif op == "generate":
             self.submit(message)
+        elif op == "variations":
+            self.submit(message, parse_variations)
+        elif op == "download":
+            self.submit(message, parse_download)
+        elif op == "models":
+            models_found = [model.to_dict() for model in hub.list_models()]
+            self.emit(protocol.event("models", request_id, models=models_found, cache=str(hub.cache_dir())))
         elif op == "cancel":
             self.cancel(request_id)
         elif op == "shutdown":
@@ -145,11 +162,12 @@ class Worker:
             problem = "the request has no 'op'" if op is None else f"unknown op {op!r}"
             self._error(request_id, "bad_input", f"{problem}; expected one of: {', '.join(protocol.REQUEST_OPS)}")
 
-    def submit(self, message: dict) -> None:
-        """Validate a generate or variations request and queue it; "accepted" or the error is sent at once."""
+    def submit(self, message: dict, parse=None) -> None:
+        """Validate a generate request (or, with parse_download or parse_variations, another kind) and
+        queue it; "accepted" or the error is sent at once."""
         request_id = message.get("id")
         try:
-            job = parse_variations(message) if message.get("op") == "variations" else parse_generate(message)
+            job = (parse or parse_generate)(message)
         except BadInput as exc:
             self._error(request_id, "bad_input", str(exc))
             return
@@ -193,7 +211,7 @@ class Worker:
                 self._error(job.id, "cancelled", "the worker is shutting down")
             self._wake.notify()
 
-    def _active_jobs(self) -> list[Job]:
+    def _active_jobs(self) -> list[Job | DownloadJob]:
         return [*self._queue, *([self._current] if self._current else [])]
 
     # -- main thread ------------------------------------------------------------------------------
@@ -208,7 +226,7 @@ class Worker:
                     break
                 job = self._current = self._queue.popleft()
             try:
-                self.run_job(job)
+                (self.run_download if isinstance(job, DownloadJob) else self.run_job)(job)
             finally:
                 with self._lock:
                     self._current = None
@@ -221,6 +239,7 @@ class Worker:
         own_previews = job.preview_dir is None
         preview_dir = self._preview_root / f"job-{self._job_count}" if own_previews else job.preview_dir
         try:
+            hub.require_downloaded(job.settings.model)
             pipe, load_seconds = self._pipeline_for(job)
             run = self._run_variations if job.variations else self._run_panorama
             run(job, pipe, load_seconds, started, preview_dir)
@@ -282,6 +301,24 @@ class Worker:
                                      width=result.image.width, height=result.image.height))
         timings = {"load": load_seconds, "total": time.perf_counter() - started}
         self.emit(protocol.event("done", job.id, outputs=outputs, timings=timings))
+
+    def run_download(self, job: DownloadJob) -> None:
+        """Fetch a Hub model into the cache with "download" progress events; "done" or "error" ends it."""
+
+        def report(progress: hub.DownloadProgress) -> None:
+            self.emit(protocol.event("download", job.id, **progress.to_dict()))
+
+        try:
+            folder = hub.download(job.model, fp16=job.fp16, on_progress=report, cancel=job.interrupt)
+        except MSDError as exc:  # Cancelled, NetworkError, ModelNotFound, UnsupportedModelFile
+            self._error(job.id, exc.kind, str(exc))
+            return
+        except Exception as exc:
+            log.exception("download %r failed", job.id)
+            self._error(job.id, "internal", _one_line(exc))
+            return
+        status = hub.model_status(job.model)
+        self.emit(protocol.event("done", job.id, model=job.model, snapshot=str(folder), size=status.size_on_disk))
 
     def _pipeline_for(self, job: Job) -> tuple[MSDPanoramaPipeline, float]:
         """The warm pipeline if the key matches, else a freshly loaded one (the old one dropped first)."""
@@ -394,6 +431,25 @@ def parse_variations(message: dict) -> Job:
     for index in range(count):
         check_output_path(variations.variation_path(job.output, index), job.overwrite)
     return dataclasses.replace(job, variations=count)
+
+
+def parse_download(message: dict) -> DownloadJob:
+    """A validated DownloadJob from a download request, or BadInput naming the first problem."""
+    request_id = message.get("id")
+    if request_id is None:
+        raise BadInput("a download request needs an 'id'")
+    unknown = sorted(set(message) - {"op", "id", *protocol.DOWNLOAD_FIELDS})
+    if unknown:
+        raise BadInput(f"unknown field(s) in the download request: {', '.join(unknown)}")
+    model = message.get("model")
+    if not isinstance(model, str) or not hub.REPO_ID.match(model):
+        raise BadInput(f"'model' must be a Hugging Face model id (owner/name), got {model!r}")
+    device = message.get("device", "auto")
+    dtype = message.get("dtype", "auto")
+    if not isinstance(device, str) or not isinstance(dtype, str):
+        raise BadInput("'device' and 'dtype' must be text, as in the generate settings")
+    _, torch_dtype = models.resolve_device(device, dtype)
+    return DownloadJob(id=request_id, model=model, fp16=torch_dtype == torch.float16)
 
 
 def main() -> int:
