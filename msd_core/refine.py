@@ -60,36 +60,50 @@ def tone_map(linear: np.ndarray) -> np.ndarray:
     ).astype(np.float32)
 
 
-def read_source(path) -> np.ndarray:
-    """The image at ``path`` as float32 RGB (H, W, 3) in [0, 1]; BadInput for anything else.
-
-    The size is checked from the header before any pixel is decoded (no decompression bombs).
-    """
+def source_size(path) -> tuple[int, int]:
+    """(width, height) of the image at ``path`` from its header, nothing decoded; BadInput if it is not
+    an image that ``read_source`` can read or has more than MAX_SOURCE_PIXELS pixels."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise BadInput(f"the source image {path} does not exist")
     with open(path, "rb") as file:
         head = file.read(16)
     if head.startswith(EXR_SIGNATURE):
-        return _read_exr(path)
-    if head.startswith(RADIANCE_SIGNATURES):
+        with _open_exr(path) as exr:
+            (left, top), (right, bottom) = exr.header()["dataWindow"]
+            size = int(right - left + 1), int(bottom - top + 1)
+    elif head.startswith(RADIANCE_SIGNATURES):
         raise BadInput(f"{path} is a Radiance HDR file, which cannot be read here; save it as OpenEXR or 16-bit PNG")
+    else:
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except (Image.UnidentifiedImageError, Image.DecompressionBombError):
+            raise BadInput(f"{path} is not an image that can be read (PNG, JPEG, TIFF, WebP or OpenEXR)") from None
+        except OSError as exc:
+            raise BadInput(f"cannot read the source image {path}: {exc}") from None
+    if size[0] * size[1] > MAX_SOURCE_PIXELS:
+        raise BadInput(f"the source image {path} has {size[0]}×{size[1]} pixels, more than the {MAX_SOURCE_PIXELS:,} allowed")
+    return size
+
+
+def read_source(path) -> np.ndarray:
+    """The image at ``path`` as float32 RGB (H, W, 3) in [0, 1]; BadInput for anything else.
+
+    The size is checked from the header (``source_size``) before any pixel is decoded.
+    """
+    path = os.fspath(path)
+    source_size(path)
+    with open(path, "rb") as file:
+        is_exr = file.read(4) == EXR_SIGNATURE
+    if is_exr:
+        return _read_exr(path)
     try:
         with Image.open(path) as image:
-            check_source_size(*image.size, path)
             image.load()
             return _to_rgb_floats(image)
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError):
-        raise BadInput(f"{path} is not an image that can be read (PNG, JPEG, TIFF, WebP or OpenEXR)") from None
-    except OSError as exc:
+    except OSError as exc:  # a file cut short or damaged after its header
         raise BadInput(f"cannot read the source image {path}: {exc}") from None
-
-
-def check_source_size(width: int, height: int, path) -> None:
-    if width * height > MAX_SOURCE_PIXELS:
-        raise BadInput(
-            f"the source image {path} has {width}×{height} pixels, more than the {MAX_SOURCE_PIXELS:,} allowed"
-        )
 
 
 def _to_rgb_floats(image: Image.Image) -> np.ndarray:
@@ -101,7 +115,7 @@ def _to_rgb_floats(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255
 
 
-def _read_exr(path: str) -> np.ndarray:
+def _open_exr(path: str):
     try:
         import OpenEXR  # optional: used only where it is already installed
     except ImportError:
@@ -109,10 +123,11 @@ def _read_exr(path: str) -> np.ndarray:
             f"{path} is OpenEXR, which needs the OpenEXR package in the worker's Python; "
             "install it there or save the image as 16-bit PNG"
         ) from None
-    with OpenEXR.File(path) as exr:
-        header = exr.header()
-        box = header["dataWindow"]
-        check_source_size(int(box[1][0] - box[0][0] + 1), int(box[1][1] - box[0][1] + 1), path)
+    return OpenEXR.File(path)
+
+
+def _read_exr(path: str) -> np.ndarray:
+    with _open_exr(path) as exr:
         channels = exr.channels()
         if "RGB" in channels:
             rgb = channels["RGB"].pixels
