@@ -28,7 +28,7 @@ import uuid
 
 from . import protocol
 from .errors import BadInput
-from .settings import GenerationSettings
+from .settings import GenerationSettings, RefineSettings
 
 STDERR_LINES = 50  # how much of the worker's stderr is kept for "died" reports
 DIED_MESSAGE_LINES = 10  # how many of them go into the message itself
@@ -190,10 +190,14 @@ class WorkerClient:
         overwrite: bool = False,
         preview_every: int = protocol.DEFAULT_PREVIEW_EVERY,
         preview_dir=None,
+        refine: RefineSettings | None = None,
     ) -> str:
-        """Queue one panorama; returns the new request's id, which all its events carry."""
+        """Queue one panorama (refined from ``refine.source`` when given); returns the new request's id,
+        which all its events carry."""
         request_id = _new_id()
         data = settings.to_dict() if isinstance(settings, GenerationSettings) else dict(settings)
+        if refine is not None:
+            refine = {**refine.to_dict(), "source": os.path.abspath(refine.source)}
         self.send(
             protocol.request(
                 "generate",
@@ -203,6 +207,7 @@ class WorkerClient:
                 overwrite=overwrite,
                 preview_every=preview_every,
                 preview_dir=None if preview_dir is None else os.path.abspath(preview_dir),
+                refine=refine,
             )
         )
         return request_id

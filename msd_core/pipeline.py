@@ -293,13 +293,9 @@ class MSDPanoramaPipeline:
         noise = self.initial_latents(plan, settings.seed)
         alpha = ddim_schedule(self.scheduler, settings.steps)[start].alpha
         factor = 2 ** (default_levels(plan.height, plan.width, plan.window) - 1)
-        guide_until = refine.LAYOUT_GUIDANCE_UNTIL * self.scheduler.config.num_train_timesteps
-
-        def guide(latents: torch.Tensor, step: DDIMTimestep) -> torch.Tensor:
-            if factor == 1 or step.t <= guide_until:
-                return latents
-            return refine.guide_layout(latents, refine.renoise(clean, noise, step.alpha_prev), factor)
-
+        guide = refine.layout_guide(
+            clean, noise, factor, refine.LAYOUT_GUIDANCE_UNTIL * self.scheduler.config.num_train_timesteps
+        )
         # 4. Sample from there.
         result = self(settings, latents=refine.renoise(clean, noise, alpha), start_step=start, guide=guide, **kwargs)
         result.metadata.update(refine.source_metadata(source.source, source.strength, start))

@@ -4,7 +4,8 @@ worker, the client and the Blender add-on all import it.
 
 Requests (client → worker), each a JSON object with ``op``:
   {"op": "generate", "id": ID, "settings": {...GenerationSettings...}, "output": PATH,
-   "overwrite": false, "preview_every": 5, "preview_dir": PATH|null}
+   "overwrite": false, "preview_every": 5, "preview_dir": PATH|null,
+   "refine": {"source": PATH, "strength": 0.5}|null}
   {"op": "cancel", "id": ID}           stop the generate request ID at its next window batch
   {"op": "ping", "id": ID}             answered with a "pong" event
   {"op": "shutdown", "id": ID}         the worker answers "bye" and exits 0
@@ -17,6 +18,11 @@ Requests (client → worker), each a JSON object with ``op``:
     ("msd-preview-<id>-step-0005.png") belong to the client; null = a folder the worker owns, where a
     request's previews are deleted when it fails or is cancelled, when the next request starts, and
     when the worker exits. Requests that arrive while one runs are queued and run in order.
+    ``refine`` (default null) starts from an image instead of noise (refine / upscale, see
+    docs/refine.md): ``source`` an existing image file (PNG, JPEG, TIFF, WebP; OpenEXR where the
+    worker has the OpenEXR package; at most settings.MAX_SOURCE_PIXELS pixels), ``strength`` in
+    (0, 1], default 0.5. The settings' width and height are the target size. The image is read only;
+    "done"'s metadata then also has "source" (the file's name), "strength" and "start_step".
   cancel: a queued request ends at once, a running one at its next window batch, both with error
     kind "cancelled" and no output file. A cancel for an id that is neither running nor queued (for
     example one that has just finished) is ignored.
@@ -64,7 +70,7 @@ ERROR_KINDS = ("bad_input", "model_not_found", "out_of_memory", "cancelled", "in
 # After one of these events a generate request is over.
 FINAL_EVENTS = ("done", "error")
 # The fields a generate request may have besides "op" and "id", and the default preview interval.
-GENERATE_FIELDS = ("settings", "output", "overwrite", "preview_every", "preview_dir")
+GENERATE_FIELDS = ("settings", "output", "overwrite", "preview_every", "preview_dir", "refine")
 DEFAULT_PREVIEW_EVERY = 5
 
 

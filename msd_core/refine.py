@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -76,14 +77,18 @@ def source_size(path) -> tuple[int, int]:
         raise BadInput(f"{path} is a Radiance HDR file, which cannot be read here; save it as OpenEXR or 16-bit PNG")
     else:
         try:
-            with Image.open(path) as image:
-                size = image.size
-        except (Image.UnidentifiedImageError, Image.DecompressionBombError):
+            with warnings.catch_warnings():  # PIL warns above its own limit; MAX_SOURCE_PIXELS is ours
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    size = image.size
+        except Image.DecompressionBombError:  # PIL's own limit, far above ours
+            raise BadInput(f"the source image {path} has more than the {MAX_SOURCE_PIXELS:,} pixels allowed") from None
+        except Image.UnidentifiedImageError:
             raise BadInput(f"{path} is not an image that can be read (PNG, JPEG, TIFF, WebP or OpenEXR)") from None
         except OSError as exc:
             raise BadInput(f"cannot read the source image {path}: {exc}") from None
     if size[0] * size[1] > MAX_SOURCE_PIXELS:
-        raise BadInput(f"the source image {path} has {size[0]}×{size[1]} pixels, more than the {MAX_SOURCE_PIXELS:,} allowed")
+        raise BadInput(f"the source image {path} is {size[0]}×{size[1]}: more than the {MAX_SOURCE_PIXELS:,} pixels allowed")
     return size
 
 
@@ -99,9 +104,11 @@ def read_source(path) -> np.ndarray:
     if is_exr:
         return _read_exr(path)
     try:
-        with Image.open(path) as image:
-            image.load()
-            return _to_rgb_floats(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return _to_rgb_floats(image)
     except OSError as exc:  # a file cut short or damaged after its header
         raise BadInput(f"cannot read the source image {path}: {exc}") from None
 
@@ -177,3 +184,17 @@ def guide_layout(latents: torch.Tensor, reference: torch.Tensor, factor: int) ->
         return F.interpolate(F.avg_pool2d(z, factor), scale_factor=factor, mode="nearest")
 
     return latents - low(latents) + low(reference)
+
+
+def layout_guide(clean: torch.Tensor, noise: torch.Tensor, factor: int, until_t: float):
+    """guide(z, step) for the sampling loop: while step.t > ``until_t``, ``guide_layout`` towards the
+    source ``clean`` renoised with ``noise`` to the step's end (ᾱ_prev); later steps are left alone.
+    ``factor`` 1 (no level coarser than a window) guides nothing: the renoised start alone carries the layout.
+    """
+
+    def guide(latents: torch.Tensor, step) -> torch.Tensor:
+        if factor == 1 or step.t <= until_t:
+            return latents
+        return guide_layout(latents, renoise(clean, noise, step.alpha_prev), factor)
+
+    return guide

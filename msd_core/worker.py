@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 
@@ -48,7 +49,8 @@ from . import __version__, models, protocol  # noqa: E402
 from .errors import BadInput, Cancelled, MSDError  # noqa: E402
 from .output import check_output_path, save_png  # noqa: E402
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
-from .settings import GenerationSettings, is_int  # noqa: E402
+from .refine import source_size  # noqa: E402
+from .settings import GenerationSettings, RefineSettings, is_int  # noqa: E402
 
 log = logging.getLogger("msd_core.worker")
 
@@ -67,6 +69,7 @@ class Job:
     overwrite: bool
     preview_every: int
     preview_dir: Path | None  # None: the worker's own temporary folder
+    refine: RefineSettings | None = None  # start from this image instead of noise
     interrupt: threading.Event = field(default_factory=threading.Event)
 
 
@@ -220,7 +223,8 @@ class Worker:
         preview_dir = self._preview_root / f"job-{self._job_count}" if own_previews else job.preview_dir
         try:
             pipe, load_seconds = self._pipeline_for(job)
-            result = pipe(job.settings, callback=self._step_callback(job, pipe, preview_dir), interrupt=job.interrupt)
+            run = partial(pipe.refine, source=job.refine) if job.refine else pipe
+            result = run(job.settings, callback=self._step_callback(job, pipe, preview_dir), interrupt=job.interrupt)
             if job.interrupt.is_set():  # cancelled after the last window batch: still write nothing
                 raise Cancelled("generation cancelled")
             saving = time.perf_counter()
@@ -328,6 +332,10 @@ def parse_generate(message: dict) -> Job:
         if not isinstance(preview_dir, str) or not Path(preview_dir).is_dir():
             raise BadInput(f"'preview_dir' must be an existing folder, got {preview_dir!r}")
         preview_dir = Path(preview_dir)
+    refine = None
+    if message.get("refine") is not None:
+        refine = RefineSettings.from_dict(message["refine"]).validate()
+        source_size(refine.source)  # is an image, not too large: refused now rather than after loading the model
     return Job(
         id=request_id,
         settings=settings,
@@ -335,6 +343,7 @@ def parse_generate(message: dict) -> Job:
         overwrite=overwrite,
         preview_every=preview_every,
         preview_dir=preview_dir,
+        refine=refine,
     )
 
 
