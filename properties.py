@@ -154,6 +154,14 @@ class MSD_PanoramaSettings(PropertyGroup):
     world_strength: FloatProperty(name="Strength", min=0.0, soft_max=10.0, default=1.0)
     world_rotation: FloatProperty(name="Rotation", subtype='ANGLE', soft_min=-math.pi, soft_max=math.pi, default=0.0)
     backdrop_strength: FloatProperty(name="Strength", min=0.0, soft_max=10.0, default=1.0)
+    refine_strength: FloatProperty(
+        name="Strength", description="How much of the panorama is redrawn (the share of the steps that run)",
+        min=0.01, max=1.0, default=core.DEFAULT_STRENGTH, subtype='FACTOR',
+    )
+    refine_scale: FloatProperty(
+        name="Scale", description="Size of the result relative to the source (1 = restyle, 2 = upscale)",
+        min=0.25, soft_max=4.0, default=2.0,
+    )
 
 
 def settings_from_scene(scene, prefs) -> GenerationSettings:

@@ -17,7 +17,7 @@ from bpy.types import Operator
 
 from ..msd_core.client import WorkerClient
 from ..msd_core.errors import BadInput, MSDError
-from ..msd_core.settings import GenerationSettings
+from ..msd_core.settings import GenerationSettings, RefineSettings
 from ..preferences import ADDON_DIR, get_preferences, output_folder, user_folder, worker_python
 from ..properties import run_state, settings_from_scene
 from .backdrop import add_backdrop
@@ -78,13 +78,14 @@ class WorkerSession:
 session = WorkerSession()
 
 
-def start_generation(context) -> Job:
-    """Validate the panel's settings and send them to the worker; raises MSDError with a clear message."""
+def start_generation(context, settings: GenerationSettings | None = None, refine: RefineSettings | None = None) -> Job:
+    """Validate the panel's settings (or use ``settings``) and send them to the worker, refining the
+    image ``refine.source`` when given; raises MSDError with a clear message."""
     if session.busy:
         raise BadInput("a panorama is already being generated; wait for it or cancel it")
     prefs = get_preferences(context)
     scene = context.scene
-    settings = settings_from_scene(scene, prefs)
+    settings = settings or settings_from_scene(scene, prefs)
     python = worker_python(prefs)
     if not python:
         raise BadInput(
@@ -99,7 +100,7 @@ def start_generation(context) -> Job:
         raise
     output = unique_output_path(output_folder(prefs), settings.seed)
     preview_dir = _empty_preview_folder()
-    request_id = client.generate(settings, output, preview_every=PREVIEW_EVERY, preview_dir=preview_dir)
+    request_id = client.generate(settings, output, preview_every=PREVIEW_EVERY, preview_dir=preview_dir, refine=refine)
     group = scene.msd_panorama
     session.job = Job(
         request_id=request_id,
@@ -355,9 +356,13 @@ class MSD_OT_generate(Operator):
             return False
         return True
 
+    def start(self, context) -> Job:
+        """Send the run to the worker (subclasses send another kind of run)."""
+        return start_generation(context)
+
     def execute(self, context):
         try:
-            start_generation(context)
+            self.start(context)
         except MSDError as exc:
             run_state.last_error, run_state.last_error_kind = str(exc), exc.kind
             return self._finish('CANCELLED')

@@ -6,6 +6,7 @@ import bpy
 from bpy.types import Panel
 
 from ..operators.generate import session, worker_status
+from ..operators.refine import refine_target_size, source_image
 from ..operators.worker_env import install_state
 from ..preferences import get_preferences, output_folder
 from ..properties import run_state
@@ -181,4 +182,25 @@ class MSD_PT_panorama_output(SettingsSubPanel, Panel):
             op.image_name = run_state.last_image
 
 
-classes = (MSD_PT_panorama, MSD_PT_panorama_sampler, MSD_PT_panorama_output)
+class MSD_PT_panorama_refine(SettingsSubPanel, Panel):
+    bl_label = "Refine"
+
+    def draw(self, context):
+        layout = split_layout(self.layout)
+        group = context.scene.msd_panorama
+        image = source_image(context)
+        if image is None:
+            draw_wrapped(layout, "Show a panorama as the world, or select a backdrop, to refine or upscale it.",
+                         icon='INFO')
+            return
+        layout.label(text=image.name, icon='IMAGE_DATA')
+        layout.prop(group, "refine_strength")
+        layout.prop(group, "refine_scale")
+        width, height = refine_target_size(image, group.refine_scale)
+        layout.label(text=f"{image.size[0]}×{image.size[1]} → {width}×{height}")
+        row = layout.row()
+        row.enabled = not session.busy
+        row.operator("msd.refine", icon='SHADERFX')
+
+
+classes = (MSD_PT_panorama, MSD_PT_panorama_sampler, MSD_PT_panorama_output, MSD_PT_panorama_refine)

@@ -1,0 +1,94 @@
+"""Refine / upscale the panorama the scene shows, through the worker like Generate.
+
+The source is the active backdrop's image (an object whose material has an Image Texture), else the
+image of the scene world's Environment Texture: one we generated or any other, since it is only read.
+Its file is sent to the worker as it is; a packed image's bytes are first copied to a file in the
+add-on's user folder. The result is used the way the panel says (world, backdrop or image), as for
+Generate, with the panel's prompt and sampler settings at the source's size × the Refine scale.
+"""
+
+import dataclasses
+import os
+
+import bpy
+from bpy.props import StringProperty
+
+from ..msd_core.errors import BadInput
+from ..msd_core.settings import LATENT_FACTOR, RefineSettings
+from ..preferences import get_preferences, user_folder
+from ..properties import settings_from_scene
+from . import generate
+from .world import is_equirectangular
+
+
+def source_image(context) -> bpy.types.Image | None:
+    """The panorama to refine: the active object's image texture, else the world's environment image."""
+    obj = context.active_object
+    if obj is not None:
+        for slot in obj.material_slots:
+            image = _first_image(slot.material, "TEX_IMAGE")
+            if image is not None:
+                return image
+    return _first_image(context.scene.world, "TEX_ENVIRONMENT")
+
+
+def _first_image(owner, node_type: str) -> bpy.types.Image | None:
+    if owner is None or owner.node_tree is None:
+        return None
+    return next((node.image for node in owner.node_tree.nodes if node.type == node_type and node.image), None)
+
+
+def source_file(image: bpy.types.Image) -> str:
+    """A file with the image's pixels for the worker: its own file, or a copy of its packed bytes."""
+    if image.packed_file is not None:
+        name = os.path.basename(bpy.path.abspath(image.filepath)) or bpy.path.clean_name(image.name) + ".png"
+        path = os.path.join(user_folder("refine"), name)  # the file's own name: the result's metadata shows it
+        with open(path, "wb") as file:
+            file.write(image.packed_file.data)
+        return path
+    if image.source != 'FILE':
+        raise BadInput(f"the image {image.name!r} has no file (it was generated or rendered): save it first")
+    path = bpy.path.abspath(image.filepath, library=image.library)
+    if not os.path.isfile(path):
+        raise BadInput(f"the file of the image {image.name!r} is missing: {path}")
+    return path
+
+
+def refine_target_size(image: bpy.types.Image, scale: float) -> tuple[int, int]:
+    """The source's size × ``scale``, each side rounded to the nearest multiple of 8."""
+    return tuple(max(LATENT_FACTOR, round(side * scale / LATENT_FACTOR) * LATENT_FACTOR) for side in image.size)
+
+
+def start_refine(context, image: bpy.types.Image) -> generate.Job:
+    """Send the refine of ``image`` to the worker with the panel's settings; raises MSDError."""
+    group = context.scene.msd_panorama
+    settings = settings_from_scene(context.scene, get_preferences(context))
+    width, height = refine_target_size(image, group.refine_scale)
+    settings = dataclasses.replace(settings, width=width, height=height, wrap=is_equirectangular(image)).validate()
+    source = RefineSettings(source_file(image), group.refine_strength).validate()
+    return generate.start_generation(context, settings=settings, refine=source)
+
+
+class MSD_OT_refine(generate.MSD_OT_generate):
+    """Refine or upscale the panorama the world or the active backdrop shows, with the prompt and the Refine settings"""
+
+    bl_idname = "msd.refine"
+    bl_label = "Refine Panorama"
+    bl_options = {'UNDO'}
+
+    image_name: StringProperty(
+        name="Image", description="The image to refine (default: the active backdrop's, else the world's)",
+        options={'SKIP_SAVE'},
+    )
+
+    def start(self, context) -> generate.Job:
+        image = bpy.data.images.get(self.image_name) if self.image_name else source_image(context)
+        if image is None:
+            raise BadInput(
+                f"there is no image named {self.image_name!r}" if self.image_name
+                else "there is no panorama to refine: show one as the world or select its backdrop"
+            )
+        return start_refine(context, image)
+
+
+classes = (MSD_OT_refine,)
