@@ -3,12 +3,11 @@ schedule) with MSD at the target size. Same size = restyle with a new prompt; ×
 
 The steps, each a small function:
 1. ``read_source``: the image file as floats in [0, 1] (8/16-bit PNG, JPEG, …; float images such as
-   32-bit TIFF are linear light and go through ``tone_map``; OpenEXR only where the OpenEXR package is
-   installed in the worker's Python).
+   32-bit TIFF are linear light and go through ``tonemap.tone_map``; OpenEXR only where the OpenEXR
+   package is installed in the worker's Python).
 2. ``resize_panorama``: to the target size, wrap-aware (the resampling filter reads across 0/360°).
 3. ``vae.encode_images``: tiled and wrap-aware, the distribution's mean (deterministic).
 4. ``start_step`` and ``renoise``: SDEdit. ⌊strength·steps⌋ steps remain; x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε.
-
 5. ``guide_layout``: during the early steps, the coarsest pyramid level's scale of the latent is kept
    the source's (renoised to the same step), so the composition survives even at strength 1; the
    model draws everything finer. docs/refine.md has the evidence on the analytic horizon prior.
@@ -27,6 +26,7 @@ from PIL import Image
 
 from .errors import BadInput
 from .settings import MAX_SOURCE_PIXELS
+from .tonemap import tone_map
 
 # The layout guidance (guide_layout) acts while t is above this fraction of the training timesteps:
 # the steps that decide the composition; later steps only add detail.
@@ -50,15 +50,6 @@ def start_step(strength: float, steps: int) -> int:
 def renoise(clean: torch.Tensor, noise: torch.Tensor, alpha: float) -> torch.Tensor:
     """x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε: the forward diffusion of ``clean`` to the timestep with ᾱ_t = ``alpha``."""
     return math.sqrt(alpha) * clean + math.sqrt(1 - alpha) * noise
-
-
-def tone_map(linear: np.ndarray) -> np.ndarray:
-    """Linear light (any range ≥ 0) → display values in [0, 1]: Reinhard per channel, c / (1 + c), then
-    the sRGB transfer curve. 0.18 (mid grey) maps to 0.43, 1 to 0.74, the sun's 10⁴ to 1."""
-    compressed = np.maximum(linear, 0) / (1 + np.maximum(linear, 0))
-    return np.where(
-        compressed <= 0.0031308, 12.92 * compressed, 1.055 * np.power(compressed, 1 / 2.4) - 0.055
-    ).astype(np.float32)
 
 
 def source_size(path) -> tuple[int, int]:

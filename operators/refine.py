@@ -3,7 +3,8 @@
 The source is the active backdrop's image (an object whose material has an Image Texture), else the
 image of the scene world's Environment Texture: one we generated or any other, since it is only read.
 Its file is sent to the worker as it is; a packed image's bytes are first copied to a file in the
-add-on's user folder. The result is used the way the panel says (world, backdrop or image), as for
+add-on's user folder, and a float image (an HDRI: EXR, HDR) is tone-mapped into a PNG there
+(msd_core.tonemap), so the worker needs no HDR reader. The result is used the way the panel says (world, backdrop or image), as for
 Generate, with the panel's prompt and sampler settings at the source's size × the Refine scale.
 """
 
@@ -11,10 +12,12 @@ import dataclasses
 import os
 
 import bpy
+import numpy as np
 from bpy.props import StringProperty
 
 from ..msd_core.errors import BadInput
 from ..msd_core.settings import LATENT_FACTOR, RefineSettings
+from ..msd_core.tonemap import tone_map, write_png
 from ..preferences import get_preferences, user_folder
 from ..properties import settings_from_scene
 from . import generate
@@ -39,18 +42,27 @@ def _first_image(owner, node_type: str) -> bpy.types.Image | None:
 
 
 def source_file(image: bpy.types.Image) -> str:
-    """A file with the image's pixels for the worker: its own file, or a copy of its packed bytes."""
-    if image.packed_file is not None:
-        name = os.path.basename(bpy.path.abspath(image.filepath)) or bpy.path.clean_name(image.name) + ".png"
-        path = os.path.join(user_folder("refine"), name)  # the file's own name: the result's metadata shows it
-        with open(path, "wb") as file:
-            file.write(image.packed_file.data)
-        return path
+    """A file with the image's pixels for the worker: its own file, a copy of its packed bytes, or for
+    a float image a tone-mapped PNG of its pixels. Files are named after the image's file, since the
+    result's metadata records the name."""
     if image.source != 'FILE':
         raise BadInput(f"the image {image.name!r} has no file (it was generated or rendered): save it first")
     path = bpy.path.abspath(image.filepath, library=image.library)
-    if not os.path.isfile(path):
-        raise BadInput(f"the file of the image {image.name!r} is missing: {path}")
+    if 0 in image.size or (image.packed_file is None and not os.path.isfile(path)):  # the size loads the pixels
+        raise BadInput(f"the file of the image {image.name!r} is missing or unreadable: {path}")
+    name = os.path.basename(path) or bpy.path.clean_name(image.name)
+    if image.is_float:
+        width, height = image.size
+        pixels = np.empty(width * height * image.channels, np.float32)
+        image.pixels.foreach_get(pixels)  # scene-linear, bottom row first
+        path = os.path.join(user_folder("refine"), name + ".png")
+        write_png(path, tone_map(pixels.reshape(height, width, image.channels)[::-1, :, :3]))
+        return path
+    if image.packed_file is not None:
+        path = os.path.join(user_folder("refine"), name)
+        with open(path, "wb") as file:
+            file.write(image.packed_file.data)
+        return path
     return path
 
 

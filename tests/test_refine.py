@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from msd_core import cli, models, pngmeta, protocol, refine, vae
+from msd_core import cli, models, pngmeta, protocol, refine, tonemap, vae
 from msd_core.client import WorkerClient
 from msd_core.errors import BadInput
 from msd_core.models import sd_ddim_scheduler
@@ -90,11 +90,11 @@ def test_renoise_is_the_forward_diffusion_to_the_start_steps_alpha():
 
 
 def test_tone_map_is_reinhard_then_srgb():
-    values = refine.tone_map(np.array([0.0, 0.18, 1.0, 1e4, -1.0], np.float32))
+    values = tonemap.tone_map(np.array([0.0, 0.18, 1.0, 1e4, -1.0], np.float32))
     assert values[0] == 0 and values[-1] == 0  # negative light is none
     assert values[1] == pytest.approx(0.4270, abs=1e-3) and values[2] == pytest.approx(0.7354, abs=1e-3)
     assert 0.999 < values[3] <= 1
-    ramp = refine.tone_map(np.linspace(0, 100, 1000, dtype=np.float32))
+    ramp = tonemap.tone_map(np.linspace(0, 100, 1000, dtype=np.float32))
     assert (np.diff(ramp) > 0).all()
 
 
@@ -109,7 +109,7 @@ def test_eight_bit_sixteen_bit_and_float_sources_read_as_floats_in_0_1(tmp_path)
 
     linear = np.full((8, 16), 4.0, np.float32)  # a float TIFF is linear light, possibly above 1
     Image.fromarray(linear, "F").save(tmp_path / "hdr.tif")
-    assert np.allclose(refine.read_source(tmp_path / "hdr.tif"), refine.tone_map(np.float32(4.0)))
+    assert np.allclose(refine.read_source(tmp_path / "hdr.tif"), tonemap.tone_map(np.float32(4.0)))
 
 
 def huge_png_header(path: Path, width: int, height: int) -> Path:

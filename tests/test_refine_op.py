@@ -74,6 +74,27 @@ def test_a_packed_source_is_sent_as_a_copy_of_its_bytes(addon, tmp_path):
     assert sent != path and open(sent, "rb").read() == image.packed_file.data
 
 
+def test_a_float_source_is_sent_as_a_tone_mapped_png(addon, tmp_path):
+    """An HDRI world (EXR) reaches the worker as a PNG of its tone-mapped pixels; the worker needs no EXR reader."""
+    hdr = bpy.data.images.new("sky", 16, 8, float_buffer=True)
+    linear = np.linspace(0, 20, 16 * 8 * 4, dtype=np.float32)  # far above 1, like the sun in an HDRI
+    hdr.pixels.foreach_set(linear)
+    hdr.filepath_raw, hdr.file_format = str(tmp_path / "sky.exr"), "OPEN_EXR"
+    hdr.save()
+    bpy.data.images.remove(hdr)
+    image = bpy.data.images.load(str(tmp_path / "sky.exr"))
+    before = pixels_digest(image)
+
+    sent = refine_module().source_file(image)
+    assert os.path.basename(sent) == "sky.exr.png"
+    with Image.open(sent) as png:
+        assert png.mode == "RGB" and png.size == (16, 8)
+        received = np.asarray(png, np.float32) / 255
+    expected = addon_module().msd_core.tonemap.tone_map(linear.reshape(8, 16, 4)[::-1, :, :3])
+    assert np.abs(received - expected).max() <= 0.5 / 255 + 1e-6
+    assert pixels_digest(image) == before and image.filepath == str(tmp_path / "sky.exr")
+
+
 @pytest.mark.parametrize(
     "setup,message",
     [
@@ -96,7 +117,7 @@ def test_a_missing_source_file_is_reported(addon, tmp_path):
     path = source_png(tmp_path / "gone.png")
     image = bpy.data.images.load(path)
     os.remove(path)
-    with pytest.raises(RuntimeError, match="the file of the image .* is missing"):
+    with pytest.raises(RuntimeError, match="the file of the image 'gone.png' is missing or unreadable"):
         bpy.ops.msd.refine(wait=True, image_name=image.name)
 
 
