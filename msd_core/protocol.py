@@ -22,7 +22,8 @@ Requests (client → worker), each a JSON object with ``op``:
     docs/refine.md): ``source`` an existing image file (PNG, JPEG, TIFF, WebP; OpenEXR where the
     worker has the OpenEXR package; at most settings.MAX_SOURCE_PIXELS pixels), ``strength`` in
     (0, 1], default 0.5. The settings' width and height are the target size. The image is read only;
-    "done"'s metadata then also has "source" (the file's name), "strength" and "start_step".
+    "done"'s metadata then also has "source" (the file's name), "strength" and "start_step", and
+    "progress" counts only the steps that run (total = ⌊strength·steps⌋).
   cancel: a queued request ends at once, a running one at its next window batch, both with error
     kind "cancelled" and no output file. A cancel for an id that is neither running nor queued (for
     example one that has just finished) is ignored.
