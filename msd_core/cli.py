@@ -20,6 +20,8 @@ from .settings import (
     DEVICES,
     DTYPES,
     GRADIENTS,
+    HDR_KNEE_RANGE,
+    HDR_PEAK_RANGE,
     METHODS,
     OMEGA_LOSSES,
     PRESETS,
@@ -134,7 +136,17 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     device.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA, else Apple MPS, else CPU")
     device.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float16 on GPUs, float32 on the CPU")
     device.add_argument("--view-batch", type=int, help="windows per UNet call (default: from free memory)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    lighting = parser.add_argument_group("HDR for lighting (see docs/hdr.md)")
+    lighting.add_argument("--hdr", action="store_true",
+                          help="also write a linear half-float OpenEXR beside OUTPUT (same name, .exr) whose "
+                               "highlights are expanded for lighting: an estimate, not measured radiance")
+    lighting.add_argument("--hdr-knee", type=float, default=GenerationSettings.hdr_knee, metavar="LINEAR",
+                          help="linear luminance above which highlights are expanded; below it the EXR equals the PNG "
+                               f"(default %(default)g, {HDR_KNEE_RANGE[0]:g}–{HDR_KNEE_RANGE[1]:g})")
+    lighting.add_argument("--hdr-peak", type=float, default=GenerationSettings.hdr_peak, metavar="LINEAR",
+                          help="linear value that white becomes (default %(default)g, "
+                               f"{HDR_PEAK_RANGE[0]:g}–{HDR_PEAK_RANGE[1]:g}; 1 = no expansion)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT (and its .exr) if it exists")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -148,6 +160,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "seed": secrets.randbelow(2**32) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "view_batch": args.view_batch,
         "device": args.device, "dtype": args.dtype,
+        "hdr": args.hdr, "hdr_knee": args.hdr_knee, "hdr_peak": args.hdr_peak,
     }
     if args.width is not None:
         changes["width"] = args.width
@@ -187,13 +200,13 @@ def _nearest_multiple(value: float) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from .output import check_output_path
+    from .output import check_output_path, save_exr
 
     if args.command == "refine":
         settings, source = refine_settings_from_args(args)
     else:
         settings, source = settings_from_args(args), None
-    output = check_output_path(args.output, args.overwrite)
+    output = check_output_path(args.output, args.overwrite, exr=settings.hdr)
     origin = f" from {args.image} at strength {source.strength}" if source else ""
     print(f"msd-panorama: {settings.width}×{settings.height}{origin}, seed {settings.seed}, model {settings.model}",
           file=sys.stderr)
@@ -209,6 +222,9 @@ def generate(args: argparse.Namespace) -> int:
             progress.close()
     path = pipe.save(result, output, overwrite=args.overwrite)
     print(path)
+    if settings.hdr:
+        print(save_exr(result.image, path, result.metadata, knee=settings.hdr_knee, peak=settings.hdr_peak,
+                       overwrite=args.overwrite))
     return 0
 
 

@@ -39,7 +39,8 @@ Events (worker → client), each a JSON object with ``event`` and ``id`` (the re
   loading    {model, warm}                         warm = the model was already loaded
   progress   {step, total, level, levels, elapsed, eta}   step counts from 1; eta in seconds or null
   preview    {path, step, width, height}           a small PNG of the coarsest level's x0 estimate
-  done       {output, metadata, timings}           timings: {load, sample, decode, save, total} seconds
+  done       {output, exr, metadata, timings}      timings: {load, sample, decode, save, total} seconds;
+                                                   exr: the HDR EXR's path with settings.hdr, else null
   error      {kind, message}                       kind is one of ERROR_KINDS
   pong       {}
   bye        {}

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from . import __version__, models, protocol  # noqa: E402
 from .errors import BadInput, Cancelled, MSDError  # noqa: E402
-from .output import check_output_path, save_png  # noqa: E402
+from .output import check_output_path, save_exr, save_png  # noqa: E402
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
 from .refine import source_size  # noqa: E402
 from .settings import GenerationSettings, RefineSettings, is_int  # noqa: E402
@@ -229,9 +229,15 @@ class Worker:
                 raise Cancelled("generation cancelled")
             saving = time.perf_counter()
             output = pipe.save(result, job.output, overwrite=job.overwrite)
+            exr = None
+            if job.settings.hdr:
+                exr = save_exr(result.image, output, result.metadata, knee=job.settings.hdr_knee,
+                               peak=job.settings.hdr_peak, overwrite=job.overwrite)
             now = time.perf_counter()
             timings = {"load": load_seconds, **result.timings, "save": now - saving, "total": now - started}
-            self.emit(protocol.event("done", job.id, output=str(output), metadata=result.metadata, timings=timings))
+            self.emit(protocol.event(
+                "done", job.id, output=str(output), exr=None if exr is None else str(exr), metadata=result.metadata, timings=timings
+            ))
             error = None
         except MSDError as exc:  # Cancelled, BadInput, ModelNotFound, ...
             error = (exc.kind, str(exc))
@@ -339,7 +345,7 @@ def parse_generate(message: dict) -> Job:
     return Job(
         id=request_id,
         settings=settings,
-        output=check_output_path(output, overwrite),
+        output=check_output_path(output, overwrite, exr=settings.hdr),
         overwrite=overwrite,
         preview_every=preview_every,
         preview_dir=preview_dir,

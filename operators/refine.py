@@ -21,24 +21,30 @@ from ..msd_core.tonemap import tone_map, write_png
 from ..preferences import get_preferences, user_folder
 from ..properties import settings_from_scene
 from . import generate
-from .world import is_equirectangular
+from .world import SOURCE_PROPERTY, is_equirectangular
+
+IMAGE_NODES = {'TEX_ENVIRONMENT', 'TEX_IMAGE'}
 
 
 def source_image(context) -> bpy.types.Image | None:
-    """The panorama to refine: the active object's image texture, else the world's environment image."""
+    """The panorama to refine: the active object's, else the world's. For a backdrop or world the
+    add-on made, the panorama it was made from (not the HDR companion a world may be lit by);
+    otherwise the first image of an image node in its material or world."""
     obj = context.active_object
     if obj is not None:
-        for slot in obj.material_slots:
-            image = _first_image(slot.material, "TEX_IMAGE")
-            if image is not None:
-                return image
-    return _first_image(context.scene.world, "TEX_ENVIRONMENT")
+        image = obj.get(SOURCE_PROPERTY) or next(
+            filter(None, (_first_image(slot.material) for slot in obj.material_slots)), None
+        )
+        if image is not None:
+            return image
+    world = context.scene.world
+    return world and (world.get(SOURCE_PROPERTY) or _first_image(world))
 
 
-def _first_image(owner, node_type: str) -> bpy.types.Image | None:
+def _first_image(owner) -> bpy.types.Image | None:
     if owner is None or owner.node_tree is None:
         return None
-    return next((node.image for node in owner.node_tree.nodes if node.type == node_type and node.image), None)
+    return next((node.image for node in owner.node_tree.nodes if node.type in IMAGE_NODES and node.image), None)
 
 
 def source_file(image: bpy.types.Image) -> str:

@@ -47,6 +47,19 @@ def test_the_source_is_the_active_backdrops_image_else_the_worlds(addon, tmp_pat
     bpy.context.view_layer.objects.active = None
     assert refine.source_image(bpy.context) == world_image
 
+    # A world lit by another image (as by the HDR companion of its panorama) still refines its panorama.
+    world = bpy.context.scene.world
+    next(n for n in world.node_tree.nodes if n.type == "TEX_ENVIRONMENT").image = bpy.data.images.new("lit by", 8, 4)
+    assert refine.source_image(bpy.context) == world_image
+
+    # Any world of the user's own: the image of its Environment Texture.
+    user_world = bpy.data.worlds.new("Mine")
+    user_world.use_nodes = True
+    environment = user_world.node_tree.nodes.new("ShaderNodeTexEnvironment")
+    environment.image = bpy.data.images.load(source_png(tmp_path / "mine.png"))
+    bpy.context.scene.world = user_world
+    assert refine.source_image(bpy.context) == environment.image
+
 
 def test_refine_upscales_the_world_and_never_touches_the_source(addon, tmp_path):
     bpy.ops.msd.apply_world(filepath=source_png(tmp_path / "draft.png"))

@@ -111,6 +111,7 @@ class MSD_PT_panorama(SidebarPanel, Panel):
         elif group.target == 'BACKDROP':
             layout.prop(group, "backdrop_shape")
             layout.prop(group, "backdrop_strength")
+        layout.prop(group, "hdr")
 
         layout.use_property_split = False
         if session.busy:
@@ -162,6 +163,10 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         col.prop(group, "omega")
         col.prop(group, "gradient")
         col.prop(group, "scales")
+        col = layout.column()
+        col.active = group.hdr
+        col.prop(group, "hdr_knee")
+        col.prop(group, "hdr_peak")
 
 
 class MSD_PT_panorama_output(SettingsSubPanel, Panel):
