@@ -196,20 +196,18 @@ class WorkerClient:
         which all its events carry."""
         request_id = _new_id()
         data = settings.to_dict() if isinstance(settings, GenerationSettings) else dict(settings)
-        if refine is not None:
-            refine = {**refine.to_dict(), "source": os.path.abspath(refine.source)}
-        self.send(
-            protocol.request(
-                "generate",
-                request_id,
-                settings=data,
-                output=os.path.abspath(output),  # the worker runs in another folder
-                overwrite=overwrite,
-                preview_every=preview_every,
-                preview_dir=None if preview_dir is None else os.path.abspath(preview_dir),
-                refine=refine,
-            )
+        request = protocol.request(
+            "generate",
+            request_id,
+            settings=data,
+            output=os.path.abspath(output),  # the worker runs in another folder
+            overwrite=overwrite,
+            preview_every=preview_every,
+            preview_dir=None if preview_dir is None else os.path.abspath(preview_dir),
         )
+        if refine is not None:
+            request["refine"] = {**refine.to_dict(), "source": os.path.abspath(refine.source)}
+        self.send(request)
         return request_id
 
     def cancel(self, request_id) -> None:
