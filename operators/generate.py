@@ -336,12 +336,9 @@ def _forget_run_on_load(*_args) -> None:
         run_state.status, run_state.message = "READY", ""
 
 
-class MSD_OT_generate(Operator):
-    """Generate a panorama from the prompt in a background process"""
-
-    bl_idname = "msd.generate"
-    bl_label = "Generate Panorama"
-    bl_options = {'UNDO'}
+class WorkerRunOperator:
+    """Mix-in for operators that run in the worker: ``start(context)`` sends the run; execute then waits
+    for it (wait=True, background) or polls it from a modal timer, Esc cancelling."""
 
     wait: BoolProperty(
         name="Wait",
@@ -357,7 +354,7 @@ class MSD_OT_generate(Operator):
         return True
 
     def start(self, context) -> Job:
-        """Send the run to the worker (subclasses send another kind of run)."""
+        """Send the run to the worker; raises MSDError (operators for other kinds of run override it)."""
         return start_generation(context)
 
     def execute(self, context):
@@ -395,6 +392,14 @@ class MSD_OT_generate(Operator):
         else:
             self.report({'WARNING'}, "Generation cancelled")
         return {'CANCELLED'}
+
+
+class MSD_OT_generate(WorkerRunOperator, Operator):
+    """Generate a panorama from the prompt in a background process"""
+
+    bl_idname = "msd.generate"
+    bl_label = "Generate Panorama"
+    bl_options = {'UNDO'}
 
 
 class MSD_OT_cancel(Operator):

@@ -14,6 +14,7 @@ import os
 import bpy
 import numpy as np
 from bpy.props import StringProperty
+from bpy.types import Operator
 
 from ..msd_core.errors import BadInput
 from ..msd_core.settings import LATENT_FACTOR, RefineSettings
@@ -87,7 +88,7 @@ def start_refine(context, image: bpy.types.Image) -> generate.Job:
     return generate.start_generation(context, settings=settings, refine=source)
 
 
-class MSD_OT_refine(generate.MSD_OT_generate):
+class MSD_OT_refine(generate.WorkerRunOperator, Operator):
     """Refine or upscale the panorama the world or the active backdrop shows, with the prompt and the Refine settings"""
 
     bl_idname = "msd.refine"
