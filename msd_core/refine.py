@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import BadInput
+from .sampler import alphas_cumprod
 from .settings import MAX_SOURCE_PIXELS
 from .tonemap import tone_map
 
@@ -179,13 +180,13 @@ def guide_layout(latents: torch.Tensor, reference: torch.Tensor, factor: int) ->
 
 def layout_guide(clean: torch.Tensor, noise: torch.Tensor, factor: int, until_t: float):
     """guide(z, step) for the sampling loop: while step.t > ``until_t``, ``guide_layout`` towards the
-    source ``clean`` renoised with ``noise`` to the step's end (ᾱ_prev); later steps are left alone.
+    source ``clean`` renoised with ``noise`` to the step's end; later steps are left alone.
     ``factor`` 1 (no level coarser than a window) guides nothing: the renoised start alone carries the layout.
     """
 
     def guide(latents: torch.Tensor, step) -> torch.Tensor:
         if factor == 1 or step.t <= until_t:
             return latents
-        return guide_layout(latents, renoise(clean, noise, step.alpha_prev), factor)
+        return guide_layout(latents, renoise(clean, noise, alphas_cumprod(step)[1]), factor)
 
     return guide
