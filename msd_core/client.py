@@ -28,7 +28,7 @@ import uuid
 
 from . import protocol
 from .errors import BadInput
-from .settings import GenerationSettings
+from .settings import GenerationSettings, RefineSettings
 
 STDERR_LINES = 50  # how much of the worker's stderr is kept for "died" reports
 DIED_MESSAGE_LINES = 10  # how many of them go into the message itself
@@ -190,21 +190,27 @@ class WorkerClient:
         overwrite: bool = False,
         preview_every: int = protocol.DEFAULT_PREVIEW_EVERY,
         preview_dir=None,
+        refine: RefineSettings | None = None,
+        threads: int = 0,
     ) -> str:
-        """Queue one panorama; returns the new request's id, which all its events carry."""
+        """Queue one panorama (refined from ``refine.source`` when given); returns the new request's id,
+        which all its events carry. ``threads``: torch's CPU threads for this run (0: the worker's
+        default, physical cores − 1)."""
         request_id = _new_id()
         data = settings.to_dict() if isinstance(settings, GenerationSettings) else dict(settings)
-        self.send(
-            protocol.request(
-                "generate",
-                request_id,
-                settings=data,
-                output=os.path.abspath(output),  # the worker runs in another folder
-                overwrite=overwrite,
-                preview_every=preview_every,
-                preview_dir=None if preview_dir is None else os.path.abspath(preview_dir),
-            )
+        request = protocol.request(
+            "generate",
+            request_id,
+            settings=data,
+            output=os.path.abspath(output),  # the worker runs in another folder
+            overwrite=overwrite,
+            preview_every=preview_every,
+            preview_dir=None if preview_dir is None else os.path.abspath(preview_dir),
+            threads=threads,
         )
+        if refine is not None:
+            request["refine"] = {**refine.to_dict(), "source": os.path.abspath(refine.source)}
+        self.send(request)
         return request_id
 
     def variations(self, settings: GenerationSettings | dict, output, count: int, *, overwrite: bool = False) -> str:
@@ -270,7 +276,7 @@ class WorkerClient:
         return env
 
     def _read_events(self, process: subprocess.Popen) -> None:
-        for line in process.stdout:
+        for line in _lines(process.stdout):
             line = line.strip()
             if not line:
                 continue
@@ -284,8 +290,8 @@ class WorkerClient:
         self._on_exit(process)
 
     def _read_stderr(self, process: subprocess.Popen) -> None:
-        for line in process.stderr:
-            self._stderr.append(line.rstrip("\r\n"))
+        for line in _lines(process.stderr):
+            self._stderr.append(line.rstrip("\r"))
 
     def _track(self, message: dict) -> None:
         name = message.get("event")
@@ -337,6 +343,17 @@ class WorkerClient:
     def _cancel_startup_timer(self) -> None:
         if self._startup_timer is not None:
             self._startup_timer.cancel()
+
+
+def _lines(stream):
+    """Text lines from one of the worker's pipes, each bounded (protocol.MAX_LINE_BYTES): a runaway line
+    is replaced by a note rather than held in memory. Read as bytes from the descriptor, so a line's
+    length is known before it is decoded."""
+    for line in protocol.bounded_lines(protocol.read_chunks(stream.fileno())):
+        if isinstance(line, protocol.LineTooLong):
+            yield f"(a line of {line.length} bytes was dropped)"
+        else:
+            yield line.decode("utf-8", errors="replace")
 
 
 def _new_id() -> str:

@@ -8,13 +8,14 @@ import torch
 from diffusers import StableDiffusionPanoramaPipeline
 
 from msd_core.errors import BadInput, Cancelled
-from msd_core.pipeline import MSDPanoramaPipeline, default_levels
+from msd_core.pipeline import MSDPanoramaPipeline
+from msd_core.plan import default_levels
 from msd_core.sampler import cross_scale_discrepancy
 from msd_core.settings import GenerationSettings
 
 BASE = GenerationSettings(
     prompt="a quiet lake under mountains", width=256, height=128, wrap=False, model="tiny",
-    steps=4, seed=3, stride=32, device="cpu", view_batch=8,
+    steps=4, seed=3, stride=32, windows="dense", device="cpu", view_batch=8,
 )
 
 
@@ -107,7 +108,7 @@ def test_levels_and_windows_resolved_from_the_model(pipe):
     [
         ({"width": 48, "height": 48}, "smaller than one 64 px window"),
         ({"scales": 4}, "fewer --scales"),
-        ({"stride": 24, "height": 256}, "odd"),
+        ({"stride": 24, "height": 256}, "stride 24 px: with more than one pyramid level the stride must be a multiple of 16 px"),
         ({"width": 250}, "nearest valid: 248 or 256"),
     ],
 )

@@ -6,13 +6,14 @@ import bpy
 from bpy.types import Panel
 
 from ..msd_core import hub
-from ..operators.generate import session, worker_status
+from ..operators.generate import preview_image, session, worker_status
 from ..operators.history import cached_history, history_buttons, history_cache
+from ..operators.refine import refine_target_size, source_image
 from ..operators.models import cached_models, download_state, needs_download
 from ..operators.variations import variation_state
 from ..operators.worker_env import install_state
 from ..preferences import get_preferences, output_folder
-from ..properties import run_state
+from ..properties import estimate_text, run_state
 
 STATUS_WORDS = {
     "NOT_INSTALLED": ("Worker not installed", 'ERROR'),
@@ -163,13 +164,17 @@ class MSD_PT_panorama(SidebarPanel, Panel):
             layout.progress(factor=run_state.progress, type='BAR', text=progress_text())
             layout.operator("msd.cancel", icon='CANCEL')
         else:
+            layout.prop(group, "quality")
             layout.operator("msd.generate", icon='RENDER_STILL')
+            estimate = estimate_text(context.scene, get_preferences(context))
+            if estimate:
+                layout.label(text=estimate, icon='TIME')
         if run_state.last_error:
             box = layout.box()
             box.alert = True
             draw_wrapped(box, run_state.last_error, icon='ERROR')
 
-        image = bpy.data.images.get(run_state.preview_image or run_state.last_image)
+        image = preview_image() or bpy.data.images.get(run_state.last_image)
         if image is not None:
             layout.template_icon(icon_value=layout.icon(image), scale=PREVIEW_SCALE)
 
@@ -207,6 +212,7 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         col.active = group.method == "msd"
         col.prop(group, "omega")
         col.prop(group, "gradient")
+        col.prop(group, "windows")
         col.prop(group, "scales")
         col = layout.column()
         col.active = group.hdr
@@ -280,5 +286,26 @@ class MSD_PT_history(SettingsSubPanel, Panel):
                     setattr(properties, name, value)
 
 
+class MSD_PT_panorama_refine(SettingsSubPanel, Panel):
+    bl_label = "Refine"
+
+    def draw(self, context):
+        layout = split_layout(self.layout)
+        group = context.scene.msd_panorama
+        image = source_image(context)
+        if image is None:
+            draw_wrapped(layout, "Show a panorama as the world, or select a backdrop, to refine or upscale it.",
+                         icon='INFO')
+            return
+        layout.label(text=image.name, icon='IMAGE_DATA')
+        layout.prop(group, "refine_strength")
+        layout.prop(group, "refine_scale")
+        width, height = refine_target_size(image, group.refine_scale)
+        layout.label(text=f"{image.size[0]}×{image.size[1]} → {width}×{height}")
+        row = layout.row()
+        row.enabled = not session.busy
+        row.operator("msd.refine", icon='SHADERFX')
+
+
 classes = (MSD_PT_panorama, MSD_PT_panorama_variations, MSD_PT_panorama_sampler, MSD_PT_panorama_output,
-           MSD_PT_history)
+           MSD_PT_panorama_refine, MSD_PT_history)
