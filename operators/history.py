@@ -85,7 +85,8 @@ def _newest_pngs(folder: str) -> list[str]:
 def history_buttons(entry: HistoryEntry, group) -> list[tuple[str, str, str, dict]]:
     """(operator, label, icon, arguments) of an entry's buttons; applying needs the file on disk."""
     settings = {"image_name": entry.image_name} if entry.image_name else {"filepath": entry.filepath}
-    buttons = [("msd.restore_settings", "Use Settings", 'RECOVER_LAST', settings)]
+    buttons = [("msd.restore_settings", "Use Settings", 'RECOVER_LAST', settings),
+               ("msd.refine", "Refine", 'SHADERFX', dict(settings))]
     if entry.filepath:
         buttons[:0] = [
             ("msd.apply_world", "Apply as World", 'WORLD',

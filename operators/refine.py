@@ -2,6 +2,7 @@
 
 The source is the active backdrop's image (an object whose material has an Image Texture), else the
 image of the scene world's Environment Texture: one we generated or any other, since it is only read.
+A named image or an image file (the History sub-panel's Refine) can be given instead.
 Its file is sent to the worker as it is; a packed image's bytes are first copied to a file in the
 add-on's user folder, and a float image (an HDRI: EXR, HDR) is tone-mapped into a PNG there
 (msd_core.tonemap), so the worker needs no HDR reader. The result is used the way the panel says (world, backdrop or image), as for
@@ -22,6 +23,7 @@ from ..msd_core.tonemap import tone_map, write_png
 from ..preferences import get_preferences, user_folder
 from ..properties import settings_from_scene
 from . import generate
+from .images import load_panorama
 from .world import SOURCE_PROPERTY, is_equirectangular
 
 IMAGE_NODES = {'TEX_ENVIRONMENT', 'TEX_IMAGE'}
@@ -88,6 +90,18 @@ def start_refine(context, image: bpy.types.Image) -> generate.Job:
     return generate.start_generation(context, settings=settings, refine=source)
 
 
+def start_refine_file(context, filepath: str) -> generate.Job:
+    """Refine the image file at ``filepath``. Its image is only read for its size and pixels: one loaded
+    just for this is removed again, so the .blend gains nothing but the result."""
+    known = set(bpy.data.images)
+    image = load_panorama(filepath)
+    try:
+        return start_refine(context, image)
+    finally:
+        if image not in known:
+            bpy.data.images.remove(image)
+
+
 class MSD_OT_refine(generate.WorkerRunOperator, Operator):
     """Refine or upscale the panorama the world or the active backdrop shows, with the prompt and the Refine settings"""
 
@@ -99,8 +113,14 @@ class MSD_OT_refine(generate.WorkerRunOperator, Operator):
         name="Image", description="The image to refine (default: the active backdrop's, else the world's)",
         options={'SKIP_SAVE'},
     )
+    filepath: StringProperty(
+        name="File", description="An image file to refine instead (absolute or //-relative)",
+        subtype='FILE_PATH', options={'SKIP_SAVE'},
+    )
 
     def start(self, context) -> generate.Job:
+        if self.filepath:
+            return start_refine_file(context, self.filepath)
         image = bpy.data.images.get(self.image_name) if self.image_name else source_image(context)
         if image is None:
             raise BadInput(

@@ -75,8 +75,11 @@ def test_buttons_run_the_right_operators_with_the_right_arguments(folder):
         "msd.apply_world": {"filepath": file_entry.filepath, "strength": 2.5, "rotation": group.world_rotation},
         "msd.add_backdrop": {"filepath": file_entry.filepath, "shape": "CURVED", "strength": group.backdrop_strength},
         "msd.restore_settings": {"filepath": file_entry.filepath},
+        "msd.refine": {"filepath": file_entry.filepath},  # run in test_refine_op (refine from a file)
     }
     for name, arguments in buttons.items():
+        if name == "msd.refine":
+            continue
         assert getattr(bpy.ops.msd, name.split(".")[1])(**arguments) == {"FINISHED"}
     world = bpy.context.scene.world
     assert [i.filepath_raw for i in world_images(world)] and world.name.startswith("MSD a snowy forest")
@@ -86,7 +89,7 @@ def test_buttons_run_the_right_operators_with_the_right_arguments(folder):
 
     # The .blend's panorama restores from its image; its file is on disk, so it can be applied too.
     buttons = {name: arguments for name, _label, _icon, arguments in module.history_buttons(blend_entry, group)}
-    assert buttons["msd.restore_settings"] == {"image_name": blend_entry.image_name}
+    assert buttons["msd.restore_settings"] == buttons["msd.refine"] == {"image_name": blend_entry.image_name}
     assert bpy.ops.msd.restore_settings(**buttons["msd.restore_settings"]) == {"FINISHED"}
     assert (group.prompt, group.seed) == (PROMPT, 7)
     assert bpy.ops.msd.apply_world(**buttons["msd.apply_world"]) == {"FINISHED"}
@@ -100,7 +103,7 @@ def test_an_image_whose_file_is_gone_is_listed_with_use_settings_only(folder):
     entry = module.list_panoramas(str(folder))[0]
     assert (entry.image_name, entry.filepath) == (image.name, "")
     buttons = module.history_buttons(entry, bpy.context.scene.msd_panorama)
-    assert [name for name, *_ in buttons] == ["msd.restore_settings"]
+    assert [name for name, *_ in buttons] == ["msd.restore_settings", "msd.refine"]  # it is packed
 
 
 def test_the_panel_reads_files_only_when_the_folder_or_the_blends_panoramas_change(folder, monkeypatch):
@@ -140,6 +143,6 @@ def test_history_panel_draws_each_entry_with_its_buttons(folder):
     assert ("label", "3 panoramas") in log and ("operator", "msd.refresh_history") in log
     assert ("label", "Seed 12 · 64×32") in log and ("label", "a snowy forest") in log
     operators = [name for kind, name in log if kind == "operator" and name != "msd.refresh_history"]
-    per_entry = ["msd.apply_world", "msd.add_backdrop", "msd.restore_settings"]
+    per_entry = ["msd.apply_world", "msd.add_backdrop", "msd.restore_settings", "msd.refine"]
     assert operators == per_entry * 3
     assert sum(1 for kind, _ in log if kind == "icon") == 3

@@ -78,6 +78,26 @@ def test_refine_upscales_the_world_and_never_touches_the_source(addon, tmp_path)
     assert after == before and source.users > 0
 
 
+def test_refine_from_a_file_sends_that_file_and_leaves_it_and_the_blend_alone(addon, tmp_path):
+    """The History sub-panel's Refine: a panorama file, not the scene's, is the source."""
+    bpy.ops.msd.apply_world(filepath=source_png(tmp_path / "shown.png", 192, 64))  # not the source
+    path = source_png(tmp_path / "listed.png")
+    before = open(path, "rb").read()
+    images = set(bpy.data.images.keys())
+    bpy.context.scene.msd_panorama.refine_scale = 2.0
+
+    assert bpy.ops.msd.refine(wait=True, filepath=path) == {"FINISHED"}, run_state().last_error
+    result = bpy.data.images[run_state().last_image]
+    assert tuple(result.size) == (256, 128) and result["msd"]["wrap"] == "true"
+    assert result["msd"]["source"] == "listed.png"
+    assert open(path, "rb").read() == before
+    assert set(bpy.data.images.keys()) - images == {result.name}  # the source's image was only borrowed
+
+    with pytest.raises(RuntimeError, match="panorama file not found"):
+        bpy.ops.msd.refine(wait=True, filepath=str(tmp_path / "gone.png"))
+    assert not addon_module().operators.generate.session.busy
+
+
 def test_a_packed_source_is_sent_as_a_copy_of_its_bytes(addon, tmp_path):
     path = source_png(tmp_path / "packed.png")
     image = bpy.data.images.load(path)
