@@ -94,7 +94,7 @@ def _edge_ratio(differences, edges: set[int], wrap: bool) -> float | None:
 
 
 def figure_path(name: str, quick: bool):
-    """Full runs draw the README's figures (docs/bench-NAME.png); quick runs draw beside their JSON."""
+    """Full runs draw the figures of docs/results.md (docs/bench-NAME.png); quick runs draw beside their JSON."""
     if quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
         return RESULTS / f"bench-{name}-quick.png"

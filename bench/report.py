@@ -1,4 +1,4 @@
-"""Print the README's result tables (Markdown) from bench/results/*.json.
+"""Print the result tables of docs/results.md (Markdown) from bench/results/*.json.
 
     .venv/bin/python bench/report.py          # uses the full runs where present, else the quick ones
 """
