@@ -21,6 +21,7 @@ from .settings import (
     GRADIENTS,
     METHODS,
     OMEGA_LOSSES,
+    PYRAMIDS,
     PRESETS,
     SCHEDULERS,
     GenerationSettings,
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--omega-loss", choices=OMEGA_LOSSES, default="projection",
                         help="what ω is measured against: projection = ω/10 of the cross-scale gap is removed per step "
                              "(default); mean = the paper's literal mean-reduced MSE (ω = 10 is then almost no pull); sum")
+    method.add_argument("--pyramid", choices=PYRAMIDS, default="global",
+                        help="global = the paper's pyramid plus one level that fits a wide panorama into one window "
+                             "(one layout at 2:1 and 1:4); halving = the paper's pyramid alone (default global)")
     method.add_argument("--scales", type=int, help="pyramid levels (default: enough that the coarsest fits one window)")
     method.add_argument("--window", type=int, help="window size in pixels (default: the model's native size)")
     method.add_argument("--stride", type=int, help="window stride in pixels (default: window/8)")
@@ -103,6 +107,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     changes = {
         "negative_prompt": args.negative, "model": args.model, "model_config": args.model_config,
         "method": args.method, "gradient": args.gradient, "omega": args.omega, "omega_loss": args.omega_loss,
+        "pyramid": args.pyramid,
         "scales": args.scales, "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
         "seed": secrets.randbelow(2**32) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "view_batch": args.view_batch,

@@ -23,7 +23,7 @@ from .sampler import (
     msd_step,
 )
 from .settings import GenerationSettings
-from .windows import WindowGrid, feathered_weights
+from .windows import WindowGrid, feathered_weights, global_level
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,10 @@ class MSDPanoramaPipeline:
                 grid.check_nested()
             except ValueError as exc:
                 raise BadInput(str(exc)) from None
+        top = global_level(grids[0]) if settings.pyramid == "global" and settings.method == "msd" else None
+        if top:
+            grids.insert(0, top)
+            levels += 1
         view_batch = settings.view_batch or default_view_batch(self.device, settings.gradient == "exact")
         return Plan(height, width, window, stride, levels, view_batch, tuple(grids))
 

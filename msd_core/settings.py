@@ -21,6 +21,9 @@ GRADIENTS = ("exact", "refresh", "fast")
 # way onto the coarser level at the first step; "mean" is the literal mean-reduced MSE, "sum" the
 # sum of squares.
 OMEGA_LOSSES = ("projection", "mean", "sum")
+# "global": the paper's pyramid plus a level that squeezes a wide coarsest level into one window, so one
+# window sees the whole panorama (docs/layout.md); "halving": the paper's pyramid alone.
+PYRAMIDS = ("global", "halving")
 SCHEDULERS = ("ddim",)
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -51,6 +54,7 @@ class GenerationSettings:
     omega: float = 10.0
     omega_loss: str = "projection"
     scales: int | None = None  # pyramid levels; None = smallest count whose coarsest height fits a window
+    pyramid: str = "global"
     steps: int = 50
     guidance: float = 7.5
     scheduler: str = "ddim"
@@ -85,6 +89,7 @@ class GenerationSettings:
         _check_choice("method", self.method, METHODS)
         _check_choice("gradient", self.gradient, GRADIENTS)
         _check_choice("omega_loss", self.omega_loss, OMEGA_LOSSES)
+        _check_choice("pyramid", self.pyramid, PYRAMIDS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)

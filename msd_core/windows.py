@@ -12,6 +12,9 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+Factor = tuple[int, int]  # (rows, columns) reduction between two pyramid levels
+HALF: Factor = (2, 2)
+
 
 def window_starts(length: int, window: int, stride: int, wrap: bool = False) -> list[int]:
     """Start offsets of windows along one axis that cover every position.
@@ -66,14 +69,15 @@ class WindowGrid:
         rows, cols = (index.to(latents.device) for index in self._index)
         return latents[0][:, rows, cols].permute(1, 0, 2, 3)
 
-    def coarse_crop(self, coarse: torch.Tensor) -> torch.Tensor:
-        """F'_i for all i: the region of the next coarser level (half the size) under each window.
+    def coarse_crop(self, coarse: torch.Tensor, factor: Factor = HALF) -> torch.Tensor:
+        """F'_i for all i: the region of the next coarser level (this level ds by ``factor``) under each window.
 
-        (N, C, window/2, window/2). Needs even offsets and window, which ``check_nested`` guarantees.
+        (N, C, window/fh, window/fw). Needs offsets and window divisible by the factor (``check_nested``).
         """
-        _check_latents(coarse, self.height // 2, self.width // 2)
-        half = [(top // 2, left // 2) for top, left in self.offsets]
-        rows, cols = (index.to(coarse.device) for index in _window_index(half, self.window // 2, self.width // 2))
+        fh, fw = factor
+        _check_latents(coarse, self.height // fh, self.width // fw)
+        scaled = [(top // fh, left // fw) for top, left in self.offsets]
+        rows, cols = (index.to(coarse.device) for index in _window_index(scaled, (self.window // fh, self.window // fw), self.width // fw))
         return coarse[0][:, rows, cols].permute(1, 0, 2, 3)
 
     def merge(self, windows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,7 +101,7 @@ class WindowGrid:
         return (value / total).view(1, channels, self.height, self.width)
 
     def check_nested(self) -> None:
-        """Raise ValueError unless this grid's windows map exactly onto the next coarser level."""
+        """Raise ValueError unless this grid's windows map exactly onto the next coarser (halved) level."""
         if self.height % 2 or self.width % 2 or self.window % 2:
             raise ValueError(
                 f"a pyramid level of {self.height}×{self.width} latent px with a {self.window} px window cannot be "
@@ -107,11 +111,11 @@ class WindowGrid:
             raise ValueError(f"stride {self.stride} is odd: coarse crops would not align; use an even stride")
 
 
-def _window_index(offsets, window: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_index(offsets, window: int | tuple[int, int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    window_h, window_w = window if isinstance(window, tuple) else (window, window)
     starts = torch.tensor(offsets, dtype=torch.long).view(-1, 2)
-    span = torch.arange(window)
-    rows = (starts[:, 0, None] + span)[:, :, None]
-    cols = ((starts[:, 1, None] + span) % width)[:, None, :]
+    rows = (starts[:, 0, None] + torch.arange(window_h))[:, :, None]
+    cols = ((starts[:, 1, None] + torch.arange(window_w)) % width)[:, None, :]
     return rows, cols
 
 
@@ -130,16 +134,36 @@ def feathered_weights(window: int, minimum: float = 0.05) -> torch.Tensor:
     return ramp[:, None] * ramp[None, :]
 
 
-def downsample(latents: torch.Tensor) -> torch.Tensor:
-    """ds: bilinear ×½ of even-sized latents.
+def downsample(latents: torch.Tensor, factor: Factor = HALF) -> torch.Tensor:
+    """ds: bilinear ×½ of even-sized latents (or the fh×fw block average for another ``factor``).
 
     For an exact factor of 2, bilinear interpolation (align_corners=False, no antialias) samples the
     centre of every 2×2 block, which is the 2×2 average: no pixel across the border is read, so the
     result is also correct for horizontally wrapping panoramas.
     """
-    return F.avg_pool2d(latents, 2)
+    return F.avg_pool2d(latents, factor)
 
 
-def downsample_transpose(coarse: torch.Tensor) -> torch.Tensor:
-    """dsᵀ, the adjoint of ``downsample``: each coarse value spread as ¼ over its 2×2 block."""
-    return F.interpolate(coarse, scale_factor=2, mode="nearest") / 4
+def downsample_transpose(coarse: torch.Tensor, factor: Factor = HALF) -> torch.Tensor:
+    """dsᵀ, the adjoint of ``downsample``: each coarse value spread as 1/(fh·fw) over its block."""
+    return F.interpolate(coarse, scale_factor=factor, mode="nearest") / (factor[0] * factor[1])
+
+
+def level_factor(fine: WindowGrid, coarse: WindowGrid) -> Factor:
+    """The (rows, columns) reduction from a level to the next coarser one: (2, 2) in the paper's pyramid."""
+    return fine.height // coarse.height, fine.width // coarse.width
+
+
+def global_level(coarsest: WindowGrid) -> WindowGrid | None:
+    """A level above ``coarsest`` that squeezes it horizontally into (about) one window, or None.
+
+    The paper's pyramid stops once the short side fits a window, so a 2:1 or 1:4 panorama's coarsest level
+    is still several windows wide and runs plain MultiDiffusion: it can hold two horizons or two suns.
+    This level averages groups of f columns, with f the largest divisor of the width, window and stride
+    (so coarse crops stay aligned) that keeps it at least a window wide; the next level is guided through
+    the same f-column average. None when no such f > 1 exists (the coarsest level already is one window).
+    """
+    for factor in range(coarsest.width // coarsest.window, 1, -1):
+        if not (coarsest.width % factor or coarsest.window % factor or coarsest.stride % factor):
+            return WindowGrid(coarsest.height, coarsest.width // factor, coarsest.window, coarsest.stride, coarsest.wrap)
+    return None

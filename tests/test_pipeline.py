@@ -95,9 +95,13 @@ def test_guidance_lowers_cross_scale_discrepancy_along_the_trajectory(pipe, grad
 
 
 def test_levels_and_windows_resolved_from_the_model(pipe):
+    paper = pipe.check_inputs(dataclasses.replace(BASE, height=256, width=512, stride=None, pyramid="halving"))
+    assert paper.window == 8 and paper.levels == 3 and paper.stride == 2  # 32×64 latents → 16×32 → 8×16
+    assert [(g.height, g.width) for g in paper.grids] == [(8, 16), (16, 32), (32, 64)]
+    # The default adds a level that squeezes the two-window-wide 8×16 into one window.
     plan = pipe.check_inputs(dataclasses.replace(BASE, height=256, width=512, stride=None))
-    assert plan.window == 8 and plan.levels == 3 and plan.stride == 2  # 32×64 latents → 16×32 → 8×16
-    assert [(g.height, g.width) for g in plan.grids] == [(8, 16), (16, 32), (32, 64)]
+    assert plan.levels == 4 and plan.grids[1:] == paper.grids and (plan.grids[0].height, plan.grids[0].width) == (8, 8)
+    assert plan.describe(8)["windows_per_level"][0] == len(plan.grids[0])
     assert default_levels(128, 512, 64) == 2 and default_levels(256, 512, 64) == 3  # the paper's sizes with SD-2
     assert pipe.check_inputs(dataclasses.replace(BASE, method="multidiffusion", height=256)).levels == 1
 
@@ -143,7 +147,7 @@ def test_image_and_metadata(pipe):
     assert result.image.size == (256, 128) and result.image.mode == "RGB"
     meta = result.metadata
     assert meta["prompt"] == BASE.prompt and meta["negative_prompt"] == "blurry"
-    assert meta["method"] == "msd" and meta["gradient"] == "exact" and meta["scales"] == "2"
+    assert meta["method"] == "msd" and meta["gradient"] == "exact" and meta["scales"] == "3" and meta["pyramid"] == "global"
     assert meta["window"] == "64" and meta["stride"] == "32" and meta["model"] == "tiny"
     assert np.isfinite(np.asarray(result.image)).all()
 
