@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--omega-loss", choices=OMEGA_LOSSES, default="projection",
                         help="what ω is measured against: projection = ω/10 of the cross-scale gap is removed per step "
                              "(default); mean = the paper's literal mean-reduced MSE (ω = 10 is then almost no pull); sum")
-    method.add_argument("--pyramid", choices=PYRAMIDS, default="global",
-                        help="global = the paper's pyramid plus one level that fits a wide panorama into one window "
-                             "(one layout at 2:1 and 1:4); halving = the paper's pyramid alone (default global)")
+    method.add_argument("--pyramid", choices=PYRAMIDS, default="halving",
+                        help="halving = the paper's pyramid (default); global = plus one level that squeezes a wide "
+                             "panorama into one window (one horizon at 2:1 and 1:4 far more often; see docs/layout.md)")
     method.add_argument("--scales", type=int, help="pyramid levels (default: enough that the coarsest fits one window)")
     method.add_argument("--window", type=int, help="window size in pixels (default: the model's native size)")
     method.add_argument("--stride", type=int, help="window stride in pixels (default: window/8)")

@@ -76,6 +76,17 @@ def test_msd_differs_from_multidiffusion_and_omega_zero_equals_it(pipe):
     assert (msd - md).abs().max() > 1e-2
 
 
+def test_global_pyramid_guides_from_a_squeezed_level_and_omega_zero_is_still_multidiffusion(pipe):
+    # 256×128 px = 16×32 latents: halving gives 8×16 (two windows wide) on top; global adds 8×8.
+    md = run(pipe, method="multidiffusion").latents
+    assert torch.allclose(run(pipe, pyramid="global", omega=0.0).latents, md, atol=1e-5)
+    levels = []
+    result = pipe(dataclasses.replace(BASE, pyramid="global", gradient="fast"), decode=False,
+                  callback=lambda info: levels.append((info.level, tuple(info.latents.shape[2:]))))
+    assert levels[:3] == [(1, (8, 8)), (2, (8, 16)), (3, (16, 32))]
+    assert (result.latents - run(pipe, gradient="fast").latents).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("gradient,at_most", [("fast", 0.5), ("exact", 0.8)])
 def test_guidance_lowers_cross_scale_discrepancy_along_the_trajectory(pipe, gradient, at_most):
     """ω = 10 ("projection") closes the gap exactly in the fast mode's model; the exact gradient also
@@ -95,11 +106,11 @@ def test_guidance_lowers_cross_scale_discrepancy_along_the_trajectory(pipe, grad
 
 
 def test_levels_and_windows_resolved_from_the_model(pipe):
-    paper = pipe.check_inputs(dataclasses.replace(BASE, height=256, width=512, stride=None, pyramid="halving"))
+    paper = pipe.check_inputs(dataclasses.replace(BASE, height=256, width=512, stride=None))
     assert paper.window == 8 and paper.levels == 3 and paper.stride == 2  # 32×64 latents → 16×32 → 8×16
     assert [(g.height, g.width) for g in paper.grids] == [(8, 16), (16, 32), (32, 64)]
-    # The default adds a level that squeezes the two-window-wide 8×16 into one window.
-    plan = pipe.check_inputs(dataclasses.replace(BASE, height=256, width=512, stride=None))
+    # The global pyramid adds a level that squeezes the two-window-wide 8×16 into one window.
+    plan = pipe.check_inputs(dataclasses.replace(BASE, height=256, width=512, stride=None, pyramid="global"))
     assert plan.levels == 4 and plan.grids[1:] == paper.grids and (plan.grids[0].height, plan.grids[0].width) == (8, 8)
     assert plan.describe(8)["windows_per_level"][0] == len(plan.grids[0])
     assert default_levels(128, 512, 64) == 2 and default_levels(256, 512, 64) == 3  # the paper's sizes with SD-2
@@ -147,7 +158,7 @@ def test_image_and_metadata(pipe):
     assert result.image.size == (256, 128) and result.image.mode == "RGB"
     meta = result.metadata
     assert meta["prompt"] == BASE.prompt and meta["negative_prompt"] == "blurry"
-    assert meta["method"] == "msd" and meta["gradient"] == "exact" and meta["scales"] == "3" and meta["pyramid"] == "global"
+    assert meta["method"] == "msd" and meta["gradient"] == "exact" and meta["scales"] == "2" and meta["pyramid"] == "halving"
     assert meta["window"] == "64" and meta["stride"] == "32" and meta["model"] == "tiny"
     assert np.isfinite(np.asarray(result.image)).all()
 
