@@ -109,7 +109,7 @@ class MSD_AddonPreferences(AddonPreferences):
     )
 
     def draw(self, context):
-        from .ui.panel import draw_worker_status  # here: ui imports this module
+        from .ui.panel import draw_cached_models, draw_model_download, draw_worker_status  # here: ui imports this module
 
 
         layout = self.layout
@@ -124,6 +124,10 @@ class MSD_AddonPreferences(AddonPreferences):
         col.prop(self, "model_config")
         col.prop(self, "device")
         col.prop(self, "precision")
+        draw_model_download(layout, context)
+        box = layout.box()
+        box.label(text="Downloaded Models", icon='FILE_FOLDER')
+        draw_cached_models(box, context)
         layout.prop(self, "output_folder")
 
 

@@ -154,6 +154,21 @@ class MSD_PanoramaSettings(PropertyGroup):
     world_strength: FloatProperty(name="Strength", min=0.0, soft_max=10.0, default=1.0)
     world_rotation: FloatProperty(name="Rotation", subtype='ANGLE', soft_min=-math.pi, soft_max=math.pi, default=0.0)
     backdrop_strength: FloatProperty(name="Strength", min=0.0, soft_max=10.0, default=1.0)
+    hdr: BoolProperty(
+        name="HDR (EXR)",
+        description="Also write a linear OpenEXR beside the PNG whose bright highlights (sun, sky) are expanded, "
+                    "and light the world with it. An estimate for lighting, not measured radiance",
+        default=GenerationSettings.hdr,
+    )
+    hdr_knee: FloatProperty(
+        name="HDR Knee", description="Linear brightness above which highlights are expanded; below it the EXR "
+                                     "equals the PNG",
+        min=core.HDR_KNEE_RANGE[0], max=core.HDR_KNEE_RANGE[1], default=GenerationSettings.hdr_knee,
+    )
+    hdr_peak: FloatProperty(
+        name="HDR Peak", description="Linear brightness that white becomes in the EXR (1 = no expansion)",
+        min=core.HDR_PEAK_RANGE[0], max=core.HDR_PEAK_RANGE[1], soft_max=100.0, default=GenerationSettings.hdr_peak,
+    )
 
 
 def settings_from_scene(scene, prefs) -> GenerationSettings:
@@ -177,6 +192,9 @@ def settings_from_scene(scene, prefs) -> GenerationSettings:
         seed=seed,
         device=prefs.device,
         dtype=prefs.precision,
+        hdr=group.hdr,
+        hdr_knee=group.hdr_knee,
+        hdr_peak=group.hdr_peak,
     ).validate()
 
 
@@ -211,6 +229,7 @@ def settings_to_scene(settings: GenerationSettings, scene) -> None:
     group.guidance = settings.guidance
     group.seed = settings.seed
     group.random_seed = False
+    group.hdr, group.hdr_knee, group.hdr_peak = settings.hdr, settings.hdr_knee, settings.hdr_peak
 
 
 classes = (MSD_PanoramaSettings,)

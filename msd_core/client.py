@@ -69,7 +69,7 @@ class WorkerClient:
         self._stderr: collections.deque = collections.deque(maxlen=STDERR_LINES)
         self._write_lock = threading.Lock()
         self._state_lock = threading.Lock()
-        self._unfinished: list = []  # generate ids sent and not finished, in the worker's (FIFO) order
+        self._unfinished: list = []  # generate and download ids sent and not finished, in the worker's (FIFO) order
         self._ready: dict | None = None
         self._said_bye = False
         self._stopping = False
@@ -171,7 +171,7 @@ class WorkerClient:
         """Write one request. If the worker is gone this does nothing: a "died" event reports it."""
         if self._process is None:
             raise RuntimeError("the worker is not started; call start() first")
-        if message.get("op") == "generate":
+        if message.get("op") in ("generate", "download"):
             with self._state_lock:
                 self._unfinished.append(message.get("id"))
         line = protocol.encode(message)
@@ -205,6 +205,19 @@ class WorkerClient:
                 preview_dir=None if preview_dir is None else os.path.abspath(preview_dir),
             )
         )
+        return request_id
+
+    def download(self, model: str, *, device: str = "auto", dtype: str = "auto") -> str:
+        """Queue the download of a Hugging Face model (what a run on device/dtype loads); returns the
+        request's id. Its "download" events carry bytes done/total, speed and time left."""
+        request_id = _new_id()
+        self.send(protocol.request("download", request_id, model=model, device=device, dtype=dtype))
+        return request_id
+
+    def list_models(self) -> str:
+        """Ask for the models in the worker's Hugging Face cache; a "models" event answers."""
+        request_id = _new_id()
+        self.send(protocol.request("models", request_id))
         return request_id
 
     def cancel(self, request_id) -> None:

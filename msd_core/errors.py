@@ -19,6 +19,23 @@ class ModelNotFound(MSDError):
     kind = "model_not_found"
 
 
+class NotDownloaded(ModelNotFound):
+    """A Hugging Face model that is not (completely) in the local cache: download it first."""
+
+    def __init__(self, model: str):
+        self.model = model
+        super().__init__(
+            f"model {model} is not downloaded yet: download it first (Download Model in Blender, "
+            f"`msd-panorama models download {model}` in a shell)"
+        )
+
+
+class NetworkError(MSDError):
+    """The Hugging Face Hub could not be reached, or the network is off limits (offline mode)."""
+
+    kind = "network"
+
+
 class UnsupportedModelFile(BadInput):
     """A model file in a format we refuse to load (pickle-based checkpoints)."""
 

@@ -28,6 +28,7 @@ from diffusers.loaders.single_file_utils import SingleFileComponentError
 from huggingface_hub import snapshot_download
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from . import hub
 from .environment import auto_device
 from .errors import BadInput, ModelNotFound, UnsupportedModelFile
 
@@ -321,13 +322,22 @@ def _looks_like_path(text: str) -> bool:
 def _load_folder(source: str, dtype: torch.dtype, local_files_only: bool):
     """Components from a diffusers layout: a local folder or a Hugging Face id (only the five
     subfolders are fetched, never a safety checker)."""
-    if pathlib.Path(source).is_dir():
-        _refuse_pickle_only(pathlib.Path(source))
+    local = pathlib.Path(source)
+    if local.is_dir():
+        _refuse_pickle_only(local)
+    else:
+        local = hub.snapshot_folder(source)  # None: not in the cache (yet)
+
+    def weights(subfolder: str) -> dict:
+        # The fp16 variant when that is what a download fetched (msd_core.hub), or what a float16 run wants.
+        variant = hub.weights_variant(local / subfolder, dtype == torch.float16) if local is not None else None
+        return {**common, "use_safetensors": True, "variant": variant}
+
     common = {"local_files_only": local_files_only}
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, use_safetensors=True, **common)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, use_safetensors=True, **common)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **weights("unet"))
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **weights("vae"))
     # Cast after loading: transformers renamed torch_dtype to dtype (4.56), and .to() works with every version.
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True, **common).to(dtype)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights("text_encoder")).to(dtype)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
     scheduler = _ddim(DDIMScheduler.load_config(source, subfolder="scheduler", **common))
     return unet, vae, text_encoder, tokenizer, scheduler

@@ -1,5 +1,6 @@
 """PNG output: the metadata that lets a panorama be regenerated, the checks made before a long run,
-and an atomic write that never clobbers a file unless asked to.
+and an atomic write that never clobbers a file unless asked to; with HDR on, a linear OpenEXR
+beside the PNG (same name, ``.exr``; see ``hdr``) written the same way.
 
 The key names and value format are documented in ``pngmeta`` (which reads them back without PIL).
 """
@@ -11,10 +12,11 @@ import os
 import pathlib
 import secrets
 
+import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__
+from . import __version__, hdr
 from .errors import BadInput
 from .pngmeta import METADATA_KEYS, SETTINGS_KEY
 from .settings import GenerationSettings
@@ -36,8 +38,9 @@ def generation_metadata(settings: GenerationSettings, resolved: dict) -> dict[st
     return {key: value if isinstance(value, str) else json.dumps(value, ensure_ascii=False) for key, value in values.items()}
 
 
-def check_output_path(path, overwrite: bool) -> pathlib.Path:
-    """Refuse an output path that would fail or clobber a file, before any time is spent generating.
+def check_output_path(path, overwrite: bool, *, exr: bool = False) -> pathlib.Path:
+    """Refuse an output path that would fail or clobber a file, before any time is spent generating;
+    with ``exr``, the EXR beside it too.
 
     The folder is not created: a missing folder is more likely a typo than a wish.
     """
@@ -53,23 +56,54 @@ def check_output_path(path, overwrite: bool) -> pathlib.Path:
         raise BadInput(f"the output folder {folder} is not writable")
     if target.exists() and not overwrite:
         raise _exists(target)
+    if exr and exr_path_for(target).exists() and not overwrite:
+        raise _exists(exr_path_for(target))
     return target
+
+
+def exr_path_for(png_path) -> pathlib.Path:
+    """Where the HDR companion of a panorama PNG goes: the same name ending in .exr."""
+    return pathlib.Path(png_path).with_suffix(".exr")
 
 
 def save_png(image: Image.Image, path, metadata: dict[str, str], *, overwrite: bool = False) -> pathlib.Path:
     """Write ``image`` as an 8-bit sRGB PNG with ``metadata`` as text chunks; return the absolute path.
 
-    The PNG is written to a temporary file in the target's folder and then put in place in one step,
-    so no reader ever sees a half-written file, and the temporary file is removed if anything fails.
-    Without ``overwrite`` it is put in place with os.link, which fails if the name exists by then:
-    a file created during a long run is still never replaced. Filesystems without hard links (FAT,
-    some network shares) fall back to checking just before an os.replace.
+    Written atomically, never replacing a file without ``overwrite`` (see _write_atomically).
     """
     target = check_output_path(path, overwrite)
     info = PngInfo()
     info.add(b"sRGB", SRGB_PERCEPTUAL)
     for key, value in metadata.items():
         info.add_text(key, value)  # tEXt, or iTXt (UTF-8) for text outside Latin-1
+    _write_atomically(target, lambda file: image.convert("RGB").save(file, format="PNG", pnginfo=info), overwrite)
+    return target
+
+
+def save_exr(
+    image: Image.Image, png_path, metadata: dict[str, str], *, knee: float, peak: float, overwrite: bool = False
+) -> pathlib.Path:
+    """Write the HDR companion of the panorama ``image`` (the pixels saved as ``png_path``) beside it:
+    a linear half-float OpenEXR whose pixels are the PNG's, linearised, with highlights above ``knee``
+    expanded up to ``peak`` (hdr.linear_hdr), and ``metadata`` plus the curve as string attributes.
+    Return its absolute path. Made from the 8-bit pixels so that below the knee it equals the PNG."""
+    target = exr_path_for(check_output_path(png_path, overwrite=True))
+    if target.exists() and not overwrite:
+        raise _exists(target)
+    rgb = hdr.linear_hdr(np.asarray(image.convert("RGB")), knee, peak)
+    attributes = {**metadata, "hdr_knee": json.dumps(knee), "hdr_peak": json.dumps(peak)}
+    latlong = image.width == 2 * image.height
+    _write_atomically(target, lambda file: hdr.write_exr(file, rgb, attributes, latlong=latlong), overwrite)
+    return target
+
+
+def _write_atomically(target: pathlib.Path, write, overwrite: bool) -> None:
+    """Call ``write(file)`` on a temporary file in the target's folder, then put it in place in one step,
+    so no reader ever sees a half-written file; the temporary file is removed if anything fails.
+    Without ``overwrite`` it is put in place with os.link, which fails if the name exists by then:
+    a file created during a long run is still never replaced. Filesystems without hard links (FAT,
+    some network shares) fall back to checking just before an os.replace.
+    """
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
         # os.open rather than tempfile: the file gets the usual permissions (0666 less the umask).
@@ -78,14 +112,13 @@ def save_png(image: Image.Image, path, metadata: dict[str, str], *, overwrite: b
         raise BadInput(f"the output folder {target.parent} is not writable") from None
     try:
         with os.fdopen(descriptor, "wb") as file:
-            image.convert("RGB").save(file, format="PNG", pnginfo=info)
+            write(file)
         if overwrite:
             os.replace(temporary, target)
         else:
             _place_new(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
-    return target
 
 
 def _place_new(temporary: pathlib.Path, target: pathlib.Path) -> None:

@@ -5,7 +5,9 @@ worker, the client and the Blender add-on all import it.
 Requests (client → worker), each a JSON object with ``op``:
   {"op": "generate", "id": ID, "settings": {...GenerationSettings...}, "output": PATH,
    "overwrite": false, "preview_every": 5, "preview_dir": PATH|null}
-  {"op": "cancel", "id": ID}           stop the generate request ID at its next window batch
+  {"op": "download", "id": ID, "model": "owner/name", "device": "auto", "dtype": "auto"}
+  {"op": "models", "id": ID}           answered at once with a "models" event: the local cache
+  {"op": "cancel", "id": ID}           stop the generate or download request ID
   {"op": "ping", "id": ID}             answered with a "pong" event
   {"op": "shutdown", "id": ID}         the worker answers "bye" and exits 0
 
@@ -17,6 +19,12 @@ Requests (client → worker), each a JSON object with ``op``:
     ("msd-preview-<id>-step-0005.png") belong to the client; null = a folder the worker owns, where a
     request's previews are deleted when it fails or is cancelled, when the next request starts, and
     when the worker exits. Requests that arrive while one runs are queued and run in order.
+  download: fetch a Hugging Face model into the local cache, only what a run loads (the five
+    components' configs and safetensors weights; the fp16 weights where the repository has them and
+    device/dtype resolve to float16). Queued with the generate requests. A generate request for a Hub
+    model that is not completely in the cache fails at once with model_not_found ("not downloaded
+    yet") instead of downloading it unasked. Start the worker with hub.DOWNLOAD_ENV in its
+    environment so that a cancel stops a download within a chunk rather than at the end of a file.
   cancel: a queued request ends at once, a running one at its next window batch, both with error
     kind "cancelled" and no output file. A cancel for an id that is neither running nor queued (for
     example one that has just finished) is ignored.
@@ -32,8 +40,12 @@ Events (worker → client), each a JSON object with ``event`` and ``id`` (the re
   loading    {model, warm}                         warm = the model was already loaded
   progress   {step, total, level, levels, elapsed, eta}   step counts from 1; eta in seconds or null
   preview    {path, step, width, height}           a small PNG of the coarsest level's x0 estimate
-  done       {output, metadata, timings}           timings: {load, sample, decode, save, total} seconds
+  done       {output, exr, metadata, timings}      timings: {load, sample, decode, save, total} seconds;
+                                                   exr: the HDR EXR's path with settings.hdr, else null
   error      {kind, message}                       kind is one of ERROR_KINDS
+  download   {file, done, total, speed, eta}      bytes (cached files count as done), bytes/s or null,
+                                                   seconds or null; done never decreases, ends at total
+  models     {models: [{id, size_on_disk, partial_bytes, complete, missing, snapshot}], cache}
   pong       {}
   bye        {}
 
@@ -41,8 +53,10 @@ Events (worker → client), each a JSON object with ``event`` and ``id`` (the re
   (progress once per step, step increasing), then exactly one of done or error. A request rejected
   by validation gets only its error. Error kinds: bad_input (invalid request or settings; nothing
   was started or written), model_not_found, out_of_memory (the message suggests what to reduce),
-  cancelled, internal (an unexpected failure; a one-line message, the traceback is on stderr).
-  The worker keeps running after every error.
+  cancelled, network (the Hub could not be reached, or the worker runs offline: HF_HUB_OFFLINE),
+  internal (an unexpected failure; a one-line message, the traceback is on stderr).
+  The worker keeps running after every error. A download request's events: accepted, download
+  (repeated), then done {model, snapshot, size} (size: bytes on disk) or error.
 
   "died" errors are made by the client (msd_core.client), never by the worker: the process ended
   without being asked to, or did not send "ready" in time. They carry the id of the request that
@@ -57,15 +71,17 @@ import json
 
 PROTOCOL_VERSION = 1
 
-REQUEST_OPS = ("generate", "cancel", "ping", "shutdown")
-EVENTS = ("ready", "accepted", "loading", "progress", "preview", "done", "error", "pong", "bye")
+REQUEST_OPS = ("generate", "download", "models", "cancel", "ping", "shutdown")
+EVENTS = ("ready", "accepted", "loading", "progress", "preview", "download", "models", "done", "error", "pong", "bye")
 # "died" is produced by the client, never by the worker: the worker process ended unexpectedly.
-ERROR_KINDS = ("bad_input", "model_not_found", "out_of_memory", "cancelled", "internal", "died")
+ERROR_KINDS = ("bad_input", "model_not_found", "out_of_memory", "cancelled", "network", "internal", "died")
 # After one of these events a generate request is over.
 FINAL_EVENTS = ("done", "error")
 # The fields a generate request may have besides "op" and "id", and the default preview interval.
 GENERATE_FIELDS = ("settings", "output", "overwrite", "preview_every", "preview_dir")
 DEFAULT_PREVIEW_EVERY = 5
+# The fields a download request may have besides "op" and "id".
+DOWNLOAD_FIELDS = ("model", "device", "dtype")
 
 
 class ProtocolError(ValueError):

@@ -37,6 +37,11 @@ PRESETS = {
 
 LATENT_FACTOR = 8  # pixels per latent pixel for Stable Diffusion's VAE
 
+# The HDR companion's highlight expansion (msd_core.hdr.inverse_tonemap): linear luminance where it
+# starts, and the linear value white becomes (1 = none; half floats end at 65504).
+HDR_KNEE_RANGE = (0.1, 0.99)
+HDR_PEAK_RANGE = (1.0, 1000.0)
+
 
 @dataclass
 class GenerationSettings:
@@ -65,6 +70,9 @@ class GenerationSettings:
     view_batch: int | None = None  # windows per UNet call; None = chosen from free memory
     device: str = "auto"
     dtype: str = "auto"
+    hdr: bool = False  # also write a linear OpenEXR with expanded highlights beside the PNG, for lighting
+    hdr_knee: float = 0.8
+    hdr_peak: float = 32.0
 
     def validate(self) -> "GenerationSettings":
         """Raise BadInput with one clear sentence for the first invalid setting; return self."""
@@ -107,6 +115,10 @@ class GenerationSettings:
             raise BadInput(f"seed must be a whole number from 0 to 2^63−1, got {self.seed!r}")
         if not isinstance(self.model, str) or not self.model.strip():
             raise BadInput("model is empty: give a Hugging Face id, a local folder or a .safetensors file")
+        if not isinstance(self.hdr, bool):
+            raise BadInput(f"hdr must be true or false, got {self.hdr!r}")
+        _check_range("hdr_knee", self.hdr_knee, HDR_KNEE_RANGE, "the linear luminance where highlight expansion starts")
+        _check_range("hdr_peak", self.hdr_peak, HDR_PEAK_RANGE, "the linear value white becomes; 1 = no expansion")
         return self
 
     def to_dict(self) -> dict:
@@ -159,6 +171,12 @@ def _check_choice(name: str, value, choices, hint: str = "") -> None:
     if value not in choices:
         message = f"unknown {name} {value!r}; choose one of: {', '.join(choices)}"
         raise BadInput(f"{message} ({hint})" if hint else message)
+
+
+def _check_range(name: str, value, bounds: tuple[float, float], meaning: str) -> None:
+    low, high = bounds
+    if not _is_number(value) or not low <= value <= high:
+        raise BadInput(f"{name} must be a number from {low:g} to {high:g} ({meaning}), got {value!r}")
 
 
 def is_int(value) -> bool:

@@ -44,9 +44,9 @@ PROTOCOL_STREAM = _take_stdout() if __name__ == "__main__" else None
 
 import torch  # noqa: E402
 
-from . import __version__, models, protocol  # noqa: E402
+from . import __version__, hub, models, protocol  # noqa: E402
 from .errors import BadInput, Cancelled, MSDError  # noqa: E402
-from .output import check_output_path, save_png  # noqa: E402
+from .output import check_output_path, save_exr, save_png  # noqa: E402
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
 from .settings import GenerationSettings, is_int  # noqa: E402
 
@@ -67,6 +67,16 @@ class Job:
     overwrite: bool
     preview_every: int
     preview_dir: Path | None  # None: the worker's own temporary folder
+    interrupt: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class DownloadJob:
+    """One accepted download request."""
+
+    id: str | int
+    model: str
+    fp16: bool  # fetch the fp16 weights where the repository has them: the run will use float16
     interrupt: threading.Event = field(default_factory=threading.Event)
 
 
@@ -96,8 +106,8 @@ class Worker:
         self._preview_root = preview_root
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._queue: collections.deque[Job] = collections.deque()
-        self._current: Job | None = None
+        self._queue: collections.deque[Job | DownloadJob] = collections.deque()
+        self._current: Job | DownloadJob | None = None
         self._shutdown_id = None
         self._shutting_down = False
         self._pipeline: MSDPanoramaPipeline | None = None
@@ -135,6 +145,11 @@ class Worker:
             self.emit(protocol.event("pong", request_id))
         elif op == "generate":
             self.submit(message)
+        elif op == "download":
+            self.submit(message, parse_download)
+        elif op == "models":
+            models_found = [model.to_dict() for model in hub.list_models()]
+            self.emit(protocol.event("models", request_id, models=models_found, cache=str(hub.cache_dir())))
         elif op == "cancel":
             self.cancel(request_id)
         elif op == "shutdown":
@@ -143,11 +158,12 @@ class Worker:
             problem = "the request has no 'op'" if op is None else f"unknown op {op!r}"
             self._error(request_id, "bad_input", f"{problem}; expected one of: {', '.join(protocol.REQUEST_OPS)}")
 
-    def submit(self, message: dict) -> None:
-        """Validate a generate request and queue it; "accepted" or the error is sent at once."""
+    def submit(self, message: dict, parse=None) -> None:
+        """Validate a generate (or, with parse_download, a download) request and queue it; "accepted"
+        or the error is sent at once."""
         request_id = message.get("id")
         try:
-            job = parse_generate(message)
+            job = (parse or parse_generate)(message)
         except BadInput as exc:
             self._error(request_id, "bad_input", str(exc))
             return
@@ -191,7 +207,7 @@ class Worker:
                 self._error(job.id, "cancelled", "the worker is shutting down")
             self._wake.notify()
 
-    def _active_jobs(self) -> list[Job]:
+    def _active_jobs(self) -> list[Job | DownloadJob]:
         return [*self._queue, *([self._current] if self._current else [])]
 
     # -- main thread ------------------------------------------------------------------------------
@@ -206,7 +222,7 @@ class Worker:
                     break
                 job = self._current = self._queue.popleft()
             try:
-                self.run_job(job)
+                (self.run_download if isinstance(job, DownloadJob) else self.run_job)(job)
             finally:
                 with self._lock:
                     self._current = None
@@ -219,15 +235,22 @@ class Worker:
         own_previews = job.preview_dir is None
         preview_dir = self._preview_root / f"job-{self._job_count}" if own_previews else job.preview_dir
         try:
+            hub.require_downloaded(job.settings.model)
             pipe, load_seconds = self._pipeline_for(job)
             result = pipe(job.settings, callback=self._step_callback(job, pipe, preview_dir), interrupt=job.interrupt)
             if job.interrupt.is_set():  # cancelled after the last window batch: still write nothing
                 raise Cancelled("generation cancelled")
             saving = time.perf_counter()
             output = pipe.save(result, job.output, overwrite=job.overwrite)
+            exr = None
+            if job.settings.hdr:
+                exr = save_exr(result.image, output, result.metadata, knee=job.settings.hdr_knee,
+                               peak=job.settings.hdr_peak, overwrite=job.overwrite)
             now = time.perf_counter()
             timings = {"load": load_seconds, **result.timings, "save": now - saving, "total": now - started}
-            self.emit(protocol.event("done", job.id, output=str(output), metadata=result.metadata, timings=timings))
+            self.emit(protocol.event(
+                "done", job.id, output=str(output), exr=None if exr is None else str(exr), metadata=result.metadata, timings=timings
+            ))
             error = None
         except MSDError as exc:  # Cancelled, BadInput, ModelNotFound, ...
             error = (exc.kind, str(exc))
@@ -248,6 +271,24 @@ class Worker:
                 # Outside the except block, so the traceback's frames (and their tensors) are freed.
                 _free_accelerator_memory()
             self._error(job.id, *error)  # after the clean-up: when the client reads it, the files are gone
+
+    def run_download(self, job: DownloadJob) -> None:
+        """Fetch a Hub model into the cache with "download" progress events; "done" or "error" ends it."""
+
+        def report(progress: hub.DownloadProgress) -> None:
+            self.emit(protocol.event("download", job.id, **progress.to_dict()))
+
+        try:
+            folder = hub.download(job.model, fp16=job.fp16, on_progress=report, cancel=job.interrupt)
+        except MSDError as exc:  # Cancelled, NetworkError, ModelNotFound, UnsupportedModelFile
+            self._error(job.id, exc.kind, str(exc))
+            return
+        except Exception as exc:
+            log.exception("download %r failed", job.id)
+            self._error(job.id, "internal", _one_line(exc))
+            return
+        status = hub.model_status(job.model)
+        self.emit(protocol.event("done", job.id, model=job.model, snapshot=str(folder), size=status.size_on_disk))
 
     def _pipeline_for(self, job: Job) -> tuple[MSDPanoramaPipeline, float]:
         """The warm pipeline if the key matches, else a freshly loaded one (the old one dropped first)."""
@@ -331,11 +372,30 @@ def parse_generate(message: dict) -> Job:
     return Job(
         id=request_id,
         settings=settings,
-        output=check_output_path(output, overwrite),
+        output=check_output_path(output, overwrite, exr=settings.hdr),
         overwrite=overwrite,
         preview_every=preview_every,
         preview_dir=preview_dir,
     )
+
+
+def parse_download(message: dict) -> DownloadJob:
+    """A validated DownloadJob from a download request, or BadInput naming the first problem."""
+    request_id = message.get("id")
+    if request_id is None:
+        raise BadInput("a download request needs an 'id'")
+    unknown = sorted(set(message) - {"op", "id", *protocol.DOWNLOAD_FIELDS})
+    if unknown:
+        raise BadInput(f"unknown field(s) in the download request: {', '.join(unknown)}")
+    model = message.get("model")
+    if not isinstance(model, str) or not hub.REPO_ID.match(model):
+        raise BadInput(f"'model' must be a Hugging Face model id (owner/name), got {model!r}")
+    device = message.get("device", "auto")
+    dtype = message.get("dtype", "auto")
+    if not isinstance(device, str) or not isinstance(dtype, str):
+        raise BadInput("'device' and 'dtype' must be text, as in the generate settings")
+    _, torch_dtype = models.resolve_device(device, dtype)
+    return DownloadJob(id=request_id, model=model, fp16=torch_dtype == torch.float16)
 
 
 def main() -> int:

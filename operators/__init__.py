@@ -2,9 +2,9 @@
 
 import bpy
 
-from . import backdrop, generate, images, settings_restore, worker_env, world
+from . import backdrop, generate, images, models, settings_restore, worker_env, world
 
-_modules = (images, world, backdrop, generate, settings_restore, worker_env)
+_modules = (images, world, backdrop, generate, settings_restore, worker_env, models)
 classes = tuple(cls for module in _modules for cls in module.classes)
 
 _register_classes, _unregister_classes = bpy.utils.register_classes_factory(classes)
@@ -18,4 +18,5 @@ def register():
 def unregister():
     generate.unregister()
     worker_env.unregister()
+    models.unregister()
     _unregister_classes()

@@ -15,6 +15,7 @@ from bpy.app.handlers import persistent
 from bpy.props import BoolProperty
 from bpy.types import Operator
 
+from ..msd_core import hub
 from ..msd_core.client import WorkerClient
 from ..msd_core.errors import BadInput, MSDError
 from ..msd_core.settings import GenerationSettings
@@ -85,6 +86,7 @@ def start_generation(context) -> Job:
     prefs = get_preferences(context)
     scene = context.scene
     settings = settings_from_scene(scene, prefs)
+    hub.require_downloaded(settings.model)  # at once, rather than a long "Loading" that downloads unasked
     python = worker_python(prefs)
     if not python:
         raise BadInput(

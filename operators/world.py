@@ -12,31 +12,45 @@ image's centre at +X and its left edge at −X, the way Blender's equirectangula
 
 The world is marked with the image it shows (world["msd_image"]), so applying the same image again
 updates that world; the user's other worlds are never touched.
+
+HDR: when a generated PNG has its linear OpenEXR beside it (same name, .exr, written with the HDR
+option, msd_core.hdr) the colour comes from the EXR instead, so the sun and sky light the scene
+with their expanded highlights; the world is still marked with the PNG. An EXR whose "settings"
+attribute differs from the PNG's (a stale file from an earlier run) is ignored.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import bpy
 import numpy as np
-from bpy.props import FloatProperty
+from bpy.props import BoolProperty, FloatProperty
 from mathutils import Color
 
-from .images import PanoramaFileOperator
+from ..msd_core import hdr
+from ..msd_core.pngmeta import SETTINGS_KEY
+from .images import PanoramaFileOperator, absolute_path, load_panorama, metadata_of
 
 SOURCE_PROPERTY = "msd_image"  # on worlds and backdrops: the panorama image they show
+HDR_PROPERTY = "msd_hdr_image"  # on worlds: the HDR companion they are lit by, when there is one
 EQUIRECTANGULAR_ASPECT = 2.0
 ASPECT_TOLERANCE = 0.01  # relative: 2:1 within ±1 % is an equirectangular 360° × 180° panorama
 COLUMN_WIDTH = 240
 ROW_HEIGHT = 220
+LINEAR_REC709 = "Linear Rec.709"  # the colour space our EXRs are written in (Blender 4.0+ names it so)
 
 
-def apply_world(context, image: bpy.types.Image, *, strength: float = 1.0, rotation: float = 0.0) -> bpy.types.World:
+def apply_world(
+    context, image: bpy.types.Image, *, strength: float = 1.0, rotation: float = 0.0, use_hdr: bool = True
+) -> bpy.types.World:
     """Show ``image`` as the scene's world and return the world.
 
     ``rotation`` (radians) turns the panorama about Z as Mapping's Z rotation does in any world:
-    looking at azimuth a shows what was at a + rotation. Applying the same image again rebuilds its world.
+    looking at azimuth a shows what was at a + rotation. With ``use_hdr`` the colour comes from the
+    image's HDR companion when it has one (see hdr_companion). Applying the same image again
+    rebuilds its world.
     """
     world = find_world(image)
     if world is None:
@@ -52,7 +66,12 @@ def apply_world(context, image: bpy.types.Image, *, strength: float = 1.0, rotat
     mapping.inputs["Rotation"].default_value = (0.0, 0.0, rotation)
     tree.links.new(coordinates.outputs["Generated"], mapping.inputs["Vector"])
     color_of = _equirectangular_color if is_equirectangular(image) else _cylindrical_color
-    color = color_of(tree, image, mapping.outputs["Vector"])
+    companion = hdr_companion(image) if use_hdr else None
+    if companion is None:
+        world.pop(HDR_PROPERTY, None)
+    else:
+        world[HDR_PROPERTY] = companion
+    color = color_of(tree, companion or image, mapping.outputs["Vector"])
     background = tree.nodes.new("ShaderNodeBackground")
     background.inputs["Strength"].default_value = strength
     tree.links.new(color, background.inputs["Color"])
@@ -67,6 +86,26 @@ def apply_world(context, image: bpy.types.Image, *, strength: float = 1.0, rotat
 def find_world(image: bpy.types.Image) -> bpy.types.World | None:
     """The world apply_world made for ``image``, if there is one."""
     return next((world for world in bpy.data.worlds if world.get(SOURCE_PROPERTY) == image), None)
+
+
+def hdr_companion(image: bpy.types.Image) -> bpy.types.Image | None:
+    """The linear EXR written beside the panorama file of ``image`` with the HDR option, loaded (once)
+    as a Linear Rec.709 image; None when there is none or it belongs to another run."""
+    settings = metadata_of(image).get(SETTINGS_KEY)
+    if settings is None or not image.filepath:
+        return None
+    path = os.path.splitext(absolute_path(image.filepath, library=image.library))[0] + ".exr"
+    if not os.path.isfile(path):
+        return None
+    try:
+        if hdr.read_exr_attributes(path).get(SETTINGS_KEY) != settings:
+            return None
+        companion = load_panorama(path)
+    except (OSError, ValueError):  # unreadable or damaged (PanoramaImageError is one): light with the PNG
+        return None
+    companion.name = f"{image.name} HDR"
+    companion.colorspace_settings.name = LINEAR_REC709
+    return companion
 
 
 def is_equirectangular(image: bpy.types.Image) -> bool:
@@ -143,7 +182,7 @@ def edge_row_colors(image: bpy.types.Image) -> tuple[tuple, tuple]:
     image.pixels.foreach_get(pixels)
     rows = pixels.reshape(height, width, image.channels)[[0, -1], :, :3]  # Blender stores bottom row first
     if not image.is_float:  # 8-bit pixels are sRGB-encoded; average light, not code values
-        rows = np.where(rows <= 0.04045, rows / 12.92, ((rows + 0.055) / 1.055) ** 2.4)
+        rows = hdr.srgb_to_linear(rows)
     return tuple((*Color(mean).from_rec709_linear_to_scene_linear(), 1.0) for mean in rows.mean(axis=1))
 
 
@@ -204,13 +243,19 @@ class MSD_OT_apply_world(PanoramaFileOperator, bpy.types.Operator):
     rotation: FloatProperty(
         name="Rotation", description="Turns the panorama about the vertical axis", default=0.0, subtype="ANGLE"
     )
+    use_hdr: BoolProperty(
+        name="Use HDR (EXR)",
+        description="Light with the panorama's linear EXR (written beside it with the HDR option) when it has one",
+        default=True,
+    )
 
     def execute(self, context):
         image = self.load_image()
         if image is None:
             return {"CANCELLED"}
-        world = apply_world(context, image, strength=self.strength, rotation=self.rotation)
-        self.report({"INFO"}, f"World {world.name!r} shows {image.name!r}")
+        world = apply_world(context, image, strength=self.strength, rotation=self.rotation, use_hdr=self.use_hdr)
+        hdr_note = " and is lit by its HDR EXR" if HDR_PROPERTY in world else ""
+        self.report({"INFO"}, f"World {world.name!r} shows {image.name!r}{hdr_note}")
         return {"FINISHED"}
 
 

@@ -75,6 +75,13 @@ def main(argv=None) -> int:
     bpy.ops.wm.save_as_mainfile(filepath=str(blend_path))  # saved first: panoramas go to OUT/panoramas/
 
     configure(blender_env.addon_preferences(), scene.msd_panorama, args)
+    if args.allow_download and blender_env.addon_module().operators.models.needs_download(args.model):
+        print(f"Downloading {args.model} from the Hugging Face Hub…", flush=True)
+        try:
+            bpy.ops.msd.download_model(wait=True)
+        except RuntimeError as exc:
+            print(f"The download failed: {exc}", file=sys.stderr)
+            return 1
     panel = scene.msd_panorama
     print(f"Generating a {panel.width}×{panel.height} 360° world with {args.model!r}, {panel.steps} steps…", flush=True)
     run_state = blender_env.addon_module().properties.run_state
@@ -102,7 +109,7 @@ def configure(prefs, panel, args) -> None:
     prefs.device = args.device
     prefs.output_folder = "//panoramas/"
     if args.allow_download:
-        bpy.context.preferences.system.use_online_access = True  # the add-on then lets the worker download
+        bpy.context.preferences.system.use_online_access = True  # the add-on may then download the model
     panel.prompt = args.prompt
     panel.aspect = "WORLD_360"
     panel.width = args.width or (TINY_SIZE[0] if tiny else 2048)  # the preset keeps the height at half

@@ -27,7 +27,7 @@ from blender_env import (  # noqa: F401  (blender, extension: fixtures)
 )
 from msd_core.requirements import WORKER_REQUIREMENTS
 
-OPERATORS = ("generate", "cancel", "install_worker", "check_worker", "restore_settings")
+OPERATORS = ("generate", "cancel", "install_worker", "check_worker", "restore_settings", "download_model", "cancel_download", "use_model")
 PANELS = ("MSD_PT_panorama", "MSD_PT_panorama_sampler", "MSD_PT_panorama_output")
 
 

@@ -5,7 +5,9 @@ import textwrap
 import bpy
 from bpy.types import Panel
 
+from ..msd_core import hub
 from ..operators.generate import session, worker_status
+from ..operators.models import cached_models, download_state, needs_download
 from ..operators.worker_env import install_state
 from ..preferences import get_preferences, output_folder
 from ..properties import run_state
@@ -69,6 +71,45 @@ def draw_worker_status(layout, context) -> None:
     row.operator("msd.check_worker", icon='VIEWZOOM')
 
 
+def draw_model_download(layout, context) -> None:
+    """The download in progress (bar, bytes, speed, time left, Cancel), or a Download button when the
+    chosen Hugging Face model is not in the cache, or how the last download ended."""
+    model = get_preferences(context).model
+    if download_state.busy:
+        box = layout.box()
+        box.label(text=f"Downloading {download_state.model}", icon='IMPORT')
+        box.progress(factor=download_state.progress, type='BAR', text=download_state.text)
+        if download_state.file:
+            box.label(text=download_state.file, icon='FILE')
+        box.operator("msd.cancel_download", icon='CANCEL')
+        return
+    if download_state.message and (download_state.failed or download_state.model == model):
+        draw_wrapped(layout, download_state.message, icon='ERROR' if download_state.failed else 'CHECKMARK')
+    if needs_download(model):
+        box = layout.box()
+        draw_wrapped(box, f"{model} is not downloaded yet (a Stable Diffusion model is 2–5 GB).", icon='INFO')
+        box.operator("msd.download_model", icon='IMPORT')
+
+
+def draw_cached_models(layout, context) -> None:
+    """The models in the local Hugging Face cache: id, size on disk, complete or not, and Use."""
+    models = cached_models()
+    col = layout.column(align=True)
+    if not models:
+        col.label(text=f"No models in the Hugging Face cache ({hub.cache_dir()})", icon='INFO')
+        return
+    current = get_preferences(context).model
+    for model in models:
+        row = col.row(align=True)
+        icon = 'CHECKMARK' if model.complete else 'ERROR'
+        row.label(text=model.id, icon=icon)
+        row.label(text=hub.format_bytes(model.size_on_disk) + ("" if model.complete else " (incomplete)"))
+        if model.id != current:
+            row.operator("msd.use_model", text="Use").model = model.id
+        else:
+            row.label(text="In use")
+
+
 class SidebarPanel:
     """Where every panel of the add-on lives: the 3D viewport's sidebar, tab "Panorama"."""
 
@@ -110,8 +151,10 @@ class MSD_PT_panorama(SidebarPanel, Panel):
         elif group.target == 'BACKDROP':
             layout.prop(group, "backdrop_shape")
             layout.prop(group, "backdrop_strength")
+        layout.prop(group, "hdr")
 
         layout.use_property_split = False
+        draw_model_download(layout, context)
         if session.busy:
             layout.progress(factor=run_state.progress, type='BAR', text=progress_text())
             layout.operator("msd.cancel", icon='CANCEL')
@@ -161,6 +204,10 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         col.prop(group, "omega")
         col.prop(group, "gradient")
         col.prop(group, "scales")
+        col = layout.column()
+        col.active = group.hdr
+        col.prop(group, "hdr_knee")
+        col.prop(group, "hdr_peak")
 
 
 class MSD_PT_panorama_output(SettingsSubPanel, Panel):

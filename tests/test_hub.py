@@ -1,0 +1,388 @@
+"""Hub models: the cache listing, downloads of exactly the files a run loads (with progress and cancel),
+the `models` CLI and the worker's download/models requests — against a fake Hub on 127.0.0.1 serving
+the tiny model's files, never the network."""
+
+import io
+import os
+import subprocess
+import sys
+import threading
+
+import huggingface_hub
+import pytest
+from huggingface_hub import scan_cache_dir
+from safetensors.torch import load_file, save_file
+
+from fake_hub import FakeHub
+from msd_core import cli, hub, models, protocol
+from msd_core.client import WorkerClient
+from msd_core.errors import Cancelled, ModelNotFound, NetworkError, UnsupportedModelFile
+from msd_core.hub import DownloadProgress, ProgressMeter
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WAIT = 120  # seconds: an upper bound for every wait, never an expectation
+REPO = "test/tiny"
+# Files a real Stable Diffusion repository also has and a download must never request.
+DECOYS = {
+    "unet/diffusion_pytorch_model.bin": b"pickle" * 10,
+    "text_encoder/pytorch_model.bin": b"pickle" * 10,
+    "vae/diffusion_pytorch_model.ckpt": b"pickle" * 10,
+    "unet/diffusion_pytorch_model.non_ema.safetensors": b"other variant",
+    "safety_checker/config.json": b"{}",
+    "safety_checker/model.safetensors": b"not loaded",
+    "feature_extractor/preprocessor_config.json": b"{}",
+    "README.md": b"# tiny",
+    "v1-inference.yaml": b"model: {}",
+}
+BIG = 25_000_000  # bytes: three of huggingface_hub's 10 MiB transfer chunks, so a cancel lands mid-file
+
+
+@pytest.fixture(scope="module")
+def tiny_files() -> dict[str, bytes]:
+    folder = models.tiny_model_dir()
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.fixture
+def fake_hub():
+    with FakeHub() as server:
+        yield server
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """This process may use the (fake) Hub: conftest.py made it offline for every other test."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+def fp16_only(files: dict[str, bytes], tmp_path) -> dict[str, bytes]:
+    """The tiny model with its weights only as the fp16 variant (real float16 safetensors)."""
+    result = {}
+    for name, data in files.items():
+        if name.endswith(".safetensors"):
+            source = tmp_path / "full.safetensors"
+            source.write_bytes(data)
+            half = tmp_path / "half.safetensors"
+            save_file({key: value.half() for key, value in load_file(source).items()}, half)
+            name = name.replace(".safetensors", ".fp16.safetensors")
+            data = half.read_bytes()
+        result[name] = data
+    return result
+
+
+def snapshot_bytes(folder) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+# ------------------------------------------------------------------------------------- choosing files
+
+
+def test_select_files_takes_configs_and_one_safetensors_variant_small_files_first():
+    sizes = {
+        "model_index.json": 5, "scheduler/scheduler_config.json": 5, "tokenizer/vocab.json": 50,
+        "tokenizer/merges.txt": 40, "text_encoder/config.json": 5, "text_encoder/model.safetensors": 400,
+        "text_encoder/model.fp16.safetensors": 200, "text_encoder/pytorch_model.bin": 400,
+        "unet/config.json": 5, "unet/diffusion_pytorch_model.safetensors.index.json": 9,
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors": 900,
+        "unet/diffusion_pytorch_model-00002-of-00002.safetensors": 800,
+        "unet/diffusion_pytorch_model.fp16.safetensors": 850, "unet/diffusion_pytorch_model.ema.safetensors": 1700,
+        "vae/config.json": 5, "vae/diffusion_pytorch_model.safetensors": 300, "safety_checker/model.safetensors": 1,
+    }  # fmt: skip
+    full = hub.select_files(sizes, fp16=False)
+    assert set(full) == {
+        "model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+        "text_encoder/config.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors.index.json",
+        "vae/config.json", "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+    }  # fmt: skip
+    assert [sizes[name] for name in full[8:]] == [300, 400, 800, 900]  # configs first, then weights by size
+    half = hub.select_files(sizes, fp16=True)
+    # fp16 where the component has it; the VAE has only full-precision weights.
+    assert [name for name in half if name.endswith(".safetensors")] == [
+        "text_encoder/model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+    ]
+
+
+def test_select_files_refuses_pickle_only_weights_and_non_diffusers_repos():
+    with pytest.raises(UnsupportedModelFile, match="unet has no safetensors weights"):
+        hub.select_files(
+            {f"{c}/config.json": 1 for c in hub.COMPONENTS}
+            | {"text_encoder/model.safetensors": 9, "vae/w.safetensors": 9, "unet/diffusion_pytorch_model.bin": 9},
+            False,
+        )
+    with pytest.raises(ModelNotFound, match="no scheduler, tokenizer, text_encoder, unet, vae folder"):
+        hub.select_files({"config.json": 1, "model.safetensors": 9}, False)
+
+
+def test_weights_variant_prefers_what_the_run_wants_and_falls_back_to_what_is_there(tmp_path):
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (tmp_path / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")
+    assert hub.weights_variant(tmp_path, prefer_fp16=True) == "fp16"
+    assert hub.weights_variant(tmp_path, prefer_fp16=False) is None
+    (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
+    assert hub.weights_variant(tmp_path, prefer_fp16=False) == "fp16"
+
+
+# ------------------------------------------------------------------------------------------ progress
+
+
+def test_progress_meter_measures_speed_over_recent_transfer_and_counts_cached_files():
+    now = [0.0]
+    reports = []
+    meter = ProgressMeter(total=1000, on_progress=reports.append, clock=lambda: now[0])
+    meter.start_file("cached.json", 100)
+    meter.finish_file()  # found on disk: counted, but no transfer
+    meter.start_file("weights.safetensors", 900)
+    for _ in range(4):
+        now[0] += 1.0
+        meter.advance(100)
+    last = reports[-1]
+    assert (last.done, last.total, last.file) == (500, 1000, "weights.safetensors")
+    assert last.speed == pytest.approx(100.0)  # 300 bytes between the first and last sample, 3 s apart
+    assert last.eta == pytest.approx(5.0)
+    meter.finish_file()
+    assert reports[-1].done == 1000 and reports[-1].eta == 0
+
+
+def test_describe_progress_reads_like_a_download_dialog():
+    progress = DownloadProgress(file="unet", done=1_234_000_000, total=2_600_000_000, speed=35_000_000, eta=40)
+    assert hub.describe_progress(progress) == "1.2 GB / 2.6 GB · 35.0 MB/s · 40 s left"
+    assert hub.format_bytes(999) == "999 B" and hub.format_bytes(1500) == "1.5 kB"
+    assert hub.format_duration(3725) == "1 h 02 min"
+
+
+# ---------------------------------------------------------------------------------------- downloading
+
+
+def test_download_fetches_only_configs_and_safetensors_with_monotonic_progress(fake_hub, online, tiny_files, tmp_path):
+    fake_hub.add_repo(REPO, {**tiny_files, **DECOYS})
+    reports = []
+    folder = hub.download(REPO, on_progress=reports.append, cache=tmp_path, endpoint=fake_hub.url)
+
+    assert set(fake_hub.fetched(REPO)) == set(tiny_files)  # every decoy left alone
+    assert snapshot_bytes(folder) == tiny_files
+    done = [report.done for report in reports]
+    assert done == sorted(done) and done[-1] == reports[-1].total == sum(map(len, tiny_files.values()))
+    assert {report.file for report in reports} == set(tiny_files)
+    status = hub.model_status(REPO, tmp_path)
+    assert status.complete and status.missing == () and status.snapshot == str(folder)
+
+
+def test_listing_shows_the_model_with_the_size_scan_cache_dir_reports(fake_hub, online, tiny_files, tmp_path):
+    fake_hub.add_repo(REPO, tiny_files)
+    fake_hub.add_repo("test/text-encoder-only", {"config.json": b"{}", "model.safetensors": b"x" * 100})
+    hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url)
+    huggingface_hub.hf_hub_download("test/text-encoder-only", "model.safetensors", cache_dir=tmp_path, endpoint=fake_hub.url)
+
+    listed = hub.list_models(tmp_path)
+    assert [model.id for model in listed] == [REPO]  # the lone text encoder is no model we can load
+    reference = {repo.repo_id: repo.size_on_disk for repo in scan_cache_dir(tmp_path).repos}
+    assert listed[0].size_on_disk == reference[REPO] == sum(map(len, tiny_files.values()))
+    assert listed[0].complete
+
+
+def test_cancel_mid_file_stops_and_leaves_no_complete_snapshot_then_a_new_download_completes(
+    fake_hub, online, tiny_files, tmp_path
+):
+    files = {**tiny_files, "unet/diffusion_pytorch_model.safetensors": os.urandom(BIG)}
+    fake_hub.add_repo(REPO, files)
+    cancel = threading.Event()
+    reports = []
+
+    def on_progress(progress):
+        reports.append(progress)
+        if progress.file.startswith("unet/diffusion") and 0 < progress.done < progress.total:
+            cancel.set()  # the first chunk of the big file has arrived: the rest must not
+
+    with pytest.raises(Cancelled):
+        hub.download(REPO, on_progress=on_progress, cancel=cancel, cache=tmp_path, endpoint=fake_hub.url)
+    assert reports[-1].done < reports[-1].total - 10_000_000  # stopped after the first chunk of 25 MB
+    status = hub.model_status(REPO, tmp_path)
+    assert not status.complete and status.missing == ("unet",)
+    snapshots = tmp_path / hub.repo_folder(REPO) / "snapshots"
+    assert not list(snapshots.glob("*/unet/diffusion_pytorch_model.safetensors"))
+
+    folder = hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url)
+    assert snapshot_bytes(folder) == files
+    assert hub.model_status(REPO, tmp_path).complete and hub.model_status(REPO, tmp_path).partial_bytes == 0
+
+
+def test_offline_download_is_refused_before_any_request(fake_hub, tiny_files, tmp_path):
+    fake_hub.add_repo(REPO, tiny_files)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest.py
+    with pytest.raises(NetworkError, match="HF_HUB_OFFLINE"):
+        hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url)
+    assert fake_hub.requests == [] and hub.model_status(REPO, tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    "repo_id, files, error, message",
+    [
+        ("test/missing", None, ModelNotFound, "test/missing was not found on the Hugging Face Hub"),
+        ("test/pickles", {f"{c}/diffusion_pytorch_model.bin": b"x" for c in hub.COMPONENTS}, UnsupportedModelFile,
+         "only pickle files"),
+        ("not an id", None, hub.BadInput, "not a Hugging Face model id"),
+    ],
+)  # fmt: skip
+def test_download_errors_are_specific_and_fetch_nothing(fake_hub, online, tmp_path, repo_id, files, error, message):
+    if files:
+        fake_hub.add_repo(repo_id, files)
+    with pytest.raises(error, match=message):
+        hub.download(repo_id, cache=tmp_path, endpoint=fake_hub.url)
+    assert fake_hub.fetched(repo_id) == [] and hub.list_models(tmp_path) == []
+
+
+def test_unreachable_hub_is_a_network_error(online, tmp_path):
+    with pytest.raises(NetworkError, match=f"downloading {REPO} failed"):
+        hub.download(REPO, cache=tmp_path, endpoint="http://127.0.0.1:9")
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "msd_core.cli", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=WAIT, env={**os.environ, **env},
+    )  # fmt: skip
+
+
+def hub_env(fake_hub, cache) -> dict:
+    return {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": fake_hub.url, "HF_HUB_CACHE": str(cache)}
+
+
+def test_cli_models_download_prints_progress_lines_then_list_shows_the_model(fake_hub, tiny_files, tmp_path):
+    fake_hub.add_repo(REPO, {**tiny_files, **DECOYS})
+    env = hub_env(fake_hub, tmp_path)
+    result = run_cli("models", "download", REPO, "--dtype", "float32", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "\r" not in result.stdout  # not a terminal: plain lines
+    assert lines[0].startswith("  0%") and lines[-2].startswith("100%  1.3 MB / 1.3 MB")
+    assert lines[-1].startswith(f"downloaded {REPO} (1.3 MB) to {tmp_path}")
+    assert set(fake_hub.fetched(REPO)) == set(tiny_files)
+
+    listed = run_cli("models", "list", env=env)
+    assert listed.returncode == 0 and listed.stdout.splitlines() == ["ID           SIZE  STATE", f"{REPO}  1.3 MB  complete"]
+
+
+def test_cli_download_errors_are_one_line_with_exit_2(fake_hub, tmp_path):
+    offline = run_cli("models", "download", REPO, "--dtype", "float32", env={"HF_HUB_CACHE": str(tmp_path)})
+    missing = run_cli("models", "download", "test/missing", "--dtype", "float32", env=hub_env(fake_hub, tmp_path))
+    for result, words in ((offline, "HF_HUB_OFFLINE is set"), (missing, "test/missing was not found")):
+        assert result.returncode == 2 and result.stdout == ""
+        assert len(result.stderr.splitlines()) == 1 and words in result.stderr
+
+
+@pytest.mark.parametrize("columns", [200, 40])
+def test_download_bar_on_a_terminal_rewrites_one_line_that_fits(monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    bar = cli.DownloadBar(stream)
+    for done in (0, 500, 1000):
+        bar.update(DownloadProgress(file="unet/w.safetensors", done=done, total=1000, speed=100.0, eta=(1000 - done) / 100))
+    bar.close()
+    text = stream.getvalue()
+    assert text.count("\r") == 3 and text.count("\n") == 1 and text.endswith("\n")
+    assert all(len(line) == columns - 1 for line in text.strip("\n").split("\r")[1:])
+    expected = "[############------------]  50%  500 B / 1.0 kB · 100 B/s · 5 s left  unet/w.safetensors"
+    assert expected[: columns - 1] in text
+
+
+# ----------------------------------------------------------------------------------------------- worker
+
+
+def next_matching(client, predicate, seen):
+    while True:
+        event = client.next_event(timeout=WAIT)
+        assert event is not None, f"no matching event within {WAIT} s; saw {seen}; stderr: {client.stderr_lines}"
+        seen.append(event)
+        if predicate(event):
+            return event
+
+
+def test_worker_downloads_with_progress_lists_and_generates_offline_from_fp16_weights(fake_hub, tiny_files, tmp_path):
+    fake_hub.add_repo(REPO, {**fp16_only(tiny_files, tmp_path), **DECOYS})
+    env = {**hub_env(fake_hub, tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    settings = {"prompt": "a cove", "model": REPO, "width": 128, "height": 64, "steps": 2, "gradient": "fast",
+                "device": "cpu", "dtype": "float32"}  # fmt: skip
+    with WorkerClient(sys.executable, pythonpath=REPO_ROOT, env=env) as client:
+        early = client.generate(settings, tmp_path / "early.png")
+        seen = []
+        error = next_matching(client, lambda e: e["id"] == early and e["event"] in protocol.FINAL_EVENTS, seen)
+        assert error["kind"] == "model_not_found" and f"{REPO} is not downloaded yet" in error["message"]
+        assert [e["event"] for e in seen if e["id"] == early] == ["accepted", "error"]  # no "loading"
+
+        request = client.download(REPO, device="cpu", dtype="float32")
+        seen = []
+        done = next_matching(client, lambda e: e["id"] == request and e["event"] in protocol.FINAL_EVENTS, seen)
+        assert done["event"] == "done", done
+        progress = [e for e in seen if e["event"] == "download"]
+        assert [e["done"] for e in progress] == sorted(e["done"] for e in progress)
+        assert progress[-1]["done"] == progress[-1]["total"] == done["size"]
+        assert all(name.endswith(".fp16.safetensors") for name in fake_hub.fetched(REPO) if ".safetensors" in name)
+
+        listing = client.list_models()
+        event = next_matching(client, lambda e: e["id"] == listing, [])
+        assert event["event"] == "models" and event["cache"] == str(tmp_path / "hf")
+        assert [(m["id"], m["complete"], m["size_on_disk"]) for m in event["models"]] == [(REPO, True, done["size"])]
+
+    # A new worker, offline: the run loads the fp16 weights (upcast to float32) from the cache alone.
+    with WorkerClient(sys.executable, pythonpath=REPO_ROOT, env=env, offline=True) as client:
+        run = client.generate(settings, tmp_path / "pano.png")
+        result = next_matching(client, lambda e: e["id"] == run and e["event"] in protocol.FINAL_EVENTS, [])
+        assert result["event"] == "done", result
+        assert (tmp_path / "pano.png").is_file()
+
+
+def test_worker_cancels_a_download_mid_file(fake_hub, tiny_files, tmp_path):
+    big = "unet/diffusion_pytorch_model.safetensors"
+    fake_hub.add_repo(REPO, {**tiny_files, big: os.urandom(BIG)})
+    fake_hub.pause_after(big, 12_000_000)  # one chunk arrives, then the transfer waits for release()
+    env = {**hub_env(fake_hub, tmp_path), "OMP_NUM_THREADS": "1"}
+    with WorkerClient(sys.executable, pythonpath=REPO_ROOT, env=env) as client:
+        request = client.download(REPO, device="cpu", dtype="float32")
+        seen = []
+        next_matching(client, lambda e: e["event"] == "download" and e["file"] == big and e["done"] > e["total"] - BIG, seen)
+        client.cancel(request)
+        threading.Timer(1.0, fake_hub.release).start()  # the rest flows once the cancel has surely arrived
+        end = next_matching(client, lambda e: e["id"] == request and e["event"] in protocol.FINAL_EVENTS, seen)
+    assert end["event"] == "error" and end["kind"] == "cancelled"
+    status = hub.model_status(REPO, tmp_path)
+    assert not status.complete and "unet" in status.missing
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({}, "'model' must be a Hugging Face model id"),
+        ({"model": "../models/sd"}, "'model' must be a Hugging Face model id (owner/name), got '../models/sd'"),
+        ({"model": REPO, "mirror": "x"}, "unknown field(s) in the download request: mirror"),
+        ({"model": REPO, "dtype": "float8"}, "unknown dtype 'float8'"),
+    ],
+)
+def test_download_requests_are_validated_before_anything_starts(fields, fragment):
+    from msd_core.worker import parse_download
+
+    with pytest.raises(hub.BadInput) as caught:
+        parse_download({"op": "download", "id": 1, **fields})
+    assert fragment in str(caught.value)
+
+
+def test_a_download_request_for_float16_fetches_the_fp16_weights():
+    from msd_core.worker import parse_download
+
+    assert parse_download({"op": "download", "id": 1, "model": REPO, "device": "cpu", "dtype": "float32"}).fp16 is False
+    # float16 is refused on the CPU (no kernels): it is what a GPU run in "auto" uses.
+    with pytest.raises(hub.BadInput, match="float16 is not supported on the CPU"):
+        parse_download({"op": "download", "id": 1, "model": REPO, "device": "cpu", "dtype": "float16"})

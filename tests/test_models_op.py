@@ -1,0 +1,153 @@
+"""Models in Blender: Download Model through a real worker process (this Python) from a fake Hub on
+127.0.0.1, its progress in the panel and Cancel, the refusal without online access, the cached-model
+list in the preferences, and a Generate with a model that is not downloaded."""
+
+import sys
+import threading
+import time
+
+import bpy
+import pytest
+
+from blender_env import MODULE, addon_preferences, blender, extension  # noqa: F401  (fixtures)
+from fake_hub import FakeHub
+from msd_core import models
+from test_extension import CheckingLayout, draw
+
+REPO = "test/tiny"
+POLL_TIMEOUT = 120.0  # seconds: an upper bound, never an expectation
+BIG = 25_000_000  # bytes: a download of it is reliably still running when the test acts
+
+
+def models_op():
+    return sys.modules[f"{MODULE}.operators.models"]
+
+
+@pytest.fixture
+def addon(extension, tmp_path, monkeypatch):
+    """The add-on with this Python as the worker and the Hugging Face cache in tmp_path/hf."""
+    prefs = addon_preferences()
+    prefs.worker_python = sys.executable
+    prefs.device, prefs.precision = "cpu", "float32"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    state = models_op().download_state
+    state.message, state.failed = "", False
+    models_op()._listing["time"] = -1.0
+    yield extension
+    if state.busy:
+        models_op().cancel_download()
+        poll_until_done()
+    prefs.model = "tiny"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    with FakeHub() as server:
+        server.add_folder(REPO, models.tiny_model_dir(), {"unet/diffusion_pytorch_model.bin": b"pickle"})
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the worker may go online; this process still does not
+        yield server
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Blender's Allow Online Access, on (headless Blender has it off and read-only)."""
+    monkeypatch.setattr(models_op(), "online_access_allowed", lambda: True)
+
+
+def poll_until_done(on_poll=None) -> str:
+    deadline = time.monotonic() + POLL_TIMEOUT
+    while time.monotonic() < deadline:
+        outcome = models_op().poll_download()
+        if on_poll is not None:
+            on_poll()
+        if outcome != "RUNNING":
+            return outcome
+        time.sleep(0.02)
+    raise AssertionError("the download did not end in time")
+
+
+def draw_preferences() -> list:
+    log = []
+    prefs = addon_preferences()
+
+    class Preferences:  # the real preferences, drawn into a checking layout
+        layout = CheckingLayout(log)
+
+        def __getattr__(self, name):
+            return getattr(prefs, name)
+
+    type(prefs).draw(Preferences(), bpy.context)
+    return log
+
+
+def test_download_is_refused_when_online_access_is_off(addon, fake_hub):
+    assert not bpy.app.online_access  # headless Blender's default
+    addon_preferences().model = REPO
+    with pytest.raises(RuntimeError, match=r"online access is off: allow it in Preferences › System › Network"):
+        bpy.ops.msd.download_model()
+    assert not models_op().download_state.busy and fake_hub.requests == []
+
+
+def test_download_model_shows_progress_then_the_model_is_listed_with_its_size(addon, fake_hub, online):
+    addon_preferences().model = REPO
+    panel = draw("MSD_PT_panorama")
+    assert ("label", f"{REPO} is not downloaded yet (a Stable") in panel and ("operator", "msd.download_model") in panel
+
+    state = models_op().download_state
+    fake_hub.pause_after("unet/diffusion_pytorch_model.safetensors", 1000)
+    models_op().start_download(bpy.context)
+    fractions, drawn = [], []
+
+    def watch():
+        if state.busy:
+            fractions.append(state.progress)
+        if state.busy and state.file == "unet/diffusion_pytorch_model.safetensors" and not drawn:
+            drawn.append(draw("MSD_PT_panorama"))  # while the transfer is held in the middle of that file
+            fake_hub.release()
+
+    assert poll_until_done(watch) == "FINISHED", state.message
+    assert fractions == sorted(fractions) and any(0 < f < 1 for f in fractions)
+    (during,) = drawn
+    progress = next(text for kind, text in during if kind == "progress")
+    assert " / 1.3 MB" in progress
+    assert ("operator", "msd.cancel_download") in during and ("operator", "msd.generate") in during
+    assert state.message == f"Downloaded {REPO} (1.3 MB)" and not state.busy
+    assert "unet/diffusion_pytorch_model.bin" not in fake_hub.fetched(REPO)
+
+    panel = draw("MSD_PT_panorama")
+    assert ("operator", "msd.download_model") not in panel and ("label", state.message) in panel
+    preferences = draw_preferences()
+    assert ("label", REPO) in preferences and ("label", "1.3 MB") in preferences and ("label", "In use") in preferences
+
+
+def test_cancel_stops_the_download_and_the_model_still_needs_one(addon, fake_hub, online):
+    big = "unet/diffusion_pytorch_model.safetensors"
+    fake_hub.repos[REPO][big] = bytes(BIG)
+    fake_hub.pause_after(big, 12_000_000)
+    addon_preferences().model = REPO
+    state = models_op().download_state
+    models_op().start_download(bpy.context)
+
+    def cancel_in_the_big_file():
+        if state.busy and state.file == big and not state.cancel_requested:
+            assert bpy.ops.msd.cancel_download() == {"FINISHED"}
+            threading.Timer(1.0, fake_hub.release).start()
+
+    assert poll_until_done(cancel_in_the_big_file) == "CANCELLED"
+    assert state.message == "Download cancelled" and not state.failed
+    assert models_op().needs_download(REPO)
+    assert ("operator", "msd.download_model") in draw("MSD_PT_panorama")
+
+
+def test_generate_with_a_model_that_is_not_downloaded_says_so_at_once(addon):
+    addon_preferences().model = "test/not-here"
+    bpy.context.scene.msd_panorama.prompt = "a quiet harbour at dusk"
+    generate = sys.modules[f"{MODULE}.operators.generate"]
+    with pytest.raises(RuntimeError, match="model test/not-here is not downloaded yet: download it first"):
+        bpy.ops.msd.generate()
+    assert not generate.session.busy  # nothing started
+    panel = draw("MSD_PT_panorama")
+    assert ("operator", "msd.download_model") in panel
+    assert any(kind == "label" and "not downloaded" in text for kind, text in panel)
