@@ -41,7 +41,7 @@ from msd_core.windows import WindowGrid, global_level, level_factor
 
 TRAIN_STEPS = 1000
 SD_COARSE_NUMEL = 4 * 32 * 32  # what F.mse_loss divides by on an SD coarse crop (64-latent window)
-NOISE_MODES = ("literal", "fresh", "snr")
+NOISE_MODES = ("literal", "fresh", "snr", "squeeze-snr")
 VIEW_BATCH = 1024  # windows per denoiser call: batching never changes results, and the prior is cheap
 
 
@@ -174,6 +174,8 @@ def pyramid_step(
     - "fresh":   fresh Gaussian noise restores the variance ds removed, so the level is at t in fact.
     - "snr":     the level is rescaled to the variance-preserving form of the timestep with the same SNR
                  (``matched_alpha``), stepped there, and scaled back; no noise is added.
+    - "squeeze-snr": "snr" for the noise that a ``global_level``'s column squeeze removes only; the
+                 halving levels stay literal.
     ``gradient`` is one of the sampler's modes ("fast", "refresh", "exact"), "fast-2f" (the name this
     bench first gave "refresh"), or ``level_step_variant``'s "exact-1f".
     """
@@ -183,7 +185,8 @@ def pyramid_step(
     pyramid = build_pyramid(latents, len(grids), factors)
     prev = None
     for index, grid in enumerate(grids):
-        block = math.prod(fh * fw for fh, fw in factors[index:])  # finest pixels averaged into one here
+        squeezes = [(fh, fw) for fh, fw in factors[index:] if noise != "squeeze-snr" or fh == 1]
+        block = math.prod(fh * fw for fh, fw in squeezes)  # pixels averaged into one here (that count)
         level_step, denoise, scale_in, scale_out = step, prior.denoiser(), 1.0, 1.0
         level_latents = pyramid[index]
         if block > 1 and noise == "fresh":
@@ -191,7 +194,7 @@ def pyramid_step(
             level_latents = level_latents + extra * torch.randn(
                 level_latents.shape, generator=generator, dtype=level_latents.dtype
             )
-        elif block > 1 and noise == "snr":
+        elif block > 1 and noise in ("snr", "squeeze-snr"):
             alpha, alpha_prev = matched_alpha(step.alpha, block), matched_alpha(step.alpha_prev, block)
             level_step = DDIMTimestep(step.t, alpha, alpha_prev)
             denoise = prior.denoiser(lambda a, block=block: matched_alpha(a, block))

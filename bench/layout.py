@@ -217,7 +217,9 @@ ASPECTS = ((64, 64, False), (32, 64, True), (64, 128, True), (32, 128, False))  
 ASPECT_SETTINGS = {  # name: sample_panoramas keywords (all with the fast gradient, ω = 10, projection)
     "MD": {"omega": 0.0, "levels": 1},
     "halving": {"omega": 10.0},  # the paper's pyramid
-    "global": {"omega": 10.0, "global_view": True},  # + windows.global_level (the default)
+    "global": {"omega": 10.0, "global_view": True},  # + windows.global_level (--pyramid global)
+    # + the squeezed level denoised at the timestep of its true SNR (bench only: horizon.pyramid_step)
+    "global, squeeze SNR": {"omega": 10.0, "global_view": True, "noise": "squeeze-snr"},
 }
 ASPECT_COLUMNS = ["prior", "panorama", "setting", "levels", "coherent", "collapsed", "coarsest coherent", "count",
                   "forwards", "seconds"]
@@ -284,7 +286,7 @@ def aspects_part(quick: bool) -> tuple[list[dict], list]:
         seeds = list(range(8 if quick else {"horizon": 24, "river": 12}.get(prior.name, 8)))
         for shape in shapes:
             for setting in ASPECT_SETTINGS:
-                if setting == "global" and shape[0] == shape[1]:  # already one window at the top: no extra level
+                if setting.startswith("global") and shape[0] == shape[1]:  # already one window: no extra level
                     rows.append({**rows[-1], "setting": setting})
                     continue
                 keep = examples if shape == ASPECTS[2] and setting in ("halving", "global") else None
