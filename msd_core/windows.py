@@ -72,12 +72,14 @@ class WindowGrid:
     def coarse_crop(self, coarse: torch.Tensor, factor: Factor = HALF) -> torch.Tensor:
         """F'_i for all i: the region of the next coarser level (this level ds by ``factor``) under each window.
 
-        (N, C, window/fh, window/fw). Needs offsets and window divisible by the factor (``check_nested``).
+        (N, C, window/fh, window/fw). Needs offsets and window divisible by the factor, which
+        ``check_nested`` (halving) and ``global_level`` (a column squeeze) guarantee.
         """
         fh, fw = factor
         _check_latents(coarse, self.height // fh, self.width // fw)
         scaled = [(top // fh, left // fw) for top, left in self.offsets]
-        rows, cols = (index.to(coarse.device) for index in _window_index(scaled, (self.window // fh, self.window // fw), self.width // fw))
+        index = _window_index(scaled, (self.window // fh, self.window // fw), self.width // fw)
+        rows, cols = (part.to(coarse.device) for part in index)
         return coarse[0][:, rows, cols].permute(1, 0, 2, 3)
 
     def merge(self, windows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
