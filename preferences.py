@@ -4,7 +4,7 @@ import os
 import sys
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from bpy.types import AddonPreferences
 
 from .msd_core import settings
@@ -95,6 +95,16 @@ class MSD_AddonPreferences(AddonPreferences):
         items=[(name, _DTYPE_LABELS[name], "") for name in settings.DTYPES],
         default="auto",
     )
+    threads: IntProperty(
+        name="Threads",
+        description=(
+            "CPU threads the generator uses on the CPU. 0: automatic, one per physical core less one, "
+            "which is left to Blender"
+        ),
+        min=0,
+        soft_max=os.cpu_count() or 1,
+        default=0,
+    )
     keep_worker_warm: BoolProperty(
         name="Keep Model Loaded",
         description="Keep the worker and its model in memory between runs (faster, uses memory)",
@@ -118,6 +128,7 @@ class MSD_AddonPreferences(AddonPreferences):
         col.prop(self, "worker_python")
         col.prop(self, "install_python")
         col.prop(self, "keep_worker_warm")
+        col.prop(self, "threads")
         draw_worker_status(layout, context)
         col = layout.column(heading="Model")
         col.prop(self, "model")

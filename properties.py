@@ -1,8 +1,10 @@
 """Scene settings (Scene.msd_panorama), the run's live state, and the one mapping UI ⇄ GenerationSettings."""
 
+import dataclasses
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import bpy
@@ -10,8 +12,10 @@ from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, Po
 from bpy.types import PropertyGroup
 
 from .msd_core import settings as core
+from .msd_core import plan
 from .msd_core.errors import BadInput
 from .msd_core.settings import GenerationSettings
+from .preferences import MSD_AddonPreferences
 
 # Aspect enum item → msd_core preset name.
 ASPECT_PRESETS = {"WORLD_360": "360", "STRIP": "strip", "BACKDROP": "backdrop"}
@@ -32,10 +36,11 @@ class RunState:
     eta: float | None = None  # seconds
     last_error: str = ""
     last_error_kind: str = ""  # msd_core.protocol.ERROR_KINDS, e.g. "model_not_found"
-    preview_image: str = ""  # name of the image datablock with the latest coarse preview
+    preview_image_uid: int | None = None  # session_uid of the image with the latest coarse preview
     last_output: str = ""  # file of the latest finished panorama
     last_image: str = ""  # its image datablock
     last_seed: int | None = None
+    ms_per_window: float | None = None  # the worker's last measured UNet rate, for estimates before a run
 
     def reset_progress(self) -> None:
         self.progress, self.step, self.total, self.level, self.levels, self.eta = 0.0, 0, 0, 0, 0, None
@@ -89,6 +94,15 @@ def effective_wrap(group) -> bool:
     return core.PRESETS[preset][2] if preset else group.wrap
 
 
+def _update_quality(group, context):
+    """Write the quality preset's settings (msd_core.settings.QUALITY) into the panel's fields."""
+    for name, value in core.QUALITY[group.quality.lower()][0].items():
+        setattr(group, name, value)
+
+
+_STANDARD = core.QUALITY[core.DEFAULT_QUALITY][0]
+
+
 class MSD_PanoramaSettings(PropertyGroup):
     prompt: StringProperty(name="Prompt", description="What the panorama shows")
     negative_prompt: StringProperty(name="Negative Prompt", description="What it should not show")
@@ -116,7 +130,13 @@ class MSD_PanoramaSettings(PropertyGroup):
     )
     seed: IntProperty(name="Seed", min=0, max=SEED_MAX, default=0)
     random_seed: BoolProperty(name="Random Seed", description="Use a new seed for every run", default=True)
-    steps: IntProperty(name="Steps", min=1, soft_max=150, default=50)
+    quality: EnumProperty(
+        name="Quality",
+        items=[(name.upper(), name.capitalize(), what) for name, (_, what) in core.QUALITY.items()],
+        default=core.DEFAULT_QUALITY.upper(),
+        update=_update_quality,
+    )
+    steps: IntProperty(name="Steps", min=1, soft_max=150, default=_STANDARD["steps"])
     guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale", min=0.0, soft_max=20.0, default=7.5)
     method: EnumProperty(
         name="Method",
@@ -134,7 +154,24 @@ class MSD_PanoramaSettings(PropertyGroup):
             ("refresh", "Refresh", "Closed-form gradient, then the guided window is denoised again (about 2×)"),
             ("fast", "Fast", "Closed-form gradient, one UNet call per window (as fast as MultiDiffusion, less memory)"),
         ],
-        default="exact",
+        default=_STANDARD["gradient"],
+    )
+    windows: EnumProperty(
+        name="Windows",
+        items=[
+            ("dense", "Dense", "Overlapping windows every 1/8 window (the paper's MultiDiffusion)"),
+            ("shifted", "Shifted", "Non-overlapping tiles at a new offset every step (a fraction of the work)"),
+        ],
+        default=_STANDARD["windows"],
+    )
+    pyramid: EnumProperty(
+        name="Pyramid",
+        items=[
+            ("halving", "Halving", "The paper's pyramid: each level half the size of the next"),
+            ("global", "Global", "Plus a level that squeezes a wide panorama into one window: one horizon at 2:1 "
+                                 "and 1:4 far more often, but long features such as rivers suffer"),
+        ],
+        default=GenerationSettings.pyramid,
     )
     scales: IntProperty(name="Levels", description="Pyramid levels (0 = automatic)", min=0, soft_max=6, default=0)
     target: EnumProperty(
@@ -173,6 +210,10 @@ class MSD_PanoramaSettings(PropertyGroup):
 
 def settings_from_scene(scene, prefs) -> GenerationSettings:
     """The GenerationSettings for the scene's panel values and the preferences; raises BadInput."""
+    return _scene_settings(scene, prefs).validate()
+
+
+def _scene_settings(scene, prefs) -> GenerationSettings:
     group = scene.msd_panorama
     seed = random.randint(0, SEED_MAX) if group.random_seed else group.seed
     return GenerationSettings(
@@ -185,6 +226,8 @@ def settings_from_scene(scene, prefs) -> GenerationSettings:
         model_config=_model_path(prefs.model_config.strip()) or None,
         method=group.method,
         gradient=group.gradient,
+        windows=group.windows,
+        pyramid=group.pyramid,
         omega=group.omega,
         scales=group.scales or None,
         steps=group.steps,
@@ -195,7 +238,20 @@ def settings_from_scene(scene, prefs) -> GenerationSettings:
         hdr=group.hdr,
         hdr_knee=group.hdr_knee,
         hdr_peak=group.hdr_peak,
-    ).validate()
+    )
+
+
+def estimate_text(scene, prefs) -> str:
+    """The UNet work the panel's settings will take, in seconds once the worker has measured its rate;
+    empty when the settings are invalid or the model's window is unknown without loading it."""
+    settings = dataclasses.replace(_scene_settings(scene, prefs), prompt="estimate")
+    try:
+        work = plan.plan_without_model(settings, None, "float32").work()
+    except BadInput:
+        return ""
+    if run_state.ms_per_window:
+        return f"≈ {round(plan.estimated_seconds(work, run_state.ms_per_window))} s of sampling"
+    return f"{work['forwards']} UNet window passes + {work['backwards']} backward"
 
 
 def _model_path(text: str) -> str:
@@ -208,28 +264,86 @@ def _model_path(text: str) -> str:
 
 
 def settings_to_scene(settings: GenerationSettings, scene) -> None:
-    """Fill the panel from settings (the reverse of settings_from_scene for the scene's fields)."""
-    if settings.seed > SEED_MAX:
-        raise BadInput(f"seed {settings.seed} is larger than Blender's seed field allows ({SEED_MAX})")
+    """Fill the panel from settings (the reverse of settings_from_scene for the scene's fields).
+
+    Every value is checked against the panel's own limits first, so either all fields are written
+    or, with BadInput naming the field as the panel does, none."""
+    values = _panel_values(settings)
+    for name, value in values.items():
+        _check_fits_panel(name, value)
     group = scene.msd_panorama
-    aspect = next(
-        (item for item, preset in ASPECT_PRESETS.items() if core.PRESETS[preset][:3] == (settings.width, settings.height, settings.wrap)),
-        "CUSTOM",
-    )
-    group.aspect = aspect
+    group.aspect = values.pop("aspect")
     # Through the ID properties: the size callbacks would otherwise adjust one side to the preset's ratio.
-    group["width"], group["height"], group["wrap"] = settings.width, settings.height, settings.wrap
-    group.prompt = settings.prompt
-    group.negative_prompt = settings.negative_prompt
-    group.method = settings.method
-    group.gradient = settings.gradient
-    group.omega = settings.omega
-    group.scales = settings.scales or 0
-    group.steps = settings.steps
-    group.guidance = settings.guidance
-    group.seed = settings.seed
-    group.random_seed = False
-    group.hdr, group.hdr_knee, group.hdr_peak = settings.hdr, settings.hdr_knee, settings.hdr_peak
+    for name in ("width", "height", "wrap"):
+        group[name] = values.pop(name)
+    for name, value in values.items():
+        setattr(group, name, value)
+
+
+def _panel_values(settings: GenerationSettings) -> dict:
+    size = (settings.width, settings.height, settings.wrap)
+    aspect = next((item for item, preset in ASPECT_PRESETS.items() if core.PRESETS[preset][:3] == size), "CUSTOM")
+    return {
+        "aspect": aspect, "width": settings.width, "height": settings.height, "wrap": settings.wrap,
+        "prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "method": settings.method,
+        "gradient": settings.gradient, "windows": settings.windows, "omega": settings.omega,
+        "pyramid": settings.pyramid, "scales": settings.scales or 0,
+        "steps": settings.steps, "guidance": settings.guidance, "seed": settings.seed, "random_seed": False,
+        "hdr": settings.hdr, "hdr_knee": settings.hdr_knee, "hdr_peak": settings.hdr_peak,
+    }  # fmt: skip
+
+
+def _check_fits_panel(name: str, value) -> None:
+    """Raise BadInput unless the panel's property ``name`` can hold ``value`` exactly."""
+    prop = MSD_PanoramaSettings.bl_rna.properties[name]
+    kind = {"INT": int, "FLOAT": (int, float), "BOOLEAN": bool, "STRING": str, "ENUM": str}[prop.type]
+    if isinstance(value, bool) != (prop.type == "BOOLEAN") or not isinstance(value, kind):
+        raise BadInput(f"{prop.name} {value!r} is not a {prop.type.lower()} value")
+    if prop.type in {"INT", "FLOAT"} and not prop.hard_min <= value <= prop.hard_max:
+        raise BadInput(f"{prop.name} {value!r} is outside what the panel allows ({prop.hard_min} to {prop.hard_max})")
+    if prop.type == "ENUM" and value not in prop.enum_items.keys():
+        raise BadInput(f"{prop.name} {value!r} is not one of the panel's choices")
+
+
+# Where each setting is set in Blender: (where, property). Settings are GenerationSettings' fields,
+# as the worker's events name them ("field"); the CLI's flags are their names with dashes (--model-config).
+_PANEL, _SAMPLER, _PREFERENCES = "the Panorama panel", "the Panorama panel's Sampler section", "the add-on preferences"
+SETTING_PLACES = {
+    "prompt": (_PANEL, "prompt"), "negative_prompt": (_PANEL, "negative_prompt"),
+    "negative": (_PANEL, "negative_prompt"),  # the CLI's --negative
+    "width": (_PANEL, "width"), "height": (_PANEL, "height"), "wrap": (_PANEL, "wrap"),
+    "seed": (_SAMPLER, "seed"), "steps": (_SAMPLER, "steps"), "guidance": (_SAMPLER, "guidance"),
+    "method": (_SAMPLER, "method"), "omega": (_SAMPLER, "omega"), "gradient": (_SAMPLER, "gradient"), "windows": (_SAMPLER, "windows"),
+    "pyramid": (_SAMPLER, "pyramid"), "scales": (_SAMPLER, "scales"), "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"),
+    "hdr_peak": (_SAMPLER, "hdr_peak"),
+    "model": (_PREFERENCES, "model"), "model_config": (_PREFERENCES, "model_config"),
+    "device": (_PREFERENCES, "device"), "dtype": (_PREFERENCES, "precision"),
+}  # fmt: skip
+_CLI_FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
+
+
+def setting_label(setting: str) -> tuple[str, str] | None:
+    """(label, where) of a setting as Blender shows it, e.g. ("Model", "the add-on preferences")."""
+    if setting not in SETTING_PLACES:  # None included
+        return None
+    where, name = SETTING_PLACES[setting]
+    owner = MSD_AddonPreferences if where == _PREFERENCES else MSD_PanoramaSettings
+    return owner.bl_rna.properties[name].name, where
+
+
+def in_panel_terms(message: str, setting: str | None = None, fallback: str | None = None) -> str:
+    """An error message of the worker or msd_core as Blender's panel speaks: command-line flags become
+    the labels of the fields they stand for, and the setting concerned (``setting``, else the first
+    flag named, else ``fallback``) is pointed to where it is set: "set Model in the add-on preferences"."""
+    flags = [match.group(1).replace("-", "_") for match in _CLI_FLAG.finditer(message)]
+
+    def label(match):
+        place = setting_label(match.group(1).replace("-", "_"))
+        return place[0] if place else match.group(0)
+
+    text = _CLI_FLAG.sub(label, message)
+    place = next(filter(None, map(setting_label, [setting, *flags, fallback])), None)
+    return f"{text}; set {place[0]} in {place[1]}" if place else text
 
 
 classes = (MSD_PanoramaSettings,)

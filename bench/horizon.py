@@ -30,12 +30,12 @@ from msd_core.sampler import (
     cross_scale_discrepancy,
     cross_scale_loss,
     ddim_jacobian,
-    ddim_schedule,
     ddim_step,
     guidance_scale,
     msd_level_step,
     msd_step,
     multidiffusion_step,
+    solver_schedule,
 )
 from msd_core.windows import WindowGrid, global_level, level_factor
 
@@ -260,6 +260,7 @@ def sample_panoramas(
     global_view: bool = False,
     decay=None,
     on_step=None,
+    scheduler: str = "ddim",
 ) -> tuple[torch.Tensor, Trajectory]:
     """One panorama per seed (as channels of one latent), (len(seeds), height, width), and the
     cross-scale discrepancy along the way. ω is decayed as the pipeline does: ω·cosine_decay(t).
@@ -267,9 +268,14 @@ def sample_panoramas(
     ``omega_loss="mean"`` divides by ``mean_numel`` elements per window (default: one channel's coarse
     crop); the ω passed to the sampler is rescaled so that stacking seeds as channels changes nothing.
     ``on_step(index, levels)`` receives every step's ``LevelResult``s, coarsest first (diagnosis).
+    ``scheduler``: "ddim" or "dpmpp-2m" (only with the literal noise and the sampler's gradient modes).
     """
     grids = make_grids(height, width, prior.window, stride, wrap, levels, global_view)
-    schedule = ddim_schedule(sd_ddim_scheduler(), steps)
+    schedule = solver_schedule(scheduler, sd_ddim_scheduler(), steps)
+    x0_history = [None] * len(grids)  # the multistep solver's memory (DDIM ignores it)
+    sampler_modes = noise == "literal" and gradient in ("fast", "refresh", "exact")
+    if scheduler != "ddim" and not sampler_modes:
+        raise ValueError("the other noise modes and gradient variants are built for DDIM steps only")
     latents = torch.stack(
         [torch.randn(height, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in seeds]
     )[None]
@@ -286,10 +292,10 @@ def sample_panoramas(
             levels_out.append(result)
 
         omega_t = omega * (decay or cosine_decay)(step.t, TRAIN_STEPS)
-        if noise == "literal" and gradient in ("fast", "refresh", "exact"):
+        if sampler_modes:
             latents = msd_step(
                 latents, grids, step, prior.denoiser(), omega_t, gradient=gradient, omega_loss=omega_loss,
-                view_batch=VIEW_BATCH, on_level=record,
+                view_batch=VIEW_BATCH, on_level=record, x0_history=x0_history,
             )
         else:
             latents = pyramid_step(

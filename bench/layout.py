@@ -40,14 +40,14 @@ COLUMNS = ["panorama", "prior", "method", "omega", "loss", "noise", "coherent", 
 
 
 def run_config(prior, prior_name, height, width, seeds, steps, *, wrap=False, omega=0.0, gradient="fast",
-               loss="projection", noise="literal", keep=None):
+               loss="projection", noise="literal", keep=None, scheduler="ddim"):
     """Sample one panorama per seed and summarise the layouts (``keep``: list to store images in)."""
     mean_numel = SD_COARSE_NUMEL if loss == "mean-sd" else None
     started = time.perf_counter()
     images, trajectory = sample_panoramas(
         prior, height, width, seeds, omega=omega, gradient=gradient,
         omega_loss="mean" if loss.startswith("mean") else loss, mean_numel=mean_numel,
-        noise=noise, steps=steps, wrap=wrap,
+        noise=noise, steps=steps, wrap=wrap, scheduler=scheduler,
     )
     seconds = time.perf_counter() - started
     layouts = [score_layout(image) for image in images]
@@ -57,7 +57,7 @@ def run_config(prior, prior_name, height, width, seeds, steps, *, wrap=False, om
         "panorama": f"{height}×{width}{' wrap' if wrap else ''}",
         "height": height, "width": width, "wrap": wrap, "prior": prior_name,
         "method": "MD" if omega == 0 else f"MSD {gradient}", "gradient": gradient, "omega": omega,
-        "loss": loss if omega else "", "noise": noise, "seeds": len(seeds), "steps": steps,
+        "loss": loss if omega else "", "noise": noise, "seeds": len(seeds), "scheduler": scheduler, "steps": steps,
         "coherent": coherent / len(seeds), "coherent_count": coherent,
         "uniform": sum(layout.uniform for layout in layouts) / len(seeds),
         "transitions": statistics.mean(layout.transitions for layout in layouts),
@@ -127,6 +127,7 @@ def tiny_model_part(quick: bool) -> list[dict]:
     base = GenerationSettings(
         prompt="a misty alpine valley", model="tiny", device="cpu", width=256 if quick else 512,
         height=128 if quick else 256, steps=10 if quick else 20, view_batch=16, seed=3, gradient="fast",
+        windows="dense",  # the dense grid its README figures were measured with
     )
     pipe = MSDPanoramaPipeline.from_settings(base)
     rows = []

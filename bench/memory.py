@@ -57,10 +57,10 @@ def child(kind: str, width: int, height: int, device: str, steps: int) -> dict:
         extra = {"tile": tile, "output_shape": list(image.shape)}
     else:
         settings = GenerationSettings(prompt="alpine valley", model="tiny", device=device, width=width, height=height,
-                                      wrap=True, steps=steps, gradient="fast", view_batch=64, seed=0)
+                                      wrap=True, steps=steps, gradient="fast", windows="dense", view_batch=64, seed=0)
         pipe = MSDPanoramaPipeline(components)
         result = pipe(settings)
-        extra = {"plan": result.plan.describe(8), "timings": result.timings, "steps": steps}
+        extra = {"plan": result.plan.describe(), "timings": result.timings, "steps": steps}
     seconds = time.perf_counter() - started
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"kind": kind, "width": width, "height": height, "device": str(components.device), "ok": True,

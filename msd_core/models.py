@@ -9,28 +9,36 @@ Sources, each with a single code path:
                          ``model_config`` (a diffusers folder or Hugging Face id)
 Pickle-based checkpoints (.ckpt, .pt, .bin, …) are refused by name, before anything reads them:
 unpickling can run arbitrary code. Weights are only ever read from safetensors, and no repository code
-is ever run (no trust_remote_code).
+is ever run (no trust_remote_code). Up front, every file the loaders would read weights from is checked
+to be safetensors by its content, not only its name (a renamed or symlinked pickle is refused), and
+diffusers and transformers are told to read safetensors only (use_safetensors=True). A single file's
+configuration folder is used through a copy of its .json and .txt files: weights in it are never read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
+import urllib.parse
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import SingleFileComponentError
-from huggingface_hub import snapshot_download
+from huggingface_hub import constants as hub_constants, snapshot_download
+from safetensors import SafetensorError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import hub
 from .environment import auto_device
-from .errors import BadInput, ModelNotFound, UnsupportedModelFile
+from .errors import BadInput, ModelNotFound, NetworkError, UnsupportedModelFile
 
 if TYPE_CHECKING:
     # Imported where used: importing the pipeline pulls in image processors (and their warnings)
@@ -42,6 +50,16 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # Suffixes that make an argument a file path rather than a Hugging Face id.
 FILE_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".sft", ".json", ".gguf", ".onnx")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SAFETENSORS = ".safetensors"  # exactly: diffusers and transformers pick their reader by this suffix, case-sensitively
+# The weight file stem each loader reads in a diffusers folder (model.safetensors for transformers).
+COMPONENT_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+CONFIG_SUFFIXES = (".json", ".txt")  # what a configuration folder may contribute: configs, vocabularies
+MAX_CONFIG_BYTES = 16 * 2**20  # per config file; CLIP's vocab.json, the largest, is about 1 MB
+MAX_SAFETENSORS_HEADER = 100 * 2**20  # the JSON header of a safetensors file (safetensors' own limit)
+HUB_PROBE_SECONDS = 3.0  # how long to wait for the Hub's server to answer a connection before calling it unreachable
+
+# diffusers passes an argument that huggingface_hub deprecated; the warning is noise to our users.
+warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 
 TINY_SEED = 0
 TINY_TEXT_LENGTH = 16  # tokens, prompt included; keeps the text encoder and cross-attention tiny
@@ -190,6 +208,7 @@ def build_tiny_model(path, prediction_type: str = "epsilon") -> pathlib.Path:
     target = pathlib.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it 0700: a cache shared by several users must stay readable
     try:
         tiny_pipeline(prediction_type).save_pretrained(staging, safe_serialization=True)
         try:
@@ -205,8 +224,17 @@ def build_tiny_model(path, prediction_type: str = "epsilon") -> pathlib.Path:
 def tiny_model_dir(prediction_type: str = "epsilon") -> pathlib.Path:
     """The tiny model's folder in the cache ($MSD_PANORAMA_CACHE or ~/.cache/msd-panorama), built if missing."""
     folder = cache_root() / f"tiny-{prediction_type}"
-    if not (folder / "model_index.json").is_file():
-        build_tiny_model(folder, prediction_type)
+    try:
+        if not (folder / "model_index.json").is_file():
+            build_tiny_model(folder, prediction_type)
+        for entry in (folder, *folder.iterdir()):
+            if not os.access(entry, os.R_OK | os.X_OK if entry.is_dir() else os.R_OK):
+                raise PermissionError(13, "not readable by this user", str(entry))
+    except PermissionError as exc:
+        raise ModelNotFound(
+            f"the tiny model's cache {exc.filename or folder} cannot be used by this user ({exc.strerror}); "
+            "set MSD_PANORAMA_CACHE to a folder of your own"
+        ) from None
     return folder
 
 
@@ -262,15 +290,17 @@ def load_components(
         elif source == "single_file":
             parts = _load_single_file(_expand(model), model_config, torch_dtype, local_files_only)
         else:
+            unreachable = None if local_files_only else hub_unreachable()
             try:
-                parts = _load_folder(model, torch_dtype, local_files_only)
+                parts = _load_folder(model, torch_dtype, local_files_only or unreachable is not None)
             except OSError as exc:
-                where = "in the local Hugging Face cache (offline)" if local_files_only else "on the Hugging Face Hub"
-                raise ModelNotFound(f"model {model!r} was not found {where}: {HOW_TO_FIX} ({_first_line(exc)})") from None
+                error = NetworkError if unreachable else ModelNotFound
+                raise error(_not_found(f"model {model!r}", local_files_only, unreachable, exc)) from None
 
     unet, vae, text_encoder, tokenizer, scheduler = parts
     for module in (unet, vae, text_encoder):  # loaded in torch_dtype already
         module.to(torch_device).eval().requires_grad_(False)
+    prepare_unet(unet, channels_last=torch_device.type == "cuda")
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return Components(
         unet=unet,
@@ -285,6 +315,18 @@ def load_components(
         device=torch_device,
         dtype=torch_dtype,
     )
+
+
+def prepare_unet(unet, channels_last: bool) -> None:
+    """PyTorch's fused scaled-dot-product attention in every attention layer (FlashAttention or
+    memory-efficient kernels on GPUs; diffusers picks it by default, this makes sure no config or
+    earlier call swapped in the slow processor), and the channels-last layout that GPU convolutions
+    in float16 run fastest in. The results are the same up to rounding."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
 
 
 def _classify(model: str) -> str:
@@ -309,6 +351,30 @@ def _classify(model: str) -> str:
     return "repo"
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (DNS, refused, timed out), or None if it answers.
+
+    One quick connection instead of huggingface_hub's retries (five, with back-off: about 25 s per file
+    when the machine is offline); when it fails, models come from the local cache only.
+    """
+    url = urllib.parse.urlsplit(hub_constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        return f"{url.hostname}: {exc.strerror or exc}" if not isinstance(exc, TimeoutError) else f"{url.hostname}: timed out"
+    return None
+
+
+def _not_found(what: str, local_files_only: bool, unreachable: str | None, exc: Exception) -> str:
+    """Why ``what`` could not be loaded: offline by choice, the Hub unreachable, or really missing."""
+    if unreachable:
+        return (f"{what} is not in the local Hugging Face cache and the Hub cannot be reached ({unreachable}): "
+                f"check the internet connection, or {HOW_TO_FIX}")
+    where = "in the local Hugging Face cache (offline)" if local_files_only else "on the Hugging Face Hub"
+    return f"{what} was not found {where}: {HOW_TO_FIX} ({_first_line(exc)})"
+
+
 def _looks_like_path(text: str) -> bool:
     """A Hugging Face id is "owner/name": no leading ./~//, at most one slash, no file suffix."""
     return (
@@ -323,15 +389,19 @@ def _load_folder(source: str, dtype: torch.dtype, local_files_only: bool):
     """Components from a diffusers layout: a local folder or a Hugging Face id (only the five
     subfolders are fetched, never a safety checker)."""
     local = pathlib.Path(source)
-    if local.is_dir():
-        _refuse_pickle_only(local)
-    else:
+    folder_given = local.is_dir()
+    if not folder_given:
         local = hub.snapshot_folder(source)  # None: not in the cache (yet)
+    # The fp16 variant when that is what a download fetched (msd_core.hub), or what a float16 run wants.
+    variants = {
+        component: hub.weights_variant(local / component, dtype == torch.float16) if local is not None else None
+        for component in COMPONENT_WEIGHTS
+    }
+    if local is not None:  # a cached snapshot may still lack components: they are checked once fetched
+        check_folder_weights(local, variants, partial=not folder_given)
 
     def weights(subfolder: str) -> dict:
-        # The fp16 variant when that is what a download fetched (msd_core.hub), or what a float16 run wants.
-        variant = hub.weights_variant(local / subfolder, dtype == torch.float16) if local is not None else None
-        return {**common, "use_safetensors": True, "variant": variant}
+        return {**common, "use_safetensors": True, "variant": variants[subfolder]}
 
     common = {"local_files_only": local_files_only}
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **weights("unet"))
@@ -349,9 +419,17 @@ def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, l
 
     A Hugging Face id is resolved to a local folder of its config files first (a few small files):
     diffusers, given an id with local_files_only, would otherwise go online when they are not cached.
+    diffusers reads the configs from a copy holding only .json and .txt files, so a component missing
+    from the checkpoint is an error rather than weights loaded from the configuration folder.
     """
     from diffusers import StableDiffusionPipeline
 
+    if not path.endswith(SAFETENSORS):
+        raise UnsupportedModelFile(
+            f"{path}: rename the file to end in {SAFETENSORS} in lower case; the loader picks its reader by the "
+            "exact suffix and would unpickle (run) anything else"
+        )
+    check_safetensors(pathlib.Path(path))
     if not model_config:
         raise BadInput(
             f"{path} is a single-file checkpoint, which holds weights but no configuration: also give the matching "
@@ -361,33 +439,46 @@ def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, l
     config_folder = _expand(model_config)
     if _looks_like_path(model_config) and not pathlib.Path(config_folder).is_dir():
         raise ModelNotFound(f"model config {model_config}: no such folder; give a diffusers folder or a Hugging Face id")
-    try:
-        if not pathlib.Path(config_folder).is_dir():
+    if not pathlib.Path(config_folder).is_dir():
+        unreachable = None if local_files_only else hub_unreachable()
+        try:
             config_folder = snapshot_download(
-                model_config, allow_patterns=["*.json", "*.txt"], local_files_only=local_files_only
+                model_config, allow_patterns=["*.json", "*.txt"], local_files_only=local_files_only or bool(unreachable)
             )
-    except OSError as exc:
-        where = "in the local Hugging Face cache (offline)" if local_files_only else "on the Hugging Face Hub"
-        raise ModelNotFound(
-            f"the configuration {model_config!r} for {path} was not found {where}: give a local diffusers "
-            f"folder with --model-config ({_first_line(exc)})"
-        ) from None
+        except OSError as exc:
+            error = NetworkError if unreachable else ModelNotFound
+            raise error(
+                _not_found(f"the configuration {model_config!r} for {path}", local_files_only, unreachable, exc)
+            ) from None
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            path,
-            config=config_folder,
-            torch_dtype=dtype,
-            local_files_only=local_files_only,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    except (OSError, ValueError, RuntimeError, SingleFileComponentError) as exc:
+        with _configs_only(pathlib.Path(config_folder)) as configs:
+            pipe = StableDiffusionPipeline.from_single_file(
+                path,
+                config=configs,
+                torch_dtype=dtype,
+                local_files_only=True,  # everything is local by now
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+    except (OSError, ValueError, RuntimeError, SingleFileComponentError, SafetensorError) as exc:
         raise BadInput(
             f"{path} could not be loaded as a Stable Diffusion checkpoint matching the configuration "
             f"{model_config!r} (is it a complete SD 1.x/2.x checkpoint of that family?): {_first_line(exc)}"
         ) from None
     return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _ddim(pipe.scheduler.config)
+
+
+@contextlib.contextmanager
+def _configs_only(folder: pathlib.Path):
+    """A temporary copy of the .json and .txt files of a diffusers folder and its subfolders: no weights."""
+    with tempfile.TemporaryDirectory(prefix="msd-configs-") as copy:
+        for source in (*folder.glob("*"), *folder.glob("*/*")):
+            if source.suffix in CONFIG_SUFFIXES and source.is_file() and source.stat().st_size <= MAX_CONFIG_BYTES:
+                target = pathlib.Path(copy, source.relative_to(folder))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+        yield copy
 
 
 def _ddim(scheduler_config) -> DDIMScheduler:
@@ -396,15 +487,73 @@ def _ddim(scheduler_config) -> DDIMScheduler:
     return DDIMScheduler.from_config(scheduler_config, clip_sample=False)
 
 
-def _refuse_pickle_only(folder: pathlib.Path) -> None:
-    """A diffusers folder whose UNet weights exist only as pickle files (.bin) is refused clearly,
-    rather than with diffusers' "no file named …safetensors" error."""
-    unet = folder / "unet"
-    if not any(unet.glob("*.safetensors")) and any(unet.glob("*.bin")):
-        raise UnsupportedModelFile(
-            f"{folder} has its weights only as pickle files (.bin), which can execute code when loaded; "
-            "convert the folder to safetensors (diffusers' save_pretrained does) and try again"
-        )
+def check_folder_weights(folder: pathlib.Path, variants: dict | None = None, partial: bool = False) -> None:
+    """Refuse a diffusers folder unless every component's weights are safetensors, checked by content.
+
+    For unet/, vae/ and text_encoder/: the weight file the loader reads (``variants`` names the variant
+    it reads, e.g. "fp16"; or, for sharded weights, every shard its index names) must exist, be named
+    *.safetensors and hold safetensors. A component with only pickle files is refused naming one of
+    them; nothing here or later unpickles anything. ``partial``: components not there yet are skipped.
+    """
+    for component, stem in COMPONENT_WEIGHTS.items():
+        variant = (variants or {}).get(component)
+        subfolder = folder / component
+        name = f"{stem}.{variant}{SAFETENSORS}" if variant else f"{stem}{SAFETENSORS}"
+        weights = subfolder / name
+        index = subfolder / (f"{stem}{SAFETENSORS}.index.{variant}.json" if variant else f"{name}.index.json")
+        if weights.is_file():
+            check_safetensors(weights)
+        elif index.is_file():
+            for shard in _shards(index):
+                check_safetensors(shard)
+        elif partial:
+            continue
+        elif not subfolder.is_dir():
+            raise ModelNotFound(f"{folder} is not a complete diffusers model folder: it has no {component}/ subfolder")
+        else:
+            pickles = sorted(p for p in subfolder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+            if pickles:
+                raise UnsupportedModelFile(
+                    f"{pickles[0]} is a pickle file (it can execute code when loaded) and {component}/ has no "
+                    f"{name}: convert the folder to safetensors (diffusers' save_pretrained does)"
+                )
+            raise ModelNotFound(f"{subfolder} has no weights: expected {name}")
+
+
+def _shards(index: pathlib.Path) -> list[pathlib.Path]:
+    """The shard files a sharded checkpoint's index names, each checked to be a plain *.safetensors name
+    beside the index (a shard named .bin would be unpickled by the loader)."""
+    try:
+        if index.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError("too large")
+        names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise BadInput(f"{index} is not a valid index of safetensors shards") from None
+    for name in sorted(names):
+        if not isinstance(name, str) or not name.endswith(SAFETENSORS) or pathlib.PurePath(name).name != name:
+            raise UnsupportedModelFile(f"{index} names the shard {name!r}, which is not a .safetensors file beside it")
+    return [index.parent / name for name in sorted(names)]
+
+
+def check_safetensors(path: pathlib.Path) -> None:
+    """Refuse a file that does not hold safetensors (an 8-byte header length, then a JSON header), whatever
+    its name: a pickle renamed, or a symlink to one, must not pass for weights."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(9)
+            size = os.fstat(file.fileno()).st_size
+    except OSError as exc:
+        raise BadInput(f"{path} cannot be read: {exc.strerror or exc}") from None
+    header_length = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if 2 <= header_length <= min(size - 8, MAX_SAFETENSORS_HEADER) and head[8:9] == b"{":
+        return
+    if head[:1] == b"\x80":
+        found = "it is a pickle"
+    elif head[:2] == b"PK":
+        found = "it is a zip archive, torch's pickle-based format"
+    else:
+        found = "its content is not safetensors"
+    raise UnsupportedModelFile(f"{path} is not a safetensors file ({found}); it is refused, since pickles can execute code")
 
 
 def _expand(text: str) -> str:

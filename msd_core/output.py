@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import secrets
 
 import numpy as np
@@ -17,11 +18,15 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__, hdr
+from .environment import process_alive
 from .errors import BadInput
 from .pngmeta import METADATA_KEYS, SETTINGS_KEY
 from .settings import GenerationSettings
 
 SRGB_PERCEPTUAL = b"\x00"  # sRGB chunk payload: rendering intent 0 (perceptual)
+# Temporary files of atomic writes: ".<name>.png.<pid>-<random>.tmp" (or .exr), hidden beside the target;
+# the pid tells whether the process that made one is still writing it.
+TEMPORARY = re.compile(r"^\..+\.(?:png|exr)\.(\d+)-[0-9a-f]{8}\.tmp$")
 
 
 def generation_metadata(settings: GenerationSettings, resolved: dict) -> dict[str, str]:
@@ -44,16 +49,22 @@ def check_output_path(path, overwrite: bool, *, exr: bool = False) -> pathlib.Pa
 
     The folder is not created: a missing folder is more likely a typo than a wish.
     """
+    if "\0" in os.fspath(path):
+        raise BadInput("the {field} path contains a NUL character", field="output")
     target = pathlib.Path(os.path.expanduser(os.fspath(path))).absolute()
     if target.suffix.lower() != ".png":
-        raise BadInput(f"the output file {target} must end in .png")
+        raise BadInput("the {field} file {target} must end in .png", field="output", target=target)
     if target.is_dir():
-        raise BadInput(f"the output {target} is a folder; give a file name ending in .png")
+        raise BadInput("the {field} {target} is a folder; give a file name ending in .png", field="output",
+                       target=target)
     folder = target.parent
     if not folder.is_dir():
-        raise BadInput(f"the output folder {folder} does not exist; create it first or choose another")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise BadInput(f"the output folder {folder} is not writable")
+        raise BadInput("the {field} folder {folder} does not exist; create it first or choose another",
+                       field="output", folder=folder)
+    check_writable_folder(folder, "output")
+    if target.is_symlink() and not target.exists() and not overwrite:
+        raise BadInput("the {field} {target} is a link to {link}, which does not exist; give another name",
+                       field="output", target=target, link=os.readlink(target))
     if target.exists() and not overwrite:
         raise _exists(target)
     if exr and exr_path_for(target).exists() and not overwrite:
@@ -64,6 +75,31 @@ def check_output_path(path, overwrite: bool, *, exr: bool = False) -> pathlib.Pa
 def exr_path_for(png_path) -> pathlib.Path:
     """Where the HDR companion of a panorama PNG goes: the same name ending in .exr."""
     return pathlib.Path(png_path).with_suffix(".exr")
+
+
+def check_writable_folder(folder: pathlib.Path, field: str) -> None:
+    """Refuse a folder this process cannot create files in (permissions, a read-only mount)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput("the {field} folder {folder} is not writable", field=field, folder=folder)
+
+
+def remove_stale_temporaries(folder) -> list[pathlib.Path]:
+    """Delete save_png's temporary files in ``folder`` whose writing process is gone (killed mid-write);
+    a live process's files are left alone. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = TEMPORARY.match(entry.name)
+        if match and entry.is_file(follow_symlinks=False) and not process_alive(int(match.group(1))):
+            try:
+                os.unlink(entry.path)
+                removed.append(pathlib.Path(entry.path))
+            except OSError:
+                pass  # another user's, or gone already
+    return removed
 
 
 def save_png(image: Image.Image, path, metadata: dict[str, str], *, overwrite: bool = False) -> pathlib.Path:
@@ -104,12 +140,12 @@ def _write_atomically(target: pathlib.Path, write, overwrite: bool) -> None:
     a file created during a long run is still never replaced. Filesystems without hard links (FAT,
     some network shares) fall back to checking just before an os.replace.
     """
-    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    temporary = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         # os.open rather than tempfile: the file gets the usual permissions (0666 less the umask).
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except PermissionError:
-        raise BadInput(f"the output folder {target.parent} is not writable") from None
+        raise BadInput("the {field} folder {folder} is not writable", field="output", folder=target.parent) from None
     try:
         with os.fdopen(descriptor, "wb") as file:
             write(file)
@@ -133,4 +169,4 @@ def _place_new(temporary: pathlib.Path, target: pathlib.Path) -> None:
 
 
 def _exists(target: pathlib.Path) -> BadInput:
-    return BadInput(f"{target} exists; pass --overwrite to replace it")
+    return BadInput("{target} exists; to replace it, turn on {field}", field="overwrite", target=target)

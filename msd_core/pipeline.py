@@ -14,38 +14,16 @@ from typing import Callable
 import torch
 
 from . import __version__, models, output, vae
-from .errors import BadInput
+from .plan import Plan, default_levels, make_plan  # noqa: F401  (default_levels: used from here by bench/)
 from .sampler import (
     Interrupt,
     LevelResult,
     cosine_decay,
-    ddim_schedule,
     msd_step,
+    solver_schedule,
 )
 from .settings import GenerationSettings
-from .windows import WindowGrid, feathered_weights, global_level
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Settings resolved against the model: everything the loop needs, in latent pixels."""
-
-    height: int
-    width: int
-    window: int
-    stride: int
-    levels: int
-    view_batch: int
-    grids: tuple[WindowGrid, ...]  # coarsest first
-
-    def describe(self, factor: int) -> dict:
-        return {
-            "levels": self.levels,
-            "window": self.window * factor,
-            "stride": self.stride * factor,
-            "view_batch": self.view_batch,
-            "windows_per_level": [len(grid) for grid in self.grids],
-        }
+from .windows import feathered_weights
 
 
 @dataclass
@@ -70,28 +48,6 @@ class PanoramaResult:
     plan: Plan
 
 
-def default_levels(height: int, width: int, window: int) -> int:
-    """The smallest pyramid whose coarsest level's short side fits one window: 1 + ⌊log2(short/window)⌋.
-
-    1024×4096 px with SD-2-base (128×512 latents, 64 px windows) → 2; 2048×4096 → 3. Levels that cannot
-    be halved exactly (odd sizes) are dropped.
-    """
-    levels = 1 + max(0, int(math.floor(math.log2(min(height, width) / window))))
-    while levels > 1 and (height % 2 ** (levels - 1) or width % 2 ** (levels - 1)):
-        levels -= 1
-    return levels
-
-
-def default_view_batch(device: torch.device, gradient_exact: bool) -> int:
-    """Windows per UNet call: as many as free memory allows on a GPU (a rough per-window cost for SD at
-    64×64 latents with CFG: ~0.6 GiB without grad, ~2.5 GiB with the exact gradient), 4 on CPU/MPS."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        per_window = (2.5 if gradient_exact else 0.6) * 2**30
-        return max(1, min(32, int(free * 0.8 // per_window)))
-    return 4
-
-
 class MSDPanoramaPipeline:
     """Text-to-panorama with Multi-Scale Diffusion (or plain MultiDiffusion) on a Stable Diffusion model."""
 
@@ -114,6 +70,8 @@ class MSDPanoramaPipeline:
                 settings.model, device=settings.device, dtype=settings.dtype, model_config=settings.model_config
             )
         )
+        if settings.compile:
+            pipe.unet = torch.compile(pipe.unet)
         pipe.key = cls.key_for(settings)
         return pipe
 
@@ -122,58 +80,14 @@ class MSDPanoramaPipeline:
         """What identifies a loaded model (for keeping one warm between requests); "auto" is resolved,
         so asking for the device that auto picks does not reload the model."""
         device, dtype = models.resolve_device(settings.device, settings.dtype)
-        return (settings.model, settings.model_config, str(device), str(dtype))
+        return (settings.model, settings.model_config, str(device), str(dtype), settings.compile)
 
     # -- 1. inputs ---------------------------------------------------------------------------------
     def check_inputs(self, settings: GenerationSettings) -> Plan:
         """Validate the settings against this model and resolve window, stride, levels and batch size."""
-        settings.validate()
-        factor = self.factor
-        if settings.width % factor or settings.height % factor:
-            raise BadInput(f"width and height must be multiples of {factor} for this model's VAE")
-        height, width = settings.height // factor, settings.width // factor
-        window = settings.window // factor if settings.window else self.unet.config.sample_size
-        if settings.window and settings.window % factor:
-            raise BadInput(f"window must be a multiple of {factor} pixels")
-        if window > min(height, width):
-            raise BadInput(
-                f"the panorama ({settings.width}×{settings.height}) is smaller than one {window * factor} px window; "
-                f"use at least {window * factor}×{window * factor}"
-            )
-        if settings.method == "multidiffusion":
-            levels = 1
-        elif settings.scales:
-            levels = settings.scales
-        else:
-            levels = default_levels(height, width, window)
-        if settings.stride:
-            stride = settings.stride // factor
-        else:
-            stride = max(1, window // 8)
-            stride += stride % 2 if levels > 1 else 0  # coarse crops need even offsets
-        if stride < 1 or stride > window:
-            raise BadInput(f"stride must be between {factor} and the window ({window * factor} px)")
-        grids = []
-        for level in range(levels):
-            scale = 2 ** (levels - 1 - level)
-            level_h, level_w = height // scale, width // scale
-            if height % scale or width % scale or min(level_h, level_w) < window:
-                raise BadInput(
-                    f"{levels} pyramid levels need the latent size ({height}×{width}) divisible by {scale} and its "
-                    f"coarsest level at least one window ({window}) tall and wide; use fewer --scales"
-                )
-            grids.append(WindowGrid(level_h, level_w, window, stride, settings.wrap))
-        for grid in grids[1:]:
-            try:
-                grid.check_nested()
-            except ValueError as exc:
-                raise BadInput(str(exc)) from None
-        top = global_level(grids[0]) if settings.pyramid == "global" and settings.method == "msd" else None
-        if top:
-            grids.insert(0, top)
-            levels += 1
-        view_batch = settings.view_batch or default_view_batch(self.device, settings.gradient == "exact")
-        return Plan(height, width, window, stride, levels, view_batch, tuple(grids))
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        dtype = str(self.dtype).removeprefix("torch.")
+        return make_plan(settings, self.factor, self.unet.config.sample_size * self.factor, free, dtype)
 
     # -- 2. prompt ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -233,8 +147,9 @@ class MSDPanoramaPipeline:
         # 2. Encode the prompt.
         embeddings = self.encode_prompt(settings.prompt, settings.negative_prompt, settings.guidance)
         denoise = self.make_denoiser(embeddings, settings.guidance)
-        # 3. Timesteps.
-        schedule = ddim_schedule(self.scheduler, settings.steps)
+        # 3. Timesteps of the chosen solver (a multistep one remembers each level's x₀ of the last step).
+        schedule = solver_schedule(settings.scheduler, self.scheduler, settings.steps)
+        x0_history = [None] * plan.levels
         train_steps = self.scheduler.config.num_train_timesteps
         # 4. Initial latents (float32: the merge averages in full precision; the UNet casts).
         if latents is None:
@@ -242,7 +157,9 @@ class MSDPanoramaPipeline:
         latents = latents.to(self.device, torch.float32)
         weights = [feathered_weights(plan.window).to(self.device) if settings.feather else None] * plan.levels
         omega = settings.omega if settings.method == "msd" else 0.0
-        # 5. Denoising loop.
+        # Only the exact gradient needs autograd; everything else runs in inference mode (no version counters).
+        no_grad = torch.no_grad if plan.guided and settings.gradient == "exact" else torch.inference_mode
+        # 5. Denoising loop (shifted windows move every step, so each step gets its own grids).
         for index, step in enumerate(schedule):
 
             def on_level(result: LevelResult, index=index) -> None:
@@ -250,12 +167,12 @@ class MSDPanoramaPipeline:
                     callback(StepInfo(index + 1, len(schedule), result.level, plan.levels, result.latents,
                                       result.pred_x0, time.perf_counter() - started))
 
-            with torch.no_grad():
+            with no_grad():
                 latents = msd_step(
-                    latents, list(plan.grids), step, denoise, omega * cosine_decay(step.t, train_steps),
+                    latents, plan.grids_at(index), step, denoise, omega * cosine_decay(step.t, train_steps),
                     gradient=settings.gradient, omega_loss=settings.omega_loss,
                     prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
-                    weights=weights, interrupt=interrupt, on_level=on_level,
+                    weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
                 )
         sampled = time.perf_counter()
         # 6. Decode.
@@ -263,7 +180,7 @@ class MSDPanoramaPipeline:
         finished = time.perf_counter()
         timings = {"sample": sampled - started, "decode": finished - sampled, "total": finished - started}
         # 7. Metadata.
-        resolved = {**plan.describe(self.factor), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+        resolved = {**plan.describe(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                     "msd_core_version": __version__}
         metadata = output.generation_metadata(settings, resolved)
         return PanoramaResult(image, latents, metadata, timings, plan)

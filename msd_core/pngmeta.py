@@ -20,17 +20,25 @@ METADATA_KEYS = (
     "omega_loss", "gradient", "scales", "pyramid", "window", "stride", "wrap", "scheduler", "model",
     "msd_core_version", SETTINGS_KEY,
 )  # fmt: skip
+# Bounds on what a PNG's text may cost to read (our own metadata is a few KB).
+MAX_TEXT_BYTES = 2**20  # per chunk, compressed and inflated
+MAX_TOTAL_TEXT_BYTES = 4 * 2**20
+MAX_TEXT_CHUNKS = 256
 
 
-def read_text_chunks(path) -> dict[str, str]:
-    """All tEXt, zTXt and iTXt entries of the PNG at ``path`` as {keyword: text}.
+def read_text_chunks(path, dropped: list[str] | None = None) -> dict[str, str]:
+    """All tEXt, zTXt and iTXt entries of the PNG at ``path`` as {keyword: text}, within bounds.
 
+    A text chunk longer than MAX_TEXT_BYTES (compressed or inflated: a few KB of zlib can inflate to
+    gigabytes), text beyond MAX_TOTAL_TEXT_BYTES in all, and text chunks after the first
+    MAX_TEXT_CHUNKS are skipped; each skip is described in ``dropped`` (when given) so the caller can warn.
     Raises ValueError for a file that is not a PNG or is cut short; chunk CRCs of text chunks are checked.
     """
     with open(path, "rb") as file:
         if file.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
             raise ValueError(f"{path} is not a PNG file (wrong signature)")
         texts = {}
+        total = chunks = 0
         while True:
             header = file.read(8)
             if len(header) < 8:
@@ -41,13 +49,23 @@ def read_text_chunks(path) -> dict[str, str]:
             if kind not in _DECODERS:
                 file.seek(length + 4, 1)  # data and CRC
                 continue
+            chunks += 1
+            budget = min(MAX_TEXT_BYTES, MAX_TOTAL_TEXT_BYTES - total)
+            if chunks > MAX_TEXT_CHUNKS or length > budget:
+                file.seek(length + 4, 1)
+                _drop(dropped, kind, chunks, length, "too many text chunks" if chunks > MAX_TEXT_CHUNKS else "too large")
+                continue
             data, crc = file.read(length), file.read(4)
             if len(crc) < 4 or struct.unpack(">I", crc)[0] != zlib.crc32(kind + data):
                 raise ValueError(f"{path} has a damaged {kind.decode()} chunk")
             try:
-                keyword, text = _DECODERS[kind](data)
+                keyword, text = _DECODERS[kind](data, budget)
+            except _TooLarge:
+                _drop(dropped, kind, chunks, length, "too large once decompressed")
+                continue
             except (zlib.error, IndexError, UnicodeDecodeError):
                 raise ValueError(f"{path} has a malformed {kind.decode()} chunk") from None
+            total += len(text.encode("utf-8"))
             texts[keyword] = text
 
 
@@ -57,22 +75,42 @@ def read_settings(path) -> dict | None:
     return None if text is None else json.loads(text)
 
 
-def _tEXt(data: bytes) -> tuple[str, str]:
+class _TooLarge(Exception):
+    """A text chunk's text exceeds its budget."""
+
+
+def _drop(dropped: list[str] | None, kind: bytes, number: int, length: int, why: str) -> None:
+    if dropped is not None:
+        dropped.append(f"{kind.decode()} chunk {number} ({length} bytes): {why}")
+
+
+def _inflate(data: bytes, budget: int) -> bytes:
+    """zlib-decompress at most ``budget`` bytes; _TooLarge beyond, zlib.error for a cut-off stream."""
+    inflater = zlib.decompressobj()
+    text = inflater.decompress(data, budget + 1)
+    if len(text) > budget:
+        raise _TooLarge
+    if not inflater.eof:
+        raise zlib.error("incomplete or truncated stream")
+    return text
+
+
+def _tEXt(data: bytes, budget: int) -> tuple[str, str]:
     keyword, _, text = data.partition(b"\0")
     return keyword.decode("latin-1"), text.decode("latin-1")
 
 
-def _zTXt(data: bytes) -> tuple[str, str]:
+def _zTXt(data: bytes, budget: int) -> tuple[str, str]:
     keyword, _, rest = data.partition(b"\0")  # rest: compression method (0 = zlib), compressed text
-    return keyword.decode("latin-1"), zlib.decompress(rest[1:]).decode("latin-1")
+    return keyword.decode("latin-1"), _inflate(rest[1:], budget).decode("latin-1")
 
 
-def _iTXt(data: bytes) -> tuple[str, str]:
+def _iTXt(data: bytes, budget: int) -> tuple[str, str]:
     keyword, _, rest = data.partition(b"\0")
     compressed = rest[0] == 1
     _language, _, rest = rest[2:].partition(b"\0")
     _translated_keyword, _, text = rest.partition(b"\0")
-    return keyword.decode("latin-1"), (zlib.decompress(text) if compressed else text).decode("utf-8")
+    return keyword.decode("latin-1"), (_inflate(text, budget) if compressed else text).decode("utf-8")
 
 
 _DECODERS = {b"tEXt": _tEXt, b"zTXt": _zTXt, b"iTXt": _iTXt}

@@ -2,9 +2,10 @@
 its stdout (UTF-8; the worker writes nothing else there: logs go to stderr). Defined once here; the
 worker, the client and the Blender add-on all import it.
 
-Requests (client → worker), each a JSON object with ``op``:
+Requests (client → worker), each a JSON object with ``op`` on one line of at most MAX_LINE_BYTES (1 MiB;
+a longer line is answered with a bad_input error and otherwise ignored):
   {"op": "generate", "id": ID, "settings": {...GenerationSettings...}, "output": PATH,
-   "overwrite": false, "preview_every": 5, "preview_dir": PATH|null}
+   "overwrite": false, "preview_every": 5, "preview_dir": PATH|null, "threads": 0}
   {"op": "download", "id": ID, "model": "owner/name", "device": "auto", "dtype": "auto"}
   {"op": "models", "id": ID}           answered at once with a "models" event: the local cache
   {"op": "cancel", "id": ID}           stop the generate or download request ID
@@ -18,7 +19,10 @@ Requests (client → worker), each a JSON object with ``op``:
     ``preview_dir`` must be an existing folder, the previews written there
     ("msd-preview-<id>-step-0005.png") belong to the client; null = a folder the worker owns, where a
     request's previews are deleted when it fails or is cancelled, when the next request starts, and
-    when the worker exits. Requests that arrive while one runs are queued and run in order.
+    when the worker exits. ``threads`` (default 0 = the worker's own count, see ready) is the number
+    of CPU threads torch uses for this request. Requests that arrive while one runs are queued and run
+    in order; one that would write the same output as a queued or running one (without overwrite) is
+    refused at once.
   download: fetch a Hugging Face model into the local cache, only what a run loads (the five
     components' configs and safetensors weights; the fp16 weights where the repository has them and
     device/dtype resolve to float16). Queued with the generate requests. A generate request for a Hub
@@ -34,15 +38,20 @@ Requests (client → worker), each a JSON object with ``op``:
 
 Events (worker → client), each a JSON object with ``event`` and ``id`` (the request id; null for
 "ready" and for errors about lines that could not be parsed):
-  ready      {protocol, msd_core, torch, diffusers, device, dtype, pid}
-                                                   device/dtype: what "auto" resolves to on this machine
+  ready      {protocol, msd_core, torch, diffusers, device, dtype, pid, threads}
+                                                   device/dtype: what "auto" resolves to on this machine;
+                                                   threads: torch's CPU threads (see environment.threads)
   accepted   {}                                    the request passed validation
-  loading    {model, warm}                         warm = the model was already loaded
-  progress   {step, total, level, levels, elapsed, eta}   step counts from 1; eta in seconds or null
+  loading    {model, warm, threads}                warm = the model was already loaded; threads:
+                                                   torch's CPU threads for this run
+  progress   {step, total, level, levels, elapsed, eta, ms_per_window}
+                                                   step counts from 1; eta in seconds or null; ms_per_window:
+                                                   ms per UNet window forward measured after step 1 (null at 1)
   preview    {path, step, width, height}           a small PNG of the coarsest level's x0 estimate
   done       {output, exr, metadata, timings}      timings: {load, sample, decode, save, total} seconds;
                                                    exr: the HDR EXR's path with settings.hdr, else null
-  error      {kind, message}                       kind is one of ERROR_KINDS
+  error      {kind, message, field}                kind is one of ERROR_KINDS; field: the setting or
+                                                   request field at fault (e.g. "omega", "output"), or null
   download   {file, done, total, speed, eta}      bytes (cached files count as done), bytes/s or null,
                                                    seconds or null; done never decreases, ends at total
   models     {models: [{id, size_on_disk, partial_bytes, complete, missing, snapshot}], cache}
@@ -55,6 +64,8 @@ Events (worker → client), each a JSON object with ``event`` and ``id`` (the re
   was started or written), model_not_found, out_of_memory (the message suggests what to reduce),
   cancelled, network (the Hub could not be reached, or the worker runs offline: HF_HUB_OFFLINE),
   internal (an unexpected failure; a one-line message, the traceback is on stderr).
+  ``field`` lets a front end point at the culprit in its own words (the message names it as the
+  protocol does: "omega", "overwrite"); docs/bad-input.md lists every case.
   The worker keeps running after every error. A download request's events: accepted, download
   (repeated), then done {model, snapshot, size} (size: bytes on disk) or error.
 
@@ -68,6 +79,7 @@ Events (worker → client), each a JSON object with ``event`` and ``id`` (the re
 from __future__ import annotations
 
 import json
+import os
 
 PROTOCOL_VERSION = 1
 
@@ -78,10 +90,53 @@ ERROR_KINDS = ("bad_input", "model_not_found", "out_of_memory", "cancelled", "ne
 # After one of these events a generate request is over.
 FINAL_EVENTS = ("done", "error")
 # The fields a generate request may have besides "op" and "id", and the default preview interval.
-GENERATE_FIELDS = ("settings", "output", "overwrite", "preview_every", "preview_dir")
+GENERATE_FIELDS = ("settings", "output", "overwrite", "preview_every", "preview_dir", "threads")
 DEFAULT_PREVIEW_EVERY = 5
 # The fields a download request may have besides "op" and "id".
 DOWNLOAD_FIELDS = ("model", "device", "dtype")
+MAX_LINE_BYTES = 2**20  # one request or event; a generate request is about 1 KB
+
+
+class LineTooLong:
+    """Stands for a line longer than the limit, whose bytes were dropped as they came in."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+
+def bounded_lines(chunks, limit: int = MAX_LINE_BYTES):
+    """Split an iterable of byte chunks into lines (without the newline), in time linear in the input.
+
+    A line longer than ``limit`` bytes is not kept: its bytes are dropped as they arrive and a
+    LineTooLong stands for it when it ends, so memory stays bounded whatever the other side sends.
+    """
+    parts: list[bytes] = []
+    size = 0
+    too_long = False
+    for chunk in chunks:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            size += len(piece)
+            if size > limit:
+                too_long, parts = True, []
+            elif piece:
+                parts.append(piece)
+            if end < 0:
+                break
+            yield LineTooLong(size) if too_long else b"".join(parts)
+            parts, size, too_long = [], 0, False
+            start = end + 1
+    if size:
+        yield LineTooLong(size) if too_long else b"".join(parts)
+
+
+def read_chunks(fd: int, size: int = 65536):
+    """The bytes of a file descriptor as they arrive, until end of file. os.read rather than a Python
+    file object: a daemon thread blocked inside a buffered reader can stall the interpreter's shutdown."""
+    while chunk := os.read(fd, size):
+        yield chunk
 
 
 class ProtocolError(ValueError):
@@ -99,6 +154,10 @@ def decode(line: str) -> dict:
         message = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise ProtocolError("not a valid request: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ProtocolError(f"not a valid request: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError("a message must be a JSON object")
     return message
@@ -110,10 +169,10 @@ def event(name: str, request_id, **fields) -> dict:
     return {"event": name, "id": request_id, **fields}
 
 
-def error_event(request_id, kind: str, message: str, **fields) -> dict:
+def error_event(request_id, kind: str, message: str, field: str | None = None, **fields) -> dict:
     if kind not in ERROR_KINDS:
         raise ValueError(f"unknown error kind {kind!r}")
-    return event("error", request_id, kind=kind, message=message, **fields)
+    return event("error", request_id, kind=kind, message=message, field=field, **fields)
 
 
 def request(op: str, request_id, **fields) -> dict:

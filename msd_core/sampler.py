@@ -4,7 +4,8 @@ The model enters only as a ``Denoiser``: ``denoise(x, t) -> model_output`` for a
 (classifier-free guidance included). Everything else is plain tensor math, so the tests and the
 analytic-prior benchmark call these functions directly with any denoiser.
 
-Notation: Φ(x) is one DDIM step of a window x at timestep t, ds the bilinear ×½ downsample,
+Notation: Φ(x) is one solver step of a window x at timestep t (DDIM, or DPM-Solver++ (2M) whose memory,
+the previous step's x₀ estimate, the loop keeps per pyramid level), ds the bilinear ×½ downsample,
 F_i / F'_i the window crops of a level and of the next coarser one (``windows.WindowGrid``).
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
+from diffusers import DPMSolverMultistepScheduler
 
 from .errors import Cancelled
 from .windows import HALF, Factor, WindowGrid, downsample, downsample_transpose, level_factor
@@ -29,6 +31,23 @@ class Interrupt(Protocol):
     def is_set(self) -> bool: ...
 
 
+class SolverStep(Protocol):
+    """One step of a deterministic solver from timestep ``t`` to the next: Φ and its slope.
+
+    ``previous_x0`` is the solver's memory (the x₀ estimate of the previous step for the same pixels);
+    single-step solvers ignore it. ``DDIMTimestep`` and ``DPMTimestep`` are the two kinds.
+    """
+
+    t: int
+
+    def apply(
+        self, sample: torch.Tensor, model_output: torch.Tensor, prediction_type: str = "epsilon",
+        previous_x0: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def jacobian(self, prediction_type: str = "epsilon") -> float: ...
+
+
 @dataclass(frozen=True)
 class DDIMTimestep:
     """One DDIM step t → t_prev: the timestep and the cumulative alphas at both ends."""
@@ -36,6 +55,13 @@ class DDIMTimestep:
     t: int
     alpha: float
     alpha_prev: float
+
+    def apply(self, sample, model_output, prediction_type="epsilon", previous_x0=None):
+        """``ddim_step``; DDIM has no memory, so ``previous_x0`` is not used."""
+        return ddim_step(sample, model_output, self, prediction_type)
+
+    def jacobian(self, prediction_type="epsilon"):
+        return ddim_jacobian(self, prediction_type)
 
 
 def ddim_schedule(scheduler, steps: int) -> list[DDIMTimestep]:
@@ -50,6 +76,15 @@ def ddim_schedule(scheduler, steps: int) -> list[DDIMTimestep]:
     return schedule
 
 
+def predicted_x0(sample: torch.Tensor, model_output: torch.Tensor, alpha: float, sigma: float, prediction_type: str):
+    """The model's x₀ estimate at a timestep where x = α x₀ + σ ε (α = √ᾱ, σ = √(1−ᾱ))."""
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output
+    raise ValueError(f"unsupported prediction type {prediction_type!r} (epsilon or v_prediction)")
+
+
 def ddim_step(
     sample: torch.Tensor, model_output: torch.Tensor, step: DDIMTimestep, prediction_type: str = "epsilon"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,15 +93,9 @@ def ddim_step(
     Same arithmetic as diffusers' DDIMScheduler.step with clip_sample and thresholding off, but pure:
     it keeps no state, so every window (and every pyramid level) can be stepped independently.
     """
-    alpha, alpha_prev = step.alpha, step.alpha_prev
-    if prediction_type == "epsilon":
-        eps = model_output
-        x0 = (sample - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha)
-    elif prediction_type == "v_prediction":
-        x0 = math.sqrt(alpha) * sample - math.sqrt(1 - alpha) * model_output
-        eps = math.sqrt(alpha) * model_output + math.sqrt(1 - alpha) * sample
-    else:
-        raise ValueError(f"unsupported prediction type {prediction_type!r} (epsilon or v_prediction)")
+    signal, noise, alpha_prev = math.sqrt(step.alpha), math.sqrt(1 - step.alpha), step.alpha_prev
+    x0 = predicted_x0(sample, model_output, signal, noise, prediction_type)
+    eps = model_output if prediction_type == "epsilon" else signal * model_output + noise * sample
     return math.sqrt(alpha_prev) * x0 + math.sqrt(1 - alpha_prev) * eps, x0
 
 
@@ -79,6 +108,115 @@ def ddim_jacobian(step: DDIMTimestep, prediction_type: str = "epsilon") -> float
     return float(ddim_step(one, torch.zeros_like(one), step, prediction_type)[0])
 
 
+@dataclass(frozen=True)
+class DPMTimestep:
+    """One DPM-Solver++ step from timestep t to the next, in the form x = α x₀ + σ ε (α = √ᾱ, σ = √(1−ᾱ)).
+
+    ``ratio`` is r = h_last / h with h = λ_next − λ_t and λ = log(α/σ) (h_last: the previous step's h):
+    it makes the step second order. None for a first-order step (the first one, which has no memory, and
+    the last one, which goes to σ = 0 and returns x₀ itself).
+    """
+
+    t: int
+    alpha: float
+    sigma: float
+    alpha_next: float
+    sigma_next: float
+    ratio: float | None
+
+    def apply(self, sample, model_output, prediction_type="epsilon", previous_x0=None):
+        return dpm_solver_step(sample, model_output, self, prediction_type, previous_x0)
+
+    def jacobian(self, prediction_type="epsilon"):
+        return dpm_solver_jacobian(self, prediction_type)
+
+    @property
+    def data_weight(self) -> float:
+        """α_next (1 − e^{−h}) = α_next − σ_next α/σ: how much of the x₀ estimate enters x_next."""
+        return self.alpha_next - self.sigma_next * self.alpha / self.sigma
+
+    @property
+    def history_weight(self) -> float:
+        """1/(2r): the multistep correction D = x₀ + (x₀ − x₀_last)/(2r) (the 2M midpoint rule)."""
+        return 0.0 if self.ratio is None else 1 / (2 * self.ratio)
+
+
+def dpm_solver_schedule(config, steps: int) -> list[DPMTimestep]:
+    """The steps of diffusers' DPMSolverMultistepScheduler for ``steps`` inference steps, built from a
+    scheduler config as ``from_config`` does: the betas and prediction type come from the config, and so
+    do settings it names explicitly; SD's configs name no timestep spacing, so it is DPM's "linspace"
+    (t = 999 down to ~1000/steps, then σ = 0), not DDIM's "leading".
+
+    The solver is DPM-Solver++ (2M) with diffusers' defaults: data prediction, second order, midpoint
+    rule, first order at the first step and (final σ = 0, ``lower_order_final``) at the last one.
+    """
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", thresholding=False
+    )
+    scheduler.set_timesteps(steps)
+    # diffusers' σ is √((1−ᾱ)/ᾱ) (float32, 0 after the last step); turn it into α, σ of x = α x₀ + σ ε.
+    sigmas = scheduler.sigmas.double()
+    alphas = 1 / torch.sqrt(sigmas**2 + 1)
+    sigmas = sigmas * alphas
+    lambdas = torch.log(alphas) - torch.log(sigmas)
+    config = scheduler.config
+    count = len(scheduler.timesteps)
+    last_first_order = config.euler_at_final or config.final_sigmas_type == "zero" or (config.lower_order_final and count < 15)
+    schedule = []
+    for i, t in enumerate(scheduler.timesteps.tolist()):
+        second_order = i > 0 and not (i == count - 1 and last_first_order)
+        ratio = float((lambdas[i] - lambdas[i - 1]) / (lambdas[i + 1] - lambdas[i])) if second_order else None
+        schedule.append(DPMTimestep(int(t), float(alphas[i]), float(sigmas[i]), float(alphas[i + 1]), float(sigmas[i + 1]), ratio))
+    return schedule
+
+
+def dpm_solver_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    step: DPMTimestep,
+    prediction_type: str = "epsilon",
+    previous_x0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Φ: one DPM-Solver++ (2M) step. Returns (x_next, predicted x₀).
+
+    x_next = (σ_next/σ) x + α_next (1 − e^{−h}) D with D = x₀ + (x₀ − x₀_last)/(2r) (D = x₀ at a
+    first-order step, which is then exactly DDIM). Same arithmetic as diffusers'
+    DPMSolverMultistepScheduler.step, but pure: the memory x₀_last is an argument (``previous_x0``, the
+    same pixels' x₀ estimate of the previous step), so the caller keeps it per pyramid level. The step is
+    affine in (x, x₀, x₀_last), so averaging windows commutes with it: the MultiDiffusion merge of the
+    windows' steps is the step of the merged estimates, and a level's merged x₀ is all the memory it needs.
+    """
+    x0 = predicted_x0(sample, model_output, step.alpha, step.sigma, prediction_type)
+    data = x0
+    if step.ratio is not None:
+        if previous_x0 is None:
+            raise ValueError("a second-order DPM-Solver++ step needs the previous step's x₀ estimate (previous_x0)")
+        data = x0 + step.history_weight * (x0 - previous_x0)
+    return (step.sigma_next / step.sigma) * sample + step.data_weight * data, x0
+
+
+def dpm_solver_jacobian(step: DPMTimestep, prediction_type: str = "epsilon") -> float:
+    """c = ∂Φ(x)/∂x with the model output and x₀_last held constant (the fast gradient's slope).
+
+    Φ = (σ_next/σ) x + α_next(1 − e^{−h})(1 + 1/(2r)) x₀(x) + const, and ∂x₀/∂x is 1/α (ε-prediction) or
+    α (v-prediction), so c = σ_next/σ + (α_next − σ_next α/σ)(1 + 1/(2r)) ∂x₀/∂x. At a first-order step
+    with ε-prediction this is α_next/α, DDIM's c; the second-order term makes it larger.
+    """
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unsupported prediction type {prediction_type!r} (epsilon or v_prediction)")
+    dx0_dx = 1 / step.alpha if prediction_type == "epsilon" else step.alpha
+    return step.sigma_next / step.sigma + step.data_weight * (1 + step.history_weight) * dx0_dx
+
+
+def solver_schedule(name: str, scheduler, steps: int) -> list[SolverStep]:
+    """The steps of the named solver (``settings.SCHEDULERS``) on a DDIMScheduler's training schedule."""
+    if name == "ddim":
+        return ddim_schedule(scheduler, steps)
+    if name == "dpmpp-2m":
+        return dpm_solver_schedule(scheduler.config, steps)
+    raise ValueError(f"unknown scheduler {name!r} (ddim or dpmpp-2m)")
+
+
 def cosine_decay(t: int, num_train_timesteps: int) -> float:
     """The paper's schedule for ω: (1 + cos(π (T − t) / T)) / 2, 1 at t = T falling to 0 at t = 0."""
     return (1 + math.cos(math.pi * (num_train_timesteps - t) / num_train_timesteps)) / 2
@@ -88,8 +226,9 @@ def guidance_scale(omega_loss: str, coarse_numel: int, jacobian: float = 1.0, ar
     """The factor k in L = k · Σ (ds(Φ(x)) − y)², which fixes what a given ω means.
 
     One gradient step moves ds(Φ(x)) by −ω·k·c²·2·(ds dsᵀ) r = −(ω·k·c²/2)·r (ds dsᵀ = ¼ for 2×2
-    averaging, 1/``area`` for an fh×fw block; r the cross-scale residual; c = ``ddim_jacobian``), i.e. it
-    removes the fraction ω·k·c²/2 of the gap (exactly in the fast mode, to first order in the exact one).
+    averaging, 1/``area`` for an fh×fw block; r the cross-scale residual; c = ``step.jacobian()``, the
+    solver's own slope), i.e. it removes the fraction ω·k·c²/2 of the gap (exactly in the fast mode, to
+    first order in the exact one).
     - "sum":  k = 1: ω = 2/c² already closes the whole gap, ω = 10 overshoots about five times.
     - "mean": k = 1/numel (F.mse_loss, the paper's literal wording): ω = 10 removes ~0.1 % of the gap
       on a 4×32×32 coarse crop, which leaves MSD indistinguishable from MultiDiffusion.
@@ -120,21 +259,32 @@ def _batches(count: int, size: int):
         yield slice(start, min(start + size, count))
 
 
+def _crop(grid: WindowGrid, latents: torch.Tensor | None) -> torch.Tensor | None:
+    """The windows of an optional latent (the solver's memory: absent for DDIM and at the first step)."""
+    return None if latents is None else grid.crop(latents)
+
+
+def _part(windows: torch.Tensor | None, batch: slice) -> torch.Tensor | None:
+    return None if windows is None else windows[batch]
+
+
 def denoise_windows(
     windows: torch.Tensor,
-    step: DDIMTimestep,
+    step: SolverStep,
     denoise: Denoiser,
     *,
     prediction_type: str = "epsilon",
     view_batch: int = 8,
     interrupt: Interrupt | None = None,
+    previous_x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Φ for every window, ``view_batch`` windows per model call: (x_{t−1}, x₀), each (N, C, h, w)."""
+    """Φ for every window, ``view_batch`` windows per model call: (x_{t−1}, x₀), each (N, C, h, w).
+    ``previous_x0``: the solver's memory for these windows (N, C, h, w), if it has one."""
     prevs, x0s = [], []
     for batch in _batches(windows.shape[0], view_batch):
         _check_interrupt(interrupt)
         output = denoise(windows[batch], step.t)
-        prev, x0 = ddim_step(windows[batch], output, step, prediction_type)
+        prev, x0 = step.apply(windows[batch], output, prediction_type, _part(previous_x0, batch))
         prevs.append(prev)
         x0s.append(x0)
     return torch.cat(prevs), torch.cat(x0s)
@@ -143,17 +293,23 @@ def denoise_windows(
 def multidiffusion_step(
     latents: torch.Tensor,
     grid: WindowGrid,
-    step: DDIMTimestep,
+    step: SolverStep,
     denoise: Denoiser,
     *,
     prediction_type: str = "epsilon",
     view_batch: int = 8,
     weights: torch.Tensor | None = None,
     interrupt: Interrupt | None = None,
+    previous_x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MultiDiffusion (Eq. 6): z_{t−1} = Σ W_i ⊗ F_i⁻¹(Φ(F_i(z_t))) / Σ W_i. Returns (z_{t−1}, merged x₀)."""
+    """MultiDiffusion (Eq. 6): z_{t−1} = Σ W_i ⊗ F_i⁻¹(Φ(F_i(z_t))) / Σ W_i. Returns (z_{t−1}, merged x₀).
+
+    ``previous_x0``: the merged x₀ of the previous step (a multistep solver's memory, shaped like
+    ``latents``); every window gets its crop, so the grid may differ from the previous step's.
+    """
     prev, x0 = denoise_windows(
-        grid.crop(latents), step, denoise, prediction_type=prediction_type, view_batch=view_batch, interrupt=interrupt
+        grid.crop(latents), step, denoise, prediction_type=prediction_type, view_batch=view_batch, interrupt=interrupt,
+        previous_x0=_crop(grid, previous_x0),
     )
     return grid.merge(prev, weights), grid.merge(x0, weights)
 
@@ -161,21 +317,23 @@ def multidiffusion_step(
 def guided_windows_exact(
     windows: torch.Tensor,
     targets: torch.Tensor,
-    step: DDIMTimestep,
+    step: SolverStep,
     denoise: Denoiser,
     omega: float,
     loss_scale: float,
     prediction_type: str = "epsilon",
+    previous_x0: torch.Tensor | None = None,
     factor: Factor = HALF,
 ) -> torch.Tensor:
-    """x̂ = x − ω ∇ₓ L(x) with autograd through the model and the DDIM step (the paper's method).
+    """x̂ = x − ω ∇ₓ L(x) with autograd through the model and the solver step (the paper's method).
 
     Only the window latents require grad: the model's parameters are frozen, so no parameter
-    gradients are kept. The caller recomputes Φ(x̂) with a fresh model call.
+    gradients are kept; the solver's memory ``previous_x0`` is a constant. The caller recomputes Φ(x̂)
+    with a fresh model call.
     """
     with torch.enable_grad():
         x = windows.detach().requires_grad_(True)
-        prev, _ = ddim_step(x, denoise(x, step.t), step, prediction_type)
+        prev, _ = step.apply(x, denoise(x, step.t), prediction_type, previous_x0)
         (grad,) = torch.autograd.grad(cross_scale_loss(prev, targets, loss_scale, factor), x)
     return windows - omega * grad
 
@@ -184,7 +342,7 @@ def guided_windows_fast(
     windows: torch.Tensor,
     prev: torch.Tensor,
     targets: torch.Tensor,
-    step: DDIMTimestep,
+    step: SolverStep,
     omega: float,
     loss_scale: float,
     prediction_type: str = "epsilon",
@@ -192,10 +350,10 @@ def guided_windows_fast(
 ) -> torch.Tensor:
     """x̂ = x − ω ∇ₓ L(x) with the model output held constant inside the gradient.
 
-    Then Φ is affine in x with slope c (``ddim_jacobian``) and the gradient has a closed form:
+    Then Φ is affine in x with slope c (``step.jacobian``) and the gradient has a closed form:
     ∇ₓ L = k · c · dsᵀ(2 (ds(Φ(x)) − y)). ``prev`` is Φ(x) from the window's single model call.
     """
-    c = ddim_jacobian(step, prediction_type)
+    c = step.jacobian(prediction_type)
     residual = downsample(prev, factor) - targets
     return windows - omega * loss_scale * c * downsample_transpose(2 * residual, factor)
 
@@ -204,7 +362,7 @@ def msd_level_step(
     latents: torch.Tensor,
     coarse_prev: torch.Tensor,
     grid: WindowGrid,
-    step: DDIMTimestep,
+    step: SolverStep,
     denoise: Denoiser,
     omega: float,
     *,
@@ -214,10 +372,12 @@ def msd_level_step(
     view_batch: int = 8,
     weights: torch.Tensor | None = None,
     interrupt: Interrupt | None = None,
+    previous_x0: torch.Tensor | None = None,
     factor: Factor = HALF,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One finer level of Algorithm 1: guide every window towards the already-denoised coarser level,
     denoise the guided windows, and merge them the MultiDiffusion way. Returns (z^s_{t−1}, merged x₀).
+    ``previous_x0`` is the level's merged x₀ of the previous step, as in ``multidiffusion_step``.
 
     Gradient modes, by cost per window:
     - ``"exact"``: forward + backward through the model, then a second forward for Φ(x̂) (~4× MD);
@@ -227,26 +387,26 @@ def msd_level_step(
     ``factor`` is the reduction to the coarser level: (2, 2), or (1, f) under a ``global_level``.
     """
     windows, targets = grid.crop(latents), grid.coarse_crop(coarse_prev, factor)
-    jacobian = ddim_jacobian(step, prediction_type)
-    loss_scale = guidance_scale(omega_loss, targets[0].numel(), jacobian, factor[0] * factor[1])
+    memory = _crop(grid, previous_x0)
+    loss_scale = guidance_scale(omega_loss, targets[0].numel(), step.jacobian(prediction_type), factor[0] * factor[1])
     prevs, x0s = [], []
     for batch in _batches(windows.shape[0], view_batch):
         _check_interrupt(interrupt)
-        x, y = windows[batch], targets[batch]
+        x, y, x0_last = windows[batch], targets[batch], _part(memory, batch)
         if gradient == "exact":
-            x_hat = guided_windows_exact(x, y, step, denoise, omega, loss_scale, prediction_type, factor)
+            x_hat = guided_windows_exact(x, y, step, denoise, omega, loss_scale, prediction_type, x0_last, factor)
             _check_interrupt(interrupt)
             output = denoise(x_hat, step.t)
         elif gradient in ("fast", "refresh"):
             output = denoise(x, step.t)
-            prev, _ = ddim_step(x, output, step, prediction_type)
+            prev, _ = step.apply(x, output, prediction_type, x0_last)
             x_hat = guided_windows_fast(x, prev, y, step, omega, loss_scale, prediction_type, factor)
             if gradient == "refresh":
                 _check_interrupt(interrupt)
                 output = denoise(x_hat, step.t)
         else:
             raise ValueError(f"unknown gradient mode {gradient!r} (exact, refresh or fast)")
-        prev, x0 = ddim_step(x_hat, output, step, prediction_type)
+        prev, x0 = step.apply(x_hat, output, prediction_type, x0_last)
         prevs.append(prev)
         x0s.append(x0)
     return grid.merge(torch.cat(prevs), weights), grid.merge(torch.cat(x0s), weights)
@@ -274,7 +434,7 @@ class LevelResult:
 def msd_step(
     latents: torch.Tensor,
     grids: list[WindowGrid],
-    step: DDIMTimestep,
+    step: SolverStep,
     denoise: Denoiser,
     omega: float,
     *,
@@ -285,34 +445,43 @@ def msd_step(
     weights: list[torch.Tensor | None] | None = None,
     interrupt: Interrupt | None = None,
     on_level: Callable[[LevelResult], None] | None = None,
+    x0_history: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Algorithm 1, one timestep: pyramid down from z_t, plain MD at the coarsest level, then each finer
     level guided by the one below it. ``grids`` holds one grid per level, coarsest first (each the next
     one halved, or reduced by (1, f) under a ``windows.global_level``); ``omega`` is
     ω_t (already decayed). With one level, or ω = 0, this is exactly MultiDiffusion. Returns z_{t−1}
     of the finest level: only that one is kept between steps.
+
+    ``x0_history`` is a multistep solver's memory, owned by the sampling loop: one entry per level
+    (None before the first step), each level's merged x₀ of the previous step. It is read, then
+    overwritten with this step's. Single-step solvers (DDIM) need none.
     """
     weights = weights or [None] * len(grids)
+    history = x0_history if x0_history is not None else [None] * len(grids)
     factors = [level_factor(fine, coarse) for coarse, fine in zip(grids, grids[1:])]
     pyramid = build_pyramid(latents, len(grids), factors)
     prev, x0 = multidiffusion_step(
-        pyramid[0], grids[0], step, denoise,
-        prediction_type=prediction_type, view_batch=view_batch, weights=weights[0], interrupt=interrupt,
+        pyramid[0], grids[0], step, denoise, prediction_type=prediction_type, view_batch=view_batch,
+        weights=weights[0], interrupt=interrupt, previous_x0=history[0],
     )
+    history[0] = x0
     if on_level:
         on_level(LevelResult(1, prev, x0))
     for level in range(1, len(grids)):
         if omega == 0:
             prev, x0 = multidiffusion_step(
-                pyramid[level], grids[level], step, denoise,
-                prediction_type=prediction_type, view_batch=view_batch, weights=weights[level], interrupt=interrupt,
+                pyramid[level], grids[level], step, denoise, prediction_type=prediction_type, view_batch=view_batch,
+                weights=weights[level], interrupt=interrupt, previous_x0=history[level],
             )
         else:
             prev, x0 = msd_level_step(
                 pyramid[level], prev, grids[level], step, denoise, omega,
                 gradient=gradient, omega_loss=omega_loss, prediction_type=prediction_type,
-                view_batch=view_batch, weights=weights[level], interrupt=interrupt, factor=factors[level - 1],
+                view_batch=view_batch, weights=weights[level], interrupt=interrupt, previous_x0=history[level],
+                factor=factors[level - 1],
             )
+        history[level] = x0
         if on_level:
             on_level(LevelResult(level + 1, prev, x0))
     return prev

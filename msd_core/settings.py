@@ -8,6 +8,8 @@ against the model, levels against the latent size).
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
 
 from .errors import BadInput
@@ -24,7 +26,11 @@ OMEGA_LOSSES = ("projection", "mean", "sum")
 # "halving": the paper's pyramid; "global": plus a level that squeezes a wide coarsest level into one
 # window, so one window sees the whole panorama (better horizons at 2:1 and 1:4, worse rivers: docs/layout.md).
 PYRAMIDS = ("halving", "global")
-SCHEDULERS = ("ddim",)
+# "dense": windows every `stride` px (MultiDiffusion's overlap); "shifted": non-overlapping tiles whose
+# offset changes every step, so one step's tile edges are denoised inside the next step's tiles.
+WINDOW_MODES = ("dense", "shifted")
+# ddim: the paper's sampler; dpmpp-2m: DPM-Solver++ (2M), multistep, fewer steps (docs/solver.md).
+SCHEDULERS = ("ddim", "dpmpp-2m")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
@@ -35,8 +41,31 @@ PRESETS = {
     "backdrop": (3072, 1024, False, "wide 3:1 backdrop, no wrap"),
 }
 
+# Quality presets: name → (settings it sets, what it is for). Explicit settings override them. UNet work
+# and layout coherence of each are measured by bench/presets.py (docs/speed.md).
+QUALITY = {
+    "draft": ({"windows": "shifted", "gradient": "exact", "steps": 25},
+              "half of Standard's work: the cheapest settings that keep the layout (the fast gradient loses it)"),
+    "standard": ({"windows": "shifted", "gradient": "exact", "steps": 50},
+                 "the default: shifted tiles, exact gradient, a fraction of Best's UNet work"),
+    "best": ({"windows": "dense", "gradient": "exact", "steps": 50},
+             "the paper's faithful settings: dense windows every window/8, exact gradient, DDIM 50"),
+}
+DEFAULT_QUALITY = "standard"
+_DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
+
 LATENT_FACTOR = 8  # pixels per latent pixel for Stable Diffusion's VAE
 
+# Bounds checked by validate() (docs/bad-input.md lists them).
+MAX_SIDE = 16384  # pixels per side: 2048 latent pixels, a 16k equirectangular world is 16384×8192
+MAX_STEPS = 1000  # Stable Diffusion's scheduler has 1000 training timesteps: more steps than that do not exist
+MAX_SCALES = 12  # pyramid levels: the largest latent (2048 px) halved 11 times is one pixel
+MAX_VIEW_BATCH = 1024
+MAX_OMEGA = 1000.0
+MAX_GUIDANCE = 100.0
+MAX_PROMPT = 10000  # characters; the text encoder reads only the first 77 tokens anyway
+MAX_PATH = 4096
+LATENT_COPIES = 8  # latents, noise, x0 estimates, merge sums and weights, the pyramid: a generous count
 # The HDR companion's highlight expansion (msd_core.hdr.inverse_tonemap): linear luminance where it
 # starts, and the linear value white becomes (1 = none; half floats end at 65504).
 HDR_KNEE_RANGE = (0.1, 0.99)
@@ -55,31 +84,36 @@ class GenerationSettings:
     model: str = DEFAULT_MODEL
     model_config: str | None = None  # for a single .safetensors file: a diffusers folder or repo id with the configs
     method: str = "msd"
-    gradient: str = "exact"
+    gradient: str = _DEFAULTS["gradient"]
     omega: float = 10.0
     omega_loss: str = "projection"
     scales: int | None = None  # pyramid levels; None = smallest count whose coarsest height fits a window
     pyramid: str = "halving"
-    steps: int = 50
+    steps: int = _DEFAULTS["steps"]
     guidance: float = 7.5
     scheduler: str = "ddim"
     seed: int = 0
     window: int | None = None  # pixels; None = the model's native size (unet.config.sample_size · 8)
-    stride: int | None = None  # pixels; None = window / 8 (diffusers' MultiDiffusion: 8 latent px)
+    stride: int | None = None  # pixels; None = window / 8 (diffusers' MultiDiffusion: 8 latent px); dense only
+    windows: str = _DEFAULTS["windows"]  # WINDOW_MODES
     feather: bool = False  # feathered window weights instead of uniform ones
     view_batch: int | None = None  # windows per UNet call; None = chosen from free memory
     device: str = "auto"
     dtype: str = "auto"
+    compile: bool = False  # torch.compile the UNet: same results, faster only after minutes of compiling
     hdr: bool = False  # also write a linear OpenEXR with expanded highlights beside the PNG, for lighting
     hdr_knee: float = 0.8
     hdr_peak: float = 32.0
 
     def validate(self) -> "GenerationSettings":
-        """Raise BadInput with one clear sentence for the first invalid setting; return self."""
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise BadInput("the prompt is empty: describe the panorama, e.g. 'a misty alpine valley at dawn'")
-        if not isinstance(self.negative_prompt, str):
-            raise BadInput("negative_prompt must be text")
+        """Raise BadInput with one clear sentence for the first invalid setting; return self.
+
+        Every field is type-checked (JSON's true is not a number, 5.0 is not a whole number) and bounded
+        (finite numbers, sizes up to MAX_SIDE, steps up to the scheduler's training steps), so nothing
+        that passes here can fail later for a reason the settings alone could have told.
+        """
+        _check_text("prompt", self.prompt, required=True)
+        _check_text("negative_prompt", self.negative_prompt)
         for name in ("width", "height"):
             _check_pixels(name, getattr(self, name))
         for name in ("window", "stride"):
@@ -89,34 +123,47 @@ class GenerationSettings:
         if self.window is not None:
             if self.window > min(self.width, self.height):
                 raise BadInput(
-                    f"the panorama ({self.width}×{self.height}) is smaller than one {self.window} px window; "
-                    f"use at least {self.window}×{self.window}"
+                    "the panorama ({width}×{height}) is smaller than one {window} px window ({field}); "
+                    "use at least {window}×{window}",
+                    field="window", width=self.width, height=self.height, window=self.window,
                 )
             if self.stride is not None and self.stride > self.window:
-                raise BadInput(f"stride ({self.stride}) is larger than the window ({self.window}): pixels would be skipped")
+                raise BadInput(
+                    "{field} ({stride} px) is larger than the window ({window} px): pixels would be skipped",
+                    field="stride", stride=self.stride, window=self.window,
+                )
+        for name in ("wrap", "feather"):
+            _check_bool(name, getattr(self, name))
         _check_choice("method", self.method, METHODS)
         _check_choice("gradient", self.gradient, GRADIENTS)
+        _check_choice("windows", self.windows, WINDOW_MODES)
+        if self.stride is not None and self.windows != "dense":
+            raise BadInput("a {field} applies to dense windows only; use windows 'dense' with stride {stride}, "
+                           "or no stride with windows {windows!r}", field="stride", stride=self.stride,
+                           windows=self.windows)
         _check_choice("omega_loss", self.omega_loss, OMEGA_LOSSES)
         _check_choice("pyramid", self.pyramid, PYRAMIDS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
-        if not _is_number(self.omega) or self.omega < 0:
-            raise BadInput(f"omega must be ≥ 0 (0 is plain MultiDiffusion), got {self.omega!r}")
-        if not _is_number(self.guidance) or self.guidance < 0:
-            raise BadInput(f"guidance must be ≥ 0, got {self.guidance!r}")
-        if not is_int(self.steps) or self.steps < 1:
-            raise BadInput(f"steps must be a whole number ≥ 1, got {self.steps!r}")
-        if self.scales is not None and (not is_int(self.scales) or self.scales < 1):
-            raise BadInput(f"scales must be a whole number ≥ 1, got {self.scales!r}")
-        if self.view_batch is not None and (not is_int(self.view_batch) or self.view_batch < 1):
-            raise BadInput(f"view_batch must be a whole number ≥ 1, got {self.view_batch!r}")
+        _check_range("omega", self.omega, (0, MAX_OMEGA), "0 is plain MultiDiffusion")
+        _check_range("guidance", self.guidance, (0, MAX_GUIDANCE), "7.5 is usual; 1 or less turns it off")
+        _check_count("steps", self.steps, MAX_STEPS, f"Stable Diffusion's scheduler has {MAX_STEPS} timesteps")
+        if self.scales is not None:
+            _check_count("scales", self.scales, MAX_SCALES, "each level halves the size")
+        if self.view_batch is not None:
+            _check_count("view_batch", self.view_batch, MAX_VIEW_BATCH, "windows per UNet call")
+        if self.stride is not None and self.method == "msd" and self.scales is not None:
+            check_stride_alignment(self.stride, self.scales)
         if not is_int(self.seed) or not 0 <= self.seed < 2**63:
-            raise BadInput(f"seed must be a whole number from 0 to 2^63−1, got {self.seed!r}")
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise BadInput("model is empty: give a Hugging Face id, a local folder or a .safetensors file")
-        if not isinstance(self.hdr, bool):
-            raise BadInput(f"hdr must be true or false, got {self.hdr!r}")
+            raise BadInput("{field} must be a whole number from 0 to 2^63−1, got {value}", field="seed",
+                           value=_shown(self.seed))
+        _check_text("model", self.model, required=True, limit=MAX_PATH,
+                    empty="{field} is empty: give a Hugging Face id, a local folder or a .safetensors file")
+        if self.model_config is not None:
+            _check_text("model_config", self.model_config, required=True, limit=MAX_PATH)
+        _check_bool("hdr", self.hdr)
+        _check_bool("compile", self.compile)
         _check_range("hdr_knee", self.hdr_knee, HDR_KNEE_RANGE, "the linear luminance where highlight expansion starts")
         _check_range("hdr_peak", self.hdr_peak, HDR_PEAK_RANGE, "the linear value white becomes; 1 = no expansion")
         return self
@@ -145,9 +192,17 @@ class GenerationSettings:
         return dataclasses.replace(self, width=width, height=height, wrap=wrap)
 
 
+    def with_quality(self, quality: str) -> "GenerationSettings":
+        """Return a copy with the quality preset's settings (``QUALITY``)."""
+        if quality not in QUALITY:
+            raise BadInput(f"unknown quality {quality!r}; choose one of: {', '.join(QUALITY)}")
+        return dataclasses.replace(self, **QUALITY[quality][0])
+
+
 SCHEDULER_HINT = (
-    "MSD steps every window independently, so it needs a single-step deterministic scheduler; "
-    "multistep ones (PNDM, DPM-Solver, UniPC) and stochastic ones (DDPM, ancestral) are not supported"
+    "MSD steps every window independently with a deterministic solver whose memory it keeps per pyramid "
+    "level: DDIM or DPM-Solver++ (2M); stochastic ones (DDPM, ancestral, SDE) and other multistep ones "
+    "(PNDM, UniPC) are not supported"
 )
 
 
@@ -157,26 +212,120 @@ def nearest_multiples(value: int, factor: int = LATENT_FACTOR) -> tuple[int, int
     return below, below + factor
 
 
+def check_stride_alignment(stride: int, levels: int) -> None:
+    """With more than one pyramid level, coarse levels crop at half the offsets: the stride must be an
+    even number of latent pixels. Said in pixels, the unit of the setting."""
+    aligned = 2 * LATENT_FACTOR
+    if levels > 1 and stride % aligned:
+        below, above = nearest_multiples(stride, aligned)
+        raise BadInput(
+            "{field} {stride} px: with more than one pyramid level the stride must be a multiple of {aligned} px "
+            "so that coarse crops align; nearest valid: {below} or {above} (with one level, scales 1, any "
+            "multiple of 8 works)",
+            field="stride", stride=stride, aligned=aligned, below=below, above=above,
+        )
+
+
+def memory_needed(settings: GenerationSettings) -> int:
+    """Bytes of CPU memory a run needs at least, whatever the device: the decoded image passes through the
+    CPU as float32 (twice, while it is converted) and as 8-bit RGB; on the CPU the latent pyramid and the
+    sampler's working copies come on top. The model's own weights are not counted."""
+    pixels = settings.width * settings.height
+    image = pixels * 3 * (2 * 4 + 1)
+    latents = pixels // LATENT_FACTOR**2 * 4 * 4 * LATENT_COPIES
+    return image + (latents if settings.device in ("cpu", "auto") else 0)
+
+
+def check_memory(settings: GenerationSettings, available: int | None = None) -> None:
+    """Refuse a size whose image cannot fit in the available memory, before anything is allocated.
+
+    ``available`` defaults to the memory the system reports as available (unknown: no check).
+    """
+    available = available_memory() if available is None else available
+    needed = memory_needed(settings)
+    if available is not None and needed > available:
+        raise BadInput(
+            "a {width}×{height} panorama needs about {needed:.1f} GB of memory for its image, more than the "
+            "{available:.1f} GB available; choose a smaller {field} and height (at most {limit} px per side)",
+            field="width", width=settings.width, height=settings.height, needed=needed / 1e9,
+            available=available / 1e9, limit=MAX_SIDE,
+        )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable; elsewhere free pages), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None  # Windows: no cheap query without ctypes; the allocator's own error is reported then
+
+
+def _shown(value) -> str:
+    """A value as a message shows it: short (a 5000-digit number or a huge string is cut)."""
+    if is_int(value) and value.bit_length() > 128:
+        return f"a {value.bit_length()}-bit number"  # repr of a huge int is slow, or refused past 4300 digits
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "…"
+
+
+def _check_text(name: str, value, *, required: bool = False, limit: int = MAX_PROMPT, empty: str = "") -> None:
+    if not isinstance(value, str):
+        raise BadInput("{field} must be text, got {value}", field=name, value=_shown(value))
+    if required and not value.strip():
+        if name == "prompt":
+            raise BadInput("the {field} is empty: describe the panorama, e.g. 'a misty alpine valley at dawn'",
+                           field=name)
+        raise BadInput(empty or "{field} is empty", field=name)
+    if len(value) > limit:
+        raise BadInput("{field} is {length} characters long; the limit is {limit}", field=name, length=len(value),
+                       limit=limit)
+    control = next((c for c in value if (ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127), None)
+    if control is not None:
+        raise BadInput("{field} contains the control character {code} (not allowed in text)", field=name,
+                       code=f"U+{ord(control):04X}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise BadInput("{field} must be true or false, got {value}", field=name, value=_shown(value))
+
+
+def _check_count(name: str, value, limit: int, note: str) -> None:
+    if not is_int(value) or not 1 <= value <= limit:
+        raise BadInput("{field} must be a whole number from 1 to {limit} ({note}), got {value}", field=name,
+                       limit=limit, note=note, value=_shown(value))
+
+
 def _check_pixels(name: str, value) -> None:
-    if not is_int(value) or value < LATENT_FACTOR:
-        raise BadInput(f"{name} must be a whole number of pixels ≥ {LATENT_FACTOR}, got {value!r}")
+    if not is_int(value) or not LATENT_FACTOR <= value <= MAX_SIDE:
+        raise BadInput("{field} must be a whole number of pixels from {low} to {high}, got {value}", field=name,
+                       low=LATENT_FACTOR, high=MAX_SIDE, value=_shown(value))
     if value % LATENT_FACTOR:
         below, above = nearest_multiples(value)
         raise BadInput(
-            f"{name} {value} is not a multiple of {LATENT_FACTOR} (the VAE's factor); nearest valid: {below} or {above}"
+            "{field} {value} is not a multiple of {factor} (the VAE's factor); nearest valid: {below} or {above}",
+            field=name, value=value, factor=LATENT_FACTOR, below=below, above=above,
         )
 
 
 def _check_choice(name: str, value, choices, hint: str = "") -> None:
-    if value not in choices:
-        message = f"unknown {name} {value!r}; choose one of: {', '.join(choices)}"
-        raise BadInput(f"{message} ({hint})" if hint else message)
+    if not isinstance(value, str) or value not in choices:
+        raise BadInput("unknown {field} {value}; choose one of: {choices}{hint}", field=name, value=_shown(value),
+                       choices=", ".join(choices), hint=f" ({hint})" if hint else "")
 
 
 def _check_range(name: str, value, bounds: tuple[float, float], meaning: str) -> None:
     low, high = bounds
     if not _is_number(value) or not low <= value <= high:
-        raise BadInput(f"{name} must be a number from {low:g} to {high:g} ({meaning}), got {value!r}")
+        raise BadInput("{field} must be a number from {low:g} to {high:g} ({meaning}), got {value}", field=name,
+                       low=low, high=high, meaning=meaning, value=_shown(value))
 
 
 def is_int(value) -> bool:
@@ -184,4 +333,7 @@ def is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    """A finite int or float (not a bool; inf, nan and JSON's 1e400 are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)  # ints are exact (and may be too big for a float)

@@ -1,7 +1,8 @@
 """Window grids over a latent: the crops F_i, their inverse merge, and the matching coarse crops F'_i.
 
-All sizes here are in latent pixels. A grid is computed once per level and reused every step; crop and
-merge are single indexed gathers/scatters, so no Python loop runs over windows.
+All sizes here are in latent pixels. A grid holds one level's windows at one step (dense grids are the
+same every step, shifted ones move: ``plan.Plan.grids_at``); crop and merge are single indexed
+gathers/scatters, so no Python loop runs over windows.
 """
 
 from __future__ import annotations
@@ -12,47 +13,38 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from .plan import global_squeeze, window_starts
+
 Factor = tuple[int, int]  # (rows, columns) reduction between two pyramid levels
 HALF: Factor = (2, 2)
 
 
-def window_starts(length: int, window: int, stride: int, wrap: bool = False) -> list[int]:
-    """Start offsets of windows along one axis that cover every position.
-
-    Without wrap the windows march by ``stride`` and the last one is snapped to the edge, so no strip at
-    the end is left undenoised (diffusers' MultiDiffusion leaves one when (length − window) is not a
-    multiple of the stride). With wrap (360° panoramas) windows start every ``stride`` around the whole
-    circle and those near the end continue across the edge into the start.
-    """
-    if window < 1 or stride < 1:
-        raise ValueError("window and stride must be ≥ 1")
-    if stride > window:
-        raise ValueError(f"stride {stride} is larger than the window {window}: positions would be skipped")
-    if length < window:
-        raise ValueError(f"length {length} is smaller than the window {window}")
-    if wrap:
-        return list(range(0, length, stride))
-    starts = list(range(0, length - window + 1, stride))
-    if starts[-1] != length - window:
-        starts.append(length - window)
-    return starts
-
-
 @dataclass(frozen=True)
 class WindowGrid:
-    """Square windows over a (height × width) latent; horizontal wrap-around when ``wrap``."""
+    """Square windows over a (height × width) latent; horizontal wrap-around when ``wrap``.
+
+    The windows march by ``stride``, or start where ``starts`` = (row starts, column starts) says (the
+    shifted tiles of ``plan.shifted_offsets``); column starts may run past the width when ``wrap``.
+    """
 
     height: int
     width: int
     window: int
     stride: int
     wrap: bool = False
+    starts: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     @cached_property
     def offsets(self) -> list[tuple[int, int]]:
         """(top, left) of every window, row by row."""
-        rows = window_starts(self.height, self.window, self.stride)
-        cols = window_starts(self.width, self.window, self.stride, self.wrap)
+        if self.starts is not None:
+            rows, cols = self.starts
+            if any(top < 0 or top + self.window > self.height for top in rows) or any(
+                    left < 0 or (left + self.window > self.width and not self.wrap) for left in cols):
+                raise ValueError(f"window starts {self.starts} do not fit a {self.height}×{self.width} latent")
+        else:
+            rows = window_starts(self.height, self.window, self.stride)
+            cols = window_starts(self.width, self.window, self.stride, self.wrap)
         return [(top, left) for top in rows for left in cols]
 
     def __len__(self) -> int:
@@ -102,15 +94,19 @@ class WindowGrid:
         total.index_add_(0, flat, weights.reshape(-1))
         return (value / total).view(1, channels, self.height, self.width)
 
-    def check_nested(self) -> None:
-        """Raise ValueError unless this grid's windows map exactly onto the next coarser (halved) level."""
-        if self.height % 2 or self.width % 2 or self.window % 2:
+    def check_nested(self, factor: Factor = HALF) -> None:
+        """Raise ValueError unless this grid's windows map exactly onto the next coarser level (this one
+        reduced by ``factor``: halved, or its columns squeezed under a ``global_level``)."""
+        fh, fw = factor
+        reduced = "halved" if factor == HALF else f"reduced by {fh}×{fw}"
+        if self.height % fh or self.width % fw or self.window % fh or self.window % fw:
             raise ValueError(
                 f"a pyramid level of {self.height}×{self.width} latent px with a {self.window} px window cannot be "
-                "halved exactly; use a size divisible by a higher power of two or fewer levels"
+                f"{reduced} exactly; use a size divisible by a higher power of two or fewer levels"
             )
-        if any(top % 2 or left % 2 for top, left in self.offsets):
-            raise ValueError(f"stride {self.stride} is odd: coarse crops would not align; use an even stride")
+        if any(top % fh or left % fw for top, left in self.offsets):
+            odd = "odd" if factor == HALF else f"not multiples of {fh}×{fw}"
+            raise ValueError(f"window offsets are {odd}: coarse crops would not align; use an even stride")
 
 
 def _window_index(offsets, window: int | tuple[int, int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,15 +153,9 @@ def level_factor(fine: WindowGrid, coarse: WindowGrid) -> Factor:
 
 
 def global_level(coarsest: WindowGrid) -> WindowGrid | None:
-    """A level above ``coarsest`` that squeezes it horizontally into (about) one window, or None.
-
-    The paper's pyramid stops once the short side fits a window, so a 2:1 or 1:4 panorama's coarsest level
-    is still several windows wide and runs plain MultiDiffusion: it can hold two horizons or two suns.
-    This level averages groups of f columns, with f the largest divisor of the width, window and stride
-    (so coarse crops stay aligned) that keeps it at least a window wide; the next level is guided through
-    the same f-column average. None when no such f > 1 exists (the coarsest level already is one window).
-    """
-    for factor in range(coarsest.width // coarsest.window, 1, -1):
-        if not (coarsest.width % factor or coarsest.window % factor or coarsest.stride % factor):
-            return WindowGrid(coarsest.height, coarsest.width // factor, coarsest.window, coarsest.stride, coarsest.wrap)
-    return None
+    """A level above ``coarsest`` that squeezes it horizontally into (about) one window, or None
+    (``plan.global_squeeze`` says by how much and why)."""
+    squeeze = global_squeeze(coarsest.width, coarsest.window, coarsest.stride)
+    if squeeze == 1:
+        return None
+    return WindowGrid(coarsest.height, coarsest.width // squeeze, coarsest.window, coarsest.stride, coarsest.wrap)

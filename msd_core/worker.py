@@ -13,6 +13,7 @@ one after the other. The loaded pipeline stays warm between requests with the sa
 
 from __future__ import annotations
 
+import argparse
 import collections
 import gc
 import importlib.metadata
@@ -44,17 +45,28 @@ PROTOCOL_STREAM = _take_stdout() if __name__ == "__main__" else None
 
 import torch  # noqa: E402
 
-from . import __version__, hub, models, protocol  # noqa: E402
+from . import __version__, environment, hub, models, protocol  # noqa: E402
 from .errors import BadInput, Cancelled, MSDError  # noqa: E402
-from .output import check_output_path, save_exr, save_png  # noqa: E402
+from .output import (  # noqa: E402
+    check_output_path,
+    check_writable_folder,
+    remove_stale_temporaries,
+    save_exr,
+    save_png,
+)
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
-from .settings import GenerationSettings, is_int  # noqa: E402
+from .settings import MAX_STEPS, GenerationSettings, check_memory, is_int  # noqa: E402
 
 log = logging.getLogger("msd_core.worker")
 
 OOM_HINT = "try a smaller size, the fast gradient (--gradient fast) or a smaller view batch (--view-batch)"
 # How out-of-memory failures read when they are not torch.cuda.OutOfMemoryError: MPS, the CPU allocator.
 OOM_PHRASES = ("out of memory", "can't allocate memory")
+# Lower scheduling priority, so a CPU run does not make Blender's interface stutter. MSD_WORKER_NICENESS
+# overrides it (the tests set 0: beside other busy processes a niced worker gets a tenth of a core).
+NICENESS = 10
+PREVIEW_ROOT_PREFIX = "msd-worker-previews-"  # + "<pid>-<random>" in the temporary folder
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -67,6 +79,7 @@ class Job:
     overwrite: bool
     preview_every: int
     preview_dir: Path | None  # None: the worker's own temporary folder
+    threads: int = 0  # torch's CPU threads for this run; 0 = the worker's default
     interrupt: threading.Event = field(default_factory=threading.Event)
 
 
@@ -101,8 +114,9 @@ class Worker:
     """The request queue, the warm pipeline and the runs. The reader thread calls handle_line (and
     through it submit, cancel, shutdown); the main thread calls run."""
 
-    def __init__(self, writer: EventWriter, preview_root: Path):
+    def __init__(self, writer: EventWriter, preview_root: Path, threads: int = 1):
         self.emit = writer.emit
+        self.threads = threads
         self._preview_root = preview_root
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -117,7 +131,11 @@ class Worker:
     # -- reader thread ----------------------------------------------------------------------------
 
     def read_requests(self, fd: int) -> None:
-        for line in _read_lines(fd):
+        for line in protocol.bounded_lines(protocol.read_chunks(fd)):
+            if isinstance(line, protocol.LineTooLong):
+                self._error(None, "bad_input", f"a request of {line.length} bytes was ignored: the limit is "
+                            f"{protocol.MAX_LINE_BYTES} bytes a line")
+                continue
             if not line.strip():
                 continue
             try:
@@ -165,8 +183,12 @@ class Worker:
         try:
             job = (parse or parse_generate)(message)
         except BadInput as exc:
-            self._error(request_id, "bad_input", str(exc))
+            self._error(request_id, "bad_input", str(exc), exc.field)
             return
+        if isinstance(job, Job):
+            for folder in (job.output.parent, job.preview_dir):  # files left by a worker killed while writing
+                if folder is not None:
+                    remove_stale_temporaries(folder)
         with self._lock:
             if self._shutting_down:
                 self._error(request_id, "cancelled", "the worker is shutting down")
@@ -174,6 +196,11 @@ class Worker:
             if any(j.id == job.id for j in self._active_jobs()):
                 # Answering with this id would be read as the other request's end.
                 self._error(None, "bad_input", f"request id {job.id!r} is in use by a queued or running request")
+                return
+            same_output = next((j for j in self._active_jobs() if _output(j) == _output(job)), None)
+            if same_output is not None and isinstance(job, Job) and not job.overwrite:
+                self._error(job.id, "bad_input", f"{job.output} is already the output of the queued or running "
+                            f"request {same_output.id!r}; choose another file", "output")
                 return
             self._queue.append(job)
             # Sent under the lock so that "accepted" always precedes the job's "loading".
@@ -234,6 +261,7 @@ class Worker:
         self._job_count += 1
         own_previews = job.preview_dir is None
         preview_dir = self._preview_root / f"job-{self._job_count}" if own_previews else job.preview_dir
+        torch.set_num_threads(job.threads or self.threads)
         try:
             hub.require_downloaded(job.settings.model)
             pipe, load_seconds = self._pipeline_for(job)
@@ -248,12 +276,12 @@ class Worker:
                                peak=job.settings.hdr_peak, overwrite=job.overwrite)
             now = time.perf_counter()
             timings = {"load": load_seconds, **result.timings, "save": now - saving, "total": now - started}
-            self.emit(protocol.event(
+            self._finish(job, protocol.event(
                 "done", job.id, output=str(output), exr=None if exr is None else str(exr), metadata=result.metadata, timings=timings
             ))
             error = None
         except MSDError as exc:  # Cancelled, BadInput, ModelNotFound, ...
-            error = (exc.kind, str(exc))
+            error = (exc.kind, str(exc), exc.field)
         except Exception as exc:
             if _is_out_of_memory(exc):
                 device = self._pipeline.device if self._pipeline is not None else job.settings.device
@@ -270,7 +298,16 @@ class Worker:
             if error[0] == "out_of_memory":
                 # Outside the except block, so the traceback's frames (and their tensors) are freed.
                 _free_accelerator_memory()
-            self._error(job.id, *error)  # after the clean-up: when the client reads it, the files are gone
+            # After the clean-up: when the client reads it, the files are gone.
+            self._finish(job, protocol.error_event(job.id, *error))
+
+    def _finish(self, job: Job, message: dict) -> None:
+        """Send a job's final event once the job no longer counts as running, so that a request sent in
+        reply (for the same output file, say) is not refused as a clash with it."""
+        with self._lock:
+            if self._current is job:
+                self._current = None
+            self.emit(message)
 
     def run_download(self, job: DownloadJob) -> None:
         """Fetch a Hub model into the cache with "download" progress events; "done" or "error" ends it."""
@@ -281,20 +318,20 @@ class Worker:
         try:
             folder = hub.download(job.model, fp16=job.fp16, on_progress=report, cancel=job.interrupt)
         except MSDError as exc:  # Cancelled, NetworkError, ModelNotFound, UnsupportedModelFile
-            self._error(job.id, exc.kind, str(exc))
+            self._finish(job, protocol.error_event(job.id, exc.kind, str(exc), exc.field))
             return
         except Exception as exc:
             log.exception("download %r failed", job.id)
-            self._error(job.id, "internal", _one_line(exc))
+            self._finish(job, protocol.error_event(job.id, "internal", _one_line(exc)))
             return
         status = hub.model_status(job.model)
-        self.emit(protocol.event("done", job.id, model=job.model, snapshot=str(folder), size=status.size_on_disk))
+        self._finish(job, protocol.event("done", job.id, model=job.model, snapshot=str(folder), size=status.size_on_disk))
 
     def _pipeline_for(self, job: Job) -> tuple[MSDPanoramaPipeline, float]:
         """The warm pipeline if the key matches, else a freshly loaded one (the old one dropped first)."""
         key = MSDPanoramaPipeline.key_for(job.settings)
         warm = self._pipeline is not None and self._pipeline.key == key
-        self.emit(protocol.event("loading", job.id, model=job.settings.model, warm=warm))
+        self.emit(protocol.event("loading", job.id, model=job.settings.model, warm=warm, threads=torch.get_num_threads()))
         if warm:
             return self._pipeline, 0.0
         if self._pipeline is not None:
@@ -306,6 +343,8 @@ class Worker:
 
     def _step_callback(self, job: Job, pipe: MSDPanoramaPipeline, preview_dir: Path):
         prefix = "" if job.preview_dir is None else f"msd-preview-{_file_safe(job.id)}-"
+        costs = pipe.check_inputs(job.settings).step_costs()  # window forwards per step
+        first_step_done = []  # elapsed at the end of step 1: later steps give the rate without warm-up
 
         def on_step(info) -> None:
             if info.level == 1 and job.preview_every and (info.step == 1 or info.step % job.preview_every == 0):
@@ -319,7 +358,15 @@ class Worker:
                     )
                 )
             if info.level == info.levels:  # once per step, after its finest level
-                eta = info.elapsed / info.step * (info.total - info.step)
+                seconds_per_window = None
+                if info.step == 1:
+                    first_step_done.append(info.elapsed)
+                else:
+                    seconds_per_window = (info.elapsed - first_step_done[0]) / sum(costs[1:info.step])
+                if seconds_per_window is None:
+                    eta = info.elapsed / info.step * (info.total - info.step)
+                else:
+                    eta = seconds_per_window * sum(costs[info.step:])
                 self.emit(
                     protocol.event(
                         "progress",
@@ -330,6 +377,7 @@ class Worker:
                         levels=info.levels,
                         elapsed=info.elapsed,
                         eta=eta,
+                        ms_per_window=None if seconds_per_window is None else 1000 * seconds_per_window,
                     )
                 )
 
@@ -340,8 +388,8 @@ class Worker:
             shutil.rmtree(self._previous_previews, ignore_errors=True)
             self._previous_previews = None
 
-    def _error(self, request_id, kind: str, message: str) -> None:
-        self.emit(protocol.error_event(request_id, kind, message))
+    def _error(self, request_id, kind: str, message: str, field: str | None = None) -> None:
+        self.emit(protocol.error_event(request_id, kind, message, field))
 
 
 def parse_generate(message: dict) -> Job:
@@ -353,22 +401,30 @@ def parse_generate(message: dict) -> Job:
     if unknown:
         raise BadInput(f"unknown field(s) in the generate request: {', '.join(unknown)}")
     if "settings" not in message:
-        raise BadInput("the generate request has no 'settings'")
+        raise BadInput("the generate request has no {field}", field="settings")
     settings = GenerationSettings.from_dict(message["settings"]).validate()
+    check_memory(settings)
     output = message.get("output")
     if not isinstance(output, str) or not output.strip():
-        raise BadInput("'output' must be the path of the PNG file to write")
+        raise BadInput("{field} must be the path of the PNG file to write", field="output")
     overwrite = message.get("overwrite", False)
     if not isinstance(overwrite, bool):
-        raise BadInput(f"'overwrite' must be true or false, got {overwrite!r}")
+        raise BadInput("{field} must be true or false, got {value!r}", field="overwrite", value=overwrite)
     preview_every = message.get("preview_every", protocol.DEFAULT_PREVIEW_EVERY)
-    if not is_int(preview_every) or preview_every < 0:
-        raise BadInput(f"'preview_every' must be a whole number ≥ 0 (0 = no previews), got {preview_every!r}")
+    if not is_int(preview_every) or not 0 <= preview_every <= MAX_STEPS:
+        raise BadInput("{field} must be a whole number from 0 (no previews) to {limit}, got {value!r}",
+                       field="preview_every", limit=MAX_STEPS, value=preview_every)
     preview_dir = message.get("preview_dir")
     if preview_dir is not None:
-        if not isinstance(preview_dir, str) or not Path(preview_dir).is_dir():
-            raise BadInput(f"'preview_dir' must be an existing folder, got {preview_dir!r}")
+        if not isinstance(preview_dir, str) or "\0" in preview_dir or not Path(preview_dir).is_dir():
+            raise BadInput("{field} must be an existing folder, got {value!r}", field="preview_dir",
+                           value=preview_dir)
         preview_dir = Path(preview_dir)
+        check_writable_folder(preview_dir, "preview_dir")
+    threads = message.get("threads", 0)
+    if not is_int(threads) or not 0 <= threads <= MAX_THREADS:
+        raise BadInput("{field} must be a whole number from 0 (the worker's default) to {limit}, got {value!r}",
+                       field="threads", limit=MAX_THREADS, value=threads)
     return Job(
         id=request_id,
         settings=settings,
@@ -376,6 +432,7 @@ def parse_generate(message: dict) -> Job:
         overwrite=overwrite,
         preview_every=preview_every,
         preview_dir=preview_dir,
+        threads=threads,
     )
 
 
@@ -398,14 +455,24 @@ def parse_download(message: dict) -> DownloadJob:
     return DownloadJob(id=request_id, model=model, fp16=torch_dtype == torch.float16)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="msd-worker %(levelname)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m msd_core.worker", description="the generator process")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch's CPU threads (default 0: OMP_NUM_THREADS, else physical cores − 1)")
+    args = parser.parse_args(argv)
     # A polite terminate() from the client still runs the clean-up below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     writer = EventWriter(PROTOCOL_STREAM or _take_stdout())
-    preview_root = Path(tempfile.mkdtemp(prefix="msd-worker-previews-"))
+    threads = environment.threads(max(0, args.threads))
+    torch.set_num_threads(threads)
+    if hasattr(os, "nice"):
+        os.nice(_niceness())
+    for stale in sweep_stale_preview_roots(Path(tempfile.gettempdir())):
+        log.info("removed %s, left by a worker that is gone", stale)
+    preview_root = Path(tempfile.mkdtemp(prefix=f"{PREVIEW_ROOT_PREFIX}{os.getpid()}-"))
     try:
-        worker = Worker(writer, preview_root)
+        worker = Worker(writer, preview_root, threads)
         device, dtype = _default_device_and_dtype()
         writer.emit(
             protocol.event(
@@ -418,6 +485,7 @@ def main() -> int:
                 device=device,
                 dtype=dtype,
                 pid=os.getpid(),
+                threads=threads,
             )
         )
         # Started after "ready", so that answers to early requests never precede it.
@@ -430,16 +498,28 @@ def main() -> int:
     return 0
 
 
-def _read_lines(fd: int):
-    """Lines of bytes from a file descriptor. os.read rather than sys.stdin: a daemon thread blocked
-    inside sys.stdin's buffered reader can stall the interpreter's shutdown."""
-    pending = b""
-    while chunk := os.read(fd, 65536):
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        yield from lines
-    if pending:
-        yield pending
+def sweep_stale_preview_roots(folder: Path) -> list[Path]:
+    """Delete the preview folders in ``folder`` of workers that are gone (killed before their clean-up);
+    the folders of live workers, and ones whose name carries no pid, are left alone."""
+    removed = []
+    pattern = re.compile(re.escape(PREVIEW_ROOT_PREFIX) + r"(\d+)-")
+    for entry in folder.glob(PREVIEW_ROOT_PREFIX + "*"):
+        match = pattern.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not environment.process_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _output(job: Job | DownloadJob) -> Path | None:
+    return job.output if isinstance(job, Job) else None
+
+
+def _niceness() -> int:
+    try:
+        return int(os.environ.get("MSD_WORKER_NICENESS", NICENESS))
+    except ValueError:
+        return NICENESS
 
 
 def _default_device_and_dtype() -> tuple[str, str]:
@@ -472,4 +552,9 @@ def _file_safe(request_id) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Everything is cleaned up and "bye" was sent: skip the interpreter's teardown, which collects every
+    # torch and diffusers object and can take seconds on a busy machine, while the client waits.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(status)

@@ -3,7 +3,11 @@
 The logic is in plain functions, so scripts and tests drive it without a window:
 ``start_generation(context)`` sends the request, ``poll_worker(context)`` handles the events that
 arrived since the last call (the operator calls it from a modal timer, or in a loop with wait=True).
-The result is imported only when the worker reports "done"; until then the scene is untouched.
+The result is imported only when the worker reports "done"; until then the scene is untouched,
+except for the live preview of a world run (see _show_preview_as_world), which a save never stores.
+
+Datablocks are found again by session_uid, never by name: the user may rename anything mid-run,
+and Python references to datablocks do not survive an undo.
 """
 
 import os
@@ -20,14 +24,16 @@ from ..msd_core.client import WorkerClient
 from ..msd_core.errors import BadInput, MSDError
 from ..msd_core.settings import GenerationSettings
 from ..preferences import ADDON_DIR, get_preferences, output_folder, user_folder, worker_python
-from ..properties import run_state, settings_from_scene
+from ..properties import in_panel_terms, run_state, settings_from_scene
 from .backdrop import add_backdrop
 from .images import load_panorama
-from .world import apply_world, find_world
+from .world import SOURCE_PROPERTY, apply_world, keep_if_unused
 
 POLL_INTERVAL = 0.2  # seconds between timer polls in the UI
 WAIT_INTERVAL = 0.05  # seconds between polls when blocking (wait=True, background)
 PREVIEW_EVERY = 5  # steps between coarse previews
+DEFAULT_SETTING_OF_KIND = {"model_not_found": "model"}  # what to set when the worker's error names no field
+PREVIEW_PROPERTY = "msd_live_preview"  # on the live preview's world: the world it replaced (or 0), its fake user
 # Datablocks a failed import may have created; removed again so a failure changes nothing.
 _IMPORTED_KINDS = ("objects", "meshes", "materials", "node_groups", "worlds", "images")
 
@@ -39,13 +45,17 @@ class Job:
     request_id: str
     settings: GenerationSettings
     output: str
-    scene_name: str
+    scene_uid: int
+    scene_name: str  # for messages only
     target: str
     backdrop_shape: str
     world_strength: float
     world_rotation: float
     backdrop_strength: float
-    world_before: str | None = None  # the scene's world when a live preview replaced it
+    world_before_uid: int | None = None  # the scene's own world (None: it had none)
+    live_world: bool = False  # the previews are shown as the world (until the user picks another one)
+    preview_world_uid: int | None = None  # the world showing them, while it does
+    fake_user_before: bool = False  # the user's world's own fake-user flag, while we hold it
     cancel_requested: bool = False
 
 
@@ -101,18 +111,23 @@ def start_generation(context) -> Job:
         raise
     output = unique_output_path(output_folder(prefs), settings.seed)
     preview_dir = _empty_preview_folder()
-    request_id = client.generate(settings, output, preview_every=PREVIEW_EVERY, preview_dir=preview_dir)
+    request_id = client.generate(
+        settings, output, preview_every=PREVIEW_EVERY, preview_dir=preview_dir, threads=prefs.threads
+    )
     group = scene.msd_panorama
     session.job = Job(
         request_id=request_id,
         settings=settings,
         output=output,
+        scene_uid=scene.session_uid,
         scene_name=scene.name,
         target=group.target,
         backdrop_shape=group.backdrop_shape,
         world_strength=group.world_strength,
         world_rotation=group.world_rotation,
         backdrop_strength=group.backdrop_strength,
+        world_before_uid=scene.world.session_uid if scene.world else None,
+        live_world=group.target == "WORLD",
     )
     run_state.reset_progress()
     run_state.last_seed = settings.seed
@@ -196,11 +211,11 @@ def _handle_event(context, job: Job, event: dict) -> str | None:
         run_state.step, run_state.total = event["step"], event["total"]
         run_state.level, run_state.levels = event["level"], event["levels"]
         run_state.eta = event.get("eta")
+        run_state.ms_per_window = event.get("ms_per_window") or run_state.ms_per_window
         run_state.progress = event["step"] / max(1, event["total"])
     elif name == "preview":
         _show_preview(event["path"])
-        if job.target == "WORLD":
-            _show_preview_as_world(context, job)
+        _show_preview_as_world(context, job)
     elif name == "done":
         if job.cancel_requested:
             return 'CANCELLED'  # finished just before the cancel arrived: the user no longer wants it
@@ -210,7 +225,9 @@ def _handle_event(context, job: Job, event: dict) -> str | None:
             return 'CANCELLED'
         if event.get("kind") == "died":
             session.client = None  # the process is gone; the next run starts a new one
-        run_state.last_error = event.get("message") or "the worker failed without a message"
+        message = event.get("message") or "the worker failed without a message"
+        fallback = DEFAULT_SETTING_OF_KIND.get(event.get("kind"))
+        run_state.last_error = in_panel_terms(message, event.get("field"), fallback)
         run_state.last_error_kind = event.get("kind", "internal")
         return 'CANCELLED'
     return None
@@ -218,19 +235,28 @@ def _handle_event(context, job: Job, event: dict) -> str | None:
 
 def _import_result(context, job: Job, output: str) -> str:
     """Load the panorama and use it as chosen; on any failure remove what was added and report it."""
-    scene = bpy.data.scenes.get(job.scene_name) or context.scene
     _end_live_preview(job)
+    scene = find_by_uid(bpy.data.scenes, job.scene_uid)
     before = _datablock_pointers()
-    previous_world = scene.world
+    previous_world = scene.world if scene else None
+    kept_before = previous_world.use_fake_user if previous_world else False
     try:
-        with context.temp_override(scene=scene):
-            image = load_panorama(output)
-            if job.target == "WORLD":
-                apply_world(bpy.context, image, strength=job.world_strength, rotation=job.world_rotation)
-            elif job.target == "BACKDROP":
-                add_backdrop(bpy.context, image, shape=job.backdrop_shape, strength=job.backdrop_strength)
+        image = load_panorama(output)
+        if scene is None:
+            run_state.last_error = (
+                f"the scene {job.scene_name!r} was deleted during the run: the panorama is loaded as image {image.name!r} only"
+            )
+        elif job.target in {"WORLD", "BACKDROP"}:
+            with context.temp_override(scene=scene):
+                if job.target == "WORLD":
+                    apply_world(bpy.context, image, strength=job.world_strength, rotation=job.world_rotation)
+                else:
+                    add_backdrop(bpy.context, image, shape=job.backdrop_shape, strength=job.backdrop_strength)
     except Exception as exc:  # whatever failed (Blender or our import code), leave the scene as it was
-        scene.world = previous_world
+        if scene is not None:
+            scene.world = previous_world
+        if previous_world is not None:
+            previous_world.use_fake_user = kept_before
         _remove_new_datablocks(before)
         run_state.last_error = f"the panorama was saved to {output} but could not be imported: {exc}"
         run_state.last_error_kind = "internal"
@@ -271,9 +297,19 @@ def _empty_preview_folder() -> str:
     return folder
 
 
+def find_by_uid(collection, uid: int | None):
+    """The datablock of ``collection`` (e.g. bpy.data.worlds) with this session_uid, if it still exists."""
+    return None if uid is None else next((block for block in collection if block.session_uid == uid), None)
+
+
+def preview_image() -> bpy.types.Image | None:
+    """The image showing the run's latest coarse preview, if any."""
+    return find_by_uid(bpy.data.images, run_state.preview_image_uid)
+
+
 def _show_preview(path: str) -> None:
-    """Show the latest coarse preview in one reused image datablock (never saved: it has no users)."""
-    image = bpy.data.images.get(run_state.preview_image) if run_state.preview_image else None
+    """Show the latest coarse preview in one reused image datablock (never saved: see _before_save)."""
+    image = preview_image()
     try:
         if image is None:
             image = bpy.data.images.load(path, check_existing=False)
@@ -283,40 +319,65 @@ def _show_preview(path: str) -> None:
             image.reload()
     except RuntimeError:
         return  # a preview that cannot be read is skipped; the next one will do
-    run_state.preview_image = image.name
+    run_state.preview_image_uid = image.session_uid
     if image.preview is not None:
         image.preview.reload()
 
 
 def _show_preview_as_world(context, job: Job) -> None:
-    """Let the viewport show the layout forming: the preview becomes the world until the run ends."""
-    scene = bpy.data.scenes.get(job.scene_name)
-    image = bpy.data.images.get(run_state.preview_image) if run_state.preview_image else None
-    if scene is None or image is None:
+    """Let the viewport show the layout forming: the preview becomes the scene's world.
+
+    The user's world keeps a fake user meanwhile, so it never drops to 0 users (a purge or a save
+    would lose it); _end_live_preview gives it back. If the user picks another world mid-run, or
+    removes ours, their choice stands and the previews stop being shown as the world.
+    """
+    scene = find_by_uid(bpy.data.scenes, job.scene_uid)
+    image = preview_image()
+    if not job.live_world or scene is None or image is None:
         return
-    if find_world(image) is None:
-        job.world_before = scene.world.name if scene.world else None
+    preview_world = find_by_uid(bpy.data.worlds, job.preview_world_uid)
+    shown = scene.world.session_uid if scene.world else None
+    if preview_world is None and shown == job.world_before_uid:  # first preview (or an undo took ours away)
+        user_world = scene.world
+        if user_world is not None:
+            job.fake_user_before = user_world.use_fake_user
+            user_world.use_fake_user = True
+    elif preview_world is None or scene.world != preview_world:
+        _end_live_preview(job)
+        job.live_world = False
+        return
     with context.temp_override(scene=scene):
-        apply_world(bpy.context, image, strength=job.world_strength, rotation=job.world_rotation)
+        world = apply_world(bpy.context, image, strength=job.world_strength, rotation=job.world_rotation, world=preview_world)
+    # What _recover_previews needs after an autosave or an undo; the reference is a second user too.
+    world[PREVIEW_PROPERTY] = {
+        "world": find_by_uid(bpy.data.worlds, job.world_before_uid) or 0,
+        "fake_user": job.fake_user_before,
+    }
+    job.preview_world_uid = world.session_uid
 
 
 def _end_live_preview(job: Job | None) -> None:
-    """Give the scene its world back and remove the preview's world (before the result is applied)."""
-    image = bpy.data.images.get(run_state.preview_image) if run_state.preview_image else None
-    world = find_world(image) if image is not None else None
-    if job is None or world is None:
+    """Give the scene its own world back (unless the user chose another one) and remove the preview's."""
+    if job is None or job.preview_world_uid is None:
         return
-    scene = bpy.data.scenes.get(job.scene_name)
-    if scene is not None and scene.world == world:
-        scene.world = bpy.data.worlds.get(job.world_before) if job.world_before else None
-    bpy.data.worlds.remove(world)
+    preview_world = find_by_uid(bpy.data.worlds, job.preview_world_uid)
+    user_world = find_by_uid(bpy.data.worlds, job.world_before_uid)
+    scene = find_by_uid(bpy.data.scenes, job.scene_uid)
+    if scene is not None and (scene.world is None or scene.world == preview_world):
+        scene.world = user_world
+    if preview_world is not None:
+        bpy.data.worlds.remove(preview_world)
+    if user_world is not None:
+        user_world.use_fake_user = job.fake_user_before
+        keep_if_unused(user_world)  # the user may have shown another world meanwhile
+    job.preview_world_uid = None
 
 
 def _remove_preview() -> None:
-    image = bpy.data.images.get(run_state.preview_image) if run_state.preview_image else None
+    image = preview_image()
     if image is not None:
         bpy.data.images.remove(image)
-    run_state.preview_image = ""
+    run_state.preview_image_uid = None
 
 
 def redraw_panels(context) -> None:
@@ -332,9 +393,51 @@ def _forget_run_on_load(*_args) -> None:
     if session.busy:
         cancel_generation()
         session.job = None
-        run_state.preview_image = ""  # the datablock went with the old file
+        run_state.preview_image_uid = None  # the datablocks went with the old file
         run_state.reset_progress()
         run_state.status, run_state.message = "READY", ""
+
+
+@persistent
+def _before_save(*_args) -> None:
+    """A save mid-run stores the user's world, assigned as before, and nothing of the live preview."""
+    _end_live_preview(session.job)
+
+
+@persistent
+def _after_save(*_args) -> None:
+    if session.job is not None:
+        _show_preview_as_world(bpy.context, session.job)
+
+
+@persistent
+def _recover_previews(*_args) -> None:
+    """Undo, redo, or opening a file saved without our save handlers (an autosave, a crash's
+    quit.blend) can bring back a live preview's world without its run: give each scene showing it
+    the world it replaced, and remove it."""
+    live = session.job.preview_world_uid if session.job else None
+    for world in [world for world in bpy.data.worlds if PREVIEW_PROPERTY in world and world.session_uid != live]:
+        user_world, fake_user = world[PREVIEW_PROPERTY]["world"] or None, bool(world[PREVIEW_PROPERTY]["fake_user"])
+        image = world.get(SOURCE_PROPERTY)
+        for scene in bpy.data.scenes:
+            if scene.world == world:
+                scene.world = user_world
+        bpy.data.worlds.remove(world)
+        if user_world is not None:
+            user_world.use_fake_user = fake_user
+            keep_if_unused(user_world)
+        if image is not None and image.users == 0 and image.session_uid != run_state.preview_image_uid:
+            bpy.data.images.remove(image)  # the preview image that came back with it
+
+
+_HANDLERS = (
+    (bpy.app.handlers.load_pre, _forget_run_on_load),
+    (bpy.app.handlers.load_post, _recover_previews),
+    (bpy.app.handlers.undo_post, _recover_previews),
+    (bpy.app.handlers.redo_post, _recover_previews),
+    (bpy.app.handlers.save_pre, _before_save),
+    (bpy.app.handlers.save_post, _after_save),
+)
 
 
 class MSD_OT_generate(Operator):
@@ -361,7 +464,8 @@ class MSD_OT_generate(Operator):
         try:
             start_generation(context)
         except MSDError as exc:
-            run_state.last_error, run_state.last_error_kind = str(exc), exc.kind
+            run_state.last_error = in_panel_terms(str(exc), getattr(exc, "field", None))
+            run_state.last_error_kind = exc.kind
             return self._finish('CANCELLED')
         if self.wait or bpy.app.background or context.window is None:
             return self._finish(wait_for_run(context))
@@ -413,11 +517,13 @@ classes = (MSD_OT_generate, MSD_OT_cancel)
 
 
 def register():
-    bpy.app.handlers.load_pre.append(_forget_run_on_load)
+    for handlers, handler in _HANDLERS:
+        handlers.append(handler)
 
 
 def unregister():
-    if _forget_run_on_load in bpy.app.handlers.load_pre:
-        bpy.app.handlers.load_pre.remove(_forget_run_on_load)
+    for handlers, handler in _HANDLERS:
+        if handler in handlers:
+            handlers.remove(handler)
     session.job = None
     session.stop()

@@ -3,13 +3,19 @@
 The generation settings written into the PNG's text chunks (msd_core.pngmeta) are stored on the
 image as one custom property group, ``image["msd"]``: ``image["msd"]["prompt"]``,
 ``image["msd"]["seed"]``, …, and ``image["msd"]["settings"]`` (the full settings JSON). Values are
-the text exactly as the file holds it. Custom properties are saved with the .blend.
+the text exactly as the file holds it; only MSD Panorama's own keys are kept (a file may carry any
+text, of any size). Custom properties are saved with the .blend.
+
+Every image made here is marked with the SHA-256 of the file it was loaded from (``image["msd_file"]``):
+applying the same file again finds that image by its mark, never by path, and never reloads it. So
+the user's own images, even of the same file, are never touched, and a rewritten file is a new image.
 
 The image stays with the .blend: a relative path when the .blend is saved, packed into it when not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import bpy
@@ -19,48 +25,60 @@ from ..msd_core import pngmeta
 from ..msd_core.errors import BadInput
 
 METADATA_PROPERTY = "msd"
+MARKER_PROPERTY = "msd_file"
 NAME_PREFIX = "MSD "
 NAME_WORDS = 5  # words of the prompt in the image's name
 NAME_CHARS = 40
+DIGEST_CHUNK = 1 << 20
+LISTED_KEYS = 5  # names of ignored text entries a warning lists
+LISTED_KEY_CHARS = 30
 
 
 class PanoramaImageError(BadInput):
     """The panorama file is missing or is not an image Blender can read; nothing was loaded."""
 
 
-def load_panorama(filepath: str) -> bpy.types.Image:
+def load_panorama(filepath: str, warnings: list[str] | None = None) -> bpy.types.Image:
     """Load the panorama at ``filepath`` (absolute or Blender-relative ``//``) and return its image.
 
-    An image already loaded from the same file is reloaded and returned, never duplicated.
-    Raises PanoramaImageError for a missing file or one Blender cannot read.
+    The image made earlier for the same file (same bytes) is returned as it is, unless its pixels
+    were edited since; otherwise a new image is made. Text entries of the file that are not ours are
+    left out, with a sentence saying so appended to ``warnings``.
+    Raises PanoramaImageError for a missing file or one Blender cannot read; nothing changes then.
     """
     path = absolute_path(filepath)
     if not os.path.isfile(path):
         raise PanoramaImageError(f"panorama file not found: {path or filepath!r}")
-    metadata = _read_metadata(path)
-    image = find_loaded(path)
-    if image is None:
-        image = _load_new(path, panorama_name(metadata, path))
-    else:
-        _reload(image, path)
+    digest = _file_digest(path)
+    image = find_panorama(digest)
+    if image is not None:
+        return image
+    texts = _read_metadata(path)
+    metadata = {key: text for key, text in texts.items() if key in pngmeta.METADATA_KEYS}
+    image = _load_new(path, panorama_name(metadata, path))
     if not image.is_float:  # 8-bit pixels are sRGB: say so, whatever a custom colour config defaults to
         image.colorspace_settings.name = "sRGB"
     image[METADATA_PROPERTY] = metadata
+    image[MARKER_PROPERTY] = digest
     _keep_with_blend(image, path)
+    ignored = [key for key in texts if key not in metadata]
+    if ignored and warnings is not None:
+        warnings.append(_ignored_keys_warning(path, ignored))
     return image
+
+
+def find_panorama(digest: str) -> bpy.types.Image | None:
+    """The image load_panorama made for the file with this SHA-256, if it is still as loaded: not
+    edited (a painted image is the user's work) and with its pixels (reading the size loads them)."""
+    for image in bpy.data.images:  # linked images belong to another .blend
+        if image.get(MARKER_PROPERTY) == digest and image.library is None and not image.is_dirty and 0 not in image.size:
+            return image
+    return None
 
 
 def absolute_path(filepath: str, library=None) -> str:
     """The real, normalised path of a file path as Blender writes it (may start with //)."""
     return os.path.normcase(os.path.realpath(bpy.path.abspath(filepath, library=library))) if filepath else ""
-
-
-def find_loaded(path: str) -> bpy.types.Image | None:
-    """The image already loaded from the file ``path`` (as returned by absolute_path), if any."""
-    for image in bpy.data.images:  # linked images belong to another .blend: they cannot be reloaded here
-        if image.source == "FILE" and image.library is None and absolute_path(image.filepath) == path:
-            return image
-    return None
 
 
 def panorama_name(metadata: dict[str, str], path: str) -> str:
@@ -72,7 +90,29 @@ def panorama_name(metadata: dict[str, str], path: str) -> str:
 def metadata_of(image: bpy.types.Image) -> dict[str, str]:
     """The generation settings stored on an image by load_panorama ({} for any other image)."""
     group = image.get(METADATA_PROPERTY)
-    return group.to_dict() if group is not None else {}
+    if not hasattr(group, "to_dict"):  # absent, or a property of that name the user set
+        return {}
+    return {key: text for key, text in group.to_dict().items() if isinstance(text, str)}
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            while chunk := file.read(DIGEST_CHUNK):
+                digest.update(chunk)
+    except OSError as error:
+        raise PanoramaImageError(f"cannot read {path}: {error.strerror}") from None
+    return digest.hexdigest()
+
+
+def _ignored_keys_warning(path: str, keys: list[str]) -> str:
+    names = ", ".join(repr(key[:LISTED_KEY_CHARS]) for key in keys[:LISTED_KEYS])
+    more = f" and {len(keys) - LISTED_KEYS} more" if len(keys) > LISTED_KEYS else ""
+    return (
+        f"{os.path.basename(path)}: ignored {len(keys)} text entr{'y' if len(keys) == 1 else 'ies'} "
+        f"that are not MSD Panorama settings ({names}{more})"
+    )
 
 
 def _read_metadata(path: str) -> dict[str, str]:
@@ -95,15 +135,6 @@ def _load_new(path: str, name: str) -> bpy.types.Image:
         raise PanoramaImageError(f"not an image Blender can read: {path}")
     image.name = name
     return image
-
-
-def _reload(image: bpy.types.Image, path: str) -> None:
-    # A packed image would reload its packed copy: drop it (nothing is written) to read the new file.
-    if image.packed_file is not None:
-        image.unpack(method="REMOVE")
-    image.reload()
-    if 0 in image.size:  # reading the size loads the pixels
-        raise PanoramaImageError(f"not an image Blender can read: {path}")
 
 
 def _keep_with_blend(image: bpy.types.Image, path: str) -> None:
@@ -132,11 +163,15 @@ class PanoramaFileOperator:
 
     def load_image(self) -> bpy.types.Image | None:
         """The panorama's image, or None after reporting why it could not be loaded."""
+        warnings = []
         try:
-            return load_panorama(self.filepath)
+            image = load_panorama(self.filepath, warnings)
         except PanoramaImageError as error:
             self.report({"ERROR"}, str(error))
             return None
+        for warning in warnings:
+            self.report({"WARNING"}, warning)
+        return image
 
 
 classes = ()

@@ -13,6 +13,9 @@ from ..msd_core.settings import GenerationSettings
 from ..properties import SEED_MAX, settings_to_scene
 from .images import absolute_path, metadata_of
 
+MAX_SETTINGS_CHARS = 64 * 1024  # a prompt of thousands of words fits; anything longer is not ours
+MAX_DIGITS = 19  # a seed below 2^63 has at most 19 digits
+
 
 def settings_of_image(image) -> GenerationSettings:
     """The settings stored on an image by load_panorama, else in its PNG file; raises BadInput."""
@@ -36,11 +39,36 @@ def settings_of_file(path: str) -> GenerationSettings:
     return _parse(text, path)
 
 
-def _parse(text: str, source: str) -> GenerationSettings:
+def _parse(text, source: str) -> GenerationSettings:
+    """Settings JSON → validated settings. Bounded: the text's length, its numbers' digits and
+    (through Python's recursion limit) its nesting; any failure is one BadInput sentence."""
+    damaged = f"the settings stored in {source} are damaged"
+    if not isinstance(text, str):
+        raise BadInput(f"{damaged}: not text")
+    if len(text) > MAX_SETTINGS_CHARS:
+        raise BadInput(f"{damaged}: {len(text)} characters, more than settings ever take ({MAX_SETTINGS_CHARS})")
     try:
-        return GenerationSettings.from_dict(json.loads(text)).validate()
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise BadInput(f"the settings stored in {source} are damaged: {exc}") from None
+        data = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
+    except BadInput as exc:
+        raise BadInput(f"{damaged}: {exc}") from None
+    except RecursionError:
+        raise BadInput(f"{damaged}: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError included
+        raise BadInput(f"{damaged}: {exc}") from None
+    try:
+        return GenerationSettings.from_dict(data).validate()
+    except TypeError as exc:
+        raise BadInput(f"{damaged}: {exc}") from None
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_DIGITS:
+        raise BadInput(f"a number of {len(digits)} digits; no setting needs more than {MAX_DIGITS}")
+    return int(digits)
+
+
+def _no_constant(name: str):
+    raise BadInput(f"{name} is not a setting value")
 
 
 class MSD_OT_restore_settings(Operator):

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 
 import bpy
+import imbuf
 import numpy as np
 from bpy.props import BoolProperty, FloatProperty
 from mathutils import Color
@@ -43,19 +45,34 @@ LINEAR_REC709 = "Linear Rec.709"  # the colour space our EXRs are written in (Bl
 
 
 def apply_world(
-    context, image: bpy.types.Image, *, strength: float = 1.0, rotation: float = 0.0, use_hdr: bool = True
+    context,
+    image: bpy.types.Image,
+    *,
+    strength: float = 1.0,
+    rotation: float = 0.0,
+    use_hdr: bool = True,
+    world: bpy.types.World | None = None,
 ) -> bpy.types.World:
     """Show ``image`` as the scene's world and return the world.
 
     ``rotation`` (radians) turns the panorama about Z as Mapping's Z rotation does in any world:
     looking at azimuth a shows what was at a + rotation. With ``use_hdr`` the colour comes from the
     image's HDR companion when it has one (see hdr_companion). Applying the same image again
-    rebuilds its world.
+    rebuilds its world; ``world`` names the world to rebuild instead (the live preview's).
+    Everything that reads files happens before the node tree is touched, so a failure leaves the
+    world as it was.
     """
-    world = find_world(image)
+    companion = hdr_companion(image) if use_hdr else None
+    shown = companion or image
+    edge_colors = None if is_equirectangular(image) else edge_row_colors(shown)
+    world = world or find_world(image)
     if world is None:
         world = bpy.data.worlds.new(image.name)
-        world[SOURCE_PROPERTY] = image
+    world[SOURCE_PROPERTY] = image
+    if companion is None:
+        world.pop(HDR_PROPERTY, None)
+    else:
+        world[HDR_PROPERTY] = companion
     if world.node_tree is None:  # Blender < 5.0 makes worlds without nodes
         world.use_nodes = True
     tree = world.node_tree
@@ -65,13 +82,11 @@ def apply_world(
     mapping = tree.nodes.new("ShaderNodeMapping")
     mapping.inputs["Rotation"].default_value = (0.0, 0.0, rotation)
     tree.links.new(coordinates.outputs["Generated"], mapping.inputs["Vector"])
-    color_of = _equirectangular_color if is_equirectangular(image) else _cylindrical_color
-    companion = hdr_companion(image) if use_hdr else None
-    if companion is None:
-        world.pop(HDR_PROPERTY, None)
+    direction = mapping.outputs["Vector"]
+    if edge_colors is None:
+        color = _equirectangular_color(tree, shown, direction)
     else:
-        world[HDR_PROPERTY] = companion
-    color = color_of(tree, companion or image, mapping.outputs["Vector"])
+        color = _cylindrical_color(tree, shown, direction, edge_colors)
     background = tree.nodes.new("ShaderNodeBackground")
     background.inputs["Strength"].default_value = strength
     tree.links.new(color, background.inputs["Color"])
@@ -79,8 +94,23 @@ def apply_world(
     tree.links.new(background.outputs["Background"], output.inputs["Surface"])
     arrange_nodes(output)
 
-    context.scene.world = world
+    set_world(context.scene, world)
     return world
+
+
+def set_world(scene, world: bpy.types.World | None) -> None:
+    """Make ``world`` the scene's world; the world it replaces is kept (see keep_if_unused)."""
+    replaced = scene.world
+    scene.world = world
+    if replaced is not None and replaced != world:
+        keep_if_unused(replaced)
+
+
+def keep_if_unused(block: bpy.types.ID) -> None:
+    """Give a datablock that nothing uses any more a fake user: Blender drops unused data on save,
+    and the user's worlds (or an earlier panorama) must not vanish because we replaced them."""
+    if block.users == 0:
+        block.use_fake_user = True
 
 
 def find_world(image: bpy.types.Image) -> bpy.types.World | None:
@@ -123,7 +153,7 @@ def _equirectangular_color(tree, image, direction):
     return texture.outputs["Color"]
 
 
-def _cylindrical_color(tree, image, direction):
+def _cylindrical_color(tree, image, direction, edge_colors):
     """The image wrapped once around a vertical cylinder centred on the viewer, with square pixels.
 
     A w × h strip covers the full 360° horizontally: on the unit cylinder (radius 1, circumference
@@ -132,7 +162,8 @@ def _cylindrical_color(tree, image, direction):
     the unit cylinder at azimuth atan2(y, x) and height t = z / √(x² + y²), hence
         u = 0.5 − atan2(y, x) / 2π     (the same orientation as Blender's equirectangular projection)
         v = 0.5 + t / H                (inside the strip while |t| ≤ H / 2).
-    Above and below the strip the world is a plain colour: the average of the top, resp. bottom, row.
+    Above and below the strip the world is a plain colour: ``edge_colors``, the average of the
+    bottom, resp. top, row (edge_row_colors).
     """
     width, height = image.size
     strip_height = 2.0 * math.pi * height / width
@@ -168,7 +199,7 @@ def _cylindrical_color(tree, image, direction):
     texture.interpolation = "Linear"
     links.new(uv.outputs["Vector"], texture.inputs["Vector"])
 
-    bottom_color, top_color = edge_row_colors(image)
+    bottom_color, top_color = edge_colors
     above = _math(tree, "GREATER_THAN", t, 0.0)
     outside = _mix_color(tree, above, bottom_color, top_color)
     inside = _math(tree, "COMPARE", t, 0.0, strip_height / 2.0)  # 1 where |t| ≤ H / 2
@@ -177,13 +208,55 @@ def _cylindrical_color(tree, image, direction):
 
 def edge_row_colors(image: bpy.types.Image) -> tuple[tuple, tuple]:
     """The mean colour (scene linear RGBA) of the image's bottom row and of its top row."""
-    width, height = image.size
-    pixels = np.empty(width * height * image.channels, dtype=np.float32)
-    image.pixels.foreach_get(pixels)
-    rows = pixels.reshape(height, width, image.channels)[[0, -1], :, :3]  # Blender stores bottom row first
-    if not image.is_float:  # 8-bit pixels are sRGB-encoded; average light, not code values
+    rows, is_float = _edge_rows(image)
+    if not is_float:  # 8-bit pixels are sRGB-encoded; average light, not code values
         rows = hdr.srgb_to_linear(rows)
     return tuple((*Color(mean).from_rec709_linear_to_scene_linear(), 1.0) for mean in rows.mean(axis=1))
+
+
+def _edge_rows(image: bpy.types.Image) -> tuple[np.ndarray, bool]:
+    """The bottom and top rows' RGB values as image.pixels gives them (2 × width × 3), and whether
+    the pixels are float.
+
+    image.pixels hands out every pixel as float (16 bytes a pixel: 1 GB for a 16384 × 4096 strip),
+    so a file's rows are cut out of its decoded bytes instead (imbuf: 4 bytes a pixel, freed at
+    once) and only those two rows are read as float.
+    """
+    decoded = _decode(image)
+    if decoded is None:  # a generated or rendered image: only its pixels exist
+        width, height = image.size
+        pixels = np.empty(width * height * image.channels, dtype=np.float32)
+        image.pixels.foreach_get(pixels)
+        return pixels.reshape(height, width, image.channels)[[0, -1], :, :3], image.is_float
+    width, height = decoded.size
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="msd-rows-") as folder:
+        for number, y in enumerate((0, height - 1)):  # ImBuf, like image.pixels, has the bottom row first
+            row = decoded if number else decoded.copy()
+            row.crop(min=(0, y), max=(width - 1, y))
+            path = os.path.join(folder, f"row{number}")  # written in the file's own format, read by content
+            imbuf.write(row, filepath=path)
+            row_image = bpy.data.images.load(path, check_existing=False)
+            try:
+                values = np.empty(width * row_image.channels, dtype=np.float32)
+                row_image.pixels.foreach_get(values)
+                rows.append(values.reshape(width, row_image.channels)[:, :3])
+                is_float = row_image.is_float
+            finally:
+                bpy.data.images.remove(row_image)
+    return np.stack(rows), is_float
+
+
+def _decode(image: bpy.types.Image):
+    """A new ImBuf of the image's file or packed copy, None when it has neither."""
+    try:
+        if image.packed_file is not None:
+            return imbuf.load_from_buffer(image.packed_file.data)
+        if image.source == "FILE":
+            return imbuf.load(bpy.path.abspath(image.filepath, library=image.library))
+    except (OSError, ValueError):  # the file went away since the image was loaded
+        pass
+    return None
 
 
 def _math(tree, operation, *operands):

@@ -1,7 +1,8 @@
 """The main job end to end, in a headless Blender (the bpy module):
 
 validate the extension, build its zip with Blender's builder, install and enable it, generate a 360°
-world through bpy.ops.msd.generate, save OUT/demo.blend and render OUT/preview.png with Cycles.
+world through bpy.ops.msd.generate, save OUT/demo.blend (only when it succeeded: a failed run keeps
+an earlier demo) and render OUT/preview.png with Cycles.
 
     .venv/bin/python scripts/demo.py --model tiny --out out            # offline, seconds to minutes
     .venv/bin/python scripts/demo.py --model /path/to/sd2-base --out out
@@ -71,10 +72,9 @@ def main(argv=None) -> int:
     bpy.context.preferences.filepaths.save_version = 0  # no demo.blend1 backups
     scene = bpy.context.scene
     add_camera_and_probe(scene)
-    blend_path = out / "demo.blend"
-    bpy.ops.wm.save_as_mainfile(filepath=str(blend_path))  # saved first: panoramas go to OUT/panoramas/
+    blend_path = out / "demo.blend"  # saved only once generation succeeded: a failure keeps an earlier demo
 
-    configure(blender_env.addon_preferences(), scene.msd_panorama, args)
+    configure(blender_env.addon_preferences(), scene.msd_panorama, args, out / "panoramas")
     if args.allow_download and blender_env.addon_module().operators.models.needs_download(args.model):
         print(f"Downloading {args.model} from the Hugging Face Hub…", flush=True)
         try:
@@ -100,14 +100,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def configure(prefs, panel, args) -> None:
+def configure(prefs, panel, args, panoramas: Path) -> None:
     import bpy
 
     tiny = args.model == "tiny"
     prefs.worker_python = sys.executable
     prefs.model = args.model
     prefs.device = args.device
-    prefs.output_folder = "//panoramas/"
+    prefs.output_folder = str(panoramas)  # the .blend is not saved yet: "//" would mean the user folder
     if args.allow_download:
         bpy.context.preferences.system.use_online_access = True  # the add-on may then download the model
     panel.prompt = args.prompt

@@ -281,3 +281,21 @@ def test_flat_backdrop_fills_an_orthographic_view(extension, tmp_path):
     (x0, y0, _), (x1, y1, _) = (world_to_camera_view(bpy.context.scene, camera, p) for p in (bottom_left, top_right))
     assert (x0, x1) == pytest.approx((0, 1), abs=1e-5) or (y0, y1) == pytest.approx((0, 1), abs=1e-5)
     assert x0 <= 1e-6 and y0 <= 1e-6 and x1 >= 1 - 1e-6 and y1 >= 1 - 1e-6
+
+
+def test_an_earlier_backdrop_the_user_renamed_and_moved_is_left_alone(extension, tmp_path):
+    # Backdrops are recognised by the add-on's mark, not by name: a second one for the same file is
+    # a new object placed as if the first were not there, and the first keeps the user's changes.
+    add_camera(bpy.context.scene, azimuth=90)
+    path = write_panorama(tmp_path / "pano.png", 96, 32)
+    assert bpy.ops.msd.add_backdrop(filepath=str(path)) == {"FINISHED"}
+    first = bpy.context.active_object
+    placed = first.matrix_world.copy()
+    first.name, first.location.z = "My Wall", 50.0
+    assert bpy.ops.msd.add_backdrop(filepath=str(path)) == {"FINISHED"}
+    second = bpy.context.active_object
+    assert second != first and first.name == "My Wall" and first.location.z == 50.0
+    assert np.allclose(np.array(second.matrix_world), np.array(placed))
+    assert second["msd_image"] == first["msd_image"] and len(bpy.data.images) == 1
+    bpy.data.objects.remove(first)  # deleting it leaves the other and the image alone
+    assert second["msd_image"].users >= 2 and len(bpy.data.images) == 1

@@ -43,25 +43,50 @@ def test_python_dash_m_msd_core_shows_help():
     assert "torch" not in completed.stderr  # --help must not load the model stack
 
 
+def run_cli(*arguments) -> int:
+    """cli.main's exit code, also when argparse exits by itself."""
+    try:
+        return cli.main(list(arguments))
+    except SystemExit as exc:
+        return exc.code
+
+
 @pytest.mark.parametrize(
     "arguments,message",
     [
-        (["--width", "1001"], "width 1001 is not a multiple of 8 (the VAE's factor); nearest valid: 1000 or 1008"),
+        (["--width", "1001"], "--width 1001 is not a multiple of 8 (the VAE's factor); nearest valid: 1000 or 1008"),
         (["--width", "48", "--height", "48"], "smaller than one 64 px window"),
-        (["--omega", "-1"], "omega must be ≥ 0"),
-        (["--guidance", "-2"], "guidance must be ≥ 0"),
-        (["--steps", "0"], "steps must be a whole number ≥ 1"),
+        (["--omega", "-1"], "--omega must be a number from 0 to 1000"),
+        (["--omega", "inf"], "--omega must be a number from 0 to 1000 (0 is plain MultiDiffusion), got inf"),
+        (["--omega", "nan"], "--omega must be a number"),
+        (["--guidance", "-2"], "--guidance must be a number from 0 to 100"),
+        (["--guidance", "1e400"], "--guidance must be a number from 0 to 100 (7.5 is usual; 1 or less turns it off), got inf"),
+        (["--steps", "0"], "--steps must be a whole number from 1 to 1000"),
+        (["--steps", "100000"], "--steps must be a whole number from 1 to 1000 (Stable Diffusion's scheduler has 1000 timesteps)"),
+        (["--width", "100000", "--height", "100000"], "--width must be a whole number of pixels from 8 to 16384"),
+        (["--stride", "8"], "--stride 8 px: with more than one pyramid level the stride must be a multiple of 16 px"),
+        (["--scales", "99"], "--scales must be a whole number from 1 to 12"),
+        (["--view-batch", "0"], "--view-batch must be a whole number from 1 to 1024"),
+        (["--seed", "-1"], "--seed must be a whole number from 0 to 2^63−1"),
+        (["--threads", "-1"], "--threads must be from 0 (automatic) to 1024"),
+        (["--negative", "a\x07b"], "--negative contains the control character U+0007"),
         (["--model", "nobody/no-such-model"], "'nobody/no-such-model' was not found"),
         (["--model", "weights.ckpt"], "pickle"),
+        (["--model", "weights.CKPT"], "pickle"),
+        (["--model", ""], "--model is empty"),
         (["--preset", "strip", "--scales", "9"], "fewer --scales"),
+        # argparse's own errors: one line too, with exit code 2
+        (["--steps", "abc"], "argument --steps: invalid int value: 'abc' (see msd-panorama generate --help)"),
+        (["--colour", "red"], "unrecognized arguments: --colour red"),
+        (["--preset", "square"], "argument --preset: invalid choice: 'square'"),
     ],
-)
+)  # fmt: skip
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, arguments, message):
-    out = tmp_path / "out.png"
-    code = cli.main(["generate", "a lake", "-o", str(out), "-q", *SMALL, *arguments])
+    code = run_cli("generate", "a lake", "-o", str(tmp_path / "out.png"), "-q", *SMALL, *arguments)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1].startswith("msd-panorama: error: ") and message in err[-1]
+    assert [line for line in err if "error" in line] == [err[-1]] and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("msd-panorama: error: ") and message in err[-1], err[-1]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -196,18 +197,20 @@ def test_generate_sends_settings_as_json_and_returns_unique_ids(tmp_path, monkey
     settings = GenerationSettings(prompt='a "quoted" prompt\nwith a newline', model="tiny", width=128, height=64)
     with WorkerClient(sys.executable, pythonpath=folder) as client:
         first = client.generate(settings, tmp_path / "a.png", preview_every=2)
-        second = client.generate(settings.to_dict(), str(tmp_path / "b.png"), overwrite=True, preview_dir=tmp_path)
+        second = client.generate(
+            settings.to_dict(), str(tmp_path / "b.png"), overwrite=True, preview_dir=tmp_path, threads=3
+        )
         client.cancel(second)
         echoed = [e["request"] for e in events_until(client, lambda e: e.get("request", {}).get("op") == "cancel")[1:]]
     assert first != second
     assert echoed == [
         protocol.request(
             "generate", first, settings=settings.to_dict(), output=str(tmp_path / "a.png"),
-            overwrite=False, preview_every=2, preview_dir=None,
+            overwrite=False, preview_every=2, preview_dir=None, threads=0,
         ),
         protocol.request(
             "generate", second, settings=settings.to_dict(), output=str(tmp_path / "b.png"),
-            overwrite=True, preview_every=protocol.DEFAULT_PREVIEW_EVERY, preview_dir=str(tmp_path),
+            overwrite=True, preview_every=protocol.DEFAULT_PREVIEW_EVERY, preview_dir=str(tmp_path), threads=3,
         ),
         protocol.request("cancel", second),
     ]
@@ -222,3 +225,30 @@ def test_client_and_protocol_import_without_torch():
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=WAIT, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_runaway_output_lines_are_dropped_not_held(tmp_path, monkeypatch):
+    """A worker that writes a 20 MB line on stdout and on stderr: both are replaced by a note, the
+    events after them still arrive."""
+    folder = stand_in_worker(
+        tmp_path,
+        monkeypatch,
+        """
+        import json, os, sys
+        print(json.dumps({"event": "ready", "id": None, "pid": os.getpid()}), flush=True)
+        sys.stdout.write('{"event": "pong", "id": "' + "x" * 20_000_000 + '"}\\n')
+        sys.stderr.write("y" * 20_000_000 + "\\n")
+        print(json.dumps({"event": "pong", "id": "after"}), flush=True)
+        print("the end", file=sys.stderr, flush=True)
+        sys.stdin.read()
+        """,
+    )
+    with WorkerClient(sys.executable, pythonpath=folder) as client:
+        events = events_until(client, lambda e: e["id"] == "after")
+        assert [e["event"] for e in events] == ["ready", "pong"]
+        deadline = time.monotonic() + WAIT
+        while "the end" not in client.stderr_lines and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("(a line of 20000" in line and "bytes was dropped)" in line for line in client.stderr_lines)
+        assert client.stderr_lines[-1] == "the end"
+        assert max(map(len, client.stderr_lines)) < 1000

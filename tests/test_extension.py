@@ -147,13 +147,15 @@ def assert_nothing_left(classes):
 
 def test_register_unregister_register_leaves_nothing_behind(extension):
     assert_registered()
-    assert len(our_handlers()) == 1  # load_pre: a file load cancels the run
+    # load_pre: a file load cancels the run; save_pre/save_post: a save stores the user's world, not
+    # the live preview; load_post, undo_post, redo_post: a preview world brought back is removed.
+    assert len(our_handlers()) == 6
     classes = addon_classes()
     extension.unregister()
     assert_nothing_left(classes)
     extension.register()
     assert_registered()
-    assert len(our_handlers()) == 1
+    assert len(our_handlers()) == 6
 
 
 def test_disable_and_enable_through_blender(extension):
@@ -261,3 +263,30 @@ def test_import_msd_core_loads_neither_torch_nor_bpy():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# -- the commands of the README ---------------------------------------------------------------------
+
+
+def test_make_dist_builds_the_zip_into_a_folder_it_creates(tmp_path):
+    dist = tmp_path / "not" / "there" / "yet"
+    result = subprocess.run(
+        ["make", "-C", str(REPO_ROOT), "-o", ".venv/.installed", "dist", f"PY={sys.executable}", f"DIST={dist}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (zip_path,) = dist.glob("msd_panorama-*.zip")
+    assert "operators/generate.py" in zipfile.ZipFile(zip_path).namelist()
+
+
+def test_a_failed_demo_keeps_the_earlier_demo_blend(tmp_path):
+    earlier = b"BLENDER an earlier, good demo"
+    (tmp_path / "demo.blend").write_bytes(earlier)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--model", str(tmp_path / "no-such-model"),
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "is not available offline" in result.stderr
+    assert (tmp_path / "demo.blend").read_bytes() == earlier

@@ -77,6 +77,14 @@ def start_long_run(generate, until) -> None:
     assert wait(generate, bpy.context, until=lambda: until(run_state())) == "RUNNING"
 
 
+def write_test_png(path, width, height):
+    image = bpy.data.images.new("source", width, height)
+    image.filepath_raw, image.file_format = str(path), "PNG"
+    image.save()
+    bpy.data.images.remove(image)
+    return path
+
+
 def world_images(world) -> list:
     return [node.image for node in world.node_tree.nodes if node.type == "TEX_ENVIRONMENT"]
 
@@ -98,7 +106,7 @@ def test_generate_wait_makes_the_world_from_a_panorama_with_its_settings(addon, 
     assert image["msd"]["model"] == "tiny"
     world = bpy.context.scene.world
     assert world is not None and image in world_images(world)
-    assert state.preview_image == "" and "MSD Preview" not in bpy.data.images  # previews live only during a run
+    assert state.preview_image_uid is None and "MSD Preview" not in bpy.data.images  # previews live only during a run
 
     # Restoring fills the panel from the image's stored settings.
     group = bpy.context.scene.msd_panorama
@@ -158,8 +166,8 @@ def test_polling_by_hand_reports_progress_shows_previews_and_applies_the_target(
         outcome = generate.poll_worker(bpy.context)
         if outcome == "RUNNING":
             progress.append(state.progress)
-            if state.preview_image:
-                image = bpy.data.images[state.preview_image]
+            image = generate.preview_image()
+            if image is not None:
                 assert tuple(image.size) == (128, 64)
                 preview_paths.add(image.filepath)
         time.sleep(0.01)
@@ -169,7 +177,7 @@ def test_polling_by_hand_reports_progress_shows_previews_and_applies_the_target(
     written = sorted(name for name in os.listdir(addon_module().preferences.user_folder("previews")))
     assert [name[-13:] for name in written] == ["step-0001.png", "step-0005.png", "step-0010.png"]
     assert preview_paths and {os.path.basename(path) for path in preview_paths} <= set(written)
-    assert "MSD Preview" not in bpy.data.images and state.preview_image == ""
+    assert "MSD Preview" not in bpy.data.images and state.preview_image_uid is None
     new_objects = set(bpy.data.objects) - objects_before
     assert len(new_objects) == 1  # the backdrop
     assert bpy.ops.msd.generate.poll()
@@ -182,8 +190,8 @@ def test_a_world_target_shows_the_previews_live_then_the_result(addon):
     bpy.context.scene.msd_panorama.steps = 6  # previews after steps 1 and 5
     generate.start_generation(bpy.context)
     state = run_state()
-    assert wait(generate, bpy.context, until=lambda: state.preview_image != "") == "RUNNING"
-    preview = bpy.data.images[state.preview_image]
+    assert wait(generate, bpy.context, until=lambda: state.preview_image_uid is not None) == "RUNNING"
+    preview = generate.preview_image()
     assert world_images(bpy.context.scene.world) == [preview] and bpy.context.scene.world != studio
 
     assert wait(generate, bpy.context) == "FINISHED"
@@ -197,11 +205,152 @@ def test_cancelling_a_live_world_preview_gives_the_scene_its_world_back(addon):
     studio = bpy.data.worlds.new("Studio")
     bpy.context.scene.world = studio
     before = datablocks()
-    start_long_run(generate, until=lambda state: state.preview_image != "")
+    start_long_run(generate, until=lambda state: state.preview_image_uid is not None)
     assert bpy.context.scene.world != studio
     generate.cancel_generation()
     assert wait(generate, bpy.context) == "CANCELLED"
     assert bpy.context.scene.world == studio and datablocks() == before
+
+
+# -- the live preview never costs the user their world ----------------------------------------------
+
+
+@pytest.fixture
+def studio(addon):
+    """The user's own world, assigned to the scene and used by nothing else."""
+    world = bpy.data.worlds.new("Studio")
+    world.node_tree.nodes.new("ShaderNodeTexSky")
+    bpy.context.scene.world = world
+    return world
+
+
+def start_live_preview(generate) -> None:
+    start_long_run(generate, until=lambda state: state.preview_image_uid is not None)
+    assert bpy.context.scene.world["msd_image"] == generate.preview_image()
+
+
+def assert_studio_is_back(studio, name="Studio") -> None:
+    scene = bpy.context.scene
+    assert scene.world == studio and studio.name == name and not studio.use_fake_user
+    assert [node.bl_idname for node in studio.node_tree.nodes if node.bl_idname == "ShaderNodeTexSky"]
+    assert list(bpy.data.worlds) == [studio] and "MSD Preview" not in bpy.data.images
+
+
+def cancel_and_wait(generate) -> None:
+    generate.cancel_generation()
+    assert wait(generate, bpy.context) == "CANCELLED"
+
+
+def test_the_users_world_keeps_a_user_while_the_preview_shows(addon, studio):
+    generate = generate_module()
+    start_live_preview(generate)
+    assert studio.users >= 1 and studio.use_fake_user
+    bpy.data.orphans_purge(do_recursive=True)  # Outliner › Purge: removes whatever has no user
+    assert "Studio" in bpy.data.worlds
+    cancel_and_wait(generate)
+    assert_studio_is_back(studio)
+
+
+def test_a_save_mid_run_stores_the_users_world_and_nothing_of_the_preview(addon, studio, tmp_path):
+    generate = generate_module()
+    start_live_preview(generate)
+    blend = tmp_path / "mid-run.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))  # runs save_pre and save_post
+    # The run goes on and the preview is the world again.
+    assert generate.session.busy and bpy.context.scene.world["msd_image"] == generate.preview_image()
+    assert studio.use_fake_user
+
+    bpy.ops.wm.open_mainfile(filepath=str(blend))  # load_pre ends the run
+
+    assert not generate.session.busy and run_state().preview_image_uid is None
+    world = bpy.context.scene.world
+    assert world is not None and world.name == "Studio" and not world.use_fake_user
+    assert list(bpy.data.worlds) == [world] and list(bpy.data.images) == []
+    assert bpy.ops.msd.generate.poll()  # and the next run can start
+
+
+def test_renaming_the_users_world_mid_run_then_cancelling_restores_it(addon, studio):
+    generate = generate_module()
+    start_live_preview(generate)
+    studio.name = "Renamed"
+    cancel_and_wait(generate)
+    assert_studio_is_back(studio, name="Renamed")
+
+
+def test_a_failed_run_restores_the_users_world(addon, studio):
+    generate = generate_module()
+    start_live_preview(generate)
+    os.kill(generate.session.client.ready_info["pid"], signal.SIGKILL)
+    assert wait(generate, bpy.context) == "CANCELLED" and "SIGKILL" in run_state().last_error
+    assert_studio_is_back(studio)
+
+
+def test_deleting_the_preview_world_gives_the_users_world_back(addon, studio):
+    generate = generate_module()
+    start_live_preview(generate)
+    bpy.data.worlds.remove(bpy.context.scene.world)
+    state = run_state()
+    step = state.step
+    assert wait(generate, bpy.context, until=lambda: state.step >= step + 5) == "RUNNING"  # another preview came
+    assert bpy.context.scene.world == studio and list(bpy.data.worlds) == [studio]
+    cancel_and_wait(generate)
+    assert_studio_is_back(studio)
+
+
+def test_a_world_chosen_mid_run_stands(addon, studio, tmp_path):
+    # Applying a panorama (or picking any world) while the preview shows: the user's choice wins,
+    # and their earlier world is kept for them.
+    generate = generate_module()
+    start_live_preview(generate)
+    source = write_test_png(tmp_path / "other.png", 64, 32)
+    assert bpy.ops.msd.apply_world(filepath=str(source)) == {"FINISHED"}
+    chosen = bpy.context.scene.world
+    state = run_state()
+    step = state.step
+    assert wait(generate, bpy.context, until=lambda: state.step >= step + 5) == "RUNNING"
+    assert bpy.context.scene.world == chosen
+    cancel_and_wait(generate)
+    assert bpy.context.scene.world == chosen and set(bpy.data.worlds) == {studio, chosen}
+    assert studio.use_fake_user  # unused now, but not lost on save
+
+
+def test_undo_after_the_run_never_brings_the_preview_back(addon, studio):
+    generate = generate_module()
+    start_live_preview(generate)
+    bpy.ops.ed.undo_push(message="something the user did mid-run")
+    cancel_and_wait(generate)
+    bpy.ops.ed.undo_push(message="after the run")
+    bpy.ops.ed.undo()  # back to the state with the preview as the world
+    studio = bpy.data.worlds["Studio"]  # references do not survive an undo
+    assert_studio_is_back(studio)
+
+
+def test_the_result_goes_to_the_scene_the_run_was_for_even_renamed(addon, studio):
+    generate = generate_module()
+    scene = bpy.context.scene
+    scene.msd_panorama.steps = 8  # a preview after step 1 and 5, and an end soon
+    generate.start_generation(bpy.context)
+    assert wait(generate, bpy.context, until=lambda: run_state().preview_image_uid is not None) == "RUNNING"
+    scene.name = "Renamed Scene"
+    other = bpy.data.scenes.new("Other")
+    with bpy.context.temp_override(scene=other):  # the user switched to another scene
+        assert wait(generate, bpy.context) == "FINISHED"
+    assert other.world is None
+    assert scene.world["msd_image"] == bpy.data.images[run_state().last_image]
+    assert set(bpy.data.worlds) == {studio, scene.world} and studio.use_fake_user
+
+
+def test_opening_another_file_mid_run_ends_it_cleanly(addon):
+    generate = generate_module()
+    start_long_run(generate, until=lambda state: state.step >= 1)
+    bpy.ops.wm.read_homefile(use_empty=True)
+    assert not generate.session.busy and run_state().status == "READY"
+    addon_module().properties  # the add-on is still enabled in the new file
+    group = bpy.context.scene.msd_panorama
+    group.prompt, group.aspect, group.width, group.height, group.steps = PROMPT, "CUSTOM", 256, 128, 3
+    group.random_seed = False
+    assert bpy.ops.msd.generate(wait=True) == {"FINISHED"}  # the old run's late events are ignored
+    assert run_state().last_error == ""
 
 
 def test_the_preview_image_is_one_datablock_updated_in_place(addon, tmp_path):
@@ -215,13 +364,13 @@ def test_the_preview_image_is_one_datablock_updated_in_place(addon, tmp_path):
         paths.append(image.filepath_raw)
     before = len(bpy.data.images)
     generate._show_preview(paths[0])
-    name = run_state().preview_image
+    preview = generate.preview_image()
+    name = preview.name
     generate._show_preview(paths[1])
-    assert run_state().preview_image == name and len(bpy.data.images) == before + 1
-    preview = bpy.data.images[name]
+    assert generate.preview_image() == preview and len(bpy.data.images) == before + 1
     assert preview.filepath == paths[1] and tuple(preview.size) == (64, 32)
     generate._remove_preview()
-    assert name not in bpy.data.images and run_state().preview_image == ""
+    assert name not in bpy.data.images and run_state().preview_image_uid is None
 
 
 def test_cancel_leaves_the_scene_as_it_was(addon, tmp_path):
@@ -279,7 +428,8 @@ def test_a_failed_import_removes_what_it_had_added(addon, tmp_path):
     before = datablocks()
     job = generate.Job(
         request_id="r1", settings=addon_module().msd_core.settings.GenerationSettings(prompt=PROMPT),
-        output=str(tmp_path / "pano.png"), scene_name=bpy.context.scene.name, target="BACKDROP",
+        output=str(tmp_path / "pano.png"), scene_uid=bpy.context.scene.session_uid, scene_name=bpy.context.scene.name,
+        target="BACKDROP",
         backdrop_shape="WAVY", world_strength=1.0, world_rotation=0.0, backdrop_strength=1.0,
     )  # fmt: skip
     assert generate._import_result(bpy.context, job, job.output) == "CANCELLED"
@@ -345,6 +495,21 @@ def test_settings_from_scene_maps_the_panel_and_preferences(addon):
     group.random_seed = True
     seeds = {addon_module().properties.settings_from_scene(bpy.context.scene, addon_preferences()).seed for _ in range(5)}
     assert len(seeds) > 1
+
+
+def test_the_pyramid_is_drawn_in_the_sampler_and_maps_both_ways(addon):
+    from test_extension import draw
+
+    group, properties = bpy.context.scene.msd_panorama, addon_module().properties
+    assert ("prop", "pyramid") in draw("MSD_PT_panorama_sampler") and group.pyramid == "halving"
+    group.pyramid = "global"
+    settings = properties.settings_from_scene(bpy.context.scene, addon_preferences())
+    assert settings.pyramid == "global"
+    group.pyramid = "halving"
+    properties.settings_to_scene(settings, bpy.context.scene)
+    assert group.pyramid == "global"
+    assert properties.setting_label("pyramid") == ("Pyramid", "the Panorama panel's Sampler section")
+    group.pyramid = "halving"
 
 
 def test_output_files_get_new_names(addon, tmp_path):
@@ -448,3 +613,28 @@ def test_find_base_python(addon):
     assert worker_env.python_version(found) >= (3, 10)
     with pytest.raises(addon_module().msd_core.errors.BadInput, match="/nonexistent/python does not run"):
         worker_env.find_base_python("/nonexistent/python")
+
+
+# -- messages speak the panel's language ------------------------------------------------------------
+
+
+def test_a_missing_model_says_where_to_set_it_in_blender(addon, tmp_path):
+    addon_preferences().model = str(tmp_path / "no-such-model")
+    with pytest.raises(RuntimeError, match="set Model in the add-on preferences"):
+        bpy.ops.msd.generate(wait=True)
+    state = run_state()
+    assert state.last_error_kind == "model_not_found" and "--" not in state.last_error
+    assert str(tmp_path / "no-such-model") in state.last_error
+
+
+def test_settings_and_flags_in_messages_become_panel_labels(addon):
+    in_panel_terms = addon_module().properties.in_panel_terms
+    assert in_panel_terms("steps 5000 is more than the scheduler's 1000", "steps") == (
+        "steps 5000 is more than the scheduler's 1000; set Steps in the Panorama panel's Sampler section"
+    )
+    assert in_panel_terms("no such folder; pass --model-config or --dtype") == (
+        "no such folder; pass Model Config or Precision; set Model Config in the add-on preferences"
+    )
+    assert in_panel_terms("scales 9 is too many", "scales").endswith("set Levels in the Panorama panel's Sampler section")
+    assert in_panel_terms("the model is missing", None, "model").endswith("; set Model in the add-on preferences")
+    assert in_panel_terms("window 100 is odd", "window") == "window 100 is odd"  # not in the panel

@@ -183,7 +183,7 @@ def test_reading_attributes_of_a_damaged_file_is_a_clear_error(tmp_path, content
 def test_exr_is_never_overwritten_without_overwrite_and_no_temporary_file_stays(tmp_path):
     pixels = sky_with_sun(64, 32)
     (tmp_path / "pano.exr").write_bytes(b"precious")
-    with pytest.raises(BadInput, match="pano.exr exists; pass --overwrite"):
+    with pytest.raises(BadInput, match="pano.exr exists; to replace it, turn on overwrite"):
         output.check_output_path(tmp_path / "pano.png", overwrite=False, exr=True)
     output.check_output_path(tmp_path / "pano.png", overwrite=False)  # without HDR the EXR is no concern
     png = output.save_png(Image.fromarray(pixels), tmp_path / "pano.png", {})
@@ -217,14 +217,14 @@ def test_hdr_settings_are_validated(changes, message):
 def test_cli_bad_hdr_peak_is_one_line_exit_2_and_nothing_written(tmp_path, capsys):
     assert cli.main(["generate", "a lake", "-o", str(tmp_path / "out.png"), "-q", *SMALL, "--hdr-peak", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("msd-panorama: error: hdr_peak must be a number from 1 to 1000")
+    assert err[-1].startswith("msd-panorama: error: --hdr-peak must be a number from 1 to 1000")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_hdr_refuses_an_existing_exr_before_generating(tmp_path, capsys):
     (tmp_path / "out.exr").write_bytes(b"precious")
     assert cli.main(["generate", "a lake", "-o", str(tmp_path / "out.png"), "-q", *SMALL, "--hdr"]) == 2
-    assert "out.exr exists; pass --overwrite" in capsys.readouterr().err
+    assert "out.exr exists; to replace it, turn on --overwrite" in capsys.readouterr().err
     assert [path.name for path in tmp_path.iterdir()] == ["out.exr"]
 
 

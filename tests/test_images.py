@@ -127,22 +127,97 @@ def test_other_image_formats_load_without_metadata(extension, tmp_path):
     assert tuple(image.size) == (64, 32) and extension.operators.images.metadata_of(image) == {}
 
 
-def test_loading_the_same_file_again_reloads_it_instead_of_duplicating(extension, tmp_path):
+def test_loading_the_same_file_again_returns_its_image_and_a_rewritten_file_is_a_new_one(extension, tmp_path):
     images = extension.operators.images
     path = write_panorama(tmp_path / "pano.png", 64, 32, generation_texts())
     first = images.load_panorama(str(path))
-    name = first.name
-    # The file is made again with another prompt and other colours, then applied through another
-    # spelling of the same path: the same image comes back with the new pixels and settings.
+    # Another spelling of the same path, and a copy of the file: the image made for those bytes.
+    shutil.copy(path, tmp_path / "copy.png")
+    assert images.load_panorama(str(tmp_path / "." / "sub" / ".." / "pano.png")) == first
+    assert images.load_panorama(str(tmp_path / "copy.png")) == first and len(bpy.data.images) == 1
+
+    # The file is made again with another prompt and other colours: another generation, another
+    # image; the first one keeps its pixels and settings.
     write_panorama(path, 64, 32, generation_texts("a red desert", 7), top=BOTTOM_COLORS, bottom=TOP_COLORS)
+    second = images.load_panorama(str(path))
 
-    second = images.load_panorama(str(tmp_path / "." / "sub" / ".." / "pano.png"))
-
-    assert second == first and len(bpy.data.images) == 1
-    assert second.name == name
+    assert second != first and len(bpy.data.images) == 2
     assert images.metadata_of(second) == generation_texts("a red desert", 7)
-    assert image_pixel(second, 0, 0) == BOTTOM_COLORS[0]
-    assert second.packed_file is not None
+    assert image_pixel(second, 0, 0) == BOTTOM_COLORS[0] and second.packed_file is not None
+    assert images.metadata_of(first) == generation_texts()
+    assert image_pixel(first, 0, 0) == TOP_COLORS[0] and first.packed_file is not None
+
+
+def paint(image, color=(0.25, 0.5, 0.75, 1.0)) -> None:
+    """Unsaved edits, as Texture Paint leaves them."""
+    pixels = np.empty(len(image.pixels), dtype=np.float32)
+    pixels.reshape(-1, 4)[:] = color
+    image.pixels.foreach_set(pixels)
+    assert image.is_dirty
+
+
+def test_an_edited_panorama_is_not_reused(extension, tmp_path):
+    images = extension.operators.images
+    path = write_panorama(tmp_path / "pano.png", 64, 32, generation_texts())
+    first = images.load_panorama(str(path))
+    paint(first)
+    second = images.load_panorama(str(path))
+    assert second != first and image_pixel(second, 0, 0) == TOP_COLORS[0]
+    assert first.is_dirty and image_pixel(first, 0, 0) == (64, 128, 191)
+
+
+@pytest.mark.parametrize("disk_copy", ["readable", "unreadable"])
+def test_the_users_own_image_of_the_file_is_never_touched(extension, tmp_path, disk_copy):
+    # The user loaded the file themselves, packed it and painted on it; then the file is applied.
+    path = write_panorama(tmp_path / "pano.png", 64, 32, generation_texts())
+    mine = bpy.data.images.load(str(path))
+    mine.pack()
+    paint(mine)
+    if disk_copy == "unreadable":
+        path.write_text("the disk copy is gone")
+        with pytest.raises(RuntimeError, match="not an image Blender can read"):
+            bpy.ops.msd.apply_world(filepath=str(path))
+        assert list(bpy.data.images) == [mine] and bpy.context.scene.world is None
+    else:
+        assert bpy.ops.msd.apply_world(filepath=str(path)) == {"FINISHED"}
+        assert len(bpy.data.images) == 2
+        shown = bpy.context.scene.world["msd_image"]
+        assert shown != mine and image_pixel(shown, 0, 0) == TOP_COLORS[0]
+    assert mine.packed_file is not None and mine.is_dirty and "msd" not in mine
+    assert tuple(mine.size) == (64, 32) and image_pixel(mine, 0, 0) == (64, 128, 191)
+
+
+def test_a_failed_reapply_leaves_the_world_and_its_image_as_they_were(extension, tmp_path):
+    path = write_panorama(tmp_path / "strip.png", 128, 32, generation_texts())
+    assert bpy.ops.msd.apply_world(filepath=str(path), strength=2.0) == {"FINISHED"}
+    world = bpy.context.scene.world
+    image = world["msd_image"]
+    nodes = sorted((node.bl_idname, node.name) for node in world.node_tree.nodes)
+    path.write_text("the file was overwritten since")
+
+    with pytest.raises(RuntimeError, match="not an image Blender can read"):
+        bpy.ops.msd.apply_world(filepath=str(path), strength=5.0)
+
+    assert bpy.context.scene.world == world and list(bpy.data.images) == [image]
+    assert sorted((node.bl_idname, node.name) for node in world.node_tree.nodes) == nodes
+    assert world.node_tree.nodes["Background"].inputs["Strength"].default_value == pytest.approx(2.0)
+    assert image.packed_file is not None and image_pixel(image, 0, 0) == TOP_COLORS[0]
+
+
+def test_only_the_add_ons_own_text_entries_are_kept_and_the_rest_is_reported(extension, tmp_path, capfd):
+    texts = {**generation_texts(), "Comment": "x" * 100_000, "Software": "elsewhere", "evil": "{}"}
+    path = write_panorama(tmp_path / "pano.png", 64, 32, texts)
+    warnings = []
+    image = extension.operators.images.load_panorama(str(path), warnings)
+    assert extension.operators.images.metadata_of(image) == generation_texts()
+    assert set(image["msd"].keys()) == set(generation_texts())
+    assert warnings == ["pano.png: ignored 3 text entries that are not MSD Panorama settings ('Comment', 'Software', 'evil')"]
+
+    # The operator reports it (as a warning: the world is applied all the same).
+    bpy.data.images.remove(image)
+    capfd.readouterr()
+    assert bpy.ops.msd.apply_world(filepath=str(path)) == {"FINISHED"}
+    assert "ignored 3 text entries" in "".join(capfd.readouterr())
 
 
 def test_saved_blend_refers_to_the_image_by_relative_path(extension, tmp_path):
@@ -163,7 +238,7 @@ def test_saved_blend_refers_to_the_image_by_relative_path(extension, tmp_path):
     bpy.ops.wm.open_mainfile(filepath=str(moved / "scene.blend"))
     image = bpy.data.images[name]
     assert tuple(image.size) == (64, 32) and image_pixel(image, 0, 0) == TOP_COLORS[0]
-    assert extension.operators.images.find_loaded(str(moved / "renders" / "pano.png")) == image
+    assert extension.operators.images.load_panorama(str(moved / "renders" / "pano.png")) == image
 
 
 def test_save_and_reload_keeps_world_backdrop_image_and_metadata(extension, tmp_path):
@@ -213,3 +288,58 @@ def test_bad_file_raises_a_clear_error_and_loads_nothing(extension, tmp_path, ma
     with pytest.raises(extension.operators.images.PanoramaImageError, match=message):
         extension.operators.images.load_panorama(str(path))
     assert len(bpy.data.images) == 0
+
+
+# -- Use Settings of Panorama: all fields or none, one clean message ---------------------------------
+
+
+def panel_values() -> dict:
+    group = bpy.context.scene.msd_panorama
+    return {name: getattr(group, name) for name in group.bl_rna.properties.keys() if name != "rna_type"}
+
+
+NESTED = '{"prompt": ' + "[" * 20_000 + "]" * 20_000 + "}"
+
+
+@pytest.mark.parametrize(
+    "settings_text, message",
+    [
+        ('{"prompt": "x", "width": 1099511627776}', "[Ww]idth"),
+        ('{"prompt": "x", "steps": 1099511627776}', "[Ss]teps"),
+        ('{"prompt": "x", "scales": 1099511627776}', "Levels|scales"),
+        ('{"prompt": "x", "seed": 1099511627776}', "Seed"),
+        ('{"prompt": "x", "seed": 1' + "0" * 5000 + "}", "5001 digits"),
+        ('{"prompt": "x", "omega": 1e300}', "[Oo]mega"),
+        ('{"prompt": "x", "omega": NaN}', "NaN is not a setting value"),
+        (NESTED, "nested too deeply"),
+        ('{"prompt": "' + "x" * 70_000 + '"}', "more than settings ever take"),
+        ('{"prompt": "x", "width": ', "damaged"),
+    ],
+    ids=["width-2^40", "steps-2^40", "scales-2^40", "seed-2^40", "5000-digits", "omega-1e300", "nan", "nested",
+         "too-long", "cut-short"],
+)  # fmt: skip
+def test_bad_stored_settings_change_nothing_and_give_one_clean_error(extension, tmp_path, settings_text, message):
+    group = bpy.context.scene.msd_panorama
+    group.prompt, group.aspect, group.steps = "my own prompt", "STRIP", 33
+    before = panel_values()
+    path = write_panorama(tmp_path / "pano.png", 64, 32, {"settings": settings_text})
+    with pytest.raises(RuntimeError, match=message) as error:
+        bpy.ops.msd.restore_settings(filepath=str(path))
+    assert "Traceback" not in str(error.value) and str(error.value).count("\n") <= 1
+    assert panel_values() == before
+
+    image = bpy.data.images.new("stored", 8, 8)  # the same text stored on an image
+    image["msd"] = {"settings": settings_text}
+    with pytest.raises(RuntimeError, match=message):
+        bpy.ops.msd.restore_settings(image_name=image.name)
+    assert panel_values() == before
+
+
+def test_settings_restore_writes_every_field(extension, tmp_path):
+    settings = {"prompt": "a red desert", "negative_prompt": "people", "width": 512, "height": 128, "wrap": False,
+                "steps": 12, "omega": 3.5, "guidance": 5.0, "scales": 2, "seed": 99, "method": "msd", "gradient": "fast"}  # fmt: skip
+    path = write_panorama(tmp_path / "pano.png", 64, 32, {"settings": json.dumps(settings)})
+    assert bpy.ops.msd.restore_settings(filepath=str(path)) == {"FINISHED"}
+    values = panel_values()
+    assert {name: values[name] for name in settings} == pytest.approx(settings)
+    assert values["aspect"] == "CUSTOM" and values["random_seed"] is False

@@ -1,5 +1,6 @@
 """Model loading: the tiny model, every source type load_components accepts, and its refusals."""
 
+import json
 import os
 import pickle
 import shutil
@@ -13,7 +14,7 @@ from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from safetensors.torch import load_file, save_file
 
 from msd_core import models
-from msd_core.errors import BadInput, ModelNotFound, UnsupportedModelFile
+from msd_core.errors import BadInput, ModelNotFound, NetworkError, UnsupportedModelFile
 from msd_core.vae import decode_latents
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,6 +239,137 @@ def test_folder_with_only_pickle_weights_is_refused(tmp_path):
         models.load_components(str(folder))
 
 
+# --- the hostile-model matrix: nothing may ever be unpickled -------------------------------------------
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """torch.load and every pickle entry point fail the test if anything calls them."""
+    calls = []
+
+    def forbidden(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} was called while loading a hostile model")
+
+        return call
+
+    for module, name in ((torch, "load"), (torch.serialization, "load"), (pickle, "load"), (pickle, "loads"),
+                         (pickle, "Unpickler")):  # fmt: skip
+        monkeypatch.setattr(module, name, forbidden(f"{module.__name__}.{name}"))
+    yield calls
+    assert calls == []
+
+
+def _pickle_file(path, marker):
+    """A pickle that creates ``marker`` when it is loaded (pickle.dumps is left alone by no_unpickling)."""
+    path.write_bytes(pickle.dumps(_Payload(marker)))
+    return path
+
+
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+def _tiny_copy(tmp_path, name="model"):
+    folder = tmp_path / name
+    shutil.copytree(models.tiny_model_dir(), folder)
+    return folder
+
+
+def _ldm_file(tmp_path, drop_text_encoder=False):
+    source = models.tiny_pipeline()
+    checkpoint = _ldm_checkpoint(source.unet, source.vae, source.text_encoder)
+    if drop_text_encoder:
+        checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith("cond_stage_model.")}
+    path = tmp_path / "tiny-ldm.safetensors"
+    save_file({k: v.contiguous() for k, v in checkpoint.items()}, path)
+    return path
+
+
+def _hostile(layout, tmp_path, marker):
+    """Build one hostile layout; return (load_components kwargs, the file the refusal must name)."""
+    config = str(models.tiny_model_dir())
+    if layout.startswith("suffix"):
+        name = layout.split(":")[1]
+        evil = _pickle_file(tmp_path / name, marker)
+        return {"model": str(evil), "model_config": config}, evil
+    if layout == "safetensors-symlink-to-pickle":
+        evil = _pickle_file(tmp_path / "real.ckpt", marker)
+        (tmp_path / "model.safetensors").symlink_to(evil)
+        return {"model": str(tmp_path / "model.safetensors"), "model_config": config}, tmp_path / "model.safetensors"
+    folder = _tiny_copy(tmp_path)
+    if layout.startswith("bin-only:"):
+        component = layout.split(":")[1]
+        stem = WEIGHT_STEMS[component]
+        (folder / component / f"{stem}.safetensors").unlink()
+        name = "pytorch_model.Bin" if component == "text_encoder" else f"{stem}.bin"
+        return {"model": str(folder)}, _pickle_file(folder / component / name, marker)
+    if layout.startswith("renamed-pickle:"):
+        component = layout.split(":")[1]
+        evil = folder / component / f"{WEIGHT_STEMS[component]}.safetensors"
+        return {"model": str(folder)}, _pickle_file(evil, marker)
+    if layout == "symlinked-weights":
+        weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+        weights.unlink()
+        weights.symlink_to(_pickle_file(tmp_path / "elsewhere.pt", marker))
+        return {"model": str(folder)}, weights
+    if layout == "shard-index-names-a-pickle":
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.unlink()
+        index = weights.with_name("diffusion_pytorch_model.safetensors.index.json")
+        index.write_text(json.dumps({"weight_map": {"conv_in.weight": "diffusion_pytorch_model-00001-of-00001.bin"}}))
+        _pickle_file(weights.with_name("diffusion_pytorch_model-00001-of-00001.bin"), marker)
+        return {"model": str(folder)}, index
+    if layout.startswith("config-folder-with-weights:"):
+        # The checkpoint lacks the text encoder: diffusers would load it from the config folder's weights.
+        config_folder = _tiny_copy(tmp_path, "config")
+        if layout.endswith("pickle"):
+            (config_folder / "text_encoder" / "model.safetensors").unlink()
+            _pickle_file(config_folder / "text_encoder" / "pytorch_model.bin", marker)
+        checkpoint = _ldm_file(tmp_path, drop_text_encoder=True)
+        return {"model": str(checkpoint), "model_config": str(config_folder)}, checkpoint
+    raise AssertionError(layout)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "suffix:evil.SAFETENSORS", "suffix:evil.Bin", "suffix:evil.CKPT", "suffix:evil.pt", "suffix:evil.pth",
+        "suffix:evil.Safetensors", "safetensors-symlink-to-pickle",
+        "bin-only:unet", "bin-only:vae", "bin-only:text_encoder",
+        "renamed-pickle:unet", "renamed-pickle:vae", "renamed-pickle:text_encoder",
+        "symlinked-weights", "shard-index-names-a-pickle",
+        "config-folder-with-weights:pickle", "config-folder-with-weights:safetensors",
+    ],
+)  # fmt: skip
+def test_hostile_model_layouts_are_refused_in_one_line_without_unpickling(tmp_path, no_unpickling, layout):
+    marker = tmp_path / "payload-ran"
+    arguments, offending = _hostile(layout, tmp_path, marker)
+    with pytest.raises(BadInput) as caught:  # UnsupportedModelFile is a BadInput
+        models.load_components(arguments.pop("model"), device="cpu", **arguments)
+    message = str(caught.value)
+    assert "\n" not in message and str(offending) in message, message
+    assert not marker.exists()
+
+
+def test_a_real_safetensors_file_with_an_upper_case_suffix_is_refused_with_the_fix(tmp_path, no_unpickling):
+    checkpoint = _ldm_file(tmp_path)
+    renamed = checkpoint.rename(checkpoint.with_name("MODEL.SAFETENSORS"))
+    with pytest.raises(UnsupportedModelFile, match="rename the file to end in .safetensors in lower case"):
+        models.load_components(str(renamed), device="cpu", model_config=str(models.tiny_model_dir()))
+
+
+def test_a_folder_with_pickles_beside_its_safetensors_loads_without_unpickling(tmp_path, no_unpickling):
+    """Hub snapshots often hold both formats: the safetensors are read, the pickles never touched."""
+    folder = _tiny_copy(tmp_path)
+    marker = tmp_path / "payload-ran"
+    for component in ("unet", "vae"):
+        _pickle_file(folder / component / "diffusion_pytorch_model.bin", marker)
+    _pickle_file(folder / "text_encoder" / "pytorch_model.bin", marker)
+    components = models.load_components(str(folder), device="cpu")
+    assert components.window == 64 and not marker.exists()
+
+
 @pytest.mark.parametrize("name", ["./no-such-model", "no/such/model", "~/no-such-model.safetensors", "{tmp}/nope"])
 def test_missing_paths_are_model_not_found(tmp_path, name):
     name = name.format(tmp=tmp_path)
@@ -293,3 +425,27 @@ def test_pngmeta_does_not_import_torch_or_pil():
     code = "import sys, msd_core.pngmeta; print(sorted({'torch', 'PIL', 'diffusers'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_an_unreachable_hub_is_told_apart_from_a_missing_model_without_retries(monkeypatch, capfd):
+    """Online allowed but the Hub's address does not resolve: one quick probe, then the local cache only;
+    the message says the Hub cannot be reached (not "not found"), and huggingface_hub prints nothing."""
+    monkeypatch.setattr(models.hub_constants, "ENDPOINT", "https://msd-panorama-tests.invalid")
+    with pytest.raises(NetworkError) as caught:
+        models.load_components("msd-panorama-tests/no-such-model", local_files_only=False)
+    message = str(caught.value)
+    assert "cannot be reached" in message and "msd-panorama-tests.invalid" in message
+    assert "was not found" not in message and "\n" not in message
+    assert "Retrying" not in capfd.readouterr().err
+
+
+def test_a_tiny_model_cache_this_user_cannot_use_is_a_clean_message(monkeypatch, unwritable_folder):
+    monkeypatch.setenv("MSD_PANORAMA_CACHE", str(unwritable_folder / "cache"))
+    with pytest.raises(ModelNotFound, match="set MSD_PANORAMA_CACHE to a folder of your own"):
+        models.load_components("tiny", device="cpu")
+
+
+def test_the_tiny_model_cache_is_readable_by_other_users(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSD_PANORAMA_CACHE", str(tmp_path / "shared"))
+    folder = models.tiny_model_dir()
+    assert folder.stat().st_mode & 0o055 == 0o055  # group and others may read and enter it

@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import shutil
-import subprocess
 import zlib
 
 import pytest
@@ -52,9 +50,9 @@ def test_an_existing_file_is_never_replaced_without_overwrite(tmp_path):
     target = tmp_path / "panorama.png"
     save_png(_image((1, 2, 3)), target, {"prompt": "first"})
     before = target.read_bytes()
-    with pytest.raises(BadInput, match="exists; pass --overwrite"):
+    with pytest.raises(BadInput, match="exists; to replace it, turn on overwrite"):
         check_output_path(target, overwrite=False)
-    with pytest.raises(BadInput, match="exists; pass --overwrite"):
+    with pytest.raises(BadInput, match="exists; to replace it, turn on overwrite"):
         save_png(_image((9, 9, 9)), target, {"prompt": "second"})
     assert target.read_bytes() == before
     assert _leftovers(tmp_path) == []
@@ -117,20 +115,6 @@ def test_bad_output_paths_are_refused_before_generating(tmp_path, name, message)
     assert sorted(os.listdir(tmp_path)) == ["a-file.txt", "folder.png"]
 
 
-@pytest.fixture
-def unwritable_folder(tmp_path):
-    folder = tmp_path / "locked"
-    folder.mkdir(mode=0o555)
-    # Root ignores permission bits; the immutable attribute stops it too.
-    as_root = os.geteuid() == 0
-    if as_root and (not shutil.which("chattr") or subprocess.run(["chattr", "+i", folder], capture_output=True).returncode):
-        pytest.skip("running as root where chattr +i is unavailable: no way to make a folder unwritable")
-    yield folder
-    if as_root:
-        subprocess.run(["chattr", "-i", folder], check=True)
-    folder.chmod(0o755)
-
-
 def test_an_unwritable_folder_is_refused(unwritable_folder):
     message = re.escape(f"the output folder {unwritable_folder} is not writable")
     with pytest.raises(BadInput, match=message):
@@ -182,15 +166,56 @@ def test_pngmeta_rejects_files_that_are_not_intact_pngs(tmp_path):
         pngmeta.read_text_chunks(damaged)
 
 
-def test_pngmeta_reports_a_malformed_compressed_chunk(tmp_path):
-    payload = b"key\0\0" + b"not zlib data"
-    chunk = len(payload).to_bytes(4, "big") + b"zTXt" + payload + zlib.crc32(b"zTXt" + payload).to_bytes(4, "big")
-    path = tmp_path / "carrier.png"  # any valid PNG will do
+def _with_chunks(tmp_path, *chunks: tuple[bytes, bytes]):
+    """A small valid PNG with extra (kind, payload) chunks after its IHDR."""
+    path = tmp_path / "carrier.png"
     _image().save(path)
     data = path.read_bytes()
-    path.write_bytes(data[:33] + chunk + data[33:])  # after the signature and IHDR
+    extra = b"".join(
+        len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+        for kind, payload in chunks
+    )
+    path.write_bytes(data[:33] + extra + data[33:])  # after the signature and IHDR
+    return path
+
+
+def test_pngmeta_reports_a_malformed_compressed_chunk(tmp_path):
+    path = _with_chunks(tmp_path, (b"zTXt", b"key\0\0" + b"not zlib data"))
     with pytest.raises(ValueError, match="malformed zTXt"):
         pngmeta.read_text_chunks(path)
+    cut = zlib.compress(b"a text that is cut off")[:-6]
+    with pytest.raises(ValueError, match="malformed iTXt"):
+        pngmeta.read_text_chunks(_with_chunks(tmp_path, (b"iTXt", b"key\0\1\0\0\0" + cut)))
+
+
+def test_pngmeta_skips_and_reports_decompression_bombs_and_floods(tmp_path):
+    """A 100 MB zTXt fits in 100 KB; it is skipped after inflating at most its budget, and reported."""
+    bomb = zlib.compress(b"\0" * 100 * 2**20, 9)
+    assert len(bomb) < 200_000
+    chunks = [(b"tEXt", b"prompt\0a valley"), (b"zTXt", b"bomb\0\0" + bomb), (b"iTXt", b"ibomb\0\1\0\0\0" + bomb),
+              (b"tEXt", b"huge\0" + b"x" * (pngmeta.MAX_TEXT_BYTES + 1))]  # fmt: skip
+    dropped = []
+    texts = pngmeta.read_text_chunks(_with_chunks(tmp_path, *chunks), dropped)
+    assert texts == {"prompt": "a valley"}
+    assert dropped == [
+        f"zTXt chunk 2 ({len(chunks[1][1])} bytes): too large once decompressed",
+        f"iTXt chunk 3 ({len(chunks[2][1])} bytes): too large once decompressed",
+        f"tEXt chunk 4 ({len(chunks[3][1])} bytes): too large",
+    ]
+
+    flood = [(b"tEXt", b"k%d\0v" % n) for n in range(pngmeta.MAX_TEXT_CHUNKS + 3)]
+    dropped = []
+    texts = pngmeta.read_text_chunks(_with_chunks(tmp_path, *flood), dropped)
+    assert len(texts) == pngmeta.MAX_TEXT_CHUNKS and len(dropped) == 3
+    assert dropped[0].endswith("too many text chunks")
+
+    # In all at most MAX_TOTAL_TEXT_BYTES: five chunks just under the per-chunk limit do not all fit.
+    almost = pngmeta.MAX_TEXT_BYTES - 16
+    many = [(b"zTXt", b"z%d\0\0" % n + zlib.compress(b"y" * almost)) for n in range(5)]
+    dropped = []
+    texts = pngmeta.read_text_chunks(_with_chunks(tmp_path, *many), dropped)
+    assert sum(map(len, texts.values())) <= pngmeta.MAX_TOTAL_TEXT_BYTES
+    assert len(texts) == 4 and dropped == [dropped[0]] and "too large" in dropped[0]
 
 
 def test_settings_json_keeps_the_prompt_readable(tmp_path):

@@ -6,7 +6,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msd_core.windows import WindowGrid, downsample, downsample_transpose, feathered_weights, window_starts
+from msd_core.plan import shifted_offsets, shifted_starts, window_starts
+from msd_core.windows import (
+    WindowGrid,
+    downsample,
+    downsample_transpose,
+    feathered_weights,
+    global_level,
+    level_factor,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -99,8 +107,6 @@ def test_window_starts_rejects_impossible_grids():
 
 
 def test_global_level_squeezes_the_coarsest_level_into_one_window():
-    from msd_core.windows import global_level
-
     assert global_level(WindowGrid(16, 32, 16, 4, wrap=True)) == WindowGrid(16, 16, 16, 4, wrap=True)
     assert global_level(WindowGrid(16, 64, 16, 4)) == WindowGrid(16, 16, 16, 4)
     # 3:1 with SD's 8-latent stride: a factor of 3 would misalign the coarse crops, so 2 (1.5 windows wide).
@@ -112,8 +118,6 @@ def test_global_level_squeezes_the_coarsest_level_into_one_window():
 @pytest.mark.parametrize("wrap", [False, True])
 @pytest.mark.parametrize("factor", [(1, 2), (1, 4), (2, 2)])
 def test_coarse_crops_align_under_any_reduction(factor, wrap):
-    from msd_core.windows import level_factor
-
     grid = WindowGrid(16, 64, 8, 4, wrap)
     coarse = WindowGrid(16 // factor[0], 64 // factor[1], 8, 4, wrap)
     assert level_factor(grid, coarse) == factor
@@ -122,3 +126,51 @@ def test_coarse_crops_align_under_any_reduction(factor, wrap):
     assert torch.allclose(grid.coarse_crop(downsample(fine, factor), factor), downsample(grid.crop(fine), factor))
     y = torch.randn(1, 2, 16 // factor[0], 64 // factor[1])
     assert torch.allclose((downsample(fine, factor) * y).sum(), (fine * downsample_transpose(y, factor)).sum(), atol=1e-4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(window=st.integers(1, 12), extra=st.integers(0, 60), shift=st.integers(0, 11), wrap=st.booleans(),
+       even=st.booleans())
+def test_shifted_tiles_cover_every_position_with_aligned_starts(window, extra, shift, wrap, even):
+    multiple = 2 if even else 1
+    length, window, shift = (window + extra, window, shift % window)
+    if even:  # the pipeline's finer levels: even sizes, even shifts
+        length, window, shift = 2 * length, 2 * window, 2 * shift
+    starts = shifted_starts(length, window, shift, wrap, multiple)
+    covered = torch.zeros(length, dtype=torch.int)
+    for start in starts:
+        covered[(torch.arange(window) + start) % length] += 1
+    assert (covered > 0).all()
+    assert all(start % multiple == 0 for start in starts)
+    assert len(starts) <= -(-length // window) + (0 if wrap else 1)  # one tile more than a tiling at most
+    if wrap and length % window == 0:
+        assert (covered == 1).all()  # non-overlapping tiles
+    if not wrap:
+        assert all(0 <= start <= length - window for start in starts)
+
+
+def test_shifted_offsets_are_reproducible_from_the_seed_and_move_every_step():
+    def offsets(step, seed, level=1):
+        return shifted_offsets(32, 64, 8, step, seed, wrap=True, level=level, multiple=2)
+
+    assert offsets(3, 7) == offsets(3, 7)
+    assert len({str(offsets(step, 7)) for step in range(10)}) > 5  # a new offset (almost) every step
+    assert offsets(3, 7) != offsets(3, 8) or offsets(4, 7) != offsets(4, 8)
+    rows, cols = offsets(0, 7)
+    assert len(cols) == 8 and all(c % 2 == 0 for c in rows + cols)  # 64 / 8 tiles around the circle
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_shifted_grid_crops_merge_and_map_onto_the_coarser_level(wrap):
+    rows, cols = shifted_offsets(24, 40, 8, 5, 1, wrap, level=1, multiple=2)
+    grid = WindowGrid(24, 40, 8, 8, wrap, starts=(tuple(rows), tuple(cols)))
+    grid.check_nested()
+    latents = torch.randn(1, 3, 24, 40)
+    assert torch.allclose(grid.merge(grid.crop(latents)), latents, atol=1e-6)
+    assert torch.allclose(grid.coarse_crop(downsample(latents)), downsample(grid.crop(latents)), atol=1e-6)
+
+
+def test_explicit_starts_outside_the_latent_are_refused():
+    with pytest.raises(ValueError, match="do not fit"):
+        WindowGrid(16, 16, 8, 8, wrap=False, starts=((0,), (12,))).offsets
+    assert WindowGrid(16, 16, 8, 8, wrap=True, starts=((0,), (12,))).offsets == [(0, 12)]  # wraps

@@ -98,6 +98,8 @@ def test_generate_streams_progress_and_previews_then_writes_the_png(worker, tmp_
     assert all((p["total"], p["level"], p["levels"]) == (5, 2, 2) for p in progress)
     assert all(a["elapsed"] <= b["elapsed"] for a, b in zip(progress, progress[1:]))
     assert all(p["eta"] >= 0 for p in progress) and progress[-1]["eta"] == 0
+    # The UNet rate is measured from the end of step 1 on (step 1 holds the warm-up).
+    assert progress[0]["ms_per_window"] is None and all(p["ms_per_window"] > 0 for p in progress[1:])
 
     previews = of(events, request_id, "preview")
     assert [p["step"] for p in previews] == [1, 2, 4]  # the first step, then every 2nd
@@ -198,7 +200,7 @@ GENERATE = {"op": "generate", "settings": tiny(), "output": "OUT"}
     [
         ({"op": "dance"}, "bad_input", "unknown op 'dance'"),
         ({}, "bad_input", "no 'op'"),
-        ({"op": "generate", "settings": tiny()}, "bad_input", "'output'"),
+        ({"op": "generate", "settings": tiny()}, "bad_input", "output must be the path"),
         ({**GENERATE, "settings": tiny(width=100)}, "bad_input", "width 100 is not a multiple of 8"),
         ({**GENERATE, "settings": {**tiny(), "sampler": "x"}}, "bad_input", "unknown setting(s): sampler"),
         ({**GENERATE, "colour": 1}, "bad_input", "unknown field(s)"),
@@ -229,6 +231,66 @@ def test_bad_requests_get_specific_errors_and_the_worker_keeps_answering(
 
     ping_id = worker.ping()
     assert wait_for(worker, lambda e: e["id"] == ping_id)[-1]["event"] == "pong"
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field", "fragment"),
+    [
+        ({**GENERATE, "settings": tiny(wrap="yes")}, "wrap", "wrap must be true or false, got 'yes'"),
+        ({**GENERATE, "settings": tiny(feather="no")}, "feather", "feather must be true or false"),
+        ({**GENERATE, "settings": tiny(model_config=3)}, "model_config", "model_config must be text, got 3"),
+        ({**GENERATE, "settings": tiny(seed=5.0)}, "seed", "seed must be a whole number"),
+        ({**GENERATE, "settings": tiny(steps=True)}, "steps", "steps must be a whole number from 1 to 1000"),
+        ({**GENERATE, "settings": tiny(steps=100000)}, "steps", "scheduler has 1000 timesteps"),
+        ({**GENERATE, "settings": tiny(omega=float("inf"))}, "omega", "got inf"),
+        ({**GENERATE, "settings": tiny(guidance=float("nan"))}, "guidance", "got nan"),
+        ({**GENERATE, "settings": tiny(width=100000)}, "width", "from 8 to 16384"),
+        ({**GENERATE, "settings": tiny(scales=2**40)}, "scales", "from 1 to 12"),
+        ({**GENERATE, "settings": tiny(view_batch=2**200)}, "view_batch", "got a 201-bit number"),
+        ({**GENERATE, "settings": tiny(prompt="a\x00b")}, "prompt", "control character U+0000"),
+        ({**GENERATE, "settings": tiny(prompt="x" * 20000)}, "prompt", "the limit is 10000"),
+        ({**GENERATE, "settings": tiny(negative_prompt=["a"])}, "negative_prompt", "must be text"),
+        ({**GENERATE, "settings": tiny(stride=8)}, "stride", "stride 8 px: with more than one pyramid level"),
+        ({**GENERATE, "settings": tiny(stride=24, scales=2)}, "stride", "nearest valid: 16 or 32"),
+        ({**GENERATE, "overwrite": "yes"}, "overwrite", "overwrite must be true or false"),
+        ({**GENERATE, "output": "EXISTING"}, "overwrite", "exists; to replace it, turn on overwrite"),
+        ({**GENERATE, "output": "DANGLING"}, "output", "is a link to"),
+        ({**GENERATE, "output": "OUT\x00.png"}, "output", "NUL"),
+        ({**GENERATE, "preview_every": 1.5}, "preview_every", "preview_every must be a whole number"),
+        ({**GENERATE, "threads": -1}, "threads", "threads must be a whole number from 0"),
+        ({**GENERATE, "threads": "4"}, "threads", "threads must be a whole number from 0"),
+    ],
+)  # fmt: skip
+def test_every_field_is_checked_and_the_error_names_it(worker, tmp_path, request_fields, field, fragment):
+    (tmp_path / "existing.png").write_bytes(b"not replaced")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "missing.png")
+    paths = {"OUT": str(tmp_path / "out.png"), "EXISTING": str(tmp_path / "existing.png"),
+             "DANGLING": str(tmp_path / "dangling.png"), "OUT\x00.png": str(tmp_path / "out\x00.png")}  # fmt: skip
+    request_id = f"field-{field}-{fragment}"
+    worker.send({**request_fields, "id": request_id, "output": paths[request_fields["output"]]})
+    error = wait_for(worker, finished(request_id))[-1]
+    assert (error["event"], error["kind"], error["field"]) == ("error", "bad_input", field), error
+    assert fragment in error["message"] and "--" not in error["message"]  # protocol words, not CLI flags
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dangling.png", "existing.png"]
+
+
+def test_an_unwritable_preview_dir_is_refused_before_anything_runs(worker, tmp_path, unwritable_folder):
+    request_id = worker.generate(tiny(**SMALL), tmp_path / "out.png", preview_dir=unwritable_folder)
+    error = wait_for(worker, finished(request_id))[-1]
+    assert (error["kind"], error["field"]) == ("bad_input", "preview_dir")
+    assert "not writable" in error["message"] and not (tmp_path / "out.png").exists()
+
+
+def test_a_second_request_for_the_same_output_is_refused_at_once(worker, tmp_path):
+    output = tmp_path / "pano.png"
+    first = worker.generate(tiny(**LONG_RUN), output)
+    second = worker.generate(tiny(**SMALL), output)
+    events = wait_for(worker, finished(second))
+    assert (events[-1]["kind"], events[-1]["field"]) == ("bad_input", "output")
+    assert f"already the output of the queued or running request {first!r}" in events[-1]["message"]
+    assert not of(events, first, "done")  # refused while the first still runs
+    worker.cancel(first)
+    assert wait_for(worker, finished(first))[-1]["kind"] == "cancelled"
 
 
 def test_raw_lines_malformed_input_and_end_of_stdin(worker_env):
@@ -266,6 +328,72 @@ def test_raw_lines_malformed_input_and_end_of_stdin(worker_env):
     assert "UTF-8" in events[2]["message"]
     assert "JSON object" in events[3]["message"]
     assert "string or an integer" in events[5]["message"]
+
+
+def test_a_20_mb_request_line_is_refused_and_ping_is_still_answered(worker_env):
+    """Through pipes: a 20 MB line (a huge prompt), then ping. The long line is dropped as it arrives and
+    answered with bad_input; the ping after it is answered; the worker ends normally."""
+    huge = json.dumps(protocol.request("generate", "huge", settings=tiny(prompt="x" * 20_000_000), output="/x.png"))
+    result = subprocess.run(
+        [sys.executable, "-u", "-m", "msd_core.worker"],
+        input=huge.encode() + b"\n" + b'{"op": "ping", "id": "after"}\n',
+        capture_output=True, cwd=REPO_ROOT, env={**os.environ, **worker_env}, timeout=WAIT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    events = [json.loads(line) for line in result.stdout.decode("utf-8").splitlines()]
+    assert [(e["event"], e["id"], e.get("kind")) for e in events] == [
+        ("ready", None, None), ("error", None, "bad_input"), ("pong", "after", None), ("bye", None, None)
+    ]  # fmt: skip
+    assert events[1]["message"] == (
+        f"a request of {len(huge)} bytes was ignored: the limit is {protocol.MAX_LINE_BYTES} bytes a line"
+    )
+
+
+def test_bounded_lines_drops_a_long_line_and_keeps_the_lines_around_it():
+    """The reader itself: a 50 MB line in 64 KB chunks becomes one LineTooLong with its length, and the
+    lines around it come through intact, split anywhere across chunks."""
+    chunk = b"y" * 65536
+    stream = [b'{"op": "ping"}\n{"op":', *([chunk] * 800), b'"x"}\n', b"tail-", b"end\n", b"last"]
+    lines = list(protocol.bounded_lines(iter(stream)))
+    assert lines[0] == b'{"op": "ping"}'
+    assert isinstance(lines[1], protocol.LineTooLong) and lines[1].length == 6 + 800 * 65536 + 4
+    assert lines[2:] == [b"tail-end", b"last"]
+    assert list(protocol.bounded_lines([b"a" * 10 + b"\n"], limit=10)) == [b"a" * 10]  # the limit itself is fine
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX scheduling priority and pids")
+def test_default_threads_priority_and_stale_files_of_dead_workers(tmp_path, monkeypatch):
+    """A worker started as a user's Blender starts it: no OMP_NUM_THREADS, no niceness override. It uses
+    max(1, physical cores − 1) threads, runs at lower priority, and sweeps what killed workers left
+    behind (their preview folders, half-written PNGs), never a live process's files."""
+    from msd_core.environment import physical_cores
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    stale = [temporary / f"msd-worker-previews-{dead.pid}-abcd1234", tmp_path / f".pano.png.{dead.pid}-0123abcd.tmp"]
+    alive = [temporary / f"msd-worker-previews-{os.getpid()}-abcd1234", temporary / "msd-worker-previews-nopid",
+             tmp_path / f".pano.png.{os.getpid()}-0123abcd.tmp", tmp_path / f".other.png.{dead.pid}-0123abcd.TMP"]  # fmt: skip
+    for path in stale + alive:
+        path.mkdir() if "previews" in path.name else path.write_bytes(b"")
+    monkeypatch.delenv("OMP_NUM_THREADS")  # set for every test by conftest.py
+    monkeypatch.delenv("MSD_WORKER_NICENESS")
+    client = WorkerClient(sys.executable, pythonpath=REPO_ROOT, env={"TMPDIR": str(temporary)}).start()
+    try:
+        ready = wait_for(client, lambda e: e["event"] == "ready")[-1]
+        assert ready["threads"] == max(1, physical_cores() - 1)
+        assert os.getpriority(os.PRIO_PROCESS, ready["pid"]) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+        assert not stale[0].exists()  # swept at start-up
+        request_id = client.generate(tiny(**SMALL), tmp_path / "pano.png", preview_every=0,
+                                     threads=ready["threads"] + 1)
+        events = wait_for(client, finished(request_id))
+        assert events[-1]["event"] == "done"
+        assert of(events, request_id, "loading")[0]["threads"] == ready["threads"] + 1  # the request's own count
+        assert not stale[1].exists()  # swept when a request for that folder came
+        assert all(path.exists() for path in alive)
+    finally:
+        client.stop()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

@@ -6,6 +6,7 @@ import math
 import bpy
 import numpy as np
 import pytest
+from PIL import Image
 
 from blender_env import blender, extension  # noqa: F401  (fixtures)
 from test_images import (
@@ -199,3 +200,43 @@ def test_cylindrical_strip_edges_do_not_blend_into_each_other(extension, tmp_pat
         for azimuth, quarter in QUARTER_AT_AZIMUTH.items():
             camera.rotation_euler = (math.radians(90 + elevation), 0.0, math.radians(azimuth - 90))
             assert (render(scene, 8, 8, tmp_path) == colors[quarter]).all(), (elevation, azimuth)
+
+
+def test_edge_colours_of_a_large_strip_match_the_mean_of_its_pixels(extension, tmp_path):
+    # Only the two edge rows are read as float; the result is that of averaging image.pixels' rows.
+    width, height = 4096, 1024
+    rows = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    rows[0] //= 4  # a darker top row
+    path = tmp_path / "strip.png"
+    Image.fromarray(rows).save(path)
+    world_module = extension.operators.world
+    image = extension.operators.images.load_panorama(str(path))
+    pixels = np.empty(width * height * 4, dtype=np.float32)
+    image.pixels.foreach_get(pixels)
+    edges = srgb_to_linear(pixels.reshape(height, width, 4)[[0, -1], :, :3]).mean(axis=1)  # bottom row first
+
+    bottom, top = world_module.edge_row_colors(image)
+
+    assert np.allclose([bottom[:3], top[:3]], edges, atol=1e-6) and bottom[3] == top[3] == 1.0
+    assert (np.array(top[:3]) < np.array(bottom[:3]) / 4).all()
+    # The same from the packed copy once the file is gone, and from a generated image's pixels.
+    path.unlink()
+    assert np.allclose(world_module.edge_row_colors(image), (bottom, top), atol=1e-6)
+    generated = bpy.data.images.new("generated", 8, 2)
+    generated.pixels.foreach_set(np.repeat(np.float32([[0.2, 0.4, 0.6, 1], [0.8, 0.6, 0.4, 1]]), 8, axis=0).ravel())
+    (low, high) = world_module.edge_row_colors(generated)
+    assert np.allclose(low[:3], srgb_to_linear([0.2, 0.4, 0.6]), atol=1e-6)
+    assert np.allclose(high[:3], srgb_to_linear([0.8, 0.6, 0.4]), atol=1e-6)
+
+
+def test_a_replaced_world_is_kept_in_the_saved_file(extension, tmp_path):
+    # Blender drops unused worlds on save: the user's world (and an earlier panorama's) must survive.
+    scene = bpy.context.scene
+    scene.world = bpy.data.worlds.new("My Studio")
+    first = apply(extension, write_panorama(tmp_path / "a.png", 64, 32, generation_texts("first")))
+    apply(extension, write_panorama(tmp_path / "b.png", 64, 32, generation_texts("second")))
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "scene.blend"))
+    name = first.name
+    bpy.ops.wm.open_mainfile(filepath=str(tmp_path / "scene.blend"))
+    assert {"My Studio", name} <= set(bpy.data.worlds.keys())
+    assert bpy.data.worlds["My Studio"].use_fake_user and bpy.data.worlds[name].use_fake_user

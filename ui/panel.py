@@ -6,11 +6,11 @@ import bpy
 from bpy.types import Panel
 
 from ..msd_core import hub
-from ..operators.generate import session, worker_status
+from ..operators.generate import preview_image, session, worker_status
 from ..operators.models import cached_models, download_state, needs_download
 from ..operators.worker_env import install_state
 from ..preferences import get_preferences, output_folder
-from ..properties import run_state
+from ..properties import estimate_text, run_state
 
 STATUS_WORDS = {
     "NOT_INSTALLED": ("Worker not installed", 'ERROR'),
@@ -159,13 +159,17 @@ class MSD_PT_panorama(SidebarPanel, Panel):
             layout.progress(factor=run_state.progress, type='BAR', text=progress_text())
             layout.operator("msd.cancel", icon='CANCEL')
         else:
+            layout.prop(group, "quality")
             layout.operator("msd.generate", icon='RENDER_STILL')
+            estimate = estimate_text(context.scene, get_preferences(context))
+            if estimate:
+                layout.label(text=estimate, icon='TIME')
         if run_state.last_error:
             box = layout.box()
             box.alert = True
             draw_wrapped(box, run_state.last_error, icon='ERROR')
 
-        image = bpy.data.images.get(run_state.preview_image or run_state.last_image)
+        image = preview_image() or bpy.data.images.get(run_state.last_image)
         if image is not None:
             layout.template_icon(icon_value=layout.icon(image), scale=PREVIEW_SCALE)
 
@@ -203,6 +207,8 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         col.active = group.method == "msd"
         col.prop(group, "omega")
         col.prop(group, "gradient")
+        col.prop(group, "windows")
+        col.prop(group, "pyramid")
         col.prop(group, "scales")
         col = layout.column()
         col.active = group.hdr

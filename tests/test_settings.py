@@ -1,0 +1,69 @@
+"""GenerationSettings.validate: every field type-checked and bounded, errors that name their field, and
+the memory check made before anything is allocated."""
+
+import json
+
+import pytest
+
+from msd_core import settings as settings_module
+from msd_core.errors import BadInput
+from msd_core.settings import GenerationSettings, check_memory, memory_needed
+
+
+def validate(**changes):
+    return GenerationSettings(**{"prompt": "a valley", **changes}).validate()
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"omega": float("inf")}, "omega"), ({"omega": json.loads("1e400")}, "omega"), ({"omega": 10**5000}, "omega"),
+        ({"guidance": float("nan")}, "guidance"), ({"guidance": True}, "guidance"),
+        ({"steps": 1001}, "steps"), ({"steps": 5.0}, "steps"), ({"scales": 2**40}, "scales"),
+        ({"width": 16392}, "width"), ({"height": True}, "height"), ({"view_batch": 0}, "view_batch"),
+        ({"seed": 1.5}, "seed"), ({"seed": 2**63}, "seed"), ({"wrap": "yes"}, "wrap"), ({"feather": 0}, "feather"),
+        ({"model_config": 3}, "model_config"), ({"model_config": ""}, "model_config"), ({"model": None}, "model"),
+        ({"prompt": "a\x00b"}, "prompt"), ({"prompt": "x" * 10001}, "prompt"), ({"negative_prompt": b"x"}, "negative_prompt"),
+        ({"method": ["msd"]}, "method"), ({"device": None}, "device"), ({"stride": 24, "scales": 3, "windows": "dense"}, "stride"),
+        ({"stride": 16}, "stride"),
+    ],
+)  # fmt: skip
+def test_each_bad_value_is_refused_naming_its_field(changes, field):
+    with pytest.raises(BadInput) as caught:
+        validate(**changes)
+    assert caught.value.field == field
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 400  # one line, and a 5000-digit number is not printed
+
+
+def test_the_limits_themselves_are_accepted():
+    validate(width=16384, height=8192, steps=1000, omega=1000, guidance=100, view_batch=1024, seed=2**63 - 1)
+    validate(prompt="line one\nline two\ttabbed", negative_prompt="", model_config=None)
+    validate(stride=8, scales=1, windows="dense")  # one level: any multiple of 8
+    validate(stride=8, windows="dense")  # levels not known yet: the pipeline checks the stride once it has resolved them
+
+
+def test_messages_are_rendered_with_each_front_ends_names():
+    with pytest.raises(BadInput) as caught:
+        validate(view_batch=0)
+    assert str(caught.value).startswith("view_batch must be a whole number from 1 to 1024")
+    assert caught.value.render(lambda field: "--" + field.replace("_", "-")).startswith("--view-batch must be")
+    assert caught.value.render(lambda field: "View Batch").startswith("View Batch must be")
+
+
+def test_user_text_in_a_message_is_not_read_as_a_template():
+    with pytest.raises(BadInput) as caught:
+        validate(method="{field} {0} {x!r}")
+    assert caught.value.render(lambda field: "--method") == (
+        "unknown --method '{field} {0} {x!r}'; choose one of: msd, multidiffusion"
+    )
+
+
+def test_a_size_that_cannot_fit_in_memory_is_refused_before_allocating():
+    huge = validate(width=16384, height=16384, device="cpu")
+    needed = memory_needed(huge)
+    assert needed > 16384 * 16384 * 3 * 4  # at least the float32 image
+    check_memory(huge, available=needed)  # just fits
+    with pytest.raises(BadInput, match=r"16384×16384 panorama needs about [\d.]+ GB .*\(at most 16384 px per side\)"):
+        check_memory(huge, available=needed - 1)
+    assert settings_module.available_memory() > 0  # this machine reports it (Linux: MemAvailable)
