@@ -15,6 +15,7 @@ from .msd_core import settings as core
 from .msd_core import plan
 from .msd_core.errors import BadInput
 from .msd_core.settings import GenerationSettings
+from .msd_core.variations import MAX_VARIATIONS
 from .preferences import MSD_AddonPreferences
 
 # Aspect enum item → msd_core preset name.
@@ -191,6 +192,18 @@ class MSD_PanoramaSettings(PropertyGroup):
     world_strength: FloatProperty(name="Strength", min=0.0, soft_max=10.0, default=1.0)
     world_rotation: FloatProperty(name="Rotation", subtype='ANGLE', soft_min=-math.pi, soft_max=math.pi, default=0.0)
     backdrop_strength: FloatProperty(name="Strength", min=0.0, soft_max=10.0, default=1.0)
+    variation_count: IntProperty(
+        name="Variations", description="How many drafts Generate Variations makes (consecutive seeds)",
+        min=1, max=MAX_VARIATIONS, default=4,
+    )
+    refine_strength: FloatProperty(
+        name="Strength", description="How much of the panorama is redrawn (the share of the steps that run)",
+        min=0.01, max=1.0, default=core.DEFAULT_STRENGTH, subtype='FACTOR',
+    )
+    refine_scale: FloatProperty(
+        name="Scale", description="Size of the result relative to the source (1 = restyle, 2 = upscale)",
+        min=0.25, soft_max=4.0, default=2.0,
+    )
     hdr: BoolProperty(
         name="HDR (EXR)",
         description="Also write a linear OpenEXR beside the PNG whose bright highlights (sun, sky) are expanded, "

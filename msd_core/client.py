@@ -28,7 +28,7 @@ import uuid
 
 from . import protocol
 from .errors import BadInput
-from .settings import GenerationSettings
+from .settings import GenerationSettings, RefineSettings
 
 STDERR_LINES = 50  # how much of the worker's stderr is kept for "died" reports
 DIED_MESSAGE_LINES = 10  # how many of them go into the message itself
@@ -171,7 +171,7 @@ class WorkerClient:
         """Write one request. If the worker is gone this does nothing: a "died" event reports it."""
         if self._process is None:
             raise RuntimeError("the worker is not started; call start() first")
-        if message.get("op") in ("generate", "download"):
+        if message.get("op") in protocol.RUN_OPS:
             with self._state_lock:
                 self._unfinished.append(message.get("id"))
         line = protocol.encode(message)
@@ -190,24 +190,36 @@ class WorkerClient:
         overwrite: bool = False,
         preview_every: int = protocol.DEFAULT_PREVIEW_EVERY,
         preview_dir=None,
+        refine: RefineSettings | None = None,
         threads: int = 0,
     ) -> str:
-        """Queue one panorama; returns the new request's id, which all its events carry.
-        ``threads``: torch's CPU threads for this run (0: the worker's default, physical cores − 1)."""
+        """Queue one panorama (refined from ``refine.source`` when given); returns the new request's id,
+        which all its events carry. ``threads``: torch's CPU threads for this run (0: the worker's
+        default, physical cores − 1)."""
         request_id = _new_id()
         data = settings.to_dict() if isinstance(settings, GenerationSettings) else dict(settings)
-        self.send(
-            protocol.request(
-                "generate",
-                request_id,
-                settings=data,
-                output=os.path.abspath(output),  # the worker runs in another folder
-                overwrite=overwrite,
-                preview_every=preview_every,
-                preview_dir=None if preview_dir is None else os.path.abspath(preview_dir),
-                threads=threads,
-            )
+        request = protocol.request(
+            "generate",
+            request_id,
+            settings=data,
+            output=os.path.abspath(output),  # the worker runs in another folder
+            overwrite=overwrite,
+            preview_every=preview_every,
+            preview_dir=None if preview_dir is None else os.path.abspath(preview_dir),
+            threads=threads,
         )
+        if refine is not None:
+            request["refine"] = {**refine.to_dict(), "source": os.path.abspath(refine.source)}
+        self.send(request)
+        return request_id
+
+    def variations(self, settings: GenerationSettings | dict, output, count: int, *, overwrite: bool = False) -> str:
+        """Queue ``count`` drafts (seeds seed, seed+1, …) written beside ``output`` as ``*_v01.png``, …;
+        returns the request's id."""
+        data = settings.to_dict() if isinstance(settings, GenerationSettings) else dict(settings)
+        request_id = _new_id()
+        self.send(protocol.request("variations", request_id, settings=data, count=count,
+                                   output=os.path.abspath(output), overwrite=overwrite))
         return request_id
 
     def download(self, model: str, *, device: str = "auto", dtype: str = "auto") -> str:

@@ -6,23 +6,24 @@ The math lives in ``sampler`` and ``windows``; this module resolves settings aga
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from . import __version__, models, output, vae
+from . import __version__, models, output, refine, vae
 from .plan import Plan, default_levels, make_plan  # noqa: F401  (default_levels: used from here by bench/)
 from .sampler import (
     Interrupt,
     LevelResult,
+    SolverStep,
+    alphas_cumprod,
     cosine_decay,
     msd_step,
     solver_schedule,
 )
-from .settings import GenerationSettings
+from .settings import GenerationSettings, RefineSettings
 from .windows import feathered_weights
 
 
@@ -137,10 +138,15 @@ class MSDPanoramaPipeline:
         settings: GenerationSettings,
         *,
         latents: torch.Tensor | None = None,
+        start_step: int = 0,
+        guide: Callable[[torch.Tensor, SolverStep], torch.Tensor] | None = None,
         callback: Callable[[StepInfo], None] | None = None,
         interrupt: Interrupt | None = None,
         decode: bool = True,
     ) -> PanoramaResult:
+        """Sample a panorama. ``latents`` with ``start_step`` > 0 start the loop part-way (at that index of
+        the schedule, ``latents`` being z_t there: see ``refine``); ``guide(z, step)`` may adjust the
+        latents after every step."""
         started = time.perf_counter()
         # 1. Check inputs and resolve the plan.
         plan = self.check_inputs(settings)
@@ -149,6 +155,9 @@ class MSDPanoramaPipeline:
         denoise = self.make_denoiser(embeddings, settings.guidance)
         # 3. Timesteps of the chosen solver (a multistep one remembers each level's x₀ of the last step).
         schedule = solver_schedule(settings.scheduler, self.scheduler, settings.steps)
+        if not 0 <= start_step < len(schedule):
+            raise ValueError(f"start_step {start_step} is outside the {len(schedule)}-step schedule")
+        schedule = schedule[start_step:]
         x0_history = [None] * plan.levels
         train_steps = self.scheduler.config.num_train_timesteps
         # 4. Initial latents (float32: the merge averages in full precision; the UNet casts).
@@ -174,6 +183,8 @@ class MSDPanoramaPipeline:
                     prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                     weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
                 )
+                if guide is not None:
+                    latents = guide(latents, step)
         sampled = time.perf_counter()
         # 6. Decode.
         image = self.decode(latents, settings.wrap) if decode else None
@@ -184,6 +195,32 @@ class MSDPanoramaPipeline:
                     "msd_core_version": __version__}
         metadata = output.generation_metadata(settings, resolved)
         return PanoramaResult(image, latents, metadata, timings, plan)
+
+    # -- refining from an image ----------------------------------------------------------------------
+    def refine(self, settings: GenerationSettings, source: RefineSettings, **kwargs) -> PanoramaResult:
+        """Refine / upscale the image ``source.source`` at the settings' size (SDEdit + MSD, see
+        ``msd_core.refine``): encode it, renoise it with the seed's noise to the step where
+        ⌊strength·steps⌋ steps remain, sample from there while the early steps keep the coarsest
+        level's layout the source's. ``kwargs`` go to ``__call__`` (callback, interrupt, decode)."""
+        # 1. Check inputs, read and resize the source (bad files fail here, before any model call).
+        plan = self.check_inputs(settings)
+        source.validate()
+        start = refine.start_step(source.strength, settings.steps)
+        image = refine.resize_panorama(refine.read_source(source.source), settings.width, settings.height, settings.wrap)
+        # 2. Encode it: x₀ of the source.
+        tile = vae.auto_tile(plan.height, plan.width, self.device)
+        clean = vae.encode_images(self.vae, image, wrap=settings.wrap, tile=tile).to(self.device)
+        # 3. Renoise with the seed's noise to the start step, and guide the layout while t is high.
+        noise = self.initial_latents(plan, settings.seed)
+        alpha = alphas_cumprod(solver_schedule(settings.scheduler, self.scheduler, settings.steps)[start])[0]
+        factor = 2 ** (default_levels(plan.height, plan.width, plan.window) - 1)
+        guide = refine.layout_guide(
+            clean, noise, factor, refine.LAYOUT_GUIDANCE_UNTIL * self.scheduler.config.num_train_timesteps
+        )
+        # 4. Sample from there.
+        result = self(settings, latents=refine.renoise(clean, noise, alpha), start_step=start, guide=guide, **kwargs)
+        result.metadata.update(refine.source_metadata(source.source, source.strength, start))
+        return result
 
     # -- decoding and saving -----------------------------------------------------------------------
     @torch.no_grad()

@@ -5,10 +5,12 @@ worker, the client and the Blender add-on all import it.
 Requests (client → worker), each a JSON object with ``op`` on one line of at most MAX_LINE_BYTES (1 MiB;
 a longer line is answered with a bad_input error and otherwise ignored):
   {"op": "generate", "id": ID, "settings": {...GenerationSettings...}, "output": PATH,
-   "overwrite": false, "preview_every": 5, "preview_dir": PATH|null, "threads": 0}
+   "overwrite": false, "preview_every": 5, "preview_dir": PATH|null, "threads": 0,
+   "refine": {"source": PATH, "strength": 0.5}|null}
+  {"op": "variations", "id": ID, "settings": {...}, "count": N, "output": PATH, "overwrite": false}
   {"op": "download", "id": ID, "model": "owner/name", "device": "auto", "dtype": "auto"}
   {"op": "models", "id": ID}           answered at once with a "models" event: the local cache
-  {"op": "cancel", "id": ID}           stop the generate or download request ID
+  {"op": "cancel", "id": ID}           stop the generate, variations or download request ID
   {"op": "ping", "id": ID}             answered with a "pong" event
   {"op": "shutdown", "id": ID}         the worker answers "bye" and exits 0
 
@@ -23,6 +25,19 @@ a longer line is answered with a bad_input error and otherwise ignored):
     of CPU threads torch uses for this request. Requests that arrive while one runs are queued and run
     in order; one that would write the same output as a queued or running one (without overwrite) is
     refused at once.
+    ``refine`` (default null) starts from an image instead of noise (refine / upscale, see
+    docs/refine.md): ``source`` an existing image file (PNG, JPEG, TIFF, WebP; OpenEXR where the
+    worker has the OpenEXR package; at most settings.MAX_SOURCE_PIXELS pixels), ``strength`` in
+    (0, 1], default 0.5. The settings' width and height are the target size. The image is read only;
+    "done"'s metadata then also has "source" (the file's name), "strength" and "start_step", and
+    "progress" counts only the steps that run (total = ⌊strength·steps⌋).
+  variations: N drafts (1 ≤ N ≤ 16) of the panorama ``settings`` describes, with seeds seed, seed+1,
+    …, at draft size (msd_core.variations.draft_size: the short side one model window, the aspect
+    kept; levels automatic, no HDR). Variation i (0-based) is written to ``output`` with "_v01",
+    "_v02", … before ".png" (none of them may exist unless ``overwrite``), with its metadata, and
+    reported by a "variation" event as soon as it is written. They run one after the other in the
+    request, so the first arrives after 1/N of the time; cancel stops the rest (the files already
+    reported stay). No previews.
   download: fetch a Hugging Face model into the local cache, only what a run loads (the five
     components' configs and safetensors weights; the fp16 weights where the repository has them and
     device/dtype resolve to float16). Queued with the generate requests. A generate request for a Hub
@@ -48,6 +63,7 @@ Events (worker → client), each a JSON object with ``event`` and ``id`` (the re
                                                    step counts from 1; eta in seconds or null; ms_per_window:
                                                    ms per UNet window forward measured after step 1 (null at 1)
   preview    {path, step, width, height}           a small PNG of the coarsest level's x0 estimate
+  variation  {index, seed, path, width, height}   one finished draft of a variations request
   done       {output, exr, metadata, timings}      timings: {load, sample, decode, save, total} seconds;
                                                    exr: the HDR EXR's path with settings.hdr, else null
   error      {kind, message, field}                kind is one of ERROR_KINDS; field: the setting or
@@ -57,6 +73,10 @@ Events (worker → client), each a JSON object with ``event`` and ``id`` (the re
   models     {models: [{id, size_on_disk, partial_bytes, complete, missing, snapshot}], cache}
   pong       {}
   bye        {}
+
+  done of a variations request: {outputs, timings} (the N files in order; timings {load, total}).
+  Its progress events also carry {variation, count} (step and total count within the variation;
+  eta covers all variations).
 
   A generate request's events come in this order: accepted, loading, then progress and preview
   (progress once per step, step increasing), then exactly one of done or error. A request rejected
@@ -68,6 +88,9 @@ Events (worker → client), each a JSON object with ``event`` and ``id`` (the re
   protocol does: "omega", "overwrite"); docs/bad-input.md lists every case.
   The worker keeps running after every error. A download request's events: accepted, download
   (repeated), then done {model, snapshot, size} (size: bytes on disk) or error.
+
+  A variations request's events: accepted, loading, then progress and one "variation" per draft
+  (index increasing), then done or error.
 
   "died" errors are made by the client (msd_core.client), never by the worker: the process ended
   without being asked to, or did not send "ready" in time. They carry the id of the request that
@@ -83,15 +106,21 @@ import os
 
 PROTOCOL_VERSION = 1
 
-REQUEST_OPS = ("generate", "download", "models", "cancel", "ping", "shutdown")
-EVENTS = ("ready", "accepted", "loading", "progress", "preview", "download", "models", "done", "error", "pong", "bye")
+REQUEST_OPS = ("generate", "variations", "download", "models", "cancel", "ping", "shutdown")
+# The requests that run (queued, one at a time, ending with one of FINAL_EVENTS).
+RUN_OPS = ("generate", "variations", "download")
+EVENTS = (
+    "ready", "accepted", "loading", "progress", "preview", "variation", "download", "models", "done", "error",
+    "pong", "bye",
+)
 # "died" is produced by the client, never by the worker: the worker process ended unexpectedly.
 ERROR_KINDS = ("bad_input", "model_not_found", "out_of_memory", "cancelled", "network", "internal", "died")
 # After one of these events a generate request is over.
 FINAL_EVENTS = ("done", "error")
 # The fields a generate request may have besides "op" and "id", and the default preview interval.
-GENERATE_FIELDS = ("settings", "output", "overwrite", "preview_every", "preview_dir", "threads")
+GENERATE_FIELDS = ("settings", "output", "overwrite", "preview_every", "preview_dir", "threads", "refine")
 DEFAULT_PREVIEW_EVERY = 5
+VARIATIONS_FIELDS = ("settings", "count", "output", "overwrite")
 # The fields a download request may have besides "op" and "id".
 DOWNLOAD_FIELDS = ("model", "device", "dtype")
 MAX_LINE_BYTES = 2**20  # one request or event; a generate request is about 1 KB

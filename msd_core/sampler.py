@@ -217,6 +217,13 @@ def solver_schedule(name: str, scheduler, steps: int) -> list[SolverStep]:
     raise ValueError(f"unknown scheduler {name!r} (ddim or dpmpp-2m)")
 
 
+def alphas_cumprod(step) -> tuple[float, float]:
+    """ᾱ at the start and at the end of a solver step, whichever solver made it (DDIM keeps ᾱ, DPM √ᾱ)."""
+    if isinstance(step, DPMTimestep):
+        return step.alpha**2, step.alpha_next**2
+    return step.alpha, step.alpha_prev
+
+
 def cosine_decay(t: int, num_train_timesteps: int) -> float:
     """The paper's schedule for ω: (1 + cos(π (T − t) / T)) / 2, 1 at t = T falling to 0 at t = 0."""
     return (1 + math.cos(math.pi * (num_train_timesteps - t) / num_train_timesteps)) / 2

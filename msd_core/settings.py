@@ -337,3 +337,41 @@ def _is_number(value) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return isinstance(value, int) or math.isfinite(value)  # ints are exact (and may be too big for a float)
+
+
+# Refining from an image (msd_core.refine): the largest source accepted, checked from the file's header
+# before any pixel is decoded: a 16K × 8K equirectangular HDRI, and no decompression bombs.
+MAX_SOURCE_PIXELS = 16384 * 8192
+DEFAULT_STRENGTH = 0.5
+
+
+@dataclass
+class RefineSettings:
+    """A run that starts from an image instead of noise: SDEdit to ``strength`` (0 < strength ≤ 1: the
+    share of the steps that run; 1 = almost from noise, the source only shapes the start)."""
+
+    source: str  # an image file: PNG, JPEG, TIFF, WebP (OpenEXR where the OpenEXR package is installed)
+    strength: float = DEFAULT_STRENGTH
+
+    def validate(self) -> "RefineSettings":
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise BadInput("the source image is missing: give the path of a panorama image")
+        if not os.path.isfile(self.source):
+            raise BadInput(f"the source image {self.source} does not exist")
+        if not _is_number(self.strength) or not 0 < self.strength <= 1:
+            raise BadInput(f"strength must be above 0 and at most 1, got {self.strength!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RefineSettings":
+        if not isinstance(data, dict):
+            raise BadInput("'refine' must be a JSON object with 'source' and 'strength'")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise BadInput(f"unknown refine field(s): {', '.join(unknown)}")
+        if "source" not in data:
+            raise BadInput("the refine request has no 'source' image")
+        return cls(**data)

@@ -1,11 +1,12 @@
-"""VAE decoding of panorama latents: plain, tiled (bounded memory) and wrapped (seamless at 0/360°).
+"""VAE decoding (and encoding) of panorama latents: plain, tiled (bounded memory) and wrapped (seamless at 0/360°).
 
 A panorama's latent is far larger than the VAE was trained on; decoding it in one call needs memory
 proportional to its area (SD's decoder keeps 128–512 channels at full resolution). Tiled decoding
 decodes overlapping tiles one at a time and blends them with linear ramps across each overlap, so peak
 memory depends on the tile size only and no tile edge shows. For 360° panoramas the latent is
 extended circularly on both sides before decoding, so the decoder's zero padding falls outside the
-image and the left and right edges are decoded as the neighbours they are.
+image and the left and right edges are decoded as the neighbours they are. Encoding an image (to refine
+it) works the same way in the other direction.
 """
 
 from __future__ import annotations
@@ -42,29 +43,66 @@ def decode_latents(vae, latents: torch.Tensor, *, wrap: bool = False, tile: int 
     return ((images + 1) / 2).clamp(0, 1)
 
 
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, *, wrap: bool = False, tile: int | None = None, overlap: int = 8) -> torch.Tensor:
+    """Encode images (B, 3, H, W) in [0, 1] into diffusion latents (B, C, H/f, W/f), float32 on the CPU.
+
+    The latent is the mean of the VAE's latent distribution (no sampling: the same image always gives
+    the same latent) times its scaling factor. ``tile``, ``overlap`` and ``wrap`` work as for
+    ``decode_latents``, in latent px: with ``wrap`` the image is extended circularly by ``overlap``
+    latent px on both sides, so the encoder sees across the 0/360° seam.
+    """
+    if tile is not None and tile <= overlap:
+        raise ValueError(f"the tile ({tile}) must be larger than the overlap ({overlap})")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if images.shape[-2] % factor or images.shape[-1] % factor:
+        raise ValueError(f"image sizes must be multiples of the VAE's factor {factor}, got {tuple(images.shape[-2:])}")
+    param = next(vae.parameters())
+    pixels = (images * 2 - 1).to(device=param.device, dtype=param.dtype)
+    width = images.shape[-1] // factor
+    pad = min(overlap, width) if wrap else 0
+    if pad:
+        pixels = torch.cat([pixels[..., -pad * factor :], pixels, pixels[..., : pad * factor]], dim=-1)
+
+    def encode(part: torch.Tensor) -> torch.Tensor:
+        return vae.encode(part).latent_dist.mean.float().cpu()
+
+    latents = encode(pixels) if tile is None else _apply_tiled(encode, pixels, tile, overlap, input_scale=factor)
+    if pad:
+        latents = latents[..., pad : pad + width]
+    return latents * vae.config.scaling_factor
+
+
 def _decode(vae, scaled: torch.Tensor) -> torch.Tensor:
     return vae.decode(scaled).sample.float().cpu()
 
 
 def _decode_tiled(vae, scaled: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
-    """Decode tile by tile, accumulating ramp-weighted tiles into a CPU output.
+    return _apply_tiled(lambda part: _decode(vae, part), scaled, tile, overlap, input_scale=1)
 
-    Every tile's weight is an outer product of 1-D ramps and the tiles form a grid, so the total
-    weight at a pixel is the outer product of the 1-D totals: no 2-D weight buffer is needed.
+
+def _apply_tiled(function, inputs: torch.Tensor, tile: int, overlap: int, input_scale: int) -> torch.Tensor:
+    """Apply ``function`` (decode or encode) tile by tile, accumulating ramp-weighted outputs on the CPU.
+
+    Tiles are laid out in latent px: ``input_scale`` is input px per latent px (1 for latents, the VAE's
+    factor for images). Every tile's weight is an outer product of 1-D ramps and the tiles form a grid,
+    so the total weight at a pixel is the outer product of the 1-D totals: no 2-D weight buffer is needed.
     """
-    batch, _, height, width = scaled.shape
+    batch, _, height, width = inputs.shape
+    height, width = height // input_scale, width // input_scale
     rows, cols = _tile_spans(height, tile, overlap), _tile_spans(width, tile, overlap)
     output = None
     for row, (top, bottom) in enumerate(rows):
         for col, (left, right) in enumerate(cols):
-            decoded = _decode(vae, scaled[..., top:bottom, left:right])
-            factor = decoded.shape[-1] // (right - left)
+            part = inputs[..., top * input_scale : bottom * input_scale, left * input_scale : right * input_scale]
+            result = function(part)
+            factor = result.shape[-1] // (right - left)
             if output is None:
-                output = torch.zeros(batch, decoded.shape[1], height * factor, width * factor)
+                output = torch.zeros(batch, result.shape[1], height * factor, width * factor)
             weight_y = _ramp_weights(rows, row, factor)
             weight_x = _ramp_weights(cols, col, factor)
             output[..., top * factor : bottom * factor, left * factor : right * factor] += (
-                decoded * weight_y[:, None] * weight_x[None, :]
+                result * weight_y[:, None] * weight_x[None, :]
             )
     total_y = _total_weights(rows, height, factor)
     total_x = _total_weights(cols, width, factor)

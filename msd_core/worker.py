@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import gc
 import importlib.metadata
 import logging
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 
@@ -45,7 +47,7 @@ PROTOCOL_STREAM = _take_stdout() if __name__ == "__main__" else None
 
 import torch  # noqa: E402
 
-from . import __version__, environment, hub, models, protocol  # noqa: E402
+from . import __version__, environment, hub, models, protocol, variations  # noqa: E402
 from .errors import BadInput, Cancelled, MSDError  # noqa: E402
 from .output import (  # noqa: E402
     check_output_path,
@@ -55,7 +57,8 @@ from .output import (  # noqa: E402
     save_png,
 )
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
-from .settings import MAX_STEPS, GenerationSettings, check_memory, is_int  # noqa: E402
+from .refine import source_size  # noqa: E402
+from .settings import MAX_STEPS, GenerationSettings, RefineSettings, check_memory, is_int  # noqa: E402
 
 log = logging.getLogger("msd_core.worker")
 
@@ -71,7 +74,7 @@ MAX_THREADS = 1024
 
 @dataclass
 class Job:
-    """One accepted generate request."""
+    """One accepted generate or variations request."""
 
     id: str | int
     settings: GenerationSettings
@@ -79,8 +82,10 @@ class Job:
     overwrite: bool
     preview_every: int
     preview_dir: Path | None  # None: the worker's own temporary folder
+    refine: RefineSettings | None = None  # start from this image instead of noise
     threads: int = 0  # torch's CPU threads for this run; 0 = the worker's default
     interrupt: threading.Event = field(default_factory=threading.Event)
+    variations: int = 0  # > 0: a variations request making that many drafts
 
 
 @dataclass
@@ -163,6 +168,8 @@ class Worker:
             self.emit(protocol.event("pong", request_id))
         elif op == "generate":
             self.submit(message)
+        elif op == "variations":
+            self.submit(message, parse_variations)
         elif op == "download":
             self.submit(message, parse_download)
         elif op == "models":
@@ -177,8 +184,8 @@ class Worker:
             self._error(request_id, "bad_input", f"{problem}; expected one of: {', '.join(protocol.REQUEST_OPS)}")
 
     def submit(self, message: dict, parse=None) -> None:
-        """Validate a generate (or, with parse_download, a download) request and queue it; "accepted"
-        or the error is sent at once."""
+        """Validate a generate request (or, with parse_download or parse_variations, another kind) and
+        queue it; "accepted" or the error is sent at once."""
         request_id = message.get("id")
         try:
             job = (parse or parse_generate)(message)
@@ -265,20 +272,8 @@ class Worker:
         try:
             hub.require_downloaded(job.settings.model)
             pipe, load_seconds = self._pipeline_for(job)
-            result = pipe(job.settings, callback=self._step_callback(job, pipe, preview_dir), interrupt=job.interrupt)
-            if job.interrupt.is_set():  # cancelled after the last window batch: still write nothing
-                raise Cancelled("generation cancelled")
-            saving = time.perf_counter()
-            output = pipe.save(result, job.output, overwrite=job.overwrite)
-            exr = None
-            if job.settings.hdr:
-                exr = save_exr(result.image, output, result.metadata, knee=job.settings.hdr_knee,
-                               peak=job.settings.hdr_peak, overwrite=job.overwrite)
-            now = time.perf_counter()
-            timings = {"load": load_seconds, **result.timings, "save": now - saving, "total": now - started}
-            self._finish(job, protocol.event(
-                "done", job.id, output=str(output), exr=None if exr is None else str(exr), metadata=result.metadata, timings=timings
-            ))
+            run = self._run_variations if job.variations else self._run_panorama
+            run(job, pipe, load_seconds, started, preview_dir)
             error = None
         except MSDError as exc:  # Cancelled, BadInput, ModelNotFound, ...
             error = (exc.kind, str(exc), exc.field)
@@ -308,6 +303,45 @@ class Worker:
             if self._current is job:
                 self._current = None
             self.emit(message)
+
+    def _run_panorama(self, job: Job, pipe: MSDPanoramaPipeline, load_seconds: float, started: float,
+                      preview_dir: Path) -> None:
+        run = partial(pipe.refine, source=job.refine) if job.refine else pipe
+        result = run(job.settings, callback=self._step_callback(job, pipe, preview_dir), interrupt=job.interrupt)
+        if job.interrupt.is_set():  # cancelled after the last window batch: still write nothing
+            raise Cancelled("generation cancelled")
+        saving = time.perf_counter()
+        output = pipe.save(result, job.output, overwrite=job.overwrite)
+        exr = None
+        if job.settings.hdr:
+            exr = save_exr(result.image, output, result.metadata, knee=job.settings.hdr_knee,
+                           peak=job.settings.hdr_peak, overwrite=job.overwrite)
+        now = time.perf_counter()
+        timings = {"load": load_seconds, **result.timings, "save": now - saving, "total": now - started}
+        self._finish(job, protocol.event(
+            "done", job.id, output=str(output), exr=None if exr is None else str(exr), metadata=result.metadata, timings=timings
+        ))
+
+    def _run_variations(self, job: Job, pipe: MSDPanoramaPipeline, load_seconds: float, started: float,
+                        preview_dir: Path) -> None:
+        """The drafts one after the other (not batched through the UNet together: one by one, each is
+        on disk and reported after 1/N of the time, and a cancel keeps the ones already made)."""
+        draft = variations.draft_settings(job.settings, pipe.unet.config.sample_size * pipe.factor)
+        outputs = []
+        sampling = time.perf_counter()
+        for index in range(job.variations):
+            settings = dataclasses.replace(draft, seed=draft.seed + index)
+            on_step = self._step_callback(job, pipe, preview_dir, variation=index,
+                                          earlier=time.perf_counter() - sampling)
+            result = pipe(settings, callback=on_step, interrupt=job.interrupt)
+            if job.interrupt.is_set():
+                raise Cancelled("generation cancelled")
+            path = pipe.save(result, variations.variation_path(job.output, index), overwrite=job.overwrite)
+            outputs.append(str(path))
+            self.emit(protocol.event("variation", job.id, index=index, seed=settings.seed, path=str(path),
+                                     width=result.image.width, height=result.image.height))
+        timings = {"load": load_seconds, "total": time.perf_counter() - started}
+        self._finish(job, protocol.event("done", job.id, outputs=outputs, timings=timings))
 
     def run_download(self, job: DownloadJob) -> None:
         """Fetch a Hub model into the cache with "download" progress events; "done" or "error" ends it."""
@@ -341,8 +375,12 @@ class Worker:
         self._pipeline = MSDPanoramaPipeline.from_settings(job.settings)
         return self._pipeline, time.perf_counter() - started
 
-    def _step_callback(self, job: Job, pipe: MSDPanoramaPipeline, preview_dir: Path):
+    def _step_callback(self, job: Job, pipe: MSDPanoramaPipeline, preview_dir: Path, variation: int | None = None,
+                       earlier: float = 0.0):
+        """Previews and progress of one pipeline run; for a variation, progress also names it, and
+        ``earlier`` (seconds the earlier variations took) lets the eta cover all of them."""
         prefix = "" if job.preview_dir is None else f"msd-preview-{_file_safe(job.id)}-"
+        extra = {} if variation is None else {"variation": variation, "count": job.variations}
         costs = pipe.check_inputs(job.settings).step_costs()  # window forwards per step
         first_step_done = []  # elapsed at the end of step 1: later steps give the rate without warm-up
 
@@ -363,7 +401,10 @@ class Worker:
                     first_step_done.append(info.elapsed)
                 else:
                     seconds_per_window = (info.elapsed - first_step_done[0]) / sum(costs[1:info.step])
-                if seconds_per_window is None:
+                if variation is not None:  # the drafts to come are as long as this one
+                    steps_done = variation * info.total + info.step
+                    eta = (earlier + info.elapsed) / steps_done * (job.variations * info.total - steps_done)
+                elif seconds_per_window is None:
                     eta = info.elapsed / info.step * (info.total - info.step)
                 else:
                     eta = seconds_per_window * sum(costs[info.step:])
@@ -378,6 +419,7 @@ class Worker:
                         elapsed=info.elapsed,
                         eta=eta,
                         ms_per_window=None if seconds_per_window is None else 1000 * seconds_per_window,
+                        **extra,
                     )
                 )
 
@@ -421,6 +463,10 @@ def parse_generate(message: dict) -> Job:
                            value=preview_dir)
         preview_dir = Path(preview_dir)
         check_writable_folder(preview_dir, "preview_dir")
+    refine = None
+    if message.get("refine") is not None:
+        refine = RefineSettings.from_dict(message["refine"]).validate()
+        source_size(refine.source)  # is an image, not too large: refused now rather than after loading the model
     threads = message.get("threads", 0)
     if not is_int(threads) or not 0 <= threads <= MAX_THREADS:
         raise BadInput("{field} must be a whole number from 0 (the worker's default) to {limit}, got {value!r}",
@@ -432,8 +478,26 @@ def parse_generate(message: dict) -> Job:
         overwrite=overwrite,
         preview_every=preview_every,
         preview_dir=preview_dir,
+        refine=refine,
         threads=threads,
     )
+
+
+def parse_variations(message: dict) -> Job:
+    """A validated Job from a variations request, or BadInput naming the first problem."""
+    unknown = sorted(set(message) - {"op", "id", *protocol.VARIATIONS_FIELDS})
+    if unknown:
+        raise BadInput(f"unknown field(s) in the variations request: {', '.join(unknown)}")
+    for required in ("id", "settings", "count"):
+        if message.get(required) is None:
+            raise BadInput(f"the variations request has no '{required}'")
+    count = variations.check_count(message["count"])
+    fields = {key: message[key] for key in ("id", "settings", "output", "overwrite") if key in message}
+    job = parse_generate({"op": "generate", **fields, "preview_every": 0})
+    variations.check_seeds(job.settings.seed, count)
+    for index in range(count):
+        check_output_path(variations.variation_path(job.output, index), job.overwrite)
+    return dataclasses.replace(job, variations=count)
 
 
 def parse_download(message: dict) -> DownloadJob:

@@ -2,9 +2,9 @@
 
 import bpy
 
-from . import backdrop, generate, images, models, settings_restore, worker_env, world
+from . import backdrop, generate, history, images, models, refine, settings_restore, variations, worker_env, world
 
-_modules = (images, world, backdrop, generate, settings_restore, worker_env, models)
+_modules = (images, world, backdrop, generate, refine, settings_restore, worker_env, models, variations, history)
 classes = tuple(cls for module in _modules for cls in module.classes)
 
 _register_classes, _unregister_classes = bpy.utils.register_classes_factory(classes)
@@ -13,9 +13,13 @@ _register_classes, _unregister_classes = bpy.utils.register_classes_factory(clas
 def register():
     _register_classes()
     generate.register()
+    variations.register()
+    history.register()
 
 
 def unregister():
+    history.unregister()
+    variations.unregister()
     generate.unregister()
     worker_env.unregister()
     models.unregister()

@@ -13,6 +13,7 @@ and Python references to datablocks do not survive an undo.
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import bpy
 from bpy.app.handlers import persistent
@@ -22,7 +23,7 @@ from bpy.types import Operator
 from ..msd_core import hub
 from ..msd_core.client import WorkerClient
 from ..msd_core.errors import BadInput, MSDError
-from ..msd_core.settings import GenerationSettings
+from ..msd_core.settings import GenerationSettings, RefineSettings
 from ..preferences import ADDON_DIR, get_preferences, output_folder, user_folder, worker_python
 from ..properties import in_panel_terms, run_state, settings_from_scene
 from .backdrop import add_backdrop
@@ -57,6 +58,8 @@ class Job:
     preview_world_uid: int | None = None  # the world showing them, while it does
     fake_user_before: bool = False  # the user's world's own fake-user flag, while we hold it
     cancel_requested: bool = False
+    # Another kind of run (operators/variations.py) handles its events instead of handle_event.
+    on_event: Callable[..., str | None] | None = None
 
 
 class WorkerSession:
@@ -89,13 +92,21 @@ class WorkerSession:
 session = WorkerSession()
 
 
-def start_generation(context) -> Job:
-    """Validate the panel's settings and send them to the worker; raises MSDError with a clear message."""
+def start_generation(
+    context,
+    settings: GenerationSettings | None = None,
+    refine: RefineSettings | None = None,
+    send: Callable[[WorkerClient, GenerationSettings], tuple[str, str]] | None = None,
+) -> Job:
+    """Validate the panel's settings (or use ``settings``) and send them to the worker, refining the
+    image ``refine.source`` when given; raises MSDError with a clear message.
+
+    ``send(client, settings) -> (request id, output)`` sends another kind of request instead of generate."""
     if session.busy:
         raise BadInput("a panorama is already being generated; wait for it or cancel it")
     prefs = get_preferences(context)
     scene = context.scene
-    settings = settings_from_scene(scene, prefs)
+    settings = settings or settings_from_scene(scene, prefs)
     hub.require_downloaded(settings.model)  # at once, rather than a long "Loading" that downloads unasked
     python = worker_python(prefs)
     if not python:
@@ -109,11 +120,14 @@ def start_generation(context) -> Job:
     except MSDError:
         run_state.status = "ERROR"
         raise
-    output = unique_output_path(output_folder(prefs), settings.seed)
-    preview_dir = _empty_preview_folder()
-    request_id = client.generate(
-        settings, output, preview_every=PREVIEW_EVERY, preview_dir=preview_dir, threads=prefs.threads
-    )
+    if send is None:
+        output = unique_output_path(output_folder(prefs), settings.seed)
+        request_id = client.generate(
+            settings, output, preview_every=PREVIEW_EVERY, preview_dir=_empty_preview_folder(), refine=refine,
+            threads=prefs.threads,
+        )
+    else:
+        request_id, output = send(client, settings)
     group = scene.msd_panorama
     session.job = Job(
         request_id=request_id,
@@ -166,8 +180,9 @@ def poll_worker(context) -> str:
     job = session.job
     if job is None:
         return 'CANCELLED'
+    handle = job.on_event or handle_event
     for event in session.client.poll():
-        outcome = _handle_event(context, job, event)
+        outcome = handle(context, job, event)
         if outcome is not None:
             _end_run(context, failed=outcome != 'FINISHED')
             return outcome
@@ -197,7 +212,8 @@ def cancel_generation() -> bool:
     return True
 
 
-def _handle_event(context, job: Job, event: dict) -> str | None:
+def handle_event(context, job: Job, event: dict) -> str | None:
+    """What an event means for the run: an outcome when it ended it, else None."""
     name = event.get("event")
     if event.get("id") not in (job.request_id, None):
         return None  # a late event of an earlier, cancelled run
@@ -440,12 +456,10 @@ _HANDLERS = (
 )
 
 
-class MSD_OT_generate(Operator):
-    """Generate a panorama from the prompt in a background process"""
-
-    bl_idname = "msd.generate"
-    bl_label = "Generate Panorama"
-    bl_options = {'UNDO'}
+class WorkerRunOperator:
+    """Mix-in for operators that run a request in the worker: ``start(context)`` sends it; execute then
+    waits for it (wait=True, background) or polls it from a modal timer, Esc cancelling. Subclasses
+    override start and finished_message."""
 
     wait: BoolProperty(
         name="Wait",
@@ -460,9 +474,13 @@ class MSD_OT_generate(Operator):
             return False
         return True
 
+    def start(self, context) -> Job:
+        """Send the run to the worker; raises MSDError (operators for other kinds of run override it)."""
+        return start_generation(context)
+
     def execute(self, context):
         try:
-            start_generation(context)
+            self.start(context)
         except MSDError as exc:
             run_state.last_error = in_panel_terms(str(exc), getattr(exc, "field", None))
             run_state.last_error_kind = exc.kind
@@ -487,15 +505,26 @@ class MSD_OT_generate(Operator):
         context.window_manager.event_timer_remove(self._timer)
         return self._finish(outcome)
 
+    def finished_message(self) -> str:
+        return f"Panorama saved to {run_state.last_output}"
+
     def _finish(self, outcome: str) -> set:
         if outcome == 'FINISHED':
-            self.report({'INFO'}, f"Panorama saved to {run_state.last_output}")
+            self.report({'INFO'}, self.finished_message())
             return {'FINISHED'}
         if run_state.last_error:
             self.report({'ERROR'}, run_state.last_error)
         else:
             self.report({'WARNING'}, "Generation cancelled")
         return {'CANCELLED'}
+
+
+class MSD_OT_generate(WorkerRunOperator, Operator):
+    """Generate a panorama from the prompt in a background process"""
+
+    bl_idname = "msd.generate"
+    bl_label = "Generate Panorama"
+    bl_options = {'UNDO'}
 
 
 class MSD_OT_cancel(Operator):

@@ -7,7 +7,10 @@ from bpy.types import Panel
 
 from ..msd_core import hub
 from ..operators.generate import preview_image, session, worker_status
+from ..operators.history import cached_history, history_buttons, history_cache
+from ..operators.refine import refine_target_size, source_image
 from ..operators.models import cached_models, download_state, needs_download
+from ..operators.variations import variation_state
 from ..operators.worker_env import install_state
 from ..preferences import get_preferences, output_folder
 from ..properties import estimate_text, run_state
@@ -21,6 +24,8 @@ STATUS_WORDS = {
 }
 WRAP_CHARS = 48  # characters per line of long messages in the sidebar
 PREVIEW_SCALE = 8.0
+THUMBNAIL_SCALE = 4.0  # drafts and history entries
+THUMBNAILS_PER_ROW = 2
 
 
 def draw_wrapped(layout, text: str, icon: str = 'NONE') -> None:
@@ -234,4 +239,74 @@ class MSD_PT_panorama_output(SettingsSubPanel, Panel):
             op.image_name = run_state.last_image
 
 
-classes = (MSD_PT_panorama, MSD_PT_panorama_sampler, MSD_PT_panorama_output)
+class MSD_PT_panorama_variations(SettingsSubPanel, Panel):
+    bl_label = "Drafts"
+
+    def draw(self, context):
+        layout = self.layout
+        group = context.scene.msd_panorama
+        row = layout.row(align=True)
+        row.prop(group, "variation_count", text="")
+        row.operator("msd.generate_variations", icon='IMGDISPLAY').count = group.variation_count
+        running = session.busy and session.job.on_event is not None
+        if running:
+            layout.label(text=f"{len(variation_state.variations)} of {variation_state.count} drafts done")
+        if not variation_state.variations:
+            return
+        shown = variation_state.variations
+        for start in range(0, len(shown), THUMBNAILS_PER_ROW):
+            row = layout.row(align=True)
+            for variation in shown[start:start + THUMBNAILS_PER_ROW]:
+                col = row.column(align=True)
+                col.template_icon(icon_value=variation_state.icon_id(variation), scale=THUMBNAIL_SCALE)
+                col.operator("msd.use_variation", text=f"Use seed {variation.seed}").index = variation.index
+
+
+class MSD_PT_history(SettingsSubPanel, Panel):
+    bl_label = "History"
+
+    def draw(self, context):
+        layout = self.layout
+        group = context.scene.msd_panorama
+        entries = cached_history(context)
+        row = layout.row()
+        row.label(text=f"{len(entries)} panoramas")
+        row.operator("msd.refresh_history", text="", icon='FILE_REFRESH')
+        for entry in entries:
+            box = layout.box()
+            row = box.row()
+            row.template_icon(icon_value=history_cache.icon_id(entry, layout), scale=THUMBNAIL_SCALE)
+            col = row.column(align=True)
+            draw_wrapped(col, entry.prompt or "(no prompt)")
+            col.label(text=f"Seed {entry.seed} · {entry.size_text}",
+                      icon='FILE_BLEND' if entry.image_name else 'FILE_IMAGE')
+            buttons = box.row(align=True)
+            for operator, label, icon, arguments in history_buttons(entry, group):
+                properties = buttons.operator(operator, text=label, icon=icon)
+                for name, value in arguments.items():
+                    setattr(properties, name, value)
+
+
+class MSD_PT_panorama_refine(SettingsSubPanel, Panel):
+    bl_label = "Refine"
+
+    def draw(self, context):
+        layout = split_layout(self.layout)
+        group = context.scene.msd_panorama
+        image = source_image(context)
+        if image is None:
+            draw_wrapped(layout, "Show a panorama as the world, or select a backdrop, to refine or upscale it.",
+                         icon='INFO')
+            return
+        layout.label(text=image.name, icon='IMAGE_DATA')
+        layout.prop(group, "refine_strength")
+        layout.prop(group, "refine_scale")
+        width, height = refine_target_size(image, group.refine_scale)
+        layout.label(text=f"{image.size[0]}×{image.size[1]} → {width}×{height}")
+        row = layout.row()
+        row.enabled = not session.busy
+        row.operator("msd.refine", icon='SHADERFX')
+
+
+classes = (MSD_PT_panorama, MSD_PT_panorama_variations, MSD_PT_panorama_sampler, MSD_PT_panorama_output,
+           MSD_PT_panorama_refine, MSD_PT_history)

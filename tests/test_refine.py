@@ -1,0 +1,417 @@
+"""Refine / upscale from an image: reading and resizing the source, the wrap-aware tiled VAE encode,
+SDEdit's start step and renoising, the layout guidance (on the analytic horizon prior), and the
+command line and worker end to end with the tiny model.
+
+About the tiny VAE's encoder (measured): it is random and its GroupNorm statistics and mid-block
+attention span its whole input, so a tile's latent depends on everything in the tile; tiled and plain
+encodes of a smooth 320×512 image differ by ≈0.6 of the latent's own spread on average. Its
+round trip is meaningless, so these tests check shapes, determinism, the seam and the tiling's memory
+bound rather than fidelity.
+"""
+
+import math
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from msd_core import cli, models, pngmeta, protocol, refine, tonemap, vae
+from msd_core.client import WorkerClient
+from msd_core.errors import BadInput
+from msd_core.models import sd_ddim_scheduler
+from msd_core.pipeline import MSDPanoramaPipeline, default_levels
+from msd_core.sampler import cosine_decay, ddim_schedule, msd_step
+from msd_core.settings import GenerationSettings, RefineSettings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from horizon import TRAIN_STEPS, HorizonPrior, make_grids, vertical_median3  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WAIT = 120  # seconds, an upper bound for every wait on the worker
+TINY = ["--model", "tiny", "--device", "cpu", "--steps", "4", "--seed", "3", "--gradient", "fast", "-q"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    return models.load_components("tiny", device="cpu").vae
+
+
+def smooth_panorama(height: int, width: int) -> torch.Tensor:
+    """(1, 3, H, W) in [0, 1], periodic across the 0/360° edge: a 360° image without a seam."""
+    rows, angle = torch.meshgrid(torch.linspace(0, 1, height), torch.arange(width) * 2 * math.pi / width, indexing="ij")
+    return torch.stack([0.5 + 0.4 * torch.sin(angle), rows, 0.5 + 0.3 * torch.cos(2 * angle) * rows])[None]
+
+
+def source_png(path: Path, width: int = 128, height: int = 64) -> Path:
+    """A sky-over-ground RGB picture."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[: height // 2] = (110, 160, 240)
+    pixels[height // 2 :] = (70, 120, 40)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+# -- SDEdit: start step and renoising -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strength,steps,start", [(1.0, 50, 0), (0.5, 50, 25), (0.3, 10, 7), (0.75, 4, 1), (0.25, 4, 3)])
+def test_strength_maps_to_the_step_where_floor_strength_times_steps_remain(strength, steps, start):
+    assert refine.start_step(strength, steps) == start
+
+
+@given(st.floats(0.001, 1.0), st.integers(1, 200))
+def test_start_step_leaves_floor_strength_times_steps_or_refuses(strength, steps):
+    if math.floor(strength * steps) < 1:
+        with pytest.raises(BadInput, match="leaves no step to run"):
+            refine.start_step(strength, steps)
+    else:
+        assert steps - refine.start_step(strength, steps) == math.floor(strength * steps)
+
+
+def test_renoise_is_the_forward_diffusion_to_the_start_steps_alpha():
+    clean, noise = torch.full((1, 4, 2, 2), 2.0), torch.ones(1, 4, 2, 2)
+    assert torch.equal(refine.renoise(clean, noise, 1.0), clean)
+    step = ddim_schedule(sd_ddim_scheduler(), 10)[refine.start_step(0.5, 10)]
+    expected = math.sqrt(step.alpha) * 2 + math.sqrt(1 - step.alpha)
+    assert torch.allclose(refine.renoise(clean, noise, step.alpha), torch.full_like(clean, expected))
+
+
+# -- the source image -------------------------------------------------------------------------------
+
+
+def test_tone_map_is_reinhard_then_srgb():
+    values = tonemap.tone_map(np.array([0.0, 0.18, 1.0, 1e4, -1.0], np.float32))
+    assert values[0] == 0 and values[-1] == 0  # negative light is none
+    assert values[1] == pytest.approx(0.4270, abs=1e-3) and values[2] == pytest.approx(0.7354, abs=1e-3)
+    assert 0.999 < values[3] <= 1
+    ramp = tonemap.tone_map(np.linspace(0, 100, 1000, dtype=np.float32))
+    assert (np.diff(ramp) > 0).all()
+
+
+def test_eight_bit_sixteen_bit_and_float_sources_read_as_floats_in_0_1(tmp_path):
+    rgb = source_png(tmp_path / "rgb.png")
+    assert np.allclose(refine.read_source(rgb)[0, 0], np.array([110, 160, 240]) / 255)
+
+    grey16 = np.full((8, 16), 30000, np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    read = refine.read_source(tmp_path / "grey16.png")
+    assert read.shape == (8, 16, 3) and np.allclose(read, 30000 / 65535)
+
+    linear = np.full((8, 16), 4.0, np.float32)  # a float TIFF is linear light, possibly above 1
+    Image.fromarray(linear, "F").save(tmp_path / "hdr.tif")
+    assert np.allclose(refine.read_source(tmp_path / "hdr.tif"), tonemap.tone_map(np.float32(4.0)))
+
+
+def huge_png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width × height pixels and which holds almost nothing: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(pngmeta.PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: p / "missing.png", "does not exist"),
+        (lambda p: (p / "notes.png").write_text("not an image") and p / "notes.png", "is not an image that can be read"),
+        (lambda p: huge_png_header(p / "bomb.png", 100_000, 100_000), "more than the 134,217,728 pixels allowed"),
+        (lambda p: huge_png_header(p / "big.png", 16400, 8192), "16400×8192: more than the 134,217,728 pixels"),
+        (lambda p: (p / "sky.exr").write_bytes(refine.EXR_SIGNATURE + b"\0" * 64) and p / "sky.exr", "OpenEXR package"),
+        (lambda p: (p / "sky.hdr").write_bytes(b"#?RADIANCE\n") and p / "sky.hdr", "Radiance HDR"),
+    ],
+)
+def test_unreadable_or_oversized_sources_are_refused_before_decoding(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(BadInput, match=message):
+        refine.read_source(path)
+
+
+def test_a_truncated_source_is_refused(tmp_path):
+    path = source_png(tmp_path / "cut.png", 256, 128)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(BadInput, match="cannot read the source image"):
+        refine.read_source(path)
+
+
+def test_resize_with_wrap_reads_across_the_seam():
+    """Rolling the source by a quarter turn rolls the ×2 result by a quarter turn, edges included,
+    only when the resampling wraps."""
+    image = np.random.default_rng(0).random((16, 32, 3), dtype=np.float32)
+    rolled = np.roll(image, 8, axis=1)
+    for wrap, seam_error in ((True, lambda e: e < 1e-5), (False, lambda e: e > 0.05)):
+        resized = refine.resize_panorama(image, 64, 32, wrap)
+        back = torch.roll(refine.resize_panorama(rolled, 64, 32, wrap), -16, dims=-1)
+        assert resized.shape == (1, 3, 32, 64)
+        assert seam_error(float((back - resized)[..., :, [0, 1, -2, -1]].abs().max()))
+
+
+# -- VAE encode ---------------------------------------------------------------------------------------
+
+
+def test_encode_gives_deterministic_latents_an_eighth_of_the_size(tiny_vae):
+    image = smooth_panorama(64, 128)
+    latents = vae.encode_images(tiny_vae, image)
+    assert latents.shape == (1, 4, 8, 16) and latents.dtype == torch.float32
+    assert torch.equal(latents, vae.encode_images(tiny_vae, image))
+    mean = tiny_vae.encode(image * 2 - 1).latent_dist.mean * tiny_vae.config.scaling_factor
+    assert torch.allclose(latents, mean, atol=1e-6)
+    decoded = vae.decode_latents(tiny_vae, latents)
+    assert decoded.shape == image.shape
+    with pytest.raises(ValueError, match="multiples of the VAE's factor 8"):
+        vae.encode_images(tiny_vae, image[..., :60])
+
+
+def seam_jump(latents: torch.Tensor) -> float:
+    """|first − last column| over the mean difference of neighbouring interior columns."""
+    edge = (latents[..., 0] - latents[..., -1]).abs().mean()
+    return float(edge / (latents[..., 1:] - latents[..., :-1]).abs().mean())
+
+
+def test_wrapped_encode_has_no_jump_at_0_360(tiny_vae):
+    image = smooth_panorama(64, 256)  # periodic: the seam is like any other pair of columns
+    wrapped = vae.encode_images(tiny_vae, image, wrap=True)
+    plain = vae.encode_images(tiny_vae, image)
+    assert seam_jump(wrapped) < 1.0
+    assert seam_jump(plain) > 1.3  # the control: zero padding at both edges shows
+
+
+def test_tiled_encode_is_close_to_plain_and_never_encodes_more_than_a_tile(tiny_vae, monkeypatch):
+    image = smooth_panorama(320, 512)
+    plain = vae.encode_images(tiny_vae, image)
+    assert torch.equal(vae.encode_images(tiny_vae, image, tile=64), plain)  # one tile is the plain call
+    shapes = []
+    encode = tiny_vae.encode
+
+    def recording_encode(pixels, *args, **kwargs):
+        shapes.append(tuple(pixels.shape[-2:]))
+        return encode(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_vae, "encode", recording_encode)
+    tiled = vae.encode_images(tiny_vae, image, tile=32, overlap=8, wrap=True)
+    assert shapes and all(h <= 32 * 8 and w <= 32 * 8 for h, w in shapes)
+    assert len(shapes) == 2 * 3  # 40 latent rows; 64 + 2·8 wrapped columns
+    # Each tile has its own normalisation statistics (see the module's docstring), so only the mean is close.
+    assert (tiled - plain).abs().mean() < plain.std()
+
+
+# -- layout guidance on the analytic horizon prior ---------------------------------------------------
+
+
+def test_guide_layout_takes_the_references_block_means_and_keeps_the_rest():
+    generator = torch.Generator().manual_seed(0)
+    latents, reference = torch.randn(1, 2, 8, 16, generator=generator), torch.randn(1, 2, 8, 16, generator=generator)
+    guided = refine.guide_layout(latents, reference, 4)
+    assert torch.allclose(F.avg_pool2d(guided, 4), F.avg_pool2d(reference, 4), atol=1e-6)
+    change = guided - latents  # constant on every 4×4 block: no detail is touched
+    assert torch.allclose(change, F.interpolate(F.avg_pool2d(change, 4), scale_factor=4), atol=1e-6)
+
+
+def horizon_rows(image: torch.Tensor) -> torch.Tensor:
+    """Per column, the first ground row (sky is > 0), after a 3-tap vertical majority."""
+    sky = vertical_median3(image > 0)
+    return (sky[1:] != sky[:-1]).int().argmax(0).double() + 1
+
+
+def refine_on_prior(source: torch.Tensor, strength: float, guided: bool, steps: int = 10) -> torch.Tensor:
+    """Refine (C, H, W) sources ×2 on the horizon prior the way MSDPanoramaPipeline.refine does: bilinear
+    ×2, renoise with one seed's noise to the start step, MSD with the refine layout guide."""
+    prior = HorizonPrior(window=16)
+    clean = F.interpolate(source[None], scale_factor=2, mode="bilinear", align_corners=False)
+    height, width = clean.shape[-2:]
+    schedule = ddim_schedule(sd_ddim_scheduler(), steps)
+    start = refine.start_step(strength, steps)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
+    factor = 2 ** (default_levels(height, width, prior.window) - 1) if guided else 1
+    guide = refine.layout_guide(clean, noise, factor, refine.LAYOUT_GUIDANCE_UNTIL * TRAIN_STEPS)
+    latents = refine.renoise(clean, noise, schedule[start].alpha)
+    grids = make_grids(height, width, prior.window, 4, True)
+    for step in schedule[start:]:
+        omega = 10 * cosine_decay(step.t, TRAIN_STEPS)
+        latents = guide(msd_step(latents, grids, step, prior.denoiser(), omega, gradient="fast", view_batch=1024), step)
+    return latents[0]
+
+
+def horizon_sources(height: int = 32, width: int = 64) -> torch.Tensor:
+    """Sky (+1) over ground (−1) with gently rolling horizons at several heights, and the prior's texture."""
+    generator = torch.Generator().manual_seed(0)
+    rows, columns = torch.arange(height)[:, None].double(), torch.arange(width).double()
+    return torch.stack([
+        torch.where(rows < horizon + 2 * torch.sin(columns * 2 * math.pi / width + index), 1.0, -1.0)
+        + 0.3 * torch.randn(height, width, generator=generator, dtype=torch.float64)
+        for index, horizon in enumerate((6, 10, 14, 18, 22, 26))
+    ])  # fmt: skip
+
+
+def horizon_errors(sources: torch.Tensor, refined: torch.Tensor) -> list[float]:
+    """Per panorama, the median over columns of |refined horizon row − 2 × the source's|."""
+    errors = []
+    for source, result in zip(sources, refined):
+        target = (2 * horizon_rows(source)).repeat_interleave(2)
+        errors.append(float((horizon_rows(result) - target).abs().median()))
+    return errors
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_refine_at_x2_keeps_the_sources_horizon_within_a_tenth_of_a_window(strength):
+    """The issue's test: on the analytic prior (16 px windows), refining ×2 puts the horizon where the
+    source had it, within 1.6 rows, at a medium strength and even at strength 1 (almost pure noise)."""
+    sources = horizon_sources()
+    errors = horizon_errors(sources, refine_on_prior(sources, strength, guided=True))
+    assert max(errors) <= 16 / 10, errors
+
+
+def test_without_the_layout_guide_strength_1_loses_the_horizon():
+    """The control: SDEdit alone keeps the horizon at medium strengths but not at strength 1."""
+    sources = horizon_sources()
+    assert max(horizon_errors(sources, refine_on_prior(sources, 0.5, guided=False))) <= 16 / 10
+    assert max(horizon_errors(sources, refine_on_prior(sources, 1.0, guided=False))) > 16 / 10
+
+
+# -- the pipeline, the command line and the worker ---------------------------------------------------
+
+
+def test_pipeline_start_step_must_lie_in_the_schedule():
+    settings = GenerationSettings(prompt="a lake", model="tiny", width=128, height=64, steps=3, device="cpu")
+    pipe = MSDPanoramaPipeline.from_settings(settings)
+    with pytest.raises(ValueError, match="outside the 3-step schedule"):
+        pipe(settings, start_step=3, decode=False)
+    steps = []
+    pipe(settings, start_step=2, decode=False, callback=lambda info: steps.append((info.step, info.total)))
+    assert steps == [(1, 1)]  # only the last step runs
+
+
+def run_cli(*arguments, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "msd_core", "refine", *arguments], capture_output=True, text=True, timeout=300,
+        cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+
+
+def test_cli_refine_upscales_x2_and_records_the_source(tmp_path):
+    source = source_png(tmp_path / "draft.png")
+    out = tmp_path / "big.png"
+    completed = run_cli(str(source), "--prompt", "a lake at noon", "--scale", "2", "--strength", "0.5", "-o", str(out),
+                        *TINY, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == str(out)
+    with Image.open(out) as image:
+        assert image.size == (256, 128)
+    meta = pngmeta.read_text_chunks(out)
+    assert (meta["source"], meta["strength"], meta["start_step"]) == ("draft.png", "0.5", "2")
+    assert (meta["prompt"], meta["width"], meta["height"], meta["wrap"]) == ("a lake at noon", "256", "128", "true")
+    assert source.read_bytes() == source_png(tmp_path / "again.png").read_bytes()  # the source is untouched
+
+
+@pytest.mark.parametrize(
+    "size,expected",
+    [
+        ([], (152, 48, False)),  # the source's 150×50, each side to the nearest multiple of 8
+        (["--scale", "2"], (296, 96, False)),
+        (["--width", "384"], (384, 128, False)),  # the other side follows the source's aspect
+        (["--height", "64"], (192, 64, False)),
+        (["--width", "256", "--height", "128"], (256, 128, True)),  # 2:1 wraps
+        (["--width", "256", "--height", "128", "--no-wrap"], (256, 128, False)),
+    ],
+)
+def test_cli_refine_target_size_follows_the_source(tmp_path, size, expected):
+    source = source_png(tmp_path / "wide.png", 150, 50)
+    args = cli.build_parser().parse_args(["refine", str(source), "--prompt", "dunes", "-o", "o.png", *size, *TINY])
+    settings, refine_settings = cli.refine_settings_from_args(args)
+    assert (settings.width, settings.height, settings.wrap) == expected
+    assert refine_settings == RefineSettings(str(source), 0.5)
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["missing.png"], "the source image missing.png does not exist"),
+        (["SOURCE", "--strength", "0"], "strength must be above 0 and at most 1"),
+        (["SOURCE", "--strength", "1.5"], "strength must be above 0 and at most 1"),
+        (["SOURCE", "--scale", "0"], "--scale must be above 0"),
+        (["SOURCE", "--scale", "0.25"], "smaller than one 64 px window"),
+        (["SOURCE", "--strength", "0.1"], "leaves no step to run"),
+        (["bomb.png"], "pixels allowed"),
+    ],
+)
+def test_cli_refine_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys, arguments, message):
+    monkeypatch.chdir(tmp_path)
+    source_png(tmp_path / "draft.png")
+    huge_png_header(tmp_path / "bomb.png", 100_000, 100_000)
+    before = sorted(tmp_path.iterdir())
+    arguments = ["draft.png" if a == "SOURCE" else a for a in arguments]
+    code = cli.main(["refine", *arguments, "--prompt", "a lake", "-o", "out.png", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("msd-panorama: error: ") and message in err[-1]
+    assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    env = {"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path_factory.mktemp("worker-tmp"))}
+    client = WorkerClient(sys.executable, pythonpath=str(REPO_ROOT), env=env).start()
+    assert client.next_event(timeout=WAIT)["event"] == "ready"
+    yield client
+    assert client.stop() == 0
+
+
+def events_until_final(client: WorkerClient, request_id) -> list[dict]:
+    events = []
+    while not events or events[-1]["event"] not in protocol.FINAL_EVENTS:
+        event = client.next_event(timeout=WAIT)
+        assert event is not None, f"no final event within {WAIT} s: {events}"
+        if event["id"] == request_id:
+            events.append(event)
+    return events
+
+
+def test_worker_refine_request_writes_the_target_size_with_the_source_in_the_metadata(worker, tmp_path):
+    source = source_png(tmp_path / "draft.png")
+    settings = GenerationSettings(prompt="a lake", model="tiny", width=256, height=128, steps=4, gradient="fast",
+                                  device="cpu", seed=3)
+    request_id = worker.generate(settings, tmp_path / "out.png", refine=RefineSettings(str(source), 0.75))
+    events = events_until_final(worker, request_id)
+    assert [e["event"] for e in events][:2] == ["accepted", "loading"] and events[-1]["event"] == "done", events
+    assert [e["total"] for e in events if e["event"] == "progress"] == [3, 3, 3]
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.size == (256, 128)
+    assert events[-1]["metadata"]["source"] == "draft.png" and events[-1]["metadata"]["strength"] == "0.75"
+
+
+@pytest.mark.parametrize(
+    "refine_field,message",
+    [
+        ({"source": "/no/such/file.png"}, "does not exist"),
+        ({"source": "SOURCE", "strength": 2}, "strength must be above 0 and at most 1"),
+        ({"source": "SOURCE", "denoise": 0.5}, "unknown refine field(s): denoise"),
+        ({"strength": 0.5}, "no 'source' image"),
+        ("SOURCE", "'refine' must be a JSON object"),
+        ({"source": "NOT_AN_IMAGE"}, "is not an image that can be read"),
+    ],
+)
+def test_worker_refuses_a_bad_refine_before_accepting_it(worker, tmp_path, refine_field, message):
+    source = source_png(tmp_path / "draft.png")
+    (tmp_path / "text.png").write_text("hello")
+    replace = {"SOURCE": str(source), "NOT_AN_IMAGE": str(tmp_path / "text.png")}
+    if isinstance(refine_field, dict):
+        refine_field = {key: replace.get(value, value) for key, value in refine_field.items()}
+    settings = GenerationSettings(prompt="a lake", model="tiny", width=128, height=64, steps=2, device="cpu")
+    worker.send(protocol.request("generate", "bad", settings=settings.to_dict(), output=str(tmp_path / "o.png"),
+                                 refine=refine_field))
+    events = events_until_final(worker, "bad")
+    assert [(e["event"], e["kind"]) for e in events] == [("error", "bad_input")]
+    assert message in events[0]["message"] and not (tmp_path / "o.png").exists()

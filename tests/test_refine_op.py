@@ -1,0 +1,145 @@
+"""Refining from Blender: the source image it finds, the request it sends, its error reports, the
+Refine sub-panel, and a real refine with the tiny model in a worker (installed from the zip)."""
+
+import hashlib
+import os
+import re
+import sys
+
+import bpy
+import numpy as np
+import pytest
+from PIL import Image
+
+from blender_env import MODULE, addon_module, blender, extension  # noqa: F401  (fixtures)
+from test_extension import draw
+from test_generate_op import addon, run_state, world_images  # noqa: F401  (fixtures)
+
+
+def refine_module():
+    return sys.modules[f"{MODULE}.operators.refine"]
+
+
+def source_png(path, width=128, height=64):
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[: height // 2] = (110, 160, 240)
+    pixels[height // 2 :] = (70, 120, 40)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def pixels_digest(image) -> str:
+    pixels = np.empty(len(image.pixels), np.float32)
+    image.pixels.foreach_get(pixels)
+    return hashlib.sha256(pixels.tobytes()).hexdigest()
+
+
+def test_the_source_is_the_active_backdrops_image_else_the_worlds(addon, tmp_path):
+    refine = refine_module()
+    assert refine.source_image(bpy.context) is None
+    assert bpy.ops.msd.apply_world(filepath=source_png(tmp_path / "world.png")) == {"FINISHED"}
+    world_image = refine.source_image(bpy.context)
+    assert world_image is not None and world_image in world_images(bpy.context.scene.world)
+
+    assert bpy.ops.msd.add_backdrop(filepath=source_png(tmp_path / "strip.png", 192, 64)) == {"FINISHED"}
+    backdrop = bpy.context.active_object
+    assert refine.source_image(bpy.context) == backdrop.material_slots[0].material.node_tree.nodes["Image Texture"].image
+    bpy.context.view_layer.objects.active = None
+    assert refine.source_image(bpy.context) == world_image
+
+    # A world lit by another image (as by the HDR companion of its panorama) still refines its panorama.
+    world = bpy.context.scene.world
+    next(n for n in world.node_tree.nodes if n.type == "TEX_ENVIRONMENT").image = bpy.data.images.new("lit by", 8, 4)
+    assert refine.source_image(bpy.context) == world_image
+
+    # Any world of the user's own: the image of its Environment Texture.
+    user_world = bpy.data.worlds.new("Mine")
+    user_world.use_nodes = True
+    environment = user_world.node_tree.nodes.new("ShaderNodeTexEnvironment")
+    environment.image = bpy.data.images.load(source_png(tmp_path / "mine.png"))
+    bpy.context.scene.world = user_world
+    assert refine.source_image(bpy.context) == environment.image
+
+
+def test_refine_upscales_the_world_and_never_touches_the_source(addon, tmp_path):
+    bpy.ops.msd.apply_world(filepath=source_png(tmp_path / "draft.png"))
+    source = refine_module().source_image(bpy.context)
+    before = (source.name, source.filepath, tuple(source.size), pixels_digest(source), source["msd"].to_dict())
+    group = bpy.context.scene.msd_panorama
+    group.refine_scale, group.refine_strength = 2.0, 0.75
+
+    assert bpy.ops.msd.refine(wait=True) == {"FINISHED"}, run_state().last_error
+    result = bpy.data.images[run_state().last_image]
+    assert tuple(result.size) == (256, 128)
+    assert result["msd"]["source"] == "draft.png" and result["msd"]["strength"] == "0.75"
+    assert result["msd"]["prompt"] == group.prompt and result["msd"]["wrap"] == "true"
+    assert result in world_images(bpy.context.scene.world)
+    after = (source.name, source.filepath, tuple(source.size), pixels_digest(source), source["msd"].to_dict())
+    assert after == before and source.users > 0
+
+
+def test_a_packed_source_is_sent_as_a_copy_of_its_bytes(addon, tmp_path):
+    path = source_png(tmp_path / "packed.png")
+    image = bpy.data.images.load(path)
+    image.pack()
+    os.remove(path)
+    sent = refine_module().source_file(image)
+    assert sent != path and open(sent, "rb").read() == image.packed_file.data
+
+
+def test_a_float_source_is_sent_as_a_tone_mapped_png(addon, tmp_path):
+    """An HDRI world (EXR) reaches the worker as a PNG of its tone-mapped pixels; the worker needs no EXR reader."""
+    hdr = bpy.data.images.new("sky", 16, 8, float_buffer=True)
+    linear = np.linspace(0, 20, 16 * 8 * 4, dtype=np.float32)  # far above 1, like the sun in an HDRI
+    hdr.pixels.foreach_set(linear)
+    hdr.filepath_raw, hdr.file_format = str(tmp_path / "sky.exr"), "OPEN_EXR"
+    hdr.save()
+    bpy.data.images.remove(hdr)
+    image = bpy.data.images.load(str(tmp_path / "sky.exr"))
+    before = pixels_digest(image)
+
+    sent = refine_module().source_file(image)
+    assert os.path.basename(sent) == "sky.exr.png"
+    with Image.open(sent) as png:
+        assert png.mode == "RGB" and png.size == (16, 8)
+        received = np.asarray(png, np.float32) / 255
+    expected = addon_module().msd_core.tonemap.tone_map(linear.reshape(8, 16, 4)[::-1, :, :3])
+    assert np.abs(received - expected).max() <= 0.5 / 255 + 1e-6
+    assert pixels_digest(image) == before and image.filepath == str(tmp_path / "sky.exr")
+
+
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        (lambda tmp: None, "there is no panorama to refine"),
+        (lambda tmp: "no such image", "there is no image named 'no such image'"),
+        (lambda tmp: bpy.data.images.new("Painted", 128, 64).name, "has no file (it was generated or rendered)"),
+    ],
+)
+def test_refine_errors_are_reported_and_change_nothing(addon, tmp_path, setup, message):
+    image_name = setup(tmp_path) or ""
+    before = {kind: set(getattr(bpy.data, kind).keys()) for kind in ("images", "worlds", "objects")}
+    with pytest.raises(RuntimeError, match=re.escape(message)):  # the operator's error report, as a script sees it
+        bpy.ops.msd.refine(wait=True, image_name=image_name)
+    assert message in run_state().last_error
+    assert {kind: set(getattr(bpy.data, kind).keys()) for kind in before} == before
+    assert not addon_module().operators.generate.session.busy
+
+
+def test_a_missing_source_file_is_reported(addon, tmp_path):
+    path = source_png(tmp_path / "gone.png")
+    image = bpy.data.images.load(path)
+    os.remove(path)
+    with pytest.raises(RuntimeError, match="the file of the image 'gone.png' is missing or unreadable"):
+        bpy.ops.msd.refine(wait=True, image_name=image.name)
+
+
+def test_refine_panel_shows_the_source_strength_scale_and_target_size(addon, tmp_path):
+    empty = draw("MSD_PT_panorama_refine")
+    assert ("label", "Show a panorama as the world, or select a") in empty
+    assert not any(kind == "operator" for kind, _ in empty)
+    bpy.ops.msd.apply_world(filepath=source_png(tmp_path / "draft.png"))
+    bpy.context.scene.msd_panorama.refine_scale = 2.0
+    log = draw("MSD_PT_panorama_refine")
+    assert ("prop", "refine_strength") in log and ("prop", "refine_scale") in log
+    assert ("label", "128×64 → 256×128") in log and ("operator", "msd.refine") in log
