@@ -19,6 +19,7 @@ METADATA_KEYS = (
     "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance", "method", "omega",
     "omega_loss", "gradient", "scales", "pyramid", "window", "stride", "wrap", "scheduler", "model",
     "msd_core_version", SETTINGS_KEY,
+    "source", "strength", "start_step",  # a refined panorama's source image (msd_core.refine)
 )  # fmt: skip
 # Bounds on what a PNG's text may cost to read (our own metadata is a few KB).
 MAX_TEXT_BYTES = 2**20  # per chunk, compressed and inflated

@@ -120,7 +120,9 @@ def _remove_unused_drafts(keep) -> None:
     def is_unused_draft(image) -> bool:
         return image is not None and image != keep and absolute_path(image.filepath) in drafts_files
 
-    unused_worlds = [w for w in bpy.data.worlds if w.users == 0 and is_unused_draft(w.get(SOURCE_PROPERTY))]
+    # Our draft worlds only: the fake user that apply_world gives a replaced world is no use here.
+    unused_worlds = [w for w in bpy.data.worlds
+                     if w.users == int(w.use_fake_user) and is_unused_draft(w.get(SOURCE_PROPERTY))]
     bpy.data.batch_remove(unused_worlds)
     bpy.data.batch_remove([image for image in bpy.data.images if image.users == 0 and is_unused_draft(image)])
 
