@@ -19,8 +19,11 @@ METADATA_KEYS = (
     "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance", "method", "omega",
     "omega_loss", "gradient", "scales", "pyramid", "window", "stride", "wrap", "scheduler", "model",
     "msd_core_version", SETTINGS_KEY,
-    "source", "strength", "start_step",  # a refined panorama's source image (msd_core.refine)
 )  # fmt: skip
+# Also ours: what the pipeline resolved for the run, and a refined panorama's source (msd_core.refine).
+RUN_KEYS = ("view_batch", "device", "dtype", "windows", "windows_per_level", "unet_windows")
+REFINE_KEYS = ("source", "strength", "start_step")
+OWN_KEYS = METADATA_KEYS + RUN_KEYS + REFINE_KEYS
 # Bounds on what a PNG's text may cost to read (our own metadata is a few KB).
 MAX_TEXT_BYTES = 2**20  # per chunk, compressed and inflated
 MAX_TOTAL_TEXT_BYTES = 4 * 2**20

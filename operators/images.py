@@ -54,7 +54,7 @@ def load_panorama(filepath: str, warnings: list[str] | None = None) -> bpy.types
     if image is not None:
         return image
     texts = _read_metadata(path)
-    metadata = {key: text for key, text in texts.items() if key in pngmeta.METADATA_KEYS}
+    metadata = {key: text for key, text in texts.items() if key in pngmeta.OWN_KEYS}
     image = _load_new(path, panorama_name(metadata, path))
     if not image.is_float:  # 8-bit pixels are sRGB: say so, whatever a custom colour config defaults to
         image.colorspace_settings.name = "sRGB"

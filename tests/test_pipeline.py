@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPanoramaPipeline
 
+from msd_core import pngmeta
 from msd_core.errors import BadInput, Cancelled
 from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.plan import default_levels
@@ -162,6 +163,8 @@ def test_image_and_metadata(pipe):
     assert meta["prompt"] == BASE.prompt and meta["negative_prompt"] == "blurry"
     assert meta["method"] == "msd" and meta["gradient"] == "exact" and meta["scales"] == "2" and meta["pyramid"] == "halving"
     assert meta["window"] == "64" and meta["stride"] == "32" and meta["model"] == "tiny"
+    # Every entry is one the add-on knows as its own: applying the PNG in Blender warns of none.
+    assert set(meta) <= set(pngmeta.OWN_KEYS)
     assert np.isfinite(np.asarray(result.image)).all()
 
 

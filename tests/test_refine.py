@@ -390,6 +390,7 @@ def test_worker_refine_request_writes_the_target_size_with_the_source_in_the_met
     with Image.open(tmp_path / "out.png") as image:
         assert image.size == (256, 128)
     assert events[-1]["metadata"]["source"] == "draft.png" and events[-1]["metadata"]["strength"] == "0.75"
+    assert set(events[-1]["metadata"]) <= set(pngmeta.OWN_KEYS)  # the add-on keeps all of it
 
 
 @pytest.mark.parametrize(
