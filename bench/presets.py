@@ -33,7 +33,7 @@ from msd_core import models
 from msd_core.models import sd_ddim_scheduler
 from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.plan import make_plan, plan_without_model
-from msd_core.sampler import cosine_decay, ddim_schedule, msd_step
+from msd_core.sampler import cosine_decay, msd_step, solver_schedule
 from msd_core.settings import PRESETS, QUALITY, GenerationSettings
 
 PRIORS = {"horizon": HorizonPrior}
@@ -59,6 +59,8 @@ VARIANTS = {
     "shifted, fast, 50": {"windows": "shifted", "gradient": "fast", "steps": 50},
     "shifted, exact, 25": {"windows": "shifted", "gradient": "exact", "steps": 25},
     "shifted, refresh, 25": {"windows": "shifted", "gradient": "refresh", "steps": 25},
+    "shifted, exact, dpmpp-2m 20": {"windows": "shifted", "gradient": "exact", "steps": 20, "scheduler": "dpmpp-2m"},
+    "shifted, exact, dpmpp-2m 15": {"windows": "shifted", "gradient": "exact", "steps": 15, "scheduler": "dpmpp-2m"},
 }
 
 
@@ -91,14 +93,15 @@ def sample_with_plan(prior, settings: GenerationSettings, seeds: list[int]):
     """One panorama per seed (as channels), sampled with the pipeline's plan for ``settings`` and msd_step;
     returns the images (len(seeds), H, W) and the finest grid of the last step."""
     plan = make_plan(settings, PRIOR_FACTOR, prior.window * PRIOR_FACTOR)
-    schedule = ddim_schedule(sd_ddim_scheduler(), plan.steps)
+    schedule = solver_schedule(settings.scheduler, sd_ddim_scheduler(), plan.steps)
+    x0_history = [None] * plan.levels  # a multistep solver's memory (DDIM ignores it)
     latents = torch.stack([torch.randn(plan.height, plan.width, generator=torch.Generator().manual_seed(seed),
                                        dtype=torch.float64) for seed in seeds])[None]
     omega = settings.omega if settings.method == "msd" else 0.0
     denoise = prior.denoiser()
     for index, step in enumerate(schedule):
         latents = msd_step(latents, plan.grids_at(index), step, denoise, omega * cosine_decay(step.t, 1000),
-                           gradient=settings.gradient, view_batch=VIEW_BATCH)
+                           gradient=settings.gradient, view_batch=VIEW_BATCH, x0_history=x0_history)
     return latents[0].detach(), plan.grids_at(len(schedule) - 1)[-1]
 
 
