@@ -165,6 +165,15 @@ class MSD_PanoramaSettings(PropertyGroup):
         ],
         default=_STANDARD["windows"],
     )
+    pyramid: EnumProperty(
+        name="Pyramid",
+        items=[
+            ("halving", "Halving", "The paper's pyramid: each level half the size of the next"),
+            ("global", "Global", "Plus a level that squeezes a wide panorama into one window: one horizon at 2:1 "
+                                 "and 1:4 far more often, but long features such as rivers suffer"),
+        ],
+        default=GenerationSettings.pyramid,
+    )
     scales: IntProperty(name="Levels", description="Pyramid levels (0 = automatic)", min=0, soft_max=6, default=0)
     target: EnumProperty(
         name="Use As",
@@ -231,6 +240,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         method=group.method,
         gradient=group.gradient,
         windows=group.windows,
+        pyramid=group.pyramid,
         omega=group.omega,
         scales=group.scales or None,
         steps=group.steps,
@@ -289,7 +299,8 @@ def _panel_values(settings: GenerationSettings) -> dict:
     return {
         "aspect": aspect, "width": settings.width, "height": settings.height, "wrap": settings.wrap,
         "prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "method": settings.method,
-        "gradient": settings.gradient, "windows": settings.windows, "omega": settings.omega, "scales": settings.scales or 0,
+        "gradient": settings.gradient, "windows": settings.windows, "omega": settings.omega,
+        "pyramid": settings.pyramid, "scales": settings.scales or 0,
         "steps": settings.steps, "guidance": settings.guidance, "seed": settings.seed, "random_seed": False,
         "hdr": settings.hdr, "hdr_knee": settings.hdr_knee, "hdr_peak": settings.hdr_peak,
     }  # fmt: skip
@@ -316,7 +327,7 @@ SETTING_PLACES = {
     "width": (_PANEL, "width"), "height": (_PANEL, "height"), "wrap": (_PANEL, "wrap"),
     "seed": (_SAMPLER, "seed"), "steps": (_SAMPLER, "steps"), "guidance": (_SAMPLER, "guidance"),
     "method": (_SAMPLER, "method"), "omega": (_SAMPLER, "omega"), "gradient": (_SAMPLER, "gradient"), "windows": (_SAMPLER, "windows"),
-    "scales": (_SAMPLER, "scales"), "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"),
+    "pyramid": (_SAMPLER, "pyramid"), "scales": (_SAMPLER, "scales"), "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"),
     "hdr_peak": (_SAMPLER, "hdr_peak"),
     "model": (_PREFERENCES, "model"), "model_config": (_PREFERENCES, "model_config"),
     "device": (_PREFERENCES, "device"), "dtype": (_PREFERENCES, "precision"),

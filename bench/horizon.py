@@ -37,40 +37,46 @@ from msd_core.sampler import (
     multidiffusion_step,
     solver_schedule,
 )
-from msd_core.windows import WindowGrid
+from msd_core.windows import WindowGrid, global_level, level_factor
 
 TRAIN_STEPS = 1000
 SD_COARSE_NUMEL = 4 * 32 * 32  # what F.mse_loss divides by on an SD coarse crop (64-latent window)
-NOISE_MODES = ("literal", "fresh", "snr")
+NOISE_MODES = ("literal", "fresh", "snr", "squeeze-snr")
 VIEW_BATCH = 1024  # windows per denoiser call: batching never changes results, and the prior is cheap
 
 
-class HorizonPrior:
-    """The mixture prior and its exact posterior-mean denoiser (float64)."""
+class MixturePrior:
+    """A uniform mixture-of-Gaussians prior over one-channel window×window images whose component means
+    are ±1 everywhere (so all have the same norm) with i.i.d. texture of std τ, and its exact
+    posterior-mean denoiser (float64). Subclasses say how the mixture's mean is weighted (``mixed_mean``),
+    list their components (``components``) and score a panorama (``score``)."""
 
-    def __init__(self, window: int = 16, horizons=range(-4, 21), texture: float = 0.3, scheduler=None):
+    name = "mixture"
+
+    def __init__(self, window: int, texture: float, scheduler=None):
         self.window = window
         self.texture = texture
-        rows = torch.arange(window)
-        horizon = torch.tensor(list(horizons))
-        # (K, window): each component's row profile; rows above the horizon row are sky (+1).
-        self.profiles = torch.where(rows[None, :] < horizon[:, None], 1.0, -1.0).double()
+        self.work = {"forwards": 0, "backwards": 0}  # window evaluations by ``denoiser()``s, summed over calls
         self.alphas_cumprod = (scheduler or sd_ddim_scheduler()).alphas_cumprod.double()
 
-    @property
-    def uniform_fraction(self) -> float:
-        """Share of components that are all sky or all ground."""
-        return float((self.profiles.abs().sum(1) == self.profiles.sum(1).abs()).double().mean())
+    def mixed_mean(self, x: torch.Tensor, alpha: float, var: float) -> torch.Tensor:
+        """Σ_k w_k μ_k with w_k ∝ π_k N(x; √ᾱ μ_k, var I): the softmax of log π_k + √ᾱ x·μ_k / var
+        (‖μ_k‖² is the same for all k)."""
+        raise NotImplementedError
+
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every component's mean (K, window, window) and log-weight (K,), written out (for tests)."""
+        raise NotImplementedError
+
+    def score(self, image: torch.Tensor, wrap: bool = False) -> dict:
+        """Layout of one (H, W) sample: at least ``coherent`` and ``collapsed`` (one uniform scene)."""
+        raise NotImplementedError
 
     def posterior_mean(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
         """E[x₀ | x_t = x] for images (..., window, window) at cumulative alpha ᾱ."""
         var = alpha * self.texture**2 + 1 - alpha  # per-pixel variance of x_t within a component
-        profiles = self.profiles.to(x)
-        # log N(x; √ᾱ μ_k, var I) up to a k-independent constant (‖μ_k‖² is the same for all k).
-        logits = math.sqrt(alpha) * (x.sum(-1) @ profiles.T) / var
-        mixed = torch.softmax(logits, dim=-1) @ profiles  # Σ_k w_k μ_k as a row profile
         gain = math.sqrt(alpha) * self.texture**2 / var  # per component: μ_k + gain (x − √ᾱ μ_k)
-        return (1 - gain * math.sqrt(alpha)) * mixed[..., None] + gain * x
+        return (1 - gain * math.sqrt(alpha)) * self.mixed_mean(x, alpha, var) + gain * x
 
     def eps(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
         return (x - math.sqrt(alpha) * self.posterior_mean(x, alpha)) / math.sqrt(1 - alpha)
@@ -79,27 +85,65 @@ class HorizonPrior:
         """denoise(x, t) → ε for msd_core's sampler; ``alpha_map`` re-labels ᾱ_t (SNR-matched levels)."""
 
         def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
+            # UNet work as a real model would do it: one forward per window, one backward when differentiated.
+            self.work["forwards"] += x.shape[0]
+            self.work["backwards"] += x.shape[0] if x.requires_grad and torch.is_grad_enabled() else 0
             return self.eps(x, alpha_map(float(self.alphas_cumprod[t])))
 
         return denoise
 
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
         """``count`` exact draws from the prior, (count, window, window)."""
-        component = torch.randint(len(self.profiles), (count,), generator=generator)
+        means, log_weights = self.components()
+        component = torch.multinomial(log_weights.exp(), count, replacement=True, generator=generator)
         texture = torch.randn(count, self.window, self.window, generator=generator, dtype=torch.float64)
-        return self.profiles[component][:, :, None] + self.texture * texture
+        return means[component] + self.texture * texture
+
+
+class HorizonPrior(MixturePrior):
+    """Sky (+1) above a horizon row, ground (−1) from it down; the horizon row uniform over ``horizons``."""
+
+    name = "horizon"
+
+    def __init__(self, window: int = 16, horizons=range(-4, 21), texture: float = 0.3, scheduler=None):
+        super().__init__(window, texture, scheduler)
+        rows = torch.arange(window)
+        horizon = torch.tensor(list(horizons))
+        # (K, window): each component's row profile; rows above the horizon row are sky (+1).
+        self.profiles = torch.where(rows[None, :] < horizon[:, None], 1.0, -1.0).double()
+
+    @property
+    def uniform_fraction(self) -> float:
+        """Share of components that are all sky or all ground."""
+        return float((self.profiles.abs().sum(1) == self.profiles.sum(1).abs()).double().mean())
+
+    def mixed_mean(self, x: torch.Tensor, alpha: float, var: float) -> torch.Tensor:
+        profiles = self.profiles.to(x)
+        logits = math.sqrt(alpha) * (x.sum(-1) @ profiles.T) / var
+        return (torch.softmax(logits, dim=-1) @ profiles)[..., None].expand(x.shape)  # a row profile
+
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        count = len(self.profiles)
+        return self.profiles[:, :, None].expand(-1, -1, self.window), torch.full((count,), -math.log(count)).double()
+
+    def score(self, image: torch.Tensor, wrap: bool = False) -> dict:
+        """coherent = one sky→ground transition in every column, sky on top; collapsed = all sky or
+        all ground (``score_layout``)."""
+        layout = score_layout(image)
+        return {"coherent": layout.coherent, "collapsed": layout.uniform, "transitions": layout.transitions,
+                "spread": layout.horizon_spread}
 
 
 # ------------------------------------------------------------------------------------------- sampling
 
 
-def matched_alpha(alpha: float, depth: int) -> float:
-    """ᾱ' of the timestep whose SNR equals that of ds^depth(z_t).
+def matched_alpha(alpha: float, gain: float) -> float:
+    """ᾱ' of the timestep whose SNR equals that of a latent averaged over blocks of ``gain`` pixels.
 
-    ds^d (2^d×2^d averaging) keeps the signal √ᾱ·ds(x₀) and divides the noise std by 2^d, so the SNR
-    ᾱ/(1−ᾱ) grows by 4^d: ᾱ'/(1−ᾱ') = 4^d ᾱ/(1−ᾱ)  ⇔  ᾱ' = 4^d ᾱ / (1 + (4^d − 1) ᾱ).
+    Averaging (ds^d: 4^d pixels; a squeezed level: more) keeps the signal √ᾱ·ds(x₀) and divides the noise
+    variance by the block size g, so the SNR ᾱ/(1−ᾱ) grows by g: ᾱ'/(1−ᾱ') = g ᾱ/(1−ᾱ)  ⇔
+    ᾱ' = g ᾱ / (1 + (g − 1) ᾱ).
     """
-    gain = 4.0**depth
     return gain * alpha / (1 + (gain - 1) * alpha)
 
 
@@ -130,38 +174,42 @@ def pyramid_step(
     - "fresh":   fresh Gaussian noise restores the variance ds removed, so the level is at t in fact.
     - "snr":     the level is rescaled to the variance-preserving form of the timestep with the same SNR
                  (``matched_alpha``), stepped there, and scaled back; no noise is added.
+    - "squeeze-snr": "snr" for the noise that a ``global_level``'s column squeeze removes only; the
+                 halving levels stay literal.
     ``gradient`` is one of the sampler's modes ("fast", "refresh", "exact"), "fast-2f" (the name this
     bench first gave "refresh"), or ``level_step_variant``'s "exact-1f".
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"unknown noise mode {noise!r}")
-    levels = len(grids)
-    pyramid = build_pyramid(latents, levels)
+    factors = [level_factor(fine, coarse) for coarse, fine in zip(grids, grids[1:])]
+    pyramid = build_pyramid(latents, len(grids), factors)
     prev = None
     for index, grid in enumerate(grids):
-        depth = levels - 1 - index
+        squeezes = [(fh, fw) for fh, fw in factors[index:] if noise != "squeeze-snr" or fh == 1]
+        block = math.prod(fh * fw for fh, fw in squeezes)  # pixels averaged into one here (that count)
         level_step, denoise, scale_in, scale_out = step, prior.denoiser(), 1.0, 1.0
         level_latents = pyramid[index]
-        if depth and noise == "fresh":
-            extra = math.sqrt((1 - step.alpha) * (1 - 4.0**-depth))
+        if block > 1 and noise == "fresh":
+            extra = math.sqrt((1 - step.alpha) * (1 - 1 / block))
             level_latents = level_latents + extra * torch.randn(
                 level_latents.shape, generator=generator, dtype=level_latents.dtype
             )
-        elif depth and noise == "snr":
-            alpha, alpha_prev = matched_alpha(step.alpha, depth), matched_alpha(step.alpha_prev, depth)
+        elif block > 1 and noise in ("snr", "squeeze-snr"):
+            alpha, alpha_prev = matched_alpha(step.alpha, block), matched_alpha(step.alpha_prev, block)
             level_step = DDIMTimestep(step.t, alpha, alpha_prev)
-            denoise = prior.denoiser(lambda a, depth=depth: matched_alpha(a, depth))
+            denoise = prior.denoiser(lambda a, block=block: matched_alpha(a, block))
             scale_in, scale_out = math.sqrt(alpha / step.alpha), math.sqrt(alpha_prev / step.alpha_prev)
         if index == 0 or omega == 0:
             out, x0 = multidiffusion_step(scale_in * level_latents, grid, level_step, denoise, view_batch=view_batch)
         elif gradient == "exact-1f":
             out, x0 = level_step_variant(
-                scale_in * level_latents, scale_out * prev, grid, level_step, denoise, omega, omega_loss
+                scale_in * level_latents, scale_out * prev, grid, level_step, denoise, omega, omega_loss, factors[index - 1]
             )
         else:
             out, x0 = msd_level_step(
                 scale_in * level_latents, scale_out * prev, grid, level_step, denoise, omega,
                 gradient="refresh" if gradient == "fast-2f" else gradient, omega_loss=omega_loss, view_batch=view_batch,
+                factor=factors[index - 1],
             )
         prev = out / scale_out
         if on_level:
@@ -169,25 +217,29 @@ def pyramid_step(
     return prev
 
 
-def level_step_variant(latents, coarse_prev, grid, step, denoise, omega, omega_loss):
+def level_step_variant(latents, coarse_prev, grid, step, denoise, omega, omega_loss, factor=(2, 2)):
     """"exact-1f": msd_level_step's exact gradient, but Φ(x̂) reuses ε(x) from the gradient pass
     (1 forward + 1 backward), to see where "exact" gains over "fast"."""
-    windows, targets = grid.crop(latents), grid.coarse_crop(coarse_prev)
-    scale = guidance_scale(omega_loss, targets[0].numel(), ddim_jacobian(step))
+    windows, targets = grid.crop(latents), grid.coarse_crop(coarse_prev, factor)
+    scale = guidance_scale(omega_loss, targets[0].numel(), ddim_jacobian(step), factor[0] * factor[1])
     with torch.enable_grad():
         x = windows.detach().requires_grad_(True)
         output = denoise(x, step.t)
         prev, _ = ddim_step(x, output, step)
-        (grad,) = torch.autograd.grad(cross_scale_loss(prev, targets, scale), x)
+        (grad,) = torch.autograd.grad(cross_scale_loss(prev, targets, scale, factor), x)
     prev, x0 = ddim_step(windows - omega * grad, output.detach(), step)
     return grid.merge(prev), grid.merge(x0)
 
 
-def make_grids(height: int, width: int, window: int, stride: int, wrap: bool, levels: int | None = None):
+def make_grids(height: int, width: int, window: int, stride: int, wrap: bool, levels: int | None = None,
+               global_view: bool = False):
+    """The pipeline's pyramid (coarsest first), with a ``windows.global_level`` on top when ``global_view``."""
     levels = levels or default_levels(height, width, window)
-    return [
+    grids = [
         WindowGrid(height >> (levels - 1 - i), width >> (levels - 1 - i), window, stride, wrap) for i in range(levels)
     ]
+    top = global_level(grids[0]) if global_view else None
+    return [top, *grids] if top else grids
 
 
 def sample_panoramas(
@@ -205,6 +257,9 @@ def sample_panoramas(
     stride: int = 4,
     wrap: bool = False,
     levels: int | None = None,
+    global_view: bool = False,
+    decay=None,
+    on_step=None,
     scheduler: str = "ddim",
 ) -> tuple[torch.Tensor, Trajectory]:
     """One panorama per seed (as channels of one latent), (len(seeds), height, width), and the
@@ -212,9 +267,10 @@ def sample_panoramas(
 
     ``omega_loss="mean"`` divides by ``mean_numel`` elements per window (default: one channel's coarse
     crop); the ω passed to the sampler is rescaled so that stacking seeds as channels changes nothing.
+    ``on_step(index, levels)`` receives every step's ``LevelResult``s, coarsest first (diagnosis).
     ``scheduler``: "ddim" or "dpmpp-2m" (only with the literal noise and the sampler's gradient modes).
     """
-    grids = make_grids(height, width, prior.window, stride, wrap, levels)
+    grids = make_grids(height, width, prior.window, stride, wrap, levels, global_view)
     schedule = solver_schedule(scheduler, sd_ddim_scheduler(), steps)
     x0_history = [None] * len(grids)  # the multistep solver's memory (DDIM ignores it)
     sampler_modes = noise == "literal" and gradient in ("fast", "refresh", "exact")
@@ -229,13 +285,13 @@ def sample_panoramas(
         omega = omega * coarse_numel / (mean_numel or (prior.window // 2) ** 2)
     generator = torch.Generator().manual_seed(10_000 + seeds[0])
     trajectory = Trajectory()
-    for step in schedule:
-        levels_out: list[torch.Tensor] = []
+    for index, step in enumerate(schedule):
+        levels_out: list[LevelResult] = []
 
         def record(result: LevelResult) -> None:
-            levels_out.append(result.latents)
+            levels_out.append(result)
 
-        omega_t = omega * cosine_decay(step.t, TRAIN_STEPS)
+        omega_t = omega * (decay or cosine_decay)(step.t, TRAIN_STEPS)
         if sampler_modes:
             latents = msd_step(
                 latents, grids, step, prior.denoiser(), omega_t, gradient=gradient, omega_loss=omega_loss,
@@ -246,8 +302,10 @@ def sample_panoramas(
                 latents, grids, step, prior, omega_t, noise=noise, gradient=gradient, omega_loss=omega_loss,
                 generator=generator, on_level=record,
             )
+        if on_step:
+            on_step(index, levels_out)
         if len(levels_out) > 1:
-            pairs = zip(levels_out[1:], levels_out[:-1])
+            pairs = zip((r.latents for r in levels_out[1:]), (r.latents for r in levels_out[:-1]))
             trajectory.discrepancy.append(sum(cross_scale_discrepancy(f, c) for f, c in pairs) / (len(levels_out) - 1))
     return latents[0].detach(), trajectory
 

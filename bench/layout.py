@@ -7,9 +7,13 @@ pipeline and records the cross-scale discrepancy and the 360° seam.
 
     .venv/bin/python bench/layout.py            # full: 24 seeds, 50 steps   (≈ 15 min on 2 cores)
     .venv/bin/python bench/layout.py --quick    # 8 seeds, 20 steps           (≈ 3 min)
+    .venv/bin/python bench/layout.py --aspects [--quick]   # only part 3: every prior × aspect × pyramid
 
 Writes bench/results/layout.json, docs/bench-layout.png and docs/bench-horizon-examples.png (--quick:
-bench/results/layout-quick.json and the figures as bench-*-quick.png beside it).
+bench/results/layout-quick.json and the figures as bench-*-quick.png beside it). Part 3 (``--aspects``,
+docs/layout.md) samples three analytic priors (horizon, sun, river: bench/priors.py) at four aspects with
+the paper's halving pyramid and with the global level, and writes layout-aspects.json and
+docs/bench-layout-aspects.png.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import time
 import torch
 from common import environment, figure_path, markdown_table, pyplot, write_json
 from horizon import SD_COARSE_NUMEL, HorizonPrior, sample_panoramas, score_layout, seam_ratio
+from priors import RiverPrior, SunPrior
 
 from msd_core.sampler import cross_scale_discrepancy
 from msd_core.settings import GenerationSettings
+from msd_core.windows import WindowGrid
 
 WIDE_PRIOR = range(-4, 21)  # 40 % of the components are all sky or all ground
 NARROW_PRIOR = range(-1, 18)  # 21 %
@@ -208,17 +214,134 @@ def plot(rows: list[dict], examples: list, quick: bool) -> None:
         plt.close(figure)
 
 
+ASPECTS = ((64, 64, False), (32, 64, True), (64, 128, True), (32, 128, False))  # in 16-px windows: 4×4 … 2×8
+ASPECT_SETTINGS = {  # name: sample_panoramas keywords (all with the fast gradient, ω = 10, projection)
+    "MD": {"omega": 0.0, "levels": 1},
+    "halving": {"omega": 10.0},  # the paper's pyramid
+    "global": {"omega": 10.0, "global_view": True},  # + windows.global_level (--pyramid global)
+    # + the squeezed level denoised at the timestep of its true SNR (bench only: horizon.pyramid_step)
+    "global, squeeze SNR": {"omega": 10.0, "global_view": True, "noise": "squeeze-snr"},
+}
+ASPECT_COLUMNS = ["prior", "panorama", "setting", "levels", "coherent", "collapsed", "coarsest coherent", "count",
+                  "forwards", "seconds"]
+
+
+def aspect_priors() -> dict:
+    return {"horizon": HorizonPrior(horizons=WIDE_PRIOR), "sun": SunPrior(), "river": RiverPrior()}
+
+
+def run_aspect(prior, shape, setting, seeds, steps, keep=None) -> dict:
+    """One prior × aspect × setting: layout of the finest and of the coarsest level, and the UNet work.
+
+    Shapes are given for 16-px windows; a prior with smaller windows (the sun) gets the same shape in
+    windows. ``forwards``/``backwards``: window evaluations per step over the finest level's windows
+    (MultiDiffusion = 1)."""
+    scale = 16 // prior.window
+    height, width, wrap = shape[0] // scale, shape[1] // scale, shape[2]
+    coarsest, levels = [], []
+
+    def on_step(index, results):
+        if index == steps - 1:
+            coarsest.append(results[0].latents[0])
+            levels.extend(tuple(r.latents.shape[2:]) for r in results)
+
+    prior.work.update(forwards=0, backwards=0)
+    started = time.perf_counter()
+    images, _ = sample_panoramas(prior, height, width, seeds, steps=steps, wrap=wrap, stride=prior.window // 4,
+                                 on_step=on_step, **ASPECT_SETTINGS[setting])
+    seconds = time.perf_counter() - started
+    scores = [prior.score(image, wrap) for image in images]
+    coarse = [prior.score(image, wrap) for image in coarsest[0]]
+    count_key = next(key for key in scores[0] if key not in ("coherent", "collapsed"))
+    finest_windows = len(WindowGrid(height, width, prior.window, prior.window // 4, wrap))
+    row = {
+        "prior": prior.name, "panorama": f"{shape[0]}×{shape[1]}{' wrap' if wrap else ''}", "setting": setting,
+        "seeds": len(seeds), "steps": steps, "levels": " → ".join(f"{h}×{w}" for h, w in levels),
+        "coherent_count": sum(s["coherent"] for s in scores), "collapsed_count": sum(s["collapsed"] for s in scores),
+        "coarsest_coherent_count": sum(s["coherent"] for s in coarse),
+        "count_name": count_key, "count_mean": statistics.mean(s[count_key] for s in scores),
+        "forwards": prior.work["forwards"] / steps / finest_windows,
+        "backwards": prior.work["backwards"] / steps / finest_windows, "seconds": seconds,
+    }
+    if prior.name == "sun":
+        aspects = [s["aspect"] for s in scores if s["coherent"]]
+        row["sun_aspect"] = statistics.mean(aspects) if aspects else None
+    n = len(seeds)
+    row.update(coherent=f"{row['coherent_count']}/{n}", collapsed=f"{row['collapsed_count']}/{n}",
+               **{"coarsest coherent": f"{row['coarsest_coherent_count']}/{n}",
+                  "count": f"{count_key} {row['count_mean']:.2f}"})
+    if keep is not None:
+        keep.append((row, images[:4].clone()))
+    print(markdown_table([row], ASPECT_COLUMNS).splitlines()[-1], flush=True)
+    return row
+
+
+def aspects_part(quick: bool) -> tuple[list[dict], list]:
+    steps = 20 if quick else 50
+    shapes = (ASPECTS[0], ASPECTS[2]) if quick else ASPECTS
+    print(f"\naspects: 24 seeds (river 12, sun 8: their denoisers cost more), {steps} DDIM steps, fast gradient, "
+          "ω = 10 (projection)")
+    print("\n".join(markdown_table([], ASPECT_COLUMNS).splitlines()[:2]))
+    rows, examples = [], []
+    for prior in aspect_priors().values():
+        seeds = list(range(8 if quick else {"horizon": 24, "river": 12}.get(prior.name, 8)))
+        for shape in shapes:
+            for setting in ASPECT_SETTINGS:
+                if setting.startswith("global") and shape[0] == shape[1]:  # already one window: no extra level
+                    rows.append({**rows[-1], "setting": setting})
+                    continue
+                keep = examples if shape == ASPECTS[2] and setting in ("halving", "global") else None
+                rows.append(run_aspect(prior, shape, setting, seeds, steps, keep))
+    return rows, examples
+
+
+def plot_aspects(rows: list[dict], examples: list, quick: bool) -> None:
+    """Example panoramas (matplotlib is optional, so drawn with PIL): for each prior, seeds 0–3 at 2:1
+    wrap with the paper's pyramid and with the global level, sky/sun/water light."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for row, images in examples:
+        label = f"{row['prior']}, {row['setting']}: {row['coherent']} coherent"
+        strip = torch.cat([torch.cat([image, torch.full((image.shape[0], 2), 2.0, dtype=image.dtype)], 1)
+                           for image in images], 1)
+        pixels = ((strip.clamp(-1.5, 1.5) + 1.5) / 3 * 255).byte().numpy()
+        scale = 256 // images.shape[1]  # the same on-screen size for 16- and 8-pixel-window priors
+        tile = Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
+        canvas = Image.new("L", (tile.width, tile.height + 14), 255)
+        canvas.paste(tile, (0, 14))
+        ImageDraw.Draw(canvas).text((2, 1), label, fill=0)
+        tiles.append(canvas)
+    if not tiles:
+        return
+    figure = Image.new("L", (max(t.width for t in tiles), sum(t.height + 4 for t in tiles)), 255)
+    top = 0
+    for tile in tiles:
+        figure.paste(tile, (0, top))
+        top += tile.height + 4
+    path = figure_path("layout-aspects-examples", quick)
+    figure.save(path)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer seeds and steps (a few minutes)")
     parser.add_argument("--skip-tiny", action="store_true", help="only the horizon prior")
+    parser.add_argument("--aspects", action="store_true", help="only part 3: every prior × aspect × pyramid")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small float64 tensors: one thread is fastest and fair to a busy machine
     env = environment()
+    suffix = "-quick" if args.quick else ""
+    if args.aspects:
+        rows, examples = aspects_part(args.quick)
+        print("\n" + markdown_table(rows, ASPECT_COLUMNS))
+        write_json(f"layout-aspects{suffix}", {"environment": env, "aspects": rows})
+        plot_aspects(rows, examples, args.quick)
+        return
     horizon_rows, examples = horizon_part(args.quick)
     print("\n" + markdown_table(horizon_rows, COLUMNS))
     tiny_rows = [] if args.skip_tiny else tiny_model_part(args.quick)
-    suffix = "-quick" if args.quick else ""
     write_json(f"layout{suffix}", {"environment": env, "horizon": horizon_rows, "tiny_model": tiny_rows})
     plot(horizon_rows, examples, args.quick)
 

@@ -27,6 +27,7 @@ from .settings import (
     HDR_PEAK_RANGE,
     METHODS,
     OMEGA_LOSSES,
+    PYRAMIDS,
     PRESETS,
     QUALITY,
     SCHEDULERS,
@@ -151,6 +152,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--omega-loss", choices=OMEGA_LOSSES, default="projection",
                         help="what ω is measured against: projection = ω/10 of the cross-scale gap is removed per step "
                              "(default); mean = the paper's literal mean-reduced MSE (ω = 10 is then almost no pull); sum")
+    method.add_argument("--pyramid", choices=PYRAMIDS, default="halving",
+                        help="halving = the paper's pyramid (default); global = plus one level that squeezes a wide "
+                             "panorama into one window (one horizon at 2:1 and 1:4 far more often; see docs/layout.md)")
     method.add_argument("--scales", type=int, help="pyramid levels (default: enough that the coarsest fits one window)")
     method.add_argument("--window", type=int, help="window size in pixels (default: the model's native size)")
     method.add_argument("--windows", choices=WINDOW_MODES,
@@ -214,7 +218,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     settings = settings.with_quality(args.quality or "standard")
     changes = {
         "negative_prompt": args.negative, "model": args.model, "model_config": args.model_config,
-        "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss,
+        "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
         "scales": args.scales, "guidance": args.guidance, "scheduler": args.scheduler,
         "seed": secrets.randbelow(2**32) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "view_batch": args.view_batch,

@@ -75,17 +75,20 @@ def shifted_starts(length: int, window: int, shift: int, wrap: bool = False, mul
 
 
 def shifted_offsets(
-    height: int, width: int, window: int, step_index: int, seed: int, wrap: bool, level: int = 0, multiple: int = 1
+    height: int, width: int, window: int, step_index: int, seed: int, wrap: bool, level: int = 0,
+    multiple: int | tuple[int, int] = 1,
 ) -> tuple[list[int], list[int]]:
     """Row and column starts of the shifted tiles of one level at one step, reproducible from the seed.
 
-    The shift along each axis is drawn uniformly from [0, window) in multiples of ``multiple``, anew for
-    every (seed, step, level), so one step's tile edges lie inside the next step's tiles.
+    The shift along each axis is drawn uniformly from [0, window) in multiples of ``multiple`` (one for
+    both axes, or (rows, columns)), anew for every (seed, step, level), so one step's tile edges lie
+    inside the next step's tiles.
     """
+    rows_multiple, cols_multiple = multiple if isinstance(multiple, tuple) else (multiple, multiple)
     draw = random.Random(f"shifted-windows/{seed}/{step_index}/{level}")
-    shift_rows, shift_cols = (draw.randrange(0, window, multiple) for _ in range(2))
-    return (shifted_starts(height, window, shift_rows, False, multiple),
-            shifted_starts(width, window, shift_cols, wrap, multiple))
+    shift_rows, shift_cols = (draw.randrange(0, window, step) for step in (rows_multiple, cols_multiple))
+    return (shifted_starts(height, window, shift_rows, False, rows_multiple),
+            shifted_starts(width, window, shift_cols, wrap, cols_multiple))
 
 
 def default_levels(height: int, width: int, window: int) -> int:
@@ -98,6 +101,21 @@ def default_levels(height: int, width: int, window: int) -> int:
     while levels > 1 and (height % 2 ** (levels - 1) or width % 2 ** (levels - 1)):
         levels -= 1
     return levels
+
+
+def global_squeeze(width: int, window: int, stride: int) -> int:
+    """Columns averaged into one by a global level over a coarsest level ``width`` wide (1 = no such level).
+
+    The paper's pyramid stops once the short side fits a window, so a 2:1 or 1:4 panorama's coarsest level
+    is still several windows wide and runs plain MultiDiffusion: it can hold two horizons or two suns.
+    A global level averages groups of f columns, with f the largest divisor of the width, window and
+    stride (so coarse crops stay aligned) that keeps it at least a window wide; the level below is guided
+    through the same f-column average (docs/layout.md).
+    """
+    for squeeze in range(width // window, 1, -1):
+        if not (width % squeeze or window % squeeze or stride % squeeze):
+            return squeeze
+    return 1
 
 
 def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool) -> dict:
@@ -163,21 +181,27 @@ class Plan:
     factor: int  # pixels per latent pixel
     gradient: str
     guided: bool  # MSD with ω > 0: finer levels take the gradient step
+    squeeze: int = 1  # columns averaged by a global level on top of the halving pyramid (1 = none)
 
     def level_shape(self, level: int) -> tuple[int, int]:
-        """(height, width) of a level, 0 = coarsest."""
+        """(height, width) of a level, 0 = coarsest (the global level, if any)."""
+        if level == 0 and self.squeeze > 1:
+            height, width = self.level_shape(1)
+            return height, width // self.squeeze
         scale = 2 ** (self.levels - 1 - level)
         return self.height // scale, self.width // scale
 
     def starts_at(self, step_index: int) -> list[tuple[list[int], list[int]]]:
         """Row and column window starts of every level (coarsest first) at step ``step_index`` (0-based).
 
-        Finer levels use even starts, so their crops map exactly onto the coarser level."""
+        Finer levels use starts in multiples of their reduction to the coarser level (2, or the global
+        level's squeeze along columns), so their crops map exactly onto it. The global level itself stays
+        put: it is (about) one window wide, so shifting its tiles would only roll it."""
         result = []
         for level in range(self.levels):
             height, width = self.level_shape(level)
-            multiple = 2 if level else 1
-            if self.windows == "shifted":
+            multiple = (1, self.squeeze) if level == 1 and self.squeeze > 1 else 2 if level else 1
+            if self.windows == "shifted" and not (level == 0 and self.squeeze > 1):
                 result.append(shifted_offsets(height, width, self.window, step_index, self.seed, self.wrap, level,
                                               multiple))
             else:
@@ -190,13 +214,13 @@ class Plan:
 
     def grids_at(self, step_index: int) -> list:
         """The ``windows.WindowGrid`` of every level at one step (imports torch)."""
-        from .windows import WindowGrid
+        from .windows import WindowGrid, level_factor
 
         grids = [WindowGrid(*self.level_shape(level), self.window, self.stride, self.wrap,
                             starts=(tuple(rows), tuple(cols)))
                  for level, (rows, cols) in enumerate(self.starts_at(step_index))]
-        for grid in grids[1:]:
-            grid.check_nested()  # every finer window's crop maps onto the coarser level
+        for coarse, fine in zip(grids, grids[1:]):
+            fine.check_nested(level_factor(fine, coarse))  # every finer window's crop maps onto the coarser level
         return grids
 
     @property
@@ -290,11 +314,15 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
                 f"{levels} pyramid levels need the latent size ({height}×{width}) divisible by {scale} and its "
                 f"coarsest level at least one window ({window}) tall and wide; use fewer --scales"
             )
+    squeeze = 1
+    if settings.pyramid == "global" and settings.method == "msd":
+        squeeze = global_squeeze(width // 2 ** (levels - 1), window, stride)
+        levels += squeeze > 1
     guided = settings.method == "msd" and settings.omega > 0 and levels > 1
     exact = guided and settings.gradient == "exact"
     view_batch = settings.view_batch or view_batch_for(free_bytes, exact, dtype, window)
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
-                settings.steps, factor, settings.gradient, guided)
+                settings.steps, factor, settings.gradient, guided, squeeze)
 
 
 def plan_without_model(settings: GenerationSettings, free_bytes: float | None, dtype: str) -> Plan:

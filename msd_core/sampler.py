@@ -19,7 +19,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from .errors import Cancelled
-from .windows import WindowGrid, downsample, downsample_transpose
+from .windows import HALF, Factor, WindowGrid, downsample, downsample_transpose, level_factor
 
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -229,12 +229,13 @@ def cosine_decay(t: int, num_train_timesteps: int) -> float:
     return (1 + math.cos(math.pi * (num_train_timesteps - t) / num_train_timesteps)) / 2
 
 
-def guidance_scale(omega_loss: str, coarse_numel: int, jacobian: float = 1.0) -> float:
+def guidance_scale(omega_loss: str, coarse_numel: int, jacobian: float = 1.0, area: int = 4) -> float:
     """The factor k in L = k · Σ (ds(Φ(x)) − y)², which fixes what a given ω means.
 
     One gradient step moves ds(Φ(x)) by −ω·k·c²·2·(ds dsᵀ) r = −(ω·k·c²/2)·r (ds dsᵀ = ¼ for 2×2
-    averaging; r the cross-scale residual; c = ``step.jacobian()``, the solver's own slope), i.e. it removes the fraction
-    ω·k·c²/2 of the gap (exactly in the fast mode, to first order in the exact one).
+    averaging, 1/``area`` for an fh×fw block; r the cross-scale residual; c = ``step.jacobian()``, the
+    solver's own slope), i.e. it removes the fraction ω·k·c²/2 of the gap (exactly in the fast mode, to
+    first order in the exact one).
     - "sum":  k = 1: ω = 2/c² already closes the whole gap, ω = 10 overshoots about five times.
     - "mean": k = 1/numel (F.mse_loss, the paper's literal wording): ω = 10 removes ~0.1 % of the gap
       on a 4×32×32 coarse crop, which leaves MSD indistinguishable from MultiDiffusion.
@@ -246,13 +247,13 @@ def guidance_scale(omega_loss: str, coarse_numel: int, jacobian: float = 1.0) ->
     if omega_loss == "mean":
         return 1.0 / coarse_numel
     if omega_loss == "projection":
-        return 2.0 / (PROJECTION_OMEGA * jacobian**2)
+        return area / (2 * PROJECTION_OMEGA * jacobian**2)
     raise ValueError(f"unknown omega_loss {omega_loss!r}")
 
 
-def cross_scale_loss(prev: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+def cross_scale_loss(prev: torch.Tensor, target: torch.Tensor, scale: float, factor: Factor = HALF) -> torch.Tensor:
     """k · Σ (ds(Φ(x)) − F'(z^{s−1}_{t−1}))², summed over every window in the batch."""
-    return scale * (downsample(prev) - target).pow(2).sum()
+    return scale * (downsample(prev, factor) - target).pow(2).sum()
 
 
 def _check_interrupt(interrupt: Interrupt | None) -> None:
@@ -329,6 +330,7 @@ def guided_windows_exact(
     loss_scale: float,
     prediction_type: str = "epsilon",
     previous_x0: torch.Tensor | None = None,
+    factor: Factor = HALF,
 ) -> torch.Tensor:
     """x̂ = x − ω ∇ₓ L(x) with autograd through the model and the solver step (the paper's method).
 
@@ -339,7 +341,7 @@ def guided_windows_exact(
     with torch.enable_grad():
         x = windows.detach().requires_grad_(True)
         prev, _ = step.apply(x, denoise(x, step.t), prediction_type, previous_x0)
-        (grad,) = torch.autograd.grad(cross_scale_loss(prev, targets, loss_scale), x)
+        (grad,) = torch.autograd.grad(cross_scale_loss(prev, targets, loss_scale, factor), x)
     return windows - omega * grad
 
 
@@ -351,6 +353,7 @@ def guided_windows_fast(
     omega: float,
     loss_scale: float,
     prediction_type: str = "epsilon",
+    factor: Factor = HALF,
 ) -> torch.Tensor:
     """x̂ = x − ω ∇ₓ L(x) with the model output held constant inside the gradient.
 
@@ -358,8 +361,8 @@ def guided_windows_fast(
     ∇ₓ L = k · c · dsᵀ(2 (ds(Φ(x)) − y)). ``prev`` is Φ(x) from the window's single model call.
     """
     c = step.jacobian(prediction_type)
-    residual = downsample(prev) - targets
-    return windows - omega * loss_scale * c * downsample_transpose(2 * residual)
+    residual = downsample(prev, factor) - targets
+    return windows - omega * loss_scale * c * downsample_transpose(2 * residual, factor)
 
 
 def msd_level_step(
@@ -377,6 +380,7 @@ def msd_level_step(
     weights: torch.Tensor | None = None,
     interrupt: Interrupt | None = None,
     previous_x0: torch.Tensor | None = None,
+    factor: Factor = HALF,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One finer level of Algorithm 1: guide every window towards the already-denoised coarser level,
     denoise the guided windows, and merge them the MultiDiffusion way. Returns (z^s_{t−1}, merged x₀).
@@ -387,21 +391,23 @@ def msd_level_step(
     - ``"refresh"``: the fast closed-form gradient, then a second forward for Φ(x̂) (2× MD); on the
       analytic horizon prior it recovers most of what exact gains over fast (bench/layout.py);
     - ``"fast"``: one model output serves the gradient and Φ(x̂), so it costs what MD does.
+    ``factor`` is the reduction to the coarser level: (2, 2), or (1, f) under a ``global_level``.
     """
-    windows, targets, memory = grid.crop(latents), grid.coarse_crop(coarse_prev), _crop(grid, previous_x0)
-    loss_scale = guidance_scale(omega_loss, targets[0].numel(), step.jacobian(prediction_type))
+    windows, targets = grid.crop(latents), grid.coarse_crop(coarse_prev, factor)
+    memory = _crop(grid, previous_x0)
+    loss_scale = guidance_scale(omega_loss, targets[0].numel(), step.jacobian(prediction_type), factor[0] * factor[1])
     prevs, x0s = [], []
     for batch in _batches(windows.shape[0], view_batch):
         _check_interrupt(interrupt)
         x, y, x0_last = windows[batch], targets[batch], _part(memory, batch)
         if gradient == "exact":
-            x_hat = guided_windows_exact(x, y, step, denoise, omega, loss_scale, prediction_type, x0_last)
+            x_hat = guided_windows_exact(x, y, step, denoise, omega, loss_scale, prediction_type, x0_last, factor)
             _check_interrupt(interrupt)
             output = denoise(x_hat, step.t)
         elif gradient in ("fast", "refresh"):
             output = denoise(x, step.t)
             prev, _ = step.apply(x, output, prediction_type, x0_last)
-            x_hat = guided_windows_fast(x, prev, y, step, omega, loss_scale, prediction_type)
+            x_hat = guided_windows_fast(x, prev, y, step, omega, loss_scale, prediction_type, factor)
             if gradient == "refresh":
                 _check_interrupt(interrupt)
                 output = denoise(x_hat, step.t)
@@ -413,11 +419,13 @@ def msd_level_step(
     return grid.merge(torch.cat(prevs), weights), grid.merge(torch.cat(x0s), weights)
 
 
-def build_pyramid(latents: torch.Tensor, levels: int) -> list[torch.Tensor]:
-    """[z^1, …, z^S]: the finest latent and its repeated ds, coarsest first."""
+def build_pyramid(latents: torch.Tensor, levels: int, factors: list[Factor] | None = None) -> list[torch.Tensor]:
+    """[z^1, …, z^S]: the finest latent and its repeated ds, coarsest first. ``factors`` (coarsest pair
+    first) are the reductions between neighbouring levels; None = the paper's halving everywhere."""
+    factors = factors or [HALF] * (levels - 1)
     pyramid = [latents]
-    for _ in range(levels - 1):
-        pyramid.insert(0, downsample(pyramid[0]))
+    for factor in reversed(factors):
+        pyramid.insert(0, downsample(pyramid[0], factor))
     return pyramid
 
 
@@ -447,7 +455,8 @@ def msd_step(
     x0_history: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Algorithm 1, one timestep: pyramid down from z_t, plain MD at the coarsest level, then each finer
-    level guided by the one below it. ``grids`` holds one grid per level, coarsest first; ``omega`` is
+    level guided by the one below it. ``grids`` holds one grid per level, coarsest first (each the next
+    one halved, or reduced by (1, f) under a ``windows.global_level``); ``omega`` is
     ω_t (already decayed). With one level, or ω = 0, this is exactly MultiDiffusion. Returns z_{t−1}
     of the finest level: only that one is kept between steps.
 
@@ -457,7 +466,8 @@ def msd_step(
     """
     weights = weights or [None] * len(grids)
     history = x0_history if x0_history is not None else [None] * len(grids)
-    pyramid = build_pyramid(latents, len(grids))
+    factors = [level_factor(fine, coarse) for coarse, fine in zip(grids, grids[1:])]
+    pyramid = build_pyramid(latents, len(grids), factors)
     prev, x0 = multidiffusion_step(
         pyramid[0], grids[0], step, denoise, prediction_type=prediction_type, view_batch=view_batch,
         weights=weights[0], interrupt=interrupt, previous_x0=history[0],
@@ -476,6 +486,7 @@ def msd_step(
                 pyramid[level], prev, grids[level], step, denoise, omega,
                 gradient=gradient, omega_loss=omega_loss, prediction_type=prediction_type,
                 view_batch=view_batch, weights=weights[level], interrupt=interrupt, previous_x0=history[level],
+                factor=factors[level - 1],
             )
         history[level] = x0
         if on_level:
@@ -485,5 +496,6 @@ def msd_step(
 
 def cross_scale_discrepancy(fine: torch.Tensor, coarse: torch.Tensor) -> float:
     """‖ds(z^s) − z^{s−1}‖ / √numel: how far a level is from being the downsample of the finer one."""
-    diff = downsample(fine.detach()) - coarse.detach()
+    factor = (fine.shape[-2] // coarse.shape[-2], fine.shape[-1] // coarse.shape[-1])
+    diff = downsample(fine.detach(), factor) - coarse.detach()
     return float(diff.pow(2).mean().sqrt())

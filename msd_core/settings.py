@@ -23,6 +23,9 @@ GRADIENTS = ("exact", "refresh", "fast")
 # way onto the coarser level at the first step; "mean" is the literal mean-reduced MSE, "sum" the
 # sum of squares.
 OMEGA_LOSSES = ("projection", "mean", "sum")
+# "halving": the paper's pyramid; "global": plus a level that squeezes a wide coarsest level into one
+# window, so one window sees the whole panorama (better horizons at 2:1 and 1:4, worse rivers: docs/layout.md).
+PYRAMIDS = ("halving", "global")
 # "dense": windows every `stride` px (MultiDiffusion's overlap); "shifted": non-overlapping tiles whose
 # offset changes every step, so one step's tile edges are denoised inside the next step's tiles.
 WINDOW_MODES = ("dense", "shifted")
@@ -85,6 +88,7 @@ class GenerationSettings:
     omega: float = 10.0
     omega_loss: str = "projection"
     scales: int | None = None  # pyramid levels; None = smallest count whose coarsest height fits a window
+    pyramid: str = "halving"
     steps: int = _DEFAULTS["steps"]
     guidance: float = 7.5
     scheduler: str = "ddim"
@@ -138,6 +142,7 @@ class GenerationSettings:
                            "or no stride with windows {windows!r}", field="stride", stride=self.stride,
                            windows=self.windows)
         _check_choice("omega_loss", self.omega_loss, OMEGA_LOSSES)
+        _check_choice("pyramid", self.pyramid, PYRAMIDS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)

@@ -13,7 +13,10 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from .plan import window_starts
+from .plan import global_squeeze, window_starts
+
+Factor = tuple[int, int]  # (rows, columns) reduction between two pyramid levels
+HALF: Factor = (2, 2)
 
 
 @dataclass(frozen=True)
@@ -58,14 +61,17 @@ class WindowGrid:
         rows, cols = (index.to(latents.device) for index in self._index)
         return latents[0][:, rows, cols].permute(1, 0, 2, 3)
 
-    def coarse_crop(self, coarse: torch.Tensor) -> torch.Tensor:
-        """F'_i for all i: the region of the next coarser level (half the size) under each window.
+    def coarse_crop(self, coarse: torch.Tensor, factor: Factor = HALF) -> torch.Tensor:
+        """F'_i for all i: the region of the next coarser level (this level ds by ``factor``) under each window.
 
-        (N, C, window/2, window/2). Needs even offsets and window, which ``check_nested`` guarantees.
+        (N, C, window/fh, window/fw). Needs offsets and window divisible by the factor, which
+        ``check_nested`` (halving) and ``global_level`` (a column squeeze) guarantee.
         """
-        _check_latents(coarse, self.height // 2, self.width // 2)
-        half = [(top // 2, left // 2) for top, left in self.offsets]
-        rows, cols = (index.to(coarse.device) for index in _window_index(half, self.window // 2, self.width // 2))
+        fh, fw = factor
+        _check_latents(coarse, self.height // fh, self.width // fw)
+        scaled = [(top // fh, left // fw) for top, left in self.offsets]
+        index = _window_index(scaled, (self.window // fh, self.window // fw), self.width // fw)
+        rows, cols = (part.to(coarse.device) for part in index)
         return coarse[0][:, rows, cols].permute(1, 0, 2, 3)
 
     def merge(self, windows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,22 +94,26 @@ class WindowGrid:
         total.index_add_(0, flat, weights.reshape(-1))
         return (value / total).view(1, channels, self.height, self.width)
 
-    def check_nested(self) -> None:
-        """Raise ValueError unless this grid's windows map exactly onto the next coarser level."""
-        if self.height % 2 or self.width % 2 or self.window % 2:
+    def check_nested(self, factor: Factor = HALF) -> None:
+        """Raise ValueError unless this grid's windows map exactly onto the next coarser level (this one
+        reduced by ``factor``: halved, or its columns squeezed under a ``global_level``)."""
+        fh, fw = factor
+        reduced = "halved" if factor == HALF else f"reduced by {fh}×{fw}"
+        if self.height % fh or self.width % fw or self.window % fh or self.window % fw:
             raise ValueError(
                 f"a pyramid level of {self.height}×{self.width} latent px with a {self.window} px window cannot be "
-                "halved exactly; use a size divisible by a higher power of two or fewer levels"
+                f"{reduced} exactly; use a size divisible by a higher power of two or fewer levels"
             )
-        if any(top % 2 or left % 2 for top, left in self.offsets):
-            raise ValueError("window offsets are odd: coarse crops would not align; use an even stride")
+        if any(top % fh or left % fw for top, left in self.offsets):
+            odd = "odd" if factor == HALF else f"not multiples of {fh}×{fw}"
+            raise ValueError(f"window offsets are {odd}: coarse crops would not align; use an even stride")
 
 
-def _window_index(offsets, window: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_index(offsets, window: int | tuple[int, int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    window_h, window_w = window if isinstance(window, tuple) else (window, window)
     starts = torch.tensor(offsets, dtype=torch.long).view(-1, 2)
-    span = torch.arange(window)
-    rows = (starts[:, 0, None] + span)[:, :, None]
-    cols = ((starts[:, 1, None] + span) % width)[:, None, :]
+    rows = (starts[:, 0, None] + torch.arange(window_h))[:, :, None]
+    cols = ((starts[:, 1, None] + torch.arange(window_w)) % width)[:, None, :]
     return rows, cols
 
 
@@ -122,16 +132,30 @@ def feathered_weights(window: int, minimum: float = 0.05) -> torch.Tensor:
     return ramp[:, None] * ramp[None, :]
 
 
-def downsample(latents: torch.Tensor) -> torch.Tensor:
-    """ds: bilinear ×½ of even-sized latents.
+def downsample(latents: torch.Tensor, factor: Factor = HALF) -> torch.Tensor:
+    """ds: bilinear ×½ of even-sized latents (or the fh×fw block average for another ``factor``).
 
     For an exact factor of 2, bilinear interpolation (align_corners=False, no antialias) samples the
     centre of every 2×2 block, which is the 2×2 average: no pixel across the border is read, so the
     result is also correct for horizontally wrapping panoramas.
     """
-    return F.avg_pool2d(latents, 2)
+    return F.avg_pool2d(latents, factor)
 
 
-def downsample_transpose(coarse: torch.Tensor) -> torch.Tensor:
-    """dsᵀ, the adjoint of ``downsample``: each coarse value spread as ¼ over its 2×2 block."""
-    return F.interpolate(coarse, scale_factor=2, mode="nearest") / 4
+def downsample_transpose(coarse: torch.Tensor, factor: Factor = HALF) -> torch.Tensor:
+    """dsᵀ, the adjoint of ``downsample``: each coarse value spread as 1/(fh·fw) over its block."""
+    return F.interpolate(coarse, scale_factor=factor, mode="nearest") / (factor[0] * factor[1])
+
+
+def level_factor(fine: WindowGrid, coarse: WindowGrid) -> Factor:
+    """The (rows, columns) reduction from a level to the next coarser one: (2, 2) in the paper's pyramid."""
+    return fine.height // coarse.height, fine.width // coarse.width
+
+
+def global_level(coarsest: WindowGrid) -> WindowGrid | None:
+    """A level above ``coarsest`` that squeezes it horizontally into (about) one window, or None
+    (``plan.global_squeeze`` says by how much and why)."""
+    squeeze = global_squeeze(coarsest.width, coarsest.window, coarsest.stride)
+    if squeeze == 1:
+        return None
+    return WindowGrid(coarsest.height, coarsest.width // squeeze, coarsest.window, coarsest.stride, coarsest.wrap)

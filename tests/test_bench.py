@@ -25,22 +25,36 @@ def _load_horizon():
 
 
 horizon = _load_horizon()
+sys.path.insert(0, str(ROOT / "bench"))  # priors.py imports horizon by name, as the bench scripts do
+import priors  # noqa: E402
 
 
 def mixture_log_density(prior, x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """log p_t(x) of the noised prior, written out independently: a full multivariate normal per component."""
+    """log p_t(x) of the noised prior, written out independently: a full multivariate normal per component
+    (means and weights from ``components()``, which the fast structured denoisers do not use)."""
     window = prior.window
-    means = prior.profiles[:, :, None].expand(-1, window, window).reshape(len(prior.profiles), -1)
+    means, log_weights = prior.components()
+    assert torch.allclose(log_weights.exp().sum(), torch.tensor(1.0, dtype=torch.float64))
     covariance = (alpha * prior.texture**2 + 1 - alpha) * torch.eye(window * window, dtype=torch.float64)
-    component = torch.distributions.MultivariateNormal(math.sqrt(alpha) * means, covariance_matrix=covariance)
+    component = torch.distributions.MultivariateNormal(
+        math.sqrt(alpha) * means.reshape(len(means), -1), covariance_matrix=covariance
+    )
     log_probs = component.log_prob(x.reshape(x.shape[0], 1, -1))  # (batch, K)
-    return torch.logsumexp(log_probs, dim=1) - math.log(len(prior.profiles))
+    return torch.logsumexp(log_probs + log_weights, dim=1)
 
 
+SMALL_PRIORS = {
+    "horizon": lambda: horizon.HorizonPrior(window=4, horizons=range(-1, 6), texture=0.3),
+    "sun": lambda: priors.SunPrior(window=4, sizes=(1, 2, 3, 6), empty=0.3),
+    "river": lambda: priors.RiverPrior(window=4, widths=(1, 2, 6), empty=0.3),
+}
+
+
+@pytest.mark.parametrize("name", SMALL_PRIORS)
 @pytest.mark.parametrize("alpha", [0.05, 0.5, 0.97])
-def test_posterior_mean_is_tweedies_formula_on_the_full_mixture(alpha):
+def test_posterior_mean_is_tweedies_formula_on_the_full_mixture(name, alpha):
     # Tweedie: E[x0 | x_t] = (x_t + (1 − ᾱ) ∇ log p_t(x_t)) / √ᾱ, with p_t the exact noised mixture.
-    prior = horizon.HorizonPrior(window=4, horizons=range(-1, 6), texture=0.3)
+    prior = SMALL_PRIORS[name]()
     generator = torch.Generator().manual_seed(0)
     x0 = prior.sample(64, generator)
     x = math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
@@ -82,8 +96,37 @@ def test_literal_pyramid_step_is_msd_step():
 def test_matched_alpha_has_the_snr_of_the_downsampled_latent():
     for alpha in (0.01, 0.3, 0.9):
         for depth in (1, 2):
-            matched = horizon.matched_alpha(alpha, depth)
+            matched = horizon.matched_alpha(alpha, 4**depth)
             assert matched / (1 - matched) == pytest.approx(4**depth * alpha / (1 - alpha))
+
+
+def test_sun_components_are_every_square_that_overlaps_the_window():
+    prior = priors.SunPrior(window=4, sizes=(2,), empty=0.25)
+    means, log_weights = prior.components()
+    assert len(means) == 1 + 5 * 5  # no sun, and 5 row × 5 column placements of a 2-pixel square
+    bright = (means > 0).sum((1, 2))
+    assert bright[0] == 0 and set(bright[1:].tolist()) == {1, 2, 4}  # clipped at corners, edges, whole
+    assert math.isclose(log_weights[0].exp().item(), 0.25)
+
+
+def test_sun_and_river_scores():
+    sky = -torch.ones(16, 40)
+    one_sun = sky.clone()
+    one_sun[2:8, 37:] = 1.0
+    one_sun[2:8, :3] = 1.0  # the same sun, across the 0/360° edge
+    assert priors.SunPrior().score(one_sun, wrap=True) == {"coherent": True, "collapsed": False, "objects": 1, "aspect": 1.0}
+    assert priors.SunPrior().score(one_sun, wrap=False)["objects"] == 2
+    assert priors.SunPrior().score(sky)["collapsed"]
+    river = sky.clone()
+    river[:, 10:14] = 1.0
+    river[5, 30] = 1.0  # a lone texture outlier is no second river
+    assert priors.RiverPrior().score(river) == {"coherent": True, "collapsed": False, "runs": 1.0}
+    broken = river.clone()
+    broken[6:9, 10:14] = -1.0  # the band stops and starts again
+    assert not priors.RiverPrior().score(broken)["coherent"]
+    shifted = river.clone()
+    shifted[8:, 10:14], shifted[8:, 20:24] = -1.0, 1.0  # two pieces that do not touch
+    assert not priors.RiverPrior().score(shifted)["coherent"]
 
 
 def test_layout_score():

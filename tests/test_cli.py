@@ -113,4 +113,5 @@ def test_presets_and_wrap_defaults():
     assert settings("--preset", "360", "--no-wrap").wrap is False
     assert settings("--width", "1536", "--height", "512").wrap is False  # 3:1 is not a 360° image
     assert settings("--seed", "9").seed == 9
+    assert settings().pyramid == "halving" and settings("--pyramid", "global").pyramid == "global"
     assert len({settings().seed for _ in range(5)}) > 1  # a fresh seed unless one is given

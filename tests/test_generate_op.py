@@ -497,6 +497,21 @@ def test_settings_from_scene_maps_the_panel_and_preferences(addon):
     assert len(seeds) > 1
 
 
+def test_the_pyramid_is_drawn_in_the_sampler_and_maps_both_ways(addon):
+    from test_extension import draw
+
+    group, properties = bpy.context.scene.msd_panorama, addon_module().properties
+    assert ("prop", "pyramid") in draw("MSD_PT_panorama_sampler") and group.pyramid == "halving"
+    group.pyramid = "global"
+    settings = properties.settings_from_scene(bpy.context.scene, addon_preferences())
+    assert settings.pyramid == "global"
+    group.pyramid = "halving"
+    properties.settings_to_scene(settings, bpy.context.scene)
+    assert group.pyramid == "global"
+    assert properties.setting_label("pyramid") == ("Pyramid", "the Panorama panel's Sampler section")
+    group.pyramid = "halving"
+
+
 def test_output_files_get_new_names(addon, tmp_path):
     unique_output_path = generate_module().unique_output_path
     first = unique_output_path(str(tmp_path / "new"), 3)

@@ -78,6 +78,18 @@ def test_msd_differs_from_multidiffusion_and_omega_zero_equals_it(pipe):
     assert (msd - md).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp-2m"])
+def test_global_pyramid_guides_from_a_squeezed_level_and_omega_zero_is_still_multidiffusion(pipe, scheduler):
+    # 256×128 px = 16×32 latents: halving gives 8×16 (two windows wide) on top; global adds 8×8.
+    md = run(pipe, method="multidiffusion", scheduler=scheduler).latents
+    assert torch.allclose(run(pipe, pyramid="global", omega=0.0, scheduler=scheduler).latents, md, atol=1e-5)
+    levels = []
+    result = pipe(dataclasses.replace(BASE, pyramid="global", gradient="fast", scheduler=scheduler), decode=False,
+                  callback=lambda info: levels.append((info.level, tuple(info.latents.shape[2:]))))
+    assert levels[:3] == [(1, (8, 8)), (2, (8, 16)), (3, (16, 32))]
+    assert (result.latents - run(pipe, gradient="fast", scheduler=scheduler).latents).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("gradient,at_most", [("fast", 0.5), ("exact", 0.8)])
 def test_guidance_lowers_cross_scale_discrepancy_along_the_trajectory(pipe, gradient, at_most):
     """ω = 10 ("projection") closes the gap exactly in the fast mode's model; the exact gradient also
@@ -97,9 +109,13 @@ def test_guidance_lowers_cross_scale_discrepancy_along_the_trajectory(pipe, grad
 
 
 def test_levels_and_windows_resolved_from_the_model(pipe):
-    plan = pipe.check_inputs(dataclasses.replace(BASE, height=256, width=512, stride=None))
-    assert plan.window == 8 and plan.levels == 3 and plan.stride == 2  # 32×64 latents → 16×32 → 8×16
-    assert [(g.height, g.width) for g in plan.grids] == [(8, 16), (16, 32), (32, 64)]
+    paper = pipe.check_inputs(dataclasses.replace(BASE, height=256, width=512, stride=None))
+    assert paper.window == 8 and paper.levels == 3 and paper.stride == 2  # 32×64 latents → 16×32 → 8×16
+    assert [(g.height, g.width) for g in paper.grids] == [(8, 16), (16, 32), (32, 64)]
+    # The global pyramid adds a level that squeezes the two-window-wide 8×16 into one window.
+    plan = pipe.check_inputs(dataclasses.replace(BASE, height=256, width=512, stride=None, pyramid="global"))
+    assert plan.levels == 4 and plan.grids[1:] == paper.grids and (plan.grids[0].height, plan.grids[0].width) == (8, 8)
+    assert plan.describe()["windows_per_level"][0] == len(plan.grids[0])
     assert default_levels(128, 512, 64) == 2 and default_levels(256, 512, 64) == 3  # the paper's sizes with SD-2
     assert pipe.check_inputs(dataclasses.replace(BASE, method="multidiffusion", height=256)).levels == 1
 
@@ -145,7 +161,7 @@ def test_image_and_metadata(pipe):
     assert result.image.size == (256, 128) and result.image.mode == "RGB"
     meta = result.metadata
     assert meta["prompt"] == BASE.prompt and meta["negative_prompt"] == "blurry"
-    assert meta["method"] == "msd" and meta["gradient"] == "exact" and meta["scales"] == "2"
+    assert meta["method"] == "msd" and meta["gradient"] == "exact" and meta["scales"] == "2" and meta["pyramid"] == "halving"
     assert meta["window"] == "64" and meta["stride"] == "32" and meta["model"] == "tiny"
     # Every entry is one the add-on knows as its own: applying the PNG in Blender warns of none.
     assert set(meta) <= set(pngmeta.OWN_KEYS)

@@ -47,6 +47,9 @@ class CallCounter:
     {"windows": "shifted", "gradient": "refresh", "width": 384, "height": 128, "wrap": False},
     {"windows": "dense", "gradient": "fast", "stride": 32},
     {"windows": "dense", "method": "multidiffusion", "stride": 16},
+    {"windows": "shifted", "gradient": "exact", "pyramid": "global", "width": 512, "height": 128},
+    {"windows": "dense", "gradient": "fast", "stride": 32, "pyramid": "global", "scheduler": "dpmpp-2m",
+     "width": 384, "height": 128, "wrap": False},
 ])
 def test_unet_work_from_the_plan_equals_the_model_calls(pipe, monkeypatch, changes):
     settings = dataclasses.replace(BASE, **changes)
@@ -57,6 +60,27 @@ def test_unet_work_from_the_plan_equals_the_model_calls(pipe, monkeypatch, chang
     assert json.loads(result.metadata["unet_windows"]) == expected
     assert expected["forwards"] > 0 and (expected["backwards"] > 0) == (settings.gradient == "exact"
                                                                           and settings.method == "msd")
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_the_global_level_tops_the_plan_fixed_while_the_tiles_below_shift_in_columns_of_its_squeeze(wrap):
+    # 512×128 px with 64 px windows: 16×64 latents → halving stops at 8×32 (four windows wide) → global 8×8.
+    settings = dataclasses.replace(BASE, width=512, height=128, wrap=wrap, pyramid="global", steps=6)
+    halving = plan.make_plan(dataclasses.replace(settings, pyramid="halving"), 8, 64)
+    squeezed = plan.make_plan(settings, 8, 64)
+    assert (squeezed.levels, squeezed.squeeze) == (halving.levels + 1, 4)
+    assert [squeezed.level_shape(level) for level in range(3)] == [(8, 8), (8, 32), (16, 64)]
+    tops = {tuple(map(tuple, squeezed.starts_at(step)[0])) for step in range(6)}
+    assert tops == {((0,), (0,))}  # one window that never moves (shifting it would only roll it)
+    for step in range(6):
+        grids = squeezed.grids_at(step)  # raises unless every crop maps onto its coarser level
+        assert all(left % 4 == 0 for _, left in grids[1].offsets)
+    # The global level costs one window a step (the model calls are counted in the test above).
+    assert all(len(counts) == 3 and counts[0] == 1 for counts in squeezed.windows_per_step())
+    assert squeezed.describe()["levels"] == 3 and squeezed.describe()["windows_per_level"][0] == 1
+    # No global level where the coarsest one already is one window, nor for MultiDiffusion.
+    assert plan.make_plan(dataclasses.replace(settings, width=128), 8, 64).squeeze == 1
+    assert plan.make_plan(dataclasses.replace(settings, method="multidiffusion"), 8, 64).levels == 1
 
 
 def test_shifted_windows_are_reproducible_and_differ_from_dense(pipe):

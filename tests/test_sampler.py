@@ -190,3 +190,41 @@ def test_refresh_denoises_the_fast_guided_windows_again():
         expected = grid.merge(ddim_step(x_hat, denoiser(x_hat, step.t), step)[0])
     assert torch.allclose(refreshed, expected, atol=1e-12)
     assert not torch.allclose(refreshed, fast, atol=1e-6)
+
+
+def _global_grids(wrap):
+    from msd_core.windows import global_level
+
+    grids = [WindowGrid(8, 32, 8, 4, wrap), WindowGrid(16, 64, 8, 4, wrap)]
+    return [global_level(grids[0]), *grids]
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_global_level_with_omega_zero_is_still_multidiffusion(wrap):
+    grids = _global_grids(wrap)
+    assert [(g.height, g.width) for g in grids] == [(8, 8), (8, 32), (16, 64)]
+    denoiser = SmoothDenoiser()
+    latents = torch.randn(1, 2, 16, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    step = ddim_schedule(sd_ddim_scheduler(), 10)[3]
+    assert torch.equal(sampler.msd_step(latents, grids, step, denoiser, 0.0),
+                       sampler.multidiffusion_step(latents, grids[-1], step, denoiser)[0])
+    # With ω > 0 the squeezed level's layout reaches the finest level through the (1, 4) column average.
+    guided = sampler.msd_step(latents, grids, step, denoiser, 10.0, gradient="fast")
+    assert not torch.allclose(guided, sampler.msd_step(latents, grids[1:], step, denoiser, 10.0, gradient="fast"))
+
+
+def test_projection_omega_10_closes_the_gap_to_a_squeezed_level():
+    # Under a (1, 4) column average the "projection" loss keeps its meaning: ω = 10 with the output held
+    # constant puts ds(Φ(x̂)) exactly on the coarser level's crop.
+    grid, factor = WindowGrid(8, 32, 8, 4, wrap=True), (1, 4)
+    step = ddim_schedule(sd_ddim_scheduler(), 10)[2]
+    generator = torch.Generator().manual_seed(1)
+    windows = grid.crop(torch.randn(1, 2, 8, 32, generator=generator))
+    targets = grid.coarse_crop(torch.randn(1, 2, 8, 8, generator=generator), factor)
+    output = torch.randn(windows.shape, generator=generator)
+    prev, _ = sampler.ddim_step(windows, output, step)
+    scale = sampler.guidance_scale("projection", targets[0].numel(), ddim_jacobian(step), area=4)
+    guided = sampler.guided_windows_fast(windows, prev, targets, step, 10.0, scale, factor=factor)
+    after, _ = sampler.ddim_step(guided, output, step)
+    assert torch.allclose(downsample(after, factor), targets, atol=1e-5)
+    assert not torch.allclose(downsample(prev, factor), targets, atol=1e-2)

@@ -95,20 +95,21 @@ def test_fast_gradient_equals_autograd_for_the_solver():
     assert torch.allclose(fast, x - omega * grad, atol=1e-10)
 
 
-def test_exact_gradient_through_the_solver_agrees_with_finite_differences():
+@pytest.mark.parametrize("factor", [(2, 2), (1, 3)])  # halving, and a global level's column squeeze
+def test_exact_gradient_through_the_solver_agrees_with_finite_differences(factor):
     denoiser, step = SmoothDenoiser(), second_order_step(index=9)
     x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
     memory = torch.randn_like(x)
-    target = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    target = torch.randn(1, 2, 6 // factor[0], 6 // factor[1], dtype=torch.float64)
     scale, omega = 0.5, 1.0
     with torch.no_grad():
-        x_hat = sampler.guided_windows_exact(x, target, step, denoiser, omega, scale, previous_x0=memory)
+        x_hat = sampler.guided_windows_exact(x, target, step, denoiser, omega, scale, previous_x0=memory, factor=factor)
     grad = (x - x_hat) / omega
 
     def loss(z):
         with torch.no_grad():
             prev, _ = dpm_solver_step(z, denoiser(z, step.t), step, previous_x0=memory)
-            return float(sampler.cross_scale_loss(prev, target, scale))
+            return float(sampler.cross_scale_loss(prev, target, scale, factor))
 
     eps = 1e-6
     for index in [(0, 0, 0, 0), (0, 1, 2, 3), (0, 0, 5, 5)]:
@@ -117,18 +118,20 @@ def test_exact_gradient_through_the_solver_agrees_with_finite_differences():
         assert grad[index].item() == pytest.approx((loss(x + bump) - loss(x - bump)) / (2 * eps), rel=1e-5, abs=1e-8)
 
 
+@pytest.mark.parametrize("factor", [(2, 2), (1, 4)])
 @pytest.mark.parametrize("omega,fraction", [(10.0, 1.0), (5.0, 0.5)])
-def test_projection_keeps_its_meaning_with_the_solver(omega, fraction):
-    """ω/10 of the cross-scale gap is removed by one fast step, with the solver's own slope."""
+def test_projection_keeps_its_meaning_with_the_solver(omega, fraction, factor):
+    """ω/10 of the cross-scale gap is removed by one fast step, with the solver's own slope, also under a
+    global level's column squeeze."""
     step = second_order_step()
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     output, memory = torch.randn_like(x), torch.randn_like(x)
-    target = torch.randn(2, 4, 4, 4, dtype=torch.float64)
-    scale = sampler.guidance_scale("projection", 4 * 4 * 4, step.jacobian())
+    target = torch.randn(2, 4, 8 // factor[0], 8 // factor[1], dtype=torch.float64)
+    scale = sampler.guidance_scale("projection", target[0].numel(), step.jacobian(), area=factor[0] * factor[1])
     prev, _ = dpm_solver_step(x, output, step, previous_x0=memory)
-    x_hat = sampler.guided_windows_fast(x, prev, target, step, omega, scale)
+    x_hat = sampler.guided_windows_fast(x, prev, target, step, omega, scale, factor=factor)
     after, _ = dpm_solver_step(x_hat, output, step, previous_x0=memory)
-    gap_before, gap_after = downsample(prev) - target, downsample(after) - target
+    gap_before, gap_after = downsample(prev, factor) - target, downsample(after, factor) - target
     assert torch.allclose(gap_after, (1 - fraction) * gap_before, atol=1e-10)
 
 

@@ -7,7 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msd_core.plan import shifted_offsets, shifted_starts, window_starts
-from msd_core.windows import WindowGrid, downsample, downsample_transpose, feathered_weights
+from msd_core.windows import (
+    WindowGrid,
+    downsample,
+    downsample_transpose,
+    feathered_weights,
+    global_level,
+    level_factor,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -97,6 +104,28 @@ def test_window_starts_rejects_impossible_grids():
         window_starts(4, 8, 2)
     with pytest.raises(ValueError, match="larger than the window"):
         window_starts(40, 8, 9)
+
+
+def test_global_level_squeezes_the_coarsest_level_into_one_window():
+    assert global_level(WindowGrid(16, 32, 16, 4, wrap=True)) == WindowGrid(16, 16, 16, 4, wrap=True)
+    assert global_level(WindowGrid(16, 64, 16, 4)) == WindowGrid(16, 16, 16, 4)
+    # 3:1 with SD's 8-latent stride: a factor of 3 would misalign the coarse crops, so 2 (1.5 windows wide).
+    assert global_level(WindowGrid(64, 192, 64, 8)) == WindowGrid(64, 96, 64, 8)
+    assert global_level(WindowGrid(16, 16, 16, 4)) is None  # already one window
+    assert global_level(WindowGrid(16, 24, 16, 4)) is None  # no whole factor keeps a window's width
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+@pytest.mark.parametrize("factor", [(1, 2), (1, 4), (2, 2)])
+def test_coarse_crops_align_under_any_reduction(factor, wrap):
+    grid = WindowGrid(16, 64, 8, 4, wrap)
+    coarse = WindowGrid(16 // factor[0], 64 // factor[1], 8, 4, wrap)
+    assert level_factor(grid, coarse) == factor
+    fine = torch.randn(1, 2, 16, 64)
+    # F'_i(ds z) = ds(F_i z), windows crossing the 0/360° edge included.
+    assert torch.allclose(grid.coarse_crop(downsample(fine, factor), factor), downsample(grid.crop(fine), factor))
+    y = torch.randn(1, 2, 16 // factor[0], 64 // factor[1])
+    assert torch.allclose((downsample(fine, factor) * y).sum(), (fine * downsample_transpose(y, factor)).sum(), atol=1e-4)
 
 
 @settings(max_examples=200, deadline=None)
