@@ -434,14 +434,19 @@ class Worker:
         self.emit(protocol.error_event(request_id, kind, message, field))
 
 
+def _check_request(message: dict, op: str, fields) -> None:
+    """BadInput for a request of kind ``op`` without an id or with a field that is not in ``fields``."""
+    unknown = sorted(set(message) - {"op", "id", *fields})
+    if unknown:
+        raise BadInput(f"unknown field(s) in the {op} request: {', '.join(unknown)}")
+    if message.get("id") is None:
+        raise BadInput(f"a {op} request needs an 'id'")
+
+
 def parse_generate(message: dict) -> Job:
     """A validated Job from a generate request, or BadInput naming the first problem."""
-    request_id = message.get("id")
-    if request_id is None:
-        raise BadInput("a generate request needs an 'id'")
-    unknown = sorted(set(message) - {"op", "id", *protocol.GENERATE_FIELDS})
-    if unknown:
-        raise BadInput(f"unknown field(s) in the generate request: {', '.join(unknown)}")
+    _check_request(message, "generate", protocol.GENERATE_FIELDS)
+    request_id = message["id"]
     if "settings" not in message:
         raise BadInput("the generate request has no {field}", field="settings")
     settings = GenerationSettings.from_dict(message["settings"]).validate()
@@ -485,10 +490,8 @@ def parse_generate(message: dict) -> Job:
 
 def parse_variations(message: dict) -> Job:
     """A validated Job from a variations request, or BadInput naming the first problem."""
-    unknown = sorted(set(message) - {"op", "id", *protocol.VARIATIONS_FIELDS})
-    if unknown:
-        raise BadInput(f"unknown field(s) in the variations request: {', '.join(unknown)}")
-    for required in ("id", "settings", "count"):
+    _check_request(message, "variations", protocol.VARIATIONS_FIELDS)
+    for required in ("settings", "count"):
         if message.get(required) is None:
             raise BadInput(f"the variations request has no '{required}'")
     count = variations.check_count(message["count"])
@@ -502,12 +505,8 @@ def parse_variations(message: dict) -> Job:
 
 def parse_download(message: dict) -> DownloadJob:
     """A validated DownloadJob from a download request, or BadInput naming the first problem."""
-    request_id = message.get("id")
-    if request_id is None:
-        raise BadInput("a download request needs an 'id'")
-    unknown = sorted(set(message) - {"op", "id", *protocol.DOWNLOAD_FIELDS})
-    if unknown:
-        raise BadInput(f"unknown field(s) in the download request: {', '.join(unknown)}")
+    _check_request(message, "download", protocol.DOWNLOAD_FIELDS)
+    request_id = message["id"]
     model = message.get("model")
     if not isinstance(model, str) or not hub.REPO_ID.match(model):
         raise BadInput(f"'model' must be a Hugging Face model id (owner/name), got {model!r}")
