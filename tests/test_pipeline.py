@@ -45,10 +45,11 @@ class TinyWindowPanorama(StableDiffusionPanoramaPipeline):
         )
 
 
-def diffusers_latents(pipe, settings, latents):
+def diffusers_latents(pipe, settings, latents, scheduler=None):
+    """diffusers' MultiDiffusion on the same components (and ``scheduler``, default the model's own)."""
     c = pipe.components
     reference = TinyWindowPanorama(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=scheduler or c.scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     reference.set_progress_bar_config(disable=True)

@@ -5,13 +5,12 @@ import dataclasses
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-from test_pipeline import BASE, TinyWindowPanorama
+from test_pipeline import BASE, diffusers_latents, pipe, pipe_v  # noqa: F401  (fixtures)
 from test_sampler import SmoothDenoiser
 
 from msd_core import cli, sampler
 from msd_core.errors import BadInput
 from msd_core.models import sd_ddim_scheduler
-from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.sampler import DPMTimestep, cross_scale_discrepancy, dpm_solver_schedule, dpm_solver_step
 from msd_core.settings import GenerationSettings
 from msd_core.windows import WindowGrid, downsample
@@ -170,16 +169,6 @@ def test_msd_step_keeps_one_memory_per_level():
         sampler.msd_step(latents, grids, schedule[1], denoiser, 10.0)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return MSDPanoramaPipeline.from_settings(BASE)
-
-
-@pytest.fixture(scope="module")
-def pipe_v():
-    return MSDPanoramaPipeline.from_settings(dataclasses.replace(BASE, model="tiny-v"))
-
-
 @pytest.mark.parametrize("fixture", ["pipe", "pipe_v"])
 def test_single_window_run_equals_diffusers_with_dpm_solver(request, fixture):
     """A whole 12-step run on one window with the tiny UNet against StableDiffusionPipeline."""
@@ -210,18 +199,7 @@ def test_multidiffusion_equals_diffusers_panorama_with_dpm_solver(pipe):
     result = pipe(settings, latents=initial, decode=False)
     ours = result.latents
     assert result.metadata["scheduler"] == "dpmpp-2m"
-    c = pipe.components
-    reference = TinyWindowPanorama(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(c.scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    reference.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        theirs = reference(
-            settings.prompt, height=settings.height, width=settings.width, num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance, latents=initial.clone(), output_type="latent", view_batch_size=3,
-        ).images
+    theirs = diffusers_latents(pipe, settings, initial, DPMSolverMultistepScheduler.from_config(pipe.components.scheduler.config))
     assert torch.allclose(ours, theirs, atol=1e-4), float((ours - theirs).abs().max())
 
 
