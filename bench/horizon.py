@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from msd_core.models import sd_ddim_scheduler
 from msd_core.pipeline import default_levels
+from msd_core.plan import Plan
 from msd_core.sampler import (
     DDIMTimestep,
     LevelResult,
@@ -261,6 +262,7 @@ def sample_panoramas(
     decay=None,
     on_step=None,
     scheduler: str = "ddim",
+    windows: str = "dense",
 ) -> tuple[torch.Tensor, Trajectory]:
     """One panorama per seed (as channels of one latent), (len(seeds), height, width), and the
     cross-scale discrepancy along the way. ω is decayed as the pipeline does: ω·cosine_decay(t).
@@ -269,8 +271,16 @@ def sample_panoramas(
     crop); the ω passed to the sampler is rescaled so that stacking seeds as channels changes nothing.
     ``on_step(index, levels)`` receives every step's ``LevelResult``s, coarsest first (diagnosis).
     ``scheduler``: "ddim" or "dpmpp-2m" (only with the literal noise and the sampler's gradient modes).
+    ``windows``: "dense" (a grid marching by ``stride``) or "shifted" (the pipeline's default: the tiles
+    ``plan.Plan.grids_at`` places for the first seed, moving every step).
     """
     grids = make_grids(height, width, prior.window, stride, wrap, levels, global_view)
+    if windows == "shifted":
+        squeezed = len(grids) > 1 and grids[0].height == grids[1].height  # a global level on top
+        plan = Plan(height, width, prior.window, prior.window, len(grids), VIEW_BATCH, wrap, "shifted", seeds[0], steps,
+                    1, gradient, omega > 0, grids[1].width // grids[0].width if squeezed else 1)
+    elif windows != "dense":
+        raise ValueError(f"unknown windows {windows!r} (dense or shifted)")
     schedule = solver_schedule(scheduler, sd_ddim_scheduler(), steps)
     x0_history = [None] * len(grids)  # the multistep solver's memory (DDIM ignores it)
     sampler_modes = noise == "literal" and gradient in ("fast", "refresh", "exact")
@@ -292,6 +302,8 @@ def sample_panoramas(
             levels_out.append(result)
 
         omega_t = omega * (decay or cosine_decay)(step.t, TRAIN_STEPS)
+        if windows == "shifted":
+            grids = plan.grids_at(index)
         if sampler_modes:
             latents = msd_step(
                 latents, grids, step, prior.denoiser(), omega_t, gradient=gradient, omega_loss=omega_loss,
