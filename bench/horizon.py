@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from msd_core.models import sd_ddim_scheduler
 from msd_core.pipeline import default_levels
-from msd_core.plan import Plan
+from msd_core.plan import Plan, make_plan
 from msd_core.sampler import (
     DDIMTimestep,
     LevelResult,
@@ -31,8 +31,10 @@ from msd_core.sampler import (
     cross_scale_discrepancy,
     cross_scale_loss,
     ddim_jacobian,
+    alpha_at,
     ddim_step,
     guidance_scale,
+    matched_alpha,
     msd_level_step,
     msd_step,
     multidiffusion_step,
@@ -42,7 +44,7 @@ from msd_core.windows import WindowGrid, global_level, level_factor
 
 TRAIN_STEPS = 1000
 SD_COARSE_NUMEL = 4 * 32 * 32  # what F.mse_loss divides by on an SD coarse crop (64-latent window)
-NOISE_MODES = ("literal", "fresh", "snr", "squeeze-snr")
+NOISE_MODES = ("literal", "matched", "fresh", "snr", "squeeze-snr")
 VIEW_BATCH = 1024  # windows per denoiser call: batching never changes results, and the prior is cheap
 
 
@@ -89,7 +91,7 @@ class MixturePrior:
             # UNet work as a real model would do it: one forward per window, one backward when differentiated.
             self.work["forwards"] += x.shape[0]
             self.work["backwards"] += x.shape[0] if x.requires_grad and torch.is_grad_enabled() else 0
-            return self.eps(x, alpha_map(float(self.alphas_cumprod[t])))
+            return self.eps(x, alpha_map(alpha_at(self.alphas_cumprod, t)))  # t is fractional at matched levels
 
         return denoise
 
@@ -138,16 +140,6 @@ class HorizonPrior(MixturePrior):
 # ------------------------------------------------------------------------------------------- sampling
 
 
-def matched_alpha(alpha: float, gain: float) -> float:
-    """ᾱ' of the timestep whose SNR equals that of a latent averaged over blocks of ``gain`` pixels.
-
-    Averaging (ds^d: 4^d pixels; a squeezed level: more) keeps the signal √ᾱ·ds(x₀) and divides the noise
-    variance by the block size g, so the SNR ᾱ/(1−ᾱ) grows by g: ᾱ'/(1−ᾱ') = g ᾱ/(1−ᾱ)  ⇔
-    ᾱ' = g ᾱ / (1 + (g − 1) ᾱ).
-    """
-    return gain * alpha / (1 + (gain - 1) * alpha)
-
-
 @dataclass
 class Trajectory:
     """What a run recorded besides its result."""
@@ -172,6 +164,8 @@ def pyramid_step(
     """Algorithm 1 built from the sampler's pieces, with a choice of how coarse levels treat their noise.
 
     - "literal": ds(z_t) is denoised as if it were at timestep t (the paper; equals ``msd_step``).
+    - "matched": msd_core's ``coarse_noise="matched"`` (``sample_panoramas`` runs ``msd_step``); "snr" below
+                 is this bench's own version of it, written independently (a test compares the two).
     - "fresh":   fresh Gaussian noise restores the variance ds removed, so the level is at t in fact.
     - "snr":     the level is rescaled to the variance-preserving form of the timestep with the same SNR
                  (``matched_alpha``), stepped there, and scaled back; no noise is added.
@@ -180,8 +174,8 @@ def pyramid_step(
     ``gradient`` is one of the sampler's modes ("fast", "refresh", "exact"), "fast-2f" (the name this
     bench first gave "refresh"), or ``level_step_variant``'s "exact-1f".
     """
-    if noise not in NOISE_MODES:
-        raise ValueError(f"unknown noise mode {noise!r}")
+    if noise not in NOISE_MODES or noise == "matched":
+        raise ValueError(f"noise mode {noise!r} is not one of pyramid_step's (matched runs msd_step)")
     factors = [level_factor(fine, coarse) for coarse, fine in zip(grids, grids[1:])]
     pyramid = build_pyramid(latents, len(grids), factors)
     prev = None
@@ -270,7 +264,7 @@ def sample_panoramas(
     ``omega_loss="mean"`` divides by ``mean_numel`` elements per window (default: one channel's coarse
     crop); the ω passed to the sampler is rescaled so that stacking seeds as channels changes nothing.
     ``on_step(index, levels)`` receives every step's ``LevelResult``s, coarsest first (diagnosis).
-    ``scheduler``: "ddim" or "dpmpp-2m" (only with the literal noise and the sampler's gradient modes).
+    ``scheduler``: "ddim" or "dpmpp-2m" (only with msd_core's noise modes and the sampler's gradient modes).
     ``windows``: "dense" (a grid marching by ``stride``) or "shifted" (the pipeline's default: the tiles
     ``plan.Plan.grids_at`` places for the first seed, moving every step).
     """
@@ -283,7 +277,7 @@ def sample_panoramas(
         raise ValueError(f"unknown windows {windows!r} (dense or shifted)")
     schedule = solver_schedule(scheduler, sd_ddim_scheduler(), steps)
     x0_history = [None] * len(grids)  # the multistep solver's memory (DDIM ignores it)
-    sampler_modes = noise == "literal" and gradient in ("fast", "refresh", "exact")
+    sampler_modes = noise in ("literal", "matched") and gradient in ("fast", "refresh", "exact")
     if scheduler != "ddim" and not sampler_modes:
         raise ValueError("the other noise modes and gradient variants are built for DDIM steps only")
     latents = torch.stack(
@@ -307,7 +301,8 @@ def sample_panoramas(
         if sampler_modes:
             latents = msd_step(
                 latents, grids, step, prior.denoiser(), omega_t, gradient=gradient, omega_loss=omega_loss,
-                view_batch=VIEW_BATCH, on_level=record, x0_history=x0_history,
+                view_batch=VIEW_BATCH, on_level=record, x0_history=x0_history, coarse_noise=noise,
+                train_alphas=prior.alphas_cumprod,
             )
         else:
             latents = pyramid_step(
@@ -320,6 +315,33 @@ def sample_panoramas(
             pairs = zip((r.latents for r in levels_out[1:]), (r.latents for r in levels_out[:-1]))
             trajectory.discrepancy.append(sum(cross_scale_discrepancy(f, c) for f, c in pairs) / (len(levels_out) - 1))
     return latents[0].detach(), trajectory
+
+
+PRIOR_FACTOR = 8  # prior pixels are treated as latent pixels of an 8× "VAE", so settings stay in SD pixels
+
+
+def sample_with_settings(prior, settings, seeds: list[int], on_step=None):
+    """One panorama per seed (as channels), sampled exactly as the pipeline would for ``settings``
+    (msd_core.settings.GenerationSettings, sizes in SD pixels: prior pixel = latent pixel): its plan, window
+    grids step by step, solver, ω decay and coarse-level noise, with the prior as the model. Returns the
+    images (len(seeds), H, W) and the plan. ``on_step(index, levels)`` as in ``sample_panoramas``."""
+    plan = make_plan(settings, PRIOR_FACTOR, prior.window * PRIOR_FACTOR)
+    scheduler = sd_ddim_scheduler()
+    schedule = solver_schedule(settings.scheduler, scheduler, plan.steps)
+    x0_history = [None] * plan.levels  # a multistep solver's memory (DDIM ignores it)
+    latents = torch.stack([torch.randn(plan.height, plan.width, generator=torch.Generator().manual_seed(seed),
+                                       dtype=torch.float64) for seed in seeds])[None]
+    omega = settings.omega if settings.method == "msd" else 0.0
+    denoise = prior.denoiser()
+    for index, step in enumerate(schedule):
+        levels_out: list[LevelResult] = []
+        latents = msd_step(latents, plan.grids_at(index), step, denoise, omega * cosine_decay(step.t, TRAIN_STEPS),
+                           gradient=settings.gradient, omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
+                           x0_history=x0_history, on_level=levels_out.append, coarse_noise=settings.coarse_noise,
+                           train_alphas=scheduler.alphas_cumprod)
+        if on_step:
+            on_step(index, levels_out)
+    return latents[0].detach(), plan
 
 
 # -------------------------------------------------------------------------------------------- scoring

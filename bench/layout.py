@@ -25,12 +25,13 @@ import time
 
 import torch
 from common import environment, figure_path, markdown_table, pyplot, write_json
-from horizon import SD_COARSE_NUMEL, HorizonPrior, sample_panoramas, score_layout, seam_ratio
+from horizon import (PRIOR_FACTOR, SD_COARSE_NUMEL, HorizonPrior, sample_panoramas, sample_with_settings,
+                     score_layout, seam_ratio)
 from priors import RiverPrior, SunPrior
 
 from msd_core.sampler import cross_scale_discrepancy
-from msd_core.settings import GenerationSettings
-from msd_core.windows import WindowGrid
+from msd_core.plan import make_plan
+from msd_core.settings import QUALITY, GenerationSettings
 
 WIDE_PRIOR = range(-4, 21)  # 40 % of the components are all sky or all ground
 NARROW_PRIOR = range(-1, 18)  # 21 %
@@ -215,59 +216,82 @@ def plot(rows: list[dict], examples: list, quick: bool) -> None:
 
 
 ASPECTS = ((64, 64, False), (32, 64, True), (64, 128, True), (32, 128, False))  # in 16-px windows: 4×4 … 2×8
-ASPECT_SETTINGS = {  # name: sample_panoramas keywords (all with the fast gradient, ω = 10, projection)
-    "MD": {"omega": 0.0, "levels": 1},
-    "halving": {"omega": 10.0},  # the paper's pyramid
-    "global": {"omega": 10.0, "global_view": True},  # + windows.global_level (--pyramid global)
-    # + the squeezed level denoised at the timestep of its true SNR (bench only: horizon.pyramid_step)
-    "global, squeeze SNR": {"omega": 10.0, "global_view": True, "noise": "squeeze-snr"},
+# name: GenerationSettings changes from the defaults (the Standard quality preset: shifted tiles, exact
+# gradient, DDIM 50, ω = 10 projection), sampled as the pipeline would (horizon.sample_with_settings).
+ASPECT_SETTINGS = {
+    "MD": {"method": "multidiffusion"},
+    "paper pyramid": {"pyramid": "halving", "coarse_noise": "literal"},  # the default up to v0.2
+    "global, literal": {"pyramid": "global", "coarse_noise": "literal"},
+    "halving, matched": {"pyramid": "halving", "coarse_noise": "matched"},
+    "default": {},  # global level, coarse levels at their matched noise level
+    "default, Draft": {"steps": QUALITY["draft"][0]["steps"]},
+    "default, DPM++ 20": {"scheduler": "dpmpp-2m", "steps": 20},
 }
+EXAMPLE_SETTINGS = ("paper pyramid", "default")
 ASPECT_COLUMNS = ["prior", "panorama", "setting", "levels", "coherent", "collapsed", "coarsest coherent", "count",
-                  "forwards", "seconds"]
+                  "work", "seconds"]
+PRIOR_DRAWS = 4000
 
 
 def aspect_priors() -> dict:
     return {"horizon": HorizonPrior(horizons=WIDE_PRIOR), "sun": SunPrior(), "river": RiverPrior()}
 
 
-def run_aspect(prior, shape, setting, seeds, steps, keep=None) -> dict:
+def prior_draws_row(prior) -> dict:
+    """The prior's own exact draws, one window each, scored like a panorama: the most any sampler that is
+    faithful to the model at its coarsest level (one window) can be expected to reach."""
+    scores = [prior.score(image) for image in prior.sample(PRIOR_DRAWS, torch.Generator().manual_seed(0))]
+    coherent, collapsed = (sum(s[key] for s in scores) / PRIOR_DRAWS for key in ("coherent", "collapsed"))
+    row = {"prior": prior.name, "panorama": "one window", "setting": "prior's own draws", "seeds": PRIOR_DRAWS,
+           "coherent_fraction": coherent, "collapsed_fraction": collapsed,
+           "coherent": f"{coherent * 24:.1f}/24", "collapsed": f"{collapsed * 24:.1f}/24"}
+    print(markdown_table([row], ASPECT_COLUMNS).splitlines()[-1], flush=True)
+    return row
+
+
+def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     """One prior × aspect × setting: layout of the finest and of the coarsest level, and the UNet work.
 
     Shapes are given for 16-px windows; a prior with smaller windows (the sun) gets the same shape in
-    windows. ``forwards``/``backwards``: window evaluations per step over the finest level's windows
-    (MultiDiffusion = 1)."""
+    windows. ``work``: UNet window passes of the plan (a backward counted as plan.BACKWARD_COST forwards)
+    over MultiDiffusion's on the same shape and steps."""
     scale = 16 // prior.window
     height, width, wrap = shape[0] // scale, shape[1] // scale, shape[2]
+    settings = dataclasses.replace(GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR,
+                                                      height=height * PRIOR_FACTOR, wrap=wrap),
+                                   **ASPECT_SETTINGS[setting])
+    if quick:
+        settings = dataclasses.replace(settings, steps=max(5, settings.steps // 5))
     coarsest, levels = [], []
 
     def on_step(index, results):
-        if index == steps - 1:
+        if index == settings.steps - 1:
             coarsest.append(results[0].latents[0])
             levels.extend(tuple(r.latents.shape[2:]) for r in results)
 
-    prior.work.update(forwards=0, backwards=0)
     started = time.perf_counter()
-    images, _ = sample_panoramas(prior, height, width, seeds, steps=steps, wrap=wrap, stride=prior.window // 4,
-                                 on_step=on_step, **ASPECT_SETTINGS[setting])
+    images, plan = sample_with_settings(prior, settings, seeds, on_step=on_step)
     seconds = time.perf_counter() - started
+    md_plan = make_plan(dataclasses.replace(settings, method="multidiffusion"), PRIOR_FACTOR, plan.window * PRIOR_FACTOR)
     scores = [prior.score(image, wrap) for image in images]
     coarse = [prior.score(image, wrap) for image in coarsest[0]]
     count_key = next(key for key in scores[0] if key not in ("coherent", "collapsed"))
-    finest_windows = len(WindowGrid(height, width, prior.window, prior.window // 4, wrap))
     row = {
         "prior": prior.name, "panorama": f"{shape[0]}×{shape[1]}{' wrap' if wrap else ''}", "setting": setting,
-        "seeds": len(seeds), "steps": steps, "levels": " → ".join(f"{h}×{w}" for h, w in levels),
+        "seeds": len(seeds), "steps": settings.steps, "scheduler": settings.scheduler,
+        "levels": " → ".join(f"{h}×{w}" for h, w in levels),
         "coherent_count": sum(s["coherent"] for s in scores), "collapsed_count": sum(s["collapsed"] for s in scores),
         "coarsest_coherent_count": sum(s["coherent"] for s in coarse),
         "count_name": count_key, "count_mean": statistics.mean(s[count_key] for s in scores),
-        "forwards": prior.work["forwards"] / steps / finest_windows,
-        "backwards": prior.work["backwards"] / steps / finest_windows, "seconds": seconds,
+        **{f"unet_{key}": value for key, value in plan.work().items()},
+        "work_vs_md": sum(plan.step_costs()) / sum(md_plan.step_costs()), "seconds": seconds,
     }
     if prior.name == "sun":
         aspects = [s["aspect"] for s in scores if s["coherent"]]
         row["sun_aspect"] = statistics.mean(aspects) if aspects else None
     n = len(seeds)
     row.update(coherent=f"{row['coherent_count']}/{n}", collapsed=f"{row['collapsed_count']}/{n}",
+               work=f"{row['work_vs_md']:.2f}×",
                **{"coarsest coherent": f"{row['coarsest_coherent_count']}/{n}",
                   "count": f"{count_key} {row['count_mean']:.2f}"})
     if keep is not None:
@@ -277,21 +301,18 @@ def run_aspect(prior, shape, setting, seeds, steps, keep=None) -> dict:
 
 
 def aspects_part(quick: bool) -> tuple[list[dict], list]:
-    steps = 20 if quick else 50
     shapes = (ASPECTS[0], ASPECTS[2]) if quick else ASPECTS
-    print(f"\naspects: 24 seeds (river 12, sun 8: their denoisers cost more), {steps} DDIM steps, fast gradient, "
-          "ω = 10 (projection)")
+    seeds = list(range(8 if quick else 24))
+    print(f"\naspects: {len(seeds)} seeds, the pipeline's plan for each setting (Standard preset unless named"
+          f"{', steps ÷ 5' if quick else ''}), ω = 10 (projection)")
     print("\n".join(markdown_table([], ASPECT_COLUMNS).splitlines()[:2]))
     rows, examples = [], []
     for prior in aspect_priors().values():
-        seeds = list(range(8 if quick else {"horizon": 24, "river": 12}.get(prior.name, 8)))
+        rows.append(prior_draws_row(prior))
         for shape in shapes:
             for setting in ASPECT_SETTINGS:
-                if setting.startswith("global") and shape[0] == shape[1]:  # already one window: no extra level
-                    rows.append({**rows[-1], "setting": setting})
-                    continue
-                keep = examples if shape == ASPECTS[2] and setting in ("halving", "global") else None
-                rows.append(run_aspect(prior, shape, setting, seeds, steps, keep))
+                keep = examples if shape == ASPECTS[2] and setting in EXAMPLE_SETTINGS else None
+                rows.append(run_aspect(prior, shape, setting, seeds, keep, quick))
     return rows, examples
 
 

@@ -26,19 +26,15 @@ import time
 
 import torch
 from common import RESULTS, environment, markdown_table, median_spread, window_seam_ratio, write_json
-from horizon import HorizonPrior, score_layout, seam_ratio
+from horizon import PRIOR_FACTOR, HorizonPrior, sample_with_settings, score_layout, seam_ratio
 from speed import WindowPanorama, interleaved, Meter
 
 from msd_core import models
-from msd_core.models import sd_ddim_scheduler
 from msd_core.pipeline import MSDPanoramaPipeline
-from msd_core.plan import make_plan, plan_without_model
-from msd_core.sampler import cosine_decay, msd_step, solver_schedule
+from msd_core.plan import plan_without_model
 from msd_core.settings import PRESETS, QUALITY, GenerationSettings
 
 PRIORS = {"horizon": HorizonPrior}
-PRIOR_FACTOR = 8  # prior pixels are treated as latent pixels of an 8× "VAE", so settings stay in SD pixels
-VIEW_BATCH = 4096  # the analytic prior is cheap: one call per level
 SD_WINDOW = 512
 # (height, width, wrap) in prior pixels: the issue's four shapes (the prior's window is 16)
 SHAPES = [(64, 64, False), (32, 64, True), (64, 128, True), (32, 128, False)]
@@ -89,29 +85,14 @@ def work_part(configs: dict) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- layout
 
 
-def sample_with_plan(prior, settings: GenerationSettings, seeds: list[int]):
-    """One panorama per seed (as channels), sampled with the pipeline's plan for ``settings`` and msd_step;
-    returns the images (len(seeds), H, W) and the finest grid of the last step."""
-    plan = make_plan(settings, PRIOR_FACTOR, prior.window * PRIOR_FACTOR)
-    schedule = solver_schedule(settings.scheduler, sd_ddim_scheduler(), plan.steps)
-    x0_history = [None] * plan.levels  # a multistep solver's memory (DDIM ignores it)
-    latents = torch.stack([torch.randn(plan.height, plan.width, generator=torch.Generator().manual_seed(seed),
-                                       dtype=torch.float64) for seed in seeds])[None]
-    omega = settings.omega if settings.method == "msd" else 0.0
-    denoise = prior.denoiser()
-    for index, step in enumerate(schedule):
-        latents = msd_step(latents, plan.grids_at(index), step, denoise, omega * cosine_decay(step.t, 1000),
-                           gradient=settings.gradient, view_batch=VIEW_BATCH, x0_history=x0_history)
-    return latents[0].detach(), plan.grids_at(len(schedule) - 1)[-1]
-
-
 def layout_row(prior, name: str, config: dict, shape, seeds: list[int], steps_divisor: int) -> dict:
     height, width, wrap = shape
     base = GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR, height=height * PRIOR_FACTOR, wrap=wrap)
     settings = settings_for(config, prior.window * PRIOR_FACTOR, base)
     settings = dataclasses.replace(settings, steps=max(1, settings.steps // steps_divisor))
     started = time.perf_counter()
-    images, last_grid = sample_with_plan(prior, settings, seeds)
+    images, plan = sample_with_settings(prior, settings, seeds)
+    last_grid = plan.grids_at(plan.steps - 1)[-1]
     seconds = time.perf_counter() - started
     layouts = [score_layout(image) for image in images]
     seams = window_seam_ratio(images, last_grid)

@@ -107,16 +107,20 @@ class MSDPanoramaPipeline:
             return positive
         return torch.cat([encode(negative_prompt), positive])
 
-    def make_denoiser(self, embeddings: torch.Tensor, guidance: float) -> Callable[[torch.Tensor, int], torch.Tensor]:
-        """denoise(windows, t): one batched UNet call with the unconditional and conditional halves
-        interleaved per window (as diffusers' MultiDiffusion does), then classifier-free guidance."""
+    def make_denoiser(self, embeddings: torch.Tensor, guidance: float) -> Callable[[torch.Tensor, float], torch.Tensor]:
+        """denoise(windows, t): one batched UNet call (t may be fractional) with the unconditional and
+        conditional halves interleaved per window (as diffusers' MultiDiffusion does), then classifier-free
+        guidance."""
         cfg = embeddings.shape[0] == 2
 
-        def denoise(windows: torch.Tensor, t: int) -> torch.Tensor:
+        def denoise(windows: torch.Tensor, t: float) -> torch.Tensor:
             count = windows.shape[0]
             model_input = windows.repeat_interleave(2, dim=0) if cfg else windows
+            # A tensor, not a Python number: coarse levels at their matched noise level have fractional
+            # timesteps, and a compiled UNet would recompile for every new Python constant.
+            timestep = torch.tensor(float(t), device=windows.device)
             output = self.unet(
-                model_input.to(self.dtype), t, encoder_hidden_states=embeddings.repeat(count, 1, 1)
+                model_input.to(self.dtype), timestep, encoder_hidden_states=embeddings.repeat(count, 1, 1)
             ).sample.to(windows.dtype)
             if not cfg:
                 return output
@@ -182,6 +186,7 @@ class MSDPanoramaPipeline:
                     gradient=settings.gradient, omega_loss=settings.omega_loss,
                     prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                     weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
+                    coarse_noise=settings.coarse_noise, train_alphas=self.scheduler.alphas_cumprod,
                 )
                 if guide is not None:
                     latents = guide(latents, step)

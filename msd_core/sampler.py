@@ -21,7 +21,7 @@ from diffusers import DPMSolverMultistepScheduler
 from .errors import Cancelled
 from .windows import HALF, Factor, WindowGrid, downsample, downsample_transpose, level_factor
 
-Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+Denoiser = Callable[[torch.Tensor, float], torch.Tensor]  # (windows, timestep; fractional at matched levels)
 
 # "projection": ω = 10 removes the whole cross-scale gap at the first step (see guidance_scale).
 PROJECTION_OMEGA = 10.0
@@ -50,9 +50,10 @@ class SolverStep(Protocol):
 
 @dataclass(frozen=True)
 class DDIMTimestep:
-    """One DDIM step t → t_prev: the timestep and the cumulative alphas at both ends."""
+    """One DDIM step t → t_prev: the timestep and the cumulative alphas at both ends (t is fractional
+    for a coarse level denoised at its matched noise level: ``snr_matched``)."""
 
-    t: int
+    t: float
     alpha: float
     alpha_prev: float
 
@@ -222,6 +223,96 @@ def alphas_cumprod(step) -> tuple[float, float]:
     if isinstance(step, DPMTimestep):
         return step.alpha**2, step.alpha_next**2
     return step.alpha, step.alpha_prev
+
+
+def matched_alpha(alpha: float, gain: float) -> float:
+    """ᾱ' of the noise level a latent really has after averaging ``gain`` pixels of a latent at ᾱ.
+
+    Averaging (ds over the levels below, a global level's squeeze) keeps the signal √ᾱ·ds(x₀) and divides
+    the noise variance by g, so the SNR ᾱ/(1−ᾱ) grows by g: ᾱ'/(1−ᾱ') = g ᾱ/(1−ᾱ) ⇔ ᾱ' = g ᾱ/(1 + (g − 1) ᾱ).
+    """
+    return gain * alpha / (1 + (gain - 1) * alpha)
+
+
+def _log_snr(train_alphas: torch.Tensor) -> torch.Tensor:
+    alphas = train_alphas.double()
+    return torch.log(alphas) - torch.log1p(-alphas)
+
+
+def alpha_at(train_alphas: torch.Tensor, t: float) -> float:
+    """ᾱ at a fractional training timestep t: the log-SNR interpolated linearly between whole timesteps
+    (``matched_timestep`` is its inverse). ``train_alphas``: the scheduler's ᾱ of every training timestep."""
+    log_snr = _log_snr(train_alphas)
+    low = min(max(int(math.floor(t)), 0), len(log_snr) - 2)
+    value = float(torch.lerp(log_snr[low], log_snr[low + 1], t - low))
+    return 1 / (1 + math.exp(-value))
+
+
+def matched_timestep(train_alphas: torch.Tensor, alpha: float) -> float:
+    """The fractional training timestep whose ᾱ is ``alpha`` (the inverse of ``alpha_at``), clamped to the
+    schedule: a level less noisy than timestep 0 is denoised as at timestep 0 (the model knows no other)."""
+    log_snr = _log_snr(train_alphas)  # falls as t grows
+    target = math.log(alpha) - math.log1p(-alpha) if alpha < 1 else math.inf
+    if target >= log_snr[0]:
+        return 0.0
+    if target <= log_snr[-1]:
+        return float(len(log_snr) - 1)
+    upper = int(torch.searchsorted(-log_snr, torch.tensor(-target, dtype=log_snr.dtype)))  # first t with λ_t ≤ target
+    return upper - 1 + float((log_snr[upper - 1] - target) / (log_snr[upper - 1] - log_snr[upper]))
+
+
+@dataclass(frozen=True)
+class MatchedStep:
+    """A coarse level's solver step taken at the noise level the level really has (``snr_matched``).
+
+    The level's latent x (the ds of finer levels, its noise averaged over g pixels) times ``scale`` is in
+    the variance-preserving form of ``matched``, the step between the matched noise levels; the model sees
+    that scaled latent at timestep ``matched.t`` (``level_denoiser``), and the result is scaled back by
+    ``scale_next``, so the level stays the ds of the finer ones and the guidance compares like with like.
+    """
+
+    matched: SolverStep
+    scale: float
+    scale_next: float
+
+    @property
+    def t(self) -> float:
+        return self.matched.t
+
+    def apply(self, sample, model_output, prediction_type="epsilon", previous_x0=None):
+        """The matched step in the level's own units; x₀ needs no scaling (the signal is the same)."""
+        prev, x0 = self.matched.apply(self.scale * sample, model_output, prediction_type, previous_x0)
+        return prev / self.scale_next, x0
+
+    def jacobian(self, prediction_type="epsilon"):
+        return self.matched.jacobian(prediction_type) * self.scale / self.scale_next
+
+
+def snr_matched(step: SolverStep, gain: float, train_alphas: torch.Tensor) -> SolverStep:
+    """``step`` for a level whose noise is averaged over ``gain`` pixels: a ``MatchedStep`` between the
+    matched noise levels (``matched_alpha``) at both ends; the step itself when gain is 1.
+
+    DDIM steps move ᾱ; DPM-Solver++ steps move (α, σ) by the same rule, and their ratio r of log-SNR
+    steps is unchanged (λ shifts by ½ log g at both ends). The level's x₀ estimates, a multistep solver's
+    memory, are the same in both units.
+    """
+    if gain == 1:
+        return step
+    start, end = (matched_alpha(alpha, gain) for alpha in alphas_cumprod(step))
+    t = matched_timestep(train_alphas, start)
+    if isinstance(step, DPMTimestep):
+        matched = DPMTimestep(t, math.sqrt(start), math.sqrt(1 - start), math.sqrt(end), math.sqrt(1 - end), step.ratio)
+    else:
+        matched = DDIMTimestep(t, start, end)
+    before, after = alphas_cumprod(step)
+    return MatchedStep(matched, math.sqrt(start / before), math.sqrt(end / after))
+
+
+def level_denoiser(denoise: Denoiser, step: SolverStep) -> Denoiser:
+    """The denoiser for a level stepped by ``step``: a ``MatchedStep``'s model sees the scaled latent."""
+    if not isinstance(step, MatchedStep):
+        return denoise
+    return lambda windows, t: denoise(step.scale * windows, t)
 
 
 def cosine_decay(t: int, num_train_timesteps: int) -> float:
@@ -429,6 +520,21 @@ def build_pyramid(latents: torch.Tensor, levels: int, factors: list[Factor] | No
     return pyramid
 
 
+def level_steps(step: SolverStep, factors: list[Factor], coarse_noise: str = "literal",
+                train_alphas: torch.Tensor | None = None) -> list[SolverStep]:
+    """The step each pyramid level takes (coarsest first): ``step`` itself everywhere ("literal", the
+    paper), or for "matched" each coarse level's ``snr_matched`` step, its noise averaged over the product
+    of the reductions (``factors``, coarsest pair first) between it and the finest level."""
+    if coarse_noise == "literal":
+        return [step] * (len(factors) + 1)
+    if coarse_noise != "matched":
+        raise ValueError(f"unknown coarse_noise {coarse_noise!r} (matched or literal)")
+    if train_alphas is None:
+        raise ValueError("coarse_noise 'matched' needs the scheduler's alphas_cumprod (train_alphas)")
+    gains = [math.prod(fh * fw for fh, fw in factors[level:]) for level in range(len(factors) + 1)]
+    return [snr_matched(step, gain, train_alphas) for gain in gains]
+
+
 @dataclass
 class LevelResult:
     """What one level produced in one step (handed to progress callbacks)."""
@@ -453,12 +559,18 @@ def msd_step(
     interrupt: Interrupt | None = None,
     on_level: Callable[[LevelResult], None] | None = None,
     x0_history: list[torch.Tensor | None] | None = None,
+    coarse_noise: str = "literal",
+    train_alphas: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Algorithm 1, one timestep: pyramid down from z_t, plain MD at the coarsest level, then each finer
     level guided by the one below it. ``grids`` holds one grid per level, coarsest first (each the next
     one halved, or reduced by (1, f) under a ``windows.global_level``); ``omega`` is
     ω_t (already decayed). With one level, or ω = 0, this is exactly MultiDiffusion. Returns z_{t−1}
     of the finest level: only that one is kept between steps.
+
+    ``coarse_noise``: "literal" (the paper) denoises every level as if at timestep t; "matched" steps each
+    coarse level at the noise level it really has (``snr_matched``; needs ``train_alphas``, the
+    scheduler's ᾱ of every training timestep).
 
     ``x0_history`` is a multistep solver's memory, owned by the sampling loop: one entry per level
     (None before the first step), each level's merged x₀ of the previous step. It is read, then
@@ -468,22 +580,24 @@ def msd_step(
     history = x0_history if x0_history is not None else [None] * len(grids)
     factors = [level_factor(fine, coarse) for coarse, fine in zip(grids, grids[1:])]
     pyramid = build_pyramid(latents, len(grids), factors)
+    steps = level_steps(step, factors, coarse_noise, train_alphas)
     prev, x0 = multidiffusion_step(
-        pyramid[0], grids[0], step, denoise, prediction_type=prediction_type, view_batch=view_batch,
-        weights=weights[0], interrupt=interrupt, previous_x0=history[0],
+        pyramid[0], grids[0], steps[0], level_denoiser(denoise, steps[0]), prediction_type=prediction_type,
+        view_batch=view_batch, weights=weights[0], interrupt=interrupt, previous_x0=history[0],
     )
     history[0] = x0
     if on_level:
         on_level(LevelResult(1, prev, x0))
     for level in range(1, len(grids)):
+        level_step, level_denoise = steps[level], level_denoiser(denoise, steps[level])
         if omega == 0:
             prev, x0 = multidiffusion_step(
-                pyramid[level], grids[level], step, denoise, prediction_type=prediction_type, view_batch=view_batch,
-                weights=weights[level], interrupt=interrupt, previous_x0=history[level],
+                pyramid[level], grids[level], level_step, level_denoise, prediction_type=prediction_type,
+                view_batch=view_batch, weights=weights[level], interrupt=interrupt, previous_x0=history[level],
             )
         else:
             prev, x0 = msd_level_step(
-                pyramid[level], prev, grids[level], step, denoise, omega,
+                pyramid[level], prev, grids[level], level_step, level_denoise, omega,
                 gradient=gradient, omega_loss=omega_loss, prediction_type=prediction_type,
                 view_batch=view_batch, weights=weights[level], interrupt=interrupt, previous_x0=history[level],
                 factor=factors[level - 1],

@@ -93,11 +93,22 @@ def test_literal_pyramid_step_is_msd_step():
     assert not torch.allclose(horizon.pyramid_step(latents, grids, step, prior, 7.0, noise="snr"), reference)
 
 
-def test_matched_alpha_has_the_snr_of_the_downsampled_latent():
-    for alpha in (0.01, 0.3, 0.9):
-        for depth in (1, 2):
-            matched = horizon.matched_alpha(alpha, 4**depth)
-            assert matched / (1 - matched) == pytest.approx(4**depth * alpha / (1 - alpha))
+@pytest.mark.parametrize("gradient", ["exact", "fast"])
+@pytest.mark.parametrize("global_view", [False, True])
+def test_msd_cores_matched_coarse_noise_equals_the_benchs_own_snr_step(gradient, global_view):
+    """Two independent implementations of SNR-matched coarse levels: the bench rescales ᾱ inside the
+    analytic denoiser, msd_core hands the model a fractional timestep and a scaled latent."""
+    prior = horizon.HorizonPrior()
+    grids = horizon.make_grids(32, 64, 16, 4, wrap=True, global_view=global_view)
+    assert len(grids) == (3 if global_view else 2)
+    latents = torch.randn(1, 2, 32, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for step in [ddim_schedule(sd_ddim_scheduler(), 20)[index] for index in (0, 5, 12)]:
+        bench = horizon.pyramid_step(latents, grids, step, prior, 7.0, noise="snr", gradient=gradient)
+        ours = msd_step(latents, grids, step, prior.denoiser(), 7.0, gradient=gradient, view_batch=64,
+                        coarse_noise="matched", train_alphas=prior.alphas_cumprod)
+        assert torch.allclose(ours, bench, atol=1e-10)
+        literal = msd_step(latents, grids, step, prior.denoiser(), 7.0, gradient=gradient, view_batch=64)
+        assert (ours - literal).abs().max() > 1e-3
 
 
 def test_sun_components_are_every_square_that_overlaps_the_window():

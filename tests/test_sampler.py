@@ -228,3 +228,108 @@ def test_projection_omega_10_closes_the_gap_to_a_squeezed_level():
     after, _ = sampler.ddim_step(guided, output, step)
     assert torch.allclose(downsample(after, factor), targets, atol=1e-5)
     assert not torch.allclose(downsample(prev, factor), targets, atol=1e-2)
+
+
+# -- coarse levels at their matched noise level ----------------------------------------------------
+
+
+def test_matched_alpha_has_the_snr_of_the_averaged_latent():
+    for alpha in (0.01, 0.3, 0.9):
+        for gain in (4, 16, 32):
+            matched = sampler.matched_alpha(alpha, gain)
+            assert matched / (1 - matched) == pytest.approx(gain * alpha / (1 - alpha))
+
+
+def test_matched_timestep_inverts_alpha_at_and_clamps_to_the_schedule():
+    train_alphas = sd_ddim_scheduler().alphas_cumprod
+    for t in (0, 1, 17, 500, 999):
+        assert sampler.alpha_at(train_alphas, t) == pytest.approx(float(train_alphas[t]), rel=1e-9)
+        assert sampler.matched_timestep(train_alphas, float(train_alphas[t])) == pytest.approx(t, abs=1e-6)
+    for t in (0.25, 3.5, 640.75, 998.9):
+        assert sampler.matched_timestep(train_alphas, sampler.alpha_at(train_alphas, t)) == pytest.approx(t, abs=1e-6)
+    between = sampler.alpha_at(train_alphas, 300.5)
+    assert float(train_alphas[301]) < between < float(train_alphas[300])
+    assert sampler.matched_timestep(train_alphas, 0.99999) == 0.0  # less noisy than timestep 0
+    assert sampler.matched_timestep(train_alphas, 1e-6) == 999.0
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp-2m"])
+def test_a_matched_step_sees_an_averaged_latent_in_the_variance_preserving_form_of_its_timestep(solver):
+    train = sd_ddim_scheduler()
+    step = sampler.solver_schedule(solver, train, 10)[3]
+    gain = 16  # two halving levels above the finest
+    matched = sampler.snr_matched(step, gain, train.alphas_cumprod)
+    assert sampler.snr_matched(step, 1, train.alphas_cumprod) is step
+    alpha, _ = sampler.alphas_cumprod(step)
+    signal, noise = torch.ones(1, 1, 256, 256, dtype=torch.float64), torch.randn(1, 1, 256, 256, dtype=torch.float64)
+    level = downsample(alpha**0.5 * signal + (1 - alpha) ** 0.5 * noise, (4, 4))  # ds², noise averaged over 16 px
+    scaled = matched.scale * level
+    matched_alpha, _ = sampler.alphas_cumprod(matched.matched)
+    assert matched_alpha == pytest.approx(sampler.matched_alpha(alpha, gain))
+    assert sampler.alpha_at(train.alphas_cumprod, matched.t) == pytest.approx(matched_alpha)
+    assert matched.t < step.t
+    # The scaled level is √ᾱ' x₀ + √(1−ᾱ') ε: its signal part and its noise's variance.
+    assert matched.scale * alpha**0.5 == pytest.approx(matched_alpha**0.5)
+    assert (scaled - matched_alpha**0.5).var().item() == pytest.approx(1 - matched_alpha, rel=0.05)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp-2m"])
+def test_a_matched_steps_slope_is_its_jacobian_and_it_keeps_the_solvers_ratio(solver):
+    train = sd_ddim_scheduler()
+    step = sampler.solver_schedule(solver, train, 10)[4]
+    matched = sampler.snr_matched(step, 8, train.alphas_cumprod)
+    generator = torch.Generator().manual_seed(3)
+    sample, output, memory = (torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    memory = memory if solver == "dpmpp-2m" else None
+    base, x0 = matched.apply(sample, output, previous_x0=memory)
+    moved, _ = matched.apply(sample + 1e-3, output, previous_x0=memory)
+    assert ((moved - base) / 1e-3).mean().item() == pytest.approx(matched.jacobian(), rel=1e-6)
+    # x₀ is the same in the level's units and in the matched form (the signal is not rescaled).
+    inner_prev, inner_x0 = matched.matched.apply(matched.scale * sample, output, previous_x0=memory)
+    assert torch.allclose(x0, inner_x0) and torch.allclose(base, inner_prev / matched.scale_next)
+    if solver == "dpmpp-2m":
+        assert matched.matched.ratio == step.ratio
+
+
+def test_matched_ddim_equals_a_matched_first_order_dpm_step():
+    # A first-order DPM-Solver++ step is DDIM; matching the noise level keeps them equal.
+    train = sd_ddim_scheduler()
+    ddim = ddim_schedule(train, 10)[2]
+    dpm = sampler.DPMTimestep(ddim.t, ddim.alpha**0.5, (1 - ddim.alpha) ** 0.5, ddim.alpha_prev**0.5,
+                              (1 - ddim.alpha_prev) ** 0.5, None)
+    sample, output = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    ours = [sampler.snr_matched(step, 4, train.alphas_cumprod) for step in (ddim, dpm)]
+    assert ours[0].t == pytest.approx(ours[1].t)
+    for a, b in zip(ours[0].apply(sample, output), ours[1].apply(sample, output)):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_matched_coarse_noise_steps_only_the_coarse_levels_and_omega_zero_is_still_multidiffusion():
+    train = sd_ddim_scheduler()
+    step = ddim_schedule(train, 10)[2]
+    grids = _global_grids(wrap=True)  # (1, 4) then (2, 2): the top level averages 16 px, the middle one 4
+    factors = [(1, 4), (2, 2)]
+    steps = sampler.level_steps(step, factors, "matched", train.alphas_cumprod)
+    assert steps[-1] is step and [s.scale for s in steps[:2]] == [
+        pytest.approx((sampler.matched_alpha(step.alpha, gain) / step.alpha) ** 0.5) for gain in (16, 4)]
+    assert sampler.level_steps(step, factors) == [step] * 3
+    seen = []
+    denoiser = SmoothDenoiser()
+
+    def recording(x, t):
+        seen.append(t)
+        return denoiser(x, t)
+
+    latents = torch.randn(1, 2, 16, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    md = sampler.multidiffusion_step(latents, grids[-1], step, denoiser)[0]
+    assert torch.equal(sampler.msd_step(latents, grids, step, denoiser, 0.0, coarse_noise="matched",
+                                        train_alphas=train.alphas_cumprod), md)
+    guided = sampler.msd_step(latents, grids, step, recording, 10.0, gradient="fast", coarse_noise="matched",
+                              train_alphas=train.alphas_cumprod)
+    assert list(dict.fromkeys(seen)) == [steps[0].t, steps[1].t, step.t]  # coarsest first, less noisy above
+    assert steps[0].t < steps[1].t < step.t
+    assert not torch.allclose(guided, sampler.msd_step(latents, grids, step, denoiser, 10.0, gradient="fast"))
+    with pytest.raises(ValueError, match="matched or literal"):
+        sampler.level_steps(step, factors, "snr", train.alphas_cumprod)
+    with pytest.raises(ValueError, match="train_alphas"):
+        sampler.level_steps(step, factors, "matched")
