@@ -168,11 +168,20 @@ class MSD_PanoramaSettings(PropertyGroup):
     pyramid: EnumProperty(
         name="Pyramid",
         items=[
+            ("global", "Global", "The halving pyramid plus a level that squeezes a wide panorama into one window, "
+                                 "so one window sees all of it: one layout at 2:1 and 1:4 far more often"),
             ("halving", "Halving", "The paper's pyramid: each level half the size of the next"),
-            ("global", "Global", "Plus a level that squeezes a wide panorama into one window: one horizon at 2:1 "
-                                 "and 1:4 far more often, but long features such as rivers suffer"),
         ],
         default=GenerationSettings.pyramid,
+    )
+    coarse_noise: EnumProperty(
+        name="Coarse Noise",
+        items=[
+            ("matched", "Matched", "Each coarse level is denoised at the noise level it really has: one layout at "
+                                   "2:1 and 1:4 far more often"),
+            ("literal", "Literal", "The paper's: coarse levels denoised as if as noisy as the full panorama"),
+        ],
+        default=GenerationSettings.coarse_noise,
     )
     scales: IntProperty(name="Levels", description="Pyramid levels (0 = automatic)", min=0, soft_max=6, default=0)
     target: EnumProperty(
@@ -241,6 +250,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         gradient=group.gradient,
         windows=group.windows,
         pyramid=group.pyramid,
+        coarse_noise=group.coarse_noise,
         omega=group.omega,
         scales=group.scales or None,
         steps=group.steps,
@@ -300,7 +310,7 @@ def _panel_values(settings: GenerationSettings) -> dict:
         "aspect": aspect, "width": settings.width, "height": settings.height, "wrap": settings.wrap,
         "prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "method": settings.method,
         "gradient": settings.gradient, "windows": settings.windows, "omega": settings.omega,
-        "pyramid": settings.pyramid, "scales": settings.scales or 0,
+        "pyramid": settings.pyramid, "coarse_noise": settings.coarse_noise, "scales": settings.scales or 0,
         "steps": settings.steps, "guidance": settings.guidance, "seed": settings.seed, "random_seed": False,
         "hdr": settings.hdr, "hdr_knee": settings.hdr_knee, "hdr_peak": settings.hdr_peak,
     }  # fmt: skip
@@ -327,8 +337,8 @@ SETTING_PLACES = {
     "width": (_PANEL, "width"), "height": (_PANEL, "height"), "wrap": (_PANEL, "wrap"),
     "seed": (_SAMPLER, "seed"), "steps": (_SAMPLER, "steps"), "guidance": (_SAMPLER, "guidance"),
     "method": (_SAMPLER, "method"), "omega": (_SAMPLER, "omega"), "gradient": (_SAMPLER, "gradient"), "windows": (_SAMPLER, "windows"),
-    "pyramid": (_SAMPLER, "pyramid"), "scales": (_SAMPLER, "scales"), "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"),
-    "hdr_peak": (_SAMPLER, "hdr_peak"),
+    "pyramid": (_SAMPLER, "pyramid"), "coarse_noise": (_SAMPLER, "coarse_noise"), "scales": (_SAMPLER, "scales"),
+    "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"), "hdr_peak": (_SAMPLER, "hdr_peak"),
     "model": (_PREFERENCES, "model"), "model_config": (_PREFERENCES, "model_config"),
     "device": (_PREFERENCES, "device"), "dtype": (_PREFERENCES, "precision"),
 }  # fmt: skip

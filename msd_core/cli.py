@@ -18,6 +18,7 @@ import sys
 from . import __version__, environment
 from .errors import BadInput, MSDError
 from .settings import (
+    COARSE_NOISES,
     DEFAULT_MODEL,
     DEFAULT_STRENGTH,
     DEVICES,
@@ -152,9 +153,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--omega-loss", choices=OMEGA_LOSSES, default="projection",
                         help="what ω is measured against: projection = ω/10 of the cross-scale gap is removed per step "
                              "(default); mean = the paper's literal mean-reduced MSE (ω = 10 is then almost no pull); sum")
-    method.add_argument("--pyramid", choices=PYRAMIDS, default="halving",
-                        help="halving = the paper's pyramid (default); global = plus one level that squeezes a wide "
-                             "panorama into one window (one horizon at 2:1 and 1:4 far more often; see docs/layout.md)")
+    method.add_argument("--pyramid", choices=PYRAMIDS, default=GenerationSettings.pyramid,
+                        help="global (default) = the halving pyramid plus one level that squeezes a wide panorama into "
+                             "one window (one horizon at 2:1 and 1:4 far more often; docs/layout.md); "
+                             "halving = the paper's pyramid")
+    method.add_argument("--coarse-noise", choices=COARSE_NOISES, default=GenerationSettings.coarse_noise,
+                        help="matched (default) = each coarse level is denoised at the noise level its averaging "
+                             "leaves; literal = the paper's, as noisy as the full panorama")
     method.add_argument("--scales", type=int, help="pyramid levels (default: enough that the coarsest fits one window)")
     method.add_argument("--window", type=int, help="window size in pixels (default: the model's native size)")
     method.add_argument("--windows", choices=WINDOW_MODES,
@@ -219,7 +224,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     changes = {
         "negative_prompt": args.negative, "model": args.model, "model_config": args.model_config,
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
-        "scales": args.scales, "guidance": args.guidance, "scheduler": args.scheduler,
+        "coarse_noise": args.coarse_noise, "scales": args.scales, "guidance": args.guidance, "scheduler": args.scheduler,
         "seed": secrets.randbelow(2**32) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "view_batch": args.view_batch,
         "device": args.device, "dtype": args.dtype, "compile": args.compile,

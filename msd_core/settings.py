@@ -23,9 +23,15 @@ GRADIENTS = ("exact", "refresh", "fast")
 # way onto the coarser level at the first step; "mean" is the literal mean-reduced MSE, "sum" the
 # sum of squares.
 OMEGA_LOSSES = ("projection", "mean", "sum")
-# "halving": the paper's pyramid; "global": plus a level that squeezes a wide coarsest level into one
-# window, so one window sees the whole panorama (better horizons at 2:1 and 1:4, worse rivers: docs/layout.md).
+# "global" (the default, with coarse_noise "matched"): the halving pyramid plus a level that squeezes a wide
+# coarsest level into one window, so one window sees the whole panorama (one horizon at 2:1 and 1:4 far more
+# often: docs/layout.md); "halving": the paper's pyramid. The paper's method is pyramid "halving",
+# coarse_noise "literal", omega_loss "mean", gradient "exact".
 PYRAMIDS = ("halving", "global")
+# "matched": each coarse level is denoised at the timestep whose signal-to-noise ratio matches its averaged
+# noise (ds averages g latent pixels: ᾱ' = gᾱ/(1+(g−1)ᾱ)); "literal": the paper's, ds(z_t) denoised as if
+# at timestep t.
+COARSE_NOISES = ("matched", "literal")
 # "dense": windows every `stride` px (MultiDiffusion's overlap); "shifted": non-overlapping tiles whose
 # offset changes every step, so one step's tile edges are denoised inside the next step's tiles.
 WINDOW_MODES = ("dense", "shifted")
@@ -49,7 +55,7 @@ QUALITY = {
     "standard": ({"windows": "shifted", "gradient": "exact", "steps": 50},
                  "the default: shifted tiles, exact gradient, a fraction of Best's UNet work"),
     "best": ({"windows": "dense", "gradient": "exact", "steps": 50},
-             "the paper's faithful settings: dense windows every window/8, exact gradient, DDIM 50"),
+             "the paper's dense windows every window/8 and exact gradient, DDIM 50"),
 }
 DEFAULT_QUALITY = "standard"
 _DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
@@ -88,7 +94,8 @@ class GenerationSettings:
     omega: float = 10.0
     omega_loss: str = "projection"
     scales: int | None = None  # pyramid levels; None = smallest count whose coarsest height fits a window
-    pyramid: str = "halving"
+    pyramid: str = "global"  # PYRAMIDS
+    coarse_noise: str = "matched"  # COARSE_NOISES
     steps: int = _DEFAULTS["steps"]
     guidance: float = 7.5
     scheduler: str = "ddim"
@@ -143,6 +150,7 @@ class GenerationSettings:
                            windows=self.windows)
         _check_choice("omega_loss", self.omega_loss, OMEGA_LOSSES)
         _check_choice("pyramid", self.pyramid, PYRAMIDS)
+        _check_choice("coarse_noise", self.coarse_noise, COARSE_NOISES)
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)

@@ -3,8 +3,9 @@
 Pure Python (no torch): the worker and the Blender add-on share these rules.
 
 A draft is the panorama at the model's smallest size: its short side is one window (512 px for
-Stable Diffusion 2 base), the long side keeps the aspect. One window tall means one pyramid level,
-where MSD is exactly MultiDiffusion, so a draft costs a few dozen window denoisings per step.
+Stable Diffusion 2 base), the long side keeps the aspect. One window tall means one level of the
+halving pyramid, where MSD is exactly MultiDiffusion unless the global level (the default) squeezes a
+wide draft into one window on top, so a draft costs a few dozen window denoisings per step.
 Because the size differs, the full-size run with a draft's seed starts from other noise: it keeps
 the draft's prompt and settings, not its exact picture.
 """

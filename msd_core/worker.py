@@ -381,11 +381,14 @@ class Worker:
         ``earlier`` (seconds the earlier variations took) lets the eta cover all of them."""
         prefix = "" if job.preview_dir is None else f"msd-preview-{_file_safe(job.id)}-"
         extra = {} if variation is None else {"variation": variation, "count": job.variations}
-        costs = pipe.check_inputs(job.settings).step_costs()  # window forwards per step
+        plan = pipe.check_inputs(job.settings)
+        costs = plan.step_costs()  # window forwards per step
+        preview_level = 2 if plan.squeeze > 1 else 1  # a global level is squeezed: the one below has the aspect
         first_step_done = []  # elapsed at the end of step 1: later steps give the rate without warm-up
 
         def on_step(info) -> None:
-            if info.level == 1 and job.preview_every and (info.step == 1 or info.step % job.preview_every == 0):
+            preview_step = job.preview_every and (info.step == 1 or info.step % job.preview_every == 0)
+            if info.level == preview_level and preview_step:
                 image = pipe.decode_preview(info.pred_x0)
                 path = preview_dir / f"{prefix}step-{info.step:04d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -151,7 +151,7 @@ def test_worker_stops_after_a_run_unless_kept_warm(addon):
 def test_polling_by_hand_reports_progress_shows_previews_and_applies_the_target(addon):
     generate = generate_module()
     group = bpy.context.scene.msd_panorama
-    group.width, group.height = 128, 64  # one level: the previews are of the whole panorama
+    group.width, group.height = 128, 64  # one level under the global one: the previews are of the whole panorama
     group.steps = 11  # previews after steps 1, 5 and 10
     group.target = "BACKDROP"
     objects_before = set(bpy.data.objects)
@@ -497,19 +497,22 @@ def test_settings_from_scene_maps_the_panel_and_preferences(addon):
     assert len(seeds) > 1
 
 
-def test_the_pyramid_is_drawn_in_the_sampler_and_maps_both_ways(addon):
+def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways(addon):
     from test_extension import draw
 
     group, properties = bpy.context.scene.msd_panorama, addon_module().properties
-    assert ("prop", "pyramid") in draw("MSD_PT_panorama_sampler") and group.pyramid == "halving"
-    group.pyramid = "global"
+    drawn = draw("MSD_PT_panorama_sampler")
+    assert drawn.index(("prop", "coarse_noise")) == drawn.index(("prop", "pyramid")) + 1
+    assert (group.pyramid, group.coarse_noise) == ("global", "matched")
+    group.pyramid, group.coarse_noise = "halving", "literal"  # the paper's
     settings = properties.settings_from_scene(bpy.context.scene, addon_preferences())
-    assert settings.pyramid == "global"
-    group.pyramid = "halving"
+    assert (settings.pyramid, settings.coarse_noise) == ("halving", "literal")
+    group.pyramid, group.coarse_noise = "global", "matched"
     properties.settings_to_scene(settings, bpy.context.scene)
-    assert group.pyramid == "global"
+    assert (group.pyramid, group.coarse_noise) == ("halving", "literal")
     assert properties.setting_label("pyramid") == ("Pyramid", "the Panorama panel's Sampler section")
-    group.pyramid = "halving"
+    assert properties.setting_label("coarse_noise") == ("Coarse Noise", "the Panorama panel's Sampler section")
+    group.pyramid, group.coarse_noise = "global", "matched"
 
 
 def test_output_files_get_new_names(addon, tmp_path):

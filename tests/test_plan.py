@@ -90,11 +90,15 @@ def test_shifted_windows_are_reproducible_and_differ_from_dense(pipe):
     assert (shifted - dense).abs().max() > 1e-3
 
 
-def test_the_default_world_fits_the_issue_budget_and_best_is_todays_cost():
-    """2048×1024 wrap at SD-2-base's 512 px window: Best = today's 16 + 288 windows × 50 steps, exact."""
+def test_the_default_world_fits_the_issue_budget_and_best_is_the_papers_cost_plus_the_global_level():
+    """2048×1024 wrap at SD-2-base's 512 px window: Best with the paper's pyramid = 16 + 288 windows × 50 steps,
+    exact; the default global level adds 8 windows a step and guides the 16 of the paper's coarsest level."""
     world = GenerationSettings(prompt="x", device="cpu")
-    best = plan.plan_without_model(world.with_quality("best"), None, "float32").work()
-    assert best == {"forwards": 50 * (16 + 2 * 288), "backwards": 50 * 288}
+    best = world.with_quality("best")
+    paper = plan.plan_without_model(dataclasses.replace(best, pyramid="halving"), None, "float32").work()
+    assert paper == {"forwards": 50 * (16 + 2 * 288), "backwards": 50 * 288}
+    default = plan.plan_without_model(best, None, "float32").work()
+    assert default == {"forwards": 50 * (8 + 2 * (16 + 288)), "backwards": 50 * (16 + 288)}
     standard = plan.plan_without_model(world, None, "float32").work()
     assert standard["forwards"] <= 2000 and world == world.with_quality("standard")  # Standard is the default
 
@@ -125,9 +129,9 @@ def test_dry_run_prints_the_plan_without_loading_a_model():
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     printed = json.loads(completed.stdout)
-    assert printed["decoded_size"] == [4096, 1024] and printed["windows_per_level"] == [25, 9 * 57]
-    assert printed["unet_windows"] == {"forwards": 50 * (25 + 2 * 513), "backwards": 50 * 513}
-    assert printed["steps"] == 50 and printed["levels"] == 2 and printed["estimated_peak_gib"] > 4
+    assert printed["decoded_size"] == [4096, 1024] and printed["windows_per_level"] == [1, 25, 9 * 57]  # global level
+    assert printed["unet_windows"] == {"forwards": 50 * (1 + 2 * (25 + 513)), "backwards": 50 * (25 + 513)}
+    assert printed["steps"] == 50 and printed["levels"] == 3 and printed["estimated_peak_gib"] > 4
 
 
 def test_dry_run_of_an_unknown_model_asks_for_the_window(capsys):

@@ -59,6 +59,16 @@ def test_user_text_in_a_message_is_not_read_as_a_template():
     )
 
 
+def test_an_unknown_coarse_noise_names_the_field_and_its_choices():
+    assert (validate().pyramid, validate().coarse_noise) == ("global", "matched")
+    with pytest.raises(BadInput) as caught:
+        validate(coarse_noise="snr")
+    assert caught.value.field == "coarse_noise"
+    assert caught.value.render(lambda field: "--" + field.replace("_", "-")) == (
+        "unknown --coarse-noise 'snr'; choose one of: matched, literal"
+    )
+
+
 def test_a_size_that_cannot_fit_in_memory_is_refused_before_allocating():
     huge = validate(width=16384, height=16384, device="cpu")
     needed = memory_needed(huge)

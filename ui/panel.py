@@ -214,6 +214,7 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         col.prop(group, "gradient")
         col.prop(group, "windows")
         col.prop(group, "pyramid")
+        col.prop(group, "coarse_noise")
         col.prop(group, "scales")
         col = layout.column()
         col.active = group.hdr
