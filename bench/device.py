@@ -1,0 +1,611 @@
+"""One prepared check on a GPU: msd_core's real code paths on CUDA, and SD-2-base-scale UNet timings.
+
+Parts (each runs on if another fails; every result goes to the JSON file as soon as it is measured):
+1. correctness: the tiny models ("tiny", "tiny-v") sample small panoramas with MultiDiffusion, MSD fast
+   and exact, shifted and dense windows, DDIM and DPM-Solver++ (2M), the halving and global pyramid, on
+   the CPU in float32 (the reference) and on the device in float32 and float16, same seed: max |Δ| of
+   the final latents; one decode=True run per device precision (finite image); whether the GPU options
+   engage (fused attention processors, channels_last weights on CUDA, inference mode).
+2. sd2: a randomly initialised UNet with SD-2-base's exact config (865.9 M parameters), prepared as the
+   pipeline prepares every UNet (``models.prepare_unet``), driven through the pipeline's own denoiser
+   and sampler functions: ms per window forward (one classifier-free-guidance pair, 64×64 latents) for
+   several view batches, the exact gradient's forward + backward (``sampler.guided_windows_exact``) and
+   its peak memory, both against msd_core.plan's estimates (activations per window, estimated peak,
+   BACKWARD_COST); then the sampling time of the 360° world that plan.estimated_seconds predicts from
+   the measured rate for every quality preset and DPM-Solver++ 20 steps.
+3. cli / worker: ``python -m msd_core generate`` and one worker round trip (msd_core.client) on the device.
+4. compile: the UNet under ``torch.compile`` (as ``--compile`` wraps it) in a child process that is
+   stopped if compiling takes longer than COMPILE_LIMIT seconds.
+
+    python3 bench/device.py --device cuda --out $OUT/device.json         # on a lent GPU (≤ 5 min)
+    .venv/bin/python bench/device.py --device cpu --quick --out /tmp/device-cpu.json   # smoke test (≈ 2 min)
+
+On the CPU the device runs are compared with the CPU reference run again (a determinism smoke test) and
+the SD-2 part times float32 with one view batch. ``--budget`` bounds the whole run: a part that runs out
+of its share skips its remaining configurations and says so. The GPU command, with the wheels it needs,
+is in docs/speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import pathlib
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+# Model loading's progress bars and warnings would bury the results in the device's output tail (they
+# reach the CLI and worker subprocesses too; errors still show).
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import RESULTS, ROOT, environment  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+
+from msd_core import models, pngmeta, vae  # noqa: E402
+from msd_core.pipeline import MSDPanoramaPipeline  # noqa: E402
+from msd_core.plan import (  # noqa: E402
+    BACKWARD_COST,
+    FLOAT_BYTES,
+    SD_PARAMETERS,
+    estimated_seconds,
+    plan_without_model,
+    view_batch_for,
+    window_activation_bytes,
+)
+from msd_core.sampler import denoise_windows, guided_windows_exact, solver_schedule  # noqa: E402
+from msd_core.settings import QUALITY, GenerationSettings  # noqa: E402
+
+PROMPT = "alpine valley"  # the tiny model reads 14 characters
+# Correctness cases: settings changes on top of MSD exact with shifted windows, DDIM, halving pyramid.
+CASES = {
+    "multidiffusion": {"method": "multidiffusion"},
+    "msd fast": {"gradient": "fast"},
+    "msd exact": {},
+    "msd exact dense": {"windows": "dense"},
+    "msd exact dpmpp-2m": {"scheduler": "dpmpp-2m"},
+    "msd exact global": {"pyramid": "global"},
+}
+SHAPES = {"256x128 wrap": (256, 128, True), "128x256": (128, 256, False)}  # width, height, wrap; 2 levels
+TINY_STEPS = 8
+
+# SD-2-base's UNet (stabilityai/stable-diffusion-2-base unet/config.json; the rest are diffusers' defaults).
+SD2_BASE_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280), "attention_head_dim": (5, 10, 20, 20),
+    "cross_attention_dim": 1024, "use_linear_projection": True,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}  # fmt: skip
+SD2_BASE_UNET_PARAMETERS = 865.9e6
+TEXT_TOKENS = 77
+SD_STEPS = 50  # the schedule the timed step comes from (Standard's)
+TIMED_STEP = 10  # an early step: ω is large there, as in the runs that matter
+FORWARD_BATCHES = (1, 4, 8, 16, 32)
+EXACT_BATCHES = (1, 4, 8)  # plus the plan's own exact-gradient view batch on a GPU: does it fit?
+COMPILE_LIMIT = 60  # seconds of compiling before the compile part gives up
+COMPILE_BATCH = 8
+
+
+def say(*parts) -> None:
+    print(*parts, flush=True)
+
+
+class Report:
+    """The results so far, rewritten to ``path`` after every addition (a run cut short keeps them)."""
+
+    def __init__(self, path: pathlib.Path, header: dict):
+        self.path = path
+        self.data = {**header, "parts": {}, "errors": {}, "skipped": []}
+        self.save()
+
+    def add(self, part: str, key: str, value) -> None:
+        self.data["parts"].setdefault(part, {})[key] = value
+        self.save()
+
+    def append(self, part: str, key: str, value) -> None:
+        self.data["parts"].setdefault(part, {}).setdefault(key, []).append(value)
+        self.save()
+
+    def skip(self, what: str) -> None:
+        say(f"  skipped: {what}")
+        self.data["skipped"].append(what)
+        self.save()
+
+    def error(self, part: str) -> None:
+        traceback.print_exc()
+        sys.stdout.flush()
+        self.data["errors"][part] = traceback.format_exc()[-4000:]
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text(json.dumps(self.data, indent=1, default=str) + "\n", encoding="utf-8")
+        os.replace(temporary, self.path)
+
+
+class Budget:
+    """Seconds left for the whole run, and for one part within it."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def part(self, seconds: float) -> "Budget":
+        part = Budget(0)
+        part.end = min(self.end, time.monotonic() + seconds)
+        return part
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(call, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls after ``warmup`` untimed ones (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        call()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            call()
+            times.append(1000 * (time.perf_counter() - started))
+    return times
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------ 0. environment
+
+
+def environment_part(report: Report, device: str) -> None:
+    import huggingface_hub
+    import transformers
+
+    info = {**environment(), "transformers": transformers.__version__, "huggingface_hub": huggingface_hub.__version__,
+            "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        info.update(gpu=torch.cuda.get_device_name(0), capability=torch.cuda.get_device_capability(0),
+                    gpu_free_gib=free / 2**30, gpu_total_gib=total / 2**30, cudnn=torch.backends.cudnn.version(),
+                    sdp_flash=torch.backends.cuda.flash_sdp_enabled(),
+                    sdp_mem_efficient=torch.backends.cuda.mem_efficient_sdp_enabled(),
+                    sdp_cudnn=torch.backends.cuda.cudnn_sdp_enabled())
+    report.add("environment", "info", info)
+    say("environment:", json.dumps(info, default=str))
+
+
+# ------------------------------------------------------------------------------------ 1. correctness
+
+
+def gpu_options(pipe: MSDPanoramaPipeline) -> dict:
+    """What the pipeline set up on its UNet: the fused attention processor everywhere, the memory format."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    processors = list(pipe.unet.attn_processors.values())
+    return {"device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch."),
+            "attention_processors": len(processors),
+            "fused_attention": bool(processors) and all(isinstance(p, AttnProcessor2_0) for p in processors),
+            "channels_last": pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)}
+
+
+def tiny_settings(model: str, shape: str, case: str, device: str, dtype: str) -> GenerationSettings:
+    width, height, wrap = SHAPES[shape]
+    return GenerationSettings(prompt=PROMPT, model=model, width=width, height=height, wrap=wrap, steps=TINY_STEPS,
+                              scales=2, seed=3, device=device, dtype=dtype, **CASES[case])
+
+
+def sample(pipe: MSDPanoramaPipeline, settings: GenerationSettings, decode: bool = False):
+    started = time.perf_counter()
+    result = pipe(settings, decode=decode)
+    synchronize(pipe.device)
+    return result, time.perf_counter() - started
+
+
+def correctness_part(report: Report, device: str, quick: bool, budget: Budget) -> None:
+    """The same panoramas on the CPU (float32, the reference) and on ``device`` (float32, float16 on CUDA)."""
+    targets = [(device, "float32")] + ([(device, "float16")] if device == "cuda" else [])
+    pipes = {}  # (model, device, dtype) → pipeline
+    for model in models.TINY_MODELS:
+        for target in [("cpu", "float32")] + targets:
+            if (model, *target) not in pipes:
+                pipes[model, *target] = MSDPanoramaPipeline.from_settings(
+                    GenerationSettings(prompt=PROMPT, model=model, device=target[0], dtype=target[1]))
+    for (model, *_), pipe in pipes.items():
+        options = {"model": model, **gpu_options(pipe)}
+        report.append("correctness", "gpu_options", options)
+        say(f"  options {model} {options['device']} {options['dtype']}: {options['attention_processors']} attention "
+            f"processors, fused {options['fused_attention']}, channels_last {options['channels_last']}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model's CPU operations are too small to gain from threads
+    try:
+        for shape in list(SHAPES)[: 1 if quick else None]:
+            for model in models.TINY_MODELS:
+                for case in CASES:
+                    if budget.left() < 0:
+                        report.skip(f"correctness {model} {shape} {case}: out of the part's time")
+                        continue
+                    compare_devices(report, pipes, model, shape, case, targets)
+        for target in targets:  # one decoded panorama per device precision
+            if budget.left() < 0:
+                report.skip(f"decode {target}: out of the part's time")
+                continue
+            check_decode(report, pipes["tiny", *target], tiny_settings("tiny", next(iter(SHAPES)), "msd exact", *target))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def compare_devices(report: Report, pipes: dict, model: str, shape: str, case: str, targets: list) -> None:
+    base, cpu_seconds = sample(pipes[model, "cpu", "float32"], tiny_settings(model, shape, case, "cpu", "float32"))
+    row = {"model": model, "shape": shape, "case": case, "levels": base.plan.levels,
+           "reference_abs_max": base.latents.abs().max().item(), "cpu_seconds": cpu_seconds}
+    for target in targets:
+        result, seconds = sample(pipes[model, *target], tiny_settings(model, shape, case, *target))
+        latents = result.latents.float().cpu()
+        row[" ".join(target)] = {
+            "max_abs_diff": (latents - base.latents).abs().max().item(), "finite": bool(torch.isfinite(latents).all()),
+            "seconds": seconds, "view_batch": result.plan.view_batch, "inference_mode": result.latents.is_inference()}
+    report.append("correctness", "rows", row)
+    say(f"  {model} {shape} {case} (levels {row['levels']}, |z| ≤ {row['reference_abs_max']:.1f}, cpu {cpu_seconds:.2f} s): "
+        + "; ".join(f"{key} Δ {row[key]['max_abs_diff']:.1e}{'' if row[key]['finite'] else ' NOT FINITE'} "
+                    f"{row[key]['seconds']:.2f} s" for key in map(" ".join, targets)))
+
+
+def check_decode(report: Report, pipe: MSDPanoramaPipeline, settings: GenerationSettings) -> None:
+    """A decoded panorama (pipe(decode=True)) and the VAE's float output of the same latents are finite."""
+    result, seconds = sample(pipe, settings, decode=True)
+    tile = vae.auto_tile(*result.latents.shape[2:], pipe.device)
+    with torch.no_grad():
+        decoded = vae.decode_latents(pipe.vae, result.latents.to(pipe.dtype), wrap=settings.wrap, tile=tile)
+    row = {"device": settings.device, "dtype": settings.dtype, "image_size": result.image.size, "seconds": seconds,
+           "decoded_finite": bool(torch.isfinite(decoded).all()), "decoded_min": decoded.min().item(),
+           "decoded_max": decoded.max().item(), "image_std": float(np.asarray(result.image, dtype=np.float32).std()),
+           "timings": result.timings}
+    report.append("correctness", "decode", row)
+    say(f"  decode {settings.device} {settings.dtype}: {row['image_size']} finite {row['decoded_finite']}, "
+        f"pixel std {row['image_std']:.1f}, {seconds:.2f} s")
+
+
+# ------------------------------------------------------------------------------------ 2. SD-2 scale
+
+
+def sd2_pipeline(device: torch.device, dtype: torch.dtype) -> MSDPanoramaPipeline:
+    """A pipeline around a random SD-2-base UNet (no VAE or text encoder: the timings need neither), the
+    UNet prepared as ``models.load_components`` prepares every loaded one."""
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: seconds on a GPU instead of a minute on the CPU
+        unet = UNet2DConditionModel(**SD2_BASE_UNET)
+    unet.to(dtype).eval().requires_grad_(False)
+    models.prepare_unet(unet, channels_last=device.type == "cuda")
+    components = models.Components(
+        unet=unet, vae=None, text_encoder=None, tokenizer=None, scheduler=models.sd_ddim_scheduler(),
+        model="random SD-2-base UNet", prediction_type="epsilon", window=512, vae_factor=8, device=device, dtype=dtype)
+    return MSDPanoramaPipeline(components)
+
+
+def sd2_inputs(pipe: MSDPanoramaPipeline, view_batch: int):
+    """(denoise, step, windows, targets): the pipeline's CFG denoiser on random text embeddings, one DDIM
+    step of Standard's schedule, ``view_batch`` random 64×64 windows and their coarse targets."""
+    generator = torch.Generator("cpu").manual_seed(view_batch)
+    embeddings = torch.randn(2, TEXT_TOKENS, SD2_BASE_UNET["cross_attention_dim"], generator=generator)
+    denoise = pipe.make_denoiser(embeddings.to(pipe.device, pipe.dtype), guidance=7.5)
+    step = solver_schedule("ddim", pipe.scheduler, SD_STEPS)[TIMED_STEP]
+    windows = torch.randn(view_batch, 4, 64, 64, generator=generator).to(pipe.device)
+    targets = torch.randn(view_batch, 4, 32, 32, generator=generator).to(pipe.device)
+    return denoise, step, windows, targets
+
+
+def measure_sd2(pipe: MSDPanoramaPipeline, view_batch: int, exact: bool, warmup: int, repeats: int) -> dict:
+    """ms per window and peak memory of one batch: a forward (denoise_windows in inference mode) or the
+    exact gradient's forward + backward (guided_windows_exact, the pipeline's no_grad + autograd)."""
+    device, dtype = pipe.device, str(pipe.dtype).removeprefix("torch.")
+    denoise, step, windows, targets = sd2_inputs(pipe, view_batch)
+    if exact:
+        def call():
+            with torch.no_grad():
+                return guided_windows_exact(windows, targets, step, denoise, omega=1.0, loss_scale=1.0)
+    else:
+        def call():
+            with torch.inference_mode():
+                return denoise_windows(windows, step, denoise, view_batch=view_batch)
+    free_memory(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    times = timed_ms(call, device, warmup, repeats)
+    row = {"view_batch": view_batch, "dtype": dtype, "pass": "exact fwd+bwd" if exact else "forward",
+           "ms_per_call": statistics.median(times), "ms_per_window": statistics.median(times) / view_batch,
+           "ms_all": times}
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device)
+        per_window = (peak - before) / view_batch
+        planned = window_activation_bytes(exact, dtype, 64)
+        settings = GenerationSettings(prompt=PROMPT, device="cuda", dtype=dtype, view_batch=view_batch,
+                                      gradient="exact" if exact else "fast")
+        planned_peak = plan_without_model(settings.with_preset("360"), None, dtype).dry_run(dtype)["estimated_peak_gib"]
+        unet_parameters = sum(p.numel() for p in pipe.unet.parameters())
+        other_weights = (SD_PARAMETERS - unet_parameters) * FLOAT_BYTES[dtype]  # the VAE and text encoder
+        row.update(peak_gib=peak / 2**30, activations_per_window_gb=per_window / 1e9,
+                   planned_per_window_gb=planned / 1e9, per_window_vs_plan=per_window / planned,
+                   peak_with_vae_and_text_encoder_gib=(peak + other_weights) / 2**30, planned_peak_gib=planned_peak)
+    return row
+
+
+def sd2_part(report: Report, device_name: str, quick: bool, budget: Budget) -> None:
+    device = torch.device(device_name)
+    dtypes = ["float32"] if quick else ["float16", "bfloat16"]
+    forward_batches, exact_batches = ((1,), (1,)) if quick else (FORWARD_BATCHES, EXACT_BATCHES)
+    warmup, repeats = (1, 1) if quick else (2, 5)
+    started = time.perf_counter()
+    pipe = sd2_pipeline(device, models.DTYPES[dtypes[0]])
+    parameters = sum(p.numel() for p in pipe.unet.parameters())
+    built = {"parameters": parameters, "parameters_match_sd2_base": abs(parameters / SD2_BASE_UNET_PARAMETERS - 1) < 1e-3,
+             "build_seconds": time.perf_counter() - started, **gpu_options(pipe)}
+    report.add("sd2", "unet", built)
+    say(f"  SD-2-base UNet: {parameters / 1e6:.1f} M parameters (SD-2-base 865.9 M: "
+        f"{'match' if built['parameters_match_sd2_base'] else 'MISMATCH'}), built in {built['build_seconds']:.1f} s, "
+        f"fused attention {built['fused_attention']}, channels_last {built['channels_last']}")
+    for dtype in dtypes:
+        pipe.unet.to(models.DTYPES[dtype])
+        pipe.dtype = models.DTYPES[dtype]
+        if device.type == "cuda":
+            report.add("sd2", f"sdpa_backends {dtype}", sdpa_backends(pipe))
+        extra = view_batch_for(torch.cuda.mem_get_info(device)[0], True, dtype, 64) if device.type == "cuda" else 0
+        configs = [(vb, False) for vb in forward_batches] + [(vb, True) for vb in exact_batches]
+        configs += [(extra, True)] if extra > max(exact_batches) else []
+        for view_batch, exact in configs:
+            name = f"sd2 {dtype} {'exact' if exact else 'forward'} view batch {view_batch}"
+            if budget.left() < 0:
+                report.skip(f"{name}: out of the part's time")
+                continue
+            try:
+                row = measure_sd2(pipe, view_batch, exact, warmup, repeats)
+            except torch.cuda.OutOfMemoryError as exc:
+                row = {"view_batch": view_batch, "dtype": dtype, "pass": "exact fwd+bwd" if exact else "forward",
+                       "out_of_memory": str(exc).splitlines()[0]}
+                free_memory(device)
+            report.append("sd2", "timings", row)
+            say(f"  {name}: " + (f"OUT OF MEMORY {row['out_of_memory']}" if "out_of_memory" in row else
+                                 f"{row['ms_per_window']:.1f} ms/window" + (
+                                     f", activations {row['activations_per_window_gb']:.2f} GB/window (plan "
+                                     f"{row['planned_per_window_gb']:.2f}), peak {row['peak_gib']:.1f} GiB, +VAE/CLIP "
+                                     f"{row['peak_with_vae_and_text_encoder_gib']:.1f} (plan {row['planned_peak_gib']})"
+                                     if "peak_gib" in row else "")))
+        rows = report.data["parts"]["sd2"].get("timings", [])
+        estimates_for(report, device, dtype, [r for r in rows if r["dtype"] == dtype and "ms_per_window" in r])
+
+
+def sdpa_backends(pipe: MSDPanoramaPipeline) -> dict:
+    """Whether each fused attention kernel runs this UNet's attention (one window, one backend at a time)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    denoise, step, windows, _ = sd2_inputs(pipe, 1)
+    works = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel([backend]), torch.inference_mode():
+                denoise(windows, step.t)
+            works[backend.name] = True
+        except Exception as exc:  # whatever refuses the kernel (none for these shapes, an older GPU)
+            works[backend.name] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    say(f"  fused attention kernels ({str(pipe.dtype).removeprefix('torch.')}): {works}")
+    return works
+
+
+def estimates_for(report: Report, device: torch.device, dtype: str, rows: list[dict]) -> None:
+    """Sampling seconds of the 360° world at the measured rate, for every quality preset and DPM++ 20."""
+    forwards = {r["view_batch"]: r["ms_per_window"] for r in rows if r["pass"] == "forward"}
+    exact = {r["view_batch"]: r["ms_per_window"] for r in rows if r["pass"] != "forward"}
+    if not forwards:
+        return
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    configs = {name: values for name, (values, _) in QUALITY.items()}
+    configs["standard, dpmpp-2m 20"] = {**QUALITY["standard"][0], "scheduler": "dpmpp-2m", "steps": 20}
+    for name, values in configs.items():
+        settings = dataclasses.replace(GenerationSettings(prompt=PROMPT, device=device.type, dtype=dtype)
+                                       .with_preset("360"), **values)
+        plan = plan_without_model(settings, free, dtype)
+        work = plan.work()
+        # The rate at the plan's view batch, or the largest measured below it.
+        batch = max([vb for vb in forwards if vb <= plan.view_batch] or [min(forwards)])
+        exact_batch = max([vb for vb in exact if vb <= plan.view_batch] or [min(exact, default=0)])
+        ratio = exact[exact_batch] / forwards[exact_batch] - 1 if exact_batch in forwards else None
+        row = {"config": name, "dtype": dtype, "steps": plan.steps, "view_batch": plan.view_batch, **work,
+               "ms_per_window": forwards[batch], "measured_at_view_batch": batch,
+               "seconds_planned": estimated_seconds(work, forwards[batch]),
+               "backward_cost_measured": ratio, "backward_cost_plan": BACKWARD_COST,
+               "backward_ratio_view_batch": exact_batch if ratio is not None else None}
+        if ratio is not None:
+            row["seconds_measured_backward"] = (work["forwards"] + ratio * work["backwards"]) * forwards[batch] / 1000
+        report.append("sd2", "estimates_360", row)
+        measured = f", {row['seconds_measured_backward']:.0f} s with the measured backward" if ratio is not None else ""
+        say(f"  360° {name} ({dtype}, view batch {plan.view_batch}, {work['forwards']} fwd + {work['backwards']} bwd): "
+            f"≈ {row['seconds_planned']:.0f} s at {forwards[batch]:.1f} ms/window (backward = {BACKWARD_COST} fwd)"
+            f"{measured}" + (f"; measured backward = {ratio:.2f} fwd" if ratio is not None else ""))
+
+
+# ------------------------------------------------------------------------------------ 3. CLI, worker
+
+
+def cli_part(report: Report, device: str, folder: pathlib.Path, budget: Budget) -> None:
+    output = folder / "cli.png"
+    command = [sys.executable, "-m", "msd_core", "generate", PROMPT, "--model", "tiny", "--device", device,
+               "--width", "256", "--height", "128", "--steps", "6", "--seed", "5", "-q", "-o", str(output)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=max(30.0, budget.left()))
+    row = {"command": command[1:], "returncode": done.returncode, "seconds": time.perf_counter() - started,
+           "png_exists": output.is_file(), "stderr_tail": done.stderr[-1500:]}
+    if output.is_file():
+        texts = pngmeta.read_text_chunks(output)
+        row["metadata"] = {key: texts.get(key) for key in ("device", "dtype", "view_batch", "unet_windows", "windows",
+                                                          "msd_core_version")}
+    report.add("cli_worker", "cli", row)
+    say(f"  cli: rc {row['returncode']} in {row['seconds']:.1f} s, PNG {row['png_exists']}, metadata "
+        f"{row.get('metadata')}" + ("" if done.returncode == 0 else f"\n{row['stderr_tail']}"))
+
+
+def worker_part(report: Report, device: str, folder: pathlib.Path, budget: Budget) -> None:
+    from msd_core.client import WorkerClient
+    from msd_core.protocol import FINAL_EVENTS
+
+    output = folder / "worker.png"
+    settings = GenerationSettings(prompt=PROMPT, model="tiny", width=256, height=128, steps=6, seed=5, device=device)
+    wait = max(30.0, budget.left())  # seconds, for any one event
+    started = time.perf_counter()
+    row = {}
+    with WorkerClient(sys.executable, pythonpath=str(ROOT), offline=True,
+                      env={"MSD_PANORAMA_CACHE": os.environ["MSD_PANORAMA_CACHE"]}) as client:
+        ready = client.next_event(timeout=wait)
+        row["ready"] = ready
+        row["ready_seconds"] = time.perf_counter() - started
+        if not ready or ready["event"] != "ready":
+            raise RuntimeError(f"the worker did not start: {ready}; stderr {client.stderr_lines[-10:]}")
+        request_id = client.generate(settings, output, preview_every=0)
+        events = []
+        while not events or events[-1]["event"] not in FINAL_EVENTS:
+            event = client.next_event(timeout=wait)
+            if event is None:
+                raise RuntimeError(f"the worker went silent; stderr {client.stderr_lines[-10:]}")
+            if event.get("id") == request_id:
+                events.append(event)
+        progress = [e for e in events if e["event"] == "progress"]
+        row.update(final=events[-1], progress_events=len(progress), png_exists=output.is_file(),
+                   ms_per_window=progress[-1].get("ms_per_window") if progress else None,
+                   seconds=time.perf_counter() - started)
+    report.add("cli_worker", "worker", row)
+    say(f"  worker: ready on {row['ready'].get('device')} {row['ready'].get('dtype')} in {row['ready_seconds']:.1f} s; "
+        f"{row['final']['event']} after {row['progress_events']} progress events, PNG {row['png_exists']}, "
+        f"{row['ms_per_window'] or 0:.1f} ms/window, {row['seconds']:.1f} s in all"
+        + ("" if row["final"]["event"] == "done" else f": {row['final'].get('message')}"))
+
+
+# ------------------------------------------------------------------------------------ 4. torch.compile
+
+
+def compile_child(device_name: str, dtype: str) -> None:
+    """In the child process: eager ms/window, then torch.compile's first call (compiling) and ms/window,
+    one JSON line after each so that a child stopped while compiling still reports the eager rate."""
+    device = torch.device(device_name)
+    pipe = sd2_pipeline(device, models.DTYPES[dtype])
+    eager = measure_sd2(pipe, COMPILE_BATCH, False, 2, 5)
+    print(json.dumps({"eager_ms_per_window": eager["ms_per_window"]}), flush=True)
+    pipe.unet = torch.compile(pipe.unet)  # as MSDPanoramaPipeline.from_settings does for --compile
+    denoise, step, windows, _ = sd2_inputs(pipe, COMPILE_BATCH)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        denoise_windows(windows, step, denoise, view_batch=COMPILE_BATCH)
+    synchronize(device)
+    first_call = time.perf_counter() - started
+    compiled = measure_sd2(pipe, COMPILE_BATCH, False, 1, 5)
+    print(json.dumps({"compile_seconds": first_call, "compiled_ms_per_window": compiled["ms_per_window"],
+                      "speedup": eager["ms_per_window"] / compiled["ms_per_window"]}), flush=True)
+
+
+def compile_part(report: Report, device: str, budget: Budget) -> None:
+    limit = min(budget.left(), COMPILE_LIMIT + 40)  # compiling, plus building the UNet and the eager timing
+    if limit < 45:
+        report.skip(f"compile: only {limit:.0f} s left of the budget")
+        return
+    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--compile-child", "--device", device]
+    # Its own process group: compile workers the child starts are stopped with it.
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                             start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=limit)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        stdout, stderr = child.communicate()
+        timed_out = True
+    row = {"view_batch": COMPILE_BATCH, "dtype": "float16", "timed_out_after_s": limit if timed_out else None,
+           "returncode": child.returncode, "stderr_tail": stderr[-1500:]}
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            row.update(json.loads(line))
+    report.add("compile", "result", row)
+    if "compile_seconds" in row:
+        say(f"  compile: {row['compile_seconds']:.0f} s to compile; {row['compiled_ms_per_window']:.1f} ms/window vs "
+            f"eager {row['eager_ms_per_window']:.1f} ({row['speedup']:.2f}×)")
+    else:
+        say(f"  compile: skipped, not compiled within {limit:.0f} s (eager {row.get('eager_ms_per_window')} ms/window)"
+            + ("" if timed_out else f"; rc {child.returncode}: {row['stderr_tail'][-600:]}"))
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--quick", action="store_true", help="one shape, float32 and one view batch for SD-2")
+    parser.add_argument("--out", type=pathlib.Path, help="JSON file (default bench/results/device-DEVICE[-quick].json)")
+    parser.add_argument("--budget", type=float, help="seconds for the whole run (default 280 on a GPU, 900 with --quick)")
+    parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.compile_child:
+        compile_child(args.device, "float16")
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("torch sees no CUDA device; use --device cpu")
+    budget = Budget(args.budget or (900 if args.quick else 280))
+    out = args.out or RESULTS / f"device-{args.device}{'-quick' if args.quick else ''}.json"
+    report = Report(out, {"args": vars(args) | {"out": str(out)}})
+    # Each part's share of the budget (seconds); a part stops starting new configurations when it is spent.
+    shares = {"correctness": 90, "sd2": 90}
+    with tempfile.TemporaryDirectory(prefix="msd-device-") as folder:
+        parts = [
+            ("environment", lambda: environment_part(report, args.device)),
+            ("correctness", lambda: correctness_part(report, args.device, args.quick, budget.part(shares["correctness"]))),
+            ("sd2", lambda: sd2_part(report, args.device, args.quick, budget.part(shares["sd2"]))),
+            ("cli", lambda: cli_part(report, args.device, pathlib.Path(folder), budget)),
+            ("worker", lambda: worker_part(report, args.device, pathlib.Path(folder), budget)),
+        ]
+        if args.device == "cuda":
+            parts.append(("compile", lambda: compile_part(report, args.device, budget)))
+        for name, run in parts:
+            if budget.left() < 0:
+                report.skip(f"{name}: the run's budget is spent")
+                continue
+            say(f"== {name} ({budget.left():.0f} s left)")
+            started = time.perf_counter()
+            try:
+                run()
+            except Exception:  # one part failing must not lose the others: report it and go on
+                report.error(name)
+            report.add("seconds", name, time.perf_counter() - started)
+            free_memory(torch.device(args.device))
+    say(f"wrote {out} ({len(report.data['errors'])} part(s) failed: {', '.join(report.data['errors']) or 'none'})")
+
+
+if __name__ == "__main__":
+    main()
