@@ -2,8 +2,8 @@
 
 Parts (each runs on if another fails; every result goes to the JSON file as soon as it is measured):
 1. correctness: the tiny models ("tiny", "tiny-v") sample small panoramas with MultiDiffusion, MSD fast
-   and exact, shifted and dense windows, DDIM and DPM-Solver++ (2M), the halving and global pyramid, on
-   the CPU in float32 (the reference) and on the device in float32 and float16, same seed: max |Δ| of
+   and exact, shifted and dense windows, DDIM and DPM-Solver++ (2M), the default pyramid (global level,
+   coarse levels at their matched noise level) and the paper's (halving, literal), on the CPU in float32 (the reference) and on the device in float32 and float16, same seed: max |Δ| of
    the final latents; one decode=True run per device precision (finite image); whether the GPU options
    engage (fused attention processors, channels_last weights on CUDA, inference mode).
 2. sd2: a randomly initialised UNet with SD-2-base's exact config (865.9 M parameters), prepared as the
@@ -68,14 +68,15 @@ from msd_core.sampler import denoise_windows, guided_windows_exact, solver_sched
 from msd_core.settings import QUALITY, GenerationSettings  # noqa: E402
 
 PROMPT = "alpine valley"  # the tiny model reads 14 characters
-# Correctness cases: settings changes on top of MSD exact with shifted windows, DDIM, halving pyramid.
+# Correctness cases: settings changes on top of the defaults (MSD exact, shifted windows, DDIM, global
+# level, coarse levels at their matched noise level: fractional UNet timesteps).
 CASES = {
     "multidiffusion": {"method": "multidiffusion"},
     "msd fast": {"gradient": "fast"},
     "msd exact": {},
     "msd exact dense": {"windows": "dense"},
     "msd exact dpmpp-2m": {"scheduler": "dpmpp-2m"},
-    "msd exact global": {"pyramid": "global"},
+    "paper pyramid, literal": {"pyramid": "halving", "coarse_noise": "literal"},
 }
 SHAPES = {"256x128 wrap": (256, 128, True), "128x256": (128, 256, False)}  # width, height, wrap; 2 levels
 TINY_STEPS = 8

@@ -60,6 +60,10 @@ QUALITY = {
 DEFAULT_QUALITY = "standard"
 _DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
 
+# Settings added after 0.1 whose defaults changed what a panorama looks like: a file stored without them
+# was made the earlier way.
+STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal"}
+
 LATENT_FACTOR = 8  # pixels per latent pixel for Stable Diffusion's VAE
 
 # Bounds checked by validate() (docs/bad-input.md lists them).
@@ -191,6 +195,15 @@ class GenerationSettings:
         if "prompt" not in data:
             raise BadInput("the prompt is missing")
         return cls(**data)
+
+    @classmethod
+    def from_stored(cls, data: dict) -> "GenerationSettings":
+        """Settings stored in an output file (``from_dict`` otherwise): a field an earlier version did not
+        store takes the value that version used (``STORED_BEFORE``), so the same settings make the same
+        panorama again."""
+        if not isinstance(data, dict):
+            return cls.from_dict(data)
+        return cls.from_dict({**STORED_BEFORE, **data})
 
     def with_preset(self, preset: str) -> "GenerationSettings":
         """Return a copy with the preset's width, height and wrap."""

@@ -56,7 +56,7 @@ def _parse(text, source: str) -> GenerationSettings:
     except ValueError as exc:  # JSONDecodeError included
         raise BadInput(f"{damaged}: {exc}") from None
     try:
-        return GenerationSettings.from_dict(data).validate()
+        return GenerationSettings.from_stored(data).validate()
     except TypeError as exc:
         raise BadInput(f"{damaged}: {exc}") from None
 

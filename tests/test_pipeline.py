@@ -14,9 +14,10 @@ from msd_core.plan import default_levels
 from msd_core.sampler import cross_scale_discrepancy
 from msd_core.settings import GenerationSettings
 
-BASE = GenerationSettings(
+BASE = GenerationSettings(  # the paper's pyramid and coarse noise; the defaults are tested against it below
     prompt="a quiet lake under mountains", width=256, height=128, wrap=False, model="tiny",
-    steps=4, seed=3, stride=32, windows="dense", device="cpu", view_batch=8,
+    steps=4, seed=3, stride=32, windows="dense", device="cpu", view_batch=8, pyramid="halving",
+    coarse_noise="literal",
 )
 
 
@@ -89,6 +90,31 @@ def test_global_pyramid_guides_from_a_squeezed_level_and_omega_zero_is_still_mul
                   callback=lambda info: levels.append((info.level, tuple(info.latents.shape[2:]))))
     assert levels[:3] == [(1, (8, 8)), (2, (8, 16)), (3, (16, 32))]
     assert (result.latents - run(pipe, gradient="fast", scheduler=scheduler).latents).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp-2m"])
+def test_matched_coarse_levels_reach_the_unet_at_their_own_fractional_timestep(pipe, scheduler):
+    """The default: every coarse level is denoised at the timestep whose SNR matches its averaged noise
+    (the global level averages 2×2·(1×2) = 8 latent px here, the halving level 4), the finest at t."""
+    timesteps = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: timesteps.append(float(args[1])))
+    try:
+        matched = run(pipe, pyramid="global", coarse_noise="matched", gradient="fast", scheduler=scheduler, steps=3)
+    finally:
+        hook.remove()
+    # Per step: one call for the global level, one for the halving level, three for the finest (21 windows).
+    per_step = [timesteps[index:index + 5] for index in range(0, len(timesteps), 5)]
+    assert len(per_step) == 3
+    for global_t, halving_t, *finest in per_step:
+        assert len(set(finest)) == 1 and finest[0] == int(finest[0])
+        assert global_t <= halving_t < finest[0]  # both 0 at the last step: less noisy than the schedule goes
+    assert per_step[0][0] < per_step[0][1] and any(t != int(t) for t in timesteps)
+    literal = run(pipe, pyramid="global", coarse_noise="literal", gradient="fast", scheduler=scheduler, steps=3)
+    assert torch.isfinite(matched.latents).all() and (matched.latents - literal.latents).abs().max() > 1e-3
+    # MultiDiffusion's finest level is never matched: ω = 0 is still exactly MultiDiffusion.
+    md = run(pipe, method="multidiffusion", scheduler=scheduler, steps=3).latents
+    assert torch.allclose(run(pipe, pyramid="global", coarse_noise="matched", omega=0.0, scheduler=scheduler,
+                              steps=3).latents, md, atol=1e-5)
 
 
 @pytest.mark.parametrize("gradient,at_most", [("fast", 0.5), ("exact", 0.8)])

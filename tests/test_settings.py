@@ -77,3 +77,14 @@ def test_a_size_that_cannot_fit_in_memory_is_refused_before_allocating():
     with pytest.raises(BadInput, match=r"16384×16384 panorama needs about [\d.]+ GB .*\(at most 16384 px per side\)"):
         check_memory(huge, available=needed - 1)
     assert settings_module.available_memory() > 0  # this machine reports it (Linux: MemAvailable)
+
+
+def test_stored_settings_without_the_newer_fields_mean_what_that_version_did():
+    older = {"prompt": "a red desert", "width": 512, "height": 256}  # a PNG written before pyramid/coarse_noise
+    restored = GenerationSettings.from_stored(older)
+    assert (restored.pyramid, restored.coarse_noise) == ("halving", "literal")
+    assert GenerationSettings.from_dict(older).coarse_noise == "matched"  # a request means today's default
+    current = GenerationSettings(prompt="a red desert").to_dict()
+    assert GenerationSettings.from_stored(current) == GenerationSettings(prompt="a red desert")
+    with pytest.raises(BadInput, match="must be a JSON object"):
+        GenerationSettings.from_stored(["not", "settings"])
