@@ -67,12 +67,15 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def window_seam_ratio(images, grid) -> dict:
+def window_seam_ratio(images, grid, multiple: int = 1) -> dict:
     """Whether the window edges of ``grid`` (e.g. the last step's finest level) show in ``images`` (…, H, W).
 
     Per direction: the mean |difference| between neighbouring pixels across those edges over the mean
-    across every other pair of neighbours (the pair across the 0/360° edge included when the grid wraps).
-    ≈ 1: the edges look like anywhere else; larger: a seam. None where the edges are every pair (or none).
+    across every other pair of neighbours at a position that is a multiple of ``multiple`` (the pair across
+    the 0/360° edge included when the grid wraps). Tiles of a level below a coarser one start at multiples
+    of 2 (pass 2), and content that follows the coarser level's 2×2 blocks changes more often at even
+    positions, so only even positions are a fair comparison there. ≈ 1: the edges look like anywhere
+    else; larger: a seam. None where the edges are every such pair (or none).
     """
     images = images.double()
     column_edges = {left % grid.width for _, left in grid.offsets} | {(left + grid.window) % grid.width
@@ -81,13 +84,14 @@ def window_seam_ratio(images, grid) -> dict:
     # Difference i is between pixel i − 1 and pixel i; i = 0 (across the 360° edge) only with wrap.
     columns = (images - images.roll(1, dims=-1)).abs().mean(dim=tuple(range(images.dim() - 1)))
     rows = (images - images.roll(1, dims=-2)).abs().transpose(-1, -2).mean(dim=tuple(range(images.dim() - 1)))
-    return {"columns": _edge_ratio(columns, column_edges, grid.wrap), "rows": _edge_ratio(rows, row_edges, False)}
+    return {"columns": _edge_ratio(columns, column_edges, grid.wrap, multiple),
+            "rows": _edge_ratio(rows, row_edges, False, multiple)}
 
 
-def _edge_ratio(differences, edges: set[int], wrap: bool) -> float | None:
+def _edge_ratio(differences, edges: set[int], wrap: bool, multiple: int) -> float | None:
     positions = range(0 if wrap else 1, len(differences))
     at_edges = [float(differences[i]) for i in positions if i in edges]
-    elsewhere = [float(differences[i]) for i in positions if i not in edges]
+    elsewhere = [float(differences[i]) for i in positions if i not in edges and i % multiple == 0]
     if not at_edges or not elsewhere:
         return None
     return statistics.mean(at_edges) / statistics.mean(elsewhere)

@@ -39,6 +39,7 @@ SD_WINDOW = 512
 # (height, width, wrap) in prior pixels: the issue's four shapes (the prior's window is 16)
 SHAPES = [(64, 64, False), (32, 64, True), (64, 128, True), (32, 128, False)]
 QUICK_SHAPES = [(64, 64, False), (32, 64, True)]
+TILE_GROUPS = 4  # tile layouts per layout row (seeds are split between them)
 
 
 def shape_name(height: int, width: int, wrap: bool) -> str:
@@ -85,23 +86,41 @@ def work_part(configs: dict) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- layout
 
 
+def mean_of(values) -> float | None:
+    values = [value for value in values if value is not None]
+    return statistics.mean(values) if values else None
+
+
+def seam_multiple(plan) -> int:
+    """Positions to compare the last step's tile edges with (``common.window_seam_ratio``): shifted tiles
+    below a coarser level start at even offsets, so other even positions; a dense grid has an edge at
+    every stride, so every other position."""
+    return 2 if plan.levels > 1 and plan.windows == "shifted" else 1
+
+
 def layout_row(prior, name: str, config: dict, shape, seeds: list[int], steps_divisor: int) -> dict:
     height, width, wrap = shape
     base = GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR, height=height * PRIOR_FACTOR, wrap=wrap)
     settings = settings_for(config, prior.window * PRIOR_FACTOR, base)
     settings = dataclasses.replace(settings, steps=max(1, settings.steps // steps_divisor))
     started = time.perf_counter()
-    images, plan = sample_with_settings(prior, settings, seeds)
-    last_grid = plan.grids_at(plan.steps - 1)[-1]
+    # As in the product, the panorama's seed places its tiles: groups of seeds, each with its own tiles
+    # (every panorama of one group shares them), so the seam ratio is not that of one tile layout.
+    images, seams = [], []
+    for group in range(TILE_GROUPS):
+        group_seeds = seeds[group::TILE_GROUPS]
+        group_images, plan = sample_with_settings(prior, dataclasses.replace(settings, seed=group_seeds[0]), group_seeds)
+        images.append(group_images)
+        seams.append(window_seam_ratio(group_images, plan.grids_at(plan.steps - 1)[-1], seam_multiple(plan)))
+    images = torch.cat(images)
     seconds = time.perf_counter() - started
     layouts = [score_layout(image) for image in images]
-    seams = window_seam_ratio(images, last_grid)
     row = {
         "config": name, "panorama": shape_name(height, width, wrap), "seeds": len(seeds),
         "steps": settings.steps, "coherent": statistics.mean(layout.coherent for layout in layouts),
         "collapsed": statistics.mean(layout.uniform for layout in layouts),
         "transitions": statistics.mean(layout.transitions for layout in layouts),
-        "window_seam_rows": seams["rows"], "window_seam_columns": seams["columns"],
+        **{f"window_seam_{side}": mean_of(seam[side] for seam in seams) for side in ("rows", "columns")},
         "seam_360": statistics.mean(seam_ratio(image) for image in images) if wrap else None,
         "seconds": seconds,
     }
@@ -152,7 +171,7 @@ def time_part(configs: dict, size: dict, steps_divisor: int, repetitions: int) -
                "vs_diffusers": result["median"] / measured["diffusers MultiDiffusion"]["median"]}
         if name in settings_of:
             plan = pipe.check_inputs(settings_of[name])
-            seams = window_seam_ratio(latents_of[name][0], plan.grids_at(plan.steps - 1)[-1])
+            seams = window_seam_ratio(latents_of[name][0], plan.grids_at(plan.steps - 1)[-1], seam_multiple(plan))
             row.update(steps=plan.steps, **{f"planned_{k}": v for k, v in plan.work().items()},
                        window_seam_rows=seams["rows"], window_seam_columns=seams["columns"])
         rows.append(row)

@@ -174,3 +174,18 @@ def test_msd_keeps_one_horizon_where_multidiffusion_does_not(one_thread):
     assert coherent["msd"] >= 3 > coherent["md"], coherent
     assert transitions["md"] > 1.5 and abs(transitions["msd"] - 1) < 0.25, transitions
     assert scores["msd_gap"] < scores["md_gap"] / 2  # the levels agree along the whole trajectory
+
+
+def test_window_seam_ratio_compares_tile_edges_with_pairs_of_the_same_parity():
+    from common import window_seam_ratio
+    from msd_core.windows import WindowGrid
+
+    grid = WindowGrid(32, 32, 8, 8, starts=((0, 8, 16, 24), (0, 8, 16, 24)))
+    rows, columns = torch.arange(32.0)[:, None], torch.arange(32.0)[None, :]
+    # Content that changes more at every even row (as content following 2×2 blocks does): no seam.
+    blocky = (torch.where(rows % 2 == 0, rows, rows - 0.5) + 0.1 * columns)[None]
+    assert window_seam_ratio(blocky, grid)["rows"] > 1.5  # tile edges (even) against every other pair
+    assert window_seam_ratio(blocky, grid, multiple=2)["rows"] == pytest.approx(1.0)
+    # A real seam: a jump at the tile edges only.
+    seam = blocky + 3 * (rows // 8)[None]
+    assert window_seam_ratio(seam, grid, multiple=2)["rows"] > 2
