@@ -237,14 +237,14 @@ def aspect_priors() -> dict:
     return {"horizon": HorizonPrior(horizons=WIDE_PRIOR), "sun": SunPrior(), "river": RiverPrior()}
 
 
-def prior_draws_row(prior) -> dict:
-    """The prior's own exact draws, one window each, scored like a panorama: the most any sampler that is
-    faithful to the model at its coarsest level (one window) can be expected to reach."""
+def prior_draws_row(prior, seeds: int) -> dict:
+    """The prior's own exact draws, one window each, scored like a panorama and expressed per ``seeds``
+    panoramas: what a sampler faithful to the model at its coarsest level (one window) inherits."""
     scores = [prior.score(image) for image in prior.sample(PRIOR_DRAWS, torch.Generator().manual_seed(0))]
     coherent, collapsed = (sum(s[key] for s in scores) / PRIOR_DRAWS for key in ("coherent", "collapsed"))
     row = {"prior": prior.name, "panorama": "one window", "setting": "prior's own draws", "seeds": PRIOR_DRAWS,
            "coherent_fraction": coherent, "collapsed_fraction": collapsed,
-           "coherent": f"{coherent * 24:.1f}/24", "collapsed": f"{collapsed * 24:.1f}/24"}
+           "coherent": f"{coherent * seeds:.1f}/{seeds}", "collapsed": f"{collapsed * seeds:.1f}/{seeds}"}
     print(markdown_table([row], ASPECT_COLUMNS).splitlines()[-1], flush=True)
     return row
 
@@ -300,15 +300,15 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     return row
 
 
-def aspects_part(quick: bool) -> tuple[list[dict], list]:
+def aspects_part(quick: bool, seeds: int | None = None) -> tuple[list[dict], list]:
     shapes = (ASPECTS[0], ASPECTS[2]) if quick else ASPECTS
-    seeds = list(range(8 if quick else 24))
+    seeds = list(range(seeds or (8 if quick else 24)))
     print(f"\naspects: {len(seeds)} seeds, the pipeline's plan for each setting (Standard preset unless named"
           f"{', steps ÷ 5' if quick else ''}), ω = 10 (projection)")
     print("\n".join(markdown_table([], ASPECT_COLUMNS).splitlines()[:2]))
     rows, examples = [], []
     for prior in aspect_priors().values():
-        rows.append(prior_draws_row(prior))
+        rows.append(prior_draws_row(prior, len(seeds)))
         for shape in shapes:
             for setting in ASPECT_SETTINGS:
                 keep = examples if shape == ASPECTS[2] and setting in EXAMPLE_SETTINGS else None
@@ -350,12 +350,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer seeds and steps (a few minutes)")
     parser.add_argument("--skip-tiny", action="store_true", help="only the horizon prior")
     parser.add_argument("--aspects", action="store_true", help="only part 3: every prior × aspect × pyramid")
+    parser.add_argument("--seeds", type=int, help="part 3's seeds per cell (default 24, quick 8)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small float64 tensors: one thread is fastest and fair to a busy machine
     env = environment()
     suffix = "-quick" if args.quick else ""
     if args.aspects:
-        rows, examples = aspects_part(args.quick)
+        rows, examples = aspects_part(args.quick, args.seeds)
         print("\n" + markdown_table(rows, ASPECT_COLUMNS))
         write_json(f"layout-aspects{suffix}", {"environment": env, "aspects": rows})
         plot_aspects(rows, examples, args.quick)
