@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from msd_core.models import sd_ddim_scheduler
 from msd_core.pipeline import default_levels
-from msd_core.plan import Plan, make_plan
+from msd_core.plan import make_plan
 from msd_core.sampler import (
     DDIMTimestep,
     LevelResult,
@@ -44,7 +44,7 @@ from msd_core.windows import WindowGrid, global_level, level_factor
 
 TRAIN_STEPS = 1000
 SD_COARSE_NUMEL = 4 * 32 * 32  # what F.mse_loss divides by on an SD coarse crop (64-latent window)
-NOISE_MODES = ("literal", "matched", "fresh", "snr", "squeeze-snr")
+NOISE_MODES = ("literal", "matched", "fresh", "snr")
 VIEW_BATCH = 1024  # windows per denoiser call: batching never changes results, and the prior is cheap
 
 
@@ -169,8 +169,6 @@ def pyramid_step(
     - "fresh":   fresh Gaussian noise restores the variance ds removed, so the level is at t in fact.
     - "snr":     the level is rescaled to the variance-preserving form of the timestep with the same SNR
                  (``matched_alpha``), stepped there, and scaled back; no noise is added.
-    - "squeeze-snr": "snr" for the noise that a ``global_level``'s column squeeze removes only; the
-                 halving levels stay literal.
     ``gradient`` is one of the sampler's modes ("fast", "refresh", "exact"), "fast-2f" (the name this
     bench first gave "refresh"), or ``level_step_variant``'s "exact-1f".
     """
@@ -180,8 +178,7 @@ def pyramid_step(
     pyramid = build_pyramid(latents, len(grids), factors)
     prev = None
     for index, grid in enumerate(grids):
-        squeezes = [(fh, fw) for fh, fw in factors[index:] if noise != "squeeze-snr" or fh == 1]
-        block = math.prod(fh * fw for fh, fw in squeezes)  # pixels averaged into one here (that count)
+        block = math.prod(fh * fw for fh, fw in factors[index:])  # pixels averaged into one here
         level_step, denoise, scale_in, scale_out = step, prior.denoiser(), 1.0, 1.0
         level_latents = pyramid[index]
         if block > 1 and noise == "fresh":
@@ -189,7 +186,7 @@ def pyramid_step(
             level_latents = level_latents + extra * torch.randn(
                 level_latents.shape, generator=generator, dtype=level_latents.dtype
             )
-        elif block > 1 and noise in ("snr", "squeeze-snr"):
+        elif block > 1 and noise == "snr":
             alpha, alpha_prev = matched_alpha(step.alpha, block), matched_alpha(step.alpha_prev, block)
             level_step = DDIMTimestep(step.t, alpha, alpha_prev)
             denoise = prior.denoiser(lambda a, block=block: matched_alpha(a, block))
@@ -256,7 +253,6 @@ def sample_panoramas(
     decay=None,
     on_step=None,
     scheduler: str = "ddim",
-    windows: str = "dense",
 ) -> tuple[torch.Tensor, Trajectory]:
     """One panorama per seed (as channels of one latent), (len(seeds), height, width), and the
     cross-scale discrepancy along the way. ω is decayed as the pipeline does: ω·cosine_decay(t).
@@ -265,16 +261,8 @@ def sample_panoramas(
     crop); the ω passed to the sampler is rescaled so that stacking seeds as channels changes nothing.
     ``on_step(index, levels)`` receives every step's ``LevelResult``s, coarsest first (diagnosis).
     ``scheduler``: "ddim" or "dpmpp-2m" (only with msd_core's noise modes and the sampler's gradient modes).
-    ``windows``: "dense" (a grid marching by ``stride``) or "shifted" (the pipeline's default: the tiles
-    ``plan.Plan.grids_at`` places for the first seed, moving every step).
     """
     grids = make_grids(height, width, prior.window, stride, wrap, levels, global_view)
-    if windows == "shifted":
-        squeezed = len(grids) > 1 and grids[0].height == grids[1].height  # a global level on top
-        plan = Plan(height, width, prior.window, prior.window, len(grids), VIEW_BATCH, wrap, "shifted", seeds[0], steps,
-                    1, gradient, omega > 0, grids[1].width // grids[0].width if squeezed else 1)
-    elif windows != "dense":
-        raise ValueError(f"unknown windows {windows!r} (dense or shifted)")
     schedule = solver_schedule(scheduler, sd_ddim_scheduler(), steps)
     x0_history = [None] * len(grids)  # the multistep solver's memory (DDIM ignores it)
     sampler_modes = noise in ("literal", "matched") and gradient in ("fast", "refresh", "exact")
@@ -296,8 +284,6 @@ def sample_panoramas(
             levels_out.append(result)
 
         omega_t = omega * (decay or cosine_decay)(step.t, TRAIN_STEPS)
-        if windows == "shifted":
-            grids = plan.grids_at(index)
         if sampler_modes:
             latents = msd_step(
                 latents, grids, step, prior.denoiser(), omega_t, gradient=gradient, omega_loss=omega_loss,

@@ -298,13 +298,13 @@ def snr_matched(step: SolverStep, gain: float, train_alphas: torch.Tensor) -> So
     """
     if gain == 1:
         return step
-    start, end = (matched_alpha(alpha, gain) for alpha in alphas_cumprod(step))
+    before, after = alphas_cumprod(step)
+    start, end = matched_alpha(before, gain), matched_alpha(after, gain)
     t = matched_timestep(train_alphas, start)
     if isinstance(step, DPMTimestep):
         matched = DPMTimestep(t, math.sqrt(start), math.sqrt(1 - start), math.sqrt(end), math.sqrt(1 - end), step.ratio)
     else:
         matched = DDIMTimestep(t, start, end)
-    before, after = alphas_cumprod(step)
     return MatchedStep(matched, math.sqrt(start / before), math.sqrt(end / after))
 
 
