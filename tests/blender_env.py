@@ -12,7 +12,9 @@ bpy is imported), exactly as a user would install the zip. Use in a test module:
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,7 +94,9 @@ _zip_cache: dict[str, Path] = {}
 def extension_zip() -> Path:
     """The zip of the working tree, built once per test session."""
     if "zip" not in _zip_cache:
-        _zip_cache["zip"] = build_extension_zip(tempfile.mkdtemp(prefix="msd-ext-zip-"))
+        folder = tempfile.mkdtemp(prefix="msd-ext-zip-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _zip_cache["zip"] = build_extension_zip(folder)
     return _zip_cache["zip"]
 
 

@@ -1,5 +1,6 @@
 """Session-wide test environment: nothing is written to the home folder and nothing reaches the Hub."""
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -8,6 +9,8 @@ import tempfile
 import pytest
 
 _ROOT = tempfile.mkdtemp(prefix="msd-tests-")
+# Registered before bpy is imported, so it runs after Blender's own exit handlers (atexit runs in reverse).
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 os.environ.setdefault("BLENDER_USER_RESOURCES", os.path.join(_ROOT, "blender"))
 os.environ.setdefault("MSD_PANORAMA_CACHE", os.path.join(_ROOT, "cache"))
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -1,10 +1,12 @@
 """The extension as Blender sees it: manifest, built zip, install/uninstall, register cycle, UI classes."""
 
+import os
 import shutil
 import subprocess
 import sys
 import tomllib
 import zipfile
+from pathlib import Path
 
 import bpy
 
@@ -268,15 +270,74 @@ def test_import_msd_core_loads_neither_torch_nor_bpy():
 # -- the commands of the README ---------------------------------------------------------------------
 
 
-def test_make_dist_builds_the_zip_into_a_folder_it_creates(tmp_path):
+def test_make_dist_builds_the_zip_without_the_venv_as_blenders_builder_does(tmp_path):
+    """`make dist` needs only a Python 3.11+ (no venv); its zip passes Blender's validator and holds the
+    same files as the zip of Blender's own builder."""
     dist = tmp_path / "not" / "there" / "yet"
     result = subprocess.run(
-        ["make", "-C", str(REPO_ROOT), "-o", ".venv/.installed", "dist", f"PY={sys.executable}", f"DIST={dist}"],
-        capture_output=True, text=True, timeout=300,
+        ["make", "-C", str(REPO_ROOT), "dist", f"DIST={dist}", f"VENV={tmp_path / 'no-venv'}", f"PYTHON={sys.executable}"],
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+    assert not (tmp_path / "no-venv").exists()
     (zip_path,) = dist.glob("msd_panorama-*.zip")
-    assert "operators/generate.py" in zipfile.ZipFile(zip_path).namelist()
+    assert zip_path.name == f"msd_panorama-{msd_core.__version__}.zip"
+    validated = run_blender_ext("validate", str(zip_path))
+    assert validated.returncode == 0 and "Success" in validated.stdout, validated.stdout + validated.stderr
+    ours = zipfile.ZipFile(zip_path).namelist()
+    assert ours[0] == "blender_manifest.toml" and sorted(ours) == sorted(zipfile.ZipFile(extension_zip()).namelist())
+    assert "operators/generate.py" in ours and "LICENSE" in ours
+
+
+def test_build_zip_reads_the_exclude_patterns_as_gitignore_lines(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        from build_zip import ExcludePatterns
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts"))
+    rules = ExcludePatterns(["__pycache__/", "*.pyc", ".*", "/*.zip", "/tests/", "*.blend[1-9]", "/Makefile"])
+    assert rules.excludes("msd_core/__pycache__", is_dir=True) and not rules.excludes("__pycache__", is_dir=False)
+    assert rules.excludes("ui/panel.pyc", is_dir=False) and rules.excludes("a/.hidden", is_dir=False)
+    assert rules.excludes("old.zip", is_dir=False) and not rules.excludes("msd_core/data.zip", is_dir=False)
+    assert rules.excludes("tests", is_dir=True) and not rules.excludes("msd_core/tests", is_dir=True)
+    assert rules.excludes("x.blend1", is_dir=False) and not rules.excludes("x.blend", is_dir=False)
+    assert rules.excludes("Makefile", is_dir=False) and not rules.excludes("ui/Makefile", is_dir=False)
+
+
+def test_license_is_the_gpl_3_the_manifest_names():
+    text = (REPO_ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert manifest()["license"] == ["SPDX:GPL-3.0-or-later"]
+    assert text.split()[:7] == ["GNU", "GENERAL", "PUBLIC", "LICENSE", "Version", "3,", "29"]
+    assert "How to Apply These Terms to Your New Programs" in text and "END OF TERMS AND CONDITIONS" in text
+    debian = Path("/usr/share/common-licenses/GPL-3")
+    if debian.is_file():  # the text as Debian ships it, word for word
+        assert text == debian.read_text(encoding="utf-8")
+
+
+def test_make_without_python_3_11_stops_with_one_line_naming_python(tmp_path):
+    venv = tmp_path / "venv"
+    result = subprocess.run(
+        ["make", "-C", str(REPO_ROOT), "--no-print-directory", "test", f"VENV={venv}", "PYTHON=/usr/bin/false"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "need Python 3.11" in result.stderr and "PYTHON=/path/to/python3.11" in result.stderr
+    assert not venv.exists()
+
+
+def test_test_runs_leave_nothing_in_the_temporary_folder(tmp_path):
+    """A pytest run (here one test that builds and installs the zip) removes its msd-tests-* and
+    msd-ext-zip-* folders when it ends."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'base'}",
+         "tests/test_extension.py::test_zip_holds_the_add_on_and_msd_core_and_nothing_for_development"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(temp)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(path.name for path in temp.iterdir()) == []
 
 
 def test_a_failed_demo_keeps_the_earlier_demo_blend(tmp_path):
