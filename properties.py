@@ -20,7 +20,7 @@ from .preferences import MSD_AddonPreferences
 
 # Aspect enum item → msd_core preset name.
 ASPECT_PRESETS = {"WORLD_360": "360", "STRIP": "strip", "BACKDROP": "backdrop"}
-SEED_MAX = 2**31 - 1  # Blender's IntProperty is 32-bit
+SEED_MAX = core.DRAWN_SEED_LIMIT - 1  # Blender's IntProperty is 32-bit
 
 
 @dataclass
@@ -104,6 +104,16 @@ def _update_quality(group, context):
 _STANDARD = core.QUALITY[core.DEFAULT_QUALITY][0]
 
 
+def _seed_set(group, _context) -> None:
+    if group.large_seed:  # setting Seed replaces a stored large seed
+        group.large_seed = ""
+
+
+def _random_seed_set(group, _context) -> None:
+    if group.random_seed and group.large_seed:  # and so does drawing seeds again
+        group.large_seed = ""
+
+
 class MSD_PanoramaSettings(PropertyGroup):
     prompt: StringProperty(name="Prompt", description="What the panorama shows")
     negative_prompt: StringProperty(name="Negative Prompt", description="What it should not show")
@@ -129,8 +139,15 @@ class MSD_PanoramaSettings(PropertyGroup):
     wrap: BoolProperty(
         name="Seamless Wrap", description="Make the left and right edges meet (for custom sizes)", default=True
     )
-    seed: IntProperty(name="Seed", min=0, max=SEED_MAX, default=0)
-    random_seed: BoolProperty(name="Random Seed", description="Use a new seed for every run", default=True)
+    seed: IntProperty(name="Seed", min=0, max=SEED_MAX, default=0, update=_seed_set)
+    # A restored seed above the Seed field's limit (files made before seeds were drawn below 2^31, or an
+    # explicit --seed), kept as text; setting Seed or turning Random Seed on replaces it.
+    large_seed: StringProperty(
+        name="Stored Seed", description="A seed from a panorama file, too large for the Seed field; setting Seed replaces it",
+    )
+    random_seed: BoolProperty(
+        name="Random Seed", description="Use a new seed for every run", default=True, update=_random_seed_set
+    )
     quality: EnumProperty(
         name="Quality",
         items=[(name.upper(), name.capitalize(), what) for name, (_, what) in core.QUALITY.items()],
@@ -237,7 +254,7 @@ def settings_from_scene(scene, prefs) -> GenerationSettings:
 
 def _scene_settings(scene, prefs) -> GenerationSettings:
     group = scene.msd_panorama
-    seed = random.randint(0, SEED_MAX) if group.random_seed else group.seed
+    seed = random.randint(0, SEED_MAX) if group.random_seed else panel_seed(group)
     return GenerationSettings(
         prompt=group.prompt,
         negative_prompt=group.negative_prompt,
@@ -262,6 +279,15 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         hdr_knee=group.hdr_knee,
         hdr_peak=group.hdr_peak,
     )
+
+
+def panel_seed(group) -> int:
+    """The panel's fixed seed: a stored large seed if there is one, else the Seed field."""
+    if not group.large_seed:
+        return group.seed
+    if not group.large_seed.isdigit() or len(group.large_seed) > 19:
+        raise BadInput(f"the stored seed {group.large_seed[:40]!r} is not a whole number below 2^63; set Seed")
+    return int(group.large_seed)
 
 
 def estimate_text(scene, prefs) -> str:
@@ -311,7 +337,10 @@ def _panel_values(settings: GenerationSettings) -> dict:
         "prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "method": settings.method,
         "gradient": settings.gradient, "windows": settings.windows, "omega": settings.omega,
         "pyramid": settings.pyramid, "coarse_noise": settings.coarse_noise, "scales": settings.scales or 0,
-        "steps": settings.steps, "guidance": settings.guidance, "seed": settings.seed, "random_seed": False,
+        "steps": settings.steps, "guidance": settings.guidance, "random_seed": False,
+        # Seed first (its update clears the stored seed), then a seed too large for it as text.
+        "seed": settings.seed if settings.seed <= SEED_MAX else 0,
+        "large_seed": str(settings.seed) if settings.seed > SEED_MAX else "",
         "hdr": settings.hdr, "hdr_knee": settings.hdr_knee, "hdr_peak": settings.hdr_peak,
     }  # fmt: skip
 

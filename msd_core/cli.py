@@ -15,13 +15,14 @@ import secrets
 import shutil
 import sys
 
-from . import __version__, environment
+from . import __version__, environment, variations
 from .errors import BadInput, MSDError
 from .settings import (
     COARSE_NOISES,
     DEFAULT_MODEL,
     DEFAULT_STRENGTH,
     DEVICES,
+    DRAWN_SEED_LIMIT,
     DTYPES,
     GRADIENTS,
     HDR_KNEE_RANGE,
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (overrides the preset)")
     _add_wrap(size, "on for the 360 preset")
     _add_run_options(gen)
+    gen.add_argument("--variations", type=int, metavar="N",
+                     help="instead of one panorama, N small drafts with consecutive seeds (the short side one model "
+                          f"window, as the panel's Drafts; 1–{variations.MAX_VARIATIONS}) written as OUTPUT_v01.png, "
+                          "OUTPUT_v02.png, …; refine the one you like, or generate it with its seed")
     gen.add_argument("--dry-run", action="store_true",
                      help="print the plan as JSON (levels, windows, steps, UNet work, decoded size, estimated memory) "
                           "without loading the model")
@@ -170,8 +175,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--feather", action="store_true", help="feathered instead of uniform window weights")
 
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--model", default=DEFAULT_MODEL,
+    sampling.add_argument("--model",
                           help=f"Hugging Face id, local diffusers folder, or .safetensors file (default {DEFAULT_MODEL}; "
+                               "refine: the source's model, from its metadata, where it has one; "
                                "'tiny' = a tiny random model for offline smoke tests, its output is noise-like)")
     sampling.add_argument("--model-config", help="for a single .safetensors file: folder or Hugging Face id with its configs")
     sampling.add_argument("--steps", type=int, help="denoising steps (default: the quality preset's)")
@@ -222,10 +228,10 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     settings = GenerationSettings(prompt=args.prompt).with_preset(args.preset or "360")
     settings = settings.with_quality(args.quality or "standard")
     changes = {
-        "negative_prompt": args.negative, "model": args.model, "model_config": args.model_config,
+        "negative_prompt": args.negative, "model": args.model or DEFAULT_MODEL, "model_config": args.model_config,
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
         "coarse_noise": args.coarse_noise, "scales": args.scales, "guidance": args.guidance, "scheduler": args.scheduler,
-        "seed": secrets.randbelow(2**32) if args.seed is None else args.seed,
+        "seed": secrets.randbelow(DRAWN_SEED_LIMIT) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "view_batch": args.view_batch,
         "device": args.device, "dtype": args.dtype, "compile": args.compile,
         "hdr": args.hdr, "hdr_knee": args.hdr_knee, "hdr_peak": args.hdr_peak,
@@ -263,25 +269,59 @@ def refine_settings_from_args(args: argparse.Namespace) -> tuple[GenerationSetti
         width = _nearest_multiple(height * source_width / source_height)
     elif height is None:
         height = _nearest_multiple(width * source_height / source_width)
-    sized = argparse.Namespace(**{**vars(args), "width": width, "height": height, "preset": None})
+    model = {"model": args.model, "model_config": args.model_config}
+    if args.model is None:
+        model = source_model(args.image) or model
+    sized = argparse.Namespace(**{**vars(args), **model, "width": width, "height": height, "preset": None})
     return settings_from_args(sized), source
+
+
+def source_model(path: str) -> dict | None:
+    """{"model", "model_config"} from the generation settings a panorama of ours carries (PNG text or
+    EXR attributes), or None for any other image or unreadable metadata."""
+    from . import hdr, pngmeta
+
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)
+        if head.startswith(b"\x89PNG"):
+            text = pngmeta.read_text_chunks(path).get(pngmeta.SETTINGS_KEY)
+        else:
+            text = hdr.read_exr_attributes(path).get(pngmeta.SETTINGS_KEY)
+        stored = json.loads(text) if isinstance(text, str) else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or not isinstance(stored.get("model"), str) or not stored["model"].strip():
+        return None
+    config = stored.get("model_config")
+    return {"model": stored["model"], "model_config": config if isinstance(config, str) else None}
 
 
 def _nearest_multiple(value: float) -> int:
     below, above = nearest_multiples(round(value))
     return below if value - below <= above - value else above
-def dry_run(settings: GenerationSettings) -> int:
+
+
+def dry_run(settings: GenerationSettings, count: int | None = None) -> int:
     """Print the plan as JSON: torch only tells which device "auto" is and how much memory it has free."""
     import torch
 
     from .environment import auto_device
-    from .plan import plan_without_model
+    from .plan import known_window, plan_without_model
 
     device = auto_device(torch) if settings.device == "auto" else settings.device
     dtype = settings.dtype if settings.dtype != "auto" else ("float32" if device == "cpu" else "float16")
     free = torch.cuda.mem_get_info()[0] if device == "cuda" and torch.cuda.is_available() else None
+    extra = {}
+    if count:  # the plan of each draft (they differ only in the seed)
+        window = settings.window or known_window(settings.model, settings.model_config)
+        settings = variations.draft_settings(settings, window) if window else settings  # unknown: the plan says so
+        extra = {"variations": count, "seeds": [settings.seed + index for index in range(count)]}
     plan = plan_without_model(settings, free, dtype)
-    print(json.dumps({"device": device, **plan.dry_run(dtype)}, indent=1))
+    resolved = {**settings.to_dict(), "device": device, "dtype": dtype}
+    # The seed places the shifted tiles, so the work count holds for this seed: --seed repeats it.
+    print(json.dumps({"device": device, "seed": settings.seed, **extra, **plan.dry_run(dtype), "settings": resolved},
+                     indent=1))
     return 0
 
 
@@ -292,6 +332,8 @@ def generate(args: argparse.Namespace) -> int:
         settings, source = refine_settings_from_args(args)
     else:
         settings, source = settings_from_args(args), None
+        if args.variations is not None:
+            return generate_variations(args, settings)
         if args.dry_run:
             return dry_run(settings)
     if args.output is None:
@@ -299,19 +341,8 @@ def generate(args: argparse.Namespace) -> int:
         raise BadInput(f"give the PNG file to write with -o/--output{dry}")
     check_memory(settings)
     output = check_output_path(args.output, args.overwrite, exr=settings.hdr)
-    if not 0 <= args.threads <= MAX_THREADS:
-        raise BadInput("{field} must be from 0 (automatic) to {limit}, got {value}", field="threads", limit=MAX_THREADS,
-                       value=args.threads)
     origin = f" from {args.image} at strength {source.strength}" if source else ""
-    print(f"msd-panorama: {settings.width}×{settings.height}{origin}, seed {settings.seed}, model {settings.model}",
-          file=sys.stderr)
-
-    import torch
-
-    from .pipeline import MSDPanoramaPipeline
-
-    torch.set_num_threads(environment.threads(args.threads))
-    pipe = MSDPanoramaPipeline.from_settings(settings)
+    pipe = _load_pipeline(args, settings, f"{settings.width}×{settings.height}{origin}, seed {settings.seed}")
     progress = None if args.quiet else _progress_bar(settings.steps)
     try:
         result = pipe.refine(settings, source, callback=progress) if source else pipe(settings, callback=progress)
@@ -324,6 +355,48 @@ def generate(args: argparse.Namespace) -> int:
         print(save_exr(result.image, path, result.metadata, knee=settings.hdr_knee, peak=settings.hdr_peak,
                        overwrite=args.overwrite))
     return 0
+
+
+def generate_variations(args: argparse.Namespace, settings: GenerationSettings) -> int:
+    """N drafts with consecutive seeds at draft size (msd_core.variations), each written as soon as it is done."""
+    from .output import check_output_path
+
+    count = args.variations
+    if not 1 <= count <= variations.MAX_VARIATIONS:
+        raise BadInput(f"--variations must be a whole number from 1 to {variations.MAX_VARIATIONS}, got {count}")
+    if args.seed is None:  # drawn: every draft's seed fits Blender's seed field
+        settings = dataclasses.replace(settings, seed=min(settings.seed, DRAWN_SEED_LIMIT - count))
+    variations.check_seeds(settings.seed, count)
+    if args.dry_run:
+        return dry_run(settings, count)
+    if args.output is None:
+        raise BadInput("give the PNG file to write with -o/--output (drafts are OUTPUT_v01.png, …), or --dry-run")
+    check_output_path(args.output, args.overwrite)
+    outputs = [check_output_path(variations.variation_path(args.output, index), args.overwrite) for index in range(count)]
+    pipe = _load_pipeline(args, settings, f"{count} drafts, seeds {settings.seed}–{settings.seed + count - 1}")
+    draft = variations.draft_settings(settings, pipe.unet.config.sample_size * pipe.factor)
+    for index, output in enumerate(outputs):
+        progress = None if args.quiet else _progress_bar(draft.steps)
+        try:
+            result = pipe(dataclasses.replace(draft, seed=draft.seed + index), callback=progress)
+        finally:
+            if progress:
+                progress.close()
+        print(pipe.save(result, output, overwrite=args.overwrite), flush=True)
+    return 0
+
+
+def _load_pipeline(args: argparse.Namespace, settings: GenerationSettings, what: str):
+    if not 0 <= args.threads <= MAX_THREADS:
+        raise BadInput("{field} must be from 0 (automatic) to {limit}, got {value}", field="threads", limit=MAX_THREADS,
+                       value=args.threads)
+    print(f"msd-panorama: {what}, model {settings.model}", file=sys.stderr)
+    import torch
+
+    from .pipeline import MSDPanoramaPipeline
+
+    torch.set_num_threads(environment.threads(args.threads))
+    return MSDPanoramaPipeline.from_settings(settings)
 
 
 def _progress_bar(total: int):

@@ -196,7 +196,7 @@ class MSDPanoramaPipeline:
         finished = time.perf_counter()
         timings = {"sample": sampled - started, "decode": finished - sampled, "total": finished - started}
         # 7. Metadata.
-        resolved = {**plan.describe(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+        resolved = {**plan.describe(len(schedule)), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                     "msd_core_version": __version__}
         metadata = output.generation_metadata(settings, resolved)
         return PanoramaResult(image, latents, metadata, timings, plan)

@@ -229,8 +229,9 @@ class Plan:
         """The first step's grids (every step's, with dense windows)."""
         return self.grids_at(0)
 
-    def work(self) -> dict:
-        return unet_work(self.windows_per_step(), self.gradient, self.guided)
+    def work(self, steps: int | None = None) -> dict:
+        """UNet work of the run, or of its first ``steps`` steps (a refine runs only part of the schedule)."""
+        return unet_work(self.windows_per_step()[:steps], self.gradient, self.guided)
 
     def step_costs(self) -> list[float]:
         """UNet work of every step in window forwards, a backward counted as ``BACKWARD_COST`` forwards."""
@@ -240,9 +241,10 @@ class Plan:
             costs.append(work["forwards"] + BACKWARD_COST * work["backwards"])
         return costs
 
-    def describe(self) -> dict:
+    def describe(self, steps: int | None = None) -> dict:
         """What the run will do, in pixels (stored in the output's metadata); windows per level are the
-        most any step has (shifted tiles vary by a snapped edge tile)."""
+        most any step has (shifted tiles vary by a snapped edge tile); the UNet work counts the first
+        ``steps`` steps where not all run."""
         per_step = self.windows_per_step()
         return {
             "levels": self.levels,
@@ -251,7 +253,7 @@ class Plan:
             "windows": self.windows,
             "view_batch": self.view_batch,
             "windows_per_level": [max(counts[level] for counts in per_step) for level in range(self.levels)],
-            "unet_windows": self.work(),
+            "unet_windows": self.work(steps),
         }
 
     def dry_run(self, dtype: str) -> dict:

@@ -64,6 +64,10 @@ _DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
 # was made the earlier way.
 STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal"}
 
+# Seeds drawn at random (CLI, panel, drafts) stay below this: Blender's seed field is a 32-bit IntProperty.
+# Any seed below 2^63 is valid and stored; the panel keeps one above its field's limit as text.
+DRAWN_SEED_LIMIT = 2**31
+
 LATENT_FACTOR = 8  # pixels per latent pixel for Stable Diffusion's VAE
 
 # Bounds checked by validate() (docs/bad-input.md lists them).

@@ -382,7 +382,7 @@ class Worker:
         prefix = "" if job.preview_dir is None else f"msd-preview-{_file_safe(job.id)}-"
         extra = {} if variation is None else {"variation": variation, "count": job.variations}
         plan = pipe.check_inputs(job.settings)
-        costs = plan.step_costs()  # window forwards per step
+        costs = plan.step_costs()  # window forwards per step; a refine runs the first info.total of them
         preview_level = 2 if plan.squeeze > 1 else 1  # a global level is squeezed: the one below has the aspect
         first_step_done = []  # elapsed at the end of step 1: later steps give the rate without warm-up
 
@@ -410,7 +410,7 @@ class Worker:
                 elif seconds_per_window is None:
                     eta = info.elapsed / info.step * (info.total - info.step)
                 else:
-                    eta = seconds_per_window * sum(costs[info.step:])
+                    eta = seconds_per_window * sum(costs[info.step:info.total])
                 self.emit(
                     protocol.event(
                         "progress",

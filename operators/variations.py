@@ -70,7 +70,8 @@ def start_variations(context, count: int) -> generate.Job:
     folder = os.path.join(output_folder(get_preferences(context)), DRAFTS_FOLDER)
 
     def send(client, settings: GenerationSettings) -> tuple[str, str]:
-        settings.seed = min(settings.seed, SEED_MAX - count + 1)  # every draft's seed fits the panel's field
+        if settings.seed <= SEED_MAX:  # every draft's seed fits the panel's field (a stored large seed stays)
+            settings.seed = min(settings.seed, SEED_MAX - count + 1)
         output = generate.unique_output_path(folder, settings.seed)
         variation_state.begin(settings, count)
         return client.variations(settings, output, count), output

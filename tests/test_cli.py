@@ -1,5 +1,6 @@
 """The `msd-panorama` command: an end-to-end run and every kind of bad input."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -118,3 +119,41 @@ def test_presets_and_wrap_defaults():
     paper = settings("--pyramid", "halving", "--coarse-noise", "literal")
     assert (paper.pyramid, paper.coarse_noise) == ("halving", "literal")
     assert len({settings().seed for _ in range(5)}) > 1  # a fresh seed unless one is given
+
+
+def test_drawn_seeds_fit_blenders_seed_field():
+    """Blender's Seed field is a 32-bit IntProperty: a drawn seed is below 2^31, so Use Settings can
+    put it there (explicit seeds up to 2^63−1 stay valid)."""
+    parser = cli.build_parser()
+    seeds = [cli.settings_from_args(parser.parse_args(["generate", "x"])).seed for _ in range(200)]
+    assert max(seeds) < 2**31 and len(set(seeds)) > 190
+    assert cli.settings_from_args(parser.parse_args(["generate", "x", "--seed", str(2**63 - 1)])).seed == 2**63 - 1
+
+
+def test_dry_run_prints_the_seed_and_the_resolved_settings(capsys):
+    assert cli.main(["generate", "x", "--dry-run", "--device", "cpu", "--quality", "draft", "--seed", "7"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["seed"] == 7 and printed["unet_windows"]["forwards"] > 0
+    resolved = printed["settings"]
+    assert (resolved["seed"], resolved["device"], resolved["dtype"]) == (7, "cpu", "float32")
+    assert (resolved["windows"], resolved["steps"], resolved["width"], resolved["pyramid"]) == ("shifted", 25, 2048, "global")
+    assert cli.main(["generate", "x", "--dry-run", "--device", "cpu"]) == 0
+    drawn = json.loads(capsys.readouterr().out)
+    assert drawn["seed"] == drawn["settings"]["seed"] < 2**31
+
+
+def test_variations_write_n_drafts_with_consecutive_seeds(tmp_path, capsys):
+    out = tmp_path / "lake.png"
+    arguments = ["generate", "a lake", "-o", str(out), "--width", "256", "--height", "128", "--variations", "2",
+                 "--model", "tiny", "--device", "cpu", "--steps", "2", "--seed", "40", "-q"]
+    assert cli.main(arguments) == 0
+    written = capsys.readouterr().out.split()
+    assert written == [str(tmp_path / "lake_v01.png"), str(tmp_path / "lake_v02.png")]
+    for index, path in enumerate(written):
+        meta = pngmeta.read_text_chunks(path)
+        assert (meta["seed"], meta["width"], meta["height"]) == (str(40 + index), "128", "64")  # one 64 px window tall
+    assert not out.exists()
+    assert cli.main(arguments) == 2  # never overwritten
+    assert "lake_v01.png exists; to replace it, turn on --overwrite" in capsys.readouterr().err
+    assert cli.main([*arguments[:-5], "--variations", "17"]) == 2
+    assert "--variations must be a whole number from 1 to 16, got 17" in capsys.readouterr().err

@@ -146,3 +146,22 @@ def test_history_panel_draws_each_entry_with_its_buttons(folder):
     per_entry = ["msd.apply_world", "msd.add_backdrop", "msd.restore_settings", "msd.refine"]
     assert operators == per_entry * 3
     assert sum(1 for kind, _ in log if kind == "icon") == 3
+
+
+@pytest.mark.parametrize("seed", [2**31, 2**32 - 1, 2**63 - 1])
+def test_use_settings_restores_a_seed_too_large_for_the_seed_field(extension, tmp_path, seed):
+    """Files written before seeds were drawn below 2^31 (the CLI drew up to 2^32), or with an explicit
+    --seed, keep their exact seed: the panel holds it as text until Seed is set."""
+    path = write_panorama(tmp_path / "old.png", "an old panorama", seed)
+    assert bpy.ops.msd.restore_settings(filepath=path) == {"FINISHED"}
+    group = bpy.context.scene.msd_panorama
+    properties = extension.properties
+    assert (group.large_seed, group.random_seed) == (str(seed), False)
+    assert properties.settings_from_scene(bpy.context.scene, addon_preferences()).seed == seed
+    assert f"Seed {seed}" in " ".join(text for kind, text in draw("MSD_PT_panorama_sampler") if kind == "label")
+    group.seed = 5  # the user sets a seed: it replaces the stored one
+    assert group.large_seed == "" and properties.settings_from_scene(bpy.context.scene, addon_preferences()).seed == 5
+    assert bpy.ops.msd.restore_settings(filepath=path) == {"FINISHED"}
+    group.random_seed = True
+    assert group.large_seed == ""
+    assert 0 <= properties.settings_from_scene(bpy.context.scene, addon_preferences()).seed < 2**31

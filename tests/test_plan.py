@@ -2,17 +2,20 @@
 and the GPU path's layout/inference-mode changes giving the same panorama on the CPU."""
 
 import dataclasses
+import io
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from msd_core import cli, models, plan
 from msd_core.errors import BadInput
 from msd_core.pipeline import MSDPanoramaPipeline
-from msd_core.settings import QUALITY, GenerationSettings
+from msd_core.settings import QUALITY, GenerationSettings, RefineSettings
 
 BASE = GenerationSettings(prompt="a quiet lake", width=256, height=256, wrap=True, model="tiny", steps=3, seed=4,
                           device="cpu", view_batch=5)
@@ -172,3 +175,37 @@ def test_the_unet_uses_pytorchs_fused_attention(pipe):
 
     processors = pipe.unet.attn_processors.values()
     assert processors and all(isinstance(processor, AttnProcessor2_0) for processor in processors)
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.75])
+def test_a_refines_unet_work_counts_the_steps_that_ran(pipe, monkeypatch, tmp_path, strength):
+    settings = dataclasses.replace(BASE, windows="shifted", gradient="exact", steps=4)
+    source = tmp_path / "source.png"
+    Image.new("RGB", (256, 256), (90, 120, 200)).save(source)
+    ran = math.floor(strength * settings.steps)
+    counter = CallCounter(pipe, monkeypatch)
+    result = pipe.refine(settings, RefineSettings(str(source), strength), decode=False)
+    stored = json.loads(result.metadata["unet_windows"])
+    assert stored == {"forwards": counter.forwards, "backwards": counter.backwards}
+    assert stored == pipe.check_inputs(settings).work(ran) != pipe.check_inputs(settings).work()
+
+
+def test_the_eta_of_a_refine_counts_only_the_steps_left(pipe, tmp_path):
+    """At a steady rate the eta after each step is exactly the work left times that rate."""
+    from msd_core.pipeline import StepInfo
+    from msd_core.worker import EventWriter, Worker, parse_generate
+
+    source = tmp_path / "source.png"
+    Image.new("RGB", (256, 256)).save(source)
+    settings = dataclasses.replace(BASE, windows="shifted", gradient="exact", steps=8)
+    job = parse_generate({"op": "generate", "id": 1, "settings": settings.to_dict(), "output": str(tmp_path / "o.png"),
+                          "preview_every": 0, "refine": {"source": str(source), "strength": 0.5}})
+    events = io.StringIO()
+    on_step = Worker(EventWriter(events), tmp_path)._step_callback(job, pipe, tmp_path)
+    planned = pipe.check_inputs(settings)
+    costs = planned.step_costs()[:4]  # strength 0.5 of 8 steps: the first 4 of the plan run
+    rate = 0.01  # seconds per window forward
+    for step in range(1, 5):
+        on_step(StepInfo(step, 4, planned.levels, planned.levels, None, None, rate * sum(costs[:step]) + 1.0))  # 1 s of warm-up in step 1
+    etas = [json.loads(line)["eta"] for line in events.getvalue().splitlines()]
+    assert etas[1:] == pytest.approx([rate * sum(costs[step:]) for step in range(2, 5)])

@@ -416,3 +416,21 @@ def test_worker_refuses_a_bad_refine_before_accepting_it(worker, tmp_path, refin
     events = events_until_final(worker, "bad")
     assert [(e["event"], e["kind"]) for e in events] == [("error", "bad_input")]
     assert message in events[0]["message"] and not (tmp_path / "o.png").exists()
+
+
+def test_cli_refine_without_model_takes_the_sources_model_from_its_metadata(tmp_path):
+    """A panorama of ours names its model: refine uses it (here the offline tiny one) unless --model says
+    otherwise; an image without our metadata falls back to the default model (not cached: refused)."""
+    from msd_core import output
+
+    source = tmp_path / "ours.png"
+    stored = GenerationSettings(prompt="a lake", model="tiny", width=128, height=64, seed=9)
+    output.save_png(Image.open(source_png(tmp_path / "plain.png")), source, output.generation_metadata(stored, {}))
+    without_model = [arg for arg in TINY if arg not in ("--model", "tiny")]
+    completed = run_cli(str(source), "--prompt", "a lake at dusk", "-o", str(tmp_path / "out.png"), *without_model,
+                        cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert pngmeta.read_text_chunks(tmp_path / "out.png")["model"] == "tiny" and "model tiny" in completed.stderr
+    plain = run_cli(str(tmp_path / "plain.png"), "--prompt", "a lake", "-o", str(tmp_path / "plain-out.png"),
+                    *without_model, cwd=tmp_path)
+    assert plain.returncode == 2 and "stable-diffusion-2-base" in plain.stderr, plain.stderr

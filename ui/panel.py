@@ -203,6 +203,8 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         row = layout.row()
         row.active = not group.random_seed
         row.prop(group, "seed")
+        if group.large_seed and not group.random_seed:
+            layout.label(text=f"Seed {group.large_seed} (from a file; setting Seed replaces it)")
         if run_state.last_seed is not None:
             layout.label(text=f"Last seed: {run_state.last_seed}")
         layout.prop(group, "steps")
