@@ -19,7 +19,9 @@ import collections
 import json
 import os
 import re
+import socket
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -356,6 +358,35 @@ def describe_progress(progress: DownloadProgress) -> str:
 # --------------------------------------------------------------------------------------- downloading
 
 
+HOW_TO_FIX = (
+    "give a local diffusers folder or a .safetensors file with --model, "
+    "or use --model tiny for an offline smoke run"
+)
+HUB_PROBE_SECONDS = 3.0  # how long to wait for the Hub's server to answer a connection before calling it unreachable
+
+
+def hub_unreachable(endpoint: str | None = None) -> str | None:
+    """Why the Hugging Face Hub cannot be reached (DNS, refused, timed out), or None if it answers.
+
+    One quick connection instead of huggingface_hub's retries (five, with back-off: about 25 s per file
+    when the machine is offline); when it fails, models come from the local cache only.
+    """
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(endpoint or constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        return f"{url.hostname}: {exc.strerror or exc}" if not isinstance(exc, TimeoutError) else f"{url.hostname}: timed out"
+    return None
+
+
+def unreachable_advice(unreachable: str) -> str:
+    """The end of every message about an unreachable Hub (generate and download say the same)."""
+    return f"the Hub cannot be reached ({unreachable}): check the internet connection, or {HOW_TO_FIX}"
+
+
 def download(
     repo_id: str,
     *,
@@ -379,6 +410,9 @@ def download(
             f"cannot download {repo_id}: the Hugging Face Hub is off limits here (HF_HUB_OFFLINE is set, or "
             "Blender's Allow Online Access is off)"
         )
+    unreachable = hub_unreachable(endpoint)
+    if unreachable:
+        raise NetworkError(f"cannot download {repo_id}: {unreachable_advice(unreachable)}")
     from huggingface_hub import HfApi, hf_hub_download
 
     with _hub_errors(repo_id):

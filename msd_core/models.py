@@ -22,9 +22,7 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import tempfile
-import urllib.parse
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,11 +30,12 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import SingleFileComponentError
-from huggingface_hub import constants as hub_constants, snapshot_download
+from huggingface_hub import snapshot_download
 from safetensors import SafetensorError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import hub
+from .hub import HOW_TO_FIX
 from .environment import auto_device
 from .errors import BadInput, ModelNotFound, NetworkError, UnsupportedModelFile
 
@@ -56,7 +55,6 @@ COMPONENT_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorc
 CONFIG_SUFFIXES = (".json", ".txt")  # what a configuration folder may contribute: configs, vocabularies
 MAX_CONFIG_BYTES = 16 * 2**20  # per config file; CLIP's vocab.json, the largest, is about 1 MB
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # the JSON header of a safetensors file (safetensors' own limit)
-HUB_PROBE_SECONDS = 3.0  # how long to wait for the Hub's server to answer a connection before calling it unreachable
 
 # diffusers passes an argument that huggingface_hub deprecated; the warning is noise to our users.
 warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
@@ -64,10 +62,6 @@ warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 TINY_SEED = 0
 TINY_TEXT_LENGTH = 16  # tokens, prompt included; keeps the text encoder and cross-attention tiny
 
-HOW_TO_FIX = (
-    "give a local diffusers folder or a .safetensors file with --model, "
-    "or use --model tiny for an offline smoke run"
-)
 
 
 @dataclass
@@ -290,7 +284,7 @@ def load_components(
         elif source == "single_file":
             parts = _load_single_file(_expand(model), model_config, torch_dtype, local_files_only)
         else:
-            unreachable = None if local_files_only else hub_unreachable()
+            unreachable = None if local_files_only else hub.hub_unreachable()
             try:
                 parts = _load_folder(model, torch_dtype, local_files_only or unreachable is not None)
             except OSError as exc:
@@ -351,26 +345,10 @@ def _classify(model: str) -> str:
     return "repo"
 
 
-def hub_unreachable() -> str | None:
-    """Why the Hugging Face Hub cannot be reached (DNS, refused, timed out), or None if it answers.
-
-    One quick connection instead of huggingface_hub's retries (five, with back-off: about 25 s per file
-    when the machine is offline); when it fails, models come from the local cache only.
-    """
-    url = urllib.parse.urlsplit(hub_constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
-    except OSError as exc:
-        return f"{url.hostname}: {exc.strerror or exc}" if not isinstance(exc, TimeoutError) else f"{url.hostname}: timed out"
-    return None
-
-
 def _not_found(what: str, local_files_only: bool, unreachable: str | None, exc: Exception) -> str:
     """Why ``what`` could not be loaded: offline by choice, the Hub unreachable, or really missing."""
     if unreachable:
-        return (f"{what} is not in the local Hugging Face cache and the Hub cannot be reached ({unreachable}): "
-                f"check the internet connection, or {HOW_TO_FIX}")
+        return f"{what} is not in the local Hugging Face cache and {hub.unreachable_advice(unreachable)}"
     where = "in the local Hugging Face cache (offline)" if local_files_only else "on the Hugging Face Hub"
     return f"{what} was not found {where}: {HOW_TO_FIX} ({_first_line(exc)})"
 
@@ -440,7 +418,7 @@ def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, l
     if _looks_like_path(model_config) and not pathlib.Path(config_folder).is_dir():
         raise ModelNotFound(f"model config {model_config}: no such folder; give a diffusers folder or a Hugging Face id")
     if not pathlib.Path(config_folder).is_dir():
-        unreachable = None if local_files_only else hub_unreachable()
+        unreachable = None if local_files_only else hub.hub_unreachable()
         try:
             config_folder = snapshot_download(
                 model_config, allow_patterns=["*.json", "*.txt"], local_files_only=local_files_only or bool(unreachable)

@@ -237,9 +237,14 @@ def test_download_errors_are_specific_and_fetch_nothing(fake_hub, online, tmp_pa
     assert fake_hub.fetched(repo_id) == [] and hub.list_models(tmp_path) == []
 
 
-def test_unreachable_hub_is_a_network_error(online, tmp_path):
-    with pytest.raises(NetworkError, match=f"downloading {REPO} failed"):
-        hub.download(REPO, cache=tmp_path, endpoint="http://127.0.0.1:9")
+def test_an_unreachable_hub_is_said_as_generate_says_it_after_one_probe(tmp_path):
+    """`models download` with the network down: one line, the words generate uses, no errno, no retries."""
+    result = run_cli("models", "download", REPO, "--dtype", "float32",
+                     env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path)})
+    assert result.returncode == 2 and result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"cannot download {REPO}: the Hub cannot be reached (127.0.0.1: Connection refused): " in result.stderr
+    assert "check the internet connection, or give a local diffusers folder" in result.stderr
+    assert "Errno" not in result.stderr
 
 
 # -------------------------------------------------------------------------------------------------- CLI

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import huggingface_hub
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -430,7 +431,7 @@ def test_pngmeta_does_not_import_torch_or_pil():
 def test_an_unreachable_hub_is_told_apart_from_a_missing_model_without_retries(monkeypatch, capfd):
     """Online allowed but the Hub's address does not resolve: one quick probe, then the local cache only;
     the message says the Hub cannot be reached (not "not found"), and huggingface_hub prints nothing."""
-    monkeypatch.setattr(models.hub_constants, "ENDPOINT", "https://msd-panorama-tests.invalid")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://msd-panorama-tests.invalid")
     with pytest.raises(NetworkError) as caught:
         models.load_components("msd-panorama-tests/no-such-model", local_files_only=False)
     message = str(caught.value)
