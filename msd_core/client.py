@@ -328,7 +328,9 @@ class WorkerClient:
             headline = f"the worker process exited unexpectedly with status {returncode}"
         tail = list(self._stderr)
         message = headline
-        if tail:
+        if returncode == EXIT_MISSING_PACKAGES and tail:
+            message = tail[-1]  # the worker's own sentence: which package is missing and what to do
+        elif tail:
             message += "; its last output:\n" + "\n".join(tail[-DIED_MESSAGE_LINES:])
         self._events.put(
             protocol.error_event(request_id, "died", message, returncode=returncode, signal=signal_name, stderr=tail)
@@ -358,6 +360,11 @@ def _lines(stream):
 
 def _new_id() -> str:
     return uuid.uuid4().hex
+
+
+# The worker's exit status when its Python lacks torch, diffusers or transformers (msd_core.worker, which
+# cannot be imported here: it imports torch).
+EXIT_MISSING_PACKAGES = 78
 
 
 def _start_thread(target, process: subprocess.Popen, name: str) -> threading.Thread:

@@ -41,11 +41,30 @@ def _take_stdout():
     return open(protocol_fd, "w", encoding="utf-8", newline="\n", buffering=1)
 
 
+EXIT_MISSING_PACKAGES = 78  # sysexits EX_CONFIG: the worker's Python lacks torch, diffusers or transformers (msd_core.client knows it)
+MISSING_PACKAGES_HINT = (
+    "install the worker (Install Worker in Blender's Panorama panel) or point Worker Python at a Python with "
+    "the packages of msd_core/requirements.py"
+)
+
 # Some libraries print to stdout when they are imported: claim it before importing them, and only when
 # this module runs as the worker (importing it, as the tests do, leaves stdout alone).
 PROTOCOL_STREAM = _take_stdout() if __name__ == "__main__" else None
+# Ctrl+C in a terminal reaches every process of its group: a worker driven through pipes leaves it to its
+# client (which cancels the run and shuts it down) instead of dying with a traceback mid-request.
+if __name__ == "__main__" and not sys.stdin.isatty():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+    import diffusers  # noqa: E402, F401  (and transformers, through models): checked here, at start-up
+    import transformers  # noqa: E402, F401
+except ImportError as exc:
+    if __name__ != "__main__":
+        raise
+    # One line for the client to show (Blender reports it), not an import traceback.
+    sys.stderr.write(f"{sys.executable} cannot run the worker: {exc}; {MISSING_PACKAGES_HINT}\n")
+    sys.exit(EXIT_MISSING_PACKAGES)
 
 from . import __version__, environment, hub, models, protocol, variations  # noqa: E402
 from .errors import BadInput, Cancelled, MSDError  # noqa: E402

@@ -120,16 +120,18 @@ def configure(prefs, panel, args, panoramas: Path) -> None:
 
 
 def report_failure(run_state, model: str) -> int:
+    """What to do next. The reason itself is already on the screen: Blender prints the operator's
+    error report ("Error: …") in background mode, so it is not repeated here."""
     if run_state.last_error_kind == "model_not_found":
         print(
-            f"The model {model!r} is not available offline: {run_state.last_error}\n"
-            "Use a local model (--model /path/to/diffusers-folder or /path/to/model.safetensors, "
-            "or make demo MODEL=...), run the offline smoke test with MODEL=tiny, "
-            "or allow the download from the Hugging Face Hub (make demo DOWNLOAD=1, or --allow-download).",
+            f"The model {model!r} is not on this machine. Use a local model (make demo MODEL=/path/to/diffusers-folder "
+            "or MODEL=/path/to/model.safetensors), run the offline smoke test with make demo MODEL=tiny, "
+            f"download it once (.venv/bin/msd-panorama models download {model}), "
+            "or let the demo download it (make demo DOWNLOAD=1).",
             file=sys.stderr,
         )
         return 2
-    print(f"Generation failed: {run_state.last_error}", file=sys.stderr)
+    print("Generation failed (the reason is above); nothing was saved.", file=sys.stderr)
     return 1
 
 
@@ -177,5 +179,14 @@ def render_preview(scene, path: Path) -> Path:
     return path
 
 
+def run(argv=None) -> int:
+    """main, with Ctrl+C a one-line message instead of a traceback (a run in progress is cancelled)."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("Interrupted: nothing more was written (an earlier demo.blend is kept).", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

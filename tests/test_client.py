@@ -252,3 +252,21 @@ def test_runaway_output_lines_are_dropped_not_held(tmp_path, monkeypatch):
         assert any("(a line of 20000" in line and "bytes was dropped)" in line for line in client.stderr_lines)
         assert client.stderr_lines[-1] == "the end"
         assert max(map(len, client.stderr_lines)) < 1000
+
+
+def test_a_worker_python_without_torch_is_one_sentence_saying_what_to_do(tmp_path):
+    """The real worker started by a Python that lacks torch (a stand-in torch that fails to import):
+    the died error is the worker's one sentence, no traceback."""
+    shadow = tmp_path / "shadow" / "torch"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    client = WorkerClient(sys.executable, pythonpath=REPO_ROOT, env={"PYTHONPATH": str(shadow.parent)}).start()
+    try:
+        died = events_until(client, is_died)[-1]
+    finally:
+        client.stop(timeout=5)
+    from msd_core.client import EXIT_MISSING_PACKAGES
+
+    assert died["returncode"] == EXIT_MISSING_PACKAGES
+    assert died["message"].startswith(f"{sys.executable} cannot run the worker: No module named 'torch'; install the worker")
+    assert "\n" not in died["message"] and "Traceback" not in "".join(died["stderr"])

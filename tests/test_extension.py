@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -349,5 +350,23 @@ def test_a_failed_demo_keeps_the_earlier_demo_blend(tmp_path):
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "is not available offline" in result.stderr
+    assert "is not on this machine" in result.stderr and "make demo MODEL=tiny" in result.stderr
+    assert ".venv/bin/msd-panorama models download" in result.stderr
+    assert (result.stdout + result.stderr).count("no such file or folder") == 1  # the reason, once
     assert (tmp_path / "demo.blend").read_bytes() == earlier
+
+
+def test_ctrl_c_in_the_demo_is_one_line_without_a_traceback(tmp_path):
+    demo = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--model", "tiny", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert demo.stdout.readline().startswith("Manifest valid")  # then it builds the zip
+        demo.send_signal(signal.SIGINT)
+        stdout, stderr = demo.communicate(timeout=120)
+    finally:
+        demo.kill()
+    assert demo.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("Interrupted")
+    assert not (tmp_path / "demo.blend").exists()

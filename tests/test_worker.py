@@ -472,3 +472,17 @@ def test_failures_inside_a_run_are_reported_and_the_worker_goes_on(
 
     monkeypatch.undo()
     assert run(f"after-{case}")["event"] == "done"
+
+
+def test_ctrl_c_in_the_terminal_leaves_a_piped_worker_to_its_client(worker_env):
+    """Ctrl+C reaches the client and its worker alike: the worker ignores it (no traceback mid-request)
+    and the client cancels and stops it."""
+    client = WorkerClient(sys.executable, pythonpath=REPO_ROOT, env=worker_env).start()
+    try:
+        wait_for(client, lambda event: event["event"] == "ready")
+        os.kill(client.pid, signal.SIGINT)
+        request_id = client.ping()
+        wait_for(client, lambda event: event["event"] == "pong" and event["id"] == request_id)
+    finally:
+        assert client.stop(timeout=60) == 0
+    assert not any("KeyboardInterrupt" in line for line in client.stderr_lines)
