@@ -206,7 +206,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                           help="linear value that white becomes (default %(default)g, "
                                f"{HDR_PEAK_RANGE[0]:g}–{HDR_PEAK_RANGE[1]:g}; 1 = no expansion)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT (and its .exr) if it exists")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars (sampling and model loading)")
 
 
 def _add_models_command(commands) -> None:
@@ -396,6 +396,12 @@ def _load_pipeline(args: argparse.Namespace, settings: GenerationSettings, what:
     from .pipeline import MSDPanoramaPipeline
 
     torch.set_num_threads(environment.threads(args.threads))
+    if args.quiet:  # the libraries' own bars too (transformers shows one while it loads weights)
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     return MSDPanoramaPipeline.from_settings(settings)
 
 

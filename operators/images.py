@@ -27,8 +27,10 @@ from ..msd_core.errors import BadInput
 METADATA_PROPERTY = "msd"
 MARKER_PROPERTY = "msd_file"
 NAME_PREFIX = "MSD "
-NAME_WORDS = 5  # words of the prompt in the image's name
-NAME_CHARS = 40
+NAME_WORDS = 5  # at most this many whole words of the prompt in the image's name,
+NAME_CHARS = 40  # and at most this many characters: fewer words rather than a word cut in two
+# Words a name does not end on ("MSD a misty alpine valley", not "… valley at").
+JOINING_WORDS = {"a", "an", "and", "as", "at", "by", "for", "from", "in", "of", "on", "or", "the", "to", "with"}
 DIGEST_CHUNK = 1 << 20
 LISTED_KEYS = 5  # names of ignored text entries a warning lists
 LISTED_KEY_CHARS = 30
@@ -82,9 +84,18 @@ def absolute_path(filepath: str, library=None) -> str:
 
 
 def panorama_name(metadata: dict[str, str], path: str) -> str:
-    """The image's name: MSD and the first words of the prompt, or the file's name without a prompt."""
+    """The image's name (and its world's): MSD and the prompt's first whole words, or the file's name
+    without a prompt; a single word longer than the name allows ends in "…"."""
     words = metadata.get("prompt", "").split() or [bpy.path.display_name_from_filepath(path)]
-    return NAME_PREFIX + " ".join(words[:NAME_WORDS])[:NAME_CHARS]
+    kept = []
+    for word in words[:NAME_WORDS]:
+        if len(" ".join([*kept, word])) > NAME_CHARS:
+            break
+        kept.append(word)
+    while len(kept) > 1 and kept[-1].lower() in JOINING_WORDS:
+        kept.pop()
+    text = " ".join(kept).rstrip(",;:-–—") or words[0][: NAME_CHARS - 1] + "…"
+    return NAME_PREFIX + text
 
 
 def metadata_of(image: bpy.types.Image) -> dict[str, str]:

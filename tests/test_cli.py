@@ -1,6 +1,7 @@
 """The `msd-panorama` command: an end-to-end run and every kind of bad input."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -157,3 +158,14 @@ def test_variations_write_n_drafts_with_consecutive_seeds(tmp_path, capsys):
     assert "lake_v01.png exists; to replace it, turn on --overwrite" in capsys.readouterr().err
     assert cli.main([*arguments[:-5], "--variations", "17"]) == 2
     assert "--variations must be a whole number from 1 to 16, got 17" in capsys.readouterr().err
+
+
+def test_quiet_silences_every_progress_bar(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "msd_core", "generate", "a lake", "-o", str(tmp_path / "q.png"), "-q", "--width", "128",
+         "--height", "64", *SMALL],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert "%|" not in completed.stderr and "it/s" not in completed.stderr, completed.stderr
+    assert "seed 5" in completed.stderr  # the one line that says what runs stays

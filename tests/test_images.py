@@ -104,7 +104,7 @@ def test_load_stores_metadata_names_image_and_packs_it(extension, tmp_path):
 
     image = images.load_panorama(str(path))
 
-    assert image.name == "MSD a misty alpine valley at"  # the prompt's first five words
+    assert image.name == "MSD a misty alpine valley"  # the prompt's first five words, not ending on "at"
     assert tuple(image.size) == (64, 32)
     assert image.colorspace_settings.name == "sRGB"
     assert images.metadata_of(image) == generation_texts()
@@ -112,6 +112,17 @@ def test_load_stores_metadata_names_image_and_packs_it(extension, tmp_path):
     assert json.loads(image["msd"]["settings"])["prompt"] == PROMPT
     assert image.packed_file is not None  # the .blend is not saved yet: the image travels inside it
     assert image_pixel(image, 0, 0) == TOP_COLORS[0] and image_pixel(image, 63, 31) == BOTTOM_COLORS[3]
+
+
+@pytest.mark.parametrize("prompt,name", [
+    ("a misty alpine valley at dawn with pine trees", "MSD a misty alpine valley"),
+    ("panoramic snowcapped mountainscape overlooking glaciers", "MSD panoramic snowcapped mountainscape"),
+    ("a quiet harbour at", "MSD a quiet harbour"),
+    ("Pneumonoultramicroscopicsilicovolcanoconiosis-like dust storm", "MSD " + "Pneumonoultramicroscopicsilicovolcanoco…"),
+    ("the", "MSD the"),
+])  # fmt: skip
+def test_names_keep_whole_words(extension, prompt, name):
+    assert extension.operators.images.panorama_name({"prompt": prompt}, "/x/file.png") == name
 
 
 def test_image_without_prompt_is_named_after_its_file(extension, tmp_path):
@@ -307,7 +318,7 @@ NESTED = '{"prompt": ' + "[" * 20_000 + "]" * 20_000 + "}"
         ('{"prompt": "x", "width": 1099511627776}', "[Ww]idth"),
         ('{"prompt": "x", "steps": 1099511627776}', "[Ss]teps"),
         ('{"prompt": "x", "scales": 1099511627776}', "Levels|scales"),
-        ('{"prompt": "x", "seed": 1099511627776}', "Seed"),
+        ('{"prompt": "x", "seed": 9223372036854775808}', "[Ss]eed"),  # 2^63: no seed of ours (up to 2^63−1 restore)
         ('{"prompt": "x", "seed": 1' + "0" * 5000 + "}", "5001 digits"),
         ('{"prompt": "x", "omega": 1e300}', "[Oo]mega"),
         ('{"prompt": "x", "omega": NaN}', "NaN is not a setting value"),
@@ -315,7 +326,7 @@ NESTED = '{"prompt": ' + "[" * 20_000 + "]" * 20_000 + "}"
         ('{"prompt": "' + "x" * 70_000 + '"}', "more than settings ever take"),
         ('{"prompt": "x", "width": ', "damaged"),
     ],
-    ids=["width-2^40", "steps-2^40", "scales-2^40", "seed-2^40", "5000-digits", "omega-1e300", "nan", "nested",
+    ids=["width-2^40", "steps-2^40", "scales-2^40", "seed-2^63", "5000-digits", "omega-1e300", "nan", "nested",
          "too-long", "cut-short"],
 )  # fmt: skip
 def test_bad_stored_settings_change_nothing_and_give_one_clean_error(extension, tmp_path, settings_text, message):

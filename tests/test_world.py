@@ -125,7 +125,7 @@ def test_operator_applies_the_world(extension, tmp_path):
     path = write_panorama(tmp_path / "pano.png", 64, 32, generation_texts())
     assert bpy.ops.msd.apply_world(filepath=str(path), strength=0.5, rotation=0.2) == {"FINISHED"}
     world = bpy.context.scene.world
-    assert world.name == "MSD a misty alpine valley at"
+    assert world.name == "MSD a misty alpine valley"
     assert nodes_of(world.node_tree, "ShaderNodeBackground")[0].inputs["Strength"].default_value == pytest.approx(0.5)
 
 
