@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "refine", help="refine or upscale a panorama image", description=REFINE_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ref.add_argument("image", help="the source panorama: PNG (8/16-bit), JPEG, TIFF, WebP; OpenEXR with the OpenEXR package")
+    ref.add_argument("image", help="the source panorama: PNG (8/16-bit), JPEG, TIFF, WebP or OpenEXR")
     ref.add_argument("--prompt", required=True, help="what the refined panorama shows")
     _add_output_and_negative(ref)
     ref.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,

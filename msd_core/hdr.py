@@ -6,30 +6,30 @@ with: pixels whose luminance is at most ``knee`` keep their values; brighter one
 ``inverse_tonemap``, an exponential curve that leaves the knee with slope 1 and reaches ``peak`` at
 white. This is an expansion by a chosen curve, not measured radiance (see docs/hdr.md).
 
-``write_exr`` writes a half-float RGB scanline OpenEXR (ZIP compressed) with text attributes, in
-numpy alone; ``read_exr_attributes`` reads a header back (Blender's Python uses it to check that an
-EXR belongs to its PNG). Pure numpy: no torch, no bpy.
+``write_exr`` writes a half-float RGB scanline OpenEXR (ZIP compressed) with text attributes through
+the OpenEXR package (the Academy Software Foundation's binding, a worker requirement, imported only
+there); ``read_exr_attributes`` reads a header back in numpy alone (Blender's Python, which has no
+OpenEXR package, uses it to check that an EXR belongs to its PNG). No torch, no bpy.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-import zlib
 
 import numpy as np
 
 REC709_LUMINANCE = (0.2126, 0.7152, 0.0722)
 
 EXR_MAGIC = 20000630
-EXR_VERSION = 2  # single-part scanline file
-LONG_NAMES_FLAG = 0x400  # set in the version field when an attribute name is longer than 31 bytes
-ZIP_COMPRESSION = 3  # zlib, 16 scanlines per block
-ZIP_LINES = 16
-HALF = 1  # pixel type
+ZIP_COMPRESSION = 3  # the compression attribute's value for ZIP (zlib, 16 scanlines per block)
 MAX_HEADER_BYTES = 4 * 2**20  # a header is a few KB; a larger one is not ours
 MAX_NAME_BYTES = 255
-SHORT_NAME_BYTES = 31
+# Attributes the writer sets (and OpenEXR's required ones): metadata may not take their names.
+RESERVED_ATTRIBUTES = frozenset({
+    "channels", "compression", "dataWindow", "displayWindow", "lineOrder", "pixelAspectRatio",
+    "screenWindowCenter", "screenWindowWidth", "type", "envmap", "name", "version", "chunkCount", "tiles",
+})
 
 
 def srgb_to_linear(encoded: np.ndarray) -> np.ndarray:
@@ -97,33 +97,29 @@ def linear_hdr(srgb8: np.ndarray, knee: float, peak: float) -> np.ndarray:
 
 
 def write_exr(file, rgb: np.ndarray, attributes: dict[str, str] | None = None, *, latlong: bool = False) -> None:
-    """Write ``rgb`` (H, W, 3, linear, top row first) to the binary ``file`` as a half-float RGB
-    scanline OpenEXR with ZIP compression and ``attributes`` as string attributes. ``latlong`` marks
-    it as a latitude-longitude environment map (the standard "envmap" attribute)."""
+    """Write ``rgb`` (H, W, 3, linear, top row first) to the binary ``file`` (a path or a writable
+    stream) as a half-float RGB scanline OpenEXR with ZIP compression and ``attributes`` as string
+    attributes, through the OpenEXR package (a worker requirement). ``latlong`` marks it as a
+    latitude-longitude environment map (the standard "envmap" attribute)."""
+    import OpenEXR
+
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
         raise ValueError(f"write_exr needs an (H, W, 3) image, got shape {rgb.shape}")
     if not np.isfinite(rgb).all() or rgb.max() > np.finfo(np.float16).max:
         raise ValueError("write_exr needs finite values within the half-float range")
-    height, width, _ = rgb.shape
-    header = _exr_header(width, height, attributes or {}, latlong)
-    # Channels are stored in alphabetical order (B, G, R), each a run of `width` halves per line.
-    planes = np.ascontiguousarray(rgb[..., ::-1].astype("<f2").transpose(0, 2, 1))  # (H, 3 channels, W)
-    blocks = []
-    for top in range(0, height, ZIP_LINES):
-        raw = planes[top : top + ZIP_LINES].tobytes()
-        packed = zlib.compress(_zip_predict(raw))
-        data = packed if len(packed) < len(raw) else raw  # a reader takes an unshrunk block as stored
-        blocks.append(struct.pack("<ii", top, len(data)) + data)
-    offset = len(header) + 8 * len(blocks)
-    table = []
-    for block in blocks:
-        table.append(struct.pack("<Q", offset))
-        offset += len(block)
-    file.write(header)
-    file.write(b"".join(table))
-    for block in blocks:
-        file.write(block)
+    attributes = attributes or {}
+    clashes = sorted(RESERVED_ATTRIBUTES & set(attributes))
+    if clashes:
+        raise ValueError(f"attribute name(s) reserved by OpenEXR: {', '.join(clashes)}")
+    for name in attributes:
+        encoded = name.encode("utf-8")
+        if not 0 < len(encoded) <= MAX_NAME_BYTES or b"\0" in encoded:
+            raise ValueError(f"OpenEXR attribute names are 1–{MAX_NAME_BYTES} bytes without NUL, got {name!r}")
+    header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage, **attributes}
+    if latlong:
+        header["envmap"] = OpenEXR.ENVMAP_LATLONG
+    OpenEXR.File(header, {"RGB": np.ascontiguousarray(rgb, dtype=np.float16)}).write(file)
 
 
 def read_exr_attributes(path) -> dict[str, bytes | str]:
@@ -149,50 +145,6 @@ def read_exr_attributes(path) -> dict[str, bytes | str]:
     except (IndexError, struct.error, ValueError):
         raise ValueError(f"{path} has a malformed or oversized OpenEXR header") from None
     return attributes
-
-
-def _exr_header(width: int, height: int, attributes: dict[str, str], latlong: bool) -> bytes:
-    box = struct.pack("<iiii", 0, 0, width - 1, height - 1)
-    channels = b"".join(name + b"\0" + struct.pack("<iB3xii", HALF, 0, 1, 1) for name in (b"B", b"G", b"R")) + b"\0"
-    required = [
-        ("channels", "chlist", channels),
-        ("compression", "compression", bytes([ZIP_COMPRESSION])),
-        ("dataWindow", "box2i", box),
-        ("displayWindow", "box2i", box),
-        ("lineOrder", "lineOrder", b"\0"),  # increasing y
-        ("pixelAspectRatio", "float", struct.pack("<f", 1.0)),
-        ("screenWindowCenter", "v2f", struct.pack("<ff", 0.0, 0.0)),
-        ("screenWindowWidth", "float", struct.pack("<f", 1.0)),
-    ]
-    if latlong:
-        required.append(("envmap", "envmap", b"\0"))
-    taken = {name for name, _, _ in required}
-    clashes = sorted(taken & set(attributes))
-    if clashes:
-        raise ValueError(f"attribute name(s) reserved by OpenEXR: {', '.join(clashes)}")
-    texts = [(name, "string", value.encode("utf-8")) for name, value in attributes.items()]
-    longest = 0
-    parts = []
-    for name, kind, value in required + texts:
-        encoded = name.encode("utf-8")
-        if not 0 < len(encoded) <= MAX_NAME_BYTES or b"\0" in encoded:
-            raise ValueError(f"OpenEXR attribute names are 1–{MAX_NAME_BYTES} bytes without NUL, got {name!r}")
-        longest = max(longest, len(encoded))
-        parts.append(encoded + b"\0" + kind.encode() + b"\0" + struct.pack("<i", len(value)) + value)
-    version = EXR_VERSION | (LONG_NAMES_FLAG if longest > SHORT_NAME_BYTES else 0)
-    parts.insert(0, struct.pack("<ii", EXR_MAGIC, version))
-    parts.append(b"\0")
-    return b"".join(parts)
-
-
-def _zip_predict(raw: bytes) -> bytes:
-    """OpenEXR's ZIP pre-filter: bytes split into even and odd positions, then delta-coded."""
-    data = np.frombuffer(raw, dtype=np.uint8)
-    interleaved = np.concatenate([data[0::2], data[1::2]])
-    deltas = np.empty_like(interleaved)
-    deltas[0] = interleaved[0]
-    deltas[1:] = (interleaved[1:].astype(np.int16) - interleaved[:-1] + 128).astype(np.uint8)  # modulo 256
-    return deltas.tobytes()
 
 
 def _exr_name(data: bytes, position: int) -> tuple[str, int]:

@@ -3,8 +3,8 @@ schedule) with MSD at the target size. Same size = restyle with a new prompt; ×
 
 The steps, each a small function:
 1. ``read_source``: the image file as floats in [0, 1] (8/16-bit PNG, JPEG, …; float images such as
-   32-bit TIFF are linear light and go through ``tonemap.tone_map``; OpenEXR only where the OpenEXR
-   package is installed in the worker's Python).
+   32-bit TIFF and OpenEXR are linear light and go through ``tonemap.tone_map``; OpenEXR through the
+   OpenEXR package, a worker requirement).
 2. ``resize_panorama``: to the target size, wrap-aware (the resampling filter reads across 0/360°).
 3. ``vae.encode_images``: tiled and wrap-aware, the distribution's mean (deterministic).
 4. ``start_step`` and ``renoise``: SDEdit. ⌊strength·steps⌋ steps remain; x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε.
@@ -62,7 +62,7 @@ def source_size(path) -> tuple[int, int]:
     with open(path, "rb") as file:
         head = file.read(16)
     if head.startswith(EXR_SIGNATURE):
-        with _open_exr(path) as exr:
+        with _open_exr(path, header_only=True) as exr:
             (left, top), (right, bottom) = exr.header()["dataWindow"]
             size = int(right - left + 1), int(bottom - top + 1)
     elif head.startswith(RADIANCE_SIGNATURES):
@@ -114,15 +114,18 @@ def _to_rgb_floats(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255
 
 
-def _open_exr(path: str):
+def _open_exr(path: str, header_only: bool = False):
     try:
-        import OpenEXR  # optional: used only where it is already installed
+        import OpenEXR  # a worker requirement; a worker installed before it was one may lack it
     except ImportError:
         raise BadInput(
             f"{path} is OpenEXR, which needs the OpenEXR package in the worker's Python; "
-            "install it there or save the image as 16-bit PNG"
+            "install the worker again (Install Worker) or save the image as 16-bit PNG"
         ) from None
-    return OpenEXR.File(path)
+    try:
+        return OpenEXR.File(path, header_only=header_only)
+    except RuntimeError as exc:  # the library's one error type: damaged, cut short, not really OpenEXR
+        raise BadInput(f"cannot read the source image {path}: {exc}") from None
 
 
 def _read_exr(path: str) -> np.ndarray:

@@ -12,4 +12,5 @@ WORKER_REQUIREMENTS = (
     "pillow>=10",
     "numpy",
     "accelerate",
+    "OpenEXR>=3.3",
 )

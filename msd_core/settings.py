@@ -375,7 +375,7 @@ class RefineSettings:
     """A run that starts from an image instead of noise: SDEdit to ``strength`` (0 < strength ≤ 1: the
     share of the steps that run; 1 = almost from noise, the source only shapes the start)."""
 
-    source: str  # an image file: PNG, JPEG, TIFF, WebP (OpenEXR where the OpenEXR package is installed)
+    source: str  # an image file: PNG, JPEG, TIFF, WebP or OpenEXR
     strength: float = DEFAULT_STRENGTH
 
     def validate(self) -> "RefineSettings":

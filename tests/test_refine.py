@@ -130,7 +130,7 @@ def huge_png_header(path: Path, width: int, height: int) -> Path:
         (lambda p: (p / "notes.png").write_text("not an image") and p / "notes.png", "is not an image that can be read"),
         (lambda p: huge_png_header(p / "bomb.png", 100_000, 100_000), "more than the 134,217,728 pixels allowed"),
         (lambda p: huge_png_header(p / "big.png", 16400, 8192), "16400×8192: more than the 134,217,728 pixels"),
-        (lambda p: (p / "sky.exr").write_bytes(refine.EXR_SIGNATURE + b"\0" * 64) and p / "sky.exr", "OpenEXR package"),
+        (lambda p: (p / "sky.exr").write_bytes(refine.EXR_SIGNATURE + b"\0" * 64) and p / "sky.exr", "cannot read the source image"),
         (lambda p: (p / "sky.hdr").write_bytes(b"#?RADIANCE\n") and p / "sky.hdr", "Radiance HDR"),
     ],
 )
@@ -434,3 +434,21 @@ def test_cli_refine_without_model_takes_the_sources_model_from_its_metadata(tmp_
     plain = run_cli(str(tmp_path / "plain.png"), "--prompt", "a lake", "-o", str(tmp_path / "plain-out.png"),
                     *without_model, cwd=tmp_path)
     assert plain.returncode == 2 and "stable-diffusion-2-base" in plain.stderr, plain.stderr
+
+
+def test_cli_refines_from_an_exr_of_ours_taking_its_model(tmp_path):
+    """The HDR companion (written through the OpenEXR package) is a source too: read, tone-mapped,
+    and its stored model used without --model."""
+    from msd_core import output
+
+    stored = GenerationSettings(prompt="a lake", model="tiny", width=128, height=64, seed=9)
+    metadata = output.generation_metadata(stored, {})
+    png = output.save_png(Image.open(source_png(tmp_path / "plain.png")), tmp_path / "lit.png", metadata)
+    exr = output.save_exr(Image.open(png), png, metadata, knee=0.8, peak=32.0)
+    assert refine.source_size(exr) == (128, 64) and refine.read_source(exr).shape == (64, 128, 3)
+    without_model = [arg for arg in TINY if arg not in ("--model", "tiny")]
+    completed = run_cli(str(exr), "--prompt", "a lake at dusk", "-o", str(tmp_path / "out.png"), *without_model,
+                        cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    meta = pngmeta.read_text_chunks(tmp_path / "out.png")
+    assert (meta["source"], meta["model"], meta["width"]) == ("lit.exr", "tiny", "128")
