@@ -186,7 +186,7 @@ class MSD_PanoramaSettings(PropertyGroup):
         name="Pyramid",
         items=[
             ("global", "Global", "The halving pyramid plus a level that squeezes a wide panorama into one window, "
-                                 "so one window sees all of it: one layout at 2:1 and 1:4 far more often"),
+                                 "so one window sees all of it: one layout at 2:1 and 4:1 far more often"),
             ("halving", "Halving", "The paper's pyramid: each level half the size of the next"),
         ],
         default=GenerationSettings.pyramid,
@@ -195,7 +195,7 @@ class MSD_PanoramaSettings(PropertyGroup):
         name="Coarse Noise",
         items=[
             ("matched", "Matched", "Each coarse level is denoised at the noise level it really has: one layout at "
-                                   "2:1 and 1:4 far more often"),
+                                   "2:1 and 4:1 far more often"),
             ("literal", "Literal", "The paper's: coarse levels denoised as if as noisy as the full panorama"),
         ],
         default=GenerationSettings.coarse_noise,

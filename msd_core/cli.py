@@ -160,7 +160,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "(default); mean = the paper's literal mean-reduced MSE (ω = 10 is then almost no pull); sum")
     method.add_argument("--pyramid", choices=PYRAMIDS, default=GenerationSettings.pyramid,
                         help="global (default) = the halving pyramid plus one level that squeezes a wide panorama into "
-                             "one window (one horizon at 2:1 and 1:4 far more often; docs/layout.md); "
+                             "one window (one horizon at 2:1 and 4:1 far more often; docs/layout.md); "
                              "halving = the paper's pyramid")
     method.add_argument("--coarse-noise", choices=COARSE_NOISES, default=GenerationSettings.coarse_noise,
                         help="matched (default) = each coarse level is denoised at the noise level its averaging "

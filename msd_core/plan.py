@@ -95,7 +95,7 @@ def shifted_offsets(
 def default_levels(height: int, width: int, window: int) -> int:
     """The smallest pyramid whose coarsest level's short side fits one window: 1 + ⌊log2(short/window)⌋.
 
-    1024×4096 px with SD-2-base (128×512 latents, 64 px windows) → 2; 2048×4096 → 3. Levels that cannot
+    4096×1024 px with SD-2-base (128×512 latents, 64 px windows) → 2; 4096×2048 → 3. Levels that cannot
     be halved exactly (odd sizes) are dropped.
     """
     levels = 1 + max(0, int(math.floor(math.log2(min(height, width) / window))))
@@ -107,7 +107,7 @@ def default_levels(height: int, width: int, window: int) -> int:
 def global_squeeze(width: int, window: int, stride: int) -> int:
     """Columns averaged into one by a global level over a coarsest level ``width`` wide (1 = no such level).
 
-    The paper's pyramid stops once the short side fits a window, so a 2:1 or 1:4 panorama's coarsest level
+    The paper's pyramid stops once the short side fits a window, so a 2:1 or 4:1 panorama's coarsest level
     is still several windows wide and runs plain MultiDiffusion: it can hold two horizons or two suns.
     A global level averages groups of f columns, with f the largest divisor of the width, window and
     stride (so coarse crops stay aligned) that keeps it at least a window wide; the level below is guided

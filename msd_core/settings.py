@@ -24,9 +24,10 @@ GRADIENTS = ("exact", "refresh", "fast")
 # sum of squares.
 OMEGA_LOSSES = ("projection", "mean", "sum")
 # "global" (the default, with coarse_noise "matched"): the halving pyramid plus a level that squeezes a wide
-# coarsest level into one window, so one window sees the whole panorama (one horizon at 2:1 and 1:4 far more
+# coarsest level into one window, so one window sees the whole panorama (one horizon at 2:1 and 4:1 far more
 # often: docs/layout.md); "halving": the paper's pyramid. The paper's method is pyramid "halving",
-# coarse_noise "literal", omega_loss "mean", gradient "exact".
+# coarse_noise "literal", omega_loss "mean", gradient "exact", windows "dense" (the presets' shifted tiles
+# are ours). "matched" matches a coarse level's noise level, not its starting state (docs/layout.md).
 PYRAMIDS = ("halving", "global")
 # "matched": each coarse level is denoised at the timestep whose signal-to-noise ratio matches its averaged
 # noise (ds averages g latent pixels: ᾱ' = gᾱ/(1+(g−1)ᾱ)); "literal": the paper's, ds(z_t) denoised as if
@@ -43,7 +44,7 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 # name: (width, height, wrap, what it is for)
 PRESETS = {
     "360": (2048, 1024, True, "equirectangular 2:1 world, seamless at 0/360°"),
-    "strip": (4096, 1024, False, "the paper's 1:4 strip (1024×4096)"),
+    "strip": (4096, 1024, False, "the paper's 4:1 strip (4096×1024)"),
     "backdrop": (3072, 1024, False, "wide 3:1 backdrop, no wrap"),
 }
 
