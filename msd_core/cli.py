@@ -313,7 +313,7 @@ def dry_run(settings: GenerationSettings, count: int | None = None) -> int:
     dtype = settings.dtype if settings.dtype != "auto" else ("float32" if device == "cpu" else "float16")
     free = torch.cuda.mem_get_info()[0] if device == "cuda" and torch.cuda.is_available() else None
     extra = {}
-    if count:  # the plan of each draft (they differ only in the seed)
+    if count:  # the plan of the first draft (the others differ only in their seed)
         window = settings.window or known_window(settings.model, settings.model_config)
         settings = variations.draft_settings(settings, window) if window else settings  # unknown: the plan says so
         extra = {"variations": count, "seeds": [settings.seed + index for index in range(count)]}
