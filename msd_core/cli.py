@@ -228,7 +228,8 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     settings = GenerationSettings(prompt=args.prompt).with_preset(args.preset or "360")
     settings = settings.with_quality(args.quality or "standard")
     changes = {
-        "negative_prompt": args.negative, "model": args.model or DEFAULT_MODEL, "model_config": args.model_config,
+        "negative_prompt": args.negative, "model_config": args.model_config,
+        "model": DEFAULT_MODEL if args.model is None else args.model,  # "" stays empty: validate() names it
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
         "coarse_noise": args.coarse_noise, "scales": args.scales, "guidance": args.guidance, "scheduler": args.scheduler,
         "seed": secrets.randbelow(DRAWN_SEED_LIMIT) if args.seed is None else args.seed,
