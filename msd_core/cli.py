@@ -17,6 +17,7 @@ import sys
 
 from . import __version__, environment
 from .errors import BadInput, MSDError
+from .lora_files import parse_lora_argument
 from .settings import (
     COARSE_NOISES,
     DEFAULT_MODEL,
@@ -42,7 +43,7 @@ from .settings import (
 EXIT_BAD_INPUT = 2
 MAX_THREADS = 1024
 # Settings whose option is not simply "--" + the name with dashes (errors name the option the user typed).
-OPTION_NAMES = {"prompt": "prompt", "negative_prompt": "--negative", "overwrite": "--overwrite"}
+OPTION_NAMES = {"prompt": "prompt", "negative_prompt": "--negative", "overwrite": "--overwrite", "loras": "--lora"}
 
 DESCRIPTION = """\
 Generate a panorama from a text prompt with Multi-Scale Diffusion (MSD).
@@ -174,6 +175,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                           help=f"Hugging Face id, local diffusers folder, or .safetensors file (default {DEFAULT_MODEL}; "
                                "'tiny' = a tiny random model for offline smoke tests, its output is noise-like)")
     sampling.add_argument("--model-config", help="for a single .safetensors file: folder or Hugging Face id with its configs")
+    sampling.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                          help="apply a LoRA (.safetensors) at WEIGHT (default 1; 0 = off, negative = inverted); "
+                               "repeat for several. An argument ending in .safetensors is all file name, so "
+                               "C:\\loras\\a.safetensors works; otherwise the weight follows the last colon (docs/lora.md)")
     sampling.add_argument("--steps", type=int, help="denoising steps (default: the quality preset's)")
     sampling.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     sampling.add_argument("--scheduler", choices=SCHEDULERS, default="ddim",
@@ -223,6 +228,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     settings = settings.with_quality(args.quality or "standard")
     changes = {
         "negative_prompt": args.negative, "model": args.model, "model_config": args.model_config,
+        "loras": [parse_lora_argument(text) for text in args.lora],
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
         "coarse_noise": args.coarse_noise, "scales": args.scales, "guidance": args.guidance, "scheduler": args.scheduler,
         "seed": secrets.randbelow(2**32) if args.seed is None else args.seed,

@@ -12,4 +12,5 @@ WORKER_REQUIREMENTS = (
     "pillow>=10",
     "numpy",
     "accelerate",
+    "peft>=0.21",  # diffusers' LoRA backend
 )
