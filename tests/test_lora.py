@@ -393,3 +393,49 @@ def test_a_missing_lora_file_fails_at_once_from_the_cli(tmp_path, capsys):
     code = cli.main(["generate", "x", "--model", "tiny", "--dry-run", "--lora", str(tmp_path / "nope.safetensors")])
     err = capsys.readouterr().err
     assert code == cli.EXIT_BAD_INPUT and "the LoRA file" in err and "does not exist" in err
+
+
+# --- through the worker ------------------------------------------------------------------------------------
+
+
+def test_the_worker_applies_loras_per_request_on_its_warm_model(lora_a, tmp_path):
+    """plain → LoRA → plain on one warm worker: the second plain panorama is the first one, pixel for
+    pixel; a pickle LoRA and a missing one are bad_input errors, and the worker goes on."""
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from msd_core import protocol
+    from msd_core.client import WorkerClient
+
+    def settings(*loras):
+        return dataclasses.replace(ONE_WINDOW, width=128, steps=2, loras=[{"path": str(p), "weight": w} for p, w in loras]).to_dict()
+
+    def finish(request_id):
+        while True:
+            event = client.next_event(timeout=120)
+            assert event is not None, client.stderr_lines
+            if event["id"] == request_id and event["event"] in protocol.FINAL_EVENTS:
+                return event
+
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps({"not": "weights"}))
+    client = WorkerClient(sys.executable, pythonpath=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env={"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}).start()
+    try:
+        done = [finish(client.generate(settings(*loras), tmp_path / f"{name}.png"))
+                for name, loras in (("plain", []), ("lora", [(lora_a, 1.0)]), ("again", []))]
+        assert [event["event"] for event in done] == ["done"] * 3, done
+        assert json.loads(done[1]["metadata"][pngmeta.LORAS_KEY])[0]["name"] == "style-a.safetensors"
+        pixels = [np.asarray(Image.open(event["output"])).astype(int) for event in done]
+        assert np.array_equal(pixels[0], pixels[2]) and np.abs(pixels[0] - pixels[1]).max() > 10
+        refused = finish(client.generate(settings((evil, 1.0)), tmp_path / "evil.png"))
+        assert (refused["event"], refused["kind"], refused["field"]) == ("error", "bad_input", "loras")
+        assert "not a safetensors file (it is a pickle)" in refused["message"]
+        missing = finish(client.generate(settings((tmp_path / "gone.safetensors", 1.0)), tmp_path / "gone.png"))
+        assert missing["kind"] == "bad_input" and "does not exist" in missing["message"]
+        assert finish(client.generate(settings(), tmp_path / "after.png"))["event"] == "done"
+        assert not (tmp_path / "evil.png").exists() and not (tmp_path / "gone.png").exists()
+    finally:
+        assert client.stop(timeout=60) == 0
