@@ -212,6 +212,8 @@ def _quiet():
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several LoRAs: intended
+            # Layers the adapter config names but the file lacks: _check_complete refuses such a LoRA.
+            warnings.filterwarnings("ignore", message="While injecting the PEFT adapters")
             yield
     finally:
         for logger, level in zip(loggers, levels):

@@ -439,3 +439,93 @@ def test_the_worker_applies_loras_per_request_on_its_warm_model(lora_a, tmp_path
         assert not (tmp_path / "evil.png").exists() and not (tmp_path / "gone.png").exists()
     finally:
         assert client.stop(timeout=60) == 0
+
+
+def test_a_bfloat16_model_takes_the_lora_too(lora_a):
+    """The dtype a user may pick on the CPU (and float16's path on GPUs): the adapters run in the model's
+    dtype, and the result stays near float32's with the LoRA, far from float32's without it."""
+    settings = dataclasses.replace(ONE_WINDOW, dtype="bfloat16")
+    half = MSDPanoramaPipeline.from_settings(settings)
+    with_lora = ours(half, (lora_a, 1.0), dtype="bfloat16").latents
+    full = MSDPanoramaPipeline.from_settings(ONE_WINDOW)
+    reference, without = ours(full, (lora_a, 1.0)).latents, ours(full).latents
+    assert torch.isfinite(with_lora).all()
+    assert max_diff(with_lora, reference) < 0.2 * max_diff(reference, without)
+
+
+# --- SDXL: two text encoders (the components the SDXL family adds; no pipeline needed) ------------------------
+
+
+def _tiny_sdxl_parts():
+    """A tiny SDXL-shaped UNet (text_time added conditioning, 64-wide cross-attention from two 32-wide
+    CLIP encoders, the second with a projection) and its text encoders, fixed by a seed."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64, norm_num_groups=8,
+        )
+        config = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1, projection_dim=32)
+        return unet, CLIPTextModel(CLIPTextConfig(**config)), CLIPTextModelWithProjection(CLIPTextConfig(**config))
+
+
+def _sdxl_outputs(unet, text_encoder, text_encoder_2):
+    ids = torch.arange(3, 19).unsqueeze(0)
+    with torch.no_grad():
+        first = text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        second = text_encoder_2(ids, output_hidden_states=True)
+        context = torch.cat([first, second.hidden_states[-2]], dim=-1)
+        conditions = {"text_embeds": second.text_embeds, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+        sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        return unet(sample, 500, encoder_hidden_states=context, added_cond_kwargs=conditions).sample, second.text_embeds
+
+
+def test_an_sdxl_lora_goes_into_both_text_encoders_as_diffusers_puts_it(tmp_path, lora_a):
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionXLPipeline
+
+    unet, text_encoder, text_encoder_2 = _tiny_sdxl_parts()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        layers = {}
+        for name, module, targets in (("unet", unet, UNET_TARGETS), ("text_encoder", text_encoder, TEXT_TARGETS),
+                                      ("text_encoder_2", text_encoder_2, TEXT_TARGETS)):
+            config = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=targets)
+            inject_adapter_in_model(config, module)
+            layers[f"{name}_lora_layers"] = get_peft_model_state_dict(module)
+            layers[f"{name}_lora_adapter_metadata"] = config.to_dict()
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path, weight_name="xl.safetensors", **layers)
+    path = tmp_path / "xl.safetensors"
+
+    base = _tiny_sdxl_parts()
+    plain = _sdxl_outputs(*base)
+    components = SimpleNamespace(unet=base[0], text_encoder=base[1], text_encoder_2=base[2], model="tiny-xl")
+    records = lora.apply_loras(components, [{"path": str(path), "weight": 0.8}])
+    assert records[0]["name"] == "xl.safetensors"
+    mine = _sdxl_outputs(*base)
+
+    ref_unet, ref_te, ref_te2 = _tiny_sdxl_parts()
+    source = models.tiny_pipeline()
+    reference = StableDiffusionXLPipeline(vae=source.vae, text_encoder=ref_te, text_encoder_2=ref_te2,
+                                          tokenizer=source.tokenizer, tokenizer_2=source.tokenizer, unet=ref_unet,
+                                          scheduler=source.scheduler)
+    reference.load_lora_weights(str(path), adapter_name="xl")
+    reference.set_adapters(["xl"], [0.8])
+    theirs = _sdxl_outputs(ref_unet, ref_te, ref_te2)
+    for a, b, c in zip(mine, theirs, plain):
+        assert torch.allclose(a, b, atol=1e-5), max_diff(a, b)
+        assert max_diff(a, c) > 1e-3  # the pooled embedding comes from text_encoder_2 alone: its LoRA counts
+    assert len(lora.loaded_adapters(components)) == 1
+
+    with pytest.raises(BadInput, match="does not fit this model"):  # an SD 1.x LoRA on this SDXL-shaped model
+        lora.apply_loras(components, [{"path": str(lora_a), "weight": 1.0}])
+    assert lora.loaded_adapters(components) == []
+    assert all(torch.equal(a, b) for a, b in zip(_sdxl_outputs(*base), plain))
