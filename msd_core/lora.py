@@ -141,7 +141,8 @@ def _load(components, targets: dict, name: str, path: str, data: bytes) -> None:
     try:
         with _quiet():
             # As the pipelines' load_lora_weights do; the SDXL one passes the UNet's config to map SGM blocks.
-            state_dict, alphas = loader.lora_state_dict(tensors, **({"unet_config": components.unet.config} if sdxl else {}))
+            extra = {"unet_config": components.unet.config} if sdxl else {}
+            state_dict, alphas = loader.lora_state_dict(tensors, **extra)
     except (ValueError, KeyError, IndexError, TypeError, RuntimeError, AttributeError) as exc:
         raise BadInput("the LoRA {path} is not in a LoRA format diffusers reads: {why}", field="loras", path=path,
                        why=_first_line(exc)) from None
@@ -175,7 +176,8 @@ def _check_complete(path: str, targets: dict, name: str, counts: dict) -> None:
 
     for prefix, expected in counts.items():
         module = targets[prefix]
-        loaded = len(get_peft_model_state_dict(module, adapter_name=name)) if name in (getattr(module, "peft_config", None) or {}) else 0
+        present = name in (getattr(module, "peft_config", None) or {})
+        loaded = len(get_peft_model_state_dict(module, adapter_name=name)) if present else 0
         if loaded != expected:
             raise BadInput("the LoRA {path} does not fit this model: only {loaded} of its {expected} {part} weights "
                            "match a layer of the model; is it a LoRA for this model family?", field="loras",
