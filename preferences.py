@@ -117,6 +117,12 @@ class MSD_AddonPreferences(AddonPreferences):
         subtype='DIR_PATH',
         options=_BLEND_RELATIVE,
     )
+    lora_folder: StringProperty(
+        name="LoRA Folder",
+        description="Where Use Settings also looks for a panorama's LoRAs (by file name and SHA-256) when they "
+                    "are not at the path stored in it",
+        subtype='DIR_PATH',
+    )
 
     def draw(self, context):
         from .ui.panel import draw_cached_models, draw_model_download, draw_worker_status  # here: ui imports this module
@@ -140,6 +146,7 @@ class MSD_AddonPreferences(AddonPreferences):
         box.label(text="Downloaded Models", icon='FILE_FOLDER')
         draw_cached_models(box, context)
         layout.prop(self, "output_folder")
+        layout.prop(self, "lora_folder")
 
 
 classes = (MSD_AddonPreferences,)

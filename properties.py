@@ -8,7 +8,15 @@ import re
 from dataclasses import dataclass
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+from bpy.props import (
+    BoolProperty,
+    CollectionProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
 from bpy.types import PropertyGroup
 
 from .msd_core import settings as core
@@ -16,7 +24,7 @@ from .msd_core import plan
 from .msd_core.errors import BadInput
 from .msd_core.settings import GenerationSettings
 from .msd_core.variations import MAX_VARIATIONS
-from .preferences import MSD_AddonPreferences
+from .preferences import _BLEND_RELATIVE as BLEND_RELATIVE, MSD_AddonPreferences
 
 # Aspect enum item → msd_core preset name.
 ASPECT_PRESETS = {"WORLD_360": "360", "STRIP": "strip", "BACKDROP": "backdrop"}
@@ -112,6 +120,17 @@ def _seed_set(group, _context) -> None:
 def _random_seed_set(group, _context) -> None:
     if group.random_seed and group.large_seed:  # and so does drawing seeds again
         group.large_seed = ""
+
+
+class MSD_LoraSlot(PropertyGroup):
+    """One LoRA of the panel's list: a .safetensors file and its weight."""
+
+    path: StringProperty(name="File", description="The LoRA's .safetensors file", subtype='FILE_PATH',
+                         options=BLEND_RELATIVE)
+    weight: FloatProperty(
+        name="Weight", description="How strongly the LoRA applies (1 = as trained, 0 = off, negative = inverted)",
+        min=core.LORA_WEIGHT_RANGE[0], max=core.LORA_WEIGHT_RANGE[1], soft_min=-2.0, soft_max=2.0, default=1.0,
+    )
 
 
 class MSD_PanoramaSettings(PropertyGroup):
@@ -245,6 +264,8 @@ class MSD_PanoramaSettings(PropertyGroup):
         name="HDR Peak", description="Linear brightness that white becomes in the EXR (1 = no expansion)",
         min=core.HDR_PEAK_RANGE[0], max=core.HDR_PEAK_RANGE[1], soft_max=100.0, default=GenerationSettings.hdr_peak,
     )
+    loras: CollectionProperty(type=MSD_LoraSlot, name="LoRAs", description="LoRAs applied to the model, in order")
+    lora_index: IntProperty(name="Active LoRA", min=0)
 
 
 def settings_from_scene(scene, prefs) -> GenerationSettings:
@@ -278,6 +299,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         hdr=group.hdr,
         hdr_knee=group.hdr_knee,
         hdr_peak=group.hdr_peak,
+        loras=[{"path": _model_path(slot.path.strip()), "weight": round(slot.weight, 6)} for slot in group.loras],
     )
 
 
@@ -320,6 +342,8 @@ def settings_to_scene(settings: GenerationSettings, scene) -> None:
     values = _panel_values(settings)
     for name, value in values.items():
         _check_fits_panel(name, value)
+    for lora in settings.loras:
+        _check_fits_panel("weight", lora["weight"], MSD_LoraSlot)
     group = scene.msd_panorama
     group.aspect = values.pop("aspect")
     # Through the ID properties: the size callbacks would otherwise adjust one side to the preset's ratio.
@@ -327,6 +351,11 @@ def settings_to_scene(settings: GenerationSettings, scene) -> None:
         group[name] = values.pop(name)
     for name, value in values.items():
         setattr(group, name, value)
+    group.loras.clear()
+    for lora in settings.loras:
+        slot = group.loras.add()
+        slot.path, slot.weight = lora["path"], lora["weight"]
+    group.lora_index = 0
 
 
 def _panel_values(settings: GenerationSettings) -> dict:
@@ -345,9 +374,10 @@ def _panel_values(settings: GenerationSettings) -> dict:
     }  # fmt: skip
 
 
-def _check_fits_panel(name: str, value) -> None:
-    """Raise BadInput unless the panel's property ``name`` can hold ``value`` exactly."""
-    prop = MSD_PanoramaSettings.bl_rna.properties[name]
+def _check_fits_panel(name: str, value, owner=None) -> None:
+    """Raise BadInput unless the panel's property ``name`` (of ``owner``, default the scene's settings) can
+    hold ``value`` exactly."""
+    prop = (owner or MSD_PanoramaSettings).bl_rna.properties[name]
     kind = {"INT": int, "FLOAT": (int, float), "BOOLEAN": bool, "STRING": str, "ENUM": str}[prop.type]
     if isinstance(value, bool) != (prop.type == "BOOLEAN") or not isinstance(value, kind):
         raise BadInput(f"{prop.name} {value!r} is not a {prop.type.lower()} value")
@@ -360,6 +390,7 @@ def _check_fits_panel(name: str, value) -> None:
 # Where each setting is set in Blender: (where, property). Settings are GenerationSettings' fields,
 # as the worker's events name them ("field"); the CLI's flags are their names with dashes (--model-config).
 _PANEL, _SAMPLER, _PREFERENCES = "the Panorama panel", "the Panorama panel's Sampler section", "the add-on preferences"
+_LORAS = "the Panorama panel's LoRAs section"
 SETTING_PLACES = {
     "prompt": (_PANEL, "prompt"), "negative_prompt": (_PANEL, "negative_prompt"),
     "negative": (_PANEL, "negative_prompt"),  # the CLI's --negative
@@ -370,6 +401,7 @@ SETTING_PLACES = {
     "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"), "hdr_peak": (_SAMPLER, "hdr_peak"),
     "model": (_PREFERENCES, "model"), "model_config": (_PREFERENCES, "model_config"),
     "device": (_PREFERENCES, "device"), "dtype": (_PREFERENCES, "precision"),
+    "loras": (_LORAS, "loras"), "lora": (_LORAS, "loras"),  # "lora": the CLI's --lora
 }  # fmt: skip
 _CLI_FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
 
@@ -398,7 +430,7 @@ def in_panel_terms(message: str, setting: str | None = None, fallback: str | Non
     return f"{text}; set {place[0]} in {place[1]}" if place else text
 
 
-classes = (MSD_PanoramaSettings,)
+classes = (MSD_LoraSlot, MSD_PanoramaSettings)
 
 _register_classes, _unregister_classes = bpy.utils.register_classes_factory(classes)
 

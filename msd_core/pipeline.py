@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, models, output, refine, vae
+from . import __version__, lora, models, output, refine, vae
 from .plan import Plan, default_levels, make_plan  # noqa: F401  (default_levels: used from here by bench/)
 from .sampler import (
     Interrupt,
@@ -152,8 +152,9 @@ class MSDPanoramaPipeline:
         the schedule, ``latents`` being z_t there: see ``refine``); ``guide(z, step)`` may adjust the
         latents after every step."""
         started = time.perf_counter()
-        # 1. Check inputs and resolve the plan.
+        # 1. Check inputs and resolve the plan; the model gets this run's LoRAs (and no others).
         plan = self.check_inputs(settings)
+        loras = lora.apply_loras(self.components, settings.loras)
         # 2. Encode the prompt.
         embeddings = self.encode_prompt(settings.prompt, settings.negative_prompt, settings.guidance)
         denoise = self.make_denoiser(embeddings, settings.guidance)
@@ -197,7 +198,7 @@ class MSDPanoramaPipeline:
         timings = {"sample": sampled - started, "decode": finished - sampled, "total": finished - started}
         # 7. Metadata.
         resolved = {**plan.describe(len(schedule)), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                    "msd_core_version": __version__}
+                    "msd_core_version": __version__, **({"loras": loras} if loras else {})}
         metadata = output.generation_metadata(settings, resolved)
         return PanoramaResult(image, latents, metadata, timings, plan)
 

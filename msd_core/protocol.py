@@ -25,6 +25,11 @@ a longer line is answered with a bad_input error and otherwise ignored):
     of CPU threads torch uses for this request. Requests that arrive while one runs are queued and run
     in order; one that would write the same output as a queued or running one (without overwrite) is
     refused at once.
+    ``settings.loras`` ([{"path": a .safetensors file, "weight": number}], default []) are applied to the
+    warm model for this request only (msd_core.lora; docs/lora.md): a missing or pickle-named file is
+    refused at once, a file whose content is not safetensors or that does not fit the model is a
+    bad_input error (field "loras") before any step runs; "done"'s metadata then has "loras" (each
+    file's name, SHA-256 and weight).
     ``refine`` (default null) starts from an image instead of noise (refine / upscale, see
     docs/refine.md): ``source`` an existing image file (PNG, JPEG, TIFF, WebP; OpenEXR where the
     worker has the OpenEXR package; at most settings.MAX_SOURCE_PIXELS pixels), ``strength`` in

@@ -13,4 +13,5 @@ WORKER_REQUIREMENTS = (
     "numpy",
     "accelerate",
     "OpenEXR>=3.3",
+    "peft>=0.21",  # diffusers' LoRA backend
 )

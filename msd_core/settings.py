@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import BadInput
 
@@ -85,6 +85,10 @@ LATENT_COPIES = 8  # latents, noise, x0 estimates, merge sums and weights, the p
 # starts, and the linear value white becomes (1 = none; half floats end at 65504).
 HDR_KNEE_RANGE = (0.1, 0.99)
 HDR_PEAK_RANGE = (1.0, 1000.0)
+# LoRAs (docs/lora.md): how many at once, and their weights (1 = as trained, 0 = off, negative = inverted).
+MAX_LORAS = 16
+LORA_WEIGHT_RANGE = (-10.0, 10.0)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # as msd_core.models refuses them
 
 
 @dataclass
@@ -98,6 +102,7 @@ class GenerationSettings:
     wrap: bool = True
     model: str = DEFAULT_MODEL
     model_config: str | None = None  # for a single .safetensors file: a diffusers folder or repo id with the configs
+    loras: list = field(default_factory=list)  # [{"path": a .safetensors file, "weight": 1.0}], applied in order
     method: str = "msd"
     gradient: str = _DEFAULTS["gradient"]
     omega: float = 10.0
@@ -179,6 +184,7 @@ class GenerationSettings:
                     empty="{field} is empty: give a Hugging Face id, a local folder or a .safetensors file")
         if self.model_config is not None:
             _check_text("model_config", self.model_config, required=True, limit=MAX_PATH)
+        check_loras(self.loras)
         _check_bool("hdr", self.hdr)
         _check_bool("compile", self.compile)
         _check_range("hdr_knee", self.hdr_knee, HDR_KNEE_RANGE, "the linear luminance where highlight expansion starts")
@@ -250,6 +256,55 @@ def check_stride_alignment(stride: int, levels: int) -> None:
             "multiple of 8 works)",
             field="stride", stride=stride, aligned=aligned, below=below, above=above,
         )
+
+
+def check_loras(loras) -> None:
+    """A list of at most MAX_LORAS {"path", "weight"} objects: existing .safetensors files (their content is
+    checked when they are loaded), each once, with a finite weight in LORA_WEIGHT_RANGE."""
+    if not isinstance(loras, list):
+        raise BadInput("{field} must be a list of {{path, weight}} objects, got {value}", field="loras",
+                       value=_shown(loras))
+    if len(loras) > MAX_LORAS:
+        raise BadInput("{field}: {count} LoRAs given; at most {limit} at once", field="loras", count=len(loras),
+                       limit=MAX_LORAS)
+    seen = set()
+    for number, entry in enumerate(loras, 1):
+        if not isinstance(entry, dict) or "path" not in entry or "weight" not in entry:
+            raise BadInput("{field} entry {number} must be an object with a path and a weight, got {value}",
+                           field="loras", number=number, value=_shown(entry))
+        unknown = sorted(set(entry) - {"path", "weight"}, key=str)
+        if unknown:
+            raise BadInput("{field} entry {number} has unknown key(s): {keys}; only path and weight", field="loras",
+                           number=number, keys=", ".join(map(str, unknown)))
+        path = entry["path"]
+        if isinstance(path, str) and not path.strip():
+            raise BadInput("{field} entry {number} has an empty path: choose its .safetensors file", field="loras",
+                           number=number)
+        _check_text("loras", path, limit=MAX_PATH)
+        weight = entry["weight"]
+        low, high = LORA_WEIGHT_RANGE
+        if not _is_number(weight) or not low <= weight <= high:
+            raise BadInput("the weight of the LoRA {path} must be a number from {low:g} to {high:g} (1 = as trained, "
+                           "0 = off, negative = inverted), got {value}", field="loras", path=path, low=low, high=high,
+                           value=_shown(weight))
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise BadInput("the LoRA {path} is a pickle-based file ({suffix}); loading one can execute arbitrary code, "
+                           "so it is refused: use the LoRA's .safetensors file", field="loras", path=path, suffix=suffix)
+        if suffix != ".safetensors":
+            raise BadInput("the LoRA {path} is not a .safetensors file; LoRAs are read from .safetensors files only",
+                           field="loras", path=path)
+        expanded = os.path.expanduser(path)
+        if not os.path.exists(expanded):
+            raise BadInput("the LoRA file {path} does not exist", field="loras", path=path)
+        if not os.path.isfile(expanded):
+            raise BadInput("the LoRA {path} is not a file (a folder?); give its .safetensors file", field="loras",
+                           path=path)
+        key = os.path.realpath(expanded)
+        if key in seen:
+            raise BadInput("the LoRA {path} is given twice; give it once, with the sum of the weights",
+                           field="loras", path=path)
+        seen.add(key)
 
 
 def memory_needed(settings: GenerationSettings) -> int:

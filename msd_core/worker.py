@@ -8,7 +8,9 @@ and library chatter cannot corrupt the stream.
 Two threads: the reader thread parses requests, answers ping, validates and queues generate
 requests and handles cancel and shutdown at once; the main thread runs the queued generate requests
 one after the other. The loaded pipeline stays warm between requests with the same
-(model, model_config, device, dtype); a request with another key replaces it.
+(model, model_config, device, dtype); a request with another key replaces it. LoRAs are not part of
+the key: each request's LoRAs are put into the warm model, and the previous request's taken out
+(msd_core.lora.apply_loras).
 """
 
 from __future__ import annotations

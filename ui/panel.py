@@ -1,9 +1,10 @@
 """The Panorama tab of the 3D Viewport's sidebar (N panel)."""
 
+import os
 import textwrap
 
 import bpy
-from bpy.types import Panel
+from bpy.types import Panel, UIList
 
 from ..msd_core import hub
 from ..operators.generate import preview_image, session, worker_status
@@ -242,6 +243,36 @@ class MSD_PT_panorama_output(SettingsSubPanel, Panel):
             op.image_name = run_state.last_image
 
 
+class MSD_UL_loras(UIList):
+    """One row per LoRA: its file and weight."""
+
+    def draw_item(self, context, layout, data, item, icon, active_data, active_propname, index):
+        row = layout.row(align=True)
+        row.alert = bool(item.path.strip()) and not lora_file_exists(item.path)
+        row.prop(item, "path", text="", emboss=True)
+        row.prop(item, "weight", text="")
+
+
+def lora_file_exists(path: str) -> bool:
+    return os.path.isfile(bpy.path.abspath(path.strip()))
+
+
+class MSD_PT_panorama_loras(SettingsSubPanel, Panel):
+    bl_label = "LoRAs"
+
+    def draw(self, context):
+        layout = self.layout
+        group = context.scene.msd_panorama
+        row = layout.row()
+        row.template_list("MSD_UL_loras", "", group, "loras", group, "lora_index", rows=2)
+        col = row.column(align=True)
+        col.operator("msd.lora_add", text="", icon='ADD')
+        col.operator("msd.lora_remove", text="", icon='REMOVE')
+        if not group.loras:
+            draw_wrapped(layout, "LoRAs steer the model's style: add .safetensors files made for this model's family.",
+                         icon='INFO')
+
+
 class MSD_PT_panorama_variations(SettingsSubPanel, Panel):
     bl_label = "Drafts"
 
@@ -311,5 +342,5 @@ class MSD_PT_panorama_refine(SettingsSubPanel, Panel):
         row.operator("msd.refine", icon='SHADERFX')
 
 
-classes = (MSD_PT_panorama, MSD_PT_panorama_variations, MSD_PT_panorama_sampler, MSD_PT_panorama_output,
-           MSD_PT_panorama_refine, MSD_PT_history)
+classes = (MSD_UL_loras, MSD_PT_panorama, MSD_PT_panorama_variations, MSD_PT_panorama_sampler, MSD_PT_panorama_loras,
+           MSD_PT_panorama_output, MSD_PT_panorama_refine, MSD_PT_history)
