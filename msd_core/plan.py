@@ -188,7 +188,7 @@ def known_model(model: str, model_config: str | None = None) -> tuple[int | None
             sample_size = unet.get("sample_size")
             if isinstance(sample_size, int):
                 return sample_size * 8, family
-    if not model_config and _safetensors_keys(model) and SDXL_CHECKPOINT_KEY in _safetensors_keys(model):
+    if not model_config and SDXL_CHECKPOINT_KEY in safetensors_keys(model):
         return 1024, "sdxl"
     name = " ".join(filter(None, (model, model_config))).lower()
     window = next((pixels for key, pixels in KNOWN_WINDOWS if key in name), None)
@@ -200,7 +200,7 @@ def known_window(model: str, model_config: str | None = None) -> int | None:
     return known_model(model, model_config)[0]
 
 
-def _safetensors_keys(path: str) -> set[str]:
+def safetensors_keys(path: str) -> set[str]:
     """The tensor names in a .safetensors file's JSON header (bounded), or an empty set."""
     file = pathlib.Path(path).expanduser()
     if file.suffix != ".safetensors" or not file.is_file():

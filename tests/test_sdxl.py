@@ -131,12 +131,12 @@ def test_one_window_equals_diffusers_stable_diffusion_xl(request, fixture, negat
 
 def test_conditioning_is_used_size_ids_pooled_text_and_negative_prompt(pipe):
     embeddings, pooled = pipe.encode_prompt("a lighthouse", "", 7.5)
-    assert embeddings.shape == (2, 16, 64) and pooled.shape == (2, 32)
+    assert embeddings.shape == (2, 16, 32 + 48) and pooled.shape == (2, 32)
     assert not embeddings[0].any() and not pooled[0].any()  # empty negative: zeros (force_zeros_for_empty_prompt)
     negative, negative_pooled = pipe.encode_prompt("a lighthouse", "fog", 7.5)
     assert negative[0].abs().sum() > 0 and torch.equal(negative[1], embeddings[1])
     single, single_pooled = pipe.encode_prompt("a lighthouse", "", 1.0)
-    assert single.shape == (1, 16, 64) and torch.equal(single_pooled, pooled[1:])
+    assert single.shape == (1, 16, 32 + 48) and torch.equal(single_pooled, pooled[1:])
     windows = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     told = pipe.make_denoiser(embeddings, 7.5, pooled)(windows, 500)
     # The same windows told another size, or no pooled text, come out different: the UNet reads both.
@@ -261,3 +261,143 @@ def test_a_tiny_xl_run_follows_its_plan(pipe):
     work = planned.work()
     assert sum(batch // 2 for batch, *_ in calls) == work["forwards"]  # CFG pairs in UNet calls
     assert planned.describe()["windows_per_level"] == [1, 2, 12]  # as SDXL-base's 4096×2048 world
+
+
+# --- single-file checkpoints -------------------------------------------------------------------------
+
+
+def _open_clip(text_encoder_2) -> dict:
+    """SDXL's second text encoder in the original (OpenCLIP) layout: fused q/k/v, transposed projection."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    layers, renames = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"], DIFFUSERS_TO_LDM_MAPPING["openclip"]["transformer"]
+    prefix, state, checkpoint = "conditioner.embedders.1.model.", text_encoder_2.state_dict(), {}
+    for key, tensor in state.items():
+        if key in layers:
+            checkpoint[prefix + layers[key]] = tensor.T if key == "text_projection.weight" else tensor
+        elif ".q_proj." in key:
+            fused = torch.cat([state[key.replace("q_proj", part)] for part in ("q_proj", "k_proj", "v_proj")])
+            key = key.replace("q_proj.", "in_proj_")
+            for new, old in renames.items():
+                key = key.replace(new, old)
+            checkpoint[prefix + "transformer." + key] = fused
+        elif ".k_proj." not in key and ".v_proj." not in key and key != "text_model.embeddings.position_ids":
+            for new, old in renames.items():
+                key = key.replace(new, old)
+            checkpoint[prefix + "transformer." + key] = tensor
+    return checkpoint
+
+
+def sdxl_checkpoint(pipeline, path):
+    """The tiny SDXL as an original single-file checkpoint (LDM key names, as downloaded SDXL files have)."""
+    import types
+
+    from safetensors.torch import save_file
+    from test_models import _ldm_checkpoint
+
+    unet = pipeline.unet
+    plain = types.SimpleNamespace(config=unet.config, state_dict=lambda: {
+        k: v for k, v in unet.state_dict().items() if not k.startswith("add_embedding.")})
+    checkpoint = {key.replace("cond_stage_model.", "conditioner.embedders.0."): tensor for key, tensor in
+                  _ldm_checkpoint(plain, pipeline.vae, pipeline.text_encoder).items()}
+    for name, tensor in unet.add_embedding.state_dict().items():
+        layer = {"linear_1": "0", "linear_2": "2"}[name.split(".")[0]]
+        checkpoint[f"model.diffusion_model.label_emb.0.{layer}.{name.split('.')[1]}"] = tensor
+    checkpoint.update(_open_clip(pipeline.text_encoder_2))
+    save_file({k: v.contiguous() for k, v in checkpoint.items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shifted_xl():
+    """The tiny SDXL with every weight shifted, so a test tells the file's weights from the config folder's."""
+    source = models.tiny_pipeline(family="sdxl")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(source, name)
+        module.load_state_dict({k: v + 0.25 for k, v in module.state_dict().items()})
+    return source
+
+
+def _assert_loaded(components, source):
+    assert components.family == "sdxl" and components.zero_empty_negative
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        expected = getattr(source, name).state_dict()
+        actual = getattr(components, name).state_dict()
+        assert set(actual) >= set(expected) - {"text_model.embeddings.position_ids"}, name
+        for key in set(expected) & set(actual):
+            assert torch.equal(actual[key].cpu(), expected[key]), (name, key)
+
+
+def test_single_file_sdxl_checkpoint_loads_offline_with_a_config_folder(tmp_path, shifted_xl, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = sdxl_checkpoint(shifted_xl, tmp_path / "xl.safetensors")
+    components = models.load_components(str(checkpoint), device="cpu",
+                                        model_config=str(models.tiny_model_dir("epsilon", "sdxl")))
+    _assert_loaded(components, shifted_xl)
+    assert plan.known_model(str(checkpoint)) == (1024, "sdxl")  # by its header: SDXL's added-conditioning weights
+    pipe = MSDPanoramaPipeline(components)
+    assert torch.isfinite(pipe(dataclasses.replace(WORLD, model=str(checkpoint), steps=1, gradient="fast"),
+                               decode=False).latents).all()
+
+
+def test_single_file_sdxl_checkpoint_alone_uses_the_shipped_configs_and_a_cached_vocabulary(
+        tmp_path, shifted_xl, monkeypatch):
+    """Without --model-config, an SDXL checkpoint (told by its own header) is configured from
+    msd_core/configs/sdxl-base plus CLIP's vocabulary from any model in the Hugging Face cache. Here the
+    shipped folder is swapped for the tiny SDXL's configs (SDXL-base's sizes need SDXL-base's weights)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = sdxl_checkpoint(shifted_xl, tmp_path / "xl.safetensors")
+    tiny = models.tiny_model_dir("epsilon", "sdxl")
+    shipped = tmp_path / "shipped"
+    for config in (*tiny.glob("*.json"), *tiny.glob("*/*.json")):
+        if config.name not in ("vocab.json", "tokenizer.json"):
+            (shipped / config.relative_to(tiny)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(config, shipped / config.relative_to(tiny))
+    monkeypatch.setattr(models, "SDXL_CONFIGS", shipped)
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    with pytest.raises(ModelNotFound, match="vocabulary .*msd-panorama models download"):
+        models.load_components(str(checkpoint), device="cpu")
+    snapshot = cache / "models--someone--sd-model" / "snapshots" / "abc"
+    shutil.copytree(tiny / "tokenizer", snapshot / "tokenizer")
+    (snapshot / "unet").mkdir()
+    (cache / "models--someone--sd-model" / "refs").mkdir()
+    (cache / "models--someone--sd-model" / "refs" / "main").write_text("abc")
+    assert models.clip_vocabulary() == [snapshot / "tokenizer" / "tokenizer.json"]
+    _assert_loaded(models.load_components(str(checkpoint), device="cpu"), shifted_xl)
+
+
+def test_the_shipped_sdxl_configs_build_sdxl_base_exactly_and_hold_no_weights():
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    files = [path for path in models.SDXL_CONFIGS.rglob("*") if path.is_file()]
+    assert {path.suffix for path in files} == {".json"} and sum(path.stat().st_size for path in files) < 10_000
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(models.SDXL_CONFIGS, subfolder="unet"))
+        encoder = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(models.SDXL_CONFIGS, subfolder="text_encoder_2"))
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL-base's UNet
+    assert sum(p.numel() for p in encoder.parameters()) == 694_659_840  # OpenCLIP ViT-bigG's text tower
+    assert models.model_family(unet.config) == "sdxl" and unet.config.sample_size * 8 == 1024
+
+
+@pytest.mark.parametrize("subfolder, pad", [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")])
+def test_the_shipped_tokenizer_settings_read_with_a_vocabulary(tmp_path, subfolder, pad):
+    from transformers import CLIPTokenizer
+
+    folder = shutil.copytree(models.SDXL_CONFIGS / subfolder, tmp_path / subfolder)
+    (folder / "vocab.json").write_text(json.dumps(models._tiny_vocab()))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    assert tokenizer.model_max_length == 77 and tokenizer.pad_token == pad
+    ids = tokenizer("ab", padding="max_length", max_length=6).input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[3] == tokenizer.eos_token_id and len(ids) == 6
+
+
+def test_a_single_file_that_is_not_sdxl_still_needs_its_config(tmp_path):
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "refiner.safetensors"
+    save_file({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(2, 2)}, checkpoint)
+    with pytest.raises(BadInput, match="an SDXL refiner.*--model-config"):
+        models.load_components(str(checkpoint), device="cpu")
