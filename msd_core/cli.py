@@ -348,11 +348,17 @@ def list_models(args: argparse.Namespace) -> int:
     if not found:
         print(f"no models in the Hugging Face cache ({hub.cache_dir()})")
         return 0
-    rows = [("ID", "SIZE", "STATE")] + [(model.id, hub.format_bytes(model.size_on_disk), _state(model)) for model in found]
-    widths = [max(len(row[column]) for row in rows) for column in range(2)]
-    for model_id, size, state in rows:
-        print(f"{model_id:<{widths[0]}}  {size:>{widths[1]}}  {state}")
+    rows = [("ID", "FAMILY", "SIZE", "STATE")] + [
+        (model.id, FAMILY_LABELS.get(model.family, "?"), hub.format_bytes(model.size_on_disk), _state(model))
+        for model in found
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for model_id, family, size, state in rows:
+        print(f"{model_id:<{widths[0]}}  {family:<{widths[1]}}  {size:>{widths[2]}}  {state}")
     return 0
+
+
+FAMILY_LABELS = {"sd": "SD", "sdxl": "SDXL"}  # "?": the UNet's config is not downloaded yet
 
 
 def _state(model) -> str:

@@ -401,3 +401,57 @@ def test_a_single_file_that_is_not_sdxl_still_needs_its_config(tmp_path):
     save_file({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(2, 2)}, checkpoint)
     with pytest.raises(BadInput, match="an SDXL refiner.*--model-config"):
         models.load_components(str(checkpoint), device="cpu")
+
+
+# --- the cache, downloads and the worker's environment ------------------------------------------------
+
+
+def _files(folder) -> dict[str, int]:
+    return {path.relative_to(folder).as_posix(): path.stat().st_size for path in folder.rglob("*") if path.is_file()}
+
+
+def test_a_download_of_an_sdxl_repository_takes_both_encoders_and_tokenizers_in_the_run_s_variant():
+    from msd_core import hub
+
+    sizes = _files(models.tiny_model_dir("epsilon", "sdxl"))
+    sizes.update({name.replace(".safetensors", ".fp16.safetensors"): size // 2
+                  for name, size in list(sizes.items()) if name.endswith(".safetensors")})
+    sizes.update({"text_encoder_2/pytorch_model.bin": 10, "unet/diffusion_pytorch_model.bin": 10})
+    full, half = hub.select_files(sizes, fp16=False), hub.select_files(sizes, fp16=True)
+    assert "text_encoder_2/model.safetensors" in full and "text_encoder_2/model.fp16.safetensors" in half
+    assert "text_encoder_2/model.fp16.safetensors" not in full and "text_encoder_2/model.safetensors" not in half
+    for files in (full, half):
+        assert {"text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json", "model_index.json"} <= set(files)
+        assert not any(name.endswith(".bin") for name in files)
+    sd = hub.select_files(_files(models.tiny_model_dir()), fp16=False)
+    assert not any(name.startswith(("text_encoder_2/", "tokenizer_2/")) for name in sd)
+
+
+def test_the_cache_lists_each_model_s_family_and_what_an_sdxl_model_lacks(tmp_path, monkeypatch):
+    from msd_core import cli, hub
+
+    for repo, family in (("someone/xl", "sdxl"), ("someone/sd", "sd")):
+        snapshot = tmp_path / hub.repo_folder(repo) / "snapshots" / "abc"
+        shutil.copytree(models.tiny_model_dir("epsilon", family), snapshot)
+        (tmp_path / hub.repo_folder(repo) / "refs").mkdir()
+        (tmp_path / hub.repo_folder(repo) / "refs" / "main").write_text("abc")
+    listed = {model.id: model for model in hub.list_models(tmp_path)}
+    assert listed["someone/xl"].family == "sdxl" and listed["someone/sd"].family == "sd"
+    assert listed["someone/xl"].complete and listed["someone/xl"].to_dict()["family"] == "sdxl"
+    xl = tmp_path / hub.repo_folder("someone/xl") / "snapshots" / "abc"
+    shutil.rmtree(xl / "tokenizer_2")
+    (xl / "text_encoder_2" / "model.safetensors").unlink()
+    assert hub.missing_components(xl) == ["tokenizer_2", "text_encoder_2"]
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    lines = []
+    monkeypatch.setattr("builtins.print", lambda *parts, **_: lines.append(" ".join(map(str, parts))))
+    assert cli.main(["models", "list"]) == 0
+    assert lines[0].split() == ["ID", "FAMILY", "SIZE", "STATE"]
+    assert lines[1].split()[:2] == ["someone/sd", "SD"] and lines[1].endswith("complete")
+    assert lines[2].split()[:2] == ["someone/xl", "SDXL"] and "no tokenizer_2, text_encoder_2" in lines[2]
+
+
+def test_the_worker_environment_names_the_families_it_loads():
+    from msd_core import environment
+
+    assert environment.describe()["families"] == ["sd", "sdxl"]
