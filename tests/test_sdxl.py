@@ -455,3 +455,51 @@ def test_the_worker_environment_names_the_families_it_loads():
     from msd_core import environment
 
     assert environment.describe()["families"] == ["sd", "sdxl"]
+
+
+def test_the_worker_generates_and_drafts_with_an_sdxl_model(tmp_path):
+    """The path the add-on runs: a worker process, a generate request with previews, then drafts."""
+    import sys
+
+    from msd_core.client import WorkerClient
+    from test_worker import REPO_ROOT, finished, of, wait_for
+
+    client = WorkerClient(sys.executable, pythonpath=REPO_ROOT,
+                          env={"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}).start()
+    try:
+        wait_for(client, lambda event: event["event"] == "ready")
+        settings = dataclasses.replace(WORLD, width=256, height=128, steps=2, gradient="fast").to_dict()
+        request_id = client.generate(settings, tmp_path / "xl.png", preview_every=1)
+        events = of(wait_for(client, finished(request_id)), request_id)
+        assert events[-1]["event"] == "done", events[-1]
+        assert events[-1]["metadata"]["family"] == "sdxl"
+        assert [p["step"] for p in of(events, request_id, "preview")] == [1, 2]
+        drafts = client.variations(settings, tmp_path / "drafts.png", 2)
+        events = of(wait_for(client, finished(drafts)), drafts)
+        assert events[-1]["event"] == "done", events[-1]
+        written = sorted(tmp_path.glob("drafts_v*.png"))
+        assert len(written) == 2 and all(pngmeta.read_text_chunks(path)["family"] == "sdxl" for path in written)
+    finally:
+        assert client.stop(timeout=60) == 0
+
+
+def test_dry_run_plans_sdxl_worlds_without_loading_a_model(capsys):
+    from msd_core import cli
+
+    plans = {}
+    for width, height in ((2048, 1024), (4096, 2048), (8192, 4096)):
+        assert cli.main(["generate", "x", "--dry-run", "--device", "cpu", "--dtype", "float32", "--seed", "0", "--model",
+                         "stabilityai/stable-diffusion-xl-base-1.0", "--width", str(width), "--height",
+                         str(height)]) == 0
+        plans[width] = json.loads(capsys.readouterr().out)
+    assert all(p["family"] == "sdxl" and p["window"] == 1024 and "SDXL-base" in p["memory_note"] for p in plans.values())
+    assert [p["windows_per_level"] for p in plans.values()] == [[1, 2], [1, 2, 12], [1, 2, 12, 40]]
+    assert [p["unet_windows"] for p in plans.values()] == [
+        {"forwards": 250, "backwards": 100}, {"forwards": 1450, "backwards": 700},
+        {"forwards": 5450, "backwards": 2700}]
+    # CPU: view batch 4 of exact-gradient windows in float32 (21.9 GB each) plus 13.9 GB of weights.
+    assert plans[4096]["estimated_peak_gib"] == pytest.approx((3.469e9 * 4 + 4 * 21.9e9) / 2**30, abs=0.01)
+    assert cli.main(["generate", "x", "--dry-run", "--device", "cpu", "--model", "tiny-xl", "--width", "512",
+                     "--height", "256"]) == 0
+    tiny = json.loads(capsys.readouterr().out)
+    assert tiny["family"] == "sdxl" and tiny["window"] == 128 and tiny["windows_per_level"] == [1, 2, 12]
