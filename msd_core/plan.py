@@ -44,10 +44,9 @@ MAX_VIEW_BATCH = 32
 
 # Native window in pixels of the known model families, by a substring of the model id (first match): only
 # for a plan without the model (a Hub id not downloaded yet); a loaded model's config decides.
-KNOWN_WINDOWS = (("stable-diffusion-xl", 1024), ("sdxl", 1024), ("768-v", 768), ("stable-diffusion-2-1-base", 512),
-                 ("stable-diffusion-2-base", 512), ("stable-diffusion-2-1", 768), ("stable-diffusion-2", 768),
-                 ("stable-diffusion", 512))
-TINY_WINDOW = 64
+KNOWN_WINDOWS = (("stable-diffusion-xl", 1024, "sdxl"), ("sdxl", 1024, "sdxl"), ("768-v", 768, "sd"),
+                 ("stable-diffusion-2-1-base", 512, "sd"), ("stable-diffusion-2-base", 512, "sd"),
+                 ("stable-diffusion-2-1", 768, "sd"), ("stable-diffusion-2", 768, "sd"), ("stable-diffusion", 512, "sd"))
 TINY_MODELS = {"tiny": (64, "sd"), "tiny-v": (64, "sd"), "tiny-xl": (128, "sdxl"), "tiny-xl-v": (128, "sdxl")}
 # A single-file checkpoint whose UNet has SDXL's added-conditioning embedding (LDM key names).
 SDXL_CHECKPOINT_KEY = "model.diffusion_model.label_emb.0.0.weight"
@@ -191,8 +190,7 @@ def known_model(model: str, model_config: str | None = None) -> tuple[int | None
     if not model_config and SDXL_CHECKPOINT_KEY in safetensors_keys(model):
         return 1024, "sdxl"
     name = " ".join(filter(None, (model, model_config))).lower()
-    window = next((pixels for key, pixels in KNOWN_WINDOWS if key in name), None)
-    return window, "sdxl" if window == 1024 else "sd"
+    return next(((pixels, family) for key, pixels, family in KNOWN_WINDOWS if key in name), (None, "sd"))
 
 
 def known_window(model: str, model_config: str | None = None) -> int | None:
