@@ -196,7 +196,7 @@ def test_image_metadata_and_refine_on_sdxl(pipe, tmp_path):
     assert refined.image.size == (512, 256) and refined.metadata["start_step"] == "2"
 
 
-def test_cli_generates_and_plans_with_tiny_xl(tmp_path):
+def test_cli_generates_a_png_and_an_exr_with_tiny_xl(tmp_path):
     from msd_core import cli
 
     out = tmp_path / "xl.png"
