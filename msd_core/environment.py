@@ -78,6 +78,8 @@ def describe() -> dict:
         except Exception as exc:  # a broken install fails in many ways; report it, whatever it is
             info[name] = None
             info[name + "_error"] = "%s: %s" % (type(exc).__name__, exc)
+    if "diffusers" in modules:  # the model families this diffusers can load and convert
+        info["families"] = ["sd"] + (["sdxl"] if hasattr(modules["diffusers"], "StableDiffusionXLPipeline") else [])
     if "torch" in modules:
         torch = modules["torch"]
         device = auto_device(torch)

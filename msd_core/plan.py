@@ -22,18 +22,34 @@ from .settings import GenerationSettings, check_stride_alignment
 # (2.8 GB on the CPU in float32, 1.52 GB on an H200 in float16: the larger is kept; bench/device.py).
 WINDOW_ACTIVATION_BYTES_FP32 = {"no_grad": 0.28e9, "exact": 3.04e9}
 NATIVE_LATENT = 64  # the window those numbers were measured at
+# The same per model family, at each family's native latent: SDXL-base's UNet (2.57 G parameters) at
+# 128×128 counted under FakeTensorMode and calibrated on SD-2-base by the same count (bench/sdxl_memory.py,
+# docs/sdxl.md): 2.4× SD-2's no-grad window, 7.2× its exact-gradient one (ten transformer layers at
+# 32×32 and two at 64×64, all kept for the backward).
+FAMILY_WINDOW_BYTES_FP32 = {
+    "sd": (WINDOW_ACTIVATION_BYTES_FP32, NATIVE_LATENT),
+    "sdxl": ({"no_grad": 0.68e9, "exact": 21.9e9}, 128),
+}
 FLOAT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # activations scale with the element size
 # Weights of SD-2-base (UNet 865.9 M, VAE 83.7 M, CLIP text encoder 340.4 M parameters).
 SD_PARAMETERS = 1.29e9
+# Per family: SDXL-base = UNet 2567.5 M + VAE 83.7 M + CLIP 123.1 M + OpenCLIP bigG 694.7 M parameters;
+# its VAE is kept in float32 in a float16 run (models.vae_dtype).
+FAMILY_PARAMETERS = {"sd": SD_PARAMETERS, "sdxl": 3.469e9}
+UPCAST_VAE_PARAMETERS = {"sd": 0.0, "sdxl": 83.7e6}
 # A backward pass through the UNet costs about 1.3 forwards (measured at SD-2-base scale, issue 10).
 BACKWARD_COST = 1.3
 CPU_VIEW_BATCH = 4  # on the CPU larger batches are not faster and only hold more memory
 MAX_VIEW_BATCH = 32
 
-# Native window in pixels of the known model families, by a substring of the model id (first match).
-KNOWN_WINDOWS = (("768-v", 768), ("stable-diffusion-2-1-base", 512), ("stable-diffusion-2-base", 512),
-                 ("stable-diffusion-2-1", 768), ("stable-diffusion-2", 768), ("stable-diffusion", 512))
-TINY_WINDOW = 64
+# Native window in pixels of the known model families, by a substring of the model id (first match): only
+# for a plan without the model (a Hub id not downloaded yet); a loaded model's config decides.
+KNOWN_WINDOWS = (("stable-diffusion-xl", 1024, "sdxl"), ("sdxl", 1024, "sdxl"), ("768-v", 768, "sd"),
+                 ("stable-diffusion-2-1-base", 512, "sd"), ("stable-diffusion-2-base", 512, "sd"),
+                 ("stable-diffusion-2-1", 768, "sd"), ("stable-diffusion-2", 768, "sd"), ("stable-diffusion", 512, "sd"))
+TINY_MODELS = {"tiny": (64, "sd"), "tiny-v": (64, "sd"), "tiny-xl": (128, "sdxl"), "tiny-xl-v": (128, "sdxl")}
+# A single-file checkpoint whose UNet has SDXL's added-conditioning embedding (LDM key names).
+SDXL_CHECKPOINT_KEY = "model.diffusion_model.label_emb.0.0.weight"
 
 
 def window_starts(length: int, window: int, stride: int, wrap: bool = False) -> list[int]:
@@ -135,34 +151,67 @@ def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool) ->
     return {"forwards": forwards, "backwards": backwards}
 
 
-def window_activation_bytes(exact_gradient: bool, dtype: str, window: int) -> float:
-    """Activation memory of one window (CFG pair): the measured SD-2-base numbers, scaled by the element
-    size (float16: ½ of float32) and by the window's area relative to the 64×64 latent they were measured at."""
-    measured = WINDOW_ACTIVATION_BYTES_FP32["exact" if exact_gradient else "no_grad"]
-    return measured * FLOAT_BYTES[dtype] / 4 * (window / NATIVE_LATENT) ** 2
+def window_activation_bytes(exact_gradient: bool, dtype: str, window: int, family: str = "sd") -> float:
+    """Activation memory of one window (CFG pair): the family's measured numbers, scaled by the element
+    size (float16: ½ of float32) and by the window's area relative to the native latent they were measured at."""
+    measured, native = FAMILY_WINDOW_BYTES_FP32[family]
+    return measured["exact" if exact_gradient else "no_grad"] * FLOAT_BYTES[dtype] / 4 * (window / native) ** 2
 
 
-def view_batch_for(free_bytes: float | None, exact_gradient: bool, dtype: str, window: int) -> int:
+def weight_bytes(dtype: str, family: str = "sd") -> float:
+    """The model's weights in memory (an SDXL VAE kept in float32 in a float16 run)."""
+    upcast = UPCAST_VAE_PARAMETERS[family] * (4 - FLOAT_BYTES[dtype]) if dtype == "float16" else 0.0
+    return FAMILY_PARAMETERS[family] * FLOAT_BYTES[dtype] + upcast
+
+
+def view_batch_for(free_bytes: float | None, exact_gradient: bool, dtype: str, window: int, family: str = "sd") -> int:
     """Windows per UNet call: what fits in 80 % of the free accelerator memory (``free_bytes``), capped at
     32; ``CPU_VIEW_BATCH`` when there is no accelerator (None)."""
     if free_bytes is None:
         return CPU_VIEW_BATCH
-    per_window = window_activation_bytes(exact_gradient, dtype, window)
+    per_window = window_activation_bytes(exact_gradient, dtype, window, family)
     return max(1, min(MAX_VIEW_BATCH, int(free_bytes * 0.8 // per_window)))
 
 
-def known_window(model: str, model_config: str | None = None) -> int | None:
-    """The native window in pixels of a model, without loading it: the tiny model's, a local diffusers
-    folder's unet/config.json, or a known family by name (SD 1.x and SD-2-base 512 px, SD-2 768-v 768 px)."""
-    if model in ("tiny", "tiny-v"):
-        return TINY_WINDOW
+def known_model(model: str, model_config: str | None = None) -> tuple[int | None, str]:
+    """(native window in pixels, family) of a model without loading it: the tiny models', a local
+    diffusers folder's unet/config.json (its sample_size and added-conditioning type), a single
+    .safetensors file's header (SDXL's added-conditioning weights), else a known family by name
+    (SD 1.x and SD-2-base 512 px, SD-2 768-v 768 px, SDXL 1024 px; window None when unknown)."""
+    if model in TINY_MODELS:
+        return TINY_MODELS[model]
     for source in (model, model_config):
         if source and (config := pathlib.Path(source).expanduser() / "unet" / "config.json").is_file():
-            sample_size = json.loads(config.read_text(encoding="utf-8")[:100_000]).get("sample_size")
+            unet = json.loads(config.read_text(encoding="utf-8")[:100_000])
+            family = "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"
+            sample_size = unet.get("sample_size")
             if isinstance(sample_size, int):
-                return sample_size * 8
+                return sample_size * 8, family
+    if not model_config and SDXL_CHECKPOINT_KEY in safetensors_keys(model):
+        return 1024, "sdxl"
     name = " ".join(filter(None, (model, model_config))).lower()
-    return next((pixels for key, pixels in KNOWN_WINDOWS if key in name), None)
+    return next(((pixels, family) for key, pixels, family in KNOWN_WINDOWS if key in name), (None, "sd"))
+
+
+def known_window(model: str, model_config: str | None = None) -> int | None:
+    """The native window in pixels of a model without loading it (``known_model``)."""
+    return known_model(model, model_config)[0]
+
+
+def safetensors_keys(path: str) -> set[str]:
+    """The tensor names in a .safetensors file's JSON header (bounded), or an empty set."""
+    file = pathlib.Path(path).expanduser()
+    if file.suffix != ".safetensors" or not file.is_file():
+        return set()
+    try:
+        with open(file, "rb") as stream:
+            length = int.from_bytes(stream.read(8), "little")
+            if not 2 <= length <= 16 * 2**20:  # checkpoint headers are well under 1 MB
+                return set()
+            header = json.loads(stream.read(length))
+    except (OSError, ValueError, RecursionError):
+        return set()
+    return set(header) if isinstance(header, dict) else set()
 
 
 @dataclass(frozen=True)
@@ -183,6 +232,7 @@ class Plan:
     gradient: str
     guided: bool  # MSD with ω > 0: finer levels take the gradient step
     squeeze: int = 1  # columns averaged by a global level on top of the halving pyramid (1 = none)
+    family: str = "sd"  # the model family ("sd", "sdxl"): its memory figures
 
     def level_shape(self, level: int) -> tuple[int, int]:
         """(height, width) of a level, 0 = coarsest (the global level, if any)."""
@@ -258,15 +308,17 @@ class Plan:
 
     def dry_run(self, dtype: str) -> dict:
         """``describe`` plus the decoded size and an estimate of the peak accelerator memory."""
-        per_window = window_activation_bytes(self.guided and self.gradient == "exact", dtype, self.window)
-        weights = SD_PARAMETERS * FLOAT_BYTES[dtype]
+        per_window = window_activation_bytes(self.guided and self.gradient == "exact", dtype, self.window, self.family)
+        weights = weight_bytes(dtype, self.family)
+        sized = {"sd": "SD-2-base-sized", "sdxl": "SDXL-base-sized"}[self.family]
         return {
             **self.describe(),
+            "family": self.family,
             "steps": self.steps,
             "decoded_size": [self.width * self.factor, self.height * self.factor],
             "dtype": dtype,
             "estimated_peak_gib": round((weights + self.view_batch * per_window) / 2**30, 2),
-            "memory_note": "SD-2-base-sized weights plus view_batch windows of measured activations",
+            "memory_note": f"{sized} weights plus view_batch windows of measured activations",
         }
 
 
@@ -276,7 +328,7 @@ def estimated_seconds(work: dict, ms_per_window: float) -> float:
 
 
 def make_plan(settings: GenerationSettings, factor: int, native_window: int, free_bytes: float | None = None,
-              dtype: str = "float32") -> Plan:
+              dtype: str = "float32", family: str = "sd") -> Plan:
     """Validate ``settings`` against a model (VAE ``factor``, ``native_window`` in pixels) and resolve window,
     stride, levels and view batch; raise BadInput with one sentence for what does not fit."""
     settings.validate()
@@ -323,15 +375,16 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
         levels += squeeze > 1
     guided = settings.method == "msd" and settings.omega > 0 and levels > 1
     exact = guided and settings.gradient == "exact"
-    view_batch = settings.view_batch or view_batch_for(free_bytes, exact, dtype, window)
+    view_batch = settings.view_batch or view_batch_for(free_bytes, exact, dtype, window, family)
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
-                settings.steps, factor, settings.gradient, guided, squeeze)
+                settings.steps, factor, settings.gradient, guided, squeeze, family)
 
 
 def plan_without_model(settings: GenerationSettings, free_bytes: float | None, dtype: str) -> Plan:
     """The plan for ``--dry-run``: the window from ``settings.window`` or the model's known family."""
-    window = settings.window or known_window(settings.model, settings.model_config)
+    native, family = known_model(settings.model, settings.model_config)
+    window = settings.window or native
     if window is None:
         raise BadInput(f"the window size of {settings.model!r} is not known without loading it; give --window "
-                       "(512 for SD 1.x and SD-2-base, 768 for SD-2 768-v)")
-    return make_plan(settings, 8, window, free_bytes, dtype)
+                       "(512 for SD 1.x and SD-2-base, 768 for SD-2 768-v, 1024 for SDXL)")
+    return make_plan(settings, 8, window, free_bytes, dtype, family)

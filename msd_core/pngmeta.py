@@ -23,7 +23,8 @@ METADATA_KEYS = (
 # Also ours: what the pipeline resolved for the run, and a refined panorama's source (msd_core.refine).
 # "loras" (only when the run used LoRAs): [{"name": file name, "sha256": hex digest, "weight": w}] in order.
 LORAS_KEY = "loras"
-RUN_KEYS = ("view_batch", "device", "dtype", "windows", "windows_per_level", "unet_windows", LORAS_KEY)
+RUN_KEYS = ("view_batch", "device", "dtype", "windows", "windows_per_level", "unet_windows", "family",
+            LORAS_KEY)
 REFINE_KEYS = ("source", "strength", "start_step")
 OWN_KEYS = METADATA_KEYS + RUN_KEYS + REFINE_KEYS
 # Bounds on what a PNG's text may cost to read (our own metadata is a few KB).

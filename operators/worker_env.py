@@ -25,6 +25,7 @@ BASE_PYTHON_NAMES = ("python3.13", "python3.12", "python3.11", "python3.10", "py
 CHECK_TIMEOUT = 120.0  # seconds; importing torch and diffusers the first time can take a while
 INSTALL_POLL_INTERVAL = 0.5
 LOG_TAIL_BYTES = 4096
+FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
 
 
 @dataclass
@@ -62,8 +63,12 @@ def check_worker(python: str, timeout: float = CHECK_TIMEOUT) -> WorkerCheck:
     missing = [f"{name} is missing ({info[name + '_error']})" for name in ("torch", "diffusers") if info[name] is None]
     if missing:
         return WorkerCheck(False, f"{python}: " + "; ".join(missing), info)
+    families = ", ".join(FAMILY_NAMES.get(family, family) for family in info.get("families", ["sd"]))
     return WorkerCheck(
-        True, f"Python {info['python']}, torch {info['torch']}, diffusers {info['diffusers']}, device {info['device']}", info
+        True,
+        f"Python {info['python']}, torch {info['torch']}, diffusers {info['diffusers']}, device {info['device']}; "
+        f"models: {families}",
+        info,
     )
 
 

@@ -543,7 +543,7 @@ def worker_env_module():
 def test_check_worker_finds_torch_and_the_device(addon):
     assert bpy.ops.msd.check_worker() == {"FINISHED"}
     message = worker_env_module().install_state.message
-    assert f"torch {version('torch')}, diffusers {version('diffusers')}, device cpu" in message
+    assert f"torch {version('torch')}, diffusers {version('diffusers')}, device cpu; models: SD 1.x/2.x, SDXL" in message
 
 
 def test_check_worker_names_what_is_wrong(addon, tmp_path):

@@ -273,7 +273,8 @@ def test_cli_models_download_prints_progress_lines_then_list_shows_the_model(fak
     assert set(fake_hub.fetched(REPO)) == set(tiny_files)
 
     listed = run_cli("models", "list", env=env)
-    assert listed.returncode == 0 and listed.stdout.splitlines() == ["ID           SIZE  STATE", f"{REPO}  1.3 MB  complete"]
+    assert listed.returncode == 0
+    assert listed.stdout.splitlines() == ["ID         FAMILY    SIZE  STATE", f"{REPO}  SD      1.3 MB  complete"]
 
 
 def test_cli_download_errors_are_one_line_with_exit_2(fake_hub, tmp_path):

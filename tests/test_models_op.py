@@ -119,7 +119,7 @@ def test_download_model_shows_progress_then_the_model_is_listed_with_its_size(ad
     panel = draw("MSD_PT_panorama")
     assert ("operator", "msd.download_model") not in panel and ("label", state.message) in panel
     preferences = draw_preferences()
-    assert ("label", REPO) in preferences and ("label", "1.3 MB") in preferences and ("label", "In use") in preferences
+    assert ("label", f"{REPO} (SD)") in preferences and ("label", "1.3 MB") in preferences and ("label", "In use") in preferences
 
 
 def test_cancel_stops_the_download_and_the_model_still_needs_one(addon, fake_hub, online):

@@ -23,6 +23,7 @@ STATUS_WORDS = {
     "BUSY": ("Generating", 'RENDER_STILL'),
     "ERROR": ("The last run failed", 'ERROR'),
 }
+FAMILY_LABELS = {"sd": "SD", "sdxl": "SDXL"}  # a cached model's family, from its UNet's config
 WRAP_CHARS = 48  # characters per line of long messages in the sidebar
 PREVIEW_SCALE = 8.0
 THUMBNAIL_SCALE = 4.0  # drafts and history entries
@@ -108,7 +109,8 @@ def draw_cached_models(layout, context) -> None:
     for model in models:
         row = col.row(align=True)
         icon = 'CHECKMARK' if model.complete else 'ERROR'
-        row.label(text=model.id, icon=icon)
+        row.label(text=f"{model.id} ({FAMILY_LABELS[model.family]})" if model.family in FAMILY_LABELS else model.id,
+                  icon=icon)
         row.label(text=hub.format_bytes(model.size_on_disk) + ("" if model.complete else " (incomplete)"))
         if model.id != current:
             row.operator("msd.use_model", text="Use").model = model.id

@@ -1,0 +1,157 @@
+"""Activation memory of one window of SDXL-base's UNet, measured without materialising its weights.
+
+SDXL-base's UNet has 2.57 G parameters (10.3 GB in float32), too many for the CPU machines this runs on,
+so the UNet of its exact architecture (msd_core/configs/sdxl-base/unet/config.json) is built under
+PyTorch's FakeTensorMode: every tensor has its shape, dtype and device (the CPU) but no data, and every
+operation of the real forward and backward runs on shapes only, through the kernels the CPU would pick
+(the flash scaled-dot-product attention: no 4096×4096 attention matrix; the "meta" device would fall
+back to the math attention that builds one). Two counts, for one window = one classifier-free-guidance
+pair (batch 2) at the native latent size, text of 77 tokens:
+
+- peak live bytes: a TorchDispatchMode sees every tensor an operation creates and adds its storage's
+  size; a weak reference to the storage subtracts it when the storage is freed. The highest sum is
+  the activation peak of a no-grad forward, or of the exact gradient's forward + backward
+  (the weights are created before the count starts and are not in it);
+- saved bytes (exact gradient): what autograd keeps for the backward, from
+  ``torch.autograd.graph.saved_tensors_hooks`` (each storage once, the frozen weights left out).
+
+The same counts for SD-2-base's UNet (whose real activations were measured on the CPU and an H200:
+msd_core.plan) give the calibration: SDXL's figure in the plan = SD-2's measured figure × the ratio
+of the two counts. Both models run the same operations (diffusers' UNet2DConditionModel, PyTorch's
+scaled-dot-product attention), so the ratio carries over what the count cannot see (allocator
+rounding, kernel workspaces).
+
+    .venv/bin/python bench/sdxl_memory.py      # about a minute; writes bench/results/sdxl-memory.json
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+import weakref
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import environment, markdown_table, write_json  # noqa: E402
+from device import SD2_BASE_UNET  # noqa: E402
+
+from msd_core import plan  # noqa: E402
+
+SDXL_CONFIG = ROOT / "msd_core" / "configs" / "sdxl-base"
+TOKENS = 77
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by tensors created inside the mode: a storage counts from the first
+    tensor that holds it until the last tensor on it (a view, an in-place result) is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.tensors: dict[int, int] = {}  # storage → live tensors on it
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key, size = storage._cdata, storage.nbytes()
+                if key not in self.tensors:
+                    self.tensors[key] = 0
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                self.tensors[key] += 1
+                weakref.finalize(tensor, self._release, key, size)
+        return out
+
+    def _release(self, key: int, size: int) -> None:
+        self.tensors[key] -= 1
+        if not self.tensors[key]:
+            del self.tensors[key]
+            self.live -= size
+
+
+def fake_unet(family: str):
+    from diffusers import UNet2DConditionModel
+
+    config = (UNet2DConditionModel.load_config(SDXL_CONFIG, subfolder="unet") if family == "sdxl"
+              else dict(SD2_BASE_UNET))
+    unet = UNet2DConditionModel.from_config(config)
+    unet.eval().requires_grad_(False)
+    from msd_core.models import prepare_unet
+
+    prepare_unet(unet, channels_last=False)
+    return unet
+
+
+def inputs(unet, dtype: torch.dtype):
+    size = unet.config.sample_size
+    kwargs = {"encoder_hidden_states": torch.zeros(2, TOKENS, unet.config.cross_attention_dim, dtype=dtype)}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(2, pooled, dtype=dtype),
+                                       "time_ids": torch.zeros(2, 6, dtype=dtype)}
+    return torch.zeros(2, 4, size, size, dtype=dtype), kwargs
+
+
+def measure(family: str, dtype: torch.dtype = torch.float32) -> dict:
+    with FakeTensorMode():
+        return _measure(fake_unet(family), family, dtype)  # float32: the dtype the SD-2 figures are in
+
+
+def _measure(unet, family: str, dtype: torch.dtype) -> dict:
+    sample, kwargs = inputs(unet, dtype)
+    timestep = torch.tensor(500.0)
+    with torch.no_grad(), LiveBytes() as count:
+        unet(sample, timestep, **kwargs)
+    no_grad = count.peak
+
+    saved: dict[int, int] = {}
+    weights = {p.untyped_storage()._cdata for p in unet.parameters()}
+
+    def pack(tensor):
+        key = tensor.untyped_storage()._cdata
+        if key not in weights:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    x = sample.clone().requires_grad_(True)
+    with torch.enable_grad(), LiveBytes() as count:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            output = unet(x, timestep, **kwargs).sample
+        (grad,) = torch.autograd.grad(output.pow(2).sum(), x)
+    return {"family": family, "dtype": str(dtype).removeprefix("torch."), "latent": unet.config.sample_size,
+            "parameters": sum(p.numel() for p in unet.parameters()), "no_grad_peak_bytes": no_grad,
+            "exact_peak_bytes": count.peak, "exact_saved_bytes": sum(saved.values())}
+
+
+def main() -> None:
+    started = time.perf_counter()
+    rows = [measure("sd"), measure("sdxl")]
+    sd, xl = rows
+    measured = plan.WINDOW_ACTIVATION_BYTES_FP32  # SD-2-base, real (CPU float32 / H200 float16 ×2)
+    calibrated = {"no_grad": measured["no_grad"] * xl["no_grad_peak_bytes"] / sd["no_grad_peak_bytes"],
+                  "exact": measured["exact"] * xl["exact_peak_bytes"] / sd["exact_peak_bytes"]}
+    for row in rows:
+        for key in ("no_grad_peak_bytes", "exact_peak_bytes", "exact_saved_bytes"):
+            row[key.replace("bytes", "gb")] = round(row[key] / 1e9, 3)
+    print(markdown_table(rows, ["family", "dtype", "latent", "parameters", "no_grad_peak_gb", "exact_peak_gb",
+                                "exact_saved_gb"]))
+    print("SDXL-base per window (CFG pair), float32 terms, calibrated on SD-2-base's measured figures:",
+          {key: f"{value / 1e9:.2f} GB" for key, value in calibrated.items()})
+    write_json("sdxl-memory", {"environment": environment(), "method": __doc__.split("\n\n")[1], "rows": rows,
+                               "sd2_measured_fp32": measured, "sdxl_calibrated_fp32": calibrated,
+                               "seconds": time.perf_counter() - started})
+
+
+if __name__ == "__main__":
+    main()
