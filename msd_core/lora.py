@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import warnings
 
 from .errors import BadInput, UnsupportedModelFile
@@ -33,6 +34,9 @@ from .models import MAX_SAFETENSORS_HEADER, check_safetensors
 MAX_LORA_BYTES = 2 * 2**30  # community LoRAs are 10–900 MB; a larger file is a full checkpoint
 ADAPTER_PREFIX = "msd"  # adapter names: msd<index>_<first 16 hex digits of the SHA-256>
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights stores each LoraConfig here
+# torch's load_state_dict error opens with a bare header line; its first size mismatch says what differs.
+SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                           r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
 
 
 def apply_loras(components, loras: list[dict]) -> list[dict]:
@@ -164,12 +168,27 @@ def _load(components, targets: dict, name: str, path: str, data: bytes) -> None:
                     loader.load_lora_into_text_encoder(state_dict, alphas, targets[prefix], prefix=prefix,
                                                        adapter_name=name, metadata=metadata)
     except (ValueError, KeyError, IndexError, TypeError, RuntimeError, AttributeError) as exc:
-        raise BadInput("the LoRA {path} does not fit this model ({model}): {why}; is it a LoRA for this model "
-                       "family?", field="loras", path=path, model=components.model, why=_first_line(exc)) from None
-    _check_complete(path, targets, name, counts)
+        raise BadInput("the LoRA {path} does not fit this model ({model}, {family}): {why}; {hint}", field="loras",
+                       path=path, model=components.model, family="SDXL" if sdxl else "SD 1.x/2.x",
+                       why=_why_not_loaded(exc, name), hint=_family_hint(sdxl)) from None
+    _check_complete(path, targets, name, counts, _family_hint(sdxl))
 
 
-def _check_complete(path: str, targets: dict, name: str, counts: dict) -> None:
+def _family_hint(sdxl: bool) -> str:
+    if sdxl:
+        return "is it a LoRA for SD 1.x/2.x? Those do not fit an SDXL model"
+    return "is it a LoRA for another model family or version? SD 1.x, SD 2.x and SDXL LoRAs do not fit each other"
+
+
+def _why_not_loaded(exc: BaseException, name: str) -> str:
+    found = SIZE_MISMATCH.search(str(exc))
+    if found is None:
+        return _first_line(exc)
+    layer, in_lora, in_model = found.groups()
+    return f"{layer.replace('.' + name, '')} is {in_lora} in the LoRA, {in_model} in the model"
+
+
+def _check_complete(path: str, targets: dict, name: str, counts: dict, hint: str) -> None:
     """Every LoRA tensor must have found its layer: diffusers only logs keys the model lacks, which would
     apply part of a LoRA made for another model."""
     from peft.utils import get_peft_model_state_dict
@@ -180,8 +199,8 @@ def _check_complete(path: str, targets: dict, name: str, counts: dict) -> None:
         loaded = len(get_peft_model_state_dict(module, adapter_name=name)) if present else 0
         if loaded != expected:
             raise BadInput("the LoRA {path} does not fit this model: only {loaded} of its {expected} {part} weights "
-                           "match a layer of the model; is it a LoRA for this model family?", field="loras",
-                           path=path, loaded=loaded, expected=expected, part=prefix)
+                           "match a layer of the model; {hint}", field="loras", path=path, loaded=loaded,
+                           expected=expected, part=prefix, hint=hint)
 
 
 def _set_weights(targets: dict, names: list[str], weights: list[float]) -> None:
