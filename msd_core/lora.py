@@ -221,7 +221,8 @@ def _set_weights(targets: dict, names: list[str], weights: list[float]) -> None:
 @contextlib.contextmanager
 def _quiet():
     """diffusers and transformers log a table of every base weight an adapter does not hold and draw a progress
-    bar for a few tensors; the errors that matter are raised here."""
+    bar for a few tensors; the errors that matter are raised here. diffusers also logs a failed load (torch's
+    many-line message, with our adapter name) before raising it: the BadInput made of it is said once."""
     from transformers.utils import logging as transformers_logging
 
     bars = transformers_logging.is_progress_bar_enabled()
@@ -229,7 +230,7 @@ def _quiet():
     loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several LoRAs: intended
