@@ -3,6 +3,7 @@ several at once, switching between runs of a warm model, and every refusal (pick
 
 import dataclasses
 import json
+import logging
 import os
 import pickle
 import re
@@ -18,6 +19,8 @@ from msd_core import cli, lora, lora_files, models, output, pngmeta
 from msd_core.errors import BadInput, UnsupportedModelFile
 from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.settings import GenerationSettings
+from test_sdxl import WINDOW as XL_WINDOW
+from test_sdxl import diffusers_xl
 
 ONE_WINDOW = GenerationSettings(  # one 64 px window of the tiny model: plain Stable Diffusion
     prompt="a quiet lake under mountains", width=64, height=64, wrap=False, model="tiny", method="multidiffusion",
@@ -487,23 +490,30 @@ def _sdxl_outputs(unet, text_encoder, text_encoder_2):
         return unet(sample, 500, encoder_hidden_states=context, added_cond_kwargs=conditions).sample, second.text_embeds
 
 
+def make_xl_lora(path, parts, seed: int = 5):
+    """A random SDXL LoRA for ``parts`` (unet, text_encoder, text_encoder_2; changed in place): peft layers on
+    the UNet's attention and on both text encoders (rank 2, alpha 4), saved by StableDiffusionXLPipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers = {}
+        for name, module, targets in zip(("unet", "text_encoder", "text_encoder_2"), parts,
+                                         (UNET_TARGETS, TEXT_TARGETS, TEXT_TARGETS)):
+            config = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=targets)
+            inject_adapter_in_model(config, module)
+            layers[f"{name}_lora_layers"] = get_peft_model_state_dict(module)
+            layers[f"{name}_lora_adapter_metadata"] = config.to_dict()
+    StableDiffusionXLPipeline.save_lora_weights(path.parent, weight_name=path.name, **layers)
+    return path
+
+
 def test_an_sdxl_lora_goes_into_both_text_encoders_as_diffusers_puts_it(tmp_path, lora_a):
     from types import SimpleNamespace
 
     from diffusers import StableDiffusionXLPipeline
 
-    unet, text_encoder, text_encoder_2 = _tiny_sdxl_parts()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        layers = {}
-        for name, module, targets in (("unet", unet, UNET_TARGETS), ("text_encoder", text_encoder, TEXT_TARGETS),
-                                      ("text_encoder_2", text_encoder_2, TEXT_TARGETS)):
-            config = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=targets)
-            inject_adapter_in_model(config, module)
-            layers[f"{name}_lora_layers"] = get_peft_model_state_dict(module)
-            layers[f"{name}_lora_adapter_metadata"] = config.to_dict()
-    StableDiffusionXLPipeline.save_lora_weights(tmp_path, weight_name="xl.safetensors", **layers)
-    path = tmp_path / "xl.safetensors"
+    path = make_xl_lora(tmp_path / "xl.safetensors", _tiny_sdxl_parts())
 
     base = _tiny_sdxl_parts()
     plain = _sdxl_outputs(*base)
@@ -529,3 +539,102 @@ def test_an_sdxl_lora_goes_into_both_text_encoders_as_diffusers_puts_it(tmp_path
         lora.apply_loras(components, [{"path": str(lora_a), "weight": 1.0}])
     assert lora.loaded_adapters(components) == []
     assert all(torch.equal(a, b) for a, b in zip(_sdxl_outputs(*base), plain))
+
+
+# --- SDXL: the tiny-xl model through our pipeline and the command line ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def xl_pipe():
+    return MSDPanoramaPipeline.from_settings(XL_WINDOW)
+
+
+@pytest.fixture(scope="module")
+def xl_lora(tmp_path_factory):
+    """A random LoRA for tiny-xl: its UNet and both text encoders."""
+    source = models.tiny_pipeline(family="sdxl")
+    path = tmp_path_factory.mktemp("loras") / "xl-style.safetensors"
+    return make_xl_lora(path, (source.unet, source.text_encoder, source.text_encoder_2))
+
+
+def ours_xl(pipe, *loras, **changes):
+    settings = dataclasses.replace(XL_WINDOW, loras=[{"path": str(p), "weight": w} for p, w in loras], **changes)
+    settings = settings.validate()
+    initial = pipe.initial_latents(pipe.check_inputs(settings), settings.seed)
+    return pipe(settings, latents=initial, decode=False).latents
+
+
+def _refused_before_any_unet_call(pipe, path, message):
+    unet_calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *args: unet_calls.append(1))
+    try:
+        with pytest.raises(BadInput, match=message) as caught:
+            (ours_xl if pipe.family == "sdxl" else ours)(pipe, (path, 1.0))
+    finally:
+        hook.remove()
+    assert unet_calls == [] and str(path) in str(caught.value) and caught.value.field == "loras"
+    assert lora.loaded_adapters(pipe.components) == []
+    modules = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    assert not any("lora" in name for m in modules if m is not None for name, _ in m.named_parameters())
+    return str(caught.value)
+
+
+def test_sdxl_window_with_lora_equals_diffusers(xl_pipe, xl_lora):
+    """One tiny-xl window with an SDXL LoRA at 0.8 = StableDiffusionXLPipeline on fresh components with the
+    same file loaded by load_lora_weights and set_adapters(…, [0.8]): same latents, scheduler and steps."""
+    mine = ours_xl(xl_pipe, (xl_lora, 0.8))
+    c = models.load_components("tiny-xl", device="cpu")
+    reference = diffusers_xl(c)
+    reference.load_lora_weights(str(xl_lora), adapter_name="xl")
+    reference.set_adapters(["xl"], [0.8])
+    settings = XL_WINDOW.validate()
+    initial = MSDPanoramaPipeline(c).initial_latents(xl_pipe.check_inputs(settings), settings.seed)
+    with torch.no_grad():
+        theirs = reference(settings.prompt, height=settings.height, width=settings.width,
+                           num_inference_steps=settings.steps, guidance_scale=settings.guidance, latents=initial,
+                           output_type="latent").images
+    print(f"SDXL LoRA vs diffusers: max abs diff {max_diff(mine, theirs):.2e}")
+    assert mine.shape == theirs.shape == (1, 4, 16, 16)
+    assert torch.allclose(mine, theirs, atol=1e-4), max_diff(mine, theirs)
+    without = ours_xl(xl_pipe)
+    print(f"SDXL with vs without the LoRA: max abs diff {max_diff(mine, without):.3f}")
+    assert max_diff(mine, without) > 0.05
+    assert lora.loaded_adapters(xl_pipe.components) == []
+
+
+def test_an_sd_lora_on_sdxl_is_refused_before_sampling_and_leaves_the_model_clean(xl_pipe, lora_a):
+    message = _refused_before_any_unet_call(xl_pipe, lora_a, "does not fit this model")
+    print(message)
+    assert "SD 1.x/2.x" in message and "SDXL" in message and "in the LoRA" in message, message
+    fresh = MSDPanoramaPipeline.from_settings(XL_WINDOW)
+    assert torch.equal(ours_xl(xl_pipe), ours_xl(fresh))
+
+
+def test_an_sdxl_lora_on_sd_is_refused_before_sampling_and_leaves_the_model_clean(pipe, xl_lora):
+    plain = ours(pipe).latents
+    message = _refused_before_any_unet_call(pipe, xl_lora, "does not fit this model")
+    assert "two text encoders (SDXL)" in message, message
+    assert torch.equal(ours(pipe).latents, plain)
+
+
+def test_the_cli_runs_tiny_xl_with_a_lora_and_records_family_and_lora(xl_lora, tmp_path, capsys):
+    out = tmp_path / "xl.png"
+    code = cli.main(["generate", "a canyon", "--model", "tiny-xl", "--device", "cpu", "--width", "128", "--height",
+                     "128", "--steps", "2", "--seed", "1", "-q", "-o", str(out), "--lora", f"{xl_lora}:0.8"])
+    assert code == 0, capsys.readouterr().err
+    texts = pngmeta.read_text_chunks(out)
+    assert texts["family"] == "sdxl" and texts["model"] == "tiny-xl"
+    assert json.loads(texts[pngmeta.LORAS_KEY]) == [
+        {"name": "xl-style.safetensors", "sha256": lora_files.sha256_of(xl_lora), "weight": 0.8}]
+    assert json.loads(texts[pngmeta.SETTINGS_KEY])["loras"] == [{"path": str(xl_lora), "weight": 0.8}]
+
+
+def test_the_cli_refuses_an_sd_lora_on_tiny_xl_in_one_line_and_writes_nothing(lora_a, tmp_path, capsys, caplog):
+    out = tmp_path / "xl.png"
+    code = cli.main(["generate", "a canyon", "--model", "tiny-xl", "--device", "cpu", "--width", "128", "--height",
+                     "128", "--steps", "2", "-q", "-o", str(out), "--lora", f"{lora_a}:0.8"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BAD_INPUT and not out.exists()
+    assert "error: the LoRA" in err and "does not fit this model (tiny-xl, SDXL)" in err, err
+    # diffusers logs a failed load itself (torch's many-line message) before raising it: not said twice.
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
