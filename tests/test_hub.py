@@ -386,3 +386,51 @@ def test_a_download_request_for_float16_fetches_the_fp16_weights():
     # float16 is refused on the CPU (no kernels): it is what a GPU run in "auto" uses.
     with pytest.raises(hub.BadInput, match="float16 is not supported on the CPU"):
         parse_download({"op": "download", "id": 1, "model": REPO, "device": "cpu", "dtype": "float16"})
+
+
+# ------------------------------------------------------------------------------- hostile Hub answers
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"ETag": '"../../../../escaped.pth"'},
+        {"X-Linked-Etag": '"../../../../escaped.pth"'},
+        {"X-Repo-Commit": "../../../../escaped"},
+    ],
+)
+def test_an_etag_or_commit_that_is_not_a_plain_hash_is_refused_before_anything_is_written(
+    fake_hub, online, tiny_files, tmp_path, headers
+):
+    fake_hub.add_repo(REPO, tiny_files)
+    fake_hub.headers["model_index.json"] = headers
+    cache = tmp_path / "deep" / "er" / "cache"
+    with pytest.raises(NetworkError, match="is not a plain hash"):
+        hub.download(REPO, cache=cache, endpoint=fake_hub.url)
+    assert fake_hub.fetched(REPO) == []  # refused after the HEAD, before any GET
+    written = {path.name for path in tmp_path.rglob("*") if not path.is_dir()}
+    assert not any("escaped" in name for name in written), written
+
+
+def test_only_the_config_files_a_component_needs_are_fetched(fake_hub, online, tiny_files, tmp_path):
+    clutter = {f"unet/extra-{number}.json": b"{}" for number in range(30)}
+    clutter |= {"tokenizer/notes.txt": b"x", "text_encoder/training_args.json": b"{}", "scheduler/sub/config.json": b"{}"}
+    fake_hub.add_repo(REPO, {**tiny_files, **clutter})
+    hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url)
+    assert set(fake_hub.fetched(REPO)) == set(tiny_files)
+
+
+@pytest.mark.parametrize(
+    "sibling, fragment",
+    [
+        ({"rfilename": "unet/diffusion_pytorch_model.safetensors", "size": 60 * 10**9}, "larger than 50.0 GB"),
+        ({"rfilename": "unet/config.json", "size": "12"}, "malformed"),
+        ({"rfilename": 7, "size": 1}, "malformed"),
+    ],
+)
+def test_a_malformed_or_oversized_model_info_is_a_clear_error(fake_hub, online, tiny_files, tmp_path, sibling, fragment):
+    fake_hub.add_repo(REPO, tiny_files)
+    fake_hub.siblings[REPO] = [{"rfilename": name, "size": len(data)} for name, data in tiny_files.items()] + [sibling]
+    with pytest.raises(NetworkError, match=fragment):
+        hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url)
+    assert fake_hub.fetched(REPO) == []
