@@ -17,6 +17,7 @@ import sys
 
 from . import __version__, environment
 from .errors import BadInput, MSDError
+from .pngmeta import storable_text
 from .settings import (
     COARSE_NOISES,
     DEFAULT_MODEL,
@@ -299,12 +300,16 @@ def generate(args: argparse.Namespace) -> int:
         raise BadInput(f"give the PNG file to write with -o/--output{dry}")
     check_memory(settings)
     output = check_output_path(args.output, args.overwrite, exr=settings.hdr)
+    if source is not None:
+        from .refine import check_source_and_output
+
+        check_source_and_output(source.source, output, exr=settings.hdr)
     if not 0 <= args.threads <= MAX_THREADS:
         raise BadInput("{field} must be from 0 (automatic) to {limit}, got {value}", field="threads", limit=MAX_THREADS,
                        value=args.threads)
     origin = f" from {args.image} at strength {source.strength}" if source else ""
-    print(f"msd-panorama: {settings.width}×{settings.height}{origin}, seed {settings.seed}, model {settings.model}",
-          file=sys.stderr)
+    print(storable_text(f"msd-panorama: {settings.width}×{settings.height}{origin}, seed {settings.seed}, "
+                        f"model {settings.model}"), file=sys.stderr)
 
     import torch
 
@@ -319,10 +324,10 @@ def generate(args: argparse.Namespace) -> int:
         if progress:
             progress.close()
     path = pipe.save(result, output, overwrite=args.overwrite)
-    print(path)
+    print(storable_text(str(path)))  # a file name that is not UTF-8 is printed escaped, not a crash after the run
     if settings.hdr:
-        print(save_exr(result.image, path, result.metadata, knee=settings.hdr_knee, peak=settings.hdr_peak,
-                       overwrite=args.overwrite))
+        print(storable_text(str(save_exr(result.image, path, result.metadata, knee=settings.hdr_knee,
+                                         peak=settings.hdr_peak, overwrite=args.overwrite))))
     return 0
 
 
@@ -433,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[getattr(args, "models_command", None) or args.command](args)
     except MSDError as exc:
-        print(f"msd-panorama: error: {exc.render(option_name)}", file=sys.stderr)
+        print(storable_text(f"msd-panorama: error: {exc.render(option_name)}"), file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("msd-panorama: interrupted, nothing written", file=sys.stderr)

@@ -20,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import __version__, hdr
 from .environment import process_alive
 from .errors import BadInput
-from .pngmeta import METADATA_KEYS, SETTINGS_KEY
+from .pngmeta import METADATA_KEYS, SETTINGS_KEY, storable_text
 from .settings import GenerationSettings
 
 SRGB_PERCEPTUAL = b"\x00"  # sRGB chunk payload: rendering intent 0 (perceptual)
@@ -40,7 +40,10 @@ def generation_metadata(settings: GenerationSettings, resolved: dict) -> dict[st
         values["scales"] = values.pop("levels")
     values["msd_core_version"] = __version__
     values[SETTINGS_KEY] = settings.to_dict()
-    return {key: value if isinstance(value, str) else json.dumps(value, ensure_ascii=False) for key, value in values.items()}
+    return {
+        key: storable_text(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+        for key, value in values.items()
+    }
 
 
 def check_output_path(path, overwrite: bool, *, exr: bool = False) -> pathlib.Path:
@@ -62,14 +65,21 @@ def check_output_path(path, overwrite: bool, *, exr: bool = False) -> pathlib.Pa
         raise BadInput("the {field} folder {folder} does not exist; create it first or choose another",
                        field="output", folder=folder)
     check_writable_folder(folder, "output")
+    _check_target(target, overwrite)
+    if exr:  # the EXR is written after the PNG: a problem with it must not surface after the run
+        if exr_path_for(target).is_dir():
+            raise BadInput("the {field} {target}'s HDR companion {exr} is a folder; give another name",
+                           field="output", target=target, exr=exr_path_for(target))
+        _check_target(exr_path_for(target), overwrite)
+    return target
+
+
+def _check_target(target: pathlib.Path, overwrite: bool) -> None:
     if target.is_symlink() and not target.exists() and not overwrite:
         raise BadInput("the {field} {target} is a link to {link}, which does not exist; give another name",
                        field="output", target=target, link=os.readlink(target))
     if target.exists() and not overwrite:
         raise _exists(target)
-    if exr and exr_path_for(target).exists() and not overwrite:
-        raise _exists(exr_path_for(target))
-    return target
 
 
 def exr_path_for(png_path) -> pathlib.Path:
@@ -111,7 +121,7 @@ def save_png(image: Image.Image, path, metadata: dict[str, str], *, overwrite: b
     info = PngInfo()
     info.add(b"sRGB", SRGB_PERCEPTUAL)
     for key, value in metadata.items():
-        info.add_text(key, value)  # tEXt, or iTXt (UTF-8) for text outside Latin-1
+        info.add_text(key, storable_text(value))  # tEXt, or iTXt (UTF-8) for text outside Latin-1
     _write_atomically(target, lambda file: image.convert("RGB").save(file, format="PNG", pnginfo=info), overwrite)
     return target
 
@@ -127,7 +137,7 @@ def save_exr(
     if target.exists() and not overwrite:
         raise _exists(target)
     rgb = hdr.linear_hdr(np.asarray(image.convert("RGB")), knee, peak)
-    attributes = {**metadata, "hdr_knee": json.dumps(knee), "hdr_peak": json.dumps(peak)}
+    attributes = {**{key: storable_text(value) for key, value in metadata.items()}, "hdr_knee": json.dumps(knee), "hdr_peak": json.dumps(peak)}
     latlong = image.width == 2 * image.height
     _write_atomically(target, lambda file: hdr.write_exr(file, rgb, attributes, latlong=latlong), overwrite)
     return target

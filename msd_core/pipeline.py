@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from . import __version__, models, output, refine, vae
+from .errors import NonFiniteResult
 from .plan import Plan, default_levels, make_plan  # noqa: F401  (default_levels: used from here by bench/)
 from .sampler import (
     Interrupt,
@@ -191,6 +192,11 @@ class MSDPanoramaPipeline:
                 if guide is not None:
                     latents = guide(latents, step)
         sampled = time.perf_counter()
+        if not torch.isfinite(latents).all():  # decoded, NaN would be a black image written as a success
+            raise NonFiniteResult(
+                "sampling produced values that are not finite numbers (NaN or infinity), so nothing was written; "
+                "float16 can overflow where float32 does not: try --dtype float32"
+            )
         # 6. Decode.
         image = self.decode(latents, settings.wrap) if decode else None
         finished = time.perf_counter()
@@ -233,6 +239,9 @@ class MSDPanoramaPipeline:
         """Full-size image (PIL), tiled for large panoramas, wrap-aware for 360° ones."""
         tile = vae.auto_tile(latents.shape[2], latents.shape[3], self.device)
         images = vae.decode_latents(self.vae, latents.to(self.dtype), wrap=wrap, tile=tile)
+        if not torch.isfinite(images).all():
+            raise NonFiniteResult("decoding produced values that are not finite numbers (NaN or infinity), so nothing "
+                                  "was written; float16 can overflow where float32 does not: try --dtype float32")
         return vae.to_pil(images)[0]
 
     def decode_preview(self, latents: torch.Tensor, max_width: int = 512):

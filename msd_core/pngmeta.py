@@ -79,6 +79,21 @@ def read_settings(path) -> dict | None:
     return None if text is None else json.loads(text)
 
 
+def storable_text(text: str) -> str:
+    """``text`` as it can be stored in a PNG or EXR (UTF-8): itself when it is valid Unicode; else the
+    bytes of a file name that is not UTF-8 (Python's surrogate escapes) written as \\xNN, and any other
+    unpaired surrogate as \\uDXXX: nothing is lost, and nothing fails when the file is written."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class _TooLarge(Exception):
     """A text chunk's text exceeds its budget."""
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import BadInput
+from .output import exr_path_for, storable_text
 from .sampler import alphas_cumprod
 from .settings import MAX_SOURCE_PIXELS
 from .tonemap import tone_map
@@ -34,6 +35,9 @@ from .tonemap import tone_map
 LAYOUT_GUIDANCE_UNTIL = 0.5
 EXR_SIGNATURE = b"\x76\x2f\x31\x01"
 RADIANCE_SIGNATURES = (b"#?RADIANCE", b"#?RGBE")
+# The formats a source may be in (besides OpenEXR, read by the OpenEXR package): Pillow is never
+# asked to guess, so an EPS or a PDF renamed .png is refused rather than handed to Ghostscript.
+SOURCE_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP")
 
 
 def start_step(strength: float, steps: int) -> int:
@@ -71,7 +75,7 @@ def source_size(path) -> tuple[int, int]:
         try:
             with warnings.catch_warnings():  # PIL warns above its own limit; MAX_SOURCE_PIXELS is ours
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path) as image:
+                with Image.open(path, formats=SOURCE_FORMATS) as image:
                     size = image.size
         except Image.DecompressionBombError:  # PIL's own limit, far above ours
             raise BadInput(f"the source image {path} has more than the {MAX_SOURCE_PIXELS:,} pixels allowed") from None
@@ -98,7 +102,7 @@ def read_source(path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path, formats=SOURCE_FORMATS) as image:
                 image.load()
                 return _to_rgb_floats(image)
     except OSError as exc:  # a file cut short or damaged after its header
@@ -159,8 +163,22 @@ def resize_panorama(image: np.ndarray, width: int, height: int, wrap: bool) -> t
 
 
 def source_metadata(path, strength: float, start: int) -> dict[str, str]:
-    """PNG text entries that say where a refined panorama came from (the file's name, not its folder)."""
-    return {"source": os.path.basename(os.fspath(path)), "strength": repr(float(strength)), "start_step": str(start)}
+    """PNG text entries that say where a refined panorama came from (the file's name, not its folder;
+    a name that is not UTF-8 with its bytes escaped, see output.storable_text)."""
+    name = storable_text(os.path.basename(os.fspath(path)))
+    return {"source": name, "strength": repr(float(strength)), "start_step": str(start)}
+
+
+def check_source_and_output(source, output, exr: bool = False) -> None:
+    """Refuse a refine whose output (or, with ``exr``, its EXR companion) is the source file itself:
+    the source is only ever read, --overwrite or not."""
+    source = os.path.realpath(os.fspath(source))
+    for target in (output, exr_path_for(output)) if exr else (output,):
+        target = os.path.realpath(os.fspath(target))
+        same = target == source or (os.path.exists(target) and os.path.samefile(target, source))
+        if same:
+            raise BadInput("the {field} {target} is the source image; a refine never writes its source, so choose "
+                           "another file", field="output", target=target)
 
 
 def guide_layout(latents: torch.Tensor, reference: torch.Tensor, factor: int) -> torch.Tensor:

@@ -296,6 +296,9 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "…"
 
 
+TEXT_FIELDS = ("prompt", "negative_prompt")
+
+
 def _check_text(name: str, value, *, required: bool = False, limit: int = MAX_PROMPT, empty: str = "") -> None:
     if not isinstance(value, str):
         raise BadInput("{field} must be text, got {value}", field=name, value=_shown(value))
@@ -311,6 +314,11 @@ def _check_text(name: str, value, *, required: bool = False, limit: int = MAX_PR
     if control is not None:
         raise BadInput("{field} contains the control character {code} (not allowed in text)", field=name,
                        code=f"U+{ord(control):04X}")
+    if name in TEXT_FIELDS:  # paths may hold a file name's raw bytes (surrogate escapes); words may not
+        surrogate = next((c for c in value if 0xD800 <= ord(c) <= 0xDFFF), None)
+        if surrogate is not None:
+            raise BadInput("{field} contains the unpaired surrogate {code}, which is not a character: the text "
+                           "is not valid Unicode", field=name, code=f"U+{ord(surrogate):04X}")
 
 
 def _check_bool(name: str, value) -> None:

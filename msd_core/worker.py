@@ -57,7 +57,7 @@ from .output import (  # noqa: E402
     save_png,
 )
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
-from .refine import source_size  # noqa: E402
+from .refine import check_source_and_output, source_size  # noqa: E402
 from .settings import MAX_STEPS, GenerationSettings, RefineSettings, check_memory, is_int  # noqa: E402
 
 log = logging.getLogger("msd_core.worker")
@@ -479,10 +479,13 @@ def parse_generate(message: dict) -> Job:
     if not is_int(threads) or not 0 <= threads <= MAX_THREADS:
         raise BadInput("{field} must be a whole number from 0 (the worker's default) to {limit}, got {value!r}",
                        field="threads", limit=MAX_THREADS, value=threads)
+    output = check_output_path(output, overwrite, exr=settings.hdr)
+    if refine is not None:
+        check_source_and_output(refine.source, output, exr=settings.hdr)
     return Job(
         id=request_id,
         settings=settings,
-        output=check_output_path(output, overwrite, exr=settings.hdr),
+        output=output,
         overwrite=overwrite,
         preview_every=preview_every,
         preview_dir=preview_dir,

@@ -25,9 +25,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from msd_core import cli, models, pngmeta, protocol, refine, tonemap, vae
+from msd_core import cli, models, output, pngmeta, protocol, refine, tonemap, vae
 from msd_core.client import WorkerClient
-from msd_core.errors import BadInput
+from msd_core.errors import BadInput, NonFiniteResult
 from msd_core.models import sd_ddim_scheduler
 from msd_core.pipeline import MSDPanoramaPipeline, default_levels
 from msd_core.sampler import cosine_decay, ddim_schedule, msd_step
@@ -416,3 +416,92 @@ def test_worker_refuses_a_bad_refine_before_accepting_it(worker, tmp_path, refin
     events = events_until_final(worker, "bad")
     assert [(e["event"], e["kind"]) for e in events] == [("error", "bad_input")]
     assert message in events[0]["message"] and not (tmp_path / "o.png").exists()
+
+
+# -- hostile or unlucky sources (issue 21) -------------------------------------------------------------
+
+
+def eps_file(path: Path) -> Path:
+    """An Encapsulated PostScript file: Pillow would run Ghostscript to read its pixels."""
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 32\nshowpage\n%%EOF\n")
+    return path
+
+
+@pytest.mark.parametrize("make", [eps_file, lambda p: Image.new("RGB", (16, 8)).save(p, format="GIF") or p,
+                                  lambda p: Image.new("RGB", (16, 8)).save(p, format="BMP") or p])
+def test_only_the_documented_formats_are_opened_whatever_the_name(tmp_path, make):
+    path = make(tmp_path / "draft.png")
+    with pytest.raises(BadInput, match="is not an image that can be read .PNG, JPEG, TIFF, WebP or OpenEXR"):
+        refine.source_size(path)
+    with pytest.raises(BadInput, match="is not an image that can be read"):
+        refine.read_source(path)
+
+
+def test_non_finite_float_pixels_become_the_brightest_finite_value_or_black(tmp_path):
+    linear = np.full((8, 16), 0.5, np.float32)
+    linear[0, 0], linear[0, 1], linear[0, 2], linear[1, 1] = np.inf, np.nan, -np.inf, 20.0
+    Image.fromarray(linear, "F").save(tmp_path / "sun.tif")
+    read = refine.read_source(tmp_path / "sun.tif")
+    assert np.isfinite(read).all()
+    assert np.allclose(read[0, 0], tonemap.tone_map(np.float32(20.0)))  # +inf: the brightest finite pixel
+    assert np.allclose(read[0, 1], 0) and np.allclose(read[0, 2], 0)  # NaN and −inf: black
+    assert np.allclose(read[4, 4], tonemap.tone_map(np.float32(0.5)))  # the rest as before
+
+
+def test_a_run_whose_latents_are_not_finite_writes_nothing():
+    settings = GenerationSettings(prompt="a lake", model="tiny", width=128, height=64, steps=2, device="cpu")
+    pipe = MSDPanoramaPipeline.from_settings(settings)
+    plan = pipe.check_inputs(settings)
+    latents = torch.full((1, pipe.unet.config.in_channels, plan.height, plan.width), float("nan"))
+    with pytest.raises(NonFiniteResult, match="not finite numbers"):
+        pipe(settings, latents=latents, start_step=1)
+
+
+def float_source_with_an_infinite_sun(path: Path) -> Path:
+    linear = np.full((64, 128), 0.3, np.float32)
+    linear[:32] = 0.8
+    linear[5, 60] = np.inf  # an overflowed half-float sun
+    Image.fromarray(linear, "F").save(path)
+    return path
+
+
+def test_cli_refine_of_a_float_source_with_an_infinite_pixel_is_not_black(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    float_source_with_an_infinite_sun(tmp_path / "sky.tif")
+    assert cli.main(["refine", "sky.tif", "--prompt", "a lake", "-o", "out.png", "--strength", "0.5", *TINY]) == 0
+    with Image.open(tmp_path / "out.png") as image:
+        assert np.asarray(image).max() > 0  # one inf pixel used to turn the whole panorama black
+
+
+def test_a_source_name_that_is_not_utf8_is_stored_with_its_bytes_escaped(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes in a UTF-8 file system
+    source_png(tmp_path / name)
+    assert cli.main(["refine", name, "--prompt", "a lake", "-o", "out.png", *TINY]) == 0, capsys.readouterr().err
+    assert pngmeta.read_text_chunks(tmp_path / "out.png")["source"] == "caf\\xe9.png"
+    assert os.fsencode(output.storable_text(name)) != os.fsencode(name)  # escaped, not dropped
+    assert output.storable_text("café ☀.png") == "café ☀.png"
+
+
+@pytest.mark.parametrize("out", ["draft.png", "hard.png", "link.png", "exr.png"])
+def test_refine_never_writes_its_source_even_with_overwrite(tmp_path, monkeypatch, capsys, out):
+    monkeypatch.chdir(tmp_path)
+    source = source_png(tmp_path / "draft.png")
+    before = source.read_bytes()
+    os.link(source, tmp_path / "hard.png")
+    os.symlink(source, tmp_path / "link.png")
+    os.link(source, tmp_path / "exr.exr")  # with --hdr, the EXR beside exr.png would be the source
+    code = cli.main(["refine", "draft.png", "--prompt", "a lake", "-o", out, "--overwrite", "--hdr", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "is the source image; a refine never writes its source" in err[-1], err
+    assert source.read_bytes() == before and not (tmp_path / "exr.png").exists()
+
+
+def test_worker_refuses_a_refine_onto_its_source(worker, tmp_path):
+    source = source_png(tmp_path / "draft.png")
+    settings = GenerationSettings(prompt="a lake", model="tiny", width=128, height=64, steps=2, device="cpu")
+    worker.send(protocol.request("generate", "self", settings=settings.to_dict(), output=str(source), overwrite=True,
+                                 refine={"source": str(source)}))
+    events = events_until_final(worker, "self")
+    assert [(e["event"], e["kind"], e["field"]) for e in events] == [("error", "bad_input", "output")]
+    assert source.read_bytes() == source_png(tmp_path / "again.png").read_bytes()
