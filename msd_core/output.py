@@ -26,6 +26,7 @@ from .settings import GenerationSettings
 SRGB_PERCEPTUAL = b"\x00"  # sRGB chunk payload: rendering intent 0 (perceptual)
 # Temporary files of atomic writes: ".<name>.png.<pid>-<random>.tmp" (or .exr), hidden beside the target;
 # the pid tells whether the process that made one is still writing it.
+PID_DIGITS = 10  # more digits than any pid: the name is not one of ours
 TEMPORARY = re.compile(r"^\..+\.(?:png|exr)\.(\d+)-[0-9a-f]{8}\.tmp$")
 
 
@@ -98,17 +99,19 @@ def remove_stale_temporaries(folder) -> list[pathlib.Path]:
     a live process's files are left alone. Returns what was removed."""
     removed = []
     try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for entry in entries:
-        match = TEMPORARY.match(entry.name)
-        if match and entry.is_file(follow_symlinks=False) and not process_alive(int(match.group(1))):
-            try:
-                os.unlink(entry.path)
-                removed.append(pathlib.Path(entry.path))
-            except OSError:
-                pass  # another user's, or gone already
+        with os.scandir(folder) as found:
+            for entry in found:
+                match = TEMPORARY.match(entry.name)
+                if match and len(match.group(1)) <= PID_DIGITS and entry.is_file(follow_symlinks=False) and (
+                    not process_alive(int(match.group(1)))
+                ):
+                    try:
+                        os.unlink(entry.path)
+                        removed.append(pathlib.Path(entry.path))
+                    except OSError:
+                        pass  # another user's, or gone already
+    except (OSError, ValueError):  # a sweep is housekeeping: it never fails the run it precedes
+        pass
     return removed
 
 

@@ -571,12 +571,15 @@ def sweep_stale_preview_roots(folder: Path) -> list[Path]:
     """Delete the preview folders in ``folder`` of workers that are gone (killed before their clean-up);
     the folders of live workers, and ones whose name carries no pid, are left alone."""
     removed = []
-    pattern = re.compile(re.escape(PREVIEW_ROOT_PREFIX) + r"(\d+)-")
-    for entry in folder.glob(PREVIEW_ROOT_PREFIX + "*"):
-        match = pattern.match(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not environment.process_alive(int(match.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+    pattern = re.compile(re.escape(PREVIEW_ROOT_PREFIX) + r"(\d{1,10})-")
+    try:
+        for entry in folder.glob(PREVIEW_ROOT_PREFIX + "*"):
+            match = pattern.match(entry.name)
+            if match and entry.is_dir() and not entry.is_symlink() and not environment.process_alive(int(match.group(1))):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    except (OSError, ValueError):  # housekeeping: whatever lies in the temporary folder, the worker starts
+        log.warning("could not sweep the preview folders of %s", folder, exc_info=True)
     return removed
 
 

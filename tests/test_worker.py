@@ -472,3 +472,25 @@ def test_failures_inside_a_run_are_reported_and_the_worker_goes_on(
 
     monkeypatch.undo()
     assert run(f"after-{case}")["event"] == "done"
+
+
+# -- hostile names, encodings and slow requests (issue 21) --------------------------------------------
+
+
+def test_files_named_with_absurd_pids_never_fail_a_sweep_and_are_left_alone(tmp_path):
+    """Anyone can create these names in a shared temporary or output folder: a sweep must not raise
+    (os.kill overflows above a C int) and must not delete what no pid of ours made."""
+    from msd_core.environment import process_alive
+    from msd_core.output import remove_stale_temporaries
+    from msd_core.worker import sweep_stale_preview_roots
+
+    huge = "99999999999"
+    odd = [tmp_path / f"msd-worker-previews-{huge}-x", tmp_path / f"msd-worker-previews-{'9' * 200}-x",
+           tmp_path / f".a.png.{huge}-0123abcd.tmp", tmp_path / f".b.png.{'9' * 200}-0123abcd.tmp"]  # fmt: skip
+    for path in odd:
+        path.mkdir() if "previews" in path.name else path.write_bytes(b"")
+    assert process_alive(int(huge)) and process_alive(0) and process_alive(-5)
+    assert sweep_stale_preview_roots(tmp_path) == []
+    assert remove_stale_temporaries(tmp_path) == []
+    assert all(path.exists() for path in odd)
+    assert remove_stale_temporaries(tmp_path / "no such folder") == []
