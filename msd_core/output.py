@@ -55,6 +55,11 @@ def check_output_path(path, overwrite: bool, *, exr: bool = False) -> pathlib.Pa
     """
     if "\0" in os.fspath(path):
         raise BadInput("the {field} path contains a NUL character", field="output")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:  # an unpaired surrogate that is no escaped byte: no file can have this name
+        raise BadInput("the {field} path {path} cannot be a file name here (it is not valid Unicode)", field="output",
+                       path=storable_text(os.fspath(path))) from None
     target = pathlib.Path(os.path.expanduser(os.fspath(path))).absolute()
     if target.suffix.lower() != ".png":
         raise BadInput("the {field} file {target} must end in .png", field="output", target=target)

@@ -173,8 +173,15 @@ class ProtocolError(ValueError):
 
 
 def encode(message: dict) -> str:
-    """One message as one line of JSON (newline included)."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")) + "\n"
+    """One message as one line of JSON (newline included), always encodable as UTF-8: a text with an
+    unpaired surrogate (a file name's raw bytes, Python's surrogate escapes) makes the whole line ASCII
+    with JSON's \\u escapes, so it arrives as the very same string instead of failing or turning into "?"."""
+    line = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(message, ensure_ascii=True, separators=(",", ":"))
+    return line + "\n"
 
 
 def decode(line: str) -> dict:

@@ -106,7 +106,12 @@ class EventWriter:
         self._lock = threading.Lock()
 
     def emit(self, message: dict) -> None:
-        line = protocol.encode(message)
+        try:
+            line = protocol.encode(message)
+        except (TypeError, ValueError) as exc:  # a bug: still answer the request, with what went wrong
+            log.exception("could not encode the %r event", message.get("event"))
+            line = protocol.encode(protocol.error_event(message.get("id"), "internal", f"the worker could not send "
+                                                        f"its {message.get('event')!r} event: {_one_line(exc)}"))
         with self._lock:
             try:
                 self._stream.write(line)
@@ -163,6 +168,13 @@ class Worker:
         if not (request_id is None or isinstance(request_id, str) or is_int(request_id)):
             self._error(None, "bad_input", f"a request id must be a string or an integer, got {request_id!r}")
             return
+        try:
+            self._dispatch(message, request_id)
+        except Exception as exc:  # a bug here must not leave the request without its one final event
+            log.exception("could not handle a %r request", message.get("op"))
+            self._error(request_id, "internal", _one_line(exc))
+
+    def _dispatch(self, message: dict, request_id) -> None:
         op = message.get("op")
         if op == "ping":
             self.emit(protocol.event("pong", request_id))

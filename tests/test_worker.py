@@ -494,3 +494,32 @@ def test_files_named_with_absurd_pids_never_fail_a_sweep_and_are_left_alone(tmp_
     assert remove_stale_temporaries(tmp_path) == []
     assert all(path.exists() for path in odd)
     assert remove_stale_temporaries(tmp_path / "no such folder") == []
+
+
+def test_texts_that_are_not_valid_unicode_get_exactly_one_final_event_each(worker_env, tmp_path):
+    """Through pipes: lone surrogates (JSON \\ud800 escapes) in an id, a prompt and an output path: each
+    request is answered once (the pong used to be dropped: the event could not be encoded)."""
+    requests = [
+        protocol.request("ping", "\ud800"),
+        protocol.request("generate", "prompt", settings=tiny(**SMALL, prompt="sun \ud83d"), output=str(tmp_path / "p.png")),
+        protocol.request("generate", "path", settings=tiny(**SMALL), output=str(tmp_path / "\ud800.png")),
+    ]
+    lines = [json.dumps(request, ensure_ascii=True).encode() for request in requests]
+    result = subprocess.run(
+        [sys.executable, "-u", "-m", "msd_core.worker"], input=b"\n".join(lines) + b"\n", capture_output=True,
+        cwd=REPO_ROOT, env={**os.environ, **worker_env}, timeout=WAIT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    events = [json.loads(line) for line in result.stdout.decode("utf-8").splitlines()]
+    final = [(e["event"], e["id"], e.get("field")) for e in events if e["event"] in ("pong", "done", "error")]
+    assert final == [("pong", "\ud800", None), ("error", "prompt", "prompt"), ("error", "path", "output")], events
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_client_sends_a_file_name_that_is_not_utf8_as_it_is(worker, tmp_path):
+    name = os.fsdecode(b"ni\xf1o.png")
+    request_id = worker.generate(tiny(**SMALL), tmp_path / name, preview_every=0)
+    events = wait_for(worker, finished(request_id))
+    assert events[-1]["event"] == "done", events[-1]
+    assert events[-1]["output"] == str(tmp_path / name)
+    assert os.listdir(os.fsencode(tmp_path)) == [b"ni\xf1o.png"]  # not "ni?o.png"
