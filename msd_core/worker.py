@@ -20,6 +20,7 @@ import gc
 import importlib.metadata
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
@@ -70,6 +71,7 @@ OOM_PHRASES = ("out of memory", "can't allocate memory")
 NICENESS = 10
 PREVIEW_ROOT_PREFIX = "msd-worker-previews-"  # + "<pid>-<random>" in the temporary folder
 MAX_THREADS = 1024
+INTAKE_WAIT = 30.0  # seconds "bye" waits for the validation of requests that arrived before a shutdown
 
 
 @dataclass
@@ -121,8 +123,10 @@ class EventWriter:
 
 
 class Worker:
-    """The request queue, the warm pipeline and the runs. The reader thread calls handle_line (and
-    through it submit, cancel, shutdown); the main thread calls run."""
+    """The request queue, the warm pipeline and the runs. The reader thread calls handle_line, which
+    answers ping, cancel and shutdown at once and hands every other request to the intake thread
+    (validation reads files: a slow one must never delay a ping or a cancel); the intake thread
+    validates and queues (submit) or answers (models); the main thread calls run."""
 
     def __init__(self, writer: EventWriter, preview_root: Path, threads: int = 1):
         self.emit = writer.emit
@@ -137,10 +141,15 @@ class Worker:
         self._pipeline: MSDPanoramaPipeline | None = None
         self._job_count = 0
         self._previous_previews: Path | None = None  # the last finished job's folder in preview_root
+        self._intake: queue.Queue = queue.Queue()  # (message, id) to validate; None ends the intake thread
+        self._intake_ids: collections.Counter = collections.Counter()  # ids of the requests in _intake
+        self._cancelled_in_intake: set = set()
+        self._intake_thread: threading.Thread | None = None
 
     # -- reader thread ----------------------------------------------------------------------------
 
     def read_requests(self, fd: int) -> None:
+        self.start_intake()
         for line in protocol.bounded_lines(protocol.read_chunks(fd)):
             if isinstance(line, protocol.LineTooLong):
                 self._error(None, "bad_input", f"a request of {line.length} bytes was ignored: the limit is "
@@ -168,17 +177,52 @@ class Worker:
         if not (request_id is None or isinstance(request_id, str) or is_int(request_id)):
             self._error(None, "bad_input", f"a request id must be a string or an integer, got {request_id!r}")
             return
-        try:
+        op = message.get("op")
+        if op == "ping":
+            self.emit(protocol.event("pong", request_id))
+        elif op == "cancel":
+            self.cancel(request_id)
+        elif op == "shutdown":
+            self.shutdown(request_id)
+        elif self._intake_thread is not None:
+            with self._lock:
+                if self._shutting_down:
+                    self._error(request_id, "cancelled", "the worker is shutting down")
+                    return
+                self._intake_ids[_key(request_id)] += 1
+                self._intake.put((message, request_id))
+        else:  # no intake thread (a Worker driven directly, as tests do): validate here
             self._dispatch(message, request_id)
+
+    # -- intake thread ----------------------------------------------------------------------------
+
+    def start_intake(self) -> None:
+        self._intake_thread = threading.Thread(target=self._take_in, name="msd-intake", daemon=True)
+        self._intake_thread.start()
+
+    def _take_in(self) -> None:
+        while (item := self._intake.get()) is not None:
+            message, request_id = item
+            try:
+                self._dispatch(message, request_id)
+            finally:
+                with self._lock:
+                    self._intake_ids[_key(request_id)] -= 1
+                    if self._intake_ids[_key(request_id)] <= 0:
+                        del self._intake_ids[_key(request_id)]
+                        self._cancelled_in_intake.discard(_key(request_id))
+
+    def _dispatch(self, message: dict, request_id) -> None:
+        """Validate and queue, or answer, a request other than ping, cancel and shutdown."""
+        try:
+            self._dispatch_op(message, request_id)
         except Exception as exc:  # a bug here must not leave the request without its one final event
             log.exception("could not handle a %r request", message.get("op"))
             self._error(request_id, "internal", _one_line(exc))
 
-    def _dispatch(self, message: dict, request_id) -> None:
+    def _dispatch_op(self, message: dict, request_id) -> None:
         op = message.get("op")
-        if op == "ping":
-            self.emit(protocol.event("pong", request_id))
-        elif op == "generate":
+        if op == "generate":
             self.submit(message)
         elif op == "variations":
             self.submit(message, parse_variations)
@@ -187,10 +231,6 @@ class Worker:
         elif op == "models":
             models_found = [model.to_dict() for model in hub.list_models()]
             self.emit(protocol.event("models", request_id, models=models_found, cache=str(hub.cache_dir())))
-        elif op == "cancel":
-            self.cancel(request_id)
-        elif op == "shutdown":
-            self.shutdown(request_id)
         else:
             problem = "the request has no 'op'" if op is None else f"unknown op {op!r}"
             self._error(request_id, "bad_input", f"{problem}; expected one of: {', '.join(protocol.REQUEST_OPS)}")
@@ -211,6 +251,10 @@ class Worker:
         with self._lock:
             if self._shutting_down:
                 self._error(request_id, "cancelled", "the worker is shutting down")
+                return
+            if _key(job.id) in self._cancelled_in_intake:  # cancelled while it was being validated
+                self._cancelled_in_intake.discard(_key(job.id))
+                self._error(job.id, "cancelled", "cancelled before it started")
                 return
             if any(j.id == job.id for j in self._active_jobs()):
                 # Answering with this id would be read as the other request's end.
@@ -236,6 +280,9 @@ class Worker:
                     self._queue.remove(job)
                     self._error(job.id, "cancelled", "cancelled before it started")
                     return
+            if _key(request_id) in self._intake_ids:  # still being validated: it ends when it would be queued
+                self._cancelled_in_intake.add(_key(request_id))
+                return
         log.info("cancel for %r ignored: no such request is running or queued", request_id)
 
     def shutdown(self, request_id) -> None:
@@ -251,6 +298,7 @@ class Worker:
             self._queue.clear()
             for job in dropped:
                 self._error(job.id, "cancelled", "the worker is shutting down")
+            self._intake.put(None)  # the requests still in intake are answered "cancelled", then it ends
             self._wake.notify()
 
     def _active_jobs(self) -> list[Job | DownloadJob]:
@@ -272,6 +320,8 @@ class Worker:
             finally:
                 with self._lock:
                     self._current = None
+        if self._intake_thread is not None:  # every request in intake gets its answer before "bye"
+            self._intake_thread.join(INTAKE_WAIT)
         self.emit(protocol.event("bye", self._shutdown_id))
 
     def run_job(self, job: Job) -> None:
@@ -593,6 +643,11 @@ def sweep_stale_preview_roots(folder: Path) -> list[Path]:
     except (OSError, ValueError):  # housekeeping: whatever lies in the temporary folder, the worker starts
         log.warning("could not sweep the preview folders of %s", folder, exc_info=True)
     return removed
+
+
+def _key(request_id):
+    """A request id as a set member: ids are strings or integers (True and 1 must not meet)."""
+    return type(request_id).__name__, request_id
 
 
 def _output(job: Job | DownloadJob) -> Path | None:

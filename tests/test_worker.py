@@ -523,3 +523,34 @@ def test_the_client_sends_a_file_name_that_is_not_utf8_as_it_is(worker, tmp_path
     assert events[-1]["event"] == "done", events[-1]
     assert events[-1]["output"] == str(tmp_path / name)
     assert os.listdir(os.fsencode(tmp_path)) == [b"ni\xf1o.png"]  # not "ni?o.png"
+
+
+def slow_png(path: Path, chunks: int = 300_000) -> Path:
+    """A valid 16×8 PNG with many empty chunks before its pixels: reading its header takes seconds."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = zlib.compress(b"".join(b"\0" + b"\x80" * 48 for _ in range(8)))
+    header = struct.pack(">IIBBBBB", 16, 8, 8, 2, 0, 0, 0)
+    path.write_bytes(pngmeta.PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"teST", b"") * chunks
+                     + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))  # fmt: skip
+    return path
+
+
+def test_a_slow_request_never_delays_ping_or_cancel(worker, tmp_path):
+    """Validating a refine reads its source's header: seconds for this one. Meanwhile ping is answered at
+    once, and a cancel ends the request (it is never accepted or run)."""
+    source = slow_png(tmp_path / "slow.png")
+    worker.send(protocol.request("generate", "slow", settings=tiny(**SMALL), output=str(tmp_path / "out.png"),
+                                 refine={"source": str(source)}))
+    pong = worker.ping()
+    worker.cancel("slow")
+    events = wait_for(worker, finished("slow"))
+    names = [(e["event"], e["id"]) for e in events if e["id"] in (pong, "slow")]
+    assert names == [("pong", pong), ("error", "slow")], names
+    assert events[-1]["kind"] == "cancelled" and not (tmp_path / "out.png").exists()
+    again = worker.ping()
+    assert wait_for(worker, lambda e: e["id"] == again)[-1]["event"] == "pong"  # and it goes on
