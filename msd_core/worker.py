@@ -5,9 +5,9 @@ are in ``msd_core.protocol``. stdout carries nothing else: at start the real std
 protocol and file descriptor 1 (and ``sys.stdout``) are pointed at stderr, so prints, progress bars
 and library chatter cannot corrupt the stream.
 
-Two threads: the reader thread parses requests, answers ping, validates and queues generate
-requests and handles cancel and shutdown at once; the main thread runs the queued generate requests
-one after the other. The loaded pipeline stays warm between requests with the same
+Three threads: the reader thread parses requests, answers ping and handles cancel and shutdown at
+once; the intake thread validates the other requests (which may read files) and queues them; the
+main thread runs the queued requests one after the other. The loaded pipeline stays warm between requests with the same
 (model, model_config, device, dtype); a request with another key replaces it.
 """
 
