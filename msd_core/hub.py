@@ -19,6 +19,7 @@ import collections
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +52,11 @@ FP16 = "fp16"
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SHARD = re.compile(r"-\d{5}-of-\d{5}$")  # diffusers/transformers shard names: model-00001-of-00002
 SPEED_WINDOW = 5.0  # seconds of recent transfer the speed is measured over
+# A download checks for a cancel this often, and calls a transfer stalled when it counts no byte for
+# STALL_SECONDS (huggingface_hub counts in chunks: HF_CHUNK_BYTES, set in DOWNLOAD_ENV's process by download).
+WATCH_INTERVAL = 0.1
+STALL_SECONDS = 60.0
+HF_CHUNK_BYTES = 256 * 1024
 # The environment of a process that downloads: plain HTTP transfers, whose progress hook runs in the
 # transfer loop, so a cancel stops the current file within a chunk. (Xet transfers call the hook from
 # a native thread that ignores its exceptions: a cancel would wait for the end of a multi-GB file.)
@@ -382,13 +388,16 @@ def download(
     revision: str = "main",
     cache: Path | None = None,
     endpoint: str | None = None,
+    stall_seconds: float | None = None,
 ) -> Path:
     """Fetch what the loader reads of ``repo_id`` into the cache; return its snapshot folder.
 
-    ``cancel`` (a threading.Event) stops the download at the next chunk with Cancelled. Raises
-    NetworkError when offline (HF_HUB_OFFLINE) or when the Hub cannot be reached, ModelNotFound for
-    an unknown (or gated) repository, UnsupportedModelFile for pickle-only weights.
+    ``cancel`` (a threading.Event) stops the download within WATCH_INTERVAL with Cancelled, however slow
+    the transfer. A transfer that counts no byte for ``stall_seconds`` (default STALL_SECONDS) is a
+    NetworkError. Raises NetworkError when offline (HF_HUB_OFFLINE) or when the Hub cannot be reached,
+    ModelNotFound for an unknown (or gated) repository, UnsupportedModelFile for pickle-only weights.
     """
+    stall_seconds = STALL_SECONDS if stall_seconds is None else stall_seconds
     if not REPO_ID.match(repo_id):
         raise BadInput(f"{repo_id!r} is not a Hugging Face model id (owner/name)")
     if offline():
@@ -397,26 +406,68 @@ def download(
             "Blender's Allow Online Access is off)"
         )
     from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import constants as hf_constants
     from huggingface_hub import file_download as hf_file_download
 
     _check_file_metadata_of(hf_file_download)
+    # Progress (and so the stall watch) counts per chunk: small ones, so a slow link is not a stalled one.
+    hf_constants.DOWNLOAD_CHUNK_SIZE = min(hf_constants.DOWNLOAD_CHUNK_SIZE, HF_CHUNK_BYTES)
     with _hub_errors(repo_id):
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
     sizes = _file_sizes(repo_id, info)
     files = select_files(sizes, fp16)
     meter = ProgressMeter(sum(sizes[name] for name in files), on_progress)
-    bar_class = _progress_bar_class(meter, cancel)
+    abandoned = threading.Event()  # set when we stop waiting for a transfer: it must report nothing more
+    bar_class = _progress_bar_class(meter, cancel, abandoned)
     path = None
     for name in files:
         _check_cancel(cancel)
         meter.start_file(name, sizes[name])
-        with _hub_errors(repo_id):
-            # By branch, not commit: huggingface_hub then records refs/<revision>, which offline loading reads.
-            path = hf_hub_download(
-                repo_id, name, revision=revision, cache_dir=cache, endpoint=endpoint, tqdm_class=bar_class
-            )
+
+        def fetch(name=name):
+            with _hub_errors(repo_id):
+                # By branch, not commit: huggingface_hub then records refs/<revision>, which offline loading reads.
+                return hf_hub_download(
+                    repo_id, name, revision=revision, cache_dir=cache, endpoint=endpoint, tqdm_class=bar_class
+                )
+
+        path = _watched(fetch, meter, cancel, abandoned, stall_seconds, f"downloading {repo_id} ({name})")
         meter.finish_file()
     return Path(path).parents[len(Path(files[-1]).parts) - 1]
+
+
+def _watched(fetch, meter: "ProgressMeter", cancel, abandoned: threading.Event, stall_seconds: float, what: str):
+    """Run ``fetch()`` on a thread of its own and wait for it, checking several times a second for a
+    cancel (Cancelled) and for a stall: no byte counted for ``stall_seconds`` (NetworkError). A
+    transfer blocked on a slow socket is then abandoned: its thread ends at its next chunk, reporting
+    nothing, and never marks the file complete in our count."""
+    outcome: dict = {}
+    finished = threading.Event()
+
+    def run():
+        try:
+            outcome["value"] = fetch()
+        except BaseException as exc:  # handed to the waiting thread
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    threading.Thread(target=run, name="msd-download", daemon=True).start()
+    seen, since = meter.done, time.monotonic()
+    while not finished.wait(WATCH_INTERVAL):
+        now = time.monotonic()
+        if meter.done != seen:
+            seen, since = meter.done, now
+        if cancel is not None and cancel.is_set():
+            abandoned.set()
+            raise Cancelled("download cancelled")
+        if now - since > stall_seconds:
+            abandoned.set()
+            raise NetworkError(f"{what} stalled: no data arrived for {stall_seconds:g} s; check the connection and "
+                               "download again (what was fetched is kept)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _file_sizes(repo_id: str, info) -> dict[str, int]:
@@ -471,19 +522,22 @@ def _check_cancel(cancel) -> None:
         raise Cancelled("download cancelled")
 
 
-def _progress_bar_class(meter: ProgressMeter, cancel):
+def _progress_bar_class(meter: ProgressMeter, cancel, abandoned: threading.Event):
     """A tqdm class for huggingface_hub's ``tqdm_class``: it shows nothing, feeds ``meter`` and
-    raises Cancelled from inside the transfer loop once ``cancel`` is set."""
+    raises Cancelled from inside the transfer loop once ``cancel`` is set or the transfer was
+    ``abandoned`` (then without counting: the download has already ended for its caller)."""
     from tqdm.auto import tqdm
 
     class Bar(tqdm):
         def __init__(self, *args, **kwargs):
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
-            if kwargs.get("initial"):  # a resumed partial file: those bytes were fetched earlier
+            if kwargs.get("initial") and not abandoned.is_set():  # a resumed partial file: fetched earlier
                 meter.advance(kwargs["initial"], transferred=False)
 
         def update(self, n=1):
+            if abandoned.is_set():
+                raise Cancelled("download abandoned")
             meter.advance(int(n or 0))
             _check_cancel(cancel)
 

@@ -43,7 +43,8 @@ a longer line is answered with a bad_input error and otherwise ignored):
     device/dtype resolve to float16). Queued with the generate requests. A generate request for a Hub
     model that is not completely in the cache fails at once with model_not_found ("not downloaded
     yet") instead of downloading it unasked. Start the worker with hub.DOWNLOAD_ENV in its
-    environment so that a cancel stops a download within a chunk rather than at the end of a file.
+    environment. A cancel ends a download within hub.WATCH_INTERVAL however slow the transfer; a
+    transfer that brings no data for hub.STALL_SECONDS (60 s) ends with a "network" error.
   cancel: a queued request ends at once, a running one at its next window batch, both with error
     kind "cancelled" and no output file. A cancel for an id that is neither running nor queued (for
     example one that has just finished) is ignored.

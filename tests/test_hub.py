@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import huggingface_hub
 import pytest
 from huggingface_hub import scan_cache_dir
 from safetensors.torch import load_file, save_file
 
-from fake_hub import FakeHub
+from fake_hub import PAUSE_LIMIT, FakeHub
 from msd_core import cli, hub, models, protocol
 from msd_core.client import WorkerClient
 from msd_core.errors import Cancelled, ModelNotFound, NetworkError, UnsupportedModelFile
@@ -434,3 +435,47 @@ def test_a_malformed_or_oversized_model_info_is_a_clear_error(fake_hub, online, 
     with pytest.raises(NetworkError, match=fragment):
         hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url)
     assert fake_hub.fetched(REPO) == []
+
+
+def start_download(fake_hub, tmp_path, files, **options):
+    """hub.download on a thread, paused by the fake Hub 1000 bytes into the big file; (thread, outcome)."""
+    fake_hub.add_repo(REPO, files)
+    fake_hub.pause_after("unet/diffusion_pytorch_model.safetensors", 1000)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["folder"] = hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url, **options)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT
+    while not any(method == "GET" and "unet/diffusion" in path for method, path, _ in fake_hub.requests):
+        assert time.monotonic() < deadline and thread.is_alive(), outcome
+        time.sleep(0.05)
+    return thread, outcome
+
+
+def test_cancel_stops_a_stalled_transfer_at_once(fake_hub, online, tiny_files, tmp_path):
+    """The server sends 1000 bytes of the big file and then nothing until released (30 s at most): a
+    cancel must end the download while the transfer is still stuck, not when the next chunk comes."""
+    cancel = threading.Event()
+    files = {**tiny_files, "unet/diffusion_pytorch_model.safetensors": os.urandom(BIG)}
+    thread, outcome = start_download(fake_hub, tmp_path, files, cancel=cancel)
+    cancel.set()
+    thread.join(PAUSE_LIMIT / 3)  # far less than the pause: returning at all means it did not wait for data
+    assert not thread.is_alive() and isinstance(outcome.get("error"), Cancelled), outcome
+    assert not hub.model_status(REPO, tmp_path).complete
+    fake_hub.release()
+
+
+def test_a_stalled_transfer_is_a_network_error_after_the_stated_time(fake_hub, online, tiny_files, tmp_path):
+    files = {**tiny_files, "unet/diffusion_pytorch_model.safetensors": os.urandom(BIG)}
+    thread, outcome = start_download(fake_hub, tmp_path, files, stall_seconds=1.0)
+    thread.join(PAUSE_LIMIT / 3)
+    assert not thread.is_alive(), "a stall must end the download"
+    error = outcome.get("error")
+    assert isinstance(error, NetworkError) and "stalled: no data arrived for 1 s" in str(error), outcome
+    fake_hub.release()
