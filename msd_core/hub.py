@@ -46,6 +46,7 @@ WEIGHT_INDEX = re.compile(r"^(?:diffusion_pytorch_model|model)\.safetensors\.ind
 # can place a file outside the cache (an ETag "../../x.pth").
 PLAIN_HASH = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
+MAX_INDEX_BYTES = 16 * 2**20  # a shard index names a few thousand tensors: ~100 KB for SDXL's UNet
 MAX_FILE_BYTES = 50 * 10**9  # larger than any Stable Diffusion component; a bigger size is not a model
 FP16 = "fp16"
 # "owner/name" with the characters the Hub allows; anything else is a path or a typo.
@@ -205,9 +206,12 @@ def _newest_snapshot(repo: Path) -> Path | None:
 def _has_weights(component: Path) -> bool:
     """A single safetensors file, or an index whose shards are all present."""
     for index in component.glob("*.safetensors.index*.json"):
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError):
+        try:  # bounded: a listing runs on every panel's behalf, and a cache may hold anything
+            if not index.is_file() or index.stat().st_size > MAX_INDEX_BYTES:
+                continue  # a device (a link to /dev/zero), or no index a real model has
+            with open(index, "rb") as file:
+                shards = set(json.loads(file.read(MAX_INDEX_BYTES))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
             continue
         if shards and all((component / shard).is_file() for shard in shards):
             return True
