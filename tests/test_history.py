@@ -146,3 +146,25 @@ def test_history_panel_draws_each_entry_with_its_buttons(folder):
     per_entry = ["msd.apply_world", "msd.add_backdrop", "msd.restore_settings", "msd.refine"]
     assert operators == per_entry * 3
     assert sum(1 for kind, _ in log if kind == "icon") == 3
+
+
+def test_long_prompts_odd_names_and_many_foreign_pngs_do_not_break_the_listing(folder):
+    """A 1 MB prompt is shown cut; a panorama whose file name is not UTF-8 is skipped, not the folder
+    (and the panel draws); ours are found behind 250 newer PNGs of other programs."""
+    history().history_cache.key = None
+    write_panorama(folder / "long.png", "a long prompt " * 70_000, 13, mtime=3_000_000)
+    odd = os.path.join(os.fsencode(folder), b"caf\xe9.png")
+    shutil.copy(folder / "newer.png", odd)
+    os.utime(odd, (4_000_000, 4_000_000))
+    plain = (folder / "photo.png").read_bytes()
+    for number in range(250):
+        path = folder / f"foreign-{number:03d}.png"
+        path.write_bytes(plain)
+        os.utime(path, (5_000_000 + number, 5_000_000 + number))
+
+    entries = history().list_panoramas(str(folder))
+    prompts = [entry.prompt for entry in entries]
+    assert [p[:14] for p in prompts[1:]] == ["a long prompt ", "a snowy forest", "a red desert"]
+    assert len(prompts[1]) == history().SHOWN_PROMPT_CHARS and prompts[1].endswith("…")
+    log = draw("MSD_PT_history")
+    assert ("label", "4 panoramas") in log
