@@ -299,6 +299,10 @@ def generate(args: argparse.Namespace) -> int:
         dry = " (or --dry-run to see the plan only)" if source is None else ""
         raise BadInput(f"give the PNG file to write with -o/--output{dry}")
     check_memory(settings)
+    if source is not None:
+        from .refine import check_source_cost
+
+        check_source_cost(source.source, settings.width, settings.height)
     output = check_output_path(args.output, args.overwrite, exr=settings.hdr)
     if source is not None:
         from .refine import check_source_and_output

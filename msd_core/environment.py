@@ -42,10 +42,11 @@ def physical_cores() -> int:
 
 
 def threads(requested=None):
-    """torch's CPU thread count: ``requested`` if given (≥ 1), else OMP_NUM_THREADS if set, else one
-    thread per physical core less one, left to Blender and the desktop: max(1, cores − 1)."""
+    """torch's CPU thread count: ``requested`` if given (≥ 1; at most the machine's logical cores: more
+    threads only contend), else OMP_NUM_THREADS if set, else one thread per physical core less one,
+    left to Blender and the desktop: max(1, cores − 1)."""
     if requested:
-        return requested
+        return min(requested, os.cpu_count() or requested)
     try:
         configured = int(os.environ.get("OMP_NUM_THREADS", ""))
     except ValueError:

@@ -217,6 +217,7 @@ class MSDPanoramaPipeline:
         plan = self.check_inputs(settings)
         source.validate()
         start = refine.start_step(source.strength, settings.steps)
+        refine.check_source_cost(source.source, settings.width, settings.height)
         image = refine.resize_panorama(refine.read_source(source.source), settings.width, settings.height, settings.wrap)
         # 2. Encode it: x₀ of the source.
         tile = vae.auto_tile(plan.height, plan.width, self.device)

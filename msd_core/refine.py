@@ -27,7 +27,13 @@ from PIL import Image
 from .errors import BadInput
 from .output import exr_path_for, storable_text
 from .sampler import alphas_cumprod
-from .settings import MAX_SOURCE_PIXELS
+from .settings import (
+    MAX_SOURCE_PIXELS,
+    SOURCE_BYTES_PER_PIXEL,
+    SOURCE_PIXELS_ALWAYS,
+    SOURCE_PIXELS_PER_TARGET,
+    available_memory,
+)
 from .tonemap import tone_map
 
 # The layout guidance (guide_layout) acts while t is above this fraction of the training timesteps:
@@ -86,6 +92,29 @@ def source_size(path) -> tuple[int, int]:
     if size[0] * size[1] > MAX_SOURCE_PIXELS:
         raise BadInput(f"the source image {path} is {size[0]}×{size[1]}: more than the {MAX_SOURCE_PIXELS:,} pixels allowed")
     return size
+
+
+def check_source_cost(path, width: int, height: int, available: int | None = None) -> None:
+    """Refuse a source whose decoding costs more memory than a ``width`` × ``height`` refine needs:
+    more than SOURCE_PIXELS_PER_TARGET times the target's pixels (and more than SOURCE_PIXELS_ALWAYS),
+    or more than the memory available now. Reads the header only, so a 74-byte PNG declaring
+    8 × 16 000 000 pixels is refused before a byte of it is decoded."""
+    source_width, source_height = source_size(path)
+    pixels = source_width * source_height
+    allowed = max(SOURCE_PIXELS_ALWAYS, SOURCE_PIXELS_PER_TARGET * width * height)
+    if pixels > allowed:
+        raise BadInput(
+            f"the source image {storable_text(os.fspath(path))} is {source_width}×{source_height}: decoding it for a "
+            f"{width}×{height} result would cost {pixels * SOURCE_BYTES_PER_PIXEL / 1e9:.1f} GB of memory for "
+            f"nothing; scale it down to at most {SOURCE_PIXELS_PER_TARGET}× the result's pixels first"
+        )
+    available = available_memory() if available is None else available
+    if available is not None and pixels * SOURCE_BYTES_PER_PIXEL > available:
+        raise BadInput(
+            f"reading the source image {storable_text(os.fspath(path))} ({source_width}×{source_height}) needs about "
+            f"{pixels * SOURCE_BYTES_PER_PIXEL / 1e9:.1f} GB of memory, more than the {available / 1e9:.1f} GB "
+            "available; scale it down first"
+        )
 
 
 def read_source(path) -> np.ndarray:

@@ -247,12 +247,26 @@ def check_stride_alignment(stride: int, levels: int) -> None:
         )
 
 
+# Bytes a pixel of the HDR companion costs while it is made: float32 linear RGB and its expanded copy,
+# the luminance, float64 temporaries of the bright pixels, the half-float planes.
+EXR_BYTES_PER_PIXEL = 48
+# Bytes a source pixel costs while read_source decodes and resizes it: the decoded image, float32 RGB,
+# a padded float32 plane and its resized copy.
+SOURCE_BYTES_PER_PIXEL = 24
+# A refine source may have this many times the target's pixels (or SOURCE_PIXELS_ALWAYS, whichever is
+# more): beyond, decoding costs memory the run has no use for.
+SOURCE_PIXELS_PER_TARGET = 16
+SOURCE_PIXELS_ALWAYS = 4096 * 4096
+
+
 def memory_needed(settings: GenerationSettings) -> int:
     """Bytes of CPU memory a run needs at least, whatever the device: the decoded image passes through the
     CPU as float32 (twice, while it is converted) and as 8-bit RGB; on the CPU the latent pyramid and the
     sampler's working copies come on top. The model's own weights are not counted."""
     pixels = settings.width * settings.height
     image = pixels * 3 * (2 * 4 + 1)
+    if settings.hdr:  # after the decode: the 8-bit image and the EXR's float copies (hdr.linear_hdr, write_exr)
+        image = max(image, pixels * (3 + EXR_BYTES_PER_PIXEL))
     latents = pixels // LATENT_FACTOR**2 * 4 * 4 * LATENT_COPIES
     return image + (latents if settings.device in ("cpu", "auto") else 0)
 

@@ -58,7 +58,7 @@ from .output import (  # noqa: E402
     save_png,
 )
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
-from .refine import check_source_and_output, source_size  # noqa: E402
+from .refine import check_source_and_output, check_source_cost  # noqa: E402
 from .settings import MAX_STEPS, GenerationSettings, RefineSettings, check_memory, is_int  # noqa: E402
 
 log = logging.getLogger("msd_core.worker")
@@ -330,7 +330,7 @@ class Worker:
         self._job_count += 1
         own_previews = job.preview_dir is None
         preview_dir = self._preview_root / f"job-{self._job_count}" if own_previews else job.preview_dir
-        torch.set_num_threads(job.threads or self.threads)
+        torch.set_num_threads(environment.threads(job.threads) if job.threads else self.threads)
         try:
             hub.require_downloaded(job.settings.model)
             pipe, load_seconds = self._pipeline_for(job)
@@ -536,7 +536,8 @@ def parse_generate(message: dict) -> Job:
     refine = None
     if message.get("refine") is not None:
         refine = RefineSettings.from_dict(message["refine"]).validate()
-        source_size(refine.source)  # is an image, not too large: refused now rather than after loading the model
+        # An image, not too large for the run: refused now rather than after loading the model.
+        check_source_cost(refine.source, settings.width, settings.height)
     threads = message.get("threads", 0)
     if not is_int(threads) or not 0 <= threads <= MAX_THREADS:
         raise BadInput("{field} must be a whole number from 0 (the worker's default) to {limit}, got {value!r}",

@@ -505,3 +505,30 @@ def test_worker_refuses_a_refine_onto_its_source(worker, tmp_path):
     events = events_until_final(worker, "self")
     assert [(e["event"], e["kind"], e["field"]) for e in events] == [("error", "bad_input", "output")]
     assert source.read_bytes() == source_png(tmp_path / "again.png").read_bytes()
+
+
+def test_a_source_far_larger_than_the_result_is_refused_from_its_header(tmp_path, monkeypatch, capsys):
+    """74 bytes declaring 8 × 16 000 000 pixels, refined to 128 × 64: 2.9 GB of decoding for nothing."""
+    monkeypatch.chdir(tmp_path)
+    huge_png_header(tmp_path / "tall.png", 8, 16_000_000)
+    code = cli.main(["refine", "tall.png", "--prompt", "a lake", "-o", "out.png", "--width", "128", "--height", "64", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "is 8×16000000: decoding it for a 128×64 result would cost 3.1 GB" in err[-1], err
+    assert not (tmp_path / "out.png").exists()
+    source_png(tmp_path / "ok.png", 256, 128)
+    refine.check_source_cost(tmp_path / "ok.png", 128, 64, available=10**9)
+    with pytest.raises(BadInput, match=r"needs about 0.0 GB of memory, more than the 0.0 GB available"):
+        refine.check_source_cost(tmp_path / "ok.png", 128, 64, available=1000)
+
+
+def test_memory_counts_the_exr_and_threads_never_exceed_the_cores():
+    from msd_core import environment
+    from msd_core.settings import check_memory, memory_needed
+
+    plain = GenerationSettings(prompt="a lake", width=16384, height=8192, device="cuda")
+    lit = GenerationSettings(prompt="a lake", width=16384, height=8192, device="cuda", hdr=True)
+    assert memory_needed(lit) > 1.5 * memory_needed(plain)
+    check_memory(plain, available=memory_needed(plain))
+    with pytest.raises(BadInput, match="16384×8192 panorama needs about"):
+        check_memory(lit, available=memory_needed(plain))
+    assert environment.threads(1024) == os.cpu_count()
