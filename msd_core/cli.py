@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import secrets
 import shutil
@@ -27,6 +28,7 @@ from .settings import (
     GRADIENTS,
     HDR_KNEE_RANGE,
     HDR_PEAK_RANGE,
+    MAX_SIDE,
     METHODS,
     OMEGA_LOSSES,
     PYRAMIDS,
@@ -251,14 +253,17 @@ def refine_settings_from_args(args: argparse.Namespace) -> tuple[GenerationSetti
     """The settings of a refine command: the target size from --scale or --width/--height and the
     source's aspect; wrap on for a 2:1 target unless --wrap/--no-wrap says otherwise."""
     source = RefineSettings(args.image, args.strength).validate()
-    if args.scale is not None and not args.scale > 0:
-        raise BadInput(f"--scale must be above 0, got {args.scale}")
+    if args.scale is not None and not (args.scale > 0 and math.isfinite(args.scale)):
+        raise BadInput(f"--scale must be a number above 0, got {args.scale}")
     from .refine import source_size  # reads the image's header only
 
     source_width, source_height = source_size(args.image)
     width, height = args.width, args.height
     if width is None and height is None:
         scale = 1.0 if args.scale is None else args.scale
+        if max(source_width, source_height) * scale > MAX_SIDE:
+            raise BadInput(f"--scale {scale:g} makes the {source_width}×{source_height} source more than {MAX_SIDE} px a "
+                           "side; choose a smaller --scale")
         width, height = _nearest_multiple(source_width * scale), _nearest_multiple(source_height * scale)
     elif width is None:
         width = _nearest_multiple(height * source_width / source_height)

@@ -87,8 +87,8 @@ def source_size(path) -> tuple[int, int]:
             raise BadInput(f"the source image {path} has more than the {MAX_SOURCE_PIXELS:,} pixels allowed") from None
         except Image.UnidentifiedImageError:
             raise BadInput(f"{path} is not an image that can be read (PNG, JPEG, TIFF, WebP or OpenEXR)") from None
-        except OSError as exc:
-            raise BadInput(f"cannot read the source image {path}: {exc}") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:  # e.g. a text or ICC chunk over Pillow's limit
+            raise BadInput(f"cannot read the source image {path}: {_first_line(exc)}") from None
     if size[0] * size[1] > MAX_SOURCE_PIXELS:
         raise BadInput(f"the source image {path} is {size[0]}×{size[1]}: more than the {MAX_SOURCE_PIXELS:,} pixels allowed")
     return size
@@ -134,8 +134,13 @@ def read_source(path) -> np.ndarray:
             with Image.open(path, formats=SOURCE_FORMATS) as image:
                 image.load()
                 return _to_rgb_floats(image)
-    except OSError as exc:  # a file cut short or damaged after its header
-        raise BadInput(f"cannot read the source image {path}: {exc}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # a file cut short or damaged after its header
+        raise BadInput(f"cannot read the source image {path}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _to_rgb_floats(image: Image.Image) -> np.ndarray:

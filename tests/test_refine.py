@@ -123,6 +123,16 @@ def huge_png_header(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def oversized_chunk_png(path: Path, kind: bytes, prefix: bytes) -> Path:
+    """A small PNG whose compressed chunk inflates beyond Pillow's limit (PngImagePlugin.MAX_TEXT_CHUNK)."""
+    source_png(path)
+    data = path.read_bytes()
+    body = prefix + zlib.compress(b"\0" * 80_000_000, 9)
+    chunk = struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    path.write_bytes(data[:33] + chunk + data[33:])  # after IHDR (8-byte signature + 25-byte IHDR)
+    return path
+
+
 @pytest.mark.parametrize(
     "make,message",
     [
@@ -341,16 +351,22 @@ def test_cli_refine_target_size_follows_the_source(tmp_path, size, expected):
         (["missing.png"], "the source image missing.png does not exist"),
         (["SOURCE", "--strength", "0"], "strength must be above 0 and at most 1"),
         (["SOURCE", "--strength", "1.5"], "strength must be above 0 and at most 1"),
-        (["SOURCE", "--scale", "0"], "--scale must be above 0"),
+        (["SOURCE", "--scale", "0"], "--scale must be a number above 0"),
         (["SOURCE", "--scale", "0.25"], "smaller than one 64 px window"),
         (["SOURCE", "--strength", "0.1"], "leaves no step to run"),
         (["bomb.png"], "pixels allowed"),
+        (["SOURCE", "--scale", "inf"], "--scale must be a number above 0, got inf"),
+        (["SOURCE", "--scale", "1e308"], "--scale 1e+308 makes the 128×64 source more than 16384 px a side"),
+        (["iccp.png"], "cannot read the source image iccp.png: "),
+        (["ztxt.png"], "cannot read the source image ztxt.png: "),
     ],
 )
 def test_cli_refine_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys, arguments, message):
     monkeypatch.chdir(tmp_path)
     source_png(tmp_path / "draft.png")
     huge_png_header(tmp_path / "bomb.png", 100_000, 100_000)
+    oversized_chunk_png(tmp_path / "iccp.png", b"iCCP", b"icc\0\0")
+    oversized_chunk_png(tmp_path / "ztxt.png", b"zTXt", b"Comment\0\0")
     before = sorted(tmp_path.iterdir())
     arguments = ["draft.png" if a == "SOURCE" else a for a in arguments]
     code = cli.main(["refine", *arguments, "--prompt", "a lake", "-o", "out.png", *TINY])
