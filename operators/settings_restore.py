@@ -55,6 +55,10 @@ def _parse(text, source: str) -> GenerationSettings:
         raise BadInput(f"{damaged}: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError included
         raise BadInput(f"{damaged}: {exc}") from None
+    try:  # Blender's strings are UTF-8: an unpaired surrogate ("\\ud800") would fail half-way through the panel
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(f"{damaged}: a text in them is not valid Unicode (an unpaired surrogate)") from None
     try:
         return GenerationSettings.from_stored(data).validate()
     except TypeError as exc:
