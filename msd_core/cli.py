@@ -40,6 +40,7 @@ from .settings import (
     RefineSettings,
     nearest_multiples,
     check_memory,
+    shown,
 )
 
 EXIT_BAD_INPUT = 2
@@ -315,7 +316,7 @@ def generate(args: argparse.Namespace) -> int:
         check_source_and_output(source.source, output, exr=settings.hdr)
     if not 0 <= args.threads <= MAX_THREADS:
         raise BadInput("{field} must be from 0 (automatic) to {limit}, got {value}", field="threads", limit=MAX_THREADS,
-                       value=args.threads)
+                       value=shown(args.threads))
     origin = f" from {args.image} at strength {source.strength}" if source else ""
     print(storable_text(f"msd-panorama: {settings.width}×{settings.height}{origin}, seed {settings.seed}, "
                         f"model {settings.model}"), file=sys.stderr)

@@ -33,6 +33,7 @@ from .settings import (
     SOURCE_PIXELS_ALWAYS,
     SOURCE_PIXELS_PER_TARGET,
     available_memory,
+    why_not_a_file,
 )
 from .tonemap import tone_map
 
@@ -68,7 +69,7 @@ def source_size(path) -> tuple[int, int]:
     an image that ``read_source`` can read or has more than MAX_SOURCE_PIXELS pixels."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise BadInput(f"the source image {path} does not exist")
+        raise BadInput(f"the source image {path} {why_not_a_file(path)}")
     with open(path, "rb") as file:
         head = file.read(16)
     if head.startswith(EXR_SIGNATURE):

@@ -59,7 +59,7 @@ from .output import (  # noqa: E402
 )
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
 from .refine import check_source_and_output, check_source_cost  # noqa: E402
-from .settings import MAX_STEPS, GenerationSettings, RefineSettings, check_memory, is_int  # noqa: E402
+from .settings import MAX_STEPS, GenerationSettings, RefineSettings, check_memory, is_int, shown  # noqa: E402
 
 log = logging.getLogger("msd_core.worker")
 
@@ -521,16 +521,16 @@ def parse_generate(message: dict) -> Job:
         raise BadInput("{field} must be the path of the PNG file to write", field="output")
     overwrite = message.get("overwrite", False)
     if not isinstance(overwrite, bool):
-        raise BadInput("{field} must be true or false, got {value!r}", field="overwrite", value=overwrite)
+        raise BadInput("{field} must be true or false, got {value}", field="overwrite", value=shown(overwrite))
     preview_every = message.get("preview_every", protocol.DEFAULT_PREVIEW_EVERY)
     if not is_int(preview_every) or not 0 <= preview_every <= MAX_STEPS:
-        raise BadInput("{field} must be a whole number from 0 (no previews) to {limit}, got {value!r}",
-                       field="preview_every", limit=MAX_STEPS, value=preview_every)
+        raise BadInput("{field} must be a whole number from 0 (no previews) to {limit}, got {value}",
+                       field="preview_every", limit=MAX_STEPS, value=shown(preview_every))
     preview_dir = message.get("preview_dir")
     if preview_dir is not None:
         if not isinstance(preview_dir, str) or "\0" in preview_dir or not Path(preview_dir).is_dir():
-            raise BadInput("{field} must be an existing folder, got {value!r}", field="preview_dir",
-                           value=preview_dir)
+            raise BadInput("{field} must be an existing folder, got {value}", field="preview_dir",
+                           value=shown(preview_dir))
         preview_dir = Path(preview_dir)
         check_writable_folder(preview_dir, "preview_dir")
     refine = None
@@ -540,8 +540,8 @@ def parse_generate(message: dict) -> Job:
         check_source_cost(refine.source, settings.width, settings.height)
     threads = message.get("threads", 0)
     if not is_int(threads) or not 0 <= threads <= MAX_THREADS:
-        raise BadInput("{field} must be a whole number from 0 (the worker's default) to {limit}, got {value!r}",
-                       field="threads", limit=MAX_THREADS, value=threads)
+        raise BadInput("{field} must be a whole number from 0 (the worker's default) to {limit}, got {value}",
+                       field="threads", limit=MAX_THREADS, value=shown(threads))
     output = check_output_path(output, overwrite, exr=settings.hdr)
     if refine is not None:
         check_source_and_output(refine.source, output, exr=settings.hdr)

@@ -548,3 +548,28 @@ def test_memory_counts_the_exr_and_threads_never_exceed_the_cores():
     with pytest.raises(BadInput, match="16384×8192 panorama needs about"):
         check_memory(lit, available=memory_needed(plain))
     assert environment.threads(1024) == os.cpu_count()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing.png", "does not exist"),
+    (lambda p: (p / "folder.png").mkdir() or p / "folder.png", "is a folder; give an image file"),
+    (lambda p: os.mkfifo(p / "pipe.png") or p / "pipe.png", r"is not a regular file \(a pipe, socket or device\)"),
+    (lambda p: os.symlink("/dev/zero", p / "zero.png") or p / "zero.png", "is not a regular file"),
+    (lambda p: os.symlink(p / "loop.png", p / "loop.png") or p / "loop.png", r"leads back to itself \(a loop\)"),
+    (lambda p: os.symlink(p / "gone.png", p / "link.png") or p / "link.png", "is a symbolic link to .*gone.png, which does not exist"),
+])  # fmt: skip
+def test_a_source_that_is_not_a_file_says_what_it_is(tmp_path, make, message):
+    path = str(make(tmp_path))
+    with pytest.raises(BadInput, match=message):
+        RefineSettings(path).validate()
+    with pytest.raises(BadInput, match=message):
+        refine.source_size(path)
+
+
+def test_huge_numbers_are_never_echoed_in_full(tmp_path, capsys):
+    number = int("9" * 4001)
+    with pytest.raises(BadInput, match="got a 13292-bit number$"):
+        RefineSettings(str(source_png(tmp_path / "s.png")), number).validate()
+    code = cli.main(["generate", "a lake", "-o", str(tmp_path / "o.png"), "--threads", "9" * 4001, *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "a 13292-bit number" in err and len(err) < 300, err[:300]
