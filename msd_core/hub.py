@@ -16,6 +16,7 @@ resuming) the partial file, and the snapshot never gets a link to it.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import re
@@ -58,6 +59,7 @@ SPEED_WINDOW = 5.0  # seconds of recent transfer the speed is measured over
 WATCH_INTERVAL = 0.1
 STALL_SECONDS = 60.0
 HF_CHUNK_BYTES = 256 * 1024
+HASH_CHUNK_BYTES = 8 * 2**20
 # The environment of a process that downloads: plain HTTP transfers, whose progress hook runs in the
 # transfer loop, so a cancel stops the current file within a chunk. (Xet transfers call the hook from
 # a native thread that ignores its exceptions: a cancel would wait for the end of a multi-GB file.)
@@ -436,8 +438,27 @@ def download(
                 )
 
         path = _watched(fetch, meter, cancel, abandoned, stall_seconds, f"downloading {repo_id} ({name})")
+        _verify(Path(path), repo_id, name, cancel)
         meter.finish_file()
     return Path(path).parents[len(Path(files[-1]).parts) - 1]
+
+
+def _verify(pointer: Path, repo_id: str, name: str, cancel) -> None:
+    """Check a fetched file against the SHA-256 its blob is named after (the Hub's LFS files: the
+    weights); a file that does not match is deleted, so the model is never counted complete with it."""
+    blob = pointer.resolve()
+    if not re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        return  # a git object id (small configs): not a hash of the content alone
+    digest = hashlib.sha256()
+    with open(blob, "rb") as file:
+        while chunk := file.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            _check_cancel(cancel)
+    if digest.hexdigest() != blob.name:
+        for path in (pointer, blob):
+            path.unlink(missing_ok=True)
+        raise NetworkError(f"{name} of {repo_id} arrived damaged (its SHA-256 does not match the Hub's) and was "
+                           "deleted; download again")
 
 
 def _watched(fetch, meter: "ProgressMeter", cancel, abandoned: threading.Event, stall_seconds: float, what: str):

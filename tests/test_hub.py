@@ -2,6 +2,7 @@
 the `models` CLI and the worker's download/models requests — against a fake Hub on 127.0.0.1 serving
 the tiny model's files, never the network."""
 
+import hashlib
 import io
 import os
 import subprocess
@@ -479,3 +480,18 @@ def test_a_stalled_transfer_is_a_network_error_after_the_stated_time(fake_hub, o
     error = outcome.get("error")
     assert isinstance(error, NetworkError) and "stalled: no data arrived for 1 s" in str(error), outcome
     fake_hub.release()
+
+
+def test_a_file_that_does_not_match_its_hash_is_deleted_and_the_model_is_not_complete(
+    fake_hub, online, tiny_files, tmp_path
+):
+    name = "unet/diffusion_pytorch_model.safetensors"
+    fake_hub.add_repo(REPO, tiny_files)
+    fake_hub.headers[name] = {"ETag": f'"{hashlib.sha256(b"other bytes").hexdigest()}"'}  # a corrupting proxy
+    with pytest.raises(NetworkError, match=f"{name} of {REPO} arrived damaged"):
+        hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url)
+    status = hub.model_status(REPO, tmp_path)
+    assert not status.complete and "unet" in status.missing
+    assert not list((tmp_path / hub.repo_folder(REPO) / "snapshots").glob(f"*/{name}"))
+    del fake_hub.headers[name]
+    assert snapshot_bytes(hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url)) == tiny_files
