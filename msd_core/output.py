@@ -171,6 +171,9 @@ def _write_atomically(target: pathlib.Path, write, overwrite: bool) -> None:
             os.replace(temporary, target)
         else:
             _place_new(temporary, target)
+    except OSError as exc:  # a full disk, a quota, a share gone away: say where, and that nothing was written
+        raise BadInput("could not write {target}: {reason}; nothing was written there", field="output",
+                       target=target, reason=exc.strerror or type(exc).__name__) from None
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -258,3 +258,16 @@ def test_a_lone_surrogate_in_the_prompt_is_bad_input(field):
     with pytest.raises(BadInput, match="unpaired surrogate U[+]D83D") as error:
         settings.validate()
     assert error.value.field == field
+
+
+def test_a_full_disk_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    def full(self, file, *args, **kwargs):
+        file.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(BadInput, match=re.escape(f"could not write {tmp_path / 'pano.png'}: No space left on device")):
+        save_png(_image(), tmp_path / "pano.png", {})
+    assert os.listdir(tmp_path) == []
