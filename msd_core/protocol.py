@@ -45,7 +45,8 @@ a longer line is answered with a bad_input error and otherwise ignored):
     yet") instead of downloading it unasked. Start the worker with hub.DOWNLOAD_ENV in its
     environment. A cancel ends a download within hub.WATCH_INTERVAL however slow the transfer; a
     transfer that brings no data for hub.STALL_SECONDS (60 s) ends with a "network" error.
-  cancel: a queued request ends at once, a running one at its next window batch, both with error
+  cancel: a queued request ends at once (one still being validated ends with "cancelled" and no
+    "accepted"), a running one at its next window batch, both with error
     kind "cancelled" and no output file. A cancel for an id that is neither running nor queued (for
     example one that has just finished) is ignored.
   shutdown: the running request is cancelled, queued ones end with "cancelled", then "bye". End of
