@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import secrets
 import shutil
@@ -18,6 +19,7 @@ import sys
 from . import __version__, environment, variations
 from .errors import BadInput, MSDError
 from .lora_files import parse_lora_argument
+from .pngmeta import storable_text
 from .settings import (
     COARSE_NOISES,
     DEFAULT_MODEL,
@@ -28,6 +30,7 @@ from .settings import (
     GRADIENTS,
     HDR_KNEE_RANGE,
     HDR_PEAK_RANGE,
+    MAX_SIDE,
     METHODS,
     OMEGA_LOSSES,
     PYRAMIDS,
@@ -39,6 +42,7 @@ from .settings import (
     RefineSettings,
     nearest_multiples,
     check_memory,
+    shown,
 )
 
 EXIT_BAD_INPUT = 2
@@ -267,14 +271,17 @@ def refine_settings_from_args(args: argparse.Namespace) -> tuple[GenerationSetti
     """The settings of a refine command: the target size from --scale or --width/--height and the
     source's aspect; wrap on for a 2:1 target unless --wrap/--no-wrap says otherwise."""
     source = RefineSettings(args.image, args.strength).validate()
-    if args.scale is not None and not args.scale > 0:
-        raise BadInput(f"--scale must be above 0, got {args.scale}")
+    if args.scale is not None and not (args.scale > 0 and math.isfinite(args.scale)):
+        raise BadInput(f"--scale must be a number above 0, got {args.scale}")
     from .refine import source_size  # reads the image's header only
 
     source_width, source_height = source_size(args.image)
     width, height = args.width, args.height
     if width is None and height is None:
         scale = 1.0 if args.scale is None else args.scale
+        if max(source_width, source_height) * scale > MAX_SIDE:
+            raise BadInput(f"--scale {scale:g} makes the {source_width}×{source_height} source more than {MAX_SIDE} px a "
+                           "side; choose a smaller --scale")
         width, height = _nearest_multiple(source_width * scale), _nearest_multiple(source_height * scale)
     elif width is None:
         width = _nearest_multiple(height * source_width / source_height)
@@ -351,7 +358,15 @@ def generate(args: argparse.Namespace) -> int:
         dry = " (or --dry-run to see the plan only)" if source is None else ""
         raise BadInput(f"give the PNG file to write with -o/--output{dry}")
     check_memory(settings)
+    if source is not None:
+        from .refine import check_source_cost
+
+        check_source_cost(source.source, settings.width, settings.height)
     output = check_output_path(args.output, args.overwrite, exr=settings.hdr)
+    if source is not None:
+        from .refine import check_source_and_output
+
+        check_source_and_output(source.source, output, exr=settings.hdr)
     origin = f" from {args.image} at strength {source.strength}" if source else ""
     pipe = _load_pipeline(args, settings, f"{settings.width}×{settings.height}{origin}, seed {settings.seed}")
     progress = None if args.quiet else _progress_bar(settings.steps)
@@ -361,10 +376,10 @@ def generate(args: argparse.Namespace) -> int:
         if progress:
             progress.close()
     path = pipe.save(result, output, overwrite=args.overwrite)
-    print(path)
+    print(storable_text(str(path)))  # a file name that is not UTF-8 is printed escaped, not a crash after the run
     if settings.hdr:
-        print(save_exr(result.image, path, result.metadata, knee=settings.hdr_knee, peak=settings.hdr_peak,
-                       overwrite=args.overwrite))
+        print(storable_text(str(save_exr(result.image, path, result.metadata, knee=settings.hdr_knee,
+                                         peak=settings.hdr_peak, overwrite=args.overwrite))))
     return 0
 
 
@@ -400,8 +415,8 @@ def generate_variations(args: argparse.Namespace, settings: GenerationSettings) 
 def _load_pipeline(args: argparse.Namespace, settings: GenerationSettings, what: str):
     if not 0 <= args.threads <= MAX_THREADS:
         raise BadInput("{field} must be from 0 (automatic) to {limit}, got {value}", field="threads", limit=MAX_THREADS,
-                       value=args.threads)
-    print(f"msd-panorama: {what}, model {settings.model}", file=sys.stderr)
+                       value=shown(args.threads))
+    print(storable_text(f"msd-panorama: {what}, model {settings.model}"), file=sys.stderr)
     import torch
 
     from .pipeline import MSDPanoramaPipeline
@@ -529,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[getattr(args, "models_command", None) or args.command](args)
     except MSDError as exc:
-        print(f"msd-panorama: error: {exc.render(option_name)}", file=sys.stderr)
+        print(storable_text(f"msd-panorama: error: {exc.render(option_name)}"), file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("msd-panorama: interrupted, nothing written", file=sys.stderr)

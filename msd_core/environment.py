@@ -42,10 +42,11 @@ def physical_cores() -> int:
 
 
 def threads(requested=None):
-    """torch's CPU thread count: ``requested`` if given (≥ 1), else OMP_NUM_THREADS if set, else one
-    thread per physical core less one, left to Blender and the desktop: max(1, cores − 1)."""
+    """torch's CPU thread count: ``requested`` if given (≥ 1; at most the machine's logical cores: more
+    threads only contend), else OMP_NUM_THREADS if set, else one thread per physical core less one,
+    left to Blender and the desktop: max(1, cores − 1)."""
     if requested:
-        return requested
+        return min(requested, os.cpu_count() or requested)
     try:
         configured = int(os.environ.get("OMP_NUM_THREADS", ""))
     except ValueError:
@@ -53,16 +54,21 @@ def threads(requested=None):
     return configured if configured > 0 else max(1, physical_cores() - 1)
 
 
+MAX_PID = 2**31 - 1  # pids are C ints; Linux's pid_max is at most 2**22
+
+
 def process_alive(pid: int) -> bool:
     """Whether a process with this id exists (another user's counts as alive). On Windows, where signal 0
     would be CTRL_C_EVENT, every process counts as alive: nothing is ever swept there."""
     if sys.platform == "win32":
         return True
+    if not 0 < pid <= MAX_PID:  # a name anyone can give a file: no process has such an id (os.kill would overflow)
+        return True  # not a pid we know: counted as alive, so its file is never swept
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OSError, OverflowError):  # another user's, or nothing we may touch
         return True
     return True
 

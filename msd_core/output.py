@@ -20,12 +20,13 @@ from PIL.PngImagePlugin import PngInfo
 from . import __version__, hdr
 from .environment import process_alive
 from .errors import BadInput
-from .pngmeta import METADATA_KEYS, SETTINGS_KEY
+from .pngmeta import METADATA_KEYS, SETTINGS_KEY, storable_text
 from .settings import GenerationSettings
 
 SRGB_PERCEPTUAL = b"\x00"  # sRGB chunk payload: rendering intent 0 (perceptual)
 # Temporary files of atomic writes: ".<name>.png.<pid>-<random>.tmp" (or .exr), hidden beside the target;
 # the pid tells whether the process that made one is still writing it.
+PID_DIGITS = 10  # more digits than any pid: the name is not one of ours
 TEMPORARY = re.compile(r"^\..+\.(?:png|exr)\.(\d+)-[0-9a-f]{8}\.tmp$")
 
 
@@ -40,7 +41,10 @@ def generation_metadata(settings: GenerationSettings, resolved: dict) -> dict[st
         values["scales"] = values.pop("levels")
     values["msd_core_version"] = __version__
     values[SETTINGS_KEY] = settings.to_dict()
-    return {key: value if isinstance(value, str) else json.dumps(value, ensure_ascii=False) for key, value in values.items()}
+    return {
+        key: storable_text(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+        for key, value in values.items()
+    }
 
 
 def check_output_path(path, overwrite: bool, *, exr: bool = False) -> pathlib.Path:
@@ -51,6 +55,11 @@ def check_output_path(path, overwrite: bool, *, exr: bool = False) -> pathlib.Pa
     """
     if "\0" in os.fspath(path):
         raise BadInput("the {field} path contains a NUL character", field="output")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:  # an unpaired surrogate that is no escaped byte: no file can have this name
+        raise BadInput("the {field} path {path} cannot be a file name here (it is not valid Unicode)", field="output",
+                       path=storable_text(os.fspath(path))) from None
     target = pathlib.Path(os.path.expanduser(os.fspath(path))).absolute()
     if target.suffix.lower() != ".png":
         raise BadInput("the {field} file {target} must end in .png", field="output", target=target)
@@ -62,14 +71,21 @@ def check_output_path(path, overwrite: bool, *, exr: bool = False) -> pathlib.Pa
         raise BadInput("the {field} folder {folder} does not exist; create it first or choose another",
                        field="output", folder=folder)
     check_writable_folder(folder, "output")
+    _check_target(target, overwrite)
+    if exr:  # the EXR is written after the PNG: a problem with it must not surface after the run
+        if exr_path_for(target).is_dir():
+            raise BadInput("the {field} {target}'s HDR companion {exr} is a folder; give another name",
+                           field="output", target=target, exr=exr_path_for(target))
+        _check_target(exr_path_for(target), overwrite)
+    return target
+
+
+def _check_target(target: pathlib.Path, overwrite: bool) -> None:
     if target.is_symlink() and not target.exists() and not overwrite:
         raise BadInput("the {field} {target} is a link to {link}, which does not exist; give another name",
                        field="output", target=target, link=os.readlink(target))
     if target.exists() and not overwrite:
         raise _exists(target)
-    if exr and exr_path_for(target).exists() and not overwrite:
-        raise _exists(exr_path_for(target))
-    return target
 
 
 def exr_path_for(png_path) -> pathlib.Path:
@@ -88,17 +104,19 @@ def remove_stale_temporaries(folder) -> list[pathlib.Path]:
     a live process's files are left alone. Returns what was removed."""
     removed = []
     try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for entry in entries:
-        match = TEMPORARY.match(entry.name)
-        if match and entry.is_file(follow_symlinks=False) and not process_alive(int(match.group(1))):
-            try:
-                os.unlink(entry.path)
-                removed.append(pathlib.Path(entry.path))
-            except OSError:
-                pass  # another user's, or gone already
+        with os.scandir(folder) as found:
+            for entry in found:
+                match = TEMPORARY.match(entry.name)
+                if match and len(match.group(1)) <= PID_DIGITS and entry.is_file(follow_symlinks=False) and (
+                    not process_alive(int(match.group(1)))
+                ):
+                    try:
+                        os.unlink(entry.path)
+                        removed.append(pathlib.Path(entry.path))
+                    except OSError:
+                        pass  # another user's, or gone already
+    except (OSError, ValueError):  # a sweep is housekeeping: it never fails the run it precedes
+        pass
     return removed
 
 
@@ -111,7 +129,7 @@ def save_png(image: Image.Image, path, metadata: dict[str, str], *, overwrite: b
     info = PngInfo()
     info.add(b"sRGB", SRGB_PERCEPTUAL)
     for key, value in metadata.items():
-        info.add_text(key, value)  # tEXt, or iTXt (UTF-8) for text outside Latin-1
+        info.add_text(key, storable_text(value))  # tEXt, or iTXt (UTF-8) for text outside Latin-1
     _write_atomically(target, lambda file: image.convert("RGB").save(file, format="PNG", pnginfo=info), overwrite)
     return target
 
@@ -127,7 +145,7 @@ def save_exr(
     if target.exists() and not overwrite:
         raise _exists(target)
     rgb = hdr.linear_hdr(np.asarray(image.convert("RGB")), knee, peak)
-    attributes = {**metadata, "hdr_knee": json.dumps(knee), "hdr_peak": json.dumps(peak)}
+    attributes = {**{key: storable_text(value) for key, value in metadata.items()}, "hdr_knee": json.dumps(knee), "hdr_peak": json.dumps(peak)}
     latlong = image.width == 2 * image.height
     _write_atomically(target, lambda file: hdr.write_exr(file, rgb, attributes, latlong=latlong), overwrite)
     return target
@@ -153,6 +171,9 @@ def _write_atomically(target: pathlib.Path, write, overwrite: bool) -> None:
             os.replace(temporary, target)
         else:
             _place_new(temporary, target)
+    except OSError as exc:  # a full disk, a quota, a share gone away: say where, and that nothing was written
+        raise BadInput("could not write {target}: {reason}; nothing was written there", field="output",
+                       target=target, reason=exc.strerror or type(exc).__name__) from None
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from . import __version__, lora, models, output, refine, vae
+from .errors import NonFiniteResult
 from .plan import Plan, default_levels, make_plan  # noqa: F401  (default_levels: used from here by bench/)
 from .sampler import (
     Interrupt,
@@ -243,6 +244,11 @@ class MSDPanoramaPipeline:
                 if guide is not None:
                     latents = guide(latents, step)
         sampled = time.perf_counter()
+        if not torch.isfinite(latents).all():  # decoded, NaN would be a black image written as a success
+            raise NonFiniteResult(
+                "sampling produced values that are not finite numbers (NaN or infinity), so nothing was written; "
+                "float16 can overflow where float32 does not: try --dtype float32"
+            )
         # 6. Decode.
         image = self.decode(latents, settings.wrap) if decode else None
         finished = time.perf_counter()
@@ -263,6 +269,7 @@ class MSDPanoramaPipeline:
         plan = self.check_inputs(settings)
         source.validate()
         start = refine.start_step(source.strength, settings.steps)
+        refine.check_source_cost(source.source, settings.width, settings.height)
         image = refine.resize_panorama(refine.read_source(source.source), settings.width, settings.height, settings.wrap)
         # 2. Encode it: x₀ of the source.
         tile = vae.auto_tile(plan.height, plan.width, self.device)
@@ -286,6 +293,9 @@ class MSDPanoramaPipeline:
         tile = vae.auto_tile(latents.shape[2], latents.shape[3], self.device)
         # Cast by decode_latents to the VAE's own dtype (float32 for an upcast SDXL VAE: models.vae_dtype).
         images = vae.decode_latents(self.vae, latents, wrap=wrap, tile=tile)
+        if not torch.isfinite(images).all():
+            raise NonFiniteResult("decoding produced values that are not finite numbers (NaN or infinity), so nothing "
+                                  "was written; float16 can overflow where float32 does not: try --dtype float32")
         return vae.to_pil(images)[0]
 
     def decode_preview(self, latents: torch.Tensor, max_width: int = 512):

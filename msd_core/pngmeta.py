@@ -33,13 +33,15 @@ MAX_TOTAL_TEXT_BYTES = 4 * 2**20
 MAX_TEXT_CHUNKS = 256
 
 
-def read_text_chunks(path, dropped: list[str] | None = None) -> dict[str, str]:
+def read_text_chunks(path, dropped: list[str] | None = None, stop_at_data: bool = False) -> dict[str, str]:
     """All tEXt, zTXt and iTXt entries of the PNG at ``path`` as {keyword: text}, within bounds.
 
     A text chunk longer than MAX_TEXT_BYTES (compressed or inflated: a few KB of zlib can inflate to
     gigabytes), text beyond MAX_TOTAL_TEXT_BYTES in all, and text chunks after the first
     MAX_TEXT_CHUNKS are skipped; each skip is described in ``dropped`` (when given) so the caller can warn.
     Raises ValueError for a file that is not a PNG or is cut short; chunk CRCs of text chunks are checked.
+    With ``stop_at_data`` only the chunks before the pixels (IDAT) are read: where our writer (Pillow)
+    puts the text, so a listing of many files reads a few bytes of each.
     """
     with open(path, "rb") as file:
         if file.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
@@ -51,7 +53,7 @@ def read_text_chunks(path, dropped: list[str] | None = None) -> dict[str, str]:
             if len(header) < 8:
                 raise ValueError(f"{path} is truncated (no IEND chunk)")
             length, kind = struct.unpack(">I4s", header)
-            if kind == b"IEND":
+            if kind == b"IEND" or (stop_at_data and kind == b"IDAT"):
                 return texts
             if kind not in _DECODERS:
                 file.seek(length + 4, 1)  # data and CRC
@@ -80,6 +82,21 @@ def read_settings(path) -> dict | None:
     """The GenerationSettings dict stored in a panorama PNG, or None when it has none."""
     text = read_text_chunks(path).get(SETTINGS_KEY)
     return None if text is None else json.loads(text)
+
+
+def storable_text(text: str) -> str:
+    """``text`` as it can be stored in a PNG or EXR (UTF-8): itself when it is valid Unicode; else the
+    bytes of a file name that is not UTF-8 (Python's surrogate escapes) written as \\xNN, and any other
+    unpaired surrogate as \\uDXXX: nothing is lost, and nothing fails when the file is written."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _TooLarge(Exception):

@@ -48,8 +48,10 @@ a longer line is answered with a bad_input error and otherwise ignored):
     device/dtype resolve to float16). Queued with the generate requests. A generate request for a Hub
     model that is not completely in the cache fails at once with model_not_found ("not downloaded
     yet") instead of downloading it unasked. Start the worker with hub.DOWNLOAD_ENV in its
-    environment so that a cancel stops a download within a chunk rather than at the end of a file.
-  cancel: a queued request ends at once, a running one at its next window batch, both with error
+    environment. A cancel ends a download within hub.WATCH_INTERVAL however slow the transfer; a
+    transfer that brings no data for hub.STALL_SECONDS (60 s) ends with a "network" error.
+  cancel: a queued request ends at once (one still being validated ends with "cancelled" and no
+    "accepted"), a running one at its next window batch, both with error
     kind "cancelled" and no output file. A cancel for an id that is neither running nor queued (for
     example one that has just finished) is ignored.
   shutdown: the running request is cancelled, queued ones end with "cancelled", then "bye". End of
@@ -178,8 +180,15 @@ class ProtocolError(ValueError):
 
 
 def encode(message: dict) -> str:
-    """One message as one line of JSON (newline included)."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")) + "\n"
+    """One message as one line of JSON (newline included), always encodable as UTF-8: a text with an
+    unpaired surrogate (a file name's raw bytes, Python's surrogate escapes) makes the whole line ASCII
+    with JSON's \\u escapes, so it arrives as the very same string instead of failing or turning into "?"."""
+    line = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(message, ensure_ascii=True, separators=(",", ":"))
+    return line + "\n"
 
 
 def decode(line: str) -> dict:

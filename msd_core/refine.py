@@ -25,8 +25,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import BadInput
+from .output import exr_path_for, storable_text
 from .sampler import alphas_cumprod
-from .settings import MAX_SOURCE_PIXELS
+from .settings import (
+    MAX_SOURCE_PIXELS,
+    SOURCE_BYTES_PER_PIXEL,
+    SOURCE_PIXELS_ALWAYS,
+    SOURCE_PIXELS_PER_TARGET,
+    available_memory,
+    why_not_a_file,
+)
 from .tonemap import tone_map
 
 # The layout guidance (guide_layout) acts while t is above this fraction of the training timesteps:
@@ -34,6 +42,9 @@ from .tonemap import tone_map
 LAYOUT_GUIDANCE_UNTIL = 0.5
 EXR_SIGNATURE = b"\x76\x2f\x31\x01"
 RADIANCE_SIGNATURES = (b"#?RADIANCE", b"#?RGBE")
+# The formats a source may be in (besides OpenEXR, read by the OpenEXR package): Pillow is never
+# asked to guess, so an EPS or a PDF renamed .png is refused rather than handed to Ghostscript.
+SOURCE_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP")
 
 
 def start_step(strength: float, steps: int) -> int:
@@ -58,7 +69,7 @@ def source_size(path) -> tuple[int, int]:
     an image that ``read_source`` can read or has more than MAX_SOURCE_PIXELS pixels."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise BadInput(f"the source image {path} does not exist")
+        raise BadInput(f"the source image {path} {why_not_a_file(path)}")
     with open(path, "rb") as file:
         head = file.read(16)
     if head.startswith(EXR_SIGNATURE):
@@ -71,17 +82,40 @@ def source_size(path) -> tuple[int, int]:
         try:
             with warnings.catch_warnings():  # PIL warns above its own limit; MAX_SOURCE_PIXELS is ours
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path) as image:
+                with Image.open(path, formats=SOURCE_FORMATS) as image:
                     size = image.size
         except Image.DecompressionBombError:  # PIL's own limit, far above ours
             raise BadInput(f"the source image {path} has more than the {MAX_SOURCE_PIXELS:,} pixels allowed") from None
         except Image.UnidentifiedImageError:
             raise BadInput(f"{path} is not an image that can be read (PNG, JPEG, TIFF, WebP or OpenEXR)") from None
-        except OSError as exc:
-            raise BadInput(f"cannot read the source image {path}: {exc}") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:  # e.g. a text or ICC chunk over Pillow's limit
+            raise BadInput(f"cannot read the source image {path}: {_first_line(exc)}") from None
     if size[0] * size[1] > MAX_SOURCE_PIXELS:
         raise BadInput(f"the source image {path} is {size[0]}×{size[1]}: more than the {MAX_SOURCE_PIXELS:,} pixels allowed")
     return size
+
+
+def check_source_cost(path, width: int, height: int, available: int | None = None) -> None:
+    """Refuse a source whose decoding costs more memory than a ``width`` × ``height`` refine needs:
+    more than SOURCE_PIXELS_PER_TARGET times the target's pixels (and more than SOURCE_PIXELS_ALWAYS),
+    or more than the memory available now. Reads the header only, so a 74-byte PNG declaring
+    8 × 16 000 000 pixels is refused before a byte of it is decoded."""
+    source_width, source_height = source_size(path)
+    pixels = source_width * source_height
+    allowed = max(SOURCE_PIXELS_ALWAYS, SOURCE_PIXELS_PER_TARGET * width * height)
+    if pixels > allowed:
+        raise BadInput(
+            f"the source image {storable_text(os.fspath(path))} is {source_width}×{source_height}: decoding it for a "
+            f"{width}×{height} result would cost {pixels * SOURCE_BYTES_PER_PIXEL / 1e9:.1f} GB of memory for "
+            f"nothing; scale it down to at most {SOURCE_PIXELS_PER_TARGET}× the result's pixels first"
+        )
+    available = available_memory() if available is None else available
+    if available is not None and pixels * SOURCE_BYTES_PER_PIXEL > available:
+        raise BadInput(
+            f"reading the source image {storable_text(os.fspath(path))} ({source_width}×{source_height}) needs about "
+            f"{pixels * SOURCE_BYTES_PER_PIXEL / 1e9:.1f} GB of memory, more than the {available / 1e9:.1f} GB "
+            "available; scale it down first"
+        )
 
 
 def read_source(path) -> np.ndarray:
@@ -98,11 +132,16 @@ def read_source(path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path, formats=SOURCE_FORMATS) as image:
                 image.load()
                 return _to_rgb_floats(image)
-    except OSError as exc:  # a file cut short or damaged after its header
-        raise BadInput(f"cannot read the source image {path}: {exc}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # a file cut short or damaged after its header
+        raise BadInput(f"cannot read the source image {path}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _to_rgb_floats(image: Image.Image) -> np.ndarray:
@@ -162,8 +201,22 @@ def resize_panorama(image: np.ndarray, width: int, height: int, wrap: bool) -> t
 
 
 def source_metadata(path, strength: float, start: int) -> dict[str, str]:
-    """PNG text entries that say where a refined panorama came from (the file's name, not its folder)."""
-    return {"source": os.path.basename(os.fspath(path)), "strength": repr(float(strength)), "start_step": str(start)}
+    """PNG text entries that say where a refined panorama came from (the file's name, not its folder;
+    a name that is not UTF-8 with its bytes escaped, see output.storable_text)."""
+    name = storable_text(os.path.basename(os.fspath(path)))
+    return {"source": name, "strength": repr(float(strength)), "start_step": str(start)}
+
+
+def check_source_and_output(source, output, exr: bool = False) -> None:
+    """Refuse a refine whose output (or, with ``exr``, its EXR companion) is the source file itself:
+    the source is only ever read, --overwrite or not."""
+    source = os.path.realpath(os.fspath(source))
+    for target in (output, exr_path_for(output)) if exr else (output,):
+        target = os.path.realpath(os.fspath(target))
+        same = target == source or (os.path.exists(target) and os.path.samefile(target, source))
+        if same:
+            raise BadInput("the {field} {target} is the source image; a refine never writes its source, so choose "
+                           "another file", field="output", target=target)
 
 
 def guide_layout(latents: torch.Tensor, reference: torch.Tensor, factor: int) -> torch.Tensor:

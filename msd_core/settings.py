@@ -8,6 +8,7 @@ against the model, levels against the latent size).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 from dataclasses import dataclass, field
@@ -179,7 +180,7 @@ class GenerationSettings:
             check_stride_alignment(self.stride, self.scales)
         if not is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise BadInput("{field} must be a whole number from 0 to 2^63−1, got {value}", field="seed",
-                           value=_shown(self.seed))
+                           value=shown(self.seed))
         _check_text("model", self.model, required=True, limit=MAX_PATH,
                     empty="{field} is empty: give a Hugging Face id, a local folder or a .safetensors file")
         if self.model_config is not None:
@@ -307,12 +308,26 @@ def check_loras(loras) -> None:
         seen.add(key)
 
 
+# Bytes a pixel of the HDR companion costs while it is made: float32 linear RGB and its expanded copy,
+# the luminance, float64 temporaries of the bright pixels, the half-float planes.
+EXR_BYTES_PER_PIXEL = 48
+# Bytes a source pixel costs while read_source decodes and resizes it: the decoded image, float32 RGB,
+# a padded float32 plane and its resized copy.
+SOURCE_BYTES_PER_PIXEL = 24
+# A refine source may have this many times the target's pixels (or SOURCE_PIXELS_ALWAYS, whichever is
+# more): beyond, decoding costs memory the run has no use for.
+SOURCE_PIXELS_PER_TARGET = 16
+SOURCE_PIXELS_ALWAYS = 4096 * 4096
+
+
 def memory_needed(settings: GenerationSettings) -> int:
     """Bytes of CPU memory a run needs at least, whatever the device: the decoded image passes through the
     CPU as float32 (twice, while it is converted) and as 8-bit RGB; on the CPU the latent pyramid and the
     sampler's working copies come on top. The model's own weights are not counted."""
     pixels = settings.width * settings.height
     image = pixels * 3 * (2 * 4 + 1)
+    if settings.hdr:  # after the decode: the 8-bit image and the EXR's float copies (hdr.linear_hdr, write_exr)
+        image = max(image, pixels * (3 + EXR_BYTES_PER_PIXEL))
     latents = pixels // LATENT_FACTOR**2 * 4 * 4 * LATENT_COPIES
     return image + (latents if settings.device in ("cpu", "auto") else 0)
 
@@ -348,7 +363,7 @@ def available_memory() -> int | None:
         return None  # Windows: no cheap query without ctypes; the allocator's own error is reported then
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
     """A value as a message shows it: short (a 5000-digit number or a huge string is cut)."""
     if is_int(value) and value.bit_length() > 128:
         return f"a {value.bit_length()}-bit number"  # repr of a huge int is slow, or refused past 4300 digits
@@ -356,9 +371,12 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "…"
 
 
+TEXT_FIELDS = ("prompt", "negative_prompt")
+
+
 def _check_text(name: str, value, *, required: bool = False, limit: int = MAX_PROMPT, empty: str = "") -> None:
     if not isinstance(value, str):
-        raise BadInput("{field} must be text, got {value}", field=name, value=_shown(value))
+        raise BadInput("{field} must be text, got {value}", field=name, value=shown(value))
     if required and not value.strip():
         if name == "prompt":
             raise BadInput("the {field} is empty: describe the panorama, e.g. 'a misty alpine valley at dawn'",
@@ -371,23 +389,28 @@ def _check_text(name: str, value, *, required: bool = False, limit: int = MAX_PR
     if control is not None:
         raise BadInput("{field} contains the control character {code} (not allowed in text)", field=name,
                        code=f"U+{ord(control):04X}")
+    if name in TEXT_FIELDS:  # paths may hold a file name's raw bytes (surrogate escapes); words may not
+        surrogate = next((c for c in value if 0xD800 <= ord(c) <= 0xDFFF), None)
+        if surrogate is not None:
+            raise BadInput("{field} contains the unpaired surrogate {code}, which is not a character: the text "
+                           "is not valid Unicode", field=name, code=f"U+{ord(surrogate):04X}")
 
 
 def _check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
-        raise BadInput("{field} must be true or false, got {value}", field=name, value=_shown(value))
+        raise BadInput("{field} must be true or false, got {value}", field=name, value=shown(value))
 
 
 def _check_count(name: str, value, limit: int, note: str) -> None:
     if not is_int(value) or not 1 <= value <= limit:
         raise BadInput("{field} must be a whole number from 1 to {limit} ({note}), got {value}", field=name,
-                       limit=limit, note=note, value=_shown(value))
+                       limit=limit, note=note, value=shown(value))
 
 
 def _check_pixels(name: str, value) -> None:
     if not is_int(value) or not LATENT_FACTOR <= value <= MAX_SIDE:
         raise BadInput("{field} must be a whole number of pixels from {low} to {high}, got {value}", field=name,
-                       low=LATENT_FACTOR, high=MAX_SIDE, value=_shown(value))
+                       low=LATENT_FACTOR, high=MAX_SIDE, value=shown(value))
     if value % LATENT_FACTOR:
         below, above = nearest_multiples(value)
         raise BadInput(
@@ -398,7 +421,7 @@ def _check_pixels(name: str, value) -> None:
 
 def _check_choice(name: str, value, choices, hint: str = "") -> None:
     if not isinstance(value, str) or value not in choices:
-        raise BadInput("unknown {field} {value}; choose one of: {choices}{hint}", field=name, value=_shown(value),
+        raise BadInput("unknown {field} {value}; choose one of: {choices}{hint}", field=name, value=shown(value),
                        choices=", ".join(choices), hint=f" ({hint})" if hint else "")
 
 
@@ -406,7 +429,7 @@ def _check_range(name: str, value, bounds: tuple[float, float], meaning: str) ->
     low, high = bounds
     if not _is_number(value) or not low <= value <= high:
         raise BadInput("{field} must be a number from {low:g} to {high:g} ({meaning}), got {value}", field=name,
-                       low=low, high=high, meaning=meaning, value=_shown(value))
+                       low=low, high=high, meaning=meaning, value=shown(value))
 
 
 def is_int(value) -> bool:
@@ -426,6 +449,24 @@ MAX_SOURCE_PIXELS = 16384 * 8192
 DEFAULT_STRENGTH = 0.5
 
 
+def why_not_a_file(path: str) -> str:
+    """Why ``path`` is not a regular file one can read, in words."""
+    if os.path.islink(path) and not os.path.exists(path):
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "is a symbolic link that leads back to itself (a loop)"
+        except ValueError:
+            pass
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    if not os.path.exists(path):
+        return "does not exist"
+    if os.path.isdir(path):
+        return "is a folder; give an image file"
+    return "is not a regular file (a pipe, socket or device); give an image file"
+
+
 @dataclass
 class RefineSettings:
     """A run that starts from an image instead of noise: SDEdit to ``strength`` (0 < strength ≤ 1: the
@@ -438,9 +479,9 @@ class RefineSettings:
         if not isinstance(self.source, str) or not self.source.strip():
             raise BadInput("the source image is missing: give the path of a panorama image")
         if not os.path.isfile(self.source):
-            raise BadInput(f"the source image {self.source} does not exist")
+            raise BadInput(f"the source image {self.source} {why_not_a_file(self.source)}")
         if not _is_number(self.strength) or not 0 < self.strength <= 1:
-            raise BadInput(f"strength must be above 0 and at most 1, got {self.strength!r}")
+            raise BadInput(f"strength must be above 0 and at most 1, got {shown(self.strength)}")
         return self
 
     def to_dict(self) -> dict:

@@ -14,12 +14,25 @@ import numpy as np
 
 
 def tone_map(linear: np.ndarray) -> np.ndarray:
-    """Linear light (any range; negatives count as 0) → display values in [0, 1], float32."""
-    light = np.maximum(linear, 0)
+    """Linear light (any range; negatives count as 0) → display values in [0, 1], float32.
+
+    Non-finite pixels (an overflowed half-float sun, a renderer's NaN) get a defined value rather than
+    spreading through the model: +inf is the image's largest finite value, NaN and −inf are 0.
+    """
+    light = finite_light(np.asarray(linear, dtype=np.float32))
     compressed = light / (1 + light)
     return np.where(
         compressed <= 0.0031308, 12.92 * compressed, 1.055 * np.power(compressed, 1 / 2.4) - 0.055
     ).astype(np.float32)
+
+
+def finite_light(linear: np.ndarray) -> np.ndarray:
+    """``linear`` with negatives as 0, NaN and −inf as 0, +inf as the largest finite value (1 if none)."""
+    finite = np.isfinite(linear)
+    if finite.all():
+        return np.maximum(linear, 0)
+    brightest = float(linear[finite].max(initial=1.0))
+    return np.maximum(np.nan_to_num(linear, nan=0.0, posinf=brightest, neginf=0.0), 0)
 
 
 def write_png(path, rgb: np.ndarray) -> None:

@@ -5,12 +5,12 @@ are in ``msd_core.protocol``. stdout carries nothing else: at start the real std
 protocol and file descriptor 1 (and ``sys.stdout``) are pointed at stderr, so prints, progress bars
 and library chatter cannot corrupt the stream.
 
-Two threads: the reader thread parses requests, answers ping, validates and queues generate
-requests and handles cancel and shutdown at once; the main thread runs the queued generate requests
-one after the other. The loaded pipeline stays warm between requests with the same
-(model, model_config, device, dtype); a request with another key replaces it. LoRAs are not part of
-the key: each request's LoRAs are put into the warm model, and the previous request's taken out
-(msd_core.lora.apply_loras).
+Three threads: the reader thread parses requests, answers ping and handles cancel and shutdown at
+once; the intake thread validates the other requests (which may read files) and queues them; the
+main thread runs the queued requests one after the other. The loaded pipeline stays warm between
+requests with the same (model, model_config, device, dtype); a request with another key replaces it.
+LoRAs are not part of the key: each request's LoRAs are put into the warm model, and the previous
+request's taken out (msd_core.lora.apply_loras).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import gc
 import importlib.metadata
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
@@ -78,8 +79,8 @@ from .output import (  # noqa: E402
     save_png,
 )
 from .pipeline import MSDPanoramaPipeline  # noqa: E402
-from .refine import source_size  # noqa: E402
-from .settings import MAX_STEPS, GenerationSettings, RefineSettings, check_memory, is_int  # noqa: E402
+from .refine import check_source_and_output, check_source_cost  # noqa: E402
+from .settings import MAX_STEPS, GenerationSettings, RefineSettings, check_memory, is_int, shown  # noqa: E402
 
 log = logging.getLogger("msd_core.worker")
 
@@ -91,6 +92,7 @@ OOM_PHRASES = ("out of memory", "can't allocate memory")
 NICENESS = 10
 PREVIEW_ROOT_PREFIX = "msd-worker-previews-"  # + "<pid>-<random>" in the temporary folder
 MAX_THREADS = 1024
+INTAKE_WAIT = 30.0  # seconds "bye" waits for the validation of requests that arrived before a shutdown
 
 
 @dataclass
@@ -127,7 +129,12 @@ class EventWriter:
         self._lock = threading.Lock()
 
     def emit(self, message: dict) -> None:
-        line = protocol.encode(message)
+        try:
+            line = protocol.encode(message)
+        except (TypeError, ValueError) as exc:  # a bug: still answer the request, with what went wrong
+            log.exception("could not encode the %r event", message.get("event"))
+            line = protocol.encode(protocol.error_event(message.get("id"), "internal", f"the worker could not send "
+                                                        f"its {message.get('event')!r} event: {_one_line(exc)}"))
         with self._lock:
             try:
                 self._stream.write(line)
@@ -137,8 +144,10 @@ class EventWriter:
 
 
 class Worker:
-    """The request queue, the warm pipeline and the runs. The reader thread calls handle_line (and
-    through it submit, cancel, shutdown); the main thread calls run."""
+    """The request queue, the warm pipeline and the runs. The reader thread calls handle_line, which
+    answers ping, cancel and shutdown at once and hands every other request to the intake thread
+    (validation reads files: a slow one must never delay a ping or a cancel); the intake thread
+    validates and queues (submit) or answers (models); the main thread calls run."""
 
     def __init__(self, writer: EventWriter, preview_root: Path, threads: int = 1):
         self.emit = writer.emit
@@ -153,10 +162,15 @@ class Worker:
         self._pipeline: MSDPanoramaPipeline | None = None
         self._job_count = 0
         self._previous_previews: Path | None = None  # the last finished job's folder in preview_root
+        self._intake: queue.Queue = queue.Queue()  # (message, id) to validate; None ends the intake thread
+        self._intake_ids: collections.Counter = collections.Counter()  # ids of the requests in _intake
+        self._cancelled_in_intake: set = set()
+        self._intake_thread: threading.Thread | None = None
 
     # -- reader thread ----------------------------------------------------------------------------
 
     def read_requests(self, fd: int) -> None:
+        self.start_intake()
         for line in protocol.bounded_lines(protocol.read_chunks(fd)):
             if isinstance(line, protocol.LineTooLong):
                 self._error(None, "bad_input", f"a request of {line.length} bytes was ignored: the limit is "
@@ -187,7 +201,49 @@ class Worker:
         op = message.get("op")
         if op == "ping":
             self.emit(protocol.event("pong", request_id))
-        elif op == "generate":
+        elif op == "cancel":
+            self.cancel(request_id)
+        elif op == "shutdown":
+            self.shutdown(request_id)
+        elif self._intake_thread is not None:
+            with self._lock:
+                if self._shutting_down:
+                    self._error(request_id, "cancelled", "the worker is shutting down")
+                    return
+                self._intake_ids[_key(request_id)] += 1
+                self._intake.put((message, request_id))
+        else:  # no intake thread (a Worker driven directly, as tests do): validate here
+            self._dispatch(message, request_id)
+
+    # -- intake thread ----------------------------------------------------------------------------
+
+    def start_intake(self) -> None:
+        self._intake_thread = threading.Thread(target=self._take_in, name="msd-intake", daemon=True)
+        self._intake_thread.start()
+
+    def _take_in(self) -> None:
+        while (item := self._intake.get()) is not None:
+            message, request_id = item
+            try:
+                self._dispatch(message, request_id)
+            finally:
+                with self._lock:
+                    self._intake_ids[_key(request_id)] -= 1
+                    if self._intake_ids[_key(request_id)] <= 0:
+                        del self._intake_ids[_key(request_id)]
+                        self._cancelled_in_intake.discard(_key(request_id))
+
+    def _dispatch(self, message: dict, request_id) -> None:
+        """Validate and queue, or answer, a request other than ping, cancel and shutdown."""
+        try:
+            self._dispatch_op(message, request_id)
+        except Exception as exc:  # a bug here must not leave the request without its one final event
+            log.exception("could not handle a %r request", message.get("op"))
+            self._error(request_id, "internal", _one_line(exc))
+
+    def _dispatch_op(self, message: dict, request_id) -> None:
+        op = message.get("op")
+        if op == "generate":
             self.submit(message)
         elif op == "variations":
             self.submit(message, parse_variations)
@@ -196,10 +252,6 @@ class Worker:
         elif op == "models":
             models_found = [model.to_dict() for model in hub.list_models()]
             self.emit(protocol.event("models", request_id, models=models_found, cache=str(hub.cache_dir())))
-        elif op == "cancel":
-            self.cancel(request_id)
-        elif op == "shutdown":
-            self.shutdown(request_id)
         else:
             problem = "the request has no 'op'" if op is None else f"unknown op {op!r}"
             self._error(request_id, "bad_input", f"{problem}; expected one of: {', '.join(protocol.REQUEST_OPS)}")
@@ -220,6 +272,10 @@ class Worker:
         with self._lock:
             if self._shutting_down:
                 self._error(request_id, "cancelled", "the worker is shutting down")
+                return
+            if _key(job.id) in self._cancelled_in_intake:  # cancelled while it was being validated
+                self._cancelled_in_intake.discard(_key(job.id))
+                self._error(job.id, "cancelled", "cancelled before it started")
                 return
             if any(j.id == job.id for j in self._active_jobs()):
                 # Answering with this id would be read as the other request's end.
@@ -245,6 +301,9 @@ class Worker:
                     self._queue.remove(job)
                     self._error(job.id, "cancelled", "cancelled before it started")
                     return
+            if _key(request_id) in self._intake_ids:  # still being validated: it ends when it would be queued
+                self._cancelled_in_intake.add(_key(request_id))
+                return
         log.info("cancel for %r ignored: no such request is running or queued", request_id)
 
     def shutdown(self, request_id) -> None:
@@ -260,6 +319,7 @@ class Worker:
             self._queue.clear()
             for job in dropped:
                 self._error(job.id, "cancelled", "the worker is shutting down")
+            self._intake.put(None)  # the requests still in intake are answered "cancelled", then it ends
             self._wake.notify()
 
     def _active_jobs(self) -> list[Job | DownloadJob]:
@@ -281,6 +341,8 @@ class Worker:
             finally:
                 with self._lock:
                     self._current = None
+        if self._intake_thread is not None:  # every request in intake gets its answer before "bye"
+            self._intake_thread.join(INTAKE_WAIT)
         self.emit(protocol.event("bye", self._shutdown_id))
 
     def run_job(self, job: Job) -> None:
@@ -289,7 +351,7 @@ class Worker:
         self._job_count += 1
         own_previews = job.preview_dir is None
         preview_dir = self._preview_root / f"job-{self._job_count}" if own_previews else job.preview_dir
-        torch.set_num_threads(job.threads or self.threads)
+        torch.set_num_threads(environment.threads(job.threads) if job.threads else self.threads)
         try:
             hub.require_downloaded(job.settings.model)
             pipe, load_seconds = self._pipeline_for(job)
@@ -480,30 +542,34 @@ def parse_generate(message: dict) -> Job:
         raise BadInput("{field} must be the path of the PNG file to write", field="output")
     overwrite = message.get("overwrite", False)
     if not isinstance(overwrite, bool):
-        raise BadInput("{field} must be true or false, got {value!r}", field="overwrite", value=overwrite)
+        raise BadInput("{field} must be true or false, got {value}", field="overwrite", value=shown(overwrite))
     preview_every = message.get("preview_every", protocol.DEFAULT_PREVIEW_EVERY)
     if not is_int(preview_every) or not 0 <= preview_every <= MAX_STEPS:
-        raise BadInput("{field} must be a whole number from 0 (no previews) to {limit}, got {value!r}",
-                       field="preview_every", limit=MAX_STEPS, value=preview_every)
+        raise BadInput("{field} must be a whole number from 0 (no previews) to {limit}, got {value}",
+                       field="preview_every", limit=MAX_STEPS, value=shown(preview_every))
     preview_dir = message.get("preview_dir")
     if preview_dir is not None:
         if not isinstance(preview_dir, str) or "\0" in preview_dir or not Path(preview_dir).is_dir():
-            raise BadInput("{field} must be an existing folder, got {value!r}", field="preview_dir",
-                           value=preview_dir)
+            raise BadInput("{field} must be an existing folder, got {value}", field="preview_dir",
+                           value=shown(preview_dir))
         preview_dir = Path(preview_dir)
         check_writable_folder(preview_dir, "preview_dir")
     refine = None
     if message.get("refine") is not None:
         refine = RefineSettings.from_dict(message["refine"]).validate()
-        source_size(refine.source)  # is an image, not too large: refused now rather than after loading the model
+        # An image, not too large for the run: refused now rather than after loading the model.
+        check_source_cost(refine.source, settings.width, settings.height)
     threads = message.get("threads", 0)
     if not is_int(threads) or not 0 <= threads <= MAX_THREADS:
-        raise BadInput("{field} must be a whole number from 0 (the worker's default) to {limit}, got {value!r}",
-                       field="threads", limit=MAX_THREADS, value=threads)
+        raise BadInput("{field} must be a whole number from 0 (the worker's default) to {limit}, got {value}",
+                       field="threads", limit=MAX_THREADS, value=shown(threads))
+    output = check_output_path(output, overwrite, exr=settings.hdr)
+    if refine is not None:
+        check_source_and_output(refine.source, output, exr=settings.hdr)
     return Job(
         id=request_id,
         settings=settings,
-        output=check_output_path(output, overwrite, exr=settings.hdr),
+        output=output,
         overwrite=overwrite,
         preview_every=preview_every,
         preview_dir=preview_dir,
@@ -589,13 +655,21 @@ def sweep_stale_preview_roots(folder: Path) -> list[Path]:
     """Delete the preview folders in ``folder`` of workers that are gone (killed before their clean-up);
     the folders of live workers, and ones whose name carries no pid, are left alone."""
     removed = []
-    pattern = re.compile(re.escape(PREVIEW_ROOT_PREFIX) + r"(\d+)-")
-    for entry in folder.glob(PREVIEW_ROOT_PREFIX + "*"):
-        match = pattern.match(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not environment.process_alive(int(match.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+    pattern = re.compile(re.escape(PREVIEW_ROOT_PREFIX) + r"(\d{1,10})-")
+    try:
+        for entry in folder.glob(PREVIEW_ROOT_PREFIX + "*"):
+            match = pattern.match(entry.name)
+            if match and entry.is_dir() and not entry.is_symlink() and not environment.process_alive(int(match.group(1))):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    except (OSError, ValueError):  # housekeeping: whatever lies in the temporary folder, the worker starts
+        log.warning("could not sweep the preview folders of %s", folder, exc_info=True)
     return removed
+
+
+def _key(request_id):
+    """A request id as a set member: ids are strings or integers (True and 1 must not meet)."""
+    return type(request_id).__name__, request_id
 
 
 def _output(job: Job | DownloadJob) -> Path | None:

@@ -24,6 +24,7 @@ from ..msd_core import hub
 from ..msd_core.client import WorkerClient
 from ..msd_core.errors import BadInput, MSDError
 from ..msd_core.settings import GenerationSettings, RefineSettings
+from ..msd_core.variations import variation_path
 from ..preferences import ADDON_DIR, get_preferences, output_folder, user_folder, worker_python
 from ..properties import in_panel_terms, run_state, settings_from_scene
 from .backdrop import add_backdrop
@@ -159,8 +160,10 @@ def worker_status(prefs) -> str:
     return "ERROR" if run_state.status == "ERROR" else "READY"
 
 
-def unique_output_path(folder: str, seed: int) -> str:
-    """A new file name in ``folder`` (created if needed) that no earlier run has used."""
+def unique_output_path(folder: str, seed: int, variations: int = 0) -> str:
+    """A new file name in ``folder`` (created if needed) that no earlier run has used; with
+    ``variations``, one whose draft files (``_v01``, …) are all free too, so two runs in the same second
+    never clash (the panel has no overwrite option to offer)."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
@@ -168,7 +171,7 @@ def unique_output_path(folder: str, seed: int) -> str:
     stem = f"msd_{time.strftime('%Y%m%d-%H%M%S')}_{seed}"
     path = os.path.join(folder, stem + ".png")
     number = 1
-    while os.path.exists(path):
+    while os.path.exists(path) or any(os.path.lexists(variation_path(path, index)) for index in range(variations)):
         number += 1
         path = os.path.join(folder, f"{stem}_{number}.png")
     return path

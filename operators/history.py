@@ -3,7 +3,7 @@
 ``list_panoramas`` makes the listing (tests call it directly): the .blend's images that carry our
 settings (operators/images.py stores them on the image) and the output folder's PNG files that carry
 them (read with msd_core.pngmeta, no pixels), newest first, at most MAX_ENTRIES, reading at most
-MAX_FILES_READ files. The panel draws a cached listing (``cached_history``) that is made again only
+MAX_FILES_READ files; long texts are cut to SHOWN_PROMPT_CHARS. The panel draws a cached listing (``cached_history``) that is made again only
 when the folder's modification time or the set of our images changes, or on Refresh: a redraw reads
 no file. ``history_buttons`` says which operator each button runs, with which arguments. Drafts
 (the output folder's "drafts" folder, see variations.py) are not listed unless used in this .blend.
@@ -23,7 +23,10 @@ from ..preferences import get_preferences, output_folder
 from .images import METADATA_PROPERTY, absolute_path, metadata_of
 
 MAX_ENTRIES = 50
-MAX_FILES_READ = 200  # newest PNG files of the output folder whose text chunks one scan reads
+# Newest PNG files of the output folder whose text chunks one scan reads: only the chunks before the
+# pixels, where our writer puts them, so a foreign PNG costs a few small reads.
+MAX_FILES_READ = 2000
+SHOWN_PROMPT_CHARS = 300  # of a prompt in the panel (a file may hold a 1 MB one)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def list_panoramas(folder: str, limit: int = MAX_ENTRIES) -> list[HistoryEntry]:
         if absolute_path(path) in loaded:
             continue
         try:
-            metadata = pngmeta.read_text_chunks(path)
+            metadata = pngmeta.read_text_chunks(path, stop_at_data=True)
         except (OSError, ValueError):
             continue  # unreadable or damaged: not ours to list
         if pngmeta.SETTINGS_KEY in metadata:
@@ -68,18 +71,37 @@ def list_panoramas(folder: str, limit: int = MAX_ENTRIES) -> list[HistoryEntry]:
 
 
 def _entry(metadata: dict, filepath: str, image_name: str = "") -> HistoryEntry:
-    return HistoryEntry(metadata.get("prompt", ""), metadata.get("seed", "?"), metadata.get("width", "?"),
-                        metadata.get("height", "?"), filepath, image_name)
+    return HistoryEntry(_shown(metadata.get("prompt", "")), _shown(metadata.get("seed", "?")),
+                        _shown(metadata.get("width", "?")), _shown(metadata.get("height", "?")), filepath, image_name)
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= SHOWN_PROMPT_CHARS else text[: SHOWN_PROMPT_CHARS - 1] + "…"
 
 
 def _newest_pngs(folder: str) -> list[str]:
+    """The folder's PNG files, newest first. One that cannot be examined is skipped, not the folder; so
+    is one whose name is not UTF-8 (Blender cannot hold it in an operator's file path)."""
+    files = []
     try:
         with os.scandir(folder) as found:
-            files = [(entry.stat().st_mtime_ns, entry.path) for entry in found
-                     if entry.name.lower().endswith(".png") and entry.is_file()]
+            for entry in found:
+                try:
+                    if entry.name.lower().endswith(".png") and _is_utf8(entry.path) and entry.is_file():
+                        files.append((entry.stat().st_mtime_ns, entry.path))
+                except OSError:
+                    continue  # gone since, or not ours to read
     except OSError:
         return []  # no output folder yet
     return [path for _, path in sorted(files, reverse=True)[:MAX_FILES_READ]]
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def history_buttons(entry: HistoryEntry, group) -> list[tuple[str, str, str, dict]]:

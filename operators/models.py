@@ -8,6 +8,7 @@ arrived since the last call (the operator calls it from a modal timer, or in a l
 The cache is read directly (msd_core.hub is pure path logic), so the list needs no worker.
 """
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -49,7 +50,8 @@ class DownloadState:
 
 
 download_state = DownloadState()
-_listing: dict = {"time": -1.0, "models": []}
+# The last listing of the cache; time < 0: none yet, or the cache changed through us (list it now).
+_listing: dict = {"time": -1.0, "models": [], "refreshing": False, "generation": 0}
 
 
 def online_access_allowed() -> bool:
@@ -58,11 +60,31 @@ def online_access_allowed() -> bool:
 
 
 def cached_models() -> list:
-    """The models in the Hugging Face cache (hub.CachedModel), listed at most every few seconds."""
+    """The models in the Hugging Face cache (hub.CachedModel). Panels call this on every redraw: the
+    listing is made at once only when there is none or the cache changed through us (a download);
+    after CACHE_LIST_SECONDS it is made again on a thread of its own, the panel drawing the last one."""
     now = time.monotonic()
-    if now - _listing["time"] > CACHE_LIST_SECONDS:
+    if _listing["time"] < 0:
+        _listing["generation"] += 1
         _listing["models"], _listing["time"] = hub.list_models(), now
+    elif now - _listing["time"] > CACHE_LIST_SECONDS and not _listing["refreshing"]:
+        _listing["refreshing"] = True
+        threading.Thread(target=_refresh_listing, args=(_listing["generation"],), daemon=True).start()
     return _listing["models"]
+
+
+def _refresh_listing(generation: int) -> None:
+    """Make the listing off Blender's UI thread (hub.list_models is file I/O only, no bpy)."""
+    try:
+        models = hub.list_models()
+    except Exception:  # an odd cache must not end the panel's listing: keep the last one
+        models = None
+    outdated = generation != _listing["generation"] or _listing["time"] < 0  # a download changed the cache since
+    if not outdated:
+        if models is not None:
+            _listing["models"] = models
+        _listing["time"] = time.monotonic()
+    _listing["refreshing"] = False
 
 
 def needs_download(model: str) -> bool:

@@ -4,7 +4,7 @@ The source is the active backdrop's image (an object whose material has an Image
 image of the scene world's Environment Texture: one we generated or any other, since it is only read.
 A named image or an image file (the History sub-panel's Refine) can be given instead.
 Its file is sent to the worker as it is; a packed image's bytes are first copied to a file in the
-add-on's user folder, and a float image (an HDRI: EXR, HDR) is tone-mapped into a PNG there
+add-on's user folder, and an HDR image (EXR, Radiance HDR) is tone-mapped into a PNG there
 (msd_core.tonemap), so the worker needs no HDR reader. The result is used the way the panel says (world, backdrop or image), as for
 Generate, with the panel's prompt and sampler settings at the source's size × the Refine scale.
 """
@@ -27,6 +27,9 @@ from .images import load_panorama
 from .world import SOURCE_PROPERTY, is_equirectangular
 
 IMAGE_NODES = {'TEX_ENVIRONMENT', 'TEX_IMAGE'}
+# Files of scene-linear light above 1 (HDRIs). Blender also holds 16-bit PNGs and TIFFs as float, but
+# their values are display values in [0, 1]: those files are sent as they are, never tone-mapped.
+HDR_FORMATS = {'OPEN_EXR', 'OPEN_EXR_MULTILAYER', 'HDR'}
 
 
 def source_image(context) -> bpy.types.Image | None:
@@ -52,7 +55,7 @@ def _first_image(owner) -> bpy.types.Image | None:
 
 def source_file(image: bpy.types.Image) -> str:
     """A file with the image's pixels for the worker: its own file, a copy of its packed bytes, or for
-    a float image a tone-mapped PNG of its pixels. Files are named after the image's file, since the
+    an HDR image (HDR_FORMATS) a tone-mapped PNG of its pixels. Files are named after the image's file, since the
     result's metadata records the name."""
     if image.source != 'FILE':
         raise BadInput(f"the image {image.name!r} has no file (it was generated or rendered): save it first")
@@ -60,7 +63,7 @@ def source_file(image: bpy.types.Image) -> str:
     if 0 in image.size or (image.packed_file is None and not os.path.isfile(path)):  # the size loads the pixels
         raise BadInput(f"the file of the image {image.name!r} is missing or unreadable: {path}")
     name = os.path.basename(path) or bpy.path.clean_name(image.name)
-    if image.is_float:
+    if image.is_float and image.file_format in HDR_FORMATS:
         width, height = image.size
         pixels = np.empty(width * height * image.channels, np.float32)
         image.pixels.foreach_get(pixels)  # scene-linear, bottom row first

@@ -72,13 +72,18 @@ def _json(text, damaged: str):
     if len(text) > MAX_SETTINGS_CHARS:
         raise BadInput(f"{damaged}: {len(text)} characters, more than settings ever take ({MAX_SETTINGS_CHARS})")
     try:
-        return json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
+        data = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
     except BadInput as exc:
         raise BadInput(f"{damaged}: {exc}") from None
     except RecursionError:
         raise BadInput(f"{damaged}: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError included
         raise BadInput(f"{damaged}: {exc}") from None
+    try:  # Blender's strings are UTF-8: an unpaired surrogate ("\\ud800") would fail half-way through the panel
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(f"{damaged}: a text in them is not valid Unicode (an unpaired surrogate)") from None
+    return data
 
 
 def _bounded_int(digits: str) -> int:

@@ -72,7 +72,7 @@ def start_variations(context, count: int) -> generate.Job:
     def send(client, settings: GenerationSettings) -> tuple[str, str]:
         if settings.seed <= SEED_MAX:  # every draft's seed fits the panel's field (a stored large seed stays)
             settings.seed = min(settings.seed, SEED_MAX - count + 1)
-        output = generate.unique_output_path(folder, settings.seed)
+        output = generate.unique_output_path(folder, settings.seed, variations=count)
         variation_state.begin(settings, count)
         return client.variations(settings, output, count), output
 
@@ -107,10 +107,27 @@ def use_variation(context, variation: Variation) -> None:
     if group.target == 'WORLD':
         apply_world(context, image, strength=group.world_strength, rotation=group.world_rotation)
     elif group.target == 'BACKDROP':
+        _remove_draft_backdrops(keep=image)
         add_backdrop(context, image, shape=group.backdrop_shape, strength=group.backdrop_strength)
     settings_to_scene(dataclasses.replace(variation_state.settings, seed=variation.seed), scene)
     run_state.last_image = image.name
     _remove_unused_drafts(keep=image)
+
+
+def _remove_draft_backdrops(keep) -> None:
+    """Remove the backdrops the add-on made for other drafts of this run (with their mesh and material,
+    also ours): using draft after draft replaces the backdrop instead of stacking them."""
+    drafts_files = {absolute_path(v.path) for v in variation_state.variations}
+    for obj in [o for o in bpy.data.objects if o.get(SOURCE_PROPERTY) is not None]:
+        image = obj[SOURCE_PROPERTY]
+        if image == keep or absolute_path(image.filepath) not in drafts_files:
+            continue
+        mesh = obj.data
+        materials = [slot.material for slot in obj.material_slots if slot.material is not None]
+        bpy.data.objects.remove(obj)
+        if mesh is not None and mesh.users == 0:
+            bpy.data.meshes.remove(mesh)
+        bpy.data.batch_remove([material for material in materials if material.users == 0])
 
 
 def _remove_unused_drafts(keep) -> None:

@@ -6,7 +6,8 @@ records every request, so tests can check what was fetched. Point HF_ENDPOINT (o
 at ``hub.url``.
 
 ``pause_after(path, bytes)`` makes a GET of that file stop after so many bytes until ``release()``:
-a download is then reliably in the middle of the file.
+a download is then reliably in the middle of the file. ``headers[path]`` replaces or adds headers of
+that file's answers (a hostile mirror's ETag, say); ``siblings[repo]`` replaces the model info's file list.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class FakeHub:
         self.repos: dict[str, dict[str, bytes]] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self._pauses: dict[str, int] = {}
+        self.headers: dict[str, dict[str, str]] = {}
+        self.siblings: dict[str, list] = {}
         self._released = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
@@ -98,7 +101,7 @@ def _handler(hub: FakeHub):
             files = hub.repos.get(repo_id)
             if files is None:
                 return self._error(404, "RepoNotFound")
-            siblings = [
+            siblings = hub.siblings.get(repo_id) or [
                 {"rfilename": name, "size": len(data), "blobId": hashlib.sha1(data).hexdigest()}
                 for name, data in sorted(files.items())
             ]
@@ -120,11 +123,13 @@ def _handler(hub: FakeHub):
             if match := re.match(r"bytes=(\d+)-", self.headers.get("Range") or ""):
                 start = int(match[1])
             self.send_response(206 if start else 200)
-            self.send_header("X-Repo-Commit", COMMIT)
-            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-            self.send_header("Content-Length", str(len(data) - start))
+            headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                       "Content-Length": str(len(data) - start)}
             if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            headers.update(hub.headers.get(name, {}))
+            for header, value in headers.items():
+                self.send_header(header, value)
             self.end_headers()
             if not send_body:
                 return

@@ -165,3 +165,25 @@ def test_use_settings_restores_a_seed_too_large_for_the_seed_field(extension, tm
     group.random_seed = True
     assert group.large_seed == ""
     assert 0 <= properties.settings_from_scene(bpy.context.scene, addon_preferences()).seed < 2**31
+
+
+def test_long_prompts_odd_names_and_many_foreign_pngs_do_not_break_the_listing(folder):
+    """A 1 MB prompt is shown cut; a panorama whose file name is not UTF-8 is skipped, not the folder
+    (and the panel draws); ours are found behind 250 newer PNGs of other programs."""
+    history().history_cache.key = None
+    write_panorama(folder / "long.png", "a long prompt " * 70_000, 13, mtime=3_000_000)
+    odd = os.path.join(os.fsencode(folder), b"caf\xe9.png")
+    shutil.copy(folder / "newer.png", odd)
+    os.utime(odd, (4_000_000, 4_000_000))
+    plain = (folder / "photo.png").read_bytes()
+    for number in range(250):
+        path = folder / f"foreign-{number:03d}.png"
+        path.write_bytes(plain)
+        os.utime(path, (5_000_000 + number, 5_000_000 + number))
+
+    entries = history().list_panoramas(str(folder))
+    prompts = [entry.prompt for entry in entries]
+    assert [p[:14] for p in prompts[1:]] == ["a long prompt ", "a snowy forest", "a red desert"]
+    assert len(prompts[1]) == history().SHOWN_PROMPT_CHARS and prompts[1].endswith("…")
+    log = draw("MSD_PT_history")
+    assert ("label", "4 panoramas") in log

@@ -2,18 +2,20 @@
 the `models` CLI and the worker's download/models requests — against a fake Hub on 127.0.0.1 serving
 the tiny model's files, never the network."""
 
+import hashlib
 import io
 import os
 import subprocess
 import sys
 import threading
+import time
 
 import huggingface_hub
 import pytest
 from huggingface_hub import scan_cache_dir
 from safetensors.torch import load_file, save_file
 
-from fake_hub import FakeHub
+from fake_hub import PAUSE_LIMIT, FakeHub
 from msd_core import cli, hub, models, protocol
 from msd_core.client import WorkerClient
 from msd_core.errors import Cancelled, ModelNotFound, NetworkError, UnsupportedModelFile
@@ -392,3 +394,110 @@ def test_a_download_request_for_float16_fetches_the_fp16_weights():
     # float16 is refused on the CPU (no kernels): it is what a GPU run in "auto" uses.
     with pytest.raises(hub.BadInput, match="float16 is not supported on the CPU"):
         parse_download({"op": "download", "id": 1, "model": REPO, "device": "cpu", "dtype": "float16"})
+
+
+# ------------------------------------------------------------------------------- hostile Hub answers
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"ETag": '"../../../../escaped.pth"'},
+        {"X-Linked-Etag": '"../../../../escaped.pth"'},
+        {"X-Repo-Commit": "../../../../escaped"},
+    ],
+)
+def test_an_etag_or_commit_that_is_not_a_plain_hash_is_refused_before_anything_is_written(
+    fake_hub, online, tiny_files, tmp_path, headers
+):
+    fake_hub.add_repo(REPO, tiny_files)
+    fake_hub.headers["model_index.json"] = headers
+    cache = tmp_path / "deep" / "er" / "cache"
+    with pytest.raises(NetworkError, match="is not a plain hash"):
+        hub.download(REPO, cache=cache, endpoint=fake_hub.url)
+    assert fake_hub.fetched(REPO) == []  # refused after the HEAD, before any GET
+    written = {path.name for path in tmp_path.rglob("*") if not path.is_dir()}
+    assert not any("escaped" in name for name in written), written
+
+
+def test_only_the_config_files_a_component_needs_are_fetched(fake_hub, online, tiny_files, tmp_path):
+    clutter = {f"unet/extra-{number}.json": b"{}" for number in range(30)}
+    clutter |= {"tokenizer/notes.txt": b"x", "text_encoder/training_args.json": b"{}", "scheduler/sub/config.json": b"{}"}
+    fake_hub.add_repo(REPO, {**tiny_files, **clutter})
+    hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url)
+    assert set(fake_hub.fetched(REPO)) == set(tiny_files)
+
+
+@pytest.mark.parametrize(
+    "sibling, fragment",
+    [
+        ({"rfilename": "unet/diffusion_pytorch_model.safetensors", "size": 60 * 10**9}, "larger than 50.0 GB"),
+        ({"rfilename": "unet/config.json", "size": "12"}, "malformed"),
+        ({"rfilename": 7, "size": 1}, "malformed"),
+    ],
+)
+def test_a_malformed_or_oversized_model_info_is_a_clear_error(fake_hub, online, tiny_files, tmp_path, sibling, fragment):
+    fake_hub.add_repo(REPO, tiny_files)
+    fake_hub.siblings[REPO] = [{"rfilename": name, "size": len(data)} for name, data in tiny_files.items()] + [sibling]
+    with pytest.raises(NetworkError, match=fragment):
+        hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url)
+    assert fake_hub.fetched(REPO) == []
+
+
+def start_download(fake_hub, tmp_path, files, **options):
+    """hub.download on a thread, paused by the fake Hub 1000 bytes into the big file; (thread, outcome)."""
+    fake_hub.add_repo(REPO, files)
+    fake_hub.pause_after("unet/diffusion_pytorch_model.safetensors", 1000)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["folder"] = hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url, **options)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT
+    while not any(method == "GET" and "unet/diffusion" in path for method, path, _ in fake_hub.requests):
+        assert time.monotonic() < deadline and thread.is_alive(), outcome
+        time.sleep(0.05)
+    return thread, outcome
+
+
+def test_cancel_stops_a_stalled_transfer_at_once(fake_hub, online, tiny_files, tmp_path):
+    """The server sends 1000 bytes of the big file and then nothing until released (30 s at most): a
+    cancel must end the download while the transfer is still stuck, not when the next chunk comes."""
+    cancel = threading.Event()
+    files = {**tiny_files, "unet/diffusion_pytorch_model.safetensors": os.urandom(BIG)}
+    thread, outcome = start_download(fake_hub, tmp_path, files, cancel=cancel)
+    cancel.set()
+    thread.join(PAUSE_LIMIT / 3)  # far less than the pause: returning at all means it did not wait for data
+    assert not thread.is_alive() and isinstance(outcome.get("error"), Cancelled), outcome
+    assert not hub.model_status(REPO, tmp_path).complete
+    fake_hub.release()
+
+
+def test_a_stalled_transfer_is_a_network_error_after_the_stated_time(fake_hub, online, tiny_files, tmp_path):
+    files = {**tiny_files, "unet/diffusion_pytorch_model.safetensors": os.urandom(BIG)}
+    thread, outcome = start_download(fake_hub, tmp_path, files, stall_seconds=1.0)
+    thread.join(PAUSE_LIMIT / 3)
+    assert not thread.is_alive(), "a stall must end the download"
+    error = outcome.get("error")
+    assert isinstance(error, NetworkError) and "stalled: no data arrived for 1 s" in str(error), outcome
+    fake_hub.release()
+
+
+def test_a_file_that_does_not_match_its_hash_is_deleted_and_the_model_is_not_complete(
+    fake_hub, online, tiny_files, tmp_path
+):
+    name = "unet/diffusion_pytorch_model.safetensors"
+    fake_hub.add_repo(REPO, tiny_files)
+    fake_hub.headers[name] = {"ETag": f'"{hashlib.sha256(b"other bytes").hexdigest()}"'}  # a corrupting proxy
+    with pytest.raises(NetworkError, match=f"{name} of {REPO} arrived damaged"):
+        hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url)
+    status = hub.model_status(REPO, tmp_path)
+    assert not status.complete and "unet" in status.missing
+    assert not list((tmp_path / hub.repo_folder(REPO) / "snapshots").glob(f"*/{name}"))
+    del fake_hub.headers[name]
+    assert snapshot_bytes(hub.download(REPO, cache=tmp_path, endpoint=fake_hub.url)) == tiny_files

@@ -325,9 +325,11 @@ NESTED = '{"prompt": ' + "[" * 20_000 + "]" * 20_000 + "}"
         (NESTED, "nested too deeply"),
         ('{"prompt": "' + "x" * 70_000 + '"}', "more than settings ever take"),
         ('{"prompt": "x", "width": ', "damaged"),
+        ('{"prompt": "x", "negative_prompt": "y", "model": "m\\ud800"}', "not valid Unicode"),
+        ('{"prompt": "x\\udc80 y"}', "not valid Unicode"),
     ],
     ids=["width-2^40", "steps-2^40", "scales-2^40", "seed-2^63", "5000-digits", "omega-1e300", "nan", "nested",
-         "too-long", "cut-short"],
+         "too-long", "cut-short", "surrogate-model", "surrogate-prompt"],
 )  # fmt: skip
 def test_bad_stored_settings_change_nothing_and_give_one_clean_error(extension, tmp_path, settings_text, message):
     group = bpy.context.scene.msd_panorama

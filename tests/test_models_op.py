@@ -2,6 +2,7 @@
 127.0.0.1, its progress in the panel and Cancel, the refusal without online access, the cached-model
 list in the preferences, and a Generate with a model that is not downloaded."""
 
+import json
 import sys
 import threading
 import time
@@ -151,3 +152,43 @@ def test_generate_with_a_model_that_is_not_downloaded_says_so_at_once(addon):
     panel = draw("MSD_PT_panorama")
     assert ("operator", "msd.download_model") in panel
     assert any(kind == "label" and "not downloaded" in text for kind, text in panel)
+
+
+def test_a_slow_cache_listing_never_runs_on_a_redraw(addon, monkeypatch):
+    """Redraws after the first listing draw the last one; a new listing is made on a thread of its own,
+    so a cache that takes seconds to list (a 232 MB shard index) never freezes the panel."""
+    listed = models_op().cached_models()
+    release = threading.Event()
+
+    def slow_listing(cache=None):
+        release.wait(30)
+        return []
+
+    monkeypatch.setattr(models_op().hub, "list_models", slow_listing)
+    models_op()._listing["time"] -= 2 * models_op().CACHE_LIST_SECONDS  # the listing is old
+    redraw = threading.Thread(target=lambda: [models_op().cached_models() for _ in range(3)], daemon=True)
+    redraw.start()
+    redraw.join(10)  # far less than the listing takes
+    alive = redraw.is_alive()
+    release.set()
+    assert not alive, "a redraw waited for the listing"
+    assert models_op().cached_models() == listed
+
+
+def test_a_cache_index_that_is_huge_or_a_device_is_not_read(tmp_path, monkeypatch):
+    from msd_core import hub
+
+    unet = tmp_path / "models--x--y" / "snapshots" / ("a" * 40) / "unet"
+    unet.mkdir(parents=True)
+    (unet / "config.json").write_text("{}")
+    (unet / "diffusion_pytorch_model-00001-of-00001.safetensors").write_bytes(b"")
+    index = {"weight_map": {"w": "diffusion_pytorch_model-00001-of-00001.safetensors"}}
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index) + " " * 4096)
+    assert hub._has_weights(unet)
+    monkeypatch.setattr(hub, "MAX_INDEX_BYTES", 1024)  # the index is now too large to be a real one
+    assert not hub._has_weights(unet)
+    monkeypatch.undo()
+    (unet / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    (unet / "diffusion_pytorch_model.safetensors.index.json").symlink_to("/dev/zero")  # read without bound before
+    assert not hub._has_weights(unet)
+    assert [model.missing for model in hub.list_models(tmp_path)] == [tuple(c for c in hub.COMPONENTS)]

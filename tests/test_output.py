@@ -223,3 +223,51 @@ def test_settings_json_keeps_the_prompt_readable(tmp_path):
     metadata = generation_metadata(GenerationSettings(prompt=PROMPT), {})
     assert PROMPT in metadata["settings"]
     assert json.loads(metadata["settings"])["prompt"] == PROMPT
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("blocker, message", [
+    ("folder", "HDR companion .*pano.exr is a folder"),
+    ("dangling", "pano.exr is a link to .*missing.exr, which does not exist"),
+])  # fmt: skip
+def test_the_exr_path_is_checked_like_the_png_before_generating(tmp_path, blocker, message, overwrite):
+    if blocker == "folder":
+        (tmp_path / "pano.exr").mkdir()
+    else:
+        os.symlink(tmp_path / "missing.exr", tmp_path / "pano.exr")
+    if blocker == "dangling" and overwrite:  # replacing the link is what overwrite means
+        assert check_output_path(tmp_path / "pano.png", overwrite=True, exr=True) == tmp_path / "pano.png"
+        return
+    with pytest.raises(BadInput, match=message):
+        check_output_path(tmp_path / "pano.png", overwrite=overwrite, exr=True)
+
+
+def test_metadata_that_is_not_valid_unicode_is_stored_escaped_not_lost(tmp_path):
+    name = os.fsdecode(b"sky-\xff.png")
+    settings = GenerationSettings(prompt="a lake", model=os.fsdecode(b"/models/m\xe9.safetensors"))
+    metadata = {**generation_metadata(settings, {}), "source": name, "other": "\ud800"}
+    path = save_png(_image(), tmp_path / "pano.png", metadata)
+    stored = pngmeta.read_text_chunks(path)
+    assert stored["source"] == "sky-\\xff.png" and stored["model"] == "/models/m\\xe9.safetensors"
+    assert stored["other"] == "\\ud800"
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_lone_surrogate_in_the_prompt_is_bad_input(field):
+    settings = GenerationSettings(**{"prompt": "a lake", field: "a lake \ud83d at dawn"})
+    with pytest.raises(BadInput, match="unpaired surrogate U[+]D83D") as error:
+        settings.validate()
+    assert error.value.field == field
+
+
+def test_a_full_disk_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    def full(self, file, *args, **kwargs):
+        file.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(BadInput, match=re.escape(f"could not write {tmp_path / 'pano.png'}: No space left on device")):
+        save_png(_image(), tmp_path / "pano.png", {})
+    assert os.listdir(tmp_path) == []

@@ -25,9 +25,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from msd_core import cli, models, pngmeta, protocol, refine, tonemap, vae
+from msd_core import cli, models, output, pngmeta, protocol, refine, tonemap, vae
 from msd_core.client import WorkerClient
-from msd_core.errors import BadInput
+from msd_core.errors import BadInput, NonFiniteResult
 from msd_core.models import sd_ddim_scheduler
 from msd_core.pipeline import MSDPanoramaPipeline, default_levels
 from msd_core.sampler import cosine_decay, ddim_schedule, msd_step
@@ -120,6 +120,16 @@ def huge_png_header(path: Path, width: int, height: int) -> Path:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(pngmeta.PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def oversized_chunk_png(path: Path, kind: bytes, prefix: bytes) -> Path:
+    """A small PNG whose compressed chunk inflates beyond Pillow's limit (PngImagePlugin.MAX_TEXT_CHUNK)."""
+    source_png(path)
+    data = path.read_bytes()
+    body = prefix + zlib.compress(b"\0" * 80_000_000, 9)
+    chunk = struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    path.write_bytes(data[:33] + chunk + data[33:])  # after IHDR (8-byte signature + 25-byte IHDR)
     return path
 
 
@@ -341,16 +351,22 @@ def test_cli_refine_target_size_follows_the_source(tmp_path, size, expected):
         (["missing.png"], "the source image missing.png does not exist"),
         (["SOURCE", "--strength", "0"], "strength must be above 0 and at most 1"),
         (["SOURCE", "--strength", "1.5"], "strength must be above 0 and at most 1"),
-        (["SOURCE", "--scale", "0"], "--scale must be above 0"),
+        (["SOURCE", "--scale", "0"], "--scale must be a number above 0"),
         (["SOURCE", "--scale", "0.25"], "smaller than one 64 px window"),
         (["SOURCE", "--strength", "0.1"], "leaves no step to run"),
         (["bomb.png"], "pixels allowed"),
+        (["SOURCE", "--scale", "inf"], "--scale must be a number above 0, got inf"),
+        (["SOURCE", "--scale", "1e308"], "--scale 1e+308 makes the 128×64 source more than 16384 px a side"),
+        (["iccp.png"], "cannot read the source image iccp.png: "),
+        (["ztxt.png"], "cannot read the source image ztxt.png: "),
     ],
 )
 def test_cli_refine_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys, arguments, message):
     monkeypatch.chdir(tmp_path)
     source_png(tmp_path / "draft.png")
     huge_png_header(tmp_path / "bomb.png", 100_000, 100_000)
+    oversized_chunk_png(tmp_path / "iccp.png", b"iCCP", b"icc\0\0")
+    oversized_chunk_png(tmp_path / "ztxt.png", b"zTXt", b"Comment\0\0")
     before = sorted(tmp_path.iterdir())
     arguments = ["draft.png" if a == "SOURCE" else a for a in arguments]
     code = cli.main(["refine", *arguments, "--prompt", "a lake", "-o", "out.png", *TINY])
@@ -452,3 +468,144 @@ def test_cli_refines_from_an_exr_of_ours_taking_its_model(tmp_path):
     assert completed.returncode == 0, completed.stderr
     meta = pngmeta.read_text_chunks(tmp_path / "out.png")
     assert (meta["source"], meta["model"], meta["width"]) == ("lit.exr", "tiny", "128")
+
+
+# -- hostile or unlucky sources (issue 21) -------------------------------------------------------------
+
+
+def eps_file(path: Path) -> Path:
+    """An Encapsulated PostScript file: Pillow would run Ghostscript to read its pixels."""
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 32\nshowpage\n%%EOF\n")
+    return path
+
+
+@pytest.mark.parametrize("make", [eps_file, lambda p: Image.new("RGB", (16, 8)).save(p, format="GIF") or p,
+                                  lambda p: Image.new("RGB", (16, 8)).save(p, format="BMP") or p])
+def test_only_the_documented_formats_are_opened_whatever_the_name(tmp_path, make):
+    path = make(tmp_path / "draft.png")
+    with pytest.raises(BadInput, match="is not an image that can be read .PNG, JPEG, TIFF, WebP or OpenEXR"):
+        refine.source_size(path)
+    with pytest.raises(BadInput, match="is not an image that can be read"):
+        refine.read_source(path)
+
+
+def test_non_finite_float_pixels_become_the_brightest_finite_value_or_black(tmp_path):
+    linear = np.full((8, 16), 0.5, np.float32)
+    linear[0, 0], linear[0, 1], linear[0, 2], linear[1, 1] = np.inf, np.nan, -np.inf, 20.0
+    Image.fromarray(linear, "F").save(tmp_path / "sun.tif")
+    read = refine.read_source(tmp_path / "sun.tif")
+    assert np.isfinite(read).all()
+    assert np.allclose(read[0, 0], tonemap.tone_map(np.float32(20.0)))  # +inf: the brightest finite pixel
+    assert np.allclose(read[0, 1], 0) and np.allclose(read[0, 2], 0)  # NaN and −inf: black
+    assert np.allclose(read[4, 4], tonemap.tone_map(np.float32(0.5)))  # the rest as before
+
+
+def test_a_run_whose_latents_are_not_finite_writes_nothing():
+    settings = GenerationSettings(prompt="a lake", model="tiny", width=128, height=64, steps=2, device="cpu")
+    pipe = MSDPanoramaPipeline.from_settings(settings)
+    plan = pipe.check_inputs(settings)
+    latents = torch.full((1, pipe.unet.config.in_channels, plan.height, plan.width), float("nan"))
+    with pytest.raises(NonFiniteResult, match="not finite numbers"):
+        pipe(settings, latents=latents, start_step=1)
+
+
+def float_source_with_an_infinite_sun(path: Path) -> Path:
+    linear = np.full((64, 128), 0.3, np.float32)
+    linear[:32] = 0.8
+    linear[5, 60] = np.inf  # an overflowed half-float sun
+    Image.fromarray(linear, "F").save(path)
+    return path
+
+
+def test_cli_refine_of_a_float_source_with_an_infinite_pixel_is_not_black(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    float_source_with_an_infinite_sun(tmp_path / "sky.tif")
+    assert cli.main(["refine", "sky.tif", "--prompt", "a lake", "-o", "out.png", "--strength", "0.5", *TINY]) == 0
+    with Image.open(tmp_path / "out.png") as image:
+        assert np.asarray(image).max() > 0  # one inf pixel used to turn the whole panorama black
+
+
+def test_a_source_name_that_is_not_utf8_is_stored_with_its_bytes_escaped(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes in a UTF-8 file system
+    source_png(tmp_path / name)
+    assert cli.main(["refine", name, "--prompt", "a lake", "-o", "out.png", *TINY]) == 0, capsys.readouterr().err
+    assert pngmeta.read_text_chunks(tmp_path / "out.png")["source"] == "caf\\xe9.png"
+    assert os.fsencode(output.storable_text(name)) != os.fsencode(name)  # escaped, not dropped
+    assert output.storable_text("café ☀.png") == "café ☀.png"
+
+
+@pytest.mark.parametrize("out", ["draft.png", "hard.png", "link.png", "exr.png"])
+def test_refine_never_writes_its_source_even_with_overwrite(tmp_path, monkeypatch, capsys, out):
+    monkeypatch.chdir(tmp_path)
+    source = source_png(tmp_path / "draft.png")
+    before = source.read_bytes()
+    os.link(source, tmp_path / "hard.png")
+    os.symlink(source, tmp_path / "link.png")
+    os.link(source, tmp_path / "exr.exr")  # with --hdr, the EXR beside exr.png would be the source
+    code = cli.main(["refine", "draft.png", "--prompt", "a lake", "-o", out, "--overwrite", "--hdr", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "is the source image; a refine never writes its source" in err[-1], err
+    assert source.read_bytes() == before and not (tmp_path / "exr.png").exists()
+
+
+def test_worker_refuses_a_refine_onto_its_source(worker, tmp_path):
+    source = source_png(tmp_path / "draft.png")
+    settings = GenerationSettings(prompt="a lake", model="tiny", width=128, height=64, steps=2, device="cpu")
+    worker.send(protocol.request("generate", "self", settings=settings.to_dict(), output=str(source), overwrite=True,
+                                 refine={"source": str(source)}))
+    events = events_until_final(worker, "self")
+    assert [(e["event"], e["kind"], e["field"]) for e in events] == [("error", "bad_input", "output")]
+    assert source.read_bytes() == source_png(tmp_path / "again.png").read_bytes()
+
+
+def test_a_source_far_larger_than_the_result_is_refused_from_its_header(tmp_path, monkeypatch, capsys):
+    """74 bytes declaring 8 × 16 000 000 pixels, refined to 128 × 64: 2.9 GB of decoding for nothing."""
+    monkeypatch.chdir(tmp_path)
+    huge_png_header(tmp_path / "tall.png", 8, 16_000_000)
+    code = cli.main(["refine", "tall.png", "--prompt", "a lake", "-o", "out.png", "--width", "128", "--height", "64", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "is 8×16000000: decoding it for a 128×64 result would cost 3.1 GB" in err[-1], err
+    assert not (tmp_path / "out.png").exists()
+    source_png(tmp_path / "ok.png", 256, 128)
+    refine.check_source_cost(tmp_path / "ok.png", 128, 64, available=10**9)
+    with pytest.raises(BadInput, match=r"needs about 0.0 GB of memory, more than the 0.0 GB available"):
+        refine.check_source_cost(tmp_path / "ok.png", 128, 64, available=1000)
+
+
+def test_memory_counts_the_exr_and_threads_never_exceed_the_cores():
+    from msd_core import environment
+    from msd_core.settings import check_memory, memory_needed
+
+    plain = GenerationSettings(prompt="a lake", width=16384, height=8192, device="cuda")
+    lit = GenerationSettings(prompt="a lake", width=16384, height=8192, device="cuda", hdr=True)
+    assert memory_needed(lit) > 1.5 * memory_needed(plain)
+    check_memory(plain, available=memory_needed(plain))
+    with pytest.raises(BadInput, match="16384×8192 panorama needs about"):
+        check_memory(lit, available=memory_needed(plain))
+    assert environment.threads(1024) == os.cpu_count()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing.png", "does not exist"),
+    (lambda p: (p / "folder.png").mkdir() or p / "folder.png", "is a folder; give an image file"),
+    (lambda p: os.mkfifo(p / "pipe.png") or p / "pipe.png", r"is not a regular file \(a pipe, socket or device\)"),
+    (lambda p: os.symlink("/dev/zero", p / "zero.png") or p / "zero.png", "is not a regular file"),
+    (lambda p: os.symlink(p / "loop.png", p / "loop.png") or p / "loop.png", r"leads back to itself \(a loop\)"),
+    (lambda p: os.symlink(p / "gone.png", p / "link.png") or p / "link.png", "is a symbolic link to .*gone.png, which does not exist"),
+])  # fmt: skip
+def test_a_source_that_is_not_a_file_says_what_it_is(tmp_path, make, message):
+    path = str(make(tmp_path))
+    with pytest.raises(BadInput, match=message):
+        RefineSettings(path).validate()
+    with pytest.raises(BadInput, match=message):
+        refine.source_size(path)
+
+
+def test_huge_numbers_are_never_echoed_in_full(tmp_path, capsys):
+    number = int("9" * 4001)
+    with pytest.raises(BadInput, match="got a 13292-bit number$"):
+        RefineSettings(str(source_png(tmp_path / "s.png")), number).validate()
+    code = cli.main(["generate", "a lake", "-o", str(tmp_path / "o.png"), "--threads", "9" * 4001, *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "a 13292-bit number" in err and len(err) < 300, err[:300]

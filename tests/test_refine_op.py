@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from msd_core import refine
 from blender_env import MODULE, addon_module, blender, extension  # noqa: F401  (fixtures)
 from test_extension import draw
 from test_generate_op import addon, run_state, world_images  # noqa: F401  (fixtures)
@@ -126,6 +127,38 @@ def test_a_float_source_is_sent_as_a_tone_mapped_png(addon, tmp_path):
     expected = addon_module().msd_core.tonemap.tone_map(linear.reshape(8, 16, 4)[::-1, :, :3])
     assert np.abs(received - expected).max() <= 0.5 / 255 + 1e-6
     assert pixels_digest(image) == before and image.filepath == str(tmp_path / "sky.exr")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_sixteen_bit_png_is_sent_as_it_is_not_tone_mapped(addon, tmp_path, packed):
+    """Blender holds a 16-bit PNG as float, but its values are display values: white must stay white
+    (tone-mapped as linear light it became 0.74)."""
+    pixels = np.full((8, 16, 3), 65535, np.uint16)
+    pixels[4:] = 20000
+    path = tmp_path / "deep.png"
+    write_png16(path, pixels)
+    image = bpy.data.images.load(str(path))
+    assert image.is_float
+    if packed:
+        image.pack()
+    sent = refine_module().source_file(image)
+    assert open(sent, "rb").read() == path.read_bytes()
+    assert refine.read_source(sent)[0, 0] == pytest.approx([1.0, 1.0, 1.0])  # white, as the worker reads it
+
+
+def write_png16(path, rgb16: np.ndarray) -> None:
+    """An RGB PNG of 16 bits a channel (Pillow writes 16-bit PNGs only in grey)."""
+    import struct
+    import zlib
+
+    height, width, _ = rgb16.shape
+    rows = b"".join(b"\0" + rgb16[row].astype(">u2").tobytes() for row in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize(

@@ -209,11 +209,28 @@ def test_variations_operator_shows_thumbnails_and_changes_nothing_until_one_is_u
 
 
 def test_use_variation_adds_a_backdrop_when_the_panel_says_so(drafts_addon):
-    assert bpy.ops.msd.generate_variations(count=1, wait=True) == {"FINISHED"}
+    assert bpy.ops.msd.generate_variations(count=2, wait=True) == {"FINISHED"}
+    users_mesh = bpy.data.meshes.new("mine")
+    bpy.context.scene.collection.objects.link(bpy.data.objects.new("my plane", users_mesh))
     bpy.context.scene.msd_panorama.target = "BACKDROP"
     assert bpy.ops.msd.use_variation(index=0) == {"FINISHED"}
-    backdrops = [o for o in bpy.data.objects if o.type == "MESH"]
+    assert bpy.ops.msd.use_variation(index=1) == {"FINISHED"}  # replaces the first draft's backdrop
+    backdrops = [o for o in bpy.data.objects if o.type == "MESH" and o.name != "my plane"]
     assert len(backdrops) == 1 and bpy.context.scene.world is None
+    state = drafts_addon.variation_state
+    assert backdrops[0]["msd_image"].filepath_raw == state.variations[1].path
+    assert "my plane" in bpy.data.objects and len(bpy.data.meshes) == 2 and len(bpy.data.materials) == 1
+
+
+def test_two_drafts_runs_in_the_same_second_get_different_names(drafts_addon, tmp_path):
+    unique = generate_module().unique_output_path
+    first = unique(str(tmp_path), 7, variations=3)
+    for index in range(3):
+        open(drafts_addon.drafts.variation_path(first, index), "wb").close()
+    second = unique(str(tmp_path), 7, variations=3)
+    assert second != first and not any(
+        os.path.exists(drafts_addon.drafts.variation_path(second, index)) for index in range(3)
+    )
 
 
 def test_thumbnails_arrive_as_drafts_finish_and_cancel_keeps_the_finished_ones(drafts_addon, tmp_path):

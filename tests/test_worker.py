@@ -171,7 +171,8 @@ def test_requests_queue_in_order_and_a_queued_one_can_be_cancelled(worker, tmp_p
     worker.cancel(queued)
     events = wait_for(worker, finished(last))
 
-    assert [e["event"] for e in of(events, queued)] == ["accepted", "error"]
+    # Accepted then cancelled; or, when the cancel came while it was still being validated, only cancelled.
+    assert [e["event"] for e in of(events, queued)] in (["accepted", "error"], ["error"])
     assert of(events, queued)[-1]["kind"] == "cancelled"
     assert of(events, first)[-1]["event"] == "done" and of(events, last)[-1]["event"] == "done"
     assert events.index(of(events, first, "done")[0]) < events.index(of(events, last, "loading")[0])
@@ -486,3 +487,85 @@ def test_ctrl_c_in_the_terminal_leaves_a_piped_worker_to_its_client(worker_env):
     finally:
         assert client.stop(timeout=60) == 0
     assert not any("KeyboardInterrupt" in line for line in client.stderr_lines)
+
+
+# -- hostile names, encodings and slow requests (issue 21) --------------------------------------------
+
+
+def test_files_named_with_absurd_pids_never_fail_a_sweep_and_are_left_alone(tmp_path):
+    """Anyone can create these names in a shared temporary or output folder: a sweep must not raise
+    (os.kill overflows above a C int) and must not delete what no pid of ours made."""
+    from msd_core.environment import process_alive
+    from msd_core.output import remove_stale_temporaries
+    from msd_core.worker import sweep_stale_preview_roots
+
+    huge = "99999999999"
+    odd = [tmp_path / f"msd-worker-previews-{huge}-x", tmp_path / f"msd-worker-previews-{'9' * 200}-x",
+           tmp_path / f".a.png.{huge}-0123abcd.tmp", tmp_path / f".b.png.{'9' * 200}-0123abcd.tmp"]  # fmt: skip
+    for path in odd:
+        path.mkdir() if "previews" in path.name else path.write_bytes(b"")
+    assert process_alive(int(huge)) and process_alive(0) and process_alive(-5)
+    assert sweep_stale_preview_roots(tmp_path) == []
+    assert remove_stale_temporaries(tmp_path) == []
+    assert all(path.exists() for path in odd)
+    assert remove_stale_temporaries(tmp_path / "no such folder") == []
+
+
+def test_texts_that_are_not_valid_unicode_get_exactly_one_final_event_each(worker_env, tmp_path):
+    """Through pipes: lone surrogates (JSON \\ud800 escapes) in an id, a prompt and an output path: each
+    request is answered once (the pong used to be dropped: the event could not be encoded)."""
+    requests = [
+        protocol.request("ping", "\ud800"),
+        protocol.request("generate", "prompt", settings=tiny(**SMALL, prompt="sun \ud83d"), output=str(tmp_path / "p.png")),
+        protocol.request("generate", "path", settings=tiny(**SMALL), output=str(tmp_path / "\ud800.png")),
+    ]
+    lines = [json.dumps(request, ensure_ascii=True).encode() for request in requests]
+    result = subprocess.run(
+        [sys.executable, "-u", "-m", "msd_core.worker"], input=b"\n".join(lines) + b"\n", capture_output=True,
+        cwd=REPO_ROOT, env={**os.environ, **worker_env}, timeout=WAIT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    events = [json.loads(line) for line in result.stdout.decode("utf-8").splitlines()]
+    final = [(e["event"], e["id"], e.get("field")) for e in events if e["event"] in ("pong", "done", "error")]
+    assert final == [("pong", "\ud800", None), ("error", "prompt", "prompt"), ("error", "path", "output")], events
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_client_sends_a_file_name_that_is_not_utf8_as_it_is(worker, tmp_path):
+    name = os.fsdecode(b"ni\xf1o.png")
+    request_id = worker.generate(tiny(**SMALL), tmp_path / name, preview_every=0)
+    events = wait_for(worker, finished(request_id))
+    assert events[-1]["event"] == "done", events[-1]
+    assert events[-1]["output"] == str(tmp_path / name)
+    assert os.listdir(os.fsencode(tmp_path)) == [b"ni\xf1o.png"]  # not "ni?o.png"
+
+
+def slow_png(path: Path, chunks: int = 300_000) -> Path:
+    """A valid 16×8 PNG with many empty chunks before its pixels: reading its header takes seconds."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = zlib.compress(b"".join(b"\0" + b"\x80" * 48 for _ in range(8)))
+    header = struct.pack(">IIBBBBB", 16, 8, 8, 2, 0, 0, 0)
+    path.write_bytes(pngmeta.PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"teST", b"") * chunks
+                     + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))  # fmt: skip
+    return path
+
+
+def test_a_slow_request_never_delays_ping_or_cancel(worker, tmp_path):
+    """Validating a refine reads its source's header: seconds for this one. Meanwhile ping is answered at
+    once, and a cancel ends the request (it is never accepted or run)."""
+    source = slow_png(tmp_path / "slow.png")
+    worker.send(protocol.request("generate", "slow", settings=tiny(**SMALL), output=str(tmp_path / "out.png"),
+                                 refine={"source": str(source)}))
+    pong = worker.ping()
+    worker.cancel("slow")
+    events = wait_for(worker, finished("slow"))
+    names = [(e["event"], e["id"]) for e in events if e["id"] in (pong, "slow")]
+    assert names == [("pong", pong), ("error", "slow")], names
+    assert events[-1]["kind"] == "cancelled" and not (tmp_path / "out.png").exists()
+    again = worker.ping()
+    assert wait_for(worker, lambda e: e["id"] == again)[-1]["event"] == "pong"  # and it goes on
