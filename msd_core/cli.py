@@ -28,6 +28,7 @@ from .settings import (
     HDR_PEAK_RANGE,
     METHODS,
     OMEGA_LOSSES,
+    POLE_MODES,
     PYRAMIDS,
     PRESETS,
     QUALITY,
@@ -167,6 +168,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "non-overlapping tiles at a new seeded offset every step (a fraction of the UNet work)")
     method.add_argument("--stride", type=int,
                         help="dense window stride in pixels (default: window/8; implies --windows dense)")
+    method.add_argument("--poles", choices=POLE_MODES, default=GenerationSettings.poles,
+                        help="sphere: also denoise each pole cap as a perspective view, so a 360° world does not "
+                             "pinch when the camera looks up or down; flat: the strip alone "
+                             f"(default {GenerationSettings.poles}; docs/poles.md)")
     method.add_argument("--feather", action="store_true", help="feathered instead of uniform window weights")
 
     sampling = parser.add_argument_group("sampling")
@@ -226,7 +231,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
         "coarse_noise": args.coarse_noise, "scales": args.scales, "guidance": args.guidance, "scheduler": args.scheduler,
         "seed": secrets.randbelow(2**32) if args.seed is None else args.seed,
-        "window": args.window, "stride": args.stride, "feather": args.feather, "view_batch": args.view_batch,
+        "window": args.window, "stride": args.stride, "feather": args.feather, "poles": args.poles, "view_batch": args.view_batch,
         "device": args.device, "dtype": args.dtype, "compile": args.compile,
         "hdr": args.hdr, "hdr_knee": args.hdr_knee, "hdr_peak": args.hdr_peak,
     }

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, models, output, refine, vae
+from . import __version__, models, output, refine, sphere, vae
 from .plan import Plan, default_levels, make_plan  # noqa: F401  (default_levels: used from here by bench/)
 from .sampler import (
     Interrupt,
@@ -172,6 +172,8 @@ class MSDPanoramaPipeline:
         omega = settings.omega if settings.method == "msd" else 0.0
         # Only the exact gradient needs autograd; everything else runs in inference mode (no version counters).
         no_grad = torch.no_grad if plan.guided and settings.gradient == "exact" else torch.inference_mode
+        # A 360° world's poles (--poles sphere): both caps' views are denoised beside the strip every step.
+        caps = sphere.CapProjection(plan.height, plan.width, plan.caps) if plan.caps else None
         # 5. Denoising loop (shifted windows move every step, so each step gets its own grids).
         for index, step in enumerate(schedule):
 
@@ -181,6 +183,7 @@ class MSDPanoramaPipeline:
                                       result.pred_x0, time.perf_counter() - started))
 
             with no_grad():
+                before, x0_before = latents, x0_history[-1]
                 latents = msd_step(
                     latents, plan.grids_at(index), step, denoise, omega * cosine_decay(step.t, train_steps),
                     gradient=settings.gradient, omega_loss=settings.omega_loss,
@@ -188,6 +191,12 @@ class MSDPanoramaPipeline:
                     weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
                     coarse_noise=settings.coarse_noise, train_alphas=self.scheduler.alphas_cumprod,
                 )
+                if caps is not None:
+                    latents, x0_history[-1] = sphere.pole_cap_step(
+                        before, x0_before, latents, x0_history[-1], caps, plan.cap_grid_at(index), step, denoise,
+                        prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
+                        weights=weights[-1], interrupt=interrupt,
+                    )
                 if guide is not None:
                     latents = guide(latents, step)
         sampled = time.perf_counter()

@@ -37,6 +37,10 @@ COARSE_NOISES = ("matched", "literal")
 WINDOW_MODES = ("dense", "shifted")
 # ddim: the paper's sampler; dpmpp-2m: DPM-Solver++ (2M), multistep, fewer steps (docs/solver.md).
 SCHEDULERS = ("ddim", "dpmpp-2m")
+# "sphere": a 360° world's poles are also denoised as perspective views of each cap and blended in, so a
+# camera looking straight up or down sees no pinch (msd_core.sphere, docs/poles.md); "flat": the strip alone.
+# Only 2:1 wrapping worlds have poles: other shapes are the same either way.
+POLE_MODES = ("sphere", "flat")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
@@ -108,6 +112,7 @@ class GenerationSettings:
     stride: int | None = None  # pixels; None = window / 8 (diffusers' MultiDiffusion: 8 latent px); dense only
     windows: str = _DEFAULTS["windows"]  # WINDOW_MODES
     feather: bool = False  # feathered window weights instead of uniform ones
+    poles: str = "flat"  # POLE_MODES
     view_batch: int | None = None  # windows per UNet call; None = chosen from free memory
     device: str = "auto"
     dtype: str = "auto"
@@ -154,6 +159,7 @@ class GenerationSettings:
                            windows=self.windows)
         _check_choice("omega_loss", self.omega_loss, OMEGA_LOSSES)
         _check_choice("pyramid", self.pyramid, PYRAMIDS)
+        _check_choice("poles", self.poles, POLE_MODES)
         _check_choice("coarse_noise", self.coarse_noise, COARSE_NOISES)
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)
         _check_choice("device", self.device, DEVICES)
