@@ -174,10 +174,13 @@ class MSDPanoramaPipeline:
         no_grad = torch.no_grad if plan.guided and settings.gradient == "exact" else torch.inference_mode
         # A 360° world's poles (--poles sphere): both caps' views are denoised beside the strip every step.
         caps = sphere.CapProjection(plan.height, plan.width, plan.caps) if plan.caps else None
+        coarser = [None]
         # 5. Denoising loop (shifted windows move every step, so each step gets its own grids).
         for index, step in enumerate(schedule):
 
             def on_level(result: LevelResult, index=index) -> None:
+                if result.level == plan.levels - 1:
+                    coarser[0] = result.latents  # the caps' guidance target (the strip's is this level too)
                 if callback:
                     callback(StepInfo(index + 1, len(schedule), result.level, plan.levels, result.latents,
                                       result.pred_x0, time.perf_counter() - started))
@@ -195,7 +198,8 @@ class MSDPanoramaPipeline:
                     latents, x0_history[-1] = sphere.pole_cap_step(
                         before, x0_before, latents, x0_history[-1], caps, plan.cap_grid_at(index), step, denoise,
                         prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
-                        weights=weights[-1], interrupt=interrupt,
+                        weights=weights[-1], interrupt=interrupt, coarse=coarser[0],
+                        omega=omega * cosine_decay(step.t, train_steps), omega_loss=settings.omega_loss,
                     )
                 if guide is not None:
                     latents = guide(latents, step)

@@ -231,7 +231,8 @@ class Plan:
         """Row and column window starts over a pole cap's view at one step (both caps share them): shifted
         tiles like the strip's when its windows are shifted, else dense windows every stride."""
         if self.windows == "shifted":
-            return shifted_offsets(self.caps, self.caps, self.window, step_index, self.seed, False, level=-1)
+            return shifted_offsets(self.caps, self.caps, self.window, step_index, self.seed, False, level=-1,
+                                   multiple=2)  # even: the guided caps crop a halved view
         starts = window_starts(self.caps, self.window, self.stride)
         return starts, starts
 

@@ -25,7 +25,7 @@ from functools import cached_property
 import torch
 
 from .plan import CAP_HALF_EXTENT as HALF_EXTENT, cap_size  # noqa: F401  (cap_size: the views' size, from the plan)
-from .sampler import Denoiser, Interrupt, SolverStep, alphas_cumprod, multidiffusion_step
+from .sampler import Denoiser, Interrupt, SolverStep, alphas_cumprod, msd_level_step, multidiffusion_step
 from .windows import WindowGrid
 
 POLES = ("zenith", "nadir")
@@ -195,17 +195,33 @@ def pole_cap_step(
     view_batch: int = 8,
     weights: torch.Tensor | None = None,
     interrupt: Interrupt | None = None,
+    coarse: torch.Tensor | None = None,
+    omega: float = 0.0,
+    omega_loss: str = "projection",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of both pole caps beside the strip's: view each cap of z_t (``latents``, made from the x₀
-    estimate ``x0``; None at the first step), denoise the view with MultiDiffusion over ``grid`` (its
-    windows), and blend its z_{t−1} and x₀ into the strip's (``strip``, ``strip_x0``: what ``msd_step``
-    made of z_t). Returns (z_{t−1}, x₀) of the whole sphere; the x₀ is also the next step's split and a
-    multistep solver's memory (the caps' memory is the view of ``x0``)."""
+    estimate ``x0``; None at the first step), denoise the view over ``grid`` (its windows), and blend its
+    z_{t−1} and x₀ into the strip's (``strip``, ``strip_x0``: what ``msd_step`` made of z_t). Returns
+    (z_{t−1}, x₀) of the whole sphere; the x₀ is also the next step's split and a multistep solver's memory
+    (the caps' memory is the view of ``x0``).
+
+    With ``coarse`` (the pyramid's next coarser level at t−1, the strip halved) and ω > 0 the cap's windows
+    are guided towards the same cap of that level, as the strip's are (``msd_level_step`` with the fast
+    gradient: no UNet work beyond the windows' one forward); else they are plain MultiDiffusion."""
     alpha, alpha_next = alphas_cumprod(step)
+    guided = coarse is not None and omega > 0 and 2 * coarse.shape[-2] == projection.height
+    if guided:
+        coarse_projection = CapProjection(coarse.shape[-2], coarse.shape[-1], projection.size // 2)
     caps = {}
     for pole, view in projection.views(latents, x0, alpha).items():
         memory = None if x0 is None else sample_bilinear(x0[0], *projection.to_view[pole], True)[None]
-        caps[pole] = multidiffusion_step(view, grid, step, denoise, prediction_type=prediction_type,
-                                         view_batch=view_batch, weights=weights, interrupt=interrupt,
-                                         previous_x0=memory)
+        if guided:
+            target = sample_bilinear(coarse[0], *coarse_projection.to_view[pole], True)[None]
+            caps[pole] = msd_level_step(view, target, grid, step, denoise, omega, gradient="fast",
+                                        omega_loss=omega_loss, prediction_type=prediction_type, view_batch=view_batch,
+                                        weights=weights, interrupt=interrupt, previous_x0=memory)
+        else:
+            caps[pole] = multidiffusion_step(view, grid, step, denoise, prediction_type=prediction_type,
+                                             view_batch=view_batch, weights=weights, interrupt=interrupt,
+                                             previous_x0=memory)
     return projection.blend(strip, strip_x0, caps, alpha_next)
