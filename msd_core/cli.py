@@ -194,6 +194,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch (default 0: OMP_NUM_THREADS if set, else physical cores − 1)")
     device.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet (off by default: compiling takes minutes, its gain is unmeasured)")
+    parser.add_argument("--cubemap", action="store_true",
+                        help="also write the six cube map faces beside the PNG, OUTPUT_px.png … OUTPUT_nz.png (OpenGL "
+                             "convention, Y up, as game engines expect; .exr faces too with --hdr; docs/poles.md)")
     lighting = parser.add_argument_group("HDR for lighting (see docs/hdr.md)")
     lighting.add_argument("--hdr", action="store_true",
                           help="also write a linear half-float OpenEXR beside OUTPUT (same name, .exr) whose "
@@ -291,7 +294,7 @@ def dry_run(settings: GenerationSettings) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from .output import check_output_path, save_exr
+    from .output import check_cubemap_paths, check_output_path, save_cubemap, save_exr
 
     if args.command == "refine":
         settings, source = refine_settings_from_args(args)
@@ -304,6 +307,11 @@ def generate(args: argparse.Namespace) -> int:
         raise BadInput(f"give the PNG file to write with -o/--output{dry}")
     check_memory(settings)
     output = check_output_path(args.output, args.overwrite, exr=settings.hdr)
+    if args.cubemap:
+        if settings.width != 2 * settings.height or not settings.wrap:
+            raise BadInput("--cubemap needs a 2:1 360° world (--preset 360, wrapping); this panorama is "
+                           f"{settings.width}×{settings.height}{'' if settings.wrap else ' without wrap'}")
+        check_cubemap_paths(output, args.overwrite, exr=settings.hdr)
     if not 0 <= args.threads <= MAX_THREADS:
         raise BadInput("{field} must be from 0 (automatic) to {limit}, got {value}", field="threads", limit=MAX_THREADS,
                        value=args.threads)
@@ -328,6 +336,10 @@ def generate(args: argparse.Namespace) -> int:
     if settings.hdr:
         print(save_exr(result.image, path, result.metadata, knee=settings.hdr_knee, peak=settings.hdr_peak,
                        overwrite=args.overwrite))
+    if args.cubemap:
+        curve = (settings.hdr_knee, settings.hdr_peak) if settings.hdr else None
+        for face in save_cubemap(result.image, path, result.metadata, hdr_curve=curve, overwrite=args.overwrite):
+            print(face)
     return 0
 
 
