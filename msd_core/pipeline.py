@@ -174,7 +174,7 @@ class MSDPanoramaPipeline:
         no_grad = torch.no_grad if plan.guided and settings.gradient == "exact" else torch.inference_mode
         # A 360° world's poles (--poles sphere): both caps' views are denoised beside the strip every step.
         caps = sphere.CapProjection(plan.height, plan.width, plan.caps) if plan.caps else None
-        coarser = [None]
+        coarser, cap_views = [None], None
         # 5. Denoising loop (shifted windows move every step, so each step gets its own grids).
         for index, step in enumerate(schedule):
 
@@ -195,9 +195,9 @@ class MSDPanoramaPipeline:
                     coarse_noise=settings.coarse_noise, train_alphas=self.scheduler.alphas_cumprod,
                 )
                 if caps is not None:
-                    latents, x0_history[-1] = sphere.pole_cap_step(
+                    latents, x0_history[-1], cap_views = sphere.pole_cap_step(
                         before, x0_before, latents, x0_history[-1], caps, plan.cap_grid_at(index), step, denoise,
-                        prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
+                        caps=cap_views, prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                         weights=weights[-1], interrupt=interrupt, coarse=coarser[0],
                         omega=omega * cosine_decay(step.t, train_steps), omega_loss=settings.omega_loss,
                     )

@@ -142,6 +142,12 @@ class CapProjection:
         return cap_weights(self.height)
 
     @cached_property
+    def view_weights(self) -> torch.Tensor:
+        """Weight (size, size) of the cap's own step at each view pixel: ``cap_weights`` of its angle from the pole."""
+        from_pole = torch.acos(view_directions(self.size, axes_for("zenith"), self.half_extent)[..., 2])
+        return ((FADE_END - from_pole) / (FADE_END - FULL_CAP)).clamp(0, 1)
+
+    @cached_property
     def rows(self) -> dict[str, slice]:
         """The equirectangular rows each cap's step reaches (weight > 0)."""
         reach = int((self.weights > 0).sum()) // 2
@@ -181,6 +187,9 @@ class CapProjection:
         return latents, x0
 
 
+Caps = dict[str, tuple[torch.Tensor, torch.Tensor]]  # per pole: a view's (latents, x₀), each (1, C, size, size)
+
+
 def pole_cap_step(
     latents: torch.Tensor,
     x0: torch.Tensor | None,
@@ -191,6 +200,7 @@ def pole_cap_step(
     step: SolverStep,
     denoise: Denoiser,
     *,
+    caps: Caps | None = None,
     prediction_type: str = "epsilon",
     view_batch: int = 8,
     weights: torch.Tensor | None = None,
@@ -198,12 +208,16 @@ def pole_cap_step(
     coarse: torch.Tensor | None = None,
     omega: float = 0.0,
     omega_loss: str = "projection",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of both pole caps beside the strip's: view each cap of z_t (``latents``, made from the x₀
-    estimate ``x0``; None at the first step), denoise the view over ``grid`` (its windows), and blend its
-    z_{t−1} and x₀ into the strip's (``strip``, ``strip_x0``: what ``msd_step`` made of z_t). Returns
-    (z_{t−1}, x₀) of the whole sphere; the x₀ is also the next step's split and a multistep solver's memory
-    (the caps' memory is the view of ``x0``).
+) -> tuple[torch.Tensor, torch.Tensor, Caps]:
+    """One step of both pole caps beside the strip's. Returns (z_{t−1}, x₀) of the whole sphere and the caps'
+    own (z_{t−1}, x₀) views, which the next step passes back as ``caps``.
+
+    Each cap's view of z_t is the cap's own last view where the cap alone makes the latent (``view_weights``)
+    and a view of the strip's z_t (``latents``, made from the x₀ estimate ``x0``; None at the first step)
+    beyond, faded in between: the cap is never resampled back and forth, which would blur it a little at
+    every step. The view is denoised over ``grid`` (its windows) and blended into the strip's z_{t−1} and x₀
+    (``strip``, ``strip_x0``: what ``msd_step`` made of z_t). The returned x₀ is the next step's split and a
+    multistep solver's memory.
 
     With ``coarse`` (the pyramid's next coarser level at t−1, the strip halved) and ω > 0 the cap's windows
     are guided towards the same cap of that level, as the strip's are (``msd_level_step`` with the fast
@@ -212,16 +226,21 @@ def pole_cap_step(
     guided = coarse is not None and omega > 0 and 2 * coarse.shape[-2] == projection.height
     if guided:
         coarse_projection = CapProjection(coarse.shape[-2], coarse.shape[-1], projection.size // 2)
-    caps = {}
+    own = projection.view_weights.to(latents)
+    result = {}
     for pole, view in projection.views(latents, x0, alpha).items():
         memory = None if x0 is None else sample_bilinear(x0[0], *projection.to_view[pole], True)[None]
+        if caps is not None:
+            view = torch.lerp(view, caps[pole][0], own)
+            memory = caps[pole][1] if memory is None else torch.lerp(memory, caps[pole][1], own)
         if guided:
             target = sample_bilinear(coarse[0], *coarse_projection.to_view[pole], True)[None]
-            caps[pole] = msd_level_step(view, target, grid, step, denoise, omega, gradient="fast",
-                                        omega_loss=omega_loss, prediction_type=prediction_type, view_batch=view_batch,
-                                        weights=weights, interrupt=interrupt, previous_x0=memory)
+            result[pole] = msd_level_step(view, target, grid, step, denoise, omega, gradient="fast",
+                                          omega_loss=omega_loss, prediction_type=prediction_type,
+                                          view_batch=view_batch, weights=weights, interrupt=interrupt,
+                                          previous_x0=memory)
         else:
-            caps[pole] = multidiffusion_step(view, grid, step, denoise, prediction_type=prediction_type,
-                                             view_batch=view_batch, weights=weights, interrupt=interrupt,
-                                             previous_x0=memory)
-    return projection.blend(strip, strip_x0, caps, alpha_next)
+            result[pole] = multidiffusion_step(view, grid, step, denoise, prediction_type=prediction_type,
+                                               view_batch=view_batch, weights=weights, interrupt=interrupt,
+                                               previous_x0=memory)
+    return (*projection.blend(strip, strip_x0, result, alpha_next), result)
