@@ -25,7 +25,10 @@ Writes bench/results/poles.json.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
+import time
 
 import numpy as np
 
@@ -190,3 +193,81 @@ def _channels(image: np.ndarray) -> np.ndarray:
 def summary(metric: dict) -> str:
     return "  ".join(f"{pole}: iso {m['isotropy']:.2f} detail {m['detail']:.2f}"
                      + (f" rows {m['row_spread']:.2f}" if "row_spread" in m else "") for pole, m in metric.items())
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def work_rows() -> list[dict]:
+    """UNet window work of each quality preset for the 360 world at SD's 512 px window, flat vs sphere poles."""
+    from msd_core.plan import BACKWARD_COST, plan_without_model
+    from msd_core.settings import QUALITY, GenerationSettings
+
+    rows = []
+    for quality in QUALITY:
+        costs = {}
+        for poles in ("flat", "sphere"):
+            settings = GenerationSettings(prompt="bench", window=512, poles=poles).with_quality(quality)
+            work = plan_without_model(settings, None, "float16").work()
+            costs[poles] = work["forwards"] + BACKWARD_COST * work["backwards"]
+            rows.append({"quality": quality, "poles": poles, **work, "forward_equivalents": costs[poles]})
+        rows[-1]["added"] = costs["sphere"] / costs["flat"] - 1
+    return rows
+
+
+def tiny_rows(sizes: list[tuple[int, int]], seeds: list[int]) -> list[dict]:
+    """The metric on the tiny model's 360° worlds (Standard), flat and with pole caps (decoded as a strip and
+    as views)."""
+    import torch
+    from common import environment  # noqa: F401  (sets the offline caches)
+
+    from msd_core.pipeline import MSDPanoramaPipeline
+    from msd_core.settings import GenerationSettings
+
+    torch.set_num_threads(1)
+    base = GenerationSettings(prompt="a landscape", model="tiny", device="cpu", dtype="float32")
+    pipe = MSDPanoramaPipeline.from_settings(base)
+    rows = []
+    for width, height in sizes:
+        for seed in seeds:
+            for poles in ("flat", "sphere"):
+                settings = dataclasses.replace(base, width=width, height=height, seed=seed, poles=poles)
+                started = time.perf_counter()
+                result = pipe(settings)
+                seconds = time.perf_counter() - started
+                images = {"cap windows + cap decode" if poles == "sphere" else "flat": result.image}
+                if poles == "sphere":
+                    images["cap windows, strip decode"] = pipe.decode(result.latents, True)
+                for candidate, image in images.items():
+                    metric = pole_metric(np.asarray(image, float) / 255)
+                    rows.append({"size": f"{width}×{height}", "seed": seed, "candidate": candidate,
+                                 "forwards": result.plan.work()["forwards"], "seconds": seconds, **{
+                                     f"{pole}_{name}": value for pole, values in metric.items()
+                                     for name, value in values.items()}})
+                    print(rows[-1]["size"], seed, f"{candidate:26}", summary(metric), flush=True)
+    return rows
+
+
+def main() -> None:
+    from common import environment, markdown_table, write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["512x256"], help="WIDTHxHEIGHT of the tiny model's worlds")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    args = parser.parse_args()
+    sizes = [tuple(int(part) for part in size.split("x")) for size in args.sizes]
+    references = []
+    for wavelength in (8, 16):
+        for name, make in (("sphere-correct noise", sphere_noise), ("flat-strip noise", strip_noise)):
+            metric = pole_metric(make(256, 512, wavelength_rows=wavelength, seed=1))
+            references.append({"image": f"{name}, wavelength {wavelength} rows, 512×256", **{
+                f"{pole}_{key}": value for pole, values in metric.items() for key, value in values.items()}})
+            print(references[-1]["image"], summary(metric), flush=True)
+    work = work_rows()
+    print(markdown_table(work, ["quality", "poles", "forwards", "backwards", "forward_equivalents", "added"]))
+    tiny = tiny_rows(sizes, args.seeds)
+    write_json("poles", {"environment": environment(), "references": references, "work": work, "tiny": tiny})
+
+
+if __name__ == "__main__":
+    main()

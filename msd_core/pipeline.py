@@ -205,7 +205,7 @@ class MSDPanoramaPipeline:
                     latents = guide(latents, step)
         sampled = time.perf_counter()
         # 6. Decode.
-        image = self.decode(latents, settings.wrap) if decode else None
+        image = self.decode(latents, settings.wrap, cap_views) if decode else None
         finished = time.perf_counter()
         timings = {"sample": sampled - started, "decode": finished - sampled, "total": finished - started}
         # 7. Metadata.
@@ -242,10 +242,17 @@ class MSDPanoramaPipeline:
 
     # -- decoding and saving -----------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, wrap: bool):
-        """Full-size image (PIL), tiled for large panoramas, wrap-aware for 360° ones."""
+    def decode(self, latents: torch.Tensor, wrap: bool, caps: sphere.Caps | None = None):
+        """Full-size image (PIL), tiled for large panoramas, wrap-aware for 360° ones; ``caps`` (the pole caps'
+        final views, ``--poles sphere``) are decoded as views and blended over the poles."""
         tile = vae.auto_tile(latents.shape[2], latents.shape[3], self.device)
         images = vae.decode_latents(self.vae, latents.to(self.dtype), wrap=wrap, tile=tile)
+        if caps:
+            size = next(iter(caps.values()))[0].shape[-1]
+            cap_tile = vae.auto_tile(size, size, self.device)
+            images = sphere.blend_decoded_caps(images, {
+                pole: vae.decode_latents(self.vae, view.to(self.dtype), tile=cap_tile) for pole, (view, _) in caps.items()
+            })
         return vae.to_pil(images)[0]
 
     def decode_preview(self, latents: torch.Tensor, max_width: int = 512):

@@ -33,6 +33,10 @@ POLES = ("zenith", "nadir")
 # FULL_CAP from the pole and fades out linearly until FADE_END.
 FULL_CAP = math.radians(30)
 FADE_END = math.radians(42)
+# Decoded caps replace the decoded strip over a smaller cap: the VAE's decoder sees zero padding at a view's
+# edges, so the fade ends farther from them (38° from the pole is 11 % of the half view from its edge).
+DECODED_FULL_CAP = math.radians(25)
+DECODED_FADE_END = math.radians(38)
 
 
 def axes_for(pole: str) -> torch.Tensor:
@@ -132,6 +136,8 @@ class CapProjection:
     height: int
     width: int
     size: int
+    full: float = FULL_CAP
+    fade_end: float = FADE_END
 
     @property
     def half_extent(self) -> float:
@@ -139,13 +145,13 @@ class CapProjection:
 
     @cached_property
     def weights(self) -> torch.Tensor:
-        return cap_weights(self.height)
+        return cap_weights(self.height, self.full, self.fade_end)
 
     @cached_property
     def view_weights(self) -> torch.Tensor:
         """Weight (size, size) of the cap's own step at each view pixel: ``cap_weights`` of its angle from the pole."""
         from_pole = torch.acos(view_directions(self.size, axes_for("zenith"), self.half_extent)[..., 2])
-        return ((FADE_END - from_pole) / (FADE_END - FULL_CAP)).clamp(0, 1)
+        return ((self.fade_end - from_pole) / (self.fade_end - self.full)).clamp(0, 1)
 
     @cached_property
     def rows(self) -> dict[str, slice]:
@@ -244,3 +250,13 @@ def pole_cap_step(
                                                view_batch=view_batch, weights=weights, interrupt=interrupt,
                                                previous_x0=memory)
     return (*projection.blend(strip, strip_x0, result, alpha_next), result)
+
+
+def blend_decoded_caps(images: torch.Tensor, caps: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoded strip (1, 3, H, W) with each cap's decoded view (1, 3, S, S) projected over its polar rows:
+    the decoder, too, then works on the caps where they are not squeezed into a strip (it adds texture of
+    its own at the pixel scale, which a strip's top row would spread around the pole)."""
+    size = next(iter(caps.values())).shape[-1]
+    projection = CapProjection(images.shape[-2], images.shape[-1], size, DECODED_FULL_CAP, DECODED_FADE_END)
+    blended, _ = projection.blend(images, None, {pole: (view, view) for pole, view in caps.items()}, alpha=1.0)
+    return blended
