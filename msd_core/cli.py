@@ -237,6 +237,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "window": args.window, "stride": args.stride, "feather": args.feather, "poles": args.poles, "view_batch": args.view_batch,
         "device": args.device, "dtype": args.dtype, "compile": args.compile,
         "hdr": args.hdr, "hdr_knee": args.hdr_knee, "hdr_peak": args.hdr_peak,
+        "cubemap": args.cubemap,
     }
     for name in ("gradient", "steps", "windows"):  # the quality preset's, unless given
         if getattr(args, name) is not None:
@@ -307,10 +308,7 @@ def generate(args: argparse.Namespace) -> int:
         raise BadInput(f"give the PNG file to write with -o/--output{dry}")
     check_memory(settings)
     output = check_output_path(args.output, args.overwrite, exr=settings.hdr)
-    if args.cubemap:
-        if settings.width != 2 * settings.height or not settings.wrap:
-            raise BadInput("--cubemap needs a 2:1 360° world (--preset 360, wrapping); this panorama is "
-                           f"{settings.width}×{settings.height}{'' if settings.wrap else ' without wrap'}")
+    if settings.cubemap:
         check_cubemap_paths(output, args.overwrite, exr=settings.hdr)
     if not 0 <= args.threads <= MAX_THREADS:
         raise BadInput("{field} must be from 0 (automatic) to {limit}, got {value}", field="threads", limit=MAX_THREADS,
@@ -336,7 +334,7 @@ def generate(args: argparse.Namespace) -> int:
     if settings.hdr:
         print(save_exr(result.image, path, result.metadata, knee=settings.hdr_knee, peak=settings.hdr_peak,
                        overwrite=args.overwrite))
-    if args.cubemap:
+    if settings.cubemap:
         curve = (settings.hdr_knee, settings.hdr_peak) if settings.hdr else None
         for face in save_cubemap(result.image, path, result.metadata, hdr_curve=curve, overwrite=args.overwrite):
             print(face)

@@ -120,6 +120,7 @@ class GenerationSettings:
     hdr: bool = False  # also write a linear OpenEXR with expanded highlights beside the PNG, for lighting
     hdr_knee: float = 0.8
     hdr_peak: float = 32.0
+    cubemap: bool = False  # also write the six cube map faces beside the PNG (msd_core.cubemap), a 2:1 world only
 
     def validate(self) -> "GenerationSettings":
         """Raise BadInput with one clear sentence for the first invalid setting; return self.
@@ -182,6 +183,10 @@ class GenerationSettings:
             _check_text("model_config", self.model_config, required=True, limit=MAX_PATH)
         _check_bool("hdr", self.hdr)
         _check_bool("compile", self.compile)
+        _check_bool("cubemap", self.cubemap)
+        if self.cubemap and not (self.wrap and self.width == 2 * self.height):
+            raise BadInput("a {field} needs a 2:1 360° world (wrapping); this panorama is {width}×{height}{wrap}",
+                           field="cubemap", width=self.width, height=self.height, wrap="" if self.wrap else " without wrap")
         _check_range("hdr_knee", self.hdr_knee, HDR_KNEE_RANGE, "the linear luminance where highlight expansion starts")
         _check_range("hdr_peak", self.hdr_peak, HDR_PEAK_RANGE, "the linear value white becomes; 1 = no expansion")
         return self

@@ -50,9 +50,11 @@ import torch  # noqa: E402
 from . import __version__, environment, hub, models, protocol, variations  # noqa: E402
 from .errors import BadInput, Cancelled, MSDError  # noqa: E402
 from .output import (  # noqa: E402
+    check_cubemap_paths,
     check_output_path,
     check_writable_folder,
     remove_stale_temporaries,
+    save_cubemap,
     save_exr,
     save_png,
 )
@@ -316,6 +318,9 @@ class Worker:
         if job.settings.hdr:
             exr = save_exr(result.image, output, result.metadata, knee=job.settings.hdr_knee,
                            peak=job.settings.hdr_peak, overwrite=job.overwrite)
+        if job.settings.cubemap:
+            curve = (job.settings.hdr_knee, job.settings.hdr_peak) if job.settings.hdr else None
+            save_cubemap(result.image, output, result.metadata, hdr_curve=curve, overwrite=job.overwrite)
         now = time.perf_counter()
         timings = {"load": load_seconds, **result.timings, "save": now - saving, "total": now - started}
         self._finish(job, protocol.event(
@@ -482,13 +487,21 @@ def parse_generate(message: dict) -> Job:
     return Job(
         id=request_id,
         settings=settings,
-        output=check_output_path(output, overwrite, exr=settings.hdr),
+        output=_checked_output(output, overwrite, settings),
         overwrite=overwrite,
         preview_every=preview_every,
         preview_dir=preview_dir,
         refine=refine,
         threads=threads,
     )
+
+
+def _checked_output(output, overwrite: bool, settings: GenerationSettings):
+    """The output path, refused now if it (or its EXR, or its cube map faces) would clobber a file."""
+    path = check_output_path(output, overwrite, exr=settings.hdr)
+    if settings.cubemap:
+        check_cubemap_paths(path, overwrite, exr=settings.hdr)
+    return path
 
 
 def parse_variations(message: dict) -> Job:

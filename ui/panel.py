@@ -13,7 +13,7 @@ from ..operators.models import cached_models, download_state, needs_download
 from ..operators.variations import variation_state
 from ..operators.worker_env import install_state
 from ..preferences import get_preferences, output_folder
-from ..properties import estimate_text, run_state
+from ..properties import effective_wrap, estimate_text, run_state
 
 STATUS_WORDS = {
     "NOT_INSTALLED": ("Worker not installed", 'ERROR'),
@@ -157,6 +157,8 @@ class MSD_PT_panorama(SidebarPanel, Panel):
             layout.prop(group, "backdrop_shape")
             layout.prop(group, "backdrop_strength")
         layout.prop(group, "hdr")
+        if effective_wrap(group) and group.width == 2 * group.height:
+            layout.prop(group, "cubemap")
 
         layout.use_property_split = False
         draw_model_download(layout, context)
@@ -214,6 +216,7 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         col.prop(group, "gradient")
         col.prop(group, "windows")
         col.prop(group, "pyramid")
+        col.prop(group, "poles")
         col.prop(group, "coarse_noise")
         col.prop(group, "scales")
         col = layout.column()
