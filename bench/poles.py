@@ -18,9 +18,9 @@ Views have ``view_size(H)`` pixels across 90°, so their centre pixel spans one 
 The same per-arc measure applies to rendered views (``view_energy``: Cycles renders in tests/test_world.py).
 
     .venv/bin/python bench/poles.py             # the tiny model at 512×256, Standard (seeds 0–1), before/after
-    .venv/bin/python bench/poles.py --sizes 512x256 1024x512 --seeds 0 1
+    .venv/bin/python bench/poles.py --sizes 1024x512 --seeds 0   # writes poles-1024x512.json
 
-Writes bench/results/poles.json.
+Writes bench/results/poles.json (512×256; other sizes: poles-SIZES.json).
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ def main() -> None:
     work = work_rows()
     print(markdown_table(work, ["quality", "poles", "forwards", "backwards", "forward_equivalents", "added"]))
     tiny = tiny_rows(sizes, args.seeds)
-    write_json("poles", {"environment": environment(), "references": references, "work": work, "tiny": tiny})
+    write_json("poles" if args.sizes == ["512x256"] else f"poles-{'-'.join(args.sizes)}", {"environment": environment(), "references": references, "work": work, "tiny": tiny})
 
 
 if __name__ == "__main__":
