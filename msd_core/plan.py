@@ -285,6 +285,7 @@ class Plan:
         """What the run will do, in pixels (stored in the output's metadata); windows per level are the
         most any step has (shifted tiles vary by a snapped edge tile)."""
         per_step = self.windows_per_step()
+        caps = {"pole_caps": {"size": self.caps * self.factor, "windows_per_step": max(self.cap_windows_per_step())}}
         return {
             "levels": self.levels,
             "window": self.window * self.factor,
@@ -293,8 +294,7 @@ class Plan:
             "view_batch": self.view_batch,
             "windows_per_level": [max(counts[level] for counts in per_step) for level in range(self.levels)],
             "unet_windows": self.work(),
-            "pole_caps": {"size": self.caps * self.factor, "windows_per_step": max(self.cap_windows_per_step())}
-            if self.caps else None,
+            **(caps if self.caps else {}),
         }
 
     def dry_run(self, dtype: str) -> dict:
