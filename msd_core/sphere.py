@@ -84,6 +84,7 @@ def sample_bilinear(image: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     """Bilinear samples of (C, H, W) at fractional coordinates (any shape S) → (C, *S); columns wrap when
     ``wrap`` (equirectangular), coordinates are clamped to the image otherwise and at the rows' ends."""
     _, height, width = image.shape
+    rows, cols = _on(image, rows, cols)
     rows = rows.clamp(0, height - 1)
     cols = cols if wrap else cols.clamp(0, width - 1)
     top, left = rows.floor().long().clamp(max=max(height - 2, 0)), cols.floor().long()
@@ -102,10 +103,16 @@ def sample_bilinear(image: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
 def sample_nearest(image: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, wrap: bool) -> torch.Tensor:
     """The nearest pixel of (C, H, W) at fractional coordinates → (C, *S): values are copied, never mixed."""
     _, height, width = image.shape
+    rows, cols = _on(image, rows, cols)
     rows = rows.round().long().clamp(0, height - 1)
     cols = cols.round().long()
     cols = cols % width if wrap else cols.clamp(0, width - 1)
     return image[:, rows, cols]
+
+
+def _on(image: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinates on the image's device, in float32 (MPS has no float64; a 16k image's coordinates fit)."""
+    return rows.to(image.device, torch.float32), cols.to(image.device, torch.float32)
 
 
 def resample(latents: torch.Tensor, x0: torch.Tensor | None, alpha: float, rows: torch.Tensor, cols: torch.Tensor,
