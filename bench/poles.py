@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from msd_core.cubemap import equirect_coords, sample_equirect  # Blender's equirectangular mapping, bilinear
+
 FOV = math.pi / 2  # 90° views, as an artist looking up would see
 # Azimuths of the horizon views that ``detail`` compares with (radians).
 HORIZON_AZIMUTHS = (0.0, math.pi / 2, math.pi, 3 * math.pi / 2)
@@ -65,29 +67,6 @@ def view_directions(size: int, axes: np.ndarray, fov: float = FOV) -> np.ndarray
     x, y = np.meshgrid(ticks, -ticks)
     directions = x[..., None] * axes[0] + y[..., None] * axes[1] + axes[2]
     return directions / np.linalg.norm(directions, axis=-1, keepdims=True)
-
-
-def equirect_coords(directions: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fractional (row, column) pixel coordinates of directions, Blender's convention: the image's centre faces
-    +X, its top row is the zenith, u = 0.5 − atan2(y, x)/2π; pixel centres at integer coordinates."""
-    x, y, z = directions[..., 0], directions[..., 1], directions[..., 2]
-    u = 0.5 - np.arctan2(y, x) / (2 * math.pi)
-    v = 0.5 - np.arctan2(z, np.hypot(x, y)) / math.pi  # from the top
-    return v * height - 0.5, u * width - 0.5
-
-
-def sample_equirect(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Bilinear samples of an (H, W, C) image, wrapping across 0/360° and clamping at the poles' rows."""
-    height, width = image.shape[:2]
-    rows = np.clip(rows, 0, height - 1)
-    top = np.clip(np.floor(rows).astype(int), 0, height - 2) if height > 1 else np.zeros_like(rows, int)
-    left = np.floor(cols).astype(int)
-    fr, fc = (rows - top)[..., None], (cols - left)[..., None]
-    left, right = left % width, (left + 1) % width
-    bottom = np.minimum(top + 1, height - 1)
-    upper = image[top, left] * (1 - fc) + image[top, right] * fc
-    lower = image[bottom, left] * (1 - fc) + image[bottom, right] * fc
-    return upper * (1 - fr) + lower * fr
 
 
 def render_view(image: np.ndarray, axes: np.ndarray, size: int | None = None, fov: float = FOV) -> np.ndarray:

@@ -24,7 +24,7 @@ from functools import cached_property
 
 import torch
 
-from .plan import CAP_HALF_EXTENT as HALF_EXTENT, cap_size  # noqa: F401  (cap_size: the views' size, from the plan)
+from .plan import CAP_HALF_EXTENT as HALF_EXTENT
 from .sampler import Denoiser, Interrupt, SolverStep, alphas_cumprod, msd_level_step, multidiffusion_step
 from .windows import WindowGrid
 

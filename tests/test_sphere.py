@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from msd_core import sphere
-from msd_core.plan import make_plan
+from msd_core.plan import cap_size, make_plan
 from msd_core.errors import BadInput
 from msd_core.settings import GenerationSettings
 
@@ -40,7 +40,7 @@ def test_resampling_keeps_the_noise_of_a_noisy_latent():
     eps = torch.randn(4, height, width, generator=generator)
     alpha = 0.3
     latents = math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * eps
-    projection = sphere.CapProjection(height, width, sphere.cap_size(height, 8))
+    projection = sphere.CapProjection(height, width, cap_size(height, 8))
     rows, cols = projection.to_view["zenith"]
     kept = sphere.resample(latents, x0, alpha, rows, cols, wrap=True)
     mixed = sphere.sample_bilinear(latents, rows, cols, wrap=True)
@@ -56,7 +56,7 @@ def test_resampling_keeps_the_noise_of_a_noisy_latent():
 
 def test_caps_make_each_pole_one_point_and_round_trip_inside_the_cap():
     height, width = 32, 64
-    projection = sphere.CapProjection(height, width, sphere.cap_size(height, 8))
+    projection = sphere.CapProjection(height, width, cap_size(height, 8))
     generator = torch.Generator().manual_seed(1)
     # Views smooth at the scale of a few pixels: a row's circle around the pole is one pixel across.
     smooth = torch.nn.functional.interpolate(torch.randn(2, 4, 4, 4, generator=generator), size=projection.size,
