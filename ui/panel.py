@@ -216,9 +216,9 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         col.prop(group, "gradient")
         col.prop(group, "windows")
         col.prop(group, "pyramid")
-        col.prop(group, "poles")
         col.prop(group, "coarse_noise")
         col.prop(group, "scales")
+        layout.prop(group, "poles")  # MultiDiffusion too
         col = layout.column()
         col.active = group.hdr
         col.prop(group, "hdr_knee")
