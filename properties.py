@@ -210,6 +210,15 @@ class MSD_PanoramaSettings(PropertyGroup):
         ],
         default=GenerationSettings.pyramid,
     )
+    poles: EnumProperty(
+        name="Poles",
+        items=[
+            ("sphere", "Sphere", "Also denoise each pole cap as a perspective view, so a 360° world does not pinch "
+                                 "when the camera looks straight up or down (about a fifth more work)"),
+            ("flat", "Flat", "The equirectangular strip alone: the poles pinch into radial streaks"),
+        ],
+        default=GenerationSettings.poles,
+    )
     coarse_noise: EnumProperty(
         name="Coarse Noise",
         items=[
@@ -255,6 +264,12 @@ class MSD_PanoramaSettings(PropertyGroup):
                     "and light the world with it. An estimate for lighting, not measured radiance",
         default=GenerationSettings.hdr,
     )
+    cubemap: BoolProperty(
+        name="Cube Map",
+        description="Also write the six cube map faces of a 360° world beside the PNG (NAME_px.png … NAME_nz.png, "
+                    "OpenGL convention, Y up, as game engines expect; EXR faces too with HDR)",
+        default=GenerationSettings.cubemap,
+    )
     hdr_knee: FloatProperty(
         name="HDR Knee", description="Linear brightness above which highlights are expanded; below it the EXR "
                                      "equals the PNG",
@@ -289,6 +304,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         windows=group.windows,
         pyramid=group.pyramid,
         coarse_noise=group.coarse_noise,
+        poles=group.poles,
         omega=group.omega,
         scales=group.scales or None,
         steps=group.steps,
@@ -300,6 +316,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         hdr_knee=group.hdr_knee,
         hdr_peak=group.hdr_peak,
         loras=[{"path": _model_path(slot.path.strip()), "weight": round(slot.weight, 6)} for slot in group.loras],
+        cubemap=group.cubemap and effective_wrap(group) and group.width == 2 * group.height,
     )
 
 
@@ -365,7 +382,8 @@ def _panel_values(settings: GenerationSettings) -> dict:
         "aspect": aspect, "width": settings.width, "height": settings.height, "wrap": settings.wrap,
         "prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "method": settings.method,
         "gradient": settings.gradient, "windows": settings.windows, "omega": settings.omega,
-        "pyramid": settings.pyramid, "coarse_noise": settings.coarse_noise, "scales": settings.scales or 0,
+        "pyramid": settings.pyramid, "coarse_noise": settings.coarse_noise, "poles": settings.poles,
+        "scales": settings.scales or 0, "cubemap": settings.cubemap,
         "steps": settings.steps, "guidance": settings.guidance, "random_seed": False,
         # Seed first (its update clears the stored seed), then a seed too large for it as text.
         "seed": settings.seed if settings.seed <= SEED_MAX else 0,
@@ -398,6 +416,7 @@ SETTING_PLACES = {
     "seed": (_SAMPLER, "seed"), "steps": (_SAMPLER, "steps"), "guidance": (_SAMPLER, "guidance"),
     "method": (_SAMPLER, "method"), "omega": (_SAMPLER, "omega"), "gradient": (_SAMPLER, "gradient"), "windows": (_SAMPLER, "windows"),
     "pyramid": (_SAMPLER, "pyramid"), "coarse_noise": (_SAMPLER, "coarse_noise"), "scales": (_SAMPLER, "scales"),
+    "poles": (_SAMPLER, "poles"), "cubemap": (_PANEL, "cubemap"),
     "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"), "hdr_peak": (_SAMPLER, "hdr_peak"),
     "model": (_PREFERENCES, "model"), "model_config": (_PREFERENCES, "model_config"),
     "device": (_PREFERENCES, "device"), "dtype": (_PREFERENCES, "precision"),

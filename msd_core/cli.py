@@ -33,6 +33,7 @@ from .settings import (
     MAX_SIDE,
     METHODS,
     OMEGA_LOSSES,
+    POLE_MODES,
     PYRAMIDS,
     PRESETS,
     QUALITY,
@@ -179,6 +180,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "non-overlapping tiles at a new seeded offset every step (a fraction of the UNet work)")
     method.add_argument("--stride", type=int,
                         help="dense window stride in pixels (default: window/8; implies --windows dense)")
+    method.add_argument("--poles", choices=POLE_MODES, default=GenerationSettings.poles,
+                        help="sphere: also denoise each pole cap as a perspective view, so a 360° world does not "
+                             "pinch when the camera looks up or down; flat: the strip alone "
+                             f"(default {GenerationSettings.poles}; docs/poles.md)")
     method.add_argument("--feather", action="store_true", help="feathered instead of uniform window weights")
 
     sampling = parser.add_argument_group("sampling")
@@ -208,6 +213,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch (default 0: OMP_NUM_THREADS if set, else physical cores − 1)")
     device.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet (off by default: compiling takes minutes, its gain is unmeasured)")
+    parser.add_argument("--cubemap", action="store_true",
+                        help="also write the six cube map faces beside the PNG, OUTPUT_px.png … OUTPUT_nz.png (OpenGL "
+                             "convention, Y up, as game engines expect; .exr faces too with --hdr; docs/poles.md)")
     lighting = parser.add_argument_group("HDR for lighting (see docs/hdr.md)")
     lighting.add_argument("--hdr", action="store_true",
                           help="also write a linear half-float OpenEXR beside OUTPUT (same name, .exr) whose "
@@ -247,9 +255,11 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
         "coarse_noise": args.coarse_noise, "scales": args.scales, "guidance": args.guidance, "scheduler": args.scheduler,
         "seed": secrets.randbelow(DRAWN_SEED_LIMIT) if args.seed is None else args.seed,
-        "window": args.window, "stride": args.stride, "feather": args.feather, "view_batch": args.view_batch,
+        "window": args.window, "stride": args.stride, "feather": args.feather, "poles": args.poles,
+        "view_batch": args.view_batch,
         "device": args.device, "dtype": args.dtype, "compile": args.compile,
         "hdr": args.hdr, "hdr_knee": args.hdr_knee, "hdr_peak": args.hdr_peak,
+        "cubemap": args.cubemap,
     }
     for name in ("gradient", "steps", "windows"):  # the quality preset's, unless given
         if getattr(args, name) is not None:
@@ -344,7 +354,7 @@ def dry_run(settings: GenerationSettings, count: int | None = None) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from .output import check_output_path, save_exr
+    from .output import check_cubemap_paths, check_output_path, save_cubemap, save_exr
 
     if args.command == "refine":
         settings, source = refine_settings_from_args(args)
@@ -367,6 +377,8 @@ def generate(args: argparse.Namespace) -> int:
         from .refine import check_source_and_output
 
         check_source_and_output(source.source, output, exr=settings.hdr)
+    if settings.cubemap:
+        check_cubemap_paths(output, args.overwrite, exr=settings.hdr)
     origin = f" from {args.image} at strength {source.strength}" if source else ""
     pipe = _load_pipeline(args, settings, f"{settings.width}×{settings.height}{origin}, seed {settings.seed}")
     progress = None if args.quiet else _progress_bar(settings.steps)
@@ -380,6 +392,10 @@ def generate(args: argparse.Namespace) -> int:
     if settings.hdr:
         print(storable_text(str(save_exr(result.image, path, result.metadata, knee=settings.hdr_knee,
                                          peak=settings.hdr_peak, overwrite=args.overwrite))))
+    if settings.cubemap:
+        curve = (settings.hdr_knee, settings.hdr_peak) if settings.hdr else None
+        for face in save_cubemap(result.image, path, result.metadata, hdr_curve=curve, overwrite=args.overwrite):
+            print(storable_text(str(face)))
     return 0
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__, hdr
+from . import __version__, cubemap, hdr
 from .environment import process_alive
 from .errors import BadInput
 from .pngmeta import METADATA_KEYS, SETTINGS_KEY, storable_text
@@ -149,6 +149,44 @@ def save_exr(
     latlong = image.width == 2 * image.height
     _write_atomically(target, lambda file: hdr.write_exr(file, rgb, attributes, latlong=latlong), overwrite)
     return target
+
+
+def check_cubemap_paths(png_path, overwrite: bool, *, exr: bool = False) -> list[pathlib.Path]:
+    """Refuse cube map faces (``cubemap.face_paths``) that would clobber files, before any time is spent."""
+    paths = [*cubemap.face_paths(png_path).values(), *(cubemap.face_paths(png_path, ".exr").values() if exr else ())]
+    if not overwrite:
+        for path in paths:
+            if path.exists():
+                raise _exists(path)
+    return paths
+
+
+def save_cubemap(image: Image.Image, png_path, metadata: dict[str, str], *, hdr_curve: tuple[float, float] | None = None,
+                 overwrite: bool = False) -> list[pathlib.Path]:
+    """Write the six cube map faces of the equirectangular ``image`` (saved as ``png_path``) beside it:
+    ``<stem>_px.png`` … ``<stem>_nz.png`` (``cubemap``'s convention), each with ``metadata``; with
+    ``hdr_curve`` = (knee, peak) also linear OpenEXR faces sampled from the HDR companion's pixels.
+    Return the paths written. Only a 2:1 world has faces."""
+    if image.width != 2 * image.height:
+        raise BadInput("a cube map needs a 2:1 equirectangular 360° world; this panorama is {width}×{height}",
+                       field="cubemap", width=image.width, height=image.height)
+    check_cubemap_paths(png_path, overwrite, exr=hdr_curve is not None)
+    pixels = np.asarray(image.convert("RGB"))
+    written = []
+    faces = cubemap.cube_faces(pixels.astype(np.float64))
+    for face, path in cubemap.face_paths(png_path).items():
+        face_image = Image.fromarray(np.clip(np.rint(faces[face]), 0, 255).astype(np.uint8))
+        written.append(save_png(face_image, path, {**metadata, "cubemap_face": face}, overwrite=overwrite))
+    if hdr_curve is not None:
+        knee, peak = hdr_curve
+        linear = cubemap.cube_faces(hdr.linear_hdr(pixels, knee, peak))
+        attributes = {**metadata, "hdr_knee": json.dumps(knee), "hdr_peak": json.dumps(peak)}
+        for face, path in cubemap.face_paths(png_path, ".exr").items():
+            rgb = linear[face].astype(np.float32)
+            _write_atomically(path.absolute(), lambda file, rgb=rgb, face=face: hdr.write_exr(
+                file, rgb, {**attributes, "cubemap_face": face}), overwrite)
+            written.append(path.absolute())
+    return written
 
 
 def _write_atomically(target: pathlib.Path, write, overwrite: bool) -> None:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, lora, models, output, refine, vae
+from . import __version__, lora, models, output, refine, sphere, vae
 from .errors import NonFiniteResult
 from .plan import Plan, default_levels, make_plan  # noqa: F401  (default_levels: used from here by bench/)
 from .sampler import (
@@ -225,15 +225,21 @@ class MSDPanoramaPipeline:
         omega = settings.omega if settings.method == "msd" else 0.0
         # Only the exact gradient needs autograd; everything else runs in inference mode (no version counters).
         no_grad = torch.no_grad if plan.guided and settings.gradient == "exact" else torch.inference_mode
+        # A 360° world's poles (--poles sphere): both caps' views are denoised beside the strip every step.
+        caps = sphere.CapProjection(plan.height, plan.width, plan.caps) if plan.caps else None
+        coarser, cap_views = [None], None
         # 5. Denoising loop (shifted windows move every step, so each step gets its own grids).
         for index, step in enumerate(schedule):
 
             def on_level(result: LevelResult, index=index) -> None:
+                if result.level == plan.levels - 1:
+                    coarser[0] = result.latents  # the caps' guidance target (the strip's is this level too)
                 if callback:
                     callback(StepInfo(index + 1, len(schedule), result.level, plan.levels, result.latents,
                                       result.pred_x0, time.perf_counter() - started))
 
             with no_grad():
+                before, x0_before = latents, x0_history[-1]
                 latents = msd_step(
                     latents, plan.grids_at(index), step, denoise, omega * cosine_decay(step.t, train_steps),
                     gradient=settings.gradient, omega_loss=settings.omega_loss,
@@ -241,6 +247,13 @@ class MSDPanoramaPipeline:
                     weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
                     coarse_noise=settings.coarse_noise, train_alphas=self.scheduler.alphas_cumprod,
                 )
+                if caps is not None:
+                    latents, x0_history[-1], cap_views = sphere.pole_cap_step(
+                        before, x0_before, latents, x0_history[-1], caps, plan.cap_grid_at(index), step, denoise,
+                        caps=cap_views, prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
+                        weights=weights[-1], interrupt=interrupt, coarse=coarser[0],
+                        omega=omega * cosine_decay(step.t, train_steps), omega_loss=settings.omega_loss,
+                    )
                 if guide is not None:
                     latents = guide(latents, step)
         sampled = time.perf_counter()
@@ -250,7 +263,7 @@ class MSDPanoramaPipeline:
                 "float16 can overflow where float32 does not: try --dtype float32"
             )
         # 6. Decode.
-        image = self.decode(latents, settings.wrap) if decode else None
+        image = self.decode(latents, settings.wrap, cap_views) if decode else None
         finished = time.perf_counter()
         timings = {"sample": sampled - started, "decode": finished - sampled, "total": finished - started}
         # 7. Metadata.
@@ -288,14 +301,21 @@ class MSDPanoramaPipeline:
 
     # -- decoding and saving -----------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, wrap: bool):
-        """Full-size image (PIL), tiled for large panoramas, wrap-aware for 360° ones."""
+    def decode(self, latents: torch.Tensor, wrap: bool, caps: sphere.Caps | None = None):
+        """Full-size image (PIL), tiled for large panoramas, wrap-aware for 360° ones; ``caps`` (the pole caps'
+        final views, ``--poles sphere``) are decoded as views and blended over the poles."""
         tile = vae.auto_tile(latents.shape[2], latents.shape[3], self.device)
         # Cast by decode_latents to the VAE's own dtype (float32 for an upcast SDXL VAE: models.vae_dtype).
         images = vae.decode_latents(self.vae, latents, wrap=wrap, tile=tile)
         if not torch.isfinite(images).all():
             raise NonFiniteResult("decoding produced values that are not finite numbers (NaN or infinity), so nothing "
                                   "was written; float16 can overflow where float32 does not: try --dtype float32")
+        if caps:
+            size = next(iter(caps.values()))[0].shape[-1]
+            cap_tile = vae.auto_tile(size, size, self.device)
+            images = sphere.blend_decoded_caps(images, {
+                pole: vae.decode_latents(self.vae, view, tile=cap_tile) for pole, (view, _) in caps.items()
+            })
         return vae.to_pil(images)[0]
 
     def decode_preview(self, latents: torch.Tensor, max_width: int = 512):

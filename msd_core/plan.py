@@ -50,6 +50,9 @@ KNOWN_WINDOWS = (("stable-diffusion-xl", 1024, "sdxl"), ("sdxl", 1024, "sdxl"), 
 TINY_MODELS = {"tiny": (64, "sd"), "tiny-v": (64, "sd"), "tiny-xl": (128, "sdxl"), "tiny-xl-v": (128, "sdxl")}
 # A single-file checkpoint whose UNet has SDXL's added-conditioning embedding (LDM key names).
 SDXL_CHECKPOINT_KEY = "model.diffusion_model.label_emb.0.0.weight"
+# Pole caps (``--poles sphere``, msd_core.sphere): each cap's gnomonic view spans 90° (tan 45° = 1 either side
+# of the pole), so it reaches 45° from the pole along its edges.
+CAP_HALF_EXTENT = 1.0
 
 
 def window_starts(length: int, window: int, stride: int, wrap: bool = False) -> list[int]:
@@ -133,6 +136,19 @@ def global_squeeze(width: int, window: int, stride: int) -> int:
         if not (width % squeeze or window % squeeze or stride % squeeze):
             return squeeze
     return 1
+
+
+def cap_size(height: int, window: int, half_extent: float = CAP_HALF_EXTENT) -> int:
+    """Latent pixels across a pole cap's view: its centre pixel spans one row of the equirectangular latent
+    (π/H of arc), so the cap is made at the strip's resolution; at least one window, and even."""
+    size = max(window, math.ceil(2 * half_extent * height / math.pi))
+    return size + size % 2
+
+
+def has_poles(width: int, height: int, wrap: bool) -> bool:
+    """Whether a panorama is an equirectangular world (2:1 and wrapping, as operators/world.py maps it): only
+    then do its top and bottom rows meet at the poles; a strip or backdrop has no poles."""
+    return wrap and width == 2 * height
 
 
 def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool) -> dict:
@@ -233,6 +249,7 @@ class Plan:
     guided: bool  # MSD with ω > 0: finer levels take the gradient step
     squeeze: int = 1  # columns averaged by a global level on top of the halving pyramid (1 = none)
     family: str = "sd"  # the model family ("sd", "sdxl"): its memory figures
+    caps: int = 0  # latent pixels across each pole cap's view (``--poles sphere``); 0 = no cap windows
 
     def level_shape(self, level: int) -> tuple[int, int]:
         """(height, width) of a level, 0 = coarsest (the global level, if any)."""
@@ -260,6 +277,28 @@ class Plan:
                                window_starts(width, self.window, self.stride, self.wrap)))
         return result
 
+    def cap_starts_at(self, step_index: int) -> tuple[list[int], list[int]]:
+        """Row and column window starts over a pole cap's view at one step (both caps share them): shifted
+        tiles like the strip's when its windows are shifted, else dense windows every stride."""
+        if self.windows == "shifted":
+            return shifted_offsets(self.caps, self.caps, self.window, step_index, self.seed, False, level=-1,
+                                   multiple=2)  # even: the guided caps crop a halved view
+        starts = window_starts(self.caps, self.window, self.stride)
+        return starts, starts
+
+    def cap_grid_at(self, step_index: int):
+        """The ``windows.WindowGrid`` over a pole cap's view at one step (imports torch)."""
+        from .windows import WindowGrid
+
+        rows, cols = self.cap_starts_at(step_index)
+        return WindowGrid(self.caps, self.caps, self.window, self.stride, False, starts=(tuple(rows), tuple(cols)))
+
+    def cap_windows_per_step(self) -> list[int]:
+        """Windows of both pole caps at every step (0 without caps)."""
+        if not self.caps:
+            return [0] * self.steps
+        return [2 * len(rows) * len(cols) for rows, cols in map(self.cap_starts_at, range(self.steps))]
+
     def windows_per_step(self) -> list[list[int]]:
         return [[len(rows) * len(cols) for rows, cols in self.starts_at(index)] for index in range(self.steps)]
 
@@ -280,15 +319,17 @@ class Plan:
         return self.grids_at(0)
 
     def work(self, steps: int | None = None) -> dict:
-        """UNet work of the run, or of its first ``steps`` steps (a refine runs only part of the schedule)."""
-        return unet_work(self.windows_per_step()[:steps], self.gradient, self.guided)
+        """UNet window passes of the run, or of its first ``steps`` steps (a refine runs only part of the
+        schedule): the pyramid's (``unet_work``) plus the pole caps' forwards."""
+        work = unet_work(self.windows_per_step()[:steps], self.gradient, self.guided)
+        return {**work, "forwards": work["forwards"] + sum(self.cap_windows_per_step()[:steps])}
 
     def step_costs(self) -> list[float]:
         """UNet work of every step in window forwards, a backward counted as ``BACKWARD_COST`` forwards."""
         costs = []
-        for counts in self.windows_per_step():
+        for counts, caps in zip(self.windows_per_step(), self.cap_windows_per_step()):
             work = unet_work([counts], self.gradient, self.guided)
-            costs.append(work["forwards"] + BACKWARD_COST * work["backwards"])
+            costs.append(work["forwards"] + caps + BACKWARD_COST * work["backwards"])
         return costs
 
     def describe(self, steps: int | None = None) -> dict:
@@ -296,6 +337,7 @@ class Plan:
         most any step has (shifted tiles vary by a snapped edge tile); the UNet work counts the first
         ``steps`` steps where not all run."""
         per_step = self.windows_per_step()
+        caps = {"pole_caps": {"size": self.caps * self.factor, "windows_per_step": max(self.cap_windows_per_step())}}
         return {
             "levels": self.levels,
             "window": self.window * self.factor,
@@ -304,6 +346,7 @@ class Plan:
             "view_batch": self.view_batch,
             "windows_per_level": [max(counts[level] for counts in per_step) for level in range(self.levels)],
             "unet_windows": self.work(steps),
+            **(caps if self.caps else {}),
         }
 
     def dry_run(self, dtype: str) -> dict:
@@ -376,8 +419,9 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
     guided = settings.method == "msd" and settings.omega > 0 and levels > 1
     exact = guided and settings.gradient == "exact"
     view_batch = settings.view_batch or view_batch_for(free_bytes, exact, dtype, window, family)
+    caps = cap_size(height, window) if settings.poles == "sphere" and has_poles(width, height, settings.wrap) else 0
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
-                settings.steps, factor, settings.gradient, guided, squeeze, family)
+                settings.steps, factor, settings.gradient, guided, squeeze, family, caps)
 
 
 def plan_without_model(settings: GenerationSettings, free_bytes: float | None, dtype: str) -> Plan:

@@ -39,6 +39,10 @@ COARSE_NOISES = ("matched", "literal")
 WINDOW_MODES = ("dense", "shifted")
 # ddim: the paper's sampler; dpmpp-2m: DPM-Solver++ (2M), multistep, fewer steps (docs/solver.md).
 SCHEDULERS = ("ddim", "dpmpp-2m")
+# "sphere": a 360° world's poles are also denoised as perspective views of each cap and blended in, so a
+# camera looking straight up or down sees no pinch (msd_core.sphere, docs/poles.md); "flat": the strip alone.
+# Only 2:1 wrapping worlds have poles: other shapes are the same either way.
+POLE_MODES = ("sphere", "flat")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
@@ -119,6 +123,7 @@ class GenerationSettings:
     stride: int | None = None  # pixels; None = window / 8 (diffusers' MultiDiffusion: 8 latent px); dense only
     windows: str = _DEFAULTS["windows"]  # WINDOW_MODES
     feather: bool = False  # feathered window weights instead of uniform ones
+    poles: str = "flat"  # POLE_MODES
     view_batch: int | None = None  # windows per UNet call; None = chosen from free memory
     device: str = "auto"
     dtype: str = "auto"
@@ -126,6 +131,7 @@ class GenerationSettings:
     hdr: bool = False  # also write a linear OpenEXR with expanded highlights beside the PNG, for lighting
     hdr_knee: float = 0.8
     hdr_peak: float = 32.0
+    cubemap: bool = False  # also write the six cube map faces beside the PNG (msd_core.cubemap), a 2:1 world only
 
     def validate(self) -> "GenerationSettings":
         """Raise BadInput with one clear sentence for the first invalid setting; return self.
@@ -165,6 +171,7 @@ class GenerationSettings:
                            windows=self.windows)
         _check_choice("omega_loss", self.omega_loss, OMEGA_LOSSES)
         _check_choice("pyramid", self.pyramid, PYRAMIDS)
+        _check_choice("poles", self.poles, POLE_MODES)
         _check_choice("coarse_noise", self.coarse_noise, COARSE_NOISES)
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)
         _check_choice("device", self.device, DEVICES)
@@ -188,6 +195,10 @@ class GenerationSettings:
         check_loras(self.loras)
         _check_bool("hdr", self.hdr)
         _check_bool("compile", self.compile)
+        _check_bool("cubemap", self.cubemap)
+        if self.cubemap and not (self.wrap and self.width == 2 * self.height):
+            raise BadInput("a {field} needs a 2:1 360° world (wrapping); this panorama is {width}×{height}{wrap}",
+                           field="cubemap", width=self.width, height=self.height, wrap="" if self.wrap else " without wrap")
         _check_range("hdr_knee", self.hdr_knee, HDR_KNEE_RANGE, "the linear luminance where highlight expansion starts")
         _check_range("hdr_peak", self.hdr_peak, HDR_PEAK_RANGE, "the linear value white becomes; 1 = no expansion")
         return self

@@ -72,9 +72,11 @@ except ImportError as exc:
 from . import __version__, environment, hub, models, protocol, variations  # noqa: E402
 from .errors import BadInput, Cancelled, MSDError  # noqa: E402
 from .output import (  # noqa: E402
+    check_cubemap_paths,
     check_output_path,
     check_writable_folder,
     remove_stale_temporaries,
+    save_cubemap,
     save_exr,
     save_png,
 )
@@ -399,6 +401,9 @@ class Worker:
         if job.settings.hdr:
             exr = save_exr(result.image, output, result.metadata, knee=job.settings.hdr_knee,
                            peak=job.settings.hdr_peak, overwrite=job.overwrite)
+        if job.settings.cubemap:
+            curve = (job.settings.hdr_knee, job.settings.hdr_peak) if job.settings.hdr else None
+            save_cubemap(result.image, output, result.metadata, hdr_curve=curve, overwrite=job.overwrite)
         now = time.perf_counter()
         timings = {"load": load_seconds, **result.timings, "save": now - saving, "total": now - started}
         self._finish(job, protocol.event(
@@ -563,7 +568,7 @@ def parse_generate(message: dict) -> Job:
     if not is_int(threads) or not 0 <= threads <= MAX_THREADS:
         raise BadInput("{field} must be a whole number from 0 (the worker's default) to {limit}, got {value}",
                        field="threads", limit=MAX_THREADS, value=shown(threads))
-    output = check_output_path(output, overwrite, exr=settings.hdr)
+    output = _checked_output(output, overwrite, settings)
     if refine is not None:
         check_source_and_output(refine.source, output, exr=settings.hdr)
     return Job(
@@ -576,6 +581,14 @@ def parse_generate(message: dict) -> Job:
         refine=refine,
         threads=threads,
     )
+
+
+def _checked_output(output, overwrite: bool, settings: GenerationSettings):
+    """The output path, refused now if it (or its EXR, or its cube map faces) would clobber a file."""
+    path = check_output_path(output, overwrite, exr=settings.hdr)
+    if settings.cubemap:
+        check_cubemap_paths(path, overwrite, exr=settings.hdr)
+    return path
 
 
 def parse_variations(message: dict) -> Job:

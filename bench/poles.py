@@ -1,0 +1,252 @@
+"""Do a 360° world's poles look right? A metric on any equirectangular image (H × W × C, numpy).
+
+A window sampler treats the equirectangular image as a flat strip: its top and bottom rows, each one
+point on the sphere, get ordinary texture, and a camera looking straight up sees radial streaks (a pinch).
+``pole_metric`` renders perspective (gnomonic) views straight up, straight down and at the horizon and
+measures, per pole:
+
+- ``isotropy``: the RMS texture gradient across the radii (around the view centre) over the one along them,
+  each per radian of arc on the sphere (the view's own stretch undone: a gnomonic view magnifies by
+  sec²θ along the radii and secθ across them at θ from its centre), weighted by solid angle. 1 on a
+  sphere-correct image; a flat strip reads ≫ 1 (its texture is squeezed across the radii near the pole).
+- ``detail``: the RMS gradient per radian of arc of the cap view over the horizon view's (averaged over four
+  azimuths). ~1 when the cap has the texture the rest has; a flat-filled or blurred cap reads ≪ 1.
+- ``row_spread``: the std across longitude of the top (bottom) pixel row over the whole image's std: 0 when the
+  row is one point, ≈ 1 for a flat strip.
+
+Views have ``view_size(H)`` pixels across 90°, so their centre pixel spans one row of the image (π/H).
+The same per-arc measure applies to rendered views (``view_energy``: Cycles renders in tests/test_world.py).
+
+    .venv/bin/python bench/poles.py             # the tiny model at 512×256, Standard (seeds 0–1), before/after
+    .venv/bin/python bench/poles.py --sizes 1024x512 --seeds 0   # writes poles-1024x512.json
+
+Writes bench/results/poles.json (512×256; other sizes: poles-SIZES.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+
+import numpy as np
+
+from msd_core.cubemap import equirect_coords, sample_equirect  # Blender's equirectangular mapping, bilinear
+
+FOV = math.pi / 2  # 90° views, as an artist looking up would see
+# Azimuths of the horizon views that ``detail`` compares with (radians).
+HORIZON_AZIMUTHS = (0.0, math.pi / 2, math.pi, 3 * math.pi / 2)
+
+
+def view_size(height: int) -> int:
+    """Pixels across a 90° view whose centre pixel spans one row of an equirectangular image ``height`` tall."""
+    return max(8, round(2 * math.tan(FOV / 2) * height / math.pi))
+
+
+def frame(forward, up) -> np.ndarray:
+    """The (right, up, forward) rows of a camera looking along ``forward`` with ``up`` towards the view's top."""
+    forward = np.asarray(forward, float) / np.linalg.norm(forward)
+    right = np.cross(forward, up)
+    right /= np.linalg.norm(right)
+    return np.stack([right, np.cross(right, forward), forward])
+
+
+ZENITH = frame((0, 0, 1), (1, 0, 0))  # looking up, +X (the image's centre column) at the top of the view
+NADIR = frame((0, 0, -1), (1, 0, 0))
+
+
+def horizon_frame(azimuth: float) -> np.ndarray:
+    return frame((math.cos(azimuth), math.sin(azimuth), 0), (0, 0, 1))
+
+
+def view_directions(size: int, axes: np.ndarray, fov: float = FOV) -> np.ndarray:
+    """Unit directions (size, size, 3) of a gnomonic view's pixel centres, top row first."""
+    half = math.tan(fov / 2)
+    ticks = ((np.arange(size) + 0.5) / size * 2 - 1) * half
+    x, y = np.meshgrid(ticks, -ticks)
+    directions = x[..., None] * axes[0] + y[..., None] * axes[1] + axes[2]
+    return directions / np.linalg.norm(directions, axis=-1, keepdims=True)
+
+
+def render_view(image: np.ndarray, axes: np.ndarray, size: int | None = None, fov: float = FOV) -> np.ndarray:
+    """A perspective view (size, size, C) of an equirectangular (H, W, C) image."""
+    image = _channels(image)
+    size = size or view_size(image.shape[0])
+    return sample_equirect(image, *equirect_coords(view_directions(size, axes, fov), *image.shape[:2]))
+
+
+def view_energy(view: np.ndarray, fov: float = FOV) -> dict:
+    """Mean squared gradient per radian² of arc of a gnomonic view (H × W [× C], centre on the axis), split
+    into the part across the radii (around the centre) and along them, weighted by solid angle (cos³θ)."""
+    view = _channels(view).mean(axis=-1)
+    size_y, size_x = view.shape
+    pixel = 2 * math.tan(fov / 2) / size_x  # view-plane units per pixel
+    gy, gx = np.gradient(view)  # per pixel; y grows downwards
+    ticks_x = ((np.arange(size_x) + 0.5) / size_x * 2 - 1) * math.tan(fov / 2)
+    ticks_y = ((np.arange(size_y) + 0.5) / size_y * 2 - 1) * math.tan(fov / 2) * size_y / size_x
+    x, y = np.meshgrid(ticks_x, ticks_y)  # y downwards, like gy
+    rho = np.hypot(x, y)
+    cos = 1 / np.sqrt(1 + rho**2)
+    keep = rho > 1.5 * pixel  # the radial direction is undefined at the centre
+    ux, uy = x / np.where(keep, rho, 1), y / np.where(keep, rho, 1)
+    radial = (gx * ux + gy * uy) / pixel / cos**2  # d/dθ = d/dρ · sec²θ
+    across = (-gx * uy + gy * ux) / pixel / cos  # arc across the radii is cosθ · dρ
+    weight = np.where(keep, cos**3, 0)[1:-1, 1:-1]  # np.gradient is one-sided at the border: leave it out
+    radial, across = radial[1:-1, 1:-1], across[1:-1, 1:-1]
+    along_energy = float((weight * radial**2).sum() / weight.sum())
+    across_energy = float((weight * across**2).sum() / weight.sum())
+    return {"across": across_energy, "along": along_energy, "total": across_energy + along_energy}
+
+
+def row_spread(image: np.ndarray, row: int) -> float:
+    """Std across longitude of one pixel row over the whole image's std (mean over channels)."""
+    image = _channels(image).astype(float)
+    spread = image.std(axis=(0, 1))
+    return float(np.mean(image[row].std(axis=0) / np.maximum(spread, 1e-12)))
+
+
+def pole_metric(image: np.ndarray, size: int | None = None) -> dict:
+    """``isotropy``, ``detail`` and ``row_spread`` for the zenith and the nadir of an equirectangular image."""
+    image = _channels(image).astype(float)
+    size = size or view_size(image.shape[0])
+    horizon = np.mean([view_energy(render_view(image, horizon_frame(a), size))["total"] for a in HORIZON_AZIMUTHS])
+    result = {}
+    for name, axes, row in (("zenith", ZENITH, 0), ("nadir", NADIR, -1)):
+        energy = view_energy(render_view(image, axes, size))
+        result[name] = {
+            "isotropy": math.sqrt(energy["across"] / energy["along"]),
+            "detail": math.sqrt(energy["total"] / horizon),
+            "row_spread": row_spread(image, row),
+        }
+    return result
+
+
+def rendered_metric(up: np.ndarray, down: np.ndarray, horizons: list[np.ndarray], fov: float = FOV) -> dict:
+    """``isotropy`` and ``detail`` of rendered views (a Cycles camera looking straight up and down, and
+    horizontal ones), with the same per-arc measure as ``pole_metric``."""
+    horizon = np.mean([view_energy(view, fov)["total"] for view in horizons])
+    result = {}
+    for name, view in (("zenith", up), ("nadir", down)):
+        energy = view_energy(view, fov)
+        result[name] = {"isotropy": math.sqrt(energy["across"] / energy["along"]),
+                        "detail": math.sqrt(energy["total"] / horizon)}
+    return result
+
+
+def sphere_noise(height: int, width: int, channels: int = 3, wavelength_rows: float = 6.0, waves: int = 400,
+                 seed: int = 0) -> np.ndarray:
+    """A sphere-correct test image: a random isotropic field of 3D direction (a sum of plane waves with random
+    directions and phases, one wavelength ≈ ``wavelength_rows`` image rows of arc) rendered to (H, W, C)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
+    latitude, longitude = math.pi * (0.5 - rows / height), math.pi * (1 - 2 * cols / width)
+    directions = np.stack([np.cos(latitude) * np.cos(longitude), np.cos(latitude) * np.sin(longitude),
+                           np.sin(latitude)], axis=-1)
+    number = 2 * math.pi / (wavelength_rows * math.pi / height)
+    image = np.zeros((height, width, channels))
+    for channel in range(channels):
+        normals = rng.normal(size=(waves, 3))
+        normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+        phases = rng.uniform(0, 2 * math.pi, waves)
+        image[..., channel] = np.cos(number * directions @ normals.T + phases).sum(-1) / math.sqrt(waves / 2)
+    return image
+
+
+def strip_noise(height: int, width: int, channels: int = 3, wavelength_rows: float = 6.0, seed: int = 0) -> np.ndarray:
+    """The same kind of texture made the flat-strip way: isotropic in pixels, so pinched on the sphere
+    (white noise low-passed to the same wavelength in pixels, wrapping across 0/360°)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=(height, width, channels))
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.fftfreq(width)[None, :]
+    keep = np.hypot(fy, fx) <= 1 / wavelength_rows
+    image = np.real(np.fft.ifft2(np.fft.fft2(noise, axes=(0, 1)) * keep[..., None], axes=(0, 1)))
+    return image / image.std()
+
+
+def _channels(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image, dtype=float)
+    return image[..., None] if image.ndim == 2 else image
+
+
+def summary(metric: dict) -> str:
+    return "  ".join(f"{pole}: iso {m['isotropy']:.2f} detail {m['detail']:.2f}"
+                     + (f" rows {m['row_spread']:.2f}" if "row_spread" in m else "") for pole, m in metric.items())
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def work_rows() -> list[dict]:
+    """UNet window work of each quality preset for the 360 world at SD's 512 px window, flat vs sphere poles."""
+    from msd_core.plan import BACKWARD_COST, plan_without_model
+    from msd_core.settings import QUALITY, GenerationSettings
+
+    rows = []
+    for quality in QUALITY:
+        costs = {}
+        for poles in ("flat", "sphere"):
+            settings = GenerationSettings(prompt="bench", window=512, poles=poles).with_quality(quality)
+            work = plan_without_model(settings, None, "float16").work()
+            costs[poles] = work["forwards"] + BACKWARD_COST * work["backwards"]
+            rows.append({"quality": quality, "poles": poles, **work, "forward_equivalents": costs[poles]})
+        rows[-1]["added"] = costs["sphere"] / costs["flat"] - 1
+    return rows
+
+
+def tiny_rows(sizes: list[tuple[int, int]], seeds: list[int]) -> list[dict]:
+    """The metric on the tiny model's 360° worlds (Standard), flat and with pole caps (decoded as a strip and
+    as views)."""
+    import torch
+    from common import environment  # noqa: F401  (sets the offline caches)
+
+    from msd_core.pipeline import MSDPanoramaPipeline
+    from msd_core.settings import GenerationSettings
+
+    torch.set_num_threads(1)
+    base = GenerationSettings(prompt="a landscape", model="tiny", device="cpu", dtype="float32")
+    pipe = MSDPanoramaPipeline.from_settings(base)
+    rows = []
+    for width, height in sizes:
+        for seed in seeds:
+            for poles in ("flat", "sphere"):
+                settings = dataclasses.replace(base, width=width, height=height, seed=seed, poles=poles)
+                started = time.perf_counter()
+                result = pipe(settings)
+                seconds = time.perf_counter() - started
+                images = {"cap windows + cap decode" if poles == "sphere" else "flat": result.image}
+                if poles == "sphere":
+                    images["cap windows, strip decode"] = pipe.decode(result.latents, True)
+                for candidate, image in images.items():
+                    metric = pole_metric(np.asarray(image, float) / 255)
+                    rows.append({"size": f"{width}×{height}", "seed": seed, "candidate": candidate,
+                                 "forwards": result.plan.work()["forwards"], "seconds": seconds, **{
+                                     f"{pole}_{name}": value for pole, values in metric.items()
+                                     for name, value in values.items()}})
+                    print(rows[-1]["size"], seed, f"{candidate:26}", summary(metric), flush=True)
+    return rows
+
+
+def main() -> None:
+    from common import environment, markdown_table, write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["512x256"], help="WIDTHxHEIGHT of the tiny model's worlds")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    args = parser.parse_args()
+    sizes = [tuple(int(part) for part in size.split("x")) for size in args.sizes]
+    references = []
+    for wavelength in (8, 16):
+        for name, make in (("sphere-correct noise", sphere_noise), ("flat-strip noise", strip_noise)):
+            metric = pole_metric(make(256, 512, wavelength_rows=wavelength, seed=1))
+            references.append({"image": f"{name}, wavelength {wavelength} rows, 512×256", **{
+                f"{pole}_{key}": value for pole, values in metric.items() for key, value in values.items()}})
+            print(references[-1]["image"], summary(metric), flush=True)
+    work = work_rows()
+    print(markdown_table(work, ["quality", "poles", "forwards", "backwards", "forward_equivalents", "added"]))
+    tiny = tiny_rows(sizes, args.seeds)
+    write_json("poles" if args.sizes == ["512x256"] else f"poles-{'-'.join(args.sizes)}", {"environment": environment(), "references": references, "work": work, "tiny": tiny})
+
+
+if __name__ == "__main__":
+    main()
