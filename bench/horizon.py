@@ -321,7 +321,8 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None):
     denoise = prior.denoiser()
     for index, step in enumerate(schedule):
         levels_out: list[LevelResult] = []
-        latents = msd_step(latents, plan.grids_at(index), step, denoise, omega * cosine_decay(step.t, TRAIN_STEPS),
+        omega_t = omega * cosine_decay(step.t, TRAIN_STEPS) if index < plan.pyramid_steps else 0.0
+        latents = msd_step(latents, plan.grids_at(index), step, denoise, omega_t,
                            gradient=settings.gradient, omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
                            x0_history=x0_history, on_level=levels_out.append, coarse_noise=settings.coarse_noise,
                            train_alphas=scheduler.alphas_cumprod)

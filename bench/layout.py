@@ -265,9 +265,10 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     coarsest, levels = [], []
 
     def on_step(index, results):
-        if index == settings.steps - 1:
-            coarsest.append(results[0].latents[0])
-            levels.extend(tuple(r.latents.shape[2:]) for r in results)
+        # The coarsest level at the last step that ran every level (later steps run only the finest).
+        if index == 0 or len(results) >= len(levels):
+            coarsest[:] = [results[0].latents[0]]
+            levels[:] = [tuple(r.latents.shape[2:]) for r in results]
 
     started = time.perf_counter()
     images, plan = sample_with_settings(prior, settings, seeds, on_step=on_step)

@@ -31,7 +31,7 @@ from speed import WindowPanorama, interleaved, Meter
 
 from msd_core import models
 from msd_core.pipeline import MSDPanoramaPipeline
-from msd_core.plan import plan_without_model
+from msd_core.plan import forward_equivalents, plan_without_model
 from msd_core.settings import PRESETS, QUALITY, GenerationSettings
 
 PRIORS = {"horizon": HorizonPrior}
@@ -71,15 +71,25 @@ def settings_for(config: dict, window: int, base: GenerationSettings) -> Generat
 # ------------------------------------------------------------------------------------------------ work
 
 
+WORK_COLUMNS = ["preset", "config", "scheduler", "steps", "guided_steps", "windows_per_level", "forwards", "backwards",
+                "forward_equivalents", "limit", "ratio_to_limit"]
+
+
 def work_part(configs: dict) -> list[dict]:
+    """UNet work of every config at every size preset: forwards, backwards, forward-equivalents (a backward =
+    plan.BACKWARD_COST forwards) and their ratio to ``Plan.limit`` (one pass per window area per level per step)."""
     rows = []
     for preset, (width, height, wrap, _) in PRESETS.items():
         for name, config in configs.items():
             base = GenerationSettings(prompt="bench", width=width, height=height, wrap=wrap, window=SD_WINDOW)
             settings = settings_for(config, SD_WINDOW, base)
             plan = plan_without_model(settings, None, "float16")
-            rows.append({"preset": preset, "config": name, **plan.work(), "steps": plan.steps,
-                         "windows_per_level": plan.describe()["windows_per_level"]})
+            work = plan.work()
+            rows.append({"preset": preset, "config": name, **work, "steps": plan.steps,
+                         "scheduler": settings.scheduler, "guided_steps": plan.pyramid_steps,
+                         "windows_per_level": plan.describe()["windows_per_level"],
+                         "forward_equivalents": round(forward_equivalents(work)), "limit": round(plan.limit()),
+                         "ratio_to_limit": round(forward_equivalents(work) / plan.limit(), 2)})
     return rows
 
 
@@ -187,6 +197,7 @@ def main() -> None:
     parser.add_argument("--output", help="results name in bench/results (default presets[-quick])")
     parser.add_argument("--variants", action="store_true", help="also the VARIANTS rows (what each choice buys)")
     parser.add_argument("--skip-time", action="store_true", help="no tiny-model timing")
+    parser.add_argument("--work-only", action="store_true", help="only print the UNet work table (no sampling)")
     parser.add_argument("--only", nargs="+", metavar="CONFIG",
                         help="sample only these layout rows and keep the others of the last results file")
     args = parser.parse_args()
@@ -199,7 +210,9 @@ def main() -> None:
     steps_divisor = 5 if quick else 1
 
     work = work_part(configs)
-    print(markdown_table(work, ["preset", "config", "steps", "windows_per_level", "forwards", "backwards"]))
+    print(markdown_table(work, WORK_COLUMNS))
+    if args.work_only:
+        return
 
     prior = PRIORS[args.prior]()
     layout = [layout_row(prior, name, config, shape, seeds, steps_divisor)

@@ -180,9 +180,11 @@ class MSDPanoramaPipeline:
                     callback(StepInfo(index + 1, len(schedule), result.level, plan.levels, result.latents,
                                       result.pred_x0, time.perf_counter() - started))
 
+            # After the plan's guided steps only the finest level runs (ω_t = 0: MultiDiffusion).
+            omega_t = omega * cosine_decay(step.t, train_steps) if start_step + index < plan.pyramid_steps else 0.0
             with no_grad():
                 latents = msd_step(
-                    latents, plan.grids_at(index), step, denoise, omega * cosine_decay(step.t, train_steps),
+                    latents, plan.grids_at(index), step, denoise, omega_t,
                     gradient=settings.gradient, omega_loss=settings.omega_loss,
                     prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                     weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,

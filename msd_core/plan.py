@@ -25,8 +25,9 @@ NATIVE_LATENT = 64  # the window those numbers were measured at
 FLOAT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # activations scale with the element size
 # Weights of SD-2-base (UNet 865.9 M, VAE 83.7 M, CLIP text encoder 340.4 M parameters).
 SD_PARAMETERS = 1.29e9
-# A backward pass through the UNet costs about 1.3 forwards (measured at SD-2-base scale, issue 10).
-BACKWARD_COST = 1.3
+# A backward pass through the UNet costs 1.34 forwards (SD-2-base's UNet on an H200 in float16, view batch
+# 32: bench/results/device-h200.json). Forward-equivalents = forwards + BACKWARD_COST × backwards.
+BACKWARD_COST = 1.34
 CPU_VIEW_BATCH = 4  # on the CPU larger batches are not faster and only hold more memory
 MAX_VIEW_BATCH = 32
 
@@ -123,9 +124,9 @@ def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool) ->
     """UNet window passes of a run: ``windows_per_step[i][level]`` windows at step i (coarsest level first).
 
     A window is one classifier-free-guidance pair. The coarsest level (and every level when ``guided``
-    is false: plain MultiDiffusion, or ω = 0) costs 1 forward per window; a guided finer window costs
-    2 forwards + 1 backward ("exact"), 2 forwards ("refresh") or 1 forward ("fast"). ω_t = ω·cos-decay
-    is > 0 at every step (DDIM's last timestep is 1, not 0), so a guided run is guided at every step.
+    is false: plain MultiDiffusion) costs 1 forward per window; a guided finer window costs
+    2 forwards + 1 backward ("exact"), 2 forwards ("refresh") or 1 forward ("fast"). A step that runs
+    only its finest level (``Plan.windows_per_step``: after the guided steps, or ω = 0) lists one count.
     """
     per_finer_window = {"exact": (2, 1), "refresh": (2, 0), "fast": (1, 0)}[gradient] if guided else (1, 0)
     forwards = backwards = 0
@@ -133,6 +134,11 @@ def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool) ->
         forwards += counts[0] + per_finer_window[0] * sum(counts[1:])
         backwards += per_finer_window[1] * sum(counts[1:])
     return {"forwards": forwards, "backwards": backwards}
+
+
+def forward_equivalents(work: dict) -> float:
+    """``unet_work``'s counts in window forwards: forwards + ``BACKWARD_COST`` × backwards."""
+    return work["forwards"] + BACKWARD_COST * work["backwards"]
 
 
 def window_activation_bytes(exact_gradient: bool, dtype: str, window: int) -> float:
@@ -183,6 +189,15 @@ class Plan:
     gradient: str
     guided: bool  # MSD with ω > 0: finer levels take the gradient step
     squeeze: int = 1  # columns averaged by a global level on top of the halving pyramid (1 = none)
+    guided_steps: int | None = None  # the first steps that run the coarser levels and guide (None = all when guided)
+
+    @property
+    def pyramid_steps(self) -> int:
+        """Steps that run every level; later ones (all of them when ω = 0 or with one level) run only the
+        finest, as MultiDiffusion: its result never depends on a coarser level it is not guided by."""
+        if not self.guided:
+            return 0
+        return self.steps if self.guided_steps is None else self.guided_steps
 
     def level_shape(self, level: int) -> tuple[int, int]:
         """(height, width) of a level, 0 = coarsest (the global level, if any)."""
@@ -211,7 +226,11 @@ class Plan:
         return result
 
     def windows_per_step(self) -> list[list[int]]:
-        return [[len(rows) * len(cols) for rows, cols in self.starts_at(index)] for index in range(self.steps)]
+        """Windows per level at every step (coarsest first); one count, the finest level's, at a step
+        that runs only the finest level (``pyramid_steps``)."""
+        counts = [[len(rows) * len(cols) for rows, cols in self.starts_at(index)] for index in range(self.steps)]
+        return [level_counts if index < self.pyramid_steps else level_counts[-1:]
+                for index, level_counts in enumerate(counts)]
 
     def grids_at(self, step_index: int) -> list:
         """The ``windows.WindowGrid`` of every level at one step (imports torch)."""
@@ -234,11 +253,13 @@ class Plan:
 
     def step_costs(self) -> list[float]:
         """UNet work of every step in window forwards, a backward counted as ``BACKWARD_COST`` forwards."""
-        costs = []
-        for counts in self.windows_per_step():
-            work = unet_work([counts], self.gradient, self.guided)
-            costs.append(work["forwards"] + BACKWARD_COST * work["backwards"])
-        return costs
+        return [forward_equivalents(unet_work([counts], self.gradient, self.guided)) for counts in self.windows_per_step()]
+
+    def limit(self) -> float:
+        """The least UNet work a run of this size and step count can do: one window pass per window area of
+        every pyramid level at every step, Σ_steps Σ_levels height·width / window² (no overlap, no gradient)."""
+        area = sum(math.prod(self.level_shape(level)) for level in range(self.levels))
+        return self.steps * area / self.window**2
 
     def describe(self) -> dict:
         """What the run will do, in pixels (stored in the output's metadata); windows per level are the
@@ -252,6 +273,7 @@ class Plan:
             "view_batch": self.view_batch,
             "windows_per_level": [max(counts[level] for counts in per_step) for level in range(self.levels)],
             "unet_windows": self.work(),
+            "guided_steps": self.pyramid_steps,
         }
 
     def dry_run(self, dtype: str) -> dict:
@@ -270,7 +292,7 @@ class Plan:
 
 def estimated_seconds(work: dict, ms_per_window: float) -> float:
     """Sampling time of ``work`` (``unet_work``'s counts) at a measured rate of ms per window forward."""
-    return (work["forwards"] + BACKWARD_COST * work["backwards"]) * ms_per_window / 1000
+    return forward_equivalents(work) * ms_per_window / 1000
 
 
 def make_plan(settings: GenerationSettings, factor: int, native_window: int, free_bytes: float | None = None,
@@ -323,7 +345,12 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
     exact = guided and settings.gradient == "exact"
     view_batch = settings.view_batch or view_batch_for(free_bytes, exact, dtype, window)
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
-                settings.steps, factor, settings.gradient, guided, squeeze)
+                settings.steps, factor, settings.gradient, guided, squeeze, guided_step_count(settings))
+
+
+def guided_step_count(settings: GenerationSettings) -> int:
+    """The first ⌈guided_fraction · steps⌉ steps are guided (at least one)."""
+    return max(1, math.ceil(settings.guided_fraction * settings.steps - 1e-9))
 
 
 def plan_without_model(settings: GenerationSettings, free_bytes: float | None, dtype: str) -> Plan:

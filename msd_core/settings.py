@@ -62,7 +62,7 @@ _DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
 
 # Settings added after 0.1 whose defaults changed what a panorama looks like: a file stored without them
 # was made the earlier way.
-STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal"}
+STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal", "guided_fraction": 1.0}
 
 LATENT_FACTOR = 8  # pixels per latent pixel for Stable Diffusion's VAE
 
@@ -100,6 +100,9 @@ class GenerationSettings:
     scales: int | None = None  # pyramid levels; None = smallest count whose coarsest height fits a window
     pyramid: str = "global"  # PYRAMIDS
     coarse_noise: str = "matched"  # COARSE_NOISES
+    # The share of the steps, from the first, that run the coarser levels and guide the finer ones; the
+    # rest denoise only the finest level (MultiDiffusion), where the decayed ω would buy no layout.
+    guided_fraction: float = 1.0
     steps: int = _DEFAULTS["steps"]
     guidance: float = 7.5
     scheduler: str = "ddim"
@@ -159,6 +162,7 @@ class GenerationSettings:
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_range("omega", self.omega, (0, MAX_OMEGA), "0 is plain MultiDiffusion")
+        _check_range("guided_fraction", self.guided_fraction, (0.01, 1), "the share of the steps that are guided")
         _check_range("guidance", self.guidance, (0, MAX_GUIDANCE), "7.5 is usual; 1 or less turns it off")
         _check_count("steps", self.steps, MAX_STEPS, f"Stable Diffusion's scheduler has {MAX_STEPS} timesteps")
         if self.scales is not None:
