@@ -25,7 +25,7 @@ import statistics
 import time
 
 import torch
-from common import RESULTS, environment, markdown_table, median_spread, window_seam_ratio, write_json
+from common import RESULTS, environment, markdown_table, median_spread, seam_multiple, window_seam_ratio, write_json
 from horizon import PRIOR_FACTOR, HorizonPrior, sample_with_settings, score_layout, seam_ratio
 from speed import WindowPanorama, interleaved, Meter
 
@@ -58,6 +58,8 @@ VARIANTS = {
     "shifted, refresh, 25": {"windows": "shifted", "gradient": "refresh", "steps": 25},
     "shifted, exact, dpmpp-2m 20": {"windows": "shifted", "gradient": "exact", "steps": 20, "scheduler": "dpmpp-2m"},
     "shifted, exact, dpmpp-2m 15": {"windows": "shifted", "gradient": "exact", "steps": 15, "scheduler": "dpmpp-2m"},
+    "shifted, exact, dpmpp-2m 20, guided 0.5": {"windows": "shifted", "gradient": "exact", "steps": 20,
+                                                "scheduler": "dpmpp-2m", "guided_fraction": 0.5},
 }
 
 
@@ -99,13 +101,6 @@ def work_part(configs: dict) -> list[dict]:
 def mean_of(values) -> float | None:
     values = [value for value in values if value is not None]
     return statistics.mean(values) if values else None
-
-
-def seam_multiple(plan) -> int:
-    """Positions to compare the last step's tile edges with (``common.window_seam_ratio``): shifted tiles
-    below a coarser level start at even offsets, so other even positions; a dense grid has an edge at
-    every stride, so every other position."""
-    return 2 if plan.levels > 1 and plan.windows == "shifted" else 1
 
 
 def layout_row(prior, name: str, config: dict, shape, seeds: list[int], steps_divisor: int) -> dict:

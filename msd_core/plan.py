@@ -228,9 +228,11 @@ class Plan:
     def windows_per_step(self) -> list[list[int]]:
         """Windows per level at every step (coarsest first); one count, the finest level's, at a step
         that runs only the finest level (``pyramid_steps``)."""
-        counts = [[len(rows) * len(cols) for rows, cols in self.starts_at(index)] for index in range(self.steps)]
         return [level_counts if index < self.pyramid_steps else level_counts[-1:]
-                for index, level_counts in enumerate(counts)]
+                for index, level_counts in enumerate(self._all_level_counts())]
+
+    def _all_level_counts(self) -> list[list[int]]:
+        return [[len(rows) * len(cols) for rows, cols in self.starts_at(index)] for index in range(self.steps)]
 
     def grids_at(self, step_index: int) -> list:
         """The ``windows.WindowGrid`` of every level at one step (imports torch)."""
@@ -263,15 +265,18 @@ class Plan:
 
     def describe(self) -> dict:
         """What the run will do, in pixels (stored in the output's metadata); windows per level are the
-        most any step has (shifted tiles vary by a snapped edge tile)."""
+        most any step that runs the level has (shifted tiles vary by a snapped edge tile; 0 for a coarser
+        level no step runs, at ω = 0)."""
         per_step = self.windows_per_step()
+        per_level = [max((counts[level - self.levels] for counts in per_step if len(counts) > self.levels - 1 - level),
+                         default=0) for level in range(self.levels)]
         return {
             "levels": self.levels,
             "window": self.window * self.factor,
             "stride": self.stride * self.factor,
             "windows": self.windows,
             "view_batch": self.view_batch,
-            "windows_per_level": [max(counts[level] for counts in per_step) for level in range(self.levels)],
+            "windows_per_level": per_level,
             "unet_windows": self.work(),
             "guided_steps": self.pyramid_steps,
         }

@@ -50,6 +50,9 @@ class CallCounter:
     {"windows": "shifted", "gradient": "exact", "pyramid": "global", "width": 512, "height": 128},
     {"windows": "dense", "gradient": "fast", "stride": 32, "pyramid": "global", "scheduler": "dpmpp-2m",
      "width": 384, "height": 128, "wrap": False},
+    # Guided only at the first 2 of 3 steps; the last one runs only the finest level.
+    {"windows": "shifted", "gradient": "exact", "guided_fraction": 0.5},
+    {"windows": "shifted", "gradient": "fast", "omega": 0.0},  # ω = 0: only the finest level runs
 ])
 def test_unet_work_from_the_plan_equals_the_model_calls(pipe, monkeypatch, changes):
     settings = dataclasses.replace(BASE, **changes)
@@ -81,6 +84,18 @@ def test_the_global_level_tops_the_plan_fixed_while_the_tiles_below_shift_in_col
     # No global level where the coarsest one already is one window, nor for MultiDiffusion.
     assert plan.make_plan(dataclasses.replace(settings, width=128), 8, 64).squeeze == 1
     assert plan.make_plan(dataclasses.replace(settings, method="multidiffusion"), 8, 64).levels == 1
+
+
+def test_guided_steps_come_first_then_only_the_finest_level_runs():
+    settings = dataclasses.replace(BASE, width=512, height=256, steps=10, guided_fraction=0.3)
+    planned = plan.make_plan(settings, 8, 64)
+    per_step = planned.windows_per_step()
+    assert planned.pyramid_steps == 3 and [len(counts) for counts in per_step] == [2] * 3 + [1] * 7
+    assert planned.describe()["guided_steps"] == 3
+    # ω = 0 and plain MultiDiffusion run no coarse level at all.
+    assert plan.make_plan(dataclasses.replace(settings, omega=0.0), 8, 64).pyramid_steps == 0
+    # The limit: one pass per window area of both levels (32×64 and 16×32 latents, 8-px windows) per step.
+    assert planned.limit() == 10 * (32 * 64 + 16 * 32) / 64
 
 
 def test_shifted_windows_are_reproducible_and_differ_from_dense(pipe):
