@@ -90,12 +90,13 @@ def test_guided_steps_come_first_then_only_the_finest_level_runs():
     settings = dataclasses.replace(BASE, width=512, height=256, steps=10, guided_fraction=0.3)
     planned = plan.make_plan(settings, 8, 64)
     per_step = planned.windows_per_step()
-    assert planned.pyramid_steps == 3 and [len(counts) for counts in per_step] == [2] * 3 + [1] * 7
+    # 32×64 latents, 8-px windows: halving to 16×32 and 8×16, then a global level of 8×8.
+    assert planned.pyramid_steps == 3 and [len(counts) for counts in per_step] == [4] * 3 + [1] * 7
     assert planned.describe()["guided_steps"] == 3
     # ω = 0 and plain MultiDiffusion run no coarse level at all.
     assert plan.make_plan(dataclasses.replace(settings, omega=0.0), 8, 64).pyramid_steps == 0
-    # The limit: one pass per window area of both levels (32×64 and 16×32 latents, 8-px windows) per step.
-    assert planned.limit() == 10 * (32 * 64 + 16 * 32) / 64
+    # The limit: one pass per window area of every level per step.
+    assert planned.limit() == 10 * (8 * 8 + 8 * 16 + 16 * 32 + 32 * 64) / 64
 
 
 def test_shifted_windows_are_reproducible_and_differ_from_dense(pipe):
