@@ -321,9 +321,10 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None):
     denoise = prior.denoiser()
     for index, step in enumerate(schedule):
         levels_out: list[LevelResult] = []
-        omega_t = omega * cosine_decay(step.t, TRAIN_STEPS) if index < plan.pyramid_steps else 0.0
+        gradient = plan.gradient_at(index)
+        omega_t = omega * cosine_decay(step.t, TRAIN_STEPS) if gradient else 0.0
         latents = msd_step(latents, plan.grids_at(index), step, denoise, omega_t,
-                           gradient=settings.gradient, omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
+                           gradient=gradient or settings.gradient, omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
                            x0_history=x0_history, on_level=levels_out.append, coarse_noise=settings.coarse_noise,
                            train_alphas=scheduler.alphas_cumprod)
         if on_step:

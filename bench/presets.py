@@ -88,7 +88,7 @@ def work_part(configs: dict) -> list[dict]:
             plan = plan_without_model(settings, None, "float16")
             work = plan.work()
             rows.append({"preset": preset, "config": name, **work, "steps": plan.steps,
-                         "scheduler": settings.scheduler, "guided_steps": plan.pyramid_steps,
+                         "scheduler": settings.scheduler, "guided_steps": plan.describe()["guided_steps"],
                          "windows_per_level": plan.describe()["windows_per_level"],
                          "forward_equivalents": round(forward_equivalents(work)), "limit": round(plan.limit()),
                          "ratio_to_limit": round(forward_equivalents(work) / plan.limit(), 2)})

@@ -171,7 +171,7 @@ class MSDPanoramaPipeline:
         weights = [feathered_weights(plan.window).to(self.device) if settings.feather else None] * plan.levels
         omega = settings.omega if settings.method == "msd" else 0.0
         # Only the exact gradient needs autograd; everything else runs in inference mode (no version counters).
-        no_grad = torch.no_grad if plan.guided and settings.gradient == "exact" else torch.inference_mode
+        no_grad = torch.no_grad if plan.exact else torch.inference_mode
         # 5. Denoising loop (shifted windows move every step, so each step gets its own grids).
         for index, step in enumerate(schedule):
 
@@ -180,12 +180,13 @@ class MSDPanoramaPipeline:
                     callback(StepInfo(index + 1, len(schedule), result.level, plan.levels, result.latents,
                                       result.pred_x0, time.perf_counter() - started))
 
-            # After the plan's guided steps only the finest level runs (ω_t = 0: MultiDiffusion).
-            omega_t = omega * cosine_decay(step.t, train_steps) if start_step + index < plan.pyramid_steps else 0.0
+            # A step the plan does not guide runs only the finest level (ω_t = 0: MultiDiffusion).
+            gradient = plan.gradient_at(start_step + index)
+            omega_t = omega * cosine_decay(step.t, train_steps) if gradient else 0.0
             with no_grad():
                 latents = msd_step(
                     latents, plan.grids_at(index), step, denoise, omega_t,
-                    gradient=settings.gradient, omega_loss=settings.omega_loss,
+                    gradient=gradient or settings.gradient, omega_loss=settings.omega_loss,
                     prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                     weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
                     coarse_noise=settings.coarse_noise, train_alphas=self.scheduler.alphas_cumprod,

@@ -189,15 +189,17 @@ class Plan:
     gradient: str
     guided: bool  # MSD with ω > 0: finer levels take the gradient step
     squeeze: int = 1  # columns averaged by a global level on top of the halving pyramid (1 = none)
-    guided_steps: int | None = None  # the first steps that run the coarser levels and guide (None = all when guided)
+    guided_steps: int | None = None  # the first steps that guide with ``gradient`` (None = all when guided)
+    late_gradient: str = "none"  # the later steps' gradient mode; "none": they run only the finest level
 
-    @property
-    def pyramid_steps(self) -> int:
-        """Steps that run every level; later ones (all of them when ω = 0 or with one level) run only the
-        finest, as MultiDiffusion: its result never depends on a coarser level it is not guided by."""
+    def gradient_at(self, step_index: int) -> str | None:
+        """The gradient mode of a step (0-based), or None where nothing is guided: then only the finest level
+        runs, as MultiDiffusion (its result never depends on a coarser level that does not guide it)."""
         if not self.guided:
-            return 0
-        return self.steps if self.guided_steps is None else self.guided_steps
+            return None
+        if self.guided_steps is None or step_index < self.guided_steps:
+            return self.gradient
+        return None if self.late_gradient == "none" else self.late_gradient
 
     def level_shape(self, level: int) -> tuple[int, int]:
         """(height, width) of a level, 0 = coarsest (the global level, if any)."""
@@ -225,10 +227,15 @@ class Plan:
                                window_starts(width, self.window, self.stride, self.wrap)))
         return result
 
+    @property
+    def exact(self) -> bool:
+        """Whether any step takes the exact gradient (autograd through the model)."""
+        return self.guided and "exact" in (self.gradient, self.late_gradient)
+
     def windows_per_step(self) -> list[list[int]]:
         """Windows per level at every step (coarsest first); one count, the finest level's, at a step
-        that runs only the finest level (``pyramid_steps``)."""
-        return [level_counts if index < self.pyramid_steps else level_counts[-1:]
+        that runs only the finest level (``gradient_at`` is None)."""
+        return [level_counts if self.gradient_at(index) else level_counts[-1:]
                 for index, level_counts in enumerate(self._all_level_counts())]
 
     def _all_level_counts(self) -> list[list[int]]:
@@ -250,12 +257,17 @@ class Plan:
         """The first step's grids (every step's, with dense windows)."""
         return self.grids_at(0)
 
+    def _step_work(self) -> list[dict]:
+        return [unet_work([counts], self.gradient_at(index) or self.gradient, self.gradient_at(index) is not None)
+                for index, counts in enumerate(self.windows_per_step())]
+
     def work(self) -> dict:
-        return unet_work(self.windows_per_step(), self.gradient, self.guided)
+        steps = self._step_work()
+        return {key: sum(work[key] for work in steps) for key in ("forwards", "backwards")}
 
     def step_costs(self) -> list[float]:
         """UNet work of every step in window forwards, a backward counted as ``BACKWARD_COST`` forwards."""
-        return [forward_equivalents(unet_work([counts], self.gradient, self.guided)) for counts in self.windows_per_step()]
+        return [forward_equivalents(work) for work in self._step_work()]
 
     def limit(self) -> float:
         """The least UNet work a run of this size and step count can do: one window pass per window area of
@@ -278,12 +290,12 @@ class Plan:
             "view_batch": self.view_batch,
             "windows_per_level": per_level,
             "unet_windows": self.work(),
-            "guided_steps": self.pyramid_steps,
+            "guided_steps": sum(self.gradient_at(index) is not None for index in range(self.steps)),
         }
 
     def dry_run(self, dtype: str) -> dict:
         """``describe`` plus the decoded size and an estimate of the peak accelerator memory."""
-        per_window = window_activation_bytes(self.guided and self.gradient == "exact", dtype, self.window)
+        per_window = window_activation_bytes(self.exact, dtype, self.window)
         weights = SD_PARAMETERS * FLOAT_BYTES[dtype]
         return {
             **self.describe(),
@@ -347,14 +359,15 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
         squeeze = global_squeeze(width // 2 ** (levels - 1), window, stride)
         levels += squeeze > 1
     guided = settings.method == "msd" and settings.omega > 0 and levels > 1
-    exact = guided and settings.gradient == "exact"
+    exact = guided and "exact" in (settings.gradient, settings.late_gradient)
     view_batch = settings.view_batch or view_batch_for(free_bytes, exact, dtype, window)
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
-                settings.steps, factor, settings.gradient, guided, squeeze, guided_step_count(settings))
+                settings.steps, factor, settings.gradient, guided, squeeze, guided_step_count(settings),
+                settings.late_gradient)
 
 
 def guided_step_count(settings: GenerationSettings) -> int:
-    """The first ⌈guided_fraction · steps⌉ steps are guided (at least one)."""
+    """The first ⌈guided_fraction · steps⌉ steps take the settings' gradient (at least one)."""
     return max(1, math.ceil(settings.guided_fraction * settings.steps - 1e-9))
 
 

@@ -19,6 +19,7 @@ TINY_MODEL = "tiny"
 
 METHODS = ("msd", "multidiffusion")
 GRADIENTS = ("exact", "refresh", "fast")
+LATE_GRADIENTS = ("none", *GRADIENTS)
 # How ω is normalised (see sampler.guidance_loss): "projection" makes ω = 10 pull a window all the
 # way onto the coarser level at the first step; "mean" is the literal mean-reduced MSE, "sum" the
 # sum of squares.
@@ -62,7 +63,7 @@ _DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
 
 # Settings added after 0.1 whose defaults changed what a panorama looks like: a file stored without them
 # was made the earlier way.
-STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal", "guided_fraction": 1.0}
+STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal", "guided_fraction": 1.0, "late_gradient": "none"}
 
 LATENT_FACTOR = 8  # pixels per latent pixel for Stable Diffusion's VAE
 
@@ -100,9 +101,10 @@ class GenerationSettings:
     scales: int | None = None  # pyramid levels; None = smallest count whose coarsest height fits a window
     pyramid: str = "global"  # PYRAMIDS
     coarse_noise: str = "matched"  # COARSE_NOISES
-    # The share of the steps, from the first, that run the coarser levels and guide the finer ones; the
-    # rest denoise only the finest level (MultiDiffusion), where the decayed ω would buy no layout.
+    # The share of the steps, from the first, that guide the finer levels with `gradient`; the rest guide with
+    # `late_gradient`, or with "none" denoise only the finest level (MultiDiffusion).
     guided_fraction: float = 1.0
+    late_gradient: str = "none"  # LATE_GRADIENTS
     steps: int = _DEFAULTS["steps"]
     guidance: float = 7.5
     scheduler: str = "ddim"
@@ -150,6 +152,7 @@ class GenerationSettings:
             _check_bool(name, getattr(self, name))
         _check_choice("method", self.method, METHODS)
         _check_choice("gradient", self.gradient, GRADIENTS)
+        _check_choice("late_gradient", self.late_gradient, LATE_GRADIENTS)
         _check_choice("windows", self.windows, WINDOW_MODES)
         if self.stride is not None and self.windows != "dense":
             raise BadInput("a {field} applies to dense windows only; use windows 'dense' with stride {stride}, "

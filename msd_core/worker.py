@@ -390,7 +390,7 @@ class Worker:
         def on_step(info) -> None:
             preview_step = job.preview_every and (info.step == 1 or info.step % job.preview_every == 0)
             # Steps after the guided ones run only the finest level: its x₀ is shown at the preview level's size.
-            shown_level = preview_level if info.step <= plan.pyramid_steps or plan.levels == 1 else info.levels
+            shown_level = preview_level if plan.gradient_at(info.step - 1) or plan.levels == 1 else info.levels
             if info.level == shown_level and preview_step:
                 pred_x0 = info.pred_x0
                 if shown_level != preview_level:

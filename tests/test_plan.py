@@ -52,6 +52,7 @@ class CallCounter:
      "width": 384, "height": 128, "wrap": False},
     # Guided only at the first 2 of 3 steps; the last one runs only the finest level.
     {"windows": "shifted", "gradient": "exact", "guided_fraction": 0.5},
+    {"windows": "shifted", "gradient": "exact", "guided_fraction": 0.5, "late_gradient": "fast", "scheduler": "dpmpp-2m"},
     {"windows": "shifted", "gradient": "fast", "omega": 0.0},  # ω = 0: only the finest level runs
 ])
 def test_unet_work_from_the_plan_equals_the_model_calls(pipe, monkeypatch, changes):
@@ -91,10 +92,16 @@ def test_guided_steps_come_first_then_only_the_finest_level_runs():
     planned = plan.make_plan(settings, 8, 64)
     per_step = planned.windows_per_step()
     # 32×64 latents, 8-px windows: halving to 16×32 and 8×16, then a global level of 8×8.
-    assert planned.pyramid_steps == 3 and [len(counts) for counts in per_step] == [4] * 3 + [1] * 7
+    assert [planned.gradient_at(index) for index in range(10)] == ["exact"] * 3 + [None] * 7
+    assert [len(counts) for counts in per_step] == [4] * 3 + [1] * 7
     assert planned.describe()["guided_steps"] == 3
     # ω = 0 and plain MultiDiffusion run no coarse level at all.
-    assert plan.make_plan(dataclasses.replace(settings, omega=0.0), 8, 64).pyramid_steps == 0
+    assert plan.make_plan(dataclasses.replace(settings, omega=0.0), 8, 64).describe()["guided_steps"] == 0
+    # A late gradient keeps every level running after the exact steps.
+    late = plan.make_plan(dataclasses.replace(settings, late_gradient="fast"), 8, 64)
+    assert [late.gradient_at(index) for index in range(10)] == ["exact"] * 3 + ["fast"] * 7
+    assert [len(counts) for counts in late.windows_per_step()] == [4] * 10
+    assert late.work()["backwards"] == sum(sum(counts[1:]) for counts in late.windows_per_step()[:3])
     # The limit: one pass per window area of every level per step.
     assert planned.limit() == 10 * (8 * 8 + 8 * 16 + 16 * 32 + 32 * 64) / 64
 
