@@ -241,6 +241,7 @@ SPEED_SETTINGS = {
     "DPM++ 30, guided 0.5": {"scheduler": "dpmpp-2m", "steps": 30, "guided_fraction": 0.5},
     "DPM++ 20, guided 0.3": {"scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.3},
     "DPM++ 25, exact 0.5 then fast": {"scheduler": "dpmpp-2m", "steps": 25, "guided_fraction": 0.5, "late_gradient": "fast"},
+    "DPM++ 25, exact 0.7 then fast": {"scheduler": "dpmpp-2m", "steps": 25, "guided_fraction": 0.7, "late_gradient": "fast"},
     "DPM++ 20, exact 0.5 then fast": {"scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.5, "late_gradient": "fast"},
     "DPM++ 20, exact 0.3 then fast": {"scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.3, "late_gradient": "fast"},
     "DPM++ 15, guided 0.5": {"scheduler": "dpmpp-2m", "steps": 15, "guided_fraction": 0.5},

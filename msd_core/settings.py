@@ -50,12 +50,17 @@ PRESETS = {
 
 # Quality presets: name → (settings it sets, what it is for). Explicit settings override them. UNet work
 # and layout coherence of each are measured by bench/presets.py (docs/speed.md).
+# Every preset sets the same fields, so switching presets leaves nothing of the last one behind.
 QUALITY = {
-    "draft": ({"windows": "shifted", "gradient": "exact", "steps": 25},
-              "half of Standard's work: the cheapest settings that keep the layout (the fast gradient loses it)"),
-    "standard": ({"windows": "shifted", "gradient": "exact", "steps": 50},
-                 "the default: shifted tiles, exact gradient, a fraction of Best's UNet work"),
-    "best": ({"windows": "dense", "gradient": "exact", "steps": 50},
+    "draft": ({"windows": "shifted", "gradient": "exact", "steps": 20, "scheduler": "dpmpp-2m", "guided_fraction": 0.3,
+               "late_gradient": "fast"},
+              "about 60 % of Standard's work: DPM-Solver++ 20, the exact gradient for the first 30 % of the steps"),
+    "standard": ({"windows": "shifted", "gradient": "exact", "steps": 25, "scheduler": "dpmpp-2m",
+                  "guided_fraction": 0.5, "late_gradient": "fast"},
+                 "the default: shifted tiles, DPM-Solver++ 25, the exact gradient for the first half of the steps, "
+                 "the fast one after"),
+    "best": ({"windows": "dense", "gradient": "exact", "steps": 50, "scheduler": "ddim", "guided_fraction": 1.0,
+              "late_gradient": "none"},
              "the paper's dense windows every window/8 and exact gradient, DDIM 50"),
 }
 DEFAULT_QUALITY = "standard"
@@ -63,7 +68,8 @@ _DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
 
 # Settings added after 0.1 whose defaults changed what a panorama looks like: a file stored without them
 # was made the earlier way.
-STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal", "guided_fraction": 1.0, "late_gradient": "none"}
+STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal", "scheduler": "ddim", "guided_fraction": 1.0,
+                 "late_gradient": "none"}
 
 LATENT_FACTOR = 8  # pixels per latent pixel for Stable Diffusion's VAE
 
@@ -103,11 +109,11 @@ class GenerationSettings:
     coarse_noise: str = "matched"  # COARSE_NOISES
     # The share of the steps, from the first, that guide the finer levels with `gradient`; the rest guide with
     # `late_gradient`, or with "none" denoise only the finest level (MultiDiffusion).
-    guided_fraction: float = 1.0
-    late_gradient: str = "none"  # LATE_GRADIENTS
+    guided_fraction: float = _DEFAULTS["guided_fraction"]
+    late_gradient: str = _DEFAULTS["late_gradient"]  # LATE_GRADIENTS
     steps: int = _DEFAULTS["steps"]
     guidance: float = 7.5
-    scheduler: str = "ddim"
+    scheduler: str = _DEFAULTS["scheduler"]
     seed: int = 0
     window: int | None = None  # pixels; None = the model's native size (unet.config.sample_size · 8)
     stride: int | None = None  # pixels; None = window / 8 (diffusers' MultiDiffusion: 8 latent px); dense only

@@ -122,8 +122,24 @@ def test_the_default_world_fits_the_issue_budget_and_best_is_the_papers_cost_plu
     assert paper == {"forwards": 50 * (16 + 2 * 288), "backwards": 50 * 288}
     default = plan.plan_without_model(best, None, "float32").work()
     assert default == {"forwards": 50 * (8 + 2 * (16 + 288)), "backwards": 50 * (16 + 288)}
-    standard = plan.plan_without_model(world, None, "float32").work()
-    assert standard["forwards"] <= 2000 and world == world.with_quality("standard")  # Standard is the default
+    assert world == world.with_quality("standard")  # Standard is the default
+
+
+def test_standard_and_draft_fit_the_speed_issues_budgets_and_the_paper_stays_reachable():
+    """Issue 18: the default 360° world at ≤ 1,000 forward-equivalents (a backward = 1.34 forwards) for Standard,
+    ≤ 500 for Draft. Standard: DPM-Solver++ 25 steps, 13 exact (global 1 + 2 + 12 guided windows) then 12 fast."""
+    world = GenerationSettings(prompt="x", device="cpu")
+
+    def planned(quality, **changes):
+        return plan.plan_without_model(dataclasses.replace(world.with_quality(quality), **changes), None, "float32")
+
+    standard, draft = planned("standard"), planned("draft")
+    assert [standard.gradient_at(index) for index in (0, 12, 13, 24)] == ["exact", "exact", "fast", "fast"]
+    assert plan.forward_equivalents(standard.work()) <= 1000 and plan.forward_equivalents(draft.work()) <= 500
+    assert standard.limit() == 25 * (1 + 2 + 8)  # one pass per window area of each level (64×64, 64×128, 128×256)
+    # Today's flags bring back v0.3's Standard: DDIM 50, exact at every step, 1,450 + 700.
+    v03 = planned("standard", scheduler="ddim", steps=50, guided_fraction=1.0, late_gradient="none")
+    assert v03.work() == {"forwards": 1450, "backwards": 700}
 
 
 def test_view_batch_scales_with_the_element_size_and_the_gradient():

@@ -12,7 +12,7 @@ from msd_core import cli, sampler
 from msd_core.errors import BadInput
 from msd_core.models import sd_ddim_scheduler
 from msd_core.sampler import DPMTimestep, cross_scale_discrepancy, dpm_solver_schedule, dpm_solver_step
-from msd_core.settings import GenerationSettings
+from msd_core.settings import QUALITY, GenerationSettings
 from msd_core.windows import WindowGrid, downsample
 
 DPM = dataclasses.replace(BASE, scheduler="dpmpp-2m", steps=12)
@@ -230,4 +230,7 @@ def test_cli_scheduler_option_reaches_the_settings():
     args = cli.build_parser().parse_args(["generate", "a fjord", "-o", "x.png", "--scheduler", "dpmpp-2m", "--steps", "20"])
     settings = cli.settings_from_args(args)
     assert (settings.scheduler, settings.steps) == ("dpmpp-2m", 20)
-    assert cli.settings_from_args(cli.build_parser().parse_args(["generate", "a fjord", "-o", "x.png"])).scheduler == "ddim"
+    default = cli.settings_from_args(cli.build_parser().parse_args(["generate", "a fjord", "-o", "x.png"]))
+    assert default.scheduler == QUALITY["standard"][0]["scheduler"]  # the quality preset's, unless given
+    best = cli.build_parser().parse_args(["generate", "a fjord", "-o", "x.png", "--quality", "best"])
+    assert cli.settings_from_args(best).scheduler == "ddim"
