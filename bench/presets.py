@@ -49,6 +49,9 @@ def shape_name(height: int, width: int, wrap: bool) -> str:
 SHAPE_NAMES = [shape_name(*shape) for shape in SHAPES]
 # Rows of the tables: the presets, and variants that answer "what does each choice cost or buy".
 CONFIGS = {name: values for name, (values, _) in QUALITY.items()}
+# v0.3's presets (DDIM, the exact gradient at every step), timed beside today's (issue 18).
+V03 = {"guided_fraction": 1.0, "late_gradient": "none", "scheduler": "ddim", "windows": "shifted", "gradient": "exact"}
+V03_CONFIGS = {"draft v0.3": {**V03, "steps": 25}, "standard v0.3": {**V03, "steps": 50}}
 VARIANTS = {
     "dense stride w/4, exact": {"windows": "dense", "gradient": "exact", "steps": 50, "stride_fraction": 4},
     "dense stride w/2, exact": {"windows": "dense", "gradient": "exact", "steps": 50, "stride_fraction": 2},
@@ -193,12 +196,13 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="also the VARIANTS rows (what each choice buys)")
     parser.add_argument("--skip-time", action="store_true", help="no tiny-model timing")
     parser.add_argument("--work-only", action="store_true", help="only print the UNet work table (no sampling)")
+    parser.add_argument("--time-only", action="store_true", help="only the work table and the tiny-model timing")
     parser.add_argument("--only", nargs="+", metavar="CONFIG",
                         help="sample only these layout rows and keep the others of the last results file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     quick = args.quick
-    configs = CONFIGS | (VARIANTS if args.variants else {})
+    configs = CONFIGS | V03_CONFIGS | (VARIANTS if args.variants else {})
     sampled = {name: config for name, config in configs.items() if not args.only or name in args.only}
     seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (8 if quick else 24))))
     output = args.output or ("presets-quick" if quick else "presets")
@@ -210,8 +214,8 @@ def main() -> None:
         return
 
     prior = PRIORS[args.prior]()
-    layout = [layout_row(prior, name, config, shape, seeds, steps_divisor)
-              for shape in (QUICK_SHAPES if quick else SHAPES) for name, config in sampled.items()]
+    layout = [] if args.time_only else [layout_row(prior, name, config, shape, seeds, steps_divisor)
+                                        for shape in (QUICK_SHAPES if quick else SHAPES) for name, config in sampled.items()]
     last_path = RESULTS / f"{output}.json"
     if args.only and last_path.exists():  # the other rows as the last run measured them
         last = json.loads(last_path.read_text(encoding="utf-8"))
@@ -224,7 +228,8 @@ def main() -> None:
     if not args.skip_time:
         # 256×128 px: two levels of the tiny model's 64 px window. Without wrap: diffusers' circular
         # padding fails for windows other than its own 64 latents.
-        timing = time_part(CONFIGS, {"width": 256, "height": 128, "wrap": False}, steps_divisor, 1 if quick else 2)
+        timing = time_part(CONFIGS | V03_CONFIGS, {"width": 256, "height": 128, "wrap": False}, steps_divisor,
+                           1 if quick else 2)
         print(markdown_table(timing["rows"], ["config", "median", "min", "max", "vs_best", "vs_diffusers", "steps",
                                               "planned_forwards", "planned_backwards", "unet_windows_counted",
                                               "window_seam_rows", "window_seam_columns"]))
