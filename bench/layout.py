@@ -216,38 +216,47 @@ def plot(rows: list[dict], examples: list, quick: bool) -> None:
 
 
 ASPECTS = ((64, 64, False), (32, 64, True), (64, 128, True), (32, 128, False))  # in 16-px windows: 4×4 … 2×8
-# name: GenerationSettings changes from the defaults (the Standard quality preset: shifted tiles, exact
-# gradient, DDIM 50, ω = 10 projection), sampled as the pipeline would (horizon.sample_with_settings).
+# v0.3's Standard preset (shifted tiles, exact gradient at every step, DDIM 50), the base of the rows below
+# that name no preset: they were measured against it (docs/layout.md).
+V03_STANDARD = {"windows": "shifted", "gradient": "exact", "steps": 50, "scheduler": "ddim", "guided_fraction": 1.0,
+                "late_gradient": "none"}
+# name: GenerationSettings changes (ω = 10 projection), sampled as the pipeline would (horizon.sample_with_settings).
 ASPECT_SETTINGS = {
-    "MD": {"method": "multidiffusion"},
-    "paper pyramid": {"pyramid": "halving", "coarse_noise": "literal"},  # the default up to v0.2
-    "global, literal": {"pyramid": "global", "coarse_noise": "literal"},
-    "halving, matched": {"pyramid": "halving", "coarse_noise": "matched"},
-    "default": {},  # global level, coarse levels at their matched noise level
-    "default, Draft": {"steps": QUALITY["draft"][0]["steps"]},
-    "default, DPM++ 20": {"scheduler": "dpmpp-2m", "steps": 20},
+    "MD": {**V03_STANDARD, "method": "multidiffusion"},
+    "paper pyramid": {**V03_STANDARD, "pyramid": "halving", "coarse_noise": "literal"},  # the default up to v0.2
+    "global, literal": {**V03_STANDARD, "pyramid": "global", "coarse_noise": "literal"},
+    "halving, matched": {**V03_STANDARD, "pyramid": "halving", "coarse_noise": "matched"},
+    "v0.3 Standard": V03_STANDARD,  # global level, coarse levels at their matched noise level
+    "v0.3 Draft": {**V03_STANDARD, "steps": 25},
+    "v0.3, DPM++ 20": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20},
+    "default": {},  # today's Standard preset
+    "default, Draft": QUALITY["draft"][0],
 }
 # Cheaper settings measured for the speed issue (docs/speed.md), run with --settings NAME … .
 SPEED_SETTINGS = {
-    "guided 0.5": {"guided_fraction": 0.5},
-    "guided 0.3": {"guided_fraction": 0.3},
-    "guided 0.2": {"guided_fraction": 0.2},
-    "fast": {"gradient": "fast"},
-    "fast, guided 0.5": {"gradient": "fast", "guided_fraction": 0.5},
-    "DDIM 25, fast": {"gradient": "fast", "steps": 25},
-    "DPM++ 20, fast": {"gradient": "fast", "scheduler": "dpmpp-2m", "steps": 20},
-    "DPM++ 20, guided 0.5": {"scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.5},
-    "DPM++ 25, guided 0.5": {"scheduler": "dpmpp-2m", "steps": 25, "guided_fraction": 0.5},
-    "DPM++ 30, guided 0.5": {"scheduler": "dpmpp-2m", "steps": 30, "guided_fraction": 0.5},
-    "DPM++ 20, guided 0.3": {"scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.3},
-    "DPM++ 25, exact 0.5 then fast": {"scheduler": "dpmpp-2m", "steps": 25, "guided_fraction": 0.5, "late_gradient": "fast"},
-    "DPM++ 25, exact 0.7 then fast": {"scheduler": "dpmpp-2m", "steps": 25, "guided_fraction": 0.7, "late_gradient": "fast"},
-    "DPM++ 20, exact 0.5 then fast": {"scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.5, "late_gradient": "fast"},
-    "DPM++ 20, exact 0.3 then fast": {"scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.3, "late_gradient": "fast"},
-    "DPM++ 15, guided 0.5": {"scheduler": "dpmpp-2m", "steps": 15, "guided_fraction": 0.5},
-    "DPM++ 20, guided 0.4": {"scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.4},
+    "guided 0.5": {**V03_STANDARD, "guided_fraction": 0.5},
+    "guided 0.3": {**V03_STANDARD, "guided_fraction": 0.3},
+    "guided 0.2": {**V03_STANDARD, "guided_fraction": 0.2},
+    "fast": {**V03_STANDARD, "gradient": "fast"},
+    "fast, guided 0.5": {**V03_STANDARD, "gradient": "fast", "guided_fraction": 0.5},
+    "DDIM 25, fast": {**V03_STANDARD, "gradient": "fast", "steps": 25},
+    "DPM++ 20, fast": {**V03_STANDARD, "gradient": "fast", "scheduler": "dpmpp-2m", "steps": 20},
+    "DPM++ 20, guided 0.5": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.5},
+    "DPM++ 25, guided 0.5": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 25, "guided_fraction": 0.5},
+    "DPM++ 30, guided 0.5": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 30, "guided_fraction": 0.5},
+    "DPM++ 20, guided 0.3": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.3},
+    "DPM++ 25, exact 0.5 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 25, "guided_fraction": 0.5,
+        "late_gradient": "fast"},
+    "DPM++ 25, exact 0.7 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 25, "guided_fraction": 0.7,
+        "late_gradient": "fast"},
+    "DPM++ 20, exact 0.5 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.5,
+        "late_gradient": "fast"},
+    "DPM++ 20, exact 0.3 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.3,
+        "late_gradient": "fast"},
+    "DPM++ 15, guided 0.5": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 15, "guided_fraction": 0.5},
+    "DPM++ 20, guided 0.4": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.4},
 }
-EXAMPLE_SETTINGS = ("paper pyramid", "default")
+EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard")
 ASPECT_COLUMNS = ["prior", "panorama", "setting", "levels", "coherent", "collapsed", "coarsest coherent", "count",
                   "work", "seams", "seconds"]
 PRIOR_DRAWS = 4000

@@ -47,21 +47,22 @@ def shape_name(height: int, width: int, wrap: bool) -> str:
 
 
 SHAPE_NAMES = [shape_name(*shape) for shape in SHAPES]
-# Rows of the tables: the presets, and variants that answer "what does each choice cost or buy".
-CONFIGS = {name: values for name, (values, _) in QUALITY.items()}
-# v0.3's presets (DDIM, the exact gradient at every step), timed beside today's (issue 18).
+# v0.3's presets (DDIM, the exact gradient at every step), timed beside today's (issue 18);
+# the variants below change them.
 V03 = {"guided_fraction": 1.0, "late_gradient": "none", "scheduler": "ddim", "windows": "shifted", "gradient": "exact"}
 V03_CONFIGS = {"draft v0.3": {**V03, "steps": 25}, "standard v0.3": {**V03, "steps": 50}}
+# Rows of the tables: the presets, and variants that answer "what does each choice cost or buy".
+CONFIGS = {name: values for name, (values, _) in QUALITY.items()}
 VARIANTS = {
-    "dense stride w/4, exact": {"windows": "dense", "gradient": "exact", "steps": 50, "stride_fraction": 4},
-    "dense stride w/2, exact": {"windows": "dense", "gradient": "exact", "steps": 50, "stride_fraction": 2},
-    "shifted, refresh, 50": {"windows": "shifted", "gradient": "refresh", "steps": 50},
-    "shifted, fast, 50": {"windows": "shifted", "gradient": "fast", "steps": 50},
-    "shifted, exact, 25": {"windows": "shifted", "gradient": "exact", "steps": 25},
-    "shifted, refresh, 25": {"windows": "shifted", "gradient": "refresh", "steps": 25},
-    "shifted, exact, dpmpp-2m 20": {"windows": "shifted", "gradient": "exact", "steps": 20, "scheduler": "dpmpp-2m"},
-    "shifted, exact, dpmpp-2m 15": {"windows": "shifted", "gradient": "exact", "steps": 15, "scheduler": "dpmpp-2m"},
-    "shifted, exact, dpmpp-2m 20, guided 0.5": {"windows": "shifted", "gradient": "exact", "steps": 20,
+    "dense stride w/4, exact": {**V03, "windows": "dense", "gradient": "exact", "steps": 50, "stride_fraction": 4},
+    "dense stride w/2, exact": {**V03, "windows": "dense", "gradient": "exact", "steps": 50, "stride_fraction": 2},
+    "shifted, refresh, 50": {**V03, "windows": "shifted", "gradient": "refresh", "steps": 50},
+    "shifted, fast, 50": {**V03, "windows": "shifted", "gradient": "fast", "steps": 50},
+    "shifted, exact, 25": {**V03, "windows": "shifted", "gradient": "exact", "steps": 25},
+    "shifted, refresh, 25": {**V03, "windows": "shifted", "gradient": "refresh", "steps": 25},
+    "shifted, exact, dpmpp-2m 20": {**V03, "windows": "shifted", "gradient": "exact", "steps": 20, "scheduler": "dpmpp-2m"},
+    "shifted, exact, dpmpp-2m 15": {**V03, "windows": "shifted", "gradient": "exact", "steps": 15, "scheduler": "dpmpp-2m"},
+    "shifted, exact, dpmpp-2m 20, guided 0.5": {**V03, "windows": "shifted", "gradient": "exact", "steps": 20,
                                                 "scheduler": "dpmpp-2m", "guided_fraction": 0.5},
 }
 
