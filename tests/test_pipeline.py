@@ -17,7 +17,7 @@ from msd_core.settings import GenerationSettings
 BASE = GenerationSettings(  # the paper's pyramid and coarse noise; the defaults are tested against it below
     prompt="a quiet lake under mountains", width=256, height=128, wrap=False, model="tiny",
     steps=4, seed=3, stride=32, windows="dense", device="cpu", view_batch=8, pyramid="halving",
-    coarse_noise="literal",
+    coarse_noise="literal", scheduler="ddim", guided_fraction=1.0, late_gradient="none",
 )
 
 
