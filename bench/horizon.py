@@ -265,7 +265,10 @@ def sample_panoramas(
     grids = make_grids(height, width, prior.window, stride, wrap, levels, global_view)
     schedule = solver_schedule(scheduler, sd_ddim_scheduler(), steps)
     x0_history = [None] * len(grids)  # the multistep solver's memory (DDIM ignores it)
-    sampler_modes = noise in ("literal", "matched") and gradient in ("fast", "refresh", "exact")
+    # msd_step at ω = 0 denoises only the finest level; with literal noise pyramid_step (the same math)
+    # denoises every level, so the cross-scale discrepancy of unguided levels is still recorded.
+    sampler_modes = (noise in ("literal", "matched") and gradient in ("fast", "refresh", "exact")
+                     and not (omega == 0 and noise == "literal" and scheduler == "ddim"))
     if scheduler != "ddim" and not sampler_modes:
         raise ValueError("the other noise modes and gradient variants are built for DDIM steps only")
     latents = torch.stack(
