@@ -70,7 +70,7 @@ Examples:
 QUALITY_HELP = "; ".join(
     f"{name} = {', '.join(f'{key} {value}' for key, value in values.items())} ({what})"
     for name, (values, what) in QUALITY.items()
-)
+).replace("%", "%%")  # argparse formats help text with %
 PRESET_HELP = "; ".join(f"{name} = {w}×{h}{' with wrap' if wrap else ''} ({what})" for name, (w, h, wrap, what) in PRESETS.items())
 
 
