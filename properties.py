@@ -271,7 +271,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         method=group.method,
         gradient=group.gradient,
         scheduler=group.scheduler,
-        guided_fraction=group.guided_fraction,
+        guided_fraction=round(group.guided_fraction, 6),  # Blender's float32: 0.7 reads 0.699999988
         late_gradient=group.late_gradient,
         windows=group.windows,
         pyramid=group.pyramid,

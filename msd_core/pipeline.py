@@ -6,6 +6,7 @@ The math lives in ``sampler`` and ``windows``; this module resolves settings aga
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -15,6 +16,7 @@ import torch
 from . import __version__, models, output, refine, vae
 from .plan import Plan, default_levels, make_plan  # noqa: F401  (default_levels: used from here by bench/)
 from .sampler import (
+    DPMTimestep,
     Interrupt,
     LevelResult,
     SolverStep,
@@ -162,6 +164,8 @@ class MSDPanoramaPipeline:
         if not 0 <= start_step < len(schedule):
             raise ValueError(f"start_step {start_step} is outside the {len(schedule)}-step schedule")
         schedule = schedule[start_step:]
+        if start_step and isinstance(schedule[0], DPMTimestep):  # no memory yet: first order, as the solver starts
+            schedule[0] = dataclasses.replace(schedule[0], ratio=None)
         x0_history = [None] * plan.levels
         train_steps = self.scheduler.config.num_train_timesteps
         # 4. Initial latents (float32: the merge averages in full precision; the UNet casts).

@@ -21,7 +21,7 @@ METADATA_KEYS = (
     "msd_core_version", SETTINGS_KEY,
 )  # fmt: skip
 # Also ours: what the pipeline resolved for the run, and a refined panorama's source (msd_core.refine).
-RUN_KEYS = ("view_batch", "device", "dtype", "windows", "windows_per_level", "unet_windows")
+RUN_KEYS = ("view_batch", "device", "dtype", "windows", "windows_per_level", "unet_windows", "guided_steps")
 REFINE_KEYS = ("source", "strength", "start_step")
 OWN_KEYS = METADATA_KEYS + RUN_KEYS + REFINE_KEYS
 # Bounds on what a PNG's text may cost to read (our own metadata is a few KB).

@@ -88,7 +88,7 @@ def test_the_global_level_tops_the_plan_fixed_while_the_tiles_below_shift_in_col
 
 
 def test_guided_steps_come_first_then_only_the_finest_level_runs():
-    settings = dataclasses.replace(BASE, width=512, height=256, steps=10, guided_fraction=0.3)
+    settings = dataclasses.replace(BASE, width=512, height=256, steps=10, guided_fraction=0.3, late_gradient="none")
     planned = plan.make_plan(settings, 8, 64)
     per_step = planned.windows_per_step()
     # 32×64 latents, 8-px windows: halving to 16×32 and 8×16, then a global level of 8×8.
