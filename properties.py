@@ -193,6 +193,28 @@ class MSD_PanoramaSettings(PropertyGroup):
         ],
         default=_STANDARD["gradient"],
     )
+    scheduler: EnumProperty(
+        name="Solver",
+        items=[
+            ("ddim", "DDIM", "The paper's solver (50 steps)"),
+            ("dpmpp-2m", "DPM-Solver++ (2M)", "A multistep solver: the same layout in 20–25 steps"),
+        ],
+        default=_STANDARD["scheduler"],
+    )
+    guided_fraction: FloatProperty(
+        name="Guided Steps", description="Share of the steps, from the first, guided with the gradient above",
+        subtype='FACTOR', min=0.01, max=1.0, default=_STANDARD["guided_fraction"],
+    )
+    late_gradient: EnumProperty(
+        name="Later Gradient",
+        items=[
+            ("none", "None", "The later steps denoise only the finest level (MultiDiffusion)"),
+            ("exact", "Exact", "Gradient through the UNet"),
+            ("refresh", "Refresh", "Closed-form gradient, then the guided window is denoised again"),
+            ("fast", "Fast", "Closed-form gradient, one UNet call per window"),
+        ],
+        default=_STANDARD["late_gradient"],
+    )
     windows: EnumProperty(
         name="Windows",
         items=[
@@ -301,6 +323,9 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         model_config=_model_path(prefs.model_config.strip()) or None,
         method=group.method,
         gradient=group.gradient,
+        scheduler=group.scheduler,
+        guided_fraction=round(group.guided_fraction, 6),  # Blender's float32: 0.7 reads 0.699999988
+        late_gradient=group.late_gradient,
         windows=group.windows,
         pyramid=group.pyramid,
         coarse_noise=group.coarse_noise,
@@ -382,6 +407,8 @@ def _panel_values(settings: GenerationSettings) -> dict:
         "aspect": aspect, "width": settings.width, "height": settings.height, "wrap": settings.wrap,
         "prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "method": settings.method,
         "gradient": settings.gradient, "windows": settings.windows, "omega": settings.omega,
+        "scheduler": settings.scheduler, "guided_fraction": settings.guided_fraction,
+        "late_gradient": settings.late_gradient,
         "pyramid": settings.pyramid, "coarse_noise": settings.coarse_noise, "poles": settings.poles,
         "scales": settings.scales or 0, "cubemap": settings.cubemap,
         "steps": settings.steps, "guidance": settings.guidance, "random_seed": False,
@@ -415,6 +442,8 @@ SETTING_PLACES = {
     "width": (_PANEL, "width"), "height": (_PANEL, "height"), "wrap": (_PANEL, "wrap"),
     "seed": (_SAMPLER, "seed"), "steps": (_SAMPLER, "steps"), "guidance": (_SAMPLER, "guidance"),
     "method": (_SAMPLER, "method"), "omega": (_SAMPLER, "omega"), "gradient": (_SAMPLER, "gradient"), "windows": (_SAMPLER, "windows"),
+    "scheduler": (_SAMPLER, "scheduler"), "guided_fraction": (_SAMPLER, "guided_fraction"),
+    "late_gradient": (_SAMPLER, "late_gradient"),
     "pyramid": (_SAMPLER, "pyramid"), "coarse_noise": (_SAMPLER, "coarse_noise"), "scales": (_SAMPLER, "scales"),
     "poles": (_SAMPLER, "poles"), "cubemap": (_PANEL, "cubemap"),
     "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"), "hdr_peak": (_SAMPLER, "hdr_peak"),

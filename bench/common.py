@@ -88,6 +88,13 @@ def window_seam_ratio(images, grid, multiple: int = 1) -> dict:
             "rows": _edge_ratio(rows, row_edges, False, multiple)}
 
 
+def seam_multiple(plan) -> int:
+    """Positions to compare the last step's tile edges with (``common.window_seam_ratio``): shifted tiles
+    below a coarser level start at even offsets, so other even positions; a dense grid has an edge at
+    every stride, so every other position."""
+    return 2 if plan.levels > 1 and plan.windows == "shifted" else 1
+
+
 def _edge_ratio(differences, edges: set[int], wrap: bool, multiple: int) -> float | None:
     positions = range(0 if wrap else 1, len(differences))
     at_edges = [float(differences[i]) for i in positions if i in edges]

@@ -265,7 +265,10 @@ def sample_panoramas(
     grids = make_grids(height, width, prior.window, stride, wrap, levels, global_view)
     schedule = solver_schedule(scheduler, sd_ddim_scheduler(), steps)
     x0_history = [None] * len(grids)  # the multistep solver's memory (DDIM ignores it)
-    sampler_modes = noise in ("literal", "matched") and gradient in ("fast", "refresh", "exact")
+    # msd_step at ω = 0 denoises only the finest level; with literal noise pyramid_step (the same math)
+    # denoises every level, so the cross-scale discrepancy of unguided levels is still recorded.
+    sampler_modes = (noise in ("literal", "matched") and gradient in ("fast", "refresh", "exact")
+                     and not (omega == 0 and noise == "literal" and scheduler == "ddim"))
     if scheduler != "ddim" and not sampler_modes:
         raise ValueError("the other noise modes and gradient variants are built for DDIM steps only")
     latents = torch.stack(
@@ -321,8 +324,10 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None):
     denoise = prior.denoiser()
     for index, step in enumerate(schedule):
         levels_out: list[LevelResult] = []
-        latents = msd_step(latents, plan.grids_at(index), step, denoise, omega * cosine_decay(step.t, TRAIN_STEPS),
-                           gradient=settings.gradient, omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
+        gradient = plan.gradient_at(index)
+        omega_t = omega * cosine_decay(step.t, TRAIN_STEPS) if gradient else 0.0
+        latents = msd_step(latents, plan.grids_at(index), step, denoise, omega_t,
+                           gradient=gradient or settings.gradient, omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
                            x0_history=x0_history, on_level=levels_out.append, coarse_noise=settings.coarse_noise,
                            train_alphas=scheduler.alphas_cumprod)
         if on_step:

@@ -24,7 +24,7 @@ import statistics
 import time
 
 import torch
-from common import environment, figure_path, markdown_table, pyplot, write_json
+from common import environment, figure_path, markdown_table, pyplot, seam_multiple, window_seam_ratio, write_json
 from horizon import (PRIOR_FACTOR, SD_COARSE_NUMEL, HorizonPrior, sample_panoramas, sample_with_settings,
                      score_layout, seam_ratio)
 from priors import RiverPrior, SunPrior
@@ -216,20 +216,51 @@ def plot(rows: list[dict], examples: list, quick: bool) -> None:
 
 
 ASPECTS = ((64, 64, False), (32, 64, True), (64, 128, True), (32, 128, False))  # in 16-px windows: 4×4 … 2×8
-# name: GenerationSettings changes from the defaults (the Standard quality preset: shifted tiles, exact
-# gradient, DDIM 50, ω = 10 projection), sampled as the pipeline would (horizon.sample_with_settings).
+# v0.3's Standard preset (shifted tiles, exact gradient at every step, DDIM 50), the base of the rows below
+# that name no preset: they were measured against it (docs/layout.md).
+V03_STANDARD = {"windows": "shifted", "gradient": "exact", "steps": 50, "scheduler": "ddim", "guided_fraction": 1.0,
+                "late_gradient": "none"}
+# name: GenerationSettings changes (ω = 10 projection), sampled as the pipeline would (horizon.sample_with_settings).
 ASPECT_SETTINGS = {
-    "MD": {"method": "multidiffusion"},
-    "paper pyramid": {"pyramid": "halving", "coarse_noise": "literal"},  # the default up to v0.2
-    "global, literal": {"pyramid": "global", "coarse_noise": "literal"},
-    "halving, matched": {"pyramid": "halving", "coarse_noise": "matched"},
-    "default": {},  # global level, coarse levels at their matched noise level
-    "default, Draft": {"steps": QUALITY["draft"][0]["steps"]},
-    "default, DPM++ 20": {"scheduler": "dpmpp-2m", "steps": 20},
+    "MD": {**V03_STANDARD, "method": "multidiffusion"},
+    "paper pyramid": {**V03_STANDARD, "pyramid": "halving", "coarse_noise": "literal"},  # the default up to v0.2
+    "global, literal": {**V03_STANDARD, "pyramid": "global", "coarse_noise": "literal"},
+    "halving, matched": {**V03_STANDARD, "pyramid": "halving", "coarse_noise": "matched"},
+    "v0.3 Standard": V03_STANDARD,  # global level, coarse levels at their matched noise level
+    "v0.3 Draft": {**V03_STANDARD, "steps": 25},
+    "v0.3, DPM++ 20": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20},
+    "default": {},  # today's Standard preset
+    "default, Draft": QUALITY["draft"][0],
 }
-EXAMPLE_SETTINGS = ("paper pyramid", "default")
+# Cheaper settings measured for the speed issue (docs/speed.md), run with --settings NAME … .
+SPEED_SETTINGS = {
+    "guided 0.5": {**V03_STANDARD, "guided_fraction": 0.5},
+    "guided 0.3": {**V03_STANDARD, "guided_fraction": 0.3},
+    "guided 0.2": {**V03_STANDARD, "guided_fraction": 0.2},
+    "fast": {**V03_STANDARD, "gradient": "fast"},
+    "fast, guided 0.5": {**V03_STANDARD, "gradient": "fast", "guided_fraction": 0.5},
+    "DDIM 25, fast": {**V03_STANDARD, "gradient": "fast", "steps": 25},
+    "DPM++ 20, fast": {**V03_STANDARD, "gradient": "fast", "scheduler": "dpmpp-2m", "steps": 20},
+    "DPM++ 20, guided 0.5": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.5},
+    "DPM++ 25, guided 0.5": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 25, "guided_fraction": 0.5},
+    "DPM++ 30, guided 0.5": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 30, "guided_fraction": 0.5},
+    "DPM++ 20, guided 0.3": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.3},
+    "DPM++ 25, exact 0.5 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 25, "guided_fraction": 0.5,
+        "late_gradient": "fast"},
+    "DPM++ 25, exact 0.7 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 25, "guided_fraction": 0.7,
+        "late_gradient": "fast"},
+    "DPM++ 20, exact 0.5 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.5,
+        "late_gradient": "fast"},
+    "DPM++ 20, exact 0.3 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.3,
+        "late_gradient": "fast"},
+    "DPM++ 15, exact 0.5 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 15, "guided_fraction": 0.5,
+                                      "late_gradient": "fast"},
+    "DPM++ 15, guided 0.5": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 15, "guided_fraction": 0.5},
+    "DPM++ 20, guided 0.4": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.4},
+}
+EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard")
 ASPECT_COLUMNS = ["prior", "panorama", "setting", "levels", "coherent", "collapsed", "coarsest coherent", "count",
-                  "work", "seconds"]
+                  "work", "seams", "seconds"]
 PRIOR_DRAWS = 4000
 
 
@@ -259,15 +290,16 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     height, width, wrap = shape[0] // scale, shape[1] // scale, shape[2]
     settings = dataclasses.replace(GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR,
                                                       height=height * PRIOR_FACTOR, wrap=wrap),
-                                   **ASPECT_SETTINGS[setting])
+                                   **(ASPECT_SETTINGS | SPEED_SETTINGS)[setting])
     if quick:
         settings = dataclasses.replace(settings, steps=max(5, settings.steps // 5))
     coarsest, levels = [], []
 
     def on_step(index, results):
-        if index == settings.steps - 1:
-            coarsest.append(results[0].latents[0])
-            levels.extend(tuple(r.latents.shape[2:]) for r in results)
+        # The coarsest level at the last step that ran every level (later steps run only the finest).
+        if index == 0 or len(results) >= len(levels):
+            coarsest[:] = [results[0].latents[0]]
+            levels[:] = [tuple(r.latents.shape[2:]) for r in results]
 
     started = time.perf_counter()
     images, plan = sample_with_settings(prior, settings, seeds, on_step=on_step)
@@ -285,13 +317,17 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
         "count_name": count_key, "count_mean": statistics.mean(s[count_key] for s in scores),
         **{f"unet_{key}": value for key, value in plan.work().items()},
         "work_vs_md": sum(plan.step_costs()) / sum(md_plan.step_costs()), "seconds": seconds,
+        **{f"window_seam_{side}": value for side, value in window_seam_ratio(
+            images, plan.grids_at(plan.steps - 1)[-1], seam_multiple(plan)).items()},
+        "seam_360": statistics.mean(seam_ratio(image) for image in images) if wrap else None,
     }
     if prior.name == "sun":
         aspects = [s["aspect"] for s in scores if s["coherent"]]
         row["sun_aspect"] = statistics.mean(aspects) if aspects else None
     n = len(seeds)
+    seams = [row[f"window_seam_{side}"] for side in ("rows", "columns")] + [row["seam_360"]]
     row.update(coherent=f"{row['coherent_count']}/{n}", collapsed=f"{row['collapsed_count']}/{n}",
-               work=f"{row['work_vs_md']:.2f}×",
+               work=f"{row['work_vs_md']:.2f}×", seams=" / ".join("—" if v is None else f"{v:.2f}" for v in seams),
                **{"coarsest coherent": f"{row['coarsest_coherent_count']}/{n}",
                   "count": f"{count_key} {row['count_mean']:.2f}"})
     if keep is not None:
@@ -300,17 +336,20 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     return row
 
 
-def aspects_part(quick: bool, seeds: int | None = None) -> tuple[list[dict], list]:
+def aspects_part(quick: bool, seeds: int | None = None, settings=ASPECT_SETTINGS,
+                 priors=None) -> tuple[list[dict], list]:
     shapes = (ASPECTS[0], ASPECTS[2]) if quick else ASPECTS
     seeds = list(range(seeds or (8 if quick else 24)))
     print(f"\naspects: {len(seeds)} seeds, the pipeline's plan for each setting (Standard preset unless named"
           f"{', steps ÷ 5' if quick else ''}), ω = 10 (projection)")
     print("\n".join(markdown_table([], ASPECT_COLUMNS).splitlines()[:2]))
     rows, examples = [], []
-    for prior in aspect_priors().values():
+    for name, prior in aspect_priors().items():
+        if priors and name not in priors:
+            continue
         rows.append(prior_draws_row(prior, len(seeds)))
         for shape in shapes:
-            for setting in ASPECT_SETTINGS:
+            for setting in settings:
                 keep = examples if shape == ASPECTS[2] and setting in EXAMPLE_SETTINGS else None
                 rows.append(run_aspect(prior, shape, setting, seeds, keep, quick))
     return rows, examples
@@ -351,15 +390,20 @@ def main() -> None:
     parser.add_argument("--skip-tiny", action="store_true", help="only the horizon prior")
     parser.add_argument("--aspects", action="store_true", help="only part 3: every prior × aspect × pyramid")
     parser.add_argument("--seeds", type=int, help="part 3's seeds per cell (default 24, quick 8)")
+    parser.add_argument("--settings", nargs="+", choices=list(ASPECT_SETTINGS | SPEED_SETTINGS), metavar="SETTING",
+                        help="part 3: only these settings (ASPECT_SETTINGS or SPEED_SETTINGS)")
+    parser.add_argument("--priors", nargs="+", choices=("horizon", "sun", "river"), help="part 3: only these priors")
+    parser.add_argument("--output", help="part 3's results name in bench/results (default layout-aspects[-quick])")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small float64 tensors: one thread is fastest and fair to a busy machine
     env = environment()
     suffix = "-quick" if args.quick else ""
     if args.aspects:
-        rows, examples = aspects_part(args.quick, args.seeds)
+        rows, examples = aspects_part(args.quick, args.seeds, args.settings or ASPECT_SETTINGS, args.priors)
         print("\n" + markdown_table(rows, ASPECT_COLUMNS))
-        write_json(f"layout-aspects{suffix}", {"environment": env, "aspects": rows})
-        plot_aspects(rows, examples, args.quick)
+        write_json(args.output or f"layout-aspects{suffix}", {"environment": env, "aspects": rows})
+        if not args.settings:
+            plot_aspects(rows, examples, args.quick)
         return
     horizon_rows, examples = horizon_part(args.quick)
     print("\n" + markdown_table(horizon_rows, COLUMNS))

@@ -25,13 +25,13 @@ import statistics
 import time
 
 import torch
-from common import RESULTS, environment, markdown_table, median_spread, window_seam_ratio, write_json
+from common import RESULTS, environment, markdown_table, median_spread, seam_multiple, window_seam_ratio, write_json
 from horizon import PRIOR_FACTOR, HorizonPrior, sample_with_settings, score_layout, seam_ratio
 from speed import WindowPanorama, interleaved, Meter
 
 from msd_core import models
 from msd_core.pipeline import MSDPanoramaPipeline
-from msd_core.plan import plan_without_model
+from msd_core.plan import forward_equivalents, plan_without_model
 from msd_core.settings import PRESETS, QUALITY, GenerationSettings
 
 PRIORS = {"horizon": HorizonPrior}
@@ -47,17 +47,23 @@ def shape_name(height: int, width: int, wrap: bool) -> str:
 
 
 SHAPE_NAMES = [shape_name(*shape) for shape in SHAPES]
+# v0.3's presets (DDIM, the exact gradient at every step), timed beside today's (issue 18);
+# the variants below change them.
+V03 = {"guided_fraction": 1.0, "late_gradient": "none", "scheduler": "ddim", "windows": "shifted", "gradient": "exact"}
+V03_CONFIGS = {"draft v0.3": {**V03, "steps": 25}, "standard v0.3": {**V03, "steps": 50}}
 # Rows of the tables: the presets, and variants that answer "what does each choice cost or buy".
 CONFIGS = {name: values for name, (values, _) in QUALITY.items()}
 VARIANTS = {
-    "dense stride w/4, exact": {"windows": "dense", "gradient": "exact", "steps": 50, "stride_fraction": 4},
-    "dense stride w/2, exact": {"windows": "dense", "gradient": "exact", "steps": 50, "stride_fraction": 2},
-    "shifted, refresh, 50": {"windows": "shifted", "gradient": "refresh", "steps": 50},
-    "shifted, fast, 50": {"windows": "shifted", "gradient": "fast", "steps": 50},
-    "shifted, exact, 25": {"windows": "shifted", "gradient": "exact", "steps": 25},
-    "shifted, refresh, 25": {"windows": "shifted", "gradient": "refresh", "steps": 25},
-    "shifted, exact, dpmpp-2m 20": {"windows": "shifted", "gradient": "exact", "steps": 20, "scheduler": "dpmpp-2m"},
-    "shifted, exact, dpmpp-2m 15": {"windows": "shifted", "gradient": "exact", "steps": 15, "scheduler": "dpmpp-2m"},
+    "dense stride w/4, exact": {**V03, "windows": "dense", "gradient": "exact", "steps": 50, "stride_fraction": 4},
+    "dense stride w/2, exact": {**V03, "windows": "dense", "gradient": "exact", "steps": 50, "stride_fraction": 2},
+    "shifted, refresh, 50": {**V03, "windows": "shifted", "gradient": "refresh", "steps": 50},
+    "shifted, fast, 50": {**V03, "windows": "shifted", "gradient": "fast", "steps": 50},
+    "shifted, exact, 25": {**V03, "windows": "shifted", "gradient": "exact", "steps": 25},
+    "shifted, refresh, 25": {**V03, "windows": "shifted", "gradient": "refresh", "steps": 25},
+    "shifted, exact, dpmpp-2m 20": {**V03, "windows": "shifted", "gradient": "exact", "steps": 20, "scheduler": "dpmpp-2m"},
+    "shifted, exact, dpmpp-2m 15": {**V03, "windows": "shifted", "gradient": "exact", "steps": 15, "scheduler": "dpmpp-2m"},
+    "shifted, exact, dpmpp-2m 20, guided 0.5": {**V03, "windows": "shifted", "gradient": "exact", "steps": 20,
+                                                "scheduler": "dpmpp-2m", "guided_fraction": 0.5},
 }
 
 
@@ -71,15 +77,25 @@ def settings_for(config: dict, window: int, base: GenerationSettings) -> Generat
 # ------------------------------------------------------------------------------------------------ work
 
 
+WORK_COLUMNS = ["preset", "config", "scheduler", "steps", "guided_steps", "windows_per_level", "forwards", "backwards",
+                "forward_equivalents", "limit", "ratio_to_limit"]
+
+
 def work_part(configs: dict) -> list[dict]:
+    """UNet work of every config at every size preset: forwards, backwards, forward-equivalents (a backward =
+    plan.BACKWARD_COST forwards) and their ratio to ``Plan.limit`` (one pass per window area per level per step)."""
     rows = []
     for preset, (width, height, wrap, _) in PRESETS.items():
         for name, config in configs.items():
             base = GenerationSettings(prompt="bench", width=width, height=height, wrap=wrap, window=SD_WINDOW)
             settings = settings_for(config, SD_WINDOW, base)
             plan = plan_without_model(settings, None, "float16")
-            rows.append({"preset": preset, "config": name, **plan.work(), "steps": plan.steps,
-                         "windows_per_level": plan.describe()["windows_per_level"]})
+            work = plan.work()
+            rows.append({"preset": preset, "config": name, **work, "steps": plan.steps,
+                         "scheduler": settings.scheduler, "guided_steps": plan.describe()["guided_steps"],
+                         "windows_per_level": plan.describe()["windows_per_level"],
+                         "forward_equivalents": round(forward_equivalents(work)), "limit": round(plan.limit()),
+                         "ratio_to_limit": round(forward_equivalents(work) / plan.limit(), 2)})
     return rows
 
 
@@ -89,13 +105,6 @@ def work_part(configs: dict) -> list[dict]:
 def mean_of(values) -> float | None:
     values = [value for value in values if value is not None]
     return statistics.mean(values) if values else None
-
-
-def seam_multiple(plan) -> int:
-    """Positions to compare the last step's tile edges with (``common.window_seam_ratio``): shifted tiles
-    below a coarser level start at even offsets, so other even positions; a dense grid has an edge at
-    every stride, so every other position."""
-    return 2 if plan.levels > 1 and plan.windows == "shifted" else 1
 
 
 def layout_row(prior, name: str, config: dict, shape, seeds: list[int], steps_divisor: int) -> dict:
@@ -187,23 +196,27 @@ def main() -> None:
     parser.add_argument("--output", help="results name in bench/results (default presets[-quick])")
     parser.add_argument("--variants", action="store_true", help="also the VARIANTS rows (what each choice buys)")
     parser.add_argument("--skip-time", action="store_true", help="no tiny-model timing")
+    parser.add_argument("--work-only", action="store_true", help="only print the UNet work table (no sampling)")
+    parser.add_argument("--time-only", action="store_true", help="only the work table and the tiny-model timing")
     parser.add_argument("--only", nargs="+", metavar="CONFIG",
                         help="sample only these layout rows and keep the others of the last results file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     quick = args.quick
-    configs = CONFIGS | (VARIANTS if args.variants else {})
+    configs = CONFIGS | V03_CONFIGS | (VARIANTS if args.variants else {})
     sampled = {name: config for name, config in configs.items() if not args.only or name in args.only}
     seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (8 if quick else 24))))
     output = args.output or ("presets-quick" if quick else "presets")
     steps_divisor = 5 if quick else 1
 
     work = work_part(configs)
-    print(markdown_table(work, ["preset", "config", "steps", "windows_per_level", "forwards", "backwards"]))
+    print(markdown_table(work, WORK_COLUMNS))
+    if args.work_only:
+        return
 
     prior = PRIORS[args.prior]()
-    layout = [layout_row(prior, name, config, shape, seeds, steps_divisor)
-              for shape in (QUICK_SHAPES if quick else SHAPES) for name, config in sampled.items()]
+    layout = [] if args.time_only else [layout_row(prior, name, config, shape, seeds, steps_divisor)
+                                        for shape in (QUICK_SHAPES if quick else SHAPES) for name, config in sampled.items()]
     last_path = RESULTS / f"{output}.json"
     if args.only and last_path.exists():  # the other rows as the last run measured them
         last = json.loads(last_path.read_text(encoding="utf-8"))
@@ -216,7 +229,8 @@ def main() -> None:
     if not args.skip_time:
         # 256×128 px: two levels of the tiny model's 64 px window. Without wrap: diffusers' circular
         # padding fails for windows other than its own 64 latents.
-        timing = time_part(CONFIGS, {"width": 256, "height": 128, "wrap": False}, steps_divisor, 1 if quick else 2)
+        timing = time_part(CONFIGS | V03_CONFIGS, {"width": 256, "height": 128, "wrap": False}, steps_divisor,
+                           1 if quick else 2)
         print(markdown_table(timing["rows"], ["config", "median", "min", "max", "vs_best", "vs_diffusers", "steps",
                                               "planned_forwards", "planned_backwards", "unet_windows_counted",
                                               "window_seam_rows", "window_seam_columns"]))

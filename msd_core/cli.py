@@ -31,6 +31,7 @@ from .settings import (
     HDR_KNEE_RANGE,
     HDR_PEAK_RANGE,
     MAX_SIDE,
+    LATE_GRADIENTS,
     METHODS,
     OMEGA_LOSSES,
     POLE_MODES,
@@ -78,7 +79,7 @@ Examples:
 QUALITY_HELP = "; ".join(
     f"{name} = {', '.join(f'{key} {value}' for key, value in values.items())} ({what})"
     for name, (values, what) in QUALITY.items()
-)
+).replace("%", "%%")  # argparse formats help text with %
 PRESET_HELP = "; ".join(f"{name} = {w}×{h}{' with wrap' if wrap else ''} ({what})" for name, (w, h, wrap, what) in PRESETS.items())
 
 
@@ -161,6 +162,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="exact = autograd through the UNet (the paper's method, ~4× the UNet cost of multidiffusion); "
                              "refresh = closed-form gradient, then a second UNet call on the guided window (~2×); "
                              "fast = model output held constant, one UNet call per window like multidiffusion")
+    method.add_argument("--guided-fraction", type=float,
+                        help="share of the steps, from the first, guided with --gradient (default: the quality "
+                             "preset's; 1 = every step, the paper)")
+    method.add_argument("--late-gradient", choices=LATE_GRADIENTS,
+                        help="the gradient of the steps after --guided-fraction; none = they denoise only the finest "
+                             "level, as multidiffusion (default: the quality preset's; docs/speed.md)")
     method.add_argument("--omega", type=float, default=10.0,
                         help="guidance strength ω towards the coarser level (default 10, 0 = multidiffusion)")
     method.add_argument("--omega-loss", choices=OMEGA_LOSSES, default="projection",
@@ -200,9 +207,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                                "C:\\loras\\a.safetensors works; otherwise the weight follows the last colon (docs/lora.md)")
     sampling.add_argument("--steps", type=int, help="denoising steps (default: the quality preset's)")
     sampling.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    sampling.add_argument("--scheduler", choices=SCHEDULERS, default="ddim",
-                          help="ddim = DDIM, as in the paper (default); dpmpp-2m = DPM-Solver++ (2M), a multistep solver "
-                               "that needs fewer --steps for the same quality (docs/solver.md)")
+    sampling.add_argument("--scheduler", choices=SCHEDULERS,
+                          help="ddim = DDIM, as in the paper; dpmpp-2m = DPM-Solver++ (2M), a multistep solver that needs "
+                               "fewer --steps for the same quality (docs/solver.md); default: the quality preset's")
     sampling.add_argument("--seed", type=int, help="random seed (default: a new one, printed and stored in the PNG)")
 
     device = parser.add_argument_group("device")
@@ -253,7 +260,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "model": DEFAULT_MODEL if args.model is None else args.model,  # "" stays empty: validate() names it
         "loras": [parse_lora_argument(text) for text in args.lora],
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
-        "coarse_noise": args.coarse_noise, "scales": args.scales, "guidance": args.guidance, "scheduler": args.scheduler,
+        "coarse_noise": args.coarse_noise, "scales": args.scales, "guidance": args.guidance,
         "seed": secrets.randbelow(DRAWN_SEED_LIMIT) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "poles": args.poles,
         "view_batch": args.view_batch,
@@ -261,7 +268,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "hdr": args.hdr, "hdr_knee": args.hdr_knee, "hdr_peak": args.hdr_peak,
         "cubemap": args.cubemap,
     }
-    for name in ("gradient", "steps", "windows"):  # the quality preset's, unless given
+    for name in ("gradient", "steps", "windows", "scheduler", "guided_fraction", "late_gradient"):  # the preset's, unless given
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.stride is not None and args.windows is None:

@@ -14,6 +14,7 @@ equals diffusers' StableDiffusionXLPipeline, and no window is told it is a crop 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +25,7 @@ from . import __version__, lora, models, output, refine, sphere, vae
 from .errors import NonFiniteResult
 from .plan import Plan, default_levels, make_plan  # noqa: F401  (default_levels: used from here by bench/)
 from .sampler import (
+    DPMTimestep,
     Interrupt,
     LevelResult,
     SolverStep,
@@ -215,6 +217,8 @@ class MSDPanoramaPipeline:
         if not 0 <= start_step < len(schedule):
             raise ValueError(f"start_step {start_step} is outside the {len(schedule)}-step schedule")
         schedule = schedule[start_step:]
+        if start_step and isinstance(schedule[0], DPMTimestep):  # no memory yet: first order, as the solver starts
+            schedule[0] = dataclasses.replace(schedule[0], ratio=None)
         x0_history = [None] * plan.levels
         train_steps = self.scheduler.config.num_train_timesteps
         # 4. Initial latents (float32: the merge averages in full precision; the UNet casts).
@@ -224,7 +228,7 @@ class MSDPanoramaPipeline:
         weights = [feathered_weights(plan.window).to(self.device) if settings.feather else None] * plan.levels
         omega = settings.omega if settings.method == "msd" else 0.0
         # Only the exact gradient needs autograd; everything else runs in inference mode (no version counters).
-        no_grad = torch.no_grad if plan.guided and settings.gradient == "exact" else torch.inference_mode
+        no_grad = torch.no_grad if plan.exact else torch.inference_mode
         # A 360° world's poles (--poles sphere): both caps' views are denoised beside the strip every step.
         caps = sphere.CapProjection(plan.height, plan.width, plan.caps) if plan.caps else None
         coarser, cap_views = [None], None
@@ -238,11 +242,14 @@ class MSDPanoramaPipeline:
                     callback(StepInfo(index + 1, len(schedule), result.level, plan.levels, result.latents,
                                       result.pred_x0, time.perf_counter() - started))
 
+            # A step the plan does not guide runs only the finest level (ω_t = 0: MultiDiffusion).
+            gradient = plan.gradient_at(start_step + index)
+            omega_t = omega * cosine_decay(step.t, train_steps) if gradient else 0.0
             with no_grad():
                 before, x0_before = latents, x0_history[-1]
                 latents = msd_step(
-                    latents, plan.grids_at(index), step, denoise, omega * cosine_decay(step.t, train_steps),
-                    gradient=settings.gradient, omega_loss=settings.omega_loss,
+                    latents, plan.grids_at(index), step, denoise, omega_t,
+                    gradient=gradient or settings.gradient, omega_loss=settings.omega_loss,
                     prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                     weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
                     coarse_noise=settings.coarse_noise, train_alphas=self.scheduler.alphas_cumprod,
@@ -251,8 +258,8 @@ class MSDPanoramaPipeline:
                     latents, x0_history[-1], cap_views = sphere.pole_cap_step(
                         before, x0_before, latents, x0_history[-1], caps, plan.cap_grid_at(index), step, denoise,
                         caps=cap_views, prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
-                        weights=weights[-1], interrupt=interrupt, coarse=coarser[0],
-                        omega=omega * cosine_decay(step.t, train_steps), omega_loss=settings.omega_loss,
+                        weights=weights[-1], interrupt=interrupt, coarse=coarser[0] if gradient else None,
+                        omega=omega_t, omega_loss=settings.omega_loss,
                     )
                 if guide is not None:
                     latents = guide(latents, step)
@@ -267,7 +274,7 @@ class MSDPanoramaPipeline:
         finished = time.perf_counter()
         timings = {"sample": sampled - started, "decode": finished - sampled, "total": finished - started}
         # 7. Metadata.
-        resolved = {**plan.describe(len(schedule)), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+        resolved = {**plan.describe(start_step), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                     "family": self.family, "msd_core_version": __version__, **({"loras": loras} if loras else {})}
         metadata = output.generation_metadata(settings, resolved)
         return PanoramaResult(image, latents, metadata, timings, plan)

@@ -37,8 +37,9 @@ SD_PARAMETERS = 1.29e9
 # its VAE is kept in float32 in a float16 run (models.vae_dtype).
 FAMILY_PARAMETERS = {"sd": SD_PARAMETERS, "sdxl": 3.469e9}
 UPCAST_VAE_PARAMETERS = {"sd": 0.0, "sdxl": 83.7e6}
-# A backward pass through the UNet costs about 1.3 forwards (measured at SD-2-base scale, issue 10).
-BACKWARD_COST = 1.3
+# A backward pass through the UNet costs 1.34 forwards (SD-2-base's UNet on an H200 in float16, view batch
+# 32: bench/results/device-h200.json). Forward-equivalents = forwards + BACKWARD_COST × backwards.
+BACKWARD_COST = 1.34
 CPU_VIEW_BATCH = 4  # on the CPU larger batches are not faster and only hold more memory
 MAX_VIEW_BATCH = 32
 
@@ -155,9 +156,9 @@ def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool) ->
     """UNet window passes of a run: ``windows_per_step[i][level]`` windows at step i (coarsest level first).
 
     A window is one classifier-free-guidance pair. The coarsest level (and every level when ``guided``
-    is false: plain MultiDiffusion, or ω = 0) costs 1 forward per window; a guided finer window costs
-    2 forwards + 1 backward ("exact"), 2 forwards ("refresh") or 1 forward ("fast"). ω_t = ω·cos-decay
-    is > 0 at every step (DDIM's last timestep is 1, not 0), so a guided run is guided at every step.
+    is false: plain MultiDiffusion) costs 1 forward per window; a guided finer window costs
+    2 forwards + 1 backward ("exact"), 2 forwards ("refresh") or 1 forward ("fast"). A step that runs
+    only its finest level (``Plan.windows_per_step``: after the guided steps, or ω = 0) lists one count.
     """
     per_finer_window = {"exact": (2, 1), "refresh": (2, 0), "fast": (1, 0)}[gradient] if guided else (1, 0)
     forwards = backwards = 0
@@ -165,6 +166,11 @@ def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool) ->
         forwards += counts[0] + per_finer_window[0] * sum(counts[1:])
         backwards += per_finer_window[1] * sum(counts[1:])
     return {"forwards": forwards, "backwards": backwards}
+
+
+def forward_equivalents(work: dict) -> float:
+    """``unet_work``'s counts in window forwards: forwards + ``BACKWARD_COST`` × backwards."""
+    return work["forwards"] + BACKWARD_COST * work["backwards"]
 
 
 def window_activation_bytes(exact_gradient: bool, dtype: str, window: int, family: str = "sd") -> float:
@@ -250,6 +256,17 @@ class Plan:
     squeeze: int = 1  # columns averaged by a global level on top of the halving pyramid (1 = none)
     family: str = "sd"  # the model family ("sd", "sdxl"): its memory figures
     caps: int = 0  # latent pixels across each pole cap's view (``--poles sphere``); 0 = no cap windows
+    guided_steps: int | None = None  # the first steps that guide with ``gradient`` (None = all when guided)
+    late_gradient: str = "none"  # the later steps' gradient mode; "none": they run only the finest level
+
+    def gradient_at(self, step_index: int) -> str | None:
+        """The gradient mode of a step (0-based), or None where nothing is guided: then only the finest level
+        runs, as MultiDiffusion (its result never depends on a coarser level that does not guide it)."""
+        if not self.guided:
+            return None
+        if self.guided_steps is None or step_index < self.guided_steps:
+            return self.gradient
+        return None if self.late_gradient == "none" else self.late_gradient
 
     def level_shape(self, level: int) -> tuple[int, int]:
         """(height, width) of a level, 0 = coarsest (the global level, if any)."""
@@ -299,7 +316,18 @@ class Plan:
             return [0] * self.steps
         return [2 * len(rows) * len(cols) for rows, cols in map(self.cap_starts_at, range(self.steps))]
 
+    @property
+    def exact(self) -> bool:
+        """Whether any step takes the exact gradient (autograd through the model)."""
+        return self.guided and "exact" in (self.gradient, self.late_gradient)
+
     def windows_per_step(self) -> list[list[int]]:
+        """Windows per level at every step (coarsest first); one count, the finest level's, at a step
+        that runs only the finest level (``gradient_at`` is None)."""
+        return [level_counts if self.gradient_at(index) else level_counts[-1:]
+                for index, level_counts in enumerate(self._all_level_counts())]
+
+    def _all_level_counts(self) -> list[list[int]]:
         return [[len(rows) * len(cols) for rows, cols in self.starts_at(index)] for index in range(self.steps)]
 
     def grids_at(self, step_index: int) -> list:
@@ -318,25 +346,38 @@ class Plan:
         """The first step's grids (every step's, with dense windows)."""
         return self.grids_at(0)
 
-    def work(self, steps: int | None = None) -> dict:
-        """UNet window passes of the run, or of its first ``steps`` steps (a refine runs only part of the
-        schedule): the pyramid's (``unet_work``) plus the pole caps' forwards."""
-        work = unet_work(self.windows_per_step()[:steps], self.gradient, self.guided)
-        return {**work, "forwards": work["forwards"] + sum(self.cap_windows_per_step()[:steps])}
+    def _step_work(self) -> list[dict]:
+        """UNet work of every step: the pyramid's windows with that step's gradient, plus the pole caps' forwards."""
+        per_step = []
+        for index, (counts, caps) in enumerate(zip(self.windows_per_step(), self.cap_windows_per_step())):
+            gradient = self.gradient_at(index)
+            work = unet_work([counts], gradient or self.gradient, gradient is not None)
+            per_step.append({**work, "forwards": work["forwards"] + caps})
+        return per_step
+
+    def work(self, start_step: int = 0) -> dict:
+        """UNet window passes of the run, or of its steps from ``start_step`` on (a refine runs only those)."""
+        steps = self._step_work()[start_step:]
+        return {key: sum(work[key] for work in steps) for key in ("forwards", "backwards")}
 
     def step_costs(self) -> list[float]:
         """UNet work of every step in window forwards, a backward counted as ``BACKWARD_COST`` forwards."""
-        costs = []
-        for counts, caps in zip(self.windows_per_step(), self.cap_windows_per_step()):
-            work = unet_work([counts], self.gradient, self.guided)
-            costs.append(work["forwards"] + caps + BACKWARD_COST * work["backwards"])
-        return costs
+        return [forward_equivalents(work) for work in self._step_work()]
 
-    def describe(self, steps: int | None = None) -> dict:
+    def limit(self) -> float:
+        """The least UNet work a run of this size and step count can do: one window pass per window area of
+        every pyramid level at every step, Σ_steps Σ_levels height·width / window² (no overlap, no gradient)."""
+        area = sum(math.prod(self.level_shape(level)) for level in range(self.levels))
+        return self.steps * area / self.window**2
+
+    def describe(self, start_step: int = 0) -> dict:
         """What the run will do, in pixels (stored in the output's metadata); windows per level are the
-        most any step has (shifted tiles vary by a snapped edge tile); the UNet work counts the first
-        ``steps`` steps where not all run."""
+        most any step that runs the level has (shifted tiles vary by a snapped edge tile; 0 for a coarser
+        level no step runs, at ω = 0); the UNet work and guided steps count the steps from ``start_step`` on
+        (a refine's)."""
         per_step = self.windows_per_step()
+        per_level = [max((counts[level - self.levels] for counts in per_step if len(counts) > self.levels - 1 - level),
+                         default=0) for level in range(self.levels)]
         caps = {"pole_caps": {"size": self.caps * self.factor, "windows_per_step": max(self.cap_windows_per_step())}}
         return {
             "levels": self.levels,
@@ -344,14 +385,15 @@ class Plan:
             "stride": self.stride * self.factor,
             "windows": self.windows,
             "view_batch": self.view_batch,
-            "windows_per_level": [max(counts[level] for counts in per_step) for level in range(self.levels)],
-            "unet_windows": self.work(steps),
+            "windows_per_level": per_level,
+            "unet_windows": self.work(start_step),
+            "guided_steps": sum(self.gradient_at(index) is not None for index in range(start_step, self.steps)),
             **(caps if self.caps else {}),
         }
 
     def dry_run(self, dtype: str) -> dict:
         """``describe`` plus the decoded size and an estimate of the peak accelerator memory."""
-        per_window = window_activation_bytes(self.guided and self.gradient == "exact", dtype, self.window, self.family)
+        per_window = window_activation_bytes(self.exact, dtype, self.window, self.family)
         weights = weight_bytes(dtype, self.family)
         sized = {"sd": "SD-2-base-sized", "sdxl": "SDXL-base-sized"}[self.family]
         return {
@@ -367,7 +409,7 @@ class Plan:
 
 def estimated_seconds(work: dict, ms_per_window: float) -> float:
     """Sampling time of ``work`` (``unet_work``'s counts) at a measured rate of ms per window forward."""
-    return (work["forwards"] + BACKWARD_COST * work["backwards"]) * ms_per_window / 1000
+    return forward_equivalents(work) * ms_per_window / 1000
 
 
 def make_plan(settings: GenerationSettings, factor: int, native_window: int, free_bytes: float | None = None,
@@ -417,11 +459,17 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
         squeeze = global_squeeze(width // 2 ** (levels - 1), window, stride)
         levels += squeeze > 1
     guided = settings.method == "msd" and settings.omega > 0 and levels > 1
-    exact = guided and settings.gradient == "exact"
+    exact = guided and "exact" in (settings.gradient, settings.late_gradient)
     view_batch = settings.view_batch or view_batch_for(free_bytes, exact, dtype, window, family)
     caps = cap_size(height, window) if settings.poles == "sphere" and has_poles(width, height, settings.wrap) else 0
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
-                settings.steps, factor, settings.gradient, guided, squeeze, family, caps)
+                settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps,
+                guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient)
+
+
+def guided_step_count(settings: GenerationSettings) -> int:
+    """The first ⌈guided_fraction · steps⌉ steps take the settings' gradient (at least one)."""
+    return max(1, math.ceil(settings.guided_fraction * settings.steps - 1e-9))
 
 
 def plan_without_model(settings: GenerationSettings, free_bytes: float | None, dtype: str) -> Plan:

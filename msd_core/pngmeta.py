@@ -24,7 +24,7 @@ METADATA_KEYS = (
 # "loras" (only when the run used LoRAs): [{"name": file name, "sha256": hex digest, "weight": w}] in order.
 LORAS_KEY = "loras"
 RUN_KEYS = ("view_batch", "device", "dtype", "windows", "windows_per_level", "unet_windows", "family",
-            LORAS_KEY)
+            "guided_steps", LORAS_KEY)
 REFINE_KEYS = ("source", "strength", "start_step")
 OWN_KEYS = METADATA_KEYS + RUN_KEYS + REFINE_KEYS
 # Bounds on what a PNG's text may cost to read (our own metadata is a few KB).

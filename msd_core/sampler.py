@@ -565,8 +565,10 @@ def msd_step(
     """Algorithm 1, one timestep: pyramid down from z_t, plain MD at the coarsest level, then each finer
     level guided by the one below it. ``grids`` holds one grid per level, coarsest first (each the next
     one halved, or reduced by (1, f) under a ``windows.global_level``); ``omega`` is
-    ω_t (already decayed). With one level, or ω = 0, this is exactly MultiDiffusion. Returns z_{t−1}
-    of the finest level: only that one is kept between steps.
+    ω_t (already decayed). With one level, or ω = 0, this is exactly MultiDiffusion: with ω = 0 only
+    the finest level is denoised (nothing guides it, so the coarser ones would be computed and
+    discarded; their solver memory in ``x0_history`` is left as it was). Returns z_{t−1} of the finest
+    level: only that one is kept between steps.
 
     ``coarse_noise``: "literal" (the paper) denoises every level as if at timestep t; "matched" steps each
     coarse level at the noise level it really has (``snr_matched``; needs ``train_alphas``, the
@@ -578,6 +580,14 @@ def msd_step(
     """
     weights = weights or [None] * len(grids)
     history = x0_history if x0_history is not None else [None] * len(grids)
+    if omega == 0:
+        prev, history[-1] = multidiffusion_step(
+            latents, grids[-1], step, denoise, prediction_type=prediction_type, view_batch=view_batch,
+            weights=weights[-1], interrupt=interrupt, previous_x0=history[-1],
+        )
+        if on_level:
+            on_level(LevelResult(len(grids), prev, history[-1]))
+        return prev
     factors = [level_factor(fine, coarse) for coarse, fine in zip(grids, grids[1:])]
     pyramid = build_pyramid(latents, len(grids), factors)
     steps = level_steps(step, factors, coarse_noise, train_alphas)
@@ -590,18 +600,12 @@ def msd_step(
         on_level(LevelResult(1, prev, x0))
     for level in range(1, len(grids)):
         level_step, level_denoise = steps[level], level_denoiser(denoise, steps[level])
-        if omega == 0:
-            prev, x0 = multidiffusion_step(
-                pyramid[level], grids[level], level_step, level_denoise, prediction_type=prediction_type,
-                view_batch=view_batch, weights=weights[level], interrupt=interrupt, previous_x0=history[level],
-            )
-        else:
-            prev, x0 = msd_level_step(
-                pyramid[level], prev, grids[level], level_step, level_denoise, omega,
-                gradient=gradient, omega_loss=omega_loss, prediction_type=prediction_type,
-                view_batch=view_batch, weights=weights[level], interrupt=interrupt, previous_x0=history[level],
-                factor=factors[level - 1],
-            )
+        prev, x0 = msd_level_step(
+            pyramid[level], prev, grids[level], level_step, level_denoise, omega,
+            gradient=gradient, omega_loss=omega_loss, prediction_type=prediction_type,
+            view_batch=view_batch, weights=weights[level], interrupt=interrupt, previous_x0=history[level],
+            factor=factors[level - 1],
+        )
         history[level] = x0
         if on_level:
             on_level(LevelResult(level + 1, prev, x0))

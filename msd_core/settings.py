@@ -20,6 +20,7 @@ TINY_MODEL = "tiny"
 
 METHODS = ("msd", "multidiffusion")
 GRADIENTS = ("exact", "refresh", "fast")
+LATE_GRADIENTS = ("none", *GRADIENTS)
 # How ω is normalised (see sampler.guidance_loss): "projection" makes ω = 10 pull a window all the
 # way onto the coarser level at the first step; "mean" is the literal mean-reduced MSE, "sum" the
 # sum of squares.
@@ -55,12 +56,17 @@ PRESETS = {
 
 # Quality presets: name → (settings it sets, what it is for). Explicit settings override them. UNet work
 # and layout coherence of each are measured by bench/presets.py (docs/speed.md).
+# Every preset sets the same fields, so switching presets leaves nothing of the last one behind.
 QUALITY = {
-    "draft": ({"windows": "shifted", "gradient": "exact", "steps": 25},
-              "half of Standard's work: the cheapest settings that keep the layout (the fast gradient loses it)"),
-    "standard": ({"windows": "shifted", "gradient": "exact", "steps": 50},
-                 "the default: shifted tiles, exact gradient, a fraction of Best's UNet work"),
-    "best": ({"windows": "dense", "gradient": "exact", "steps": 50},
+    "draft": ({"windows": "shifted", "gradient": "exact", "steps": 15, "scheduler": "dpmpp-2m", "guided_fraction": 0.5,
+               "late_gradient": "fast"},
+              "half of Standard's work: DPM-Solver++ 15, the exact gradient for the first half of the steps"),
+    "standard": ({"windows": "shifted", "gradient": "exact", "steps": 25, "scheduler": "dpmpp-2m",
+                  "guided_fraction": 0.7, "late_gradient": "fast"},
+                 "the default: shifted tiles, DPM-Solver++ 25, the exact gradient for the first 70 % of the steps, "
+                 "the fast one after"),
+    "best": ({"windows": "dense", "gradient": "exact", "steps": 50, "scheduler": "ddim", "guided_fraction": 1.0,
+              "late_gradient": "none"},
              "the paper's dense windows every window/8 and exact gradient, DDIM 50"),
 }
 DEFAULT_QUALITY = "standard"
@@ -68,7 +74,8 @@ _DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
 
 # Settings added after 0.1 whose defaults changed what a panorama looks like: a file stored without them
 # was made the earlier way.
-STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal"}
+STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal", "scheduler": "ddim", "guided_fraction": 1.0,
+                 "late_gradient": "none"}
 
 # Seeds drawn at random (CLI, panel, drafts) stay below this: Blender's seed field is a 32-bit IntProperty.
 # Any seed below 2^63 is valid and stored; the panel keeps one above its field's limit as text.
@@ -115,9 +122,13 @@ class GenerationSettings:
     scales: int | None = None  # pyramid levels; None = smallest count whose coarsest height fits a window
     pyramid: str = "global"  # PYRAMIDS
     coarse_noise: str = "matched"  # COARSE_NOISES
+    # The share of the steps, from the first, that guide the finer levels with `gradient`; the rest guide with
+    # `late_gradient`, or with "none" denoise only the finest level (MultiDiffusion).
+    guided_fraction: float = _DEFAULTS["guided_fraction"]
+    late_gradient: str = _DEFAULTS["late_gradient"]  # LATE_GRADIENTS
     steps: int = _DEFAULTS["steps"]
     guidance: float = 7.5
-    scheduler: str = "ddim"
+    scheduler: str = _DEFAULTS["scheduler"]
     seed: int = 0
     window: int | None = None  # pixels; None = the model's native size (unet.config.sample_size · 8)
     stride: int | None = None  # pixels; None = window / 8 (diffusers' MultiDiffusion: 8 latent px); dense only
@@ -164,6 +175,7 @@ class GenerationSettings:
             _check_bool(name, getattr(self, name))
         _check_choice("method", self.method, METHODS)
         _check_choice("gradient", self.gradient, GRADIENTS)
+        _check_choice("late_gradient", self.late_gradient, LATE_GRADIENTS)
         _check_choice("windows", self.windows, WINDOW_MODES)
         if self.stride is not None and self.windows != "dense":
             raise BadInput("a {field} applies to dense windows only; use windows 'dense' with stride {stride}, "
@@ -177,6 +189,7 @@ class GenerationSettings:
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_range("omega", self.omega, (0, MAX_OMEGA), "0 is plain MultiDiffusion")
+        _check_range("guided_fraction", self.guided_fraction, (0.01, 1), "the share of the steps that are guided")
         _check_range("guidance", self.guidance, (0, MAX_GUIDANCE), "7.5 is usual; 1 or less turns it off")
         _check_count("steps", self.steps, MAX_STEPS, f"Stable Diffusion's scheduler has {MAX_STEPS} timesteps")
         if self.scales is not None:

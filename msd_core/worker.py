@@ -472,12 +472,18 @@ class Worker:
         plan = pipe.check_inputs(job.settings)
         costs = plan.step_costs()  # window forwards per step; a refine runs the first info.total of them
         preview_level = 2 if plan.squeeze > 1 else 1  # a global level is squeezed: the one below has the aspect
+        preview_shape = plan.level_shape(preview_level - 1) if plan.levels > 1 else None
         first_step_done = []  # elapsed at the end of step 1: later steps give the rate without warm-up
 
         def on_step(info) -> None:
             preview_step = job.preview_every and (info.step == 1 or info.step % job.preview_every == 0)
-            if info.level == preview_level and preview_step:
-                image = pipe.decode_preview(info.pred_x0)
+            # Steps after the guided ones run only the finest level: its x₀ is shown at the preview level's size.
+            shown_level = preview_level if plan.gradient_at(info.step - 1) or plan.levels == 1 else info.levels
+            if info.level == shown_level and preview_step:
+                pred_x0 = info.pred_x0
+                if shown_level != preview_level:
+                    pred_x0 = _shrink(pred_x0, preview_shape)
+                image = pipe.decode_preview(pred_x0)
                 path = preview_dir / f"{prefix}step-{info.step:04d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_png(image, path, {}, overwrite=True)  # atomic: a client never reads half a preview
@@ -706,6 +712,11 @@ def _is_out_of_memory(exc: Exception) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and any(phrase in str(exc) for phrase in OOM_PHRASES)
+
+
+def _shrink(latents, shape: tuple[int, int]):
+    """A latent block-averaged to ``shape`` (a preview level's size, which divides it exactly)."""
+    return torch.nn.functional.avg_pool2d(latents, (latents.shape[-2] // shape[0], latents.shape[-1] // shape[1]))
 
 
 def _free_accelerator_memory() -> None:

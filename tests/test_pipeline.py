@@ -17,7 +17,7 @@ from msd_core.settings import GenerationSettings
 BASE = GenerationSettings(  # the paper's pyramid and coarse noise; the defaults are tested against it below
     prompt="a quiet lake under mountains", width=256, height=128, wrap=False, model="tiny",
     steps=4, seed=3, stride=32, windows="dense", device="cpu", view_batch=8, pyramid="halving",
-    coarse_noise="literal",
+    coarse_noise="literal", scheduler="ddim", guided_fraction=1.0, late_gradient="none",
 )
 
 
@@ -132,7 +132,8 @@ def test_guidance_lowers_cross_scale_discrepancy_along_the_trajectory(pipe, grad
         pipe(dataclasses.replace(BASE, height=256, omega=omega, gradient=gradient), callback=record, decode=False)
         return float(np.mean(values))
 
-    assert mean_discrepancy(10.0) < at_most * mean_discrepancy(0.0)
+    # ω = 1e-9: both levels are denoised, the pull too weak to matter (at ω = 0 the coarser one is skipped).
+    assert mean_discrepancy(10.0) < at_most * mean_discrepancy(1e-9)
 
 
 def test_levels_and_windows_resolved_from_the_model(pipe):

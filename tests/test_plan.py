@@ -53,6 +53,10 @@ class CallCounter:
     {"windows": "shifted", "gradient": "exact", "pyramid": "global", "width": 512, "height": 128},
     {"windows": "dense", "gradient": "fast", "stride": 32, "pyramid": "global", "scheduler": "dpmpp-2m",
      "width": 384, "height": 128, "wrap": False},
+    # Guided only at the first 2 of 3 steps; the last one runs only the finest level.
+    {"windows": "shifted", "gradient": "exact", "guided_fraction": 0.5},
+    {"windows": "shifted", "gradient": "exact", "guided_fraction": 0.5, "late_gradient": "fast", "scheduler": "dpmpp-2m"},
+    {"windows": "shifted", "gradient": "fast", "omega": 0.0},  # ω = 0: only the finest level runs
 ])
 def test_unet_work_from_the_plan_equals_the_model_calls(pipe, monkeypatch, changes):
     settings = dataclasses.replace(BASE, **changes)
@@ -86,6 +90,25 @@ def test_the_global_level_tops_the_plan_fixed_while_the_tiles_below_shift_in_col
     assert plan.make_plan(dataclasses.replace(settings, method="multidiffusion"), 8, 64).levels == 1
 
 
+def test_guided_steps_come_first_then_only_the_finest_level_runs():
+    settings = dataclasses.replace(BASE, width=512, height=256, steps=10, guided_fraction=0.3, late_gradient="none")
+    planned = plan.make_plan(settings, 8, 64)
+    per_step = planned.windows_per_step()
+    # 32×64 latents, 8-px windows: halving to 16×32 and 8×16, then a global level of 8×8.
+    assert [planned.gradient_at(index) for index in range(10)] == ["exact"] * 3 + [None] * 7
+    assert [len(counts) for counts in per_step] == [4] * 3 + [1] * 7
+    assert planned.describe()["guided_steps"] == 3
+    # ω = 0 and plain MultiDiffusion run no coarse level at all.
+    assert plan.make_plan(dataclasses.replace(settings, omega=0.0), 8, 64).describe()["guided_steps"] == 0
+    # A late gradient keeps every level running after the exact steps.
+    late = plan.make_plan(dataclasses.replace(settings, late_gradient="fast"), 8, 64)
+    assert [late.gradient_at(index) for index in range(10)] == ["exact"] * 3 + ["fast"] * 7
+    assert [len(counts) for counts in late.windows_per_step()] == [4] * 10
+    assert late.work()["backwards"] == sum(sum(counts[1:]) for counts in late.windows_per_step()[:3])
+    # The limit: one pass per window area of every level per step.
+    assert planned.limit() == 10 * (8 * 8 + 8 * 16 + 16 * 32 + 32 * 64) / 64
+
+
 def test_shifted_windows_are_reproducible_and_differ_from_dense(pipe):
     shifted = pipe(BASE, decode=False).latents
     assert torch.equal(shifted, pipe(BASE, decode=False).latents)
@@ -102,8 +125,24 @@ def test_the_default_world_fits_the_issue_budget_and_best_is_the_papers_cost_plu
     assert paper == {"forwards": 50 * (16 + 2 * 288), "backwards": 50 * 288}
     default = plan.plan_without_model(best, None, "float32").work()
     assert default == {"forwards": 50 * (8 + 2 * (16 + 288)), "backwards": 50 * (16 + 288)}
-    standard = plan.plan_without_model(world, None, "float32").work()
-    assert standard["forwards"] <= 2000 and world == world.with_quality("standard")  # Standard is the default
+    assert world == world.with_quality("standard")  # Standard is the default
+
+
+def test_standard_and_draft_fit_the_speed_issues_budgets_and_the_paper_stays_reachable():
+    """Issue 18: the default 360° world at ≤ 1,000 forward-equivalents (a backward = 1.34 forwards) for Standard,
+    ≤ 500 for Draft. Standard: DPM-Solver++ 25 steps, 18 exact (global 1 + 2 + 12 guided windows) then 7 fast."""
+    world = GenerationSettings(prompt="x", device="cpu")
+
+    def planned(quality, **changes):
+        return plan.plan_without_model(dataclasses.replace(world.with_quality(quality), **changes), None, "float32")
+
+    standard, draft = planned("standard"), planned("draft")
+    assert [standard.gradient_at(index) for index in (0, 17, 18, 24)] == ["exact", "exact", "fast", "fast"]
+    assert plan.forward_equivalents(standard.work()) <= 1000 and plan.forward_equivalents(draft.work()) <= 500
+    assert standard.limit() == 25 * (1 + 2 + 8)  # one pass per window area of each level (64×64, 64×128, 128×256)
+    # Today's flags bring back v0.3's Standard: DDIM 50, exact at every step, 1,450 + 700.
+    v03 = planned("standard", scheduler="ddim", steps=50, guided_fraction=1.0, late_gradient="none")
+    assert v03.work() == {"forwards": 1450, "backwards": 700}
 
 
 def test_view_batch_scales_with_the_element_size_and_the_gradient():

@@ -25,7 +25,7 @@ def test_quality_sets_the_sampler_fields_and_the_estimate_follows(extension):
     assert properties.estimate_text(scene, prefs) == "30800 UNet window passes + 15200 backward"
     properties.run_state.ms_per_window = 10.0  # as a worker's progress event reported it
     try:
-        assert properties.estimate_text(scene, prefs) == f"≈ {round((30800 + 1.3 * 15200) * 0.01)} s of sampling"
+        assert properties.estimate_text(scene, prefs) == f"≈ {round((30800 + 1.34 * 15200) * 0.01)} s of sampling"
     finally:
         properties.run_state.ms_per_window = None
     group.prompt = ""  # the estimate needs no prompt; an impossible size gives none

@@ -126,8 +126,17 @@ def test_msd_with_omega_zero_is_multidiffusion(gradient):
     latents = torch.randn(1, 2, 16, 32, dtype=torch.float64)
     grids = _two_level_grids()
     md, _ = sampler.multidiffusion_step(latents, grids[1], step, denoiser, view_batch=5)
-    msd = sampler.msd_step(latents, grids, step, denoiser, 0.0, gradient=gradient, view_batch=5)
+    calls, levels = [], []
+
+    def counting(windows, t):
+        calls.append(windows.shape[0])
+        return denoiser(windows, t)
+
+    msd = sampler.msd_step(latents, grids, step, counting, 0.0, gradient=gradient, view_batch=5,
+                           on_level=lambda result: levels.append(result.level))
     assert torch.equal(msd, md)
+    # Nothing guides the finest level, so the coarser one is not denoised at all.
+    assert sum(calls) == len(grids[1]) and levels == [2]
 
 
 @pytest.mark.parametrize("gradient", ["exact", "fast"])
@@ -141,11 +150,12 @@ def test_guidance_lowers_the_cross_scale_discrepancy(gradient):
     def record(result):
         levels[result.level] = result.latents
 
-    discrepancy = {}
-    for omega in (0.0, 10.0):
-        sampler.msd_step(latents, grids, step, denoiser, omega, gradient=gradient, on_level=record)
-        discrepancy[omega] = sampler.cross_scale_discrepancy(levels[2], levels[1])
-    assert discrepancy[10.0] < 0.5 * discrepancy[0.0]
+    sampler.msd_step(latents, grids, step, denoiser, 10.0, gradient=gradient, on_level=record)
+    guided = sampler.cross_scale_discrepancy(levels[2], levels[1])
+    # Unguided: each level denoised on its own (MultiDiffusion at both).
+    coarse, _ = sampler.multidiffusion_step(sampler.downsample(latents), grids[0], step, denoiser)
+    fine, _ = sampler.multidiffusion_step(latents, grids[1], step, denoiser)
+    assert guided < 0.5 * sampler.cross_scale_discrepancy(fine, coarse)
 
 
 def test_view_batch_does_not_change_the_result():

@@ -84,6 +84,10 @@ def test_stored_settings_without_the_newer_fields_mean_what_that_version_did():
     restored = GenerationSettings.from_stored(older)
     assert (restored.pyramid, restored.coarse_noise) == ("halving", "literal")
     assert GenerationSettings.from_dict(older).coarse_noise == "matched"  # a request means today's default
+    assert (restored.scheduler, restored.guided_fraction, restored.late_gradient) == ("ddim", 1.0, "none")
+    # A v0.3 file stored its scheduler and steps, not how many steps were guided: all of them.
+    v03 = GenerationSettings.from_stored({**older, "scheduler": "ddim", "steps": 50, "pyramid": "global"})
+    assert (v03.guided_fraction, v03.late_gradient, v03.pyramid) == (1.0, "none", "global")
     current = GenerationSettings(prompt="a red desert").to_dict()
     assert GenerationSettings.from_stored(current) == GenerationSettings(prompt="a red desert")
     with pytest.raises(BadInput, match="must be a JSON object"):

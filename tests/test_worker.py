@@ -86,7 +86,8 @@ def test_ready_reports_versions_device_and_pid(worker):
 
 def test_generate_streams_progress_and_previews_then_writes_the_png(worker, tmp_path):
     output = tmp_path / "pano.png"
-    settings = tiny(steps=5)
+    # Steps 1–2 guided (both levels run), 3–5 only the finest level.
+    settings = tiny(steps=5, guided_fraction=0.4, late_gradient="none")
     request_id = worker.generate(settings, output, preview_every=2)
     events = of(wait_for(worker, finished(request_id)), request_id)
 
@@ -106,7 +107,7 @@ def test_generate_streams_progress_and_previews_then_writes_the_png(worker, tmp_
     for preview in previews:
         with Image.open(preview["path"]) as image:
             assert image.format == "PNG"
-            # The coarsest of two levels is half the size.
+            # The coarsest of two levels is half the size; step 4's finest level is shown at that size too.
             assert image.size == (preview["width"], preview["height"]) == (96, 64)
 
     done = events[-1]

@@ -213,12 +213,15 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         if run_state.last_seed is not None:
             layout.label(text=f"Last seed: {run_state.last_seed}")
         layout.prop(group, "steps")
+        layout.prop(group, "scheduler")
         layout.prop(group, "guidance")
         layout.prop(group, "method")
         col = layout.column()
         col.active = group.method == "msd"
         col.prop(group, "omega")
         col.prop(group, "gradient")
+        col.prop(group, "guided_fraction")
+        col.prop(group, "late_gradient")
         col.prop(group, "windows")
         col.prop(group, "pyramid")
         col.prop(group, "coarse_noise")
