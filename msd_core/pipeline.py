@@ -248,7 +248,7 @@ class MSDPanoramaPipeline:
             with no_grad():
                 before, x0_before = latents, x0_history[-1]
                 latents = msd_step(
-                    latents, plan.grids_at(index), step, denoise, omega_t,
+                    latents, plan.grids_at(start_step + index), step, denoise, omega_t,
                     gradient=gradient or settings.gradient, omega_loss=settings.omega_loss,
                     prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                     weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
@@ -256,7 +256,7 @@ class MSDPanoramaPipeline:
                 )
                 if caps is not None:
                     latents, x0_history[-1], cap_views = sphere.pole_cap_step(
-                        before, x0_before, latents, x0_history[-1], caps, plan.cap_grid_at(index), step, denoise,
+                        before, x0_before, latents, x0_history[-1], caps, plan.cap_grid_at(start_step + index), step, denoise,
                         caps=cap_views, prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                         weights=weights[-1], interrupt=interrupt, coarse=coarser[0] if gradient else None,
                         omega=omega_t, omega_loss=settings.omega_loss,

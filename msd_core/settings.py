@@ -288,7 +288,7 @@ def check_loras(loras) -> None:
     checked when they are loaded), each once, with a finite weight in LORA_WEIGHT_RANGE."""
     if not isinstance(loras, list):
         raise BadInput("{field} must be a list of {{path, weight}} objects, got {value}", field="loras",
-                       value=_shown(loras))
+                       value=shown(loras))
     if len(loras) > MAX_LORAS:
         raise BadInput("{field}: {count} LoRAs given; at most {limit} at once", field="loras", count=len(loras),
                        limit=MAX_LORAS)
@@ -296,7 +296,7 @@ def check_loras(loras) -> None:
     for number, entry in enumerate(loras, 1):
         if not isinstance(entry, dict) or "path" not in entry or "weight" not in entry:
             raise BadInput("{field} entry {number} must be an object with a path and a weight, got {value}",
-                           field="loras", number=number, value=_shown(entry))
+                           field="loras", number=number, value=shown(entry))
         unknown = sorted(set(entry) - {"path", "weight"}, key=str)
         if unknown:
             raise BadInput("{field} entry {number} has unknown key(s): {keys}; only path and weight", field="loras",
@@ -311,7 +311,7 @@ def check_loras(loras) -> None:
         if not _is_number(weight) or not low <= weight <= high:
             raise BadInput("the weight of the LoRA {path} must be a number from {low:g} to {high:g} (1 = as trained, "
                            "0 = off, negative = inverted), got {value}", field="loras", path=path, low=low, high=high,
-                           value=_shown(weight))
+                           value=shown(weight))
         suffix = os.path.splitext(path)[1].lower()
         if suffix in PICKLE_SUFFIXES:
             raise BadInput("the LoRA {path} is a pickle-based file ({suffix}); loading one can execute arbitrary code, "

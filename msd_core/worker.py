@@ -470,15 +470,16 @@ class Worker:
         prefix = "" if job.preview_dir is None else f"msd-preview-{_file_safe(job.id)}-"
         extra = {} if variation is None else {"variation": variation, "count": job.variations}
         plan = pipe.check_inputs(job.settings)
-        costs = plan.step_costs()  # window forwards per step; a refine runs the first info.total of them
+        costs = plan.step_costs()  # window forwards per step; a refine runs the last info.total of them
         preview_level = 2 if plan.squeeze > 1 else 1  # a global level is squeezed: the one below has the aspect
         preview_shape = plan.level_shape(preview_level - 1) if plan.levels > 1 else None
         first_step_done = []  # elapsed at the end of step 1: later steps give the rate without warm-up
 
         def on_step(info) -> None:
             preview_step = job.preview_every and (info.step == 1 or info.step % job.preview_every == 0)
+            first = plan.steps - info.total  # the schedule's index of the run's first step (a refine's start step)
             # Steps after the guided ones run only the finest level: its x₀ is shown at the preview level's size.
-            shown_level = preview_level if plan.gradient_at(info.step - 1) or plan.levels == 1 else info.levels
+            shown_level = preview_level if plan.gradient_at(first + info.step - 1) or plan.levels == 1 else info.levels
             if info.level == shown_level and preview_step:
                 pred_x0 = info.pred_x0
                 if shown_level != preview_level:
@@ -497,14 +498,14 @@ class Worker:
                 if info.step == 1:
                     first_step_done.append(info.elapsed)
                 else:
-                    seconds_per_window = (info.elapsed - first_step_done[0]) / sum(costs[1:info.step])
+                    seconds_per_window = (info.elapsed - first_step_done[0]) / sum(costs[first + 1:first + info.step])
                 if variation is not None:  # the drafts to come are as long as this one
                     steps_done = variation * info.total + info.step
                     eta = (earlier + info.elapsed) / steps_done * (job.variations * info.total - steps_done)
                 elif seconds_per_window is None:
                     eta = info.elapsed / info.step * (info.total - info.step)
                 else:
-                    eta = seconds_per_window * sum(costs[info.step:info.total])
+                    eta = seconds_per_window * sum(costs[first + info.step:])
                 self.emit(
                     protocol.event(
                         "progress",

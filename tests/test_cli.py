@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from msd_core import cli, pngmeta
+from msd_core.settings import QUALITY
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--seed", "5"]
@@ -140,7 +141,9 @@ def test_dry_run_prints_the_seed_and_the_resolved_settings(capsys):
     assert printed["seed"] == 7 and printed["unet_windows"]["forwards"] > 0
     resolved = printed["settings"]
     assert (resolved["seed"], resolved["device"], resolved["dtype"]) == (7, "cpu", "float32")
-    assert (resolved["windows"], resolved["steps"], resolved["width"], resolved["pyramid"]) == ("shifted", 25, 2048, "global")
+    draft = QUALITY["draft"][0]
+    assert (resolved["windows"], resolved["steps"], resolved["scheduler"]) == (draft["windows"], draft["steps"], draft["scheduler"])
+    assert (resolved["width"], resolved["pyramid"]) == (2048, "global")
     assert cli.main(["generate", "x", "--dry-run", "--device", "cpu"]) == 0
     drawn = json.loads(capsys.readouterr().out)
     assert drawn["seed"] == drawn["settings"]["seed"] < 2**31

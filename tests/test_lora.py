@@ -24,7 +24,7 @@ from test_sdxl import diffusers_xl
 
 ONE_WINDOW = GenerationSettings(  # one 64 px window of the tiny model: plain Stable Diffusion
     prompt="a quiet lake under mountains", width=64, height=64, wrap=False, model="tiny", method="multidiffusion",
-    steps=4, seed=3, device="cpu", scales=1,
+    steps=4, seed=3, device="cpu", scales=1, scheduler="ddim",
 )
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

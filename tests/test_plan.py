@@ -226,7 +226,7 @@ def test_a_refines_unet_work_counts_the_steps_that_ran(pipe, monkeypatch, tmp_pa
     result = pipe.refine(settings, RefineSettings(str(source), strength), decode=False)
     stored = json.loads(result.metadata["unet_windows"])
     assert stored == {"forwards": counter.forwards, "backwards": counter.backwards}
-    assert stored == pipe.check_inputs(settings).work(ran) != pipe.check_inputs(settings).work()
+    assert stored == pipe.check_inputs(settings).work(settings.steps - ran) != pipe.check_inputs(settings).work()
 
 
 def test_the_eta_of_a_refine_counts_only_the_steps_left(pipe, tmp_path):
@@ -242,7 +242,7 @@ def test_the_eta_of_a_refine_counts_only_the_steps_left(pipe, tmp_path):
     events = io.StringIO()
     on_step = Worker(EventWriter(events), tmp_path)._step_callback(job, pipe, tmp_path)
     planned = pipe.check_inputs(settings)
-    costs = planned.step_costs()[:4]  # strength 0.5 of 8 steps: the first 4 of the plan run
+    costs = planned.step_costs()[4:]  # strength 0.5 of 8 steps: the last 4 of the plan run
     rate = 0.01  # seconds per window forward
     for step in range(1, 5):
         on_step(StepInfo(step, 4, planned.levels, planned.levels, None, None, rate * sum(costs[:step]) + 1.0))  # 1 s of warm-up in step 1
