@@ -34,3 +34,27 @@ def unwritable_folder(tmp_path):
     if as_root:
         subprocess.run(["chattr", "-i", folder], check=True)
     folder.chmod(0o755)
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """torch.load and every pickle entry point fail the test if anything calls them (no user file, model
+    or LoRA, may ever be unpickled)."""
+    import pickle
+
+    import torch
+
+    calls = []
+
+    def forbidden(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} was called: a user's file must never be unpickled")
+
+        return call
+
+    for module, name in ((torch, "load"), (torch.serialization, "load"), (pickle, "load"), (pickle, "loads"),
+                         (pickle, "Unpickler")):  # fmt: skip
+        monkeypatch.setattr(module, name, forbidden(f"{module.__name__}.{name}"))
+    yield calls
+    assert calls == []

@@ -224,24 +224,6 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-@pytest.fixture
-def no_unpickling(monkeypatch):
-    calls = []
-
-    def forbidden(name):
-        def call(*args, **kwargs):
-            calls.append(name)
-            raise AssertionError(f"{name} was called while loading a LoRA")
-
-        return call
-
-    for module, name in ((torch, "load"), (torch.serialization, "load"), (pickle, "load"), (pickle, "loads"),
-                         (pickle, "Unpickler")):  # fmt: skip
-        monkeypatch.setattr(module, name, forbidden(f"{module.__name__}.{name}"))
-    yield calls
-    assert calls == []
-
-
 @pytest.mark.parametrize("layout", ["renamed", "symlink", "torch-zip"])
 def test_a_pickle_lora_is_refused_by_content_without_unpickling(pipe, tmp_path, no_unpickling, layout):
     marker = tmp_path / "payload-ran"
