@@ -110,6 +110,12 @@ def _update_quality(group, context):
 
 
 _STANDARD = core.QUALITY[core.DEFAULT_QUALITY][0]
+# The gradient modes (msd_core.settings.GRADIENTS), for Gradient and Later Gradient alike.
+_GRADIENT_ITEMS = (
+    ("exact", "Exact", "Gradient through the UNet, the paper's method (best layout, about 4× the time of MultiDiffusion)"),
+    ("refresh", "Refresh", "Closed-form gradient, then the guided window is denoised again (about 2×)"),
+    ("fast", "Fast", "Closed-form gradient, one UNet call per window (as fast as MultiDiffusion, less memory)"),
+)
 
 
 def _seed_set(group, _context) -> None:
@@ -186,11 +192,7 @@ class MSD_PanoramaSettings(PropertyGroup):
     omega: FloatProperty(name="Omega", description="Strength of the coarse-level guidance (0 = MultiDiffusion)", min=0.0, soft_max=20.0, default=10.0)
     gradient: EnumProperty(
         name="Gradient",
-        items=[
-            ("exact", "Exact", "Gradient through the UNet, the paper's method (best layout, about 4× the time of MultiDiffusion)"),
-            ("refresh", "Refresh", "Closed-form gradient, then the guided window is denoised again (about 2×)"),
-            ("fast", "Fast", "Closed-form gradient, one UNet call per window (as fast as MultiDiffusion, less memory)"),
-        ],
+        items=_GRADIENT_ITEMS,
         default=_STANDARD["gradient"],
     )
     scheduler: EnumProperty(
@@ -209,9 +211,7 @@ class MSD_PanoramaSettings(PropertyGroup):
         name="Later Gradient",
         items=[
             ("none", "None", "The later steps denoise only the finest level (MultiDiffusion)"),
-            ("exact", "Exact", "Gradient through the UNet"),
-            ("refresh", "Refresh", "Closed-form gradient, then the guided window is denoised again"),
-            ("fast", "Fast", "Closed-form gradient, one UNet call per window"),
+            *_GRADIENT_ITEMS,
         ],
         default=_STANDARD["late_gradient"],
     )

@@ -172,7 +172,7 @@ def missing_components(folder: Path) -> list[str]:
     missing = []
     if not (folder / "scheduler" / "scheduler_config.json").is_file():
         missing.append("scheduler")
-    sdxl = "text_encoder_2" in _json(folder / "model_index.json") or family(folder) == "sdxl"
+    sdxl = "text_encoder_2" in read_config(folder / "model_index.json") or family(folder) == "sdxl"
     for tokenizer in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
         if not ((folder / tokenizer / "vocab.json").is_file() and (folder / tokenizer / "merges.txt").is_file()) and not (
             folder / tokenizer / "tokenizer.json"
@@ -187,13 +187,13 @@ def missing_components(folder: Path) -> list[str]:
 def family(folder: Path) -> str | None:
     """"sdxl" when the UNet's config says it takes SDXL's added conditioning (pooled text and size ids),
     "sd" for other UNets, None when the folder has no UNet config (yet)."""
-    config = _json(folder / "unet" / "config.json")
+    config = read_config(folder / "unet" / "config.json")
     if not config:
         return None
     return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
 
 
-def _json(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     """A small JSON object from a file, {} when it is missing, too large or not an object."""
     try:
         if path.is_file() and path.stat().st_size <= MAX_CONFIG_BYTES:

@@ -514,14 +514,7 @@ def _load_folder(source: str, dtype: torch.dtype, local_files_only: bool) -> dic
 
 def _pipeline_config(source: str, local: pathlib.Path | None) -> dict:
     """model_index.json of a folder or cached snapshot (bounded), or {} when there is none."""
-    index = (local or pathlib.Path(source)) / "model_index.json"
-    try:
-        if index.is_file() and index.stat().st_size <= MAX_CONFIG_BYTES:
-            data = json.loads(index.read_text(encoding="utf-8"))
-            return data if isinstance(data, dict) else {}
-    except (OSError, ValueError, RecursionError):
-        pass
-    return {}
+    return hub.read_config((local or pathlib.Path(source)) / "model_index.json")
 
 
 def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype, local_files_only: bool) -> dict:
