@@ -20,7 +20,7 @@ from bpy.props import (
 from bpy.types import PropertyGroup
 
 from .msd_core import settings as core
-from .msd_core import plan
+from .msd_core.sampling import plan
 from .msd_core.errors import BadInput
 from .msd_core.settings import GenerationSettings
 from .msd_core.variations import MAX_VARIATIONS
@@ -44,7 +44,7 @@ class RunState:
     levels: int = 0
     eta: float | None = None  # seconds
     last_error: str = ""
-    last_error_kind: str = ""  # msd_core.protocol.ERROR_KINDS, e.g. "model_not_found"
+    last_error_kind: str = ""  # msd_core.worker.protocol.ERROR_KINDS, e.g. "model_not_found"
     preview_image_uid: int | None = None  # session_uid of the image with the latest coarse preview
     last_output: str = ""  # file of the latest finished panorama
     last_image: str = ""  # its image datablock

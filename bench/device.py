@@ -7,13 +7,13 @@ Parts (each runs on if another fails; every result goes to the JSON file as soon
    the final latents; one decode=True run per device precision (finite image); whether the GPU options
    engage (fused attention processors, channels_last weights on CUDA, inference mode).
 2. sd2: a randomly initialised UNet with SD-2-base's exact config (865.9 M parameters), prepared as the
-   pipeline prepares every UNet (``models.prepare_unet``), driven through the pipeline's own denoiser
+   pipeline prepares every UNet (``loading.prepare_unet``), driven through the pipeline's own denoiser
    and sampler functions: ms per window forward (one classifier-free-guidance pair, 64×64 latents) for
    several view batches, the exact gradient's forward + backward (``sampler.guided_windows_exact``) and
-   its peak memory, both against msd_core.plan's estimates (activations per window, estimated peak,
+   its peak memory, both against msd_core.sampling.plan's estimates (activations per window, estimated peak,
    BACKWARD_COST); then the sampling time of the 360° world that plan.estimated_seconds predicts from
    the measured rate for every quality preset and DPM-Solver++ 20 steps.
-3. cli / worker: ``python -m msd_core generate`` and one worker round trip (msd_core.client) on the device.
+3. cli / worker: ``python -m msd_core generate`` and one worker round trip (msd_core.worker.client) on the device.
 4. compile: the UNet under ``torch.compile`` (as ``--compile`` wraps it) in a child process that is
    stopped if compiling takes longer than COMPILE_LIMIT seconds.
 
@@ -53,9 +53,11 @@ import torch  # noqa: E402
 from common import RESULTS, ROOT, environment  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from msd_core import models, pngmeta, vae  # noqa: E402
+from msd_core import vae  # noqa: E402
+from msd_core.models import loading
+from msd_core.imageio import pngmeta
 from msd_core.pipeline import MSDPanoramaPipeline  # noqa: E402
-from msd_core.plan import (  # noqa: E402
+from msd_core.sampling.plan import (  # noqa: E402
     BACKWARD_COST,
     FLOAT_BYTES,
     SD_PARAMETERS,
@@ -64,7 +66,7 @@ from msd_core.plan import (  # noqa: E402
     view_batch_for,
     window_activation_bytes,
 )
-from msd_core.sampler import denoise_windows, guided_windows_exact, solver_schedule  # noqa: E402
+from msd_core.sampling.sampler import denoise_windows, guided_windows_exact, solver_schedule  # noqa: E402
 from msd_core.settings import QUALITY, GenerationSettings  # noqa: E402
 
 PROMPT = "alpine valley"  # the tiny model reads 14 characters
@@ -235,7 +237,7 @@ def correctness_part(report: Report, device: str, quick: bool, budget: Budget) -
     """The same panoramas on the CPU (float32, the reference) and on ``device`` (float32, float16 on CUDA)."""
     targets = [(device, "float32")] + ([(device, "float16")] if device == "cuda" else [])
     pipes = {}  # (model, device, dtype) → pipeline
-    for model in models.TINY_MODELS:
+    for model in loading.TINY_MODELS:
         for target in [("cpu", "float32")] + targets:
             if (model, *target) not in pipes:
                 pipes[model, *target] = MSDPanoramaPipeline.from_settings(
@@ -249,7 +251,7 @@ def correctness_part(report: Report, device: str, quick: bool, budget: Budget) -
     torch.set_num_threads(1)  # the tiny model's CPU operations are too small to gain from threads
     try:
         for shape in list(SHAPES)[: 1 if quick else None]:
-            for model in models.TINY_MODELS:
+            for model in loading.TINY_MODELS:
                 for case in CASES:
                     if budget.left() < 0:
                         report.skip(f"correctness {model} {shape} {case}: out of the part's time")
@@ -300,14 +302,14 @@ def check_decode(report: Report, pipe: MSDPanoramaPipeline, settings: Generation
 
 def sd2_pipeline(device: torch.device, dtype: torch.dtype) -> MSDPanoramaPipeline:
     """A pipeline around a random SD-2-base UNet (no VAE or text encoder: the timings need neither), the
-    UNet prepared as ``models.load_components`` prepares every loaded one."""
+    UNet prepared as ``loading.load_components`` prepares every loaded one."""
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: seconds on a GPU instead of a minute on the CPU
         unet = UNet2DConditionModel(**SD2_BASE_UNET)
     unet.to(dtype).eval().requires_grad_(False)
-    models.prepare_unet(unet, channels_last=device.type == "cuda")
-    components = models.Components(
-        unet=unet, vae=None, text_encoder=None, tokenizer=None, scheduler=models.sd_ddim_scheduler(),
+    loading.prepare_unet(unet, channels_last=device.type == "cuda")
+    components = loading.Components(
+        unet=unet, vae=None, text_encoder=None, tokenizer=None, scheduler=loading.sd_ddim_scheduler(),
         model="random SD-2-base UNet", prediction_type="epsilon", window=512, vae_factor=8, device=device, dtype=dtype)
     return MSDPanoramaPipeline(components)
 
@@ -367,7 +369,7 @@ def sd2_part(report: Report, device_name: str, quick: bool, budget: Budget) -> N
     forward_batches, exact_batches = ((1,), (1,)) if quick else (FORWARD_BATCHES, EXACT_BATCHES)
     warmup, repeats = (1, 1) if quick else (2, 5)
     started = time.perf_counter()
-    pipe = sd2_pipeline(device, models.DTYPES[dtypes[0]])
+    pipe = sd2_pipeline(device, loading.DTYPES[dtypes[0]])
     parameters = sum(p.numel() for p in pipe.unet.parameters())
     built = {"parameters": parameters, "parameters_match_sd2_base": abs(parameters / SD2_BASE_UNET_PARAMETERS - 1) < 1e-3,
              "build_seconds": time.perf_counter() - started, **gpu_options(pipe)}
@@ -376,8 +378,8 @@ def sd2_part(report: Report, device_name: str, quick: bool, budget: Budget) -> N
         f"{'match' if built['parameters_match_sd2_base'] else 'MISMATCH'}), built in {built['build_seconds']:.1f} s, "
         f"fused attention {built['fused_attention']}, channels_last {built['channels_last']}")
     for dtype in dtypes:
-        pipe.unet.to(models.DTYPES[dtype])
-        pipe.dtype = models.DTYPES[dtype]
+        pipe.unet.to(loading.DTYPES[dtype])
+        pipe.dtype = loading.DTYPES[dtype]
         if device.type == "cuda":
             report.add("sd2", f"sdpa_backends {dtype}", sdpa_backends(pipe))
         extra = view_batch_for(torch.cuda.mem_get_info(device)[0], True, dtype, 64) if device.type == "cuda" else 0
@@ -476,8 +478,8 @@ def cli_part(report: Report, device: str, folder: pathlib.Path, budget: Budget) 
 
 
 def worker_part(report: Report, device: str, folder: pathlib.Path, budget: Budget) -> None:
-    from msd_core.client import WorkerClient
-    from msd_core.protocol import FINAL_EVENTS
+    from msd_core.worker.client import WorkerClient
+    from msd_core.worker.protocol import FINAL_EVENTS
 
     output = folder / "worker.png"
     settings = GenerationSettings(prompt=PROMPT, model="tiny", width=256, height=128, steps=6, seed=5, device=device)
@@ -517,7 +519,7 @@ def compile_child(device_name: str, dtype: str) -> None:
     """In the child process: eager ms/window, then torch.compile's first call (compiling) and ms/window,
     one JSON line after each so that a child stopped while compiling still reports the eager rate."""
     device = torch.device(device_name)
-    pipe = sd2_pipeline(device, models.DTYPES[dtype])
+    pipe = sd2_pipeline(device, loading.DTYPES[dtype])
     eager = measure_sd2(pipe, COMPILE_BATCH, False, 2, 5)
     print(json.dumps({"eager_ms_per_window": eager["ms_per_window"]}), flush=True)
     pipe.unet = torch.compile(pipe.unet)  # as MSDPanoramaPipeline.from_settings does for --compile

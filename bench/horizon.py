@@ -20,10 +20,10 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from msd_core.models import sd_ddim_scheduler
+from msd_core.models.loading import sd_ddim_scheduler
 from msd_core.pipeline import default_levels
-from msd_core.plan import make_plan
-from msd_core.sampler import (
+from msd_core.sampling.plan import make_plan
+from msd_core.sampling.sampler import (
     DDIMTimestep,
     LevelResult,
     build_pyramid,
@@ -40,7 +40,7 @@ from msd_core.sampler import (
     multidiffusion_step,
     solver_schedule,
 )
-from msd_core.windows import WindowGrid, global_level, level_factor
+from msd_core.sampling.windows import WindowGrid, global_level, level_factor
 
 TRAIN_STEPS = 1000
 SD_COARSE_NUMEL = 4 * 32 * 32  # what F.mse_loss divides by on an SD coarse crop (64-latent window)

@@ -29,8 +29,8 @@ from horizon import (PRIOR_FACTOR, SD_COARSE_NUMEL, HorizonPrior, sample_panoram
                      score_layout, seam_ratio)
 from priors import RiverPrior, SunPrior
 
-from msd_core.sampler import cross_scale_discrepancy
-from msd_core.plan import make_plan
+from msd_core.sampling.sampler import cross_scale_discrepancy
+from msd_core.sampling.plan import make_plan
 from msd_core.settings import QUALITY, GenerationSettings
 
 WIDE_PRIOR = range(-4, 21)  # 40 % of the components are all sky or all ground
@@ -123,7 +123,7 @@ def horizon_part(quick: bool) -> tuple[list[dict], list]:
 def tiny_model_part(quick: bool) -> list[dict]:
     """Cross-scale discrepancy (mean over steps and level pairs) and the 360° seam on the tiny SD model."""
     from msd_core.pipeline import MSDPanoramaPipeline
-    from msd_core.vae import decode_latents
+    from msd_core.models.vae import decode_latents
 
     base = GenerationSettings(
         prompt="a misty alpine valley", model="tiny", device="cpu", width=256 if quick else 512,

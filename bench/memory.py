@@ -39,12 +39,12 @@ def child(kind: str, width: int, height: int, device: str, steps: int) -> dict:
     """Runs in the subprocess: load the tiny model, do one thing, report the peak."""
     import torch
 
-    from msd_core import models, vae
+    from msd_core.models import loading, vae
     from msd_core.pipeline import MSDPanoramaPipeline
     from msd_core.settings import GenerationSettings
 
     torch.manual_seed(0)
-    components = models.load_components("tiny", device=device, dtype="float32")
+    components = loading.load_components("tiny", device=device, dtype="float32")
     baseline = rss_mib()
     cuda = components.device.type == "cuda"
     if cuda:

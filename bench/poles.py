@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from msd_core.cubemap import equirect_coords, sample_equirect  # Blender's equirectangular mapping, bilinear
+from msd_core.imageio.cubemap import equirect_coords, sample_equirect  # Blender's equirectangular mapping, bilinear
 
 FOV = math.pi / 2  # 90° views, as an artist looking up would see
 # Azimuths of the horizon views that ``detail`` compares with (radians).
@@ -179,7 +179,7 @@ def summary(metric: dict) -> str:
 
 def work_rows() -> list[dict]:
     """UNet window work of each quality preset for the 360 world at SD's 512 px window, flat vs sphere poles."""
-    from msd_core.plan import BACKWARD_COST, plan_without_model
+    from msd_core.sampling.plan import BACKWARD_COST, plan_without_model
     from msd_core.settings import QUALITY, GenerationSettings
 
     rows = []

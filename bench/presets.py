@@ -1,6 +1,6 @@
 """Quality presets against today's default: UNet work, layout, window seams and wall time.
 
-1. Work: exact UNet window forwards and backwards from the plan (msd_core.plan) for every preset at the
+1. Work: exact UNet window forwards and backwards from the plan (msd_core.sampling.plan) for every preset at the
    real sizes (360, strip, backdrop) with SD-2-base's 512 px window.
 2. Layout: panoramas sampled from an analytic prior (bench/horizon.py; ``--prior`` picks one of PRIORS)
    with the pipeline's own plan (the same window grids, step by step) and msd_core's sampler: coherent
@@ -29,9 +29,9 @@ from common import RESULTS, environment, markdown_table, median_spread, seam_mul
 from horizon import PRIOR_FACTOR, HorizonPrior, sample_with_settings, score_layout, seam_ratio
 from speed import WindowPanorama, interleaved, Meter
 
-from msd_core import models
+from msd_core.models import loading
 from msd_core.pipeline import MSDPanoramaPipeline
-from msd_core.plan import forward_equivalents, plan_without_model
+from msd_core.sampling.plan import forward_equivalents, plan_without_model
 from msd_core.settings import PRESETS, QUALITY, GenerationSettings
 
 PRIORS = {"horizon": HorizonPrior}
@@ -142,7 +142,7 @@ def layout_row(prior, name: str, config: dict, shape, seeds: list[int], steps_di
 
 def time_part(configs: dict, size: dict, steps_divisor: int, repetitions: int) -> dict:
     """Wall time of every config and of diffusers' MultiDiffusion on the tiny model, interleaved."""
-    components = models.load_components("tiny", device="cpu", dtype="float32")
+    components = loading.load_components("tiny", device="cpu", dtype="float32")
     pipe = MSDPanoramaPipeline(components)
     base = GenerationSettings(prompt="alpine valley", model="tiny", device="cpu", seed=1, view_batch=16, **size)
     runs, settings_of, latents_of = {}, {}, {}

@@ -1,7 +1,7 @@
 """Activation memory of one window of SDXL-base's UNet, measured without materialising its weights.
 
 SDXL-base's UNet has 2.57 G parameters (10.3 GB in float32), too many for the CPU machines this runs on,
-so the UNet of its exact architecture (msd_core/configs/sdxl-base/unet/config.json) is built under
+so the UNet of its exact architecture (msd_core/models/configs/sdxl-base/unet/config.json) is built under
 PyTorch's FakeTensorMode: every tensor has its shape, dtype and device (the CPU) but no data, and every
 operation of the real forward and backward runs on shapes only, through the kernels the CPU would pick
 (the flash scaled-dot-product attention: no 4096×4096 attention matrix; the "meta" device would fall
@@ -16,7 +16,7 @@ pair (batch 2) at the native latent size, text of 77 tokens:
   ``torch.autograd.graph.saved_tensors_hooks`` (each storage once, the frozen weights left out).
 
 The same counts for SD-2-base's UNet (whose real activations were measured on the CPU and an H200:
-msd_core.plan) give the calibration: SDXL's figure in the plan = SD-2's measured figure × the ratio
+msd_core.sampling.plan) give the calibration: SDXL's figure in the plan = SD-2's measured figure × the ratio
 of the two counts. Both models run the same operations (diffusers' UNet2DConditionModel, PyTorch's
 scaled-dot-product attention), so the ratio carries over what the count cannot see (allocator
 rounding, kernel workspaces).
@@ -87,7 +87,7 @@ def fake_unet(family: str):
               else dict(SD2_BASE_UNET))
     unet = UNet2DConditionModel.from_config(config)
     unet.eval().requires_grad_(False)
-    from msd_core.models import prepare_unet
+    from msd_core.models.loading import prepare_unet
 
     prepare_unet(unet, channels_last=False)
     return unet

@@ -21,7 +21,7 @@ from common import environment, markdown_table, write_json
 from horizon import HorizonPrior, sample_panoramas
 from layout import COLUMNS, WIDE_PRIOR, run_config
 
-from msd_core.sampler import cross_scale_discrepancy
+from msd_core.sampling.sampler import cross_scale_discrepancy
 from msd_core.settings import GenerationSettings
 
 SOLVERS = (("ddim", 50), ("ddim", 20), ("dpmpp-2m", 15), ("dpmpp-2m", 20), ("dpmpp-2m", 25), ("dpmpp-2m", 30))

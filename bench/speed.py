@@ -1,7 +1,7 @@
 """Speed: our MultiDiffusion and MSD against diffusers' StableDiffusionPanoramaPipeline, cost growth
 with the panorama's area, the sampler's own overhead, and the warm worker.
 
-Everything runs the tiny SD model (msd_core.models, factor-8 VAE, 64 px window) on the CPU, with the
+Everything runs the tiny SD model (msd_core.models.loading, factor-8 VAE, 64 px window) on the CPU, with the
 same size, steps, window, stride, view batch, prompt and initial latents for every method. Methods are
 timed side by side in one process, repetitions interleaved (the order rotates every round), and the
 median and spread are reported: on a shared machine only such ratios mean something.
@@ -30,7 +30,7 @@ import torch
 from common import ROOT, environment, figure_path, markdown_table, median_spread, pyplot, write_json
 from diffusers import StableDiffusionPanoramaPipeline
 
-from msd_core import models
+from msd_core.models import loading
 from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.settings import GenerationSettings
 
@@ -52,7 +52,7 @@ class WindowPanorama(StableDiffusionPanoramaPipeline):
 class Meter:
     """Wraps the model calls: counts UNet window evaluations and calls, and times every model part."""
 
-    def __init__(self, components: models.Components):
+    def __init__(self, components: loading.Components):
         self.components = components
         self.reset()
 
@@ -95,7 +95,7 @@ class Meter:
             torch.autograd.grad = grad
 
 
-def build(components: models.Components, stride_latent: int):
+def build(components: loading.Components, stride_latent: int):
     pipe = MSDPanoramaPipeline(components)
     reference = WindowPanorama(
         vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
@@ -251,7 +251,7 @@ def pathlib_name(filename: str) -> str:
 def worker_part(base: GenerationSettings, threads: int) -> dict:
     """Seconds from sending a generate request to its first progress event: cold (model loaded on
     demand) and warm (second request, model kept), plus the worker's start-up until "ready"."""
-    from msd_core.client import WorkerClient
+    from msd_core.worker.client import WorkerClient
 
     settings = dataclasses.replace(base, wrap=False)
     timings = {}
@@ -315,7 +315,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     env = environment()
-    components = models.load_components("tiny", device="cpu", dtype="float32")
+    components = loading.load_components("tiny", device="cpu", dtype="float32")
     quick = args.quick
     base = GenerationSettings(
         prompt=PROMPT, model="tiny", device="cpu", width=512 if quick else 1024, height=128 if quick else 256,

@@ -16,10 +16,11 @@ import secrets
 import shutil
 import sys
 
-from . import __version__, environment, variations
+from . import __version__, variations
+from .worker import environment
 from .errors import BadInput, MSDError
-from .lora_files import parse_lora_argument
-from .pngmeta import storable_text
+from .models.lora_files import parse_lora_argument
+from .imageio.pngmeta import storable_text
 from .settings import (
     COARSE_NOISES,
     DEFAULT_MODEL,
@@ -314,7 +315,7 @@ def refine_settings_from_args(args: argparse.Namespace) -> tuple[GenerationSetti
 def source_model(path: str) -> dict | None:
     """{"model", "model_config"} from the generation settings a panorama of ours carries (PNG text or
     EXR attributes), or None for any other image or unreadable metadata."""
-    from . import hdr, pngmeta
+    from .imageio import hdr, pngmeta
 
     try:
         with open(path, "rb") as file:
@@ -341,8 +342,8 @@ def dry_run(settings: GenerationSettings, count: int | None = None) -> int:
     """Print the plan as JSON: torch only tells which device "auto" is and how much memory it has free."""
     import torch
 
-    from .environment import auto_device
-    from .plan import known_window, plan_without_model
+    from .worker.environment import auto_device
+    from .sampling.plan import known_window, plan_without_model
 
     device = auto_device(torch) if settings.device == "auto" else settings.device
     dtype = settings.dtype if settings.dtype != "auto" else ("float32" if device == "cpu" else "float16")
@@ -361,7 +362,7 @@ def dry_run(settings: GenerationSettings, count: int | None = None) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from .output import check_cubemap_paths, check_output_path, save_cubemap, save_exr
+    from .imageio.output import check_cubemap_paths, check_output_path, save_cubemap, save_exr
 
     if args.command == "refine":
         settings, source = refine_settings_from_args(args)
@@ -408,7 +409,7 @@ def generate(args: argparse.Namespace) -> int:
 
 def generate_variations(args: argparse.Namespace, settings: GenerationSettings) -> int:
     """N drafts with consecutive seeds at draft size (msd_core.variations), each written as soon as it is done."""
-    from .output import check_output_path
+    from .imageio.output import check_output_path
 
     count = args.variations
     if not 1 <= count <= variations.MAX_VARIATIONS:
@@ -470,7 +471,7 @@ def _progress_bar(total: int):
 
 
 def list_models(args: argparse.Namespace) -> int:
-    from . import hub
+    from .models import hub
 
     found = hub.list_models()
     if not found:
@@ -490,7 +491,7 @@ FAMILY_LABELS = {"sd": "SD", "sdxl": "SDXL"}  # "?": the UNet's config is not do
 
 
 def _state(model) -> str:
-    from .hub import format_bytes
+    from .models.hub import format_bytes
 
     if model.complete:
         return "complete"
@@ -501,12 +502,12 @@ def _state(model) -> str:
 
 
 def download_model(args: argparse.Namespace) -> int:
-    from . import hub
+    from .models import hub
 
     for name, value in hub.DOWNLOAD_ENV.items():  # before anything imports huggingface_hub
         os.environ.setdefault(name, value)
     if args.dtype == "auto":
-        from .models import resolve_device  # imports torch: only to learn what "auto" means here
+        from .models.loading import resolve_device  # imports torch: only to learn what "auto" means here
 
         fp16 = str(resolve_device(args.device, args.dtype)[1]) == "torch.float16"
     else:
@@ -535,7 +536,7 @@ class DownloadBar:
         self._drawn = False
 
     def update(self, progress) -> None:
-        from .hub import describe_progress
+        from .models.hub import describe_progress
 
         fraction = progress.done / progress.total if progress.total else 1.0
         text = f"{fraction:4.0%}  {describe_progress(progress)}  {progress.file}"

@@ -21,10 +21,13 @@ from typing import Callable
 
 import torch
 
-from . import __version__, lora, models, output, refine, sphere, vae
+from . import __version__, refine
 from .errors import NonFiniteResult
-from .plan import Plan, default_levels, make_plan  # noqa: F401  (default_levels: used from here by bench/)
-from .sampler import (
+from .imageio import output
+from .models import loading, lora, vae
+from .sampling import sphere
+from .sampling.plan import Plan, default_levels, make_plan  # noqa: F401  (default_levels: used from here by bench/)
+from .sampling.sampler import (
     DPMTimestep,
     Interrupt,
     LevelResult,
@@ -35,7 +38,7 @@ from .sampler import (
     solver_schedule,
 )
 from .settings import GenerationSettings, RefineSettings
-from .windows import feathered_weights
+from .sampling.windows import feathered_weights
 
 
 @dataclass
@@ -63,7 +66,7 @@ class PanoramaResult:
 class MSDPanoramaPipeline:
     """Text-to-panorama with Multi-Scale Diffusion (or plain MultiDiffusion) on a Stable Diffusion model."""
 
-    def __init__(self, components: models.Components):
+    def __init__(self, components: loading.Components):
         self.components = components
         self.unet = components.unet
         self.vae = components.vae
@@ -81,7 +84,7 @@ class MSDPanoramaPipeline:
     @classmethod
     def from_settings(cls, settings: GenerationSettings) -> "MSDPanoramaPipeline":
         pipe = cls(
-            models.load_components(
+            loading.load_components(
                 settings.model, device=settings.device, dtype=settings.dtype, model_config=settings.model_config
             )
         )
@@ -94,7 +97,7 @@ class MSDPanoramaPipeline:
     def key_for(settings: GenerationSettings) -> tuple:
         """What identifies a loaded model (for keeping one warm between requests); "auto" is resolved,
         so asking for the device that auto picks does not reload the model."""
-        device, dtype = models.resolve_device(settings.device, settings.dtype)
+        device, dtype = loading.resolve_device(settings.device, settings.dtype)
         return (settings.model, settings.model_config, str(device), str(dtype), settings.compile)
 
     # -- 1. inputs ---------------------------------------------------------------------------------
@@ -312,7 +315,7 @@ class MSDPanoramaPipeline:
         """Full-size image (PIL), tiled for large panoramas, wrap-aware for 360° ones; ``caps`` (the pole caps'
         final views, ``--poles sphere``) are decoded as views and blended over the poles."""
         tile = vae.auto_tile(latents.shape[2], latents.shape[3], self.device)
-        # Cast by decode_latents to the VAE's own dtype (float32 for an upcast SDXL VAE: models.vae_dtype).
+        # Cast by decode_latents to the VAE's own dtype (float32 for an upcast SDXL VAE: loading.vae_dtype).
         images = vae.decode_latents(self.vae, latents, wrap=wrap, tile=tile)
         if not torch.isfinite(images).all():
             raise NonFiniteResult("decoding produced values that are not finite numbers (NaN or infinity), so nothing "

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import BadInput
-from .output import exr_path_for, storable_text
-from .sampler import alphas_cumprod
+from .imageio.output import exr_path_for, storable_text
+from .sampling.sampler import alphas_cumprod
 from .settings import (
     MAX_SOURCE_PIXELS,
     SOURCE_BYTES_PER_PIXEL,
@@ -35,7 +35,7 @@ from .settings import (
     available_memory,
     why_not_a_file,
 )
-from .tonemap import tone_map
+from .imageio.tonemap import tone_map
 
 # The layout guidance (guide_layout) acts while t is above this fraction of the training timesteps:
 # the steps that decide the composition; later steps only add detail.

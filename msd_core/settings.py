@@ -41,7 +41,7 @@ WINDOW_MODES = ("dense", "shifted")
 # ddim: the paper's sampler; dpmpp-2m: DPM-Solver++ (2M), multistep, fewer steps (docs/solver.md).
 SCHEDULERS = ("ddim", "dpmpp-2m")
 # "sphere": a 360° world's poles are also denoised as perspective views of each cap and blended in, so a
-# camera looking straight up or down sees no pinch (msd_core.sphere, docs/poles.md); "flat": the strip alone.
+# camera looking straight up or down sees no pinch (msd_core.sampling.sphere, docs/poles.md); "flat": the strip alone.
 # Only 2:1 wrapping worlds have poles: other shapes are the same either way.
 POLE_MODES = ("sphere", "flat")
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -93,14 +93,14 @@ MAX_GUIDANCE = 100.0
 MAX_PROMPT = 10000  # characters; the text encoder reads only the first 77 tokens anyway
 MAX_PATH = 4096
 LATENT_COPIES = 8  # latents, noise, x0 estimates, merge sums and weights, the pyramid: a generous count
-# The HDR companion's highlight expansion (msd_core.hdr.inverse_tonemap): linear luminance where it
+# The HDR companion's highlight expansion (msd_core.imageio.hdr.inverse_tonemap): linear luminance where it
 # starts, and the linear value white becomes (1 = none; half floats end at 65504).
 HDR_KNEE_RANGE = (0.1, 0.99)
 HDR_PEAK_RANGE = (1.0, 1000.0)
 # LoRAs (docs/lora.md): how many at once, and their weights (1 = as trained, 0 = off, negative = inverted).
 MAX_LORAS = 16
 LORA_WEIGHT_RANGE = (-10.0, 10.0)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # as msd_core.models refuses them
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # as msd_core.models.loading refuses them
 
 
 @dataclass
@@ -142,7 +142,7 @@ class GenerationSettings:
     hdr: bool = False  # also write a linear OpenEXR with expanded highlights beside the PNG, for lighting
     hdr_knee: float = 0.8
     hdr_peak: float = 32.0
-    cubemap: bool = False  # also write the six cube map faces beside the PNG (msd_core.cubemap), a 2:1 world only
+    cubemap: bool = False  # also write the six cube map faces beside the PNG (msd_core.imageio.cubemap), a 2:1 world only
 
     def validate(self) -> "GenerationSettings":
         """Raise BadInput with one clear sentence for the first invalid setting; return self.

@@ -20,8 +20,8 @@ from bpy.app.handlers import persistent
 from bpy.props import BoolProperty
 from bpy.types import Operator
 
-from ..msd_core import hub
-from ..msd_core.client import WorkerClient
+from ..msd_core.models import hub
+from ..msd_core.worker.client import WorkerClient
 from ..msd_core.errors import BadInput, MSDError
 from ..msd_core.settings import GenerationSettings, RefineSettings
 from ..msd_core.variations import variation_path

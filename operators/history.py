@@ -2,7 +2,7 @@
 
 ``list_panoramas`` makes the listing (tests call it directly): the .blend's images that carry our
 settings (operators/images.py stores them on the image) and the output folder's PNG files that carry
-them (read with msd_core.pngmeta, no pixels), newest first, at most MAX_ENTRIES, reading at most
+them (read with msd_core.imageio.pngmeta, no pixels), newest first, at most MAX_ENTRIES, reading at most
 MAX_FILES_READ files; long texts are cut to SHOWN_PROMPT_CHARS. The panel draws a cached listing (``cached_history``) that is made again only
 when the folder's modification time or the set of our images changes, or on Refresh: a redraw reads
 no file. ``history_buttons`` says which operator each button runs, with which arguments. Drafts
@@ -18,7 +18,7 @@ import bpy
 import bpy.utils.previews
 from bpy.types import Operator
 
-from ..msd_core import pngmeta
+from ..msd_core.imageio import pngmeta
 from ..preferences import get_preferences, output_folder
 from .images import METADATA_PROPERTY, absolute_path, metadata_of
 

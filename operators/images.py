@@ -1,6 +1,6 @@
 """Loading a generated panorama into Blender: one image datablock per file, carrying its settings.
 
-The generation settings written into the PNG's text chunks (msd_core.pngmeta) are stored on the
+The generation settings written into the PNG's text chunks (msd_core.imageio.pngmeta) are stored on the
 image as one custom property group, ``image["msd"]``: ``image["msd"]["prompt"]``,
 ``image["msd"]["seed"]``, …, and ``image["msd"]["settings"]`` (the full settings JSON). Values are
 the text exactly as the file holds it; only MSD Panorama's own keys are kept (a file may carry any
@@ -21,7 +21,7 @@ import os
 import bpy
 from bpy.props import BoolProperty, StringProperty
 
-from ..msd_core import pngmeta
+from ..msd_core.imageio import pngmeta
 from ..msd_core.errors import BadInput
 
 METADATA_PROPERTY = "msd"

@@ -5,7 +5,7 @@ A download runs in its own worker process (its events never mix with a generatio
 can be generated with another model meanwhile). As for generating, the logic is in plain functions:
 ``start_download(context, model)`` sends the request, ``poll_download()`` handles the events that
 arrived since the last call (the operator calls it from a modal timer, or in a loop when blocking).
-The cache is read directly (msd_core.hub is pure path logic), so the list needs no worker.
+The cache is read directly (msd_core.models.hub is pure path logic), so the list needs no worker.
 """
 
 import threading
@@ -16,8 +16,8 @@ import bpy
 from bpy.props import BoolProperty, StringProperty
 from bpy.types import Operator
 
-from ..msd_core import hub
-from ..msd_core.client import WorkerClient
+from ..msd_core.models import hub
+from ..msd_core.worker.client import WorkerClient
 from ..msd_core.errors import BadInput, MSDError
 from ..preferences import ADDON_DIR, get_preferences, worker_python
 from .generate import POLL_INTERVAL, WAIT_INTERVAL, redraw_panels

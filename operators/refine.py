@@ -5,7 +5,7 @@ image of the scene world's Environment Texture: one we generated or any other, s
 A named image or an image file (the History sub-panel's Refine) can be given instead.
 Its file is sent to the worker as it is; a packed image's bytes are first copied to a file in the
 add-on's user folder, and an HDR image (EXR, Radiance HDR) is tone-mapped into a PNG there
-(msd_core.tonemap), so the worker needs no HDR reader. The result is used the way the panel says (world, backdrop or image), as for
+(msd_core.imageio.tonemap), so the worker needs no HDR reader. The result is used the way the panel says (world, backdrop or image), as for
 Generate, with the panel's prompt and sampler settings at the source's size × the Refine scale.
 """
 
@@ -19,7 +19,7 @@ from bpy.types import Operator
 
 from ..msd_core.errors import BadInput
 from ..msd_core.settings import LATENT_FACTOR, RefineSettings
-from ..msd_core.tonemap import tone_map, write_png
+from ..msd_core.imageio.tonemap import tone_map, write_png
 from ..preferences import get_preferences, user_folder
 from ..properties import settings_from_scene
 from . import generate

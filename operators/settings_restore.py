@@ -8,9 +8,9 @@ import bpy
 from bpy.props import BoolProperty, StringProperty
 from bpy.types import Operator
 
-from ..msd_core import pngmeta
+from ..msd_core.imageio import pngmeta
 from ..msd_core.errors import BadInput
-from ..msd_core.lora_files import restore_loras
+from ..msd_core.models.lora_files import restore_loras
 from ..msd_core.settings import GenerationSettings
 from ..preferences import get_preferences
 from ..properties import SEED_MAX, settings_to_scene

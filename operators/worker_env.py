@@ -17,7 +17,7 @@ import bpy
 from bpy.types import Operator
 
 from ..msd_core.errors import BadInput
-from ..msd_core.requirements import WORKER_REQUIREMENTS
+from ..msd_core.worker.requirements import WORKER_REQUIREMENTS
 from ..preferences import ADDON_DIR, get_preferences, managed_worker_python, user_folder, worker_python
 
 MIN_PYTHON = (3, 10)
@@ -42,7 +42,7 @@ def check_worker(python: str, timeout: float = CHECK_TIMEOUT) -> WorkerCheck:
     try:
         # In the extension's folder, so `-m` finds the msd_core shipped with it (as the worker does).
         result = subprocess.run(
-            [python, "-m", "msd_core.environment"], cwd=ADDON_DIR, capture_output=True, text=True, timeout=timeout
+            [python, "-m", "msd_core.worker.environment"], cwd=ADDON_DIR, capture_output=True, text=True, timeout=timeout
         )
     except FileNotFoundError:
         return WorkerCheck(False, f"worker Python not found: {python}")

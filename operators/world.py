@@ -14,7 +14,7 @@ The world is marked with the image it shows (world["msd_image"]), so applying th
 updates that world; the user's other worlds are never touched.
 
 HDR: when a generated PNG has its linear OpenEXR beside it (same name, .exr, written with the HDR
-option, msd_core.hdr) the colour comes from the EXR instead, so the sun and sky light the scene
+option, msd_core.imageio.hdr) the colour comes from the EXR instead, so the sun and sky light the scene
 with their expanded highlights; the world is still marked with the PNG. An EXR whose "settings"
 attribute differs from the PNG's (a stale file from an earlier run) is ignored.
 """
@@ -31,8 +31,8 @@ import numpy as np
 from bpy.props import BoolProperty, FloatProperty
 from mathutils import Color
 
-from ..msd_core import hdr
-from ..msd_core.pngmeta import SETTINGS_KEY
+from ..msd_core.imageio import hdr
+from ..msd_core.imageio.pngmeta import SETTINGS_KEY
 from .images import PanoramaFileOperator, absolute_path, load_panorama, metadata_of
 
 SOURCE_PROPERTY = "msd_image"  # on worlds and backdrops: the panorama image they show

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from msd_core.models import sd_ddim_scheduler
-from msd_core.sampler import ddim_schedule, msd_step
+from msd_core.models.loading import sd_ddim_scheduler
+from msd_core.sampling.sampler import ddim_schedule, msd_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -178,7 +178,7 @@ def test_msd_keeps_one_horizon_where_multidiffusion_does_not(one_thread):
 
 def test_window_seam_ratio_compares_tile_edges_with_pairs_of_the_same_parity():
     from common import window_seam_ratio
-    from msd_core.windows import WindowGrid
+    from msd_core.sampling.windows import WindowGrid
 
     grid = WindowGrid(32, 32, 8, 8, starts=((0, 8, 16, 24), (0, 8, 16, 24)))
     rows, columns = torch.arange(32.0)[:, None], torch.arange(32.0)[None, :]

@@ -9,7 +9,8 @@ import sys
 import pytest
 from PIL import Image
 
-from msd_core import cli, pngmeta
+from msd_core import cli
+from msd_core.imageio import pngmeta
 from msd_core.settings import QUALITY
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

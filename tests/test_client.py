@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from msd_core import protocol
-from msd_core.client import WorkerClient, WorkerStartError
+from msd_core.worker import protocol
+from msd_core.worker.client import WorkerClient, WorkerStartError
 from msd_core.errors import BadInput
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,7 +218,7 @@ def test_generate_sends_settings_as_json_and_returns_unique_ids(tmp_path, monkey
 
 def test_client_and_protocol_import_without_torch():
     code = (
-        "import sys, msd_core.client, msd_core.protocol, msd_core.settings, msd_core.errors; "
+        "import sys, msd_core.worker.client, msd_core.worker.protocol, msd_core.settings, msd_core.errors; "
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'bpy') if m in sys.modules))"
     )
     result = subprocess.run(
@@ -265,7 +265,7 @@ def test_a_worker_python_without_torch_is_one_sentence_saying_what_to_do(tmp_pat
         died = events_until(client, is_died)[-1]
     finally:
         client.stop(timeout=5)
-    from msd_core.client import EXIT_MISSING_PACKAGES
+    from msd_core.worker.client import EXIT_MISSING_PACKAGES
 
     assert died["returncode"] == EXIT_MISSING_PACKAGES
     assert died["message"].startswith(f"{sys.executable} cannot run the worker: No module named 'torch'; install the worker")

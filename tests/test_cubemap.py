@@ -1,4 +1,4 @@
-"""Cube map export (msd_core.cubemap, --cubemap): faces where game engines expect them, continuous across
+"""Cube map export (msd_core.imageio.cubemap, --cubemap): faces where game engines expect them, continuous across
 every edge, written beside the PNG (and as EXR with --hdr) without clobbering files."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msd_core import cubemap, hdr, output
+from msd_core.imageio import cubemap, hdr, output
 from msd_core.errors import BadInput
 
 HEIGHT = 128

@@ -28,7 +28,7 @@ from blender_env import (  # noqa: F401  (blender, extension: fixtures)
     run_blender_ext,
     uninstall_extension,
 )
-from msd_core.requirements import WORKER_REQUIREMENTS
+from msd_core.worker.requirements import WORKER_REQUIREMENTS
 
 OPERATORS = ("generate", "cancel", "install_worker", "check_worker", "restore_settings", "download_model", "cancel_download", "use_model")
 PANELS = ("MSD_PT_panorama", "MSD_PT_panorama_sampler", "MSD_PT_panorama_output")
@@ -80,8 +80,8 @@ def test_worker_requirements_match_pyproject():
 def test_zip_holds_the_add_on_and_msd_core_and_nothing_for_development():
     names = zipfile.ZipFile(extension_zip()).namelist()
     for needed in ("blender_manifest.toml", "__init__.py", "preferences.py", "properties.py",
-                   "operators/generate.py", "ui/panel.py", "msd_core/client.py", "msd_core/worker.py",
-                   "msd_core/requirements.py"):  # fmt: skip
+                   "operators/generate.py", "ui/panel.py", "msd_core/worker/client.py", "msd_core/worker/process.py",
+                   "msd_core/worker/requirements.py"):  # fmt: skip
         assert needed in names
     for name in names:
         top = name.split("/")[0]
@@ -92,7 +92,7 @@ def test_zip_holds_the_add_on_and_msd_core_and_nothing_for_development():
 def test_install_enables_and_uninstall_removes_cleanly(blender):
     ensure_installed()
     assert is_enabled()
-    assert (installed_dir() / "msd_core" / "client.py").is_file()
+    assert (installed_dir() / "msd_core" / "worker" / "client.py").is_file()
     assert hasattr(bpy.types.Scene, "msd_panorama")
 
     uninstall_extension()

@@ -576,7 +576,7 @@ def test_install_steps_make_a_venv_and_install_the_worker_requirements(addon):
     commands = [command for _, command in steps]
     assert commands[0] == ["/usr/bin/python3", "-m", "venv", "--clear", "/x/worker"]
     assert commands[-1][:4] == ["/x/worker/bin/python", "-m", "pip", "install"]
-    assert tuple(commands[-1][4:]) == addon_module().msd_core.requirements.WORKER_REQUIREMENTS
+    assert tuple(commands[-1][4:]) == addon_module().msd_core.worker.requirements.WORKER_REQUIREMENTS
 
 
 def test_command_sequence_runs_steps_in_order_and_stops_at_a_failure(addon, tmp_path):

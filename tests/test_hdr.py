@@ -1,4 +1,4 @@
-"""HDR for lighting (msd_core.hdr, output.save_exr, the --hdr option, the world lit by the EXR), tested
+"""HDR for lighting (msd_core.imageio.hdr, output.save_exr, the --hdr option, the world lit by the EXR), tested
 as a lighter would: the curve's shape, an EXR that Blender's own reader reads back equal to the PNG below
 the knee, the files a run writes, and a Cycles render in which the EXR world lights an object brighter
 and casts a directional shadow where the PNG world does not."""
@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from blender_env import addon_module, addon_preferences, blender, extension  # noqa: F401  (fixtures)
-from msd_core import cli, hdr, output, pngmeta, protocol
+from msd_core import cli
+from msd_core.imageio import hdr, output, pngmeta
+from msd_core.worker import protocol
 from msd_core.errors import BadInput
 from msd_core.settings import GenerationSettings
 from test_cli import SMALL
@@ -246,7 +248,7 @@ def test_cli_hdr_writes_the_png_and_its_exr_with_the_same_metadata(tmp_path, cap
 
 
 def test_worker_done_event_lists_the_png_and_the_exr(tmp_path):
-    from msd_core.worker import EventWriter, Worker, parse_generate
+    from msd_core.worker.process import EventWriter, Worker, parse_generate
 
     stream = io.StringIO()
     worker = Worker(EventWriter(stream), tmp_path / "previews")

@@ -11,7 +11,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from blender_env import MODULE, addon_module, addon_preferences, blender, extension  # noqa: F401  (fixtures)
-from msd_core import output
+from msd_core.imageio import output
 from msd_core.settings import GenerationSettings
 from test_extension import draw
 from test_generate_op import PROMPT, addon, world_images  # noqa: F401  (addon is a fixture)

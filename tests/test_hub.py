@@ -16,10 +16,12 @@ from huggingface_hub import scan_cache_dir
 from safetensors.torch import load_file, save_file
 
 from fake_hub import PAUSE_LIMIT, FakeHub
-from msd_core import cli, hub, models, protocol
-from msd_core.client import WorkerClient
+from msd_core import cli
+from msd_core.models import hub, loading
+from msd_core.worker import protocol
+from msd_core.worker.client import WorkerClient
 from msd_core.errors import Cancelled, ModelNotFound, NetworkError, UnsupportedModelFile
-from msd_core.hub import DownloadProgress, ProgressMeter
+from msd_core.models.hub import DownloadProgress, ProgressMeter
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAIT = 120  # seconds: an upper bound for every wait, never an expectation
@@ -41,7 +43,7 @@ BIG = 25_000_000  # bytes: three of huggingface_hub's 10 MiB transfer chunks, so
 
 @pytest.fixture(scope="module")
 def tiny_files() -> dict[str, bytes]:
-    folder = models.tiny_model_dir()
+    folder = loading.tiny_model_dir()
     return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
@@ -380,7 +382,7 @@ def test_worker_cancels_a_download_mid_file(fake_hub, tiny_files, tmp_path):
     ],
 )
 def test_download_requests_are_validated_before_anything_starts(fields, fragment):
-    from msd_core.worker import parse_download
+    from msd_core.worker.process import parse_download
 
     with pytest.raises(hub.BadInput) as caught:
         parse_download({"op": "download", "id": 1, **fields})
@@ -388,7 +390,7 @@ def test_download_requests_are_validated_before_anything_starts(fields, fragment
 
 
 def test_a_download_request_for_float16_fetches_the_fp16_weights():
-    from msd_core.worker import parse_download
+    from msd_core.worker.process import parse_download
 
     assert parse_download({"op": "download", "id": 1, "model": REPO, "device": "cpu", "dtype": "float32"}).fp16 is False
     # float16 is refused on the CPU (no kernels): it is what a GPU run in "auto" uses.

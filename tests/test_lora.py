@@ -15,7 +15,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from msd_core import cli, lora, lora_files, models, output, pngmeta
+from msd_core import cli
+from msd_core.models import lora, lora_files, loading
+from msd_core.imageio import output, pngmeta
 from msd_core.errors import BadInput, UnsupportedModelFile
 from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.settings import GenerationSettings
@@ -33,7 +35,7 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 def make_lora(path, seed: int, unet: bool = True, text: bool = True, rank: int = 4, alpha: int = 8):
     """A random LoRA for the tiny model in diffusers' own format (save_lora_weights, with its adapter
     metadata: lora_alpha ≠ rank, so a loader that ignored the metadata would scale it wrongly)."""
-    source = models.tiny_pipeline()
+    source = loading.tiny_pipeline()
     layers, configs = {}, {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -77,7 +79,7 @@ def ours(pipe, *loras, **changes):
 def diffusers_with(loras, settings=ONE_WINDOW):
     """diffusers' StableDiffusionPipeline on a fresh copy of the tiny model, the LoRAs loaded by diffusers
     itself (load_lora_weights from the file, set_adapters with the weights)."""
-    c = models.load_components("tiny", device="cpu")
+    c = loading.load_components("tiny", device="cpu")
     reference = StableDiffusionPipeline(
         vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -391,8 +393,8 @@ def test_the_worker_applies_loras_per_request_on_its_warm_model(lora_a, tmp_path
     import numpy as np
     from PIL import Image
 
-    from msd_core import protocol
-    from msd_core.client import WorkerClient
+    from msd_core.worker import protocol
+    from msd_core.worker.client import WorkerClient
 
     def settings(*loras):
         return dataclasses.replace(ONE_WINDOW, width=128, steps=2, loras=[{"path": str(p), "weight": w} for p, w in loras]).to_dict()
@@ -505,7 +507,7 @@ def test_an_sdxl_lora_goes_into_both_text_encoders_as_diffusers_puts_it(tmp_path
     mine = _sdxl_outputs(*base)
 
     ref_unet, ref_te, ref_te2 = _tiny_sdxl_parts()
-    source = models.tiny_pipeline()
+    source = loading.tiny_pipeline()
     reference = StableDiffusionXLPipeline(vae=source.vae, text_encoder=ref_te, text_encoder_2=ref_te2,
                                           tokenizer=source.tokenizer, tokenizer_2=source.tokenizer, unet=ref_unet,
                                           scheduler=source.scheduler)
@@ -534,7 +536,7 @@ def xl_pipe():
 @pytest.fixture(scope="module")
 def xl_lora(tmp_path_factory):
     """A random LoRA for tiny-xl: its UNet and both text encoders."""
-    source = models.tiny_pipeline(family="sdxl")
+    source = loading.tiny_pipeline(family="sdxl")
     path = tmp_path_factory.mktemp("loras") / "xl-style.safetensors"
     return make_xl_lora(path, (source.unet, source.text_encoder, source.text_encoder_2))
 
@@ -565,7 +567,7 @@ def test_sdxl_window_with_lora_equals_diffusers(xl_pipe, xl_lora):
     """One tiny-xl window with an SDXL LoRA at 0.8 = StableDiffusionXLPipeline on fresh components with the
     same file loaded by load_lora_weights and set_adapters(…, [0.8]): same latents, scheduler and steps."""
     mine = ours_xl(xl_pipe, (xl_lora, 0.8))
-    c = models.load_components("tiny-xl", device="cpu")
+    c = loading.load_components("tiny-xl", device="cpu")
     reference = diffusers_xl(c)
     reference.load_lora_weights(str(xl_lora), adapter_name="xl")
     reference.set_adapters(["xl"], [0.8])

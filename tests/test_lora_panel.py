@@ -13,7 +13,8 @@ from PIL import Image
 from blender_env import addon_module, addon_preferences, blender, extension  # noqa: F401  (fixtures)
 from test_extension import CheckingLayout
 
-from msd_core import lora_files, output, pngmeta
+from msd_core.models import lora_files
+from msd_core.imageio import output, pngmeta
 from msd_core.settings import GenerationSettings
 
 

@@ -14,9 +14,9 @@ from diffusers import DDIMScheduler
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from safetensors.torch import load_file, save_file
 
-from msd_core import models
+from msd_core.models import loading
 from msd_core.errors import BadInput, ModelNotFound, NetworkError, UnsupportedModelFile
-from msd_core.vae import decode_latents
+from msd_core.models.vae import decode_latents
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_GPU = not torch.cuda.is_available() and not torch.backends.mps.is_available()
@@ -37,9 +37,9 @@ def _frozen(components) -> bool:
 
 
 def test_tiny_model_round_trips_and_produces_a_finite_64px_image(tmp_path):
-    built = models.tiny_pipeline()
-    folder = models.build_tiny_model(tmp_path / "tiny")
-    loaded = models.load_components(str(folder), local_files_only=True)
+    built = loading.tiny_pipeline()
+    folder = loading.build_tiny_model(tmp_path / "tiny")
+    loaded = loading.load_components(str(folder), local_files_only=True)
 
     for name in ("unet", "vae", "text_encoder"):
         _assert_same_weights(getattr(loaded, name), getattr(built, name).state_dict())
@@ -62,10 +62,10 @@ def test_tiny_model_is_deterministic_and_leaves_the_random_state_alone(tmp_path)
     torch.manual_seed(123)
     expected_draw = torch.rand(3)
     torch.manual_seed(123)
-    first = models.build_tiny_model(tmp_path / "a")
+    first = loading.build_tiny_model(tmp_path / "a")
     assert torch.equal(torch.rand(3), expected_draw)
 
-    second = models.build_tiny_model(tmp_path / "b", "v_prediction")
+    second = loading.build_tiny_model(tmp_path / "b", "v_prediction")
     for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):
         a, b = load_file(first / f"{part}.safetensors"), load_file(second / f"{part}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
@@ -73,16 +73,16 @@ def test_tiny_model_is_deterministic_and_leaves_the_random_state_alone(tmp_path)
 
 def test_building_onto_a_finished_tiny_model_keeps_it(tmp_path):
     """What a process that loses the build race does: it finds the folder complete and keeps it."""
-    target = models.build_tiny_model(tmp_path / "tiny")
+    target = loading.build_tiny_model(tmp_path / "tiny")
     written = (target / "model_index.json").stat().st_mtime_ns
-    assert models.build_tiny_model(target) == target
+    assert loading.build_tiny_model(target) == target
     assert (target / "model_index.json").stat().st_mtime_ns == written
     assert os.listdir(tmp_path) == ["tiny"]  # no staging folder left behind
 
 
 @pytest.mark.parametrize("name, prediction_type", [("tiny", "epsilon"), ("tiny-v", "v_prediction")])
 def test_tiny_models_load_frozen_with_ddim(name, prediction_type):
-    components = models.load_components(name, device="cpu")
+    components = loading.load_components(name, device="cpu")
     assert components.model == name
     assert components.prediction_type == prediction_type
     assert isinstance(components.scheduler, DDIMScheduler)
@@ -92,11 +92,11 @@ def test_tiny_models_load_frozen_with_ddim(name, prediction_type):
     assert components.device == torch.device("cpu") and components.dtype == torch.float32
     assert components.unet.dtype == components.vae.dtype == components.text_encoder.dtype == torch.float32
     assert _frozen(components)
-    assert models.tiny_model_dir(prediction_type).parent == models.cache_root()
+    assert loading.tiny_model_dir(prediction_type).parent == loading.cache_root()
 
 
 def test_bfloat16_is_honoured_on_the_cpu():
-    components = models.load_components("tiny", device="cpu", dtype="bfloat16")
+    components = loading.load_components("tiny", device="cpu", dtype="bfloat16")
     assert components.unet.dtype == components.vae.dtype == components.text_encoder.dtype == torch.bfloat16
 
 
@@ -180,7 +180,7 @@ def _ldm_checkpoint(unet, vae, text_encoder) -> dict:
 
 
 def test_single_safetensors_file_loads_its_own_weights_with_a_config_folder(tmp_path):
-    source = models.tiny_pipeline()
+    source = loading.tiny_pipeline()
     # Shift every weight so the test can tell the file's weights from the config folder's.
     parts = {name: {k: v + 0.25 for k, v in getattr(source, name).state_dict().items()} for name in ("unet", "vae", "text_encoder")}
     for name, weights in parts.items():
@@ -188,7 +188,7 @@ def test_single_safetensors_file_loads_its_own_weights_with_a_config_folder(tmp_
     checkpoint = tmp_path / "tiny-ldm.safetensors"
     save_file({k: v.contiguous() for k, v in _ldm_checkpoint(source.unet, source.vae, source.text_encoder).items()}, checkpoint)
 
-    components = models.load_components(str(checkpoint), model_config=str(models.tiny_model_dir()))
+    components = loading.load_components(str(checkpoint), model_config=str(loading.tiny_model_dir()))
     for name, weights in parts.items():
         _assert_same_weights(getattr(components, name), weights)
     assert components.prediction_type == "epsilon" and isinstance(components.scheduler, DDIMScheduler)
@@ -199,9 +199,9 @@ def test_single_file_without_a_config_or_weights_is_refused_with_the_fix(tmp_pat
     checkpoint = tmp_path / "model.safetensors"
     save_file({"x": torch.zeros(1)}, checkpoint)
     with pytest.raises(BadInput, match="--model-config"):
-        models.load_components(str(checkpoint))
+        loading.load_components(str(checkpoint))
     with pytest.raises(BadInput, match="could not be loaded as a Stable Diffusion checkpoint"):
-        models.load_components(str(checkpoint), model_config=str(models.tiny_model_dir()))
+        loading.load_components(str(checkpoint), model_config=str(loading.tiny_model_dir()))
 
 
 # --- refusals -----------------------------------------------------------------------------------------
@@ -223,21 +223,21 @@ def test_pickle_checkpoints_are_refused_without_being_loaded(tmp_path, suffix):
     checkpoint = tmp_path / f"model{suffix}"
     checkpoint.write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(UnsupportedModelFile, match="safetensors") as caught:
-        models.load_components(str(checkpoint))
+        loading.load_components(str(checkpoint))
     assert "execute" in str(caught.value)
     assert not marker.exists()
     # Refused by name: a missing pickle file gets the same answer, not "not found".
     with pytest.raises(UnsupportedModelFile):
-        models.load_components(str(tmp_path / f"missing{suffix}"))
+        loading.load_components(str(tmp_path / f"missing{suffix}"))
 
 
 def test_folder_with_only_pickle_weights_is_refused(tmp_path):
     folder = tmp_path / "old-model"
-    shutil.copytree(models.tiny_model_dir(), folder)
+    shutil.copytree(loading.tiny_model_dir(), folder)
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     weights.rename(weights.with_suffix(".bin"))
     with pytest.raises(UnsupportedModelFile, match=r"\.bin"):
-        models.load_components(str(folder))
+        loading.load_components(str(folder))
 
 
 # --- the hostile-model matrix: nothing may ever be unpickled -------------------------------------------
@@ -254,12 +254,12 @@ WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mod
 
 def _tiny_copy(tmp_path, name="model"):
     folder = tmp_path / name
-    shutil.copytree(models.tiny_model_dir(), folder)
+    shutil.copytree(loading.tiny_model_dir(), folder)
     return folder
 
 
 def _ldm_file(tmp_path, drop_text_encoder=False):
-    source = models.tiny_pipeline()
+    source = loading.tiny_pipeline()
     checkpoint = _ldm_checkpoint(source.unet, source.vae, source.text_encoder)
     if drop_text_encoder:
         checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith("cond_stage_model.")}
@@ -270,7 +270,7 @@ def _ldm_file(tmp_path, drop_text_encoder=False):
 
 def _hostile(layout, tmp_path, marker):
     """Build one hostile layout; return (load_components kwargs, the file the refusal must name)."""
-    config = str(models.tiny_model_dir())
+    config = str(loading.tiny_model_dir())
     if layout.startswith("suffix"):
         name = layout.split(":")[1]
         evil = _pickle_file(tmp_path / name, marker)
@@ -328,7 +328,7 @@ def test_hostile_model_layouts_are_refused_in_one_line_without_unpickling(tmp_pa
     marker = tmp_path / "payload-ran"
     arguments, offending = _hostile(layout, tmp_path, marker)
     with pytest.raises(BadInput) as caught:  # UnsupportedModelFile is a BadInput
-        models.load_components(arguments.pop("model"), device="cpu", **arguments)
+        loading.load_components(arguments.pop("model"), device="cpu", **arguments)
     message = str(caught.value)
     assert "\n" not in message and str(offending) in message, message
     assert not marker.exists()
@@ -338,7 +338,7 @@ def test_a_real_safetensors_file_with_an_upper_case_suffix_is_refused_with_the_f
     checkpoint = _ldm_file(tmp_path)
     renamed = checkpoint.rename(checkpoint.with_name("MODEL.SAFETENSORS"))
     with pytest.raises(UnsupportedModelFile, match="rename the file to end in .safetensors in lower case"):
-        models.load_components(str(renamed), device="cpu", model_config=str(models.tiny_model_dir()))
+        loading.load_components(str(renamed), device="cpu", model_config=str(loading.tiny_model_dir()))
 
 
 def test_a_folder_with_pickles_beside_its_safetensors_loads_without_unpickling(tmp_path, no_unpickling):
@@ -348,7 +348,7 @@ def test_a_folder_with_pickles_beside_its_safetensors_loads_without_unpickling(t
     for component in ("unet", "vae"):
         _pickle_file(folder / component / "diffusion_pytorch_model.bin", marker)
     _pickle_file(folder / "text_encoder" / "pytorch_model.bin", marker)
-    components = models.load_components(str(folder), device="cpu")
+    components = loading.load_components(str(folder), device="cpu")
     assert components.window == 64 and not marker.exists()
 
 
@@ -356,19 +356,19 @@ def test_a_folder_with_pickles_beside_its_safetensors_loads_without_unpickling(t
 def test_missing_paths_are_model_not_found(tmp_path, name):
     name = name.format(tmp=tmp_path)
     with pytest.raises(ModelNotFound, match="no such file or folder") as caught:
-        models.load_components(name)
+        loading.load_components(name)
     assert name in str(caught.value) and "--model tiny" in str(caught.value)
 
 
 def test_folder_that_is_not_a_diffusers_model_is_model_not_found(tmp_path):
     with pytest.raises(ModelNotFound, match="unet/"):
-        models.load_components(str(tmp_path))
+        loading.load_components(str(tmp_path))
 
 
 def test_unknown_repo_id_offline_is_model_not_found_naming_the_model_and_the_fix():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: local_files_only=None must mean offline
     with pytest.raises(ModelNotFound) as caught:
-        models.load_components("msd-panorama-tests/no-such-model")
+        loading.load_components("msd-panorama-tests/no-such-model")
     message = str(caught.value)
     assert "msd-panorama-tests/no-such-model" in message and "offline" in message and "--model tiny" in message
 
@@ -379,32 +379,32 @@ def test_unknown_repo_id_offline_is_model_not_found_naming_the_model_and_the_fix
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_cuda_device_is_bad_input():
     with pytest.raises(BadInput, match="--device cpu"):
-        models.resolve_device("cuda")
+        loading.resolve_device("cuda")
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
 def test_mps_without_an_apple_gpu_is_bad_input():
     with pytest.raises(BadInput, match="--device cpu"):
-        models.resolve_device("mps")
+        loading.resolve_device("mps")
 
 
 @pytest.mark.skipif(not NO_GPU, reason="auto picks the GPU here")
 def test_auto_is_the_cpu_in_float32_without_a_gpu():
-    assert models.resolve_device() == (torch.device("cpu"), torch.float32)
+    assert loading.resolve_device() == (torch.device("cpu"), torch.float32)
 
 
 def test_explicit_dtypes():
-    assert models.resolve_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    assert loading.resolve_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
     with pytest.raises(BadInput, match="float32 or bfloat16"):
-        models.resolve_device("cpu", "float16")
+        loading.resolve_device("cpu", "float16")
     with pytest.raises(BadInput, match="unknown dtype"):
-        models.resolve_device("cpu", "float8")
+        loading.resolve_device("cpu", "float8")
     with pytest.raises(BadInput, match="unknown device"):
-        models.resolve_device("gpu")
+        loading.resolve_device("gpu")
 
 
 def test_pngmeta_does_not_import_torch_or_pil():
-    code = "import sys, msd_core.pngmeta; print(sorted({'torch', 'PIL', 'diffusers'} & set(sys.modules)))"
+    code = "import sys, msd_core.imageio.pngmeta; print(sorted({'torch', 'PIL', 'diffusers'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -414,7 +414,7 @@ def test_an_unreachable_hub_is_told_apart_from_a_missing_model_without_retries(m
     the message says the Hub cannot be reached (not "not found"), and huggingface_hub prints nothing."""
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://msd-panorama-tests.invalid")
     with pytest.raises(NetworkError) as caught:
-        models.load_components("msd-panorama-tests/no-such-model", local_files_only=False)
+        loading.load_components("msd-panorama-tests/no-such-model", local_files_only=False)
     message = str(caught.value)
     assert "cannot be reached" in message and "msd-panorama-tests.invalid" in message
     assert "was not found" not in message and "\n" not in message
@@ -424,10 +424,10 @@ def test_an_unreachable_hub_is_told_apart_from_a_missing_model_without_retries(m
 def test_a_tiny_model_cache_this_user_cannot_use_is_a_clean_message(monkeypatch, unwritable_folder):
     monkeypatch.setenv("MSD_PANORAMA_CACHE", str(unwritable_folder / "cache"))
     with pytest.raises(ModelNotFound, match="set MSD_PANORAMA_CACHE to a folder of your own"):
-        models.load_components("tiny", device="cpu")
+        loading.load_components("tiny", device="cpu")
 
 
 def test_the_tiny_model_cache_is_readable_by_other_users(tmp_path, monkeypatch):
     monkeypatch.setenv("MSD_PANORAMA_CACHE", str(tmp_path / "shared"))
-    folder = models.tiny_model_dir()
+    folder = loading.tiny_model_dir()
     assert folder.stat().st_mode & 0o055 == 0o055  # group and others may read and enter it

@@ -12,7 +12,7 @@ import pytest
 
 from blender_env import MODULE, addon_preferences, blender, extension  # noqa: F401  (fixtures)
 from fake_hub import FakeHub
-from msd_core import models
+from msd_core.models import loading
 from test_extension import CheckingLayout, draw
 
 REPO = "test/tiny"
@@ -45,7 +45,7 @@ def addon(extension, tmp_path, monkeypatch):
 @pytest.fixture
 def fake_hub(monkeypatch):
     with FakeHub() as server:
-        server.add_folder(REPO, models.tiny_model_dir(), {"unet/diffusion_pytorch_model.bin": b"pickle"})
+        server.add_folder(REPO, loading.tiny_model_dir(), {"unet/diffusion_pytorch_model.bin": b"pickle"})
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the worker may go online; this process still does not
         yield server
@@ -176,7 +176,7 @@ def test_a_slow_cache_listing_never_runs_on_a_redraw(addon, monkeypatch):
 
 
 def test_a_cache_index_that_is_huge_or_a_device_is_not_read(tmp_path, monkeypatch):
-    from msd_core import hub
+    from msd_core.models import hub
 
     unet = tmp_path / "models--x--y" / "snapshots" / ("a" * 40) / "unet"
     unet.mkdir(parents=True)

@@ -10,9 +10,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import msd_core
-from msd_core import pngmeta
+from msd_core.imageio import pngmeta
 from msd_core.errors import BadInput
-from msd_core.output import check_output_path, generation_metadata, save_png
+from msd_core.imageio.output import check_output_path, generation_metadata, save_png
 from msd_core.settings import GenerationSettings
 
 PROMPT = "雪山の夜明け, a misty valley — ünïcödé 🌄"

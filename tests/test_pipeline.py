@@ -7,11 +7,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionPanoramaPipeline
 
-from msd_core import pngmeta
+from msd_core.imageio import pngmeta
 from msd_core.errors import BadInput, Cancelled
 from msd_core.pipeline import MSDPanoramaPipeline
-from msd_core.plan import default_levels
-from msd_core.sampler import cross_scale_discrepancy
+from msd_core.sampling.plan import default_levels
+from msd_core.sampling.sampler import cross_scale_discrepancy
 from msd_core.settings import GenerationSettings
 
 BASE = GenerationSettings(  # the paper's pyramid and coarse noise; the defaults are tested against it below

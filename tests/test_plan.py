@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from msd_core import cli, models, plan
+from msd_core import cli
+from msd_core.models import loading
+from msd_core.sampling import plan
 from msd_core.errors import BadInput
 from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.settings import QUALITY, GenerationSettings, RefineSettings
@@ -201,7 +203,7 @@ def test_channels_last_and_inference_mode_change_nothing_on_the_cpu(pipe, monkey
     assert reference.is_inference()  # no gradient needed: the loop ran in inference mode
     monkeypatch.setattr(torch, "inference_mode", torch.no_grad)
     assert torch.equal(pipe(settings, decode=False).latents, reference)
-    models.prepare_unet(pipe.unet, channels_last=True)
+    loading.prepare_unet(pipe.unet, channels_last=True)
     try:
         assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(pipe(settings, decode=False).latents, reference, atol=1e-4)
@@ -232,7 +234,7 @@ def test_a_refines_unet_work_counts_the_steps_that_ran(pipe, monkeypatch, tmp_pa
 def test_the_eta_of_a_refine_counts_only_the_steps_left(pipe, tmp_path):
     """At a steady rate the eta after each step is exactly the work left times that rate."""
     from msd_core.pipeline import StepInfo
-    from msd_core.worker import EventWriter, Worker, parse_generate
+    from msd_core.worker.process import EventWriter, Worker, parse_generate
 
     source = tmp_path / "source.png"
     Image.new("RGB", (256, 256)).save(source)

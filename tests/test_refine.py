@@ -25,12 +25,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from msd_core import cli, models, output, pngmeta, protocol, refine, tonemap, vae
-from msd_core.client import WorkerClient
+from msd_core import cli, refine
+from msd_core.models import loading, vae
+from msd_core.imageio import output, pngmeta, tonemap
+from msd_core.worker import protocol
+from msd_core.worker.client import WorkerClient
 from msd_core.errors import BadInput, NonFiniteResult
-from msd_core.models import sd_ddim_scheduler
+from msd_core.models.loading import sd_ddim_scheduler
 from msd_core.pipeline import MSDPanoramaPipeline, default_levels
-from msd_core.sampler import cosine_decay, ddim_schedule, msd_step
+from msd_core.sampling.sampler import cosine_decay, ddim_schedule, msd_step
 from msd_core.settings import GenerationSettings, RefineSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -43,7 +46,7 @@ TINY = ["--model", "tiny", "--device", "cpu", "--steps", "4", "--seed", "3", "--
 
 @pytest.fixture(scope="module")
 def tiny_vae():
-    return models.load_components("tiny", device="cpu").vae
+    return loading.load_components("tiny", device="cpu").vae
 
 
 def smooth_panorama(height: int, width: int) -> torch.Tensor:
@@ -437,7 +440,7 @@ def test_worker_refuses_a_bad_refine_before_accepting_it(worker, tmp_path, refin
 def test_cli_refine_without_model_takes_the_sources_model_from_its_metadata(tmp_path):
     """A panorama of ours names its model: refine uses it (here the offline tiny one) unless --model says
     otherwise; an image without our metadata falls back to the default model (not cached: refused)."""
-    from msd_core import output
+    from msd_core.imageio import output
 
     source = tmp_path / "ours.png"
     stored = GenerationSettings(prompt="a lake", model="tiny", width=128, height=64, seed=9)
@@ -455,7 +458,7 @@ def test_cli_refine_without_model_takes_the_sources_model_from_its_metadata(tmp_
 def test_cli_refines_from_an_exr_of_ours_taking_its_model(tmp_path):
     """The HDR companion (written through the OpenEXR package) is a source too: read, tone-mapped,
     and its stored model used without --model."""
-    from msd_core import output
+    from msd_core.imageio import output
 
     stored = GenerationSettings(prompt="a lake", model="tiny", width=128, height=64, seed=9)
     metadata = output.generation_metadata(stored, {})
@@ -574,7 +577,7 @@ def test_a_source_far_larger_than_the_result_is_refused_from_its_header(tmp_path
 
 
 def test_memory_counts_the_exr_and_threads_never_exceed_the_cores():
-    from msd_core import environment
+    from msd_core.worker import environment
     from msd_core.settings import check_memory, memory_needed
 
     plain = GenerationSettings(prompt="a lake", width=16384, height=8192, device="cuda")

@@ -124,7 +124,7 @@ def test_a_float_source_is_sent_as_a_tone_mapped_png(addon, tmp_path):
     with Image.open(sent) as png:
         assert png.mode == "RGB" and png.size == (16, 8)
         received = np.asarray(png, np.float32) / 255
-    expected = addon_module().msd_core.tonemap.tone_map(linear.reshape(8, 16, 4)[::-1, :, :3])
+    expected = addon_module().msd_core.imageio.tonemap.tone_map(linear.reshape(8, 16, 4)[::-1, :, :3])
     assert np.abs(received - expected).max() <= 0.5 / 255 + 1e-6
     assert pixels_digest(image) == before and image.filepath == str(tmp_path / "sky.exr")
 

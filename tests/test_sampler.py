@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from msd_core import sampler
-from msd_core.models import sd_ddim_scheduler
-from msd_core.sampler import DDIMTimestep, ddim_jacobian, ddim_schedule, ddim_step
-from msd_core.windows import WindowGrid, downsample
+from msd_core.sampling import sampler
+from msd_core.models.loading import sd_ddim_scheduler
+from msd_core.sampling.sampler import DDIMTimestep, ddim_jacobian, ddim_schedule, ddim_step
+from msd_core.sampling.windows import WindowGrid, downsample
 
 
 class SmoothDenoiser(torch.nn.Module):
@@ -203,7 +203,7 @@ def test_refresh_denoises_the_fast_guided_windows_again():
 
 
 def _global_grids(wrap):
-    from msd_core.windows import global_level
+    from msd_core.sampling.windows import global_level
 
     grids = [WindowGrid(8, 32, 8, 4, wrap), WindowGrid(16, 64, 8, 4, wrap)]
     return [global_level(grids[0]), *grids]

@@ -10,7 +10,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-from msd_core import models, plan, pngmeta
+from msd_core.models import loading
+from msd_core.sampling import plan
+from msd_core.imageio import pngmeta
 from msd_core.errors import BadInput, ModelNotFound, UnsupportedModelFile
 from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.settings import GenerationSettings
@@ -63,7 +65,7 @@ def unet_calls(pipe, settings):
 
 @pytest.mark.parametrize("name, prediction_type", [("tiny-xl", "epsilon"), ("tiny-xl-v", "v_prediction")])
 def test_tiny_xl_loads_as_the_sdxl_family_with_both_encoders(name, prediction_type):
-    components = models.load_components(name, device="cpu")
+    components = loading.load_components(name, device="cpu")
     assert components.family == "sdxl" and components.prediction_type == prediction_type
     assert type(components.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert components.tokenizer_2.pad_token == "!" and components.zero_empty_negative
@@ -71,31 +73,31 @@ def test_tiny_xl_loads_as_the_sdxl_family_with_both_encoders(name, prediction_ty
     assert components.vae.config.force_upcast and components.vae.config.scaling_factor == 0.13025
     modules = (components.unet, components.vae, components.text_encoder, components.text_encoder_2)
     assert all(not m.training and not any(p.requires_grad for p in m.parameters()) for m in modules)
-    sd = models.load_components("tiny", device="cpu")
+    sd = loading.load_components("tiny", device="cpu")
     assert sd.family == "sd" and sd.text_encoder_2 is None and sd.tokenizer_2 is None
 
 
 def test_the_family_comes_from_the_unet_config_not_the_name(tmp_path):
     # An SDXL folder named like an SD model is SDXL; an SD folder named "sdxl" is SD.
-    xl = shutil.copytree(models.tiny_model_dir("epsilon", "sdxl"), tmp_path / "stable-diffusion-v1-5")
-    sd = shutil.copytree(models.tiny_model_dir(), tmp_path / "my-sdxl-finetune")
-    assert models.load_components(str(xl), device="cpu").family == "sdxl"
-    assert models.load_components(str(sd), device="cpu").family == "sd"
-    assert models.model_family({"addition_embed_type": "text_time"}) == "sdxl"
-    assert models.model_family({"addition_embed_type": None}) == "sd"
+    xl = shutil.copytree(loading.tiny_model_dir("epsilon", "sdxl"), tmp_path / "stable-diffusion-v1-5")
+    sd = shutil.copytree(loading.tiny_model_dir(), tmp_path / "my-sdxl-finetune")
+    assert loading.load_components(str(xl), device="cpu").family == "sdxl"
+    assert loading.load_components(str(sd), device="cpu").family == "sd"
+    assert loading.model_family({"addition_embed_type": "text_time"}) == "sdxl"
+    assert loading.model_family({"addition_embed_type": None}) == "sd"
     assert plan.known_model(str(xl)) == (128, "sdxl") and plan.known_model(str(sd)) == (64, "sd")
 
 
 def test_an_sdxl_folder_with_a_pickled_or_missing_second_encoder_is_refused(tmp_path):
-    folder = shutil.copytree(models.tiny_model_dir("epsilon", "sdxl"), tmp_path / "xl")
+    folder = shutil.copytree(loading.tiny_model_dir("epsilon", "sdxl"), tmp_path / "xl")
     weights = folder / "text_encoder_2" / "model.safetensors"
     weights.unlink()
     (folder / "text_encoder_2" / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(UnsupportedModelFile, match="pytorch_model.bin is a pickle file"):
-        models.load_components(str(folder), device="cpu")
+        loading.load_components(str(folder), device="cpu")
     shutil.rmtree(folder / "text_encoder_2")
     with pytest.raises(ModelNotFound, match="text_encoder_2"):
-        models.load_components(str(folder), device="cpu")
+        loading.load_components(str(folder), device="cpu")
 
 
 def test_a_refiner_shaped_unet_is_refused_with_a_reason():
@@ -103,12 +105,12 @@ def test_a_refiner_shaped_unet_is_refused_with_a_reason():
 
     encoder = Config(config=Config(projection_dim=1280))
     base = Config(addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-    models.check_sdxl_components(base, encoder, "sdxl-base")  # 6 × 256 + 1280
+    loading.check_sdxl_components(base, encoder, "sdxl-base")  # 6 × 256 + 1280
     refiner = Config(addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560)  # 5 ids + 1280
     with pytest.raises(BadInput, match="takes 2560 values, not SDXL-base's 2816.*refiner"):
-        models.check_sdxl_components(refiner, encoder, "refiner")
+        loading.check_sdxl_components(refiner, encoder, "refiner")
     with pytest.raises(ModelNotFound, match="no text_encoder_2"):
-        models.check_sdxl_components(base, None, "half a model")
+        loading.check_sdxl_components(base, None, "half a model")
 
 
 # --- conditioning ----------------------------------------------------------------------------------
@@ -211,11 +213,11 @@ def test_cli_generates_a_png_and_an_exr_with_tiny_xl(tmp_path):
 
 
 def test_an_sdxl_vae_is_kept_in_float32_in_a_float16_run_unless_it_is_float16_safe():
-    xl = AutoencoderKL.load_config(models.tiny_model_dir("epsilon", "sdxl"), subfolder="vae")
-    assert models.vae_dtype("sdxl", xl, torch.float16) == torch.float32
-    assert models.vae_dtype("sdxl", {**xl, "force_upcast": False}, torch.float16) == torch.float16  # fp16-fix VAE
-    assert models.vae_dtype("sdxl", xl, torch.bfloat16) == torch.bfloat16  # bfloat16 has float32's range
-    assert models.vae_dtype("sd", xl, torch.float16) == torch.float16  # SD's pipeline never upcasts
+    xl = AutoencoderKL.load_config(loading.tiny_model_dir("epsilon", "sdxl"), subfolder="vae")
+    assert loading.vae_dtype("sdxl", xl, torch.float16) == torch.float32
+    assert loading.vae_dtype("sdxl", {**xl, "force_upcast": False}, torch.float16) == torch.float16  # fp16-fix VAE
+    assert loading.vae_dtype("sdxl", xl, torch.bfloat16) == torch.bfloat16  # bfloat16 has float32's range
+    assert loading.vae_dtype("sd", xl, torch.float16) == torch.float16  # SD's pipeline never upcasts
 
 
 def test_a_float16_decode_of_an_overflowing_vae_stays_finite_when_upcast():
@@ -223,16 +225,16 @@ def test_a_float16_decode_of_an_overflowing_vae_stays_finite_when_upcast():
     SDXL VAE gets such activations: its decoder's first convolution scaled by 10⁵. Decoded in float16
     (on the CPU, whose float16 convolutions exist, slowly) it is inf/nan; in the dtype ``vae_dtype``
     picks for a float16 run it is a finite image."""
-    from msd_core.vae import decode_latents
+    from msd_core.models.vae import decode_latents
 
-    vae = models.tiny_pipeline(family="sdxl").vae
+    vae = loading.tiny_pipeline(family="sdxl").vae
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         vae.decoder.conv_in.weight.mul_(1e5)
         vae.decoder.conv_in.bias.mul_(1e5)
         raw = copy.deepcopy(vae).to(torch.float16).decode((latents / vae.config.scaling_factor).half()).sample
     assert not torch.isfinite(raw).all()
-    upcast = decode_latents(vae.to(models.vae_dtype("sdxl", vae.config, torch.float16)), latents)
+    upcast = decode_latents(vae.to(loading.vae_dtype("sdxl", vae.config, torch.float16)), latents)
     assert upcast.dtype == torch.float32 and torch.isfinite(upcast).all() and upcast.std() > 0.05
 
 
@@ -315,7 +317,7 @@ def sdxl_checkpoint(pipeline, path):
 @pytest.fixture(scope="module")
 def shifted_xl():
     """The tiny SDXL with every weight shifted, so a test tells the file's weights from the config folder's."""
-    source = models.tiny_pipeline(family="sdxl")
+    source = loading.tiny_pipeline(family="sdxl")
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(source, name)
         module.load_state_dict({k: v + 0.25 for k, v in module.state_dict().items()})
@@ -335,8 +337,8 @@ def _assert_loaded(components, source):
 def test_single_file_sdxl_checkpoint_loads_offline_with_a_config_folder(tmp_path, shifted_xl, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     checkpoint = sdxl_checkpoint(shifted_xl, tmp_path / "xl.safetensors")
-    components = models.load_components(str(checkpoint), device="cpu",
-                                        model_config=str(models.tiny_model_dir("epsilon", "sdxl")))
+    components = loading.load_components(str(checkpoint), device="cpu",
+                                        model_config=str(loading.tiny_model_dir("epsilon", "sdxl")))
     _assert_loaded(components, shifted_xl)
     assert plan.known_model(str(checkpoint)) == (1024, "sdxl")  # by its header: SDXL's added-conditioning weights
     pipe = MSDPanoramaPipeline(components)
@@ -347,50 +349,50 @@ def test_single_file_sdxl_checkpoint_loads_offline_with_a_config_folder(tmp_path
 def test_single_file_sdxl_checkpoint_alone_uses_the_shipped_configs_and_a_cached_vocabulary(
         tmp_path, shifted_xl, monkeypatch):
     """Without --model-config, an SDXL checkpoint (told by its own header) is configured from
-    msd_core/configs/sdxl-base plus CLIP's vocabulary from any model in the Hugging Face cache. Here the
+    msd_core/models/configs/sdxl-base plus CLIP's vocabulary from any model in the Hugging Face cache. Here the
     shipped folder is swapped for the tiny SDXL's configs (SDXL-base's sizes need SDXL-base's weights)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     checkpoint = sdxl_checkpoint(shifted_xl, tmp_path / "xl.safetensors")
-    tiny = models.tiny_model_dir("epsilon", "sdxl")
+    tiny = loading.tiny_model_dir("epsilon", "sdxl")
     shipped = tmp_path / "shipped"
     for config in (*tiny.glob("*.json"), *tiny.glob("*/*.json")):
         if config.name not in ("vocab.json", "tokenizer.json"):
             (shipped / config.relative_to(tiny)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(config, shipped / config.relative_to(tiny))
-    monkeypatch.setattr(models, "SDXL_CONFIGS", shipped)
+    monkeypatch.setattr(loading, "SDXL_CONFIGS", shipped)
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     with pytest.raises(ModelNotFound, match="vocabulary .*msd-panorama models download"):
-        models.load_components(str(checkpoint), device="cpu")
+        loading.load_components(str(checkpoint), device="cpu")
     snapshot = cache / "models--someone--sd-model" / "snapshots" / "abc"
     shutil.copytree(tiny / "tokenizer", snapshot / "tokenizer")
     (snapshot / "unet").mkdir()
     (cache / "models--someone--sd-model" / "refs").mkdir()
     (cache / "models--someone--sd-model" / "refs" / "main").write_text("abc")
-    assert models.clip_vocabulary() == [snapshot / "tokenizer" / "tokenizer.json"]
-    _assert_loaded(models.load_components(str(checkpoint), device="cpu"), shifted_xl)
+    assert loading.clip_vocabulary() == [snapshot / "tokenizer" / "tokenizer.json"]
+    _assert_loaded(loading.load_components(str(checkpoint), device="cpu"), shifted_xl)
 
 
 def test_the_shipped_sdxl_configs_build_sdxl_base_exactly_and_hold_no_weights():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    files = [path for path in models.SDXL_CONFIGS.rglob("*") if path.is_file()]
+    files = [path for path in loading.SDXL_CONFIGS.rglob("*") if path.is_file()]
     assert {path.suffix for path in files} == {".json"} and sum(path.stat().st_size for path in files) < 10_000
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(models.SDXL_CONFIGS, subfolder="unet"))
-        encoder = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(models.SDXL_CONFIGS, subfolder="text_encoder_2"))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(loading.SDXL_CONFIGS, subfolder="unet"))
+        encoder = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(loading.SDXL_CONFIGS, subfolder="text_encoder_2"))
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL-base's UNet
     assert sum(p.numel() for p in encoder.parameters()) == 694_659_840  # OpenCLIP ViT-bigG's text tower
-    assert models.model_family(unet.config) == "sdxl" and unet.config.sample_size * 8 == 1024
+    assert loading.model_family(unet.config) == "sdxl" and unet.config.sample_size * 8 == 1024
 
 
 @pytest.mark.parametrize("subfolder, pad", [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")])
 def test_the_shipped_tokenizer_settings_read_with_a_vocabulary(tmp_path, subfolder, pad):
     from transformers import CLIPTokenizer
 
-    folder = shutil.copytree(models.SDXL_CONFIGS / subfolder, tmp_path / subfolder)
-    (folder / "vocab.json").write_text(json.dumps(models._tiny_vocab()))
+    folder = shutil.copytree(loading.SDXL_CONFIGS / subfolder, tmp_path / subfolder)
+    (folder / "vocab.json").write_text(json.dumps(loading._tiny_vocab()))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     assert tokenizer.model_max_length == 77 and tokenizer.pad_token == pad
@@ -404,7 +406,7 @@ def test_a_single_file_that_is_not_sdxl_still_needs_its_config(tmp_path):
     checkpoint = tmp_path / "refiner.safetensors"
     save_file({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(2, 2)}, checkpoint)
     with pytest.raises(BadInput, match="an SDXL refiner.*--model-config"):
-        models.load_components(str(checkpoint), device="cpu")
+        loading.load_components(str(checkpoint), device="cpu")
 
 
 # --- the cache, downloads and the worker's environment ------------------------------------------------
@@ -415,9 +417,9 @@ def _files(folder) -> dict[str, int]:
 
 
 def test_a_download_of_an_sdxl_repository_takes_both_encoders_and_tokenizers_in_the_run_s_variant():
-    from msd_core import hub
+    from msd_core.models import hub
 
-    sizes = _files(models.tiny_model_dir("epsilon", "sdxl"))
+    sizes = _files(loading.tiny_model_dir("epsilon", "sdxl"))
     sizes.update({name.replace(".safetensors", ".fp16.safetensors"): size // 2
                   for name, size in list(sizes.items()) if name.endswith(".safetensors")})
     sizes.update({"text_encoder_2/pytorch_model.bin": 10, "unet/diffusion_pytorch_model.bin": 10})
@@ -427,16 +429,17 @@ def test_a_download_of_an_sdxl_repository_takes_both_encoders_and_tokenizers_in_
     for files in (full, half):
         assert {"text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json", "model_index.json"} <= set(files)
         assert not any(name.endswith(".bin") for name in files)
-    sd = hub.select_files(_files(models.tiny_model_dir()), fp16=False)
+    sd = hub.select_files(_files(loading.tiny_model_dir()), fp16=False)
     assert not any(name.startswith(("text_encoder_2/", "tokenizer_2/")) for name in sd)
 
 
 def test_the_cache_lists_each_model_s_family_and_what_an_sdxl_model_lacks(tmp_path, monkeypatch):
-    from msd_core import cli, hub
+    from msd_core import cli
+    from msd_core.models import hub
 
     for repo, family in (("someone/xl", "sdxl"), ("someone/sd", "sd")):
         snapshot = tmp_path / hub.repo_folder(repo) / "snapshots" / "abc"
-        shutil.copytree(models.tiny_model_dir("epsilon", family), snapshot)
+        shutil.copytree(loading.tiny_model_dir("epsilon", family), snapshot)
         (tmp_path / hub.repo_folder(repo) / "refs").mkdir()
         (tmp_path / hub.repo_folder(repo) / "refs" / "main").write_text("abc")
     listed = {model.id: model for model in hub.list_models(tmp_path)}
@@ -456,7 +459,7 @@ def test_the_cache_lists_each_model_s_family_and_what_an_sdxl_model_lacks(tmp_pa
 
 
 def test_the_worker_environment_names_the_families_it_loads():
-    from msd_core import environment
+    from msd_core.worker import environment
 
     assert environment.describe()["families"] == ["sd", "sdxl"]
 
@@ -465,7 +468,7 @@ def test_the_worker_generates_and_drafts_with_an_sdxl_model(tmp_path):
     """The path the add-on runs: a worker process, a generate request with previews, then drafts."""
     import sys
 
-    from msd_core.client import WorkerClient
+    from msd_core.worker.client import WorkerClient
     from test_worker import REPO_ROOT, finished, of, wait_for
 
     client = WorkerClient(sys.executable, pythonpath=REPO_ROOT,

@@ -8,12 +8,13 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from test_pipeline import BASE, diffusers_latents, pipe, pipe_v  # noqa: F401  (fixtures)
 from test_sampler import SmoothDenoiser
 
-from msd_core import cli, sampler
+from msd_core import cli
+from msd_core.sampling import sampler
 from msd_core.errors import BadInput
-from msd_core.models import sd_ddim_scheduler
-from msd_core.sampler import DPMTimestep, cross_scale_discrepancy, dpm_solver_schedule, dpm_solver_step
+from msd_core.models.loading import sd_ddim_scheduler
+from msd_core.sampling.sampler import DPMTimestep, cross_scale_discrepancy, dpm_solver_schedule, dpm_solver_step
 from msd_core.settings import QUALITY, GenerationSettings
-from msd_core.windows import WindowGrid, downsample
+from msd_core.sampling.windows import WindowGrid, downsample
 
 DPM = dataclasses.replace(BASE, scheduler="dpmpp-2m", steps=12)
 

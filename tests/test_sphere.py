@@ -1,4 +1,4 @@
-"""Pole caps (msd_core.sphere): the geometry round-trips, resampling keeps a noisy latent's noise, the caps
+"""Pole caps (msd_core.sampling.sphere): the geometry round-trips, resampling keeps a noisy latent's noise, the caps
 make each pole one point, and the pipeline runs them behind --poles sphere."""
 
 import dataclasses
@@ -9,8 +9,8 @@ import numpy
 import pytest
 import torch
 
-from msd_core import sphere
-from msd_core.plan import cap_size, make_plan
+from msd_core.sampling import sphere
+from msd_core.sampling.plan import cap_size, make_plan
 from msd_core.errors import BadInput
 from msd_core.settings import GenerationSettings
 

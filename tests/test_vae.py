@@ -14,8 +14,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from msd_core import models
-from msd_core.vae import _tile_spans, auto_tile, decode_latents, to_pil
+from msd_core.models import loading
+from msd_core.models.vae import _tile_spans, auto_tile, decode_latents, to_pil
 
 MEAN_TOLERANCE = 0.01
 MAX_TOLERANCE = 0.25
@@ -23,7 +23,7 @@ MAX_TOLERANCE = 0.25
 
 @pytest.fixture(scope="module")
 def vae():
-    return models.load_components("tiny", device="cpu").vae
+    return loading.load_components("tiny", device="cpu").vae
 
 
 def _latents(*shape, seed=0):

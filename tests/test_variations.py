@@ -8,8 +8,10 @@ import bpy
 import pytest
 from PIL import Image
 
-from msd_core import pngmeta, protocol, variations
-from msd_core.client import WorkerClient
+from msd_core import variations
+from msd_core.imageio import pngmeta
+from msd_core.worker import protocol
+from msd_core.worker.client import WorkerClient
 from msd_core.errors import BadInput
 from msd_core.settings import GenerationSettings
 

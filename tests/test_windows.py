@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msd_core.plan import shifted_offsets, shifted_starts, window_starts
-from msd_core.windows import (
+from msd_core.sampling.plan import shifted_offsets, shifted_starts, window_starts
+from msd_core.sampling.windows import (
     WindowGrid,
     downsample,
     downsample_transpose,

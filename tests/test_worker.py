@@ -18,8 +18,10 @@ import torch
 from PIL import Image
 
 import msd_core
-from msd_core import models, pngmeta, protocol
-from msd_core.client import WorkerClient
+from msd_core.models import loading
+from msd_core.imageio import pngmeta
+from msd_core.worker import protocol
+from msd_core.worker.client import WorkerClient
 from msd_core.settings import GenerationSettings
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +81,7 @@ def test_ready_reports_versions_device_and_pid(worker):
     assert ready["protocol"] == protocol.PROTOCOL_VERSION
     assert (ready["msd_core"], ready["torch"]) == (msd_core.__version__, torch.__version__)
     assert ready["diffusers"] == importlib.metadata.version("diffusers")
-    device, dtype = models.resolve_device("auto", "auto")  # "float32" on a CPU, "float16" on a GPU
+    device, dtype = loading.resolve_device("auto", "auto")  # "float32" on a CPU, "float16" on a GPU
     assert (ready["device"], ready["dtype"]) == (device.type, str(dtype).removeprefix("torch."))
     assert ready["pid"] == worker.pid
 
@@ -368,7 +370,7 @@ def test_default_threads_priority_and_stale_files_of_dead_workers(tmp_path, monk
     """A worker started as a user's Blender starts it: no OMP_NUM_THREADS, no niceness override. It uses
     max(1, physical cores − 1) threads, runs at lower priority, and sweeps what killed workers left
     behind (their preview folders, half-written PNGs), never a live process's files."""
-    from msd_core.environment import physical_cores
+    from msd_core.worker.environment import physical_cores
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -420,7 +422,7 @@ def test_worker_killed_mid_run_is_reported_as_died_for_the_running_request(tmp_p
 @pytest.fixture(scope="module")
 def in_process(tmp_path_factory):
     """A Worker in this process writing events to a string, with the tiny model already loaded."""
-    from msd_core.worker import EventWriter, Worker, parse_generate
+    from msd_core.worker.process import EventWriter, Worker, parse_generate
 
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
@@ -496,9 +498,9 @@ def test_ctrl_c_in_the_terminal_leaves_a_piped_worker_to_its_client(worker_env):
 def test_files_named_with_absurd_pids_never_fail_a_sweep_and_are_left_alone(tmp_path):
     """Anyone can create these names in a shared temporary or output folder: a sweep must not raise
     (os.kill overflows above a C int) and must not delete what no pid of ours made."""
-    from msd_core.environment import process_alive
-    from msd_core.output import remove_stale_temporaries
-    from msd_core.worker import sweep_stale_preview_roots
+    from msd_core.worker.environment import process_alive
+    from msd_core.imageio.output import remove_stale_temporaries
+    from msd_core.worker.process import sweep_stale_preview_roots
 
     huge = "99999999999"
     odd = [tmp_path / f"msd-worker-previews-{huge}-x", tmp_path / f"msd-worker-previews-{'9' * 200}-x",
@@ -574,7 +576,7 @@ def test_a_slow_request_never_delays_ping_or_cancel(worker, tmp_path):
 
 def test_worker_writes_cube_map_faces_and_refuses_to_clobber_them(in_process, tmp_path):
     from msd_core.errors import BadInput
-    from msd_core.worker import parse_generate
+    from msd_core.worker.process import parse_generate
 
     worker, run, folder = in_process
     output = tmp_path / "world.png"

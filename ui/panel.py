@@ -6,7 +6,7 @@ import textwrap
 import bpy
 from bpy.types import Panel, UIList
 
-from ..msd_core import hub
+from ..msd_core.models import hub
 from ..operators.generate import preview_image, session, worker_status
 from ..operators.history import cached_history, history_buttons, history_cache
 from ..operators.refine import refine_target_size, source_image

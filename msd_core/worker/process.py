@@ -1,7 +1,7 @@
-"""The generator process: ``python -m msd_core.worker``.
+"""The generator process, run as ``python -m msd_core.worker`` (whose ``__main__`` claims stdout first).
 
 Reads one JSON request per line on stdin and writes one JSON event per line on stdout; the shapes
-are in ``msd_core.protocol``. stdout carries nothing else: at start the real stdout is kept for the
+are in ``msd_core.worker.protocol``. stdout carries nothing else: at start the real stdout is kept for the
 protocol and file descriptor 1 (and ``sys.stdout``) are pointed at stderr, so prints, progress bars
 and library chatter cannot corrupt the stream.
 
@@ -10,7 +10,7 @@ once; the intake thread validates the other requests (which may read files) and 
 main thread runs the queued requests one after the other. The loaded pipeline stays warm between
 requests with the same (model, model_config, device, dtype); a request with another key replaces it.
 LoRAs are not part of the key: each request's LoRAs are put into the warm model, and the previous
-request's taken out (msd_core.lora.apply_loras).
+request's taken out (msd_core.models.lora.apply_loras).
 """
 
 from __future__ import annotations
@@ -35,43 +35,11 @@ from functools import partial
 from pathlib import Path
 
 
-def _take_stdout():
-    """Keep the real stdout for the protocol; send everything else written to stdout to stderr."""
-    sys.stdout.flush()
-    protocol_fd = os.dup(sys.stdout.fileno())
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # C-level writes to fd 1 too
-    sys.stdout = sys.stderr
-    return open(protocol_fd, "w", encoding="utf-8", newline="\n", buffering=1)
+import torch
 
-
-EXIT_MISSING_PACKAGES = 78  # sysexits EX_CONFIG: the worker's Python lacks torch, diffusers or transformers (msd_core.client knows it)
-MISSING_PACKAGES_HINT = (
-    "install the worker (Install Worker in Blender's Panorama panel) or point Worker Python at a Python with "
-    "the packages of msd_core/requirements.py"
-)
-
-# Some libraries print to stdout when they are imported: claim it before importing them, and only when
-# this module runs as the worker (importing it, as the tests do, leaves stdout alone).
-PROTOCOL_STREAM = _take_stdout() if __name__ == "__main__" else None
-# Ctrl+C in a terminal reaches every process of its group: a worker driven through pipes leaves it to its
-# client (which cancels the run and shuts it down) instead of dying with a traceback mid-request.
-if __name__ == "__main__" and not sys.stdin.isatty():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-try:
-    import torch  # noqa: E402
-    import diffusers  # noqa: E402, F401  (and transformers, through models): checked here, at start-up
-    import transformers  # noqa: E402, F401
-except ImportError as exc:
-    if __name__ != "__main__":
-        raise
-    # One line for the client to show (Blender reports it), not an import traceback.
-    sys.stderr.write(f"{sys.executable} cannot run the worker: {exc}; {MISSING_PACKAGES_HINT}\n")
-    sys.exit(EXIT_MISSING_PACKAGES)
-
-from . import __version__, environment, hub, models, protocol, variations  # noqa: E402
-from .errors import BadInput, Cancelled, MSDError  # noqa: E402
-from .output import (  # noqa: E402
+from .. import __version__, variations
+from ..errors import BadInput, Cancelled, MSDError
+from ..imageio.output import (
     check_cubemap_paths,
     check_output_path,
     check_writable_folder,
@@ -80,9 +48,11 @@ from .output import (  # noqa: E402
     save_exr,
     save_png,
 )
-from .pipeline import MSDPanoramaPipeline  # noqa: E402
-from .refine import check_source_and_output, check_source_cost  # noqa: E402
-from .settings import MAX_STEPS, GenerationSettings, RefineSettings, check_memory, is_int, shown  # noqa: E402
+from ..models import hub, loading
+from ..pipeline import MSDPanoramaPipeline
+from ..refine import check_source_and_output, check_source_cost
+from ..settings import MAX_STEPS, GenerationSettings, RefineSettings, check_memory, is_int, shown
+from . import environment, protocol
 
 log = logging.getLogger("msd_core.worker")
 
@@ -624,11 +594,11 @@ def parse_download(message: dict) -> DownloadJob:
     dtype = message.get("dtype", "auto")
     if not isinstance(device, str) or not isinstance(dtype, str):
         raise BadInput("'device' and 'dtype' must be text, as in the generate settings")
-    _, torch_dtype = models.resolve_device(device, dtype)
+    _, torch_dtype = loading.resolve_device(device, dtype)
     return DownloadJob(id=request_id, model=model, fp16=torch_dtype == torch.float16)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(protocol_stream, argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="msd-worker %(levelname)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m msd_core.worker", description="the generator process")
     parser.add_argument("--threads", type=int, default=0,
@@ -636,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # A polite terminate() from the client still runs the clean-up below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    writer = EventWriter(PROTOCOL_STREAM or _take_stdout())
+    writer = EventWriter(protocol_stream)
     threads = environment.threads(max(0, args.threads))
     torch.set_num_threads(threads)
     if hasattr(os, "nice"):
@@ -705,7 +675,7 @@ def _niceness() -> int:
 
 def _default_device_and_dtype() -> tuple[str, str]:
     """What device="auto", dtype="auto" resolve to on this machine."""
-    device, dtype = models.resolve_device("auto", "auto")
+    device, dtype = loading.resolve_device("auto", "auto")
     return device.type, str(dtype).removeprefix("torch.")
 
 
@@ -735,12 +705,3 @@ def _one_line(exc: Exception) -> str:
 
 def _file_safe(request_id) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", str(request_id))[:64]
-
-
-if __name__ == "__main__":
-    status = main()
-    # Everything is cleaned up and "bye" was sent: skip the interpreter's teardown, which collects every
-    # torch and diffusers object and can take seconds on a busy machine, while the client waits.
-    logging.shutdown()
-    sys.stderr.flush()
-    os._exit(status)

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import BadInput, Cancelled, ModelNotFound, NetworkError, NotDownloaded, UnsupportedModelFile
+from ..errors import BadInput, Cancelled, ModelNotFound, NetworkError, NotDownloaded, UnsupportedModelFile
 
 CONFIG_COMPONENTS = ("scheduler", "tokenizer")
 WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")

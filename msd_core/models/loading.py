@@ -9,7 +9,7 @@ Sources, each with a single code path:
   a Hugging Face id      the same subfolders, from the local cache or the Hub
   a .safetensors file    an original (LDM-layout) single-file checkpoint; its configs come from
                          ``model_config`` (a diffusers folder or Hugging Face id), or for an SDXL-base
-                         checkpoint from the configs shipped in msd_core/configs (see ``single_file_configs``)
+                         checkpoint from the configs shipped in msd_core/models/configs (see ``single_file_configs``)
 
 The family ("sd" for SD 1.x/2.x, "sdxl") is read from the UNet's own config: SDXL's UNet takes added
 "text_time" conditioning (pooled text embeddings and size/crop ids). Never from a file name.
@@ -42,8 +42,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from . import hub
 from .hub import HOW_TO_FIX
-from .environment import auto_device
-from .errors import BadInput, ModelNotFound, NetworkError, UnsupportedModelFile
+from ..worker.environment import auto_device
+from ..errors import BadInput, ModelNotFound, NetworkError, UnsupportedModelFile
 
 if TYPE_CHECKING:
     # Imported where used: importing the pipeline pulls in image processors (and their warnings)
@@ -474,7 +474,7 @@ def _load_folder(source: str, dtype: torch.dtype, local_files_only: bool) -> dic
     folder_given = local.is_dir()
     if not folder_given:
         local = hub.snapshot_folder(source)  # None: not in the cache (yet)
-    # The fp16 variant when that is what a download fetched (msd_core.hub), or what a float16 run wants.
+    # The fp16 variant when that is what a download fetched (msd_core.models.hub), or what a float16 run wants.
     variants = {
         component: hub.weights_variant(local / component, dtype == torch.float16) if local is not None else None
         for component in COMPONENT_WEIGHTS
@@ -606,7 +606,7 @@ def sdxl_configs(path: str):
     SDXL-base one, with CLIP's vocabulary copied in, when the checkpoint's own header says it is an
     SDXL-base-shaped model (the UNet's added-conditioning weights and the second, OpenCLIP text
     encoder); else BadInput saying what to give."""
-    from .plan import safetensors_keys
+    from ..sampling.plan import safetensors_keys
 
     keys = safetensors_keys(path)
     if not all(key in keys for key in SDXL_BASE_KEYS):

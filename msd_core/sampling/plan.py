@@ -13,8 +13,8 @@ import pathlib
 import random
 from dataclasses import dataclass
 
-from .errors import BadInput
-from .settings import GenerationSettings, check_stride_alignment
+from ..errors import BadInput
+from ..settings import GenerationSettings, check_stride_alignment
 
 # Activation memory of one window (a classifier-free-guidance pair) of SD-2-base's UNet at its native
 # 64×64 latent, in float32 terms: a forward without grad (0.28 GB on the CPU in float32, 0.14 GB on an
@@ -51,7 +51,7 @@ KNOWN_WINDOWS = (("stable-diffusion-xl", 1024, "sdxl"), ("sdxl", 1024, "sdxl"), 
 TINY_MODELS = {"tiny": (64, "sd"), "tiny-v": (64, "sd"), "tiny-xl": (128, "sdxl"), "tiny-xl-v": (128, "sdxl")}
 # A single-file checkpoint whose UNet has SDXL's added-conditioning embedding (LDM key names).
 SDXL_CHECKPOINT_KEY = "model.diffusion_model.label_emb.0.0.weight"
-# Pole caps (``--poles sphere``, msd_core.sphere): each cap's gnomonic view spans 90° (tan 45° = 1 either side
+# Pole caps (``--poles sphere``, msd_core.sampling.sphere): each cap's gnomonic view spans 90° (tan 45° = 1 either side
 # of the pole), so it reaches 45° from the pole along its edges.
 CAP_HALF_EXTENT = 1.0
 

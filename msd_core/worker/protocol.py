@@ -26,7 +26,7 @@ a longer line is answered with a bad_input error and otherwise ignored):
     in order; one that would write the same output as a queued or running one (without overwrite) is
     refused at once.
     ``settings.loras`` ([{"path": a .safetensors file, "weight": number}], default []) are applied to the
-    warm model for this request only (msd_core.lora; docs/lora.md): a missing or pickle-named file is
+    warm model for this request only (msd_core.models.lora; docs/lora.md): a missing or pickle-named file is
     refused at once, a file whose content is not safetensors or that does not fit the model is a
     bad_input error (field "loras") before any step runs; "done"'s metadata then has "loras" (each
     file's name, SHA-256 and weight).
@@ -99,7 +99,7 @@ Events (worker → client), each a JSON object with ``event`` and ``id`` (the re
   A variations request's events: accepted, loading, then progress and one "variation" per draft
   (index increasing), then done or error.
 
-  "died" errors are made by the client (msd_core.client), never by the worker: the process ended
+  "died" errors are made by the client (msd_core.worker.client), never by the worker: the process ended
   without being asked to, or did not send "ready" in time. They carry the id of the request that
   was running (null if none) and three more fields: {kind: "died", message, returncode, signal,
   stderr}; returncode is the exit status (negative = killed by a signal on POSIX, null if unknown),

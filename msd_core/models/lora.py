@@ -27,9 +27,9 @@ import pathlib
 import re
 import warnings
 
-from .errors import BadInput, UnsupportedModelFile
+from ..errors import BadInput, UnsupportedModelFile
 from .lora_files import lora_name
-from .models import MAX_SAFETENSORS_HEADER, check_safetensors
+from .loading import MAX_SAFETENSORS_HEADER, check_safetensors
 
 MAX_LORA_BYTES = 2 * 2**30  # community LoRAs are 10–900 MB; a larger file is a full checkpoint
 ADAPTER_PREFIX = "msd"  # adapter names: msd<index>_<first 16 hex digits of the SHA-256>

@@ -1,4 +1,4 @@
-"""What a Python environment can offer the worker: ``python -m msd_core.environment`` prints it as JSON.
+"""What a Python environment can offer the worker: ``python -m msd_core.worker.environment`` prints it as JSON.
 
 The add-on's "Check Worker" runs this with the worker's Python. It must run in environments that lack
 torch or diffusers (to say so), so it imports them inside ``describe`` only and keeps to plain syntax.

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from .errors import Cancelled
+from ..errors import Cancelled
 from .windows import HALF, Factor, WindowGrid, downsample, downsample_transpose, level_factor
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]  # (windows, timestep; fractional at matched levels)

@@ -17,11 +17,12 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__, cubemap, hdr
-from .environment import process_alive
-from .errors import BadInput
+from .. import __version__
+from . import cubemap, hdr
+from ..worker.environment import process_alive
+from ..errors import BadInput
 from .pngmeta import METADATA_KEYS, SETTINGS_KEY, storable_text
-from .settings import GenerationSettings
+from ..settings import GenerationSettings
 
 SRGB_PERCEPTUAL = b"\x00"  # sRGB chunk payload: rendering intent 0 (perceptual)
 # Temporary files of atomic writes: ".<name>.png.<pid>-<random>.tmp" (or .exr), hidden beside the target;

@@ -1,7 +1,7 @@
 """LoRA files without torch: the command line's FILE[:WEIGHT], their hashes, and finding them again.
 
 Pure Python: Blender's Python uses it to restore the LoRAs of a panorama (*Use Settings*). Loading a
-LoRA into a model is ``msd_core.lora``. docs/lora.md describes the rules.
+LoRA into a model is ``msd_core.models.lora``. docs/lora.md describes the rules.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import hashlib
 import math
 import os
 
-from .errors import BadInput
+from ..errors import BadInput
 
 SUFFIX = ".safetensors"
 HASH_CHUNK = 2**20

@@ -1,7 +1,7 @@
 """Drive the worker process (``python -m msd_core.worker``) from any Python, Blender's included.
 
 Pure Python, no torch: the add-on runs the model in a separate Python that has torch, and talks to it
-through this class with the JSON-lines protocol of ``msd_core.protocol``. Everything is
+through this class with the JSON-lines protocol of ``msd_core.worker.protocol``. Everything is
 non-blocking for the caller: events are read on a background thread and collected with ``poll()``
 (from a Blender timer, say), so the UI never waits on the model.
 
@@ -27,8 +27,8 @@ import threading
 import uuid
 
 from . import protocol
-from .errors import BadInput
-from .settings import GenerationSettings, RefineSettings
+from ..errors import BadInput
+from ..settings import GenerationSettings, RefineSettings
 
 STDERR_LINES = 50  # how much of the worker's stderr is kept for "died" reports
 DIED_MESSAGE_LINES = 10  # how many of them go into the message itself
@@ -362,8 +362,8 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
-# The worker's exit status when its Python lacks torch, diffusers or transformers (msd_core.worker, which
-# cannot be imported here: it imports torch).
+# The worker's exit status when its Python lacks torch, diffusers or transformers (msd_core.worker's __main__
+# exits with it).
 EXIT_MISSING_PACKAGES = 78
 
 

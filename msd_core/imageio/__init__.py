@@ -1,0 +1,1 @@
+"""Image I/O: PNG output with its metadata (output, pngmeta), the HDR companion (hdr, tonemap) and cube maps."""
