@@ -495,7 +495,8 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
     exact = guided and "exact" in (settings.gradient, settings.late_gradient)
     view_batch = settings.view_batch or view_batch_for(free_bytes, exact, dtype, window, family)
     if wide > 1 and not settings.view_batch and free_bytes is not None:  # a batch of wide windows must fit too
-        view_batch = min(view_batch, max(1, view_batch_for(free_bytes, False, dtype, window, family) // wide))
+        wide_window = wide * window_activation_bytes(False, dtype, window, family)
+        view_batch = min(view_batch, max(1, int(free_bytes * 0.8 // wide_window)))
     caps = cap_size(height, window) if settings.poles == "sphere" and has_poles(width, height, settings.wrap) else 0
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
                 settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps,
