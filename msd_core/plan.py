@@ -37,6 +37,11 @@ SD_PARAMETERS = 1.29e9
 # its VAE is kept in float32 in a float16 run (models.vae_dtype).
 FAMILY_PARAMETERS = {"sd": SD_PARAMETERS, "sdxl": 3.469e9}
 UPCAST_VAE_PARAMETERS = {"sd": 0.0, "sdxl": 83.7e6}
+# A window twice as wide costs 2 + 2c square windows' FLOPs, c the measured excess of its self-attention, whose
+# cost grows with the square of the window's pixel count (the rest grows with the area): a 64×128 latent window
+# of SD-2-base's UNet is 2.30× a 64×64 one, a 128×256 window of SDXL-base's 2.21× a 128×128 one
+# (bench/sdxl_memory.py --wide, FLOPs counted under FakeTensorMode). A window f times as wide: f + c (f² − f).
+WIDE_ATTENTION_EXCESS = {"sd": 0.15, "sdxl": 0.105}
 # A backward pass through the UNet costs 1.34 forwards (SD-2-base's UNet on an H200 in float16, view batch
 # 32: bench/results/device-h200.json). Forward-equivalents = forwards + BACKWARD_COST × backwards.
 BACKWARD_COST = 1.34
@@ -171,8 +176,9 @@ def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool) ->
 
 
 def forward_equivalents(work: dict) -> float:
-    """``unet_work``'s counts in window forwards: forwards + ``BACKWARD_COST`` × backwards."""
-    return work["forwards"] + BACKWARD_COST * work["backwards"]
+    """``unet_work``'s counts in window forwards: forwards + ``BACKWARD_COST`` × backwards (+ a wide global
+    window's attention beyond its area, ``Plan.work``'s "wide_extra")."""
+    return work["forwards"] + BACKWARD_COST * work["backwards"] + work.get("wide_extra", 0.0)
 
 
 def window_activation_bytes(exact_gradient: bool, dtype: str, window: int, family: str = "sd") -> float:
@@ -366,22 +372,29 @@ class Plan:
 
     def _step_work(self) -> list[dict]:
         """UNet work of every step: the pyramid's windows with that step's gradient, plus the pole caps' forwards.
-        A wide global window counts as ``wide`` window forwards: its cost and activations grow with its area
-        (SDXL-base's UNet at 128×256 latents: 1.99× the FLOPs and 2.00× the no-grad activations of 128×128,
-        bench/sdxl_memory.py)."""
+        A wide global window counts as ``wide`` window forwards, its area (its no-grad activations grow so:
+        2.00× at 2:1 on SDXL-base), and its self-attention's cost beyond that as "wide_extra"
+        (``WIDE_ATTENTION_EXCESS``) forward-equivalents."""
         per_step = []
+        excess = WIDE_ATTENTION_EXCESS[self.family] * (self.wide**2 - self.wide)
         for index, (counts, caps) in enumerate(zip(self.windows_per_step(), self.cap_windows_per_step())):
             gradient = self.gradient_at(index)
-            if len(counts) == self.levels:  # the global level runs at this step
-                counts = [counts[0] * self.wide, *counts[1:]]
+            extra = {}
+            if self.wide > 1:
+                top = counts[0] if len(counts) == self.levels else 0  # the global level runs at this step
+                counts = [top * self.wide, *counts[1:]] if top else counts
+                extra = {"wide_extra": top * excess}
             work = unet_work([counts], gradient or self.gradient, gradient is not None)
-            per_step.append({**work, "forwards": work["forwards"] + caps})
+            per_step.append({**work, "forwards": work["forwards"] + caps, **extra})
         return per_step
 
     def work(self, start_step: int = 0) -> dict:
-        """UNet window passes of the run, or of its steps from ``start_step`` on (a refine runs only those)."""
+        """UNet window passes of the run, or of its steps from ``start_step`` on (a refine runs only those); with
+        a wide global window also "wide_extra", its attention's cost beyond its area in forward-equivalents."""
         steps = self._step_work()[start_step:]
-        return {key: sum(work[key] for work in steps) for key in ("forwards", "backwards")}
+        keys = ("forwards", "backwards", "wide_extra") if self.wide > 1 else ("forwards", "backwards")
+        total = {key: sum(work[key] for work in steps) for key in keys}
+        return {**total, "wide_extra": round(total["wide_extra"], 2)} if self.wide > 1 else total
 
     def step_costs(self) -> list[float]:
         """UNet work of every step in window forwards, a backward counted as ``BACKWARD_COST`` forwards."""

@@ -113,7 +113,9 @@ def test_a_wide_global_window_is_the_squeezed_level_unsqueezed_and_counts_its_ar
     counts = wide.windows_per_step()
     assert all(step_counts[0] == 1 for step_counts in counts)
     fine = sum(step_counts[-1] for step_counts in counts)
-    assert wide.work() == {"forwards": 6 * 4 + 2 * fine, "backwards": fine}
+    # Its self-attention costs more than its area: 0.15 (f² − f) square windows more for SD (2.30× at 2:1).
+    assert wide.work() == {"forwards": 6 * 4 + 2 * fine, "backwards": fine, "wide_extra": 6 * 1.8}
+    assert sum(wide.step_costs()) == pytest.approx(6 * 4 + 2 * fine + plan.BACKWARD_COST * fine + 6 * 1.8)
     assert all(step_counts[0] == 1 and step_counts[1] >= 4 for step_counts in squeezed.windows_per_step())
     describe = wide.describe()
     assert describe["global_window_size"] == [64, 256] and describe["windows_per_level"][0] == 1

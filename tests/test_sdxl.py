@@ -300,6 +300,7 @@ def test_a_wide_global_window_runs_end_to_end_and_is_told_its_own_size(pipe, tmp
     assert wide_calls == [1, 1]  # one 2:1 window per step
     square = sum(batch // 2 for batch, size, *_ in calls if size == (16, 16))
     assert square + 2 * sum(wide_calls) == planned.work()["forwards"]  # a 2:1 window counts as two
+    assert planned.work()["wide_extra"] == 2 * 0.21  # and its attention as 0.21 more (2.21× SDXL's FLOPs)
     assert result.metadata["global_window"] == "wide" and json.loads(result.metadata["global_window_size"]) == [128, 256]
     assert json.loads(result.metadata["windows_per_level"]) == [1, 12]
     squeezed = pipe(dataclasses.replace(settings, global_window="square"), decode=False)
