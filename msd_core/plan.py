@@ -434,6 +434,8 @@ class Plan:
         a view batch of the finer levels' windows, or of the wide global windows (no gradient, ``wide``
         times a square window's area) where those hold more."""
         activations = self.view_batch * window_activation_bytes(self.exact, dtype, self.window, self.family)
+        if self.wide > 1 and self.levels == 1:  # the wide windows are all there is
+            activations = 0.0
         if self.wide > 1:
             top_windows = min(self.view_batch, max(counts[0] for counts in self._all_level_counts()))
             wide = self.wide * window_activation_bytes(False, dtype, self.window, self.family)

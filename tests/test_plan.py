@@ -149,6 +149,11 @@ def test_the_memory_rule_holds_a_batch_of_wide_windows_where_they_hold_more():
     fewer = {gw: plan.plan_without_model(dataclasses.replace(world, view_batch=None, global_window=gw),
                                          4 * 2**30, "float16").view_batch for gw in ("square", "wide")}
     assert fewer["wide"] == fewer["square"] // 2
+    # A 2048×1024 world is one wide window a step: that window's activations, and no square windows.
+    whole = plan.plan_without_model(dataclasses.replace(world, width=2048, height=1024, view_batch=None), free,
+                                    "float16").dry_run("float16")
+    assert whole["levels"] == 1 and whole["unet_windows"] == {"forwards": 2 * 25, "backwards": 0, "wide_extra": 5.25}
+    assert whole["estimated_peak_gib"] == pytest.approx((weights + 2 * no_grad) / 2**30, abs=0.01)
     exact = {gw: plan.plan_without_model(dataclasses.replace(world, view_batch=None, gradient="exact",
                                                              global_window=gw), free, "float16").view_batch
              for gw in ("square", "wide")}
