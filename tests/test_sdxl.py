@@ -307,10 +307,13 @@ def test_a_wide_global_window_runs_end_to_end_and_is_told_its_own_size(pipe, tmp
     assert squeezed.plan.levels == 3 and (squeezed.latents - result.latents).abs().max() > 1e-2
 
 
-def test_one_wide_window_equals_diffusers_stable_diffusion_xl_at_2_to_1(pipe):
+@pytest.mark.parametrize("fixture", ["pipe", "pipe_v"])
+def test_one_wide_window_equals_diffusers_stable_diffusion_xl_at_2_to_1(request, fixture):
     # A 256×128 px world without wrap is one 2:1 window at the top of a one-level plan: exactly what
     # StableDiffusionXLPipeline makes at 256×128, size ids (128, 256) included.
-    settings = dataclasses.replace(WINDOW, width=256, height=128, method="msd", global_window="wide")
+    pipe = request.getfixturevalue(fixture)
+    settings = dataclasses.replace(WINDOW, model=pipe.components.model, width=256, height=128, method="msd",
+                                   global_window="wide")
     initial = pipe.initial_latents(pipe.check_inputs(settings), settings.seed)
     result = pipe(settings, latents=initial, decode=False)
     assert result.plan.levels == 1 and result.plan.describe()["windows_per_level"] == [1]
