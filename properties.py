@@ -232,6 +232,15 @@ class MSD_PanoramaSettings(PropertyGroup):
         ],
         default=GenerationSettings.pyramid,
     )
+    global_window: EnumProperty(
+        name="Global Window",
+        items=[
+            ("square", "Square", "The global level squeezes a wide world into one square window"),
+            ("wide", "Wide", "The global level is one window of the world's aspect (2:1 for a 360° world): for "
+                             "models or LoRAs trained on whole equirectangular images; twice a window's work"),
+        ],
+        default=GenerationSettings.global_window,
+    )
     poles: EnumProperty(
         name="Poles",
         items=[
@@ -328,6 +337,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         late_gradient=group.late_gradient,
         windows=group.windows,
         pyramid=group.pyramid,
+        global_window=group.global_window,
         coarse_noise=group.coarse_noise,
         poles=group.poles,
         omega=group.omega,
@@ -409,7 +419,8 @@ def _panel_values(settings: GenerationSettings) -> dict:
         "gradient": settings.gradient, "windows": settings.windows, "omega": settings.omega,
         "scheduler": settings.scheduler, "guided_fraction": settings.guided_fraction,
         "late_gradient": settings.late_gradient,
-        "pyramid": settings.pyramid, "coarse_noise": settings.coarse_noise, "poles": settings.poles,
+        "pyramid": settings.pyramid, "global_window": settings.global_window, "coarse_noise": settings.coarse_noise,
+        "poles": settings.poles,
         "scales": settings.scales or 0, "cubemap": settings.cubemap,
         "steps": settings.steps, "guidance": settings.guidance, "random_seed": False,
         # Seed first (its update clears the stored seed), then a seed too large for it as text.
@@ -444,7 +455,8 @@ SETTING_PLACES = {
     "method": (_SAMPLER, "method"), "omega": (_SAMPLER, "omega"), "gradient": (_SAMPLER, "gradient"), "windows": (_SAMPLER, "windows"),
     "scheduler": (_SAMPLER, "scheduler"), "guided_fraction": (_SAMPLER, "guided_fraction"),
     "late_gradient": (_SAMPLER, "late_gradient"),
-    "pyramid": (_SAMPLER, "pyramid"), "coarse_noise": (_SAMPLER, "coarse_noise"), "scales": (_SAMPLER, "scales"),
+    "pyramid": (_SAMPLER, "pyramid"), "global_window": (_SAMPLER, "global_window"),
+    "coarse_noise": (_SAMPLER, "coarse_noise"), "scales": (_SAMPLER, "scales"),
     "poles": (_SAMPLER, "poles"), "cubemap": (_PANEL, "cubemap"),
     "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"), "hdr_peak": (_SAMPLER, "hdr_peak"),
     "model": (_PREFERENCES, "model"), "model_config": (_PREFERENCES, "model_config"),

@@ -16,6 +16,7 @@ The helpers here sample with msd_core's sampler pieces and score the layout of t
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -52,15 +53,43 @@ class MixturePrior:
     """A uniform mixture-of-Gaussians prior over one-channel window×window images whose component means
     are ±1 everywhere (so all have the same norm) with i.i.d. texture of std τ, and its exact
     posterior-mean denoiser (float64). Subclasses say how the mixture's mean is weighted (``mixed_mean``),
-    list their components (``components``) and score a panorama (``score``)."""
+    list their components (``components``) and score a panorama (``score``).
+
+    ``widened(width)`` is the same prior over window×width images (a model that knows a wider aspect, as
+    a 360° LoRA trained at 2:1 does): the denoiser hands windows of that width to it."""
 
     name = "mixture"
 
     def __init__(self, window: int, texture: float, scheduler=None):
         self.window = window
+        self.width = window  # columns of the images; ``widened`` makes wider ones
+        self.circular = False  # whether placements wrap around the columns (``widened``)
+        self.wider: dict[int, MixturePrior] = {}
         self.texture = texture
         self.work = {"forwards": 0, "backwards": 0}  # window evaluations by ``denoiser()``s, summed over calls
         self.alphas_cumprod = (scheduler or sd_ddim_scheduler()).alphas_cumprod.double()
+
+    def widened(self, width: int, circular: bool = False) -> "MixturePrior":
+        """The same prior over window × ``width`` images: every object size and placement of this one,
+        placed anywhere along the wider columns (around them when ``circular``: a model trained on 360°
+        images, whose objects may cross the 0/360° edge). Registered so that ``denoiser()`` uses it for
+        windows ``width`` wide; returns it."""
+        wide = copy.copy(self)
+        wide.width, wide.circular, wide.wider = width, circular, {}
+        wide.lay_out()
+        self.wider[width] = wide
+        return wide
+
+    def lay_out(self) -> None:
+        """Recompute what depends on the images' width (``self.width``, ``self.circular``)."""
+
+    def for_width(self, width: int) -> "MixturePrior":
+        """The prior that denoises windows ``width`` wide: this one, or a registered ``widened`` one."""
+        if width == self.width:
+            return self
+        if width not in self.wider:
+            raise ValueError(f"the {self.name} prior has no {self.window}×{width} version: call widened({width}) first")
+        return self.wider[width]
 
     def mixed_mean(self, x: torch.Tensor, alpha: float, var: float) -> torch.Tensor:
         """Σ_k w_k μ_k with w_k ∝ π_k N(x; √ᾱ μ_k, var I): the softmax of log π_k + √ᾱ x·μ_k / var
@@ -88,18 +117,20 @@ class MixturePrior:
         """denoise(x, t) → ε for msd_core's sampler; ``alpha_map`` re-labels ᾱ_t (SNR-matched levels)."""
 
         def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
-            # UNet work as a real model would do it: one forward per window, one backward when differentiated.
-            self.work["forwards"] += x.shape[0]
-            self.work["backwards"] += x.shape[0] if x.requires_grad and torch.is_grad_enabled() else 0
-            return self.eps(x, alpha_map(alpha_at(self.alphas_cumprod, t)))  # t is fractional at matched levels
+            # UNet work as a real model would do it: one forward per window area, one backward when differentiated.
+            windows = x.shape[0] * x.shape[-1] // self.width
+            self.work["forwards"] += windows
+            self.work["backwards"] += windows if x.requires_grad and torch.is_grad_enabled() else 0
+            prior = self.for_width(x.shape[-1])
+            return prior.eps(x, alpha_map(alpha_at(self.alphas_cumprod, t)))  # t is fractional at matched levels
 
         return denoise
 
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        """``count`` exact draws from the prior, (count, window, window)."""
+        """``count`` exact draws from the prior, (count, window, width)."""
         means, log_weights = self.components()
         component = torch.multinomial(log_weights.exp(), count, replacement=True, generator=generator)
-        texture = torch.randn(count, self.window, self.window, generator=generator, dtype=torch.float64)
+        texture = torch.randn(count, self.window, self.width, generator=generator, dtype=torch.float64)
         return means[component] + self.texture * texture
 
 
@@ -127,7 +158,7 @@ class HorizonPrior(MixturePrior):
 
     def components(self) -> tuple[torch.Tensor, torch.Tensor]:
         count = len(self.profiles)
-        return self.profiles[:, :, None].expand(-1, -1, self.window), torch.full((count,), -math.log(count)).double()
+        return self.profiles[:, :, None].expand(-1, -1, self.width), torch.full((count,), -math.log(count)).double()
 
     def score(self, image: torch.Tensor, wrap: bool = False) -> dict:
         """coherent = one sky→ground transition in every column, sky on top; collapsed = all sky or
@@ -309,12 +340,18 @@ def sample_panoramas(
 PRIOR_FACTOR = 8  # prior pixels are treated as latent pixels of an 8× "VAE", so settings stay in SD pixels
 
 
-def sample_with_settings(prior, settings, seeds: list[int], on_step=None):
+def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circular: bool | None = None):
     """One panorama per seed (as channels), sampled exactly as the pipeline would for ``settings``
     (msd_core.settings.GenerationSettings, sizes in SD pixels: prior pixel = latent pixel): its plan, window
     grids step by step, solver, ω decay and coarse-level noise, with the prior as the model. Returns the
-    images (len(seeds), H, W) and the plan. ``on_step(index, levels)`` as in ``sample_panoramas``."""
+    images (len(seeds), H, W) and the plan. ``on_step(index, levels)`` as in ``sample_panoramas``.
+
+    A wide global window (``global_window="wide"``) is denoised by the prior ``widened`` to its width, as
+    a model trained at that aspect would; around its columns (``circular``, default: for a wrapping world)
+    as a 360° model would."""
     plan = make_plan(settings, PRIOR_FACTOR, prior.window * PRIOR_FACTOR)
+    if plan.wide > 1:
+        prior.widened(plan.wide * prior.window, circular=plan.wrap if circular is None else circular)
     scheduler = sd_ddim_scheduler()
     schedule = solver_schedule(settings.scheduler, scheduler, plan.steps)
     x0_history = [None] * plan.levels  # a multistep solver's memory (DDIM ignores it)

@@ -258,6 +258,14 @@ SPEED_SETTINGS = {
     "DPM++ 15, guided 0.5": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 15, "guided_fraction": 0.5},
     "DPM++ 20, guided 0.4": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.4},
 }
+# The global level as one window of the world's aspect (issue 16, docs/sdxl.md), run with --settings NAME … .
+# The prior denoising it knows that aspect and, in a wrapping world, that objects may cross the 0/360° edge
+# (a 360° LoRA); "flat" (a bench-only key): a prior that knows the aspect only.
+WIDE_SETTINGS = {
+    "default, wide": {"global_window": "wide"},
+    "default, wide, flat prior": {"global_window": "wide", "circular_prior": False},
+}
+ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | WIDE_SETTINGS
 EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard")
 ASPECT_COLUMNS = ["prior", "panorama", "setting", "levels", "coherent", "collapsed", "coarsest coherent", "count",
                   "work", "seams", "seconds"]
@@ -268,12 +276,14 @@ def aspect_priors() -> dict:
     return {"horizon": HorizonPrior(horizons=WIDE_PRIOR), "sun": SunPrior(), "river": RiverPrior()}
 
 
-def prior_draws_row(prior, seeds: int) -> dict:
+def prior_draws_row(prior, seeds: int, wrap: bool = False) -> dict:
     """The prior's own exact draws, one window each, scored like a panorama and expressed per ``seeds``
-    panoramas: what a sampler faithful to the model at its coarsest level (one window) inherits."""
-    scores = [prior.score(image) for image in prior.sample(PRIOR_DRAWS, torch.Generator().manual_seed(0))]
+    panoramas: what a sampler faithful to the model at its coarsest level (one window) inherits. For a
+    ``widened`` prior (window × width), scored as a wrapping world when ``wrap``."""
+    scores = [prior.score(image, wrap) for image in prior.sample(PRIOR_DRAWS, torch.Generator().manual_seed(0))]
     coherent, collapsed = (sum(s[key] for s in scores) / PRIOR_DRAWS for key in ("coherent", "collapsed"))
-    row = {"prior": prior.name, "panorama": "one window", "setting": "prior's own draws", "seeds": PRIOR_DRAWS,
+    shape = "" if prior.width == prior.window else f" {prior.window}×{prior.width}{' circular' if prior.circular else ''}"
+    row = {"prior": prior.name, "panorama": f"one window{shape}", "setting": "prior's own draws", "seeds": PRIOR_DRAWS,
            "coherent_fraction": coherent, "collapsed_fraction": collapsed,
            "coherent": f"{coherent * seeds:.1f}/{seeds}", "collapsed": f"{collapsed * seeds:.1f}/{seeds}"}
     print(markdown_table([row], ASPECT_COLUMNS).splitlines()[-1], flush=True)
@@ -288,9 +298,10 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     over MultiDiffusion's on the same shape and steps."""
     scale = 16 // prior.window
     height, width, wrap = shape[0] // scale, shape[1] // scale, shape[2]
+    changes = dict(ALL_SETTINGS[setting])
+    circular = changes.pop("circular_prior", None)
     settings = dataclasses.replace(GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR,
-                                                      height=height * PRIOR_FACTOR, wrap=wrap),
-                                   **(ASPECT_SETTINGS | SPEED_SETTINGS)[setting])
+                                                      height=height * PRIOR_FACTOR, wrap=wrap), **changes)
     if quick:
         settings = dataclasses.replace(settings, steps=max(5, settings.steps // 5))
     coarsest, levels = [], []
@@ -302,7 +313,7 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
             levels[:] = [tuple(r.latents.shape[2:]) for r in results]
 
     started = time.perf_counter()
-    images, plan = sample_with_settings(prior, settings, seeds, on_step=on_step)
+    images, plan = sample_with_settings(prior, settings, seeds, on_step=on_step, circular=circular)
     seconds = time.perf_counter() - started
     md_plan = make_plan(dataclasses.replace(settings, method="multidiffusion"), PRIOR_FACTOR, plan.window * PRIOR_FACTOR)
     scores = [prior.score(image, wrap) for image in images]
@@ -337,8 +348,8 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
 
 
 def aspects_part(quick: bool, seeds: int | None = None, settings=ASPECT_SETTINGS,
-                 priors=None) -> tuple[list[dict], list]:
-    shapes = (ASPECTS[0], ASPECTS[2]) if quick else ASPECTS
+                 priors=None, shapes=None) -> tuple[list[dict], list]:
+    shapes = [ASPECTS[index] for index in shapes] if shapes else (ASPECTS[0], ASPECTS[2]) if quick else ASPECTS
     seeds = list(range(seeds or (8 if quick else 24)))
     print(f"\naspects: {len(seeds)} seeds, the pipeline's plan for each setting (Standard preset unless named"
           f"{', steps ÷ 5' if quick else ''}), ω = 10 (projection)")
@@ -348,6 +359,9 @@ def aspects_part(quick: bool, seeds: int | None = None, settings=ASPECT_SETTINGS
         if priors and name not in priors:
             continue
         rows.append(prior_draws_row(prior, len(seeds)))
+        if any(ALL_SETTINGS[setting].get("global_window") == "wide" for setting in settings):
+            for factor, circular in ((2, True), (2, False), (4, False)):  # the 2:1 worlds', and the 4:1 strip's
+                rows.append(prior_draws_row(prior.widened(factor * prior.window, circular), len(seeds), circular))
         for shape in shapes:
             for setting in settings:
                 keep = examples if shape == ASPECTS[2] and setting in EXAMPLE_SETTINGS else None
@@ -390,16 +404,19 @@ def main() -> None:
     parser.add_argument("--skip-tiny", action="store_true", help="only the horizon prior")
     parser.add_argument("--aspects", action="store_true", help="only part 3: every prior × aspect × pyramid")
     parser.add_argument("--seeds", type=int, help="part 3's seeds per cell (default 24, quick 8)")
-    parser.add_argument("--settings", nargs="+", choices=list(ASPECT_SETTINGS | SPEED_SETTINGS), metavar="SETTING",
-                        help="part 3: only these settings (ASPECT_SETTINGS or SPEED_SETTINGS)")
+    parser.add_argument("--settings", nargs="+", choices=list(ALL_SETTINGS), metavar="SETTING",
+                        help="part 3: only these settings (ASPECT_SETTINGS, SPEED_SETTINGS or WIDE_SETTINGS)")
     parser.add_argument("--priors", nargs="+", choices=("horizon", "sun", "river"), help="part 3: only these priors")
+    parser.add_argument("--shapes", nargs="+", type=int, choices=range(len(ASPECTS)), metavar="INDEX",
+                        help=f"part 3: only these shapes, by index in {ASPECTS} (height, width, wrap)")
     parser.add_argument("--output", help="part 3's results name in bench/results (default layout-aspects[-quick])")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small float64 tensors: one thread is fastest and fair to a busy machine
     env = environment()
     suffix = "-quick" if args.quick else ""
     if args.aspects:
-        rows, examples = aspects_part(args.quick, args.seeds, args.settings or ASPECT_SETTINGS, args.priors)
+        rows, examples = aspects_part(args.quick, args.seeds, args.settings or ASPECT_SETTINGS, args.priors,
+                                      args.shapes)
         print("\n" + markdown_table(rows, ASPECT_COLUMNS))
         write_json(args.output or f"layout-aspects{suffix}", {"environment": env, "aspects": rows})
         if not args.settings:

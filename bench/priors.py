@@ -29,10 +29,14 @@ SIZES = (2, 3, 4, 6, 8, 12, 16, 24, 32)  # large enough that windows wholly insi
 SUN_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)  # for the sun's 8-pixel window
 
 
-def _intervals(length: int, size: int) -> torch.Tensor:
-    """Indicator rows of every placement of a ``size``-long segment that overlaps [0, length), clipped."""
-    starts = torch.arange(-size + 1, length)[:, None]
+def _intervals(length: int, size: int, circular: bool = False) -> torch.Tensor:
+    """Indicator rows of every placement of a ``size``-long segment that overlaps [0, length), clipped; or,
+    when ``circular``, of every placement on a circle of ``length`` (one per start, wrapping at the end)."""
     positions = torch.arange(length)[None, :]
+    if circular:
+        starts = torch.arange(length)[:, None]
+        return (((positions - starts) % length) < size).double()
+    starts = torch.arange(-size + 1, length)[:, None]
     return ((positions >= starts) & (positions < starts + size)).double()
 
 
@@ -47,39 +51,45 @@ class SunPrior(MixturePrior):
 
     def __init__(self, window: int = 8, sizes=SUN_SIZES, empty: float = 0.3, texture: float = 0.3, scheduler=None):
         super().__init__(window, texture, scheduler)
-        self.placements = [_intervals(window, size) for size in sizes]  # rows and columns alike
-        # Every size equally likely, every placement of a size equally likely.
-        self.log_weights = [math.log((1 - empty) / len(sizes) / len(p) ** 2) for p in self.placements]
+        self.sizes, self.empty = sizes, empty
+        self.rows = [_intervals(window, size) for size in sizes]  # row placements of each size
         self.log_empty = math.log(empty)
+        self.lay_out()
+
+    def lay_out(self) -> None:
+        self.columns = [_intervals(self.width, size, self.circular) for size in self.sizes]
+        # Every size equally likely, every placement of a size equally likely.
+        self.log_weights = [math.log((1 - self.empty) / len(self.sizes) / (len(r) * len(c)))
+                            for r, c in zip(self.rows, self.columns)]
 
     def mixed_mean(self, x: torch.Tensor, alpha: float, var: float) -> torch.Tensor:
         # x·μ = −Σx + 2·Σ_box x, and Σ_box x = R X Cᵀ for the box's row and column indicators R, C: two
         # plain matrix products per size (batched products of small matrices are many times slower).
-        n = self.window
-        flat = x.reshape(-1, n, n)
+        h, w = self.window, self.width
+        flat = x.reshape(-1, h, w)
         count = flat.shape[0]
         total = flat.sum((-2, -1))
         logits = [torch.full((count, 1), self.log_empty, dtype=x.dtype) - (math.sqrt(alpha) / var) * total[:, None]]
-        for p, log_w in zip(self.placements, self.log_weights):
-            by_column = (flat.reshape(-1, n) @ p.T).view(count, n, -1).transpose(1, 2)  # (N, T cols, n rows)
-            box_sums = (by_column.reshape(-1, n) @ p.T).view(count, len(p), len(p))  # [col j, row i]
+        for r, c, log_w in zip(self.rows, self.columns, self.log_weights):
+            by_column = (flat.reshape(-1, w) @ c.T).view(count, h, -1).transpose(1, 2)  # (N, T cols, h rows)
+            box_sums = (by_column.reshape(-1, h) @ r.T).view(count, len(c), len(r))  # [col j, row i]
             logits.append((math.sqrt(alpha) / var) * (2 * box_sums - total[:, None, None]).flatten(1) + log_w)
         weights = torch.softmax(torch.cat(logits, 1), 1)
         mean, start = -torch.ones_like(flat), 1
-        for p in self.placements:
-            size = len(p) ** 2
-            block = weights[:, start:start + size].reshape(-1, len(p))  # rows (N, col j), columns row i
-            by_row = (block @ p).view(count, len(p), n).transpose(1, 2)  # (N, row pixel, col j)
-            mean = mean + 2 * (by_row.reshape(-1, len(p)) @ p).view(count, n, n)
+        for r, c in zip(self.rows, self.columns):
+            size = len(r) * len(c)
+            block = weights[:, start:start + size].reshape(-1, len(r))  # rows (N, col j), columns row i
+            by_row = (block @ r).view(count, len(c), h).transpose(1, 2)  # (N, row pixel, col j)
+            mean = mean + 2 * (by_row.reshape(-1, len(c)) @ c).view(count, h, w)
             start += size
         return mean.view(x.shape)
 
     def components(self) -> tuple[torch.Tensor, torch.Tensor]:
-        means, log_weights = [-torch.ones(1, self.window, self.window, dtype=torch.float64)], [self.log_empty]
-        for p, log_w in zip(self.placements, self.log_weights):
-            boxes = p[None, :, :, None] * p[:, None, None, :]  # [col placement j, row placement i, row, col]
+        means, log_weights = [-torch.ones(1, self.window, self.width, dtype=torch.float64)], [self.log_empty]
+        for r, c, log_w in zip(self.rows, self.columns, self.log_weights):
+            boxes = r[None, :, :, None] * c[:, None, None, :]  # [col placement j, row placement i, row, col]
             means.append(2 * boxes.flatten(0, 1) - 1)
-            log_weights += [log_w] * len(p) ** 2
+            log_weights += [log_w] * (len(r) * len(c))
         return torch.cat(means), torch.tensor(log_weights, dtype=torch.float64)
 
     def score(self, image: torch.Tensor, wrap: bool = False) -> dict:
@@ -104,11 +114,15 @@ class RiverPrior(MixturePrior):
 
     def __init__(self, window: int = 16, widths=SIZES, empty: float = 0.3, texture: float = 0.3, scheduler=None):
         super().__init__(window, texture, scheduler)
-        bands = torch.cat([_intervals(window, width) for width in widths])
-        counts = torch.cat([torch.full((window + width - 1,), (1 - empty) / len(widths) / (window + width - 1), dtype=torch.float64)
-                            for width in widths])
-        self.profiles = torch.cat([2 * bands - 1, -torch.ones(1, window, dtype=torch.float64)])  # column profiles
-        self.log_weights = torch.cat([counts, torch.tensor([empty], dtype=torch.float64)]).log()
+        self.widths, self.empty = widths, empty
+        self.lay_out()
+
+    def lay_out(self) -> None:
+        bands = [_intervals(self.width, width, self.circular) for width in self.widths]
+        counts = torch.cat([torch.full((len(b),), (1 - self.empty) / len(self.widths) / len(b), dtype=torch.float64)
+                            for b in bands])
+        self.profiles = torch.cat([2 * torch.cat(bands) - 1, -torch.ones(1, self.width, dtype=torch.float64)])  # column profiles
+        self.log_weights = torch.cat([counts, torch.tensor([self.empty], dtype=torch.float64)]).log()
 
     def mixed_mean(self, x: torch.Tensor, alpha: float, var: float) -> torch.Tensor:
         profiles = self.profiles.to(x)

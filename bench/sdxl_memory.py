@@ -22,10 +22,16 @@ scaled-dot-product attention), so the ratio carries over what the count cannot s
 rounding, kernel workspaces).
 
     .venv/bin/python bench/sdxl_memory.py      # about a minute; writes bench/results/sdxl-memory.json
+    .venv/bin/python bench/sdxl_memory.py --wide   # a 2:1 window against a square one: sdxl-wide-window.json
+
+``--wide`` counts, the same way, the no-grad peak and the FLOPs (``torch.utils.flop_counter``) of one SDXL-base
+window at 128×128 and at 128×256 latents (the wide global window of a 2:1 world, ``--global-window wide``):
+what the plan's rule "a wide window costs its area in square windows" rests on.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import sys
@@ -35,6 +41,7 @@ import weakref
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from torch.utils._pytree import tree_flatten
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -134,8 +141,44 @@ def _measure(unet, family: str, dtype: torch.dtype) -> dict:
             "exact_peak_bytes": count.peak, "exact_saved_bytes": sum(saved.values())}
 
 
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU's flash attention kernel, which torch's counter leaves out (it knows the CUDA ones):
+    the quadratic part a wider window adds."""
+    return sdpa_flop_count(query, key, value)
+
+
+def wide_window(family: str = "sdxl") -> list[dict]:
+    """No-grad peak and FLOPs of one window (CFG pair) at the native latent and at twice its width."""
+    attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    rows = []
+    with FakeTensorMode():
+        unet = fake_unet(family)
+        _, kwargs = inputs(unet, torch.float32)
+        size = unet.config.sample_size
+        for height, width in ((size, size), (size, 2 * size)):
+            sample = torch.zeros(2, 4, height, width)
+            with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=attention) as flops, LiveBytes() as count:
+                unet(sample, torch.tensor(500.0), **kwargs)
+            attention_flops = sum(flops.get_flop_counts()["Global"].get(op, 0) for op in attention)
+            rows.append({"family": family, "latent": f"{height}×{width}", "tflops": flops.get_total_flops() / 1e12,
+                         "attention_tflops": attention_flops / 1e12, "no_grad_peak_gb": count.peak / 1e9})
+    for row in rows:
+        row["tflops_ratio"] = row["tflops"] / rows[0]["tflops"]
+        row["no_grad_ratio"] = row["no_grad_peak_gb"] / rows[0]["no_grad_peak_gb"]
+    return rows
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--wide", action="store_true", help="only a 2:1 window against a square one")
     started = time.perf_counter()
+    if parser.parse_args().wide:
+        rows = wide_window()
+        print(markdown_table(rows, ["family", "latent", "tflops", "attention_tflops", "tflops_ratio", "no_grad_peak_gb",
+                                    "no_grad_ratio"]))
+        write_json("sdxl-wide-window", {"environment": environment(), "rows": rows,
+                                        "seconds": time.perf_counter() - started})
+        return
     rows = [measure("sd"), measure("sdxl")]
     sd, xl = rows
     measured = plan.WINDOW_ACTIVATION_BYTES_FP32  # SD-2-base, real (CPU float32 / H200 float16 ×2)

@@ -28,6 +28,7 @@ from .settings import (
     DEVICES,
     DRAWN_SEED_LIMIT,
     DTYPES,
+    GLOBAL_WINDOWS,
     GRADIENTS,
     HDR_KNEE_RANGE,
     HDR_PEAK_RANGE,
@@ -178,6 +179,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="global (default) = the halving pyramid plus one level that squeezes a wide panorama into "
                              "one window (one horizon at 2:1 and 4:1 far more often; docs/layout.md); "
                              "halving = the paper's pyramid")
+    method.add_argument("--global-window", choices=GLOBAL_WINDOWS, default=GenerationSettings.global_window,
+                        help="the global level's window: square (default) = the world's columns squeezed into one "
+                             "square window; wide = one window of the world's aspect (a 2:1 world's whole image at "
+                             "window × 2·window, twice a window's work; for models or LoRAs trained at that shape: "
+                             "docs/sdxl.md)")
     method.add_argument("--coarse-noise", choices=COARSE_NOISES, default=GenerationSettings.coarse_noise,
                         help="matched (default) = each coarse level is denoised at the noise level its averaging "
                              "leaves; literal = the paper's, as noisy as the full panorama")
@@ -261,6 +267,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "model": DEFAULT_MODEL if args.model is None else args.model,  # "" stays empty: validate() names it
         "loras": [parse_lora_argument(text) for text in args.lora],
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
+        "global_window": args.global_window,
         "coarse_noise": args.coarse_noise, "scales": args.scales, "guidance": args.guidance,
         "seed": secrets.randbelow(DRAWN_SEED_LIMIT) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "poles": args.poles,

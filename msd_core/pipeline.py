@@ -228,7 +228,8 @@ class MSDPanoramaPipeline:
         if latents is None:
             latents = self.initial_latents(plan, settings.seed)
         latents = latents.to(self.device, torch.float32)
-        weights = [feathered_weights(plan.window).to(self.device) if settings.feather else None] * plan.levels
+        weights = [feathered_weights(plan.window_shape(level)).to(self.device) if settings.feather else None
+                   for level in range(plan.levels)]
         omega = settings.omega if settings.method == "msd" else 0.0
         # Only the exact gradient needs autograd; everything else runs in inference mode (no version counters).
         no_grad = torch.no_grad if plan.exact else torch.inference_mode

@@ -31,6 +31,10 @@ OMEGA_LOSSES = ("projection", "mean", "sum")
 # coarse_noise "literal", omega_loss "mean", gradient "exact", windows "dense" (the presets' shifted tiles
 # are ours). "matched" matches a coarse level's noise level, not its starting state (docs/layout.md).
 PYRAMIDS = ("halving", "global")
+# The global level's window: "square" squeezes a wide world's columns into one square window; "wide" keeps the
+# world's aspect and denoises its coarsest level as one window of that shape (h × f·h, f the squeeze: a 2:1
+# world's whole equirectangular image, the shape a 360° LoRA was trained at; docs/sdxl.md).
+GLOBAL_WINDOWS = ("square", "wide")
 # "matched": each coarse level is denoised at the timestep whose signal-to-noise ratio matches its averaged
 # noise (ds averages g latent pixels: ᾱ' = gᾱ/(1+(g−1)ᾱ)); "literal": the paper's, ds(z_t) denoised as if
 # at timestep t.
@@ -121,6 +125,7 @@ class GenerationSettings:
     omega_loss: str = "projection"
     scales: int | None = None  # pyramid levels; None = smallest count whose coarsest height fits a window
     pyramid: str = "global"  # PYRAMIDS
+    global_window: str = "square"  # GLOBAL_WINDOWS (with pyramid "global")
     coarse_noise: str = "matched"  # COARSE_NOISES
     # The share of the steps, from the first, that guide the finer levels with `gradient`; the rest guide with
     # `late_gradient`, or with "none" denoise only the finest level (MultiDiffusion).
@@ -183,6 +188,7 @@ class GenerationSettings:
                            windows=self.windows)
         _check_choice("omega_loss", self.omega_loss, OMEGA_LOSSES)
         _check_choice("pyramid", self.pyramid, PYRAMIDS)
+        _check_choice("global_window", self.global_window, GLOBAL_WINDOWS)
         _check_choice("poles", self.poles, POLE_MODES)
         _check_choice("coarse_noise", self.coarse_noise, COARSE_NOISES)
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)

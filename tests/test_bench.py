@@ -32,10 +32,10 @@ import priors  # noqa: E402
 def mixture_log_density(prior, x: torch.Tensor, alpha: float) -> torch.Tensor:
     """log p_t(x) of the noised prior, written out independently: a full multivariate normal per component
     (means and weights from ``components()``, which the fast structured denoisers do not use)."""
-    window = prior.window
     means, log_weights = prior.components()
+    assert means.shape[1:] == (prior.window, prior.width)
     assert torch.allclose(log_weights.exp().sum(), torch.tensor(1.0, dtype=torch.float64))
-    covariance = (alpha * prior.texture**2 + 1 - alpha) * torch.eye(window * window, dtype=torch.float64)
+    covariance = (alpha * prior.texture**2 + 1 - alpha) * torch.eye(means[0].numel(), dtype=torch.float64)
     component = torch.distributions.MultivariateNormal(
         math.sqrt(alpha) * means.reshape(len(means), -1), covariance_matrix=covariance
     )
@@ -52,9 +52,13 @@ SMALL_PRIORS = {
 
 @pytest.mark.parametrize("name", SMALL_PRIORS)
 @pytest.mark.parametrize("alpha", [0.05, 0.5, 0.97])
-def test_posterior_mean_is_tweedies_formula_on_the_full_mixture(name, alpha):
-    # Tweedie: E[x0 | x_t] = (x_t + (1 − ᾱ) ∇ log p_t(x_t)) / √ᾱ, with p_t the exact noised mixture.
+@pytest.mark.parametrize("shape", ["square", "2:1", "2:1 circular"])
+def test_posterior_mean_is_tweedies_formula_on_the_full_mixture(name, alpha, shape):
+    # Tweedie: E[x0 | x_t] = (x_t + (1 − ᾱ) ∇ log p_t(x_t)) / √ᾱ, with p_t the exact noised mixture; also for
+    # the 2:1 version a wide global window is denoised with (placements along, or around, twice the columns).
     prior = SMALL_PRIORS[name]()
+    if shape != "square":
+        prior = prior.widened(2 * prior.window, circular=shape.endswith("circular"))
     generator = torch.Generator().manual_seed(0)
     x0 = prior.sample(64, generator)
     x = math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
@@ -189,3 +193,24 @@ def test_window_seam_ratio_compares_tile_edges_with_pairs_of_the_same_parity():
     # A real seam: a jump at the tile edges only.
     seam = blocky + 3 * (rows // 8)[None]
     assert window_seam_ratio(seam, grid, multiple=2)["rows"] > 2
+
+
+@pytest.mark.parametrize("circular", [False, True])
+def test_widened_priors_place_their_objects_along_the_wider_columns(circular):
+    sun = priors.SunPrior(window=4, sizes=(2,), empty=0.25)
+    wide = sun.widened(8, circular)
+    means, log_weights = wide.components()
+    columns = 8 if circular else 9  # placements of a 2-pixel side along 8 columns: around them, or overlapping them
+    assert means.shape == (1 + 5 * columns, 4, 8) and math.isclose(log_weights.exp().sum().item(), 1.0)
+    across = ((means[:, :, 0] > 0).any(1) & (means[:, :, -1] > 0).any(1)).sum().item()
+    assert across == (5 if circular else 0)  # suns that cross the 0/360° edge: one column placement × 5 rows
+    river = priors.RiverPrior(window=4, widths=(2,)).widened(8, circular)
+    assert river.components()[0].shape[1:] == (4, 8)
+    # The denoiser hands each window to the prior of its width; an unknown width is an error, not a guess.
+    denoise = sun.denoiser()
+    x = torch.randn(3, 1, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(denoise(x, 500), wide.eps(x, horizon.alpha_at(sun.alphas_cumprod, 500)))
+    assert denoise(x[..., :4], 500).shape == (3, 1, 4, 4)
+    assert sun.work["forwards"] == 3 * 2 + 3  # a 2:1 window is two windows' work
+    with pytest.raises(ValueError, match="no 4×12 version"):
+        denoise(torch.zeros(1, 1, 4, 12, dtype=torch.float64), 500)

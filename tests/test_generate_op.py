@@ -502,17 +502,25 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
 
     group, properties = bpy.context.scene.msd_panorama, addon_module().properties
     drawn = draw("MSD_PT_panorama_sampler")
-    assert drawn.index(("prop", "coarse_noise")) == drawn.index(("prop", "pyramid")) + 1
-    assert (group.pyramid, group.coarse_noise) == ("global", "matched")
+    pyramid = drawn.index(("prop", "pyramid"))
+    assert drawn.index(("prop", "global_window")) == pyramid + 1 and drawn.index(("prop", "coarse_noise")) == pyramid + 2
+    assert (group.pyramid, group.global_window, group.coarse_noise) == ("global", "square", "matched")
     group.pyramid, group.coarse_noise = "halving", "literal"  # the paper's
     settings = properties.settings_from_scene(bpy.context.scene, addon_preferences())
     assert (settings.pyramid, settings.coarse_noise) == ("halving", "literal")
     group.pyramid, group.coarse_noise = "global", "matched"
     properties.settings_to_scene(settings, bpy.context.scene)
     assert (group.pyramid, group.coarse_noise) == ("halving", "literal")
+    group.pyramid, group.global_window = "global", "wide"  # a 360° model's whole-world window
+    wide = properties.settings_from_scene(bpy.context.scene, addon_preferences())
+    assert (wide.pyramid, wide.global_window) == ("global", "wide")
+    group.global_window = "square"
+    properties.settings_to_scene(wide, bpy.context.scene)
+    assert group.global_window == "wide"
     assert properties.setting_label("pyramid") == ("Pyramid", "the Panorama panel's Sampler section")
+    assert properties.setting_label("global_window") == ("Global Window", "the Panorama panel's Sampler section")
     assert properties.setting_label("coarse_noise") == ("Coarse Noise", "the Panorama panel's Sampler section")
-    group.pyramid, group.coarse_noise = "global", "matched"
+    group.pyramid, group.global_window, group.coarse_noise = "global", "square", "matched"
 
 
 def test_output_files_get_new_names(addon, tmp_path):

@@ -92,6 +92,76 @@ def test_the_global_level_tops_the_plan_fixed_while_the_tiles_below_shift_in_col
     assert plan.make_plan(dataclasses.replace(settings, method="multidiffusion"), 8, 64).levels == 1
 
 
+@pytest.mark.parametrize("wrap", [True, False])
+def test_a_wide_global_window_is_the_squeezed_level_unsqueezed_and_counts_its_area(wrap):
+    # 512×128 px, 64 px windows: the coarsest level 8×32 is squeezed to 8×8, or denoised as one 8×32 window.
+    settings = dataclasses.replace(BASE, width=512, height=128, wrap=wrap, steps=6, view_batch=None,
+                                   gradient="exact", guided_fraction=1.0)
+    squeezed = plan.make_plan(settings, 8, 64)
+    wide = plan.make_plan(dataclasses.replace(settings, global_window="wide"), 8, 64)
+    assert (wide.levels, wide.squeeze, wide.wide) == (squeezed.levels - 1, 1, 4)
+    assert [wide.level_shape(level) for level in range(2)] == [(8, 32), (16, 64)]
+    assert [wide.window_shape(level) for level in range(2)] == [(8, 32), (8, 8)]
+    tops = [wide.starts_at(step)[0] for step in range(6)]
+    assert all(rows == [0] and len(cols) == 1 for rows, cols in tops)  # one window a step, as the squeezed level
+    # Shifted: around a 360° world it moves like the tiles below (the seam lies inside it); without wrap it
+    # covers the level from column 0 every step.
+    assert len({cols[0] for _, cols in tops}) > 3 if wrap else {cols[0] for _, cols in tops} == {0}
+    for step in range(6):
+        top, finer = wide.grids_at(step)  # raises unless the finer crops map onto the top level (halved)
+        assert top.shape == (8, 32) and finer.shape == (8, 8) and len(top) == 1
+    # Work: the 8×32 window costs four square windows a step; the squeezed plan's global window costs one but
+    # its 8×32 level (four windows) is guided below it.
+    counts = wide.windows_per_step()
+    assert all(step_counts[0] == 1 for step_counts in counts)
+    fine = sum(step_counts[-1] for step_counts in counts)
+    # Its self-attention costs more than its area: 0.15 (f² − f) square windows more for SD (2.30× at 2:1).
+    assert wide.work() == {"forwards": 6 * 4 + 2 * fine, "backwards": fine, "wide_extra": 6 * 1.8}
+    assert sum(wide.step_costs()) == pytest.approx(6 * 4 + 2 * fine + plan.BACKWARD_COST * fine + 6 * 1.8)
+    assert all(step_counts[0] == 1 and step_counts[1] >= 4 for step_counts in squeezed.windows_per_step())
+    describe = wide.describe()
+    assert describe["global_window_size"] == [64, 256] and describe["windows_per_level"][0] == 1
+    assert "global_window_size" not in squeezed.describe()
+    # Dense windows: columns every 4 strides, so as many (rolled) windows as the squeezed level has.
+    dense = dataclasses.replace(settings, windows="dense", stride=16)
+    assert (len(plan.make_plan(dataclasses.replace(dense, global_window="wide"), 8, 64).grids[0])
+            == len(plan.make_plan(dense, 8, 64).grids[0]))
+    # A square world has no global level either way.
+    square = dataclasses.replace(settings, width=256, height=256, global_window="wide")
+    assert plan.make_plan(square, 8, 64) == dataclasses.replace(plan.make_plan(dataclasses.replace(
+        square, global_window="square"), 8, 64))
+
+
+def test_the_memory_rule_holds_a_batch_of_wide_windows_where_they_hold_more():
+    world = GenerationSettings(prompt="x", width=4096, height=2048, model="stabilityai/stable-diffusion-xl-base-1.0",
+                               gradient="fast", view_batch=1, global_window="wide")
+    dry = plan.plan_without_model(world, None, "float16").dry_run("float16")
+    no_grad = plan.window_activation_bytes(False, "float16", 128, "sdxl")
+    weights = plan.weight_bytes("float16", "sdxl")
+    assert dry["global_window_size"] == [1024, 2048] and dry["windows_per_level"] == [1, 12]
+    assert dry["estimated_peak_gib"] == pytest.approx((weights + 2 * no_grad) / 2**30, abs=0.01)  # not 1 window's
+    squeezed = plan.plan_without_model(dataclasses.replace(world, global_window="square"), None, "float16")
+    assert squeezed.dry_run("float16")["estimated_peak_gib"] == pytest.approx((weights + no_grad) / 2**30, abs=0.01)
+    # The view batch chosen from free memory fits a batch of wide windows too: half as many without the
+    # exact gradient; the exact gradient's windows are the larger, so it is unchanged there.
+    free = 40 * 2**30
+    batch = {gw: plan.plan_without_model(dataclasses.replace(world, view_batch=None, global_window=gw), free,
+                                         "float16").view_batch for gw in ("square", "wide")}
+    assert batch == {"square": 32, "wide": 32}  # the cap
+    fewer = {gw: plan.plan_without_model(dataclasses.replace(world, view_batch=None, global_window=gw),
+                                         4 * 2**30, "float16").view_batch for gw in ("square", "wide")}
+    assert fewer["wide"] == fewer["square"] // 2
+    # A 2048×1024 world is one wide window a step: that window's activations, and no square windows.
+    whole = plan.plan_without_model(dataclasses.replace(world, width=2048, height=1024, view_batch=None), free,
+                                    "float16").dry_run("float16")
+    assert whole["levels"] == 1 and whole["unet_windows"] == {"forwards": 2 * 25, "backwards": 0, "wide_extra": 5.25}
+    assert whole["estimated_peak_gib"] == pytest.approx((weights + 2 * no_grad) / 2**30, abs=0.01)
+    exact = {gw: plan.plan_without_model(dataclasses.replace(world, view_batch=None, gradient="exact",
+                                                             global_window=gw), free, "float16").view_batch
+             for gw in ("square", "wide")}
+    assert exact["wide"] == exact["square"]
+
+
 def test_guided_steps_come_first_then_only_the_finest_level_runs():
     settings = dataclasses.replace(BASE, width=512, height=256, steps=10, guided_fraction=0.3, late_gradient="none")
     planned = plan.make_plan(settings, 8, 64)

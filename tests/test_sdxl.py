@@ -209,6 +209,25 @@ def test_cli_generates_a_png_and_an_exr_with_tiny_xl(tmp_path):
     assert out.with_suffix(".exr").is_file()
 
 
+def test_the_cli_s_wide_global_window_round_trips_through_the_png(tmp_path):
+    from msd_core import cli
+
+    out = tmp_path / "wide.png"
+    assert cli.main(["generate", "a canyon", "--model", "tiny-xl", "--device", "cpu", "--steps", "2", "--width",
+                     "512", "--height", "256", "--quality", "draft", "--global-window", "wide", "-o", str(out),
+                     "--quiet"]) == 0
+    meta = pngmeta.read_text_chunks(out)
+    assert meta["global_window"] == "wide" and json.loads(meta["global_window_size"]) == [128, 256]
+    assert meta["scales"] == "2"  # the 2:1 window tops the halving pyramid: no squeezed level above it
+    restored = GenerationSettings.from_stored(pngmeta.read_settings(out))
+    assert restored.global_window == "wide" and restored.model == "tiny-xl" and restored.width == 512
+    # A PNG from before the setting was made with the square (squeezed) global level, today's default.
+    older = {key: value for key, value in pngmeta.read_settings(out).items() if key != "global_window"}
+    assert GenerationSettings.from_stored(older).global_window == "square"
+    with pytest.raises(BadInput, match="global_window"):
+        GenerationSettings(prompt="x", global_window="round").validate()
+
+
 # --- the VAE in float16 -----------------------------------------------------------------------------
 
 
@@ -267,6 +286,47 @@ def test_a_tiny_xl_run_follows_its_plan(pipe):
     work = planned.work()
     assert sum(batch // 2 for batch, *_ in calls) == work["forwards"]  # CFG pairs in UNet calls
     assert planned.describe()["windows_per_level"] == [1, 2, 12]  # as SDXL-base's 4096×2048 world
+
+
+def test_a_wide_global_window_runs_end_to_end_and_is_told_its_own_size(pipe, tmp_path):
+    # The 4096×2048 world's shape: the coarsest level (16×32 latents) is one 2:1 window, not squeezed.
+    settings = dataclasses.replace(WORLD, global_window="wide", gradient="exact", steps=2)
+    planned = plan.plan_without_model(settings, None, "float32")
+    result, calls = unet_calls(pipe, settings)
+    assert result.plan == planned and planned.wide == 2 and planned.levels == 2
+    assert torch.isfinite(result.latents).all() and result.latents.shape == (1, 4, 32, 64)
+    assert {size for _, size, _, _ in calls} == {(16, 32), (16, 16)}
+    for batch, (rows, cols), time_ids, _ in calls:  # (h, w) in pixels of the window itself, crop (0, 0)
+        assert time_ids.tolist() == [[rows * 8, cols * 8, 0, 0, rows * 8, cols * 8]] * batch
+    wide_calls = [batch // 2 for batch, size, *_ in calls if size == (16, 32)]
+    assert wide_calls == [1, 1]  # one 2:1 window per step
+    square = sum(batch // 2 for batch, size, *_ in calls if size == (16, 16))
+    assert square + 2 * sum(wide_calls) == planned.work()["forwards"]  # a 2:1 window counts as two
+    assert planned.work()["wide_extra"] == 2 * 0.21  # and its attention as 0.21 more (2.21× SDXL's FLOPs)
+    assert result.metadata["global_window"] == "wide" and json.loads(result.metadata["global_window_size"]) == [128, 256]
+    assert json.loads(result.metadata["windows_per_level"]) == [1, 12]
+    squeezed = pipe(dataclasses.replace(settings, global_window="square"), decode=False)
+    assert squeezed.plan.levels == 3 and (squeezed.latents - result.latents).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("fixture", ["pipe", "pipe_v"])
+def test_one_wide_window_equals_diffusers_stable_diffusion_xl_at_2_to_1(request, fixture):
+    # A 256×128 px world without wrap is one 2:1 window at the top of a one-level plan: exactly what
+    # StableDiffusionXLPipeline makes at 256×128, size ids (128, 256) included.
+    pipe = request.getfixturevalue(fixture)
+    settings = dataclasses.replace(WINDOW, model=pipe.components.model, width=256, height=128, method="msd",
+                                   global_window="wide")
+    initial = pipe.initial_latents(pipe.check_inputs(settings), settings.seed)
+    result = pipe(settings, latents=initial, decode=False)
+    assert result.plan.levels == 1 and result.plan.describe()["windows_per_level"] == [1]
+    with torch.no_grad():
+        theirs = diffusers_xl(pipe.components)(
+            settings.prompt, height=128, width=256, num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance, latents=initial.clone(), output_type="latent",
+        ).images
+    assert result.latents.shape == theirs.shape == (1, 4, 16, 32)
+    difference = float((result.latents - theirs).abs().max())
+    assert difference < 1e-4, difference
 
 
 # --- single-file checkpoints -------------------------------------------------------------------------

@@ -174,3 +174,35 @@ def test_explicit_starts_outside_the_latent_are_refused():
     with pytest.raises(ValueError, match="do not fit"):
         WindowGrid(16, 16, 8, 8, wrap=False, starts=((0,), (12,))).offsets
     assert WindowGrid(16, 16, 8, 8, wrap=True, starts=((0,), (12,))).offsets == [(0, 12)]  # wraps
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(4, 20), w=st.integers(8, 60), window=st.integers(2, 6), wide=st.integers(2, 4),
+       stride=st.integers(1, 6), wrap=st.booleans(), feather=st.booleans())
+def test_wide_windows_merge_their_crops_back_and_cover_every_pixel(h, w, window, wide, stride, wrap, feather):
+    if window * wide > w or window > h:
+        return
+    grid = WindowGrid(h, w, window, min(stride, window), wrap, window_width=window * wide)
+    latents = torch.randn(1, 3, h, w)
+    crops = grid.crop(latents)
+    assert crops.shape == (len(grid), 3, window, window * wide) and grid.shape == (window, window * wide)
+    weights = feathered_weights(grid.shape) if feather else None
+    assert torch.allclose(grid.merge(crops, weights), latents, atol=1e-5)
+    covered = torch.zeros(h, w)
+    for top, left in grid.offsets:
+        covered[top:top + window, (torch.arange(window * wide) + left) % w] += 1
+    assert (covered > 0).all()
+
+
+def test_a_wide_window_is_the_slice_it_covers_across_the_seam_and_weighs_its_edges_down():
+    latents = torch.arange(2 * 8 * 24, dtype=torch.float32).view(1, 2, 8, 24)
+    grid = WindowGrid(8, 24, 8, 8, wrap=True, starts=((0,), (10,)), window_width=16)
+    (crop,) = grid.crop(latents)
+    assert torch.equal(crop, torch.cat([latents[0, :, :, 10:], latents[0, :, :, :2]], dim=-1))  # 10…23, 0…1
+    grid.check_nested()
+    assert torch.equal(grid.coarse_crop(downsample(latents))[0], downsample(crop[None])[0])
+    weights = feathered_weights((8, 16))
+    assert weights.shape == (8, 16) and weights[4, 8] > weights[4, 0] and weights[0, 8] < weights[4, 8]
+    assert torch.equal(feathered_weights((6, 6)), feathered_weights(6))
+    with pytest.raises(ValueError, match="do not fit"):
+        WindowGrid(8, 24, 8, 8, wrap=False, starts=((0,), (10,)), window_width=16).offsets

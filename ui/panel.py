@@ -224,6 +224,9 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         col.prop(group, "late_gradient")
         col.prop(group, "windows")
         col.prop(group, "pyramid")
+        row = col.row()
+        row.active = group.pyramid == "global"
+        row.prop(group, "global_window")
         col.prop(group, "coarse_noise")
         col.prop(group, "scales")
         layout.prop(group, "poles")  # MultiDiffusion too

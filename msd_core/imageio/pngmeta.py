@@ -17,14 +17,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SETTINGS_KEY = "settings"
 METADATA_KEYS = (
     "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance", "method", "omega",
-    "omega_loss", "gradient", "scales", "pyramid", "coarse_noise", "window", "stride", "wrap", "scheduler", "model",
+    "omega_loss", "gradient", "scales", "pyramid", "global_window", "coarse_noise", "window", "stride", "wrap", "scheduler", "model",
     "msd_core_version", SETTINGS_KEY,
 )  # fmt: skip
 # Also ours: what the pipeline resolved for the run, and a refined panorama's source (msd_core.refine).
 # "loras" (only when the run used LoRAs): [{"name": file name, "sha256": hex digest, "weight": w}] in order.
 LORAS_KEY = "loras"
-RUN_KEYS = ("view_batch", "device", "dtype", "windows", "windows_per_level", "unet_windows", "family",
-            "guided_steps", LORAS_KEY)
+# "global_window_size" (only with a wide global window): its [height, width] in pixels.
+RUN_KEYS = ("view_batch", "device", "dtype", "windows", "windows_per_level", "global_window_size", "unet_windows",
+            "family", "guided_steps", LORAS_KEY)
 REFINE_KEYS = ("source", "strength", "start_step")
 OWN_KEYS = METADATA_KEYS + RUN_KEYS + REFINE_KEYS
 # Bounds on what a PNG's text may cost to read (our own metadata is a few KB).

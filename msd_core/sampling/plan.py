@@ -37,6 +37,11 @@ SD_PARAMETERS = 1.29e9
 # its VAE is kept in float32 in a float16 run (models.vae_dtype).
 FAMILY_PARAMETERS = {"sd": SD_PARAMETERS, "sdxl": 3.469e9}
 UPCAST_VAE_PARAMETERS = {"sd": 0.0, "sdxl": 83.7e6}
+# A window twice as wide costs 2 + 2c square windows' FLOPs, c the measured excess of its self-attention, whose
+# cost grows with the square of the window's pixel count (the rest grows with the area): a 64×128 latent window
+# of SD-2-base's UNet is 2.30× a 64×64 one, a 128×256 window of SDXL-base's 2.21× a 128×128 one
+# (bench/sdxl_memory.py --wide, FLOPs counted under FakeTensorMode). A window f times as wide: f + c (f² − f).
+WIDE_ATTENTION_EXCESS = {"sd": 0.15, "sdxl": 0.105}
 # A backward pass through the UNet costs 1.34 forwards (SD-2-base's UNet on an H200 in float16, view batch
 # 32: bench/results/device-h200.json). Forward-equivalents = forwards + BACKWARD_COST × backwards.
 BACKWARD_COST = 1.34
@@ -97,19 +102,21 @@ def shifted_starts(length: int, window: int, shift: int, wrap: bool = False, mul
 
 def shifted_offsets(
     height: int, width: int, window: int, step_index: int, seed: int, wrap: bool, level: int = 0,
-    multiple: int | tuple[int, int] = 1,
+    multiple: int | tuple[int, int] = 1, window_width: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """Row and column starts of the shifted tiles of one level at one step, reproducible from the seed.
 
-    The shift along each axis is drawn uniformly from [0, window) in multiples of ``multiple`` (one for
-    both axes, or (rows, columns)), anew for every (seed, step, level), so one step's tile edges lie
-    inside the next step's tiles.
+    The shift along each axis is drawn uniformly from [0, window) (columns: [0, ``window_width``) for
+    wider tiles) in multiples of ``multiple`` (one for both axes, or (rows, columns)), anew for every
+    (seed, step, level), so one step's tile edges lie inside the next step's tiles.
     """
     rows_multiple, cols_multiple = multiple if isinstance(multiple, tuple) else (multiple, multiple)
+    window_width = window_width or window
     draw = random.Random(f"shifted-windows/{seed}/{step_index}/{level}")
-    shift_rows, shift_cols = (draw.randrange(0, window, step) for step in (rows_multiple, cols_multiple))
+    shift_rows, shift_cols = (draw.randrange(0, size, step) for size, step in
+                              ((window, rows_multiple), (window_width, cols_multiple)))
     return (shifted_starts(height, window, shift_rows, False, rows_multiple),
-            shifted_starts(width, window, shift_cols, wrap, cols_multiple))
+            shifted_starts(width, window_width, shift_cols, wrap, cols_multiple))
 
 
 def default_levels(height: int, width: int, window: int) -> int:
@@ -169,8 +176,9 @@ def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool) ->
 
 
 def forward_equivalents(work: dict) -> float:
-    """``unet_work``'s counts in window forwards: forwards + ``BACKWARD_COST`` × backwards."""
-    return work["forwards"] + BACKWARD_COST * work["backwards"]
+    """``unet_work``'s counts in window forwards: forwards + ``BACKWARD_COST`` × backwards (+ a wide global
+    window's attention beyond its area, ``Plan.work``'s "wide_extra")."""
+    return work["forwards"] + BACKWARD_COST * work["backwards"] + work.get("wide_extra", 0.0)
 
 
 def window_activation_bytes(exact_gradient: bool, dtype: str, window: int, family: str = "sd") -> float:
@@ -258,6 +266,13 @@ class Plan:
     caps: int = 0  # latent pixels across each pole cap's view (``--poles sphere``); 0 = no cap windows
     guided_steps: int | None = None  # the first steps that guide with ``gradient`` (None = all when guided)
     late_gradient: str = "none"  # the later steps' gradient mode; "none": they run only the finest level
+    # The global level as one window of the world's aspect (``--global-window wide``): the coarsest level's
+    # windows are window × wide·window, not squeezed (1 = square windows everywhere).
+    wide: int = 1
+
+    def window_shape(self, level: int) -> tuple[int, int]:
+        """(rows, columns) of a level's windows: square, or the wide global window at level 0."""
+        return (self.window, self.wide * self.window) if level == 0 else (self.window, self.window)
 
     def gradient_at(self, step_index: int) -> str | None:
         """The gradient mode of a step (0-based), or None where nothing is guided: then only the finest level
@@ -281,12 +296,21 @@ class Plan:
 
         Finer levels use starts in multiples of their reduction to the coarser level (2, or the global
         level's squeeze along columns), so their crops map exactly onto it. The global level itself stays
-        put: it is (about) one window wide, so shifting its tiles would only roll it."""
+        put: it is (about) one window wide, so shifting its tiles would only roll it. A wide global window
+        is the squeezed one unsqueezed, as many windows: dense ones start every wide·stride columns; a
+        shifted one covering a 360° world moves like the tiles below, so the world's 0/360° seam lies
+        inside it at most steps (with a single level nothing else would denoise across the seam)."""
         result = []
         for level in range(self.levels):
             height, width = self.level_shape(level)
             multiple = (1, self.squeeze) if level == 1 and self.squeeze > 1 else 2 if level else 1
-            if self.windows == "shifted" and not (level == 0 and self.squeeze > 1):
+            if level == 0 and self.wide > 1 and self.windows == "shifted":
+                result.append(shifted_offsets(height, width, self.window, step_index, self.seed, self.wrap, level,
+                                              window_width=self.wide * self.window))
+            elif level == 0 and self.wide > 1:
+                result.append((window_starts(height, self.window, self.stride),
+                               window_starts(width, self.wide * self.window, self.wide * self.stride, self.wrap)))
+            elif self.windows == "shifted" and not (level == 0 and self.squeeze > 1):
                 result.append(shifted_offsets(height, width, self.window, step_index, self.seed, self.wrap, level,
                                               multiple))
             else:
@@ -335,7 +359,7 @@ class Plan:
         from .windows import WindowGrid, level_factor
 
         grids = [WindowGrid(*self.level_shape(level), self.window, self.stride, self.wrap,
-                            starts=(tuple(rows), tuple(cols)))
+                            starts=(tuple(rows), tuple(cols)), window_width=self.window_shape(level)[1])
                  for level, (rows, cols) in enumerate(self.starts_at(step_index))]
         for coarse, fine in zip(grids, grids[1:]):
             fine.check_nested(level_factor(fine, coarse))  # every finer window's crop maps onto the coarser level
@@ -347,18 +371,30 @@ class Plan:
         return self.grids_at(0)
 
     def _step_work(self) -> list[dict]:
-        """UNet work of every step: the pyramid's windows with that step's gradient, plus the pole caps' forwards."""
+        """UNet work of every step: the pyramid's windows with that step's gradient, plus the pole caps' forwards.
+        A wide global window counts as ``wide`` window forwards, its area (its no-grad activations grow so:
+        2.00× at 2:1 on SDXL-base), and its self-attention's cost beyond that as "wide_extra"
+        (``WIDE_ATTENTION_EXCESS``) forward-equivalents."""
         per_step = []
+        excess = WIDE_ATTENTION_EXCESS[self.family] * (self.wide**2 - self.wide)
         for index, (counts, caps) in enumerate(zip(self.windows_per_step(), self.cap_windows_per_step())):
             gradient = self.gradient_at(index)
+            extra = {}
+            if self.wide > 1:
+                top = counts[0] if len(counts) == self.levels else 0  # the global level runs at this step
+                counts = [top * self.wide, *counts[1:]] if top else counts
+                extra = {"wide_extra": top * excess}
             work = unet_work([counts], gradient or self.gradient, gradient is not None)
-            per_step.append({**work, "forwards": work["forwards"] + caps})
+            per_step.append({**work, "forwards": work["forwards"] + caps, **extra})
         return per_step
 
     def work(self, start_step: int = 0) -> dict:
-        """UNet window passes of the run, or of its steps from ``start_step`` on (a refine runs only those)."""
+        """UNet window passes of the run, or of its steps from ``start_step`` on (a refine runs only those); with
+        a wide global window also "wide_extra", its attention's cost beyond its area in forward-equivalents."""
         steps = self._step_work()[start_step:]
-        return {key: sum(work[key] for work in steps) for key in ("forwards", "backwards")}
+        keys = ("forwards", "backwards", "wide_extra") if self.wide > 1 else ("forwards", "backwards")
+        total = {key: sum(work[key] for work in steps) for key in keys}
+        return {**total, "wide_extra": round(total["wide_extra"], 2)} if self.wide > 1 else total
 
     def step_costs(self) -> list[float]:
         """UNet work of every step in window forwards, a backward counted as ``BACKWARD_COST`` forwards."""
@@ -386,14 +422,24 @@ class Plan:
             "windows": self.windows,
             "view_batch": self.view_batch,
             "windows_per_level": per_level,
+            **({"global_window_size": [self.window * self.factor, self.wide * self.window * self.factor]}
+               if self.wide > 1 else {}),
             "unet_windows": self.work(start_step),
             "guided_steps": sum(self.gradient_at(index) is not None for index in range(start_step, self.steps)),
             **(caps if self.caps else {}),
         }
 
     def dry_run(self, dtype: str) -> dict:
-        """``describe`` plus the decoded size and an estimate of the peak accelerator memory."""
-        per_window = window_activation_bytes(self.exact, dtype, self.window, self.family)
+        """``describe`` plus the decoded size and an estimate of the peak accelerator memory: the weights and
+        a view batch of the finer levels' windows, or of the wide global windows (no gradient, ``wide``
+        times a square window's area) where those hold more."""
+        activations = self.view_batch * window_activation_bytes(self.exact, dtype, self.window, self.family)
+        if self.wide > 1 and self.levels == 1:  # the wide windows are all there is
+            activations = 0.0
+        if self.wide > 1:
+            top_windows = min(self.view_batch, max(counts[0] for counts in self._all_level_counts()))
+            wide = self.wide * window_activation_bytes(False, dtype, self.window, self.family)
+            activations = max(activations, top_windows * wide)
         weights = weight_bytes(dtype, self.family)
         sized = {"sd": "SD-2-base-sized", "sdxl": "SDXL-base-sized"}[self.family]
         return {
@@ -402,7 +448,7 @@ class Plan:
             "steps": self.steps,
             "decoded_size": [self.width * self.factor, self.height * self.factor],
             "dtype": dtype,
-            "estimated_peak_gib": round((weights + self.view_batch * per_window) / 2**30, 2),
+            "estimated_peak_gib": round((weights + activations) / 2**30, 2),
             "memory_note": f"{sized} weights plus view_batch windows of measured activations",
         }
 
@@ -454,17 +500,22 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
                 f"{levels} pyramid levels need the latent size ({height}×{width}) divisible by {scale} and its "
                 f"coarsest level at least one window ({window}) tall and wide; use fewer --scales"
             )
-    squeeze = 1
+    squeeze = wide = 1
     if settings.pyramid == "global" and settings.method == "msd":
         squeeze = global_squeeze(width // 2 ** (levels - 1), window, stride)
+        if settings.global_window == "wide":  # the coarsest level itself, in windows of the world's aspect
+            squeeze, wide = 1, squeeze
         levels += squeeze > 1
     guided = settings.method == "msd" and settings.omega > 0 and levels > 1
     exact = guided and "exact" in (settings.gradient, settings.late_gradient)
     view_batch = settings.view_batch or view_batch_for(free_bytes, exact, dtype, window, family)
+    if wide > 1 and not settings.view_batch and free_bytes is not None:  # a batch of wide windows must fit too
+        wide_window = wide * window_activation_bytes(False, dtype, window, family)
+        view_batch = min(view_batch, max(1, int(free_bytes * 0.8 // wide_window)))
     caps = cap_size(height, window) if settings.poles == "sphere" and has_poles(width, height, settings.wrap) else 0
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
                 settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps,
-                guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient)
+                guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient, wide=wide)
 
 
 def guided_step_count(settings: GenerationSettings) -> int:

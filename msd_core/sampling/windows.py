@@ -21,10 +21,12 @@ HALF: Factor = (2, 2)
 
 @dataclass(frozen=True)
 class WindowGrid:
-    """Square windows over a (height × width) latent; horizontal wrap-around when ``wrap``.
+    """Windows over a (height × width) latent; horizontal wrap-around when ``wrap``.
 
-    The windows march by ``stride``, or start where ``starts`` = (row starts, column starts) says (the
-    shifted tiles of ``plan.shifted_offsets``); column starts may run past the width when ``wrap``.
+    Windows are ``window`` square, or ``window`` × ``window_width`` (the wide window of a ``plan.Plan`` whose
+    global level keeps the world's aspect). They march by ``stride``, or start where ``starts`` = (row
+    starts, column starts) says (the shifted tiles of ``plan.shifted_offsets``); column starts may run past
+    the width when ``wrap``.
     """
 
     height: int
@@ -33,18 +35,25 @@ class WindowGrid:
     stride: int
     wrap: bool = False
     starts: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    window_width: int | None = None  # None = square
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of every window."""
+        return self.window, self.window_width or self.window
 
     @cached_property
     def offsets(self) -> list[tuple[int, int]]:
         """(top, left) of every window, row by row."""
         if self.starts is not None:
             rows, cols = self.starts
-            if any(top < 0 or top + self.window > self.height for top in rows) or any(
-                    left < 0 or (left + self.window > self.width and not self.wrap) for left in cols):
+            window_h, window_w = self.shape
+            if any(top < 0 or top + window_h > self.height for top in rows) or any(
+                    left < 0 or (left + window_w > self.width and not self.wrap) for left in cols):
                 raise ValueError(f"window starts {self.starts} do not fit a {self.height}×{self.width} latent")
         else:
-            rows = window_starts(self.height, self.window, self.stride)
-            cols = window_starts(self.width, self.window, self.stride, self.wrap)
+            rows = window_starts(self.height, self.shape[0], self.stride)
+            cols = window_starts(self.width, self.shape[1], self.stride, self.wrap)
         return [(top, left) for top in rows for left in cols]
 
     def __len__(self) -> int:
@@ -52,11 +61,11 @@ class WindowGrid:
 
     @cached_property
     def _index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row and column indices of every window pixel, shaped (N, window, 1) and (N, 1, window)."""
-        return _window_index(self.offsets, self.window, self.width)
+        """Row and column indices of every window pixel, shaped (N, rows, 1) and (N, 1, columns)."""
+        return _window_index(self.offsets, self.shape, self.width)
 
     def crop(self, latents: torch.Tensor) -> torch.Tensor:
-        """F_i for all i: (1, C, H, W) → (N, C, window, window)."""
+        """F_i for all i: (1, C, H, W) → (N, C, rows, columns) of the window ``shape``."""
         _check_latents(latents, self.height, self.width)
         rows, cols = (index.to(latents.device) for index in self._index)
         return latents[0][:, rows, cols].permute(1, 0, 2, 3)
@@ -64,30 +73,30 @@ class WindowGrid:
     def coarse_crop(self, coarse: torch.Tensor, factor: Factor = HALF) -> torch.Tensor:
         """F'_i for all i: the region of the next coarser level (this level ds by ``factor``) under each window.
 
-        (N, C, window/fh, window/fw). Needs offsets and window divisible by the factor, which
+        (N, C, rows/fh, columns/fw). Needs offsets and window divisible by the factor, which
         ``check_nested`` (halving) and ``global_level`` (a column squeeze) guarantee.
         """
         fh, fw = factor
         _check_latents(coarse, self.height // fh, self.width // fw)
         scaled = [(top // fh, left // fw) for top, left in self.offsets]
-        index = _window_index(scaled, (self.window // fh, self.window // fw), self.width // fw)
+        index = _window_index(scaled, (self.shape[0] // fh, self.shape[1] // fw), self.width // fw)
         rows, cols = (part.to(coarse.device) for part in index)
         return coarse[0][:, rows, cols].permute(1, 0, 2, 3)
 
     def merge(self, windows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """F_i⁻¹ and the MultiDiffusion average: Σ W_i ⊗ F_i⁻¹(x_i) / Σ W_i, shaped (1, C, H, W).
 
-        ``weights`` is one (window × window) map shared by all windows (None = uniform). Every pixel is
-        covered, so the denominator is never zero.
+        ``weights`` is one map of the window ``shape`` shared by all windows (None = uniform). Every pixel
+        is covered, so the denominator is never zero.
         """
         count, channels = windows.shape[0], windows.shape[1]
         if count != len(self):
             raise ValueError(f"expected {len(self)} windows, got {count}")
         rows, cols = (index.to(windows.device) for index in self._index)
-        flat = (rows * self.width + cols).expand(count, self.window, self.window).reshape(-1)
+        flat = (rows * self.width + cols).expand(count, *self.shape).reshape(-1)
         if weights is None:
-            weights = torch.ones(self.window, self.window, device=windows.device, dtype=windows.dtype)
-        weights = weights.to(windows.dtype).expand(count, self.window, self.window)
+            weights = torch.ones(self.shape, device=windows.device, dtype=windows.dtype)
+        weights = weights.to(windows.dtype).expand(count, *self.shape)
         value = windows.new_zeros(channels, self.height * self.width)
         value.index_add_(1, flat, (windows * weights[:, None]).permute(1, 0, 2, 3).reshape(channels, -1))
         total = windows.new_zeros(self.height * self.width)
@@ -99,7 +108,7 @@ class WindowGrid:
         reduced by ``factor``: halved, or its columns squeezed under a ``global_level``)."""
         fh, fw = factor
         reduced = "halved" if factor == HALF else f"reduced by {fh}×{fw}"
-        if self.height % fh or self.width % fw or self.window % fh or self.window % fw:
+        if self.height % fh or self.width % fw or self.shape[0] % fh or self.shape[1] % fw:
             raise ValueError(
                 f"a pyramid level of {self.height}×{self.width} latent px with a {self.window} px window cannot be "
                 f"{reduced} exactly; use a size divisible by a higher power of two or fewer levels"
@@ -109,8 +118,8 @@ class WindowGrid:
             raise ValueError(f"window offsets are {odd}: coarse crops would not align; use an even stride")
 
 
-def _window_index(offsets, window: int | tuple[int, int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    window_h, window_w = window if isinstance(window, tuple) else (window, window)
+def _window_index(offsets, window: tuple[int, int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    window_h, window_w = window
     starts = torch.tensor(offsets, dtype=torch.long).view(-1, 2)
     rows = (starts[:, 0, None] + torch.arange(window_h))[:, :, None]
     cols = ((starts[:, 1, None] + torch.arange(window_w)) % width)[:, None, :]
@@ -122,14 +131,19 @@ def _check_latents(latents: torch.Tensor, height: int, width: int) -> None:
         raise ValueError(f"expected latents of shape (1, C, {height}, {width}), got {tuple(latents.shape)}")
 
 
-def feathered_weights(window: int, minimum: float = 0.05) -> torch.Tensor:
-    """A (window × window) weight map that falls off linearly towards the edges (never below ``minimum``).
+def feathered_weights(window: int | tuple[int, int], minimum: float = 0.05) -> torch.Tensor:
+    """A weight map of a square window (or of (rows, columns)) that falls off linearly towards the edges
+    (never below ``minimum``).
 
     Windows then blend smoothly into their neighbours instead of averaging with hard edges.
     """
-    ramp = torch.minimum(torch.arange(window) + 1.0, window - torch.arange(window, dtype=torch.float32))
-    ramp = (ramp / ramp.max()).clamp(min=minimum)
-    return ramp[:, None] * ramp[None, :]
+
+    def ramp(length: int) -> torch.Tensor:
+        values = torch.minimum(torch.arange(length) + 1.0, length - torch.arange(length, dtype=torch.float32))
+        return (values / values.max()).clamp(min=minimum)
+
+    rows, cols = window if isinstance(window, tuple) else (window, window)
+    return ramp(rows)[:, None] * ramp(cols)[None, :]
 
 
 def downsample(latents: torch.Tensor, factor: Factor = HALF) -> torch.Tensor:
