@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import sys
+from functools import partial
 
 from . import __version__, environment, variations
 from .errors import BadInput, MSDError
@@ -387,13 +388,27 @@ def generate(args: argparse.Namespace) -> int:
     if settings.cubemap:
         check_cubemap_paths(output, args.overwrite, exr=settings.hdr)
     origin = f" from {args.image} at strength {source.strength}" if source else ""
-    pipe = _load_pipeline(args, settings, f"{settings.width}×{settings.height}{origin}, seed {settings.seed}")
-    progress = None if args.quiet else _progress_bar(settings.steps)
+    settings, shard = _join_ranks(settings)
     try:
-        result = pipe.refine(settings, source, callback=progress) if source else pipe(settings, callback=progress)
+        speaks = shard is None or shard.rank == 0  # under torchrun rank 0 alone reports and writes
+        pipe = _load_pipeline(args, settings, f"{settings.width}×{settings.height}{origin}, seed {settings.seed}"
+                              + (f", sharded over {shard.world} ranks" if shard else ""), speaks)
+        if shard is not None:
+            pipe.map_batches = shard
+        progress = None if args.quiet or not speaks else _progress_bar(settings.steps)
+        try:
+            run = partial(pipe.refine, source=source) if source else pipe
+            result = run(settings, callback=progress, decode=speaks)
+        finally:
+            if progress:
+                progress.close()
     finally:
-        if progress:
-            progress.close()
+        if shard is not None:
+            from .distributed import leave
+
+            leave()
+    if not speaks:
+        return 0
     path = pipe.save(result, output, overwrite=args.overwrite)
     print(storable_text(str(path)))  # a file name that is not UTF-8 is printed escaped, not a crash after the run
     if settings.hdr:
@@ -406,10 +421,38 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _join_ranks(settings: GenerationSettings):
+    """Under torchrun (WORLD_SIZE set): join the other ranks (msd_core.distributed) and take rank 0's seed, as
+    a drawn one differs per process. Returns (settings, the rank's ShardedBatches or None outside torchrun)."""
+    if "WORLD_SIZE" not in os.environ:
+        return settings, None
+    from . import distributed
+    from .models import resolve_device
+
+    info = distributed.rank_from_env()
+    device, _ = resolve_device(settings.device, settings.dtype)
+    shard = distributed.join(info, device.type)
+    try:
+        seed = distributed.shared_seed(settings.seed, torch_device(device))
+    except BaseException:
+        distributed.leave()
+        raise
+    return dataclasses.replace(settings, seed=seed), shard
+
+
+def torch_device(device):
+    """``device`` as a tensor's device: plain "cuda" is the GPU this rank took (torch.cuda.set_device)."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
+
+
 def generate_variations(args: argparse.Namespace, settings: GenerationSettings) -> int:
     """N drafts with consecutive seeds at draft size (msd_core.variations), each written as soon as it is done."""
     from .output import check_output_path
 
+    if "WORLD_SIZE" in os.environ:
+        raise BadInput("--variations does not run sharded: drafts are small, run them as one process (without torchrun)")
     count = args.variations
     if not 1 <= count <= variations.MAX_VARIATIONS:
         raise BadInput(f"--variations must be a whole number from 1 to {variations.MAX_VARIATIONS}, got {count}")
@@ -435,17 +478,18 @@ def generate_variations(args: argparse.Namespace, settings: GenerationSettings) 
     return 0
 
 
-def _load_pipeline(args: argparse.Namespace, settings: GenerationSettings, what: str):
+def _load_pipeline(args: argparse.Namespace, settings: GenerationSettings, what: str, speaks: bool = True):
     if not 0 <= args.threads <= MAX_THREADS:
         raise BadInput("{field} must be from 0 (automatic) to {limit}, got {value}", field="threads", limit=MAX_THREADS,
                        value=shown(args.threads))
-    print(storable_text(f"msd-panorama: {what}, model {settings.model}"), file=sys.stderr)
+    if speaks:
+        print(storable_text(f"msd-panorama: {what}, model {settings.model}"), file=sys.stderr)
     import torch
 
     from .pipeline import MSDPanoramaPipeline
 
     torch.set_num_threads(environment.threads(args.threads))
-    if args.quiet:  # the libraries' own bars too (transformers shows one while it loads weights)
+    if args.quiet or not speaks:  # the libraries' own bars too (transformers shows one while it loads weights)
         import diffusers
         import transformers
 

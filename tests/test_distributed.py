@@ -156,3 +156,26 @@ def test_rank_from_env_reads_torchrun_variables():
         distributed.rank_from_env({"RANK": "2", "WORLD_SIZE": "2"})
     with pytest.raises(distributed.MSDError, match="no torch.distributed backend"):
         distributed.backend_for("mps")
+
+
+def test_torchrun_cli_writes_the_one_process_panorama(tmp_path):
+    """`torchrun --nproc-per-node 2 -m msd_core generate …` as a user runs it, with a drawn seed (rank 0's
+    is used by all ranks): the PNG is byte for byte the one a single process writes with that seed."""
+    import re
+    import subprocess
+    import sys
+
+    command = ["generate", "a lake", "--model", "tiny", "--width", "256", "--height", "128", "--steps", "2",
+               "--device", "cpu", "--view-batch", "3", "-q"]
+    sharded = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "msd_core",
+         *command, "-o", str(tmp_path / "two.png")], capture_output=True, text=True, timeout=600,
+    )
+    assert sharded.returncode == 0, sharded.stderr
+    assert sharded.stdout.strip() == str(tmp_path / "two.png")  # rank 0 alone reports the file
+    seeds = re.findall(r"seed (\d+), sharded over 2 ranks", sharded.stderr)
+    assert len(seeds) == 1, sharded.stderr
+    single = subprocess.run([sys.executable, "-m", "msd_core", *command, "--seed", seeds[0], "-o", str(tmp_path / "one.png")],
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one.png").read_bytes()
