@@ -139,7 +139,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_wrap(size, "on for a 2:1 target")
     _add_run_options(ref)
     _add_models_command(commands)
+    _add_batch_command(commands)
     return parser
+
+
+BATCH_DESCRIPTION = """\
+Run a queue of panoramas: JOBS.jsonl holds one generate request of the worker protocol per line
+({"settings": {...}, "output": "valley.png"}, "refine": {...} for a refine; docs/cluster.md). Jobs whose
+output exists are skipped, failures are recorded in JOBS.jsonl.log.jsonl and the queue goes on: run it
+again to finish what is missing. Exit code 1 when a job failed.
+
+Examples:
+  msd-panorama batch night.jsonl                   (one warm model per GPU of this machine)
+  msd-panorama batch night.jsonl --ray auto        (one Ray actor per GPU of the cluster: pip install .[cluster])
+"""
+
+
+def _add_batch_command(commands) -> None:
+    batch = commands.add_parser("batch", help="run a file of generate requests, skipping finished ones",
+                                description=BATCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_argument("jobs", metavar="JOBS.jsonl", help="one generate request (JSON) per line")
+    batch.add_argument("--ray", metavar="ADDRESS",
+                       help="run on a Ray cluster (auto = the running one, local = start one here, or host:port)")
+    batch.add_argument("--workers", type=int,
+                       help="warm models at once (default: one per GPU, one where there is none)")
+    batch.add_argument("--threads", type=int, default=0,
+                       help="CPU threads for torch per model (default 0: OMP_NUM_THREADS if set, else physical cores − 1)")
 
 
 def _add_output_and_negative(parser: argparse.ArgumentParser) -> None:
@@ -603,7 +628,19 @@ class DownloadBar:
             self.stream.flush()
 
 
-COMMANDS = {"generate": generate, "refine": generate, "list": list_models, "download": download_model}
+def run_batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch
+
+    if args.workers is not None and not 1 <= args.workers <= MAX_THREADS:
+        raise BadInput(f"--workers must be a whole number from 1 to {MAX_THREADS}, got {args.workers}")
+    if not 0 <= args.threads <= MAX_THREADS:
+        raise BadInput(f"--threads must be from 0 (automatic) to {MAX_THREADS}, got {args.threads}")
+    summary = run_batch(args.jobs, workers=args.workers, ray_address=args.ray, threads=args.threads)
+    return 1 if summary.failed else 0
+
+
+COMMANDS = {"generate": generate, "refine": generate, "list": list_models, "download": download_model,
+            "batch": run_batch}
 
 
 def main(argv: list[str] | None = None) -> int:
