@@ -95,6 +95,38 @@ def _request(raw, number: int, folder: Path) -> tuple[dict | None, str | None]:
     return request, None
 
 
+def append_job(path, settings: dict) -> tuple[int, str]:
+    """Append a generate request for ``settings`` (GenerationSettings.to_dict()) to the job file ``path``
+    (created if missing) and return (its line number, its output). The lines already there are never
+    rewritten; the output is the first free "<file name>_NNNN.png" beside the file (relative, so the queue
+    can move with its folder). Bounded as ``read_requests`` is."""
+    path = Path(path)
+    if path.suffix.lower() != ".jsonl":
+        raise BadInput(f"the job file {path.name} must end in .jsonl (one JSON request a line)")
+    existing = read_requests(path) if path.exists() else []
+    if len(existing) >= MAX_JOBS:
+        raise BadInput(f"the job file {path} already has {MAX_JOBS} jobs; start another")
+    taken = {Path(request["output"]).name for _, request, _ in existing if request}
+    number = len(existing) + 1
+    while (output := f"{path.stem}_{number:04d}.png") in taken or (path.parent / output).exists():
+        number += 1
+    line = protocol.encode({"op": "generate", "settings": settings, "output": output})
+    if len(line.encode("utf-8")) > protocol.MAX_LINE_BYTES:
+        raise BadInput(f"the job is longer than {protocol.MAX_LINE_BYTES} bytes (a very long prompt?)")
+    with open(path, "ab") as file:  # appended: a crash mid-write can only leave a last line that fails alone
+        if file.tell() and not _ends_with_newline(path):
+            file.write(b"\n")
+        file.write(line.encode("utf-8"))
+    lines = path.read_bytes().count(b"\n")
+    return lines, output
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as file:
+        file.seek(-1, os.SEEK_END)
+        return file.read(1) == b"\n"
+
+
 class JobRunner:
     """One warm model running requests with the worker's own code (``Worker.run_job``)."""
 
