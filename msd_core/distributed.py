@@ -161,6 +161,36 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+def world_size(ranks: int, device_type: str, gpus: int) -> int:
+    """The number of ranks a request's ``ranks`` asks for (0 = one per GPU), checked against the machine."""
+    from .errors import BadInput
+
+    backend_for(device_type)
+    if ranks == 0:
+        if device_type != "cuda" or gpus == 0:
+            raise BadInput("{field} 0 (one rank per GPU, All GPUs) needs CUDA GPUs; this run is on the {device}",
+                           field="ranks", device=device_type)
+        return gpus
+    if device_type == "cuda" and ranks > gpus:
+        raise BadInput("{field} {ranks} needs as many GPUs; torch sees {gpus}", field="ranks", ranks=ranks, gpus=gpus)
+    return ranks
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for rank 0's rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank_environment(rank: int, world: int, port: int) -> dict[str, str]:
+    """What torchrun tells a rank on one machine (``rank_from_env`` reads it)."""
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}
+
+
 def shared_seed(seed: int, device: torch.device) -> int:
     """Rank 0's seed on every rank (a seed drawn at random differs per process)."""
     value = torch.tensor([seed], dtype=torch.int64, device=device)

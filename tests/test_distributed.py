@@ -179,3 +179,82 @@ def test_torchrun_cli_writes_the_one_process_panorama(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
     assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one.png").read_bytes()
+
+
+def _worker():
+    import os
+    import sys
+
+    from msd_core.client import WorkerClient
+    from test_worker import REPO_ROOT, wait_for
+
+    client = WorkerClient(sys.executable, pythonpath=REPO_ROOT, env={"OMP_NUM_THREADS": "1"}).start()
+    wait_for(client, lambda event: event["event"] == "ready")
+    assert os.environ.get("WORLD_SIZE") is None
+    return client
+
+
+def _children(pid: int) -> dict[int, int]:
+    """{rank: pid} of a worker's rank processes (Linux: /proc)."""
+    from pathlib import Path
+
+    ranks = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            rank = next((int(item[5:]) for item in environ if item.startswith(b"RANK=")), None)
+            if rank is not None:
+                ranks[rank] = int(child)
+    return ranks
+
+
+def test_worker_request_with_two_ranks_relays_rank_zero_and_writes_the_one_process_png(tmp_path):
+    """The worker's sharded path (the add-on's All GPUs, here two gloo ranks on the CPU): progress every step,
+    previews, and the same PNG as the same request run in one process."""
+    from test_worker import finished, of, tiny, wait_for
+
+    client = _worker()
+    try:
+        settings = tiny(steps=3, windows="dense", seed=11)
+        sharded = client.generate(settings, tmp_path / "two.png", ranks=2, preview_every=1, preview_dir=tmp_path)
+        events = wait_for(client, finished(sharded))
+        assert events[-1]["event"] == "done", events[-1]
+        assert [e["step"] for e in of(events, sharded, "progress")] == [1, 2, 3]
+        previews = of(events, sharded, "preview")
+        assert [p["step"] for p in previews] == [1, 2, 3] and all(os_path_is_file(p["path"]) for p in previews)
+        single = client.generate(settings, tmp_path / "one.png")
+        assert wait_for(client, finished(single))[-1]["event"] == "done"
+    finally:
+        client.stop(timeout=60)
+    assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one.png").read_bytes()
+
+
+def os_path_is_file(path) -> bool:
+    import os
+
+    return os.path.isfile(path)
+
+
+def test_worker_ends_a_sharded_request_when_a_rank_is_killed(tmp_path):
+    import os
+    import signal
+
+    from test_worker import LONG_RUN, finished, tiny, wait_for
+
+    client = _worker()
+    try:
+        request = client.generate(tiny(**LONG_RUN), tmp_path / "out.png", ranks=2, preview_every=0)
+        wait_for(client, lambda event: event["id"] == request and event["event"] == "progress")
+        os.kill(_children(client.pid)[1], signal.SIGKILL)
+        killed = time.monotonic()
+        error = wait_for(client, finished(request))[-1]
+        assert time.monotonic() - killed < 20
+        assert (error["event"], error["kind"]) == ("error", "internal"), error
+        assert "rank" in error["message"] and ("lost the other ranks" in error["message"] or "died" in error["message"])
+        assert not (tmp_path / "out.png").exists()
+        # The worker goes on: its next request runs in one process.
+        again = client.generate(tiny(steps=2, width=128, height=64), tmp_path / "next.png")
+        assert wait_for(client, finished(again))[-1]["event"] == "done"
+        assert _children(client.pid) == {}
+    finally:
+        client.stop(timeout=60)
