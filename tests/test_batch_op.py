@@ -62,3 +62,19 @@ def test_add_to_batch_refuses_invalid_settings_and_full_files(addon, tmp_path, m
 
 def test_panel_shows_add_to_batch_beside_generate(addon):
     assert ("operator", "msd.add_to_batch") in draw("MSD_PT_panorama")
+
+
+def test_all_gpus_device_runs_on_cuda_shared_by_every_gpu(addon):
+    """Preferences' Device "All GPUs": the settings say cuda (valid anywhere, a batch line too) and the
+    worker request asks for one rank per GPU (ranks 0)."""
+    from blender_env import addon_module, addon_preferences
+
+    properties = addon_module().properties
+    prefs = addon_preferences()
+    prefs.device = "all-gpus"
+    try:
+        assert properties.settings_from_scene(bpy.context.scene, prefs).device == "cuda"
+        assert properties.request_ranks(prefs) == 0
+    finally:
+        prefs.device = "cpu"
+    assert properties.request_ranks(prefs) == 1 and properties.settings_from_scene(bpy.context.scene, prefs).device == "cpu"
