@@ -3,8 +3,7 @@
 
 Everything runs the tiny SD model on the CPU. Sharding: MultiDiffusion at 288×64 px, stride 32 px (8 windows
 of 64 px in one row), view batch 1 (8 batches: 4 per rank), timed as the sampling call alone after one
-warm-up run; the ranks start each repetition together (a barrier). One process is timed with 1 and with 2
-torch threads (2 ranks use 2 cores). Batch: the same job file run by one warm model in this process and by
+warm-up run; the ranks start each repetition together (a barrier); one torch thread per process. Batch: the same job file run by one warm model in this process and by
 Ray actors (1 and 2), wall time including model loading and Ray's start.
 
     .venv/bin/python bench/cluster.py --quick   # 3 repetitions, 4 steps, 4 batch jobs
@@ -65,12 +64,11 @@ def rank_main(rank: int, world: int, port: int, steps: int, repetitions: int, fo
 def sharding(steps: int, repetitions: int) -> dict:
     settings = GenerationSettings(**EIGHT_WINDOWS, steps=steps).validate()
     pipe = MSDPanoramaPipeline.from_settings(settings)
-    results, reference = {}, None
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        seconds, reference = timed_runs(pipe, settings, repetitions)
-        results[f"one process, {threads} thread{'s' * (threads > 1)}"] = statistics.median(seconds)
+    # One thread everywhere: equality needs the same thread count (a CPU reduction split over threads adds in
+    # another order), and on a shared 2-core machine 2 threads in one process thrash (100× slower here).
     torch.set_num_threads(1)
+    seconds, reference = timed_runs(pipe, settings, repetitions)
+    results = {"one process, 1 thread": statistics.median(seconds)}
     with tempfile.TemporaryDirectory() as folder:
         mp.start_processes(rank_main, args=(2, distributed.free_port(), steps, repetitions, folder), nprocs=2,
                            start_method="spawn")
@@ -127,12 +125,16 @@ def batch_throughput(jobs: int, ray_workers: tuple[int, ...]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=("sharding", "batch"), help="run one part (written as cluster[-quick]-PART.json)")
     args = parser.parse_args()
     steps, repetitions, jobs = (4, 3, 4) if args.quick else (10, 5, 8)
-    report = {"environment": environment(), "sharding": sharding(steps, repetitions),
-              "batch": batch_throughput(jobs, (1, 2))}
+    report = {"environment": environment()}
+    if args.only != "batch":
+        report["sharding"] = sharding(steps, repetitions)
+    if args.only != "sharding":
+        report["batch"] = batch_throughput(jobs, (1, 2))
     print(json.dumps(report, indent=1))
-    write_json("cluster-quick" if args.quick else "cluster", report)
+    write_json("cluster" + "-quick" * args.quick + (f"-{args.only}" if args.only else ""), report)
     return 0
 
 

@@ -98,3 +98,14 @@ def test_same_file_through_local_ray_gives_the_same_outputs(local_run, tmp_path)
         1: "done", 3: "failed", 5: "failed", 7: "failed", 9: "done", 11: "failed"}
     for name in ("first.png", "second.png"):
         assert (tmp_path / name).read_bytes() == (local_run.parent / name).read_bytes()
+
+
+def test_two_local_workers_each_with_a_warm_model_share_the_queue(local_run, tmp_path):
+    """--workers 2 here: two processes (one per GPU where there are GPUs), the same outputs as one."""
+    jobs = tmp_path / "night.jsonl"
+    jobs.write_text("".join(json.dumps({"settings": {**GOOD, "seed": seed}, "output": f"job{seed}.png"}) + "\n"
+                            for seed in (1, 3)))
+    summary = batch.run_batch(jobs, workers=2)
+    assert (summary.done, summary.failed) == (2, 0)
+    assert (tmp_path / "job1.png").read_bytes() == (local_run.parent / "first.png").read_bytes()
+    assert (tmp_path / "job3.png").read_bytes() != (tmp_path / "job1.png").read_bytes()
