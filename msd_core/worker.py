@@ -482,10 +482,13 @@ class Worker:
         finally:
             for rank in ranks:
                 rank.stop(timeout=2.0)
-        if final.get("event") == "error":
+        if final["event"] == "error":  # raised, so that run_job cleans up as after any failed run
             for index, rank in enumerate(ranks):
                 for line in rank.stderr_lines[-5:]:
                     log.warning("rank %d: %s", index, line)
+            failure = MSDError(final["message"])
+            failure.kind, failure.field = final["kind"], final.get("field")
+            raise failure
         self._finish(job, final)
 
     def _relay(self, job: Job, ranks: list, first_id) -> dict:
