@@ -28,7 +28,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[worker,dev]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[worker,dev,cluster]"
 	touch $@
 
 test: $(STAMP)

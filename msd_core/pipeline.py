@@ -35,6 +35,7 @@ from .sampling.sampler import (
     alphas_cumprod,
     cosine_decay,
     msd_step,
+    run_batches,
     solver_schedule,
 )
 from .settings import GenerationSettings, RefineSettings
@@ -80,6 +81,9 @@ class MSDPanoramaPipeline:
         self.dtype = components.dtype
         self.factor = components.vae_factor
         self.key = None
+        # How each level's window batches run: here, or spread over the ranks of a sharded run
+        # (msd_core.distributed.ShardedBatches); the result is the same either way.
+        self.map_batches = run_batches
 
     @classmethod
     def from_settings(cls, settings: GenerationSettings) -> "MSDPanoramaPipeline":
@@ -257,13 +261,14 @@ class MSDPanoramaPipeline:
                     prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                     weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
                     coarse_noise=settings.coarse_noise, train_alphas=self.scheduler.alphas_cumprod,
+                    map_batches=self.map_batches,
                 )
                 if caps is not None:
                     latents, x0_history[-1], cap_views = sphere.pole_cap_step(
                         before, x0_before, latents, x0_history[-1], caps, plan.cap_grid_at(start_step + index), step, denoise,
                         caps=cap_views, prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                         weights=weights[-1], interrupt=interrupt, coarse=coarser[0] if gradient else None,
-                        omega=omega_t, omega_loss=settings.omega_loss,
+                        omega=omega_t, omega_loss=settings.omega_loss, map_batches=self.map_batches,
                     )
                 if guide is not None:
                     latents = guide(latents, step)

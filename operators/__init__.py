@@ -2,9 +2,9 @@
 
 import bpy
 
-from . import backdrop, generate, history, images, loras, models, refine, settings_restore, variations, worker_env, world
+from . import backdrop, batch, generate, history, images, loras, models, refine, settings_restore, variations, worker_env, world
 
-_modules = (images, world, backdrop, generate, refine, settings_restore, worker_env, models, variations, history, loras)
+_modules = (images, world, backdrop, generate, refine, settings_restore, worker_env, models, variations, history, loras, batch)
 classes = tuple(cls for module in _modules for cls in module.classes)
 
 _register_classes, _unregister_classes = bpy.utils.register_classes_factory(classes)

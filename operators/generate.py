@@ -26,7 +26,7 @@ from ..msd_core.errors import BadInput, MSDError
 from ..msd_core.settings import GenerationSettings, RefineSettings
 from ..msd_core.variations import variation_path
 from ..preferences import ADDON_DIR, get_preferences, output_folder, user_folder, worker_python
-from ..properties import in_panel_terms, run_state, settings_from_scene
+from ..properties import in_panel_terms, request_ranks, run_state, settings_from_scene
 from .backdrop import add_backdrop
 from .images import load_panorama
 from .world import SOURCE_PROPERTY, apply_world, keep_if_unused
@@ -125,7 +125,7 @@ def start_generation(
         output = unique_output_path(output_folder(prefs), settings.seed)
         request_id = client.generate(
             settings, output, preview_every=PREVIEW_EVERY, preview_dir=_empty_preview_folder(), refine=refine,
-            threads=prefs.threads,
+            threads=prefs.threads, ranks=request_ranks(prefs),
         )
     else:
         request_id, output = send(client, settings)

@@ -20,6 +20,7 @@ from ..msd_core.models import hub
 from ..msd_core.worker.client import WorkerClient
 from ..msd_core.errors import BadInput, MSDError
 from ..preferences import ADDON_DIR, get_preferences, worker_python
+from ..properties import settings_device
 from .generate import POLL_INTERVAL, WAIT_INTERVAL, redraw_panels
 
 CACHE_LIST_SECONDS = 2.0  # how long a listing of the cache is reused by the UI's redraws
@@ -111,7 +112,7 @@ def start_download(context, model: str = "") -> str:
     if not python:
         raise BadInput("the worker is not installed: click Install Worker first (it also does the downloads)")
     client = WorkerClient(python, pythonpath=ADDON_DIR, offline=False, env=hub.DOWNLOAD_ENV).start()
-    request_id = client.download(model, device=prefs.device, dtype=prefs.precision)
+    request_id = client.download(model, device=settings_device(prefs), dtype=prefs.precision)
     download_state.begin(model, request_id, client)
     return request_id
 

@@ -263,6 +263,8 @@ def test_bad_requests_get_specific_errors_and_the_worker_keeps_answering(
         ({**GENERATE, "preview_every": 1.5}, "preview_every", "preview_every must be a whole number"),
         ({**GENERATE, "threads": -1}, "threads", "threads must be a whole number from 0"),
         ({**GENERATE, "threads": "4"}, "threads", "threads must be a whole number from 0"),
+        ({**GENERATE, "ranks": -1}, "ranks", "ranks must be a whole number from 0 (one per GPU)"),
+        ({**GENERATE, "ranks": 1.0}, "ranks", "ranks must be a whole number from 0 (one per GPU)"),
     ],
 )  # fmt: skip
 def test_every_field_is_checked_and_the_error_names_it(worker, tmp_path, request_fields, field, fragment):

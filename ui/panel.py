@@ -170,7 +170,9 @@ class MSD_PT_panorama(SidebarPanel, Panel):
             layout.operator("msd.cancel", icon='CANCEL')
         else:
             layout.prop(group, "quality")
-            layout.operator("msd.generate", icon='RENDER_STILL')
+            row = layout.row(align=True)
+            row.operator("msd.generate", icon='RENDER_STILL')
+            row.operator("msd.add_to_batch", text="", icon='ADD')
             estimate = estimate_text(context.scene, get_preferences(context))
             if estimate:
                 layout.label(text=estimate, icon='TIME')

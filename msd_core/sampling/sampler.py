@@ -352,9 +352,20 @@ def _check_interrupt(interrupt: Interrupt | None) -> None:
         raise Cancelled("generation cancelled")
 
 
-def _batches(count: int, size: int):
-    for start in range(0, count, size):
-        yield slice(start, min(start + size, count))
+def batch_slices(count: int, size: int) -> list[slice]:
+    """The window batches of one model call each, in order: [0, size), [size, 2·size), …"""
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+BatchRun = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]  # one batch of windows → its (x_{t−1}, x₀)
+# (windows, view_batch, run_batch) → (x_{t−1}, x₀) of every window in order; ``distributed`` shards it.
+BatchMap = Callable[[torch.Tensor, int, BatchRun], tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_batches(windows: torch.Tensor, view_batch: int, run_batch: BatchRun) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every batch of ``windows`` here, one after the other: the one-process ``BatchMap``."""
+    results = [run_batch(batch) for batch in batch_slices(windows.shape[0], view_batch)]
+    return torch.cat([prev for prev, _ in results]), torch.cat([x0 for _, x0 in results])
 
 
 def _crop(grid: WindowGrid, latents: torch.Tensor | None) -> torch.Tensor | None:
@@ -375,17 +386,18 @@ def denoise_windows(
     view_batch: int = 8,
     interrupt: Interrupt | None = None,
     previous_x0: torch.Tensor | None = None,
+    map_batches: BatchMap = run_batches,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Φ for every window, ``view_batch`` windows per model call: (x_{t−1}, x₀), each (N, C, h, w).
-    ``previous_x0``: the solver's memory for these windows (N, C, h, w), if it has one."""
-    prevs, x0s = [], []
-    for batch in _batches(windows.shape[0], view_batch):
+    ``previous_x0``: the solver's memory for these windows (N, C, h, w), if it has one. ``map_batches``
+    runs the batches (here, or spread over processes: ``distributed.ShardedBatches``)."""
+
+    def run_batch(batch: slice) -> tuple[torch.Tensor, torch.Tensor]:
         _check_interrupt(interrupt)
         output = denoise(windows[batch], step.t)
-        prev, x0 = step.apply(windows[batch], output, prediction_type, _part(previous_x0, batch))
-        prevs.append(prev)
-        x0s.append(x0)
-    return torch.cat(prevs), torch.cat(x0s)
+        return step.apply(windows[batch], output, prediction_type, _part(previous_x0, batch))
+
+    return map_batches(windows, view_batch, run_batch)
 
 
 def multidiffusion_step(
@@ -399,6 +411,7 @@ def multidiffusion_step(
     weights: torch.Tensor | None = None,
     interrupt: Interrupt | None = None,
     previous_x0: torch.Tensor | None = None,
+    map_batches: BatchMap = run_batches,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MultiDiffusion (Eq. 6): z_{t−1} = Σ W_i ⊗ F_i⁻¹(Φ(F_i(z_t))) / Σ W_i. Returns (z_{t−1}, merged x₀).
 
@@ -407,7 +420,7 @@ def multidiffusion_step(
     """
     prev, x0 = denoise_windows(
         grid.crop(latents), step, denoise, prediction_type=prediction_type, view_batch=view_batch, interrupt=interrupt,
-        previous_x0=_crop(grid, previous_x0),
+        previous_x0=_crop(grid, previous_x0), map_batches=map_batches,
     )
     return grid.merge(prev, weights), grid.merge(x0, weights)
 
@@ -472,6 +485,7 @@ def msd_level_step(
     interrupt: Interrupt | None = None,
     previous_x0: torch.Tensor | None = None,
     factor: Factor = HALF,
+    map_batches: BatchMap = run_batches,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One finer level of Algorithm 1: guide every window towards the already-denoised coarser level,
     denoise the guided windows, and merge them the MultiDiffusion way. Returns (z^s_{t−1}, merged x₀).
@@ -487,27 +501,27 @@ def msd_level_step(
     windows, targets = grid.crop(latents), grid.coarse_crop(coarse_prev, factor)
     memory = _crop(grid, previous_x0)
     loss_scale = guidance_scale(omega_loss, targets[0].numel(), step.jacobian(prediction_type), factor[0] * factor[1])
-    prevs, x0s = [], []
-    for batch in _batches(windows.shape[0], view_batch):
+    if gradient not in ("exact", "fast", "refresh"):
+        raise ValueError(f"unknown gradient mode {gradient!r} (exact, refresh or fast)")
+
+    def run_batch(batch: slice) -> tuple[torch.Tensor, torch.Tensor]:
         _check_interrupt(interrupt)
         x, y, x0_last = windows[batch], targets[batch], _part(memory, batch)
         if gradient == "exact":
             x_hat = guided_windows_exact(x, y, step, denoise, omega, loss_scale, prediction_type, x0_last, factor)
             _check_interrupt(interrupt)
             output = denoise(x_hat, step.t)
-        elif gradient in ("fast", "refresh"):
+        else:
             output = denoise(x, step.t)
             prev, _ = step.apply(x, output, prediction_type, x0_last)
             x_hat = guided_windows_fast(x, prev, y, step, omega, loss_scale, prediction_type, factor)
             if gradient == "refresh":
                 _check_interrupt(interrupt)
                 output = denoise(x_hat, step.t)
-        else:
-            raise ValueError(f"unknown gradient mode {gradient!r} (exact, refresh or fast)")
-        prev, x0 = step.apply(x_hat, output, prediction_type, x0_last)
-        prevs.append(prev)
-        x0s.append(x0)
-    return grid.merge(torch.cat(prevs), weights), grid.merge(torch.cat(x0s), weights)
+        return step.apply(x_hat, output, prediction_type, x0_last)
+
+    prev, x0 = map_batches(windows, view_batch, run_batch)
+    return grid.merge(prev, weights), grid.merge(x0, weights)
 
 
 def build_pyramid(latents: torch.Tensor, levels: int, factors: list[Factor] | None = None) -> list[torch.Tensor]:
@@ -561,6 +575,7 @@ def msd_step(
     x0_history: list[torch.Tensor | None] | None = None,
     coarse_noise: str = "literal",
     train_alphas: torch.Tensor | None = None,
+    map_batches: BatchMap = run_batches,
 ) -> torch.Tensor:
     """Algorithm 1, one timestep: pyramid down from z_t, plain MD at the coarsest level, then each finer
     level guided by the one below it. ``grids`` holds one grid per level, coarsest first (each the next
@@ -577,13 +592,16 @@ def msd_step(
     ``x0_history`` is a multistep solver's memory, owned by the sampling loop: one entry per level
     (None before the first step), each level's merged x₀ of the previous step. It is read, then
     overwritten with this step's. Single-step solvers (DDIM) need none.
+
+    ``map_batches`` runs each level's window batches (``run_batches``: here; ``distributed``: spread over
+    processes, each level gathered whole before the next one needs it).
     """
     weights = weights or [None] * len(grids)
     history = x0_history if x0_history is not None else [None] * len(grids)
     if omega == 0:
         prev, history[-1] = multidiffusion_step(
             latents, grids[-1], step, denoise, prediction_type=prediction_type, view_batch=view_batch,
-            weights=weights[-1], interrupt=interrupt, previous_x0=history[-1],
+            weights=weights[-1], interrupt=interrupt, previous_x0=history[-1], map_batches=map_batches,
         )
         if on_level:
             on_level(LevelResult(len(grids), prev, history[-1]))
@@ -594,6 +612,7 @@ def msd_step(
     prev, x0 = multidiffusion_step(
         pyramid[0], grids[0], steps[0], level_denoiser(denoise, steps[0]), prediction_type=prediction_type,
         view_batch=view_batch, weights=weights[0], interrupt=interrupt, previous_x0=history[0],
+        map_batches=map_batches,
     )
     history[0] = x0
     if on_level:
@@ -604,7 +623,7 @@ def msd_step(
             pyramid[level], prev, grids[level], level_step, level_denoise, omega,
             gradient=gradient, omega_loss=omega_loss, prediction_type=prediction_type,
             view_batch=view_batch, weights=weights[level], interrupt=interrupt, previous_x0=history[level],
-            factor=factors[level - 1],
+            factor=factors[level - 1], map_batches=map_batches,
         )
         history[level] = x0
         if on_level:

@@ -25,7 +25,9 @@ from functools import cached_property
 import torch
 
 from .plan import CAP_HALF_EXTENT as HALF_EXTENT
-from .sampler import Denoiser, Interrupt, SolverStep, alphas_cumprod, msd_level_step, multidiffusion_step
+from .sampler import (
+    BatchMap, Denoiser, Interrupt, SolverStep, alphas_cumprod, msd_level_step, multidiffusion_step, run_batches,
+)
 from .windows import WindowGrid
 
 POLES = ("zenith", "nadir")
@@ -221,6 +223,7 @@ def pole_cap_step(
     coarse: torch.Tensor | None = None,
     omega: float = 0.0,
     omega_loss: str = "projection",
+    map_batches: BatchMap = run_batches,
 ) -> tuple[torch.Tensor, torch.Tensor, Caps]:
     """One step of both pole caps beside the strip's. Returns (z_{t−1}, x₀) of the whole sphere and the caps'
     own (z_{t−1}, x₀) views, which the next step passes back as ``caps``.
@@ -251,11 +254,11 @@ def pole_cap_step(
             result[pole] = msd_level_step(view, target, grid, step, denoise, omega, gradient="fast",
                                           omega_loss=omega_loss, prediction_type=prediction_type,
                                           view_batch=view_batch, weights=weights, interrupt=interrupt,
-                                          previous_x0=memory)
+                                          previous_x0=memory, map_batches=map_batches)
         else:
             result[pole] = multidiffusion_step(view, grid, step, denoise, prediction_type=prediction_type,
                                                view_batch=view_batch, weights=weights, interrupt=interrupt,
-                                               previous_x0=memory)
+                                               previous_x0=memory, map_batches=map_batches)
     return (*projection.blend(strip, strip_x0, result, alpha_next), result)
 
 

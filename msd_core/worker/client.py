@@ -192,10 +192,11 @@ class WorkerClient:
         preview_dir=None,
         refine: RefineSettings | None = None,
         threads: int = 0,
+        ranks: int = 1,
     ) -> str:
         """Queue one panorama (refined from ``refine.source`` when given); returns the new request's id,
         which all its events carry. ``threads``: torch's CPU threads for this run (0: the worker's
-        default, physical cores − 1)."""
+        default, physical cores − 1). ``ranks``: processes sharing the run (0 = one per GPU; protocol.py)."""
         request_id = _new_id()
         data = settings.to_dict() if isinstance(settings, GenerationSettings) else dict(settings)
         request = protocol.request(
@@ -210,6 +211,8 @@ class WorkerClient:
         )
         if refine is not None:
             request["refine"] = {**refine.to_dict(), "source": os.path.abspath(refine.source)}
+        if ranks != 1:
+            request["ranks"] = ranks
         self.send(request)
         return request_id
 

@@ -51,6 +51,7 @@ from ..imageio.output import (
 from ..models import hub, loading
 from ..pipeline import MSDPanoramaPipeline
 from ..refine import check_source_and_output, check_source_cost
+from ..sampling import distributed
 from ..settings import MAX_STEPS, GenerationSettings, RefineSettings, check_memory, is_int, shown
 from . import environment, protocol
 
@@ -65,6 +66,9 @@ NICENESS = 10
 PREVIEW_ROOT_PREFIX = "msd-worker-previews-"  # + "<pid>-<random>" in the temporary folder
 MAX_THREADS = 1024
 INTAKE_WAIT = 30.0  # seconds "bye" waits for the validation of requests that arrived before a shutdown
+MAX_RANKS = 64
+RANK_POLL = 0.05  # seconds between looks at the ranks of a sharded request
+RANK_GRACE = 5.0  # seconds rank 0 is given to report a dead rank itself before the relay says so
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Job:
     threads: int = 0  # torch's CPU threads for this run; 0 = the worker's default
     interrupt: threading.Event = field(default_factory=threading.Event)
     variations: int = 0  # > 0: a variations request making that many drafts
+    ranks: int = 1  # processes sharing the run (msd_core.distributed); 0 = one per GPU
 
 
 @dataclass
@@ -138,6 +143,10 @@ class Worker:
         self._intake_ids: collections.Counter = collections.Counter()  # ids of the requests in _intake
         self._cancelled_in_intake: set = set()
         self._intake_thread: threading.Thread | None = None
+        # A rank of a sharded request (started by _run_sharded with torchrun's variables): it joins the
+        # other ranks at its first run and shares every run's windows with them.
+        self._rank = distributed.rank_from_env()
+        self._shard: distributed.ShardedBatches | None = None
 
     # -- reader thread ----------------------------------------------------------------------------
 
@@ -326,9 +335,12 @@ class Worker:
         torch.set_num_threads(environment.threads(job.threads) if job.threads else self.threads)
         try:
             hub.require_downloaded(job.settings.model)
-            pipe, load_seconds = self._pipeline_for(job)
-            run = self._run_variations if job.variations else self._run_panorama
-            run(job, pipe, load_seconds, started, preview_dir)
+            if job.ranks != 1 and self._rank is None:
+                self._run_sharded(job, preview_dir)
+            else:
+                pipe, load_seconds = self._pipeline_for(job)
+                run = self._run_variations if job.variations else self._run_panorama
+                run(job, pipe, load_seconds, started, preview_dir)
             error = None
         except MSDError as exc:  # Cancelled, BadInput, ModelNotFound, ...
             error = (exc.kind, str(exc), exc.field)
@@ -362,9 +374,14 @@ class Worker:
     def _run_panorama(self, job: Job, pipe: MSDPanoramaPipeline, load_seconds: float, started: float,
                       preview_dir: Path) -> None:
         run = partial(pipe.refine, source=job.refine) if job.refine else pipe
-        result = run(job.settings, callback=self._step_callback(job, pipe, preview_dir), interrupt=job.interrupt)
+        speaks = self._join_ranks(pipe)
+        result = run(job.settings, callback=self._step_callback(job, pipe, preview_dir), interrupt=job.interrupt,
+                     decode=speaks)
         if job.interrupt.is_set():  # cancelled after the last window batch: still write nothing
             raise Cancelled("generation cancelled")
+        if not speaks:  # rank 0 writes the result
+            self._finish(job, protocol.event("done", job.id, output=None, exr=None, metadata={}, timings={}))
+            return
         saving = time.perf_counter()
         output = pipe.save(result, job.output, overwrite=job.overwrite)
         exr = None
@@ -400,6 +417,73 @@ class Worker:
                                      width=result.image.width, height=result.image.height))
         timings = {"load": load_seconds, "total": time.perf_counter() - started}
         self._finish(job, protocol.event("done", job.id, outputs=outputs, timings=timings))
+
+    def _join_ranks(self, pipe: MSDPanoramaPipeline) -> bool:
+        """As a rank of a sharded request, join the others (at the first run) and share the windows with them;
+        returns whether this process reports and writes the result (rank 0, or no rank at all)."""
+        if self._rank is None:
+            return True
+        if self._shard is None:
+            self._shard = distributed.join(self._rank, pipe.device.type)
+        pipe.map_batches = self._shard
+        return self._rank.rank == 0
+
+    def _run_sharded(self, job: Job, preview_dir: Path) -> None:
+        """Run ``job`` on job.ranks worker processes of its own, ranks of one process group (msd_core.distributed),
+        relaying rank 0's progress, previews and final event; a cancel goes to rank 0, which tells the others."""
+        from .client import WorkerClient
+
+        device, _ = models.resolve_device(job.settings.device, job.settings.dtype)
+        world = distributed.world_size(job.ranks, device.type, torch.cuda.device_count() if device.type == "cuda" else 0)
+        threads = job.threads or (max(1, self.threads // world) if device.type == "cpu" else 0)  # CPU ranks share the cores
+        self.emit(protocol.event("loading", job.id, model=job.settings.model, warm=False, threads=threads))
+        port, package_root = distributed.free_port(), str(Path(__file__).resolve().parent.parent)
+        ranks = [WorkerClient(sys.executable, pythonpath=package_root, env=distributed.rank_environment(rank, world, port))
+                 for rank in range(world)]
+        try:
+            for rank in ranks:
+                rank.start()
+            if job.preview_every:
+                preview_dir.mkdir(parents=True, exist_ok=True)
+            ids = [rank.generate(job.settings, job.output, overwrite=job.overwrite, refine=job.refine, threads=threads,
+                                 preview_every=0 if index else job.preview_every,
+                                 preview_dir=None if index or not job.preview_every else preview_dir)
+                   for index, rank in enumerate(ranks)]
+            final = self._relay(job, ranks, ids[0])
+        finally:
+            for rank in ranks:
+                rank.stop(timeout=2.0)
+        if final["event"] == "error":  # raised, so that run_job cleans up as after any failed run
+            for index, rank in enumerate(ranks):
+                for line in rank.stderr_lines[-5:]:
+                    log.warning("rank %d: %s", index, line)
+            failure = MSDError(final["message"])
+            failure.kind, failure.field = final["kind"], final.get("field")
+            raise failure
+        self._finish(job, final)
+
+    def _relay(self, job: Job, ranks: list, first_id) -> dict:
+        """Forward rank 0's events until its final one, which is returned; a rank that dies ends the run."""
+        cancelled, lost, lost_at = False, None, 0.0
+        while True:
+            if job.interrupt.is_set() and not cancelled:
+                ranks[0].cancel(first_id)
+                cancelled = True
+            for index, rank in enumerate(ranks):
+                for message in rank.poll():
+                    if message.get("kind") == "died":
+                        lost, lost_at = lost or (index, message), lost_at or time.monotonic()
+                    elif index == 0 and message.get("id") == first_id and message.get("event") in (
+                            "progress", "preview", "done", "error"):
+                        if message["event"] in protocol.FINAL_EVENTS:
+                            return {**message, "id": job.id}
+                        self.emit({**message, "id": job.id})
+            if lost and time.monotonic() - lost_at > RANK_GRACE:
+                index, message = lost
+                how = message.get("signal") or f"exit status {message.get('returncode')}"
+                return protocol.error_event(job.id, "internal", f"rank {index} of the sharded run died ({how}); "
+                                            "the other ranks were stopped")
+            time.sleep(RANK_POLL)
 
     def run_download(self, job: DownloadJob) -> None:
         """Fetch a Hub model into the cache with "download" progress events; "done" or "error" ends it."""
@@ -545,6 +629,10 @@ def parse_generate(message: dict) -> Job:
     if not is_int(threads) or not 0 <= threads <= MAX_THREADS:
         raise BadInput("{field} must be a whole number from 0 (the worker's default) to {limit}, got {value}",
                        field="threads", limit=MAX_THREADS, value=shown(threads))
+    ranks = message.get("ranks", 1)
+    if not is_int(ranks) or not 0 <= ranks <= MAX_RANKS:
+        raise BadInput("{field} must be a whole number from 0 (one per GPU) to {limit}, got {value}", field="ranks",
+                       limit=MAX_RANKS, value=shown(ranks))
     output = _checked_output(output, overwrite, settings)
     if refine is not None:
         check_source_and_output(refine.source, output, exr=settings.hdr)
@@ -557,6 +645,7 @@ def parse_generate(message: dict) -> Job:
         preview_dir=preview_dir,
         refine=refine,
         threads=threads,
+        ranks=ranks,
     )
 
 

@@ -6,7 +6,7 @@ Requests (client → worker), each a JSON object with ``op`` on one line of at m
 a longer line is answered with a bad_input error and otherwise ignored):
   {"op": "generate", "id": ID, "settings": {...GenerationSettings...}, "output": PATH,
    "overwrite": false, "preview_every": 5, "preview_dir": PATH|null, "threads": 0,
-   "refine": {"source": PATH, "strength": 0.5}|null}
+   "refine": {"source": PATH, "strength": 0.5}|null, "ranks": 1}
   {"op": "variations", "id": ID, "settings": {...}, "count": N, "output": PATH, "overwrite": false}
   {"op": "download", "id": ID, "model": "owner/name", "device": "auto", "dtype": "auto"}
   {"op": "models", "id": ID}           answered at once with a "models" event: the local cache
@@ -36,6 +36,12 @@ a longer line is answered with a bad_input error and otherwise ignored):
     (0, 1], default 0.5. The settings' width and height are the target size. The image is read only;
     "done"'s metadata then also has "source" (the file's name), "strength" and "start_step", and
     "progress" counts only the steps that run (total = ⌊strength·steps⌋).
+    ``ranks`` (default 1): processes that share the panorama's windows (msd_core.distributed, the same
+    result as one process): 0 = one per CUDA GPU ("All GPUs"), N > 1 = N ranks (on CUDA one GPU each, on
+    the CPU gloo ranks). Each rank is a worker process of its own, started for the request and loading
+    the model (the warm model is not used); this worker relays rank 0's progress, previews and result,
+    sends a cancel to rank 0 (which tells the others), and ends the request with an error within
+    seconds when a rank dies.
   variations: N drafts (1 ≤ N ≤ 16) of the panorama ``settings`` describes, with seeds seed, seed+1,
     …, at draft size (msd_core.variations.draft_size: the short side one model window, the aspect
     kept; levels automatic, no HDR). Variation i (0-based) is written to ``output`` with "_v01",
@@ -125,7 +131,7 @@ ERROR_KINDS = ("bad_input", "model_not_found", "out_of_memory", "cancelled", "ne
 # After one of these events a generate request is over.
 FINAL_EVENTS = ("done", "error")
 # The fields a generate request may have besides "op" and "id", and the default preview interval.
-GENERATE_FIELDS = ("settings", "output", "overwrite", "preview_every", "preview_dir", "threads", "refine")
+GENERATE_FIELDS = ("settings", "output", "overwrite", "preview_every", "preview_dir", "threads", "refine", "ranks")
 DEFAULT_PREVIEW_EVERY = 5
 VARIATIONS_FIELDS = ("settings", "count", "output", "overwrite")
 # The fields a download request may have besides "op" and "id".
