@@ -24,7 +24,7 @@ import torch
 import torch.multiprocessing as mp
 from common import environment, write_json
 
-from msd_core import distributed
+from msd_core.sampling import distributed
 from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.settings import GenerationSettings
 

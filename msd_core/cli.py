@@ -440,7 +440,7 @@ def generate(args: argparse.Namespace) -> int:
                 progress.close()
     finally:
         if shard is not None:
-            from .distributed import leave
+            from .sampling.distributed import leave
 
             leave()
     if not speaks:
@@ -458,11 +458,11 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def _join_ranks(settings: GenerationSettings):
-    """Under torchrun (WORLD_SIZE set): join the other ranks (msd_core.distributed) and take rank 0's seed, as
+    """Under torchrun (WORLD_SIZE set): join the other ranks (msd_core.sampling.distributed) and take rank 0's seed, as
     a drawn one differs per process. Returns (settings, the rank's ShardedBatches or None outside torchrun)."""
     if "WORLD_SIZE" not in os.environ:
         return settings, None
-    from . import distributed
+    from .sampling import distributed
     from .models.loading import resolve_device
 
     info = distributed.rank_from_env()

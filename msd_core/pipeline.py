@@ -82,7 +82,7 @@ class MSDPanoramaPipeline:
         self.factor = components.vae_factor
         self.key = None
         # How each level's window batches run: here, or spread over the ranks of a sharded run
-        # (msd_core.distributed.ShardedBatches); the result is the same either way.
+        # (msd_core.sampling.distributed.ShardedBatches); the result is the same either way.
         self.map_batches = run_batches
 
     @classmethod

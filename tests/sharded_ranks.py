@@ -1,6 +1,6 @@
 """What each rank of the sharding tests runs (imported by the processes test_distributed spawns).
 
-Every rank runs the same cases as one process would, sharded (``msd_core.distributed``), and writes its
+Every rank runs the same cases as one process would, sharded (``msd_core.sampling.distributed``), and writes its
 final latents as safetensors (never pickle) or, when the run fails, the error's class and message."""
 
 import dataclasses
@@ -13,7 +13,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from msd_core import distributed
+from msd_core.sampling import distributed
 from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.settings import GenerationSettings
 

@@ -1,4 +1,4 @@
-"""Sharding one panorama over processes (msd_core.distributed): 2 gloo ranks on the CPU give exactly the
+"""Sharding one panorama over processes (msd_core.sampling.distributed): 2 gloo ranks on the CPU give exactly the
 one-process latents; a cancel on rank 0 and a killed rank end every rank with a clear error, never a hang."""
 
 import json
@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import sharded_ranks
-from msd_core import distributed
+from msd_core.sampling import distributed
 from msd_core.errors import Cancelled
 from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.sampling.sampler import batch_slices

@@ -85,7 +85,7 @@ class Job:
     threads: int = 0  # torch's CPU threads for this run; 0 = the worker's default
     interrupt: threading.Event = field(default_factory=threading.Event)
     variations: int = 0  # > 0: a variations request making that many drafts
-    ranks: int = 1  # processes sharing the run (msd_core.distributed); 0 = one per GPU
+    ranks: int = 1  # processes sharing the run (msd_core.sampling.distributed); 0 = one per GPU
 
 
 @dataclass
@@ -429,7 +429,7 @@ class Worker:
         return self._rank.rank == 0
 
     def _run_sharded(self, job: Job, preview_dir: Path) -> None:
-        """Run ``job`` on job.ranks worker processes of its own, ranks of one process group (msd_core.distributed),
+        """Run ``job`` on job.ranks worker processes of its own, ranks of one process group (msd_core.sampling.distributed),
         relaying rank 0's progress, previews and final event; a cancel goes to rank 0, which tells the others."""
         from .client import WorkerClient
 

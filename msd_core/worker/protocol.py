@@ -36,7 +36,7 @@ a longer line is answered with a bad_input error and otherwise ignored):
     (0, 1], default 0.5. The settings' width and height are the target size. The image is read only;
     "done"'s metadata then also has "source" (the file's name), "strength" and "start_step", and
     "progress" counts only the steps that run (total = ⌊strength·steps⌋).
-    ``ranks`` (default 1): processes that share the panorama's windows (msd_core.distributed, the same
+    ``ranks`` (default 1): processes that share the panorama's windows (msd_core.sampling.distributed, the same
     result as one process): 0 = one per CUDA GPU ("All GPUs"), N > 1 = N ranks (on CUDA one GPU each, on
     the CPU gloo ranks). Each rank is a worker process of its own, started for the request and loading
     the model (the warm model is not used); this worker relays rank 0's progress, previews and result,
