@@ -1,6 +1,7 @@
 """Drafts and variations: the draft size rule, the worker's variations request with the tiny real model
 (files, seeds, events, cancel, bad input), and the Blender side (operator, thumbnails, using one)."""
 
+import dataclasses
 import os
 import sys
 
@@ -55,6 +56,22 @@ def test_variation_paths_and_count_bounds():
             variations.check_count(bad)
     with pytest.raises(BadInput, match="largest seed"):
         variations.check_seeds(2**63 - 2, 3)
+
+
+def test_drafts_are_batched_as_one_unet_call_holds_them_on_an_accelerator_only():
+    from msd_core.plan import make_plan
+
+    draft = variations.draft_settings(GenerationSettings(prompt="dunes"), 512)  # the 360° world's: 1024×512
+    plan = make_plan(draft, 8, 512, free_bytes=80e9, dtype="float16")
+    assert plan.view_batch == 32 and max(plan.describe()["windows_per_level"]) == 2
+    assert variations.batch_size(plan, accelerator=True) == 16
+    assert variations.batch_size(plan, accelerator=False) == 1  # the CPU: the first draft is not held back
+    small = make_plan(draft, 8, 512, free_bytes=10e9, dtype="float16")  # the exact gradient's memory rule
+    assert variations.batch_size(small, accelerator=True) == small.view_batch // 2 < 16
+    world = make_plan(dataclasses.replace(draft, poles="sphere"), 8, 512, free_bytes=80e9, dtype="float16")
+    assert world.caps and variations.batch_size(world, accelerator=True) == 1
+    assert variations.draft_groups(5, 2) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert variations.draft_groups(3, 16) == [range(0, 3)]
 
 
 # -- the worker --------------------------------------------------------------------------------------
