@@ -259,6 +259,7 @@ SPEED_SETTINGS = {
     "DPM++ 20, guided 0.4": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.4},
 }
 EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard")
+# seams: window rows / columns, the same within each class (texture) rows / columns, 0/360°
 ASPECT_COLUMNS = ["prior", "panorama", "setting", "levels", "coherent", "collapsed", "coarsest coherent", "count",
                   "work", "seams", "seconds"]
 PRIOR_DRAWS = 4000
@@ -319,13 +320,17 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
         "work_vs_md": sum(plan.step_costs()) / sum(md_plan.step_costs()), "seconds": seconds,
         **{f"window_seam_{side}": value for side, value in window_seam_ratio(
             images, plan.grids_at(plan.steps - 1)[-1], seam_multiple(plan)).items()},
+        # the same within each class (common.window_seam_ratio): an object's boundary on an edge is no seam
+        **{f"texture_seam_{side}": value for side, value in window_seam_ratio(
+            images, plan.grids_at(plan.steps - 1)[-1], seam_multiple(plan), within_class=True).items()},
         "seam_360": statistics.mean(seam_ratio(image) for image in images) if wrap else None,
     }
     if prior.name == "sun":
         aspects = [s["aspect"] for s in scores if s["coherent"]]
         row["sun_aspect"] = statistics.mean(aspects) if aspects else None
     n = len(seeds)
-    seams = [row[f"window_seam_{side}"] for side in ("rows", "columns")] + [row["seam_360"]]
+    seams = [row[f"{kind}_seam_{side}"] for kind in ("window", "texture") for side in ("rows", "columns")]
+    seams.append(row["seam_360"])
     row.update(coherent=f"{row['coherent_count']}/{n}", collapsed=f"{row['collapsed_count']}/{n}",
                work=f"{row['work_vs_md']:.2f}×", seams=" / ".join("—" if v is None else f"{v:.2f}" for v in seams),
                **{"coarsest coherent": f"{row['coarsest_coherent_count']}/{n}",

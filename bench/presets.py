@@ -120,7 +120,10 @@ def layout_row(prior, name: str, config: dict, shape, seeds: list[int], steps_di
         group_seeds = seeds[group::TILE_GROUPS]
         group_images, plan = sample_with_settings(prior, dataclasses.replace(settings, seed=group_seeds[0]), group_seeds)
         images.append(group_images)
-        seams.append(window_seam_ratio(group_images, plan.grids_at(plan.steps - 1)[-1], seam_multiple(plan)))
+        last_grid = plan.grids_at(plan.steps - 1)[-1]
+        seams.append({**window_seam_ratio(group_images, last_grid, seam_multiple(plan)),
+                      **{f"texture_{side}": value for side, value in window_seam_ratio(
+                          group_images, last_grid, seam_multiple(plan), within_class=True).items()}})
     images = torch.cat(images)
     seconds = time.perf_counter() - started
     layouts = [score_layout(image) for image in images]
@@ -129,7 +132,8 @@ def layout_row(prior, name: str, config: dict, shape, seeds: list[int], steps_di
         "steps": settings.steps, "coherent": statistics.mean(layout.coherent for layout in layouts),
         "collapsed": statistics.mean(layout.uniform for layout in layouts),
         "transitions": statistics.mean(layout.transitions for layout in layouts),
-        **{f"window_seam_{side}": mean_of(seam[side] for seam in seams) for side in ("rows", "columns")},
+        **{f"window_seam_{side}": mean_of(seam[side] for seam in seams)
+           for side in ("rows", "columns", "texture_rows", "texture_columns")},
         "seam_360": statistics.mean(seam_ratio(image) for image in images) if wrap else None,
         "seconds": seconds,
     }
@@ -223,7 +227,8 @@ def main() -> None:
         layout += [row for row in last["layout"] if row["config"] in configs and row["config"] not in sampled]
         layout.sort(key=lambda row: (SHAPE_NAMES.index(row["panorama"]), list(configs).index(row["config"])))
     print(markdown_table(layout, ["panorama", "config", "steps", "coherent", "collapsed", "transitions",
-                                  "window_seam_rows", "window_seam_columns", "seam_360", "seconds"]))
+                                  "window_seam_rows", "window_seam_columns", "window_seam_texture_rows",
+                                  "window_seam_texture_columns", "seam_360", "seconds"]))
 
     timing = None
     if not args.skip_time:
