@@ -36,6 +36,9 @@ from msd_core.settings import PRESETS, QUALITY, GenerationSettings
 
 PRIORS = {"horizon": HorizonPrior}
 SD_WINDOW = 512
+# An SDXL world has the same windows per level as SD-2's 360° world at twice the pixels (docs/sdxl.md).
+SDXL_MODEL, SDXL_WINDOW = "stabilityai/stable-diffusion-xl-base-1.0", 1024
+SDXL_WORLD = {"360 SDXL (4096×2048)": (4096, 2048, True, SDXL_WINDOW)}
 # (height, width, wrap) in prior pixels: the issue's four shapes (the prior's window is 16)
 SHAPES = [(64, 64, False), (32, 64, True), (64, 128, True), (32, 128, False)]
 QUICK_SHAPES = [(64, 64, False), (32, 64, True)]
@@ -50,7 +53,9 @@ SHAPE_NAMES = [shape_name(*shape) for shape in SHAPES]
 # v0.3's presets (DDIM, the exact gradient at every step), timed beside today's (issue 18);
 # the variants below change them.
 V03 = {"guided_fraction": 1.0, "late_gradient": "none", "scheduler": "ddim", "windows": "shifted", "gradient": "exact"}
-V03_CONFIGS = {"draft v0.3": {**V03, "steps": 25}, "standard v0.3": {**V03, "steps": 50}}
+V03_CONFIGS = {"draft v0.3": {**V03, "steps": 25}, "standard v0.3": {**V03, "steps": 50},
+               # the first v0.4 Draft (issue 18): 15 steps, the exact gradient for the first 8
+               "draft 15 steps": {**QUALITY["draft"][0], "steps": 15, "guided_fraction": 0.5}}
 # Rows of the tables: the presets, and variants that answer "what does each choice cost or buy".
 CONFIGS = {name: values for name, (values, _) in QUALITY.items()}
 VARIANTS = {
@@ -85,10 +90,12 @@ def work_part(configs: dict) -> list[dict]:
     """UNet work of every config at every size preset: forwards, backwards, forward-equivalents (a backward =
     plan.BACKWARD_COST forwards) and their ratio to ``Plan.limit`` (one pass per window area per level per step)."""
     rows = []
-    for preset, (width, height, wrap, _) in PRESETS.items():
+    sizes = {preset: (width, height, wrap, SD_WINDOW) for preset, (width, height, wrap, _) in PRESETS.items()}
+    for preset, (width, height, wrap, window) in (sizes | SDXL_WORLD).items():
         for name, config in configs.items():
-            base = GenerationSettings(prompt="bench", width=width, height=height, wrap=wrap, window=SD_WINDOW)
-            settings = settings_for(config, SD_WINDOW, base)
+            model = SDXL_MODEL if window == SDXL_WINDOW else GenerationSettings.model
+            base = GenerationSettings(prompt="bench", width=width, height=height, wrap=wrap, window=window, model=model)
+            settings = settings_for(config, window, base)
             plan = plan_without_model(settings, None, "float16")
             work = plan.work()
             rows.append({"preset": preset, "config": name, **work, "steps": plan.steps,
