@@ -255,6 +255,8 @@ SPEED_SETTINGS = {
         "late_gradient": "fast"},
     "DPM++ 15, exact 0.5 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 15, "guided_fraction": 0.5,
                                       "late_gradient": "fast"},
+    "DPM++ 16, exact 0.5 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 16, "guided_fraction": 0.5,
+                                      "late_gradient": "fast"},
     "DPM++ 16, exact 0.4 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 16, "guided_fraction": 0.4,
                                       "late_gradient": "fast"},
     "DPM++ 15, guided 0.5": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 15, "guided_fraction": 0.5},

@@ -53,9 +53,7 @@ SHAPE_NAMES = [shape_name(*shape) for shape in SHAPES]
 # v0.3's presets (DDIM, the exact gradient at every step), timed beside today's (issue 18);
 # the variants below change them.
 V03 = {"guided_fraction": 1.0, "late_gradient": "none", "scheduler": "ddim", "windows": "shifted", "gradient": "exact"}
-V03_CONFIGS = {"draft v0.3": {**V03, "steps": 25}, "standard v0.3": {**V03, "steps": 50},
-               # the first v0.4 Draft (issue 18): 15 steps, the exact gradient for the first 8
-               "draft 15 steps": {**QUALITY["draft"][0], "steps": 15, "guided_fraction": 0.5}}
+V03_CONFIGS = {"draft v0.3": {**V03, "steps": 25}, "standard v0.3": {**V03, "steps": 50}}
 # Rows of the tables: the presets, and variants that answer "what does each choice cost or buy".
 CONFIGS = {name: values for name, (values, _) in QUALITY.items()}
 VARIANTS = {

@@ -58,10 +58,9 @@ PRESETS = {
 # and layout coherence of each are measured by bench/presets.py (docs/speed.md).
 # Every preset sets the same fields, so switching presets leaves nothing of the last one behind.
 QUALITY = {
-    "draft": ({"windows": "shifted", "gradient": "exact", "steps": 16, "scheduler": "dpmpp-2m", "guided_fraction": 0.4,
+    "draft": ({"windows": "shifted", "gradient": "exact", "steps": 15, "scheduler": "dpmpp-2m", "guided_fraction": 0.5,
                "late_gradient": "fast"},
-              "half of Standard's work: DPM-Solver++ 16, the exact gradient for the first 40 % of the steps, the fast "
-              "one after"),
+              "half of Standard's work: DPM-Solver++ 15, the exact gradient for the first half of the steps"),
     "standard": ({"windows": "shifted", "gradient": "exact", "steps": 25, "scheduler": "dpmpp-2m",
                   "guided_fraction": 0.7, "late_gradient": "fast"},
                  "the default: shifted tiles, DPM-Solver++ 25, the exact gradient for the first 70 % of the steps, "
