@@ -255,6 +255,10 @@ SPEED_SETTINGS = {
         "late_gradient": "fast"},
     "DPM++ 15, exact 0.5 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 15, "guided_fraction": 0.5,
                                       "late_gradient": "fast"},
+    # Draft's schedules within 500 FE (issue 18, second pass): k exact steps of n, the fast gradient after
+    **{f"DPM++ {steps}, exact {exact} of {steps} then fast": {
+        **V03_STANDARD, "scheduler": "dpmpp-2m", "steps": steps, "guided_fraction": exact / steps, "late_gradient": "fast"}
+       for steps, exact in ((14, 8), (17, 7), (18, 7))},
     "DPM++ 16, exact 0.5 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 16, "guided_fraction": 0.5,
                                       "late_gradient": "fast"},
     "DPM++ 16, exact 0.4 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 16, "guided_fraction": 0.4,
@@ -346,9 +350,9 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
 
 
 def aspects_part(quick: bool, seeds: int | None = None, settings=ASPECT_SETTINGS,
-                 priors=None) -> tuple[list[dict], list]:
-    shapes = (ASPECTS[0], ASPECTS[2]) if quick else ASPECTS
-    seeds = list(range(seeds or (8 if quick else 24)))
+                 priors=None, first_seed: int = 0, shapes=None) -> tuple[list[dict], list]:
+    shapes = [ASPECTS[index] for index in shapes] if shapes else (ASPECTS[0], ASPECTS[2]) if quick else ASPECTS
+    seeds = list(range(first_seed, first_seed + (seeds or (8 if quick else 24))))
     print(f"\naspects: {len(seeds)} seeds, the pipeline's plan for each setting (Standard preset unless named"
           f"{', steps ÷ 5' if quick else ''}), ω = 10 (projection)")
     print("\n".join(markdown_table([], ASPECT_COLUMNS).splitlines()[:2]))
@@ -399,6 +403,9 @@ def main() -> None:
     parser.add_argument("--skip-tiny", action="store_true", help="only the horizon prior")
     parser.add_argument("--aspects", action="store_true", help="only part 3: every prior × aspect × pyramid")
     parser.add_argument("--seeds", type=int, help="part 3's seeds per cell (default 24, quick 8)")
+    parser.add_argument("--first-seed", type=int, default=0, help="part 3's seeds are first-seed, first-seed + 1, …")
+    parser.add_argument("--shapes", nargs="+", type=int, choices=range(len(ASPECTS)),
+                        help="part 3: only these shapes (indices into ASPECTS: 0 = 64×64 … 3 = 32×128)")
     parser.add_argument("--settings", nargs="+", choices=list(ASPECT_SETTINGS | SPEED_SETTINGS), metavar="SETTING",
                         help="part 3: only these settings (ASPECT_SETTINGS or SPEED_SETTINGS)")
     parser.add_argument("--priors", nargs="+", choices=("horizon", "sun", "river"), help="part 3: only these priors")
@@ -408,7 +415,8 @@ def main() -> None:
     env = environment()
     suffix = "-quick" if args.quick else ""
     if args.aspects:
-        rows, examples = aspects_part(args.quick, args.seeds, args.settings or ASPECT_SETTINGS, args.priors)
+        rows, examples = aspects_part(args.quick, args.seeds, args.settings or ASPECT_SETTINGS, args.priors,
+                                      args.first_seed, args.shapes)
         print("\n" + markdown_table(rows, ASPECT_COLUMNS))
         write_json(args.output or f"layout-aspects{suffix}", {"environment": env, "aspects": rows})
         if not args.settings:
