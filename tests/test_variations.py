@@ -12,7 +12,7 @@ from PIL import Image
 from msd_core import pngmeta, protocol, variations
 from msd_core.client import WorkerClient
 from msd_core.errors import BadInput
-from msd_core.settings import GenerationSettings
+from msd_core.settings import QUALITY, GenerationSettings
 
 from blender_env import MODULE, addon_module, addon_preferences, blender, extension  # noqa: F401  (fixtures)
 from test_extension import draw
@@ -114,6 +114,47 @@ def test_variations_write_drafts_with_consecutive_seeds_and_report_each_in_order
         assert (stored["seed"], stored["width"], stored["height"], stored["hdr"]) == (seed, 128, 64, False)
         assert pngmeta.read_text_chunks(path)["prompt"] == "a misty alpine valley"
     assert not (tmp_path / "draft.png").exists() and not list(tmp_path.glob("*.exr"))
+
+
+def test_variations_in_batches_write_what_one_at_a_time_writes(tmp_path, monkeypatch):
+    """The worker's accelerator path (batches of drafts through the UNet), run on the CPU by setting the batch
+    size the way a GPU's view batch would: the same files, each reported after its batch's last step."""
+    import io
+    import json
+
+    import numpy as np
+    import torch
+
+    from msd_core.worker import EventWriter, Worker, parse_variations
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    stream = io.StringIO()
+    worker = Worker(EventWriter(stream), tmp_path / "previews")
+    settings = tiny(**{**QUALITY["draft"][0], "width": 256, "height": 128, "seed": 40, "steps": 3})
+
+    def run(name, size):
+        monkeypatch.setattr(variations, "batch_size", lambda plan, accelerator: size)
+        request = protocol.request("variations", name, settings=settings, count=3, output=str(tmp_path / f"{name}.png"))
+        worker.run_job(parse_variations(request))
+        return [event for event in map(json.loads, stream.getvalue().splitlines()) if event["id"] == name]
+
+    try:
+        alone, batched = run("alone", 1), run("batched", 2)
+    finally:
+        torch.set_num_threads(threads)
+    steps = [(e["event"], e.get("variation", e.get("index")), e.get("step")) for e in batched
+             if e["event"] in ("progress", "variation")]
+    assert steps == [("progress", 0, 1), ("progress", 0, 2), ("progress", 0, 3), ("variation", 0, None),
+                     ("variation", 1, None), ("progress", 2, 1), ("progress", 2, 2), ("progress", 2, 3),
+                     ("variation", 2, None)]
+    assert [e["seed"] for e in batched if e["event"] == "variation"] == [40, 41, 42]
+    etas = [e["eta"] for e in batched if e["event"] == "progress"]
+    assert etas[-1] == 0 and etas[2] > 0  # after the first batch, the second is still to come
+    for index in range(3):
+        made = [np.asarray(Image.open(tmp_path / f"{name}_v{index + 1:02d}.png"), dtype=int) for name in ("alone", "batched")]
+        assert np.abs(made[0] - made[1]).max() <= 1  # float rounding at most flips one 8-bit level
+        assert pngmeta.read_text_chunks(tmp_path / f"batched_v{index + 1:02d}.png")["seed"] == str(40 + index)
 
 
 def test_a_variation_is_the_draft_a_generate_request_makes_with_its_seed(worker, tmp_path):
