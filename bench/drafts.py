@@ -14,8 +14,9 @@
    CPU gains from batching at all (it decides ``variations.batch_size`` there).
 
     .venv/bin/python bench/drafts.py [--repetitions 3] [--sd-cpu]
+    .venv/bin/python bench/drafts.py --skip-tiny      # part 2 only
 
-Writes bench/results/drafts.json.
+Writes bench/results/drafts.json (--skip-tiny: drafts-sd-cpu.json).
 """
 
 from __future__ import annotations
@@ -115,14 +116,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--sd-cpu", action="store_true", help="also SD-2-base's UNet on the CPU, 1–4 windows per call")
+    parser.add_argument("--skip-tiny", action="store_true", help="only part 2 (writes drafts-sd-cpu.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     env = environment()
-    rows = tiny_part(args.repetitions)
+    rows = [] if args.skip_tiny else tiny_part(args.repetitions)
     print(markdown_table(rows, ["config", "first_draft_s", "all_drafts_s", "all_min", "all_max", "vs_one_after_another",
                                 "first_vs_one_after_another", "unet_calls", "unet_windows", "max_latent_difference"]))
-    sd_rows = sd_cpu_part() if args.sd_cpu else []
-    write_json("drafts", {"environment": env, "tiny": rows, "sd2_cpu": sd_rows})
+    sd_rows = sd_cpu_part() if args.sd_cpu or args.skip_tiny else []
+    write_json("drafts-sd-cpu" if args.skip_tiny else "drafts", {"environment": env, "tiny": rows, "sd2_cpu": sd_rows})
 
 
 if __name__ == "__main__":
