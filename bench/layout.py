@@ -255,6 +255,14 @@ SPEED_SETTINGS = {
         "late_gradient": "fast"},
     "DPM++ 15, exact 0.5 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 15, "guided_fraction": 0.5,
                                       "late_gradient": "fast"},
+    # Draft's schedules within 500 FE (issue 18, second pass): k exact steps of n, the fast gradient after
+    **{f"DPM++ {steps}, exact {exact} of {steps} then fast": {
+        **V03_STANDARD, "scheduler": "dpmpp-2m", "steps": steps, "guided_fraction": exact / steps, "late_gradient": "fast"}
+       for steps, exact in ((14, 8), (17, 7), (18, 7))},
+    "DPM++ 16, exact 0.5 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 16, "guided_fraction": 0.5,
+                                      "late_gradient": "fast"},
+    "DPM++ 16, exact 0.4 then fast": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 16, "guided_fraction": 0.4,
+                                      "late_gradient": "fast"},
     "DPM++ 15, guided 0.5": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 15, "guided_fraction": 0.5},
     "DPM++ 20, guided 0.4": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.4},
 }
@@ -267,6 +275,7 @@ WIDE_SETTINGS = {
 }
 ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | WIDE_SETTINGS
 EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard")
+# seams: window rows / columns, the same within each class (texture) rows / columns, 0/360°
 ASPECT_COLUMNS = ["prior", "panorama", "setting", "levels", "coherent", "collapsed", "coarsest coherent", "count",
                   "work", "seams", "seconds"]
 PRIOR_DRAWS = 4000
@@ -330,13 +339,17 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
         "work_vs_md": sum(plan.step_costs()) / sum(md_plan.step_costs()), "seconds": seconds,
         **{f"window_seam_{side}": value for side, value in window_seam_ratio(
             images, plan.grids_at(plan.steps - 1)[-1], seam_multiple(plan)).items()},
+        # the same within each class (common.window_seam_ratio): an object's boundary on an edge is no seam
+        **{f"texture_seam_{side}": value for side, value in window_seam_ratio(
+            images, plan.grids_at(plan.steps - 1)[-1], seam_multiple(plan), within_class=True).items()},
         "seam_360": statistics.mean(seam_ratio(image) for image in images) if wrap else None,
     }
     if prior.name == "sun":
         aspects = [s["aspect"] for s in scores if s["coherent"]]
         row["sun_aspect"] = statistics.mean(aspects) if aspects else None
     n = len(seeds)
-    seams = [row[f"window_seam_{side}"] for side in ("rows", "columns")] + [row["seam_360"]]
+    seams = [row[f"{kind}_seam_{side}"] for kind in ("window", "texture") for side in ("rows", "columns")]
+    seams.append(row["seam_360"])
     row.update(coherent=f"{row['coherent_count']}/{n}", collapsed=f"{row['collapsed_count']}/{n}",
                work=f"{row['work_vs_md']:.2f}×", seams=" / ".join("—" if v is None else f"{v:.2f}" for v in seams),
                **{"coarsest coherent": f"{row['coarsest_coherent_count']}/{n}",
@@ -348,9 +361,9 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
 
 
 def aspects_part(quick: bool, seeds: int | None = None, settings=ASPECT_SETTINGS,
-                 priors=None, shapes=None) -> tuple[list[dict], list]:
+                 priors=None, first_seed: int = 0, shapes=None) -> tuple[list[dict], list]:
     shapes = [ASPECTS[index] for index in shapes] if shapes else (ASPECTS[0], ASPECTS[2]) if quick else ASPECTS
-    seeds = list(range(seeds or (8 if quick else 24)))
+    seeds = list(range(first_seed, first_seed + (seeds or (8 if quick else 24))))
     print(f"\naspects: {len(seeds)} seeds, the pipeline's plan for each setting (Standard preset unless named"
           f"{', steps ÷ 5' if quick else ''}), ω = 10 (projection)")
     print("\n".join(markdown_table([], ASPECT_COLUMNS).splitlines()[:2]))
@@ -404,6 +417,7 @@ def main() -> None:
     parser.add_argument("--skip-tiny", action="store_true", help="only the horizon prior")
     parser.add_argument("--aspects", action="store_true", help="only part 3: every prior × aspect × pyramid")
     parser.add_argument("--seeds", type=int, help="part 3's seeds per cell (default 24, quick 8)")
+    parser.add_argument("--first-seed", type=int, default=0, help="part 3's seeds are first-seed, first-seed + 1, …")
     parser.add_argument("--settings", nargs="+", choices=list(ALL_SETTINGS), metavar="SETTING",
                         help="part 3: only these settings (ASPECT_SETTINGS, SPEED_SETTINGS or WIDE_SETTINGS)")
     parser.add_argument("--priors", nargs="+", choices=("horizon", "sun", "river"), help="part 3: only these priors")
@@ -416,7 +430,7 @@ def main() -> None:
     suffix = "-quick" if args.quick else ""
     if args.aspects:
         rows, examples = aspects_part(args.quick, args.seeds, args.settings or ASPECT_SETTINGS, args.priors,
-                                      args.shapes)
+                                      args.first_seed, args.shapes)
         print("\n" + markdown_table(rows, ASPECT_COLUMNS))
         write_json(args.output or f"layout-aspects{suffix}", {"environment": env, "aspects": rows})
         if not args.settings:

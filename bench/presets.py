@@ -36,6 +36,9 @@ from msd_core.settings import PRESETS, QUALITY, GenerationSettings
 
 PRIORS = {"horizon": HorizonPrior}
 SD_WINDOW = 512
+# An SDXL world has the same windows per level as SD-2's 360° world at twice the pixels (docs/sdxl.md).
+SDXL_MODEL, SDXL_WINDOW = "stabilityai/stable-diffusion-xl-base-1.0", 1024
+SDXL_WORLD = {"360 SDXL (4096×2048)": (4096, 2048, True, SDXL_WINDOW)}
 # (height, width, wrap) in prior pixels: the issue's four shapes (the prior's window is 16)
 SHAPES = [(64, 64, False), (32, 64, True), (64, 128, True), (32, 128, False)]
 QUICK_SHAPES = [(64, 64, False), (32, 64, True)]
@@ -85,10 +88,12 @@ def work_part(configs: dict) -> list[dict]:
     """UNet work of every config at every size preset: forwards, backwards, forward-equivalents (a backward =
     plan.BACKWARD_COST forwards) and their ratio to ``Plan.limit`` (one pass per window area per level per step)."""
     rows = []
-    for preset, (width, height, wrap, _) in PRESETS.items():
+    sizes = {preset: (width, height, wrap, SD_WINDOW) for preset, (width, height, wrap, _) in PRESETS.items()}
+    for preset, (width, height, wrap, window) in (sizes | SDXL_WORLD).items():
         for name, config in configs.items():
-            base = GenerationSettings(prompt="bench", width=width, height=height, wrap=wrap, window=SD_WINDOW)
-            settings = settings_for(config, SD_WINDOW, base)
+            model = SDXL_MODEL if window == SDXL_WINDOW else GenerationSettings.model
+            base = GenerationSettings(prompt="bench", width=width, height=height, wrap=wrap, window=window, model=model)
+            settings = settings_for(config, window, base)
             plan = plan_without_model(settings, None, "float16")
             work = plan.work()
             rows.append({"preset": preset, "config": name, **work, "steps": plan.steps,
@@ -120,7 +125,10 @@ def layout_row(prior, name: str, config: dict, shape, seeds: list[int], steps_di
         group_seeds = seeds[group::TILE_GROUPS]
         group_images, plan = sample_with_settings(prior, dataclasses.replace(settings, seed=group_seeds[0]), group_seeds)
         images.append(group_images)
-        seams.append(window_seam_ratio(group_images, plan.grids_at(plan.steps - 1)[-1], seam_multiple(plan)))
+        last_grid = plan.grids_at(plan.steps - 1)[-1]
+        seams.append({**window_seam_ratio(group_images, last_grid, seam_multiple(plan)),
+                      **{f"texture_{side}": value for side, value in window_seam_ratio(
+                          group_images, last_grid, seam_multiple(plan), within_class=True).items()}})
     images = torch.cat(images)
     seconds = time.perf_counter() - started
     layouts = [score_layout(image) for image in images]
@@ -129,7 +137,8 @@ def layout_row(prior, name: str, config: dict, shape, seeds: list[int], steps_di
         "steps": settings.steps, "coherent": statistics.mean(layout.coherent for layout in layouts),
         "collapsed": statistics.mean(layout.uniform for layout in layouts),
         "transitions": statistics.mean(layout.transitions for layout in layouts),
-        **{f"window_seam_{side}": mean_of(seam[side] for seam in seams) for side in ("rows", "columns")},
+        **{f"window_seam_{side}": mean_of(seam[side] for seam in seams)
+           for side in ("rows", "columns", "texture_rows", "texture_columns")},
         "seam_360": statistics.mean(seam_ratio(image) for image in images) if wrap else None,
         "seconds": seconds,
     }
@@ -223,7 +232,8 @@ def main() -> None:
         layout += [row for row in last["layout"] if row["config"] in configs and row["config"] not in sampled]
         layout.sort(key=lambda row: (SHAPE_NAMES.index(row["panorama"]), list(configs).index(row["config"])))
     print(markdown_table(layout, ["panorama", "config", "steps", "coherent", "collapsed", "transitions",
-                                  "window_seam_rows", "window_seam_columns", "seam_360", "seconds"]))
+                                  "window_seam_rows", "window_seam_columns", "window_seam_texture_rows",
+                                  "window_seam_texture_columns", "seam_360", "seconds"]))
 
     timing = None
     if not args.skip_time:

@@ -503,14 +503,17 @@ def generate_variations(args: argparse.Namespace, settings: GenerationSettings) 
     outputs = [check_output_path(variations.variation_path(args.output, index), args.overwrite) for index in range(count)]
     pipe = _load_pipeline(args, settings, f"{count} drafts, seeds {settings.seed}–{settings.seed + count - 1}")
     draft = variations.draft_settings(settings, pipe.unet.config.sample_size * pipe.factor)
-    for index, output in enumerate(outputs):
+    size = variations.batch_size(pipe.check_inputs(draft), pipe.device.type != "cpu")
+    for group in variations.draft_groups(count, size):
         progress = None if args.quiet else _progress_bar(draft.steps)
         try:
-            result = pipe(dataclasses.replace(draft, seed=draft.seed + index), callback=progress)
+            results = pipe.sample_batch([dataclasses.replace(draft, seed=draft.seed + index) for index in group],
+                                        callback=progress)
         finally:
             if progress:
                 progress.close()
-        print(pipe.save(result, output, overwrite=args.overwrite), flush=True)
+        for index, result in zip(group, results):
+            print(pipe.save(result, outputs[index], overwrite=args.overwrite), flush=True)
     return 0
 
 

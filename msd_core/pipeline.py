@@ -39,7 +39,7 @@ from .sampling.sampler import (
     solver_schedule,
 )
 from .settings import GenerationSettings, RefineSettings
-from .sampling.windows import feathered_weights
+from .sampling.windows import StackedGrids, feathered_weights
 
 
 @dataclass
@@ -212,9 +212,36 @@ class MSDPanoramaPipeline:
         """Sample a panorama. ``latents`` with ``start_step`` > 0 start the loop part-way (at that index of
         the schedule, ``latents`` being z_t there: see ``refine``); ``guide(z, step)`` may adjust the
         latents after every step."""
+        return self._sample([settings], latents, start_step, guide, callback, interrupt, decode)[0]
+
+    def sample_batch(
+        self,
+        batch: list[GenerationSettings],
+        *,
+        callback: Callable[[StepInfo], None] | None = None,
+        interrupt: Interrupt | None = None,
+        decode: bool = True,
+    ) -> list[PanoramaResult]:
+        """Several panoramas whose settings differ only in the seed (drafts), sampled together: every UNet
+        call denoises windows of all of them (``view_batch`` windows per call, as for one), each keeps its own
+        noise and tiles, so each result is the one ``self(settings)`` gives, up to float rounding. The
+        callback's latents hold all of them (panorama 0 first). Not with pole caps (``plan.caps``): their
+        views are denoised per panorama."""
+        if not batch:
+            raise ValueError("sample_batch needs at least one panorama's settings")
+        if any(dataclasses.replace(settings, seed=batch[0].seed) != batch[0] for settings in batch):
+            raise ValueError("a batch's settings may differ only in the seed")
+        return self._sample(batch, None, 0, None, callback, interrupt, decode)
+
+    def _sample(self, batch, latents, start_step, guide, callback, interrupt, decode) -> list[PanoramaResult]:
         started = time.perf_counter()
-        # 1. Check inputs and resolve the plan; the model gets this run's LoRAs (and no others).
-        plan = self.check_inputs(settings)
+        settings = batch[0]
+        # 1. Check inputs and resolve the plans (one per seed: shifted tiles follow it); the model gets this
+        # run's LoRAs (and no others).
+        plans = [self.check_inputs(each) for each in batch]
+        plan = plans[0]
+        if plan.caps and len(batch) > 1:
+            raise ValueError("pole caps are denoised per panorama: sample a world with --poles sphere on its own")
         loras = lora.apply_loras(self.components, settings.loras)
         # 2. Encode the prompt.
         embeddings, pooled = self.encode_prompt(settings.prompt, settings.negative_prompt, settings.guidance)
@@ -230,7 +257,7 @@ class MSDPanoramaPipeline:
         train_steps = self.scheduler.config.num_train_timesteps
         # 4. Initial latents (float32: the merge averages in full precision; the UNet casts).
         if latents is None:
-            latents = self.initial_latents(plan, settings.seed)
+            latents = torch.cat([self.initial_latents(each, one.seed) for each, one in zip(plans, batch)])
         latents = latents.to(self.device, torch.float32)
         weights = [feathered_weights(plan.window_shape(level)).to(self.device) if settings.feather else None
                    for level in range(plan.levels)]
@@ -256,7 +283,7 @@ class MSDPanoramaPipeline:
             with no_grad():
                 before, x0_before = latents, x0_history[-1]
                 latents = msd_step(
-                    latents, plan.grids_at(start_step + index), step, denoise, omega_t,
+                    latents, _grids_at(plans, start_step + index), step, denoise, omega_t,
                     gradient=gradient or settings.gradient, omega_loss=settings.omega_loss,
                     prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                     weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
@@ -278,15 +305,21 @@ class MSDPanoramaPipeline:
                 "sampling produced values that are not finite numbers (NaN or infinity), so nothing was written; "
                 "float16 can overflow where float32 does not: try --dtype float32"
             )
-        # 6. Decode.
-        image = self.decode(latents, settings.wrap, cap_views) if decode else None
-        finished = time.perf_counter()
-        timings = {"sample": sampled - started, "decode": finished - sampled, "total": finished - started}
-        # 7. Metadata.
-        resolved = {**plan.describe(start_step), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                    "family": self.family, "msd_core_version": __version__, **({"loras": loras} if loras else {})}
-        metadata = output.generation_metadata(settings, resolved)
-        return PanoramaResult(image, latents, metadata, timings, plan)
+        results = []
+        for item, (one, one_plan) in enumerate(zip(batch, plans)):
+            decoding = time.perf_counter()
+            # 6. Decode.
+            one_latents = latents[item:item + 1]
+            image = self.decode(one_latents, one.wrap, cap_views) if decode else None
+            finished = time.perf_counter()
+            timings = {"sample": sampled - started, "decode": finished - decoding, "total": finished - started}
+            # 7. Metadata.
+            resolved = {**one_plan.describe(start_step), "device": str(self.device),
+                        "dtype": str(self.dtype).removeprefix("torch."), "family": self.family,
+                        "msd_core_version": __version__, **({"loras": loras} if loras else {})}
+            metadata = output.generation_metadata(one, resolved)
+            results.append(PanoramaResult(image, one_latents, metadata, timings, one_plan))
+        return results
 
     # -- refining from an image ----------------------------------------------------------------------
     def refine(self, settings: GenerationSettings, source: RefineSettings, **kwargs) -> PanoramaResult:
@@ -344,3 +377,10 @@ class MSDPanoramaPipeline:
     @staticmethod
     def save(result: PanoramaResult, path, overwrite: bool = False):
         return output.save_png(result.image, path, result.metadata, overwrite=overwrite)
+
+
+def _grids_at(plans: list[Plan], step_index: int) -> list:
+    """Every level's grid at one step: one panorama's, or each level's grids of a batch stacked."""
+    if len(plans) == 1:
+        return plans[0].grids_at(step_index)
+    return [StackedGrids(level) for level in zip(*(plan.grids_at(step_index) for plan in plans))]

@@ -45,6 +45,27 @@ def draft_settings(settings: GenerationSettings, model_window: int) -> Generatio
     return dataclasses.replace(settings, width=width, height=height, scales=None, hdr=False)
 
 
+def batch_size(plan, accelerator: bool) -> int:
+    """How many drafts to sample together (``MSDPanoramaPipeline.sample_batch``), given one draft's
+    ``plan`` (``msd_core.sampling.plan.Plan``) and whether the model runs on an accelerator.
+
+    On an accelerator, as many as one UNet call holds: ``plan.view_batch`` windows (the memory rule) over
+    the most windows one draft sends in a call (a level's windows at one step). A GPU denoises a call of
+    several windows in little more time than one (SD-2 on an H200: 40 ms for one window, 9.8 ms a window
+    for four, 6 for 32: docs/speed.md), while a draft sends only 2–5, so a batch costs about what one draft
+    does and the first draft comes no later. On the CPU one: there the time grows with the windows, so a
+    batch would only hold the first draft back. One with pole caps, whose views are denoised per panorama.
+    """
+    if plan.caps or not accelerator:
+        return 1
+    return max(1, plan.view_batch // max(plan.describe()["windows_per_level"]))
+
+
+def draft_groups(count: int, size: int) -> list[range]:
+    """The drafts' indices 0 … count − 1 in batches of ``size`` (the last one may be smaller)."""
+    return [range(first, min(first + size, count)) for first in range(0, count, size)]
+
+
 def check_count(count) -> int:
     """``count`` if it is a valid number of variations, else BadInput."""
     if not is_int(count) or not 1 <= count <= MAX_VARIATIONS:

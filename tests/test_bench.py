@@ -214,3 +214,20 @@ def test_widened_priors_place_their_objects_along_the_wider_columns(circular):
     assert sun.work["forwards"] == 3 * 2 + 3  # a 2:1 window is two windows' work
     with pytest.raises(ValueError, match="no 4×12 version"):
         denoise(torch.zeros(1, 1, 4, 12, dtype=torch.float64), 500)
+
+
+def test_window_seam_ratio_within_class_ignores_a_boundary_on_an_edge_but_not_a_texture_seam():
+    from common import window_seam_ratio
+    from msd_core.sampling.windows import WindowGrid
+
+    grid = WindowGrid(32, 32, 8, 8, starts=((0, 8, 16, 24), (0, 8, 16, 24)))
+    texture = 0.3 * torch.randn(6, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows = torch.arange(32)[:, None]
+    # Sky (+1) above ground (−1), the horizon on a tile edge (row 16) in every panorama: a boundary, not a seam.
+    horizon = torch.where(rows < 16, 1.0, -1.0).double() + texture
+    assert window_seam_ratio(horizon, grid, multiple=2)["rows"] > 2
+    assert window_seam_ratio(horizon, grid, multiple=2, within_class=True)["rows"] == pytest.approx(1.0, abs=0.15)
+    # The texture shifted tile by tile: a seam inside each class too.
+    seam = horizon + 0.8 * (rows // 8 % 2)
+    assert window_seam_ratio(seam, grid, multiple=2, within_class=True)["rows"] > 2
+

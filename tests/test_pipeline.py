@@ -12,7 +12,7 @@ from msd_core.errors import BadInput, Cancelled
 from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.sampling.plan import default_levels
 from msd_core.sampling.sampler import cross_scale_discrepancy
-from msd_core.settings import GenerationSettings
+from msd_core.settings import QUALITY, GenerationSettings
 
 BASE = GenerationSettings(  # the paper's pyramid and coarse noise; the defaults are tested against it below
     prompt="a quiet lake under mountains", width=256, height=128, wrap=False, model="tiny",
@@ -208,3 +208,39 @@ def test_callback_reports_every_level_of_every_step_and_interrupt_cancels(pipe):
     with pytest.raises(Cancelled):
         pipe(BASE, callback=lambda info: seen.append(info.step),
              interrupt=CancelAfterFirstStep(), decode=False)
+
+
+def test_drafts_sampled_as_one_batch_equal_each_sampled_alone(pipe):
+    # Draft's settings on a draft-sized world (one window tall, 2:1 wrapping: a global level above the strip);
+    # every seed has its own shifted tiles, and view batch 3 makes UNet calls that mix two drafts' windows.
+    draft = GenerationSettings(prompt="dunes at dusk", width=256, height=64, wrap=True, model="tiny", device="cpu",
+                               view_batch=3, seed=11, **{**QUALITY["draft"][0], "steps": 6})
+    batch = [dataclasses.replace(draft, seed=draft.seed + index) for index in range(3)]
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        together = pipe.sample_batch(batch, decode=False)
+        batched_calls = len(calls)
+        alone = [pipe(settings, decode=False) for settings in batch]
+    finally:
+        hook.remove()
+    plans = [result.plan for result in alone]
+    assert any(len({tuple(plan.starts_at(step)[-1][1]) for plan in plans}) > 1 for step in range(6))  # own tiles
+    assert batched_calls < 0.7 * (len(calls) - batched_calls)  # calls with several drafts' windows: 42 against 72
+    for batched, single in zip(together, alone):
+        # float32 rounding of other batch sizes, carried through six steps: ~1e-6 of the latents' scale
+        scale = float(single.latents.abs().max())
+        torch.testing.assert_close(batched.latents, single.latents, rtol=1e-5, atol=1e-5 * scale)
+        assert batched.metadata["seed"] == single.metadata["seed"]
+        assert batched.plan.describe() == single.plan.describe()
+    assert not torch.allclose(together[0].latents, together[1].latents, atol=0.1)
+
+
+def test_a_batch_differs_only_in_seeds(pipe):
+    settings = dataclasses.replace(BASE, steps=1)
+    with pytest.raises(ValueError, match="only in the seed"):
+        pipe.sample_batch([settings, dataclasses.replace(settings, seed=4, steps=2)])
+    with pytest.raises(ValueError, match="pole caps"):
+        world = GenerationSettings(prompt="x", width=256, height=128, wrap=True, model="tiny", device="cpu",
+                                   steps=1, poles="sphere")
+        pipe.sample_batch([world, dataclasses.replace(world, seed=1)])

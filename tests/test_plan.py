@@ -211,6 +211,8 @@ def test_standard_and_draft_fit_the_speed_issues_budgets_and_the_paper_stays_rea
     standard, draft = planned("standard"), planned("draft")
     assert [standard.gradient_at(index) for index in (0, 17, 18, 24)] == ["exact", "exact", "fast", "fast"]
     assert plan.forward_equivalents(standard.work()) <= 1000 and plan.forward_equivalents(draft.work()) <= 500
+    # Draft: DPM-Solver++ 15, 8 exact then 7 fast (7 exact of 16 cost the river its layout: docs/speed.md)
+    assert [draft.gradient_at(index) for index in (0, 7, 8, 14)] == ["exact", "exact", "fast", "fast"]
     assert standard.limit() == 25 * (1 + 2 + 8)  # one pass per window area of each level (64×64, 64×128, 128×256)
     # Today's flags bring back v0.3's Standard: DDIM 50, exact at every step, 1,450 + 700.
     v03 = planned("standard", scheduler="ddim", steps=50, guided_fraction=1.0, late_gradient="none")

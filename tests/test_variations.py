@@ -1,6 +1,7 @@
 """Drafts and variations: the draft size rule, the worker's variations request with the tiny real model
 (files, seeds, events, cancel, bad input), and the Blender side (operator, thumbnails, using one)."""
 
+import dataclasses
 import os
 import sys
 
@@ -13,7 +14,7 @@ from msd_core.imageio import pngmeta
 from msd_core.worker import protocol
 from msd_core.worker.client import WorkerClient
 from msd_core.errors import BadInput
-from msd_core.settings import GenerationSettings
+from msd_core.settings import QUALITY, GenerationSettings
 
 from blender_env import MODULE, addon_module, addon_preferences, blender, extension  # noqa: F401  (fixtures)
 from test_extension import draw
@@ -59,6 +60,22 @@ def test_variation_paths_and_count_bounds():
         variations.check_seeds(2**63 - 2, 3)
 
 
+def test_drafts_are_batched_as_one_unet_call_holds_them_on_an_accelerator_only():
+    from msd_core.sampling.plan import make_plan
+
+    draft = variations.draft_settings(GenerationSettings(prompt="dunes"), 512)  # the 360° world's: 1024×512
+    plan = make_plan(draft, 8, 512, free_bytes=80e9, dtype="float16")
+    assert plan.view_batch == 32 and max(plan.describe()["windows_per_level"]) == 2
+    assert variations.batch_size(plan, accelerator=True) == 16
+    assert variations.batch_size(plan, accelerator=False) == 1  # the CPU: the first draft is not held back
+    small = make_plan(draft, 8, 512, free_bytes=10e9, dtype="float16")  # the exact gradient's memory rule
+    assert variations.batch_size(small, accelerator=True) == small.view_batch // 2 < 16
+    world = make_plan(dataclasses.replace(draft, poles="sphere"), 8, 512, free_bytes=80e9, dtype="float16")
+    assert world.caps and variations.batch_size(world, accelerator=True) == 1
+    assert variations.draft_groups(5, 2) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert variations.draft_groups(3, 16) == [range(0, 3)]
+
+
 # -- the worker --------------------------------------------------------------------------------------
 
 
@@ -99,6 +116,47 @@ def test_variations_write_drafts_with_consecutive_seeds_and_report_each_in_order
         assert (stored["seed"], stored["width"], stored["height"], stored["hdr"]) == (seed, 128, 64, False)
         assert pngmeta.read_text_chunks(path)["prompt"] == "a misty alpine valley"
     assert not (tmp_path / "draft.png").exists() and not list(tmp_path.glob("*.exr"))
+
+
+def test_variations_in_batches_write_what_one_at_a_time_writes(tmp_path, monkeypatch):
+    """The worker's accelerator path (batches of drafts through the UNet), run on the CPU by setting the batch
+    size the way a GPU's view batch would: the same files, each reported after its batch's last step."""
+    import io
+    import json
+
+    import numpy as np
+    import torch
+
+    from msd_core.worker.process import EventWriter, Worker, parse_variations
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    stream = io.StringIO()
+    worker = Worker(EventWriter(stream), tmp_path / "previews")
+    settings = tiny(**{**QUALITY["draft"][0], "width": 256, "height": 128, "seed": 40, "steps": 3})
+
+    def run(name, size):
+        monkeypatch.setattr(variations, "batch_size", lambda plan, accelerator: size)
+        request = protocol.request("variations", name, settings=settings, count=3, output=str(tmp_path / f"{name}.png"))
+        worker.run_job(parse_variations(request))
+        return [event for event in map(json.loads, stream.getvalue().splitlines()) if event["id"] == name]
+
+    try:
+        alone, batched = run("alone", 1), run("batched", 2)
+    finally:
+        torch.set_num_threads(threads)
+    steps = [(e["event"], e.get("variation", e.get("index")), e.get("step")) for e in batched
+             if e["event"] in ("progress", "variation")]
+    assert steps == [("progress", 0, 1), ("progress", 0, 2), ("progress", 0, 3), ("variation", 0, None),
+                     ("variation", 1, None), ("progress", 2, 1), ("progress", 2, 2), ("progress", 2, 3),
+                     ("variation", 2, None)]
+    assert [e["seed"] for e in batched if e["event"] == "variation"] == [40, 41, 42]
+    etas = [e["eta"] for e in batched if e["event"] == "progress"]
+    assert etas[-1] == 0 and etas[2] > 0  # after the first batch, the second is still to come
+    for index in range(3):
+        made = [np.asarray(Image.open(tmp_path / f"{name}_v{index + 1:02d}.png"), dtype=int) for name in ("alone", "batched")]
+        assert np.abs(made[0] - made[1]).max() <= 1  # float rounding at most flips one 8-bit level
+        assert pngmeta.read_text_chunks(tmp_path / f"batched_v{index + 1:02d}.png")["seed"] == str(40 + index)
 
 
 def test_a_variation_is_the_draft_a_generate_request_makes_with_its_seed(worker, tmp_path):

@@ -206,3 +206,24 @@ def test_a_wide_window_is_the_slice_it_covers_across_the_seam_and_weighs_its_edg
     assert torch.equal(feathered_weights((6, 6)), feathered_weights(6))
     with pytest.raises(ValueError, match="do not fit"):
         WindowGrid(8, 24, 8, 8, wrap=False, starts=((0,), (10,)), window_width=16).offsets
+
+
+def test_stacked_grids_crop_and_merge_each_panorama_on_its_own_grid():
+    from msd_core.sampling.windows import StackedGrids
+
+    first = WindowGrid(8, 16, 4, 4, wrap=True, starts=((0, 4), (1, 5, 9, 13)))
+    second = WindowGrid(8, 16, 4, 4, wrap=True, starts=((0, 2, 4), (3, 7, 11, 15)))
+    stacked = StackedGrids((first, second))
+    latents = torch.randn(2, 3, 8, 16, generator=torch.Generator().manual_seed(0))
+    windows = stacked.crop(latents)
+    assert windows.shape == (8 + 12, 3, 4, 4) and len(stacked) == 20
+    assert torch.equal(windows[:8], first.crop(latents[:1])) and torch.equal(windows[8:], second.crop(latents[1:]))
+    assert torch.allclose(stacked.merge(windows), latents)  # every pixel covered: the merge inverts the crop
+    coarse = torch.randn(2, 3, 4, 8)
+    assert torch.equal(stacked.coarse_crop(coarse)[8:], second.coarse_crop(coarse[1:]))
+    with pytest.raises(ValueError, match="latents of 2 panoramas"):
+        stacked.crop(latents[:1])
+    with pytest.raises(ValueError, match="expected 20 windows"):
+        stacked.merge(windows[:8])
+    with pytest.raises(ValueError, match="share height, width"):
+        StackedGrids((first, WindowGrid(8, 8, 4, 4)))

@@ -118,6 +118,52 @@ class WindowGrid:
             raise ValueError(f"window offsets are {odd}: coarse crops would not align; use an even stride")
 
 
+@dataclass(frozen=True)
+class StackedGrids:
+    """One level's grids of several panoramas of the same size, sampled together as a batch of latents
+    (B, C, H, W): each panorama keeps its own windows (shifted tiles differ by seed), and crop gives all of
+    them in one tensor, so the UNet denoises several panoramas' windows per call.
+
+    Windows are panorama by panorama (the first panorama's, then the next's); the sampler only crops,
+    steps and merges windows, each window on its own, so every panorama's result is what it would be alone
+    (up to the UNet's batch-dependent rounding).
+    """
+
+    grids: tuple[WindowGrid, ...]
+
+    def __post_init__(self):
+        shapes = {(grid.height, grid.width, grid.shape, grid.wrap) for grid in self.grids}
+        if len(shapes) != 1:
+            raise ValueError(f"stacked grids must share height, width, window shape and wrap, got {sorted(shapes)}")
+
+    height = property(lambda self: self.grids[0].height)
+    width = property(lambda self: self.grids[0].width)
+    window = property(lambda self: self.grids[0].window)
+    wrap = property(lambda self: self.grids[0].wrap)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.grids))
+
+    def crop(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (Σ N_b, C, window, window): every panorama's windows, panorama by panorama."""
+        return torch.cat([grid.crop(latents[index:index + 1]) for index, grid in enumerate(self._for(latents))])
+
+    def coarse_crop(self, coarse: torch.Tensor, factor: Factor = HALF) -> torch.Tensor:
+        return torch.cat([grid.coarse_crop(coarse[index:index + 1], factor) for index, grid in enumerate(self._for(coarse))])
+
+    def merge(self, windows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Each panorama's windows merged on its own grid: (B, C, H, W)."""
+        if windows.shape[0] != len(self):
+            raise ValueError(f"expected {len(self)} windows, got {windows.shape[0]}")
+        parts = windows.split([len(grid) for grid in self.grids])
+        return torch.cat([grid.merge(part, weights) for grid, part in zip(self.grids, parts)])
+
+    def _for(self, latents: torch.Tensor) -> tuple[WindowGrid, ...]:
+        if latents.shape[0] != len(self.grids):
+            raise ValueError(f"expected latents of {len(self.grids)} panoramas, got {latents.shape[0]}")
+        return self.grids
+
+
 def _window_index(offsets, window: tuple[int, int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     window_h, window_w = window
     starts = torch.tensor(offsets, dtype=torch.long).view(-1, 2)

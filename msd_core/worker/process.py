@@ -399,22 +399,25 @@ class Worker:
 
     def _run_variations(self, job: Job, pipe: MSDPanoramaPipeline, load_seconds: float, started: float,
                         preview_dir: Path) -> None:
-        """The drafts one after the other (not batched through the UNet together: one by one, each is
-        on disk and reported after 1/N of the time, and a cancel keeps the ones already made)."""
+        """The drafts in batches through the UNet (``variations.batch_size``: as many as share one call on a
+        GPU, one at a time on the CPU); each batch is on disk and reported as soon as it is done, and a cancel
+        keeps the ones already made."""
         draft = variations.draft_settings(job.settings, pipe.unet.config.sample_size * pipe.factor)
+        size = variations.batch_size(pipe.check_inputs(draft), pipe.device.type != "cpu")
         outputs = []
         sampling = time.perf_counter()
-        for index in range(job.variations):
-            settings = dataclasses.replace(draft, seed=draft.seed + index)
-            on_step = self._step_callback(job, pipe, preview_dir, variation=index,
-                                          earlier=time.perf_counter() - sampling)
-            result = pipe(settings, callback=on_step, interrupt=job.interrupt)
+        for group in variations.draft_groups(job.variations, size):
+            batch = [dataclasses.replace(draft, seed=draft.seed + index) for index in group]
+            on_step = self._step_callback(job, pipe, preview_dir, variation=group.start,
+                                          earlier=time.perf_counter() - sampling, batch=size)
+            results = pipe.sample_batch(batch, callback=on_step, interrupt=job.interrupt)
             if job.interrupt.is_set():
                 raise Cancelled("generation cancelled")
-            path = pipe.save(result, variations.variation_path(job.output, index), overwrite=job.overwrite)
-            outputs.append(str(path))
-            self.emit(protocol.event("variation", job.id, index=index, seed=settings.seed, path=str(path),
-                                     width=result.image.width, height=result.image.height))
+            for index, settings, result in zip(group, batch, results):
+                path = pipe.save(result, variations.variation_path(job.output, index), overwrite=job.overwrite)
+                outputs.append(str(path))
+                self.emit(protocol.event("variation", job.id, index=index, seed=settings.seed, path=str(path),
+                                         width=result.image.width, height=result.image.height))
         timings = {"load": load_seconds, "total": time.perf_counter() - started}
         self._finish(job, protocol.event("done", job.id, outputs=outputs, timings=timings))
 
@@ -518,9 +521,10 @@ class Worker:
         return self._pipeline, time.perf_counter() - started
 
     def _step_callback(self, job: Job, pipe: MSDPanoramaPipeline, preview_dir: Path, variation: int | None = None,
-                       earlier: float = 0.0):
-        """Previews and progress of one pipeline run; for a variation, progress also names it, and
-        ``earlier`` (seconds the earlier variations took) lets the eta cover all of them."""
+                       earlier: float = 0.0, batch: int = 1):
+        """Previews and progress of one pipeline run; for variations (``batch`` drafts per run), progress names
+        the run's first, previews show it, and ``earlier`` (seconds the earlier batches took) lets the eta
+        cover all of them."""
         prefix = "" if job.preview_dir is None else f"msd-preview-{_file_safe(job.id)}-"
         extra = {} if variation is None else {"variation": variation, "count": job.variations}
         plan = pipe.check_inputs(job.settings)
@@ -535,7 +539,7 @@ class Worker:
             # Steps after the guided ones run only the finest level: its x₀ is shown at the preview level's size.
             shown_level = preview_level if plan.gradient_at(first + info.step - 1) or plan.levels == 1 else info.levels
             if info.level == shown_level and preview_step:
-                pred_x0 = info.pred_x0
+                pred_x0 = info.pred_x0[:1]  # a batch of drafts: the first
                 if shown_level != preview_level:
                     pred_x0 = _shrink(pred_x0, preview_shape)
                 image = pipe.decode_preview(pred_x0)
@@ -553,9 +557,9 @@ class Worker:
                     first_step_done.append(info.elapsed)
                 else:
                     seconds_per_window = (info.elapsed - first_step_done[0]) / sum(costs[first + 1:first + info.step])
-                if variation is not None:  # the drafts to come are as long as this one
-                    steps_done = variation * info.total + info.step
-                    eta = (earlier + info.elapsed) / steps_done * (job.variations * info.total - steps_done)
+                if variation is not None:  # the batches to come are as long as this one
+                    steps_done = variation // batch * info.total + info.step
+                    eta = (earlier + info.elapsed) / steps_done * (-(-job.variations // batch) * info.total - steps_done)
                 elif seconds_per_window is None:
                     eta = info.elapsed / info.step * (info.total - info.step)
                 else:

@@ -46,9 +46,10 @@ a longer line is answered with a bad_input error and otherwise ignored):
     …, at draft size (msd_core.variations.draft_size: the short side one model window, the aspect
     kept; levels automatic, no HDR). Variation i (0-based) is written to ``output`` with "_v01",
     "_v02", … before ".png" (none of them may exist unless ``overwrite``), with its metadata, and
-    reported by a "variation" event as soon as it is written. They run one after the other in the
-    request, so the first arrives after 1/N of the time; cancel stops the rest (the files already
-    reported stay). No previews.
+    reported by a "variation" event as soon as it is written. On an accelerator they run in batches through
+    the UNet (as many as one UNet call holds: msd_core.variations.batch_size), a batch in about the time
+    of one draft; on the CPU one after the other, so the first arrives after 1/N of the time. Progress
+    names a batch's first variation. Cancel stops the rest (the files already reported stay). No previews.
   download: fetch a Hugging Face model into the local cache, only what a run loads (the five
     components' configs and safetensors weights; the fp16 weights where the repository has them and
     device/dtype resolve to float16). Queued with the generate requests. A generate request for a Hub
