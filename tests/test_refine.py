@@ -419,19 +419,23 @@ def test_worker_refine_request_writes_the_target_size_with_the_source_in_the_met
         ({"strength": 0.5}, "no 'source' image"),
         ("SOURCE", "'refine' must be a JSON object"),
         ({"source": "NOT_AN_IMAGE"}, "is not an image that can be read"),
+        ({"source": "ICCP"}, "cannot read the source image"),
+        ({"source": "ZTXT"}, "Decompressed data too large"),
     ],
 )
 def test_worker_refuses_a_bad_refine_before_accepting_it(worker, tmp_path, refine_field, message):
     source = source_png(tmp_path / "draft.png")
     (tmp_path / "text.png").write_text("hello")
-    replace = {"SOURCE": str(source), "NOT_AN_IMAGE": str(tmp_path / "text.png")}
+    replace = {"SOURCE": str(source), "NOT_AN_IMAGE": str(tmp_path / "text.png"),
+               "ICCP": str(oversized_chunk_png(tmp_path / "iccp.png", b"iCCP", b"icc\0\0")),
+               "ZTXT": str(oversized_chunk_png(tmp_path / "ztxt.png", b"zTXt", b"Comment\0\0"))}
     if isinstance(refine_field, dict):
         refine_field = {key: replace.get(value, value) for key, value in refine_field.items()}
     settings = GenerationSettings(prompt="a lake", model="tiny", width=128, height=64, steps=2, device="cpu")
     worker.send(protocol.request("generate", "bad", settings=settings.to_dict(), output=str(tmp_path / "o.png"),
                                  refine=refine_field))
     events = events_until_final(worker, "bad")
-    assert [(e["event"], e["kind"]) for e in events] == [("error", "bad_input")]
+    assert [(e["event"], e["kind"], e["field"]) for e in events] == [("error", "bad_input", "refine")]
     assert message in events[0]["message"] and not (tmp_path / "o.png").exists()
 
 

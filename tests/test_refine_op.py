@@ -179,6 +179,20 @@ def test_refine_errors_are_reported_and_change_nothing(addon, tmp_path, setup, m
     assert not addon_module().operators.generate.session.busy
 
 
+@pytest.mark.parametrize("kind, prefix", [(b"iCCP", b"icc\0\0"), (b"zTXt", b"Comment\0\0")])
+def test_a_source_whose_chunk_inflates_beyond_pillows_limit_is_reported(addon, tmp_path, kind, prefix):
+    """Blender reads the file (it ignores the chunk), the worker cannot: the refusal is a report, not a
+    traceback, and nothing changes."""
+    from test_refine import oversized_chunk_png
+
+    path = oversized_chunk_png(tmp_path / "chunky.png", kind, prefix)
+    before = {kind: set(getattr(bpy.data, kind).keys()) for kind in ("images", "worlds", "objects")}
+    with pytest.raises(RuntimeError, match="cannot read the source image .*chunky.png: Decompressed data too large"):
+        bpy.ops.msd.refine(wait=True, filepath=str(path))
+    assert {kind: set(getattr(bpy.data, kind).keys()) for kind in before} == before
+    assert "Decompressed data too large" in run_state().last_error
+
+
 def test_a_missing_source_file_is_reported(addon, tmp_path):
     path = source_png(tmp_path / "gone.png")
     image = bpy.data.images.load(path)
