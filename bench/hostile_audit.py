@@ -277,7 +277,7 @@ def source_links_to_dev_zero(c, d):
 @case("refine")
 def source_link_loop(c, d):
     os.symlink(d / "loop.png", d / "loop.png")
-    return one_line_exit_2(refine_cli(c, d, "loop.png"), "loop")
+    return one_line_exit_2(refine_cli(c, d, "loop.png"), "leads back to itself")
 
 
 @case("refine")
@@ -649,6 +649,7 @@ def main():
     parser.add_argument("--repo", type=Path, default=HERE)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", help="areas, comma-separated")
+    parser.add_argument("--case", help="one case (of the CLI, worker and Hub areas) by name")
     arguments = parser.parse_args()
     areas = set(arguments.only.split(",")) if arguments.only else None
     results = []
@@ -657,7 +658,7 @@ def main():
         checkout.tiny = tiny_files()
         checkout.shared = checkout.worker()
         for number, (area, name, function) in enumerate(CASES):
-            if areas and area not in areas:
+            if (areas and area not in areas) or (arguments.case and name != arguments.case):
                 continue
             folder = Path(scratch) / f"case-{number}"
             folder.mkdir()
@@ -668,7 +669,7 @@ def main():
             results.append({"area": area, "case": name, "ok": bool(ok), "detail": detail})
             print(f"{'ok  ' if ok else 'FAIL'} {area:9} {name:42} {detail}", flush=True)
         checkout.shared.close()
-        if not areas or {"history", "drafts"} & areas:
+        if not arguments.case and (not areas or {"history", "drafts"} & areas):
             folder = Path(scratch) / "blender"
             folder.mkdir()
             for name, (ok, detail) in blender_cases(checkout, folder).items():
