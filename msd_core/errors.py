@@ -73,6 +73,13 @@ class Cancelled(MSDError):
 
     kind = "cancelled"
 
+    @classmethod
+    def check(cls, interrupt) -> None:
+        """Raise when ``interrupt`` (a threading.Event, or None: never) is set: work too long to finish
+        after a cancel (a large decode) calls this between its parts."""
+        if interrupt is not None and interrupt.is_set():
+            raise cls("generation cancelled")
+
 
 class NonFiniteResult(MSDError):
     """Sampling or decoding produced NaN or infinite values: the image would be black, so none is written."""

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from . import __version__, refine
-from .errors import NonFiniteResult
+from .errors import Cancelled, NonFiniteResult
 from .imageio import output
 from .models import loading, lora, vae
 from .sampling import sphere
@@ -310,7 +310,7 @@ class MSDPanoramaPipeline:
             decoding = time.perf_counter()
             # 6. Decode.
             one_latents = latents[item:item + 1]
-            image = self.decode(one_latents, one.wrap, cap_views) if decode else None
+            image = self.decode(one_latents, one.wrap, cap_views, interrupt=interrupt) if decode else None
             finished = time.perf_counter()
             timings = {"sample": sampled - started, "decode": finished - decoding, "total": finished - started}
             # 7. Metadata.
@@ -322,20 +322,25 @@ class MSDPanoramaPipeline:
         return results
 
     # -- refining from an image ----------------------------------------------------------------------
-    def refine(self, settings: GenerationSettings, source: RefineSettings, **kwargs) -> PanoramaResult:
+    def refine(self, settings: GenerationSettings, source: RefineSettings, *, interrupt: Interrupt | None = None,
+               **kwargs) -> PanoramaResult:
         """Refine / upscale the image ``source.source`` at the settings' size (SDEdit + MSD, see
         ``msd_core.refine``): encode it, renoise it with the seed's noise to the step where
         ⌊strength·steps⌋ steps remain, sample from there while the early steps keep the coarsest
-        level's layout the source's. ``kwargs`` go to ``__call__`` (callback, interrupt, decode)."""
+        level's layout the source's. ``kwargs`` go to ``__call__`` (callback, decode); ``interrupt`` to every
+        step, the source's decoding (block by block) and the encoding (tile by tile) included."""
         # 1. Check inputs, read and resize the source (bad files fail here, before any model call).
         plan = self.check_inputs(settings)
         source.validate()
         start = refine.start_step(source.strength, settings.steps)
         refine.check_source_cost(source.source, settings.width, settings.height)
-        image = refine.resize_panorama(refine.read_source(source.source), settings.width, settings.height, settings.wrap)
+        pixels = refine.read_source(source.source, interrupt)
+        Cancelled.check(interrupt)
+        image = refine.resize_panorama(pixels, settings.width, settings.height, settings.wrap)
+        del pixels  # up to 16× the result's pixels, as float32
         # 2. Encode it: x₀ of the source.
         tile = vae.auto_tile(plan.height, plan.width, self.device)
-        clean = vae.encode_images(self.vae, image, wrap=settings.wrap, tile=tile).to(self.device)
+        clean = vae.encode_images(self.vae, image, wrap=settings.wrap, tile=tile, interrupt=interrupt).to(self.device)
         # 3. Renoise with the seed's noise to the start step, and guide the layout while t is high.
         noise = self.initial_latents(plan, settings.seed)
         alpha = alphas_cumprod(solver_schedule(settings.scheduler, self.scheduler, settings.steps)[start])[0]
@@ -344,18 +349,20 @@ class MSDPanoramaPipeline:
             clean, noise, factor, refine.LAYOUT_GUIDANCE_UNTIL * self.scheduler.config.num_train_timesteps
         )
         # 4. Sample from there.
-        result = self(settings, latents=refine.renoise(clean, noise, alpha), start_step=start, guide=guide, **kwargs)
+        result = self(settings, latents=refine.renoise(clean, noise, alpha), start_step=start, guide=guide,
+                      interrupt=interrupt, **kwargs)
         result.metadata.update(refine.source_metadata(source.source, source.strength, start))
         return result
 
     # -- decoding and saving -----------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, wrap: bool, caps: sphere.Caps | None = None):
+    def decode(self, latents: torch.Tensor, wrap: bool, caps: sphere.Caps | None = None, interrupt: Interrupt | None = None):
         """Full-size image (PIL), tiled for large panoramas, wrap-aware for 360° ones; ``caps`` (the pole caps'
-        final views, ``--poles sphere``) are decoded as views and blended over the poles."""
+        final views, ``--poles sphere``) are decoded as views and blended over the poles. A set ``interrupt``
+        raises Cancelled between tiles."""
         tile = vae.auto_tile(latents.shape[2], latents.shape[3], self.device)
         # Cast by decode_latents to the VAE's own dtype (float32 for an upcast SDXL VAE: loading.vae_dtype).
-        images = vae.decode_latents(self.vae, latents, wrap=wrap, tile=tile)
+        images = vae.decode_latents(self.vae, latents, wrap=wrap, tile=tile, interrupt=interrupt)
         if not torch.isfinite(images).all():
             raise NonFiniteResult("decoding produced values that are not finite numbers (NaN or infinity), so nothing "
                                   "was written; float16 can overflow where float32 does not: try --dtype float32")
@@ -363,7 +370,7 @@ class MSDPanoramaPipeline:
             size = next(iter(caps.values()))[0].shape[-1]
             cap_tile = vae.auto_tile(size, size, self.device)
             images = sphere.blend_decoded_caps(images, {
-                pole: vae.decode_latents(self.vae, view, tile=cap_tile) for pole, (view, _) in caps.items()
+                pole: vae.decode_latents(self.vae, view, tile=cap_tile, interrupt=interrupt) for pole, (view, _) in caps.items()
             })
         return vae.to_pil(images)[0]
 

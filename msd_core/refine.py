@@ -15,6 +15,7 @@ The steps, each a small function:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import BadInput
+from .errors import BadInput, Cancelled
 from .imageio.output import exr_path_for, storable_text
 from .sampling.sampler import alphas_cumprod
 from .settings import (
@@ -118,25 +119,43 @@ def check_source_cost(path, width: int, height: int, available: int | None = Non
         )
 
 
-def read_source(path) -> np.ndarray:
+def read_source(path, interrupt=None) -> np.ndarray:
     """The image at ``path`` as float32 RGB (H, W, 3) in [0, 1]; BadInput for anything else.
 
-    The size is checked from the header (``source_size``) before any pixel is decoded.
+    The size is checked from the header (``source_size``) before any pixel is decoded. A set
+    ``interrupt`` (threading.Event) raises Cancelled: PNG and JPEG are decoded as their data is read,
+    and every read looks at it, so a cancel ends even a 16K decode at once. (TIFF, WebP and OpenEXR
+    decode in one library call, within the pixel limit.)
     """
     path = os.fspath(path)
     source_size(path)
     with open(path, "rb") as file:
         is_exr = file.read(4) == EXR_SIGNATURE
+    Cancelled.check(interrupt)
     if is_exr:
         return _read_exr(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=SOURCE_FORMATS) as image:
+            with _InterruptibleReader(io.FileIO(path), interrupt) as file, Image.open(file, formats=SOURCE_FORMATS) as image:
                 image.load()
+                Cancelled.check(interrupt)
                 return _to_rgb_floats(image)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # a file cut short or damaged after its header
         raise BadInput(f"cannot read the source image {path}: {_first_line(exc)}") from None
+
+
+class _InterruptibleReader(io.BufferedReader):
+    """A file whose every read first raises Cancelled if ``interrupt`` is set. Pillow decodes PNG and
+    JPEG block by block as it reads (64 KB of compressed data at a time, a few MB of pixels at most)."""
+
+    def __init__(self, raw: io.FileIO, interrupt):
+        super().__init__(raw)
+        self.interrupt = interrupt
+
+    def read(self, size: int | None = -1) -> bytes:
+        Cancelled.check(self.interrupt)
+        return super().read(size)
 
 
 def _first_line(exc: Exception) -> str:

@@ -10,6 +10,7 @@ Generate, with the panel's prompt and sampler settings at the source's size × t
 """
 
 import dataclasses
+import math
 import os
 
 import bpy
@@ -18,7 +19,7 @@ from bpy.props import StringProperty
 from bpy.types import Operator
 
 from ..msd_core.errors import BadInput
-from ..msd_core.settings import LATENT_FACTOR, RefineSettings
+from ..msd_core.settings import LATENT_FACTOR, MAX_SIDE, RefineSettings
 from ..msd_core.imageio.tonemap import tone_map, write_png
 from ..preferences import get_preferences, user_folder
 from ..properties import settings_from_scene
@@ -79,7 +80,14 @@ def source_file(image: bpy.types.Image) -> str:
 
 
 def refine_target_size(image: bpy.types.Image, scale: float) -> tuple[int, int]:
-    """The source's size × ``scale``, each side rounded to the nearest multiple of 8."""
+    """The source's size × ``scale``, each side rounded to the nearest multiple of 8; BadInput for a scale
+    that gives no size (a script may set inf or NaN: the property has no upper bound)."""
+    if not (scale > 0 and math.isfinite(scale)):
+        raise BadInput(f"Scale must be a number above 0, got {scale}")
+    width, height = image.size
+    if max(width, height) * scale > MAX_SIDE:
+        raise BadInput(f"Scale {scale:g} makes the {width}×{height} source more than {MAX_SIDE} px a side; "
+                       "choose a smaller Scale")
     return tuple(max(LATENT_FACTOR, round(side * scale / LATENT_FACTOR) * LATENT_FACTOR) for side in image.size)
 
 

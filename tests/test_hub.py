@@ -446,6 +446,37 @@ def test_a_malformed_or_oversized_model_info_is_a_clear_error(fake_hub, online, 
     assert fake_hub.fetched(REPO) == []
 
 
+# (headers of model_index.json, an extra file in the model info, words of the error)
+HOSTILE_ANSWERS = {
+    "commit-with-dots": ({"X-Repo-Commit": "../../../../escaped"}, None, "is not a plain hash"),
+    "etag-with-dots": ({"ETag": '"../../../../escaped.pth"'}, None, "is not a plain hash"),
+    "file-over-50-GB": ({}, {"rfilename": "unet/diffusion_pytorch_model.safetensors", "size": 60 * 10**9}, "larger than 50.0 GB"),
+    "size-not-a-number": ({}, {"rfilename": "unet/config.json", "size": "12"}, "malformed"),
+    "name-not-text": ({}, {"rfilename": 7, "size": 1}, "malformed"),
+}  # fmt: skip
+
+
+def test_hostile_hub_answers_are_one_line_exit_2_in_the_cli_and_a_network_error_in_the_worker(fake_hub, tiny_files, tmp_path):
+    env = hub_env(fake_hub, tmp_path / "hf")
+    fake_hub.add_repo(REPO, tiny_files)
+    honest = [{"rfilename": name, "size": len(data)} for name, data in tiny_files.items()]
+    with WorkerClient(sys.executable, pythonpath=REPO_ROOT, env={**env, "OMP_NUM_THREADS": "1"}) as client:
+        for case, (headers, sibling, words) in HOSTILE_ANSWERS.items():
+            fake_hub.headers.clear()
+            fake_hub.headers["model_index.json"] = headers
+            fake_hub.siblings[REPO] = honest + ([sibling] if sibling else [])
+            result = run_cli("models", "download", REPO, "--dtype", "float32", env=env)
+            assert (result.returncode, len(result.stderr.splitlines())) == (2, 1), (case, result)  # stdout: progress
+            assert result.stderr.startswith("msd-panorama: error: ") and words in result.stderr, (case, result.stderr)
+            request = client.download(REPO, device="cpu", dtype="float32")
+            end = next_matching(client, lambda e: e["id"] == request and e["event"] in protocol.FINAL_EVENTS, [])
+            assert (end["event"], end["kind"]) == ("error", "network") and words in end["message"], (case, end)
+            assert "\n" not in end["message"]
+    assert not any("escaped" in path.name for path in tmp_path.rglob("*"))
+    status = hub.model_status(REPO, tmp_path / "hf")
+    assert status is None or not status.complete
+
+
 def start_download(fake_hub, tmp_path, files, **options):
     """hub.download on a thread, paused by the fake Hub 1000 bytes into the big file; (thread, outcome)."""
     fake_hub.add_repo(REPO, files)

@@ -142,6 +142,17 @@ def test_cancel_stops_the_download_and_the_model_still_needs_one(addon, fake_hub
     assert ("operator", "msd.download_model") in draw("MSD_PT_panorama")
 
 
+@pytest.mark.parametrize("headers", [{"X-Repo-Commit": "../../../../escaped"}, {"ETag": '"../../escaped.pth"'}])
+def test_a_hostile_hub_answer_is_an_error_report_and_the_model_still_needs_a_download(addon, fake_hub, online, headers):
+    fake_hub.headers["model_index.json"] = headers
+    addon_preferences().model = REPO
+    with pytest.raises(RuntimeError, match="is not a plain hash"):  # the operator's error report
+        bpy.ops.msd.download_model(wait=True)
+    state = models_op().download_state
+    assert state.failed and not state.busy and models_op().needs_download(REPO)
+    assert fake_hub.fetched(REPO) == []
+
+
 def test_generate_with_a_model_that_is_not_downloaded_says_so_at_once(addon):
     addon_preferences().model = "test/not-here"
     bpy.context.scene.msd_panorama.prompt = "a quiet harbour at dusk"

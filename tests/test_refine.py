@@ -14,6 +14,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from msd_core.models import loading, vae
 from msd_core.imageio import output, pngmeta, tonemap
 from msd_core.worker import protocol
 from msd_core.worker.client import WorkerClient
-from msd_core.errors import BadInput, NonFiniteResult
+from msd_core.errors import BadInput, Cancelled, NonFiniteResult
 from msd_core.models.loading import sd_ddim_scheduler
 from msd_core.pipeline import MSDPanoramaPipeline, default_levels
 from msd_core.sampling.sampler import cosine_decay, ddim_schedule, msd_step
@@ -421,19 +422,23 @@ def test_worker_refine_request_writes_the_target_size_with_the_source_in_the_met
         ({"strength": 0.5}, "no 'source' image"),
         ("SOURCE", "'refine' must be a JSON object"),
         ({"source": "NOT_AN_IMAGE"}, "is not an image that can be read"),
+        ({"source": "ICCP"}, "cannot read the source image"),
+        ({"source": "ZTXT"}, "Decompressed data too large"),
     ],
 )
 def test_worker_refuses_a_bad_refine_before_accepting_it(worker, tmp_path, refine_field, message):
     source = source_png(tmp_path / "draft.png")
     (tmp_path / "text.png").write_text("hello")
-    replace = {"SOURCE": str(source), "NOT_AN_IMAGE": str(tmp_path / "text.png")}
+    replace = {"SOURCE": str(source), "NOT_AN_IMAGE": str(tmp_path / "text.png"),
+               "ICCP": str(oversized_chunk_png(tmp_path / "iccp.png", b"iCCP", b"icc\0\0")),
+               "ZTXT": str(oversized_chunk_png(tmp_path / "ztxt.png", b"zTXt", b"Comment\0\0"))}
     if isinstance(refine_field, dict):
         refine_field = {key: replace.get(value, value) for key, value in refine_field.items()}
     settings = GenerationSettings(prompt="a lake", model="tiny", width=128, height=64, steps=2, device="cpu")
     worker.send(protocol.request("generate", "bad", settings=settings.to_dict(), output=str(tmp_path / "o.png"),
                                  refine=refine_field))
     events = events_until_final(worker, "bad")
-    assert [(e["event"], e["kind"]) for e in events] == [("error", "bad_input")]
+    assert [(e["event"], e["kind"], e["field"]) for e in events] == [("error", "bad_input", "refine")]
     assert message in events[0]["message"] and not (tmp_path / "o.png").exists()
 
 
@@ -612,3 +617,86 @@ def test_huge_numbers_are_never_echoed_in_full(tmp_path, capsys):
     code = cli.main(["generate", "a lake", "-o", str(tmp_path / "o.png"), "--threads", "9" * 4001, *TINY])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "a 13292-bit number" in err and len(err) < 300, err[:300]
+
+
+# -- cancel during a big decode ---------------------------------------------------------------------
+
+
+def slow_decoding_png(path: Path, empty_chunks: int) -> Path:
+    """A valid 16×8 PNG whose pixels follow many empty IDAT chunks: its header is read at once, decoding
+    it takes long (1 000 000 chunks: about 10 s here), as a 16K panorama's does."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = zlib.compress(b"".join(b"\0" + b"\x80" * 48 for _ in range(8)))
+    header = struct.pack(">IIBBBBB", 16, 8, 8, 2, 0, 0, 0)
+    path.write_bytes(pngmeta.PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", b"") * empty_chunks
+                     + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))  # fmt: skip
+    return path
+
+
+class CancelAfter:
+    """An interrupt that is set from its (checks + 1)-th look on; counts the looks."""
+
+    def __init__(self, checks: int):
+        self.checks, self.looks = checks, 0
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks > self.checks
+
+
+def test_a_cancel_ends_the_decoding_of_a_source_between_its_blocks(tmp_path):
+    path = slow_decoding_png(tmp_path / "slow.png", 20_000)
+    never = CancelAfter(10**9)
+    assert np.array_equal(refine.read_source(path, never), refine.read_source(path))
+    assert never.looks > 20_000  # the decoder's every read looks
+    cancel = CancelAfter(1000)
+    with pytest.raises(Cancelled):
+        refine.read_source(path, cancel)
+    assert cancel.looks == 1001  # it stopped at the first look after the cancel, 1000 reads in
+
+
+def test_a_cancel_ends_a_tiled_decode_or_encode_between_tiles(tiny_vae, monkeypatch):
+    latents = torch.randn(1, 4, 16, 64, generator=torch.Generator().manual_seed(0))
+    calls = []
+    decode, encode = tiny_vae.decode, tiny_vae.encode
+    monkeypatch.setattr(tiny_vae, "decode", lambda z: calls.append("decode") or decode(z))
+    monkeypatch.setattr(tiny_vae, "encode", lambda x: calls.append("encode") or encode(x))
+    image = vae.decode_latents(tiny_vae, latents, wrap=True, tile=16, interrupt=CancelAfter(10**9))
+    assert torch.equal(image, vae.decode_latents(tiny_vae, latents, wrap=True, tile=16))
+    tiles = calls.count("decode") // 2
+    calls.clear()
+    with pytest.raises(Cancelled):
+        vae.decode_latents(tiny_vae, latents, wrap=True, tile=16, interrupt=CancelAfter(3))
+    assert tiles > 6 and calls == ["decode"] * 3
+    calls.clear()
+    with pytest.raises(Cancelled):
+        vae.encode_images(tiny_vae, image, wrap=True, tile=16, interrupt=CancelAfter(3))
+    assert calls == ["encode"] * 2  # one look before the tiles, then one before each
+
+
+CANCEL_SECONDS = 5  # a bound (the decode takes about 10 s here without a cancel), never an expectation
+
+
+def test_worker_cancel_during_the_source_decode_ends_the_run_within_seconds(worker, tmp_path):
+    """The cancel arrives (as a protocol line) while the worker decodes a source that takes about 10 s:
+    the run ends with 'cancelled' within seconds, nothing is written, and the worker goes on."""
+    settings = GenerationSettings(prompt="a lake", model="tiny", width=128, height=64, steps=2, device="cpu")
+    warm = worker.generate(settings, tmp_path / "warm.png", refine=RefineSettings(str(source_png(tmp_path / "s.png")), 1.0))
+    assert events_until_final(worker, warm)[-1]["event"] == "done"  # the model is loaded: the next run decodes at once
+    source = slow_decoding_png(tmp_path / "slow.png", 1_000_000)
+    request_id = worker.generate(settings, tmp_path / "out.png", refine=RefineSettings(str(source), 1.0))
+    while (event := worker.next_event(timeout=WAIT))["event"] != "loading":
+        assert event["id"] == request_id and event["event"] == "accepted", event
+    time.sleep(1)  # the decode is under way
+    cancelled_at = time.monotonic()
+    worker.cancel(request_id)
+    events = events_until_final(worker, request_id)
+    seconds = time.monotonic() - cancelled_at
+    assert [(e["event"], e.get("kind")) for e in events] == [("error", "cancelled")], events
+    assert seconds < CANCEL_SECONDS, f"the cancel took {seconds:.1f} s"
+    assert not (tmp_path / "out.png").exists()
+    again = worker.generate(settings, tmp_path / "again.png", refine=RefineSettings(str(tmp_path / "s.png"), 1.0))
+    assert events_until_final(worker, again)[-1]["event"] == "done"

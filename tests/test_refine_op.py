@@ -179,6 +179,33 @@ def test_refine_errors_are_reported_and_change_nothing(addon, tmp_path, setup, m
     assert not addon_module().operators.generate.session.busy
 
 
+@pytest.mark.parametrize("kind, prefix", [(b"iCCP", b"icc\0\0"), (b"zTXt", b"Comment\0\0")])
+def test_a_source_whose_chunk_inflates_beyond_pillows_limit_is_reported(addon, tmp_path, kind, prefix):
+    """Blender reads the file (it ignores the chunk), the worker cannot: the refusal is a report, not a
+    traceback, and nothing changes."""
+    from test_refine import oversized_chunk_png
+
+    path = oversized_chunk_png(tmp_path / "chunky.png", kind, prefix)
+    before = {kind: set(getattr(bpy.data, kind).keys()) for kind in ("images", "worlds", "objects")}
+    with pytest.raises(RuntimeError, match="cannot read the source image .*chunky.png: Decompressed data too large"):
+        bpy.ops.msd.refine(wait=True, filepath=str(path))
+    assert {kind: set(getattr(bpy.data, kind).keys()) for kind in before} == before
+    assert "Decompressed data too large" in run_state().last_error
+
+
+@pytest.mark.parametrize("scale", [float("inf"), 1e30, float("nan")])
+def test_a_scale_without_a_usable_size_is_reported(addon, tmp_path, scale):
+    """A script may set Scale to anything the property takes: the report says why, nothing changes."""
+    path = source_png(tmp_path / "src.png")
+    group = bpy.context.scene.msd_panorama
+    group.refine_scale = scale
+    before = {kind: set(getattr(bpy.data, kind).keys()) for kind in ("images", "worlds", "objects")}
+    with pytest.raises(RuntimeError, match=r"Scale|[Ww]idth") as error:
+        bpy.ops.msd.refine(wait=True, filepath=str(path))
+    assert "Traceback" not in str(error.value) and str(error.value).strip().count("\n") == 0, str(error.value)
+    assert {kind: set(getattr(bpy.data, kind).keys()) for kind in before} == before
+
+
 def test_a_missing_source_file_is_reported(addon, tmp_path):
     path = source_png(tmp_path / "gone.png")
     image = bpy.data.images.load(path)

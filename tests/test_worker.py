@@ -480,6 +480,45 @@ def test_failures_inside_a_run_are_reported_and_the_worker_goes_on(
     assert run(f"after-{case}")["event"] == "done"
 
 
+def test_a_cancel_during_the_decode_of_a_large_output_ends_it_between_tiles(in_process, monkeypatch):
+    """A 16K panorama decodes as hundreds of VAE tiles (minutes on a slow device): here 12 slowed tiles of
+    the tiny model's VAE. The cancel, as the reader thread hands it over, ends the run at the next tile
+    with 'cancelled', and nothing is written."""
+    import threading
+
+    from msd_core.models import vae
+    from msd_core.worker.process import parse_generate
+
+    worker, run, folder = in_process
+    pipe = worker._pipeline
+    monkeypatch.setattr(vae, "auto_tile", lambda height, width, device: 10)  # 10-latent-px tiles: 12 for 128×64
+    decoding, tiles = threading.Event(), []
+    decode = pipe.vae.decode
+
+    def slow_decode(latents):
+        tiles.append(latents.shape)
+        decoding.set()
+        time.sleep(0.2)
+        return decode(latents)
+
+    monkeypatch.setattr(pipe.vae, "decode", slow_decode)
+    output = folder / "large.png"
+    job = parse_generate(protocol.request("generate", "large", settings=tiny(**SMALL), output=str(output), preview_every=0))
+    with worker._lock:
+        worker._current = job  # as run() does when it takes the job from the queue
+    running = threading.Thread(target=worker.run_job, args=(job,))
+    running.start()
+    assert decoding.wait(WAIT)
+    worker.cancel("large")
+    running.join(WAIT)
+    stream = worker.emit.__self__._stream  # the in-process EventWriter's StringIO
+    last = [e for e in map(json.loads, stream.getvalue().splitlines()) if e["id"] == "large"][-1]
+    assert (last["event"], last["kind"]) == ("error", "cancelled")
+    assert len(tiles) <= 2 and not output.exists()  # of 12
+    monkeypatch.undo()
+    assert run("after-decode-cancel")["event"] == "done"
+
+
 def test_ctrl_c_in_the_terminal_leaves_a_piped_worker_to_its_client(worker_env):
     """Ctrl+C reaches the client and its worker alike: the worker ignores it (no traceback mid-request)
     and the client cancels and stops it."""

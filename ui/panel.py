@@ -317,7 +317,7 @@ class MSD_PT_history(SettingsSubPanel, Panel):
         group = context.scene.msd_panorama
         entries = cached_history(context)
         row = layout.row()
-        row.label(text=f"{len(entries)} panoramas")
+        row.label(text=f"{len(entries)} panoramas" + (" · reading the folder…" if history_cache.scanning else ""))
         row.operator("msd.refresh_history", text="", icon='FILE_REFRESH')
         for entry in entries:
             box = layout.box()

@@ -14,16 +14,20 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from ..errors import Cancelled
+
 SMALL_LATENT = 128  # latent px per side that one decode call handles comfortably on a GPU
 SMALL_LATENT_LOW_MEMORY = 64  # the same on Apple MPS (shared memory) and the CPU
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, *, wrap: bool = False, tile: int | None = None, overlap: int = 8) -> torch.Tensor:
+def decode_latents(vae, latents: torch.Tensor, *, wrap: bool = False, tile: int | None = None, overlap: int = 8,
+                   interrupt=None) -> torch.Tensor:
     """Decode diffusion latents (B, C, h, w) into images (B, 3, h·f, w·f): float32 on the CPU, in [0, 1].
 
     ``tile`` is the tile size in latent px (None: one decode call), ``overlap`` the latent px that
     neighbouring tiles share and, with ``wrap``, how far the latent is extended around the seam.
+    A set ``interrupt`` (threading.Event) raises Cancelled before the next tile.
     """
     if tile is not None and tile <= overlap:
         raise ValueError(f"the tile ({tile}) must be larger than the overlap ({overlap})")
@@ -34,9 +38,10 @@ def decode_latents(vae, latents: torch.Tensor, *, wrap: bool = False, tile: int 
     if pad:
         scaled = torch.cat([scaled[..., -pad:], scaled, scaled[..., :pad]], dim=-1)
     if tile is None:
+        Cancelled.check(interrupt)
         images = _decode(vae, scaled)
     else:
-        images = _decode_tiled(vae, scaled, tile, overlap)
+        images = _apply_tiled(lambda part: _decode(vae, part), scaled, tile, overlap, 1, interrupt)
     if pad:
         factor = images.shape[-1] // scaled.shape[-1]
         images = images[..., pad * factor : (pad + width) * factor]
@@ -44,12 +49,13 @@ def decode_latents(vae, latents: torch.Tensor, *, wrap: bool = False, tile: int 
 
 
 @torch.no_grad()
-def encode_images(vae, images: torch.Tensor, *, wrap: bool = False, tile: int | None = None, overlap: int = 8) -> torch.Tensor:
+def encode_images(vae, images: torch.Tensor, *, wrap: bool = False, tile: int | None = None, overlap: int = 8,
+                  interrupt=None) -> torch.Tensor:
     """Encode images (B, 3, H, W) in [0, 1] into diffusion latents (B, C, H/f, W/f), float32 on the CPU.
 
     The latent is the mean of the VAE's latent distribution (no sampling: the same image always gives
     the same latent) times its scaling factor. ``tile``, ``overlap`` and ``wrap`` work as for
-    ``decode_latents``, in latent px: with ``wrap`` the image is extended circularly by ``overlap``
+    ``decode_latents`` (``interrupt`` too), in latent px: with ``wrap`` the image is extended circularly by ``overlap``
     latent px on both sides, so the encoder sees across the 0/360° seam.
     """
     if tile is not None and tile <= overlap:
@@ -67,7 +73,8 @@ def encode_images(vae, images: torch.Tensor, *, wrap: bool = False, tile: int | 
     def encode(part: torch.Tensor) -> torch.Tensor:
         return vae.encode(part).latent_dist.mean.float().cpu()
 
-    latents = encode(pixels) if tile is None else _apply_tiled(encode, pixels, tile, overlap, input_scale=factor)
+    Cancelled.check(interrupt)
+    latents = encode(pixels) if tile is None else _apply_tiled(encode, pixels, tile, overlap, factor, interrupt)
     if pad:
         latents = latents[..., pad : pad + width]
     return latents * vae.config.scaling_factor
@@ -77,12 +84,9 @@ def _decode(vae, scaled: torch.Tensor) -> torch.Tensor:
     return vae.decode(scaled).sample.float().cpu()
 
 
-def _decode_tiled(vae, scaled: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
-    return _apply_tiled(lambda part: _decode(vae, part), scaled, tile, overlap, input_scale=1)
-
-
-def _apply_tiled(function, inputs: torch.Tensor, tile: int, overlap: int, input_scale: int) -> torch.Tensor:
-    """Apply ``function`` (decode or encode) tile by tile, accumulating ramp-weighted outputs on the CPU.
+def _apply_tiled(function, inputs: torch.Tensor, tile: int, overlap: int, input_scale: int, interrupt=None) -> torch.Tensor:
+    """Apply ``function`` (decode or encode) tile by tile, accumulating ramp-weighted outputs on the CPU;
+    a set ``interrupt`` raises Cancelled between tiles (a 16K panorama is hundreds of tiles).
 
     Tiles are laid out in latent px: ``input_scale`` is input px per latent px (1 for latents, the VAE's
     factor for images). Every tile's weight is an outer product of 1-D ramps and the tiles form a grid,
@@ -94,6 +98,7 @@ def _apply_tiled(function, inputs: torch.Tensor, tile: int, overlap: int, input_
     output = None
     for row, (top, bottom) in enumerate(rows):
         for col, (left, right) in enumerate(cols):
+            Cancelled.check(interrupt)
             part = inputs[..., top * input_scale : bottom * input_scale, left * input_scale : right * input_scale]
             result = function(part)
             factor = result.shape[-1] // (right - left)

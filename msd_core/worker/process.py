@@ -626,9 +626,13 @@ def parse_generate(message: dict) -> Job:
         check_writable_folder(preview_dir, "preview_dir")
     refine = None
     if message.get("refine") is not None:
-        refine = RefineSettings.from_dict(message["refine"]).validate()
-        # An image, not too large for the run: refused now rather than after loading the model.
-        check_source_cost(refine.source, settings.width, settings.height)
+        try:
+            refine = RefineSettings.from_dict(message["refine"]).validate()
+            # An image, not too large for the run: refused now rather than after loading the model.
+            check_source_cost(refine.source, settings.width, settings.height)
+        except BadInput as exc:  # msd_core's source checks speak of the image, the protocol of its field
+            exc.field = exc.field or "refine"
+            raise
     threads = message.get("threads", 0)
     if not is_int(threads) or not 0 <= threads <= MAX_THREADS:
         raise BadInput("{field} must be a whole number from 0 (the worker's default) to {limit}, got {value}",
