@@ -15,6 +15,7 @@ equals diffusers' StableDiffusionXLPipeline, and no window is told it is a crop 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -31,8 +32,10 @@ from .sampler import (
     SolverStep,
     alphas_cumprod,
     cosine_decay,
+    drawn_start,
     msd_step,
     solver_schedule,
+    start_schedule,
 )
 from .settings import GenerationSettings, RefineSettings
 from .windows import feathered_weights
@@ -224,6 +227,13 @@ class MSDPanoramaPipeline:
         # 4. Initial latents (float32: the merge averages in full precision; the UNet casts).
         if latents is None:
             latents = self.initial_latents(plan, settings.seed)
+            if plan.start_steps:  # coarse_noise "drawn": the coarsest level's content first (docs/layout.md)
+                start = start_schedule(settings.scheduler, alphas_cumprod(schedule[0])[0], math.prod(plan.coarsest_factor),
+                                       plan.start_steps, self.scheduler.alphas_cumprod)
+                with torch.no_grad():
+                    latents = drawn_start(latents, plan.grids_at(0)[0], plan.coarsest_factor, start, denoise,
+                                          prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
+                                          interrupt=interrupt)
         latents = latents.to(self.device, torch.float32)
         weights = [feathered_weights(plan.window).to(self.device) if settings.feather else None] * plan.levels
         omega = settings.omega if settings.method == "msd" else 0.0

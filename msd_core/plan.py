@@ -40,6 +40,9 @@ UPCAST_VAE_PARAMETERS = {"sd": 0.0, "sdxl": 83.7e6}
 # A backward pass through the UNet costs 1.34 forwards (SD-2-base's UNet on an H200 in float16, view batch
 # 32: bench/results/device-h200.json). Forward-equivalents = forwards + BACKWARD_COST × backwards.
 BACKWARD_COST = 1.34
+# λ = log(ᾱ/(1−ᾱ)) falls by about 12.4 from timestep 0 to 999 on SD's (and SDXL's) scaled-linear training
+# schedule: a drawn start (``start_step_count``) spaces its steps as densely in λ as the run's own on average.
+LOG_SNR_SPAN = 12.4
 CPU_VIEW_BATCH = 4  # on the CPU larger batches are not faster and only hold more memory
 MAX_VIEW_BATCH = 32
 
@@ -258,6 +261,7 @@ class Plan:
     caps: int = 0  # latent pixels across each pole cap's view (``--poles sphere``); 0 = no cap windows
     guided_steps: int | None = None  # the first steps that guide with ``gradient`` (None = all when guided)
     late_gradient: str = "none"  # the later steps' gradient mode; "none": they run only the finest level
+    start_steps: int = 0  # steps of the coarsest level's own trajectory before the first (coarse_noise "drawn")
 
     def gradient_at(self, step_index: int) -> str | None:
         """The gradient mode of a step (0-based), or None where nothing is guided: then only the finest level
@@ -267,6 +271,12 @@ class Plan:
         if self.guided_steps is None or step_index < self.guided_steps:
             return self.gradient
         return None if self.late_gradient == "none" else self.late_gradient
+
+    @property
+    def coarsest_factor(self) -> tuple[int, int]:
+        """(rows, columns) of finest-level latent pixels averaged into one pixel of the coarsest level."""
+        halvings = 2 ** (self.levels - 1 - (self.squeeze > 1))
+        return halvings, halvings * self.squeeze
 
     def level_shape(self, level: int) -> tuple[int, int]:
         """(height, width) of a level, 0 = coarsest (the global level, if any)."""
@@ -353,6 +363,9 @@ class Plan:
             gradient = self.gradient_at(index)
             work = unet_work([counts], gradient or self.gradient, gradient is not None)
             per_step.append({**work, "forwards": work["forwards"] + caps})
+        if self.start_steps:  # the drawn start runs the coarsest level's first-step windows before step 0
+            rows, cols = self.starts_at(0)[0]
+            per_step[0]["forwards"] += self.start_steps * len(rows) * len(cols)
         return per_step
 
     def work(self, start_step: int = 0) -> dict:
@@ -459,12 +472,21 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
         squeeze = global_squeeze(width // 2 ** (levels - 1), window, stride)
         levels += squeeze > 1
     guided = settings.method == "msd" and settings.omega > 0 and levels > 1
+    halvings = 2 ** (levels - 1 - (squeeze > 1))
+    start_steps = start_step_count(settings.steps, halvings * halvings * squeeze) if guided and settings.coarse_noise == "drawn" else 0
     exact = guided and "exact" in (settings.gradient, settings.late_gradient)
     view_batch = settings.view_batch or view_batch_for(free_bytes, exact, dtype, window, family)
     caps = cap_size(height, window) if settings.poles == "sphere" and has_poles(width, height, settings.wrap) else 0
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
                 settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps,
-                guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient)
+                guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient, start_steps=start_steps)
+
+
+def start_step_count(steps: int, gain: int) -> int:
+    """Steps of a drawn start (``sampler.drawn_start``) for a coarsest level that averages ``gain`` latent pixels:
+    its trajectory spans log ``gain`` of log-SNR, covered as densely as a ``steps``-step run covers the schedule
+    (``LOG_SNR_SPAN``); 0 when nothing is averaged."""
+    return math.ceil(steps * math.log(gain) / LOG_SNR_SPAN - 1e-9) if gain > 1 else 0
 
 
 def guided_step_count(settings: GenerationSettings) -> int:

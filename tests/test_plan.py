@@ -57,6 +57,10 @@ class CallCounter:
     {"windows": "shifted", "gradient": "exact", "guided_fraction": 0.5},
     {"windows": "shifted", "gradient": "exact", "guided_fraction": 0.5, "late_gradient": "fast", "scheduler": "dpmpp-2m"},
     {"windows": "shifted", "gradient": "fast", "omega": 0.0},  # ω = 0: only the finest level runs
+    # A drawn start: the global level's own steps before the first (one window each).
+    {"windows": "shifted", "gradient": "exact", "pyramid": "global", "coarse_noise": "drawn", "width": 512,
+     "height": 128, "scheduler": "dpmpp-2m"},
+    {"windows": "shifted", "gradient": "fast", "coarse_noise": "drawn", "omega": 0.0},  # MultiDiffusion: no start
 ])
 def test_unet_work_from_the_plan_equals_the_model_calls(pipe, monkeypatch, changes):
     settings = dataclasses.replace(BASE, **changes)
@@ -248,3 +252,13 @@ def test_the_eta_of_a_refine_counts_only_the_steps_left(pipe, tmp_path):
         on_step(StepInfo(step, 4, planned.levels, planned.levels, None, None, rate * sum(costs[:step]) + 1.0))  # 1 s of warm-up in step 1
     etas = [json.loads(line)["eta"] for line in events.getvalue().splitlines()]
     assert etas[1:] == pytest.approx([rate * sum(costs[step:]) for step in range(2, 5)])
+
+
+def test_a_drawn_start_spends_its_steps_on_the_coarsest_level_as_densely_as_the_run():
+    settings = dataclasses.replace(BASE, width=512, height=128, pyramid="global", coarse_noise="drawn", steps=25)
+    drawn, matched = plan.make_plan(settings, 8, 64), plan.make_plan(dataclasses.replace(settings, coarse_noise="matched"), 8, 64)
+    assert drawn.coarsest_factor == (2, 8) and matched.start_steps == 0  # 16×64 latents → 8×32 → global 8×8
+    assert drawn.start_steps == plan.start_step_count(25, 16) == 6  # log 16 of λ's 12.4 at 25 steps: 5.6
+    assert drawn.work()["forwards"] == matched.work()["forwards"] + 6  # the global level is one window
+    assert drawn.work(start_step=1) == matched.work(start_step=1)  # a refine starts later and draws nothing
+    assert [plan.start_step_count(steps, gain) for steps, gain in ((25, 8), (15, 8), (25, 128), (50, 1))] == [5, 3, 10, 0]
