@@ -122,7 +122,7 @@ class GenerationSettings:
     omega_loss: str = "projection"
     scales: int | None = None  # pyramid levels; None = smallest count whose coarsest height fits a window
     pyramid: str = "global"  # PYRAMIDS
-    coarse_noise: str = "matched"  # COARSE_NOISES
+    coarse_noise: str = "drawn"  # COARSE_NOISES
     # The share of the steps, from the first, that guide the finer levels with `gradient`; the rest guide with
     # `late_gradient`, or with "none" denoise only the finest level (MultiDiffusion).
     guided_fraction: float = _DEFAULTS["guided_fraction"]

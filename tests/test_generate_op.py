@@ -503,7 +503,7 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
     group, properties = bpy.context.scene.msd_panorama, addon_module().properties
     drawn = draw("MSD_PT_panorama_sampler")
     assert drawn.index(("prop", "coarse_noise")) == drawn.index(("prop", "pyramid")) + 1
-    assert (group.pyramid, group.coarse_noise) == ("global", "matched")
+    assert (group.pyramid, group.coarse_noise) == ("global", "drawn")
     group.pyramid, group.coarse_noise = "halving", "literal"  # the paper's
     settings = properties.settings_from_scene(bpy.context.scene, addon_preferences())
     assert (settings.pyramid, settings.coarse_noise) == ("halving", "literal")
@@ -512,7 +512,7 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
     assert (group.pyramid, group.coarse_noise) == ("halving", "literal")
     assert properties.setting_label("pyramid") == ("Pyramid", "the Panorama panel's Sampler section")
     assert properties.setting_label("coarse_noise") == ("Coarse Noise", "the Panorama panel's Sampler section")
-    group.pyramid, group.coarse_noise = "global", "matched"
+    group.pyramid, group.coarse_noise = "global", "drawn"
 
 
 def test_output_files_get_new_names(addon, tmp_path):

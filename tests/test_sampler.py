@@ -339,7 +339,7 @@ def test_matched_coarse_noise_steps_only_the_coarse_levels_and_omega_zero_is_sti
     assert list(dict.fromkeys(seen)) == [steps[0].t, steps[1].t, step.t]  # coarsest first, less noisy above
     assert steps[0].t < steps[1].t < step.t
     assert not torch.allclose(guided, sampler.msd_step(latents, grids, step, denoiser, 10.0, gradient="fast"))
-    with pytest.raises(ValueError, match="matched or literal"):
+    with pytest.raises(ValueError, match="drawn, matched or literal"):
         sampler.level_steps(step, factors, "snr", train.alphas_cumprod)
     with pytest.raises(ValueError, match="train_alphas"):
         sampler.level_steps(step, factors, "matched")
