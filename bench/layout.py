@@ -28,7 +28,7 @@ import torch
 from common import environment, figure_path, markdown_table, pyplot, seam_multiple, window_seam_ratio, write_json
 from horizon import (PRIOR_FACTOR, SD_COARSE_NUMEL, HorizonPrior, sample_panoramas, sample_with_settings,
                      score_layout, seam_ratio)
-from priors import RiverPrior, SkylinePrior, SunPrior
+from priors import GaussianPrior, RiverPrior, SkylinePrior, SunPrior
 
 from msd_core.sampler import cross_scale_discrepancy
 from msd_core.plan import make_plan
@@ -385,6 +385,64 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     return row
 
 
+def start_table(rows: list[dict], settings=("v0.4 Standard", "Standard, drawn", "v0.4 Draft", "Draft, drawn")) -> str:
+    """Issue 20's table: per prior and shape, each setting's coherent (collapsed) of the seeds and coherent as a
+    share of the prior's own one-window rate; MultiDiffusion's coherent count where it ran."""
+    own = {r["prior"]: r for r in rows if r["setting"] == "prior's own draws"}
+    header = ["prior", "shape", "prior's own", *settings, "MD"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells = {(r["prior"], r["panorama"], r["setting"]): r for r in rows if r["setting"] != "prior's own draws"}
+    for prior, shape in dict.fromkeys((r["prior"], r["panorama"]) for r in rows if r["setting"] != "prior's own draws"):
+        reference = own[prior]
+        line = [prior, shape, f"{reference['coherent_fraction']:.0%} ({reference['collapsed_fraction']:.0%})"]
+        for setting in (*settings, "MD"):
+            row = cells.get((prior, shape, setting))
+            if row is None:
+                line.append("—")
+                continue
+            n = row["seeds"]
+            ratio = row["coherent_count"] / n / reference["coherent_fraction"]
+            line.append(f"{row['coherent_count']}/{n}" if setting == "MD" else
+                        f"{row['coherent_count']} ({row['collapsed_count']}) {ratio:.0%}")
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
+def gaussian_modes_part(seeds: int, settings=("v0.4 Standard", "Standard, drawn", "v0.4 Draft", "Draft, drawn"),
+                        shapes=MODE_ASPECTS) -> list[dict]:
+    """The large-scale modes of a linear (Gaussian) prior, where the per-mode analysis of the coarse start holds:
+    their variance over ``seeds`` panoramas against the prior's, at the coarsest level and in the finished
+    panorama averaged down to it; and one window sampled alone by the same solver (what any sampler of this
+    schedule reaches: its first noise level is not pure noise for the largest modes)."""
+    prior = GaussianPrior()
+    reference = prior_mode_variance(prior)
+    rows = []
+    for name in settings:
+        window = dataclasses.replace(GenerationSettings(prompt="bench", width=prior.window * PRIOR_FACTOR,
+                                                        height=prior.window * PRIOR_FACTOR, wrap=False), **ALL_SETTINGS[name])
+        alone, _ = sample_with_settings(prior, window, list(range(max(seeds, 400))))
+        for shape in shapes:
+            settings_ = dataclasses.replace(GenerationSettings(prompt="bench", width=shape[1] * PRIOR_FACTOR,
+                                                               height=shape[0] * PRIOR_FACTOR, wrap=shape[2]),
+                                            **ALL_SETTINGS[name])
+            coarsest, levels = [], [0]
+
+            def on_step(index, results):
+                if index == 0 or len(results) >= levels[0]:
+                    coarsest[:], levels[0] = [results[0].latents[0]], len(results)
+
+            images, plan = sample_with_settings(prior, settings_, list(range(seeds)), on_step=on_step)
+            final = torch.nn.functional.avg_pool2d(images[:, None], plan.coarsest_factor)[:, 0]
+            row = {"prior": "gaussian", "panorama": f"{shape[0]}×{shape[1]}{' wrap' if shape[2] else ''}", "setting": name,
+                   "seeds": seeds, "gain": math.prod(plan.coarsest_factor), "start_steps": plan.start_steps,
+                   "modes_coarsest": mode_variance(coarsest[0], prior.window) / reference,
+                   "modes_final": mode_variance(final, prior.window) / reference,
+                   "modes_one_window": mode_variance(alone, prior.window) / reference}
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def diagnose(prior, shape, setting, seeds) -> dict:
     """Where a layout is lost: every level's x₀ estimate scored at every step (coherent count and the prior's own
     count, e.g. suns per panorama), for one prior × shape × setting."""
@@ -469,6 +527,8 @@ def main() -> None:
                         help="issue 20: v0.4's presets with the coarse start as it was and drawn (START_SETTINGS)")
     parser.add_argument("--large", action="store_true", help="part 3 at the large shapes (LARGE_ASPECTS) only")
     parser.add_argument("--modes", action="store_true", help="part 3 at g = 8, 32, 128 only (MODE_ASPECTS)")
+    parser.add_argument("--gaussian", action="store_true",
+                        help="the large-scale modes of a Gaussian prior at g = 8, 32, 128 (default 48 seeds)")
     parser.add_argument("--settings", nargs="+", choices=list(ALL_SETTINGS), metavar="SETTING",
                         help="part 3: only these settings (ASPECT_SETTINGS, SPEED_SETTINGS or START_SETTINGS)")
     parser.add_argument("--priors", nargs="+", choices=list(aspect_priors()), help="part 3: only these priors")
@@ -477,12 +537,17 @@ def main() -> None:
     torch.set_num_threads(1)  # small float64 tensors: one thread is fastest and fair to a busy machine
     env = environment()
     suffix = "-quick" if args.quick else ""
+    if args.gaussian:
+        write_json(args.output or "layout-gaussian-modes", {"environment": env, "modes": gaussian_modes_part(args.seeds or 48)})
+        return
     if args.aspects or args.start:
         settings = args.settings or (START_SETTINGS if args.start else ASPECT_SETTINGS)
         shapes = MODE_ASPECTS if args.modes else LARGE_ASPECTS if args.large else ((ASPECTS[0], ASPECTS[2], LARGE_ASPECTS[0]) if args.quick and args.start
                                                     else None)
         rows, examples = aspects_part(args.quick, args.seeds, settings, args.priors, shapes)
         print("\n" + markdown_table(rows, ASPECT_COLUMNS))
+        if args.start:
+            print("\n" + start_table(rows))
         name = "layout-start" if args.start else "layout-aspects"
         part = "-modes" if args.modes else "-large" if args.large else ""
         write_json(args.output or f"{name}{part}{suffix}", {"environment": env, "aspects": rows})
