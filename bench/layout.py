@@ -8,12 +8,18 @@ pipeline and records the cross-scale discrepancy and the 360° seam.
     .venv/bin/python bench/layout.py            # full: 24 seeds, 50 steps   (≈ 15 min on 2 cores)
     .venv/bin/python bench/layout.py --quick    # 8 seeds, 20 steps           (≈ 3 min)
     .venv/bin/python bench/layout.py --aspects [--quick]   # only part 3: every prior × aspect × pyramid
+    .venv/bin/python bench/layout.py --start [--quick | --large | --modes] [--seeds N]   # issue 20's table
+    .venv/bin/python bench/layout.py --gaussian    # large-scale mode variance of a linear prior, g = 8, 32, 128
 
 Writes bench/results/layout.json, docs/bench-layout.png and docs/bench-horizon-examples.png (--quick:
 bench/results/layout-quick.json and the figures as bench-*-quick.png beside it). Part 3 (``--aspects``,
-docs/layout.md) samples three analytic priors (horizon, sun, river: bench/priors.py) at four aspects with
-the paper's halving pyramid and with the global level, and writes layout-aspects.json and
-docs/bench-layout-aspects.png.
+docs/layout.md) samples four analytic priors (horizon, sun, river, skyline: bench/priors.py) at four aspects
+with the paper's halving pyramid and with the global level, and writes layout-aspects.json and
+docs/bench-layout-aspects.png. ``--start`` (issue 20) compares v0.4's presets with the coarse start as it was
+and drawn, adds MultiDiffusion, the variance of the coarsest level's large-scale modes against the prior's and
+the table of docs/layout.md section 6 (layout-start[-large|-modes|-quick].json; ``--large``: the 8192×4096
+world and the 16384×4096 strip; ``--quick``: 8 seeds, steps ÷ 5, 64×64, 64×128 wrap and the large world).
+Seeds are channels of one latent, so one run samples them all.
 """
 
 from __future__ import annotations
@@ -538,7 +544,8 @@ def main() -> None:
     env = environment()
     suffix = "-quick" if args.quick else ""
     if args.gaussian:
-        write_json(args.output or "layout-gaussian-modes", {"environment": env, "modes": gaussian_modes_part(args.seeds or 48)})
+        rows = gaussian_modes_part(args.seeds or 48, *([args.settings] if args.settings else []))
+        write_json(args.output or "layout-gaussian-modes", {"environment": env, "modes": rows})
         return
     if args.aspects or args.start:
         settings = args.settings or (START_SETTINGS if args.start else ASPECT_SETTINGS)

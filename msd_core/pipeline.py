@@ -211,6 +211,8 @@ class MSDPanoramaPipeline:
         started = time.perf_counter()
         # 1. Check inputs and resolve the plan; the model gets this run's LoRAs (and no others).
         plan = self.check_inputs(settings)
+        if latents is not None:  # given latents (a refine's) already hold their layout: no drawn start
+            plan = dataclasses.replace(plan, start_steps=0)
         loras = lora.apply_loras(self.components, settings.loras)
         # 2. Encode the prompt.
         embeddings, pooled = self.encode_prompt(settings.prompt, settings.negative_prompt, settings.guidance)
