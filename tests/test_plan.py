@@ -125,10 +125,12 @@ def test_the_default_world_fits_the_issue_budget_and_best_is_the_papers_cost_plu
     exact; the default global level adds 8 windows a step and guides the 16 of the paper's coarsest level."""
     world = GenerationSettings(prompt="x", device="cpu")
     best = world.with_quality("best")
-    paper = plan.plan_without_model(dataclasses.replace(best, pyramid="halving"), None, "float32").work()
+    paper = plan.plan_without_model(dataclasses.replace(best, pyramid="halving", coarse_noise="literal"), None,
+                                    "float32").work()
     assert paper == {"forwards": 50 * (16 + 2 * 288), "backwards": 50 * 288}
+    # The drawn start: 9 steps of the global level's 8 dense windows (it averages 8 latent px) before the first.
     default = plan.plan_without_model(best, None, "float32").work()
-    assert default == {"forwards": 50 * (8 + 2 * (16 + 288)), "backwards": 50 * (16 + 288)}
+    assert default == {"forwards": 9 * 8 + 50 * (8 + 2 * (16 + 288)), "backwards": 50 * (16 + 288)}
     assert world == world.with_quality("standard")  # Standard is the default
 
 
@@ -145,7 +147,7 @@ def test_standard_and_draft_fit_the_speed_issues_budgets_and_the_paper_stays_rea
     assert plan.forward_equivalents(standard.work()) <= 1000 and plan.forward_equivalents(draft.work()) <= 500
     assert standard.limit() == 25 * (1 + 2 + 8)  # one pass per window area of each level (64×64, 64×128, 128×256)
     # Today's flags bring back v0.3's Standard: DDIM 50, exact at every step, 1,450 + 700.
-    v03 = planned("standard", scheduler="ddim", steps=50, guided_fraction=1.0, late_gradient="none")
+    v03 = planned("standard", scheduler="ddim", steps=50, guided_fraction=1.0, late_gradient="none", coarse_noise="matched")
     assert v03.work() == {"forwards": 1450, "backwards": 700}
 
 
@@ -176,7 +178,8 @@ def test_dry_run_prints_the_plan_without_loading_a_model():
     assert completed.returncode == 0, completed.stderr
     printed = json.loads(completed.stdout)
     assert printed["decoded_size"] == [4096, 1024] and printed["windows_per_level"] == [1, 25, 9 * 57]  # global level
-    assert printed["unet_windows"] == {"forwards": 50 * (1 + 2 * (25 + 513)), "backwards": 50 * (25 + 513)}
+    # 12 drawn-start steps of the global window (it averages 2×2·(1×4) = 16 latent px) come first.
+    assert printed["unet_windows"] == {"forwards": 12 + 50 * (1 + 2 * (25 + 513)), "backwards": 50 * (25 + 513)}
     assert printed["steps"] == 50 and printed["levels"] == 3 and printed["estimated_peak_gib"] > 4
 
 
