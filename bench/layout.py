@@ -18,7 +18,8 @@ with the paper's halving pyramid and with the global level, and writes layout-as
 docs/bench-layout-aspects.png. ``--start`` (issue 20) compares v0.4's presets with the coarse start as it was
 and drawn, adds MultiDiffusion, the variance of the coarsest level's large-scale modes against the prior's and
 the table of docs/layout.md section 6 (layout-start[-large|-modes|-quick].json; ``--large``: the 8192×4096
-world and the 16384×4096 strip; ``--quick``: 8 seeds, steps ÷ 5, 64×64, 64×128 wrap and the large world).
+world and the 16384×4096 strip; ``--quick``: MD and Standard before/after, 8 seeds, steps ÷ 5, 64×64, 64×128 wrap
+and the large world).
 Seeds are channels of one latent, so one run samples them all.
 """
 
@@ -548,7 +549,8 @@ def main() -> None:
         write_json(args.output or "layout-gaussian-modes", {"environment": env, "modes": rows})
         return
     if args.aspects or args.start:
-        settings = args.settings or (START_SETTINGS if args.start else ASPECT_SETTINGS)
+        quick_start = ("MD", "v0.4 Standard", "Standard, drawn")  # --start --quick: Standard before and after
+        settings = args.settings or ((quick_start if args.quick else START_SETTINGS) if args.start else ASPECT_SETTINGS)
         shapes = MODE_ASPECTS if args.modes else LARGE_ASPECTS if args.large else ((ASPECTS[0], ASPECTS[2], LARGE_ASPECTS[0]) if args.quick and args.start
                                                     else None)
         rows, examples = aspects_part(args.quick, args.seeds, settings, args.priors, shapes)
