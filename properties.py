@@ -253,6 +253,8 @@ class MSD_PanoramaSettings(PropertyGroup):
     coarse_noise: EnumProperty(
         name="Coarse Noise",
         items=[
+            ("drawn", "Drawn Start", "Matched, and the coarsest level's starting state is drawn first by its own few "
+                                     "steps: large panoramas are not pulled towards uniform scenes"),
             ("matched", "Matched", "Each coarse level is denoised at the noise level it really has: one layout at "
                                    "2:1 and 4:1 far more often"),
             ("literal", "Literal", "The paper's: coarse levels denoised as if as noisy as the full panorama"),

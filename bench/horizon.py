@@ -33,13 +33,16 @@ from msd_core.sampling.sampler import (
     cross_scale_loss,
     ddim_jacobian,
     alpha_at,
+    alphas_cumprod,
     ddim_step,
+    drawn_start,
     guidance_scale,
     matched_alpha,
     msd_level_step,
     msd_step,
     multidiffusion_step,
     solver_schedule,
+    start_schedule,
 )
 from msd_core.sampling.windows import WindowGrid, global_level, level_factor
 
@@ -359,6 +362,10 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
                                        dtype=torch.float64) for seed in seeds])[None]
     omega = settings.omega if settings.method == "msd" else 0.0
     denoise = prior.denoiser()
+    if plan.start_steps:  # coarse_noise "drawn", as the pipeline does it
+        start = start_schedule(settings.scheduler, alphas_cumprod(schedule[0])[0], math.prod(plan.coarsest_factor),
+                               plan.start_steps, scheduler.alphas_cumprod)
+        latents = drawn_start(latents, plan.grids_at(0)[0], plan.coarsest_factor, start, denoise, view_batch=VIEW_BATCH)
     for index, step in enumerate(schedule):
         levels_out: list[LevelResult] = []
         gradient = plan.gradient_at(index)

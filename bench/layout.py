@@ -8,18 +8,26 @@ pipeline and records the cross-scale discrepancy and the 360° seam.
     .venv/bin/python bench/layout.py            # full: 24 seeds, 50 steps   (≈ 15 min on 2 cores)
     .venv/bin/python bench/layout.py --quick    # 8 seeds, 20 steps           (≈ 3 min)
     .venv/bin/python bench/layout.py --aspects [--quick]   # only part 3: every prior × aspect × pyramid
+    .venv/bin/python bench/layout.py --start [--quick | --large | --modes] [--seeds N]   # issue 20's table
+    .venv/bin/python bench/layout.py --gaussian    # large-scale mode variance of a linear prior, g = 8, 32, 128
 
 Writes bench/results/layout.json, docs/bench-layout.png and docs/bench-horizon-examples.png (--quick:
 bench/results/layout-quick.json and the figures as bench-*-quick.png beside it). Part 3 (``--aspects``,
-docs/layout.md) samples three analytic priors (horizon, sun, river: bench/priors.py) at four aspects with
-the paper's halving pyramid and with the global level, and writes layout-aspects.json and
-docs/bench-layout-aspects.png.
+docs/layout.md) samples four analytic priors (horizon, sun, river, skyline: bench/priors.py) at four aspects
+with the paper's halving pyramid and with the global level, and writes layout-aspects.json and
+docs/bench-layout-aspects.png. ``--start`` (issue 20) compares v0.4's presets with the coarse start as it was
+and drawn, adds MultiDiffusion, the variance of the coarsest level's large-scale modes against the prior's and
+the table of docs/layout.md section 6 (layout-start[-large|-modes|-quick].json; ``--large``: the 8192×4096
+world and the 16384×4096 strip; ``--quick``: MD and Standard before/after, 8 seeds, steps ÷ 5, 64×64, 64×128 wrap
+and the large world).
+Seeds are channels of one latent, so one run samples them all.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 import time
 
@@ -27,7 +35,7 @@ import torch
 from common import environment, figure_path, markdown_table, pyplot, seam_multiple, window_seam_ratio, write_json
 from horizon import (PRIOR_FACTOR, SD_COARSE_NUMEL, HorizonPrior, sample_panoramas, sample_with_settings,
                      score_layout, seam_ratio)
-from priors import RiverPrior, SunPrior
+from priors import GaussianPrior, RiverPrior, SkylinePrior, SunPrior
 
 from msd_core.sampling.sampler import cross_scale_discrepancy
 from msd_core.sampling.plan import make_plan
@@ -216,6 +224,10 @@ def plot(rows: list[dict], examples: list, quick: bool) -> None:
 
 
 ASPECTS = ((64, 64, False), (32, 64, True), (64, 128, True), (32, 128, False))  # in 16-px windows: 4×4 … 2×8
+# In SD-2-base's 512 px windows: an 8192×4096 world (16×8 windows) and a 16384×4096 strip (32×8): their global
+# levels average g = 128 and 256 latent pixels (--large).
+LARGE_ASPECTS = ((128, 256, True), (128, 512, False))
+MODE_ASPECTS = ((32, 64, True), (64, 128, True), (128, 256, True))  # global levels of g = 8, 32, 128 (--modes)
 # v0.3's Standard preset (shifted tiles, exact gradient at every step, DDIM 50), the base of the rows below
 # that name no preset: they were measured against it (docs/layout.md).
 V03_STANDARD = {"windows": "shifted", "gradient": "exact", "steps": 50, "scheduler": "ddim", "guided_fraction": 1.0,
@@ -231,6 +243,15 @@ ASPECT_SETTINGS = {
     "v0.3, DPM++ 20": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20},
     "default": {},  # today's Standard preset
     "default, Draft": QUALITY["draft"][0],
+}
+# Issue 20: v0.4's presets with the coarse levels' starting state as it was (noise) and drawn (--start).
+STANDARD, DRAFT = QUALITY["standard"][0], QUALITY["draft"][0]
+START_SETTINGS = {
+    "MD": {**STANDARD, "method": "multidiffusion"},
+    "v0.4 Standard": {**STANDARD, "coarse_noise": "matched"},
+    "v0.4 Draft": {**DRAFT, "coarse_noise": "matched"},
+    "Standard, drawn": {**STANDARD, "coarse_noise": "drawn"},
+    "Draft, drawn": {**DRAFT, "coarse_noise": "drawn"},
 }
 # Cheaper settings measured for the speed issue (docs/speed.md), run with --settings NAME … .
 SPEED_SETTINGS = {
@@ -273,16 +294,17 @@ WIDE_SETTINGS = {
     "default, wide": {"global_window": "wide"},
     "default, wide, flat prior": {"global_window": "wide", "circular_prior": False},
 }
-ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | WIDE_SETTINGS
-EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard")
+ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | WIDE_SETTINGS
+EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard", "v0.4 Standard", "Standard, drawn")
 # seams: window rows / columns, the same within each class (texture) rows / columns, 0/360°
 ASPECT_COLUMNS = ["prior", "panorama", "setting", "levels", "coherent", "collapsed", "coarsest coherent", "count",
-                  "work", "seams", "seconds"]
+                  "work", "seams", "modes", "seconds"]
 PRIOR_DRAWS = 4000
 
 
 def aspect_priors() -> dict:
-    return {"horizon": HorizonPrior(horizons=WIDE_PRIOR), "sun": SunPrior(), "river": RiverPrior()}
+    return {"horizon": HorizonPrior(horizons=WIDE_PRIOR), "sun": SunPrior(), "river": RiverPrior(),
+            "skyline": SkylinePrior()}
 
 
 def prior_draws_row(prior, seeds: int, wrap: bool = False) -> dict:
@@ -297,6 +319,27 @@ def prior_draws_row(prior, seeds: int, wrap: bool = False) -> dict:
            "coherent": f"{coherent * seeds:.1f}/{seeds}", "collapsed": f"{collapsed * seeds:.1f}/{seeds}"}
     print(markdown_table([row], ASPECT_COLUMNS).splitlines()[-1], flush=True)
     return row
+
+
+def large_modes(images: torch.Tensor, window: int) -> torch.Tensor:
+    """The large-scale modes of one-window images (N, window, window): their 4×4 grid of block means, (N, 16)."""
+    return torch.nn.functional.avg_pool2d(images[:, None], window // 4).flatten(1)
+
+
+def mode_variance(images: torch.Tensor, window: int) -> float:
+    """Variance over the seeds of the large-scale modes, summed over the modes."""
+    return float(large_modes(images, window).var(0).sum())
+
+
+PRIOR_MODE_VARIANCE: dict[str, float] = {}
+
+
+def prior_mode_variance(prior) -> float:
+    """``mode_variance`` of the prior's own one-window draws: what a faithful coarsest level has."""
+    if prior.name not in PRIOR_MODE_VARIANCE:
+        draws = prior.sample(PRIOR_DRAWS, torch.Generator().manual_seed(0))
+        PRIOR_MODE_VARIANCE[prior.name] = mode_variance(draws, prior.window)
+    return PRIOR_MODE_VARIANCE[prior.name]
 
 
 def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
@@ -327,6 +370,16 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     md_plan = make_plan(dataclasses.replace(settings, method="multidiffusion"), PRIOR_FACTOR, plan.window * PRIOR_FACTOR)
     scores = [prior.score(image, wrap) for image in images]
     coarse = [prior.score(image, wrap) for image in coarsest[0]]
+    # Large-scale modes against the prior's, where the coarsest level is one window: that level's own, and
+    # the finished panorama's averaged down to it (the same modes, after the finer levels' work).
+    one_window = plan.levels > 1 and tuple(coarsest[0].shape[1:]) == (prior.window, prior.window)
+    modes = {}
+    if one_window:
+        reference = prior_mode_variance(prior)
+        final = torch.nn.functional.avg_pool2d(images[:, None], plan.coarsest_factor)[:, 0]
+        modes = {"gain": math.prod(plan.coarsest_factor),
+                 "modes_coarsest": mode_variance(coarsest[0], prior.window) / reference,
+                 "modes_final": mode_variance(final, prior.window) / reference}
     count_key = next(key for key in scores[0] if key not in ("coherent", "collapsed"))
     row = {
         "prior": prior.name, "panorama": f"{shape[0]}×{shape[1]}{' wrap' if wrap else ''}", "setting": setting,
@@ -343,6 +396,7 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
         **{f"texture_seam_{side}": value for side, value in window_seam_ratio(
             images, plan.grids_at(plan.steps - 1)[-1], seam_multiple(plan), within_class=True).items()},
         "seam_360": statistics.mean(seam_ratio(image) for image in images) if wrap else None,
+        "start_steps": plan.start_steps, **modes,
     }
     if prior.name == "sun":
         aspects = [s["aspect"] for s in scores if s["coherent"]]
@@ -350,7 +404,8 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     n = len(seeds)
     seams = [row[f"{kind}_seam_{side}"] for kind in ("window", "texture") for side in ("rows", "columns")]
     seams.append(row["seam_360"])
-    row.update(coherent=f"{row['coherent_count']}/{n}", collapsed=f"{row['collapsed_count']}/{n}",
+    row.update(modes=f"{modes['modes_coarsest']:.2f} / {modes['modes_final']:.2f} (g {modes['gain']})" if modes else "—",
+               coherent=f"{row['coherent_count']}/{n}", collapsed=f"{row['collapsed_count']}/{n}",
                work=f"{row['work_vs_md']:.2f}×", seams=" / ".join("—" if v is None else f"{v:.2f}" for v in seams),
                **{"coarsest coherent": f"{row['coarsest_coherent_count']}/{n}",
                   "count": f"{count_key} {row['count_mean']:.2f}"})
@@ -360,9 +415,93 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     return row
 
 
+def start_table(rows: list[dict], settings=("v0.4 Standard", "Standard, drawn", "v0.4 Draft", "Draft, drawn")) -> str:
+    """Issue 20's table: per prior and shape, each setting's coherent (collapsed) of the seeds and coherent as a
+    share of the prior's own one-window rate; MultiDiffusion's coherent count where it ran."""
+    own = {r["prior"]: r for r in rows if r["setting"] == "prior's own draws"}
+    header = ["prior", "shape", "prior's own", *settings, "MD"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells = {(r["prior"], r["panorama"], r["setting"]): r for r in rows if r["setting"] != "prior's own draws"}
+    for prior, shape in dict.fromkeys((r["prior"], r["panorama"]) for r in rows if r["setting"] != "prior's own draws"):
+        reference = own[prior]
+        line = [prior, shape, f"{reference['coherent_fraction']:.0%} ({reference['collapsed_fraction']:.0%})"]
+        for setting in (*settings, "MD"):
+            row = cells.get((prior, shape, setting))
+            if row is None:
+                line.append("—")
+                continue
+            n = row["seeds"]
+            ratio = row["coherent_count"] / n / reference["coherent_fraction"]
+            line.append(f"{row['coherent_count']}/{n}" if setting == "MD" else
+                        f"{row['coherent_count']} ({row['collapsed_count']}) {ratio:.0%}")
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
+def gaussian_modes_part(seeds: int, settings=("v0.4 Standard", "Standard, drawn", "v0.4 Draft", "Draft, drawn"),
+                        shapes=MODE_ASPECTS) -> list[dict]:
+    """The large-scale modes of a linear (Gaussian) prior, where the per-mode analysis of the coarse start holds:
+    their variance over ``seeds`` panoramas against the prior's, at the coarsest level and in the finished
+    panorama averaged down to it; and one window sampled alone by the same solver (what any sampler of this
+    schedule reaches: its first noise level is not pure noise for the largest modes)."""
+    prior = GaussianPrior()
+    reference = prior_mode_variance(prior)
+    rows = []
+    for name in settings:
+        window = dataclasses.replace(GenerationSettings(prompt="bench", width=prior.window * PRIOR_FACTOR,
+                                                        height=prior.window * PRIOR_FACTOR, wrap=False), **ALL_SETTINGS[name])
+        alone, _ = sample_with_settings(prior, window, list(range(max(seeds, 400))))
+        for shape in shapes:
+            settings_ = dataclasses.replace(GenerationSettings(prompt="bench", width=shape[1] * PRIOR_FACTOR,
+                                                               height=shape[0] * PRIOR_FACTOR, wrap=shape[2]),
+                                            **ALL_SETTINGS[name])
+            coarsest, levels = [], [0]
+
+            def on_step(index, results):
+                if index == 0 or len(results) >= levels[0]:
+                    coarsest[:], levels[0] = [results[0].latents[0]], len(results)
+
+            images, plan = sample_with_settings(prior, settings_, list(range(seeds)), on_step=on_step)
+            final = torch.nn.functional.avg_pool2d(images[:, None], plan.coarsest_factor)[:, 0]
+            row = {"prior": "gaussian", "panorama": f"{shape[0]}×{shape[1]}{' wrap' if shape[2] else ''}", "setting": name,
+                   "seeds": seeds, "gain": math.prod(plan.coarsest_factor), "start_steps": plan.start_steps,
+                   "modes_coarsest": mode_variance(coarsest[0], prior.window) / reference,
+                   "modes_final": mode_variance(final, prior.window) / reference,
+                   "modes_one_window": mode_variance(alone, prior.window) / reference}
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def diagnose(prior, shape, setting, seeds) -> dict:
+    """Where a layout is lost: every level's x₀ estimate scored at every step (coherent count and the prior's own
+    count, e.g. suns per panorama), for one prior × shape × setting."""
+    scale = 16 // prior.window
+    height, width, wrap = shape[0] // scale, shape[1] // scale, shape[2]
+    settings = dataclasses.replace(GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR,
+                                                      height=height * PRIOR_FACTOR, wrap=wrap), **ALL_SETTINGS[setting])
+    table = []
+
+    def on_step(index, results):
+        for result in results:
+            scores = [prior.score(image, wrap) for image in result.pred_x0[0]]
+            key = next(k for k in scores[0] if k not in ("coherent", "collapsed"))
+            table.append({"step": index, "level": result.level, "shape": tuple(result.pred_x0.shape[2:]),
+                          "coherent": sum(s["coherent"] for s in scores),
+                          "collapsed": sum(s["collapsed"] for s in scores),
+                          key: statistics.mean(s[key] for s in scores if s[key] is not None)})
+
+    images, plan = sample_with_settings(prior, settings, seeds, on_step=on_step)
+    final = [prior.score(image, wrap) for image in images]
+    print(f"{prior.name} {shape} {setting}: final coherent {sum(s['coherent'] for s in final)}/{len(seeds)}")
+    for row in table:
+        print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return {"prior": prior.name, "shape": shape, "setting": setting, "per_step": table}
+
+
 def aspects_part(quick: bool, seeds: int | None = None, settings=ASPECT_SETTINGS,
                  priors=None, first_seed: int = 0, shapes=None) -> tuple[list[dict], list]:
-    shapes = [ASPECTS[index] for index in shapes] if shapes else (ASPECTS[0], ASPECTS[2]) if quick else ASPECTS
+    shapes = shapes or ((ASPECTS[0], ASPECTS[2]) if quick else ASPECTS)
     seeds = list(range(first_seed, first_seed + (seeds or (8 if quick else 24))))
     print(f"\naspects: {len(seeds)} seeds, the pipeline's plan for each setting (Standard preset unless named"
           f"{', steps ÷ 5' if quick else ''}), ω = 10 (projection)")
@@ -418,9 +557,15 @@ def main() -> None:
     parser.add_argument("--aspects", action="store_true", help="only part 3: every prior × aspect × pyramid")
     parser.add_argument("--seeds", type=int, help="part 3's seeds per cell (default 24, quick 8)")
     parser.add_argument("--first-seed", type=int, default=0, help="part 3's seeds are first-seed, first-seed + 1, …")
+    parser.add_argument("--start", action="store_true",
+                        help="issue 20: v0.4's presets with the coarse start as it was and drawn (START_SETTINGS)")
+    parser.add_argument("--large", action="store_true", help="part 3 at the large shapes (LARGE_ASPECTS) only")
+    parser.add_argument("--modes", action="store_true", help="part 3 at g = 8, 32, 128 only (MODE_ASPECTS)")
+    parser.add_argument("--gaussian", action="store_true",
+                        help="the large-scale modes of a Gaussian prior at g = 8, 32, 128 (default 48 seeds)")
     parser.add_argument("--settings", nargs="+", choices=list(ALL_SETTINGS), metavar="SETTING",
-                        help="part 3: only these settings (ASPECT_SETTINGS, SPEED_SETTINGS or WIDE_SETTINGS)")
-    parser.add_argument("--priors", nargs="+", choices=("horizon", "sun", "river"), help="part 3: only these priors")
+                        help="part 3: only these settings (ASPECT_SETTINGS, SPEED_SETTINGS, START_SETTINGS or WIDE_SETTINGS)")
+    parser.add_argument("--priors", nargs="+", choices=list(aspect_priors()), help="part 3: only these priors")
     parser.add_argument("--shapes", nargs="+", type=int, choices=range(len(ASPECTS)), metavar="INDEX",
                         help=f"part 3: only these shapes, by index in {ASPECTS} (height, width, wrap)")
     parser.add_argument("--output", help="part 3's results name in bench/results (default layout-aspects[-quick])")
@@ -428,12 +573,24 @@ def main() -> None:
     torch.set_num_threads(1)  # small float64 tensors: one thread is fastest and fair to a busy machine
     env = environment()
     suffix = "-quick" if args.quick else ""
-    if args.aspects:
-        rows, examples = aspects_part(args.quick, args.seeds, args.settings or ASPECT_SETTINGS, args.priors,
-                                      args.first_seed, args.shapes)
+    if args.gaussian:
+        rows = gaussian_modes_part(args.seeds or 48, *([args.settings] if args.settings else []))
+        write_json(args.output or "layout-gaussian-modes", {"environment": env, "modes": rows})
+        return
+    if args.aspects or args.start:
+        quick_start = ("MD", "v0.4 Standard", "Standard, drawn")  # --start --quick: Standard before and after
+        settings = args.settings or ((quick_start if args.quick else START_SETTINGS) if args.start else ASPECT_SETTINGS)
+        shapes = (MODE_ASPECTS if args.modes else LARGE_ASPECTS if args.large
+                  else [ASPECTS[index] for index in args.shapes] if args.shapes
+                  else (ASPECTS[0], ASPECTS[2], LARGE_ASPECTS[0]) if args.quick and args.start else None)
+        rows, examples = aspects_part(args.quick, args.seeds, settings, args.priors, args.first_seed, shapes)
         print("\n" + markdown_table(rows, ASPECT_COLUMNS))
-        write_json(args.output or f"layout-aspects{suffix}", {"environment": env, "aspects": rows})
-        if not args.settings:
+        if args.start:
+            print("\n" + start_table(rows))
+        name = "layout-start" if args.start else "layout-aspects"
+        part = "-modes" if args.modes else "-large" if args.large else ""
+        write_json(args.output or f"{name}{part}{suffix}", {"environment": env, "aspects": rows})
+        if not args.settings and not args.start:
             plot_aspects(rows, examples, args.quick)
         return
     horizon_rows, examples = horizon_part(args.quick)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 
 import torch
-from horizon import HorizonPrior, MixturePrior
+from msd_core.models.loading import sd_ddim_scheduler
+from horizon import HorizonPrior, MixturePrior, score_layout, vertical_median3
 
 SIZES = (2, 3, 4, 6, 8, 12, 16, 24, 32)  # large enough that windows wholly inside the object exist
 SUN_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)  # for the sun's 8-pixel window
@@ -140,6 +141,78 @@ class RiverPrior(MixturePrior):
         continuous = bool((water[1:] & water[:-1]).any(1).all())
         return {"coherent": bool((runs == 1).all()) and continuous and not bool(water.all()),
                 "collapsed": not bool(water.any()) or bool(water.all()), "runs": float(runs.double().mean())}
+
+
+SKYLINE_SLOPES = (-0.5, -0.25, 0.0, 0.25, 0.5)  # rows per column: a coarse level's slope is a fine level's too
+
+
+class SkylinePrior(MixturePrior):
+    """Sky (+1) above a straight skyline, ground (−1) below: the skyline row at column c is
+    round(h + s·(c − centre)), slope s ∈ ``slopes``, height h uniform over ``heights``. A panorama must hold
+    one skyline that moves by at most a row from column to column, all the way round when it wraps: a layout
+    whose height varies smoothly across the panorama, so the windows must agree on where it is *and* where it
+    goes (the horizon prior needs only the first)."""
+
+    name = "skyline"
+
+    def __init__(self, window: int = 16, heights=range(-4, 21), slopes=SKYLINE_SLOPES, texture: float = 0.3,
+                 scheduler=None):
+        super().__init__(window, texture, scheduler)
+        rows, columns = torch.arange(window)[:, None], torch.arange(window)[None, :] - (window - 1) / 2
+        means = [torch.where(rows < torch.round(h + slope * columns), 1.0, -1.0) for slope in slopes for h in heights]
+        self.means = torch.stack(means).double()  # (K, window, window); some are all sky or all ground
+        self.log_weights = torch.full((len(means),), -math.log(len(means)), dtype=torch.float64)
+
+    def mixed_mean(self, x: torch.Tensor, alpha: float, var: float) -> torch.Tensor:
+        means = self.means.to(x).flatten(1)
+        logits = (math.sqrt(alpha) / var) * (x.flatten(-2) @ means.T) + self.log_weights.to(x)
+        return (torch.softmax(logits, -1) @ means).view(x.shape)
+
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.means, self.log_weights
+
+    def score(self, image: torch.Tensor, wrap: bool = False) -> dict:
+        """coherent = the horizon's rule (one sky→ground transition per column, sky on top) and the skyline
+        row moves by at most one between neighbouring columns (and across the 0/360° edge when ``wrap``);
+        collapsed = all sky or all ground; ``spread`` = highest − lowest skyline row."""
+        layout = score_layout(image)
+        sky = vertical_median3(image > 0)
+        rows = sky.int().sum(0)  # with one transition, sky on top: the skyline row of each column
+        steps = torch.diff(torch.cat([rows, rows[:1]]) if wrap else rows).abs()
+        coherent = layout.coherent and int(steps.max()) <= 1
+        return {"coherent": coherent, "collapsed": layout.uniform, "transitions": layout.transitions,
+                "spread": int(rows.max() - rows.min()) if coherent else None}
+
+
+class GaussianPrior:
+    """A Gaussian prior over one-channel window×window images: a smooth field (squared-exponential covariance of
+    length ``length`` px) plus texture of std τ. Its exact denoiser is linear, so each eigenmode evolves on its
+    own: the setting of the per-mode analysis of a coarse level's starting state (docs/layout.md). It has no
+    layout to score; ``bench/layout.py --modes`` measures only the variance of its large-scale modes."""
+
+    name = "gaussian"
+
+    def __init__(self, window: int = 16, length: float = 6.0, texture: float = 0.3, scheduler=None):
+        self.window, self.texture = window, texture
+        self.work = {"forwards": 0, "backwards": 0}
+        self.alphas_cumprod = (scheduler or sd_ddim_scheduler()).alphas_cumprod.double()
+        grid = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"), -1).flatten(0, 1)
+        distance2 = (grid[:, None, :] - grid[None, :, :]).double().pow(2).sum(-1)
+        self.covariance = torch.exp(-distance2 / (2 * length**2)) + texture**2 * torch.eye(window * window)
+        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(self.covariance)
+
+    def posterior_mean(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        """E[x₀ | x_t] = √ᾱ Σ (ᾱ Σ + (1 − ᾱ) I)⁻¹ x_t, mode by mode."""
+        gains = math.sqrt(alpha) * self.eigenvalues / (alpha * self.eigenvalues + 1 - alpha)
+        modes = x.flatten(-2) @ self.eigenvectors
+        return ((modes * gains) @ self.eigenvectors.T).view(x.shape)
+
+    eps = MixturePrior.eps
+    denoiser = MixturePrior.denoiser
+
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        white = torch.randn(count, self.window * self.window, generator=generator, dtype=torch.float64)
+        return ((white * self.eigenvalues.sqrt()) @ self.eigenvectors.T).view(count, self.window, self.window)
 
 
 # ----------------------------------------------------------------------------------- image helpers

@@ -214,7 +214,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "window × 2·window, twice a window's work; for models or LoRAs trained at that shape: "
                              "docs/sdxl.md)")
     method.add_argument("--coarse-noise", choices=COARSE_NOISES, default=GenerationSettings.coarse_noise,
-                        help="matched (default) = each coarse level is denoised at the noise level its averaging "
+                        help="drawn (default) = matched, and the coarsest level's starting state drawn first by its "
+                             "own few steps; matched = each coarse level is denoised at the noise level its averaging "
                              "leaves; literal = the paper's, as noisy as the full panorama")
     method.add_argument("--scales", type=int, help="pyramid levels (default: enough that the coarsest fits one window)")
     method.add_argument("--window", type=int, help="window size in pixels (default: the model's native size)")

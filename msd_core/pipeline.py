@@ -15,6 +15,7 @@ equals diffusers' StableDiffusionXLPipeline, and no window is told it is a crop 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -34,9 +35,11 @@ from .sampling.sampler import (
     SolverStep,
     alphas_cumprod,
     cosine_decay,
+    drawn_start,
     msd_step,
     run_batches,
     solver_schedule,
+    start_schedule,
 )
 from .settings import GenerationSettings, RefineSettings
 from .sampling.windows import StackedGrids, feathered_weights
@@ -239,6 +242,8 @@ class MSDPanoramaPipeline:
         # 1. Check inputs and resolve the plans (one per seed: shifted tiles follow it); the model gets this
         # run's LoRAs (and no others).
         plans = [self.check_inputs(each) for each in batch]
+        if latents is not None:  # given latents (a refine's) already hold their layout: no drawn start
+            plans = [dataclasses.replace(each, start_steps=0) for each in plans]
         plan = plans[0]
         if plan.caps and len(batch) > 1:
             raise ValueError("pole caps are denoised per panorama: sample a world with --poles sphere on its own")
@@ -258,6 +263,15 @@ class MSDPanoramaPipeline:
         # 4. Initial latents (float32: the merge averages in full precision; the UNet casts).
         if latents is None:
             latents = torch.cat([self.initial_latents(each, one.seed) for each, one in zip(plans, batch)])
+            if plan.start_steps:  # coarse_noise "drawn": the coarsest level's content first (docs/layout.md)
+                start = start_schedule(settings.scheduler, alphas_cumprod(schedule[0])[0], math.prod(plan.coarsest_factor),
+                                       plan.start_steps, self.scheduler.alphas_cumprod)
+                with torch.no_grad():
+                    latents = torch.cat([  # each panorama on its own coarsest grid (shifted tiles follow the seed)
+                        drawn_start(latents[item:item + 1], each.grids_at(0)[0], plan.coarsest_factor, start, denoise,
+                                    prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
+                                    interrupt=interrupt)
+                        for item, each in enumerate(plans)])
         latents = latents.to(self.device, torch.float32)
         weights = [feathered_weights(plan.window_shape(level)).to(self.device) if settings.feather else None
                    for level in range(plan.levels)]

@@ -29,16 +29,17 @@ OMEGA_LOSSES = ("projection", "mean", "sum")
 # coarsest level into one window, so one window sees the whole panorama (one horizon at 2:1 and 4:1 far more
 # often: docs/layout.md); "halving": the paper's pyramid. The paper's method is pyramid "halving",
 # coarse_noise "literal", omega_loss "mean", gradient "exact", windows "dense" (the presets' shifted tiles
-# are ours). "matched" matches a coarse level's noise level, not its starting state (docs/layout.md).
+# are ours). "matched" matches a coarse level's noise level, "drawn" also its starting state (docs/layout.md).
 PYRAMIDS = ("halving", "global")
 # The global level's window: "square" squeezes a wide world's columns into one square window; "wide" keeps the
 # world's aspect and denoises its coarsest level as one window of that shape (h × f·h, f the squeeze: a 2:1
 # world's whole equirectangular image, the shape a 360° LoRA was trained at; docs/sdxl.md).
 GLOBAL_WINDOWS = ("square", "wide")
 # "matched": each coarse level is denoised at the timestep whose signal-to-noise ratio matches its averaged
-# noise (ds averages g latent pixels: ᾱ' = gᾱ/(1+(g−1)ᾱ)); "literal": the paper's, ds(z_t) denoised as if
-# at timestep t.
-COARSE_NOISES = ("matched", "literal")
+# noise (ds averages g latent pixels: ᾱ' = gᾱ/(1+(g−1)ᾱ)); "drawn": matched, and the coarsest level's starting
+# state is drawn first by its own short trajectory down to that noise level (sampler.drawn_start), so its
+# large-scale content is not pulled towards the mean; "literal": the paper's, ds(z_t) denoised as if at timestep t.
+COARSE_NOISES = ("drawn", "matched", "literal")
 # "dense": windows every `stride` px (MultiDiffusion's overlap); "shifted": non-overlapping tiles whose
 # offset changes every step, so one step's tile edges are denoised inside the next step's tiles.
 WINDOW_MODES = ("dense", "shifted")
@@ -126,7 +127,7 @@ class GenerationSettings:
     scales: int | None = None  # pyramid levels; None = smallest count whose coarsest height fits a window
     pyramid: str = "global"  # PYRAMIDS
     global_window: str = "square"  # GLOBAL_WINDOWS (with pyramid "global")
-    coarse_noise: str = "matched"  # COARSE_NOISES
+    coarse_noise: str = "drawn"  # COARSE_NOISES
     # The share of the steps, from the first, that guide the finer levels with `gradient`; the rest guide with
     # `late_gradient`, or with "none" denoise only the finest level (MultiDiffusion).
     guided_fraction: float = _DEFAULTS["guided_fraction"]

@@ -47,6 +47,7 @@ SMALL_PRIORS = {
     "horizon": lambda: horizon.HorizonPrior(window=4, horizons=range(-1, 6), texture=0.3),
     "sun": lambda: priors.SunPrior(window=4, sizes=(1, 2, 3, 6), empty=0.3),
     "river": lambda: priors.RiverPrior(window=4, widths=(1, 2, 6), empty=0.3),
+    "skyline": lambda: priors.SkylinePrior(window=4, heights=range(-1, 6), slopes=(-0.5, 0.0, 1.0)),
 }
 
 
@@ -142,6 +143,26 @@ def test_sun_and_river_scores():
     shifted = river.clone()
     shifted[8:, 10:14], shifted[8:, 20:24] = -1.0, 1.0  # two pieces that do not touch
     assert not priors.RiverPrior().score(shifted)["coherent"]
+
+
+def test_skyline_components_and_score():
+    prior = priors.SkylinePrior()
+    rows = torch.arange(16)[:, None]
+    # Slope ½ through height 8 at the centre: rows 4 … 11 from the left to the right column.
+    tilted = torch.where(rows < torch.round(8 + 0.5 * (torch.arange(16) - 7.5)), 1.0, -1.0).double()
+    assert any(torch.equal(mean, tilted) for mean in prior.components()[0])
+    assert prior.components()[1].exp().sum().item() == pytest.approx(1.0)
+    # A smooth wrapped skyline (up, then down again) is coherent; a jump of two rows is not; nor is a
+    # straight tilted one across the 0/360° edge (it jumps back by its whole rise there).
+    heights = torch.cat([torch.arange(8, 24), torch.arange(24, 8, -1)])
+    smooth = torch.where(torch.arange(40)[:, None] < heights[None, :], 1.0, -1.0)
+    assert prior.score(smooth, wrap=True)["coherent"] and prior.score(smooth, wrap=True)["spread"] == 16
+    jump = smooth.clone()
+    jump[:, 10:] = torch.where(torch.arange(40)[:, None] < heights[None, 10:] + 2, 1.0, -1.0)
+    assert not prior.score(jump)["coherent"]
+    ramp = torch.where(torch.arange(40)[:, None] < torch.arange(8, 40)[None, :], 1.0, -1.0)
+    assert prior.score(ramp)["coherent"] and not prior.score(ramp, wrap=True)["coherent"]
+    assert prior.score(torch.ones(16, 32))["collapsed"]
 
 
 def test_layout_score():

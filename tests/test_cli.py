@@ -33,7 +33,7 @@ def test_generate_end_to_end_through_the_console_script(tmp_path):
     meta = pngmeta.read_text_chunks(out)
     assert meta["prompt"] == "a red barn in a wheat field" and meta["seed"] == "5"
     assert meta["width"] == "256" and meta["height"] == "128" and meta["wrap"] == "true"  # 2:1 → seamless
-    assert meta["gradient"] == "fast" and meta["model"] == "tiny" and meta["coarse_noise"] == "matched"
+    assert meta["gradient"] == "fast" and meta["model"] == "tiny" and meta["coarse_noise"] == "drawn"
     assert meta["pyramid"] == "global" and meta["scales"] == "3"  # two halving levels and the global one
     assert meta["msd_core_version"]
 
@@ -121,7 +121,7 @@ def test_presets_and_wrap_defaults():
     assert settings("--preset", "360", "--no-wrap").wrap is False
     assert settings("--width", "1536", "--height", "512").wrap is False  # 3:1 is not a 360° image
     assert settings("--seed", "9").seed == 9
-    assert (settings().pyramid, settings().coarse_noise) == ("global", "matched")
+    assert (settings().pyramid, settings().coarse_noise) == ("global", "drawn")
     paper = settings("--pyramid", "halving", "--coarse-noise", "literal")
     assert (paper.pyramid, paper.coarse_noise) == ("halving", "literal")
     assert len({settings().seed for _ in range(5)}) > 1  # a fresh seed unless one is given

@@ -504,7 +504,7 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
     drawn = draw("MSD_PT_panorama_sampler")
     pyramid = drawn.index(("prop", "pyramid"))
     assert drawn.index(("prop", "global_window")) == pyramid + 1 and drawn.index(("prop", "coarse_noise")) == pyramid + 2
-    assert (group.pyramid, group.global_window, group.coarse_noise) == ("global", "square", "matched")
+    assert (group.pyramid, group.global_window, group.coarse_noise) == ("global", "square", "drawn")
     group.pyramid, group.coarse_noise = "halving", "literal"  # the paper's
     settings = properties.settings_from_scene(bpy.context.scene, addon_preferences())
     assert (settings.pyramid, settings.coarse_noise) == ("halving", "literal")
@@ -520,7 +520,7 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
     assert properties.setting_label("pyramid") == ("Pyramid", "the Panorama panel's Sampler section")
     assert properties.setting_label("global_window") == ("Global Window", "the Panorama panel's Sampler section")
     assert properties.setting_label("coarse_noise") == ("Coarse Noise", "the Panorama panel's Sampler section")
-    group.pyramid, group.global_window, group.coarse_noise = "global", "square", "matched"
+    group.pyramid, group.global_window, group.coarse_noise = "global", "square", "drawn"
 
 
 def test_output_files_get_new_names(addon, tmp_path):

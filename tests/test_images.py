@@ -352,7 +352,7 @@ def test_settings_restore_writes_every_field(extension, tmp_path):
     settings = {"prompt": "a red desert", "negative_prompt": "people", "width": 512, "height": 128, "wrap": False,
                 "steps": 12, "omega": 3.5, "guidance": 5.0, "scales": 2, "seed": 99, "method": "msd", "gradient": "fast"}  # fmt: skip
     group = bpy.context.scene.msd_panorama
-    group.pyramid, group.coarse_noise = "global", "matched"
+    group.pyramid, group.coarse_noise = "global", "drawn"
     path = write_panorama(tmp_path / "pano.png", 64, 32, {"settings": json.dumps(settings)})
     assert bpy.ops.msd.restore_settings(filepath=str(path)) == {"FINISHED"}
     values = panel_values()

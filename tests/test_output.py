@@ -35,7 +35,7 @@ def test_metadata_round_trips_through_the_png_with_a_unicode_prompt(tmp_path):
     assert metadata["view_batch"] == "4" and metadata["device"] == "cpu"
     assert metadata["prompt"] == PROMPT and metadata["seed"] == "7" and metadata["wrap"] == "true"
     assert metadata["scales"] == "2" and metadata["window"] == "64"  # what was used, not the None asked for
-    assert metadata["pyramid"] == "global" and metadata["coarse_noise"] == "matched"
+    assert metadata["pyramid"] == "global" and metadata["coarse_noise"] == "drawn"
     assert metadata["msd_core_version"] == msd_core.__version__
 
     path = save_png(_image(), tmp_path / "panorama.png", metadata)

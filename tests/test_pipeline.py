@@ -8,6 +8,7 @@ import torch
 from diffusers import StableDiffusionPanoramaPipeline
 
 from msd_core.imageio import pngmeta
+from msd_core.sampling import sampler
 from msd_core.errors import BadInput, Cancelled
 from msd_core.pipeline import MSDPanoramaPipeline
 from msd_core.sampling.plan import default_levels
@@ -115,6 +116,29 @@ def test_matched_coarse_levels_reach_the_unet_at_their_own_fractional_timestep(p
     md = run(pipe, method="multidiffusion", scheduler=scheduler, steps=3).latents
     assert torch.allclose(run(pipe, pyramid="global", coarse_noise="matched", omega=0.0, scheduler=scheduler,
                               steps=3).latents, md, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp-2m"])
+def test_a_drawn_start_runs_the_global_level_first_from_the_first_timestep_down_to_its_matched_one(pipe, scheduler):
+    """The default: before the first step the global level (8 latent px averaged) runs its own steps, one window
+    each, from the schedule's first noise level down to the one it has there; then the loop runs as "matched"."""
+    timesteps = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: timesteps.append(float(args[1])))
+    changes = {"pyramid": "global", "gradient": "fast", "scheduler": scheduler, "steps": 8}
+    try:
+        drawn = run(pipe, coarse_noise="drawn", **changes)
+    finally:
+        hook.remove()
+    planned = pipe.check_inputs(dataclasses.replace(BASE, coarse_noise="drawn", **changes))
+    start, first_step = timesteps[:planned.start_steps], timesteps[planned.start_steps]
+    assert planned.start_steps == 2 and planned.coarsest_factor == (2, 4)
+    assert start[0] == pytest.approx(sampler.solver_schedule(scheduler, pipe.scheduler, 8)[0].t, abs=1e-6)
+    assert start[0] > start[1] > first_step  # noisiest first, down to the global level's matched timestep
+    matched = run(pipe, coarse_noise="matched", **changes)
+    assert torch.isfinite(drawn.latents).all() and (drawn.latents - matched.latents).abs().max() > 1e-3
+    # MultiDiffusion draws nothing first: ω = 0 is still exactly MultiDiffusion.
+    md = run(pipe, method="multidiffusion", scheduler=scheduler, steps=8).latents
+    assert torch.allclose(run(pipe, coarse_noise="drawn", **{**changes, "omega": 0.0}).latents, md, atol=1e-5)
 
 
 @pytest.mark.parametrize("gradient,at_most", [("fast", 0.5), ("exact", 0.8)])

@@ -59,6 +59,10 @@ class CallCounter:
     {"windows": "shifted", "gradient": "exact", "guided_fraction": 0.5},
     {"windows": "shifted", "gradient": "exact", "guided_fraction": 0.5, "late_gradient": "fast", "scheduler": "dpmpp-2m"},
     {"windows": "shifted", "gradient": "fast", "omega": 0.0},  # ω = 0: only the finest level runs
+    # A drawn start: the global level's own steps before the first (one window each).
+    {"windows": "shifted", "gradient": "exact", "pyramid": "global", "coarse_noise": "drawn", "width": 512,
+     "height": 128, "scheduler": "dpmpp-2m"},
+    {"windows": "shifted", "gradient": "fast", "coarse_noise": "drawn", "omega": 0.0},  # MultiDiffusion: no start
 ])
 def test_unet_work_from_the_plan_equals_the_model_calls(pipe, monkeypatch, changes):
     settings = dataclasses.replace(BASE, **changes)
@@ -193,10 +197,12 @@ def test_the_default_world_fits_the_issue_budget_and_best_is_the_papers_cost_plu
     exact; the default global level adds 8 windows a step and guides the 16 of the paper's coarsest level."""
     world = GenerationSettings(prompt="x", device="cpu")
     best = world.with_quality("best")
-    paper = plan.plan_without_model(dataclasses.replace(best, pyramid="halving"), None, "float32").work()
+    paper = plan.plan_without_model(dataclasses.replace(best, pyramid="halving", coarse_noise="literal"), None,
+                                    "float32").work()
     assert paper == {"forwards": 50 * (16 + 2 * 288), "backwards": 50 * 288}
+    # The drawn start: 9 steps of the global level's 8 dense windows (it averages 8 latent px) before the first.
     default = plan.plan_without_model(best, None, "float32").work()
-    assert default == {"forwards": 50 * (8 + 2 * (16 + 288)), "backwards": 50 * (16 + 288)}
+    assert default == {"forwards": 9 * 8 + 50 * (8 + 2 * (16 + 288)), "backwards": 50 * (16 + 288)}
     assert world == world.with_quality("standard")  # Standard is the default
 
 
@@ -215,7 +221,7 @@ def test_standard_and_draft_fit_the_speed_issues_budgets_and_the_paper_stays_rea
     assert [draft.gradient_at(index) for index in (0, 7, 8, 14)] == ["exact", "exact", "fast", "fast"]
     assert standard.limit() == 25 * (1 + 2 + 8)  # one pass per window area of each level (64×64, 64×128, 128×256)
     # Today's flags bring back v0.3's Standard: DDIM 50, exact at every step, 1,450 + 700.
-    v03 = planned("standard", scheduler="ddim", steps=50, guided_fraction=1.0, late_gradient="none")
+    v03 = planned("standard", scheduler="ddim", steps=50, guided_fraction=1.0, late_gradient="none", coarse_noise="matched")
     assert v03.work() == {"forwards": 1450, "backwards": 700}
 
 
@@ -246,7 +252,8 @@ def test_dry_run_prints_the_plan_without_loading_a_model():
     assert completed.returncode == 0, completed.stderr
     printed = json.loads(completed.stdout)
     assert printed["decoded_size"] == [4096, 1024] and printed["windows_per_level"] == [1, 25, 9 * 57]  # global level
-    assert printed["unet_windows"] == {"forwards": 50 * (1 + 2 * (25 + 513)), "backwards": 50 * (25 + 513)}
+    # 12 drawn-start steps of the global window (it averages 2×2·(1×4) = 16 latent px) come first.
+    assert printed["unet_windows"] == {"forwards": 12 + 50 * (1 + 2 * (25 + 513)), "backwards": 50 * (25 + 513)}
     assert printed["steps"] == 50 and printed["levels"] == 3 and printed["estimated_peak_gib"] > 4
 
 
@@ -303,6 +310,19 @@ def test_a_refines_unet_work_counts_the_steps_that_ran(pipe, monkeypatch, tmp_pa
     assert stored == pipe.check_inputs(settings).work(settings.steps - ran) != pipe.check_inputs(settings).work()
 
 
+def test_a_refine_from_the_first_step_draws_no_start(pipe, monkeypatch, tmp_path):
+    # Its latents are the source renoised: they hold their layout already, so no drawn start runs or is counted.
+    settings = dataclasses.replace(BASE, windows="shifted", gradient="fast", steps=4, coarse_noise="drawn")
+    assert pipe.check_inputs(settings).start_steps == 1
+    source = tmp_path / "source.png"
+    Image.new("RGB", (256, 256), (90, 120, 200)).save(source)
+    counter = CallCounter(pipe, monkeypatch)
+    result = pipe.refine(settings, RefineSettings(str(source), 1.0), decode=False)
+    stored = json.loads(result.metadata["unet_windows"])
+    assert stored == {"forwards": counter.forwards, "backwards": 0}
+    assert stored == dataclasses.replace(pipe.check_inputs(settings), start_steps=0).work()
+
+
 def test_the_eta_of_a_refine_counts_only_the_steps_left(pipe, tmp_path):
     """At a steady rate the eta after each step is exactly the work left times that rate."""
     from msd_core.pipeline import StepInfo
@@ -322,3 +342,13 @@ def test_the_eta_of_a_refine_counts_only_the_steps_left(pipe, tmp_path):
         on_step(StepInfo(step, 4, planned.levels, planned.levels, None, None, rate * sum(costs[:step]) + 1.0))  # 1 s of warm-up in step 1
     etas = [json.loads(line)["eta"] for line in events.getvalue().splitlines()]
     assert etas[1:] == pytest.approx([rate * sum(costs[step:]) for step in range(2, 5)])
+
+
+def test_a_drawn_start_spends_its_steps_on_the_coarsest_level_as_densely_as_the_run():
+    settings = dataclasses.replace(BASE, width=512, height=128, pyramid="global", coarse_noise="drawn", steps=25)
+    drawn, matched = plan.make_plan(settings, 8, 64), plan.make_plan(dataclasses.replace(settings, coarse_noise="matched"), 8, 64)
+    assert drawn.coarsest_factor == (2, 8) and matched.start_steps == 0  # 16×64 latents → 8×32 → global 8×8
+    assert drawn.start_steps == plan.start_step_count(25, 16) == 6  # log 16 of λ's 12.4 at 25 steps: 5.6
+    assert drawn.work()["forwards"] == matched.work()["forwards"] + 6  # the global level is one window
+    assert drawn.work(start_step=1) == matched.work(start_step=1)  # a refine starts later and draws nothing
+    assert [plan.start_step_count(steps, gain) for steps, gain in ((25, 8), (15, 8), (25, 128), (50, 1))] == [5, 3, 10, 0]

@@ -339,7 +339,65 @@ def test_matched_coarse_noise_steps_only_the_coarse_levels_and_omega_zero_is_sti
     assert list(dict.fromkeys(seen)) == [steps[0].t, steps[1].t, step.t]  # coarsest first, less noisy above
     assert steps[0].t < steps[1].t < step.t
     assert not torch.allclose(guided, sampler.msd_step(latents, grids, step, denoiser, 10.0, gradient="fast"))
-    with pytest.raises(ValueError, match="matched or literal"):
+    with pytest.raises(ValueError, match="drawn, matched or literal"):
         sampler.level_steps(step, factors, "snr", train.alphas_cumprod)
     with pytest.raises(ValueError, match="train_alphas"):
         sampler.level_steps(step, factors, "matched")
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp-2m"])
+def test_a_start_schedule_runs_evenly_in_log_snr_from_the_first_noise_level_to_the_matched_one(solver):
+    train = sd_ddim_scheduler()
+    first = sampler.alphas_cumprod(sampler.solver_schedule(solver, train, 25)[0])[0]
+    steps = sampler.start_schedule(solver, first, 32, 6, train.alphas_cumprod)
+    alphas = [sampler.alphas_cumprod(step) for step in steps]
+    assert alphas[0][0] == pytest.approx(first) and alphas[-1][1] == pytest.approx(sampler.matched_alpha(first, 32))
+    assert all(a[1] == pytest.approx(b[0]) for a, b in zip(alphas, alphas[1:]))
+    log_snr = [torch.tensor(a[0] / (1 - a[0])).log().item() for a in alphas]
+    assert torch.allclose(torch.tensor(log_snr).diff(), torch.tensor(torch.log(torch.tensor(32.0)).item() / 6),
+                          atol=1e-9)
+    assert [sampler.alpha_at(train.alphas_cumprod, step.t) for step in steps] == pytest.approx([a[0] for a in alphas])
+    if solver == "dpmpp-2m":  # equal log-SNR steps: ratio 1, the first one first order
+        assert [step.ratio for step in steps] == [None] + [1.0] * 5
+    with pytest.raises(ValueError, match="gain above 1"):
+        sampler.start_schedule(solver, first, 1, 3, train.alphas_cumprod)
+
+
+def test_with_block_means_replaces_only_the_block_means():
+    latents = torch.randn(1, 2, 8, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    means = torch.randn(1, 2, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    result = sampler.with_block_means(latents, means, (4, 8))
+    assert torch.allclose(downsample(result, (4, 8)), means, atol=1e-12)
+    detail = result - torch.nn.functional.interpolate(means, scale_factor=(4, 8))
+    assert torch.allclose(detail, latents - torch.nn.functional.interpolate(downsample(latents, (4, 8)),
+                                                                               scale_factor=(4, 8)), atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp-2m"])
+def test_a_drawn_start_changes_only_the_coarsest_levels_content_and_nothing_for_a_model_that_sees_none(solver):
+    train = sd_ddim_scheduler()
+    first = sampler.alphas_cumprod(sampler.solver_schedule(solver, train, 10)[0])[0]
+    steps = sampler.start_schedule(solver, first, 32, 4, train.alphas_cumprod)
+    noise = torch.randn(1, 2, 32, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = WindowGrid(8, 8, 8, 8)
+    factor = (4, 8)
+
+    def empty(x, t):  # predicts x₀ = 0: ε is the whole sample
+        return x / (1 - sampler.alpha_at(train.alphas_cumprod, t)) ** 0.5
+
+    assert torch.allclose(sampler.drawn_start(noise, grid, factor, steps, empty), noise, atol=1e-10)
+    seen = []
+
+    def constant(x, t):  # an x₀ = 1 model: the coarsest level is pulled towards 1 by the start
+        seen.append(t)
+        alpha = sampler.alpha_at(train.alphas_cumprod, t)
+        return (x - alpha**0.5) / (1 - alpha) ** 0.5
+
+    drawn = sampler.drawn_start(noise, grid, factor, steps, constant)
+    assert seen == [step.t for step in steps]  # one window per step, noisiest first
+    up = lambda z: torch.nn.functional.interpolate(downsample(z, factor), scale_factor=factor)  # noqa: E731
+    assert torch.allclose(drawn - up(drawn), noise - up(noise), atol=1e-12)  # the detail is the noise's
+    # Exact for a constant x₀ (the solver then follows the ODE exactly): the block means gain the signal a
+    # level at the matched noise level holds, √ᾱ_first · x₀, less the part the start's noise already counted.
+    gap = downsample(drawn, factor) - downsample(noise, factor)
+    assert torch.allclose(gap, torch.full_like(gap, first**0.5 * (1 - 32**-0.5)), atol=1e-10)

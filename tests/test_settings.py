@@ -60,12 +60,12 @@ def test_user_text_in_a_message_is_not_read_as_a_template():
 
 
 def test_an_unknown_coarse_noise_names_the_field_and_its_choices():
-    assert (validate().pyramid, validate().coarse_noise) == ("global", "matched")
+    assert (validate().pyramid, validate().coarse_noise) == ("global", "drawn")
     with pytest.raises(BadInput) as caught:
         validate(coarse_noise="snr")
     assert caught.value.field == "coarse_noise"
     assert caught.value.render(lambda field: "--" + field.replace("_", "-")) == (
-        "unknown --coarse-noise 'snr'; choose one of: matched, literal"
+        "unknown --coarse-noise 'snr'; choose one of: drawn, matched, literal"
     )
 
 
@@ -83,7 +83,7 @@ def test_stored_settings_without_the_newer_fields_mean_what_that_version_did():
     older = {"prompt": "a red desert", "width": 512, "height": 256}  # a PNG written before pyramid/coarse_noise
     restored = GenerationSettings.from_stored(older)
     assert (restored.pyramid, restored.coarse_noise) == ("halving", "literal")
-    assert GenerationSettings.from_dict(older).coarse_noise == "matched"  # a request means today's default
+    assert GenerationSettings.from_dict(older).coarse_noise == "drawn"  # a request means today's default
     assert (restored.scheduler, restored.guided_fraction, restored.late_gradient) == ("ddim", 1.0, "none")
     # A v0.3 file stored its scheduler and steps, not how many steps were guided: all of them.
     v03 = GenerationSettings.from_stored({**older, "scheduler": "ddim", "steps": 50, "pyramid": "global"})

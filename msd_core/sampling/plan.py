@@ -45,6 +45,9 @@ WIDE_ATTENTION_EXCESS = {"sd": 0.15, "sdxl": 0.105}
 # A backward pass through the UNet costs 1.34 forwards (SD-2-base's UNet on an H200 in float16, view batch
 # 32: bench/results/device-h200.json). Forward-equivalents = forwards + BACKWARD_COST × backwards.
 BACKWARD_COST = 1.34
+# λ = log(ᾱ/(1−ᾱ)) falls by about 12.4 from timestep 0 to 999 on SD's (and SDXL's) scaled-linear training
+# schedule: a drawn start (``start_step_count``) spaces its steps as densely in λ as the run's own on average.
+LOG_SNR_SPAN = 12.4
 CPU_VIEW_BATCH = 4  # on the CPU larger batches are not faster and only hold more memory
 MAX_VIEW_BATCH = 32
 
@@ -273,6 +276,7 @@ class Plan:
     def window_shape(self, level: int) -> tuple[int, int]:
         """(rows, columns) of a level's windows: square, or the wide global window at level 0."""
         return (self.window, self.wide * self.window) if level == 0 else (self.window, self.window)
+    start_steps: int = 0  # steps of the coarsest level's own trajectory before the first (coarse_noise "drawn")
 
     def gradient_at(self, step_index: int) -> str | None:
         """The gradient mode of a step (0-based), or None where nothing is guided: then only the finest level
@@ -282,6 +286,12 @@ class Plan:
         if self.guided_steps is None or step_index < self.guided_steps:
             return self.gradient
         return None if self.late_gradient == "none" else self.late_gradient
+
+    @property
+    def coarsest_factor(self) -> tuple[int, int]:
+        """(rows, columns) of finest-level latent pixels averaged into one pixel of the coarsest level."""
+        halvings = 2 ** (self.levels - 1 - (self.squeeze > 1))
+        return halvings, halvings * self.squeeze
 
     def level_shape(self, level: int) -> tuple[int, int]:
         """(height, width) of a level, 0 = coarsest (the global level, if any)."""
@@ -386,6 +396,12 @@ class Plan:
                 extra = {"wide_extra": top * excess}
             work = unet_work([counts], gradient or self.gradient, gradient is not None)
             per_step.append({**work, "forwards": work["forwards"] + caps, **extra})
+        if self.start_steps:  # the drawn start runs the coarsest level's first-step windows before step 0
+            rows, cols = self.starts_at(0)[0]
+            windows = self.start_steps * len(rows) * len(cols)
+            per_step[0]["forwards"] += windows * self.wide
+            if self.wide > 1:
+                per_step[0]["wide_extra"] += windows * excess
         return per_step
 
     def work(self, start_step: int = 0) -> dict:
@@ -507,6 +523,8 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
             squeeze, wide = 1, squeeze
         levels += squeeze > 1
     guided = settings.method == "msd" and settings.omega > 0 and levels > 1
+    halvings = 2 ** (levels - 1 - (squeeze > 1))
+    start_steps = start_step_count(settings.steps, halvings * halvings * squeeze) if guided and settings.coarse_noise == "drawn" else 0
     exact = guided and "exact" in (settings.gradient, settings.late_gradient)
     view_batch = settings.view_batch or view_batch_for(free_bytes, exact, dtype, window, family)
     if wide > 1 and not settings.view_batch and free_bytes is not None:  # a batch of wide windows must fit too
@@ -515,7 +533,15 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
     caps = cap_size(height, window) if settings.poles == "sphere" and has_poles(width, height, settings.wrap) else 0
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
                 settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps,
-                guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient, wide=wide)
+                guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient, wide=wide,
+                start_steps=start_steps)
+
+
+def start_step_count(steps: int, gain: int) -> int:
+    """Steps of a drawn start (``sampler.drawn_start``) for a coarsest level that averages ``gain`` latent pixels:
+    its trajectory spans log ``gain`` of log-SNR, covered as densely as a ``steps``-step run covers the schedule
+    (``LOG_SNR_SPAN``); 0 when nothing is averaged."""
+    return math.ceil(steps * math.log(gain) / LOG_SNR_SPAN - 1e-9) if gain > 1 else 0
 
 
 def guided_step_count(settings: GenerationSettings) -> int:

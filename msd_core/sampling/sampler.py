@@ -308,6 +308,71 @@ def snr_matched(step: SolverStep, gain: float, train_alphas: torch.Tensor) -> So
     return MatchedStep(matched, math.sqrt(start / before), math.sqrt(end / after))
 
 
+def start_schedule(solver: str, alpha: float, gain: float, count: int, train_alphas: torch.Tensor) -> list[SolverStep]:
+    """``count`` steps of ``solver`` ("ddim" or "dpmpp-2m") from ᾱ = ``alpha`` (the run's first noise level) to
+    ``matched_alpha(alpha, gain)``, evenly spaced in log-SNR λ = log(ᾱ/(1−ᾱ)) (λ rises by log ``gain``), in the
+    variance-preserving units of one model window; timesteps are fractional (``matched_timestep``).
+
+    This is the trajectory the coarsest level would already have run when the finest level starts: averaging
+    ``gain`` pixels makes it that much less noisy (``drawn_start``). Equal λ steps make every DPM-Solver++ step
+    ratio r = 1 (the first is first order).
+    """
+    if count < 1 or gain <= 1:
+        raise ValueError(f"a start trajectory needs at least one step and a gain above 1 (got {count}, {gain})")
+    start = math.log(alpha) - math.log1p(-alpha)
+    alphas = [1 / (1 + math.exp(-(start + math.log(gain) * i / count))) for i in range(count + 1)]
+    steps: list[SolverStep] = []
+    for i, (now, after) in enumerate(zip(alphas, alphas[1:])):
+        t = matched_timestep(train_alphas, now)
+        if solver == "ddim":
+            steps.append(DDIMTimestep(t, now, after))
+        elif solver == "dpmpp-2m":
+            steps.append(DPMTimestep(t, math.sqrt(now), math.sqrt(1 - now), math.sqrt(after), math.sqrt(1 - after),
+                                     None if i == 0 else 1.0))
+        else:
+            raise ValueError(f"unknown scheduler {solver!r} (ddim or dpmpp-2m)")
+    return steps
+
+
+def with_block_means(latents: torch.Tensor, means: torch.Tensor, factor: Factor) -> torch.Tensor:
+    """``latents`` whose fh×fw block means are replaced by ``means`` (``latents`` ds by ``factor``), the rest
+    unchanged: latents − up(ds(latents)) + up(means), up the nearest-neighbour upsample (ds∘up = identity).
+    For Gaussian noise the part left is independent of the block means, so it stays valid noise."""
+    up = lambda coarse: torch.nn.functional.interpolate(coarse, scale_factor=factor, mode="nearest")  # noqa: E731
+    return latents - up(downsample(latents, factor)) + up(means)
+
+
+def drawn_start(
+    noise: torch.Tensor,
+    grid: WindowGrid,
+    factor: Factor,
+    schedule: list[SolverStep],
+    denoise: Denoiser,
+    *,
+    prediction_type: str = "epsilon",
+    view_batch: int = 8,
+    interrupt: Interrupt | None = None,
+) -> torch.Tensor:
+    """The finest level's starting latent whose coarsest level already holds its large-scale content.
+
+    A coarsest level that averages g = fh·fw latent pixels (``factor``: the whole pyramid's reduction) has,
+    at the first step, the SNR of a much later timestep (``matched_alpha``): a faithful sample there already
+    shows the scene's layout, while ds of pure noise shows none, and a deterministic solver started from it
+    ends with too little large-scale variance (a pull towards uniform scenes that grows with g,
+    docs/layout.md). So the coarsest level first runs its own trajectory (``schedule``: ``start_schedule``,
+    plain MultiDiffusion on ``grid``) from the unit noise √g·ds(noise) (independent of the rest of ``noise``),
+    and the result, scaled into the level's units (ds of the finest), replaces ``noise``'s block means. With a
+    model that predicts x₀ = 0 this returns ``noise`` itself.
+    """
+    gain = factor[0] * factor[1]
+    coarse, history = downsample(noise, factor) * math.sqrt(gain), None
+    for step in schedule:
+        coarse, history = multidiffusion_step(coarse, grid, step, denoise, prediction_type=prediction_type,
+                                              view_batch=view_batch, interrupt=interrupt, previous_x0=history)
+    first, last = alphas_cumprod(schedule[0])[0], alphas_cumprod(schedule[-1])[1]
+    return with_block_means(noise, coarse * math.sqrt(first / last), factor)
+
+
 def level_denoiser(denoise: Denoiser, step: SolverStep) -> Denoiser:
     """The denoiser for a level stepped by ``step``: a ``MatchedStep``'s model sees the scaled latent."""
     if not isinstance(step, MatchedStep):
@@ -541,8 +606,8 @@ def level_steps(step: SolverStep, factors: list[Factor], coarse_noise: str = "li
     of the reductions (``factors``, coarsest pair first) between it and the finest level."""
     if coarse_noise == "literal":
         return [step] * (len(factors) + 1)
-    if coarse_noise != "matched":
-        raise ValueError(f"unknown coarse_noise {coarse_noise!r} (matched or literal)")
+    if coarse_noise not in ("matched", "drawn"):  # "drawn" only adds a start before the loop (``drawn_start``)
+        raise ValueError(f"unknown coarse_noise {coarse_noise!r} (drawn, matched or literal)")
     if train_alphas is None:
         raise ValueError("coarse_noise 'matched' needs the scheduler's alphas_cumprod (train_alphas)")
     gains = [math.prod(fh * fw for fh, fw in factors[level:]) for level in range(len(factors) + 1)]
