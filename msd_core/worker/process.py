@@ -436,7 +436,7 @@ class Worker:
         relaying rank 0's progress, previews and final event; a cancel goes to rank 0, which tells the others."""
         from .client import WorkerClient
 
-        device, _ = models.resolve_device(job.settings.device, job.settings.dtype)
+        device, _ = loading.resolve_device(job.settings.device, job.settings.dtype)
         world = distributed.world_size(job.ranks, device.type, torch.cuda.device_count() if device.type == "cuda" else 0)
         threads = job.threads or (max(1, self.threads // world) if device.type == "cpu" else 0)  # CPU ranks share the cores
         self.emit(protocol.event("loading", job.id, model=job.settings.model, warm=False, threads=threads))
