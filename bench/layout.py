@@ -258,6 +258,13 @@ SPEED_SETTINGS = {
     "DPM++ 15, guided 0.5": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 15, "guided_fraction": 0.5},
     "DPM++ 20, guided 0.4": {**V03_STANDARD, "scheduler": "dpmpp-2m", "steps": 20, "guided_fraction": 0.4},
 }
+# The poles (docs/poles.md): the presets with and without the pole caps (2:1 wrapping shapes only differ).
+POLE_SETTINGS = {
+    "Standard, flat poles": {"poles": "flat"},
+    "Standard, sphere poles": {"poles": "sphere"},
+    "Draft, flat poles": {**QUALITY["draft"][0], "poles": "flat"},
+    "Draft, sphere poles": {**QUALITY["draft"][0], "poles": "sphere"},
+}
 EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard")
 ASPECT_COLUMNS = ["prior", "panorama", "setting", "levels", "coherent", "collapsed", "coarsest coherent", "count",
                   "work", "seams", "seconds"]
@@ -290,7 +297,7 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     height, width, wrap = shape[0] // scale, shape[1] // scale, shape[2]
     settings = dataclasses.replace(GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR,
                                                       height=height * PRIOR_FACTOR, wrap=wrap),
-                                   **(ASPECT_SETTINGS | SPEED_SETTINGS)[setting])
+                                   **(ASPECT_SETTINGS | SPEED_SETTINGS | POLE_SETTINGS)[setting])
     if quick:
         settings = dataclasses.replace(settings, steps=max(5, settings.steps // 5))
     coarsest, levels = [], []
@@ -390,8 +397,8 @@ def main() -> None:
     parser.add_argument("--skip-tiny", action="store_true", help="only the horizon prior")
     parser.add_argument("--aspects", action="store_true", help="only part 3: every prior × aspect × pyramid")
     parser.add_argument("--seeds", type=int, help="part 3's seeds per cell (default 24, quick 8)")
-    parser.add_argument("--settings", nargs="+", choices=list(ASPECT_SETTINGS | SPEED_SETTINGS), metavar="SETTING",
-                        help="part 3: only these settings (ASPECT_SETTINGS or SPEED_SETTINGS)")
+    parser.add_argument("--settings", nargs="+", choices=list(ASPECT_SETTINGS | SPEED_SETTINGS | POLE_SETTINGS), metavar="SETTING",
+                        help="part 3: only these settings (ASPECT_SETTINGS, SPEED_SETTINGS or POLE_SETTINGS)")
     parser.add_argument("--priors", nargs="+", choices=("horizon", "sun", "river"), help="part 3: only these priors")
     parser.add_argument("--output", help="part 3's results name in bench/results (default layout-aspects[-quick])")
     args = parser.parse_args()

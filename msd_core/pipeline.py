@@ -58,6 +58,7 @@ class PanoramaResult:
     metadata: dict
     timings: dict
     plan: Plan
+    caps: sphere.Caps | None = None  # the pole caps' final views (``--poles sphere``), decoded over the poles
 
 
 class MSDPanoramaPipeline:
@@ -255,14 +256,19 @@ class MSDPanoramaPipeline:
                     coarse_noise=settings.coarse_noise, train_alphas=self.scheduler.alphas_cumprod,
                 )
                 if caps is not None:
-                    latents, x0_history[-1], cap_views = sphere.pole_cap_step(
+                    cap_views = sphere.pole_cap_step(
                         before, x0_before, latents, x0_history[-1], caps, plan.cap_grid_at(start_step + index), step, denoise,
                         caps=cap_views, prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                         weights=weights[-1], interrupt=interrupt, coarse=coarser[0] if gradient else None,
                         omega=omega_t, omega_loss=settings.omega_loss,
                     )
                 if guide is not None:
-                    latents = guide(latents, step)
+                    guided = guide(latents, step)
+                    if cap_views is not None and guided is not latents:  # refine's layout reaches the caps too
+                        cap_views = caps.shift_views(cap_views, guided - latents)
+                    latents = guided
+        if cap_views is not None:  # the caps over the poles, now that the strip's run is done
+            latents = caps.blend(latents, None, cap_views, alphas_cumprod(schedule[-1])[1])[0]
         sampled = time.perf_counter()
         if not torch.isfinite(latents).all():  # decoded, NaN would be a black image written as a success
             raise NonFiniteResult(
@@ -277,7 +283,7 @@ class MSDPanoramaPipeline:
         resolved = {**plan.describe(start_step), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                     "family": self.family, "msd_core_version": __version__, **({"loras": loras} if loras else {})}
         metadata = output.generation_metadata(settings, resolved)
-        return PanoramaResult(image, latents, metadata, timings, plan)
+        return PanoramaResult(image, latents, metadata, timings, plan, cap_views)
 
     # -- refining from an image ----------------------------------------------------------------------
     def refine(self, settings: GenerationSettings, source: RefineSettings, **kwargs) -> PanoramaResult:

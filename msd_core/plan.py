@@ -140,9 +140,13 @@ def global_squeeze(width: int, window: int, stride: int) -> int:
 
 
 def cap_size(height: int, window: int, half_extent: float = CAP_HALF_EXTENT) -> int:
-    """Latent pixels across a pole cap's view: its centre pixel spans one row of the equirectangular latent
-    (π/H of arc), so the cap is made at the strip's resolution; at least one window, and even."""
-    size = max(window, math.ceil(2 * half_extent * height / math.pi))
+    """Latent pixels across a pole cap's view: the whole number of windows (at least one, and even) nearest
+    the size whose centre pixel spans one row of the equirectangular latent (π/H of arc). Whole windows,
+    because shifted tiles over k windows take (k+1)² windows per step (one for k = 1) and anything between
+    takes a row and a column more: SD's 360° world (128 rows: 81.5 px) gets one 64 px window per cap, its
+    centre pixel 1.27 rows, for +5 % of Standard's work instead of +28 % (docs/poles.md)."""
+    matched = 2 * half_extent * height / math.pi
+    size = window * max(1, round(matched / window))
     return size + size % 2
 
 
