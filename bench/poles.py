@@ -20,7 +20,9 @@ The same per-arc measure applies to rendered views (``view_energy``: Cycles rend
     .venv/bin/python bench/poles.py             # the tiny model at 512×256, Standard (seeds 0–1), before/after
     .venv/bin/python bench/poles.py --sizes 1024x512 --seeds 0   # writes poles-1024x512.json
 
-Writes bench/results/poles.json (512×256; other sizes: poles-SIZES.json).
+    .venv/bin/python bench/poles.py --layout "Standard, sphere poles"   # the layout table on the 2:1 worlds
+
+Writes bench/results/poles.json (512×256; other sizes: poles-SIZES.json, -windowN with --window).
 """
 
 from __future__ import annotations
@@ -266,6 +268,21 @@ def seam_360(pixels: np.ndarray) -> float:
     return float(np.abs(pixels[:, 0] - pixels[:, -1]).mean() / inner)
 
 
+def layout_rows(settings: list[str], seeds: int = 24) -> list[dict]:
+    """bench/layout.py's table (its analytic priors, sampled as the pipeline would, pole caps included) on the
+    2:1 wrapping worlds, the only shapes with poles, for ``settings`` (layout.POLE_SETTINGS' names)."""
+    import layout
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    for setting in settings:
+        for prior in layout.aspect_priors().values():
+            for shape in (layout.ASPECTS[1], layout.ASPECTS[2]):
+                rows.append(layout.run_aspect(prior, shape, setting, list(range(seeds))))
+    return rows
+
+
 def main() -> None:
     from common import environment, markdown_table, write_json
 
@@ -274,7 +291,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--window", type=int, help="the tiny model's window in px (default its native 64)")
     parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
+    parser.add_argument("--layout", nargs="+", metavar="SETTING",
+                        help="only the layout table on the 2:1 worlds for these settings (writes layout-poles.json)")
     args = parser.parse_args()
+    if args.layout:
+        write_json("layout-poles", {"environment": environment(), "aspects": layout_rows(args.layout)})
+        return
     sizes = [tuple(int(part) for part in size.split("x")) for size in args.sizes]
     references = []
     for wavelength in (8, 16):
