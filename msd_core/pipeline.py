@@ -230,7 +230,7 @@ class MSDPanoramaPipeline:
         omega = settings.omega if settings.method == "msd" else 0.0
         # Only the exact gradient needs autograd; everything else runs in inference mode (no version counters).
         no_grad = torch.no_grad if plan.exact else torch.inference_mode
-        # A 360° world's poles (--poles sphere): both caps' views are denoised beside the strip every step.
+        # A 360° world's poles (--poles sphere): both caps' views are denoised beside the strip (its last steps).
         caps = sphere.CapProjection(plan.height, plan.width, plan.caps) if plan.caps else None
         coarser, cap_views = [None], None
         # 5. Denoising loop (shifted windows move every step, so each step gets its own grids).

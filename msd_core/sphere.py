@@ -1,10 +1,10 @@
 """The sphere behind a 360° world: gnomonic views of its poles, and pole-cap windows (``--poles sphere``).
 
 Window samplers treat the equirectangular latent as a flat strip, so its top and bottom rows, each one point
-on the sphere, get ordinary texture and the world pinches when the camera looks up. Here every step also
-denoises a perspective (gnomonic) view of each cap, where the model sees the pole as it would see any
-point, and the caps' step is blended back into the equirectangular latent over the polar rows
-(``pole_cap_step``; docs/poles.md).
+on the sphere, get ordinary texture and the world pinches when the camera looks up. Here the last steps also
+denoise a perspective (gnomonic) view of each cap, where the model sees the pole as it would see any point,
+with the strip's layout (``pole_cap_step``); the caps are blended over the polar rows at the end, and
+decoded as views (``blend_decoded_caps``; docs/poles.md).
 
 Directions follow Blender's equirectangular mapping: the image's centre faces +X, its top row is the zenith,
 u = 0.5 − atan2(y, x)/2π; pixel centres sit at integer coordinates (row 0 is ½ row below the pole).
