@@ -245,7 +245,7 @@ class MSD_PanoramaSettings(PropertyGroup):
         name="Poles",
         items=[
             ("sphere", "Sphere", "Also denoise each pole cap as a perspective view, so a 360° world does not pinch "
-                                 "when the camera looks straight up or down (about a fifth more work)"),
+                                 "when the camera looks straight up or down (about 2 % more work)"),
             ("flat", "Flat", "The equirectangular strip alone: the poles pinch into radial streaks"),
         ],
         default=GenerationSettings.poles,

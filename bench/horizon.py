@@ -27,6 +27,7 @@ from msd_core.sampling.plan import make_plan
 from msd_core.sampling.sampler import (
     DDIMTimestep,
     LevelResult,
+    alphas_cumprod,
     build_pyramid,
     cosine_decay,
     cross_scale_discrepancy,
@@ -44,6 +45,7 @@ from msd_core.sampling.sampler import (
     solver_schedule,
     start_schedule,
 )
+from msd_core.sampling.sphere import CapProjection, pole_cap_step
 from msd_core.sampling.windows import WindowGrid, global_level, level_factor
 
 TRAIN_STEPS = 1000
@@ -366,16 +368,26 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
         start = start_schedule(settings.scheduler, alphas_cumprod(schedule[0])[0], math.prod(plan.coarsest_factor),
                                plan.start_steps, scheduler.alphas_cumprod)
         latents = drawn_start(latents, plan.grids_at(0)[0], plan.coarsest_factor, start, denoise, view_batch=VIEW_BATCH)
+    caps = CapProjection(plan.height, plan.width, plan.caps) if plan.caps else None  # a 2:1 world's pole caps
+    cap_views = None
     for index, step in enumerate(schedule):
         levels_out: list[LevelResult] = []
         gradient = plan.gradient_at(index)
         omega_t = omega * cosine_decay(step.t, TRAIN_STEPS) if gradient else 0.0
+        before, x0_before = latents, x0_history[-1]
         latents = msd_step(latents, plan.grids_at(index), step, denoise, omega_t,
                            gradient=gradient or settings.gradient, omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
                            x0_history=x0_history, on_level=levels_out.append, coarse_noise=settings.coarse_noise,
                            train_alphas=scheduler.alphas_cumprod)
+        if caps is not None and plan.caps_at(index):  # as the pipeline runs them: guided towards the next coarser level's caps
+            coarse = levels_out[-2].latents if gradient and len(levels_out) > 1 else None
+            cap_views = pole_cap_step(
+                before, x0_before, latents, x0_history[-1], caps, plan.cap_grid_at(index), step, denoise,
+                caps=cap_views, view_batch=VIEW_BATCH, coarse=coarse, omega=omega_t, omega_loss=settings.omega_loss)
         if on_step:
             on_step(index, levels_out)
+    if cap_views is not None:  # the caps' last step, over the poles
+        latents = caps.blend(latents, None, cap_views, alphas_cumprod(schedule[-1])[1])[0]
     return latents[0].detach(), plan
 
 

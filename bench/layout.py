@@ -294,7 +294,14 @@ WIDE_SETTINGS = {
     "default, wide": {"global_window": "wide"},
     "default, wide, flat prior": {"global_window": "wide", "circular_prior": False},
 }
-ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | WIDE_SETTINGS
+# The poles (docs/poles.md): the presets with and without the pole caps (2:1 wrapping shapes only differ).
+POLE_SETTINGS = {
+    "Standard, flat poles": {"poles": "flat"},
+    "Standard, sphere poles": {"poles": "sphere"},
+    "Draft, flat poles": {**QUALITY["draft"][0], "poles": "flat"},
+    "Draft, sphere poles": {**QUALITY["draft"][0], "poles": "sphere"},
+}
+ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS
 EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard", "v0.4 Standard", "Standard, drawn")
 # seams: window rows / columns, the same within each class (texture) rows / columns, 0/360°
 ASPECT_COLUMNS = ["prior", "panorama", "setting", "levels", "coherent", "collapsed", "coarsest coherent", "count",
@@ -564,7 +571,8 @@ def main() -> None:
     parser.add_argument("--gaussian", action="store_true",
                         help="the large-scale modes of a Gaussian prior at g = 8, 32, 128 (default 48 seeds)")
     parser.add_argument("--settings", nargs="+", choices=list(ALL_SETTINGS), metavar="SETTING",
-                        help="part 3: only these settings (ASPECT_SETTINGS, SPEED_SETTINGS, START_SETTINGS or WIDE_SETTINGS)")
+                        help="part 3: only these settings (ASPECT_SETTINGS, SPEED_SETTINGS, "
+                             "START_SETTINGS, WIDE_SETTINGS or POLE_SETTINGS)")
     parser.add_argument("--priors", nargs="+", choices=list(aspect_priors()), help="part 3: only these priors")
     parser.add_argument("--shapes", nargs="+", type=int, choices=range(len(ASPECTS)), metavar="INDEX",
                         help=f"part 3: only these shapes, by index in {ASPECTS} (height, width, wrap)")

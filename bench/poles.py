@@ -20,7 +20,9 @@ The same per-arc measure applies to rendered views (``view_energy``: Cycles rend
     .venv/bin/python bench/poles.py             # the tiny model at 512×256, Standard (seeds 0–1), before/after
     .venv/bin/python bench/poles.py --sizes 1024x512 --seeds 0   # writes poles-1024x512.json
 
-Writes bench/results/poles.json (512×256; other sizes: poles-SIZES.json).
+    .venv/bin/python bench/poles.py --layout "Standard, sphere poles"   # the layout table on the 2:1 worlds
+
+Writes bench/results/poles.json (512×256; other sizes: poles-SIZES.json, -windowN with --window).
 """
 
 from __future__ import annotations
@@ -194,36 +196,91 @@ def work_rows() -> list[dict]:
     return rows
 
 
-def tiny_rows(sizes: list[tuple[int, int]], seeds: list[int]) -> list[dict]:
-    """The metric on the tiny model's 360° worlds (Standard), flat and with pole caps (decoded as a strip and
-    as views)."""
+def row_matched_cap_size(height: int, window: int, half_extent: float = 1.0) -> int:
+    """v0.4's first cap size (the runner-up): the view's centre pixel spans one row, not whole windows."""
+    size = max(window, math.ceil(2 * half_extent * height / math.pi))
+    return size + size % 2
+
+
+CANDIDATES = ("flat", "sphere", "sphere, row-matched cap")
+
+
+def tiny_rows(sizes: list[tuple[int, int]], seeds: list[int], window: int | None = None,
+              candidates=CANDIDATES) -> list[dict]:
+    """The metric on the tiny model's 360° worlds (Standard), flat and with pole caps; each sphere run is
+    decoded three ways: caps decoded as views (shipped), the same without the pole rows' low-pass, and the
+    strip decoded alone. "row-matched cap" sizes the caps' views as the first version did (more windows).
+    ``window`` (px): the tiny model's windows at another size (128 at 512×256 is SD's geometry at 2048×1024:
+    a window half the latent's height)."""
     import torch
     from common import environment  # noqa: F401  (sets the offline caches)
 
+    from msd_core.sampling import plan as plans
+    from msd_core.sampling import sphere
+    from msd_core.models import vae
     from msd_core.pipeline import MSDPanoramaPipeline
     from msd_core.settings import GenerationSettings
 
     torch.set_num_threads(1)
-    base = GenerationSettings(prompt="a landscape", model="tiny", device="cpu", dtype="float32")
+    base = GenerationSettings(prompt="a landscape", model="tiny", device="cpu", dtype="float32", window=window)
     pipe = MSDPanoramaPipeline.from_settings(base)
+    shipped_size = plans.cap_size
     rows = []
     for width, height in sizes:
         for seed in seeds:
-            for poles in ("flat", "sphere"):
-                settings = dataclasses.replace(base, width=width, height=height, seed=seed, poles=poles)
-                started = time.perf_counter()
-                result = pipe(settings)
-                seconds = time.perf_counter() - started
-                images = {"cap windows + cap decode" if poles == "sphere" else "flat": result.image}
-                if poles == "sphere":
-                    images["cap windows, strip decode"] = pipe.decode(result.latents, True)
-                for candidate, image in images.items():
-                    metric = pole_metric(np.asarray(image, float) / 255)
-                    rows.append({"size": f"{width}×{height}", "seed": seed, "candidate": candidate,
-                                 "forwards": result.plan.work()["forwards"], "seconds": seconds, **{
-                                     f"{pole}_{name}": value for pole, values in metric.items()
-                                     for name, value in values.items()}})
-                    print(rows[-1]["size"], seed, f"{candidate:26}", summary(metric), flush=True)
+            for candidate in candidates:
+                settings = dataclasses.replace(base, width=width, height=height, seed=seed,
+                                               poles="flat" if candidate == "flat" else "sphere")
+                plans.cap_size = row_matched_cap_size if candidate.endswith("row-matched cap") else shipped_size
+                try:
+                    started = time.perf_counter()
+                    result = pipe(settings, decode=False)
+                    seconds = time.perf_counter() - started
+                finally:
+                    plans.cap_size = shipped_size
+                images = {}
+                if candidate == "flat":
+                    images[candidate] = pipe.decode(result.latents, True)
+                else:
+                    strip = vae.decode_latents(pipe.vae, result.latents, wrap=True, tile=None)
+                    views = {pole: vae.decode_latents(pipe.vae, view) for pole, (view, _) in result.caps.items()}
+                    images[f"{candidate} (cap decode)"] = sphere.blend_decoded_caps(strip, views)
+                    images[f"{candidate} (cap decode, no pole-row low-pass)"] = sphere.blend_decoded_caps(strip, views, 0)
+                    images[f"{candidate} (strip decode)"] = strip
+                work = result.plan.work()
+                for name, image in images.items():
+                    pixels = np.asarray(image, float) / 255 if not hasattr(image, "permute") else \
+                        image[0].permute(1, 2, 0).clamp(0, 1).double().numpy()
+                    metric = pole_metric(pixels)
+                    rows.append({"size": f"{width}×{height}", "window": window or 64, "seed": seed, "candidate": name,
+                                 "cap_size": result.plan.caps, "forwards": work["forwards"],
+                                 "backwards": work["backwards"], "seconds": seconds,
+                                 "seam_360": seam_360(pixels), **{
+                                     f"{pole}_{key}": value for pole, values in metric.items()
+                                     for key, value in values.items()}})
+                    print(rows[-1]["size"], window or 64, seed, f"{name:50}", summary(metric),
+                          f"seam {rows[-1]['seam_360']:.2f}", flush=True)
+    return rows
+
+
+def seam_360(pixels: np.ndarray) -> float:
+    """Mean |first − last column| over the mean difference of neighbouring columns (≈ 1: no seam at 0/360°)."""
+    inner = np.abs(np.diff(pixels, axis=1)).mean()
+    return float(np.abs(pixels[:, 0] - pixels[:, -1]).mean() / inner)
+
+
+def layout_rows(settings: list[str], seeds: int = 24) -> list[dict]:
+    """bench/layout.py's table (its analytic priors, sampled as the pipeline would, pole caps included) on the
+    2:1 wrapping worlds, the only shapes with poles, for ``settings`` (layout.POLE_SETTINGS' names)."""
+    import layout
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    for setting in settings:
+        for prior in layout.aspect_priors().values():
+            for shape in (layout.ASPECTS[1], layout.ASPECTS[2]):
+                rows.append(layout.run_aspect(prior, shape, setting, list(range(seeds))))
     return rows
 
 
@@ -233,7 +290,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["512x256"], help="WIDTHxHEIGHT of the tiny model's worlds")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--window", type=int, help="the tiny model's window in px (default its native 64)")
+    parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
+    parser.add_argument("--layout", nargs="+", metavar="SETTING",
+                        help="only the layout table on the 2:1 worlds for these settings (writes layout-poles.json)")
     args = parser.parse_args()
+    if args.layout:
+        write_json("layout-poles", {"environment": environment(), "aspects": layout_rows(args.layout)})
+        return
     sizes = [tuple(int(part) for part in size.split("x")) for size in args.sizes]
     references = []
     for wavelength in (8, 16):
@@ -244,8 +308,10 @@ def main() -> None:
             print(references[-1]["image"], summary(metric), flush=True)
     work = work_rows()
     print(markdown_table(work, ["quality", "poles", "forwards", "backwards", "forward_equivalents", "added"]))
-    tiny = tiny_rows(sizes, args.seeds)
-    write_json("poles" if args.sizes == ["512x256"] else f"poles-{'-'.join(args.sizes)}", {"environment": environment(), "references": references, "work": work, "tiny": tiny})
+    tiny = tiny_rows(sizes, args.seeds, args.window, args.candidates)
+    name = "poles" if args.sizes == ["512x256"] else f"poles-{'-'.join(args.sizes)}"
+    write_json(name + (f"-window{args.window}" if args.window else ""),
+               {"environment": environment(), "references": references, "work": work, "tiny": tiny})
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class PanoramaResult:
     metadata: dict
     timings: dict
     plan: Plan
+    caps: sphere.Caps | None = None  # the pole caps' final views (``--poles sphere``), decoded over the poles
 
 
 class MSDPanoramaPipeline:
@@ -278,7 +279,7 @@ class MSDPanoramaPipeline:
         omega = settings.omega if settings.method == "msd" else 0.0
         # Only the exact gradient needs autograd; everything else runs in inference mode (no version counters).
         no_grad = torch.no_grad if plan.exact else torch.inference_mode
-        # A 360° world's poles (--poles sphere): both caps' views are denoised beside the strip every step.
+        # A 360° world's poles (--poles sphere): both caps' views are denoised beside the strip (its last steps).
         caps = sphere.CapProjection(plan.height, plan.width, plan.caps) if plan.caps else None
         coarser, cap_views = [None], None
         # 5. Denoising loop (shifted windows move every step, so each step gets its own grids).
@@ -304,15 +305,20 @@ class MSDPanoramaPipeline:
                     coarse_noise=settings.coarse_noise, train_alphas=self.scheduler.alphas_cumprod,
                     map_batches=self.map_batches,
                 )
-                if caps is not None:
-                    latents, x0_history[-1], cap_views = sphere.pole_cap_step(
+                if caps is not None and plan.caps_at(start_step + index):
+                    cap_views = sphere.pole_cap_step(
                         before, x0_before, latents, x0_history[-1], caps, plan.cap_grid_at(start_step + index), step, denoise,
                         caps=cap_views, prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                         weights=weights[-1], interrupt=interrupt, coarse=coarser[0] if gradient else None,
                         omega=omega_t, omega_loss=settings.omega_loss, map_batches=self.map_batches,
                     )
                 if guide is not None:
-                    latents = guide(latents, step)
+                    guided = guide(latents, step)
+                    if cap_views is not None and guided is not latents:  # refine's layout reaches the caps too
+                        cap_views = caps.shift_views(cap_views, guided - latents)
+                    latents = guided
+        if cap_views is not None:  # the caps over the poles, now that the strip's run is done
+            latents = caps.blend(latents, None, cap_views, alphas_cumprod(schedule[-1])[1])[0]
         sampled = time.perf_counter()
         if not torch.isfinite(latents).all():  # decoded, NaN would be a black image written as a success
             raise NonFiniteResult(
@@ -332,7 +338,7 @@ class MSDPanoramaPipeline:
                         "dtype": str(self.dtype).removeprefix("torch."), "family": self.family,
                         "msd_core_version": __version__, **({"loras": loras} if loras else {})}
             metadata = output.generation_metadata(one, resolved)
-            results.append(PanoramaResult(image, one_latents, metadata, timings, one_plan))
+            results.append(PanoramaResult(image, one_latents, metadata, timings, one_plan, cap_views))
         return results
 
     # -- refining from an image ----------------------------------------------------------------------

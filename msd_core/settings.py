@@ -45,8 +45,8 @@ COARSE_NOISES = ("drawn", "matched", "literal")
 WINDOW_MODES = ("dense", "shifted")
 # ddim: the paper's sampler; dpmpp-2m: DPM-Solver++ (2M), multistep, fewer steps (docs/solver.md).
 SCHEDULERS = ("ddim", "dpmpp-2m")
-# "sphere": a 360° world's poles are also denoised as perspective views of each cap and blended in, so a
-# camera looking straight up or down sees no pinch (msd_core.sampling.sphere, docs/poles.md); "flat": the strip alone.
+# "sphere" (the default): a 360° world's poles are also denoised as perspective views of each cap and blended in,
+# so a camera looking straight up or down sees no pinch (msd_core.sampling.sphere, docs/poles.md); "flat": the strip alone.
 # Only 2:1 wrapping worlds have poles: other shapes are the same either way.
 POLE_MODES = ("sphere", "flat")
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -80,7 +80,7 @@ _DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
 # Settings added after 0.1 whose defaults changed what a panorama looks like: a file stored without them
 # was made the earlier way.
 STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal", "scheduler": "ddim", "guided_fraction": 1.0,
-                 "late_gradient": "none"}
+                 "late_gradient": "none", "poles": "flat"}
 
 # Seeds drawn at random (CLI, panel, drafts) stay below this: Blender's seed field is a 32-bit IntProperty.
 # Any seed below 2^63 is valid and stored; the panel keeps one above its field's limit as text.
@@ -140,7 +140,7 @@ class GenerationSettings:
     stride: int | None = None  # pixels; None = window / 8 (diffusers' MultiDiffusion: 8 latent px); dense only
     windows: str = _DEFAULTS["windows"]  # WINDOW_MODES
     feather: bool = False  # feathered window weights instead of uniform ones
-    poles: str = "flat"  # POLE_MODES
+    poles: str = "sphere"  # POLE_MODES; only 2:1 wrapping worlds have poles
     view_batch: int | None = None  # windows per UNet call; None = chosen from free memory
     device: str = "auto"
     dtype: str = "auto"

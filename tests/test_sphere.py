@@ -84,10 +84,15 @@ def test_weights_cover_the_caps_and_fade_out():
 def test_plan_counts_the_cap_windows_only_for_worlds_with_poles():
     base = GenerationSettings(prompt="p", width=2048, height=1024, window=512, poles="sphere")
     plan = make_plan(base, 8, 512)
-    assert plan.caps == 82  # ⌈2·128/π⌉ rounded up to even: the view's centre pixel is one latent row
+    # 2·128/π = 81.5 px would make the view's centre pixel one latent row; the nearest whole number of windows
+    # is one, so each cap is one window a step (shifted tiles over 82 px took 4–9), over the last 40 % of the steps.
+    assert plan.caps == 64 and plan.cap_windows_per_step() == [0] * 15 + [2] * 10
     flat = make_plan(GenerationSettings(prompt="p", width=2048, height=1024, window=512, poles="flat"), 8, 512)
     assert plan.work()["forwards"] == flat.work()["forwards"] + sum(plan.cap_windows_per_step())
-    assert plan.describe()["pole_caps"]["size"] == 656 and "pole_caps" not in flat.describe()
+    assert plan.describe()["pole_caps"]["size"] == 512 and "pole_caps" not in flat.describe()
+    # Standard's UNet work grows by ≤ 25 % (issue 17): 964.68 → 984.68 forward-equivalents.
+    assert sum(plan.step_costs()) <= 1.25 * sum(flat.step_costs())
+    assert cap_size(256, 64) == 192 and cap_size(32, 8) == 24  # 163 px → 3 windows; 20.4 → 3
     strip = make_plan(GenerationSettings(prompt="p", width=4096, height=1024, window=512, wrap=True, poles="sphere"), 8, 512)
     assert strip.caps == 0  # a 4:1 strip is mapped on a cylinder: no poles
 
@@ -124,10 +129,72 @@ def test_sphere_poles_make_one_point_at_the_poles_for_the_work_the_plan_counts(p
         spread = [float(latents[0, :, row].std(dim=-1).mean()) for latents in (result.latents, flat.latents)]
         assert spread[0] < 0.75 * spread[1], spread
     assert torch.isfinite(result.latents).all()
+    # The strip runs untouched and the caps are blended over the polar rows at the end: beyond them (42° from
+    # either pole) the world is the flat method's, bit for bit, so its layout and seams are too.
+    reach = int((sphere.cap_weights(result.plan.height) > 0).sum()) // 2
+    assert torch.equal(result.latents[..., reach:-reach, :], flat.latents[..., reach:-reach, :])
+    assert not torch.equal(result.latents[..., :reach, :], flat.latents[..., :reach, :])
     assert json.loads(result.metadata["settings"])["poles"] == "sphere"
-    assert json.loads(result.metadata["pole_caps"]) == {"size": 96, "windows_per_step": max(result.plan.cap_windows_per_step())}
+    assert json.loads(result.metadata["pole_caps"]) == {"size": 64, "windows_per_step": max(result.plan.cap_windows_per_step())}
 
 
 def test_poles_setting_is_checked():
     with pytest.raises(BadInput, match="unknown poles 'round'; choose one of: sphere, flat"):
         GenerationSettings(prompt="p", poles="round").validate()
+
+
+def test_caps_keep_the_strips_layout_and_leave_the_strip_alone():
+    # A denoiser that draws its own layout (+3 everywhere): the caps' low frequencies are still the strip's,
+    # their finest texture their own, and the strip is returned untouched (the caps reach it at the end).
+    height, width = 32, 64
+    projection = sphere.CapProjection(height, width, cap_size(height, 8))
+    generator = torch.Generator().manual_seed(2)
+    strip = torch.nn.functional.interpolate(torch.randn(1, 4, 4, 8, generator=generator), size=(height, width),
+                                            mode="bilinear")
+    from msd_core.sampling.sampler import DDIMTimestep
+    from msd_core.sampling.windows import WindowGrid
+
+    step = DDIMTimestep(500, 0.3, 0.4)
+    grid = WindowGrid(projection.size, projection.size, 8, 8, False)
+
+    def denoise(windows, t):  # ε that makes x₀ = x/√ᾱ − 3·… : a layout of its own
+        return torch.full_like(windows, -3.0)
+
+    before = strip.clone()
+    caps = sphere.pole_cap_step(strip, strip, strip, strip, projection, grid, step, denoise)
+    assert torch.equal(strip, before)
+    for pole, (view, view_x0) in caps.items():
+        layout_x0 = sphere.sample_bilinear(strip[0], *projection.to_view[pole], True)[None]
+        free = sphere.pole_cap_step(strip, strip, strip, strip, projection, grid, step, denoise,
+                                    layout_sigma=0)[pole][1]  # nothing kept: the denoiser's own layout
+
+        def low_gap(image):  # what differs from the strip's view at the scale of a few pixels
+            return float(sphere.gaussian_blur(image - layout_x0, 2.0).abs().mean())
+
+        assert low_gap(free) > 3 and low_gap(view_x0) < 0.1 * low_gap(free)
+        assert float((view_x0 - layout_x0).abs().mean()) > 0.01  # the finest texture is the cap's own
+
+
+def test_pole_rows_are_low_passed_and_the_rest_is_the_views():
+    height, width = 64, 128
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(1, 3, height, width, generator=generator)
+    size = cap_size(height, 8)
+    views = {pole: torch.rand(1, 3, size, size, generator=generator) for pole in sphere.POLES}  # pixel noise
+    sharp = sphere.blend_decoded_caps(images, views, pole_rows=0)
+    soft = sphere.blend_decoded_caps(images, views)
+    for row in (0, -1):
+        assert float(soft[0, :, row].std(-1).mean()) < 0.5 * float(sharp[0, :, row].std(-1).mean())
+    rows = slice(sphere.POLE_ROWS, height - sphere.POLE_ROWS)
+    assert torch.equal(soft[..., rows, :], sharp[..., rows, :])
+
+
+def test_a_change_to_the_strip_reaches_the_caps_views():
+    projection = sphere.CapProjection(32, 64, cap_size(32, 8))
+    views = {pole: (torch.zeros(1, 4, projection.size, projection.size),) * 2 for pole in sphere.POLES}
+    change = torch.zeros(1, 4, 32, 64)
+    change[:, :, :16] = 1.0  # the northern half moved by one
+    moved = projection.shift_views(views, change)
+    assert torch.equal(moved["zenith"][0], torch.ones_like(moved["zenith"][0]))  # the whole zenith view is north
+    assert torch.equal(moved["nadir"][0], torch.zeros_like(moved["nadir"][0]))
+    assert moved["zenith"][1] is views["zenith"][1]  # x₀ left alone, as the strip's is

@@ -21,11 +21,12 @@ METADATA_KEYS = (
     "msd_core_version", SETTINGS_KEY,
 )  # fmt: skip
 # Also ours: what the pipeline resolved for the run, and a refined panorama's source (msd_core.refine).
-# "loras" (only when the run used LoRAs): [{"name": file name, "sha256": hex digest, "weight": w}] in order.
+# "loras" (only when the run used LoRAs): [{"name": file name, "sha256": hex digest, "weight": w}] in order;
+# "pole_caps" (only a 360° world's, --poles sphere): {"size": view px, "windows_per_step": the most a step runs}.
 LORAS_KEY = "loras"
 # "global_window_size" (only with a wide global window): its [height, width] in pixels.
 RUN_KEYS = ("view_batch", "device", "dtype", "windows", "windows_per_level", "global_window_size", "unet_windows",
-            "family", "guided_steps", LORAS_KEY)
+            "family", "guided_steps", LORAS_KEY, "pole_caps")
 REFINE_KEYS = ("source", "strength", "start_step")
 OWN_KEYS = METADATA_KEYS + RUN_KEYS + REFINE_KEYS
 # Bounds on what a PNG's text may cost to read (our own metadata is a few KB).

@@ -62,6 +62,10 @@ SDXL_CHECKPOINT_KEY = "model.diffusion_model.label_emb.0.0.weight"
 # Pole caps (``--poles sphere``, msd_core.sampling.sphere): each cap's gnomonic view spans 90° (tan 45° = 1 either side
 # of the pole), so it reaches 45° from the pole along its edges.
 CAP_HALF_EXTENT = 1.0
+# The caps run the last CAP_STEPS of the steps: their layout is the strip's (msd_core.sampling.sphere.keep_layout), and
+# the texture they exist for is made at the end; that keeps the default world within issue 18's budgets
+# (Standard ≤ 1,000 forward-equivalents, Draft ≤ 500) and at +2–3 % of them (docs/poles.md).
+CAP_STEPS = 0.4
 
 
 def window_starts(length: int, window: int, stride: int, wrap: bool = False) -> list[int]:
@@ -150,9 +154,13 @@ def global_squeeze(width: int, window: int, stride: int) -> int:
 
 
 def cap_size(height: int, window: int, half_extent: float = CAP_HALF_EXTENT) -> int:
-    """Latent pixels across a pole cap's view: its centre pixel spans one row of the equirectangular latent
-    (π/H of arc), so the cap is made at the strip's resolution; at least one window, and even."""
-    size = max(window, math.ceil(2 * half_extent * height / math.pi))
+    """Latent pixels across a pole cap's view: the whole number of windows (at least one, and even) nearest
+    the size whose centre pixel spans one row of the equirectangular latent (π/H of arc). Whole windows,
+    because shifted tiles over k windows take (k+1)² windows per step (one for k = 1) and anything between
+    takes a row and a column more: SD's 360° world (128 rows: 81.5 px) gets one 64 px window per cap, its
+    centre pixel 1.27 rows, for +5 % of Standard's work instead of +28 % (docs/poles.md)."""
+    matched = 2 * half_extent * height / math.pi
+    size = window * max(1, round(matched / window))
     return size + size % 2
 
 
@@ -267,6 +275,7 @@ class Plan:
     squeeze: int = 1  # columns averaged by a global level on top of the halving pyramid (1 = none)
     family: str = "sd"  # the model family ("sd", "sdxl"): its memory figures
     caps: int = 0  # latent pixels across each pole cap's view (``--poles sphere``); 0 = no cap windows
+    cap_start: int = 0  # the first step (0-based) that denoises the caps
     guided_steps: int | None = None  # the first steps that guide with ``gradient`` (None = all when guided)
     late_gradient: str = "none"  # the later steps' gradient mode; "none": they run only the finest level
     # The global level as one window of the world's aspect (``--global-window wide``): the coarsest level's
@@ -346,9 +355,12 @@ class Plan:
 
     def cap_windows_per_step(self) -> list[int]:
         """Windows of both pole caps at every step (0 without caps)."""
-        if not self.caps:
-            return [0] * self.steps
-        return [2 * len(rows) * len(cols) for rows, cols in map(self.cap_starts_at, range(self.steps))]
+        return [2 * math.prod(map(len, self.cap_starts_at(index))) if self.caps_at(index) else 0
+                for index in range(self.steps)]
+
+    def caps_at(self, step_index: int) -> bool:
+        """Whether a step denoises the pole caps (the last ``CAP_STEPS`` of the steps of a world with poles)."""
+        return bool(self.caps) and step_index >= self.cap_start
 
     @property
     def exact(self) -> bool:
@@ -531,8 +543,9 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
         wide_window = wide * window_activation_bytes(False, dtype, window, family)
         view_batch = min(view_batch, max(1, int(free_bytes * 0.8 // wide_window)))
     caps = cap_size(height, window) if settings.poles == "sphere" and has_poles(width, height, settings.wrap) else 0
+    cap_start = settings.steps - max(1, math.ceil(CAP_STEPS * settings.steps - 1e-9))
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
-                settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps,
+                settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps, cap_start=cap_start,
                 guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient, wide=wide,
                 start_steps=start_steps)
 

@@ -1,10 +1,10 @@
 """The sphere behind a 360° world: gnomonic views of its poles, and pole-cap windows (``--poles sphere``).
 
 Window samplers treat the equirectangular latent as a flat strip, so its top and bottom rows, each one point
-on the sphere, get ordinary texture and the world pinches when the camera looks up. Here every step also
-denoises a perspective (gnomonic) view of each cap, where the model sees the pole as it would see any
-point, and the caps' step is blended back into the equirectangular latent over the polar rows
-(``pole_cap_step``; docs/poles.md).
+on the sphere, get ordinary texture and the world pinches when the camera looks up. Here the last steps also
+denoise a perspective (gnomonic) view of each cap, where the model sees the pole as it would see any point,
+with the strip's layout (``pole_cap_step``); the caps are blended over the polar rows at the end, and
+decoded as views (``blend_decoded_caps``; docs/poles.md).
 
 Directions follow Blender's equirectangular mapping: the image's centre faces +X, its top row is the zenith,
 u = 0.5 − atan2(y, x)/2π; pixel centres sit at integer coordinates (row 0 is ½ row below the pole).
@@ -39,6 +39,13 @@ FADE_END = math.radians(42)
 # edges, so the fade ends farther from them (38° from the pole is 11 % of the half view from its edge).
 DECODED_FULL_CAP = math.radians(25)
 DECODED_FADE_END = math.radians(38)
+# The decoded rows nearest each pole come from the view low-passed to POLE_BLUR rows (σ), fading to the sharp
+# view over POLE_ROWS rows (``blend_decoded_caps``).
+POLE_ROWS = 3
+POLE_BLUR = 1.5
+# The caps' frequencies below a Gaussian of LAYOUT_SIGMA view pixels (about a row) are the strip's: the layout
+# is the strip's; measured on the analytic priors' layout table against 2 and 4 (docs/poles.md).
+LAYOUT_SIGMA = 1.0
 
 
 def axes_for(pole: str) -> torch.Tensor:
@@ -147,10 +154,7 @@ class CapProjection:
     size: int
     full: float = FULL_CAP
     fade_end: float = FADE_END
-
-    @property
-    def half_extent(self) -> float:
-        return self.size * math.pi / (2 * self.height)  # one view pixel at the centre = one row
+    half_extent: float = HALF_EXTENT  # tan of the view's half angle: 45°, whatever its pixel count
 
     @cached_property
     def weights(self) -> torch.Tensor:
@@ -201,6 +205,14 @@ class CapProjection:
                                             weight)
         return latents, x0
 
+    def shift_views(self, caps: "Caps", change: torch.Tensor) -> "Caps":
+        """The caps' own views moved by a change made to the strip (1, C, H, W), projected into each view
+        (bilinear; the change is smooth: refine's layout guide replaces the strip's lowest frequencies). The
+        caps keep their own view near the poles between steps, so a change to the strip alone would not reach
+        them there; their x₀ is left alone, as the strip's is."""
+        return {pole: (view + sample_bilinear(change[0], *self.to_view[pole], True)[None], x0)
+                for pole, (view, x0) in caps.items()}
+
 
 Caps = dict[str, tuple[torch.Tensor, torch.Tensor]]  # per pole: a view's (latents, x₀), each (1, C, size, size)
 
@@ -224,16 +236,21 @@ def pole_cap_step(
     omega: float = 0.0,
     omega_loss: str = "projection",
     map_batches: BatchMap = run_batches,
-) -> tuple[torch.Tensor, torch.Tensor, Caps]:
-    """One step of both pole caps beside the strip's. Returns (z_{t−1}, x₀) of the whole sphere and the caps'
-    own (z_{t−1}, x₀) views, which the next step passes back as ``caps``.
+    layout_sigma: float = LAYOUT_SIGMA,
+) -> Caps:
+    """One step of both pole caps beside the strip's: the caps' own (z_{t−1}, x₀) views, which the next step
+    passes back as ``caps`` and the end of the run blends over the poles (``CapProjection.blend``).
 
     Each cap's view of z_t is the cap's own last view where the cap alone makes the latent (``view_weights``)
     and a view of the strip's z_t (``latents``, made from the x₀ estimate ``x0``; None at the first step)
     beyond, faded in between: the cap is never resampled back and forth, which would blur it a little at
-    every step. The view is denoised over ``grid`` (its windows) and blended into the strip's z_{t−1} and x₀
-    (``strip``, ``strip_x0``: what ``msd_step`` made of z_t). The returned x₀ is the next step's split and a
-    multistep solver's memory.
+    every step. The view is denoised over ``grid`` (its windows); then its lowest frequencies (a Gaussian of
+    ``layout_sigma`` view pixels) are replaced by those of the strip's z_{t−1} and x₀ (``strip``,
+    ``strip_x0``: what ``msd_step`` made of z_t), as refine keeps a source's layout (ILVR): the layout is the
+    strip's and its pyramid's, which see the whole world, and the cap makes the texture. The strip is never
+    changed during the run (the caps reach it only at the end), so its layout, its pyramid and its seams are
+    the flat method's: a cap window, prompted like any other, would otherwise draw the scene into the sky
+    and, through the pyramid, into the whole world (bench/layout.py, docs/poles.md).
 
     With ``coarse`` (the pyramid's next coarser level at t−1, the strip halved) and ω > 0 the cap's windows
     are guided towards the same cap of that level, as the strip's are (``msd_level_step`` with the fast
@@ -251,22 +268,60 @@ def pole_cap_step(
             memory = caps[pole][1] if memory is None else torch.lerp(memory, caps[pole][1], own)
         if guided:
             target = sample_bilinear(coarse[0], *coarse_projection.to_view[pole], True)[None]
-            result[pole] = msd_level_step(view, target, grid, step, denoise, omega, gradient="fast",
-                                          omega_loss=omega_loss, prediction_type=prediction_type,
-                                          view_batch=view_batch, weights=weights, interrupt=interrupt,
-                                          previous_x0=memory, map_batches=map_batches)
+            prev, prev_x0 = msd_level_step(view, target, grid, step, denoise, omega, gradient="fast",
+                                           omega_loss=omega_loss, prediction_type=prediction_type,
+                                           view_batch=view_batch, weights=weights, interrupt=interrupt,
+                                           previous_x0=memory, map_batches=map_batches)
         else:
-            result[pole] = multidiffusion_step(view, grid, step, denoise, prediction_type=prediction_type,
-                                               view_batch=view_batch, weights=weights, interrupt=interrupt,
-                                               previous_x0=memory, map_batches=map_batches)
-    return (*projection.blend(strip, strip_x0, result, alpha_next), result)
+            prev, prev_x0 = multidiffusion_step(view, grid, step, denoise, prediction_type=prediction_type,
+                                                view_batch=view_batch, weights=weights, interrupt=interrupt,
+                                                previous_x0=memory, map_batches=map_batches)
+        coords = projection.to_view[pole]
+        layout = resample(strip[0], strip_x0[0], alpha_next, *coords, wrap=True)[None]
+        layout_x0 = sample_bilinear(strip_x0[0], *coords, True)[None]
+        result[pole] = (keep_layout(prev, layout, layout_sigma), keep_layout(prev_x0, layout_x0, layout_sigma))
+    return result
 
 
-def blend_decoded_caps(images: torch.Tensor, caps: dict[str, torch.Tensor]) -> torch.Tensor:
+def keep_layout(image: torch.Tensor, layout: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``image`` with its frequencies below a Gaussian of ``sigma`` pixels replaced by ``layout``'s (0: ``image``)."""
+    if sigma == 0:
+        return image
+    return image - gaussian_blur(image, sigma) + gaussian_blur(layout, sigma)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(N, C, H, W) blurred by a Gaussian of ``sigma`` pixels (separable, edges reflected)."""
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = image.shape[1]
+    padded = torch.nn.functional.pad(image, (radius, radius, radius, radius), mode="replicate")
+    rows = torch.nn.functional.conv2d(padded, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return torch.nn.functional.conv2d(rows, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+
+
+def blend_decoded_caps(images: torch.Tensor, caps: dict[str, torch.Tensor], pole_rows: int = POLE_ROWS) -> torch.Tensor:
     """The decoded strip (1, 3, H, W) with each cap's decoded view (1, 3, S, S) projected over its polar rows:
     the decoder, too, then works on the caps where they are not squeezed into a strip (it adds texture of
-    its own at the pixel scale, which a strip's top row would spread around the pole)."""
+    its own at the pixel scale, which a strip's top row would spread around the pole).
+
+    The first ``pole_rows`` rows at each pole are sampled from the view low-passed to ``POLE_BLUR`` rows,
+    fading to the sharp view by the last of them: Blender draws the top row as a disc half a row across, its
+    pixels as spokes meeting at the pole, so texture finer than a row there (the decoder's) is a tiny star;
+    low-passed, the row is one point (``bench/poles.py``'s row spread)."""
     size = next(iter(caps.values())).shape[-1]
-    projection = CapProjection(images.shape[-2], images.shape[-1], size, DECODED_FULL_CAP, DECODED_FADE_END)
+    height = images.shape[-2]
+    projection = CapProjection(height, images.shape[-1], size, DECODED_FULL_CAP, DECODED_FADE_END)
     blended, _ = projection.blend(images, None, {pole: (view, view) for pole, view in caps.items()}, alpha=1.0)
+    row_in_pixels = size * math.pi / (2 * projection.half_extent * height)  # one row of arc, at the view's centre
+    fade = (1 - torch.arange(pole_rows, dtype=images.dtype, device=images.device) / max(pole_rows, 1))[:, None]
+    for pole, view in caps.items():
+        soft = gaussian_blur(view, POLE_BLUR * row_in_pixels)[0]
+        rows, cols = (coords[:pole_rows] if pole == "zenith" else coords[coords.shape[0] - pole_rows:].flip(0)
+                      for coords in projection.from_view[pole])
+        index = torch.arange(pole_rows, device=images.device)  # from the pole outwards
+        index = index if pole == "zenith" else height - 1 - index
+        blended[0, :, index] = torch.lerp(blended[0, :, index], sample_bilinear(soft, rows, cols, False), fade)
     return blended
