@@ -163,6 +163,11 @@ class SkylinePrior(MixturePrior):
         self.means = torch.stack(means).double()  # (K, window, window); some are all sky or all ground
         self.log_weights = torch.full((len(means),), -math.log(len(means)), dtype=torch.float64)
 
+    def lay_out(self) -> None:
+        if self.width != self.window:  # a straight sloped skyline cannot wrap: no wider version was defined
+            raise NotImplementedError("the skyline prior has no wider version (issue 16's wide global window was "
+                                      "evaluated on the horizon, sun and river priors)")
+
     def mixed_mean(self, x: torch.Tensor, alpha: float, var: float) -> torch.Tensor:
         means = self.means.to(x).flatten(1)
         logits = (math.sqrt(alpha) / var) * (x.flatten(-2) @ means.T) + self.log_weights.to(x)

@@ -58,6 +58,10 @@ def test_posterior_mean_is_tweedies_formula_on_the_full_mixture(name, alpha, sha
     # Tweedie: E[x0 | x_t] = (x_t + (1 − ᾱ) ∇ log p_t(x_t)) / √ᾱ, with p_t the exact noised mixture; also for
     # the 2:1 version a wide global window is denoised with (placements along, or around, twice the columns).
     prior = SMALL_PRIORS[name]()
+    if shape != "square" and name == "skyline":
+        with pytest.raises(NotImplementedError, match="no wider version"):
+            prior.widened(2 * prior.window, circular=shape.endswith("circular"))
+        return
     if shape != "square":
         prior = prior.widened(2 * prior.window, circular=shape.endswith("circular"))
     generator = torch.Generator().manual_seed(0)
