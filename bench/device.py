@@ -53,7 +53,7 @@ import torch  # noqa: E402
 from common import RESULTS, ROOT, environment  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from msd_core import vae  # noqa: E402
+from msd_core.models import vae  # noqa: E402
 from msd_core.models import loading
 from msd_core.imageio import pngmeta
 from msd_core.pipeline import MSDPanoramaPipeline  # noqa: E402

@@ -34,7 +34,6 @@ from msd_core.sampling.sampler import (
     cross_scale_loss,
     ddim_jacobian,
     alpha_at,
-    alphas_cumprod,
     ddim_step,
     drawn_start,
     guidance_scale,

@@ -32,7 +32,6 @@ what the plan's rule "a wide window costs its area in square windows" rests on.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -51,7 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import environment, markdown_table, write_json  # noqa: E402
 from device import SD2_BASE_UNET  # noqa: E402
 
-from msd_core import plan  # noqa: E402
+from msd_core.sampling import plan  # noqa: E402
 
 SDXL_CONFIG = ROOT / "msd_core" / "configs" / "sdxl-base"
 TOKENS = 77
