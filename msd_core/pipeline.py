@@ -229,8 +229,8 @@ class MSDPanoramaPipeline:
         """Several panoramas whose settings differ only in the seed (drafts), sampled together: every UNet
         call denoises windows of all of them (``view_batch`` windows per call, as for one), each keeps its own
         noise and tiles, so each result is the one ``self(settings)`` gives, up to float rounding. The
-        callback's latents hold all of them (panorama 0 first). Not with pole caps (``plan.caps``): their
-        views are denoised per panorama."""
+        callback's latents hold all of them (panorama 0 first). Pole caps (``plan.caps``) are views of one
+        panorama each: they are denoised panorama by panorama beside the batched strip."""
         if not batch:
             raise ValueError("sample_batch needs at least one panorama's settings")
         if any(dataclasses.replace(settings, seed=batch[0].seed) != batch[0] for settings in batch):
@@ -246,8 +246,6 @@ class MSDPanoramaPipeline:
         if latents is not None:  # given latents (a refine's) already hold their layout: no drawn start
             plans = [dataclasses.replace(each, start_steps=0) for each in plans]
         plan = plans[0]
-        if plan.caps and len(batch) > 1:
-            raise ValueError("pole caps are denoised per panorama: sample a world with --poles sphere on its own")
         loras = lora.apply_loras(self.components, settings.loras)
         # 2. Encode the prompt.
         embeddings, pooled = self.encode_prompt(settings.prompt, settings.negative_prompt, settings.guidance)
@@ -281,7 +279,7 @@ class MSDPanoramaPipeline:
         no_grad = torch.no_grad if plan.exact else torch.inference_mode
         # A 360° world's poles (--poles sphere): both caps' views are denoised beside the strip (its last steps).
         caps = sphere.CapProjection(plan.height, plan.width, plan.caps) if plan.caps else None
-        coarser, cap_views = [None], None
+        coarser, cap_views = [None], [None] * len(batch)  # each panorama's caps (views of its own poles)
         # 5. Denoising loop (shifted windows move every step, so each step gets its own grids).
         for index, step in enumerate(schedule):
 
@@ -306,19 +304,23 @@ class MSDPanoramaPipeline:
                     map_batches=self.map_batches,
                 )
                 if caps is not None and plan.caps_at(start_step + index):
-                    cap_views = sphere.pole_cap_step(
-                        before, x0_before, latents, x0_history[-1], caps, plan.cap_grid_at(start_step + index), step, denoise,
-                        caps=cap_views, prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
-                        weights=weights[-1], interrupt=interrupt, coarse=coarser[0] if gradient else None,
+                    cap_views = [sphere.pole_cap_step(
+                        before[one], _item(x0_before, one), latents[one], x0_history[-1][one], caps,
+                        each.cap_grid_at(start_step + index), step, denoise, caps=cap_views[item],
+                        prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
+                        weights=weights[-1], interrupt=interrupt, coarse=_item(coarser[0], one) if gradient else None,
                         omega=omega_t, omega_loss=settings.omega_loss, map_batches=self.map_batches,
-                    )
+                    ) for item, (each, one) in enumerate(zip(plans, _items(len(batch))))]
                 if guide is not None:
                     guided = guide(latents, step)
-                    if cap_views is not None and guided is not latents:  # refine's layout reaches the caps too
-                        cap_views = caps.shift_views(cap_views, guided - latents)
+                    if caps is not None and guided is not latents:  # refine's layout reaches the caps too
+                        cap_views = [None if views is None else caps.shift_views(views, (guided - latents)[one])
+                                     for views, one in zip(cap_views, _items(len(batch)))]
                     latents = guided
-        if cap_views is not None:  # the caps over the poles, now that the strip's run is done
-            latents = caps.blend(latents, None, cap_views, alphas_cumprod(schedule[-1])[1])[0]
+        if caps is not None and cap_views[0] is not None:  # the caps over the poles, now the strip's run is done
+            alpha = alphas_cumprod(schedule[-1])[1]
+            latents = torch.cat([caps.blend(latents[one], None, views, alpha)[0]
+                                 for views, one in zip(cap_views, _items(len(batch)))])
         sampled = time.perf_counter()
         if not torch.isfinite(latents).all():  # decoded, NaN would be a black image written as a success
             raise NonFiniteResult(
@@ -330,7 +332,7 @@ class MSDPanoramaPipeline:
             decoding = time.perf_counter()
             # 6. Decode.
             one_latents = latents[item:item + 1]
-            image = self.decode(one_latents, one.wrap, cap_views, interrupt=interrupt) if decode else None
+            image = self.decode(one_latents, one.wrap, cap_views[item], interrupt=interrupt) if decode else None
             finished = time.perf_counter()
             timings = {"sample": sampled - started, "decode": finished - decoding, "total": finished - started}
             # 7. Metadata.
@@ -338,7 +340,7 @@ class MSDPanoramaPipeline:
                         "dtype": str(self.dtype).removeprefix("torch."), "family": self.family,
                         "msd_core_version": __version__, **({"loras": loras} if loras else {})}
             metadata = output.generation_metadata(one, resolved)
-            results.append(PanoramaResult(image, one_latents, metadata, timings, one_plan, cap_views))
+            results.append(PanoramaResult(image, one_latents, metadata, timings, one_plan, cap_views[item]))
         return results
 
     # -- refining from an image ----------------------------------------------------------------------
@@ -404,6 +406,15 @@ class MSDPanoramaPipeline:
     @staticmethod
     def save(result: PanoramaResult, path, overwrite: bool = False):
         return output.save_png(result.image, path, result.metadata, overwrite=overwrite)
+
+
+def _items(count: int) -> list[slice]:
+    """Each panorama's slice of a batch's latents (it keeps the batch dimension: (1, C, H, W))."""
+    return [slice(item, item + 1) for item in range(count)]
+
+
+def _item(latents: torch.Tensor | None, one: slice) -> torch.Tensor | None:
+    return None if latents is None else latents[one]
 
 
 def _grids_at(plans: list[Plan], step_index: int) -> list:

@@ -54,9 +54,10 @@ def batch_size(plan, accelerator: bool) -> int:
     several windows in little more time than one (SD-2 on an H200: 40 ms for one window, 9.8 ms a window
     for four, 6 for 32: docs/speed.md), while a draft sends only 2–5, so a batch costs about what one draft
     does and the first draft comes no later. On the CPU one: there the time grows with the windows, so a
-    batch would only hold the first draft back. One with pole caps, whose views are denoised per panorama.
+    batch would only hold the first draft back. Pole caps add each draft's own cap windows in calls of
+    their own over the last steps (``plan.caps``), which does not change how many drafts one call holds.
     """
-    if plan.caps or not accelerator:
+    if not accelerator:
         return 1
     return max(1, plan.view_batch // max(plan.describe()["windows_per_level"]))
 

@@ -264,7 +264,21 @@ def test_a_batch_differs_only_in_seeds(pipe):
     settings = dataclasses.replace(BASE, steps=1)
     with pytest.raises(ValueError, match="only in the seed"):
         pipe.sample_batch([settings, dataclasses.replace(settings, seed=4, steps=2)])
-    with pytest.raises(ValueError, match="pole caps"):
-        world = GenerationSettings(prompt="x", width=256, height=128, wrap=True, model="tiny", device="cpu",
-                                   steps=1, poles="sphere")
-        pipe.sample_batch([world, dataclasses.replace(world, seed=1)])
+
+
+def test_a_batch_of_360_worlds_with_pole_caps_equals_each_world_sampled_alone(pipe):
+    # A 360° world's draft (one window tall, pole caps over the last steps): the strip is batched, each draft's
+    # caps are its own views, blended over its own poles and kept for its decode.
+    world = GenerationSettings(prompt="dunes at dusk", width=128, height=64, wrap=True, model="tiny", device="cpu",
+                               seed=21, poles="sphere", **{**QUALITY["draft"][0], "steps": 4})
+    batch = [world, dataclasses.replace(world, seed=22)]
+    assert pipe.check_inputs(world).caps_at(3)
+    together = pipe.sample_batch(batch, decode=False)
+    alone = [pipe(settings, decode=False) for settings in batch]
+    for batched, single in zip(together, alone):
+        scale = float(single.latents.abs().max())
+        torch.testing.assert_close(batched.latents, single.latents, rtol=1e-5, atol=1e-5 * scale)
+        assert batched.caps.keys() == single.caps.keys() == {"zenith", "nadir"}
+        for pole in single.caps:
+            torch.testing.assert_close(batched.caps[pole][0], single.caps[pole][0], rtol=1e-5, atol=1e-5 * scale)
+    assert not torch.allclose(together[0].caps["zenith"][0], together[1].caps["zenith"][0], atol=0.1)

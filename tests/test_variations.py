@@ -63,7 +63,7 @@ def test_variation_paths_and_count_bounds():
 def test_drafts_are_batched_as_one_unet_call_holds_them_on_an_accelerator_only():
     from msd_core.sampling.plan import make_plan
 
-    # The 360° world's drafts (1024×512) without pole caps; with them (the default) one at a time, below.
+    # The 360° world's drafts (1024×512), with pole caps (the default) and without.
     draft = variations.draft_settings(GenerationSettings(prompt="dunes", poles="flat"), 512)
     plan = make_plan(draft, 8, 512, free_bytes=80e9, dtype="float16")
     assert plan.view_batch == 32 and max(plan.describe()["windows_per_level"]) == 2
@@ -72,7 +72,7 @@ def test_drafts_are_batched_as_one_unet_call_holds_them_on_an_accelerator_only()
     small = make_plan(draft, 8, 512, free_bytes=10e9, dtype="float16")  # the exact gradient's memory rule
     assert variations.batch_size(small, accelerator=True) == small.view_batch // 2 < 16
     world = make_plan(dataclasses.replace(draft, poles="sphere"), 8, 512, free_bytes=80e9, dtype="float16")
-    assert world.caps and variations.batch_size(world, accelerator=True) == 1
+    assert world.caps and variations.batch_size(world, accelerator=True) == 16
     assert variations.draft_groups(5, 2) == [range(0, 2), range(2, 4), range(4, 5)]
     assert variations.draft_groups(3, 16) == [range(0, 3)]
 
@@ -134,8 +134,8 @@ def test_variations_in_batches_write_what_one_at_a_time_writes(tmp_path, monkeyp
     torch.set_num_threads(1)
     stream = io.StringIO()
     worker = Worker(EventWriter(stream), tmp_path / "previews")
-    # Pole caps are denoised per panorama (variations.batch_size is 1 with them): a world without them.
-    settings = tiny(**{**QUALITY["draft"][0], "width": 256, "height": 128, "seed": 40, "steps": 3, "poles": "flat"})
+    # A 360° world's drafts with pole caps (the default), denoised over the last of the four steps.
+    settings = tiny(**{**QUALITY["draft"][0], "width": 256, "height": 128, "seed": 40, "steps": 4})
 
     def run(name, size):
         monkeypatch.setattr(variations, "batch_size", lambda plan, accelerator: size)
@@ -149,9 +149,9 @@ def test_variations_in_batches_write_what_one_at_a_time_writes(tmp_path, monkeyp
         torch.set_num_threads(threads)
     steps = [(e["event"], e.get("variation", e.get("index")), e.get("step")) for e in batched
              if e["event"] in ("progress", "variation")]
-    assert steps == [("progress", 0, 1), ("progress", 0, 2), ("progress", 0, 3), ("variation", 0, None),
-                     ("variation", 1, None), ("progress", 2, 1), ("progress", 2, 2), ("progress", 2, 3),
-                     ("variation", 2, None)]
+    assert steps == [("progress", 0, 1), ("progress", 0, 2), ("progress", 0, 3), ("progress", 0, 4),
+                     ("variation", 0, None), ("variation", 1, None), ("progress", 2, 1), ("progress", 2, 2),
+                     ("progress", 2, 3), ("progress", 2, 4), ("variation", 2, None)]
     assert [e["seed"] for e in batched if e["event"] == "variation"] == [40, 41, 42]
     etas = [e["eta"] for e in batched if e["event"] == "progress"]
     assert etas[-1] == 0 and etas[2] > 0  # after the first batch, the second is still to come
