@@ -287,6 +287,12 @@ class Plan:
         """(rows, columns) of a level's windows: square, or the wide global window at level 0."""
         return (self.window, self.wide * self.window) if level == 0 else (self.window, self.window)
     start_steps: int = 0  # steps of the coarsest level's own trajectory before the first (coarse_noise "drawn")
+    # The step (0-based) at which each level, coarsest first, joins the run (``--fine-start``); () = all at step 0.
+    level_starts: tuple[int, ...] = ()
+
+    def levels_at(self, step_index: int) -> int:
+        """How many levels, from the coarsest, a step denoises; the finer ones have not joined yet."""
+        return sum(start <= step_index for start in self.level_starts) if self.level_starts else self.levels
 
     def gradient_at(self, step_index: int) -> str | None:
         """The gradient mode of a step (0-based), or None where nothing is guided: then only the finest level
@@ -371,7 +377,7 @@ class Plan:
     def windows_per_step(self) -> list[list[int]]:
         """Windows per level at every step (coarsest first); one count, the finest level's, at a step
         that runs only the finest level (``gradient_at`` is None)."""
-        return [level_counts if self.gradient_at(index) else level_counts[-1:]
+        return [level_counts[:self.levels_at(index)] if self.gradient_at(index) else level_counts[-1:]
                 for index, level_counts in enumerate(self._all_level_counts())]
 
     def _all_level_counts(self) -> list[list[int]]:
@@ -545,10 +551,25 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
         view_batch = min(view_batch, max(1, int(free_bytes * 0.8 // wide_window)))
     caps = cap_size(height, window) if settings.poles == "sphere" and has_poles(width, height, settings.wrap) else 0
     cap_start = settings.steps - max(1, math.ceil(CAP_STEPS * settings.steps - 1e-9))
+    level_starts = level_start_steps(levels, settings.steps, settings.fine_start, guided_step_count(settings),
+                                     settings.late_gradient) if guided else ()
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
                 settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps, cap_start=cap_start,
                 guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient, wide=wide,
-                start_steps=start_steps)
+                start_steps=start_steps, level_starts=level_starts)
+
+
+def level_start_steps(levels: int, steps: int, fine_start: float, guided_steps: int, late_gradient: str) -> tuple[int, ...]:
+    """The step (0-based) at which each level, coarsest first, joins the run (``--fine-start``, docs/layout.md 6.6):
+    the top two levels at once, the finest after ⌊``fine_start``·steps⌋ steps and the levels between at evenly
+    spaced shares of that (a level waits until the one above it has laid the scene out at its own scale). A step
+    that guides nothing (``late_gradient`` "none") runs only the finest level, so every level joins by then.
+    () when every level starts at once."""
+    if fine_start <= 0 or levels < 3:
+        return ()
+    last = guided_steps if late_gradient == "none" else steps - 1
+    return (0, 0) + tuple(min(last, math.floor(fine_start * steps * (level - 1) / (levels - 2) + 1e-9))
+                          for level in range(2, levels))
 
 
 def start_step_count(steps: int, gain: int) -> int:
