@@ -315,16 +315,18 @@ def test_a_refines_unet_work_counts_the_steps_that_ran(pipe, monkeypatch, tmp_pa
 
 
 def test_a_refine_from_the_first_step_draws_no_start(pipe, monkeypatch, tmp_path):
-    # Its latents are the source renoised: they hold their layout already, so no drawn start runs or is counted.
-    settings = dataclasses.replace(BASE, windows="shifted", gradient="fast", steps=4, coarse_noise="drawn")
-    assert pipe.check_inputs(settings).start_steps == 1
+    # Its latents are the source renoised: they hold their layout already, so no drawn start runs or is counted,
+    # and every level runs from the first step (--fine-start would hold the finest level, discarding its detail).
+    settings = dataclasses.replace(BASE, windows="shifted", gradient="fast", steps=4, coarse_noise="drawn", fine_start=0.5)
+    assert (pipe.check_inputs(settings).start_steps, pipe.check_inputs(settings).level_starts) == (1, (0, 0, 2))
     source = tmp_path / "source.png"
     Image.new("RGB", (256, 256), (90, 120, 200)).save(source)
     counter = CallCounter(pipe, monkeypatch)
     result = pipe.refine(settings, RefineSettings(str(source), 1.0), decode=False)
     stored = json.loads(result.metadata["unet_windows"])
     assert stored == {"forwards": counter.forwards, "backwards": 0}
-    assert stored == dataclasses.replace(pipe.check_inputs(settings), start_steps=0).work()
+    assert stored == dataclasses.replace(pipe.check_inputs(settings), start_steps=0, level_starts=()).work()
+    assert stored != dataclasses.replace(pipe.check_inputs(settings), start_steps=0).work()
 
 
 def test_the_eta_of_a_refine_counts_only_the_steps_left(pipe, tmp_path):
