@@ -375,3 +375,17 @@ def test_the_finer_levels_join_at_evenly_spaced_shares_of_the_fine_start_and_the
     assert late.windows_per_step()[15:] == every.windows_per_step()[15:]
     # MultiDiffusion and ω = 0 have no levels to hold.
     assert plan.plan_without_model(dataclasses.replace(world, omega=0.0), None, "float32").level_starts == ()
+
+
+def test_a_held_step_counts_the_wide_global_window_and_describes_each_levels_own_windows():
+    """Under --fine-start a guided step runs the levels that have joined: a wide global window still counts its area
+    there, and windows_per_level names each level's own count (not the next level's)."""
+    settings = dataclasses.replace(BASE, width=1024, height=256, wrap=True, steps=6, gradient="fast", coarse_noise="matched",
+                                   global_window="wide", windows="shifted", guided_fraction=1.0)
+    every, late = (plan.make_plan(dataclasses.replace(settings, fine_start=share), 8, 64) for share in (0.0, 0.5))
+    assert late.levels == 3 and late.level_starts == (0, 0, 3) and late.wide > 1
+    counts = every._all_level_counts()
+    assert late.windows_per_step() == [step[:2] for step in counts[:3]] + counts[3:]
+    held, full = late._step_work()[0], every._step_work()[0]
+    assert held["forwards"] == full["forwards"] - counts[0][2] and held["wide_extra"] == full["wide_extra"] > 0
+    assert late.describe()["windows_per_level"] == every.describe()["windows_per_level"]

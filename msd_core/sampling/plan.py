@@ -291,8 +291,15 @@ class Plan:
     level_starts: tuple[int, ...] = ()
 
     def levels_at(self, step_index: int) -> int:
-        """How many levels, from the coarsest, a step denoises; the finer ones have not joined yet."""
+        """How many levels, from the coarsest, a guided step denoises; the finer ones have not joined yet."""
         return sum(start <= step_index for start in self.level_starts) if self.level_starts else self.levels
+
+    def runs_level(self, step_index: int, level: int) -> bool:
+        """Whether a step denoises a level (0 = coarsest): a guided step the levels that have joined, another
+        only the finest."""
+        if self.gradient_at(step_index) is None:
+            return level == self.levels - 1
+        return level < self.levels_at(step_index)
 
     def gradient_at(self, step_index: int) -> str | None:
         """The gradient mode of a step (0-based), or None where nothing is guided: then only the finest level
@@ -377,7 +384,7 @@ class Plan:
     def windows_per_step(self) -> list[list[int]]:
         """Windows per level at every step (coarsest first); one count, the finest level's, at a step
         that runs only the finest level (``gradient_at`` is None)."""
-        return [level_counts[:self.levels_at(index)] if self.gradient_at(index) else level_counts[-1:]
+        return [[count for level, count in enumerate(level_counts) if self.runs_level(index, level)]
                 for index, level_counts in enumerate(self._all_level_counts())]
 
     def _all_level_counts(self) -> list[list[int]]:
@@ -410,7 +417,7 @@ class Plan:
             gradient = self.gradient_at(index)
             extra = {}
             if self.wide > 1:
-                top = counts[0] if len(counts) == self.levels else 0  # the global level runs at this step
+                top = counts[0] if self.runs_level(index, 0) else 0  # the global level runs at this step
                 counts = [top * self.wide, *counts[1:]] if top else counts
                 extra = {"wide_extra": top * excess}
             work = unet_work([counts], gradient or self.gradient, gradient is not None)
@@ -446,8 +453,8 @@ class Plan:
         most any step that runs the level has (shifted tiles vary by a snapped edge tile; 0 for a coarser
         level no step runs, at ω = 0); the UNet work and guided steps count the steps from ``start_step`` on
         (a refine's)."""
-        per_step = self.windows_per_step()
-        per_level = [max((counts[level - self.levels] for counts in per_step if len(counts) > self.levels - 1 - level),
+        all_counts = self._all_level_counts()
+        per_level = [max((all_counts[index][level] for index in range(self.steps) if self.runs_level(index, level)),
                          default=0) for level in range(self.levels)]
         caps = {"pole_caps": {"size": self.caps * self.factor, "windows_per_step": max(self.cap_windows_per_step())}}
         return {
