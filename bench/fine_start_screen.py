@@ -3,8 +3,8 @@
 Samples the analytic priors as ``horizon.sample_with_settings`` does (drawn start, pole caps, the preset's solver
 and gradients; checked to give the same panoramas to the last bit for the landed setting), with two knobs the
 sampler does not have, to compare candidates before one is landed:
-- ``fine_start`` / ``staged``: the finest level (staged: every level below the top two, at evenly spaced shares)
-  joins after that share of the steps, held meanwhile as the level above's state plus its own noise
+- ``fine_start`` / ``staged``: the finest level (staged: every level below the top two, at evenly spaced shares;
+  "together": all of them at once) joins after that share of the steps, held meanwhile as the level above's state plus its own noise
   (``sampler.held_latents``); staged is what ``--fine-start`` does;
 - ``kappa`` (until the share ``kappa_until`` of the steps): ω times κ at the finest level only.
 Prints, per cell, coherent (collapsed; each coarser level's coherent count at the last step that ran them all).
@@ -74,9 +74,9 @@ def sample(prior, settings, seeds, *, fine_start=0.0, staged=False, kappa=1.0, k
     cap_views = None
     starts = [0] * plan.levels
     starts[-1] = math.floor(fine_start * plan.steps + 1e-9)
-    if staged and plan.levels > 2:
-        starts = [0, 0] + [math.floor(fine_start * plan.steps * (level - 1) / (plan.levels - 2) + 1e-9)
-                           for level in range(2, plan.levels)]
+    if staged and plan.levels > 2:  # "together": every level below the top two joins with the finest
+        starts = [0, 0] + [math.floor(fine_start * plan.steps * (1 if staged == "together" else (level - 1) / (plan.levels - 2))
+                                      + 1e-9) for level in range(2, plan.levels)]
     for index, step in enumerate(schedule):
         gradient = plan.gradient_at(index)
         omega_t = settings.omega * cosine_decay(step.t, TRAIN_STEPS) if gradient else 0.0
