@@ -382,8 +382,8 @@ class Plan:
         return self.guided and "exact" in (self.gradient, self.late_gradient)
 
     def windows_per_step(self) -> list[list[int]]:
-        """Windows per level at every step (coarsest first); one count, the finest level's, at a step
-        that runs only the finest level (``gradient_at`` is None)."""
+        """Windows per level at every step (coarsest first), of the levels the step runs (``runs_level``): one
+        count, the finest level's, at a step that guides nothing; the top levels only before the finer ones join."""
         return [[count for level, count in enumerate(level_counts) if self.runs_level(index, level)]
                 for index, level_counts in enumerate(self._all_level_counts())]
 
