@@ -261,6 +261,12 @@ class MSD_PanoramaSettings(PropertyGroup):
         ],
         default=GenerationSettings.coarse_noise,
     )
+    fine_start: FloatProperty(
+        name="Finest Level Joins",
+        description="Share of the steps before the finest level joins, starting from the levels above it "
+                    "(0 = every level from the first step, the paper's)",
+        subtype='FACTOR', min=0.0, max=0.9, default=GenerationSettings.fine_start,
+    )
     scales: IntProperty(name="Levels", description="Pyramid levels (0 = automatic)", min=0, soft_max=6, default=0)
     target: EnumProperty(
         name="Use As",
@@ -341,6 +347,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         pyramid=group.pyramid,
         global_window=group.global_window,
         coarse_noise=group.coarse_noise,
+        fine_start=round(group.fine_start, 6),  # Blender's float32, as guided_fraction
         poles=group.poles,
         omega=group.omega,
         scales=group.scales or None,
@@ -432,7 +439,7 @@ def _panel_values(settings: GenerationSettings) -> dict:
         "scheduler": settings.scheduler, "guided_fraction": settings.guided_fraction,
         "late_gradient": settings.late_gradient,
         "pyramid": settings.pyramid, "global_window": settings.global_window, "coarse_noise": settings.coarse_noise,
-        "poles": settings.poles,
+        "fine_start": settings.fine_start, "poles": settings.poles,
         "scales": settings.scales or 0, "cubemap": settings.cubemap,
         "steps": settings.steps, "guidance": settings.guidance, "random_seed": False,
         # Seed first (its update clears the stored seed), then a seed too large for it as text.
@@ -468,7 +475,7 @@ SETTING_PLACES = {
     "scheduler": (_SAMPLER, "scheduler"), "guided_fraction": (_SAMPLER, "guided_fraction"),
     "late_gradient": (_SAMPLER, "late_gradient"),
     "pyramid": (_SAMPLER, "pyramid"), "global_window": (_SAMPLER, "global_window"),
-    "coarse_noise": (_SAMPLER, "coarse_noise"), "scales": (_SAMPLER, "scales"),
+    "coarse_noise": (_SAMPLER, "coarse_noise"), "fine_start": (_SAMPLER, "fine_start"), "scales": (_SAMPLER, "scales"),
     "poles": (_SAMPLER, "poles"), "cubemap": (_PANEL, "cubemap"),
     "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"), "hdr_peak": (_SAMPLER, "hdr_peak"),
     "model": (_PREFERENCES, "model"), "model_config": (_PREFERENCES, "model_config"),

@@ -377,7 +377,7 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
         latents = msd_step(latents, plan.grids_at(index), step, denoise, omega_t,
                            gradient=gradient or settings.gradient, omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
                            x0_history=x0_history, on_level=levels_out.append, coarse_noise=settings.coarse_noise,
-                           train_alphas=scheduler.alphas_cumprod)
+                           train_alphas=scheduler.alphas_cumprod, levels_run=plan.levels_at(index))
         if caps is not None and plan.caps_at(index):  # as the pipeline runs them: guided towards the next coarser level's caps
             coarse = levels_out[-2].latents if gradient and len(levels_out) > 1 else None
             cap_views = pole_cap_step(

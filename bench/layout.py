@@ -301,7 +301,13 @@ POLE_SETTINGS = {
     "Draft, flat poles": {**QUALITY["draft"][0], "poles": "flat"},
     "Draft, sphere poles": {**QUALITY["draft"][0], "poles": "sphere"},
 }
-ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS
+# Issue 20 item 2 (docs/layout.md 6.6): the finest level joins after 60 % of the steps (--fine-start), the levels
+# between at evenly spaced shares of that.
+FINE_START_SETTINGS = {
+    "Standard, fine start 0.6": {**STANDARD, "fine_start": 0.6},
+    "Draft, fine start 0.6": {**DRAFT, "fine_start": 0.6},
+}
+ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS | FINE_START_SETTINGS
 EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard", "v0.4 Standard", "Standard, drawn")
 # seams: window rows / columns, the same within each class (texture) rows / columns, 0/360°
 ASPECT_COLUMNS = ["prior", "panorama", "setting", "levels", "coherent", "collapsed", "coarsest coherent", "count",
@@ -572,7 +578,7 @@ def main() -> None:
                         help="the large-scale modes of a Gaussian prior at g = 8, 32, 128 (default 48 seeds)")
     parser.add_argument("--settings", nargs="+", choices=list(ALL_SETTINGS), metavar="SETTING",
                         help="part 3: only these settings (ASPECT_SETTINGS, SPEED_SETTINGS, "
-                             "START_SETTINGS, WIDE_SETTINGS or POLE_SETTINGS)")
+                             "START_SETTINGS, WIDE_SETTINGS, POLE_SETTINGS or FINE_START_SETTINGS)")
     parser.add_argument("--priors", nargs="+", choices=list(aspect_priors()), help="part 3: only these priors")
     parser.add_argument("--shapes", nargs="+", type=int, choices=range(len(ASPECTS)), metavar="INDEX",
                         help=f"part 3: only these shapes, by index in {ASPECTS} (height, width, wrap)")

@@ -217,6 +217,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="drawn (default) = matched, and the coarsest level's starting state drawn first by its "
                              "own few steps; matched = each coarse level is denoised at the noise level its averaging "
                              "leaves; literal = the paper's, as noisy as the full panorama")
+    method.add_argument("--fine-start", type=float, default=GenerationSettings.fine_start,
+                        help="the share of the steps before the finest level joins, starting from the levels above it "
+                             "(the levels between join earlier); 0 = every level from the first step, the paper's "
+                             f"(default {GenerationSettings.fine_start:g}; docs/layout.md)")
     method.add_argument("--scales", type=int, help="pyramid levels (default: enough that the coarsest fits one window)")
     method.add_argument("--window", type=int, help="window size in pixels (default: the model's native size)")
     method.add_argument("--windows", choices=WINDOW_MODES,
@@ -298,7 +302,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "loras": [parse_lora_argument(text) for text in args.lora],
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
         "global_window": args.global_window,
-        "coarse_noise": args.coarse_noise, "scales": args.scales, "guidance": args.guidance,
+        "coarse_noise": args.coarse_noise, "fine_start": args.fine_start, "scales": args.scales, "guidance": args.guidance,
         "seed": secrets.randbelow(DRAWN_SEED_LIMIT) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "poles": args.poles,
         "view_batch": args.view_batch,

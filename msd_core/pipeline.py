@@ -243,8 +243,8 @@ class MSDPanoramaPipeline:
         # 1. Check inputs and resolve the plans (one per seed: shifted tiles follow it); the model gets this
         # run's LoRAs (and no others).
         plans = [self.check_inputs(each) for each in batch]
-        if latents is not None:  # given latents (a refine's) already hold their layout: no drawn start
-            plans = [dataclasses.replace(each, start_steps=0) for each in plans]
+        if latents is not None:  # given latents (a refine's) already hold their layout and detail: no drawn start,
+            plans = [dataclasses.replace(each, start_steps=0, level_starts=()) for each in plans]  # every level at once
         plan = plans[0]
         loras = lora.apply_loras(self.components, settings.loras)
         # 2. Encode the prompt.
@@ -301,7 +301,7 @@ class MSDPanoramaPipeline:
                     prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                     weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
                     coarse_noise=settings.coarse_noise, train_alphas=self.scheduler.alphas_cumprod,
-                    map_batches=self.map_batches,
+                    map_batches=self.map_batches, levels_run=plan.levels_at(start_step + index),
                 )
                 if caps is not None and plan.caps_at(start_step + index):
                     cap_views = [sphere.pole_cap_step(

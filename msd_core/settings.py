@@ -94,6 +94,7 @@ MAX_STEPS = 1000  # Stable Diffusion's scheduler has 1000 training timesteps: mo
 MAX_SCALES = 12  # pyramid levels: the largest latent (2048 px) halved 11 times is one pixel
 MAX_VIEW_BATCH = 1024
 MAX_OMEGA = 1000.0
+MAX_FINE_START = 0.9  # the finest level needs some steps of its own to add its detail
 MAX_GUIDANCE = 100.0
 MAX_PROMPT = 10000  # characters; the text encoder reads only the first 77 tokens anyway
 MAX_PATH = 4096
@@ -128,6 +129,9 @@ class GenerationSettings:
     pyramid: str = "global"  # PYRAMIDS
     global_window: str = "square"  # GLOBAL_WINDOWS (with pyramid "global")
     coarse_noise: str = "drawn"  # COARSE_NOISES
+    # The share of the steps before the finest level joins; the levels between the top two and the finest join at
+    # evenly spaced shares of it (plan.level_start_steps; docs/layout.md 6.6). 0 = every level from the first step.
+    fine_start: float = 0.0
     # The share of the steps, from the first, that guide the finer levels with `gradient`; the rest guide with
     # `late_gradient`, or with "none" denoise only the finest level (MultiDiffusion).
     guided_fraction: float = _DEFAULTS["guided_fraction"]
@@ -197,6 +201,8 @@ class GenerationSettings:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_range("omega", self.omega, (0, MAX_OMEGA), "0 is plain MultiDiffusion")
         _check_range("guided_fraction", self.guided_fraction, (0.01, 1), "the share of the steps that are guided")
+        _check_range("fine_start", self.fine_start, (0, MAX_FINE_START),
+                     "the share of the steps before the finest level joins; 0 = from the first step")
         _check_range("guidance", self.guidance, (0, MAX_GUIDANCE), "7.5 is usual; 1 or less turns it off")
         _check_count("steps", self.steps, MAX_STEPS, f"Stable Diffusion's scheduler has {MAX_STEPS} timesteps")
         if self.scales is not None:

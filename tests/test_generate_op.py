@@ -521,6 +521,16 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
     assert properties.setting_label("global_window") == ("Global Window", "the Panorama panel's Sampler section")
     assert properties.setting_label("coarse_noise") == ("Coarse Noise", "the Panorama panel's Sampler section")
     group.pyramid, group.global_window, group.coarse_noise = "global", "square", "drawn"
+    # --fine-start: drawn under the coarse noise, read through Blender's float32 as the number it shows
+    assert drawn.index(("prop", "fine_start")) == drawn.index(("prop", "coarse_noise")) + 1
+    group.fine_start = 0.6
+    late = properties.settings_from_scene(bpy.context.scene, addon_preferences())
+    assert late.fine_start == 0.6
+    group.fine_start = 0.0
+    properties.settings_to_scene(late, bpy.context.scene)
+    assert round(group.fine_start, 6) == 0.6
+    assert properties.setting_label("fine_start") == ("Finest Level Joins", "the Panorama panel's Sampler section")
+    group.fine_start = addon_module().msd_core.settings.GenerationSettings.fine_start
 
 
 def test_output_files_get_new_names(addon, tmp_path):

@@ -63,6 +63,8 @@ class CallCounter:
     {"windows": "shifted", "gradient": "exact", "pyramid": "global", "coarse_noise": "drawn", "width": 512,
      "height": 128, "scheduler": "dpmpp-2m"},
     {"windows": "shifted", "gradient": "fast", "coarse_noise": "drawn", "omega": 0.0},  # MultiDiffusion: no start
+    # --fine-start: the finest level (16 windows) joins at step 2 of 4; the two levels above run every step.
+    {"windows": "shifted", "gradient": "exact", "fine_start": 0.5, "steps": 4, "scheduler": "dpmpp-2m"},
 ])
 def test_unet_work_from_the_plan_equals_the_model_calls(pipe, monkeypatch, changes):
     settings = dataclasses.replace(BASE, **changes)
@@ -313,16 +315,18 @@ def test_a_refines_unet_work_counts_the_steps_that_ran(pipe, monkeypatch, tmp_pa
 
 
 def test_a_refine_from_the_first_step_draws_no_start(pipe, monkeypatch, tmp_path):
-    # Its latents are the source renoised: they hold their layout already, so no drawn start runs or is counted.
-    settings = dataclasses.replace(BASE, windows="shifted", gradient="fast", steps=4, coarse_noise="drawn")
-    assert pipe.check_inputs(settings).start_steps == 1
+    # Its latents are the source renoised: they hold their layout already, so no drawn start runs or is counted,
+    # and every level runs from the first step (--fine-start would hold the finest level, discarding its detail).
+    settings = dataclasses.replace(BASE, windows="shifted", gradient="fast", steps=4, coarse_noise="drawn", fine_start=0.5)
+    assert (pipe.check_inputs(settings).start_steps, pipe.check_inputs(settings).level_starts) == (1, (0, 0, 2))
     source = tmp_path / "source.png"
     Image.new("RGB", (256, 256), (90, 120, 200)).save(source)
     counter = CallCounter(pipe, monkeypatch)
     result = pipe.refine(settings, RefineSettings(str(source), 1.0), decode=False)
     stored = json.loads(result.metadata["unet_windows"])
     assert stored == {"forwards": counter.forwards, "backwards": 0}
-    assert stored == dataclasses.replace(pipe.check_inputs(settings), start_steps=0).work()
+    assert stored == dataclasses.replace(pipe.check_inputs(settings), start_steps=0, level_starts=()).work()
+    assert stored != dataclasses.replace(pipe.check_inputs(settings), start_steps=0).work()
 
 
 def test_the_eta_of_a_refine_counts_only_the_steps_left(pipe, tmp_path):
@@ -354,3 +358,34 @@ def test_a_drawn_start_spends_its_steps_on_the_coarsest_level_as_densely_as_the_
     assert drawn.work()["forwards"] == matched.work()["forwards"] + 6  # the global level is one window
     assert drawn.work(start_step=1) == matched.work(start_step=1)  # a refine starts later and draws nothing
     assert [plan.start_step_count(steps, gain) for steps, gain in ((25, 8), (15, 8), (25, 128), (50, 1))] == [5, 3, 10, 0]
+
+
+def test_the_finer_levels_join_at_evenly_spaced_shares_of_the_fine_start_and_their_windows_are_not_counted_before():
+    assert plan.level_start_steps(3, 25, 0.6, 18, "fast") == (0, 0, 15)
+    assert plan.level_start_steps(4, 25, 0.6, 18, "fast") == (0, 0, 7, 15)  # the level between joins halfway
+    assert plan.level_start_steps(5, 15, 0.6, 8, "fast") == (0, 0, 3, 6, 9)
+    assert plan.level_start_steps(3, 50, 0.6, 20, "none") == (0, 0, 20)  # by the first step that guides nothing
+    assert plan.level_start_steps(3, 25, 0.0, 18, "fast") == () and plan.level_start_steps(2, 25, 0.6, 18, "fast") == ()
+    world = GenerationSettings(prompt="x", device="cpu", poles="flat", fine_start=0.6)  # 3 levels, Standard
+    late = plan.plan_without_model(world, None, "float32")
+    every = plan.plan_without_model(dataclasses.replace(world, fine_start=0.0), None, "float32")
+    assert (late.level_starts, every.level_starts) == ((0, 0, 15), ())
+    assert [late.levels_at(index) for index in (0, 14, 15, 24)] == [2, 2, 3, 3]
+    assert late.windows_per_step()[:15] == [counts[:2] for counts in every.windows_per_step()[:15]]
+    assert late.windows_per_step()[15:] == every.windows_per_step()[15:]
+    # MultiDiffusion and ω = 0 have no levels to hold.
+    assert plan.plan_without_model(dataclasses.replace(world, omega=0.0), None, "float32").level_starts == ()
+
+
+def test_a_held_step_counts_the_wide_global_window_and_describes_each_levels_own_windows():
+    """Under --fine-start a guided step runs the levels that have joined: a wide global window still counts its area
+    there, and windows_per_level names each level's own count (not the next level's)."""
+    settings = dataclasses.replace(BASE, width=1024, height=256, wrap=True, steps=6, gradient="fast", coarse_noise="matched",
+                                   global_window="wide", windows="shifted", guided_fraction=1.0)
+    every, late = (plan.make_plan(dataclasses.replace(settings, fine_start=share), 8, 64) for share in (0.0, 0.5))
+    assert late.levels == 3 and late.level_starts == (0, 0, 3) and late.wide > 1
+    counts = every._all_level_counts()
+    assert late.windows_per_step() == [step[:2] for step in counts[:3]] + counts[3:]
+    held, full = late._step_work()[0], every._step_work()[0]
+    assert held["forwards"] == full["forwards"] - counts[0][2] and held["wide_extra"] == full["wide_extra"] > 0
+    assert late.describe()["windows_per_level"] == every.describe()["windows_per_level"]

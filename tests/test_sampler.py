@@ -401,3 +401,42 @@ def test_a_drawn_start_changes_only_the_coarsest_levels_content_and_nothing_for_
     # level at the matched noise level holds, √ᾱ_first · x₀, less the part the start's noise already counted.
     gap = downsample(drawn, factor) - downsample(noise, factor)
     assert torch.allclose(gap, torch.full_like(gap, first**0.5 * (1 - 32**-0.5)), atol=1e-10)
+
+
+def test_a_step_that_holds_the_finest_level_runs_only_the_levels_above_and_keeps_its_noise_beneath_their_state():
+    """--fine-start: the finest level has not joined yet; the step denoises the two levels above it exactly as a
+    full step does, and the finest latent becomes their state plus its own noise carried to the next noise level."""
+    train = sd_ddim_scheduler()
+    step = sampler.ddim_schedule(train, 10)[2]
+    latents = torch.randn(1, 2, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grids = [WindowGrid(8, 8, 8, 8), WindowGrid(16, 16, 8, 8), WindowGrid(32, 32, 8, 8)]
+    calls = []
+
+    def model(x, t):
+        calls.append(x.shape[0])
+        return torch.tanh(x) + 0.1 * x.roll(1, -1)
+
+    def run(levels_run):
+        calls.clear()
+        seen, history = [], [None] * 3
+        out = sampler.msd_step(latents, grids, step, model, 5.0, gradient="fast", on_level=seen.append,
+                               x0_history=history, levels_run=levels_run)
+        return out, seen, history, sum(calls)
+
+    full, full_levels, _, full_windows = run(None)
+    held, levels, history, windows = run(2)
+    assert (full_windows, windows) == (1 + 4 + 16, 1 + 4)  # the finest level's 16 windows are not denoised
+    for mine, theirs in zip(levels[:2], full_levels[:2]):  # the levels that ran: as in a full step
+        assert torch.equal(mine.latents, theirs.latents) and torch.equal(mine.pred_x0, theirs.pred_x0)
+    assert torch.allclose(downsample(held), levels[1].latents, atol=1e-12)  # the level above's state exactly
+    up = lambda z: torch.nn.functional.interpolate(downsample(z), scale_factor=2)  # noqa: E731
+    carried = ((1 - step.alpha_prev) / (1 - step.alpha)) ** 0.5  # σ_{t−1}/σ_t: DDIM for x₀ = 0 beneath the blocks
+    assert torch.allclose(held - up(held), carried * (latents - up(latents)), atol=1e-12)
+    assert torch.allclose(sampler.held_latents(latents, levels[1].latents, 2, 2, step), held, atol=0)
+    # The held level is reported (the caps' guidance reads it) and remembers the level above's x₀ for its first step.
+    assert [result.level for result in levels] == [1, 2, 3] and torch.equal(levels[2].latents, held)
+    assert torch.equal(history[2], torch.nn.functional.interpolate(history[1], scale_factor=2))
+    with pytest.raises(ValueError, match="all of them at ω = 0"):
+        sampler.msd_step(latents, grids, step, model, 0.0, levels_run=2)
+    with pytest.raises(ValueError, match="1 to 3 levels"):
+        sampler.msd_step(latents, grids, step, model, 5.0, levels_run=0)

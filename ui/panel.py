@@ -230,6 +230,7 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         row.active = group.pyramid == "global"
         row.prop(group, "global_window")
         col.prop(group, "coarse_noise")
+        col.prop(group, "fine_start")
         col.prop(group, "scales")
         layout.prop(group, "poles")  # MultiDiffusion too
         col = layout.column()

@@ -287,6 +287,19 @@ class Plan:
         """(rows, columns) of a level's windows: square, or the wide global window at level 0."""
         return (self.window, self.wide * self.window) if level == 0 else (self.window, self.window)
     start_steps: int = 0  # steps of the coarsest level's own trajectory before the first (coarse_noise "drawn")
+    # The step (0-based) at which each level, coarsest first, joins the run (``--fine-start``); () = all at step 0.
+    level_starts: tuple[int, ...] = ()
+
+    def levels_at(self, step_index: int) -> int:
+        """How many levels, from the coarsest, a guided step denoises; the finer ones have not joined yet."""
+        return sum(start <= step_index for start in self.level_starts) if self.level_starts else self.levels
+
+    def runs_level(self, step_index: int, level: int) -> bool:
+        """Whether a step denoises a level (0 = coarsest): a guided step the levels that have joined, another
+        only the finest."""
+        if self.gradient_at(step_index) is None:
+            return level == self.levels - 1
+        return level < self.levels_at(step_index)
 
     def gradient_at(self, step_index: int) -> str | None:
         """The gradient mode of a step (0-based), or None where nothing is guided: then only the finest level
@@ -369,9 +382,9 @@ class Plan:
         return self.guided and "exact" in (self.gradient, self.late_gradient)
 
     def windows_per_step(self) -> list[list[int]]:
-        """Windows per level at every step (coarsest first); one count, the finest level's, at a step
-        that runs only the finest level (``gradient_at`` is None)."""
-        return [level_counts if self.gradient_at(index) else level_counts[-1:]
+        """Windows per level at every step (coarsest first), of the levels the step runs (``runs_level``): one
+        count, the finest level's, at a step that guides nothing; the top levels only before the finer ones join."""
+        return [[count for level, count in enumerate(level_counts) if self.runs_level(index, level)]
                 for index, level_counts in enumerate(self._all_level_counts())]
 
     def _all_level_counts(self) -> list[list[int]]:
@@ -404,7 +417,7 @@ class Plan:
             gradient = self.gradient_at(index)
             extra = {}
             if self.wide > 1:
-                top = counts[0] if len(counts) == self.levels else 0  # the global level runs at this step
+                top = counts[0] if self.runs_level(index, 0) else 0  # the global level runs at this step
                 counts = [top * self.wide, *counts[1:]] if top else counts
                 extra = {"wide_extra": top * excess}
             work = unet_work([counts], gradient or self.gradient, gradient is not None)
@@ -440,8 +453,8 @@ class Plan:
         most any step that runs the level has (shifted tiles vary by a snapped edge tile; 0 for a coarser
         level no step runs, at ω = 0); the UNet work and guided steps count the steps from ``start_step`` on
         (a refine's)."""
-        per_step = self.windows_per_step()
-        per_level = [max((counts[level - self.levels] for counts in per_step if len(counts) > self.levels - 1 - level),
+        all_counts = self._all_level_counts()
+        per_level = [max((all_counts[index][level] for index in range(self.steps) if self.runs_level(index, level)),
                          default=0) for level in range(self.levels)]
         caps = {"pole_caps": {"size": self.caps * self.factor, "windows_per_step": max(self.cap_windows_per_step())}}
         return {
@@ -545,10 +558,25 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
         view_batch = min(view_batch, max(1, int(free_bytes * 0.8 // wide_window)))
     caps = cap_size(height, window) if settings.poles == "sphere" and has_poles(width, height, settings.wrap) else 0
     cap_start = settings.steps - max(1, math.ceil(CAP_STEPS * settings.steps - 1e-9))
+    level_starts = level_start_steps(levels, settings.steps, settings.fine_start, guided_step_count(settings),
+                                     settings.late_gradient) if guided else ()
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
                 settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps, cap_start=cap_start,
                 guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient, wide=wide,
-                start_steps=start_steps)
+                start_steps=start_steps, level_starts=level_starts)
+
+
+def level_start_steps(levels: int, steps: int, fine_start: float, guided_steps: int, late_gradient: str) -> tuple[int, ...]:
+    """The step (0-based) at which each level, coarsest first, joins the run (``--fine-start``, docs/layout.md 6.6):
+    the top two levels at once, the finest after ⌊``fine_start``·steps⌋ steps and the levels between at evenly
+    spaced shares of that (a level waits until the one above it has laid the scene out at its own scale). A step
+    that guides nothing (``late_gradient`` "none") runs only the finest level, so every level joins by then.
+    () when every level starts at once."""
+    if fine_start <= 0 or levels < 3:
+        return ()
+    last = guided_steps if late_gradient == "none" else steps - 1
+    return (0, 0) + tuple(min(last, math.floor(fine_start * steps * (level - 1) / (levels - 2) + 1e-9))
+                          for level in range(2, levels))
 
 
 def start_step_count(steps: int, gain: int) -> int:

@@ -641,6 +641,7 @@ def msd_step(
     coarse_noise: str = "literal",
     train_alphas: torch.Tensor | None = None,
     map_batches: BatchMap = run_batches,
+    levels_run: int | None = None,
 ) -> torch.Tensor:
     """Algorithm 1, one timestep: pyramid down from z_t, plain MD at the coarsest level, then each finer
     level guided by the one below it. ``grids`` holds one grid per level, coarsest first (each the next
@@ -660,9 +661,16 @@ def msd_step(
 
     ``map_batches`` runs each level's window batches (``run_batches``: here; ``distributed``: spread over
     processes, each level gathered whole before the next one needs it).
+
+    ``levels_run``: how many levels, from the coarsest, this step denoises (``plan.Plan.levels_at``; None = all);
+    the finer ones have not joined yet and are held (``held_latents``): their latent is the last run level's state
+    under noise, and each one's solver memory is the level above's x₀ upsampled, ready for the step it joins.
     """
     weights = weights or [None] * len(grids)
     history = x0_history if x0_history is not None else [None] * len(grids)
+    levels_run = len(grids) if levels_run is None else levels_run
+    if not 1 <= levels_run <= len(grids) or (omega == 0 and levels_run < len(grids)):
+        raise ValueError(f"a step runs 1 to {len(grids)} levels, all of them at ω = 0 (got {levels_run}, ω = {omega})")
     if omega == 0:
         prev, history[-1] = multidiffusion_step(
             latents, grids[-1], step, denoise, prediction_type=prediction_type, view_batch=view_batch,
@@ -682,7 +690,7 @@ def msd_step(
     history[0] = x0
     if on_level:
         on_level(LevelResult(1, prev, x0))
-    for level in range(1, len(grids)):
+    for level in range(1, levels_run):
         level_step, level_denoise = steps[level], level_denoiser(denoise, steps[level])
         prev, x0 = msd_level_step(
             pyramid[level], prev, grids[level], level_step, level_denoise, omega,
@@ -693,7 +701,27 @@ def msd_step(
         history[level] = x0
         if on_level:
             on_level(LevelResult(level + 1, prev, x0))
-    return prev
+    if levels_run == len(grids):
+        return prev
+    held = held_latents(latents, prev, math.prod(fh for fh, _ in factors[levels_run - 1:]),
+                        math.prod(fw for _, fw in factors[levels_run - 1:]), step)
+    levels = build_pyramid(held, len(grids), factors)
+    for level in range(levels_run, len(grids)):
+        history[level] = torch.nn.functional.interpolate(history[level - 1], scale_factor=factors[level - 1],
+                                                         mode="nearest")
+        if on_level:
+            on_level(LevelResult(level + 1, levels[level], history[level]))
+    return held
+
+
+def held_latents(latents: torch.Tensor, coarse_prev: torch.Tensor, fh: int, fw: int, step: SolverStep) -> torch.Tensor:
+    """The finest latent after a step that ran the levels down to ``coarse_prev`` only (``--fine-start``): its
+    fh×fw block means are that level's new state z_{t−1}, and the rest, noise alone as it started (nothing has
+    denoised it), is carried to the step's next noise level by σ_{t−1}/σ_t: DDIM's step for pixels whose x₀
+    estimate is 0. So ds of it is the run levels' state exactly, and a level that joins later starts as an
+    SDEdit of the level above at its own noise level (docs/layout.md 6.6)."""
+    alpha, alpha_next = alphas_cumprod(step)
+    return with_block_means(latents * math.sqrt((1 - alpha_next) / (1 - alpha)), coarse_prev, (fh, fw))
 
 
 def cross_scale_discrepancy(fine: torch.Tensor, coarse: torch.Tensor) -> float:
