@@ -124,6 +124,7 @@ def test_presets_and_wrap_defaults():
     assert (settings().pyramid, settings().coarse_noise) == ("global", "drawn")
     paper = settings("--pyramid", "halving", "--coarse-noise", "literal")
     assert (paper.pyramid, paper.coarse_noise) == ("halving", "literal")
+    assert (settings().global_move, settings("--global-move", "fixed").global_move) == ("roll", "fixed")
     assert len({settings().seed for _ in range(5)}) > 1  # a fresh seed unless one is given
 
 
