@@ -10,6 +10,7 @@ pipeline and records the cross-scale discrepancy and the 360° seam.
     .venv/bin/python bench/layout.py --aspects [--quick]   # only part 3: every prior × aspect × pyramid
     .venv/bin/python bench/layout.py --start [--quick | --large | --modes] [--seeds N]   # issue 20's table
     .venv/bin/python bench/layout.py --gaussian    # large-scale mode variance of a linear prior, g = 8, 32, 128
+    .venv/bin/python bench/layout.py --move [--large | --tiny] [--seeds N]   # the global level fixed or rolled
 
 Writes bench/results/layout.json, docs/bench-layout.png and docs/bench-horizon-examples.png (--quick:
 bench/results/layout-quick.json and the figures as bench-*-quick.png beside it). Part 3 (``--aspects``,
@@ -19,7 +20,9 @@ docs/bench-layout-aspects.png. ``--start`` (issue 20) compares v0.4's presets wi
 and drawn, adds MultiDiffusion, the variance of the coarsest level's large-scale modes against the prior's and
 the table of docs/layout.md section 6 (layout-start[-large|-modes|-quick].json; ``--large``: the 8192×4096
 world and the 16384×4096 strip; ``--quick``: MD and Standard before/after, 8 seeds, steps ÷ 5, 64×64, 64×128 wrap
-and the large world).
+and the large world). ``--move`` compares the global level of a wrapped world fixed (v0.5) and rolled every step
+(docs/layout.md section 7: the wrapped shapes, Standard and Draft, with the 0/360° seam plain, within class and the
+global level's own; ``--large``: the 8192×4096 world; ``--tiny``: the tiny SD model's seam; layout-move*.json).
 Seeds are channels of one latent, so one run samples them all.
 """
 

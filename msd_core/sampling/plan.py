@@ -567,10 +567,12 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
         view_batch = min(view_batch, max(1, int(free_bytes * 0.8 // wide_window)))
     caps = cap_size(height, window) if settings.poles == "sphere" and has_poles(width, height, settings.wrap) else 0
     cap_start = settings.steps - max(1, math.ceil(CAP_STEPS * settings.steps - 1e-9))
+    # Dense windows already start every stride round a wrapped world; shifted tiles leave the global level one window.
+    roll = settings.global_move == "roll" and settings.wrap and settings.windows == "shifted"
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
                 settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps, cap_start=cap_start,
                 guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient, wide=wide,
-                start_steps=start_steps, roll=settings.global_move == "roll" and settings.wrap and settings.windows == "shifted")
+                start_steps=start_steps, roll=roll)
 
 
 def start_step_count(steps: int, gain: int) -> int:

@@ -360,9 +360,9 @@ def drawn_start(
     shows the scene's layout, while ds of pure noise shows none, and a deterministic solver started from it
     ends with too little large-scale variance (a pull towards uniform scenes that grows with g,
     docs/layout.md). So the coarsest level first runs its own trajectory (``schedule``: ``start_schedule``,
-    plain MultiDiffusion on ``grids``, one per step: ``plan.Plan.start_grids``) from the unit noise √g·ds(noise) (independent of the rest of ``noise``),
-    and the result, scaled into the level's units (ds of the finest), replaces ``noise``'s block means. With a
-    model that predicts x₀ = 0 this returns ``noise`` itself.
+    plain MultiDiffusion on ``grids``, one per step: ``plan.Plan.start_grids``) from the unit noise √g·ds(noise)
+    (independent of the rest of ``noise``), and the result, scaled into the level's units (ds of the finest),
+    replaces ``noise``'s block means. With a model that predicts x₀ = 0 this returns ``noise`` itself.
     """
     gain = factor[0] * factor[1]
     coarse, history = downsample(noise, factor) * math.sqrt(gain), None
