@@ -241,6 +241,16 @@ class MSD_PanoramaSettings(PropertyGroup):
         ],
         default=GenerationSettings.global_window,
     )
+    global_move: EnumProperty(
+        name="Global Move",
+        items=[
+            ("roll", "Roll", "A 360° world's global level moves round the world every step like the tiles below, "
+                             "so the 0/360° edge is not always its border"),
+            ("fixed", "Fixed", "The global level is one window that never moves (v0.5): its borders always meet "
+                               "at 0/360°"),
+        ],
+        default=GenerationSettings.global_move,
+    )
     poles: EnumProperty(
         name="Poles",
         items=[
@@ -346,6 +356,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         windows=group.windows,
         pyramid=group.pyramid,
         global_window=group.global_window,
+        global_move=group.global_move,
         coarse_noise=group.coarse_noise,
         fine_start=round(group.fine_start, 6),  # Blender's float32, as guided_fraction
         poles=group.poles,
@@ -438,8 +449,8 @@ def _panel_values(settings: GenerationSettings) -> dict:
         "gradient": settings.gradient, "windows": settings.windows, "omega": settings.omega,
         "scheduler": settings.scheduler, "guided_fraction": settings.guided_fraction,
         "late_gradient": settings.late_gradient,
-        "pyramid": settings.pyramid, "global_window": settings.global_window, "coarse_noise": settings.coarse_noise,
-        "fine_start": settings.fine_start, "poles": settings.poles,
+        "pyramid": settings.pyramid, "global_window": settings.global_window, "global_move": settings.global_move,
+        "coarse_noise": settings.coarse_noise, "fine_start": settings.fine_start, "poles": settings.poles,
         "scales": settings.scales or 0, "cubemap": settings.cubemap,
         "steps": settings.steps, "guidance": settings.guidance, "random_seed": False,
         # Seed first (its update clears the stored seed), then a seed too large for it as text.
@@ -474,7 +485,7 @@ SETTING_PLACES = {
     "method": (_SAMPLER, "method"), "omega": (_SAMPLER, "omega"), "gradient": (_SAMPLER, "gradient"), "windows": (_SAMPLER, "windows"),
     "scheduler": (_SAMPLER, "scheduler"), "guided_fraction": (_SAMPLER, "guided_fraction"),
     "late_gradient": (_SAMPLER, "late_gradient"),
-    "pyramid": (_SAMPLER, "pyramid"), "global_window": (_SAMPLER, "global_window"),
+    "pyramid": (_SAMPLER, "pyramid"), "global_window": (_SAMPLER, "global_window"), "global_move": (_SAMPLER, "global_move"),
     "coarse_noise": (_SAMPLER, "coarse_noise"), "fine_start": (_SAMPLER, "fine_start"), "scales": (_SAMPLER, "scales"),
     "poles": (_SAMPLER, "poles"), "cubemap": (_PANEL, "cubemap"),
     "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"), "hdr_peak": (_SAMPLER, "hdr_peak"),

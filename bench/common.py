@@ -95,6 +95,17 @@ def window_seam_ratio(images, grid, multiple: int = 1, within_class: bool = Fals
             "rows": _edge_ratio(rows, row_edges, False, multiple)}
 
 
+def wrap_seam_ratio(images, within_class: bool = False) -> float | None:
+    """Whether a wrapped world's 0/360° edge shows in ``images`` (…, H, W): the mean |difference| across it over
+    the mean across every other pair of neighbouring columns (``horizon.seam_ratio``; ``within_class`` as in
+    ``window_seam_ratio``: only same-sign pairs, the texture, so an object's boundary on the edge is no seam)."""
+    differences = _mean_differences(images.double(), images.double().roll(1, dims=-1), within_class)
+    elsewhere = differences[1:][~differences[1:].isnan()]
+    if math.isnan(differences[0]) or not len(elsewhere):
+        return None
+    return float(differences[0] / elsewhere.mean())
+
+
 def _mean_differences(images, neighbours, within_class: bool):
     """Mean |pixel − neighbour| per position of the last axis (over same-sign pairs only when ``within_class``;
     NaN where there is none)."""

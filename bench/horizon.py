@@ -366,7 +366,7 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
     if plan.start_steps:  # coarse_noise "drawn", as the pipeline does it
         start = start_schedule(settings.scheduler, alphas_cumprod(schedule[0])[0], math.prod(plan.coarsest_factor),
                                plan.start_steps, scheduler.alphas_cumprod)
-        latents = drawn_start(latents, plan.grids_at(0)[0], plan.coarsest_factor, start, denoise, view_batch=VIEW_BATCH)
+        latents = drawn_start(latents, plan.start_grids(), plan.coarsest_factor, start, denoise, view_batch=VIEW_BATCH)
     caps = CapProjection(plan.height, plan.width, plan.caps) if plan.caps else None  # a 2:1 world's pole caps
     cap_views = None
     for index, step in enumerate(schedule):

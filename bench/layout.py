@@ -10,6 +10,7 @@ pipeline and records the cross-scale discrepancy and the 360° seam.
     .venv/bin/python bench/layout.py --aspects [--quick]   # only part 3: every prior × aspect × pyramid
     .venv/bin/python bench/layout.py --start [--quick | --large | --modes] [--seeds N]   # issue 20's table
     .venv/bin/python bench/layout.py --gaussian    # large-scale mode variance of a linear prior, g = 8, 32, 128
+    .venv/bin/python bench/layout.py --move [--large | --tiny] [--seeds N]   # the global level fixed or rolled
 
 Writes bench/results/layout.json, docs/bench-layout.png and docs/bench-horizon-examples.png (--quick:
 bench/results/layout-quick.json and the figures as bench-*-quick.png beside it). Part 3 (``--aspects``,
@@ -19,7 +20,9 @@ docs/bench-layout-aspects.png. ``--start`` (issue 20) compares v0.4's presets wi
 and drawn, adds MultiDiffusion, the variance of the coarsest level's large-scale modes against the prior's and
 the table of docs/layout.md section 6 (layout-start[-large|-modes|-quick].json; ``--large``: the 8192×4096
 world and the 16384×4096 strip; ``--quick``: MD and Standard before/after, 8 seeds, steps ÷ 5, 64×64, 64×128 wrap
-and the large world).
+and the large world). ``--move`` compares the global level of a wrapped world fixed (v0.5) and rolled every step
+(docs/layout.md section 7: the wrapped shapes, Standard and Draft, with the 0/360° seam plain, within class and the
+global level's own; ``--large``: the 8192×4096 world; ``--tiny``: the tiny SD model's seam; layout-move*.json).
 Seeds are channels of one latent, so one run samples them all.
 """
 
@@ -32,7 +35,8 @@ import statistics
 import time
 
 import torch
-from common import environment, figure_path, markdown_table, pyplot, seam_multiple, window_seam_ratio, write_json
+from common import (environment, figure_path, markdown_table, pyplot, seam_multiple, window_seam_ratio, wrap_seam_ratio,
+                    write_json)
 from horizon import (PRIOR_FACTOR, SD_COARSE_NUMEL, HorizonPrior, sample_panoramas, sample_with_settings,
                      score_layout, seam_ratio)
 from priors import GaussianPrior, RiverPrior, SkylinePrior, SunPrior
@@ -177,6 +181,27 @@ def tiny_model_part(quick: bool) -> list[dict]:
     return rows
 
 
+def tiny_move_part(seeds: int) -> list[dict]:
+    """The 0/360° seam of the tiny SD model's 360° world (512×256, the defaults: Standard, global level, drawn
+    start, pole caps) with the global level fixed and rolled: the finished latent's and image's, and the global
+    level's own at the last step that ran it (``--move --tiny``)."""
+    from msd_core.pipeline import MSDPanoramaPipeline
+
+    base = GenerationSettings(prompt="a misty alpine valley", model="tiny", device="cpu", width=512, height=256)
+    pipe = MSDPanoramaPipeline.from_settings(base)
+    rows = []
+    for move in ("fixed", "roll"):
+        for seed in range(seeds):
+            top = {}
+            result = pipe(dataclasses.replace(base, seed=seed, global_move=move),
+                          callback=lambda info: top.update(latents=info.latents) if info.level == 1 else None)
+            image = torch.tensor(list(result.image.getdata()), dtype=torch.float64).view(256, 512, 3).permute(2, 0, 1)
+            rows.append({"part": "tiny seam", "global_move": move, "seed": seed, "latent_seam": seam_ratio(result.latents[0]),
+                         "image_seam": seam_ratio(image), "global_level_seam": seam_ratio(top["latents"][0])})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def plot(rows: list[dict], examples: list, quick: bool) -> None:
     plt = pyplot()
     if plt is None:
@@ -231,7 +256,7 @@ MODE_ASPECTS = ((32, 64, True), (64, 128, True), (128, 256, True))  # global lev
 # v0.3's Standard preset (shifted tiles, exact gradient at every step, DDIM 50), the base of the rows below
 # that name no preset: they were measured against it (docs/layout.md).
 V03_STANDARD = {"windows": "shifted", "gradient": "exact", "steps": 50, "scheduler": "ddim", "guided_fraction": 1.0,
-                "late_gradient": "none"}
+                "late_gradient": "none", "global_move": "fixed"}
 # name: GenerationSettings changes (ω = 10 projection), sampled as the pipeline would (horizon.sample_with_settings).
 ASPECT_SETTINGS = {
     "MD": {**V03_STANDARD, "method": "multidiffusion"},
@@ -248,10 +273,17 @@ ASPECT_SETTINGS = {
 STANDARD, DRAFT = QUALITY["standard"][0], QUALITY["draft"][0]
 START_SETTINGS = {
     "MD": {**STANDARD, "method": "multidiffusion"},
-    "v0.4 Standard": {**STANDARD, "coarse_noise": "matched"},
-    "v0.4 Draft": {**DRAFT, "coarse_noise": "matched"},
-    "Standard, drawn": {**STANDARD, "coarse_noise": "drawn"},
-    "Draft, drawn": {**DRAFT, "coarse_noise": "drawn"},
+    "v0.4 Standard": {**STANDARD, "coarse_noise": "matched", "global_move": "fixed"},
+    "v0.4 Draft": {**DRAFT, "coarse_noise": "matched", "global_move": "fixed"},
+    "Standard, drawn": {**STANDARD, "coarse_noise": "drawn", "global_move": "fixed"},
+    "Draft, drawn": {**DRAFT, "coarse_noise": "drawn", "global_move": "fixed"},
+}
+# The global level of a wrapped world fixed (v0.5) or rolled every step (--move; docs/layout.md section 7).
+MOVE_SETTINGS = {  # MultiDiffusion has no global level: the same either way
+    "Standard, fixed": {**STANDARD, "global_move": "fixed"},
+    "Standard, roll": {**STANDARD, "global_move": "roll"},
+    "Draft, fixed": {**DRAFT, "global_move": "fixed"},
+    "Draft, roll": {**DRAFT, "global_move": "roll"},
 }
 # Cheaper settings measured for the speed issue (docs/speed.md), run with --settings NAME … .
 SPEED_SETTINGS = {
@@ -307,9 +339,10 @@ FINE_START_SETTINGS = {
     "Standard, fine start 0.6": {**STANDARD, "fine_start": 0.6},
     "Draft, fine start 0.6": {**DRAFT, "fine_start": 0.6},
 }
-ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS | FINE_START_SETTINGS
+ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | MOVE_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS | FINE_START_SETTINGS
 EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard", "v0.4 Standard", "Standard, drawn")
-# seams: window rows / columns, the same within each class (texture) rows / columns, 0/360°
+# seams: window rows / columns, the same within each class (texture) rows / columns, 0/360° (plain, within class,
+# the coarsest level's own)
 ASPECT_COLUMNS = ["prior", "panorama", "setting", "levels", "coherent", "collapsed", "coarsest coherent", "count",
                   "work", "seams", "modes", "seconds"]
 PRIOR_DRAWS = 4000
@@ -409,6 +442,10 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
         **{f"texture_seam_{side}": value for side, value in window_seam_ratio(
             images, plan.grids_at(plan.steps - 1)[-1], seam_multiple(plan), within_class=True).items()},
         "seam_360": statistics.mean(seam_ratio(image) for image in images) if wrap else None,
+        # the same within each class, and the coarsest level's own (at the last step that ran it)
+        "texture_seam_360": wrap_seam_ratio(images, within_class=True) if wrap else None,
+        "coarsest_seam_360": wrap_seam_ratio(coarsest[0]) if wrap and plan.levels > 1 else None,
+        "coarsest_texture_seam_360": wrap_seam_ratio(coarsest[0], within_class=True) if wrap and plan.levels > 1 else None,
         "start_steps": plan.start_steps, **modes,
     }
     if prior.name == "sun":
@@ -416,7 +453,7 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
         row["sun_aspect"] = statistics.mean(aspects) if aspects else None
     n = len(seeds)
     seams = [row[f"{kind}_seam_{side}"] for kind in ("window", "texture") for side in ("rows", "columns")]
-    seams.append(row["seam_360"])
+    seams += [row["seam_360"], row["texture_seam_360"], row["coarsest_seam_360"]]
     row.update(modes=f"{modes['modes_coarsest']:.2f} / {modes['modes_final']:.2f} (g {modes['gain']})" if modes else "—",
                coherent=f"{row['coherent_count']}/{n}", collapsed=f"{row['collapsed_count']}/{n}",
                work=f"{row['work_vs_md']:.2f}×", seams=" / ".join("—" if v is None else f"{v:.2f}" for v in seams),
@@ -572,13 +609,16 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="part 3's seeds are first-seed, first-seed + 1, …")
     parser.add_argument("--start", action="store_true",
                         help="issue 20: v0.4's presets with the coarse start as it was and drawn (START_SETTINGS)")
+    parser.add_argument("--move", action="store_true",
+                        help="the global level of a wrapped world fixed or rolled every step (MOVE_SETTINGS)")
+    parser.add_argument("--tiny", action="store_true", help="with --move: the tiny SD model's 0/360° seam instead")
     parser.add_argument("--large", action="store_true", help="part 3 at the large shapes (LARGE_ASPECTS) only")
     parser.add_argument("--modes", action="store_true", help="part 3 at g = 8, 32, 128 only (MODE_ASPECTS)")
     parser.add_argument("--gaussian", action="store_true",
                         help="the large-scale modes of a Gaussian prior at g = 8, 32, 128 (default 48 seeds)")
     parser.add_argument("--settings", nargs="+", choices=list(ALL_SETTINGS), metavar="SETTING",
                         help="part 3: only these settings (ASPECT_SETTINGS, SPEED_SETTINGS, "
-                             "START_SETTINGS, WIDE_SETTINGS, POLE_SETTINGS or FINE_START_SETTINGS)")
+                             "START_SETTINGS, MOVE_SETTINGS, WIDE_SETTINGS, POLE_SETTINGS or FINE_START_SETTINGS)")
     parser.add_argument("--priors", nargs="+", choices=list(aspect_priors()), help="part 3: only these priors")
     parser.add_argument("--shapes", nargs="+", type=int, choices=range(len(ASPECTS)), metavar="INDEX",
                         help=f"part 3: only these shapes, by index in {ASPECTS} (height, width, wrap)")
@@ -591,20 +631,28 @@ def main() -> None:
         rows = gaussian_modes_part(args.seeds or 48, *([args.settings] if args.settings else []))
         write_json(args.output or "layout-gaussian-modes", {"environment": env, "modes": rows})
         return
-    if args.aspects or args.start:
+    if args.move and args.tiny:
+        write_json(args.output or "layout-move-tiny", {"environment": env, "tiny": tiny_move_part(args.seeds or 4)})
+        return
+    if args.aspects or args.start or args.move:
         quick_start = ("MD", "v0.4 Standard", "Standard, drawn")  # --start --quick: Standard before and after
-        settings = args.settings or ((quick_start if args.quick else START_SETTINGS) if args.start else ASPECT_SETTINGS)
-        shapes = (MODE_ASPECTS if args.modes else LARGE_ASPECTS if args.large
+        settings = args.settings or (MOVE_SETTINGS if args.move else (quick_start if args.quick else START_SETTINGS)
+                                     if args.start else ASPECT_SETTINGS)
+        shapes = (MODE_ASPECTS if args.modes else LARGE_ASPECTS[:1] if args.large and args.move
+                  else LARGE_ASPECTS if args.large
                   else [ASPECTS[index] for index in args.shapes] if args.shapes
+                  else (ASPECTS[1], ASPECTS[2]) if args.move  # the wrapped shapes: only they roll
                   else (ASPECTS[0], ASPECTS[2], LARGE_ASPECTS[0]) if args.quick and args.start else None)
         rows, examples = aspects_part(args.quick, args.seeds, settings, args.priors, args.first_seed, shapes)
         print("\n" + markdown_table(rows, ASPECT_COLUMNS))
         if args.start:
             print("\n" + start_table(rows))
-        name = "layout-start" if args.start else "layout-aspects"
+        if args.move:
+            print("\n" + start_table(rows, tuple(name for name in MOVE_SETTINGS if name in settings)))
+        name = "layout-move" if args.move else "layout-start" if args.start else "layout-aspects"
         part = "-modes" if args.modes else "-large" if args.large else ""
         write_json(args.output or f"{name}{part}{suffix}", {"environment": env, "aspects": rows})
-        if not args.settings and not args.start:
+        if not args.settings and not args.start and not args.move:
             plot_aspects(rows, examples, args.quick)
         return
     horizon_rows, examples = horizon_part(args.quick)

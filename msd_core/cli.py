@@ -29,6 +29,7 @@ from .settings import (
     DEVICES,
     DRAWN_SEED_LIMIT,
     DTYPES,
+    GLOBAL_MOVES,
     GLOBAL_WINDOWS,
     GRADIENTS,
     HDR_KNEE_RANGE,
@@ -213,6 +214,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "square window; wide = one window of the world's aspect (a 2:1 world's whole image at "
                              "window × 2·window, twice a window's work; for models or LoRAs trained at that shape: "
                              "docs/sdxl.md)")
+    method.add_argument("--global-move", choices=GLOBAL_MOVES, default=GenerationSettings.global_move,
+                        help="a 360° world's global level (shifted tiles): roll (default) = it moves round the world "
+                             "every step like the tiles below, so the 0/360° edge is not always its border; fixed = "
+                             "v0.5's one window that never moves (docs/layout.md)")
     method.add_argument("--coarse-noise", choices=COARSE_NOISES, default=GenerationSettings.coarse_noise,
                         help="drawn (default) = matched, and the coarsest level's starting state drawn first by its "
                              "own few steps; matched = each coarse level is denoised at the noise level its averaging "
@@ -301,7 +306,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "model": DEFAULT_MODEL if args.model is None else args.model,  # "" stays empty: validate() names it
         "loras": [parse_lora_argument(text) for text in args.lora],
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
-        "global_window": args.global_window,
+        "global_window": args.global_window, "global_move": args.global_move,
         "coarse_noise": args.coarse_noise, "fine_start": args.fine_start, "scales": args.scales, "guidance": args.guidance,
         "seed": secrets.randbelow(DRAWN_SEED_LIMIT) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "poles": args.poles,

@@ -267,7 +267,7 @@ class MSDPanoramaPipeline:
                                        plan.start_steps, self.scheduler.alphas_cumprod)
                 with torch.no_grad():
                     latents = torch.cat([  # each panorama on its own coarsest grid (shifted tiles follow the seed)
-                        drawn_start(latents[item:item + 1], each.grids_at(0)[0], plan.coarsest_factor, start, denoise,
+                        drawn_start(latents[item:item + 1], each.start_grids(), plan.coarsest_factor, start, denoise,
                                     prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                                     interrupt=interrupt)
                         for item, each in enumerate(plans)])

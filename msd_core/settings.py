@@ -35,6 +35,10 @@ PYRAMIDS = ("halving", "global")
 # world's aspect and denoises its coarsest level as one window of that shape (h × f·h, f the squeeze: a 2:1
 # world's whole equirectangular image, the shape a 360° LoRA was trained at; docs/sdxl.md).
 GLOBAL_WINDOWS = ("square", "wide")
+# The coarsest level of a wrapped world with shifted tiles: "roll" (the default) moves it every step by the tiles'
+# own seeded offset, its drawn start's steps included, so the world's 0/360° edge is inside its window at most steps;
+# "fixed" (v0.5): the global level is one square window that never moves, its edges always at 0/360° (docs/layout.md).
+GLOBAL_MOVES = ("roll", "fixed")
 # "matched": each coarse level is denoised at the timestep whose signal-to-noise ratio matches its averaged
 # noise (ds averages g latent pixels: ᾱ' = gᾱ/(1+(g−1)ᾱ)); "drawn": matched, and the coarsest level's starting
 # state is drawn first by its own short trajectory down to that noise level (sampler.drawn_start), so its
@@ -80,7 +84,8 @@ _DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
 # Settings added after 0.1 whose defaults changed what a panorama looks like: a file stored without them
 # was made the earlier way.
 STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal", "scheduler": "ddim", "guided_fraction": 1.0,
-                 "late_gradient": "none", "poles": "flat"}
+                 "late_gradient": "none", "poles": "flat",
+                 "global_move": "fixed"}
 
 # Seeds drawn at random (CLI, panel, drafts) stay below this: Blender's seed field is a 32-bit IntProperty.
 # Any seed below 2^63 is valid and stored; the panel keeps one above its field's limit as text.
@@ -128,6 +133,7 @@ class GenerationSettings:
     scales: int | None = None  # pyramid levels; None = smallest count whose coarsest height fits a window
     pyramid: str = "global"  # PYRAMIDS
     global_window: str = "square"  # GLOBAL_WINDOWS (with pyramid "global")
+    global_move: str = "roll"  # GLOBAL_MOVES (wrapped worlds with shifted tiles)
     coarse_noise: str = "drawn"  # COARSE_NOISES
     # The share of the steps before the finest level joins; the levels between the top two and the finest join at
     # evenly spaced shares of it (plan.level_start_steps; docs/layout.md 6.6). 0 = every level from the first step.
@@ -194,6 +200,7 @@ class GenerationSettings:
         _check_choice("omega_loss", self.omega_loss, OMEGA_LOSSES)
         _check_choice("pyramid", self.pyramid, PYRAMIDS)
         _check_choice("global_window", self.global_window, GLOBAL_WINDOWS)
+        _check_choice("global_move", self.global_move, GLOBAL_MOVES)
         _check_choice("poles", self.poles, POLE_MODES)
         _check_choice("coarse_noise", self.coarse_noise, COARSE_NOISES)
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)

@@ -2,6 +2,7 @@
 mean, the sampler pieces it is built from compose into msd_step, and MSD with it keeps one horizon where
 MultiDiffusion does not."""
 
+import dataclasses
 import importlib.util
 import math
 import pathlib
@@ -256,3 +257,21 @@ def test_window_seam_ratio_within_class_ignores_a_boundary_on_an_edge_but_not_a_
     seam = horizon + 0.8 * (rows // 8 % 2)
     assert window_seam_ratio(seam, grid, multiple=2, within_class=True)["rows"] > 2
 
+
+
+def test_a_rolled_global_level_leaves_no_0_360_seam_where_the_fixed_one_cuts_the_world(one_thread):
+    # The river prior on the 360° world's shape (32×64 wrap: a 16×16 global level), Draft: the fixed global window's
+    # two borders meet at 0/360°, so its rivers' banks pile up there; rolled, the edge looks like any other column.
+    from msd_core.settings import QUALITY, GenerationSettings
+
+    world = GenerationSettings(prompt="bench", width=512, height=256, **QUALITY["draft"][0])
+    seams = {}
+    for move in ("fixed", "roll"):
+        top = []
+        images, plan = horizon.sample_with_settings(
+            priors.RiverPrior(), dataclasses.replace(world, global_move=move), list(range(72)),
+            on_step=lambda index, levels: top.append(levels[0].latents[0]) if len(levels) == 3 else None)
+        assert plan.level_shape(0) == (16, 16) and plan.roll == (move == "roll")
+        seams[move] = (horizon.seam_ratio(top[-1]), horizon.seam_ratio(images))
+    assert min(seams["fixed"]) > 2, seams  # the global level's and the panorama's (72 seeds: 2.9 and 2.5)
+    assert max(seams["roll"]) < 1.6, seams  # 1.25 and 1.47

@@ -503,8 +503,9 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
     group, properties = bpy.context.scene.msd_panorama, addon_module().properties
     drawn = draw("MSD_PT_panorama_sampler")
     pyramid = drawn.index(("prop", "pyramid"))
-    assert drawn.index(("prop", "global_window")) == pyramid + 1 and drawn.index(("prop", "coarse_noise")) == pyramid + 2
-    assert (group.pyramid, group.global_window, group.coarse_noise) == ("global", "square", "drawn")
+    assert [drawn.index(("prop", name)) for name in ("global_window", "global_move", "coarse_noise")] == [
+        pyramid + 1, pyramid + 2, pyramid + 3]
+    assert (group.pyramid, group.global_window, group.global_move, group.coarse_noise) == ("global", "square", "roll", "drawn")
     group.pyramid, group.coarse_noise = "halving", "literal"  # the paper's
     settings = properties.settings_from_scene(bpy.context.scene, addon_preferences())
     assert (settings.pyramid, settings.coarse_noise) == ("halving", "literal")
@@ -519,8 +520,15 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
     assert group.global_window == "wide"
     assert properties.setting_label("pyramid") == ("Pyramid", "the Panorama panel's Sampler section")
     assert properties.setting_label("global_window") == ("Global Window", "the Panorama panel's Sampler section")
+    group.global_move = "fixed"  # v0.5's global level, which never moves
+    fixed = properties.settings_from_scene(bpy.context.scene, addon_preferences())
+    assert fixed.global_move == "fixed"
+    group.global_move = "roll"
+    properties.settings_to_scene(fixed, bpy.context.scene)
+    assert group.global_move == "fixed"
+    assert properties.setting_label("global_move") == ("Global Move", "the Panorama panel's Sampler section")
     assert properties.setting_label("coarse_noise") == ("Coarse Noise", "the Panorama panel's Sampler section")
-    group.pyramid, group.global_window, group.coarse_noise = "global", "square", "drawn"
+    group.pyramid, group.global_window, group.global_move, group.coarse_noise = "global", "square", "roll", "drawn"
     # --fine-start: drawn under the coarse noise, read through Blender's float32 as the number it shows
     assert drawn.index(("prop", "fine_start")) == drawn.index(("prop", "coarse_noise")) + 1
     group.fine_start = 0.6

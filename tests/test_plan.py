@@ -78,15 +78,19 @@ def test_unet_work_from_the_plan_equals_the_model_calls(pipe, monkeypatch, chang
 
 
 @pytest.mark.parametrize("wrap", [True, False])
-def test_the_global_level_tops_the_plan_fixed_while_the_tiles_below_shift_in_columns_of_its_squeeze(wrap):
+def test_the_global_level_tops_the_plan_while_the_tiles_below_shift_in_columns_of_its_squeeze(wrap):
     # 512×128 px with 64 px windows: 16×64 latents → halving stops at 8×32 (four windows wide) → global 8×8.
     settings = dataclasses.replace(BASE, width=512, height=128, wrap=wrap, pyramid="global", steps=6)
     halving = plan.make_plan(dataclasses.replace(settings, pyramid="halving"), 8, 64)
     squeezed = plan.make_plan(settings, 8, 64)
     assert (squeezed.levels, squeezed.squeeze) == (halving.levels + 1, 4)
     assert [squeezed.level_shape(level) for level in range(3)] == [(8, 8), (8, 32), (16, 64)]
-    tops = {tuple(map(tuple, squeezed.starts_at(step)[0])) for step in range(6)}
-    assert tops == {((0,), (0,))}  # one window that never moves (shifting it would only roll it)
+    fixed = plan.make_plan(dataclasses.replace(settings, global_move="fixed"), 8, 64)
+    assert {tuple(map(tuple, fixed.starts_at(step)[0])) for step in range(6)} == {((0,), (0,))}  # v0.5: never moves
+    tops = [squeezed.starts_at(step)[0] for step in range(6)]
+    # One window a step; on a 360° world it rolls (test_the_global_level_of_a_wrapped_world_rolls_by_the_tiles_draw).
+    assert all(rows == [0] and len(cols) == 1 for rows, cols in tops)
+    assert (len({cols[0] for _, cols in tops}) > 1) == wrap
     for step in range(6):
         grids = squeezed.grids_at(step)  # raises unless every crop maps onto its coarser level
         assert all(left % 4 == 0 for _, left in grids[1].offsets)
@@ -96,6 +100,32 @@ def test_the_global_level_tops_the_plan_fixed_while_the_tiles_below_shift_in_col
     # No global level where the coarsest one already is one window, nor for MultiDiffusion.
     assert plan.make_plan(dataclasses.replace(settings, width=128), 8, 64).squeeze == 1
     assert plan.make_plan(dataclasses.replace(settings, method="multidiffusion"), 8, 64).levels == 1
+
+
+def test_the_global_level_of_a_wrapped_world_rolls_by_the_tiles_draw_and_its_drawn_start_moves_too():
+    # A 360° world at 64 px windows: 32×64 latents → 8×16 coarsest → one 8×8 global window (g = 32: 7 start steps).
+    world = GenerationSettings(prompt="x", width=512, height=256, model="tiny", seed=7)
+    rolled, fixed = (plan.make_plan(dataclasses.replace(world, global_move=move), 8, 64) for move in ("roll", "fixed"))
+    assert rolled.roll and not fixed.roll and rolled.level_shape(0) == (8, 8) and rolled.start_steps == 7
+    for step in range(-rolled.start_steps, rolled.steps):
+        rows, cols = rolled.starts_at(step)[0]
+        # its column start is the shifted tiles' own draw for (seed, step, level 0); rows stay
+        assert (rows, cols) == ([0], plan.shifted_offsets(8, 8, 8, step, 7, True, 0)[1])
+        assert rolled.starts_at(step)[1:] == fixed.starts_at(step)[1:]  # the levels below are untouched
+    # The run's steps and the start's put the 0/360° edge inside the window at most steps, at every offset.
+    offsets = [cols[0] for rows, cols in rolled.start_starts()] + [rolled.starts_at(step)[0][1][0] for step in range(25)]
+    assert set(offsets) == set(range(8)) and offsets.count(0) < 9
+    assert rolled.start_starts() == [rolled.starts_at(step)[0] for step in range(-7, 0)]
+    assert fixed.start_starts() == [([0], [0])] * 7  # v0.5: the first step's window, every start step
+    assert [grid.offsets for grid in rolled.start_grids()] == [[(0, cols[0])] for _, cols in rolled.start_starts()]
+    # The same UNet work: one window a step either way.
+    assert rolled.work() == fixed.work() and rolled.windows_per_step() == fixed.windows_per_step()
+    # Nothing rolls where nothing wraps, nor over dense windows (they already start every stride around the world).
+    for changes in ({"wrap": False}, {"windows": "dense"}):
+        settings = dataclasses.replace(world, **changes)
+        moving, still = (plan.make_plan(dataclasses.replace(settings, global_move=move), 8, 64) for move in ("roll", "fixed"))
+        assert not moving.roll and moving == dataclasses.replace(still)
+        assert [moving.starts_at(step) for step in range(25)] == [still.starts_at(step) for step in range(25)]
 
 
 @pytest.mark.parametrize("wrap", [True, False])

@@ -1,12 +1,15 @@
 """Sampler math on tensors: DDIM step, gradients, guidance normalisation, MSD vs MultiDiffusion."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from msd_core.sampling import sampler
+from msd_core.sampling import plan, sampler
 from msd_core.models.loading import sd_ddim_scheduler
 from msd_core.sampling.sampler import DDIMTimestep, ddim_jacobian, ddim_schedule, ddim_step
 from msd_core.sampling.windows import WindowGrid, downsample
+from msd_core.settings import GenerationSettings
 
 
 class SmoothDenoiser(torch.nn.Module):
@@ -385,7 +388,7 @@ def test_a_drawn_start_changes_only_the_coarsest_levels_content_and_nothing_for_
     def empty(x, t):  # predicts x₀ = 0: ε is the whole sample
         return x / (1 - sampler.alpha_at(train.alphas_cumprod, t)) ** 0.5
 
-    assert torch.allclose(sampler.drawn_start(noise, grid, factor, steps, empty), noise, atol=1e-10)
+    assert torch.allclose(sampler.drawn_start(noise, [grid] * 4, factor, steps, empty), noise, atol=1e-10)
     seen = []
 
     def constant(x, t):  # an x₀ = 1 model: the coarsest level is pulled towards 1 by the start
@@ -393,7 +396,7 @@ def test_a_drawn_start_changes_only_the_coarsest_levels_content_and_nothing_for_
         alpha = sampler.alpha_at(train.alphas_cumprod, t)
         return (x - alpha**0.5) / (1 - alpha) ** 0.5
 
-    drawn = sampler.drawn_start(noise, grid, factor, steps, constant)
+    drawn = sampler.drawn_start(noise, [grid] * 4, factor, steps, constant)
     assert seen == [step.t for step in steps]  # one window per step, noisiest first
     up = lambda z: torch.nn.functional.interpolate(downsample(z, factor), scale_factor=factor)  # noqa: E731
     assert torch.allclose(drawn - up(drawn), noise - up(noise), atol=1e-12)  # the detail is the noise's
@@ -440,3 +443,35 @@ def test_a_step_that_holds_the_finest_level_runs_only_the_levels_above_and_keeps
         sampler.msd_step(latents, grids, step, model, 0.0, levels_run=2)
     with pytest.raises(ValueError, match="1 to 3 levels"):
         sampler.msd_step(latents, grids, step, model, 5.0, levels_run=0)
+def _rolled_grids(grids, columns):
+    """``grids`` (coarsest first) with every window moved ``columns`` finest-level columns to the left."""
+    finest = grids[-1].width
+    return [dataclasses.replace(grid, starts=(grid.starts[0], tuple((left - columns * grid.width // finest) % grid.width
+                                                                   for left in grid.starts[1])))
+            for grid in grids]
+
+
+@pytest.mark.parametrize("gradient", ["exact", "fast"])
+def test_a_rolled_global_level_is_the_fixed_one_on_the_world_rolled_by_its_offset(gradient):
+    # A 360° world (32×64 latents at 8 px windows: global 8×8 over 8×16, 16×32, 32×64) at a step whose global
+    # window starts at column d ≠ 0: the step equals rolling the world by d·8 finest columns, stepping it with the
+    # global window at 0 (v0.5's fixed one) and the finer tiles moved alike, and rolling back. So every level below
+    # is guided towards the global level's result in the world's own columns (the same unrolled picture).
+    world = plan.make_plan(GenerationSettings(prompt="x", width=512, height=256, model="tiny", seed=7), 8, 64)
+    step_index = next(index for index in range(25) if world.starts_at(index)[0][1] != [0])
+    grids = world.grids_at(step_index)
+    shift = grids[0].starts[1][0] * world.width // grids[0].width
+    latents = torch.randn(1, 2, 32, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    step = DDIMTimestep(600, 0.3, 0.35)
+
+    def denoise(x, t):  # any model that sees only its window: nonlinear, and it knows where the window's edges are
+        return torch.tanh(x) * 0.6 + 0.2 * x.cumsum(-1) / x.shape[-1] + t * 1e-4
+
+    rolled = sampler.msd_step(latents, grids, step, denoise, 10.0, gradient=gradient)
+    fixed_grids = _rolled_grids(grids, shift)
+    assert fixed_grids[0].starts == ((0,), (0,))
+    on_rolled_world = sampler.msd_step(latents.roll(-shift, dims=-1), fixed_grids, step, denoise, 10.0, gradient=gradient)
+    assert torch.allclose(rolled, on_rolled_world.roll(shift, dims=-1), atol=1e-12)
+    # …and it is not the fixed window on the world as it is.
+    fixed = sampler.msd_step(latents, [fixed_grids[0], *grids[1:]], step, denoise, 10.0, gradient=gradient)
+    assert (rolled - fixed).abs().max() > 1e-3

@@ -88,6 +88,10 @@ def test_stored_settings_without_the_newer_fields_mean_what_that_version_did():
     # A v0.3 file stored its scheduler and steps, not how many steps were guided: all of them.
     v03 = GenerationSettings.from_stored({**older, "scheduler": "ddim", "steps": 50, "pyramid": "global"})
     assert (v03.guided_fraction, v03.late_gradient, v03.pyramid) == (1.0, "none", "global")
+    # A v0.5 file (drawn start, pole caps) stored no global_move: its global level never moved.
+    v05 = {**older, "pyramid": "global", "coarse_noise": "drawn", "poles": "sphere", "scheduler": "dpmpp-2m"}
+    assert GenerationSettings.from_stored(v05).global_move == "fixed"
+    assert GenerationSettings.from_dict(v05).global_move == "roll"
     current = GenerationSettings(prompt="a red desert").to_dict()
     assert GenerationSettings.from_stored(current) == GenerationSettings(prompt="a red desert")
     with pytest.raises(BadInput, match="must be a JSON object"):

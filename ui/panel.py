@@ -229,6 +229,7 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         row = col.row()
         row.active = group.pyramid == "global"
         row.prop(group, "global_window")
+        row.prop(group, "global_move")
         col.prop(group, "coarse_noise")
         col.prop(group, "fine_start")
         col.prop(group, "scales")

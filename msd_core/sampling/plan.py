@@ -300,6 +300,8 @@ class Plan:
         if self.gradient_at(step_index) is None:
             return level == self.levels - 1
         return level < self.levels_at(step_index)
+    # A wrapped world's coarsest level moves every step, its drawn start's steps too (settings.global_move "roll").
+    roll: bool = False
 
     def gradient_at(self, step_index: int) -> str | None:
         """The gradient mode of a step (0-based), or None where nothing is guided: then only the finest level
@@ -329,10 +331,12 @@ class Plan:
 
         Finer levels use starts in multiples of their reduction to the coarser level (2, or the global
         level's squeeze along columns), so their crops map exactly onto it. The global level itself stays
-        put: it is (about) one window wide, so shifting its tiles would only roll it. A wide global window
-        is the squeezed one unsqueezed, as many windows: dense ones start every wide·stride columns; a
-        shifted one covering a 360° world moves like the tiles below, so the world's 0/360° seam lies
-        inside it at most steps (with a single level nothing else would denoise across the seam)."""
+        put unless it wraps and ``roll``: it is (about) one window wide, so shifting its tiles only rolls it, which
+        on a 360° world moves its edges off the 0/360° seam (its columns then start where the shifted tiles' own
+        draw says, its rows stay). A wide global window is the squeezed one unsqueezed, as many windows: dense
+        ones start every wide·stride columns; a shifted one covering a 360° world moves like the tiles below, so
+        the world's 0/360° seam lies inside it at most steps (with a single level nothing else would denoise
+        across the seam). Negative step indices are a drawn start's steps (``start_starts``)."""
         result = []
         for level in range(self.levels):
             height, width = self.level_shape(level)
@@ -346,10 +350,31 @@ class Plan:
             elif self.windows == "shifted" and not (level == 0 and self.squeeze > 1):
                 result.append(shifted_offsets(height, width, self.window, step_index, self.seed, self.wrap, level,
                                               multiple))
+            elif level == 0 and self.windows == "shifted" and self.roll:  # the global level, rolled
+                result.append((window_starts(height, self.window, self.stride),
+                               shifted_offsets(height, width, self.window, step_index, self.seed, True, level)[1]))
             else:
                 result.append((window_starts(height, self.window, self.stride),
                                window_starts(width, self.window, self.stride, self.wrap)))
         return result
+
+    def start_starts(self) -> list[tuple[list[int], list[int]]]:
+        """Row and column starts of the coarsest level at each step of a drawn start (``start_steps``): the first
+        step's windows, or, where it moves (``roll``), its windows at the steps before the first (step indices
+        −start_steps … −1), so the start's window edges move as the run's do."""
+        if not self.roll:
+            return [self.starts_at(0)[0]] * self.start_steps
+        return [self.starts_at(index)[0] for index in range(-self.start_steps, 0)]
+
+    def start_grids(self) -> list:
+        """The ``windows.WindowGrid`` of the coarsest level at each step of a drawn start (imports torch)."""
+        return [self._grid(0, rows, cols) for rows, cols in self.start_starts()]
+
+    def _grid(self, level: int, rows: list[int], cols: list[int]):
+        from .windows import WindowGrid
+
+        return WindowGrid(*self.level_shape(level), self.window, self.stride, self.wrap,
+                          starts=(tuple(rows), tuple(cols)), window_width=self.window_shape(level)[1])
 
     def cap_starts_at(self, step_index: int) -> tuple[list[int], list[int]]:
         """Row and column window starts over a pole cap's view at one step (both caps share them): shifted
@@ -392,11 +417,9 @@ class Plan:
 
     def grids_at(self, step_index: int) -> list:
         """The ``windows.WindowGrid`` of every level at one step (imports torch)."""
-        from .windows import WindowGrid, level_factor
+        from .windows import level_factor
 
-        grids = [WindowGrid(*self.level_shape(level), self.window, self.stride, self.wrap,
-                            starts=(tuple(rows), tuple(cols)), window_width=self.window_shape(level)[1])
-                 for level, (rows, cols) in enumerate(self.starts_at(step_index))]
+        grids = [self._grid(level, rows, cols) for level, (rows, cols) in enumerate(self.starts_at(step_index))]
         for coarse, fine in zip(grids, grids[1:]):
             fine.check_nested(level_factor(fine, coarse))  # every finer window's crop maps onto the coarser level
         return grids
@@ -422,9 +445,8 @@ class Plan:
                 extra = {"wide_extra": top * excess}
             work = unet_work([counts], gradient or self.gradient, gradient is not None)
             per_step.append({**work, "forwards": work["forwards"] + caps, **extra})
-        if self.start_steps:  # the drawn start runs the coarsest level's first-step windows before step 0
-            rows, cols = self.starts_at(0)[0]
-            windows = self.start_steps * len(rows) * len(cols)
+        if self.start_steps:  # the drawn start runs the coarsest level's windows before step 0
+            windows = sum(len(rows) * len(cols) for rows, cols in self.start_starts())
             per_step[0]["forwards"] += windows * self.wide
             if self.wide > 1:
                 per_step[0]["wide_extra"] += windows * excess
@@ -558,12 +580,14 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
         view_batch = min(view_batch, max(1, int(free_bytes * 0.8 // wide_window)))
     caps = cap_size(height, window) if settings.poles == "sphere" and has_poles(width, height, settings.wrap) else 0
     cap_start = settings.steps - max(1, math.ceil(CAP_STEPS * settings.steps - 1e-9))
+    # Dense windows already start every stride round a wrapped world; shifted tiles leave the global level one window.
+    roll = settings.global_move == "roll" and settings.wrap and settings.windows == "shifted"
     level_starts = level_start_steps(levels, settings.steps, settings.fine_start, guided_step_count(settings),
                                      settings.late_gradient) if guided else ()
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
                 settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps, cap_start=cap_start,
                 guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient, wide=wide,
-                start_steps=start_steps, level_starts=level_starts)
+                start_steps=start_steps, level_starts=level_starts, roll=roll)
 
 
 def level_start_steps(levels: int, steps: int, fine_start: float, guided_steps: int, late_gradient: str) -> tuple[int, ...]:

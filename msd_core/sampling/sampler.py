@@ -344,7 +344,7 @@ def with_block_means(latents: torch.Tensor, means: torch.Tensor, factor: Factor)
 
 def drawn_start(
     noise: torch.Tensor,
-    grid: WindowGrid,
+    grids: list[WindowGrid],
     factor: Factor,
     schedule: list[SolverStep],
     denoise: Denoiser,
@@ -360,13 +360,15 @@ def drawn_start(
     shows the scene's layout, while ds of pure noise shows none, and a deterministic solver started from it
     ends with too little large-scale variance (a pull towards uniform scenes that grows with g,
     docs/layout.md). So the coarsest level first runs its own trajectory (``schedule``: ``start_schedule``,
-    plain MultiDiffusion on ``grid``) from the unit noise √g·ds(noise) (independent of the rest of ``noise``),
-    and the result, scaled into the level's units (ds of the finest), replaces ``noise``'s block means. With a
-    model that predicts x₀ = 0 this returns ``noise`` itself.
+    plain MultiDiffusion on ``grids``, one per step: ``plan.Plan.start_grids``) from the unit noise √g·ds(noise)
+    (independent of the rest of ``noise``), and the result, scaled into the level's units (ds of the finest),
+    replaces ``noise``'s block means. With a model that predicts x₀ = 0 this returns ``noise`` itself.
     """
     gain = factor[0] * factor[1]
     coarse, history = downsample(noise, factor) * math.sqrt(gain), None
-    for step in schedule:
+    if len(grids) != len(schedule):
+        raise ValueError(f"a drawn start needs one grid per step: {len(grids)} grids for {len(schedule)} steps")
+    for step, grid in zip(schedule, grids):
         coarse, history = multidiffusion_step(coarse, grid, step, denoise, prediction_type=prediction_type,
                                               view_batch=view_batch, interrupt=interrupt, previous_x0=history)
     first, last = alphas_cumprod(schedule[0])[0], alphas_cumprod(schedule[-1])[1]
