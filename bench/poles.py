@@ -232,7 +232,7 @@ CANDIDATES = ("flat", "sphere", "sphere, row-matched cap")
 
 
 def tiny_rows(sizes: list[tuple[int, int]], seeds: list[int], window: int | None = None,
-              candidates=CANDIDATES) -> list[dict]:
+              candidates=CANDIDATES, quality: str = "standard") -> list[dict]:
     """The metric on the tiny model's 360° worlds (Standard), flat and with pole caps; each sphere run is
     decoded three ways: caps decoded as views (shipped), the same without the pole rows' low-pass, and the
     strip decoded alone. "row-matched cap" sizes the caps' views as the first version did (more windows).
@@ -255,7 +255,7 @@ def tiny_rows(sizes: list[tuple[int, int]], seeds: list[int], window: int | None
     for width, height in sizes:
         for seed in seeds:
             for candidate in candidates:
-                settings = dataclasses.replace(base, width=width, height=height, seed=seed,
+                settings = dataclasses.replace(base.with_quality(quality), width=width, height=height, seed=seed,
                                                poles="flat" if candidate == "flat" else "sphere")
                 plans.cap_size = row_matched_cap_size if candidate.endswith("row-matched cap") else shipped_size
                 try:
@@ -279,13 +279,14 @@ def tiny_rows(sizes: list[tuple[int, int]], seeds: list[int], window: int | None
                         image[0].permute(1, 2, 0).clamp(0, 1).double().numpy()
                     metric = pole_metric(pixels)
                     rows.append({"size": f"{width}×{height}", "window": window or 64, "seed": seed, "candidate": name,
+                                 "quality": quality, "equator_row_spread": equator_row_spread(pixels)["rms"],
                                  "cap_size": result.plan.caps, "forwards": work["forwards"],
                                  "backwards": work["backwards"], "seconds": seconds,
                                  "seam_360": seam_360(pixels), **{
                                      f"{pole}_{key}": value for pole, values in metric.items()
                                      for key, value in values.items()}})
                     print(rows[-1]["size"], window or 64, seed, f"{name:50}", summary(metric),
-                          f"seam {rows[-1]['seam_360']:.2f}", flush=True)
+                          f"seam {rows[-1]['seam_360']:.2f} equator rows {rows[-1]['equator_row_spread']:.3f}", flush=True)
     return rows
 
 
@@ -401,6 +402,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--window", type=int, help="the tiny model's window in px (default its native 64)")
     parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
+    parser.add_argument("--quality", choices=("draft", "standard"), default="standard")
     parser.add_argument("--pole-layout", type=int, metavar="SEEDS",
                         help="only issue 17's layout checks, flat vs sphere (writes layout-poles-checks.json)")
     parser.add_argument("--layout", nargs="+", metavar="SETTING",
@@ -422,8 +424,9 @@ def main() -> None:
             print(references[-1]["image"], summary(metric), flush=True)
     work = work_rows()
     print(markdown_table(work, ["quality", "poles", "forwards", "backwards", "forward_equivalents", "added"]))
-    tiny = tiny_rows(sizes, args.seeds, args.window, args.candidates)
+    tiny = tiny_rows(sizes, args.seeds, args.window, args.candidates, args.quality)
     name = "poles" if args.sizes == ["512x256"] else f"poles-{'-'.join(args.sizes)}"
+    name += "" if args.quality == "standard" else f"-{args.quality}"
     write_json(name + (f"-window{args.window}" if args.window else ""),
                {"environment": environment(), "references": references, "work": work, "tiny": tiny})
 
