@@ -343,6 +343,18 @@ def seam_360_by_band(images, weights) -> dict:
             for band, rows in (("caps", caps), ("beyond", ~caps))}
 
 
+def pair_ratios_in_caps(images, weights, eighths=range(8)) -> dict:
+    """In the caps' rows: |column c−1 − column c| at c = k·W/8 (k in ``eighths``; k = 0 is the 0/360° pair) over
+    the mean difference of all neighbouring columns there. A seam at 0/360° shows at k = 0 alone; a property of
+    the caps' views shows at every longitude on the same view axis (0°, 90°, 180°, 270°) alike."""
+    images = images.double()
+    width = images.shape[-1]
+    caps = (weights > 0).to(images.device)
+    reference = (images[..., 1:] - images[..., :-1]).abs()[:, caps].mean()
+    return {f"{45 * k}°": float((images[..., k * width // 8 - 1] - images[..., k * width // 8]).abs()[:, caps].mean()
+                                / reference) for k in eighths}
+
+
 def pole_layout_rows(seeds: int = 72, presets=("standard", "draft")) -> list[dict]:
     """Issue 17's open layout questions, flat against sphere poles on the 2:1 wrapping worlds, ``seeds`` seeds:
     coherent panoramas with and without the two rows nearest each pole scored, the window-row seam plain and
@@ -385,6 +397,7 @@ def pole_layout_rows(seeds: int = 72, presets=("standard", "draft")) -> list[dic
                         "seam_columns": window_seam_ratio(images, grid, multiple)["columns"],
                         "seam_360": statistics.mean(paired[poles]),
                         **{f"seam_360_{band}": value for band, value in seam_360_by_band(images, weights).items()},
+                        "pairs_in_caps": pair_ratios_in_caps(images, weights),
                     })
                 difference = [s - f for f, s in zip(paired["flat"], paired["sphere"])]
                 rows[-1].update(seam_360_change=statistics.mean(difference),

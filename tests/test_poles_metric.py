@@ -116,3 +116,18 @@ def test_the_360_seam_by_band_finds_a_seam_in_the_caps_rows_only_there():
     bands = poles.seam_360_by_band(images, weights)
     assert bands["caps"] > 2.5 and bands["beyond"] == pytest.approx(1, abs=0.1)
     assert poles.polar_rows_left_out(images).shape == (64, height - 4, width)
+
+
+def test_pair_ratios_in_caps_tell_a_0_360_seam_from_the_other_longitudes():
+    import torch
+
+    from msd_core.sampling.sphere import cap_weights
+
+    height, width = 32, 64
+    weights = cap_weights(height)
+    images = torch.randn(64, height, width, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    even = poles.pair_ratios_in_caps(images, weights)
+    assert all(value == pytest.approx(1, abs=0.12) for value in even.values()), even
+    images[:, weights > 0] += torch.linspace(0, 4, width, dtype=torch.float64)  # jumps back by 4 at 0/360° only
+    seam = poles.pair_ratios_in_caps(images, weights)
+    assert seam["0°"] > 2 and all(seam[k] < 1.2 for k in seam if k != "0°"), seam
