@@ -21,6 +21,7 @@ The same per-arc measure applies to rendered views (``view_energy``: Cycles rend
     .venv/bin/python bench/poles.py --sizes 1024x512 --seeds 0   # writes poles-1024x512.json
 
     .venv/bin/python bench/poles.py --layout "Standard, sphere poles"   # the layout table on the 2:1 worlds
+    .venv/bin/python bench/poles.py --pole-layout 72   # flat vs sphere: polar rows, seams beyond the caps, 0/360°
 
 Writes bench/results/poles.json (512×256; other sizes: poles-SIZES.json, -windowN with --window).
 """
@@ -106,6 +107,31 @@ def row_spread(image: np.ndarray, row: int) -> float:
     image = _channels(image).astype(float)
     spread = image.std(axis=(0, 1))
     return float(np.mean(image[row].std(axis=0) / np.maximum(spread, 1e-12)))
+
+
+# The pole rows' low-pass of the shipped caps (msd_core.sampling.sphere.POLE_BLUR, rows), applied to the reference.
+POLE_BLUR_ROWS = 1.5
+
+
+def equator_row_spread(image: np.ndarray, blur_rows: float = POLE_BLUR_ROWS, band: float = 0.125) -> dict:
+    """What ``row_spread`` would read if a pole were any point near the equator of the same image.
+
+    A pole's first row is a circle 0.5 rows from the pole; once its texture finer than a row is low-passed
+    (``blur_rows``, the caps' pole rows), what varies around that circle is the image's gradient at the pole:
+    the row spread is 0.5 rows × |gradient| / √2 over the image's std, one draw per pole. Here the same
+    quantity at every pixel within ``band`` (a fraction of the height) of the equator, after the same low-pass
+    (Gaussian, columns wrap): ``rms`` is the value a pole as good as any point would read on average, ``p90``
+    its 90th percentile and ``over`` the share of points above the issue's 0.15."""
+    image = _channels(image).astype(float)
+    height, width = image.shape[:2]
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.fftfreq(width)[None, :]
+    transfer = np.exp(-2 * math.pi**2 * blur_rows**2 * (fy**2 + fx**2))
+    smooth = np.real(np.fft.ifft2(np.fft.fft2(image, axes=(0, 1)) * transfer[..., None], axes=(0, 1)))
+    rows = slice(round(height * (0.5 - band)), round(height * (0.5 + band)))
+    gy, gx = np.gradient(smooth[rows], axis=(0, 1))
+    spread = (0.5 * np.hypot(gy, gx) / math.sqrt(2) / np.maximum(image.std(axis=(0, 1)), 1e-12)).mean(-1)
+    return {"rms": float(np.sqrt((spread**2).mean())), "p90": float(np.percentile(spread, 90)),
+            "over": float((spread > 0.15).mean())}
 
 
 def pole_metric(image: np.ndarray, size: int | None = None) -> dict:
@@ -206,7 +232,7 @@ CANDIDATES = ("flat", "sphere", "sphere, row-matched cap")
 
 
 def tiny_rows(sizes: list[tuple[int, int]], seeds: list[int], window: int | None = None,
-              candidates=CANDIDATES) -> list[dict]:
+              candidates=CANDIDATES, quality: str = "standard") -> list[dict]:
     """The metric on the tiny model's 360° worlds (Standard), flat and with pole caps; each sphere run is
     decoded three ways: caps decoded as views (shipped), the same without the pole rows' low-pass, and the
     strip decoded alone. "row-matched cap" sizes the caps' views as the first version did (more windows).
@@ -229,7 +255,7 @@ def tiny_rows(sizes: list[tuple[int, int]], seeds: list[int], window: int | None
     for width, height in sizes:
         for seed in seeds:
             for candidate in candidates:
-                settings = dataclasses.replace(base, width=width, height=height, seed=seed,
+                settings = dataclasses.replace(base.with_quality(quality), width=width, height=height, seed=seed,
                                                poles="flat" if candidate == "flat" else "sphere")
                 plans.cap_size = row_matched_cap_size if candidate.endswith("row-matched cap") else shipped_size
                 try:
@@ -253,13 +279,14 @@ def tiny_rows(sizes: list[tuple[int, int]], seeds: list[int], window: int | None
                         image[0].permute(1, 2, 0).clamp(0, 1).double().numpy()
                     metric = pole_metric(pixels)
                     rows.append({"size": f"{width}×{height}", "window": window or 64, "seed": seed, "candidate": name,
+                                 "quality": quality, "equator_row_spread": equator_row_spread(pixels)["rms"],
                                  "cap_size": result.plan.caps, "forwards": work["forwards"],
                                  "backwards": work["backwards"], "seconds": seconds,
                                  "seam_360": seam_360(pixels), **{
                                      f"{pole}_{key}": value for pole, values in metric.items()
                                      for key, value in values.items()}})
                     print(rows[-1]["size"], window or 64, seed, f"{name:50}", summary(metric),
-                          f"seam {rows[-1]['seam_360']:.2f}", flush=True)
+                          f"seam {rows[-1]['seam_360']:.2f} equator rows {rows[-1]['equator_row_spread']:.3f}", flush=True)
     return rows
 
 
@@ -284,6 +311,102 @@ def layout_rows(settings: list[str], seeds: int = 24) -> list[dict]:
     return rows
 
 
+def polar_rows_left_out(image, rows: int = 2):
+    """An (…, H, W) image without the ``rows`` rows nearest each pole."""
+    return image[..., rows:image.shape[-2] - rows, :]
+
+
+def seam_rows_beyond_caps(images, grid, multiple: int, weights) -> float | None:
+    """``common.window_seam_ratio``'s rows, both its edges and the rows it compares them with taken only where
+    the caps' weight (``weights``, per row) is 0: the strip's tile edges against the strip's own rows. With the
+    caps in, the polar rows' neighbours differ less (the cap's texture, resampled from its view), so the plain
+    ratio's reference shrinks while the edges themselves, all beyond the caps, are unchanged."""
+    from common import _edge_ratio, _mean_differences
+
+    differences = _mean_differences(images.transpose(-1, -2), images.roll(1, dims=-2).transpose(-1, -2), False)
+    beyond = (weights == 0) & (weights.roll(1) == 0)  # both rows of the pair beyond the caps
+    differences = differences.masked_fill(~beyond.to(differences.device), float("nan"))
+    edges = {top for top, _ in grid.offsets} | {top + grid.window for top, _ in grid.offsets}
+    return _edge_ratio(differences, edges, False, multiple)
+
+
+def seam_360_by_band(images, weights) -> dict:
+    """The 0/360° seam (horizon.seam_ratio per panorama, then the mean) over the caps' rows and over the rest:
+    a cap carries the strip's seam through its layout or adds its own."""
+    import torch
+
+    images = images.double()
+    edge = (images[..., 0] - images[..., -1]).abs()
+    inner = (images[..., 1:] - images[..., :-1]).abs().mean(-1)
+    caps = (weights > 0).to(images.device)
+    return {band: float(torch.stack([edge[i, rows].mean() / inner[i, rows].mean() for i in range(len(images))]).mean())
+            for band, rows in (("caps", caps), ("beyond", ~caps))}
+
+
+def pair_ratios_in_caps(images, weights, eighths=range(8)) -> dict:
+    """In the caps' rows: |column c−1 − column c| at c = k·W/8 (k in ``eighths``; k = 0 is the 0/360° pair) over
+    the mean difference of all neighbouring columns there. A seam at 0/360° shows at k = 0 alone; a property of
+    the caps' views shows at every longitude on the same view axis (0°, 90°, 180°, 270°) alike."""
+    images = images.double()
+    width = images.shape[-1]
+    caps = (weights > 0).to(images.device)
+    reference = (images[..., 1:] - images[..., :-1]).abs()[:, caps].mean()
+    return {f"{45 * k}°": float((images[..., k * width // 8 - 1] - images[..., k * width // 8]).abs()[:, caps].mean()
+                                / reference) for k in eighths}
+
+
+def pole_layout_rows(seeds: int = 72, presets=("standard", "draft")) -> list[dict]:
+    """Issue 17's open layout questions, flat against sphere poles on the 2:1 wrapping worlds, ``seeds`` seeds:
+    coherent panoramas with and without the two rows nearest each pole scored, the window-row seam plain and
+    beyond the caps, and the 0/360° seam per panorama (its paired difference) in the caps' rows and beyond."""
+    import statistics
+
+    import layout
+    import torch
+    from horizon import PRIOR_FACTOR, sample_with_settings, seam_ratio
+
+    from msd_core.sampling.sphere import cap_weights
+    from msd_core.settings import QUALITY, GenerationSettings
+    from common import window_seam_ratio
+
+    torch.set_num_threads(1)
+    rows = []
+    for name in ("river", "horizon", "sun"):
+        prior = layout.aspect_priors()[name]
+        for shape in (layout.ASPECTS[1], layout.ASPECTS[2]):
+            scale = 16 // prior.window
+            height, width = shape[0] // scale, shape[1] // scale
+            weights = cap_weights(height)
+            for preset in presets:
+                paired = {}
+                for poles in ("flat", "sphere"):
+                    settings = GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR,
+                                                  height=height * PRIOR_FACTOR, wrap=True, poles=poles)
+                    settings = dataclasses.replace(settings, **QUALITY[preset][0])
+                    images, plan = sample_with_settings(prior, settings, list(range(seeds)))
+                    grid, multiple = plan.grids_at(plan.steps - 1)[-1], layout.seam_multiple(plan)
+                    paired[poles] = [seam_ratio(image) for image in images]
+                    rows.append({
+                        "prior": name, "world": f"{shape[0]}×{shape[1]} wrap", "preset": preset, "poles": poles,
+                        "seeds": seeds,
+                        "coherent": sum(prior.score(image, True)["coherent"] for image in images),
+                        "coherent_without_polar_rows": sum(prior.score(polar_rows_left_out(image), True)["coherent"]
+                                                           for image in images),
+                        "seam_rows": window_seam_ratio(images, grid, multiple)["rows"],
+                        "seam_rows_beyond_caps": seam_rows_beyond_caps(images, grid, multiple, weights),
+                        "seam_columns": window_seam_ratio(images, grid, multiple)["columns"],
+                        "seam_360": statistics.mean(paired[poles]),
+                        **{f"seam_360_{band}": value for band, value in seam_360_by_band(images, weights).items()},
+                        "pairs_in_caps": pair_ratios_in_caps(images, weights),
+                    })
+                difference = [s - f for f, s in zip(paired["flat"], paired["sphere"])]
+                rows[-1].update(seam_360_change=statistics.mean(difference),
+                                seam_360_change_se=statistics.stdev(difference) / math.sqrt(seeds))
+                print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()),
+                      flush=True)
+    return rows
+
+
 def main() -> None:
     from common import environment, markdown_table, write_json
 
@@ -292,9 +415,15 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--window", type=int, help="the tiny model's window in px (default its native 64)")
     parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
+    parser.add_argument("--quality", choices=("draft", "standard"), default="standard")
+    parser.add_argument("--pole-layout", type=int, metavar="SEEDS",
+                        help="only issue 17's layout checks, flat vs sphere (writes layout-poles-checks.json)")
     parser.add_argument("--layout", nargs="+", metavar="SETTING",
                         help="only the layout table on the 2:1 worlds for these settings (writes layout-poles.json)")
     args = parser.parse_args()
+    if args.pole_layout:
+        write_json("layout-poles-checks", {"environment": environment(), "rows": pole_layout_rows(args.pole_layout)})
+        return
     if args.layout:
         write_json("layout-poles", {"environment": environment(), "aspects": layout_rows(args.layout)})
         return
@@ -308,8 +437,9 @@ def main() -> None:
             print(references[-1]["image"], summary(metric), flush=True)
     work = work_rows()
     print(markdown_table(work, ["quality", "poles", "forwards", "backwards", "forward_equivalents", "added"]))
-    tiny = tiny_rows(sizes, args.seeds, args.window, args.candidates)
+    tiny = tiny_rows(sizes, args.seeds, args.window, args.candidates, args.quality)
     name = "poles" if args.sizes == ["512x256"] else f"poles-{'-'.join(args.sizes)}"
+    name += "" if args.quality == "standard" else f"-{args.quality}"
     write_json(name + (f"-window{args.window}" if args.window else ""),
                {"environment": environment(), "references": references, "work": work, "tiny": tiny})
 
