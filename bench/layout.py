@@ -528,7 +528,8 @@ def gaussian_modes_part(seeds: int, settings=("v0.4 Standard", "Standard, drawn"
     return rows
 
 
-DETAIL_SETTINGS = ("default", "Standard, fine start 0.6", "default, Draft", "Draft, fine start 0.6")
+DETAIL_SETTINGS = ("default", "Standard, fine start 0.3", "Standard, fine start 0.6", "default, Draft",
+                   "Draft, fine start 0.3", "Draft, fine start 0.6")
 DETAIL_SHAPES = (ASPECTS[0], ASPECTS[1])  # 64×64 and the 360° world's 32×64 wrap
 
 
@@ -571,24 +572,20 @@ def detail_part(seeds: int, settings=DETAIL_SETTINGS, shapes=DETAIL_SHAPES, expo
 
 
 def detail_table(rows: list[dict]) -> str:
-    """Per shape and preset: each band's power over the prior's, without and with the fine start, their paired
-    ratio (the same seeds: the same initial noise) with its standard error, and the block-edge ratios."""
-    lines = ["| shape | preset | ring (cycles / 16 px) | 1 | 2 | 3 | 4 | 5 | 6 | 7 | 8 | block edges |", "|" + "---|" * 12]
+    """Per shape and setting: each band's power over the prior's and the block-edge ratio; for a fine start, also
+    its bands over its preset's with every level from the first step, paired (the same seeds: the same initial
+    noise), with the standard error."""
+    lines = ["| shape | setting | ring (cycles / 16 px) | 1 | 2 | 3 | 4 | 5 | 6 | 7 | 8 | block edges |", "|" + "---|" * 12]
     cells = {(r["panorama"], r["setting"]): r for r in rows}
     for (shape, name), row in cells.items():
-        fine = cells.get((shape, f"{'Draft' if 'Draft' in name else 'Standard'}, fine start 0.6"))
-        if fine is None or fine is row:
+        lines.append(f"| {shape} | {name} | band / prior's | " + " | ".join(f"{v:.3f}" for v in row["bands_vs_prior"])
+                     + f" | {row['block_edge_ratio']:.3f} ± {row['block_edge_se']:.3f} |")
+        base = cells.get((shape, "default, Draft" if "Draft" in name else "default"))
+        if base is None or base is row:
             continue
-        preset = "Draft" if "Draft" in name else "Standard"
-        before, after = torch.tensor(row["per_seed_bands"]), torch.tensor(fine["per_seed_bands"])
-        paired = (after / before).log()
-        for label, values in ((f"{preset}, every level", row["bands_vs_prior"]),
-                              (f"{preset}, fine start 0.6", fine["bands_vs_prior"])):
-            lines.append(f"| {shape} | {label} | band / prior's | " + " | ".join(f"{v:.3f}" for v in values)
-                         + f" | {(row if values is row['bands_vs_prior'] else fine)['block_edge_ratio']:.3f} |")
-        lines.append(f"| {shape} | {preset} | fine start / every level | " + " | ".join(
-            f"{m:.3f} ± {e:.3f}" for m, e in zip(paired.mean(0).exp().tolist(), standard_error(paired).tolist()))
-            + " | |")
+        paired = (torch.tensor(row["per_seed_bands"]) / torch.tensor(base["per_seed_bands"])).log()
+        lines.append(f"| {shape} | {name} | over every level's | " + " | ".join(
+            f"{m:.3f} ± {e:.3f}" for m, e in zip(paired.mean(0).exp().tolist(), standard_error(paired).tolist())) + " | |")
     return "\n".join(lines)
 
 
