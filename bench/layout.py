@@ -11,7 +11,7 @@ pipeline and records the cross-scale discrepancy and the 360° seam.
     .venv/bin/python bench/layout.py --start [--quick | --large | --modes] [--seeds N]   # issue 20's table
     .venv/bin/python bench/layout.py --gaussian    # large-scale mode variance of a linear prior, g = 8, 32, 128
     .venv/bin/python bench/layout.py --move [--large | --tiny] [--seeds N]   # the global level fixed or rolled
-    .venv/bin/python bench/layout.py --detail [--tiny] [--seeds N]   # spectrum and block edges, --fine-start 0 / 0.6
+    .venv/bin/python bench/layout.py --detail [--tiny] [--seeds N]   # detail: --fine-start 0 / 0.3 / 0.6
 
 Writes bench/results/layout.json, docs/bench-layout.png and docs/bench-horizon-examples.png (--quick:
 bench/results/layout-quick.json and the figures as bench-*-quick.png beside it). Part 3 (``--aspects``,
@@ -341,7 +341,7 @@ POLE_SETTINGS = {
 FINE_START_SETTINGS = {
     "Standard, fine start 0.6": {**STANDARD, "fine_start": 0.6},
     "Draft, fine start 0.6": {**DRAFT, "fine_start": 0.6},
-    "Standard, fine start 0.3": {**STANDARD, "fine_start": 0.3},  # the detail measure's trade-off point (6.6)
+    "Standard, fine start 0.3": {**STANDARD, "fine_start": 0.3},  # detail kept, less layout gained (docs/layout.md 6.7)
     "Draft, fine start 0.3": {**DRAFT, "fine_start": 0.3},
 }
 ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | MOVE_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS | FINE_START_SETTINGS
@@ -539,7 +539,7 @@ def detail_part(seeds: int, settings=DETAIL_SETTINGS, shapes=DETAIL_SHAPES, expo
     of window-sized crops of the panoramas (``spectrum.band_power``) over the prior's own and over one window
     sampled alone by the same solver, each band's mean over the seeds and its standard error; and the
     block-edge ratio at the finest level's 2×2 blocks (``spectrum.block_edge_ratio``: > 1 where the level
-    above's blocks show). ``--detail``; docs/layout.md 6.6."""
+    above's blocks show). ``--detail``; docs/layout.md 6.7."""
     prior = GaussianPrior(texture=0.1, exponent=exponent)
     reference = band_power(prior.sample(PRIOR_DRAWS, torch.Generator().manual_seed(0)), prior.window)
     seeds_ = list(range(seeds))

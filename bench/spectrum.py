@@ -1,5 +1,5 @@
 """Detail measures: how much of an image's variance lies in each frequency band, and whether a coarser level's
-blocks show (docs/layout.md 6.6, `--fine-start`).
+blocks show (docs/layout.md 6.7, `--fine-start`).
 
 - ``band_power(images, patch)``: the radially averaged power spectrum of ``patch``×``patch`` crops (a Hann taper,
   so the edges of a crop leak no low-frequency energy into the high bands), in rings one cycle per patch wide.
