@@ -273,8 +273,8 @@ class MSD_PanoramaSettings(PropertyGroup):
     )
     fine_start: FloatProperty(
         name="Finest Level Joins",
-        description="Share of the steps before the finest level joins, starting from the levels above it "
-                    "(0 = every level from the first step, the paper's)",
+        description="Share of the steps before the finest level joins, starting from the levels above it: "
+                    "better layout and less work, less fine detail (0 = every level from the first step, the paper's)",
         subtype='FACTOR', min=0.0, max=0.9, default=GenerationSettings.fine_start,
     )
     scales: IntProperty(name="Levels", description="Pyramid levels (0 = automatic)", min=0, soft_max=6, default=0)

@@ -11,6 +11,7 @@ pipeline and records the cross-scale discrepancy and the 360° seam.
     .venv/bin/python bench/layout.py --start [--quick | --large | --modes] [--seeds N]   # issue 20's table
     .venv/bin/python bench/layout.py --gaussian    # large-scale mode variance of a linear prior, g = 8, 32, 128
     .venv/bin/python bench/layout.py --move [--large | --tiny] [--seeds N]   # the global level fixed or rolled
+    .venv/bin/python bench/layout.py --detail [--tiny] [--seeds N]   # detail: --fine-start 0 / 0.3 / 0.6
 
 Writes bench/results/layout.json, docs/bench-layout.png and docs/bench-horizon-examples.png (--quick:
 bench/results/layout-quick.json and the figures as bench-*-quick.png beside it). Part 3 (``--aspects``,
@@ -40,9 +41,11 @@ from common import (environment, figure_path, markdown_table, pyplot, seam_multi
 from horizon import (PRIOR_FACTOR, SD_COARSE_NUMEL, HorizonPrior, sample_panoramas, sample_with_settings,
                      score_layout, seam_ratio)
 from priors import GaussianPrior, RiverPrior, SkylinePrior, SunPrior
+from spectrum import band_power, block_edge_ratio, standard_error
 
 from msd_core.sampling.sampler import cross_scale_discrepancy
 from msd_core.sampling.plan import make_plan
+from msd_core.sampling.windows import level_factor
 from msd_core.settings import QUALITY, GenerationSettings
 
 WIDE_PRIOR = range(-4, 21)  # 40 % of the components are all sky or all ground
@@ -338,6 +341,8 @@ POLE_SETTINGS = {
 FINE_START_SETTINGS = {
     "Standard, fine start 0.6": {**STANDARD, "fine_start": 0.6},
     "Draft, fine start 0.6": {**DRAFT, "fine_start": 0.6},
+    "Standard, fine start 0.3": {**STANDARD, "fine_start": 0.3},  # detail kept, less layout gained (docs/layout.md 6.7)
+    "Draft, fine start 0.3": {**DRAFT, "fine_start": 0.3},
 }
 ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | MOVE_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS | FINE_START_SETTINGS
 EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard", "v0.4 Standard", "Standard, drawn")
@@ -523,6 +528,99 @@ def gaussian_modes_part(seeds: int, settings=("v0.4 Standard", "Standard, drawn"
     return rows
 
 
+DETAIL_SETTINGS = ("default", "Standard, fine start 0.3", "Standard, fine start 0.6", "default, Draft",
+                   "Draft, fine start 0.3", "Draft, fine start 0.6")
+DETAIL_SHAPES = (ASPECTS[0], ASPECTS[1])  # 64×64 and the 360° world's 32×64 wrap
+
+
+def detail_part(seeds: int, settings=DETAIL_SETTINGS, shapes=DETAIL_SHAPES, exponent: float = 2.0) -> list[dict]:
+    """Detail on a Gaussian prior with a natural image's 1/f² spectrum (``GaussianPrior(exponent=…)``: its exact
+    denoiser is linear, so nothing but the sampler decides the output's spectrum): the power per frequency band
+    of window-sized crops of the panoramas (``spectrum.band_power``) over the prior's own and over one window
+    sampled alone by the same solver, each band's mean over the seeds and its standard error; and the
+    block-edge ratio at the finest level's 2×2 blocks (``spectrum.block_edge_ratio``: > 1 where the level
+    above's blocks show). ``--detail``; docs/layout.md 6.7."""
+    prior = GaussianPrior(texture=0.1, exponent=exponent)
+    reference = band_power(prior.sample(PRIOR_DRAWS, torch.Generator().manual_seed(0)), prior.window)
+    seeds_ = list(range(seeds))
+    rows = []
+    for name in settings:
+        window = dataclasses.replace(GenerationSettings(prompt="bench", width=prior.window * PRIOR_FACTOR,
+                                                        height=prior.window * PRIOR_FACTOR, wrap=False), **ALL_SETTINGS[name])
+        alone = band_power(sample_with_settings(prior, window, seeds_)[0], prior.window)
+        for shape in shapes:
+            settings_ = dataclasses.replace(GenerationSettings(prompt="bench", width=shape[1] * PRIOR_FACTOR,
+                                                               height=shape[0] * PRIOR_FACTOR, wrap=shape[2]),
+                                            **ALL_SETTINGS[name])
+            images, plan = sample_with_settings(prior, settings_, seeds_)
+            grids = plan.grids_at(plan.steps - 1)
+            factor = level_factor(grids[-1], grids[-2])
+            per_seed = torch.stack([band_power(image, prior.window) for image in images]) / reference
+            edges = torch.tensor([block_edge_ratio(image, factor) for image in images])
+            row = {"prior": prior.name, "panorama": f"{shape[0]}×{shape[1]}{' wrap' if shape[2] else ''}",
+                   "setting": name, "seeds": seeds, "block": list(factor), "level_starts": list(plan.level_starts),
+                   "bands_vs_prior": per_seed.mean(0).tolist(), "bands_se": standard_error(per_seed).tolist(),
+                   "bands_vs_one_window": (per_seed.mean(0) * reference / alone).tolist(),
+                   "one_window_vs_prior": (alone / reference).tolist(),
+                   "block_edge_ratio": float(edges.mean()), "block_edge_se": float(standard_error(edges[:, None])[0]),
+                   "per_seed_bands": per_seed.tolist()}
+            rows.append(row)
+            print(f"{row['panorama']:>12} {name:<26} bands/prior " + " ".join(f"{v:.3f}" for v in row["bands_vs_prior"])
+                  + f"  (se ≤ {max(row['bands_se']):.3f})  block edges {row['block_edge_ratio']:.3f} ± "
+                  f"{row['block_edge_se']:.3f}", flush=True)
+    return rows
+
+
+def detail_table(rows: list[dict]) -> str:
+    """Per shape and setting: each band's power over the prior's and the block-edge ratio; for a fine start, also
+    its bands over its preset's with every level from the first step, paired (the same seeds: the same initial
+    noise), with the standard error."""
+    lines = ["| shape | setting | ring (cycles / 16 px) | 1 | 2 | 3 | 4 | 5 | 6 | 7 | 8 | block edges |", "|" + "---|" * 12]
+    cells = {(r["panorama"], r["setting"]): r for r in rows}
+    for (shape, name), row in cells.items():
+        lines.append(f"| {shape} | {name} | band / prior's | " + " | ".join(f"{v:.3f}" for v in row["bands_vs_prior"])
+                     + f" | {row['block_edge_ratio']:.3f} ± {row['block_edge_se']:.3f} |")
+        base = cells.get((shape, "default, Draft" if "Draft" in name else "default"))
+        if base is None or base is row:
+            continue
+        paired = (torch.tensor(row["per_seed_bands"]) / torch.tensor(base["per_seed_bands"])).log()
+        lines.append(f"| {shape} | {name} | over every level's | " + " | ".join(
+            f"{m:.3f} ± {e:.3f}" for m, e in zip(paired.mean(0).exp().tolist(), standard_error(paired).tolist())) + " | |")
+    return "\n".join(lines)
+
+
+def tiny_detail_part(seeds: int, sizes=((512, 256), (1024, 512))) -> list[dict]:
+    """The tiny SD model (its real UNet, random weights), the defaults with and without ``--fine-start 0.6``: the
+    finished latent's block-edge ratio at the finest level's blocks and its band powers (window-sized crops,
+    all four channels) with the fine start over without (``--detail --tiny``)."""
+    from msd_core.pipeline import MSDPanoramaPipeline
+
+    base = GenerationSettings(prompt="a misty alpine valley", model="tiny", device="cpu", width=sizes[0][0],
+                              height=sizes[0][1])
+    pipe = MSDPanoramaPipeline.from_settings(base)
+    window = pipe.unet.config.sample_size
+    rows = []
+    for width, height in sizes:
+        powers = {}
+        for fine_start in (0.0, 0.6):
+            for seed in range(seeds):
+                settings = dataclasses.replace(base, width=width, height=height, seed=seed, fine_start=fine_start)
+                result = pipe(settings, decode=False)
+                grids = result.plan.grids_at(result.plan.steps - 1)
+                factor = level_factor(grids[-1], grids[-2])
+                powers[fine_start, seed] = band_power(result.latents[0], window)
+                rows.append({"part": "tiny detail", "size": f"{width}×{height}", "fine_start": fine_start, "seed": seed,
+                             "block": list(factor), "block_edge_ratio": block_edge_ratio(result.latents[0], factor),
+                             "bands": powers[fine_start, seed].tolist()})
+                print({k: v for k, v in rows[-1].items() if k != "bands"}, flush=True)
+        ratio = torch.stack([powers[0.6, seed] / powers[0.0, seed] for seed in range(seeds)]).log()
+        rows.append({"part": "tiny bands", "size": f"{width}×{height}", "seeds": seeds,
+                     "fine_start_over_every_level": ratio.mean(0).exp().tolist(),
+                     "se_log": standard_error(ratio).tolist()})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def diagnose(prior, shape, setting, seeds) -> dict:
     """Where a layout is lost: every level's x₀ estimate scored at every step (coherent count and the prior's own
     count, e.g. suns per panorama), for one prior × shape × setting."""
@@ -616,6 +714,9 @@ def main() -> None:
     parser.add_argument("--modes", action="store_true", help="part 3 at g = 8, 32, 128 only (MODE_ASPECTS)")
     parser.add_argument("--gaussian", action="store_true",
                         help="the large-scale modes of a Gaussian prior at g = 8, 32, 128 (default 48 seeds)")
+    parser.add_argument("--detail", action="store_true",
+                        help="band powers and block edges of a 1/f² Gaussian prior's panoramas with and without the "
+                             "fine start (default 48 seeds); with --tiny: the tiny SD model's latents (default 4)")
     parser.add_argument("--settings", nargs="+", choices=list(ALL_SETTINGS), metavar="SETTING",
                         help="part 3: only these settings (ASPECT_SETTINGS, SPEED_SETTINGS, "
                              "START_SETTINGS, MOVE_SETTINGS, WIDE_SETTINGS, POLE_SETTINGS or FINE_START_SETTINGS)")
@@ -630,6 +731,14 @@ def main() -> None:
     if args.gaussian:
         rows = gaussian_modes_part(args.seeds or 48, *([args.settings] if args.settings else []))
         write_json(args.output or "layout-gaussian-modes", {"environment": env, "modes": rows})
+        return
+    if args.detail and args.tiny:
+        write_json(args.output or "layout-detail-tiny", {"environment": env, "tiny": tiny_detail_part(args.seeds or 4)})
+        return
+    if args.detail:
+        rows = detail_part(args.seeds or 48)
+        print("\n" + detail_table(rows))
+        write_json(args.output or "layout-detail", {"environment": env, "detail": rows})
         return
     if args.move and args.tiny:
         write_json(args.output or "layout-move-tiny", {"environment": env, "tiny": tiny_move_part(args.seeds or 4)})

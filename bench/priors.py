@@ -25,6 +25,7 @@ import math
 import torch
 from msd_core.models.loading import sd_ddim_scheduler
 from horizon import HorizonPrior, MixturePrior, score_layout, vertical_median3
+from spectrum import power_law_covariance
 
 SIZES = (2, 3, 4, 6, 8, 12, 16, 24, 32)  # large enough that windows wholly inside the object exist
 SUN_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)  # for the sun's 8-pixel window
@@ -191,19 +192,26 @@ class SkylinePrior(MixturePrior):
 
 class GaussianPrior:
     """A Gaussian prior over one-channel window×window images: a smooth field (squared-exponential covariance of
-    length ``length`` px) plus texture of std τ. Its exact denoiser is linear, so each eigenmode evolves on its
-    own: the setting of the per-mode analysis of a coarse level's starting state (docs/layout.md). It has no
-    layout to score; ``bench/layout.py --modes`` measures only the variance of its large-scale modes."""
+    length ``length`` px) plus texture of std τ; or, with ``exponent``, a field whose power spectrum falls as
+    1/f^exponent (natural images: 2; ``spectrum.power_law_covariance``), detail at every scale. Its exact
+    denoiser is linear, so each eigenmode evolves on its own: the setting of the per-mode analysis of a coarse
+    level's starting state and of the detail measure (docs/layout.md). It has no layout to score;
+    ``bench/layout.py --gaussian`` measures the variance of its large-scale modes, ``--detail`` its spectrum."""
 
     name = "gaussian"
 
-    def __init__(self, window: int = 16, length: float = 6.0, texture: float = 0.3, scheduler=None):
-        self.window, self.texture = window, texture
+    def __init__(self, window: int = 16, length: float = 6.0, texture: float = 0.3, scheduler=None,
+                 exponent: float | None = None):
+        self.window, self.width, self.texture = window, window, texture  # ``width``: what MixturePrior.denoiser counts
         self.work = {"forwards": 0, "backwards": 0}
         self.alphas_cumprod = (scheduler or sd_ddim_scheduler()).alphas_cumprod.double()
-        grid = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"), -1).flatten(0, 1)
-        distance2 = (grid[:, None, :] - grid[None, :, :]).double().pow(2).sum(-1)
-        self.covariance = torch.exp(-distance2 / (2 * length**2)) + texture**2 * torch.eye(window * window)
+        if exponent is not None:
+            self.name = f"power law 1/f^{exponent:g}"
+            self.covariance = power_law_covariance(window, exponent, texture)
+        else:
+            grid = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"), -1).flatten(0, 1)
+            distance2 = (grid[:, None, :] - grid[None, :, :]).double().pow(2).sum(-1)
+            self.covariance = torch.exp(-distance2 / (2 * length**2)) + texture**2 * torch.eye(window * window)
         self.eigenvalues, self.eigenvectors = torch.linalg.eigh(self.covariance)
 
     def posterior_mean(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -214,6 +222,11 @@ class GaussianPrior:
 
     eps = MixturePrior.eps
     denoiser = MixturePrior.denoiser
+
+    def for_width(self, width: int) -> "GaussianPrior":
+        if width != self.window:
+            raise ValueError(f"the Gaussian prior has no {self.window}×{width} version")
+        return self
 
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
         white = torch.randn(count, self.window * self.window, generator=generator, dtype=torch.float64)

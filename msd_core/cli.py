@@ -224,8 +224,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "leaves; literal = the paper's, as noisy as the full panorama")
     method.add_argument("--fine-start", type=float, default=GenerationSettings.fine_start,
                         help="the share of the steps before the finest level joins, starting from the levels above it "
-                             "(the levels between join earlier); 0 = every level from the first step, the paper's "
-                             f"(default {GenerationSettings.fine_start:g}; docs/layout.md)")
+                             "(the levels between join earlier): better layout, less UNet work, less fine detail; "
+                             "0 = every level from the first step, the paper's "
+                             f"(default {GenerationSettings.fine_start:g}; docs/layout.md 6.6-6.7)")
     method.add_argument("--scales", type=int, help="pyramid levels (default: enough that the coarsest fits one window)")
     method.add_argument("--window", type=int, help="window size in pixels (default: the model's native size)")
     method.add_argument("--windows", choices=WINDOW_MODES,

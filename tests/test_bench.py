@@ -275,3 +275,70 @@ def test_a_rolled_global_level_leaves_no_0_360_seam_where_the_fixed_one_cuts_the
         seams[move] = (horizon.seam_ratio(top[-1]), horizon.seam_ratio(images))
     assert min(seams["fixed"]) > 2, seams  # the global level's and the panorama's (72 seeds: 2.9 and 2.5)
     assert max(seams["roll"]) < 1.6, seams  # 1.25 and 1.47
+
+
+# ------------------------------------------------------------------ detail: band powers and block edges (spectrum.py)
+import spectrum  # noqa: E402
+
+
+def test_band_power_reads_a_fields_spectral_slope_and_a_blurs_missing_high_bands():
+    generator = torch.Generator().manual_seed(0)
+    slopes = {exponent: spectrum.spectral_slope(spectrum.band_power(
+        priors.GaussianPrior(texture=0.05, exponent=exponent).sample(2000, generator), 16)) for exponent in (2.0, 4.0)}
+    assert slopes[2.0] == pytest.approx(-2.0, abs=0.25) and slopes[4.0] == pytest.approx(-4.0, abs=0.3), slopes
+    white = torch.randn(500, 32, 32, generator=generator, dtype=torch.float64)
+    flat = spectrum.band_power(white, 16)
+    # Unit power per band (ring 1 loses a little to each crop's mean, removed after the taper).
+    assert flat.shape == (8,) and torch.allclose(flat[1:], torch.ones(7, dtype=torch.float64), atol=0.05) and flat[0] > 0.85, flat
+    blurred = spectrum.band_power(torch.nn.functional.avg_pool2d(white[:, None], 3, 1, 1)[:, 0], 16) / flat
+    assert blurred[0] > 0.7 and (blurred[4:] < 0.05).all(), blurred  # a 3×3 box keeps the low bands only
+    with pytest.raises(ValueError, match="smaller than a 16×16 patch"):
+        spectrum.band_power(white[:, :8], 16)
+
+
+def test_block_edge_ratio_shows_a_nearest_upsampled_level_on_its_own_grid_only():
+    generator = torch.Generator().manual_seed(1)
+    white = torch.randn(200, 32, 32, generator=generator, dtype=torch.float64)
+    assert spectrum.block_edge_ratio(white, (2, 2)) == pytest.approx(1.0, abs=0.02)
+    blocks = torch.nn.functional.interpolate(white[:, None, ::2, ::2], scale_factor=2, mode="nearest")[:, 0] + 0.3 * white
+    assert spectrum.block_edge_ratio(blocks, (2, 2)) > 3
+    assert spectrum.block_edge_ratio(blocks, (1, 2)) > 3  # columns only
+    assert spectrum.block_edge_ratio(blocks.roll((1, 1), (-2, -1)), (2, 2)) < 0.5  # its edges now fall within blocks
+    with pytest.raises(ValueError, match="no edges"):
+        spectrum.block_edge_ratio(white, (1, 1))
+
+
+def test_the_power_law_gaussian_prior_is_stationary_and_its_denoiser_the_posterior_mean():
+    prior = priors.GaussianPrior(texture=0.1, exponent=2.0)
+    assert torch.allclose(prior.covariance, prior.covariance.T) and prior.eigenvalues.min() > 0
+    assert torch.allclose(prior.covariance.diagonal(), torch.full((256,), 1.01, dtype=torch.float64))  # 1 + texture²
+    # Stationary and isotropic: the same covariance one pixel right or one pixel down, anywhere in the window.
+    pixel = lambda row, column: row * 16 + column  # noqa: E731
+    right = torch.stack([prior.covariance[pixel(r, c), pixel(r, c + 1)] for r in range(16) for c in range(15)])
+    down = torch.stack([prior.covariance[pixel(r, c), pixel(r + 1, c)] for r in range(15) for c in range(16)])
+    assert torch.allclose(right, right[0].expand_as(right)) and torch.allclose(down, right[0].expand_as(down))
+    assert 0.5 < right[0] < 1.0  # neighbours correlate, as in a natural image
+    x, alpha = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64), 0.3
+    expected = math.sqrt(alpha) * prior.covariance @ torch.linalg.solve(
+        alpha * prior.covariance + (1 - alpha) * torch.eye(256, dtype=torch.float64), x.flatten(1).T)
+    assert torch.allclose(prior.posterior_mean(x, alpha), expected.T.view(3, 16, 16))
+
+
+def test_the_detail_measure_tells_a_finest_level_that_joins_late_from_every_level(one_thread):
+    # A 1/f² Gaussian prior (its exact denoiser is linear: the sampler alone sets the output's spectrum), Draft, 64×64.
+    # Every level from the first step keeps each band within 25 % of the prior's (the Draft solver's own loss: one
+    # window alone ends at 0.72 of it in ring 8) and the 2×2 blocks faint; the finest level joining after 60 % of the
+    # steps refines the level above's upsampled state and ends short in the high bands, its blocks showing (48 seeds:
+    # 0.89–0.93 of every level's in rings 3–8; block edges 1.09 → 1.24; docs/layout.md 6.7).
+    from msd_core.settings import QUALITY, GenerationSettings
+
+    prior = priors.GaussianPrior(texture=0.1, exponent=2.0)
+    reference = spectrum.band_power(prior.sample(2000, torch.Generator().manual_seed(0)), 16)
+    world = GenerationSettings(prompt="bench", width=512, height=512, wrap=False, **QUALITY["draft"][0])
+    bands, edges = {}, {}
+    for fine_start in (0.0, 0.6):
+        images, plan = horizon.sample_with_settings(prior, dataclasses.replace(world, fine_start=fine_start), list(range(8)))
+        assert plan.levels == 3 and plan.level_starts == ((0, 0, 9) if fine_start else ())
+        bands[fine_start], edges[fine_start] = spectrum.band_power(images, 16), spectrum.block_edge_ratio(images, (2, 2))
+    assert ((bands[0.0] / reference - 1).abs() < 0.25).all() and edges[0.0] < 1.15, (bands[0.0] / reference, edges)
+    assert (bands[0.6][2:] / bands[0.0][2:] < 0.96).all() and edges[0.6] > edges[0.0] + 0.08, (bands, edges)
