@@ -285,6 +285,17 @@ MOVE_SETTINGS = {  # MultiDiffusion has no global level: the same either way
     "Draft, fixed": {**DRAFT, "global_move": "fixed"},
     "Draft, roll": {**DRAFT, "global_move": "roll"},
 }
+# The global level of a wrapped world as two windows half a turn apart (--move --settings …; docs/layout.md section 7):
+# "pair": bench only (horizon.PairedPlan): merged with feathered or uniform weights, at the first "steps" steps only, or
+# with the pair's first window fixed at 0/360° ("roll": False); the rest of the steps roll.
+PAIR_SETTINGS = {
+    "Standard, pair": {**STANDARD, "pair": {"weights": "feathered"}},
+    "Standard, pair, uniform": {**STANDARD, "pair": {"weights": "uniform"}},
+    "Standard, pair, not rolled": {**STANDARD, "pair": {"weights": "feathered", "roll": False}},
+    "Standard, pair 8 steps": {**STANDARD, "pair": {"weights": "feathered", "steps": 8}},
+    "Draft, pair": {**DRAFT, "pair": {"weights": "feathered"}},
+    "Draft, pair, uniform": {**DRAFT, "pair": {"weights": "uniform"}},
+}
 # Cheaper settings measured for the speed issue (docs/speed.md), run with --settings NAME … .
 SPEED_SETTINGS = {
     "guided 0.5": {**V03_STANDARD, "guided_fraction": 0.5},
@@ -339,7 +350,7 @@ FINE_START_SETTINGS = {
     "Standard, fine start 0.6": {**STANDARD, "fine_start": 0.6},
     "Draft, fine start 0.6": {**DRAFT, "fine_start": 0.6},
 }
-ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | MOVE_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS | FINE_START_SETTINGS
+ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | MOVE_SETTINGS | PAIR_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS | FINE_START_SETTINGS
 EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard", "v0.4 Standard", "Standard, drawn")
 # seams: window rows / columns, the same within each class (texture) rows / columns, 0/360° (plain, within class,
 # the coarsest level's own)
@@ -397,7 +408,7 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     scale = 16 // prior.window
     height, width, wrap = shape[0] // scale, shape[1] // scale, shape[2]
     changes = dict(ALL_SETTINGS[setting])
-    circular = changes.pop("circular_prior", None)
+    circular, pair = changes.pop("circular_prior", None), changes.pop("pair", None)
     settings = dataclasses.replace(GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR,
                                                       height=height * PRIOR_FACTOR, wrap=wrap), **changes)
     if quick:
@@ -411,7 +422,8 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
             levels[:] = [tuple(r.latents.shape[2:]) for r in results]
 
     started = time.perf_counter()
-    images, plan = sample_with_settings(prior, settings, seeds, on_step=on_step, circular=circular)
+    images, plan = sample_with_settings(prior, settings, seeds, on_step=on_step, circular=circular,
+                                        pair=pair)
     seconds = time.perf_counter() - started
     md_plan = make_plan(dataclasses.replace(settings, method="multidiffusion"), PRIOR_FACTOR, plan.window * PRIOR_FACTOR)
     scores = [prior.score(image, wrap) for image in images]
@@ -648,7 +660,7 @@ def main() -> None:
         if args.start:
             print("\n" + start_table(rows))
         if args.move:
-            print("\n" + start_table(rows, tuple(name for name in MOVE_SETTINGS if name in settings)))
+            print("\n" + start_table(rows, tuple(settings)))
         name = "layout-move" if args.move else "layout-start" if args.start else "layout-aspects"
         part = "-modes" if args.modes else "-large" if args.large else ""
         write_json(args.output or f"{name}{part}{suffix}", {"environment": env, "aspects": rows})
