@@ -386,9 +386,9 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
     a model trained at that aspect would; around its columns (``circular``, default: for a wrapping world)
     as a 360° model would.
 
-    ``pair`` (bench only, ``PairedPlan``): the global level as two windows half a turn apart, {"weights": "uniform"
-    or "feathered" (each window's weights fall off linearly towards its left and right edge, its cut; a twin's then
-    add up to the same everywhere), "steps": how many steps pair (default all), "roll": False for a pair that does
+    ``pair`` (bench only, ``PairedPlan``): the global level as two windows half a turn apart, {"weights": "uniform",
+    "feathered" (each window's weights fall off linearly towards its left and right edge, its cut; a twin's then
+    add up to the same everywhere) or "middle" (only its middle half counts), "steps": how many steps pair (default all), "roll": False for a pair that does
     not move}."""
     plan = make_plan(settings, PRIOR_FACTOR, prior.window * PRIOR_FACTOR)
     weights = [None] * plan.levels
@@ -398,6 +398,8 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
         plan = PairedPlan.of(plan, pair.get("steps", plan.steps), roll=pair.get("roll", plan.roll))
         if pair["weights"] == "feathered":
             weights[0] = feathered_weights((1, plan.window))
+        elif pair["weights"] == "middle":  # each column from the one window that holds it in its middle half
+            weights[0] = (torch.arange(plan.window) // (plan.window // 4) % 3 != 0).double()[None]
     if plan.wide > 1:
         prior.widened(plan.wide * prior.window, circular=plan.wrap if circular is None else circular)
     scheduler = sd_ddim_scheduler()

@@ -291,6 +291,7 @@ MOVE_SETTINGS = {  # MultiDiffusion has no global level: the same either way
 PAIR_SETTINGS = {
     "Standard, pair": {**STANDARD, "pair": {"weights": "feathered"}},
     "Standard, pair, uniform": {**STANDARD, "pair": {"weights": "uniform"}},
+    "Standard, pair, middle halves": {**STANDARD, "pair": {"weights": "middle"}},
     "Standard, pair, not rolled": {**STANDARD, "pair": {"weights": "feathered", "roll": False}},
     "Standard, pair 8 steps": {**STANDARD, "pair": {"weights": "feathered", "steps": 8}},
     "Draft, pair": {**DRAFT, "pair": {"weights": "feathered"}},
