@@ -22,7 +22,8 @@ the table of docs/layout.md section 6 (layout-start[-large|-modes|-quick].json; 
 world and the 16384×4096 strip; ``--quick``: MD and Standard before/after, 8 seeds, steps ÷ 5, 64×64, 64×128 wrap
 and the large world). ``--move`` compares the global level of a wrapped world fixed (v0.5) and rolled every step
 (docs/layout.md section 7: the wrapped shapes, Standard and Draft, with the 0/360° seam plain, within class and the
-global level's own; ``--large``: the 8192×4096 world; ``--tiny``: the tiny SD model's seam; layout-move*.json).
+global level's own; ``--large``: the 8192×4096 world; ``--tiny``: the tiny SD model's seam; layout-move*.json;
+``--move --settings "Standard, pair" …``: PAIR_SETTINGS, the global level as two windows half a turn apart, bench only).
 Seeds are channels of one latent, so one run samples them all.
 """
 
