@@ -388,12 +388,10 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
 
     ``pair`` (bench only, ``PairedPlan``): the global level as two windows half a turn apart, {"weights": "uniform",
     "feathered" (each window's weights fall off linearly towards its left and right edge, its cut; a twin's then
-    add up to the same everywhere) or "middle" (only its middle half counts), "steps": how many steps pair (default all), "roll": False for a pair that does
-    not move}."""
+    add up to the same everywhere) or "middle" (only its middle half counts); "steps": how many steps pair (default
+    all); "roll": False for a pair that does not move}."""
     plan = make_plan(settings, PRIOR_FACTOR, prior.window * PRIOR_FACTOR)
     weights = [None] * plan.levels
-    if settings.feather:
-        weights = [feathered_weights(plan.window_shape(level)) for level in range(plan.levels)]
     if pair:
         plan = PairedPlan.of(plan, pair.get("steps", plan.steps), roll=pair.get("roll", plan.roll))
         if pair["weights"] == "feathered":

@@ -287,8 +287,8 @@ MOVE_SETTINGS = {  # MultiDiffusion has no global level: the same either way
     "Draft, roll": {**DRAFT, "global_move": "roll"},
 }
 # The global level of a wrapped world as two windows half a turn apart (--move --settings …; docs/layout.md section 7):
-# "pair": bench only (horizon.PairedPlan): merged with feathered or uniform weights, at the first "steps" steps only, or
-# with the pair's first window fixed at 0/360° ("roll": False); the rest of the steps roll.
+# "pair": bench only (horizon.PairedPlan): merged with feathered or uniform weights or each window's middle half, at the
+# first "steps" steps only (the rest roll), or with the pair's first window fixed at 0/360° ("roll": False).
 PAIR_SETTINGS = {
     "Standard, pair": {**STANDARD, "pair": {"weights": "feathered"}},
     "Standard, pair, uniform": {**STANDARD, "pair": {"weights": "uniform"}},
