@@ -17,13 +17,14 @@ The helpers here sample with msd_core's sampler pieces and score the layout of t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 from msd_core.models.loading import sd_ddim_scheduler
 from msd_core.pipeline import default_levels
-from msd_core.sampling.plan import make_plan
+from msd_core.sampling.plan import Plan, make_plan
 from msd_core.sampling.sampler import (
     DDIMTimestep,
     LevelResult,
@@ -45,7 +46,7 @@ from msd_core.sampling.sampler import (
     start_schedule,
 )
 from msd_core.sampling.sphere import CapProjection, pole_cap_step
-from msd_core.sampling.windows import WindowGrid, global_level, level_factor
+from msd_core.sampling.windows import WindowGrid, feathered_weights, global_level, level_factor
 
 TRAIN_STEPS = 1000
 SD_COARSE_NUMEL = 4 * 32 * 32  # what F.mse_loss divides by on an SD coarse crop (64-latent window)
@@ -344,7 +345,38 @@ def sample_panoramas(
 PRIOR_FACTOR = 8  # prior pixels are treated as latent pixels of an 8× "VAE", so settings stay in SD pixels
 
 
-def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circular: bool | None = None):
+def paired_starts(starts: list[int], length: int) -> list[int]:
+    """Column starts of tiles round a circle of ``length``, each with its twin half a tile spacing on: a tile's
+    cut (its edge) is then the middle of its twin."""
+    half = length // len(starts) // 2
+    return sorted({start for tile in starts for start in (tile, (tile + half) % length)})
+
+
+@dataclass(frozen=True)
+class PairedPlan(Plan):
+    """A ``Plan`` whose global level of a wrapped world (one window, shifted tiles) is a pair of windows half a turn
+    apart at its first ``pair_steps`` steps, a drawn start's included: every column lies away from the edge of one
+    of them (docs/layout.md section 7; screened, not taken)."""
+
+    pair_steps: int = 0
+
+    def starts_at(self, step_index: int) -> list[tuple[list[int], list[int]]]:
+        starts = super().starts_at(step_index)
+        if step_index < self.pair_steps:
+            rows, columns = starts[0]
+            starts[0] = (rows, paired_starts(columns, self.level_shape(0)[1]))
+        return starts
+
+    @classmethod
+    def of(cls, plan: Plan, pair_steps: int, **changes) -> "PairedPlan":
+        if not (plan.wrap and plan.windows == "shifted" and plan.squeeze > 1):
+            raise ValueError("only a wrapped world's squeezed global level with shifted tiles is one window to pair")
+        fields = {field.name: getattr(plan, field.name) for field in dataclasses.fields(plan)}
+        return cls(**{**fields, **changes, "pair_steps": pair_steps})
+
+
+def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circular: bool | None = None,
+                         pair: dict | None = None):
     """One panorama per seed (as channels), sampled exactly as the pipeline would for ``settings``
     (msd_core.settings.GenerationSettings, sizes in SD pixels: prior pixel = latent pixel): its plan, window
     grids step by step, solver, ω decay and coarse-level noise, with the prior as the model. Returns the
@@ -352,8 +384,20 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
 
     A wide global window (``global_window="wide"``) is denoised by the prior ``widened`` to its width, as
     a model trained at that aspect would; around its columns (``circular``, default: for a wrapping world)
-    as a 360° model would."""
+    as a 360° model would.
+
+    ``pair`` (bench only, ``PairedPlan``): the global level as two windows half a turn apart, {"weights": "uniform",
+    "feathered" (each window's weights fall off linearly towards its left and right edge, its cut; a twin's then
+    add up to the same everywhere) or "middle" (only its middle half counts); "steps": how many steps pair (default
+    all); "roll": False for a pair that does not move}."""
     plan = make_plan(settings, PRIOR_FACTOR, prior.window * PRIOR_FACTOR)
+    weights = [None] * plan.levels
+    if pair:
+        plan = PairedPlan.of(plan, pair.get("steps", plan.steps), roll=pair.get("roll", plan.roll))
+        if pair["weights"] == "feathered":
+            weights[0] = feathered_weights((1, plan.window))
+        elif pair["weights"] == "middle":  # each column from the one window that holds it in its middle half
+            weights[0] = (torch.arange(plan.window) // (plan.window // 4) % 3 != 0).double()[None]
     if plan.wide > 1:
         prior.widened(plan.wide * prior.window, circular=plan.wrap if circular is None else circular)
     scheduler = sd_ddim_scheduler()
@@ -366,7 +410,8 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
     if plan.start_steps:  # coarse_noise "drawn", as the pipeline does it
         start = start_schedule(settings.scheduler, alphas_cumprod(schedule[0])[0], math.prod(plan.coarsest_factor),
                                plan.start_steps, scheduler.alphas_cumprod)
-        latents = drawn_start(latents, plan.start_grids(), plan.coarsest_factor, start, denoise, view_batch=VIEW_BATCH)
+        latents = drawn_start(latents, plan.start_grids(), plan.coarsest_factor, start, denoise, view_batch=VIEW_BATCH,
+                              weights=weights[0])
     caps = CapProjection(plan.height, plan.width, plan.caps) if plan.caps else None  # a 2:1 world's pole caps
     cap_views = None
     for index, step in enumerate(schedule):
@@ -376,7 +421,7 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
         before, x0_before = latents, x0_history[-1]
         latents = msd_step(latents, plan.grids_at(index), step, denoise, omega_t,
                            gradient=gradient or settings.gradient, omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
-                           x0_history=x0_history, on_level=levels_out.append, coarse_noise=settings.coarse_noise,
+                           weights=weights, x0_history=x0_history, on_level=levels_out.append, coarse_noise=settings.coarse_noise,
                            train_alphas=scheduler.alphas_cumprod, levels_run=plan.levels_at(index))
         if caps is not None and plan.caps_at(index):  # as the pipeline runs them: guided towards the next coarser level's caps
             coarse = levels_out[-2].latents if gradient and len(levels_out) > 1 else None

@@ -23,7 +23,8 @@ the table of docs/layout.md section 6 (layout-start[-large|-modes|-quick].json; 
 world and the 16384×4096 strip; ``--quick``: MD and Standard before/after, 8 seeds, steps ÷ 5, 64×64, 64×128 wrap
 and the large world). ``--move`` compares the global level of a wrapped world fixed (v0.5) and rolled every step
 (docs/layout.md section 7: the wrapped shapes, Standard and Draft, with the 0/360° seam plain, within class and the
-global level's own; ``--large``: the 8192×4096 world; ``--tiny``: the tiny SD model's seam; layout-move*.json).
+global level's own; ``--large``: the 8192×4096 world; ``--tiny``: the tiny SD model's seam; layout-move*.json;
+``--move --settings "Standard, pair" …``: PAIR_SETTINGS, the global level as two windows half a turn apart, bench only).
 Seeds are channels of one latent, so one run samples them all.
 """
 
@@ -288,6 +289,18 @@ MOVE_SETTINGS = {  # MultiDiffusion has no global level: the same either way
     "Draft, fixed": {**DRAFT, "global_move": "fixed"},
     "Draft, roll": {**DRAFT, "global_move": "roll"},
 }
+# The global level of a wrapped world as two windows half a turn apart (--move --settings …; docs/layout.md section 7):
+# "pair": bench only (horizon.PairedPlan): merged with feathered or uniform weights or each window's middle half, at the
+# first "steps" steps only (the rest roll), or with the pair's first window fixed at 0/360° ("roll": False).
+PAIR_SETTINGS = {
+    "Standard, pair": {**STANDARD, "pair": {"weights": "feathered"}},
+    "Standard, pair, uniform": {**STANDARD, "pair": {"weights": "uniform"}},
+    "Standard, pair, middle halves": {**STANDARD, "pair": {"weights": "middle"}},
+    "Standard, pair, not rolled": {**STANDARD, "pair": {"weights": "feathered", "roll": False}},
+    "Standard, pair 8 steps": {**STANDARD, "pair": {"weights": "feathered", "steps": 8}},
+    "Draft, pair": {**DRAFT, "pair": {"weights": "feathered"}},
+    "Draft, pair, uniform": {**DRAFT, "pair": {"weights": "uniform"}},
+}
 # Cheaper settings measured for the speed issue (docs/speed.md), run with --settings NAME … .
 SPEED_SETTINGS = {
     "guided 0.5": {**V03_STANDARD, "guided_fraction": 0.5},
@@ -344,7 +357,7 @@ FINE_START_SETTINGS = {
     "Standard, fine start 0.3": {**STANDARD, "fine_start": 0.3},  # detail kept, less layout gained (docs/layout.md 6.7)
     "Draft, fine start 0.3": {**DRAFT, "fine_start": 0.3},
 }
-ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | MOVE_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS | FINE_START_SETTINGS
+ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | MOVE_SETTINGS | PAIR_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS | FINE_START_SETTINGS
 EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard", "v0.4 Standard", "Standard, drawn")
 # seams: window rows / columns, the same within each class (texture) rows / columns, 0/360° (plain, within class,
 # the coarsest level's own)
@@ -402,7 +415,7 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     scale = 16 // prior.window
     height, width, wrap = shape[0] // scale, shape[1] // scale, shape[2]
     changes = dict(ALL_SETTINGS[setting])
-    circular = changes.pop("circular_prior", None)
+    circular, pair = changes.pop("circular_prior", None), changes.pop("pair", None)
     settings = dataclasses.replace(GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR,
                                                       height=height * PRIOR_FACTOR, wrap=wrap), **changes)
     if quick:
@@ -416,7 +429,8 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
             levels[:] = [tuple(r.latents.shape[2:]) for r in results]
 
     started = time.perf_counter()
-    images, plan = sample_with_settings(prior, settings, seeds, on_step=on_step, circular=circular)
+    images, plan = sample_with_settings(prior, settings, seeds, on_step=on_step, circular=circular,
+                                        pair=pair)
     seconds = time.perf_counter() - started
     md_plan = make_plan(dataclasses.replace(settings, method="multidiffusion"), PRIOR_FACTOR, plan.window * PRIOR_FACTOR)
     scores = [prior.score(image, wrap) for image in images]
@@ -757,7 +771,7 @@ def main() -> None:
         if args.start:
             print("\n" + start_table(rows))
         if args.move:
-            print("\n" + start_table(rows, tuple(name for name in MOVE_SETTINGS if name in settings)))
+            print("\n" + start_table(rows, tuple(settings)))
         name = "layout-move" if args.move else "layout-start" if args.start else "layout-aspects"
         part = "-modes" if args.modes else "-large" if args.large else ""
         write_json(args.output or f"{name}{part}{suffix}", {"environment": env, "aspects": rows})

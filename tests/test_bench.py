@@ -342,3 +342,34 @@ def test_the_detail_measure_tells_a_finest_level_that_joins_late_from_every_leve
         bands[fine_start], edges[fine_start] = spectrum.band_power(images, 16), spectrum.block_edge_ratio(images, (2, 2))
     assert ((bands[0.0] / reference - 1).abs() < 0.25).all() and edges[0.0] < 1.15, (bands[0.0] / reference, edges)
     assert (bands[0.6][2:] / bands[0.0][2:] < 0.96).all() and edges[0.6] > edges[0.0] + 0.08, (bands, edges)
+
+
+def test_a_paired_global_level_adds_its_twin_half_a_turn_on_and_the_plan_counts_it(one_thread):
+    # Screened and not taken (docs/layout.md section 7), bench only: the global level of a 360° world as two windows
+    # half a turn apart, so every column lies away from one window's edge (its cut is the middle of its twin).
+    from msd_core.sampling.plan import make_plan
+    from msd_core.sampling.windows import feathered_weights
+    from msd_core.settings import QUALITY, GenerationSettings
+
+    assert horizon.paired_starts([3], 16) == [3, 11] and horizon.paired_starts([12], 16) == [4, 12]
+    assert horizon.paired_starts([0, 8], 16) == [0, 4, 8, 12]  # two tiles: each twin halfway between them
+    world = GenerationSettings(prompt="bench", width=512, height=256, **QUALITY["draft"][0])
+    rolled = make_plan(world, horizon.PRIOR_FACTOR, 16 * horizon.PRIOR_FACTOR)
+    paired = horizon.PairedPlan.of(rolled, 4)
+    assert rolled.level_shape(0) == (16, 16) and rolled.start_steps == 3
+    for index in range(-rolled.start_steps, rolled.steps):  # the drawn start's steps, then the run's
+        (rows, columns), *finer = rolled.starts_at(index)
+        assert paired.starts_at(index) == [(rows, horizon.paired_starts(columns, 16) if index < 4 else columns), *finer]
+    assert paired.start_starts() == [(rows, horizon.paired_starts(columns, 16)) for rows, columns in rolled.start_starts()]
+    with pytest.raises(ValueError, match="one window to pair"):
+        horizon.PairedPlan.of(make_plan(dataclasses.replace(world, wrap=False), horizon.PRIOR_FACTOR, 128), 4)
+    # Feathered, a twin's weights add up to the same in every column: each counts by its distance from its own cut.
+    ramp = feathered_weights((1, 16))[0]
+    assert torch.allclose(ramp + ramp.roll(8), torch.full((16,), float(ramp.max() + ramp.min())))
+    # The plan counts the twin, one window forward more at each paired step and the drawn start's, as the prior
+    # measures the work it does (one forward per window denoised, a backward per differentiated one).
+    for pair, twins in ((None, 0), ({"weights": "feathered", "steps": 4}, 4 + 3)):
+        prior = priors.RiverPrior()
+        _, used = horizon.sample_with_settings(prior, world, [0, 1], pair=pair)
+        assert used.work() == prior.work
+        assert used.work()["forwards"] == rolled.work()["forwards"] + twins

@@ -8,7 +8,7 @@ import torch
 from msd_core.sampling import plan, sampler
 from msd_core.models.loading import sd_ddim_scheduler
 from msd_core.sampling.sampler import DDIMTimestep, ddim_jacobian, ddim_schedule, ddim_step
-from msd_core.sampling.windows import WindowGrid, downsample
+from msd_core.sampling.windows import WindowGrid, downsample, feathered_weights
 from msd_core.settings import GenerationSettings
 
 
@@ -404,6 +404,28 @@ def test_a_drawn_start_changes_only_the_coarsest_levels_content_and_nothing_for_
     # level at the matched noise level holds, √ᾱ_first · x₀, less the part the start's noise already counted.
     gap = downsample(drawn, factor) - downsample(noise, factor)
     assert torch.allclose(gap, torch.full_like(gap, first**0.5 * (1 - 32**-0.5)), atol=1e-10)
+
+
+def test_a_drawn_start_merges_its_windows_with_the_weights_it_is_given():
+    # Two windows half a turn apart round a wrapped 8×8 coarsest level (bench/horizon.py's paired global level),
+    # merged with weights that fall off towards each window's own edge: each start step is that weighted merge.
+    train = sd_ddim_scheduler()
+    steps = sampler.start_schedule("ddim", 0.05, 32, 3, train.alphas_cumprod)
+    noise = torch.randn(1, 2, 32, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    pair = WindowGrid(8, 8, 8, 8, wrap=True, starts=((0,), (1, 5)))
+    weights = feathered_weights((1, 8))
+
+    def denoise(x, t):  # sees where its window's edges are
+        return torch.tanh(x) + 0.1 * x.cumsum(-1) + t * 1e-4
+
+    coarse = downsample(noise, (4, 8)) * 32**0.5
+    for step in steps:
+        coarse, _ = sampler.multidiffusion_step(coarse, pair, step, denoise, weights=weights)
+    first, last = sampler.alphas_cumprod(steps[0])[0], sampler.alphas_cumprod(steps[-1])[1]
+    expected = sampler.with_block_means(noise, coarse * (first / last) ** 0.5, (4, 8))
+    weighted = sampler.drawn_start(noise, [pair] * 3, (4, 8), steps, denoise, weights=weights)
+    assert torch.allclose(weighted, expected, atol=1e-12)
+    assert (weighted - sampler.drawn_start(noise, [pair] * 3, (4, 8), steps, denoise)).abs().max() > 1e-3
 
 
 def test_a_step_that_holds_the_finest_level_runs_only_the_levels_above_and_keeps_its_noise_beneath_their_state():

@@ -352,6 +352,7 @@ def drawn_start(
     prediction_type: str = "epsilon",
     view_batch: int = 8,
     interrupt: Interrupt | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The finest level's starting latent whose coarsest level already holds its large-scale content.
 
@@ -363,6 +364,7 @@ def drawn_start(
     plain MultiDiffusion on ``grids``, one per step: ``plan.Plan.start_grids``) from the unit noise √g·ds(noise)
     (independent of the rest of ``noise``), and the result, scaled into the level's units (ds of the finest),
     replaces ``noise``'s block means. With a model that predicts x₀ = 0 this returns ``noise`` itself.
+    ``weights``: the coarsest level's window weight map (``plan.Plan.level_weights``).
     """
     gain = factor[0] * factor[1]
     coarse, history = downsample(noise, factor) * math.sqrt(gain), None
@@ -370,7 +372,8 @@ def drawn_start(
         raise ValueError(f"a drawn start needs one grid per step: {len(grids)} grids for {len(schedule)} steps")
     for step, grid in zip(schedule, grids):
         coarse, history = multidiffusion_step(coarse, grid, step, denoise, prediction_type=prediction_type,
-                                              view_batch=view_batch, interrupt=interrupt, previous_x0=history)
+                                              view_batch=view_batch, weights=weights, interrupt=interrupt,
+                                              previous_x0=history)
     first, last = alphas_cumprod(schedule[0])[0], alphas_cumprod(schedule[-1])[1]
     return with_block_means(noise, coarse * math.sqrt(first / last), factor)
 
