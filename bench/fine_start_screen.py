@@ -69,7 +69,7 @@ def sample(prior, settings, seeds, *, fine_start=0.0, staged=False, kappa=1.0, k
     if plan.start_steps:
         start = start_schedule(settings.scheduler, alphas_cumprod(schedule[0])[0], math.prod(plan.coarsest_factor),
                                plan.start_steps, scheduler.alphas_cumprod)
-        latents = drawn_start(latents, plan.grids_at(0)[0], plan.coarsest_factor, start, denoise, view_batch=VIEW_BATCH)
+        latents = drawn_start(latents, plan.start_grids(), plan.coarsest_factor, start, denoise, view_batch=VIEW_BATCH)
     caps = CapProjection(plan.height, plan.width, plan.caps) if plan.caps else None
     cap_views = None
     starts = [0] * plan.levels

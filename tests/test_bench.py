@@ -344,6 +344,24 @@ def test_the_detail_measure_tells_a_finest_level_that_joins_late_from_every_leve
     assert (bands[0.6][2:] / bands[0.0][2:] < 0.96).all() and edges[0.6] > edges[0.0] + 0.08, (bands, edges)
 
 
+def test_the_fine_start_screen_samples_the_landed_setting_as_the_bench_does(one_thread):
+    # bench/fine_start_screen.py keeps its own copy of the sampling loop (for knobs the sampler lacks); its landed
+    # setting (staged, 0.6) must stay the bench's --fine-start 0.6 bit for bit: a 360° world (rolled global level,
+    # drawn start, pole caps) and a 4:1 strip.
+    import fine_start_screen
+
+    from msd_core.settings import QUALITY, GenerationSettings
+
+    for name, (height, width, wrap) in (("sun", (32, 64, True)), ("river", (32, 128, False))):
+        prior = priors.SunPrior() if name == "sun" else priors.RiverPrior()
+        settings = GenerationSettings(prompt="bench", width=width * horizon.PRIOR_FACTOR,
+                                      height=height * horizon.PRIOR_FACTOR, wrap=wrap, **{**QUALITY["standard"][0], "steps": 10})
+        screened, plan = fine_start_screen.sample(prior, settings, [0, 1], fine_start=0.6, staged=True)
+        landed, _ = horizon.sample_with_settings(prior, dataclasses.replace(settings, fine_start=0.6), [0, 1])
+        assert plan.start_steps > 0 and (plan.caps > 0) == wrap
+        assert torch.equal(screened, landed), name
+
+
 def test_a_paired_global_level_adds_its_twin_half_a_turn_on_and_the_plan_counts_it(one_thread):
     # Screened and not taken (docs/layout.md section 7), bench only: the global level of a 360° world as two windows
     # half a turn apart, so every column lies away from one window's edge (its cut is the middle of its twin).
