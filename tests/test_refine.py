@@ -36,6 +36,7 @@ from msd_core.models.loading import sd_ddim_scheduler
 from msd_core.pipeline import MSDPanoramaPipeline, default_levels
 from msd_core.sampling.sampler import cosine_decay, ddim_schedule, msd_step
 from msd_core.settings import GenerationSettings, RefineSettings
+from test_worker import slow_png
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from horizon import TRAIN_STEPS, HorizonPrior, make_grids, vertical_median3  # noqa: E402
@@ -625,15 +626,7 @@ def test_huge_numbers_are_never_echoed_in_full(tmp_path, capsys):
 def slow_decoding_png(path: Path, empty_chunks: int) -> Path:
     """A valid 16×8 PNG whose pixels follow many empty IDAT chunks: its header is read at once, decoding
     it takes long (1 000 000 chunks: about 10 s here), as a 16K panorama's does."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    pixels = zlib.compress(b"".join(b"\0" + b"\x80" * 48 for _ in range(8)))
-    header = struct.pack(">IIBBBBB", 16, 8, 8, 2, 0, 0, 0)
-    path.write_bytes(pngmeta.PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", b"") * empty_chunks
-                     + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))  # fmt: skip
-    return path
+    return slow_png(path, empty_chunks, kind=b"IDAT")
 
 
 class CancelAfter:

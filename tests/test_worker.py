@@ -584,8 +584,9 @@ def test_the_client_sends_a_file_name_that_is_not_utf8_as_it_is(worker, tmp_path
     assert os.listdir(os.fsencode(tmp_path)) == [b"ni\xf1o.png"]  # not "ni?o.png"
 
 
-def slow_png(path: Path, chunks: int = 300_000) -> Path:
-    """A valid 16×8 PNG with many empty chunks before its pixels: reading its header takes seconds."""
+def slow_png(path: Path, chunks: int = 300_000, kind: bytes = b"teST") -> Path:
+    """A valid 16×8 PNG with many empty ``kind`` chunks before its pixels: ancillary ones (the default) make
+    reading its header take seconds, empty IDAT ones its decoding."""
     import struct
     import zlib
 
@@ -594,7 +595,7 @@ def slow_png(path: Path, chunks: int = 300_000) -> Path:
 
     pixels = zlib.compress(b"".join(b"\0" + b"\x80" * 48 for _ in range(8)))
     header = struct.pack(">IIBBBBB", 16, 8, 8, 2, 0, 0, 0)
-    path.write_bytes(pngmeta.PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"teST", b"") * chunks
+    path.write_bytes(pngmeta.PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(kind, b"") * chunks
                      + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))  # fmt: skip
     return path
 
