@@ -277,6 +277,16 @@ class MSD_PanoramaSettings(PropertyGroup):
                     "better layout and less work, less fine detail (0 = every level from the first step, the paper's)",
         subtype='FACTOR', min=0.0, max=0.9, default=GenerationSettings.fine_start,
     )
+    fine_join: EnumProperty(
+        name="Late Join",
+        items=[
+            ("stochastic", "Stochastic", "A level that joined late draws part of its noise afresh each step, finer "
+                                         "than the top two levels only: the fine detail comes back"),
+            ("deterministic", "Deterministic", "A level that joined late steps like the others (v0.6): the level "
+                                               "above's blocks stay"),
+        ],
+        default=GenerationSettings.fine_join,
+    )
     scales: IntProperty(name="Levels", description="Pyramid levels (0 = automatic)", min=0, soft_max=6, default=0)
     target: EnumProperty(
         name="Use As",
@@ -359,6 +369,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         global_move=group.global_move,
         coarse_noise=group.coarse_noise,
         fine_start=round(group.fine_start, 6),  # Blender's float32, as guided_fraction
+        fine_join=group.fine_join,
         poles=group.poles,
         omega=group.omega,
         scales=group.scales or None,
@@ -450,7 +461,8 @@ def _panel_values(settings: GenerationSettings) -> dict:
         "scheduler": settings.scheduler, "guided_fraction": settings.guided_fraction,
         "late_gradient": settings.late_gradient,
         "pyramid": settings.pyramid, "global_window": settings.global_window, "global_move": settings.global_move,
-        "coarse_noise": settings.coarse_noise, "fine_start": settings.fine_start, "poles": settings.poles,
+        "coarse_noise": settings.coarse_noise, "fine_start": settings.fine_start, "fine_join": settings.fine_join,
+        "poles": settings.poles,
         "scales": settings.scales or 0, "cubemap": settings.cubemap,
         "steps": settings.steps, "guidance": settings.guidance, "random_seed": False,
         # Seed first (its update clears the stored seed), then a seed too large for it as text.
@@ -486,7 +498,8 @@ SETTING_PLACES = {
     "scheduler": (_SAMPLER, "scheduler"), "guided_fraction": (_SAMPLER, "guided_fraction"),
     "late_gradient": (_SAMPLER, "late_gradient"),
     "pyramid": (_SAMPLER, "pyramid"), "global_window": (_SAMPLER, "global_window"), "global_move": (_SAMPLER, "global_move"),
-    "coarse_noise": (_SAMPLER, "coarse_noise"), "fine_start": (_SAMPLER, "fine_start"), "scales": (_SAMPLER, "scales"),
+    "coarse_noise": (_SAMPLER, "coarse_noise"), "fine_start": (_SAMPLER, "fine_start"),
+    "fine_join": (_SAMPLER, "fine_join"), "scales": (_SAMPLER, "scales"),
     "poles": (_SAMPLER, "poles"), "cubemap": (_PANEL, "cubemap"),
     "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"), "hdr_peak": (_SAMPLER, "hdr_peak"),
     "model": (_PREFERENCES, "model"), "model_config": (_PREFERENCES, "model_config"),

@@ -1,8 +1,9 @@
 """Issue 20 item 2: the screen of candidates for the finest level's extra suns and broken rivers (docs/layout.md 6.6).
 
 Samples the analytic priors as ``horizon.sample_with_settings`` does (drawn start, pole caps, the preset's solver
-and gradients; checked to give the same panoramas to the last bit for the landed setting), with two knobs the
-sampler does not have, to compare candidates before one is landed:
+and gradients; checked to give the same panoramas to the last bit for the landed setting with v0.6's deterministic
+join, ``--fine-join deterministic``), with two knobs the sampler does not have, to compare candidates before one is
+landed:
 - ``fine_start`` / ``staged``: the finest level (staged: every level below the top two, at evenly spaced shares;
   "together": all of them at once) joins after that share of the steps, held meanwhile as the level above's state plus its own noise
   (``sampler.held_latents``); staged is what ``--fine-start`` does;

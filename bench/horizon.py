@@ -403,8 +403,10 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
     scheduler = sd_ddim_scheduler()
     schedule = solver_schedule(settings.scheduler, scheduler, plan.steps)
     x0_history = [None] * plan.levels  # a multistep solver's memory (DDIM ignores it)
-    latents = torch.stack([torch.randn(plan.height, plan.width, generator=torch.Generator().manual_seed(seed),
-                                       dtype=torch.float64) for seed in seeds])[None]
+    # Each seed draws its initial noise, then any fresh noise of a stochastic join (as the pipeline does).
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    latents = torch.stack([torch.randn(plan.height, plan.width, generator=generator, dtype=torch.float64)
+                           for generator in generators])[None]
     omega = settings.omega if settings.method == "msd" else 0.0
     denoise = prior.denoiser()
     if plan.start_steps:  # coarse_noise "drawn", as the pipeline does it
@@ -422,7 +424,10 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
         latents = msd_step(latents, plan.grids_at(index), step, denoise, omega_t,
                            gradient=gradient or settings.gradient, omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
                            weights=weights, x0_history=x0_history, on_level=levels_out.append, coarse_noise=settings.coarse_noise,
-                           train_alphas=scheduler.alphas_cumprod, levels_run=plan.levels_at(index))
+                           train_alphas=scheduler.alphas_cumprod, levels_run=plan.levels_at(index),
+                           fresh_noise=(lambda: torch.stack([torch.randn(plan.height, plan.width, generator=generator,
+                                                                         dtype=torch.float64) for generator in generators])[None])
+                           if plan.stochastic_at(index) else None)
         if caps is not None and plan.caps_at(index):  # as the pipeline runs them: guided towards the next coarser level's caps
             coarse = levels_out[-2].latents if gradient and len(levels_out) > 1 else None
             cap_views = pole_cap_step(

@@ -356,6 +356,11 @@ FINE_START_SETTINGS = {
     "Draft, fine start 0.6": {**DRAFT, "fine_start": 0.6},
     "Standard, fine start 0.3": {**STANDARD, "fine_start": 0.3},  # detail kept, less layout gained (docs/layout.md 6.7)
     "Draft, fine start 0.3": {**DRAFT, "fine_start": 0.3},
+    # v0.6's join (docs/layout.md 6.8): the late level steps deterministically, as every other level.
+    "Standard, fine start 0.6, deterministic join": {**STANDARD, "fine_start": 0.6, "fine_join": "deterministic"},
+    "Draft, fine start 0.6, deterministic join": {**DRAFT, "fine_start": 0.6, "fine_join": "deterministic"},
+    "Standard, fine start 0.3, deterministic join": {**STANDARD, "fine_start": 0.3, "fine_join": "deterministic"},
+    "Draft, fine start 0.3, deterministic join": {**DRAFT, "fine_start": 0.3, "fine_join": "deterministic"},
 }
 ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | MOVE_SETTINGS | PAIR_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS | FINE_START_SETTINGS
 EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard", "v0.4 Standard", "Standard, drawn")
@@ -542,8 +547,10 @@ def gaussian_modes_part(seeds: int, settings=("v0.4 Standard", "Standard, drawn"
     return rows
 
 
-DETAIL_SETTINGS = ("default", "Standard, fine start 0.3", "Standard, fine start 0.6", "default, Draft",
-                   "Draft, fine start 0.3", "Draft, fine start 0.6")
+DETAIL_SETTINGS = ("default", "Standard, fine start 0.3", "Standard, fine start 0.6",
+                   "Standard, fine start 0.3, deterministic join", "Standard, fine start 0.6, deterministic join",
+                   "default, Draft", "Draft, fine start 0.3", "Draft, fine start 0.6",
+                   "Draft, fine start 0.3, deterministic join", "Draft, fine start 0.6, deterministic join")
 DETAIL_SHAPES = (ASPECTS[0], ASPECTS[1])  # 64×64 and the 360° world's 32×64 wrap
 
 
@@ -604,9 +611,10 @@ def detail_table(rows: list[dict]) -> str:
 
 
 def tiny_detail_part(seeds: int, sizes=((512, 256), (1024, 512))) -> list[dict]:
-    """The tiny SD model (its real UNet, random weights), the defaults with and without ``--fine-start 0.6``: the
-    finished latent's block-edge ratio at the finest level's blocks and its band powers (window-sized crops,
-    all four channels) with the fine start over without (``--detail --tiny``)."""
+    """The tiny SD model (its real UNet, random weights), the defaults with and without ``--fine-start 0.6`` (its
+    stochastic join and v0.6's deterministic one): the finished latent's block-edge ratio at the finest level's
+    blocks and its band powers (window-sized crops, all four channels) with the fine start over without
+    (``--detail --tiny``)."""
     from msd_core.pipeline import MSDPanoramaPipeline
 
     base = GenerationSettings(prompt="a misty alpine valley", model="tiny", device="cpu", width=sizes[0][0],
@@ -616,22 +624,27 @@ def tiny_detail_part(seeds: int, sizes=((512, 256), (1024, 512))) -> list[dict]:
     rows = []
     for width, height in sizes:
         powers = {}
-        for fine_start in (0.0, 0.6):
+        variants = ((0.0, "stochastic"), (0.6, "deterministic"), (0.6, "stochastic"))
+        for fine_start, fine_join in variants:
             for seed in range(seeds):
-                settings = dataclasses.replace(base, width=width, height=height, seed=seed, fine_start=fine_start)
+                settings = dataclasses.replace(base, width=width, height=height, seed=seed, fine_start=fine_start,
+                                               fine_join=fine_join)
                 result = pipe(settings, decode=False)
                 grids = result.plan.grids_at(result.plan.steps - 1)
                 factor = level_factor(grids[-1], grids[-2])
-                powers[fine_start, seed] = band_power(result.latents[0], window)
-                rows.append({"part": "tiny detail", "size": f"{width}×{height}", "fine_start": fine_start, "seed": seed,
-                             "block": list(factor), "block_edge_ratio": block_edge_ratio(result.latents[0], factor),
-                             "bands": powers[fine_start, seed].tolist()})
+                powers[fine_start, fine_join, seed] = band_power(result.latents[0], window)
+                rows.append({"part": "tiny detail", "size": f"{width}×{height}", "fine_start": fine_start,
+                             "fine_join": fine_join, "seed": seed, "block": list(factor),
+                             "block_edge_ratio": block_edge_ratio(result.latents[0], factor),
+                             "bands": powers[fine_start, fine_join, seed].tolist()})
                 print({k: v for k, v in rows[-1].items() if k != "bands"}, flush=True)
-        ratio = torch.stack([powers[0.6, seed] / powers[0.0, seed] for seed in range(seeds)]).log()
-        rows.append({"part": "tiny bands", "size": f"{width}×{height}", "seeds": seeds,
-                     "fine_start_over_every_level": ratio.mean(0).exp().tolist(),
-                     "se_log": standard_error(ratio).tolist()})
-        print(rows[-1], flush=True)
+        for fine_join in ("deterministic", "stochastic"):
+            ratio = torch.stack([powers[0.6, fine_join, seed] / powers[variants[0] + (seed,)]
+                                 for seed in range(seeds)]).log()
+            rows.append({"part": "tiny bands", "size": f"{width}×{height}", "seeds": seeds, "fine_join": fine_join,
+                         "fine_start_over_every_level": ratio.mean(0).exp().tolist(),
+                         "se_log": standard_error(ratio).tolist()})
+            print(rows[-1], flush=True)
     return rows
 
 

@@ -29,6 +29,7 @@ from .settings import (
     DEVICES,
     DRAWN_SEED_LIMIT,
     DTYPES,
+    FINE_JOINS,
     GLOBAL_MOVES,
     GLOBAL_WINDOWS,
     GRADIENTS,
@@ -226,7 +227,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="the share of the steps before the finest level joins, starting from the levels above it "
                              "(the levels between join earlier): better layout, less UNet work, less fine detail; "
                              "0 = every level from the first step, the paper's "
-                             f"(default {GenerationSettings.fine_start:g}; docs/layout.md 6.6-6.7)")
+                             f"(default {GenerationSettings.fine_start:g}; docs/layout.md 6.6-6.8)")
+    method.add_argument("--fine-join", choices=FINE_JOINS, default=GenerationSettings.fine_join,
+                        help="how a level that joined late steps (with --fine-start): stochastic (default) = part of "
+                             "its noise is drawn afresh each step, finer than the top two levels only, so the detail "
+                             "its held noise lacked comes back; deterministic = v0.6's, the level above's blocks stay")
     method.add_argument("--scales", type=int, help="pyramid levels (default: enough that the coarsest fits one window)")
     method.add_argument("--window", type=int, help="window size in pixels (default: the model's native size)")
     method.add_argument("--windows", choices=WINDOW_MODES,
@@ -308,7 +313,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "loras": [parse_lora_argument(text) for text in args.lora],
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
         "global_window": args.global_window, "global_move": args.global_move,
-        "coarse_noise": args.coarse_noise, "fine_start": args.fine_start, "scales": args.scales, "guidance": args.guidance,
+        "coarse_noise": args.coarse_noise, "fine_start": args.fine_start, "fine_join": args.fine_join, "scales": args.scales, "guidance": args.guidance,
         "seed": secrets.randbelow(DRAWN_SEED_LIMIT) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "poles": args.poles,
         "view_batch": args.view_batch,

@@ -195,12 +195,17 @@ class MSDPanoramaPipeline:
         return denoise
 
     # -- the loop ----------------------------------------------------------------------------------
-    def initial_latents(self, plan: Plan, seed: int) -> torch.Tensor:
-        """Seeded on the CPU so the same seed gives the same panorama on every device."""
-        generator = torch.Generator("cpu").manual_seed(seed)
+    def initial_latents(self, plan: Plan, seed: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Seeded on the CPU so the same seed gives the same panorama on every device. ``generator``: the seed's
+        own, kept by the loop for the fresh noise of a stochastic join (``fresh_noise``)."""
+        generator = generator or torch.Generator("cpu").manual_seed(seed)
+        return self.fresh_noise(plan, generator) * self.scheduler.init_noise_sigma
+
+    def fresh_noise(self, plan: Plan, generator: torch.Generator) -> torch.Tensor:
+        """White noise of one panorama's latent shape, drawn on the CPU (the same on every device)."""
         channels = self.unet.config.in_channels
         noise = torch.randn((1, channels, plan.height, plan.width), generator=generator, dtype=torch.float32)
-        return noise.to(self.device) * self.scheduler.init_noise_sigma
+        return noise.to(self.device)
 
     def __call__(
         self,
@@ -260,8 +265,11 @@ class MSDPanoramaPipeline:
         x0_history = [None] * plan.levels
         train_steps = self.scheduler.config.num_train_timesteps
         # 4. Initial latents (float32: the merge averages in full precision; the UNet casts).
+        # Each panorama's seed draws its initial noise, then any fresh noise of a stochastic join.
+        generators = [torch.Generator("cpu").manual_seed(one.seed) for one in batch]
         if latents is None:
-            latents = torch.cat([self.initial_latents(each, one.seed) for each, one in zip(plans, batch)])
+            latents = torch.cat([self.initial_latents(each, one.seed, generator)
+                                 for each, one, generator in zip(plans, batch, generators)])
             if plan.start_steps:  # coarse_noise "drawn": the coarsest level's content first (docs/layout.md)
                 start = start_schedule(settings.scheduler, alphas_cumprod(schedule[0])[0], math.prod(plan.coarsest_factor),
                                        plan.start_steps, self.scheduler.alphas_cumprod)
@@ -302,6 +310,8 @@ class MSDPanoramaPipeline:
                     weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
                     coarse_noise=settings.coarse_noise, train_alphas=self.scheduler.alphas_cumprod,
                     map_batches=self.map_batches, levels_run=plan.levels_at(start_step + index),
+                    fresh_noise=(lambda: torch.cat([self.fresh_noise(each, generator) for each, generator
+                                                    in zip(plans, generators)])) if plan.stochastic_at(start_step + index) else None,
                 )
                 if caps is not None and plan.caps_at(start_step + index):
                     cap_views = [sphere.pole_cap_step(

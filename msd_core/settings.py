@@ -39,6 +39,10 @@ GLOBAL_WINDOWS = ("square", "wide")
 # own seeded offset, its drawn start's steps included, so the world's 0/360° edge is inside its window at most steps;
 # "fixed" (v0.5): the global level is one square window that never moves, its edges always at 0/360° (docs/layout.md).
 GLOBAL_MOVES = ("roll", "fixed")
+# How a level that joined late (--fine-start) takes its steps: "stochastic" (the default since v0.7) draws part of
+# the noise afresh in what its blocks hold beyond the level above, so the detail its held noise lacked comes back;
+# "deterministic" (v0.6) steps it like every other level, and the level above's blocks stay (docs/layout.md 6.8).
+FINE_JOINS = ("stochastic", "deterministic")
 # "matched": each coarse level is denoised at the timestep whose signal-to-noise ratio matches its averaged
 # noise (ds averages g latent pixels: ᾱ' = gᾱ/(1+(g−1)ᾱ)); "drawn": matched, and the coarsest level's starting
 # state is drawn first by its own short trajectory down to that noise level (sampler.drawn_start), so its
@@ -85,7 +89,7 @@ _DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
 # was made the earlier way.
 STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal", "scheduler": "ddim", "guided_fraction": 1.0,
                  "late_gradient": "none", "poles": "flat",
-                 "global_move": "fixed"}
+                 "global_move": "fixed", "fine_join": "deterministic"}
 
 # Seeds drawn at random (CLI, panel, drafts) stay below this: Blender's seed field is a 32-bit IntProperty.
 # Any seed below 2^63 is valid and stored; the panel keeps one above its field's limit as text.
@@ -138,6 +142,7 @@ class GenerationSettings:
     # The share of the steps before the finest level joins; the levels between the top two and the finest join at
     # evenly spaced shares of it (plan.level_start_steps; docs/layout.md 6.6). 0 = every level from the first step.
     fine_start: float = 0.0
+    fine_join: str = "stochastic"  # FINE_JOINS (with fine_start > 0)
     # The share of the steps, from the first, that guide the finer levels with `gradient`; the rest guide with
     # `late_gradient`, or with "none" denoise only the finest level (MultiDiffusion).
     guided_fraction: float = _DEFAULTS["guided_fraction"]
@@ -201,6 +206,7 @@ class GenerationSettings:
         _check_choice("pyramid", self.pyramid, PYRAMIDS)
         _check_choice("global_window", self.global_window, GLOBAL_WINDOWS)
         _check_choice("global_move", self.global_move, GLOBAL_MOVES)
+        _check_choice("fine_join", self.fine_join, FINE_JOINS)
         _check_choice("poles", self.poles, POLE_MODES)
         _check_choice("coarse_noise", self.coarse_noise, COARSE_NOISES)
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)

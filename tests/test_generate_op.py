@@ -538,6 +538,17 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
     properties.settings_to_scene(late, bpy.context.scene)
     assert round(group.fine_start, 6) == 0.6
     assert properties.setting_label("fine_start") == ("Finest Level Joins", "the Panorama panel's Sampler section")
+    # --fine-join: beside it (its menu is what the row shows), stochastic by default, v0.6's deterministic join kept
+    assert drawn.index(("prop", "fine_join")) == drawn.index(("prop", "fine_start")) + 1
+    assert group.fine_join == "stochastic"
+    group.fine_join = "deterministic"
+    held = properties.settings_from_scene(bpy.context.scene, addon_preferences())
+    assert (held.fine_start, held.fine_join) == (0.6, "deterministic")
+    group.fine_join = "stochastic"
+    properties.settings_to_scene(held, bpy.context.scene)
+    assert group.fine_join == "deterministic"
+    assert properties.setting_label("fine_join") == ("Late Join", "the Panorama panel's Sampler section")
+    group.fine_join = addon_module().msd_core.settings.GenerationSettings.fine_join
     group.fine_start = addon_module().msd_core.settings.GenerationSettings.fine_start
 
 

@@ -260,6 +260,37 @@ def test_drafts_sampled_as_one_batch_equal_each_sampled_alone(pipe):
     assert not torch.allclose(together[0].latents, together[1].latents, atol=0.1)
 
 
+def test_a_stochastic_join_draws_its_fresh_noise_from_each_seed_alone(pipe):
+    # --fine-start on a 360° Draft world with pole caps (three levels: the finest joins at step 3 of 6). The stochastic
+    # join draws its fresh noise from each panorama's seed after its initial noise: the same seed gives the same
+    # world, a batch of drafts what each gives alone; until the join it is v0.6's deterministic run step for step,
+    # and from the join on the two differ.
+    world = GenerationSettings(prompt="dunes at dusk", width=256, height=128, wrap=True, model="tiny", device="cpu",
+                               seed=5, fine_start=0.5, **{**QUALITY["draft"][0], "steps": 6})
+    plan_ = pipe.check_inputs(world)
+    assert plan_.level_starts == (0, 0, 3) and plan_.caps and [plan_.stochastic_at(i) for i in (2, 3)] == [False, True]
+
+    def run(settings):
+        states = {}
+        result = pipe(settings, decode=False, callback=lambda info: states.__setitem__((info.step, info.level),
+                                                                                        info.latents.clone()))
+        return result.latents, states
+
+    joined, states = run(world)
+    assert torch.equal(joined, run(world)[0])
+    held, held_states = run(dataclasses.replace(world, fine_join="deterministic"))
+    # Steps are reported 1-based, each level's merged result before the fresh noise: the join's own step (4) too.
+    assert all(torch.equal(states[key], held_states[key]) for key in states if key[0] <= 4)
+    # After it the levels above see the same block means (to float32 rounding), the finest level differs beneath them.
+    for level, (low, high) in ((1, (0, 1e-4)), (2, (0, 1e-4)), (3, (0.05, None))):
+        change = float((states[5, level] - held_states[5, level]).abs().max() / held_states[5, level].abs().max())
+        assert change >= low and (high is None or change < high), (level, change)
+    together = pipe.sample_batch([world, dataclasses.replace(world, seed=6)], decode=False)
+    alone = [joined, pipe(dataclasses.replace(world, seed=6), decode=False).latents]
+    for batched, single in zip(together, alone):
+        torch.testing.assert_close(batched.latents, single, rtol=1e-5, atol=1e-5 * float(single.abs().max()))
+
+
 def test_a_batch_differs_only_in_seeds(pipe):
     settings = dataclasses.replace(BASE, steps=1)
     with pytest.raises(ValueError, match="only in the seed"):

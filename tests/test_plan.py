@@ -403,6 +403,10 @@ def test_the_finer_levels_join_at_evenly_spaced_shares_of_the_fine_start_and_the
     assert [late.levels_at(index) for index in (0, 14, 15, 24)] == [2, 2, 3, 3]
     assert late.windows_per_step()[:15] == [counts[:2] for counts in every.windows_per_step()[:15]]
     assert late.windows_per_step()[15:] == every.windows_per_step()[15:]
+    # The stochastic join draws fresh noise from the step the finest level joins on, and only after a late join.
+    assert [late.stochastic_at(index) for index in (0, 14, 15, 24)] == [False, False, True, True]
+    held = plan.plan_without_model(dataclasses.replace(world, fine_join="deterministic"), None, "float32")
+    assert not any(plan_.stochastic_at(index) for plan_ in (every, held) for index in range(25))
     # MultiDiffusion and ω = 0 have no levels to hold.
     assert plan.plan_without_model(dataclasses.replace(world, omega=0.0), None, "float32").level_starts == ()
 

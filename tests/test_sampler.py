@@ -465,6 +465,77 @@ def test_a_step_that_holds_the_finest_level_runs_only_the_levels_above_and_keeps
         sampler.msd_step(latents, grids, step, model, 0.0, levels_run=2)
     with pytest.raises(ValueError, match="1 to 3 levels"):
         sampler.msd_step(latents, grids, step, model, 5.0, levels_run=0)
+@pytest.mark.parametrize("solver, steps", [("dpmpp-2m", 25), ("ddim", 50)])  # the presets' and Best's solver
+def test_stochastic_steps_keep_the_marginal_and_give_back_a_signal_the_state_lacks(solver, steps):
+    """``stochastic_increment`` on a scalar Gaussian signal x₀ ~ N(0, s²) with its exact denoiser, over the last 40 %
+    of the steps: from a state drawn from the true marginal the stochastic steps end with the signal's variance as
+    the deterministic ones do (DDIM's first-order stochastic steps lose a little more to their step size), so the
+    formula is the solver's SDE form; from a state that holds the right noise but none of the signal (a held level
+    at its join) the deterministic steps keep the deficit to the end and the stochastic ones give much of it back
+    (a half of it in the limit of small steps, for a signal whose SNR is 1 at the join)."""
+    schedule = sampler.solver_schedule(solver, sd_ddim_scheduler(), steps)[steps * 3 // 5:]
+    if solver == "dpmpp-2m":  # no memory before the join: first order, as the solver starts
+        schedule[0] = dataclasses.replace(schedule[0], ratio=None)
+    alpha = sampler.alphas_cumprod(schedule[0])[0] ** 0.5
+    sigma = (1 - alpha**2) ** 0.5
+    signal = sigma / alpha  # a scale whose SNR is 1 at the join: half the state is signal
+    generator = torch.Generator().manual_seed(0)
+    count = 200_000
+
+    def run(start, stochastic):
+        x, memory = start.clone(), None
+        for step in schedule:
+            a = sampler.alphas_cumprod(step)[0] ** 0.5
+            x0 = a * signal**2 * x / (a**2 * signal**2 + 1 - a**2)  # E[x₀ | x], exact
+            output = (x - a * x0) / (1 - a**2) ** 0.5  # the ε a perfect model predicts
+            new, x0 = step.apply(x, output, "epsilon", memory)
+            if stochastic:
+                new = new + sampler.stochastic_increment(new, sampler.solver_data(step, x0, memory), step,
+                                                         torch.randn(count, generator=generator, dtype=torch.float64))
+            x, memory = new, x0
+        return x.var().item() / signal**2
+
+    faithful = alpha * signal * torch.randn(count, generator=generator, dtype=torch.float64) + sigma * torch.randn(
+        count, generator=generator, dtype=torch.float64)
+    noise_only = sigma * torch.randn(count, generator=generator, dtype=torch.float64)
+    kept = run(faithful, False), run(faithful, True)
+    assert min(kept) > 0.9 and kept[1] > kept[0] - 0.06, kept
+    regained = run(noise_only, False), run(noise_only, True)
+    assert regained[0] < 0.52 and regained[1] > regained[0] + 0.15, regained
+    last = schedule[-1]  # the last step (to σ = 0, or DDIM's ᾱ ≈ 1) draws next to nothing afresh
+    assert sampler.stochastic_increment(torch.zeros(1), torch.zeros(1), last, torch.ones(1)).abs().item() < 0.05
+
+
+def test_a_stochastic_step_draws_afresh_only_what_lies_beneath_the_top_two_levels():
+    """``msd_step`` with ``fresh_noise``: the finest latent's block means at the second level's resolution (what
+    every guided level sees) are the deterministic step's exactly; beneath them it differs, by the step's
+    ``stochastic_increment`` with those block means taken out. Three levels and no fresh noise: nothing changes."""
+    train = sd_ddim_scheduler()
+    schedule = sampler.solver_schedule("dpmpp-2m", train, 10)
+    latents = torch.randn(1, 2, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    noise = torch.randn(1, 2, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grids = [WindowGrid(8, 8, 8, 8), WindowGrid(16, 16, 8, 8), WindowGrid(32, 32, 8, 8)]
+
+    def model(x, t):
+        return torch.tanh(x) + 0.1 * x.roll(1, -1)
+
+    history = [torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 16, 16), 0.1 * latents]
+    memory = [None if h is None else h.clone() for h in history]
+    plain = sampler.msd_step(latents, grids, schedule[6], model, 5.0, gradient="fast", x0_history=memory)
+    memory = [h.clone() for h in history]
+    fresh = sampler.msd_step(latents, grids, schedule[6], model, 5.0, gradient="fast", x0_history=memory,
+                             fresh_noise=lambda: noise)
+    assert torch.allclose(downsample(fresh), downsample(plain), atol=1e-12)
+    up = lambda z: torch.nn.functional.interpolate(downsample(z), scale_factor=2)  # noqa: E731
+    increment = sampler.stochastic_increment(plain, sampler.solver_data(schedule[6], memory[2], 0.1 * latents),
+                                             schedule[6], noise)
+    assert torch.allclose(fresh - plain, increment - up(increment), atol=1e-12)
+    assert (fresh - plain).abs().mean() > 0.05 * plain.abs().mean()
+    two = [sampler.msd_step(latents, grids[1:], schedule[6], model, 5.0, gradient="fast", fresh_noise=fresh,
+                            x0_history=[h.clone() for h in history[1:]]) for fresh in (lambda: noise, None)]
+    assert torch.equal(*two)
+
+
 def _rolled_grids(grids, columns):
     """``grids`` (coarsest first) with every window moved ``columns`` finest-level columns to the left."""
     finest = grids[-1].width

@@ -26,6 +26,7 @@ def validate(**changes):
         ({"prompt": "a\x00b"}, "prompt"), ({"prompt": "x" * 10001}, "prompt"), ({"negative_prompt": b"x"}, "negative_prompt"),
         ({"method": ["msd"]}, "method"), ({"device": None}, "device"), ({"stride": 24, "scales": 3, "windows": "dense"}, "stride"),
         ({"stride": 16}, "stride"), ({"fine_start": 0.95}, "fine_start"), ({"fine_start": -0.1}, "fine_start"),
+        ({"fine_join": "ancestral"}, "fine_join"),
     ],
 )  # fmt: skip
 def test_each_bad_value_is_refused_naming_its_field(changes, field):
@@ -92,6 +93,10 @@ def test_stored_settings_without_the_newer_fields_mean_what_that_version_did():
     v05 = {**older, "pyramid": "global", "coarse_noise": "drawn", "poles": "sphere", "scheduler": "dpmpp-2m"}
     assert GenerationSettings.from_stored(v05).global_move == "fixed"
     assert GenerationSettings.from_dict(v05).global_move == "roll"
+    # A v0.6 file with a late finest level stored no fine_join: its level joined deterministically.
+    v06 = {**v05, "global_move": "roll", "fine_start": 0.6}
+    assert GenerationSettings.from_stored(v06).fine_join == "deterministic"
+    assert GenerationSettings.from_dict(v06).fine_join == "stochastic"
     current = GenerationSettings(prompt="a red desert").to_dict()
     assert GenerationSettings.from_stored(current) == GenerationSettings(prompt="a red desert")
     with pytest.raises(BadInput, match="must be a JSON object"):

@@ -231,7 +231,11 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         row.prop(group, "global_window")
         row.prop(group, "global_move")
         col.prop(group, "coarse_noise")
-        col.prop(group, "fine_start")
+        row = col.row()
+        row.prop(group, "fine_start")
+        sub = row.row()
+        sub.active = group.fine_start > 0
+        sub.prop(group, "fine_join", text="")
         col.prop(group, "scales")
         layout.prop(group, "poles")  # MultiDiffusion too
         col = layout.column()

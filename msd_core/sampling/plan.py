@@ -289,10 +289,16 @@ class Plan:
     start_steps: int = 0  # steps of the coarsest level's own trajectory before the first (coarse_noise "drawn")
     # The step (0-based) at which each level, coarsest first, joins the run (``--fine-start``); () = all at step 0.
     level_starts: tuple[int, ...] = ()
+    stochastic_join: bool = False  # ``--fine-join stochastic``: the late levels' part of the steps after the join
 
     def levels_at(self, step_index: int) -> int:
         """How many levels, from the coarsest, a guided step denoises; the finer ones have not joined yet."""
         return sum(start <= step_index for start in self.level_starts) if self.level_starts else self.levels
+
+    def stochastic_at(self, step_index: int) -> bool:
+        """Whether a step's finest latent takes fresh noise in the part finer than the top two levels
+        (``sampler.msd_step``'s ``fresh_noise``): from the step the finest level joins on, if it joined late."""
+        return self.stochastic_join and bool(self.level_starts) and step_index >= self.level_starts[-1]
 
     def runs_level(self, step_index: int, level: int) -> bool:
         """Whether a step denoises a level (0 = coarsest): a guided step the levels that have joined, another
@@ -587,7 +593,8 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
                 settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps, cap_start=cap_start,
                 guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient, wide=wide,
-                start_steps=start_steps, level_starts=level_starts, roll=roll)
+                start_steps=start_steps, level_starts=level_starts, roll=roll,
+                stochastic_join=bool(level_starts) and settings.fine_join == "stochastic")
 
 
 def level_start_steps(levels: int, steps: int, fine_start: float, guided_steps: int, late_gradient: str) -> tuple[int, ...]:

@@ -647,6 +647,7 @@ def msd_step(
     train_alphas: torch.Tensor | None = None,
     map_batches: BatchMap = run_batches,
     levels_run: int | None = None,
+    fresh_noise: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Algorithm 1, one timestep: pyramid down from z_t, plain MD at the coarsest level, then each finer
     level guided by the one below it. ``grids`` holds one grid per level, coarsest first (each the next
@@ -670,6 +671,11 @@ def msd_step(
     ``levels_run``: how many levels, from the coarsest, this step denoises (``plan.Plan.levels_at``; None = all);
     the finer ones have not joined yet and are held (``held_latents``): their latent is the last run level's state
     under noise, and each one's solver memory is the level above's x₀ upsampled, ready for the step it joins.
+
+    ``fresh_noise`` (white noise shaped like ``latents``; a step where every level runs): the part of the finest
+    latent finer than the top two levels' blocks takes the step's stochastic form (``stochastic_increment``), the
+    rest stays deterministic, so every level the finest is guided towards is unchanged. It is how a level that
+    joined late regains the within-block signal its held noise lacked (docs/layout.md 6.8).
     """
     weights = weights or [None] * len(grids)
     history = x0_history if x0_history is not None else [None] * len(grids)
@@ -695,6 +701,7 @@ def msd_step(
     history[0] = x0
     if on_level:
         on_level(LevelResult(1, prev, x0))
+    finest_memory = history[-1]
     for level in range(1, levels_run):
         level_step, level_denoise = steps[level], level_denoiser(denoise, steps[level])
         prev, x0 = msd_level_step(
@@ -707,7 +714,11 @@ def msd_step(
         if on_level:
             on_level(LevelResult(level + 1, prev, x0))
     if levels_run == len(grids):
-        return prev
+        if fresh_noise is None or len(grids) < 3:
+            return prev
+        block = (math.prod(fh for fh, _ in factors[1:]), math.prod(fw for _, fw in factors[1:]))
+        increment = stochastic_increment(prev, solver_data(step, x0, finest_memory), step, fresh_noise())
+        return prev + with_block_means(increment, torch.zeros_like(downsample(increment, block)), block)
     held = held_latents(latents, prev, math.prod(fh for fh, _ in factors[levels_run - 1:]),
                         math.prod(fw for _, fw in factors[levels_run - 1:]), step)
     levels = build_pyramid(held, len(grids), factors)
@@ -727,6 +738,28 @@ def held_latents(latents: torch.Tensor, coarse_prev: torch.Tensor, fh: int, fw: 
     SDEdit of the level above at its own noise level (docs/layout.md 6.6)."""
     alpha, alpha_next = alphas_cumprod(step)
     return with_block_means(latents * math.sqrt((1 - alpha_next) / (1 - alpha)), coarse_prev, (fh, fw))
+
+
+def solver_data(step: SolverStep, x0: torch.Tensor, previous_x0: torch.Tensor | None) -> torch.Tensor:
+    """The x₀ term a step moves its sample towards: x₀ itself (DDIM, a first-order step), or DPM-Solver++ (2M)'s
+    D = x₀ + (x₀ − x₀_last)/(2r). Affine in the estimates, so it may be taken of merged ones."""
+    if isinstance(step, DPMTimestep) and step.ratio is not None:
+        return x0 + step.history_weight * (x0 - previous_x0)
+    return x0
+
+
+def stochastic_increment(x_next: torch.Tensor, data: torch.Tensor, step: SolverStep, noise: torch.Tensor) -> torch.Tensor:
+    """What the stochastic form of a step adds to its deterministic one, for the same estimate: x_SDE − x_ODE.
+
+    With x = α x₀ + σ ε and e^{−h} = σ_next α / (α_next σ), the deterministic step is x_next = α_next D + σ_next ε̂
+    and the stochastic one (DDIM with η = 1, DPM-Solver++ (2M) SDE) keeps only e^{−h} of ε̂ and draws the rest
+    afresh: x_SDE = α_next D + σ_next (e^{−h} ε̂ + √(1 − e^{−2h}) ξ). Both have the marginal's noise level; the
+    fresh draw is what lets a state that lacks some of the signal's variance regain it over the next steps
+    (a deterministic solver keeps any deficit to the end). ``data``: the step's D (``solver_data``)."""
+    alpha, alpha_next = (math.sqrt(a) for a in alphas_cumprod(step))
+    sigma, sigma_next = math.sqrt(1 - alpha**2), math.sqrt(1 - alpha_next**2)
+    kept = sigma_next * alpha / (alpha_next * sigma)
+    return (1 - kept) * (alpha_next * data - x_next) + sigma_next * math.sqrt(1 - kept**2) * noise
 
 
 def cross_scale_discrepancy(fine: torch.Tensor, coarse: torch.Tensor) -> float:
