@@ -509,7 +509,8 @@ def test_stochastic_steps_keep_the_marginal_and_give_back_a_signal_the_state_lac
 def test_a_stochastic_step_draws_afresh_only_what_lies_beneath_the_top_two_levels():
     """``msd_step`` with ``fresh_noise``: the finest latent's block means at the second level's resolution (what
     every guided level sees) are the deterministic step's exactly; beneath them it differs, by the step's
-    ``stochastic_increment`` with those block means taken out. Three levels and no fresh noise: nothing changes."""
+    ``stochastic_increment`` with those block means taken out, at a guided step and at one that runs the finest
+    level alone. Two levels (none below the top two): nothing changes."""
     train = sd_ddim_scheduler()
     schedule = sampler.solver_schedule("dpmpp-2m", train, 10)
     latents = torch.randn(1, 2, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -531,6 +532,10 @@ def test_a_stochastic_step_draws_afresh_only_what_lies_beneath_the_top_two_level
                                              schedule[6], noise)
     assert torch.allclose(fresh - plain, increment - up(increment), atol=1e-12)
     assert (fresh - plain).abs().mean() > 0.05 * plain.abs().mean()
+    # A step that guides nothing (ω = 0: the finest level alone, after a join under late_gradient "none") too.
+    plain, fresh = (sampler.msd_step(latents, grids, schedule[6], model, 0.0, fresh_noise=noisy,
+                                     x0_history=[h.clone() for h in history]) for noisy in (None, lambda: noise))
+    assert torch.allclose(downsample(fresh), downsample(plain), atol=1e-12) and not torch.allclose(fresh, plain)
     two = [sampler.msd_step(latents, grids[1:], schedule[6], model, 5.0, gradient="fast", fresh_noise=fresh,
                             x0_history=[h.clone() for h in history[1:]]) for fresh in (lambda: noise, None)]
     assert torch.equal(*two)

@@ -672,16 +672,19 @@ def msd_step(
     the finer ones have not joined yet and are held (``held_latents``): their latent is the last run level's state
     under noise, and each one's solver memory is the level above's x₀ upsampled, ready for the step it joins.
 
-    ``fresh_noise`` (white noise shaped like ``latents``; a step where every level runs): the part of the finest
-    latent finer than the top two levels' blocks takes the step's stochastic form (``stochastic_increment``), the
-    rest stays deterministic, so every level the finest is guided towards is unchanged. It is how a level that
-    joined late regains the within-block signal its held noise lacked (docs/layout.md 6.8).
+    ``fresh_noise`` (white noise shaped like ``latents``; a step where every level runs, guided or not): the part of
+    the finest latent finer than the top two levels' blocks takes the step's stochastic form
+    (``stochastic_increment``), the rest stays deterministic, so every level the finest is guided towards is
+    unchanged. It is how a level that joined late regains the within-block signal its held noise lacked
+    (docs/layout.md 6.8).
     """
     weights = weights or [None] * len(grids)
     history = x0_history if x0_history is not None else [None] * len(grids)
     levels_run = len(grids) if levels_run is None else levels_run
     if not 1 <= levels_run <= len(grids) or (omega == 0 and levels_run < len(grids)):
         raise ValueError(f"a step runs 1 to {len(grids)} levels, all of them at ω = 0 (got {levels_run}, ω = {omega})")
+    factors = [level_factor(fine, coarse) for coarse, fine in zip(grids, grids[1:])]
+    finest_memory = history[-1]
     if omega == 0:
         prev, history[-1] = multidiffusion_step(
             latents, grids[-1], step, denoise, prediction_type=prediction_type, view_batch=view_batch,
@@ -689,8 +692,7 @@ def msd_step(
         )
         if on_level:
             on_level(LevelResult(len(grids), prev, history[-1]))
-        return prev
-    factors = [level_factor(fine, coarse) for coarse, fine in zip(grids, grids[1:])]
+        return _stochastic_beneath(prev, history[-1], finest_memory, step, factors, fresh_noise)
     pyramid = build_pyramid(latents, len(grids), factors)
     steps = level_steps(step, factors, coarse_noise, train_alphas)
     prev, x0 = multidiffusion_step(
@@ -701,7 +703,6 @@ def msd_step(
     history[0] = x0
     if on_level:
         on_level(LevelResult(1, prev, x0))
-    finest_memory = history[-1]
     for level in range(1, levels_run):
         level_step, level_denoise = steps[level], level_denoiser(denoise, steps[level])
         prev, x0 = msd_level_step(
@@ -714,11 +715,7 @@ def msd_step(
         if on_level:
             on_level(LevelResult(level + 1, prev, x0))
     if levels_run == len(grids):
-        if fresh_noise is None or len(grids) < 3:
-            return prev
-        block = (math.prod(fh for fh, _ in factors[1:]), math.prod(fw for _, fw in factors[1:]))
-        increment = stochastic_increment(prev, solver_data(step, x0, finest_memory), step, fresh_noise())
-        return prev + with_block_means(increment, torch.zeros_like(downsample(increment, block)), block)
+        return _stochastic_beneath(prev, x0, finest_memory, step, factors, fresh_noise)
     held = held_latents(latents, prev, math.prod(fh for fh, _ in factors[levels_run - 1:]),
                         math.prod(fw for _, fw in factors[levels_run - 1:]), step)
     levels = build_pyramid(held, len(grids), factors)
@@ -728,6 +725,17 @@ def msd_step(
         if on_level:
             on_level(LevelResult(level + 1, levels[level], history[level]))
     return held
+
+
+def _stochastic_beneath(prev: torch.Tensor, x0: torch.Tensor, memory: torch.Tensor | None, step: SolverStep,
+                        factors: list[Factor], fresh_noise: Callable[[], torch.Tensor] | None) -> torch.Tensor:
+    """The finest level's new state with the part beneath the top two levels' blocks stepped stochastically
+    (``msd_step``'s ``fresh_noise``; unchanged without it, or with no level below the top two)."""
+    if fresh_noise is None or len(factors) < 2:
+        return prev
+    block = (math.prod(fh for fh, _ in factors[1:]), math.prod(fw for _, fw in factors[1:]))
+    increment = stochastic_increment(prev, solver_data(step, x0, memory), step, fresh_noise())
+    return prev + with_block_means(increment, torch.zeros_like(downsample(increment, block)), block)
 
 
 def held_latents(latents: torch.Tensor, coarse_prev: torch.Tensor, fh: int, fw: int, step: SolverStep) -> torch.Tensor:
