@@ -399,3 +399,29 @@ def test_a_paired_global_level_adds_its_twin_half_a_turn_on_and_the_plan_counts_
         _, used = horizon.sample_with_settings(prior, world, [0, 1], pair=pair)
         assert used.work() == prior.work
         assert used.work()["forwards"] == rolled.work()["forwards"] + twins
+
+
+def test_the_trained_prior_is_a_learned_denoiser_of_dead_leaves_images_that_the_bench_can_sample_with(one_thread):
+    # bench/trained_prior.py (docs/layout.md 6.8): the data are dead leaves (flat discs over each other: most
+    # neighbouring pixels equal, unit variance, no preferred 2×2 grid); the stored weights load into the network
+    # exactly and predict the noise far better than chance at every noise level; the bench's interface denoises each
+    # stacked seed (channel) on its own.
+    import trained_prior
+
+    images = trained_prior.dead_leaves(2000, torch.Generator().manual_seed(3))
+    assert images.shape == (2000, 16, 16) and 0.9 < float(images.std()) < 1.1
+    assert float((images[:, :, 1:] == images[:, :, :-1]).float().mean()) > 0.6
+    assert 0.95 < spectrum.block_edge_ratio(images.double(), (2, 2)) < 1.06
+    prior = trained_prior.TrainedPrior.stored()
+    denoise, alphas = prior.denoiser(), prior.alphas_cumprod
+    generator = torch.Generator().manual_seed(4)
+    for t, bound in ((100, 0.45), (500, 0.25), (900, 0.05)):
+        clean = trained_prior.dead_leaves(64, generator).double()[None]  # 64 seeds as channels of one window
+        noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64)
+        with torch.no_grad():
+            predicted = denoise(alphas[t].sqrt() * clean + (1 - alphas[t]).sqrt() * noise, t)
+        assert float((predicted - noise).pow(2).mean()) < bound, t  # chance: 1
+    with torch.no_grad():
+        together = denoise(clean[:, :3], 500)
+        alone = torch.cat([denoise(clean[:, index:index + 1], 500) for index in range(3)], 1)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
