@@ -135,7 +135,9 @@ class TrainedPrior:
             alpha = alpha_map(alpha_at(self.alphas_cumprod, t))
             count, channels, height, width = x.shape
             flat = x.reshape(count * channels, 1, height, width).float()
-            output = self.net(flat, torch.full((count * channels,), math.log(alpha / (1 - alpha))))
+            # A graph only for the exact gradient's windows: the network's own weights are never trained here.
+            with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()):
+                output = self.net(flat, torch.full((count * channels,), math.log(alpha / (1 - alpha))))
             return output.reshape(x.shape).to(x.dtype)
 
         return denoise
@@ -159,9 +161,8 @@ def detail(seeds: int) -> list[dict]:
     data = band_power(prior.sample(4000, torch.Generator().manual_seed(1)), WINDOW)
     seeds_ = list(range(seeds))
     rows = []
-    with torch.no_grad():
-        alone, _ = sample_with_settings(prior, GenerationSettings(prompt="bench", width=WINDOW * PRIOR_FACTOR,
-                                                                  height=WINDOW * PRIOR_FACTOR, wrap=False), seeds_)
+    alone, _ = sample_with_settings(prior, GenerationSettings(prompt="bench", width=WINDOW * PRIOR_FACTOR,
+                                                              height=WINDOW * PRIOR_FACTOR, wrap=False), seeds_)
     rows.append({"setting": "one window", "bands_vs_data": (band_power(alone, WINDOW) / data).tolist(),
                  "block_edge_ratio": float(torch.tensor([block_edge_ratio(image, (2, 2)) for image in alone]).mean())})
     for height, width, wrap in ((64, 64, False), (32, 64, True)):
