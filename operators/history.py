@@ -154,17 +154,21 @@ class HistoryCache:
         self.ours, self.blend, self.loaded = None, [], frozenset()  # this .blend's panoramas, by image names
         self.files_key, self.files = None, []  # (folder, its modification time, loaded) of the last scan
         self.scan: threading.Thread | None = None
+        self.scanning_for = None  # the key of the scan under way, cleared as its listing is stored
         self.lock = threading.Lock()
 
     @property
     def scanning(self) -> bool:
-        return self.scan is not None and self.scan.is_alive()
+        # Not the thread's liveness: a thread that has stored its listing may not have exited yet, and a
+        # scan refused then would leave the listing of a folder as it was.
+        return self.scanning_for is not None
 
     def start_scan(self, key: tuple, folder: str, loaded: frozenset) -> None:
         """Read the folder on a thread; one scan at a time (the redraw after it starts the next)."""
         with self.lock:
             if self.scanning:
                 return
+            self.scanning_for = key
             self.scan = threading.Thread(target=self._scan, args=(key, folder, loaded), daemon=True)
             self.scan.start()
         if not bpy.app.timers.is_registered(poll_history_scan):
@@ -176,7 +180,7 @@ class HistoryCache:
         except Exception:  # anything odd in the folder lists nothing rather than scanning it again and again
             files = []
         with self.lock:
-            self.files, self.files_key = files, key
+            self.files, self.files_key, self.scanning_for = files, key, None
 
     def wait(self, timeout: float | None = None) -> None:
         """Until the scan under way has ended (scripts, tests)."""
@@ -229,11 +233,14 @@ def read_history(context, timeout: float) -> list[HistoryEntry]:
     """The listing once the folder has been read as it is now, waiting up to ``timeout`` seconds for
     the scans (scripts and background mode; the panel never waits)."""
     deadline = time.monotonic() + timeout
-    entries = cached_history(context)
-    while history_cache.scanning and time.monotonic() < deadline:
-        history_cache.wait(deadline - time.monotonic())
-        entries = cached_history(context)  # a scan for an older state of the folder starts another
-    return entries
+    while True:
+        # Idle before and after the read: the listing is of the folder as it is now. A scan under way
+        # may be of an older state (its end starts another), or end during the read.
+        idle = not history_cache.scanning
+        entries = cached_history(context)
+        if idle and not history_cache.scanning or time.monotonic() >= deadline:
+            return entries
+        history_cache.wait(max(0.0, deadline - time.monotonic()))
 
 
 def poll_history_scan() -> float | None:

@@ -5,6 +5,8 @@ import os
 import shutil
 import sys
 import threading
+import time
+from types import SimpleNamespace
 
 import bpy
 import pytest
@@ -172,6 +174,38 @@ def test_a_redraw_never_reads_the_folder_and_draws_the_scan_once_it_has_ended(fo
     assert module.poll_history_scan() is None  # it has ended: the panels are redrawn and the timer stops
     assert ("label", "4 panoramas") in draw("MSD_PT_history")
     assert on_ui_thread == []
+
+
+def test_a_scan_has_ended_once_its_listing_is_stored_though_its_thread_has_not_exited(folder, monkeypatch):
+    """A scan thread that has stored its listing may still be alive: it no longer counts as under way,
+    so the next change of the folder starts a scan at once and a script reads the folder as it is now
+    (counting live threads once returned the listing of a folder as it was)."""
+    module = history()
+    assert len(listed()) == 3
+    linger = threading.Event()
+
+    class LingeringThread(threading.Thread):
+        def run(self):
+            super().run()
+            linger.wait(WAIT)
+
+    monkeypatch.setattr(module, "threading", SimpleNamespace(Thread=LingeringThread))
+    write_panorama(folder / "newest.png", "a calm sea", 13)
+    os.utime(folder, ns=(0, os.stat(folder).st_mtime_ns + 10**9))
+    module.cached_history(bpy.context)
+    first_scan = module.history_cache.scan
+    deadline = time.monotonic() + WAIT
+    while module.history_cache.scanning and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first_scan.is_alive() and not module.history_cache.scanning
+    assert module.poll_history_scan() is None  # the panels are redrawn now, not when the thread exits
+
+    write_panorama(folder / "latest.png", "a dry lake", 14)
+    os.utime(folder, ns=(0, os.stat(folder).st_mtime_ns + 2 * 10**9))
+    assert [e.prompt for e in module.cached_history(bpy.context)][1] == "a calm sea"  # the last scan's
+    assert module.history_cache.scan is not first_scan and module.history_cache.scanning  # the next one runs
+    linger.set()
+    assert [e.prompt for e in listed()][1:3] == ["a dry lake", "a calm sea"]
 
 
 def test_file_thumbnails_are_previews_of_the_files(folder):
