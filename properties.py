@@ -287,6 +287,16 @@ class MSD_PanoramaSettings(PropertyGroup):
         ],
         default=GenerationSettings.fine_join,
     )
+    tile_starts: EnumProperty(
+        name="Tile Starts",
+        description="Where the finer levels' shifted tiles may start (docs/layout.md 6.9)",
+        items=[
+            ("even", "Even", "On the level above's 2×2 grid, so every tile edge lies on its block edges (v0.7)"),
+            ("any", "Any", "On any pixel: a tile starting between two pixels of the level above is guided on the "
+                           "blocks it holds whole, the split ones after the merge; fewer 2×2 block edges"),
+        ],
+        default=GenerationSettings.tile_starts,
+    )
     scales: IntProperty(name="Levels", description="Pyramid levels (0 = automatic)", min=0, soft_max=6, default=0)
     target: EnumProperty(
         name="Use As",
@@ -370,6 +380,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         coarse_noise=group.coarse_noise,
         fine_start=round(group.fine_start, 6),  # Blender's float32, as guided_fraction
         fine_join=group.fine_join,
+        tile_starts=group.tile_starts,
         poles=group.poles,
         omega=group.omega,
         scales=group.scales or None,
@@ -462,7 +473,7 @@ def _panel_values(settings: GenerationSettings) -> dict:
         "late_gradient": settings.late_gradient,
         "pyramid": settings.pyramid, "global_window": settings.global_window, "global_move": settings.global_move,
         "coarse_noise": settings.coarse_noise, "fine_start": settings.fine_start, "fine_join": settings.fine_join,
-        "poles": settings.poles,
+        "tile_starts": settings.tile_starts, "poles": settings.poles,
         "scales": settings.scales or 0, "cubemap": settings.cubemap,
         "steps": settings.steps, "guidance": settings.guidance, "random_seed": False,
         # Seed first (its update clears the stored seed), then a seed too large for it as text.
@@ -499,7 +510,7 @@ SETTING_PLACES = {
     "late_gradient": (_SAMPLER, "late_gradient"),
     "pyramid": (_SAMPLER, "pyramid"), "global_window": (_SAMPLER, "global_window"), "global_move": (_SAMPLER, "global_move"),
     "coarse_noise": (_SAMPLER, "coarse_noise"), "fine_start": (_SAMPLER, "fine_start"),
-    "fine_join": (_SAMPLER, "fine_join"), "scales": (_SAMPLER, "scales"),
+    "fine_join": (_SAMPLER, "fine_join"), "tile_starts": (_SAMPLER, "tile_starts"), "scales": (_SAMPLER, "scales"),
     "poles": (_SAMPLER, "poles"), "cubemap": (_PANEL, "cubemap"),
     "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"), "hdr_peak": (_SAMPLER, "hdr_peak"),
     "model": (_PREFERENCES, "model"), "model_config": (_PREFERENCES, "model_config"),

@@ -362,7 +362,13 @@ FINE_START_SETTINGS = {
     "Standard, fine start 0.3, deterministic join": {**STANDARD, "fine_start": 0.3, "fine_join": "deterministic"},
     "Draft, fine start 0.3, deterministic join": {**DRAFT, "fine_start": 0.3, "fine_join": "deterministic"},
 }
-ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | MOVE_SETTINGS | PAIR_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS | FINE_START_SETTINGS
+# --tile-starts any (docs/layout.md 6.9): the finer levels' shifted tiles start on any pixel, not only on the level
+# above's 2×2 grid.
+TILE_SETTINGS = {
+    "Standard, any tile starts": {"tile_starts": "any"},
+    "Draft, any tile starts": {**DRAFT, "tile_starts": "any"},
+}
+ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | MOVE_SETTINGS | PAIR_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS | FINE_START_SETTINGS | TILE_SETTINGS
 EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard", "v0.4 Standard", "Standard, drawn")
 # seams: window rows / columns, the same within each class (texture) rows / columns, 0/360° (plain, within class,
 # the coarsest level's own)

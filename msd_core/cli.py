@@ -30,6 +30,7 @@ from .settings import (
     DRAWN_SEED_LIMIT,
     DTYPES,
     FINE_JOINS,
+    TILE_STARTS,
     GLOBAL_MOVES,
     GLOBAL_WINDOWS,
     GRADIENTS,
@@ -44,6 +45,7 @@ from .settings import (
     PRESETS,
     QUALITY,
     SCHEDULERS,
+    TILE_STARTS,
     WINDOW_MODES,
     GenerationSettings,
     RefineSettings,
@@ -232,6 +234,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="how a level that joined late steps (with --fine-start): stochastic (default) = part of "
                              "its noise is drawn afresh each step, finer than the top two levels only, so the detail "
                              "its held noise lacked comes back; deterministic = v0.6's, the level above's blocks stay")
+    method.add_argument("--tile-starts", choices=TILE_STARTS, default=GenerationSettings.tile_starts,
+                        help="where the finer levels' shifted tiles may start: even (default) = on the level above's "
+                             "2×2 grid; any = on any pixel, a tile starting between two of its pixels guided on the "
+                             "blocks it holds whole and the split ones after the merge: fewer 2×2 block edges "
+                             "(docs/layout.md 6.9)")
     method.add_argument("--scales", type=int, help="pyramid levels (default: enough that the coarsest fits one window)")
     method.add_argument("--window", type=int, help="window size in pixels (default: the model's native size)")
     method.add_argument("--windows", choices=WINDOW_MODES,
@@ -313,7 +320,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "loras": [parse_lora_argument(text) for text in args.lora],
         "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
         "global_window": args.global_window, "global_move": args.global_move,
-        "coarse_noise": args.coarse_noise, "fine_start": args.fine_start, "fine_join": args.fine_join, "scales": args.scales, "guidance": args.guidance,
+        "coarse_noise": args.coarse_noise, "fine_start": args.fine_start, "fine_join": args.fine_join, "tile_starts": args.tile_starts, "scales": args.scales, "guidance": args.guidance,
         "seed": secrets.randbelow(DRAWN_SEED_LIMIT) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "poles": args.poles,
         "view_batch": args.view_batch,

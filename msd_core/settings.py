@@ -43,6 +43,11 @@ GLOBAL_MOVES = ("roll", "fixed")
 # the noise afresh in what its blocks hold beyond the level above, so the detail its held noise lacked comes back;
 # "deterministic" (v0.6) steps it like every other level, and the level above's blocks stay (docs/layout.md 6.8).
 FINE_JOINS = ("stochastic", "deterministic")
+# Where the finer levels' shifted tiles may start: on "even" pixels (the default), so every tile edge lies on the
+# level above's 2×2 grid, where a learned model's window seams then gather; or on "any" pixel, a tile starting between
+# two pixels of the level above being guided on the blocks it holds whole and the split ones after the merge
+# (windows.GuidedPart): fewer 2×2 block edges, the layout within noise (docs/layout.md 6.9).
+TILE_STARTS = ("even", "any")
 # "matched": each coarse level is denoised at the timestep whose signal-to-noise ratio matches its averaged
 # noise (ds averages g latent pixels: ᾱ' = gᾱ/(1+(g−1)ᾱ)); "drawn": matched, and the coarsest level's starting
 # state is drawn first by its own short trajectory down to that noise level (sampler.drawn_start), so its
@@ -143,6 +148,7 @@ class GenerationSettings:
     # evenly spaced shares of it (plan.level_start_steps; docs/layout.md 6.6). 0 = every level from the first step.
     fine_start: float = 0.0
     fine_join: str = "stochastic"  # FINE_JOINS (with fine_start > 0)
+    tile_starts: str = "even"  # TILE_STARTS (shifted tiles of a pyramid's finer levels)
     # The share of the steps, from the first, that guide the finer levels with `gradient`; the rest guide with
     # `late_gradient`, or with "none" denoise only the finest level (MultiDiffusion).
     guided_fraction: float = _DEFAULTS["guided_fraction"]
@@ -207,6 +213,7 @@ class GenerationSettings:
         _check_choice("global_window", self.global_window, GLOBAL_WINDOWS)
         _check_choice("global_move", self.global_move, GLOBAL_MOVES)
         _check_choice("fine_join", self.fine_join, FINE_JOINS)
+        _check_choice("tile_starts", self.tile_starts, TILE_STARTS)
         _check_choice("poles", self.poles, POLE_MODES)
         _check_choice("coarse_noise", self.coarse_noise, COARSE_NOISES)
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)

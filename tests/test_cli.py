@@ -126,6 +126,7 @@ def test_presets_and_wrap_defaults():
     assert (paper.pyramid, paper.coarse_noise) == ("halving", "literal")
     assert settings("--fine-start", "0.6").fine_start == 0.6 and settings("--fine-start", "0").fine_start == 0
     assert (settings().fine_join, settings("--fine-join", "deterministic").fine_join) == ("stochastic", "deterministic")
+    assert (settings().tile_starts, settings("--tile-starts", "any").tile_starts) == ("even", "any")
     assert (settings().global_move, settings("--global-move", "fixed").global_move) == ("roll", "fixed")
     assert len({settings().seed for _ in range(5)}) > 1  # a fresh seed unless one is given
 

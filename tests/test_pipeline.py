@@ -291,6 +291,25 @@ def test_a_stochastic_join_draws_its_fresh_noise_from_each_seed_alone(pipe):
         torch.testing.assert_close(batched.latents, single, rtol=1e-5, atol=1e-5 * float(single.abs().max()))
 
 
+def test_tiles_starting_anywhere_sample_a_world_alone_and_in_a_batch_with_a_seed_of_another_parity(pipe):
+    # --tile-starts any on a 360° world: its finer levels' tiles start off the coarse grid at some steps (each seed
+    # draws its own), so a batch stacks grids with and without guided parts; each world is what it is alone, the
+    # same seed gives the same world, and it is another world than the even tiles' (the default, v0.7's).
+    world = GenerationSettings(prompt="dunes at dusk", width=256, height=128, wrap=True, model="tiny", device="cpu",
+                               seed=5, tile_starts="any", steps=4)
+    plan_ = pipe.check_inputs(world)
+    assert any(start % 2 for step in range(4) for rows, cols in plan_.starts_at(step)[1:] for start in rows + cols)
+    anywhere = pipe(world, decode=False).latents
+    assert torch.isfinite(anywhere).all() and torch.equal(anywhere, pipe(world, decode=False).latents)
+    even = pipe(dataclasses.replace(world, tile_starts="even"), decode=False).latents
+    assert float((anywhere - even).abs().max()) > 1e-3 * float(even.abs().max())
+    together = pipe.sample_batch([world, dataclasses.replace(world, seed=8)], decode=False)
+    alone = [anywhere, pipe(dataclasses.replace(world, seed=8), decode=False).latents]
+    for batched, single in zip(together, alone):
+        torch.testing.assert_close(batched.latents, single, rtol=1e-5, atol=1e-5 * float(single.abs().max()))
+    assert together[0].metadata["tile_starts"] == "any"
+
+
 def test_a_batch_differs_only_in_seeds(pipe):
     settings = dataclasses.replace(BASE, steps=1)
     with pytest.raises(ValueError, match="only in the seed"):

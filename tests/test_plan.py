@@ -78,6 +78,25 @@ def test_unet_work_from_the_plan_equals_the_model_calls(pipe, monkeypatch, chang
 
 
 @pytest.mark.parametrize("wrap", [True, False])
+def test_tiles_starting_anywhere_move_the_finer_levels_off_the_coarse_grid_and_nothing_else(wrap):
+    settings = dataclasses.replace(BASE, width=512, height=256, wrap=wrap, pyramid="global", steps=8)
+    even = plan.make_plan(settings, 8, 64)
+    anywhere = plan.make_plan(dataclasses.replace(settings, tile_starts="any"), 8, 64)
+    assert (even.tile_starts, anywhere.tile_starts) == ("even", "any")
+    off_grid = set()
+    for step in range(8):
+        for level, (rows, cols) in enumerate(anywhere.starts_at(step)):
+            off_grid |= {level for start in rows + cols if start % 2}
+        assert anywhere.starts_at(step)[0] == even.starts_at(step)[0]  # the global level: as before
+        assert all(start % 2 == 0 for rows, cols in even.starts_at(step)[1:] for start in rows + cols)
+        anywhere.grids_at(step)  # nested: every window's guided part maps onto the coarser level
+    assert off_grid >= set(range(1, anywhere.levels))  # every finer level, at some step (the rolled global level too)
+    # The same tilings (a draw of shift 0 saves a tile row or column either way): the work within a few windows.
+    windows = [sum(map(sum, p.windows_per_step())) for p in (anywhere, even)]
+    assert abs(windows[0] - windows[1]) <= 0.1 * windows[1]
+
+
+@pytest.mark.parametrize("wrap", [True, False])
 def test_the_global_level_tops_the_plan_while_the_tiles_below_shift_in_columns_of_its_squeeze(wrap):
     # 512×128 px with 64 px windows: 16×64 latents → halving stops at 8×32 (four windows wide) → global 8×8.
     settings = dataclasses.replace(BASE, width=512, height=128, wrap=wrap, pyramid="global", steps=6)

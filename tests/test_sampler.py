@@ -573,3 +573,20 @@ def test_a_rolled_global_level_is_the_fixed_one_on_the_world_rolled_by_its_offse
     # …and it is not the fixed window on the world as it is.
     fixed = sampler.msd_step(latents, [fixed_grids[0], *grids[1:]], step, denoise, 10.0, gradient=gradient)
     assert (rolled - fixed).abs().max() > 1e-3
+
+
+def test_blocks_split_between_two_tiles_are_pulled_after_the_merge_keeping_their_detail():
+    """Tiles starting off the coarse grid: a block no window's guided part holds moves by the guidance's share of its
+    gap to the coarser level, every pixel alike (the difference between its pixels stays); blocks held whole stay."""
+    grid = WindowGrid(8, 12, 4, 4, wrap=True, starts=((0, 4), (1, 5, 9)))
+    split = grid.split_blocks()
+    assert split.shape == (1, 1, 4, 6) and split[0, 0].sum(0).tolist() == [4, 0, 4, 0, 4, 0]  # columns 0-1, 4-5, 8-9
+    merged = torch.randn(1, 2, 8, 12, generator=torch.Generator().manual_seed(0))
+    coarse = torch.randn(1, 2, 4, 6, generator=torch.Generator().manual_seed(1))
+    pulled = sampler.close_split_blocks(merged, coarse, split, 0.25)
+    gap_before, gap_after = coarse - downsample(merged), coarse - downsample(pulled)
+    assert torch.allclose(gap_after, gap_before * (1 - 0.25 * split), atol=1e-6)
+    moved = pulled - merged
+    assert torch.equal(moved[..., 2:4], torch.zeros_like(moved[..., 2:4]))  # a block held whole
+    assert torch.allclose(moved[..., 0::2, 0], moved[..., 1::2, 1], atol=1e-6)  # one shift per block
+    assert grid.split_blocks() is not None and WindowGrid(8, 12, 4, 4, wrap=True, starts=((0, 4), (0, 4, 8))).split_blocks() is None

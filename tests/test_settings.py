@@ -26,7 +26,7 @@ def validate(**changes):
         ({"prompt": "a\x00b"}, "prompt"), ({"prompt": "x" * 10001}, "prompt"), ({"negative_prompt": b"x"}, "negative_prompt"),
         ({"method": ["msd"]}, "method"), ({"device": None}, "device"), ({"stride": 24, "scales": 3, "windows": "dense"}, "stride"),
         ({"stride": 16}, "stride"), ({"fine_start": 0.95}, "fine_start"), ({"fine_start": -0.1}, "fine_start"),
-        ({"fine_join": "ancestral"}, "fine_join"),
+        ({"fine_join": "ancestral"}, "fine_join"), ({"tile_starts": "odd"}, "tile_starts"),
     ],
 )  # fmt: skip
 def test_each_bad_value_is_refused_naming_its_field(changes, field):

@@ -95,6 +95,36 @@ def test_fast_gradient_equals_autograd_for_the_solver():
     assert torch.allclose(fast, x - omega * grad, atol=1e-10)
 
 
+def test_tiles_off_the_coarse_grid_are_pulled_on_the_blocks_they_hold_whole_in_both_gradient_modes():
+    """A window starting between two coarse pixels: the fast gradient is autograd's with the model output held,
+    the exact one autograd's through the model (whose 3×3 reach moves the pixels next to the blocks too); the fast
+    one moves nothing outside the whole blocks, and still removes ω/10 of the gap there."""
+    step, denoiser = second_order_step(), SmoothDenoiser()
+    grid = WindowGrid(12, 16, 6, 6, starts=((0, 5), (1, 7)))
+    part = grid.guided_part()
+    x = grid.crop(torch.randn(1, 2, 12, 16, dtype=torch.float64))
+    output, memory = torch.randn_like(x), torch.randn_like(x)
+    target = torch.randn(len(grid), 2, part.size[0] // 2, part.size[1] // 2, dtype=torch.float64)
+    scale, omega = sampler.guidance_scale("projection", target[0].numel(), step.jacobian()), 10.0
+    prev, _ = dpm_solver_step(x, output, step, previous_x0=memory)
+    fast = sampler.guided_windows_fast(x, prev, target, step, omega, scale, part=part)
+    leaf = x.clone().requires_grad_(True)
+    loss = sampler.cross_scale_loss(dpm_solver_step(leaf, output, step, previous_x0=memory)[0], target, scale, part=part)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    assert torch.allclose(fast, x - omega * grad, atol=1e-10)
+    whole = part.whole(dtype=torch.float64)
+    outside = (part.put(whole.repeat_interleave(2, -2).repeat_interleave(2, -1)) == 0).expand_as(x)
+    assert outside.any() and torch.equal(fast[outside], x[outside])
+    after, _ = dpm_solver_step(fast, output, step, previous_x0=memory)
+    assert torch.allclose(downsample(part.take(after)) * whole, target * whole, atol=1e-10)  # ω = 10 closes the gap
+    with torch.no_grad():
+        exact = sampler.guided_windows_exact(x, target, step, denoiser, 1.0, scale, previous_x0=memory, part=part)
+    leaf = x.clone().requires_grad_(True)
+    through = dpm_solver_step(leaf, denoiser(leaf, step.t), step, previous_x0=memory)[0]
+    (grad,) = torch.autograd.grad(sampler.cross_scale_loss(through, target, scale, part=part), leaf)
+    assert torch.allclose(exact, x - grad, atol=1e-12) and not torch.equal(exact[outside], x[outside])
+
+
 @pytest.mark.parametrize("factor", [(2, 2), (1, 3)])  # halving, and a global level's column squeeze
 def test_exact_gradient_through_the_solver_agrees_with_finite_differences(factor):
     denoiser, step = SmoothDenoiser(), second_order_step(index=9)

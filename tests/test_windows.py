@@ -84,11 +84,54 @@ def test_coarse_crops_align_with_fine_windows(h, w, half_window, half_stride, wr
     assert torch.allclose(grid.coarse_crop(downsample(fine)), downsample(grid.crop(fine)), atol=1e-6)
 
 
-def test_check_nested_rejects_odd_strides_and_sizes():
-    with pytest.raises(ValueError, match="odd"):
-        WindowGrid(16, 16, 4, 3).check_nested()
+def test_check_nested_rejects_sizes_that_do_not_halve():
     with pytest.raises(ValueError, match="halved"):
         WindowGrid(15, 16, 4, 2).check_nested()
+    with pytest.raises(ValueError, match="halved"):
+        WindowGrid(16, 16, 3, 2).check_nested()
+    WindowGrid(16, 16, 4, 3).check_nested()  # odd starts: guided on their whole blocks (GuidedPart)
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(4, 16), w=st.integers(4, 30), half_window=st.integers(1, 4), shift_rows=st.integers(0, 7),
+       shift_cols=st.integers(0, 7), wrap=st.booleans(), factor=st.sampled_from([(2, 2), (1, 2), (1, 4)]))
+def test_tiles_starting_anywhere_are_guided_on_the_blocks_they_hold_whole(h, w, half_window, shift_rows, shift_cols,
+                                                                          wrap, factor):
+    """A window starting between two coarse pixels is compared with the coarser level on the blocks it holds whole:
+    there F'_i(ds z) = ds(P_i F_i z), P_i its region (one size for every window); take and put are adjoint; the
+    blocks no window holds whole are the split ones."""
+    window, fh, fw = 2 * half_window, *factor
+    height, width = fh * h, fw * w
+    if min(height, width) < window or window % fw:
+        return
+    rows = shifted_starts(height, window, shift_rows % window)
+    cols = shifted_starts(width, window, shift_cols % window, wrap)
+    grid = WindowGrid(height, width, window, window, wrap, starts=(tuple(rows), tuple(cols)))
+    grid.check_nested(factor)
+    fine = torch.randn(1, 2, height, width)
+    part = grid.guided_part(factor)
+    if all(top % fh == 0 and left % fw == 0 for top, left in grid.offsets):
+        assert part is None and grid.split_blocks(factor) is None
+        return
+    crops = grid.crop(fine)
+    taken, whole = part.take(crops), part.whole()
+    assert all(size in (length, length + f) for size, length, f in zip(part.size, grid.shape, factor))
+    for (top, left), (first_row, first_col) in zip(grid.offsets, part.firsts.tolist()):
+        assert (top + first_row) % fh == 0 and (left + first_col) % fw == 0 and -fh < first_row <= 0 and -fw < first_col <= 0
+    assert torch.allclose(grid.coarse_crop(downsample(fine, factor), factor) * whole,
+                          downsample(taken, factor) * whole, atol=1e-6)
+    other = torch.randn_like(taken)
+    assert torch.allclose((taken * other).sum(), (crops * part.put(other)).sum(), atol=1e-4)
+    # A window holds (its rows ÷ fh, less one if it starts off the grid) × (the same for columns) blocks whole.
+    expected = [((window - (top % fh > 0) * fh) // fh) * ((window - (left % fw > 0) * fw) // fw) for top, left in grid.offsets]
+    assert whole.sum((1, 2, 3)).tolist() == expected
+    split = grid.split_blocks(factor)
+    held = torch.zeros_like(split)
+    rows_index, cols_index = grid._coarse_index(factor, part)
+    for index in range(len(grid)):
+        mask = whole[index, 0].bool()
+        held[0, 0][rows_index[index].expand(-1, cols_index.shape[-1])[mask], cols_index[index].expand(rows_index.shape[1], -1)[mask]] = 1
+    assert torch.equal(split, 1 - held)
 
 
 def test_downsample_is_the_papers_bilinear_half_and_transpose_is_its_adjoint():
@@ -227,3 +270,21 @@ def test_stacked_grids_crop_and_merge_each_panorama_on_its_own_grid():
         stacked.merge(windows[:8])
     with pytest.raises(ValueError, match="share height, width"):
         StackedGrids((first, WindowGrid(8, 8, 4, 4)))
+
+
+def test_stacked_grids_share_one_guided_part_size_when_one_panoramas_tiles_start_off_the_grid():
+    from msd_core.sampling.windows import StackedGrids
+
+    even = WindowGrid(8, 16, 4, 4, wrap=True, starts=((0, 4), (2, 6, 10, 14)))
+    odd = WindowGrid(8, 16, 4, 4, wrap=True, starts=((0, 4), (3, 7, 11, 15)))
+    stacked = StackedGrids((even, odd))
+    assert even.guided_part() is None and odd.guided_part().size == (4, 6)
+    part = stacked.guided_part()
+    assert part.size == (4, 6) and part.firsts[:8, 1].eq(0).all() and part.firsts[8:, 1].eq(-1).all()
+    whole = part.whole()
+    # The even panorama's windows hold their own two blocks whole, as alone; the odd one's its middle block.
+    assert whole[:8, 0, :, :2].all() and not whole[:8, 0, :, 2].any() and whole[8:, 0].sum(-1).eq(1).all()
+    fine = torch.randn(2, 3, 8, 16, generator=torch.Generator().manual_seed(1))
+    taken = part.take(stacked.crop(fine))
+    assert torch.allclose(stacked.coarse_crop(downsample(fine)) * whole, downsample(taken) * whole, atol=1e-6)
+    assert stacked.split_blocks()[0].sum() == 0 and stacked.split_blocks()[1, 0].sum(0).tolist() == [0, 4] * 4

@@ -236,6 +236,9 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         sub = row.row()
         sub.active = group.fine_start > 0
         sub.prop(group, "fine_join", text="")
+        row = col.row()
+        row.active = group.windows == "shifted"
+        row.prop(group, "tile_starts")
         col.prop(group, "scales")
         layout.prop(group, "poles")  # MultiDiffusion too
         col = layout.column()

@@ -290,6 +290,7 @@ class Plan:
     # The step (0-based) at which each level, coarsest first, joins the run (``--fine-start``); () = all at step 0.
     level_starts: tuple[int, ...] = ()
     stochastic_join: bool = False  # ``--fine-join stochastic``: the late levels' part of the steps after the join
+    tile_starts: str = "even"  # ``--tile-starts``: "any" lets the finer levels' shifted tiles start on any pixel
 
     def levels_at(self, step_index: int) -> int:
         """How many levels, from the coarsest, a guided step denoises; the finer ones have not joined yet."""
@@ -335,8 +336,10 @@ class Plan:
     def starts_at(self, step_index: int) -> list[tuple[list[int], list[int]]]:
         """Row and column window starts of every level (coarsest first) at step ``step_index`` (0-based).
 
-        Finer levels use starts in multiples of their reduction to the coarser level (2, or the global
-        level's squeeze along columns), so their crops map exactly onto it. The global level itself stays
+        Finer levels' shifted tiles start on any pixel (``tile_starts`` "any": one starting between two pixels of the
+        coarser level is guided on its whole blocks, ``windows.GuidedPart``), or ("even") in multiples of their
+        reduction to the coarser level (2, or the global level's squeeze along columns), so their crops map exactly
+        onto it. The global level itself stays
         put unless it wraps and ``roll``: it is (about) one window wide, so shifting its tiles only rolls it, which
         on a 360° world moves its edges off the 0/360° seam (its columns then start where the shifted tiles' own
         draw says, its rows stay). A wide global window is the squeezed one unsqueezed, as many windows: dense
@@ -346,7 +349,10 @@ class Plan:
         result = []
         for level in range(self.levels):
             height, width = self.level_shape(level)
-            multiple = (1, self.squeeze) if level == 1 and self.squeeze > 1 else 2 if level else 1
+            if self.tile_starts == "any" or level == 0:
+                multiple = 1
+            else:
+                multiple = (1, self.squeeze) if level == 1 and self.squeeze > 1 else 2
             if level == 0 and self.wide > 1 and self.windows == "shifted":
                 result.append(shifted_offsets(height, width, self.window, step_index, self.seed, self.wrap, level,
                                               window_width=self.wide * self.window))
@@ -594,7 +600,7 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
                 settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps, cap_start=cap_start,
                 guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient, wide=wide,
                 start_steps=start_steps, level_starts=level_starts, roll=roll,
-                stochastic_join=bool(level_starts) and settings.fine_join == "stochastic")
+                stochastic_join=bool(level_starts) and settings.fine_join == "stochastic", tile_starts=settings.tile_starts)
 
 
 def level_start_steps(levels: int, steps: int, fine_start: float, guided_steps: int, late_gradient: str) -> tuple[int, ...]:

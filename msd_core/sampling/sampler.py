@@ -19,7 +19,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from ..errors import Cancelled
-from .windows import HALF, Factor, WindowGrid, downsample, downsample_transpose, level_factor
+from .windows import HALF, Factor, GuidedPart, WindowGrid, downsample, downsample_transpose, level_factor
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]  # (windows, timestep; fractional at matched levels)
 
@@ -412,9 +412,36 @@ def guidance_scale(omega_loss: str, coarse_numel: int, jacobian: float = 1.0, ar
     raise ValueError(f"unknown omega_loss {omega_loss!r}")
 
 
-def cross_scale_loss(prev: torch.Tensor, target: torch.Tensor, scale: float, factor: Factor = HALF) -> torch.Tensor:
-    """k · Σ (ds(Φ(x)) − F'(z^{s−1}_{t−1}))², summed over every window in the batch."""
-    return scale * (downsample(prev, factor) - target).pow(2).sum()
+def cross_scale_loss(prev: torch.Tensor, target: torch.Tensor, scale: float, factor: Factor = HALF,
+                     part: GuidedPart | None = None) -> torch.Tensor:
+    """k · Σ (ds(Φ(x)) − F'(z^{s−1}_{t−1}))², summed over every window in the batch (over the blocks each window
+    holds whole, ``part``, when windows start off the coarse grid)."""
+    return scale * block_residual(prev, target, factor, part).pow(2).sum()
+
+
+def block_residual(prev: torch.Tensor, target: torch.Tensor, factor: Factor = HALF,
+                   part: GuidedPart | None = None) -> torch.Tensor:
+    """ds(Φ(x)) − F'(z^{s−1}_{t−1}) per coarse block: of every block under a window on the coarse grid (``part``
+    None), else of the blocks of its region it holds whole (0 at the others)."""
+    if part is None:
+        return downsample(prev, factor) - target
+    return (downsample(part.take(prev), factor) - target) * part.whole(prev.device, prev.dtype)
+
+
+def guidance_fraction(omega: float, loss_scale: float, jacobian: float, factor: Factor = HALF) -> float:
+    """The share of the cross-scale gap one fast gradient step removes: ω·k·c²·2/(fh·fw) (ω/10 with the
+    "projection" loss, ``guidance_scale``)."""
+    return omega * loss_scale * jacobian**2 * 2 / (factor[0] * factor[1])
+
+
+def close_split_blocks(merged: torch.Tensor, coarse: torch.Tensor, split: torch.Tensor, fraction: float,
+                       factor: Factor = HALF) -> torch.Tensor:
+    """Move each block that no window held whole (``split``, 1 there; ``WindowGrid.split_blocks``) by
+    ``fraction`` of its gap to the coarser level, every pixel by the same amount: the pull a window gives a block
+    it holds whole, given after the merge, where the block's pixels from both windows are together. Its detail
+    within the block is kept (pulling each window's part of it alone would flatten it)."""
+    gap = (coarse - downsample(merged, factor)) * split.to(merged.device, merged.dtype)
+    return merged + fraction * torch.nn.functional.interpolate(gap, scale_factor=factor, mode="nearest")
 
 
 def _check_interrupt(interrupt: Interrupt | None) -> None:
@@ -505,17 +532,19 @@ def guided_windows_exact(
     prediction_type: str = "epsilon",
     previous_x0: torch.Tensor | None = None,
     factor: Factor = HALF,
+    part: GuidedPart | None = None,
 ) -> torch.Tensor:
     """x̂ = x − ω ∇ₓ L(x) with autograd through the model and the solver step (the paper's method).
 
     Only the window latents require grad: the model's parameters are frozen, so no parameter
     gradients are kept; the solver's memory ``previous_x0`` is a constant. The caller recomputes Φ(x̂)
-    with a fresh model call.
+    with a fresh model call. ``part``: the blocks each window holds whole (``windows.GuidedPart``; None: the
+    window's own).
     """
     with torch.enable_grad():
         x = windows.detach().requires_grad_(True)
         prev, _ = step.apply(x, denoise(x, step.t), prediction_type, previous_x0)
-        (grad,) = torch.autograd.grad(cross_scale_loss(prev, targets, loss_scale, factor), x)
+        (grad,) = torch.autograd.grad(cross_scale_loss(prev, targets, loss_scale, factor, part), x)
     return windows - omega * grad
 
 
@@ -528,15 +557,19 @@ def guided_windows_fast(
     loss_scale: float,
     prediction_type: str = "epsilon",
     factor: Factor = HALF,
+    part: GuidedPart | None = None,
 ) -> torch.Tensor:
     """x̂ = x − ω ∇ₓ L(x) with the model output held constant inside the gradient.
 
     Then Φ is affine in x with slope c (``step.jacobian``) and the gradient has a closed form:
-    ∇ₓ L = k · c · dsᵀ(2 (ds(Φ(x)) − y)). ``prev`` is Φ(x) from the window's single model call.
+    ∇ₓ L = k · c · dsᵀ(2 (ds(Φ(x)) − y)). ``prev`` is Φ(x) from the window's single model call. ``part``: the
+    blocks each window holds whole (``windows.GuidedPart``; None: the window's own); zero outside them.
     """
     c = step.jacobian(prediction_type)
-    residual = downsample(prev, factor) - targets
-    return windows - omega * loss_scale * c * downsample_transpose(2 * residual, factor)
+    correction = downsample_transpose(2 * block_residual(prev, targets, factor, part), factor)
+    if part is not None:
+        correction = part.put(correction)
+    return windows - omega * loss_scale * c * correction
 
 
 def msd_level_step(
@@ -568,7 +601,7 @@ def msd_level_step(
     - ``"fast"``: one model output serves the gradient and Φ(x̂), so it costs what MD does.
     ``factor`` is the reduction to the coarser level: (2, 2), or (1, f) under a ``global_level``.
     """
-    windows, targets = grid.crop(latents), grid.coarse_crop(coarse_prev, factor)
+    windows, targets, part = grid.crop(latents), grid.coarse_crop(coarse_prev, factor), grid.guided_part(factor)
     memory = _crop(grid, previous_x0)
     loss_scale = guidance_scale(omega_loss, targets[0].numel(), step.jacobian(prediction_type), factor[0] * factor[1])
     if gradient not in ("exact", "fast", "refresh"):
@@ -577,21 +610,26 @@ def msd_level_step(
     def run_batch(batch: slice) -> tuple[torch.Tensor, torch.Tensor]:
         _check_interrupt(interrupt)
         x, y, x0_last = windows[batch], targets[batch], _part(memory, batch)
+        guided = part[batch] if part is not None else None
         if gradient == "exact":
-            x_hat = guided_windows_exact(x, y, step, denoise, omega, loss_scale, prediction_type, x0_last, factor)
+            x_hat = guided_windows_exact(x, y, step, denoise, omega, loss_scale, prediction_type, x0_last, factor, guided)
             _check_interrupt(interrupt)
             output = denoise(x_hat, step.t)
         else:
             output = denoise(x, step.t)
             prev, _ = step.apply(x, output, prediction_type, x0_last)
-            x_hat = guided_windows_fast(x, prev, y, step, omega, loss_scale, prediction_type, factor)
+            x_hat = guided_windows_fast(x, prev, y, step, omega, loss_scale, prediction_type, factor, guided)
             if gradient == "refresh":
                 _check_interrupt(interrupt)
                 output = denoise(x_hat, step.t)
         return step.apply(x_hat, output, prediction_type, x0_last)
 
     prev, x0 = map_batches(windows, view_batch, run_batch)
-    return grid.merge(prev, weights), grid.merge(x0, weights)
+    merged = grid.merge(prev, weights)
+    if part is not None:
+        fraction = guidance_fraction(omega, loss_scale, step.jacobian(prediction_type), factor)
+        merged = close_split_blocks(merged, coarse_prev, grid.split_blocks(factor, part), fraction, factor)
+    return merged, grid.merge(x0, weights)
 
 
 def build_pyramid(latents: torch.Tensor, levels: int, factors: list[Factor] | None = None) -> list[torch.Tensor]:

@@ -20,6 +20,65 @@ HALF: Factor = (2, 2)
 
 
 @dataclass(frozen=True)
+class GuidedPart:
+    """The blocks of the coarser level under windows that start between two coarse pixels (an odd start under
+    halving): each window is compared with the coarser level on the blocks it holds whole (``whole``), and the
+    blocks split between two windows are pulled after the merge (``WindowGrid.split_blocks``). So tiles may start
+    anywhere, and their edges do not all fall on the coarser level's block edges (``plan.shifted_offsets``).
+
+    Along an axis where any window starts off the grid, every window's region is one block longer than the window
+    (one size per batch), from the block its first pixel lies in; what a window holds depends on it alone, so a
+    batch of panoramas guides each as it would be alone.
+    """
+
+    firsts: torch.Tensor  # (N, 2): each window's region's first row and column, relative to the window (≤ 0)
+    size: tuple[int, int]  # rows, columns of every window's region: whole blocks of ``factor``
+    shape: tuple[int, int]  # the windows' rows, columns
+    factor: Factor
+
+    def __getitem__(self, batch: slice) -> GuidedPart:
+        return GuidedPart(self.firsts[batch], self.size, self.shape, self.factor)
+
+    def split(self, counts: list[int]) -> list[GuidedPart]:
+        return [GuidedPart(firsts, self.size, self.shape, self.factor) for firsts in self.firsts.split(counts)]
+
+    def _index(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices into windows padded by one block on every side."""
+        firsts = self.firsts.to(device) + torch.tensor(self.factor, device=device)
+        rows = firsts[:, 0, None] + torch.arange(self.size[0], device=device)
+        cols = firsts[:, 1, None] + torch.arange(self.size[1], device=device)
+        return torch.arange(len(firsts), device=device)[:, None, None], rows[:, :, None], cols[:, None, :]
+
+    def take(self, windows: torch.Tensor) -> torch.Tensor:
+        """(N, C, rows, columns) windows → (N, C, *size): each window's region, zero where the window is not."""
+        fh, fw = self.factor
+        window, rows, cols = self._index(windows.device)
+        return F.pad(windows, (fw, fw, fh, fh))[window, :, rows, cols].permute(0, 3, 1, 2)
+
+    def put(self, regions: torch.Tensor) -> torch.Tensor:
+        """The adjoint of ``take``: the regions' values at the windows' own pixels, shaped like the windows."""
+        fh, fw = self.factor
+        window, rows, cols = self._index(regions.device)
+        padded = regions.new_zeros(regions.shape[0], regions.shape[1], self.shape[0] + 2 * fh, self.shape[1] + 2 * fw)
+        padded[window, :, rows, cols] = regions.permute(0, 2, 3, 1)
+        return padded[:, :, fh:fh + self.shape[0], fw:fw + self.shape[1]]
+
+    def whole(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """(N, 1, size ÷ factor): 1 at the blocks that lie wholly in their window, else 0."""
+        ones = torch.ones(len(self.firsts), 1, *self.shape, device=device, dtype=dtype)
+        return (downsample(self.take(ones), self.factor) == 1).to(dtype)
+
+
+def guided_part(offsets: list[tuple[int, int]], shape: tuple[int, int], factor: Factor) -> GuidedPart | None:
+    """The ``GuidedPart`` of windows of ``shape`` at ``offsets`` (None: every one starts on the coarser grid)."""
+    firsts = torch.tensor([(-(top % factor[0]), -(left % factor[1])) for top, left in offsets], dtype=torch.long).view(-1, 2)
+    if not firsts.any():
+        return None
+    size = tuple(length + f if firsts[:, axis].any() else length for axis, (length, f) in enumerate(zip(shape, factor)))
+    return GuidedPart(firsts, size, tuple(shape), tuple(factor))
+
+
+@dataclass(frozen=True)
 class WindowGrid:
     """Windows over a (height × width) latent; horizontal wrap-around when ``wrap``.
 
@@ -70,18 +129,45 @@ class WindowGrid:
         rows, cols = (index.to(latents.device) for index in self._index)
         return latents[0][:, rows, cols].permute(1, 0, 2, 3)
 
-    def coarse_crop(self, coarse: torch.Tensor, factor: Factor = HALF) -> torch.Tensor:
-        """F'_i for all i: the region of the next coarser level (this level ds by ``factor``) under each window.
+    def guided_part(self, factor: Factor = HALF) -> GuidedPart | None:
+        """The coarser level's blocks every window covers (``GuidedPart``); None when every window starts on the
+        coarser level's grid (each covers the blocks of its own crop)."""
+        return guided_part(self.offsets, self.shape, factor)
 
-        (N, C, rows/fh, columns/fw). Needs offsets and window divisible by the factor, which
-        ``check_nested`` (halving) and ``global_level`` (a column squeeze) guarantee.
+    def _coarse_index(self, factor: Factor, part: GuidedPart | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows (N, rows, 1) and columns (N, 1, columns) of the coarser level's pixels under each window's region."""
+        fh, fw = factor
+        firsts = part.firsts.tolist() if part is not None else [(0, 0)] * len(self)
+        size = part.size if part is not None else self.shape
+        scaled = [((top + first_row) // fh, (left + first_col) // fw)
+                  for (top, left), (first_row, first_col) in zip(self.offsets, firsts)]
+        rows, cols = _window_index(scaled, (size[0] // fh, size[1] // fw), self.width // fw)
+        # A window on the grid in a region one block longer: its empty last block may lie past the bottom edge.
+        return rows.clamp(max=self.height // fh - 1), cols
+
+    def coarse_crop(self, coarse: torch.Tensor, factor: Factor = HALF, part: GuidedPart | None = None) -> torch.Tensor:
+        """F'_i for all i: the region of the next coarser level (this level ds by ``factor``) under each window,
+        (N, C, rows/fh, columns/fw) when the windows start on the coarser grid (``check_nested`` makes sure the sizes
+        allow it: halving, or a column squeeze under ``global_level``); else the blocks of its ``guided_part``
+        (``part``: that of a stack of grids this one belongs to).
         """
         fh, fw = factor
         _check_latents(coarse, self.height // fh, self.width // fw)
-        scaled = [(top // fh, left // fw) for top, left in self.offsets]
-        index = _window_index(scaled, (self.shape[0] // fh, self.shape[1] // fw), self.width // fw)
-        rows, cols = (part.to(coarse.device) for part in index)
+        part = self.guided_part(factor) if part is None else part
+        rows, cols = (axis.to(coarse.device) for axis in self._coarse_index(factor, part))
         return coarse[0][:, rows, cols].permute(1, 0, 2, 3)
+
+    def split_blocks(self, factor: Factor = HALF, part: GuidedPart | None = None) -> torch.Tensor | None:
+        """(1, 1, height/fh, width/fw), 1 at the coarser level's blocks that no window holds whole, else 0; None
+        when every window starts on the coarser grid (every block is some window's)."""
+        part = self.guided_part(factor) if part is None else part
+        if part is None:
+            return None
+        rows, cols = self._coarse_index(factor, part)
+        whole = part.whole()[:, 0].bool()
+        split = torch.ones(self.height // factor[0], self.width // factor[1])
+        split[rows.expand_as(whole)[whole], cols.expand_as(whole)[whole]] = 0.0
+        return split[None, None]
 
     def merge(self, windows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """F_i⁻¹ and the MultiDiffusion average: Σ W_i ⊗ F_i⁻¹(x_i) / Σ W_i, shaped (1, C, H, W).
@@ -104,8 +190,9 @@ class WindowGrid:
         return (value / total).view(1, channels, self.height, self.width)
 
     def check_nested(self, factor: Factor = HALF) -> None:
-        """Raise ValueError unless this grid's windows map exactly onto the next coarser level (this one
-        reduced by ``factor``: halved, or its columns squeezed under a ``global_level``)."""
+        """Raise ValueError unless this grid's windows map onto whole pixels of the next coarser level (this one
+        reduced by ``factor``: halved, or its columns squeezed under a ``global_level``): sizes divisible by the
+        factor (a window may start between two coarse pixels: ``guided_part``)."""
         fh, fw = factor
         reduced = "halved" if factor == HALF else f"reduced by {fh}×{fw}"
         if self.height % fh or self.width % fw or self.shape[0] % fh or self.shape[1] % fw:
@@ -113,9 +200,6 @@ class WindowGrid:
                 f"a pyramid level of {self.height}×{self.width} latent px with a {self.window} px window cannot be "
                 f"{reduced} exactly; use a size divisible by a higher power of two or fewer levels"
             )
-        if any(top % fh or left % fw for top, left in self.offsets):
-            odd = "odd" if factor == HALF else f"not multiples of {fh}×{fw}"
-            raise ValueError(f"window offsets are {odd}: coarse crops would not align; use an even stride")
 
 
 @dataclass(frozen=True)
@@ -148,8 +232,25 @@ class StackedGrids:
         """(B, C, H, W) → (Σ N_b, C, window, window): every panorama's windows, panorama by panorama."""
         return torch.cat([grid.crop(latents[index:index + 1]) for index, grid in enumerate(self._for(latents))])
 
+    def guided_part(self, factor: Factor = HALF) -> GuidedPart | None:
+        """One ``GuidedPart`` for every panorama's windows (one size for the batch)."""
+        return guided_part([offset for grid in self.grids for offset in grid.offsets], self.grids[0].shape, factor)
+
     def coarse_crop(self, coarse: torch.Tensor, factor: Factor = HALF) -> torch.Tensor:
-        return torch.cat([grid.coarse_crop(coarse[index:index + 1], factor) for index, grid in enumerate(self._for(coarse))])
+        parts = self._parts(factor)
+        return torch.cat([grid.coarse_crop(coarse[index:index + 1], factor, parts[index])
+                          for index, grid in enumerate(self._for(coarse))])
+
+    def split_blocks(self, factor: Factor = HALF, part: GuidedPart | None = None) -> torch.Tensor | None:
+        """Each panorama's ``WindowGrid.split_blocks``, (B, 1, height/fh, width/fw); None when there are none."""
+        parts = self._parts(factor) if part is None else part.split([len(grid) for grid in self.grids])
+        if all(part is None for part in parts):
+            return None
+        return torch.cat([grid.split_blocks(factor, part) for grid, part in zip(self.grids, parts)])
+
+    def _parts(self, factor: Factor) -> list[GuidedPart | None]:
+        part = self.guided_part(factor)
+        return [None] * len(self.grids) if part is None else part.split([len(grid) for grid in self.grids])
 
     def merge(self, windows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Each panorama's windows merged on its own grid: (B, C, H, W)."""
