@@ -30,7 +30,6 @@ from .settings import (
     DRAWN_SEED_LIMIT,
     DTYPES,
     FINE_JOINS,
-    TILE_STARTS,
     GLOBAL_MOVES,
     GLOBAL_WINDOWS,
     GRADIENTS,

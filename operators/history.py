@@ -154,21 +154,21 @@ class HistoryCache:
         self.ours, self.blend, self.loaded = None, [], frozenset()  # this .blend's panoramas, by image names
         self.files_key, self.files = None, []  # (folder, its modification time, loaded) of the last scan
         self.scan: threading.Thread | None = None
-        self.scanning_for = None  # the key of the scan under way, cleared as its listing is stored
+        self.scan_pending = False  # from a scan's start until its listing is stored
         self.lock = threading.Lock()
 
     @property
     def scanning(self) -> bool:
         # Not the thread's liveness: a thread that has stored its listing may not have exited yet, and a
         # scan refused then would leave the listing of a folder as it was.
-        return self.scanning_for is not None
+        return self.scan_pending
 
     def start_scan(self, key: tuple, folder: str, loaded: frozenset) -> None:
         """Read the folder on a thread; one scan at a time (the redraw after it starts the next)."""
         with self.lock:
             if self.scanning:
                 return
-            self.scanning_for = key
+            self.scan_pending = True
             self.scan = threading.Thread(target=self._scan, args=(key, folder, loaded), daemon=True)
             self.scan.start()
         if not bpy.app.timers.is_registered(poll_history_scan):
@@ -180,7 +180,7 @@ class HistoryCache:
         except Exception:  # anything odd in the folder lists nothing rather than scanning it again and again
             files = []
         with self.lock:
-            self.files, self.files_key, self.scanning_for = files, key, None
+            self.files, self.files_key, self.scan_pending = files, key, False
 
     def wait(self, timeout: float | None = None) -> None:
         """Until the scan under way has ended (scripts, tests)."""

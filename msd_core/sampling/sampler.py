@@ -601,7 +601,8 @@ def msd_level_step(
     - ``"fast"``: one model output serves the gradient and Φ(x̂), so it costs what MD does.
     ``factor`` is the reduction to the coarser level: (2, 2), or (1, f) under a ``global_level``.
     """
-    windows, targets, part = grid.crop(latents), grid.coarse_crop(coarse_prev, factor), grid.guided_part(factor)
+    part = grid.guided_part(factor)
+    windows, targets = grid.crop(latents), grid.coarse_crop(coarse_prev, factor, part)
     memory = _crop(grid, previous_x0)
     loss_scale = guidance_scale(omega_loss, targets[0].numel(), step.jacobian(prediction_type), factor[0] * factor[1])
     if gradient not in ("exact", "fast", "refresh"):

@@ -236,20 +236,21 @@ class StackedGrids:
         """One ``GuidedPart`` for every panorama's windows (one size for the batch)."""
         return guided_part([offset for grid in self.grids for offset in grid.offsets], self.grids[0].shape, factor)
 
-    def coarse_crop(self, coarse: torch.Tensor, factor: Factor = HALF) -> torch.Tensor:
-        parts = self._parts(factor)
+    def coarse_crop(self, coarse: torch.Tensor, factor: Factor = HALF, part: GuidedPart | None = None) -> torch.Tensor:
+        parts = self._parts(factor, part)
         return torch.cat([grid.coarse_crop(coarse[index:index + 1], factor, parts[index])
                           for index, grid in enumerate(self._for(coarse))])
 
     def split_blocks(self, factor: Factor = HALF, part: GuidedPart | None = None) -> torch.Tensor | None:
         """Each panorama's ``WindowGrid.split_blocks``, (B, 1, height/fh, width/fw); None when there are none."""
-        parts = self._parts(factor) if part is None else part.split([len(grid) for grid in self.grids])
+        parts = self._parts(factor, part)
         if all(part is None for part in parts):
             return None
         return torch.cat([grid.split_blocks(factor, part) for grid, part in zip(self.grids, parts)])
 
-    def _parts(self, factor: Factor) -> list[GuidedPart | None]:
-        part = self.guided_part(factor)
+    def _parts(self, factor: Factor, part: GuidedPart | None = None) -> list[GuidedPart | None]:
+        """Each panorama's share of ``part`` (None: the stack's own ``guided_part``)."""
+        part = self.guided_part(factor) if part is None else part
         return [None] * len(self.grids) if part is None else part.split([len(grid) for grid in self.grids])
 
     def merge(self, windows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
