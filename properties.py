@@ -189,7 +189,8 @@ class MSD_PanoramaSettings(PropertyGroup):
         ],
         default="msd",
     )
-    omega: FloatProperty(name="Omega", description="Strength of the coarse-level guidance (0 = MultiDiffusion)", min=0.0, soft_max=20.0, default=10.0)
+    omega: FloatProperty(name="Omega", description="Strength of the coarse-level guidance (0 = MultiDiffusion; the "
+                         "paper's 10, Draft and Standard 14)", min=0.0, soft_max=20.0, default=_STANDARD["omega"])
     gradient: EnumProperty(
         name="Gradient",
         items=_GRADIENT_ITEMS,
@@ -291,11 +292,12 @@ class MSD_PanoramaSettings(PropertyGroup):
         name="Tile Starts",
         description="Where the finer levels' shifted tiles may start (docs/layout.md 6.9)",
         items=[
-            ("even", "Even", "On the level above's 2×2 grid, so every tile edge lies on its block edges (v0.7)"),
+            ("even", "Even", "On the level above's 2×2 grid, so every tile edge lies on its block edges (v0.7, Best)"),
             ("any", "Any", "On any pixel: a tile starting between two pixels of the level above is guided on the "
-                           "blocks it holds whole, the split ones after the merge; fewer 2×2 block edges"),
+                           "blocks it holds whole, the split ones after the merge; fewer 2×2 block edges "
+                           "(Draft, Standard)"),
         ],
-        default=GenerationSettings.tile_starts,
+        default=_STANDARD["tile_starts"],
     )
     scales: IntProperty(name="Levels", description="Pyramid levels (0 = automatic)", min=0, soft_max=6, default=0)
     target: EnumProperty(

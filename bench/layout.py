@@ -257,10 +257,13 @@ ASPECTS = ((64, 64, False), (32, 64, True), (64, 128, True), (32, 128, False))  
 # levels average g = 128 and 256 latent pixels (--large).
 LARGE_ASPECTS = ((128, 256, True), (128, 512, False))
 MODE_ASPECTS = ((32, 64, True), (64, 128, True), (128, 256, True))  # global levels of g = 8, 32, 128 (--modes)
+# Up to v0.7 every preset pulled with ω = 10 and started the finer levels' tiles on the 2×2 grid; the rows measured
+# then keep those values (v0.8's presets: ω 14, tiles anywhere; docs/layout.md 6.10).
+V07 = {"omega": 10.0, "tile_starts": "even"}
 # v0.3's Standard preset (shifted tiles, exact gradient at every step, DDIM 50), the base of the rows below
 # that name no preset: they were measured against it (docs/layout.md).
 V03_STANDARD = {"windows": "shifted", "gradient": "exact", "steps": 50, "scheduler": "ddim", "guided_fraction": 1.0,
-                "late_gradient": "none", "global_move": "fixed"}
+                "late_gradient": "none", "global_move": "fixed", **V07}
 # name: GenerationSettings changes (ω = 10 projection), sampled as the pipeline would (horizon.sample_with_settings).
 ASPECT_SETTINGS = {
     "MD": {**V03_STANDARD, "method": "multidiffusion"},
@@ -273,8 +276,10 @@ ASPECT_SETTINGS = {
     "default": {},  # today's Standard preset
     "default, Draft": QUALITY["draft"][0],
 }
+# The presets as v0.7 had them: the base of the rows below, measured then.
+STANDARD, DRAFT = {**QUALITY["standard"][0], **V07}, {**QUALITY["draft"][0], **V07}
+ASPECT_SETTINGS |= {"v0.7 Standard": STANDARD, "v0.7 Draft": DRAFT}
 # Issue 20: v0.4's presets with the coarse levels' starting state as it was (noise) and drawn (--start).
-STANDARD, DRAFT = QUALITY["standard"][0], QUALITY["draft"][0]
 START_SETTINGS = {
     "MD": {**STANDARD, "method": "multidiffusion"},
     "v0.4 Standard": {**STANDARD, "coarse_noise": "matched", "global_move": "fixed"},
@@ -365,10 +370,17 @@ FINE_START_SETTINGS = {
 # --tile-starts any (docs/layout.md 6.9): the finer levels' shifted tiles start on any pixel, not only on the level
 # above's 2×2 grid.
 TILE_SETTINGS = {
-    "Standard, any tile starts": {"tile_starts": "any"},
+    "Standard, any tile starts": {**STANDARD, "tile_starts": "any"},
     "Draft, any tile starts": {**DRAFT, "tile_starts": "any"},
 }
-ALL_SETTINGS = ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | MOVE_SETTINGS | PAIR_SETTINGS | WIDE_SETTINGS | POLE_SETTINGS | FINE_START_SETTINGS | TILE_SETTINGS
+# A stronger pull towards the coarser level (docs/layout.md 6.10): ω above 10 overshoots the gap at the first steps;
+# with tiles starting anywhere, v0.8's presets.
+OMEGA_SETTINGS = {f"{preset}, ω {omega}": {**changes, "omega": omega}
+                  for preset, changes in (("Standard", STANDARD), ("Draft", DRAFT)) for omega in (12, 14, 16)}
+OMEGA_SETTINGS |= {f"{preset}, ω 14, any tile starts": {**changes, "omega": 14, "tile_starts": "any"}
+                   for preset, changes in (("Standard", STANDARD), ("Draft", DRAFT))}
+ALL_SETTINGS = (ASPECT_SETTINGS | SPEED_SETTINGS | START_SETTINGS | MOVE_SETTINGS | PAIR_SETTINGS | WIDE_SETTINGS
+                | POLE_SETTINGS | FINE_START_SETTINGS | TILE_SETTINGS | OMEGA_SETTINGS)
 EXAMPLE_SETTINGS = ("paper pyramid", "v0.3 Standard", "v0.4 Standard", "Standard, drawn")
 # seams: window rows / columns, the same within each class (texture) rows / columns, 0/360° (plain, within class,
 # the coarsest level's own)
@@ -553,9 +565,10 @@ def gaussian_modes_part(seeds: int, settings=("v0.4 Standard", "Standard, drawn"
     return rows
 
 
-DETAIL_SETTINGS = ("default", "Standard, fine start 0.3", "Standard, fine start 0.6",
+# Measured on v0.7's presets (docs/layout.md 6.7-6.8); --detail --settings "v0.7 Standard" default … compares v0.8's.
+DETAIL_SETTINGS = ("v0.7 Standard", "Standard, fine start 0.3", "Standard, fine start 0.6",
                    "Standard, fine start 0.3, deterministic join", "Standard, fine start 0.6, deterministic join",
-                   "default, Draft", "Draft, fine start 0.3", "Draft, fine start 0.6",
+                   "v0.7 Draft", "Draft, fine start 0.3", "Draft, fine start 0.6",
                    "Draft, fine start 0.3, deterministic join", "Draft, fine start 0.6, deterministic join")
 DETAIL_SHAPES = (ASPECTS[0], ASPECTS[1])  # 64×64 and the 360° world's 32×64 wrap
 
@@ -599,15 +612,16 @@ def detail_part(seeds: int, settings=DETAIL_SETTINGS, shapes=DETAIL_SHAPES, expo
 
 
 def detail_table(rows: list[dict]) -> str:
-    """Per shape and setting: each band's power over the prior's and the block-edge ratio; for a fine start, also
-    its bands over its preset's with every level from the first step, paired (the same seeds: the same initial
-    noise), with the standard error."""
+    """Per shape and setting: each band's power over the prior's and the block-edge ratio; for every other setting, also
+    its bands over its preset's (v0.7's where it ran, else today's), paired (the same seeds: the same initial noise),
+    with the standard error."""
     lines = ["| shape | setting | ring (cycles / 16 px) | 1 | 2 | 3 | 4 | 5 | 6 | 7 | 8 | block edges |", "|" + "---|" * 12]
     cells = {(r["panorama"], r["setting"]): r for r in rows}
     for (shape, name), row in cells.items():
         lines.append(f"| {shape} | {name} | band / prior's | " + " | ".join(f"{v:.3f}" for v in row["bands_vs_prior"])
                      + f" | {row['block_edge_ratio']:.3f} ± {row['block_edge_se']:.3f} |")
-        base = cells.get((shape, "default, Draft" if "Draft" in name else "default"))
+        draft = "Draft" in name
+        base = cells.get((shape, "v0.7 Draft" if draft else "v0.7 Standard")) or cells.get((shape, "default, Draft" if draft else "default"))
         if base is None or base is row:
             continue
         paired = (torch.tensor(row["per_seed_bands"]) / torch.tensor(base["per_seed_bands"])).log()
@@ -769,7 +783,7 @@ def main() -> None:
         write_json(args.output or "layout-detail-tiny", {"environment": env, "tiny": tiny_detail_part(args.seeds or 4)})
         return
     if args.detail:
-        rows = detail_part(args.seeds or 48)
+        rows = detail_part(args.seeds or 48, *([args.settings] if args.settings else []))
         print("\n" + detail_table(rows))
         write_json(args.output or "layout-detail", {"environment": env, "detail": rows})
         return

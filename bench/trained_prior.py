@@ -147,10 +147,13 @@ class TrainedPrior:
         return dead_leaves(count, generator).double()
 
 
+V07 = {"omega": 10.0, "tile_starts": "even"}  # v0.7's Standard, the base the others are compared with
 DETAIL_SETTINGS = {
-    "every level": {}, "MultiDiffusion": {"method": "multidiffusion"}, "ω 3": {"omega": 3.0},
-    "fine start 0.6, deterministic join": {"fine_start": 0.6, "fine_join": "deterministic"},
-    "fine start 0.6, stochastic join": {"fine_start": 0.6}, "fine start 0.3, stochastic join": {"fine_start": 0.3},
+    "every level": V07, "MultiDiffusion": {"method": "multidiffusion"}, "ω 3": {**V07, "omega": 3.0},
+    "fine start 0.6, deterministic join": {**V07, "fine_start": 0.6, "fine_join": "deterministic"},
+    "fine start 0.6, stochastic join": {**V07, "fine_start": 0.6}, "fine start 0.3, stochastic join": {**V07, "fine_start": 0.3},
+    "any tile starts": {**V07, "tile_starts": "any"}, "ω 12": {**V07, "omega": 12.0}, "ω 14": {**V07, "omega": 14.0},
+    "ω 14, any tile starts (v0.8's Standard)": {},
 }
 
 

@@ -202,8 +202,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--late-gradient", choices=LATE_GRADIENTS,
                         help="the gradient of the steps after --guided-fraction; none = they denoise only the finest "
                              "level, as multidiffusion (default: the quality preset's; docs/speed.md)")
-    method.add_argument("--omega", type=float, default=10.0,
-                        help="guidance strength ω towards the coarser level (default 10, 0 = multidiffusion)")
+    method.add_argument("--omega", type=float,
+                        help="guidance strength ω towards the coarser level, 0 = multidiffusion (default: the quality "
+                             "preset's, 14 for draft and standard, the paper's 10 for best; docs/layout.md 6.10)")
     method.add_argument("--omega-loss", choices=OMEGA_LOSSES, default="projection",
                         help="what ω is measured against: projection = ω/10 of the cross-scale gap is removed per step "
                              "(default); mean = the paper's literal mean-reduced MSE (ω = 10 is then almost no pull); sum")
@@ -233,11 +234,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="how a level that joined late steps (with --fine-start): stochastic (default) = part of "
                              "its noise is drawn afresh each step, finer than the top two levels only, so the detail "
                              "its held noise lacked comes back; deterministic = v0.6's, the level above's blocks stay")
-    method.add_argument("--tile-starts", choices=TILE_STARTS, default=GenerationSettings.tile_starts,
-                        help="where the finer levels' shifted tiles may start: even (default) = on the level above's "
-                             "2×2 grid; any = on any pixel, a tile starting between two of its pixels guided on the "
-                             "blocks it holds whole and the split ones after the merge: fewer 2×2 block edges "
-                             "(docs/layout.md 6.9)")
+    method.add_argument("--tile-starts", choices=TILE_STARTS,
+                        help="where the finer levels' shifted tiles may start: any (draft and standard) = on any "
+                             "pixel, a tile starting between two pixels of the level above guided on the blocks it "
+                             "holds whole and the split ones after the merge: fewer 2×2 block edges; even (v0.7) = on "
+                             "the level above's 2×2 grid (default: the quality preset's; docs/layout.md 6.9-6.10)")
     method.add_argument("--scales", type=int, help="pyramid levels (default: enough that the coarsest fits one window)")
     method.add_argument("--window", type=int, help="window size in pixels (default: the model's native size)")
     method.add_argument("--windows", choices=WINDOW_MODES,
@@ -317,9 +318,9 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "negative_prompt": args.negative, "model_config": args.model_config,
         "model": DEFAULT_MODEL if args.model is None else args.model,  # "" stays empty: validate() names it
         "loras": [parse_lora_argument(text) for text in args.lora],
-        "method": args.method, "omega": args.omega, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
+        "method": args.method, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
         "global_window": args.global_window, "global_move": args.global_move,
-        "coarse_noise": args.coarse_noise, "fine_start": args.fine_start, "fine_join": args.fine_join, "tile_starts": args.tile_starts, "scales": args.scales, "guidance": args.guidance,
+        "coarse_noise": args.coarse_noise, "fine_start": args.fine_start, "fine_join": args.fine_join, "scales": args.scales, "guidance": args.guidance,
         "seed": secrets.randbelow(DRAWN_SEED_LIMIT) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "poles": args.poles,
         "view_batch": args.view_batch,
@@ -327,7 +328,8 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "hdr": args.hdr, "hdr_knee": args.hdr_knee, "hdr_peak": args.hdr_peak,
         "cubemap": args.cubemap,
     }
-    for name in ("gradient", "steps", "windows", "scheduler", "guided_fraction", "late_gradient"):  # the preset's, unless given
+    for name in ("gradient", "steps", "windows", "scheduler", "guided_fraction", "late_gradient", "omega",
+                 "tile_starts"):  # the preset's, unless given
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.stride is not None and args.windows is None:

@@ -77,14 +77,14 @@ PRESETS = {
 # Every preset sets the same fields, so switching presets leaves nothing of the last one behind.
 QUALITY = {
     "draft": ({"windows": "shifted", "gradient": "exact", "steps": 15, "scheduler": "dpmpp-2m", "guided_fraction": 0.5,
-               "late_gradient": "fast"},
+               "late_gradient": "fast", "omega": 14.0, "tile_starts": "any"},
               "half of Standard's work: DPM-Solver++ 15, the exact gradient for the first half of the steps"),
     "standard": ({"windows": "shifted", "gradient": "exact", "steps": 25, "scheduler": "dpmpp-2m",
-                  "guided_fraction": 0.7, "late_gradient": "fast"},
+                  "guided_fraction": 0.7, "late_gradient": "fast", "omega": 14.0, "tile_starts": "any"},
                  "the default: shifted tiles, DPM-Solver++ 25, the exact gradient for the first 70 % of the steps, "
                  "the fast one after"),
     "best": ({"windows": "dense", "gradient": "exact", "steps": 50, "scheduler": "ddim", "guided_fraction": 1.0,
-              "late_gradient": "none"},
+              "late_gradient": "none", "omega": 10.0, "tile_starts": "even"},
              "the paper's dense windows every window/8 and exact gradient, DDIM 50"),
 }
 DEFAULT_QUALITY = "standard"
@@ -94,7 +94,7 @@ _DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
 # was made the earlier way.
 STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal", "scheduler": "ddim", "guided_fraction": 1.0,
                  "late_gradient": "none", "poles": "flat",
-                 "global_move": "fixed", "fine_join": "deterministic"}
+                 "global_move": "fixed", "fine_join": "deterministic", "tile_starts": "even"}
 
 # Seeds drawn at random (CLI, panel, drafts) stay below this: Blender's seed field is a 32-bit IntProperty.
 # Any seed below 2^63 is valid and stored; the panel keeps one above its field's limit as text.
@@ -137,7 +137,7 @@ class GenerationSettings:
     loras: list = field(default_factory=list)  # [{"path": a .safetensors file, "weight": 1.0}], applied in order
     method: str = "msd"
     gradient: str = _DEFAULTS["gradient"]
-    omega: float = 10.0
+    omega: float = _DEFAULTS["omega"]  # the presets' 14 pulls harder than the paper's 10 (docs/layout.md 6.10)
     omega_loss: str = "projection"
     scales: int | None = None  # pyramid levels; None = smallest count whose coarsest height fits a window
     pyramid: str = "global"  # PYRAMIDS
@@ -148,7 +148,7 @@ class GenerationSettings:
     # evenly spaced shares of it (plan.level_start_steps; docs/layout.md 6.6). 0 = every level from the first step.
     fine_start: float = 0.0
     fine_join: str = "stochastic"  # FINE_JOINS (with fine_start > 0)
-    tile_starts: str = "even"  # TILE_STARTS (shifted tiles of a pyramid's finer levels)
+    tile_starts: str = _DEFAULTS["tile_starts"]  # TILE_STARTS (shifted tiles of a pyramid's finer levels)
     # The share of the steps, from the first, that guide the finer levels with `gradient`; the rest guide with
     # `late_gradient`, or with "none" denoise only the finest level (MultiDiffusion).
     guided_fraction: float = _DEFAULTS["guided_fraction"]

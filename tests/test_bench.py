@@ -335,7 +335,8 @@ def test_the_detail_measure_tells_a_deterministic_late_join_from_every_level_and
 
     prior = priors.GaussianPrior(texture=0.1, exponent=2.0)
     reference = spectrum.band_power(prior.sample(2000, torch.Generator().manual_seed(0)), 16)
-    world = GenerationSettings(prompt="bench", width=512, height=512, wrap=False, **QUALITY["draft"][0])
+    world = GenerationSettings(prompt="bench", width=512, height=512, wrap=False,  # v0.7's Draft, where 6.7-6.8 measured
+                               **{**QUALITY["draft"][0], "omega": 10.0, "tile_starts": "even"})
     bands, edges = {}, {}
     for fine_start, join in ((0.0, "stochastic"), (0.6, "deterministic"), (0.6, "stochastic")):
         images, plan = horizon.sample_with_settings(
@@ -425,3 +426,28 @@ def test_the_trained_prior_is_a_learned_denoiser_of_dead_leaves_images_that_the_
         together = denoise(clean[:, :3], 500)
         alone = torch.cat([denoise(clean[:, index:index + 1], 500) for index in range(3)], 1)
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_the_presets_stronger_pull_keeps_one_sun_more_often_than_v07s_with_fewer_block_edges(one_thread):
+    # docs/layout.md 6.10: Draft and Standard pull with ω 14 and start the finer levels' tiles anywhere. On the sun
+    # prior at 64×64 (4×4 windows; 72 seeds: 12 → 21 coherent) the finest level's windows add fewer extra suns than
+    # with v0.7's ω 10 on the 2×2 grid, and on the 1/f² Gaussian prior the 2×2 block edges do not rise.
+    from msd_core.settings import QUALITY, GenerationSettings
+
+    v07 = {"omega": 10.0, "tile_starts": "even"}
+    sun = priors.SunPrior()
+    world = GenerationSettings(prompt="bench", width=32 * horizon.PRIOR_FACTOR, height=32 * horizon.PRIOR_FACTOR,
+                               wrap=False, **QUALITY["standard"][0])
+    suns = {}
+    for name, changes in (("v0.7", v07), ("v0.8", {})):
+        images, plan = horizon.sample_with_settings(sun, dataclasses.replace(world, **changes), list(range(12)))
+        assert (plan.tile_starts, plan.levels) == (changes.get("tile_starts", "any"), 3)
+        suns[name] = [sun.score(image)["objects"] for image in images]
+    assert sum(suns["v0.8"]) < 0.85 * sum(suns["v0.7"]), suns
+    assert sum(n == 1 for n in suns["v0.8"]) > sum(n == 1 for n in suns["v0.7"]), suns
+    gaussian = priors.GaussianPrior(texture=0.1, exponent=2.0)
+    field = dataclasses.replace(world, width=64 * horizon.PRIOR_FACTOR, height=64 * horizon.PRIOR_FACTOR)
+    edges = {name: spectrum.block_edge_ratio(horizon.sample_with_settings(
+        gaussian, dataclasses.replace(field, **changes), list(range(8)))[0], (2, 2)) for name, changes in
+        (("v0.7", v07), ("v0.8", {}))}
+    assert edges["v0.8"] < edges["v0.7"] + 0.005, edges

@@ -126,7 +126,12 @@ def test_presets_and_wrap_defaults():
     assert (paper.pyramid, paper.coarse_noise) == ("halving", "literal")
     assert settings("--fine-start", "0.6").fine_start == 0.6 and settings("--fine-start", "0").fine_start == 0
     assert (settings().fine_join, settings("--fine-join", "deterministic").fine_join) == ("stochastic", "deterministic")
-    assert (settings().tile_starts, settings("--tile-starts", "any").tile_starts) == ("even", "any")
+    assert (settings().tile_starts, settings("--tile-starts", "even").tile_starts) == ("any", "even")
+    # ω and the tile starts follow the quality preset unless given: the paper's ω 10 and even tiles for best
+    assert (settings().omega, settings("--quality", "draft").omega, settings("--omega", "3").omega) == (14.0, 14.0, 3.0)
+    best = settings("--quality", "best")
+    assert (best.omega, best.tile_starts) == (10.0, "even")
+    assert settings("--quality", "best", "--omega", "14", "--tile-starts", "any").omega == 14.0
     assert (settings().global_move, settings("--global-move", "fixed").global_move) == ("roll", "fixed")
     assert len({settings().seed for _ in range(5)}) > 1  # a fresh seed unless one is given
 

@@ -550,15 +550,15 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
     assert properties.setting_label("fine_join") == ("Late Join", "the Panorama panel's Sampler section")
     group.fine_join = addon_module().msd_core.settings.GenerationSettings.fine_join
     group.fine_start = addon_module().msd_core.settings.GenerationSettings.fine_start
-    # --tile-starts: after the late join, even by default (v0.7's tiles), any pixel on request, both ways
+    # --tile-starts: after the late join, any pixel by default (Standard's), v0.7's even tiles on request, both ways
     assert drawn.index(("prop", "tile_starts")) == drawn.index(("prop", "fine_join")) + 1
-    assert group.tile_starts == "even"
-    group.tile_starts = "any"
-    anywhere = properties.settings_from_scene(bpy.context.scene, addon_preferences())
-    assert anywhere.tile_starts == "any"
-    group.tile_starts = "even"
-    properties.settings_to_scene(anywhere, bpy.context.scene)
     assert group.tile_starts == "any"
+    group.tile_starts = "even"
+    on_grid = properties.settings_from_scene(bpy.context.scene, addon_preferences())
+    assert on_grid.tile_starts == "even"
+    group.tile_starts = "any"
+    properties.settings_to_scene(on_grid, bpy.context.scene)
+    assert group.tile_starts == "even"
     assert properties.setting_label("tile_starts") == ("Tile Starts", "the Panorama panel's Sampler section")
     group.tile_starts = addon_module().msd_core.settings.GenerationSettings.tile_starts
 
