@@ -64,6 +64,9 @@ class MixturePrior:
     a 360° LoRA trained at 2:1 does): the denoiser hands windows of that width to it."""
 
     name = "mixture"
+    # Whether the layout must run into the poles of a 360° world (a river from the bottom edge to the top):
+    # bench/layout.py then also scores it without the polar rows, where a sphere-correct world cannot draw it.
+    runs_through_poles = False
 
     def __init__(self, window: int, texture: float, scheduler=None):
         self.window = window

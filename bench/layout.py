@@ -45,7 +45,7 @@ from priors import GaussianPrior, RiverPrior, SkylinePrior, SunPrior
 from spectrum import band_power, block_edge_ratio, standard_error
 
 from msd_core.sampling.sampler import cross_scale_discrepancy
-from msd_core.sampling.plan import make_plan
+from msd_core.sampling.plan import has_poles, make_plan
 from msd_core.sampling.windows import level_factor
 from msd_core.settings import QUALITY, GenerationSettings
 
@@ -429,6 +429,28 @@ def prior_mode_variance(prior) -> float:
     return PRIOR_MODE_VARIANCE[prior.name]
 
 
+# A river along a meridian is a wedge on the sphere: within this many degrees of a pole it is at most 0.17 of its
+# width across (at the first row of a 32-row world 0.05), below one pixel of the pole caps' views for every river
+# of ≤ 5 columns (docs/poles.md). Where the caps draw the poles the river is also scored without those rows.
+POLAR_ZONE_DEGREES = 10.0
+
+
+def polar_rows(height: int) -> int:
+    """How many rows at each pole of an equirectangular world ``height`` rows tall lie (by their centres) within
+    POLAR_ZONE_DEGREES of it: 2 of 32, 4 of 64."""
+    return sum((row + 0.5) * 180 / height < POLAR_ZONE_DEGREES for row in range(height // 2))
+
+
+def coherent_on_sphere(prior, images, settings) -> int | None:
+    """Coherent panoramas scored without the polar rows (``polar_rows``) where the pole caps draw a 360° world and
+    the prior's layout runs through its poles; None elsewhere (the plain score is the only one)."""
+    if not (prior.runs_through_poles and settings.poles == "sphere"
+            and has_poles(settings.width, settings.height, settings.wrap)):
+        return None
+    rows = polar_rows(images.shape[-2])
+    return sum(prior.score(image[rows:image.shape[-2] - rows], True)["coherent"] for image in images)
+
+
 def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
     """One prior × aspect × setting: layout of the finest and of the coarsest level, and the UNet work.
 
@@ -475,6 +497,7 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
         "levels": " → ".join(f"{h}×{w}" for h, w in levels),
         "coherent_count": sum(s["coherent"] for s in scores), "collapsed_count": sum(s["collapsed"] for s in scores),
         "coarsest_coherent_count": sum(s["coherent"] for s in coarse),
+        "coherent_on_sphere_count": coherent_on_sphere(prior, images, settings),
         "count_name": count_key, "count_mean": statistics.mean(s[count_key] for s in scores),
         **{f"unet_{key}": value for key, value in plan.work().items()},
         "work_vs_md": sum(plan.step_costs()) / sum(md_plan.step_costs()), "seconds": seconds,
@@ -509,7 +532,8 @@ def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
 
 def start_table(rows: list[dict], settings=("v0.4 Standard", "Standard, drawn", "v0.4 Draft", "Draft, drawn")) -> str:
     """Issue 20's table: per prior and shape, each setting's coherent (collapsed) of the seeds and coherent as a
-    share of the prior's own one-window rate; MultiDiffusion's coherent count where it ran."""
+    share of the prior's own one-window rate; MultiDiffusion's coherent count where it ran. A river on a world whose
+    poles the caps draw also shows its count scored without the polar rows (``coherent_on_sphere``)."""
     own = {r["prior"]: r for r in rows if r["setting"] == "prior's own draws"}
     header = ["prior", "shape", "prior's own", *settings, "MD"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -524,8 +548,12 @@ def start_table(rows: list[dict], settings=("v0.4 Standard", "Standard, drawn", 
                 continue
             n = row["seeds"]
             ratio = row["coherent_count"] / n / reference["coherent_fraction"]
-            line.append(f"{row['coherent_count']}/{n}" if setting == "MD" else
-                        f"{row['coherent_count']} ({row['collapsed_count']}) {ratio:.0%}")
+            cell = (f"{row['coherent_count']}/{n}" if setting == "MD" else
+                    f"{row['coherent_count']} ({row['collapsed_count']}) {ratio:.0%}")
+            on_sphere = row.get("coherent_on_sphere_count")
+            if on_sphere is not None and setting != "MD":
+                cell += f"; on the sphere {on_sphere} {on_sphere / n / reference['coherent_fraction']:.0%}"
+            line.append(cell)
         lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines)
 
@@ -699,7 +727,7 @@ def aspects_part(quick: bool, seeds: int | None = None, settings=ASPECT_SETTINGS
     shapes = shapes or ((ASPECTS[0], ASPECTS[2]) if quick else ASPECTS)
     seeds = list(range(first_seed, first_seed + (seeds or (8 if quick else 24))))
     print(f"\naspects: {len(seeds)} seeds, the pipeline's plan for each setting (Standard preset unless named"
-          f"{', steps ÷ 5' if quick else ''}), ω = 10 (projection)")
+          f"{', steps ÷ 5' if quick else ''})")
     print("\n".join(markdown_table([], ASPECT_COLUMNS).splitlines()[:2]))
     rows, examples = [], []
     for name, prior in aspect_priors().items():
@@ -802,7 +830,7 @@ def main() -> None:
         rows, examples = aspects_part(args.quick, args.seeds, settings, args.priors, args.first_seed, shapes)
         print("\n" + markdown_table(rows, ASPECT_COLUMNS))
         if args.start:
-            print("\n" + start_table(rows))
+            print("\n" + start_table(rows, *([tuple(args.settings)] if args.settings else [])))
         if args.move:
             print("\n" + start_table(rows, tuple(settings)))
         name = "layout-move" if args.move else "layout-start" if args.start else "layout-aspects"

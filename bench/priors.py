@@ -113,6 +113,7 @@ class RiverPrior(MixturePrior):
     """One vertical band of width w ∈ ``widths`` at a uniform position overlapping the window, or none."""
 
     name = "river"
+    runs_through_poles = True
 
     def __init__(self, window: int = 16, widths=SIZES, empty: float = 0.3, texture: float = 0.3, scheduler=None):
         super().__init__(window, texture, scheduler)

@@ -150,6 +150,28 @@ def test_sun_and_river_scores():
     assert not priors.RiverPrior().score(shifted)["coherent"]
 
 
+def test_a_river_on_a_world_whose_poles_the_caps_draw_is_also_scored_without_the_polar_rows():
+    # docs/poles.md: a sphere-correct cap cannot draw a meridian river's wedge in the rows nearest the pole, so the
+    # layout table also scores it without the rows within 10° of each pole; a break beyond them still counts.
+    import layout
+    from msd_core.settings import GenerationSettings
+
+    assert [layout.polar_rows(height) for height in (16, 32, 64, 128)] == [1, 2, 4, 7]
+    short_of_the_poles = -torch.ones(32, 64, dtype=torch.float64)
+    short_of_the_poles[2:30, 10:14] = 1.0
+    broken = short_of_the_poles.clone()
+    broken[12:15, 10:14] = -1.0
+    images = torch.stack([short_of_the_poles, broken])
+    river = priors.RiverPrior()
+    assert [river.score(image, True)["coherent"] for image in images] == [False, False]
+    world = GenerationSettings(prompt="bench", width=64 * horizon.PRIOR_FACTOR, height=32 * horizon.PRIOR_FACTOR,
+                               wrap=True)
+    assert world.poles == "sphere" and layout.coherent_on_sphere(river, images, world) == 1
+    assert layout.coherent_on_sphere(river, images, dataclasses.replace(world, poles="flat")) is None
+    assert layout.coherent_on_sphere(river, images, dataclasses.replace(world, width=world.width * 2)) is None
+    assert layout.coherent_on_sphere(priors.SunPrior(), images, world) is None
+
+
 def test_skyline_components_and_score():
     prior = priors.SkylinePrior()
     rows = torch.arange(16)[:, None]
