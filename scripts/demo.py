@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -41,7 +43,8 @@ def parse_args(argv):
     return parser.parse_args(argv)  # fmt: skip
 
 
-def main(argv=None) -> int:
+def main(argv, written: list[str]) -> int:
+    """The demo; ``written`` collects the files it wrote, for the message when Ctrl+C stops it."""
     args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -65,39 +68,100 @@ def main(argv=None) -> int:
     print(f"Manifest valid: {REPO_ROOT / 'blender_manifest.toml'}")
     zip_path = blender_env.build_extension_zip(out)
     print(f"Built: {zip_path}")
-    module = blender_env.install_extension(zip_path)
+    # Blender runs Python callbacks (register(), load and render handlers) that would print a traceback for a
+    # KeyboardInterrupt and carry on: those stages keep Ctrl+C and stop the demo once they end.
+    with CtrlC() as ctrl_c:
+        module = blender_env.install_extension(zip_path)
+    ctrl_c.stop_if_pressed()
     print(f"Installed and enabled: {module} (in {blender_env.installed_dir()})")
 
-    bpy.ops.wm.read_homefile(use_empty=True)
-    bpy.context.preferences.filepaths.save_version = 0  # no demo.blend1 backups
-    scene = bpy.context.scene
-    add_camera_and_probe(scene)
+    with CtrlC() as ctrl_c:
+        bpy.ops.wm.read_homefile(use_empty=True)
+        bpy.context.preferences.filepaths.save_version = 0  # no demo.blend1 backups
+        scene = bpy.context.scene
+        add_camera_and_probe(scene)
+        configure(blender_env.addon_preferences(), scene.msd_panorama, args, out / "panoramas")
+    ctrl_c.stop_if_pressed()
     blend_path = out / "demo.blend"  # saved only once generation succeeded: a failure keeps an earlier demo
-
-    configure(blender_env.addon_preferences(), scene.msd_panorama, args, out / "panoramas")
     if args.allow_download and blender_env.addon_module().operators.models.needs_download(args.model):
         print(f"Downloading {args.model} from the Hugging Face Hub…", flush=True)
         try:
-            bpy.ops.msd.download_model(wait=True)
+            with CtrlC(interrupt_now=True) as ctrl_c:  # the operator cancels the download on it
+                bpy.ops.msd.download_model(wait=True)
         except RuntimeError as exc:
             print(f"The download failed: {exc}", file=sys.stderr)
             return 1
+        ctrl_c.stop_if_pressed()
     panel = scene.msd_panorama
     print(f"Generating a {panel.width}×{panel.height} 360° world with {args.model!r}, {panel.steps} steps…", flush=True)
     run_state = blender_env.addon_module().properties.run_state
     try:
-        bpy.ops.msd.generate(wait=True)
+        with CtrlC(interrupt_now=True) as ctrl_c:  # the operator cancels the run on it
+            outcome = bpy.ops.msd.generate(wait=True)
     except RuntimeError:
+        ctrl_c.stop_if_pressed()  # an interrupt outside the wait is the operator's error
+        return report_failure(run_state, args.model)
+    if outcome == {"FINISHED"}:
+        written.append(Path(run_state.last_output).name)  # the result may have come before the cancel
+    ctrl_c.stop_if_pressed()
+    if outcome != {"FINISHED"}:
         return report_failure(run_state, args.model)
     image = bpy.data.images[run_state.last_image]
     print(f"Panorama: {run_state.last_output}")
     print(f"World: {scene.world.name!r} shows image {image.name!r} ({image.size[0]}×{image.size[1]})")
 
-    bpy.ops.wm.save_as_mainfile(filepath=str(blend_path))
+    with CtrlC() as ctrl_c:
+        bpy.ops.wm.save_as_mainfile(filepath=str(blend_path))
+    written.append(blend_path.name)
+    ctrl_c.stop_if_pressed()
     print(f"Saved: {blend_path}")
-    preview_path = render_preview(scene, out / "preview.png")
+    with CtrlC() as ctrl_c:
+        preview_path = render_preview(scene, out / "preview.png")
+    written.append(preview_path.name)
+    ctrl_c.stop_if_pressed()
     print(f"Rendered: {preview_path}")
     return 0
+
+
+class CtrlC:
+    """A stage that keeps Ctrl+C: ``stop_if_pressed`` raises KeyboardInterrupt after it when it was pressed.
+
+    The press is read from the signal wakeup fd, which the interpreter writes for every signal whichever handler
+    runs, so one that Blender's own handler took is kept too (the extension install asks its command to stop and
+    carries on). With ``interrupt_now`` it also raises at once, for the operators that wait for a run: they catch
+    it and cancel, and may still end 'FINISHED' when the result came first.
+    """
+
+    def __init__(self, interrupt_now: bool = False):
+        self.interrupt_now = interrupt_now
+        self.pressed = False
+
+    def _on_ctrl_c(self, _signum, _frame):
+        if self.interrupt_now:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        self._receiver, self._sender = socket.socketpair()  # a socket: what set_wakeup_fd takes everywhere
+        self._receiver.setblocking(False)
+        self._sender.setblocking(False)
+        self._previous_handler = signal.signal(signal.SIGINT, self._on_ctrl_c)
+        self._previous_fd = signal.set_wakeup_fd(self._sender.fileno(), warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *_exc):
+        signal.set_wakeup_fd(self._previous_fd)
+        signal.signal(signal.SIGINT, self._previous_handler)
+        try:
+            self.pressed = signal.SIGINT in self._receiver.recv(4096)
+        except BlockingIOError:
+            pass  # no signal arrived
+        self._receiver.close()
+        self._sender.close()
+        return False
+
+    def stop_if_pressed(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
 
 
 def configure(prefs, panel, args, panoramas: Path) -> None:
@@ -181,10 +245,14 @@ def render_preview(scene, path: Path) -> Path:
 
 def run(argv=None) -> int:
     """main, with Ctrl+C a one-line message instead of a traceback (a run in progress is cancelled)."""
+    written = []
     try:
-        return main(argv)
+        return main(argv, written)
     except KeyboardInterrupt:
-        print("Interrupted: nothing more was written (an earlier demo.blend is kept).", file=sys.stderr)
+        if written:
+            print(f"Interrupted after writing {', '.join(written)}.", file=sys.stderr)
+        else:
+            print("Interrupted: nothing more was written (an earlier demo.blend is kept).", file=sys.stderr)
         return 130
 
 
