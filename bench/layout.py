@@ -447,8 +447,10 @@ def coherent_on_sphere(prior, images, settings) -> int | None:
     if not (prior.runs_through_poles and settings.poles == "sphere"
             and has_poles(settings.width, settings.height, settings.wrap)):
         return None
+    from poles import polar_rows_left_out
+
     rows = polar_rows(images.shape[-2])
-    return sum(prior.score(image[rows:image.shape[-2] - rows], True)["coherent"] for image in images)
+    return sum(prior.score(polar_rows_left_out(image, rows), True)["coherent"] for image in images)
 
 
 def run_aspect(prior, shape, setting, seeds, keep=None, quick=False) -> dict:
