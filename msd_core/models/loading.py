@@ -130,6 +130,16 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
     return chosen, DTYPES[dtype]
 
 
+def free_accelerator_bytes(device: torch.device) -> float | None:
+    """Bytes a run may take on ``device`` for its windows: what the GPU has free plus what PyTorch's caching
+    allocator holds unused from earlier runs (a warm worker keeps its last run's peak reserved, which the GPU
+    does not count as free); None off CUDA, where the plan uses its CPU view batch."""
+    if device.type != "cuda":
+        return None
+    unused_reserved = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + unused_reserved
+
+
 
 # ------------------------------------------------------------------------------------------ tiny model
 
