@@ -562,20 +562,20 @@ def estimates_for(report: Report, scale: Scale, device: torch.device, dtype: str
 # ------------------------------------------------------------------------------------ 3. whole worlds
 
 
-# (scale, world, quality, settings on top of it): the sampling loop's own time, pole caps and solver memory
+# (scale, world, quality, settings on top of it, warm-up): the sampling loop's own time, pole caps and solver memory
 # included, against the plan's UNet work at the measured window rate. Each scale's first world is a short
 # warm-up (the first calls of new shapes pick their kernels); two Standard worlds in a row show what a warm
 # worker's next request gets.
 WORLDS = (
-    (SD2, (2048, 1024), "draft", {"steps": 4}),
-    (SD2, (2048, 1024), "standard", {}),
-    (SD2, (2048, 1024), "standard", {"poles": "flat"}),
-    (SD2, (2048, 1024), "draft", {}),
-    (SDXL, (2048, 1024), "draft", {"steps": 4}),
-    (SDXL, (4096, 2048), "draft", {}),
-    (SDXL, (4096, 2048), "standard", {}),
-    (SDXL, (4096, 2048), "standard", {"poles": "flat"}),
-    (SDXL, (2048, 1024), "standard", {}),
+    (SD2, (2048, 1024), "draft", {"steps": 4}, True),
+    (SD2, (2048, 1024), "standard", {}, False),
+    (SD2, (2048, 1024), "standard", {"poles": "flat"}, False),
+    (SD2, (2048, 1024), "draft", {}, False),
+    (SDXL, (2048, 1024), "draft", {"steps": 4}, True),
+    (SDXL, (4096, 2048), "draft", {}, False),
+    (SDXL, (4096, 2048), "standard", {}, False),
+    (SDXL, (4096, 2048), "standard", {"poles": "flat"}, False),
+    (SDXL, (2048, 1024), "standard", {}, False),
 )
 
 
@@ -628,11 +628,11 @@ def worlds_part(report: Report, device_name: str, quick: bool, budget: Budget) -
     device = torch.device(device_name)
     dtype = "float32" if quick else "float16"
     pipes = {}
-    for scale, world, quality, values in WORLDS:
+    for scale, world, quality, values, warm_up in WORLDS:
         if quick:
             scale = tiny_scale(scale)
             world, values = quick_world(world), {**values, "steps": 4}
-        name = f"{scale.name} {world[0]}x{world[1]} {quality} {values or ''}".strip()
+        name = f"{'warm-up: ' if warm_up else ''}{scale.name} {world[0]}x{world[1]} {quality} {values or ''}".strip()
         if budget.left() < 0:
             report.skip(f"world {name}: out of the part's time")
             continue
