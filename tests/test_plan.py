@@ -289,7 +289,7 @@ def test_view_batch_scales_with_the_element_size_and_the_gradient():
 
 
 def test_a_warm_workers_next_plan_counts_the_memory_its_last_run_left_reserved(pipe, monkeypatch):
-    # On an H200 a warm run's next SDXL world got 3 exact-gradient windows per call instead of 9: the caching
+    # On an H200 a warm run's next SDXL world got 3 exact-gradient windows per call instead of 10: the caching
     # allocator held the last run's peak, which CUDA does not report as free (bench/results/device-h200-v08.json).
     # The tiny model's 8×8-latent exact-gradient window takes 1/64 of SD-2's: 47.5 MB in float32.
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0.2e9, 80e9))
