@@ -463,11 +463,10 @@ def measure_windows(pipe: RandomTextPipeline, view_batch: int, exact: bool, warm
     return row
 
 
-def scale_part(report: Report, scale: Scale, device_name: str, quick: bool, budget: Budget,
-               forward_batches: tuple, exact_batches: tuple) -> None:
+def scale_part(report: Report, scale: Scale, device_name: str, quick: bool, budget: Budget) -> None:
     device = torch.device(device_name)
     dtypes = ["float32"] if quick else ["float16", "bfloat16"]
-    forward_batches, exact_batches = ((1,), (1,)) if quick else (forward_batches, exact_batches)
+    forward_batches, exact_batches = ((1,), (1,)) if quick else (FORWARD_BATCHES[scale.name], EXACT_BATCHES[scale.name])
     warmup, repeats = (1, 1) if quick else (2, 5)
     started = time.perf_counter()
     pipe = scale_pipeline(scale, device, loading.DTYPES[dtypes[0]])
@@ -863,10 +862,9 @@ def main() -> None:
         parts = {
             "environment": lambda: environment_part(report, args.device),
             "correctness": lambda: correctness_part(report, args.device, args.quick, budget.part(shares["correctness"])),
-            "sd2": lambda: scale_part(report, SD2, args.device, args.quick, budget.part(shares["sd2"]),
-                                      FORWARD_BATCHES["sd2"], EXACT_BATCHES["sd2"]),
+            "sd2": lambda: scale_part(report, SD2, args.device, args.quick, budget.part(shares["sd2"])),
             "sdxl": lambda: scale_part(report, tiny_scale(SDXL) if args.quick else SDXL, args.device, args.quick,
-                                       budget.part(shares["sdxl"]), FORWARD_BATCHES["sdxl"], EXACT_BATCHES["sdxl"]),
+                                       budget.part(shares["sdxl"])),
             "worlds": lambda: worlds_part(report, args.device, args.quick, budget.part(shares["worlds"])),
             "decode": lambda: decode_part(report, args.device, args.quick, budget.part(shares["decode"])),
             "cli": lambda: cli_part(report, args.device, pathlib.Path(folder), budget),
