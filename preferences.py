@@ -113,7 +113,8 @@ class MSD_AddonPreferences(AddonPreferences):
     )
     keep_worker_warm: BoolProperty(
         name="Keep Model Loaded",
-        description="Keep the worker and its model in memory between runs (faster, uses memory)",
+        description="Keep the worker and its model in memory between runs (faster; the model's weights stay on the "
+                    "GPU, the memory a run used is given back when it ends)",
         default=True,
     )
     output_folder: StringProperty(

@@ -356,10 +356,13 @@ class Worker:
                 self._previous_previews = preview_dir  # kept until the next job: the client may still read them
             else:
                 shutil.rmtree(preview_dir, ignore_errors=True)
+        with self._lock:
+            idle = not self._queue
+        if idle or (error is not None and error[0] == "out_of_memory"):
+            # Outside the except block, so the traceback's frames (and their tensors) are freed. An idle worker
+            # gives the GPU memory its allocator still holds back: Blender's own GPU renders may need it.
+            _free_accelerator_memory()
         if error is not None:
-            if error[0] == "out_of_memory":
-                # Outside the except block, so the traceback's frames (and their tensors) are freed.
-                _free_accelerator_memory()
             # After the clean-up: when the client reads it, the files are gone.
             self._finish(job, protocol.error_event(job.id, *error))
 
