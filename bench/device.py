@@ -21,11 +21,13 @@ picks some):
    per forward-equivalent against part 2's window rate (what the plan's time estimate leaves out).
 4. decode: the VAE decode of those worlds as the pipeline does it (wrapped, tiled), a random VAE of SD's and SDXL's
    shared architecture in float16 and in float32 (SDXL-base's VAE, upcast): seconds and peak memory.
-5. cli / worker: ``python -m msd_core generate`` and one worker round trip (msd_core.worker.client) on the device.
-6. compile: the UNet under ``torch.compile`` (as ``--compile`` wraps it) in a child process that is
+5. graphs (CUDA only): the UNet forward of 1 and 2 windows, eager against a CUDA graph's replay: how much of the
+   coarse levels' small calls is kernel launching.
+6. cli / worker: ``python -m msd_core generate`` and one worker round trip (msd_core.worker.client) on the device.
+7. compile: the UNet under ``torch.compile`` (as ``--compile`` wraps it) in a child process that is
    stopped if compiling takes longer than COMPILE_LIMIT seconds.
 
-    python3 bench/device.py --device cuda --out $OUT/device.json         # on a lent GPU (≤ 7 min)
+    python3 bench/device.py --device cuda --out $OUT/device.json         # on a lent GPU (≤ 8 min)
     .venv/bin/python bench/device.py --device cpu --quick --out /tmp/device-cpu.json   # smoke test
 
 On the CPU the device runs are compared with the CPU reference run again (a determinism smoke test), the
@@ -111,7 +113,7 @@ FORWARD_BATCHES = {"sd2": (1, 4, 8, 16, 32), "sdxl": (1, 2, 4, 8)}
 EXACT_BATCHES = {"sd2": (1, 4, 8), "sdxl": (1, 2, 4)}
 COMPILE_LIMIT = 60  # seconds of compiling before the compile part gives up
 COMPILE_BATCH = 8
-PARTS = ("correctness", "sd2", "sdxl", "worlds", "decode", "cli", "worker", "compile")
+PARTS = ("correctness", "sd2", "sdxl", "worlds", "decode", "graphs", "cli", "worker", "compile")
 
 
 def say(*parts) -> None:
@@ -523,7 +525,7 @@ def sdpa_backends(pipe: RandomTextPipeline) -> dict:
                 denoise(windows, step.t)
             works[backend.name] = True
         except Exception as exc:  # whatever refuses the kernel (none for these shapes, an older GPU)
-            works[backend.name] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            works[backend.name] = _exception_line(exc)
     say(f"  fused attention kernels ({str(pipe.dtype).removeprefix('torch.')}): {works}")
     return works
 
@@ -728,7 +730,72 @@ def decode_part(report: Report, device_name: str, quick: bool, budget: Budget) -
         del model, images
 
 
-# ------------------------------------------------------------------------------------ 5. CLI, worker
+# Windows per UNet call at the coarse levels: the global level's one and the middle level's two.
+GRAPH_BATCHES = (1, 2)
+
+
+def graphs_part(report: Report, device_name: str, budget: Budget) -> None:
+    """How much of a small batch's time is launching kernels: the UNet forward of 1 and 2 windows (a CFG pair
+    each) in float16, eager against the replay of a CUDA graph of the same call (static inputs), for SD-2-base and
+    SDXL-base. What capturing the coarse levels' calls could save (not done in the pipeline)."""
+    device = torch.device(device_name)
+    if device.type != "cuda":
+        report.skip("graphs: CUDA graphs need a CUDA device")
+        return
+    for scale in (SD2, SDXL):
+        free_memory(device)
+        pipe = scale_pipeline(scale, device, torch.float16)
+        for windows in GRAPH_BATCHES:
+            name = f"graphs {scale.name} {windows} window(s)"
+            if budget.left() < 0:
+                report.skip(f"{name}: out of the part's time")
+                continue
+            try:
+                row = {"model": scale.name, "windows": windows, **graph_timings(pipe, windows)}
+            except Exception as exc:  # a capture the UNet's forward refuses: say why, go on
+                row = {"model": scale.name, "windows": windows, "error": _exception_line(exc)}
+            report.append("graphs", "rows", row)
+            say(f"  {name}: " + (row["error"] if "error" in row else
+                                 f"eager {row['eager_ms']:.1f} ms, graph replay {row['graph_ms']:.1f} ms "
+                                 f"({row['eager_ms'] / row['graph_ms']:.2f}×)"))
+        del pipe
+
+
+def graph_timings(pipe: RandomTextPipeline, windows: int) -> dict:
+    device, scale = pipe.device, pipe.scale
+    generator = torch.Generator("cpu").manual_seed(windows)
+    sample = torch.randn(2 * windows, 4, scale.latent, scale.latent, generator=generator).to(device, pipe.dtype)
+    timestep = torch.tensor(500.0, device=device)
+    embeddings, pooled = random_text(scale, device, pipe.dtype, windows)
+    text = embeddings.repeat(windows, 1, 1)
+    added = None if pooled is None else {"text_embeds": pooled.repeat(windows, 1),
+                                         "time_ids": pipe.size_conditioning(sample).repeat(2 * windows, 1)}
+
+    def call():
+        return pipe.unet(sample, timestep, encoder_hidden_states=text, added_cond_kwargs=added).sample
+
+    with torch.no_grad():
+        eager = timed_ms(call, device, 3, 10)
+        side = torch.cuda.Stream()  # capture wants its warm-up on a side stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = call()
+        replay = timed_ms(graph.replay, device, 3, 10)
+        same = (captured.float() - call().float()).abs().max().item()
+    return {"eager_ms": statistics.median(eager), "graph_ms": statistics.median(replay), "max_abs_diff": same,
+            "eager_all": eager, "graph_all": replay}
+
+
+def _exception_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
+# ------------------------------------------------------------------------------------ 6. CLI, worker
 
 
 def cli_part(report: Report, device: str, folder: pathlib.Path, budget: Budget) -> None:
@@ -784,7 +851,7 @@ def worker_part(report: Report, device: str, folder: pathlib.Path, budget: Budge
         + ("" if row["final"]["event"] == "done" else f": {row['final'].get('message')}"))
 
 
-# ------------------------------------------------------------------------------------ 6. torch.compile
+# ------------------------------------------------------------------------------------ 7. torch.compile
 
 
 def compile_child(device_name: str, dtype: str) -> None:
@@ -844,7 +911,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--quick", action="store_true", help="one shape, float32 and one view batch for SD-2")
     parser.add_argument("--out", type=pathlib.Path, help="JSON file (default bench/results/device-DEVICE[-quick].json)")
-    parser.add_argument("--budget", type=float, help="seconds for the whole run (default 420 on a GPU, 900 with --quick)")
+    parser.add_argument("--budget", type=float, help="seconds for the whole run (default 480 on a GPU, 900 with --quick)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, help="run only these parts (default: all; compile on CUDA)")
     parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -853,11 +920,11 @@ def main() -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("torch sees no CUDA device; use --device cpu")
-    budget = Budget(args.budget or (900 if args.quick else 420))
+    budget = Budget(args.budget or (900 if args.quick else 480))
     out = args.out or RESULTS / f"device-{args.device}{'-quick' if args.quick else ''}.json"
     report = Report(out, {"args": vars(args) | {"out": str(out)}})
     # Each part's share of the budget (seconds); a part stops starting new configurations when it is spent.
-    shares = {"correctness": 80, "sd2": 60, "sdxl": 70, "worlds": 170, "decode": 40}
+    shares = {"correctness": 80, "sd2": 60, "sdxl": 70, "worlds": 170, "decode": 40, "graphs": 40}
     with tempfile.TemporaryDirectory(prefix="msd-device-") as folder:
         parts = {
             "environment": lambda: environment_part(report, args.device),
@@ -867,11 +934,12 @@ def main() -> None:
                                        budget.part(shares["sdxl"])),
             "worlds": lambda: worlds_part(report, args.device, args.quick, budget.part(shares["worlds"])),
             "decode": lambda: decode_part(report, args.device, args.quick, budget.part(shares["decode"])),
+            "graphs": lambda: graphs_part(report, args.device, budget.part(shares["graphs"])),
             "cli": lambda: cli_part(report, args.device, pathlib.Path(folder), budget),
             "worker": lambda: worker_part(report, args.device, pathlib.Path(folder), budget),
             "compile": lambda: compile_part(report, args.device, budget),
         }
-        chosen = args.parts or [name for name in parts if name != "compile" or args.device == "cuda"]
+        chosen = args.parts or [name for name in parts if name not in ("graphs", "compile") or args.device == "cuda"]
         parts = [(name, parts[name]) for name in ["environment", *chosen] if name in parts]
         for name, run in parts:
             if budget.left() < 0:
