@@ -488,6 +488,12 @@ class WorkerRunOperator:
             run_state.last_error = in_panel_terms(str(exc), getattr(exc, "field", None))
             run_state.last_error_kind = exc.kind
             return self._finish('CANCELLED')
+        except KeyboardInterrupt:  # Ctrl+C while a script's run starts: cancelled as during the wait, no traceback
+            if session.job is None:  # nothing was sent
+                run_state.message = ""
+                return self._finish('CANCELLED')
+            cancel_generation()
+            return self._finish(wait_for_run(context))
         if self.wait or bpy.app.background or context.window is None:
             return self._finish(wait_for_run(context))
         wm = context.window_manager

@@ -387,6 +387,36 @@ def test_cancel_leaves_the_scene_as_it_was(addon, tmp_path):
     assert not generate.session.busy and generate.session.client.alive
 
 
+@pytest.mark.parametrize("when", ["before the request is sent", "once it is sent"])
+def test_ctrl_c_while_a_script_starts_a_run_cancels_it_without_a_traceback(addon, tmp_path, monkeypatch, when):
+    """Ctrl+C raises wherever Python is: a script's wait=True run can take it while the worker starts, not only
+    while it waits (the demo's Ctrl+C test met it there). The operator cancels as it does during the wait."""
+    generate = generate_module()
+    bpy.context.scene.msd_panorama.steps = 50
+    before = datablocks()
+    state = run_state()
+    pressed = []
+
+    def ctrl_c(*args, **kwargs):
+        if not pressed:
+            pressed.append(True)
+            raise KeyboardInterrupt
+
+    if when == "before the request is sent":
+        monkeypatch.setattr(generate.session, "client_for", ctrl_c)
+    else:  # start_generation resets the progress right after it records the job it sent
+        reset = state.reset_progress
+        monkeypatch.setattr(state, "reset_progress", lambda: (ctrl_c(), reset()))
+    assert bpy.ops.msd.generate(wait=True) == {"CANCELLED"}
+
+    assert pressed and state.last_error == "" and not generate.session.busy
+    assert datablocks() == before and bpy.context.scene.world is None
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+    monkeypatch.undo()
+    bpy.context.scene.msd_panorama.steps = 3
+    assert bpy.ops.msd.generate(wait=True) == {"FINISHED"}  # the next run works
+
+
 # -- failures ---------------------------------------------------------------------------------------
 
 
