@@ -487,7 +487,7 @@ def scale_part(report: Report, scale: Scale, device_name: str, quick: bool, budg
         pipe.dtype = loading.DTYPES[dtype]
         if device.type == "cuda":
             report.add(scale.name, f"sdpa_backends {dtype}", sdpa_backends(pipe))
-        extra = (view_batch_for(torch.cuda.mem_get_info(device)[0], True, dtype, scale.latent, scale.family)
+        extra = (view_batch_for(loading.free_accelerator_bytes(device), True, dtype, scale.latent, scale.family)
                  if device.type == "cuda" else 0)
         configs = [(vb, False) for vb in forward_batches] + [(vb, True) for vb in exact_batches]
         configs += [(extra, True)] if extra > max(exact_batches) else []
@@ -536,7 +536,7 @@ def estimates_for(report: Report, scale: Scale, device: torch.device, dtype: str
     exact = {r["view_batch"]: r["ms_per_window"] for r in rows if r["pass"] != "forward"}
     if not forwards:
         return
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    free = loading.free_accelerator_bytes(device)
     configs = {name: values for name, (values, _) in QUALITY.items()}
     configs["standard, dpmpp-2m 20"] = {**QUALITY["standard"][0], "scheduler": "dpmpp-2m", "steps": 20}
     for world in scale.worlds:
