@@ -236,9 +236,10 @@ def read_history(context, timeout: float) -> list[HistoryEntry]:
     while True:
         # Idle before and after the read: the listing is of the folder as it is now. A scan under way
         # may be of an older state (its end starts another), or end during the read.
-        idle = not history_cache.scanning
+        idle, scan = not history_cache.scanning, history_cache.scan
         entries = cached_history(context)
-        if idle and not history_cache.scanning or time.monotonic() >= deadline:
+        # A scan this read started may already have ended: its listing came after these entries were made.
+        if idle and history_cache.scan is scan and not history_cache.scanning or time.monotonic() >= deadline:
             return entries
         history_cache.wait(max(0.0, deadline - time.monotonic()))
 

@@ -176,6 +176,32 @@ def test_a_redraw_never_reads_the_folder_and_draws_the_scan_once_it_has_ended(fo
     assert on_ui_thread == []
 
 
+def test_a_read_whose_own_scan_ends_at_once_returns_that_scans_listing(folder, monkeypatch):
+    """A read of a changed folder starts a scan and makes its entries from the last listing; a scan that ends
+    before the read looks again (a small folder, a fast disk) must not let the read return those stale entries.
+    CI met it: a test's listing held the files of the previous test's folder."""
+    module = history()
+    assert len(listed()) == 3
+    scanned, scan_folder, cached_history = threading.Event(), module.scan_folder, module.cached_history
+
+    def held_scan(*args, **kwargs):
+        scanned.wait(WAIT)
+        return scan_folder(*args, **kwargs)
+
+    def read_then_scan_ends(context):
+        entries = cached_history(context)  # the scan it started is held: these are the last listing's
+        scanned.set()
+        module.history_cache.wait(WAIT)
+        return entries
+
+    monkeypatch.setattr(module, "scan_folder", held_scan)
+    monkeypatch.setattr(module, "cached_history", read_then_scan_ends)
+    write_panorama(folder / "newest.png", "a calm sea", 13)
+    os.utime(folder, ns=(0, os.stat(folder).st_mtime_ns + 10**9))
+    entries = module.read_history(bpy.context, WAIT)
+    assert [entry.prompt for entry in entries][:2] == [PROMPT, "a calm sea"] and len(entries) == 4
+
+
 def test_a_scan_has_ended_once_its_listing_is_stored_though_its_thread_has_not_exited(folder, monkeypatch):
     """A scan thread that has stored its listing may still be alive: it no longer counts as under way,
     so the next change of the folder starts a scan at once and a script reads the folder as it is now
