@@ -286,15 +286,28 @@ def compare_devices(report: Report, pipes: dict, model: str, shape: str, case: s
     row = {"model": model, "shape": shape, "case": case, "levels": base.plan.levels,
            "reference_abs_max": base.latents.abs().max().item(), "cpu_seconds": cpu_seconds}
     for target in targets:
-        result, seconds = sample(pipes[model, *target], tiny_settings(model, shape, case, *target))
+        pipe = pipes[model, *target]
+        result, seconds = sample(pipe, tiny_settings(model, shape, case, *target))
         latents = result.latents.float().cpu()
         row[" ".join(target)] = {
             "max_abs_diff": (latents - base.latents).abs().max().item(), "finite": bool(torch.isfinite(latents).all()),
-            "seconds": seconds, "view_batch": result.plan.view_batch, "inference_mode": result.latents.is_inference()}
+            "seconds": seconds, "view_batch": result.plan.view_batch, "inference_mode": result.latents.is_inference(),
+            "cuda_graphs": pipe.graph_stats}
+        if pipe.graph_stats:  # the same run without graphs: a replay must give the eager call's output
+            pipe.cuda_graphs = False
+            try:
+                eager, eager_seconds = sample(pipe, tiny_settings(model, shape, case, *target))
+            finally:
+                pipe.cuda_graphs = True
+            row[" ".join(target)].update(graphs_vs_eager=(result.latents - eager.latents).abs().max().item(),
+                                         eager_seconds=eager_seconds)
     report.append("correctness", "rows", row)
     say(f"  {model} {shape} {case} (levels {row['levels']}, |z| ≤ {row['reference_abs_max']:.1f}, cpu {cpu_seconds:.2f} s): "
         + "; ".join(f"{key} Δ {row[key]['max_abs_diff']:.1e}{'' if row[key]['finite'] else ' NOT FINITE'} "
-                    f"{row[key]['seconds']:.2f} s" for key in map(" ".join, targets)))
+                    f"{row[key]['seconds']:.2f} s" + (f" (graphs {row[key]['cuda_graphs']['replays']} replays, "
+                                                     f"Δ eager {row[key]['graphs_vs_eager']:.1e}, eager "
+                                                     f"{row[key]['eager_seconds']:.2f} s)" if row[key]['cuda_graphs'] else "")
+                    for key in map(" ".join, targets)))
 
 
 def check_decode(report: Report, pipe: MSDPanoramaPipeline, settings: GenerationSettings) -> None:
@@ -570,16 +583,20 @@ def estimates_for(report: Report, scale: Scale, device: torch.device, dtype: str
 # included, against the plan's UNet work at the measured window rate. Each scale's first world is a short
 # warm-up (the first calls of new shapes pick their kernels); two Standard worlds in a row show what a warm
 # worker's next request gets.
-WORLDS = (
-    (SD2, (2048, 1024), "draft", {"steps": 4}, True),
-    (SD2, (2048, 1024), "standard", {}, False),
-    (SD2, (2048, 1024), "standard", {"poles": "flat"}, False),
-    (SD2, (2048, 1024), "draft", {}, False),
-    (SDXL, (2048, 1024), "draft", {"steps": 4}, True),
-    (SDXL, (4096, 2048), "draft", {}, False),
-    (SDXL, (4096, 2048), "standard", {}, False),
-    (SDXL, (4096, 2048), "standard", {"poles": "flat"}, False),
-    (SDXL, (2048, 1024), "standard", {}, False),
+WORLDS = (  # (scale, world, quality, settings, warm-up, CUDA graphs)
+    (SD2, (2048, 1024), "draft", {"steps": 4}, True, True),
+    (SD2, (2048, 1024), "standard", {}, False, True),
+    (SD2, (2048, 1024), "standard", {}, False, False),
+    (SD2, (2048, 1024), "draft", {}, False, True),
+    (SD2, (2048, 1024), "draft", {}, False, False),
+    (SD2, (2048, 1024), "standard", {"poles": "flat"}, False, True),
+    (SDXL, (2048, 1024), "draft", {"steps": 4}, True, True),
+    (SDXL, (4096, 2048), "standard", {}, False, True),
+    (SDXL, (4096, 2048), "standard", {}, False, False),
+    (SDXL, (4096, 2048), "draft", {}, False, True),
+    (SDXL, (2048, 1024), "standard", {}, False, True),
+    (SDXL, (2048, 1024), "standard", {}, False, False),
+    (SDXL, (4096, 2048), "standard", {"poles": "flat"}, False, True),
 )
 
 
@@ -625,18 +642,23 @@ class PhaseTimer:
         self.lap(f"level {info.level} of {info.levels}")
 
 
-def worlds_part(report: Report, device_name: str, quick: bool, budget: Budget) -> None:
+def worlds_part(report: Report, device_name: str, quick: bool, budget: Budget, scales: list[str] | None = None) -> None:
     """Whole 360° worlds through the pipeline (random UNet and text, no decode) in float16: wall seconds of
     the sampling loop and of its phases, the UNet work it did, and the seconds per forward-equivalent
     against the part-2 rate."""
     device = torch.device(device_name)
     dtype = "float32" if quick else "float16"
     pipes = {}
-    for scale, world, quality, values, warm_up in WORLDS:
+    for scale, world, quality, values, warm_up, graphs in WORLDS:
+        if scales and scale.name not in scales:
+            continue
+        if not graphs and device.type != "cuda":
+            continue  # the same run: graphs are CUDA's
         if quick:
             scale = tiny_scale(scale)
             world, values = quick_world(world), {**values, "steps": 4}
-        name = f"{'warm-up: ' if warm_up else ''}{scale.name} {world[0]}x{world[1]} {quality} {values or ''}".strip()
+        name = (f"{'warm-up: ' if warm_up else ''}{scale.name} {world[0]}x{world[1]} {quality} {values or ''}".strip()
+                + ("" if graphs else ", eager (no CUDA graphs)"))
         if budget.left() < 0:
             report.skip(f"world {name}: out of the part's time")
             continue
@@ -645,6 +667,7 @@ def worlds_part(report: Report, device_name: str, quick: bool, budget: Budget) -
             free_memory(device)
             pipes[scale.name] = scale_pipeline(scale, device, loading.DTYPES[dtype])
         pipe = pipes[scale.name]
+        pipe.cuda_graphs = graphs
         settings = dataclasses.replace(world_settings(scale, world).with_quality(quality), device=device_name,
                                        dtype=dtype, **values)
         plan = pipe.check_inputs(settings)
@@ -668,7 +691,8 @@ def worlds_part(report: Report, device_name: str, quick: bool, budget: Budget) -
         row = {"world": name, "dtype": dtype, "steps": plan.steps, "view_batch": plan.view_batch, **work,
                "windows_per_level": plan.describe()["windows_per_level"], "caps": bool(plan.caps),
                "seconds": seconds, "phases": dict(phases.seconds), "finite": finite,
-               "ms_per_forward_equivalent": 1000 * seconds / estimated_seconds(work, 1000.0)}
+               "ms_per_forward_equivalent": 1000 * seconds / estimated_seconds(work, 1000.0),
+               "cuda_graphs": pipe.graph_stats}
         if batch:
             row["ms_per_window_measured"] = rates[batch]
             row["loop_vs_window_rate"] = row["ms_per_forward_equivalent"] / rates[batch]
@@ -679,6 +703,7 @@ def worlds_part(report: Report, device_name: str, quick: bool, budget: Budget) -
             f"{row['ms_per_forward_equivalent']:.1f} ms per forward-equivalent"
             + (f" = {row['loop_vs_window_rate']:.2f}× the window rate" if batch else "")
             + (f", peak {row['peak_gib']:.1f} GiB" if "peak_gib" in row else "") + ("" if finite else ", NOT FINITE")
+            + (f", graphs {pipe.graph_stats}" if pipe.graph_stats else "")
             + "\n    phases: " + ", ".join(f"{phase} {value:.2f} s" for phase, value in sorted(phases.seconds.items())))
 
 
@@ -757,7 +782,10 @@ def graphs_part(report: Report, device_name: str, budget: Budget) -> None:
             report.append("graphs", "rows", row)
             say(f"  {name}: " + (row["error"] if "error" in row else
                                  f"eager {row['eager_ms']:.1f} ms, graph replay {row['graph_ms']:.1f} ms "
-                                 f"({row['eager_ms'] / row['graph_ms']:.2f}×)"))
+                                 f"({row['eager_ms'] / row['graph_ms']:.2f}×); forward + backward "
+                                 + (row["gradient_error"] if "gradient_error" in row else
+                                    f"eager {row['gradient_eager_ms']:.1f} ms, graphed {row['gradient_graph_ms']:.1f} ms, "
+                                    f"Δ {row['gradient_max_abs_diff']:.1e}, keeps {row['gradient_graph_kept_gib']:.2f} GiB")))
         del pipe
 
 
@@ -787,8 +815,39 @@ def graph_timings(pipe: RandomTextPipeline, windows: int) -> dict:
             captured = call()
         replay = timed_ms(graph.replay, device, 3, 10)
         same = (captured.float() - call().float()).abs().max().item()
-    return {"eager_ms": statistics.median(eager), "graph_ms": statistics.median(replay), "max_abs_diff": same,
-            "eager_all": eager, "graph_all": replay}
+    del graph, captured
+    row = {"eager_ms": statistics.median(eager), "graph_ms": statistics.median(replay), "max_abs_diff": same,
+           "eager_all": eager, "graph_all": replay}
+    try:  # the exact gradient's forward + backward, eager against torch.cuda.make_graphed_callables
+        row.update(graph_gradient_timings(pipe, sample, timestep, text, added))
+    except Exception as exc:
+        row["gradient_error"] = _exception_line(exc)
+    return row
+
+
+def graph_gradient_timings(pipe: RandomTextPipeline, sample, timestep, text, added) -> dict:
+    """The UNet's forward + backward to its input (what ``guided_windows_exact`` asks of it), eager against a
+    graph of both, and the memory the graphs keep."""
+    device = pipe.device
+    upstream = torch.randn_like(sample)
+
+    def forward(x):
+        return pipe.unet(x, timestep, encoder_hidden_states=text, added_cond_kwargs=added).sample
+
+    def gradient(function):
+        x = sample.detach().requires_grad_(True)
+        return torch.autograd.grad(function(x), x, upstream)[0]
+
+    with torch.enable_grad():
+        eager = timed_ms(lambda: gradient(forward), device, 2, 8)
+        reference = gradient(forward)
+        before = torch.cuda.memory_allocated(device)
+        graphed = torch.cuda.make_graphed_callables(forward, (sample.detach().requires_grad_(True),))
+        kept = torch.cuda.memory_allocated(device) - before
+        replay = timed_ms(lambda: gradient(graphed), device, 2, 8)
+        same = (gradient(graphed).float() - reference.float()).abs().max().item()
+    return {"gradient_eager_ms": statistics.median(eager), "gradient_graph_ms": statistics.median(replay),
+            "gradient_max_abs_diff": same, "gradient_graph_kept_gib": kept / 2**30}
 
 
 def _exception_line(exc: Exception) -> str:
@@ -913,6 +972,9 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, help="JSON file (default bench/results/device-DEVICE[-quick].json)")
     parser.add_argument("--budget", type=float, help="seconds for the whole run (default 480 on a GPU, 900 with --quick)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, help="run only these parts (default: all; compile on CUDA)")
+    parser.add_argument("--share", nargs="+", default=[], metavar="PART=SECONDS",
+                        help="a part's share of the budget, in place of its default")
+    parser.add_argument("--scales", nargs="+", choices=("sd2", "sdxl"), help="worlds of these models only")
     parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_child:
@@ -925,6 +987,11 @@ def main() -> None:
     report = Report(out, {"args": vars(args) | {"out": str(out)}})
     # Each part's share of the budget (seconds); a part stops starting new configurations when it is spent.
     shares = {"correctness": 80, "sd2": 60, "sdxl": 70, "worlds": 170, "decode": 40, "graphs": 40}
+    for share in args.share:
+        part, _, seconds = share.partition("=")
+        if part not in shares:
+            parser.error(f"--share: {part!r} has no share (one of {', '.join(shares)})")
+        shares[part] = float(seconds)
     with tempfile.TemporaryDirectory(prefix="msd-device-") as folder:
         parts = {
             "environment": lambda: environment_part(report, args.device),
@@ -932,7 +999,7 @@ def main() -> None:
             "sd2": lambda: scale_part(report, SD2, args.device, args.quick, budget.part(shares["sd2"])),
             "sdxl": lambda: scale_part(report, tiny_scale(SDXL) if args.quick else SDXL, args.device, args.quick,
                                        budget.part(shares["sdxl"])),
-            "worlds": lambda: worlds_part(report, args.device, args.quick, budget.part(shares["worlds"])),
+            "worlds": lambda: worlds_part(report, args.device, args.quick, budget.part(shares["worlds"]), args.scales),
             "decode": lambda: decode_part(report, args.device, args.quick, budget.part(shares["decode"])),
             "graphs": lambda: graphs_part(report, args.device, budget.part(shares["graphs"])),
             "cli": lambda: cli_part(report, args.device, pathlib.Path(folder), budget),

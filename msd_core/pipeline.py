@@ -25,7 +25,7 @@ import torch
 from . import __version__, refine
 from .errors import Cancelled, NonFiniteResult
 from .imageio import output
-from .models import loading, lora, vae
+from .models import graphs, loading, lora, vae
 from .sampling import sphere
 from .sampling.plan import Plan, default_levels, make_plan  # noqa: F401  (default_levels: used from here by bench/)
 from .sampling.sampler import (
@@ -88,6 +88,9 @@ class MSDPanoramaPipeline:
         # How each level's window batches run: here, or spread over the ranks of a sharded run
         # (msd_core.sampling.distributed.ShardedBatches); the result is the same either way.
         self.map_batches = run_batches
+        # The UNet's small calls (coarse levels, caps) replayed as CUDA graphs (msd_core.models.graphs).
+        self.cuda_graphs = graphs.wanted()
+        self.graph_stats: dict | None = None  # the last run's (graphs recorded, replays, a failed capture)
 
     @classmethod
     def from_settings(cls, settings: GenerationSettings) -> "MSDPanoramaPipeline":
@@ -98,6 +101,7 @@ class MSDPanoramaPipeline:
         )
         if settings.compile:
             pipe.unet = torch.compile(pipe.unet)
+            pipe.cuda_graphs = False  # a compiled UNet manages its own
         pipe.key = cls.key_for(settings)
         return pipe
 
@@ -164,12 +168,13 @@ class MSDPanoramaPipeline:
         height, width = (side * self.factor for side in windows.shape[-2:])
         return torch.tensor([[height, width, 0, 0, height, width]], device=windows.device, dtype=self.dtype)
 
-    def make_denoiser(self, embeddings: torch.Tensor, guidance: float,
-                      pooled: torch.Tensor | None = None) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    def make_denoiser(self, embeddings: torch.Tensor, guidance: float, pooled: torch.Tensor | None = None,
+                      graphed: graphs.GraphedCalls | None = None) -> Callable[[torch.Tensor, float], torch.Tensor]:
         """denoise(windows, t): one batched UNet call (t may be fractional) with the unconditional and
         conditional halves interleaved per window (as diffusers' MultiDiffusion does), then classifier-free
         guidance. ``pooled`` (SDXL): the pooled text embeddings, given with every window's size ids
-        (``size_conditioning``) as the UNet's added conditioning, interleaved the same way."""
+        (``size_conditioning``) as the UNet's added conditioning, interleaved the same way. ``graphed``: the
+        run's CUDA graphs, which replay its small calls."""
         cfg = embeddings.shape[0] == 2
         embeddings = embeddings.to(self.dtype)
 
@@ -179,20 +184,24 @@ class MSDPanoramaPipeline:
             # A tensor, not a Python number: coarse levels at their matched noise level have fractional
             # timesteps, and a compiled UNet would recompile for every new Python constant.
             timestep = torch.tensor(float(t), device=windows.device)
-            added = None
+            text_embeds = time_ids = None
             if pooled is not None:
-                added = {"text_embeds": pooled.to(self.dtype).repeat(count, 1),
-                         "time_ids": self.size_conditioning(windows).repeat(model_input.shape[0], 1)}
-            output = self.unet(
-                model_input.to(self.dtype), timestep, encoder_hidden_states=embeddings.repeat(count, 1, 1),
-                added_cond_kwargs=added,
-            ).sample.to(windows.dtype)
+                text_embeds = pooled.to(self.dtype).repeat(count, 1)
+                time_ids = self.size_conditioning(windows).repeat(model_input.shape[0], 1)
+            inputs = (model_input.to(self.dtype), timestep, embeddings.repeat(count, 1, 1), text_embeds, time_ids)
+            output = (graphed(*inputs) if graphed else self.unet_output(*inputs)).to(windows.dtype)
             if not cfg:
                 return output
             uncond, cond = output[::2], output[1::2]
             return uncond + guidance * (cond - uncond)
 
         return denoise
+
+    def unet_output(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                    text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's output for a batch (tensors only, so a CUDA graph can record the call)."""
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states=text, added_cond_kwargs=added).sample
 
     # -- the loop ----------------------------------------------------------------------------------
     def initial_latents(self, plan: Plan, seed: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -243,6 +252,14 @@ class MSDPanoramaPipeline:
         return self._sample(batch, None, 0, None, callback, interrupt, decode)
 
     def _sample(self, batch, latents, start_step, guide, callback, interrupt, decode) -> list[PanoramaResult]:
+        graphed = graphs.GraphedCalls(self.unet_output) if self.cuda_graphs and self.device.type == "cuda" else None
+        try:
+            return self._sample_with(graphed, batch, latents, start_step, guide, callback, interrupt, decode)
+        finally:
+            # The graphs' memory goes back with the run (the next may have other LoRAs).
+            self.graph_stats = graphed.release() if graphed else None
+
+    def _sample_with(self, graphed, batch, latents, start_step, guide, callback, interrupt, decode) -> list[PanoramaResult]:
         started = time.perf_counter()
         settings = batch[0]
         # 1. Check inputs and resolve the plans (one per seed: shifted tiles follow it); the model gets this
@@ -254,7 +271,7 @@ class MSDPanoramaPipeline:
         loras = lora.apply_loras(self.components, settings.loras)
         # 2. Encode the prompt.
         embeddings, pooled = self.encode_prompt(settings.prompt, settings.negative_prompt, settings.guidance)
-        denoise = self.make_denoiser(embeddings, settings.guidance, pooled)
+        denoise = self.make_denoiser(embeddings, settings.guidance, pooled, graphed)
         # 3. Timesteps of the chosen solver (a multistep one remembers each level's x₀ of the last step).
         schedule = solver_schedule(settings.scheduler, self.scheduler, settings.steps)
         if not 0 <= start_step < len(schedule):
