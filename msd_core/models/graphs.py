@@ -87,6 +87,7 @@ class GraphedCalls:
                 self.call(*static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the worker's other threads (requests, progress) may touch CUDA while this one records
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             output = self.call(*static)
         return graph, static, output
