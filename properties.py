@@ -216,6 +216,16 @@ class MSD_PanoramaSettings(PropertyGroup):
         ],
         default=_STANDARD["late_gradient"],
     )
+    coarse_gradient: EnumProperty(
+        name="Coarse Gradient",
+        description="Where a step takes the exact gradient, the gradient of the second level from the top, the one "
+                    "the coarsest guides (docs/layout.md 6.13)",
+        items=[
+            ("exact", "Exact", "The exact gradient there too (the paper's, Best)"),
+            ("refresh", "Refresh", "No backward pass there, at the same layout (Draft, Standard)"),
+        ],
+        default=_STANDARD["coarse_gradient"],
+    )
     windows: EnumProperty(
         name="Windows",
         items=[
@@ -375,6 +385,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         scheduler=group.scheduler,
         guided_fraction=round(group.guided_fraction, 6),  # Blender's float32: 0.7 reads 0.699999988
         late_gradient=group.late_gradient,
+        coarse_gradient=group.coarse_gradient,
         windows=group.windows,
         pyramid=group.pyramid,
         global_window=group.global_window,
@@ -472,7 +483,7 @@ def _panel_values(settings: GenerationSettings) -> dict:
         "prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "method": settings.method,
         "gradient": settings.gradient, "windows": settings.windows, "omega": settings.omega,
         "scheduler": settings.scheduler, "guided_fraction": settings.guided_fraction,
-        "late_gradient": settings.late_gradient,
+        "late_gradient": settings.late_gradient, "coarse_gradient": settings.coarse_gradient,
         "pyramid": settings.pyramid, "global_window": settings.global_window, "global_move": settings.global_move,
         "coarse_noise": settings.coarse_noise, "fine_start": settings.fine_start, "fine_join": settings.fine_join,
         "tile_starts": settings.tile_starts, "poles": settings.poles,
@@ -509,7 +520,7 @@ SETTING_PLACES = {
     "seed": (_SAMPLER, "seed"), "steps": (_SAMPLER, "steps"), "guidance": (_SAMPLER, "guidance"),
     "method": (_SAMPLER, "method"), "omega": (_SAMPLER, "omega"), "gradient": (_SAMPLER, "gradient"), "windows": (_SAMPLER, "windows"),
     "scheduler": (_SAMPLER, "scheduler"), "guided_fraction": (_SAMPLER, "guided_fraction"),
-    "late_gradient": (_SAMPLER, "late_gradient"),
+    "late_gradient": (_SAMPLER, "late_gradient"), "coarse_gradient": (_SAMPLER, "coarse_gradient"),
     "pyramid": (_SAMPLER, "pyramid"), "global_window": (_SAMPLER, "global_window"), "global_move": (_SAMPLER, "global_move"),
     "coarse_noise": (_SAMPLER, "coarse_noise"), "fine_start": (_SAMPLER, "fine_start"),
     "fine_join": (_SAMPLER, "fine_join"), "tile_starts": (_SAMPLER, "tile_starts"), "scales": (_SAMPLER, "scales"),

@@ -26,8 +26,8 @@ from layout import ALL_SETTINGS, ASPECTS, aspect_priors
 from msd_core.models.loading import sd_ddim_scheduler
 from msd_core.sampling.plan import make_plan
 from msd_core.sampling.sampler import (LevelResult, alphas_cumprod, build_pyramid, cosine_decay, drawn_start,
-                                       held_latents, level_denoiser, level_steps, msd_level_step, multidiffusion_step,
-                                       solver_schedule, start_schedule)
+                                       held_latents, level_denoiser, level_gradient, level_steps, msd_level_step,
+                                       multidiffusion_step, solver_schedule, start_schedule)
 from msd_core.sampling.sphere import CapProjection, pole_cap_step
 from msd_core.sampling.windows import level_factor
 from msd_core.settings import GenerationSettings
@@ -46,8 +46,9 @@ def step_levels(latents, grids, step, denoise, omega, settings, history, train_a
     history[0], results = x0, [LevelResult(1, prev, x0)]
     for level in range(1, levels_run):
         level_omega = omega * (kappa if level == len(grids) - 1 else 1.0)
+        mode = level_gradient(level, len(grids), gradient, settings.coarse_gradient)
         prev, x0 = msd_level_step(pyramid[level], prev, grids[level], steps[level], level_denoiser(denoise, steps[level]),
-                                  level_omega, gradient=gradient, omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
+                                  level_omega, gradient=mode, omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
                                   previous_x0=history[level], factor=factors[level - 1])
         history[level] = x0
         results.append(LevelResult(level + 1, prev, x0))

@@ -279,6 +279,9 @@ ASPECT_SETTINGS = {
 # The presets as v0.7 had them: the base of the rows below, measured then.
 STANDARD, DRAFT = {**QUALITY["standard"][0], **V07}, {**QUALITY["draft"][0], **V07}
 ASPECT_SETTINGS |= {"v0.7 Standard": STANDARD, "v0.7 Draft": DRAFT}
+# v0.8's presets: the second level from the top took the exact gradient too (v0.9: refresh; docs/layout.md 6.13).
+V08 = {"coarse_gradient": "exact"}
+ASPECT_SETTINGS |= {"v0.8 Standard": {**QUALITY["standard"][0], **V08}, "v0.8 Draft": {**QUALITY["draft"][0], **V08}}
 # Issue 20: v0.4's presets with the coarse levels' starting state as it was (noise) and drawn (--start).
 START_SETTINGS = {
     "MD": {**STANDARD, "method": "multidiffusion"},

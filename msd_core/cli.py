@@ -37,6 +37,7 @@ from .settings import (
     HDR_PEAK_RANGE,
     MAX_SIDE,
     LATE_GRADIENTS,
+    COARSE_GRADIENTS,
     METHODS,
     OMEGA_LOSSES,
     POLE_MODES,
@@ -202,6 +203,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--late-gradient", choices=LATE_GRADIENTS,
                         help="the gradient of the steps after --guided-fraction; none = they denoise only the finest "
                              "level, as multidiffusion (default: the quality preset's; docs/speed.md)")
+    method.add_argument("--coarse-gradient", choices=COARSE_GRADIENTS,
+                        help="where a step takes the exact gradient, the gradient of the second level from the top "
+                             "(the one the coarsest guides): exact (the paper's, best) or refresh, no backward pass at "
+                             "the same layout (default: the quality preset's; docs/layout.md 6.13)")
     method.add_argument("--omega", type=float,
                         help="guidance strength ω towards the coarser level, 0 = multidiffusion (default: the quality "
                              "preset's, 14 for draft and standard, the paper's 10 for best; docs/layout.md 6.10)")
@@ -328,8 +333,8 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "hdr": args.hdr, "hdr_knee": args.hdr_knee, "hdr_peak": args.hdr_peak,
         "cubemap": args.cubemap,
     }
-    for name in ("gradient", "steps", "windows", "scheduler", "guided_fraction", "late_gradient", "omega",
-                 "tile_starts"):  # the preset's, unless given
+    for name in ("gradient", "steps", "windows", "scheduler", "guided_fraction", "late_gradient", "coarse_gradient",
+                 "omega", "tile_starts"):  # the preset's, unless given
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.stride is not None and args.windows is None:

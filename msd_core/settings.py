@@ -21,6 +21,10 @@ TINY_MODEL = "tiny"
 METHODS = ("msd", "multidiffusion")
 GRADIENTS = ("exact", "refresh", "fast")
 LATE_GRADIENTS = ("none", *GRADIENTS)
+# What a step that takes the exact gradient gives the second level from the top (the one the coarsest guides, unless
+# it is the finest): the exact one too (the paper's), or "refresh", which spares its backward pass at no cost to the
+# layout (docs/layout.md 6.13).
+COARSE_GRADIENTS = ("exact", "refresh")
 # How ω is normalised (see sampler.guidance_loss): "projection" makes ω = 10 pull a window all the
 # way onto the coarser level at the first step; "mean" is the literal mean-reduced MSE, "sum" the
 # sum of squares.
@@ -77,14 +81,15 @@ PRESETS = {
 # Every preset sets the same fields, so switching presets leaves nothing of the last one behind.
 QUALITY = {
     "draft": ({"windows": "shifted", "gradient": "exact", "steps": 15, "scheduler": "dpmpp-2m", "guided_fraction": 0.5,
-               "late_gradient": "fast", "omega": 14.0, "tile_starts": "any"},
+               "late_gradient": "fast", "coarse_gradient": "refresh", "omega": 14.0, "tile_starts": "any"},
               "half of Standard's work: DPM-Solver++ 15, the exact gradient for the first half of the steps"),
     "standard": ({"windows": "shifted", "gradient": "exact", "steps": 25, "scheduler": "dpmpp-2m",
-                  "guided_fraction": 0.7, "late_gradient": "fast", "omega": 14.0, "tile_starts": "any"},
+                  "guided_fraction": 0.7, "late_gradient": "fast", "coarse_gradient": "refresh", "omega": 14.0,
+                  "tile_starts": "any"},
                  "the default: shifted tiles, DPM-Solver++ 25, the exact gradient for the first 70 % of the steps, "
                  "the fast one after"),
     "best": ({"windows": "dense", "gradient": "exact", "steps": 50, "scheduler": "ddim", "guided_fraction": 1.0,
-              "late_gradient": "none", "omega": 10.0, "tile_starts": "even"},
+              "late_gradient": "none", "coarse_gradient": "exact", "omega": 10.0, "tile_starts": "even"},
              "the paper's dense windows every window/8 and exact gradient, DDIM 50"),
 }
 DEFAULT_QUALITY = "standard"
@@ -93,7 +98,7 @@ _DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
 # Settings added after 0.1 whose defaults changed what a panorama looks like: a file stored without them
 # was made the earlier way.
 STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal", "scheduler": "ddim", "guided_fraction": 1.0,
-                 "late_gradient": "none", "poles": "flat",
+                 "late_gradient": "none", "coarse_gradient": "exact", "poles": "flat",
                  "global_move": "fixed", "fine_join": "deterministic", "tile_starts": "even"}
 
 # Seeds drawn at random (CLI, panel, drafts) stay below this: Blender's seed field is a 32-bit IntProperty.
@@ -153,6 +158,7 @@ class GenerationSettings:
     # `late_gradient`, or with "none" denoise only the finest level (MultiDiffusion).
     guided_fraction: float = _DEFAULTS["guided_fraction"]
     late_gradient: str = _DEFAULTS["late_gradient"]  # LATE_GRADIENTS
+    coarse_gradient: str = _DEFAULTS["coarse_gradient"]  # COARSE_GRADIENTS
     steps: int = _DEFAULTS["steps"]
     guidance: float = 7.5
     scheduler: str = _DEFAULTS["scheduler"]
@@ -203,6 +209,7 @@ class GenerationSettings:
         _check_choice("method", self.method, METHODS)
         _check_choice("gradient", self.gradient, GRADIENTS)
         _check_choice("late_gradient", self.late_gradient, LATE_GRADIENTS)
+        _check_choice("coarse_gradient", self.coarse_gradient, COARSE_GRADIENTS)
         _check_choice("windows", self.windows, WINDOW_MODES)
         if self.stride is not None and self.windows != "dense":
             raise BadInput("a {field} applies to dense windows only; use windows 'dense' with stride {stride}, "

@@ -132,6 +132,11 @@ def test_presets_and_wrap_defaults():
     best = settings("--quality", "best")
     assert (best.omega, best.tile_starts) == (10.0, "even")
     assert settings("--quality", "best", "--omega", "14", "--tile-starts", "any").omega == 14.0
+    # the second level's gradient too: refresh for draft and standard, the paper's exact for best, or as given
+    assert (settings().coarse_gradient, settings("--quality", "draft").coarse_gradient, best.coarse_gradient) == (
+        "refresh", "refresh", "exact")
+    assert settings("--coarse-gradient", "exact").coarse_gradient == "exact"
+    assert settings("--quality", "best", "--coarse-gradient", "refresh").coarse_gradient == "refresh"
     assert (settings().global_move, settings("--global-move", "fixed").global_move) == ("roll", "fixed")
     assert len({settings().seed for _ in range(5)}) > 1  # a fresh seed unless one is given
 

@@ -31,7 +31,11 @@ def test_the_gpu_check_times_sdxl_windows_and_whole_worlds_phase_by_phase(tmp_pa
     assert ("512x256", "standard") in estimates  # 4096×2048 an eighth the size, as the tiny XL window is SDXL's
 
     rows = {row["world"]: row for row in report["parts"]["worlds"]["rows"]}
-    assert len(rows) == 9
+    assert len(rows) == 11
+    # v0.8's second level beside today's: the same forwards, that level's backwards on top
+    paper = rows["sd2 256x128 standard {'coarse_gradient': 'exact', 'steps': 4}"]
+    today = rows["sd2 256x128 standard {'steps': 4}"]
+    assert paper["forwards"] == today["forwards"] and paper["backwards"] > today["backwards"]
     sphere, flat = rows["sdxl 512x256 standard {'steps': 4}"], rows["sdxl 512x256 standard {'poles': 'flat', 'steps': 4}"]
     # An eighth of SDXL's 4096×2048 world on tiny-xl has its windows per level, and SD-2's 2048×1024 on tiny the same.
     assert sphere["windows_per_level"] == rows["sd2 256x128 standard {'steps': 4}"]["windows_per_level"] == [1, 2, 12]

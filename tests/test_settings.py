@@ -27,6 +27,7 @@ def validate(**changes):
         ({"method": ["msd"]}, "method"), ({"device": None}, "device"), ({"stride": 24, "scales": 3, "windows": "dense"}, "stride"),
         ({"stride": 16}, "stride"), ({"fine_start": 0.95}, "fine_start"), ({"fine_start": -0.1}, "fine_start"),
         ({"fine_join": "ancestral"}, "fine_join"), ({"tile_starts": "odd"}, "tile_starts"),
+        ({"coarse_gradient": "fast"}, "coarse_gradient"),
     ],
 )  # fmt: skip
 def test_each_bad_value_is_refused_naming_its_field(changes, field):
@@ -93,6 +94,9 @@ def test_stored_settings_without_the_newer_fields_mean_what_that_version_did():
     v05 = {**older, "pyramid": "global", "coarse_noise": "drawn", "poles": "sphere", "scheduler": "dpmpp-2m"}
     assert GenerationSettings.from_stored(v05).global_move == "fixed"
     assert GenerationSettings.from_dict(v05).global_move == "roll"
+    # A v0.8 file stored no coarse_gradient: its second level took the exact gradient.
+    assert (GenerationSettings.from_stored(v05).coarse_gradient, GenerationSettings.from_dict(v05).coarse_gradient) == (
+        "exact", "refresh")
     # A v0.6 file with a late finest level stored no fine_join: its level joined deterministically.
     v06 = {**v05, "global_move": "roll", "fine_start": 0.6}
     assert GenerationSettings.from_stored(v06).fine_join == "deterministic"

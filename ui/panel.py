@@ -224,6 +224,7 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         col.prop(group, "gradient")
         col.prop(group, "guided_fraction")
         col.prop(group, "late_gradient")
+        col.prop(group, "coarse_gradient")
         col.prop(group, "windows")
         col.prop(group, "pyramid")
         row = col.row()

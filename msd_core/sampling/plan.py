@@ -171,19 +171,28 @@ def has_poles(width: int, height: int, wrap: bool) -> bool:
     return wrap and width == 2 * height
 
 
-def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool) -> dict:
+GRADIENT_PASSES = {"exact": (2, 1), "refresh": (2, 0), "fast": (1, 0)}  # (forwards, backwards) of a guided window
+
+
+def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool,
+              coarse_gradient: str | None = None) -> dict:
     """UNet window passes of a run: ``windows_per_step[i][level]`` windows at step i (coarsest level first).
 
     A window is one classifier-free-guidance pair. The coarsest level (and every level when ``guided``
     is false: plain MultiDiffusion) costs 1 forward per window; a guided finer window costs
     2 forwards + 1 backward ("exact"), 2 forwards ("refresh") or 1 forward ("fast"). A step that runs
     only its finest level (``Plan.windows_per_step``: after the guided steps, or ω = 0) lists one count.
+    ``coarse_gradient`` (given where the second level from the top is not the finest): that level's mode where
+    ``gradient`` is "exact" (``sampler.msd_step``).
     """
-    per_finer_window = {"exact": (2, 1), "refresh": (2, 0), "fast": (1, 0)}[gradient] if guided else (1, 0)
+    finest = GRADIENT_PASSES[gradient] if guided else (1, 0)
+    second = GRADIENT_PASSES[coarse_gradient] if guided and gradient == "exact" and coarse_gradient else finest
     forwards = backwards = 0
     for counts in windows_per_step:
-        forwards += counts[0] + per_finer_window[0] * sum(counts[1:])
-        backwards += per_finer_window[1] * sum(counts[1:])
+        top, below = counts[0], counts[1:]
+        passes = [second, *[finest] * (len(below) - 1)] if below else []
+        forwards += top + sum(count * each[0] for count, each in zip(below, passes))
+        backwards += sum(count * each[1] for count, each in zip(below, passes))
     return {"forwards": forwards, "backwards": backwards}
 
 
@@ -279,6 +288,9 @@ class Plan:
     cap_start: int = 0  # the first step (0-based) that denoises the caps
     guided_steps: int | None = None  # the first steps that guide with ``gradient`` (None = all when guided)
     late_gradient: str = "none"  # the later steps' gradient mode; "none": they run only the finest level
+    # Where a step's gradient is exact, the second level from the top takes this one unless it is the finest
+    # (``sampler.msd_step``).
+    coarse_gradient: str = "exact"
     # The global level as one window of the world's aspect (``--global-window wide``): the coarsest level's
     # windows are window × wide·window, not squeezed (1 = square windows everywhere).
     wide: int = 1
@@ -455,7 +467,8 @@ class Plan:
                 top = counts[0] if self.runs_level(index, 0) else 0  # the global level runs at this step
                 counts = [top * self.wide, *counts[1:]] if top else counts
                 extra = {"wide_extra": top * excess}
-            work = unet_work([counts], gradient or self.gradient, gradient is not None)
+            work = unet_work([counts], gradient or self.gradient, gradient is not None,
+                             self.coarse_gradient if self.levels > 2 else None)
             per_step.append({**work, "forwards": work["forwards"] + caps, **extra})
         if self.start_steps:  # the drawn start runs the coarsest level's windows before step 0
             windows = sum(len(rows) * len(cols) for rows, cols in self.start_starts())
@@ -598,7 +611,8 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
                                      settings.late_gradient) if guided else ()
     return Plan(height, width, window, stride, levels, view_batch, settings.wrap, settings.windows, settings.seed,
                 settings.steps, factor, settings.gradient, guided, squeeze, family=family, caps=caps, cap_start=cap_start,
-                guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient, wide=wide,
+                guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient,
+                coarse_gradient=settings.coarse_gradient, wide=wide,
                 start_steps=start_steps, level_starts=level_starts, roll=roll,
                 stochastic_join=bool(level_starts) and settings.fine_join == "stochastic", tile_starts=settings.tile_starts)
 

@@ -675,6 +675,7 @@ def msd_step(
     omega: float,
     *,
     gradient: str = "exact",
+    coarse_gradient: str | None = None,
     omega_loss: str = "projection",
     prediction_type: str = "epsilon",
     view_batch: int = 8,
@@ -695,6 +696,11 @@ def msd_step(
     the finest level is denoised (nothing guides it, so the coarser ones would be computed and
     discarded; their solver memory in ``x0_history`` is left as it was). Returns z_{t−1} of the finest
     level: only that one is kept between steps.
+
+    ``coarse_gradient``: where ``gradient`` is "exact", the mode of the second level from the top, the one the
+    coarsest guides, unless it is the finest (None: exact too, the paper's). "refresh" spares its backward pass: on the
+    layout priors its exact gradient gains nothing over it, while the levels below it need theirs to keep a thin
+    river through their halvings (docs/layout.md 6.13).
 
     ``coarse_noise``: "literal" (the paper) denoises every level as if at timestep t; "matched" steps each
     coarse level at the noise level it really has (``snr_matched``; needs ``train_alphas``, the
@@ -746,7 +752,8 @@ def msd_step(
         level_step, level_denoise = steps[level], level_denoiser(denoise, steps[level])
         prev, x0 = msd_level_step(
             pyramid[level], prev, grids[level], level_step, level_denoise, omega,
-            gradient=gradient, omega_loss=omega_loss, prediction_type=prediction_type,
+            gradient=level_gradient(level, len(grids), gradient, coarse_gradient), omega_loss=omega_loss,
+            prediction_type=prediction_type,
             view_batch=view_batch, weights=weights[level], interrupt=interrupt, previous_x0=history[level],
             factor=factors[level - 1], map_batches=map_batches,
         )
@@ -764,6 +771,14 @@ def msd_step(
         if on_level:
             on_level(LevelResult(level + 1, levels[level], history[level]))
     return held
+
+
+def level_gradient(level: int, levels: int, gradient: str, coarse_gradient: str | None) -> str:
+    """A guided level's gradient mode: ``gradient``, except that where it is "exact" the second level from the top
+    (level 1, the one the coarsest guides) takes ``coarse_gradient`` (None: exact) unless it is the finest."""
+    if level == 1 and levels > 2 and gradient == "exact" and coarse_gradient is not None:
+        return coarse_gradient
+    return gradient
 
 
 def _stochastic_beneath(prev: torch.Tensor, x0: torch.Tensor, memory: torch.Tensor | None, step: SolverStep,
