@@ -582,26 +582,24 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
     group.fine_start = addon_module().msd_core.settings.GenerationSettings.fine_start
     # --tile-starts: after the late join, any pixel by default (Standard's), v0.7's even tiles on request, both ways
     assert drawn.index(("prop", "tile_starts")) == drawn.index(("prop", "fine_join")) + 1
-    assert group.tile_starts == "any"
-    group.tile_starts = "even"
-    on_grid = properties.settings_from_scene(bpy.context.scene, addon_preferences())
-    assert on_grid.tile_starts == "even"
-    group.tile_starts = "any"
-    properties.settings_to_scene(on_grid, bpy.context.scene)
-    assert group.tile_starts == "even"
-    assert properties.setting_label("tile_starts") == ("Tile Starts", "the Panorama panel's Sampler section")
-    group.tile_starts = addon_module().msd_core.settings.GenerationSettings.tile_starts
+    _choice_maps_both_ways(group, properties, "tile_starts", "any", "even", "Tile Starts")
     # --coarse-gradient: under the late gradient, refresh by default (Standard's), the paper's exact on request
     assert drawn.index(("prop", "coarse_gradient")) == drawn.index(("prop", "late_gradient")) + 1
-    assert group.coarse_gradient == "refresh"
-    group.coarse_gradient = "exact"
-    paper = properties.settings_from_scene(bpy.context.scene, addon_preferences())
-    assert paper.coarse_gradient == "exact"
-    group.coarse_gradient = "refresh"
-    properties.settings_to_scene(paper, bpy.context.scene)
-    assert group.coarse_gradient == "exact"
-    assert properties.setting_label("coarse_gradient") == ("Coarse Gradient", "the Panorama panel's Sampler section")
-    group.coarse_gradient = addon_module().msd_core.settings.GenerationSettings.coarse_gradient
+    _choice_maps_both_ways(group, properties, "coarse_gradient", "refresh", "exact", "Coarse Gradient")
+
+
+def _choice_maps_both_ways(group, properties, name, default, other, label):
+    """A Sampler menu: ``default`` as the field's default; ``other`` reaches the settings, comes back from them, and
+    the menu is named by its label in reports."""
+    assert getattr(group, name) == default
+    setattr(group, name, other)
+    chosen = properties.settings_from_scene(bpy.context.scene, addon_preferences())
+    assert getattr(chosen, name) == other
+    setattr(group, name, default)
+    properties.settings_to_scene(chosen, bpy.context.scene)
+    assert getattr(group, name) == other
+    assert properties.setting_label(name) == (label, "the Panorama panel's Sampler section")
+    setattr(group, name, getattr(addon_module().msd_core.settings.GenerationSettings, name))
 
 
 def test_output_files_get_new_names(addon, tmp_path):
