@@ -282,6 +282,9 @@ ASPECT_SETTINGS |= {"v0.7 Standard": STANDARD, "v0.7 Draft": DRAFT}
 # v0.8's presets: the second level from the top took the exact gradient too (v0.9: refresh; docs/layout.md 6.13).
 V08 = {"coarse_gradient": "exact"}
 ASPECT_SETTINGS |= {"v0.8 Standard": {**QUALITY["standard"][0], **V08}, "v0.8 Draft": {**QUALITY["draft"][0], **V08}}
+# Screened after v0.9, not taken yet (docs/layout.md 6.14): the refresh gradient at every level, no backward at all.
+ASPECT_SETTINGS |= {"Standard, refresh everywhere": {**QUALITY["standard"][0], "gradient": "refresh"},
+                    "Draft, refresh everywhere": {**QUALITY["draft"][0], "gradient": "refresh"}}
 # Issue 20: v0.4's presets with the coarse levels' starting state as it was (noise) and drawn (--start).
 START_SETTINGS = {
     "MD": {**STANDARD, "method": "multidiffusion"},
