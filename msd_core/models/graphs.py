@@ -43,7 +43,7 @@ class GraphedCalls:
     def __init__(self, call: UNetCall, largest: int = GRAPHED_PIXELS):
         self.call, self.largest = call, largest
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
-        self.pool = None  # the run's graphs share one memory pool (never replayed at once); made by the first
+        self.pool = None  # one memory pool for the run's graphs (never replayed at once), made at the first capture
         self.failed: str | None = None
         self.recorded = self.replays = 0
 
