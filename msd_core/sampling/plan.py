@@ -174,25 +174,31 @@ def has_poles(width: int, height: int, wrap: bool) -> bool:
 GRADIENT_PASSES = {"exact": (2, 1), "refresh": (2, 0), "fast": (1, 0)}  # (forwards, backwards) of a guided window
 
 
-def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool,
-              coarse_gradient: str | None = None) -> dict:
+def level_gradient(level: int, levels: int, gradient: str, coarse_gradient: str | None) -> str:
+    """A guided level's gradient mode: ``gradient``, except that where it is "exact" the second level from the top
+    (level 1, the one the coarsest guides) takes ``coarse_gradient`` (None: exact) unless it is the finest."""
+    if level == 1 and levels > 2 and gradient == "exact" and coarse_gradient is not None:
+        return coarse_gradient
+    return gradient
+
+
+def unet_work(windows_per_step: list[list[int]], gradient: str, guided: bool, coarse_gradient: str | None = None,
+              levels: int = 0) -> dict:
     """UNet window passes of a run: ``windows_per_step[i][level]`` windows at step i (coarsest level first).
 
     A window is one classifier-free-guidance pair. The coarsest level (and every level when ``guided``
     is false: plain MultiDiffusion) costs 1 forward per window; a guided finer window costs
     2 forwards + 1 backward ("exact"), 2 forwards ("refresh") or 1 forward ("fast"). A step that runs
     only its finest level (``Plan.windows_per_step``: after the guided steps, or ω = 0) lists one count.
-    ``coarse_gradient`` (given where the second level from the top is not the finest): that level's mode where
-    ``gradient`` is "exact" (``sampler.msd_step``).
+    Each guided level's mode is ``level_gradient``'s (``coarse_gradient``, of a pyramid of ``levels`` levels).
     """
-    finest = GRADIENT_PASSES[gradient] if guided else (1, 0)
-    second = GRADIENT_PASSES[coarse_gradient] if guided and gradient == "exact" and coarse_gradient else finest
     forwards = backwards = 0
     for counts in windows_per_step:
-        top, below = counts[0], counts[1:]
-        passes = [second, *[finest] * (len(below) - 1)] if below else []
-        forwards += top + sum(count * each[0] for count, each in zip(below, passes))
-        backwards += sum(count * each[1] for count, each in zip(below, passes))
+        forwards += counts[0]
+        for level, count in enumerate(counts[1:], start=1):
+            passes = GRADIENT_PASSES[level_gradient(level, levels, gradient, coarse_gradient)] if guided else (1, 0)
+            forwards += count * passes[0]
+            backwards += count * passes[1]
     return {"forwards": forwards, "backwards": backwards}
 
 
@@ -467,8 +473,8 @@ class Plan:
                 top = counts[0] if self.runs_level(index, 0) else 0  # the global level runs at this step
                 counts = [top * self.wide, *counts[1:]] if top else counts
                 extra = {"wide_extra": top * excess}
-            work = unet_work([counts], gradient or self.gradient, gradient is not None,
-                             self.coarse_gradient if self.levels > 2 else None)
+            work = unet_work([counts], gradient or self.gradient, gradient is not None, self.coarse_gradient,
+                             self.levels)
             per_step.append({**work, "forwards": work["forwards"] + caps, **extra})
         if self.start_steps:  # the drawn start runs the coarsest level's windows before step 0
             windows = sum(len(rows) * len(cols) for rows, cols in self.start_starts())

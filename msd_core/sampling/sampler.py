@@ -19,6 +19,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from ..errors import Cancelled
+from .plan import level_gradient
 from .windows import HALF, Factor, GuidedPart, WindowGrid, downsample, downsample_transpose, level_factor
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]  # (windows, timestep; fractional at matched levels)
@@ -771,14 +772,6 @@ def msd_step(
         if on_level:
             on_level(LevelResult(level + 1, levels[level], history[level]))
     return held
-
-
-def level_gradient(level: int, levels: int, gradient: str, coarse_gradient: str | None) -> str:
-    """A guided level's gradient mode: ``gradient``, except that where it is "exact" the second level from the top
-    (level 1, the one the coarsest guides) takes ``coarse_gradient`` (None: exact) unless it is the finest."""
-    if level == 1 and levels > 2 and gradient == "exact" and coarse_gradient is not None:
-        return coarse_gradient
-    return gradient
 
 
 def _stochastic_beneath(prev: torch.Tensor, x0: torch.Tensor, memory: torch.Tensor | None, step: SolverStep,
