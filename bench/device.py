@@ -67,7 +67,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 
 from msd_core.errors import NonFiniteResult  # noqa: E402
 from msd_core.imageio import pngmeta  # noqa: E402
-from msd_core.models import loading, vae  # noqa: E402
+from msd_core.models import graphs, loading, vae  # noqa: E402
 from msd_core.pipeline import MSDPanoramaPipeline  # noqa: E402
 from msd_core.sampling.plan import (  # noqa: E402
     BACKWARD_COST,
@@ -798,44 +798,35 @@ def graph_timings(pipe: RandomTextPipeline, windows: int) -> dict:
     sample = torch.randn(2 * windows, 4, scale.latent, scale.latent, generator=generator).to(device, pipe.dtype)
     timestep = torch.tensor(500.0, device=device)
     embeddings, pooled = random_text(scale, device, pipe.dtype, windows)
-    text = embeddings.repeat(windows, 1, 1)
-    added = None if pooled is None else {"text_embeds": pooled.repeat(windows, 1),
-                                         "time_ids": pipe.size_conditioning(sample).repeat(2 * windows, 1)}
-
-    def call():
-        return pipe.unet(sample, timestep, encoder_hidden_states=text, added_cond_kwargs=added).sample
-
+    inputs = (sample, timestep, embeddings.repeat(windows, 1, 1), None if pooled is None else pooled.repeat(windows, 1),
+              None if pooled is None else pipe.size_conditioning(sample).repeat(2 * windows, 1))
+    # The pipeline's own graphs, told to record this call whatever its size (GRAPHED_PIXELS is what these rows set).
+    graphed = graphs.GraphedCalls(pipe.unet_output, largest=sample[:, 0].numel())
     with torch.no_grad():
-        eager = timed_ms(call, device, 3, 10)
-        side = torch.cuda.Stream()  # capture wants its warm-up on a side stream
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                call()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = call()
-        replay = timed_ms(graph.replay, device, 3, 10)
-        same = (captured.float() - call().float()).abs().max().item()
-    del graph, captured
+        eager = timed_ms(lambda: pipe.unet_output(*inputs), device, 3, 10)
+        captured = graphed(*inputs)  # recorded (after its warm-up on a side stream), then replayed
+        if graphed.failed:
+            raise RuntimeError(graphed.failed)
+        replay = timed_ms(lambda: graphed(*inputs), device, 3, 10)
+        same = (captured.float() - pipe.unet_output(*inputs).float()).abs().max().item()
+    graphed.release()
     row = {"eager_ms": statistics.median(eager), "graph_ms": statistics.median(replay), "max_abs_diff": same,
            "eager_all": eager, "graph_all": replay}
     try:  # the exact gradient's forward + backward, eager against torch.cuda.make_graphed_callables
-        row.update(graph_gradient_timings(pipe, sample, timestep, text, added))
+        row.update(graph_gradient_timings(pipe, inputs))
     except Exception as exc:
         row["gradient_error"] = _exception_line(exc)
     return row
 
 
-def graph_gradient_timings(pipe: RandomTextPipeline, sample, timestep, text, added) -> dict:
+def graph_gradient_timings(pipe: RandomTextPipeline, inputs: tuple) -> dict:
     """The UNet's forward + backward to its input (what ``guided_windows_exact`` asks of it), eager against a
-    graph of both, and the memory the graphs keep."""
-    device = pipe.device
+    graph of both, and the memory the graphs keep. ``inputs``: ``unet_output``'s, the sample first."""
+    device, (sample, *rest) = pipe.device, inputs
     upstream = torch.randn_like(sample)
 
     def forward(x):
-        return pipe.unet(x, timestep, encoder_hidden_states=text, added_cond_kwargs=added).sample
+        return pipe.unet_output(x, *rest)
 
     def gradient(function):
         x = sample.detach().requires_grad_(True)
