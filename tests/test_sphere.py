@@ -175,7 +175,7 @@ def test_caps_keep_the_strips_layout_and_leave_the_strip_alone():
         assert float((view_x0 - layout_x0).abs().mean()) > 0.01  # the finest texture is the cap's own
 
 
-def test_pole_rows_are_low_passed_and_the_rest_is_the_views():
+def test_pole_rows_are_low_passed_the_first_is_one_point_and_the_rest_is_the_views():
     height, width = 64, 128
     generator = torch.Generator().manual_seed(3)
     images = torch.rand(1, 3, height, width, generator=generator)
@@ -183,8 +183,15 @@ def test_pole_rows_are_low_passed_and_the_rest_is_the_views():
     views = {pole: torch.rand(1, 3, size, size, generator=generator) for pole in sphere.POLES}  # pixel noise
     sharp = sphere.blend_decoded_caps(images, views, pole_rows=0)
     soft = sphere.blend_decoded_caps(images, views)
-    for row in (0, -1):
-        assert float(soft[0, :, row].std(-1).mean()) < 0.5 * float(sharp[0, :, row].std(-1).mean())
+    for first, second in ((0, 1), (-1, -2)):
+        assert float(soft[0, :, first].std(-1).max()) < 1e-6  # one point: Blender's disc there is flat
+        assert 0 < float(soft[0, :, second].std(-1).mean()) < 0.5 * float(sharp[0, :, second].std(-1).mean())
+    # A gradient across the pole: the point is the pole's value, and the next rows keep the gradient.
+    ramp = torch.linspace(-1, 1, size).view(1, 1, 1, size).expand(1, 3, size, size)
+    tilted = sphere.blend_decoded_caps(images, {pole: 0.5 + 0.2 * ramp for pole in sphere.POLES})
+    for first, second in ((0, 1), (-1, -2)):
+        assert torch.allclose(tilted[0, :, first], torch.full_like(tilted[0, :, first], 0.5), atol=1e-5)
+        assert float(tilted[0, :, second].std(-1).min()) > 0.01
     rows = slice(sphere.POLE_ROWS, height - sphere.POLE_ROWS)
     assert torch.equal(soft[..., rows, :], sharp[..., rows, :])
 

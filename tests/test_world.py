@@ -291,12 +291,17 @@ def test_cycles_renders_of_a_sphere_poles_world_do_not_pinch(extension, tmp_path
         subprocess.run([sys.executable, "-m", "msd_core.cli", "generate", "a valley", "-o", str(path), "-q",
                         "--model", "tiny", "--device", "cpu", "--width", "512", "--height", "256", "--steps", "10",
                         "--seed", "3", "--poles", mode], check=True, capture_output=True, timeout=600)
+        pixels = np.asarray(Image.open(path))
         apply(extension, path)
         views = render_poles(bpy.context.scene, tmp_path, poles.view_size(256))  # the image's own resolution
         measured[mode] = poles.rendered_metric(views["up"], views["down"], [views[f"h{a}"] for a in (0, 90, 180, 270)])
+        for pole, row in (("zenith", 0), ("nadir", -1)):
+            measured[mode][pole]["row_spread"] = poles.row_spread(pixels, row)
     print("flat", poles.summary(measured["flat"]), "| sphere", poles.summary(measured["sphere"]))
     for pole in ("zenith", "nadir"):
         # Measured: flat 1.35 up, 1.23 down; sphere 1.11 up, 1.02 down (docs/poles.md).
         assert measured["flat"][pole]["isotropy"] > 1.15, measured
         assert measured["sphere"][pole]["isotropy"] <= 1.15, measured
         assert 0.4 <= measured["sphere"][pole]["detail"] <= 1.5, measured
+        # The file's pole rows: each one point with the caps (≤ 8-bit rounding), spread around the pole flat.
+        assert measured["flat"][pole]["row_spread"] > 0.3 and measured["sphere"][pole]["row_spread"] < 0.02, measured

@@ -308,9 +308,10 @@ def blend_decoded_caps(images: torch.Tensor, caps: dict[str, torch.Tensor], pole
     its own at the pixel scale, which a strip's top row would spread around the pole).
 
     The first ``pole_rows`` rows at each pole are sampled from the view low-passed to ``POLE_BLUR`` rows,
-    fading to the sharp view by the last of them: Blender draws the top row as a disc half a row across, its
-    pixels as spokes meeting at the pole, so texture finer than a row there (the decoder's) is a tiny star;
-    low-passed, the row is one point (``bench/poles.py``'s row spread)."""
+    fading to the sharp view by the last of them, and the first row is one point, their mean: Blender draws
+    the top row as a disc half a row across, its pixels as spokes meeting at the pole, so any change along
+    that row (the decoder's fine texture, or the image's gradient across the pole) is a tiny star whose
+    centre has no one colour; a constant row makes the disc flat and the world continuous at the pole."""
     size = next(iter(caps.values())).shape[-1]
     height = images.shape[-2]
     projection = CapProjection(height, images.shape[-1], size, DECODED_FULL_CAP, DECODED_FADE_END)
@@ -324,4 +325,6 @@ def blend_decoded_caps(images: torch.Tensor, caps: dict[str, torch.Tensor], pole
         index = torch.arange(pole_rows, device=images.device)  # from the pole outwards
         index = index if pole == "zenith" else height - 1 - index
         blended[0, :, index] = torch.lerp(blended[0, :, index], sample_bilinear(soft, rows, cols, False), fade)
+        if pole_rows:
+            blended[0, :, index[0]] = blended[0, :, index[0]].mean(-1, keepdim=True)
     return blended
