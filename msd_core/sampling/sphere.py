@@ -309,9 +309,10 @@ def blend_decoded_caps(images: torch.Tensor, caps: dict[str, torch.Tensor], pole
 
     The first ``pole_rows`` rows at each pole are sampled from the view low-passed to ``POLE_BLUR`` rows,
     fading to the sharp view by the last of them, and the first row is one point, their mean: Blender draws
-    the top row as a disc half a row across, its pixels as spokes meeting at the pole, so any change along
-    that row (the decoder's fine texture, or the image's gradient across the pole) is a tiny star whose
-    centre has no one colour; a constant row makes the disc flat and the world continuous at the pole."""
+    the disc within half a row of the pole from the first row (and the other pole's), its pixels as spokes
+    meeting at the pole, so any change along that row (the decoder's fine texture, or the image's gradient
+    across the pole) is a tiny star whose centre has no one colour; a constant row makes the disc flat and
+    the world continuous at the pole."""
     size = next(iter(caps.values())).shape[-1]
     height = images.shape[-2]
     projection = CapProjection(height, images.shape[-1], size, DECODED_FULL_CAP, DECODED_FADE_END)
