@@ -6,9 +6,10 @@ Node layout (both kinds of panorama):
     → World Output
 
 where "colour" is, for a 2:1 image (360° × 180°), an Environment Texture with EQUIRECTANGULAR
-projection, and for any other aspect (a strip covering 360° horizontally, e.g. 4:1) a cylindrical
-projection built from nodes that feeds UVs into an Image Texture (see _cylindrical_color). Both put the
-image's centre at +X and its left edge at −X, the way Blender's equirectangular projection does.
+projection, looked up no nearer the poles than its first row (see _equirectangular_color), and for any
+other aspect (a strip covering 360° horizontally, e.g. 4:1) a cylindrical projection built from nodes
+that feeds UVs into an Image Texture (see _cylindrical_color). Both put the image's centre at +X and its
+left edge at −X, the way Blender's equirectangular projection does.
 
 The world is marked with the image it shows (world["msd_image"]), so applying the same image again
 updates that world; the user's other worlds are never touched.
@@ -144,13 +145,51 @@ def is_equirectangular(image: bpy.types.Image) -> bool:
 
 
 def _equirectangular_color(tree, image, direction):
-    # The Environment Texture wraps horizontally and clamps at the poles by itself.
-    texture = tree.nodes.new("ShaderNodeTexEnvironment")
+    """An Environment Texture looked up no nearer a pole than its first row's centres.
+
+    The texture wraps vertically as well as horizontally, so within half a row of a pole it would blend
+    the first row with the other pole's (a dot of ground colour at the zenith). The lookup's elevation is
+    kept within δ = half a row of arc from the pole: a direction (x, y, z) with r = √(x² + y²) keeps its
+    azimuth and gets its height clamped to |z| ≤ r · cot δ. It is nudged off the exact pole first, where
+    r = 0 and the azimuth is undefined.
+    """
+    nodes, links = tree.nodes, tree.links
+    nudge = nodes.new("ShaderNodeVectorMath")
+    nudge.operation = "ADD"
+    links.new(direction, nudge.inputs[0])
+    nudge.inputs[1].default_value = (1e-6, 0.0, 0.0)
+    direction = nudge.outputs["Vector"]
+    split = nodes.new("ShaderNodeSeparateXYZ")
+    links.new(direction, split.inputs["Vector"])
+    half_row = math.pi / (2 * max(image.size[1], 1))
+    height_limit = _math(tree, "MULTIPLY", _horizontal_radius(tree, direction), 1.0 / math.tan(half_row))
+    clamp = nodes.new("ShaderNodeClamp")
+    links.new(split.outputs["Z"], clamp.inputs["Value"])
+    links.new(_math(tree, "MULTIPLY", height_limit, -1.0), clamp.inputs["Min"])
+    links.new(height_limit, clamp.inputs["Max"])
+    clamped = nodes.new("ShaderNodeCombineXYZ")
+    links.new(split.outputs["X"], clamped.inputs["X"])
+    links.new(split.outputs["Y"], clamped.inputs["Y"])
+    links.new(clamp.outputs["Result"], clamped.inputs["Z"])
+
+    texture = nodes.new("ShaderNodeTexEnvironment")
     texture.image = image
     texture.projection = "EQUIRECTANGULAR"
     texture.interpolation = "Linear"
-    tree.links.new(direction, texture.inputs["Vector"])
+    links.new(clamped.outputs["Vector"], texture.inputs["Vector"])
     return texture.outputs["Color"]
+
+
+def _horizontal_radius(tree, direction):
+    """√(x² + y²) of a direction socket."""
+    horizontal = tree.nodes.new("ShaderNodeVectorMath")
+    horizontal.operation = "MULTIPLY"
+    tree.links.new(direction, horizontal.inputs[0])
+    horizontal.inputs[1].default_value = (1.0, 1.0, 0.0)
+    radius = tree.nodes.new("ShaderNodeVectorMath")
+    radius.operation = "LENGTH"
+    tree.links.new(horizontal.outputs["Vector"], radius.inputs[0])
+    return radius.outputs["Value"]
 
 
 def _cylindrical_color(tree, image, direction, edge_colors):
@@ -174,14 +213,7 @@ def _cylindrical_color(tree, image, direction, edge_colors):
     azimuth = _math(tree, "ARCTAN2", split.outputs["Y"], split.outputs["X"])
     u = _math(tree, "MULTIPLY_ADD", azimuth, -0.5 / math.pi, 0.5)
 
-    horizontal = nodes.new("ShaderNodeVectorMath")
-    horizontal.operation = "MULTIPLY"
-    links.new(direction, horizontal.inputs[0])
-    horizontal.inputs[1].default_value = (1.0, 1.0, 0.0)
-    radius = nodes.new("ShaderNodeVectorMath")
-    radius.operation = "LENGTH"
-    links.new(horizontal.outputs["Vector"], radius.inputs[0])
-    t = _math(tree, "DIVIDE", split.outputs["Z"], radius.outputs["Value"])
+    t = _math(tree, "DIVIDE", split.outputs["Z"], _horizontal_radius(tree, direction))
     v = _math(tree, "MULTIPLY_ADD", t, 1.0 / strip_height, 0.5)
     # Texture wraps (REPEAT) so the 0/360° seam blends both edges; keeping v half a texel inside
     # [0, 1] stops the top and bottom rows from blending into each other.

@@ -58,13 +58,17 @@ def test_equirectangular_world_node_tree(extension, tmp_path):
     assert sorted(node.bl_idname for node in tree.nodes) == sorted(
         ["ShaderNodeTexCoord", "ShaderNodeMapping", "ShaderNodeTexEnvironment"]
         + ["ShaderNodeBackground", "ShaderNodeOutputWorld"]
+        # the lookup kept off the poles: nudge, |xy|, height limit and its negative, clamp
+        + ["ShaderNodeVectorMath"] * 3 + ["ShaderNodeSeparateXYZ", "ShaderNodeCombineXYZ", "ShaderNodeClamp"]
+        + ["ShaderNodeMath"] * 2
     )
-    assert links_of(tree) == {
+    assert {
         ("ShaderNodeTexCoord", "Generated", "ShaderNodeMapping", "Vector"),
-        ("ShaderNodeMapping", "Vector", "ShaderNodeTexEnvironment", "Vector"),
+        ("ShaderNodeMapping", "Vector", "ShaderNodeVectorMath", "Vector"),
+        ("ShaderNodeCombineXYZ", "Vector", "ShaderNodeTexEnvironment", "Vector"),
         ("ShaderNodeTexEnvironment", "Color", "ShaderNodeBackground", "Color"),
         ("ShaderNodeBackground", "Background", "ShaderNodeOutputWorld", "Surface"),
-    }
+    } <= links_of(tree)
     (environment,) = nodes_of(tree, "ShaderNodeTexEnvironment")
     assert environment.projection == "EQUIRECTANGULAR"
     assert environment.image == bpy.data.images[0]
@@ -116,13 +120,14 @@ def test_reapplying_updates_the_same_world_and_leaves_the_users_worlds_alone(ext
     path = write_panorama(tmp_path / "pano.png", 64, 32, generation_texts())
 
     first = apply(extension, path, strength=1.0, rotation=0.0)
+    built = len(first.node_tree.nodes)
     second = apply(extension, path, strength=3.0, rotation=1.0)
 
     assert second == first and len(bpy.data.worlds) == 3 and len(bpy.data.images) == 1
     assert scene.world == first
     assert nodes_of(first.node_tree, "ShaderNodeBackground")[0].inputs["Strength"].default_value == pytest.approx(3.0)
     assert nodes_of(first.node_tree, "ShaderNodeMapping")[0].inputs["Rotation"].default_value[2] == pytest.approx(1.0)
-    assert len(first.node_tree.nodes) == 5  # rebuilt, not added to
+    assert len(first.node_tree.nodes) == built == 13  # rebuilt, not added to
     after = {world.name: sorted(node.bl_idname for node in world.node_tree.nodes) for world in (mine, other)}
     assert after == before
 
@@ -203,6 +208,18 @@ def test_cylindrical_strip_edges_do_not_blend_into_each_other(extension, tmp_pat
     edge = math.degrees(math.atan(math.pi / 4))  # a 4:1 strip reaches z/r = ±π/4
     camera = add_camera(scene, lens=20000)  # a 0.1° view: every pixel within the outer half texel
     for elevation, colors in ((edge - 0.15, TOP_COLORS), (-edge + 0.15, BOTTOM_COLORS)):
+        for azimuth, quarter in QUARTER_AT_AZIMUTH.items():
+            camera.rotation_euler = (math.radians(90 + elevation), 0.0, math.radians(azimuth - 90))
+            assert (render(scene, 8, 8, tmp_path) == colors[quarter]).all(), (elevation, azimuth)
+
+
+def test_equirectangular_poles_show_their_own_first_row(extension, tmp_path):
+    # The Environment Texture repeats vertically too: within half a row of a pole (2.8° here) it blended the
+    # first row with the other pole's at that longitude. The lookup stops at the first row's centres.
+    scene = bpy.context.scene
+    apply(extension, write_panorama(tmp_path / "pano.png", 64, 32))
+    camera = add_camera(scene, lens=20000)  # a 0.1° view
+    for elevation, colors in ((89.0, TOP_COLORS), (-89.0, BOTTOM_COLORS)):
         for azimuth, quarter in QUARTER_AT_AZIMUTH.items():
             camera.rotation_euler = (math.radians(90 + elevation), 0.0, math.radians(azimuth - 90))
             assert (render(scene, 8, 8, tmp_path) == colors[quarter]).all(), (elevation, azimuth)
