@@ -473,3 +473,33 @@ def test_the_presets_stronger_pull_keeps_one_sun_more_often_than_v07s_with_fewer
         gaussian, dataclasses.replace(field, **changes), list(range(8)))[0], (2, 2)) for name, changes in
         (("v0.7", v07), ("v0.8", {}))}
     assert edges["v0.8"] < edges["v0.7"] + 0.005, edges
+
+
+def test_the_bilinear_pull_spread_moves_a_blocks_mean_without_a_block_edge_and_puts_the_sampler_back():
+    # bench/pull_spread.py (docs/layout.md 6.15, screened): the pull's dsᵀ replaced by a bilinear spread, in the
+    # fast gradient's closed form and in the exact gradient's backward pass alike.
+    import pull_spread
+    from msd_core.sampling import sampler
+
+    original = sampler.block_residual, sampler.downsample_transpose
+    step = ddim_schedule(sd_ddim_scheduler(), 10)[3]
+    window = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    target = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    target[..., 1, 1] = 1.0  # the level above is brighter in one block
+
+    def pulls():
+        fast = sampler.guided_windows_fast(window, window, target, step, 1.0, 1.0)
+        exact = sampler.guided_windows_exact(window, target, step, lambda x, t: torch.zeros_like(x), 1.0, 1.0)
+        return fast, exact
+
+    block = pulls()
+    with pull_spread.bilinear_spread():
+        bilinear = pulls()
+    assert (sampler.block_residual, sampler.downsample_transpose) == original
+    for spread in (block, bilinear):
+        torch.testing.assert_close(spread[1], spread[0])  # the model held constant: both gradients agree
+    moved_block, moved_bilinear = block[0][0, 0], bilinear[0][0, 0]
+    assert float(moved_block.sum()) == pytest.approx(float(moved_bilinear.sum()))  # the same total pull
+    assert float(moved_block[2:4, 2:4].mean()) > float(moved_bilinear[2:4, 2:4].mean()) > 0  # less of it in its block
+    edge = lambda moved: float((moved[2:4, 3] - moved[2:4, 4]).abs().max())  # across the block's right edge
+    assert edge(moved_bilinear) < 0.5 * edge(moved_block)

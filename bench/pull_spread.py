@@ -1,0 +1,149 @@
+"""Screened after v0.9 (docs/layout.md 6.15): the pull's correction spread bilinearly instead of evenly over each block.
+
+A window is pulled by dsᵀ of its cross-scale residual, every pixel of a block moved by the same amount, so a strong
+pull shows the level above's blocks (the block-edge ratio; section 6.10 stopped ω at 14 for it). ``bilinear_spread()``
+replaces dsᵀ by a bilinear upsample (scaled as dsᵀ) in the fast and refresh gradients' closed form and in the exact
+gradient's backward pass through ds; the loss, its value, the merge and everything else are unchanged. A block's mean
+moves as before at low frequencies, less at the level above's finest ([1/8, 3/4, 1/8] per axis), and nothing is
+moved block-wise. It is a knob the sampler does not have: a context manager puts it in ``msd_core``'s sampler for a run.
+
+    .venv/bin/python bench/pull_spread.py [--seeds 72] [--omegas 16 18 20] [--detail-seeds 24] [--trained-seeds 16]
+
+writes ``bench/results/layout-pull-spread.json``: the 16-cell layout table (Standard and Draft, the presets as they
+are and bilinear at each ω), the 1/f² Gaussian prior's bands and block edges and the trained CNN's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from common import environment, write_json
+
+from msd_core.sampling import sampler
+from msd_core.sampling.windows import HALF
+from msd_core.settings import QUALITY, GenerationSettings
+
+
+def bilinear_transpose(coarse: torch.Tensor, factor=HALF) -> torch.Tensor:
+    """In place of dsᵀ: each coarse value spread by bilinear interpolation, scaled by 1/(fh·fw) as dsᵀ is."""
+    return F.interpolate(coarse, scale_factor=tuple(factor), mode="bilinear", align_corners=False) / math.prod(factor)
+
+
+class _BlockMeanBilinearBackward(torch.autograd.Function):
+    """ds (the block mean) forwards; ``bilinear_transpose`` of the incoming gradient backwards."""
+
+    @staticmethod
+    def forward(ctx, latents, factor):
+        ctx.factor = factor
+        return F.avg_pool2d(latents, factor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return bilinear_transpose(grad, ctx.factor), None
+
+
+def block_residual(prev, target, factor=HALF, part=None):
+    """``sampler.block_residual`` with the bilinear backward through ds (the same values)."""
+    if part is None:
+        return _BlockMeanBilinearBackward.apply(prev, tuple(factor)) - target
+    held = _BlockMeanBilinearBackward.apply(part.take(prev), tuple(factor))
+    return (held - target) * part.whole(prev.device, prev.dtype)
+
+
+@contextlib.contextmanager
+def bilinear_spread():
+    """The sampler's pull spread bilinearly while the block runs (its module globals swapped, then put back)."""
+    saved = sampler.block_residual, sampler.downsample_transpose
+    sampler.block_residual, sampler.downsample_transpose = block_residual, bilinear_transpose
+    try:
+        yield
+    finally:
+        sampler.block_residual, sampler.downsample_transpose = saved
+
+
+def settings_for(omegas: list[float]) -> dict[str, tuple[dict, bool]]:
+    """name: (GenerationSettings changes, bilinear spread)."""
+    result = {}
+    for quality in ("standard", "draft"):
+        preset = QUALITY[quality][0]
+        result[f"{quality.title()} (block, ω {preset['omega']:g})"] = (preset, False)
+        for omega in omegas:
+            result[f"{quality.title()}, bilinear, ω {omega:g}"] = ({**preset, "omega": omega}, True)
+    return result
+
+
+def layout_rows(settings: dict[str, tuple[dict, bool]], seeds: int) -> list[dict]:
+    import layout
+
+    rows = []
+    for bilinear in (False, True):
+        names = [name for name, (_, spread) in settings.items() if spread == bilinear]
+        layout.ALL_SETTINGS.update({name: settings[name][0] for name in names})
+        with bilinear_spread() if bilinear else contextlib.nullcontext():
+            part, _ = layout.aspects_part(False, seeds, names)
+        rows += [row for row in part if not (bilinear and row["setting"] == "prior's own draws")]
+    print("\n" + layout.start_table(rows, tuple(settings)))
+    return rows
+
+
+def gaussian_rows(settings: dict[str, tuple[dict, bool]], seeds: int) -> list[dict]:
+    import layout
+
+    rows = []
+    for name, (changes, bilinear) in settings.items():
+        if name.startswith("Standard"):
+            layout.ALL_SETTINGS[name] = changes
+            with bilinear_spread() if bilinear else contextlib.nullcontext():
+                rows += layout.detail_part(seeds, [name])
+    return rows
+
+
+def trained_rows(settings: dict[str, tuple[dict, bool]], seeds: int) -> list[dict]:
+    """Each band's power over the data's and the 2×2 block edges under the trained CNN (Standard, 64×64, 32×64 wrap)."""
+    from horizon import PRIOR_FACTOR, sample_with_settings
+    from spectrum import band_power, block_edge_ratio
+    from trained_prior import WINDOW, TrainedPrior
+
+    prior = TrainedPrior.stored()
+    data = band_power(prior.sample(4000, torch.Generator().manual_seed(1)), WINDOW)
+    rows = []
+    for name, (changes, bilinear) in settings.items():
+        if not name.startswith("Standard"):
+            continue
+        for height, width, wrap in ((64, 64, False), (32, 64, True)):
+            base = GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR, height=height * PRIOR_FACTOR, wrap=wrap)
+            with bilinear_spread() if bilinear else contextlib.nullcontext():
+                images, _ = sample_with_settings(prior, dataclasses.replace(base, **changes), list(range(seeds)))
+            edges = torch.tensor([block_edge_ratio(image, (2, 2)) for image in images])
+            bands = torch.stack([band_power(image, WINDOW) for image in images]).mean(0) / data
+            rows.append({"panorama": f"{height}×{width}{' wrap' if wrap else ''}", "setting": name, "seeds": seeds,
+                         "bands_vs_data": bands.tolist(), "block_edge_ratio": float(edges.mean()),
+                         "block_edge_se": float(edges.std() / math.sqrt(seeds))})
+            print(f"trained CNN {rows[-1]['panorama']:>11} {name:<28} bands/data "
+                  + " ".join(f"{v:.2f}" for v in rows[-1]["bands_vs_data"])
+                  + f"  block edges {rows[-1]['block_edge_ratio']:.3f} ± {rows[-1]['block_edge_se']:.3f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=72, help="layout seeds per cell")
+    parser.add_argument("--omegas", type=float, nargs="+", default=[16.0, 18.0, 20.0])
+    parser.add_argument("--detail-seeds", type=int, default=24, help="the Gaussian prior's seeds")
+    parser.add_argument("--trained-seeds", type=int, default=16, help="the trained CNN's seeds")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    settings = settings_for(args.omegas)
+    write_json("layout-pull-spread", {"environment": environment(),
+                                      "aspects": layout_rows(settings, args.seeds),
+                                      "gaussian": gaussian_rows(settings, args.detail_seeds),
+                                      "trained": trained_rows(settings, args.trained_seeds)})
+
+
+if __name__ == "__main__":
+    main()
