@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 
 import torch
@@ -26,7 +25,7 @@ from common import environment, write_json
 
 from msd_core.sampling import sampler
 from msd_core.sampling.windows import HALF
-from msd_core.settings import QUALITY, GenerationSettings
+from msd_core.settings import QUALITY
 
 
 def bilinear_transpose(coarse: torch.Tensor, factor=HALF) -> torch.Tensor:
@@ -104,30 +103,12 @@ def gaussian_rows(settings: dict[str, tuple[dict, bool]], seeds: int) -> list[di
 
 
 def trained_rows(settings: dict[str, tuple[dict, bool]], seeds: int) -> list[dict]:
-    """Each band's power over the data's and the 2×2 block edges under the trained CNN (Standard, 64×64, 32×64 wrap)."""
-    from horizon import PRIOR_FACTOR, sample_with_settings
-    from spectrum import band_power, block_edge_ratio
-    from trained_prior import WINDOW, TrainedPrior
+    """``trained_prior.detail`` (each band over the data's and over v0.9's, paired; the 2×2 block edges) on Standard."""
+    import trained_prior
 
-    prior = TrainedPrior.stored()
-    data = band_power(prior.sample(4000, torch.Generator().manual_seed(1)), WINDOW)
-    rows = []
-    for name, (changes, bilinear) in settings.items():
-        if not name.startswith("Standard"):
-            continue
-        for height, width, wrap in ((64, 64, False), (32, 64, True)):
-            base = GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR, height=height * PRIOR_FACTOR, wrap=wrap)
-            with bilinear_spread() if bilinear else contextlib.nullcontext():
-                images, _ = sample_with_settings(prior, dataclasses.replace(base, **changes), list(range(seeds)))
-            edges = torch.tensor([block_edge_ratio(image, (2, 2)) for image in images])
-            bands = torch.stack([band_power(image, WINDOW) for image in images]).mean(0) / data
-            rows.append({"panorama": f"{height}×{width}{' wrap' if wrap else ''}", "setting": name, "seeds": seeds,
-                         "bands_vs_data": bands.tolist(), "block_edge_ratio": float(edges.mean()),
-                         "block_edge_se": float(edges.std() / math.sqrt(seeds))})
-            print(f"trained CNN {rows[-1]['panorama']:>11} {name:<28} bands/data "
-                  + " ".join(f"{v:.2f}" for v in rows[-1]["bands_vs_data"])
-                  + f"  block edges {rows[-1]['block_edge_ratio']:.3f} ± {rows[-1]['block_edge_se']:.3f}", flush=True)
-    return rows
+    standard = {name: value for name, value in settings.items() if name.startswith("Standard")}
+    return trained_prior.detail(seeds, {name: changes for name, (changes, _) in standard.items()},
+                                lambda name: bilinear_spread() if standard[name][1] else contextlib.nullcontext())
 
 
 def main() -> None:

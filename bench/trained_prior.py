@@ -18,6 +18,7 @@ not bit-reproducible.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import time
@@ -157,9 +158,10 @@ DETAIL_SETTINGS = {
 }
 
 
-def detail(seeds: int) -> list[dict]:
-    """Standard at 64×64 and the 360° world's 32×64 wrap: each ring's power over the data's and over every level's
-    (paired, the same seeds), and the 2×2 block-edge ratio (``spectrum``), for ``DETAIL_SETTINGS``."""
+def detail(seeds: int, settings: dict = DETAIL_SETTINGS, around=lambda name: contextlib.nullcontext()) -> list[dict]:
+    """Standard at 64×64 and the 360° world's 32×64 wrap: each ring's power over the data's and over the first
+    setting's (paired, the same seeds), and the 2×2 block-edge ratio (``spectrum``), for ``settings`` (name: changes),
+    each sampled inside ``around(name)``."""
     prior = TrainedPrior.stored()
     data = band_power(prior.sample(4000, torch.Generator().manual_seed(1)), WINDOW)
     seeds_ = list(range(seeds))
@@ -170,10 +172,11 @@ def detail(seeds: int) -> list[dict]:
                  "block_edge_ratio": float(torch.tensor([block_edge_ratio(image, (2, 2)) for image in alone]).mean())})
     for height, width, wrap in ((64, 64, False), (32, 64, True)):
         base = None
-        for name, changes in DETAIL_SETTINGS.items():
-            settings = dataclasses.replace(GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR,
-                                                              height=height * PRIOR_FACTOR, wrap=wrap), **changes)
-            images, _ = sample_with_settings(prior, settings, seeds_)
+        for name, changes in settings.items():
+            world = dataclasses.replace(GenerationSettings(prompt="bench", width=width * PRIOR_FACTOR,
+                                                           height=height * PRIOR_FACTOR, wrap=wrap), **changes)
+            with around(name):
+                images, _ = sample_with_settings(prior, world, seeds_)
             per_seed = torch.stack([band_power(image, WINDOW) for image in images])
             edges = torch.tensor([block_edge_ratio(image, (2, 2)) for image in images])
             base = per_seed if base is None else base
@@ -183,7 +186,7 @@ def detail(seeds: int) -> list[dict]:
                          "bands_vs_every_level": paired.mean(0).exp().tolist(),
                          "bands_se_log": (paired.std(0) / math.sqrt(seeds)).tolist(),
                          "block_edge_ratio": float(edges.mean()), "block_edge_se": float(edges.std() / math.sqrt(seeds))})
-            print(f"{rows[-1]['panorama']:>11} {name:<36} /every level "
+            print(f"{rows[-1]['panorama']:>11} {name:<36} /{next(iter(settings))} "
                   + " ".join(f"{v:.3f}" for v in rows[-1]["bands_vs_every_level"])
                   + f"  block edges {rows[-1]['block_edge_ratio']:.3f} ± {rows[-1]['block_edge_se']:.3f}", flush=True)
     return rows
