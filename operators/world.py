@@ -161,7 +161,7 @@ def _equirectangular_color(tree, image, direction):
     direction = nudge.outputs["Vector"]
     split = nodes.new("ShaderNodeSeparateXYZ")
     links.new(direction, split.inputs["Vector"])
-    half_row = math.pi / (2 * max(image.size[1], 1))
+    half_row = math.pi / (2 * image.size[1])
     height_limit = _math(tree, "MULTIPLY", _horizontal_radius(tree, direction), 1.0 / math.tan(half_row))
     clamp = nodes.new("ShaderNodeClamp")
     links.new(split.outputs["Z"], clamp.inputs["Value"])
