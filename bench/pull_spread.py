@@ -46,23 +46,21 @@ class _BlockMeanBilinearBackward(torch.autograd.Function):
         return bilinear_transpose(grad, ctx.factor), None
 
 
-def block_residual(prev, target, factor=HALF, part=None):
-    """``sampler.block_residual`` with the bilinear backward through ds (the same values)."""
-    if part is None:
-        return _BlockMeanBilinearBackward.apply(prev, tuple(factor)) - target
-    held = _BlockMeanBilinearBackward.apply(part.take(prev), tuple(factor))
-    return (held - target) * part.whole(prev.device, prev.dtype)
+def downsample(latents, factor=HALF):
+    """``windows.downsample`` (the block mean) with ``bilinear_transpose`` as its backward pass."""
+    return _BlockMeanBilinearBackward.apply(latents, tuple(factor))
 
 
 @contextlib.contextmanager
 def bilinear_spread():
-    """The sampler's pull spread bilinearly while the block runs (its module globals swapped, then put back)."""
-    saved = sampler.block_residual, sampler.downsample_transpose
-    sampler.block_residual, sampler.downsample_transpose = block_residual, bilinear_transpose
+    """The sampler's pull spread bilinearly while the block runs (its module globals swapped, then put back). Its
+    ds keeps its values everywhere; only the exact gradient differentiates through it."""
+    saved = sampler.downsample, sampler.downsample_transpose
+    sampler.downsample, sampler.downsample_transpose = downsample, bilinear_transpose
     try:
         yield
     finally:
-        sampler.block_residual, sampler.downsample_transpose = saved
+        sampler.downsample, sampler.downsample_transpose = saved
 
 
 def settings_for(omegas: list[float]) -> dict[str, tuple[dict, bool]]:

@@ -481,7 +481,7 @@ def test_the_bilinear_pull_spread_moves_a_blocks_mean_without_a_block_edge_and_p
     import pull_spread
     from msd_core.sampling import sampler
 
-    original = sampler.block_residual, sampler.downsample_transpose
+    original = sampler.downsample, sampler.downsample_transpose
     step = ddim_schedule(sd_ddim_scheduler(), 10)[3]
     window = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
     target = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
@@ -495,7 +495,7 @@ def test_the_bilinear_pull_spread_moves_a_blocks_mean_without_a_block_edge_and_p
     block = pulls()
     with pull_spread.bilinear_spread():
         bilinear = pulls()
-    assert (sampler.block_residual, sampler.downsample_transpose) == original
+    assert (sampler.downsample, sampler.downsample_transpose) == original
     for spread in (block, bilinear):
         torch.testing.assert_close(spread[1], spread[0])  # the model held constant: both gradients agree
     moved_block, moved_bilinear = block[0][0, 0], bilinear[0][0, 0]
