@@ -226,6 +226,16 @@ class MSD_PanoramaSettings(PropertyGroup):
         ],
         default=_STANDARD["coarse_gradient"],
     )
+    pull_through: EnumProperty(
+        name="Pull Through",
+        description="The exact gradient's direction towards the coarser level (docs/layout.md 6.16)",
+        items=[
+            ("step", "Solver Step", "Through the solver step, every pixel of a block pulled alike (the paper's)"),
+            ("x0", "x₀ Estimate", "Through the model's x₀ estimate, at the same length and cost: more single "
+                                 "objects (one sun, not two) and fewer block edges on the test priors"),
+        ],
+        default=GenerationSettings.pull_through,
+    )
     windows: EnumProperty(
         name="Windows",
         items=[
@@ -386,6 +396,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         guided_fraction=round(group.guided_fraction, 6),  # Blender's float32: 0.7 reads 0.699999988
         late_gradient=group.late_gradient,
         coarse_gradient=group.coarse_gradient,
+        pull_through=group.pull_through,
         windows=group.windows,
         pyramid=group.pyramid,
         global_window=group.global_window,
@@ -484,7 +495,7 @@ def _panel_values(settings: GenerationSettings) -> dict:
         "gradient": settings.gradient, "windows": settings.windows, "omega": settings.omega,
         "scheduler": settings.scheduler, "guided_fraction": settings.guided_fraction,
         "late_gradient": settings.late_gradient, "coarse_gradient": settings.coarse_gradient,
-        "pyramid": settings.pyramid, "global_window": settings.global_window, "global_move": settings.global_move,
+        "pull_through": settings.pull_through, "pyramid": settings.pyramid, "global_window": settings.global_window, "global_move": settings.global_move,
         "coarse_noise": settings.coarse_noise, "fine_start": settings.fine_start, "fine_join": settings.fine_join,
         "tile_starts": settings.tile_starts, "poles": settings.poles,
         "scales": settings.scales or 0, "cubemap": settings.cubemap,
@@ -521,6 +532,7 @@ SETTING_PLACES = {
     "method": (_SAMPLER, "method"), "omega": (_SAMPLER, "omega"), "gradient": (_SAMPLER, "gradient"), "windows": (_SAMPLER, "windows"),
     "scheduler": (_SAMPLER, "scheduler"), "guided_fraction": (_SAMPLER, "guided_fraction"),
     "late_gradient": (_SAMPLER, "late_gradient"), "coarse_gradient": (_SAMPLER, "coarse_gradient"),
+    "pull_through": (_SAMPLER, "pull_through"),
     "pyramid": (_SAMPLER, "pyramid"), "global_window": (_SAMPLER, "global_window"), "global_move": (_SAMPLER, "global_move"),
     "coarse_noise": (_SAMPLER, "coarse_noise"), "fine_start": (_SAMPLER, "fine_start"),
     "fine_join": (_SAMPLER, "fine_join"), "tile_starts": (_SAMPLER, "tile_starts"), "scales": (_SAMPLER, "scales"),

@@ -426,7 +426,7 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
         before, x0_before = latents, x0_history[-1]
         latents = msd_step(latents, plan.grids_at(index), step, denoise, omega_t,
                            gradient=gradient or settings.gradient, coarse_gradient=settings.coarse_gradient,
-                           omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
+                           pull_through=settings.pull_through, omega_loss=settings.omega_loss, view_batch=VIEW_BATCH,
                            weights=weights, x0_history=x0_history, on_level=levels_out.append, coarse_noise=settings.coarse_noise,
                            train_alphas=scheduler.alphas_cumprod, levels_run=plan.levels_at(index),
                            fresh_noise=(lambda: torch.stack([torch.randn(plan.height, plan.width, generator=generator,

@@ -38,6 +38,7 @@ from .settings import (
     MAX_SIDE,
     LATE_GRADIENTS,
     COARSE_GRADIENTS,
+    PULL_THROUGH,
     METHODS,
     OMEGA_LOSSES,
     POLE_MODES,
@@ -207,6 +208,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="where a step takes the exact gradient, the gradient of the second level from the top "
                              "(the one the coarsest guides): exact (the paper's, best) or refresh, no backward pass at "
                              "the same layout (default: the quality preset's; docs/layout.md 6.13)")
+    method.add_argument("--pull-through", choices=PULL_THROUGH, default=GenerationSettings.pull_through,
+                        help="the exact gradient's direction: step = through the solver step (the paper's); x0 = "
+                             "through the model's x0 estimate, at the same length and work: more single objects (one "
+                             "sun, not two) and fewer block edges on the test priors (docs/layout.md 6.16)")
     method.add_argument("--omega", type=float,
                         help="guidance strength ω towards the coarser level, 0 = multidiffusion (default: the quality "
                              "preset's, 14 for draft and standard, the paper's 10 for best; docs/layout.md 6.10)")
@@ -325,7 +330,8 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "loras": [parse_lora_argument(text) for text in args.lora],
         "method": args.method, "omega_loss": args.omega_loss, "pyramid": args.pyramid,
         "global_window": args.global_window, "global_move": args.global_move,
-        "coarse_noise": args.coarse_noise, "fine_start": args.fine_start, "fine_join": args.fine_join, "scales": args.scales, "guidance": args.guidance,
+        "coarse_noise": args.coarse_noise, "fine_start": args.fine_start, "fine_join": args.fine_join,
+        "pull_through": args.pull_through, "scales": args.scales, "guidance": args.guidance,
         "seed": secrets.randbelow(DRAWN_SEED_LIMIT) if args.seed is None else args.seed,
         "window": args.window, "stride": args.stride, "feather": args.feather, "poles": args.poles,
         "view_batch": args.view_batch,

@@ -323,7 +323,7 @@ class MSDPanoramaPipeline:
                 latents = msd_step(
                     latents, _grids_at(plans, start_step + index), step, denoise, omega_t,
                     gradient=gradient or settings.gradient, coarse_gradient=settings.coarse_gradient,
-                    omega_loss=settings.omega_loss,
+                    pull_through=settings.pull_through, omega_loss=settings.omega_loss,
                     prediction_type=self.components.prediction_type, view_batch=plan.view_batch,
                     weights=weights, interrupt=interrupt, on_level=on_level, x0_history=x0_history,
                     coarse_noise=settings.coarse_noise, train_alphas=self.scheduler.alphas_cumprod,

@@ -25,6 +25,11 @@ LATE_GRADIENTS = ("none", *GRADIENTS)
 # it is the finest): the exact one too (the paper's), or "refresh", which spares its backward pass at no cost to the
 # layout (docs/layout.md 6.13).
 COARSE_GRADIENTS = ("exact", "refresh")
+# The exact gradient's direction: "step" differentiates the cross-scale loss through the solver step (the paper's,
+# mostly every pixel of a block moved alike); "x0" through the model's x₀ estimate, so a block's pull goes where the
+# model couples it (a small object as a whole), at the paper's step length and the same UNet work: more single
+# objects and fewer block edges on the test priors (docs/layout.md 6.16).
+PULL_THROUGH = ("step", "x0")
 # How ω is normalised (see sampler.guidance_loss): "projection" makes ω = 10 pull a window all the
 # way onto the coarser level at the first step; "mean" is the literal mean-reduced MSE, "sum" the
 # sum of squares.
@@ -159,6 +164,7 @@ class GenerationSettings:
     guided_fraction: float = _DEFAULTS["guided_fraction"]
     late_gradient: str = _DEFAULTS["late_gradient"]  # LATE_GRADIENTS
     coarse_gradient: str = _DEFAULTS["coarse_gradient"]  # COARSE_GRADIENTS
+    pull_through: str = "step"  # PULL_THROUGH
     steps: int = _DEFAULTS["steps"]
     guidance: float = 7.5
     scheduler: str = _DEFAULTS["scheduler"]
@@ -210,6 +216,7 @@ class GenerationSettings:
         _check_choice("gradient", self.gradient, GRADIENTS)
         _check_choice("late_gradient", self.late_gradient, LATE_GRADIENTS)
         _check_choice("coarse_gradient", self.coarse_gradient, COARSE_GRADIENTS)
+        _check_choice("pull_through", self.pull_through, PULL_THROUGH)
         _check_choice("windows", self.windows, WINDOW_MODES)
         if self.stride is not None and self.windows != "dense":
             raise BadInput("a {field} applies to dense windows only; use windows 'dense' with stride {stride}, "

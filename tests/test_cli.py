@@ -127,6 +127,7 @@ def test_presets_and_wrap_defaults():
     assert settings("--fine-start", "0.6").fine_start == 0.6 and settings("--fine-start", "0").fine_start == 0
     assert (settings().fine_join, settings("--fine-join", "deterministic").fine_join) == ("stochastic", "deterministic")
     assert (settings().tile_starts, settings("--tile-starts", "even").tile_starts) == ("any", "even")
+    assert (settings().pull_through, settings("--pull-through", "x0").pull_through) == ("step", "x0")
     # ω and the tile starts follow the quality preset unless given: the paper's ω 10 and even tiles for best
     assert (settings().omega, settings("--quality", "draft").omega, settings("--omega", "3").omega) == (14.0, 14.0, 3.0)
     best = settings("--quality", "best")

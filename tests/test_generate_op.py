@@ -586,6 +586,9 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
     # --coarse-gradient: under the late gradient, refresh by default (Standard's), the paper's exact on request
     assert drawn.index(("prop", "coarse_gradient")) == drawn.index(("prop", "late_gradient")) + 1
     _choice_maps_both_ways(group, properties, "coarse_gradient", "refresh", "exact", "Coarse Gradient")
+    # --pull-through: under it, the paper's direction through the solver step by default, through x̂₀ on request
+    assert drawn.index(("prop", "pull_through")) == drawn.index(("prop", "coarse_gradient")) + 1
+    _choice_maps_both_ways(group, properties, "pull_through", "step", "x0", "Pull Through")
 
 
 def _choice_maps_both_ways(group, properties, name, default, other, label):

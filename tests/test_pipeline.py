@@ -1,6 +1,7 @@
 """The pipeline on the tiny model: peer oracle against diffusers, MSD behaviour, wrap, determinism."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -332,3 +333,25 @@ def test_a_batch_of_360_worlds_with_pole_caps_equals_each_world_sampled_alone(pi
         for pole in single.caps:
             torch.testing.assert_close(batched.caps[pole][0], single.caps[pole][0], rtol=1e-5, atol=1e-5 * scale)
     assert not torch.allclose(together[0].caps["zenith"][0], together[1].caps["zenith"][0], atol=0.1)
+
+
+def test_pulling_through_x0_runs_the_same_unet_calls_batches_seeds_apart_and_is_stored(pipe):
+    # Standard on a small 360° world, each seed's windows pulled through the tiny UNet's x₀ estimate.
+    world = GenerationSettings(prompt="dunes at dusk", width=256, height=128, wrap=True, model="tiny", device="cpu",
+                               view_batch=3, seed=5, **{**QUALITY["standard"][0], "steps": 6})
+    through_x0 = dataclasses.replace(world, pull_through="x0")
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        paper = pipe(world, decode=False)
+        paper_calls, calls[:] = list(calls), []
+        pulled = pipe(through_x0, decode=False)
+        pulled_calls = list(calls)
+        batch = pipe.sample_batch([through_x0, dataclasses.replace(through_x0, seed=6)], decode=False)
+    finally:
+        hook.remove()
+    assert pulled_calls == paper_calls  # the same windows through the UNet, step by step
+    assert torch.isfinite(pulled.latents).all() and not torch.allclose(pulled.latents, paper.latents, atol=1e-3)
+    scale = float(pulled.latents.abs().max())
+    torch.testing.assert_close(batch[0].latents, pulled.latents, rtol=1e-5, atol=1e-5 * scale)
+    assert GenerationSettings.from_stored(json.loads(pulled.metadata[pngmeta.SETTINGS_KEY])).pull_through == "x0"

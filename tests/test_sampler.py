@@ -641,3 +641,107 @@ def test_the_coarse_gradient_changes_only_the_second_level_of_an_exact_step(grad
     assert torch.equal(run(two, "refresh")[0], run(two, None)[0])  # the second level is the finest: exact
     assert (sampler.level_gradient(1, 3, "exact", "refresh"), sampler.level_gradient(2, 3, "exact", "refresh")) == (
         "refresh", "exact")
+
+
+def _solver_steps():
+    """One step of each kind the sampler meets: DDIM (ε and v), DPM-Solver++ with and without its memory, and both
+    at a coarse level's matched noise."""
+    train = sd_ddim_scheduler()
+    ddim, dpm = sampler.solver_schedule("ddim", train, 10), sampler.solver_schedule("dpmpp-2m", train, 10)
+    matched = [sampler.snr_matched(step, 8, train.alphas_cumprod) for step in (ddim[3], dpm[4])]
+    return [(ddim[3], "epsilon", False), (ddim[3], "v_prediction", False), (dpm[0], "epsilon", False),
+            (dpm[4], "epsilon", True), (matched[0], "epsilon", False), (matched[1], "v_prediction", True)]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_every_solver_step_is_affine_in_the_models_x0_with_the_weight_x0_weight_reads(case):
+    step, prediction_type, memory = _solver_steps()[case]
+    generator = torch.Generator().manual_seed(case)
+    sample, one, other, last = (torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64) for _ in range(4))
+    last = last if memory else None
+    weight = sampler.x0_weight(step, prediction_type, memory)
+    prev, x0 = step.apply(sample, one, prediction_type, last)
+    prev_other, x0_other = step.apply(sample, other, prediction_type, last)
+    assert torch.allclose(prev - prev_other, weight * (x0 - x0_other), atol=1e-12)
+    if isinstance(step, DDIMTimestep) and prediction_type == "epsilon":  # Φ = √ᾱ' x̂₀ + √(1−ᾱ') ε̂, ε̂ = (x − √ᾱ x̂₀)/√(1−ᾱ)
+        a, a_next = step.alpha, step.alpha_prev
+        assert weight == pytest.approx(a_next**0.5 - ((1 - a_next) / (1 - a)) ** 0.5 * a**0.5)
+
+
+def test_pulled_through_x0_with_the_model_held_is_the_papers_held_pull():
+    # A model that does not see its input has ∂x̂₀/∂x = c₀·I: the direction through x̂₀ is then dsᵀ of the residual,
+    # and at the paper's length it is the fast (held) pull exactly, window by window and channel by channel.
+    step = ddim_schedule(sd_ddim_scheduler(), 20)[5]
+    generator = torch.Generator().manual_seed(1)
+    x, output = (torch.randn(3, 2, 8, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    target = torch.randn(3, 2, 4, 4, generator=generator, dtype=torch.float64)
+    prev, _ = ddim_step(x, output, step)
+    held = sampler.guided_windows_fast(x, prev, target, step, 14.0, 0.37)
+    through_x0 = sampler.guided_windows_exact(x, target, step, lambda windows, t: output, 14.0, 0.37, through="x0")
+    assert torch.allclose(through_x0, held, atol=1e-10)
+    with pytest.raises(ValueError, match="unknown pull_through 'z'"):
+        sampler.guided_windows_exact(x, target, step, lambda windows, t: output, 14.0, 0.37, through="z")
+
+
+def _blur(latents):
+    """A symmetric 3×3 blur (zero beyond the window): a linear operator equal to its transpose."""
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=latents.dtype) / 16
+    channels = latents.shape[1]
+    return torch.nn.functional.conv2d(latents, kernel.expand(channels, 1, 3, 3), padding=1, groups=channels)
+
+
+def test_pulled_through_x0_a_blocks_pull_goes_where_the_model_couples_its_pixels():
+    # A linear model whose x₀ estimate is a blur of its input: ∂x̂₀/∂x is that blur, so the pull through x̂₀ is the
+    # paper's block-wise pull blurred, at the paper's length in each window and channel, and no longer even in a block.
+    step = ddim_schedule(sd_ddim_scheduler(), 20)[5]
+    alpha, sigma = step.alpha**0.5, (1 - step.alpha) ** 0.5
+
+    def blurring(windows, t):  # the ε whose x₀ estimate is the blur
+        return (windows - alpha * _blur(windows)) / sigma
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 8, 8, generator=generator, dtype=torch.float64)
+    target = torch.randn(3, 2, 4, 4, generator=generator, dtype=torch.float64)
+    prev, _ = ddim_step(x, blurring(x, step.t), step)
+    held = x - sampler.guided_windows_fast(x, prev, target, step, 14.0, 0.37)
+    pulled = x - sampler.guided_windows_exact(x, target, step, blurring, 14.0, 0.37, through="x0")
+
+    def length(latents):
+        return latents.flatten(2).norm(dim=2)
+
+    expected = _blur(held) * (length(held) / length(_blur(held)))[..., None, None]
+    assert torch.allclose(pulled, expected, atol=1e-10)
+    assert torch.allclose(length(pulled), length(held))
+    within = (held - torch.nn.functional.interpolate(downsample(held), scale_factor=2)).abs().max()
+    assert within < 1e-12 < (pulled - torch.nn.functional.interpolate(downsample(pulled), scale_factor=2)).abs().max()
+    # The paper's direction through Φ differs from both: most of it is the block-wise pull.
+    paper = x - sampler.guided_windows_exact(x, target, step, blurring, 14.0, 0.37)
+    assert not torch.allclose(paper, pulled, atol=1e-6) and not torch.allclose(paper, held, atol=1e-6)
+
+
+@pytest.mark.parametrize("gradient", ["exact", "fast"])
+def test_pull_through_changes_only_the_exact_gradients_direction_at_the_same_model_calls(gradient):
+    denoiser = SmoothDenoiser()
+    step = ddim_schedule(sd_ddim_scheduler(), 10)[2]
+    latents = torch.randn(1, 2, 16, 32, dtype=torch.float64)
+
+    def run(pull_through):
+        seen = []
+
+        def recording(windows, t):
+            seen.append(torch.is_grad_enabled())
+            return denoiser(windows, t)
+
+        with torch.no_grad():
+            out = sampler.msd_step(latents, _three_level_grids(), step, recording, 10.0, gradient=gradient,
+                                   view_batch=64, pull_through=pull_through)
+        return out, seen
+
+    paper, paper_calls = run("step")
+    through_x0, x0_calls = run("x0")
+    assert x0_calls == paper_calls  # the same forwards, and the same backwards through them
+    if gradient == "fast":
+        assert torch.equal(through_x0, paper)
+    else:
+        assert not torch.allclose(through_x0, paper, atol=1e-6)
+        assert torch.isfinite(through_x0).all()

@@ -27,7 +27,7 @@ def validate(**changes):
         ({"method": ["msd"]}, "method"), ({"device": None}, "device"), ({"stride": 24, "scales": 3, "windows": "dense"}, "stride"),
         ({"stride": 16}, "stride"), ({"fine_start": 0.95}, "fine_start"), ({"fine_start": -0.1}, "fine_start"),
         ({"fine_join": "ancestral"}, "fine_join"), ({"tile_starts": "odd"}, "tile_starts"),
-        ({"coarse_gradient": "fast"}, "coarse_gradient"),
+        ({"coarse_gradient": "fast"}, "coarse_gradient"), ({"pull_through": "solver"}, "pull_through"),
     ],
 )  # fmt: skip
 def test_each_bad_value_is_refused_naming_its_field(changes, field):
@@ -101,6 +101,8 @@ def test_stored_settings_without_the_newer_fields_mean_what_that_version_did():
     v06 = {**v05, "global_move": "roll", "fine_start": 0.6}
     assert GenerationSettings.from_stored(v06).fine_join == "deterministic"
     assert GenerationSettings.from_dict(v06).fine_join == "stochastic"
+    # Every file before v0.10 pulled through the solver step.
+    assert GenerationSettings.from_stored(v06).pull_through == GenerationSettings.from_dict(v06).pull_through == "step"
     current = GenerationSettings(prompt="a red desert").to_dict()
     assert GenerationSettings.from_stored(current) == GenerationSettings(prompt="a red desert")
     with pytest.raises(BadInput, match="must be a JSON object"):

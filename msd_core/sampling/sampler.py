@@ -534,19 +534,59 @@ def guided_windows_exact(
     previous_x0: torch.Tensor | None = None,
     factor: Factor = HALF,
     part: GuidedPart | None = None,
+    through: str = "step",
 ) -> torch.Tensor:
     """x̂ = x − ω ∇ₓ L(x) with autograd through the model and the solver step (the paper's method).
 
     Only the window latents require grad: the model's parameters are frozen, so no parameter
     gradients are kept; the solver's memory ``previous_x0`` is a constant. The caller recomputes Φ(x̂)
     with a fresh model call. ``part``: the blocks each window holds whole (``windows.GuidedPart``; None: the
-    window's own).
+    window's own). ``through``: "step" differentiates the loss through Φ (the paper); "x0" takes the direction
+    through the model's x₀ estimate instead (``pull_through_x0``), at the same UNet cost.
     """
+    if through not in ("step", "x0"):
+        raise ValueError(f"unknown pull_through {through!r} (step or x0)")
     with torch.enable_grad():
         x = windows.detach().requires_grad_(True)
-        prev, _ = step.apply(x, denoise(x, step.t), prediction_type, previous_x0)
-        (grad,) = torch.autograd.grad(cross_scale_loss(prev, targets, loss_scale, factor, part), x)
-    return windows - omega * grad
+        prev, x0 = step.apply(x, denoise(x, step.t), prediction_type, previous_x0)
+        if through == "step":
+            (grad,) = torch.autograd.grad(cross_scale_loss(prev, targets, loss_scale, factor, part), x)
+            return windows - omega * grad
+        residual = block_residual(prev.detach(), targets, factor, part)
+        x0_target = block_residual(x0.detach(), residual / x0_weight(step, prediction_type, previous_x0 is not None),
+                                   factor, part)
+        (direction,) = torch.autograd.grad(block_residual(x0, x0_target, factor, part).pow(2).sum(), x)
+    held = windows - guided_windows_fast(windows, prev.detach(), targets, step, omega, loss_scale, prediction_type,
+                                         factor, part)
+    return windows - pull_through_x0(direction, held)
+
+
+def x0_weight(step: SolverStep, prediction_type: str = "epsilon", memory: bool = False) -> float:
+    """b in Φ(x) = a·x + b·x̂₀ (+ the solver's memory, ``memory``: whether the step reads one): how far the step's
+    result moves per unit of the model's x₀ estimate. Every solver step is affine in its model output, so one unit
+    change of that output reads b off."""
+    zero = torch.zeros(1, dtype=torch.float64)
+    last = zero if memory else None
+    prev, x0 = step.apply(zero, zero, prediction_type, last)
+    prev_moved, x0_moved = step.apply(zero, zero + 1, prediction_type, last)
+    return float((prev_moved - prev) / (x0_moved - x0))
+
+
+def pull_through_x0(direction: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """The pull taken through the model's x₀ estimate (``--pull-through x0``, docs/layout.md 6.16): ``direction``,
+    ∂x̂₀/∂xᵀ dsᵀ(ds(x̂₀) − T), T the x₀ whose step lands on the coarser level's state, scaled per window and channel
+    to the length of ``held``, the paper's pull with the model held (``guided_windows_fast``'s).
+
+    Φ = a·x + b·x̂₀, so the paper's gradient weighs the model's own response, b·∂x̂₀/∂x − b·c₀ (c₀ = ∂x̂₀/∂x with
+    the model held), only 1 − (σ'/σ)(α/α') of what it weighs in ∂x̂₀/∂x (0.17–0.27 over Standard's exact steps): the
+    pull is mostly dsᵀ of the residual, every pixel of a block moved alike. For a posterior-mean denoiser ∂x̂₀/∂x =
+    (α/σ²)·Cov(x₀ | x): through x̂₀ a block's pull goes to the pixels the model couples to it (a small object as a
+    whole), not evenly over the block. The length is the paper's, so ω keeps its scale (the direction's own length
+    follows the model's Jacobian and is not a step size); the lengths are taken in float32."""
+    def length(latents: torch.Tensor) -> torch.Tensor:
+        return latents.float().flatten(2).norm(dim=2)[..., None, None]
+
+    return direction * (length(held) / length(direction).clamp_min(1e-30)).to(direction.dtype)
 
 
 def guided_windows_fast(
@@ -590,6 +630,7 @@ def msd_level_step(
     previous_x0: torch.Tensor | None = None,
     factor: Factor = HALF,
     map_batches: BatchMap = run_batches,
+    pull_through: str = "step",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One finer level of Algorithm 1: guide every window towards the already-denoised coarser level,
     denoise the guided windows, and merge them the MultiDiffusion way. Returns (z^s_{t−1}, merged x₀).
@@ -600,7 +641,9 @@ def msd_level_step(
     - ``"refresh"``: the fast closed-form gradient, then a second forward for Φ(x̂) (2× MD); on the
       analytic horizon prior it recovers most of what exact gains over fast (bench/layout.py);
     - ``"fast"``: one model output serves the gradient and Φ(x̂), so it costs what MD does.
-    ``factor`` is the reduction to the coarser level: (2, 2), or (1, f) under a ``global_level``.
+    ``factor`` is the reduction to the coarser level: (2, 2), or (1, f) under a ``global_level``. ``pull_through``:
+    the exact gradient's direction (``guided_windows_exact``'s ``through``); the others hold the model, where both
+    directions are one.
     """
     part = grid.guided_part(factor)
     windows, targets = grid.crop(latents), grid.coarse_crop(coarse_prev, factor, part)
@@ -614,7 +657,8 @@ def msd_level_step(
         x, y, x0_last = windows[batch], targets[batch], _part(memory, batch)
         guided = part[batch] if part is not None else None
         if gradient == "exact":
-            x_hat = guided_windows_exact(x, y, step, denoise, omega, loss_scale, prediction_type, x0_last, factor, guided)
+            x_hat = guided_windows_exact(x, y, step, denoise, omega, loss_scale, prediction_type, x0_last, factor, guided,
+                                         pull_through)
             _check_interrupt(interrupt)
             output = denoise(x_hat, step.t)
         else:
@@ -689,6 +733,7 @@ def msd_step(
     map_batches: BatchMap = run_batches,
     levels_run: int | None = None,
     fresh_noise: Callable[[], torch.Tensor] | None = None,
+    pull_through: str = "step",
 ) -> torch.Tensor:
     """Algorithm 1, one timestep: pyramid down from z_t, plain MD at the coarsest level, then each finer
     level guided by the one below it. ``grids`` holds one grid per level, coarsest first (each the next
@@ -701,7 +746,8 @@ def msd_step(
     ``coarse_gradient``: where ``gradient`` is "exact", the mode of the second level from the top, the one the
     coarsest guides, unless it is the finest (None: exact too, the paper's). "refresh" spares its backward pass: on the
     layout priors its exact gradient gains nothing over it, while the levels below it need theirs to keep a thin
-    river through their halvings (docs/layout.md 6.13).
+    river through their halvings (docs/layout.md 6.13). ``pull_through``: the exact gradient's direction, through the
+    solver step ("step", the paper's) or through the model's x₀ estimate ("x0", ``pull_through_x0``).
 
     ``coarse_noise``: "literal" (the paper) denoises every level as if at timestep t; "matched" steps each
     coarse level at the noise level it really has (``snr_matched``; needs ``train_alphas``, the
@@ -756,7 +802,7 @@ def msd_step(
             gradient=level_gradient(level, len(grids), gradient, coarse_gradient), omega_loss=omega_loss,
             prediction_type=prediction_type,
             view_batch=view_batch, weights=weights[level], interrupt=interrupt, previous_x0=history[level],
-            factor=factors[level - 1], map_batches=map_batches,
+            factor=factors[level - 1], map_batches=map_batches, pull_through=pull_through,
         )
         history[level] = x0
         if on_level:
