@@ -46,6 +46,9 @@ def parse_args(argv):
 def main(argv, written: list[str]) -> int:
     """The demo; ``written`` collects the files it wrote, for the message when Ctrl+C stops it."""
     args = parse_args(argv)
+    # Each stage's line as it starts, also into a pipe (make demo | tee, a test waiting for a stage): a pipe's
+    # block buffer would hold them until the run's end.
+    sys.stdout.reconfigure(line_buffering=True)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     # Before bpy is imported: Blender's user folder (and the installed extension) go inside OUT, not ~.
