@@ -228,7 +228,7 @@ class MSD_PanoramaSettings(PropertyGroup):
     )
     pull_through: EnumProperty(
         name="Pull Through",
-        description="The exact gradient's direction towards the coarser level (docs/layout.md 6.16)",
+        description="The finest level's exact gradient's direction towards the level above (docs/layout.md 6.16)",
         items=[
             ("step", "Solver Step", "Through the solver step, every pixel of a block pulled alike (the paper's)"),
             ("x0", "x₀ Estimate", "Through the model's x₀ estimate, at the same length and cost: more single "

@@ -209,9 +209,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "(the one the coarsest guides): exact (the paper's, best) or refresh, no backward pass at "
                              "the same layout (default: the quality preset's; docs/layout.md 6.13)")
     method.add_argument("--pull-through", choices=PULL_THROUGH, default=GenerationSettings.pull_through,
-                        help="the exact gradient's direction: step = through the solver step (the paper's); x0 = "
-                             "through the model's x0 estimate, at the same length and work: more single objects (one "
-                             "sun, not two) and fewer block edges on the test priors (docs/layout.md 6.16)")
+                        help="the finest level's exact gradient's direction: step = through the solver step (the "
+                             "paper's); x0 = through the model's x0 estimate, at the same length and work: more single "
+                             "objects (one sun, not two) and fewer block edges on the test priors with standard "
+                             "(docs/layout.md 6.16)")
     method.add_argument("--omega", type=float,
                         help="guidance strength ω towards the coarser level, 0 = multidiffusion (default: the quality "
                              "preset's, 14 for draft and standard, the paper's 10 for best; docs/layout.md 6.10)")

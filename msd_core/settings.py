@@ -25,10 +25,10 @@ LATE_GRADIENTS = ("none", *GRADIENTS)
 # it is the finest): the exact one too (the paper's), or "refresh", which spares its backward pass at no cost to the
 # layout (docs/layout.md 6.13).
 COARSE_GRADIENTS = ("exact", "refresh")
-# The exact gradient's direction: "step" differentiates the cross-scale loss through the solver step (the paper's,
-# mostly every pixel of a block moved alike); "x0" through the model's x₀ estimate, so a block's pull goes where the
-# model couples it (a small object as a whole), at the paper's step length and the same UNet work: more single
-# objects and fewer block edges on the test priors (docs/layout.md 6.16).
+# The finest level's exact gradient's direction: "step" differentiates the cross-scale loss through the solver step
+# (the paper's, mostly every pixel of a block moved alike); "x0" through the model's x₀ estimate, so a block's pull
+# goes where the model couples it (a small object as a whole), at the paper's step length and the same UNet work: more
+# single objects and fewer block edges on the test priors with Standard (docs/layout.md 6.16).
 PULL_THROUGH = ("step", "x0")
 # How ω is normalised (see sampler.guidance_loss): "projection" makes ω = 10 pull a window all the
 # way onto the coarser level at the first step; "mean" is the literal mean-reduced MSE, "sum" the

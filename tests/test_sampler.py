@@ -720,13 +720,15 @@ def test_pulled_through_x0_a_blocks_pull_goes_where_the_model_couples_its_pixels
 
 
 @pytest.mark.parametrize("gradient", ["exact", "fast"])
-def test_pull_through_changes_only_the_exact_gradients_direction_at_the_same_model_calls(gradient):
+def test_pull_through_changes_only_the_finest_levels_exact_direction_at_the_same_model_calls(gradient):
+    # Three levels, all exact: the level between keeps the paper's direction (it hands the layout down), the finest
+    # takes the one through x̂₀; the fast gradient holds the model, where both are one.
     denoiser = SmoothDenoiser()
     step = ddim_schedule(sd_ddim_scheduler(), 10)[2]
     latents = torch.randn(1, 2, 16, 32, dtype=torch.float64)
 
     def run(pull_through):
-        seen = []
+        seen, levels = [], {}
 
         def recording(windows, t):
             seen.append(torch.is_grad_enabled())
@@ -734,12 +736,14 @@ def test_pull_through_changes_only_the_exact_gradients_direction_at_the_same_mod
 
         with torch.no_grad():
             out = sampler.msd_step(latents, _three_level_grids(), step, recording, 10.0, gradient=gradient,
-                                   view_batch=64, pull_through=pull_through)
-        return out, seen
+                                   view_batch=64, pull_through=pull_through,
+                                   on_level=lambda result: levels.update({result.level: result.latents}))
+        return out, levels, seen
 
-    paper, paper_calls = run("step")
-    through_x0, x0_calls = run("x0")
+    paper, paper_levels, paper_calls = run("step")
+    through_x0, x0_levels, x0_calls = run("x0")
     assert x0_calls == paper_calls  # the same forwards, and the same backwards through them
+    assert torch.equal(x0_levels[1], paper_levels[1]) and torch.equal(x0_levels[2], paper_levels[2])
     if gradient == "fast":
         assert torch.equal(through_x0, paper)
     else:

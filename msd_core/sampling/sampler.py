@@ -746,8 +746,11 @@ def msd_step(
     ``coarse_gradient``: where ``gradient`` is "exact", the mode of the second level from the top, the one the
     coarsest guides, unless it is the finest (None: exact too, the paper's). "refresh" spares its backward pass: on the
     layout priors its exact gradient gains nothing over it, while the levels below it need theirs to keep a thin
-    river through their halvings (docs/layout.md 6.13). ``pull_through``: the exact gradient's direction, through the
-    solver step ("step", the paper's) or through the model's x₀ estimate ("x0", ``pull_through_x0``).
+    river through their halvings (docs/layout.md 6.13). ``pull_through``: the finest level's exact gradient's
+    direction, through the solver step ("step", the paper's) or through the model's x₀ estimate ("x0",
+    ``pull_through_x0``). The levels between keep the paper's: they hand a skyline or a river down through their
+    halvings, which the direction through x₀ loses at the large shapes, and a small object forms at the finest
+    (docs/layout.md 6.12, 6.16).
 
     ``coarse_noise``: "literal" (the paper) denoises every level as if at timestep t; "matched" steps each
     coarse level at the noise level it really has (``snr_matched``; needs ``train_alphas``, the
@@ -802,7 +805,8 @@ def msd_step(
             gradient=level_gradient(level, len(grids), gradient, coarse_gradient), omega_loss=omega_loss,
             prediction_type=prediction_type,
             view_batch=view_batch, weights=weights[level], interrupt=interrupt, previous_x0=history[level],
-            factor=factors[level - 1], map_batches=map_batches, pull_through=pull_through,
+            factor=factors[level - 1], map_batches=map_batches,
+            pull_through=pull_through if level == len(grids) - 1 else "step",
         )
         history[level] = x0
         if on_level:
