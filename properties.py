@@ -319,6 +319,16 @@ class MSD_PanoramaSettings(PropertyGroup):
         ],
         default=_STANDARD["tile_starts"],
     )
+    fine_steps: EnumProperty(
+        name="Finest Steps",
+        description="How the finest level steps within its own 2×2 blocks, the part no pull sees (docs/layout.md 6.17)",
+        items=[
+            ("stochastic", "Stochastic", "Part of that noise is drawn afresh each guided step: more single objects at "
+                                         "the same detail and work (Standard)"),
+            ("deterministic", "Deterministic", "Stepped like the rest (Draft, Best, the paper)"),
+        ],
+        default=_STANDARD["fine_steps"],
+    )
     scales: IntProperty(name="Levels", description="Pyramid levels (0 = automatic)", min=0, soft_max=6, default=0)
     target: EnumProperty(
         name="Use As",
@@ -405,6 +415,7 @@ def _scene_settings(scene, prefs) -> GenerationSettings:
         fine_start=round(group.fine_start, 6),  # Blender's float32, as guided_fraction
         fine_join=group.fine_join,
         tile_starts=group.tile_starts,
+        fine_steps=group.fine_steps,
         poles=group.poles,
         omega=group.omega,
         scales=group.scales or None,
@@ -497,7 +508,7 @@ def _panel_values(settings: GenerationSettings) -> dict:
         "late_gradient": settings.late_gradient, "coarse_gradient": settings.coarse_gradient,
         "pull_through": settings.pull_through, "pyramid": settings.pyramid, "global_window": settings.global_window, "global_move": settings.global_move,
         "coarse_noise": settings.coarse_noise, "fine_start": settings.fine_start, "fine_join": settings.fine_join,
-        "tile_starts": settings.tile_starts, "poles": settings.poles,
+        "tile_starts": settings.tile_starts, "fine_steps": settings.fine_steps, "poles": settings.poles,
         "scales": settings.scales or 0, "cubemap": settings.cubemap,
         "steps": settings.steps, "guidance": settings.guidance, "random_seed": False,
         # Seed first (its update clears the stored seed), then a seed too large for it as text.
@@ -535,7 +546,8 @@ SETTING_PLACES = {
     "pull_through": (_SAMPLER, "pull_through"),
     "pyramid": (_SAMPLER, "pyramid"), "global_window": (_SAMPLER, "global_window"), "global_move": (_SAMPLER, "global_move"),
     "coarse_noise": (_SAMPLER, "coarse_noise"), "fine_start": (_SAMPLER, "fine_start"),
-    "fine_join": (_SAMPLER, "fine_join"), "tile_starts": (_SAMPLER, "tile_starts"), "scales": (_SAMPLER, "scales"),
+    "fine_join": (_SAMPLER, "fine_join"), "tile_starts": (_SAMPLER, "tile_starts"), "fine_steps": (_SAMPLER, "fine_steps"),
+    "scales": (_SAMPLER, "scales"),
     "poles": (_SAMPLER, "poles"), "cubemap": (_PANEL, "cubemap"),
     "hdr": (_PANEL, "hdr"), "hdr_knee": (_SAMPLER, "hdr_knee"), "hdr_peak": (_SAMPLER, "hdr_peak"),
     "model": (_PREFERENCES, "model"), "model_config": (_PREFERENCES, "model_config"),

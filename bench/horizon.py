@@ -431,7 +431,7 @@ def sample_with_settings(prior, settings, seeds: list[int], on_step=None, circul
                            train_alphas=scheduler.alphas_cumprod, levels_run=plan.levels_at(index),
                            fresh_noise=(lambda: torch.stack([torch.randn(plan.height, plan.width, generator=generator,
                                                                          dtype=torch.float64) for generator in generators])[None])
-                           if plan.stochastic_at(index) else None)
+                           if plan.stochastic_at(index) else None, fresh_scope=plan.fresh_scope_at(index))
         if caps is not None and plan.caps_at(index):  # as the pipeline runs them: guided towards the next coarser level's caps
             coarse = levels_out[-2].latents if gradient and len(levels_out) > 1 else None
             cap_views = pole_cap_step(

@@ -30,6 +30,7 @@ from .settings import (
     DRAWN_SEED_LIMIT,
     DTYPES,
     FINE_JOINS,
+    FINE_STEPS,
     GLOBAL_MOVES,
     GLOBAL_WINDOWS,
     GRADIENTS,
@@ -245,6 +246,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="how a level that joined late steps (with --fine-start): stochastic (default) = part of "
                              "its noise is drawn afresh each step, finer than the top two levels only, so the detail "
                              "its held noise lacked comes back; deterministic = v0.6's, the level above's blocks stay")
+    method.add_argument("--fine-steps", choices=FINE_STEPS,
+                        help="how the finest level steps within its own 2×2 blocks, the part no pull sees: stochastic "
+                             "(standard) = part of that noise drawn afresh each guided step, more single objects at "
+                             "the same detail and UNet work; deterministic (draft, best, the paper) "
+                             "(default: the quality preset's; docs/layout.md 6.17)")
     method.add_argument("--tile-starts", choices=TILE_STARTS,
                         help="where the finer levels' shifted tiles may start: any (draft and standard) = on any "
                              "pixel, a tile starting between two pixels of the level above guided on the blocks it "
@@ -341,7 +347,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         "cubemap": args.cubemap,
     }
     for name in ("gradient", "steps", "windows", "scheduler", "guided_fraction", "late_gradient", "coarse_gradient",
-                 "omega", "tile_starts"):  # the preset's, unless given
+                 "omega", "tile_starts", "fine_steps"):  # the preset's, unless given
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.stride is not None and args.windows is None:

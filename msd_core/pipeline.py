@@ -330,6 +330,7 @@ class MSDPanoramaPipeline:
                     map_batches=self.map_batches, levels_run=plan.levels_at(start_step + index),
                     fresh_noise=(lambda: torch.cat([self.fresh_noise(each, generator) for each, generator
                                                     in zip(plans, generators)])) if plan.stochastic_at(start_step + index) else None,
+                    fresh_scope=plan.fresh_scope_at(start_step + index),
                 )
                 if caps is not None and plan.caps_at(start_step + index):
                     cap_views = [sphere.pole_cap_step(

@@ -57,6 +57,11 @@ FINE_JOINS = ("stochastic", "deterministic")
 # two pixels of the level above being guided on the blocks it holds whole and the split ones after the merge
 # (windows.GuidedPart): fewer 2×2 block edges, the layout within noise (docs/layout.md 6.9).
 TILE_STARTS = ("even", "any")
+# How the finest level steps within its own 2×2 blocks, the part the pull towards the level above never sees:
+# "stochastic" (Standard) draws part of that noise afresh each guided step, so its windows can drop a speck the block
+# means do not hold (more single suns and rivers on the test priors, the same detail); "deterministic" (Draft, Best,
+# the paper) steps it like the rest (docs/layout.md 6.17).
+FINE_STEPS = ("deterministic", "stochastic")
 # "matched": each coarse level is denoised at the timestep whose signal-to-noise ratio matches its averaged
 # noise (ds averages g latent pixels: ᾱ' = gᾱ/(1+(g−1)ᾱ)); "drawn": matched, and the coarsest level's starting
 # state is drawn first by its own short trajectory down to that noise level (sampler.drawn_start), so its
@@ -86,15 +91,17 @@ PRESETS = {
 # Every preset sets the same fields, so switching presets leaves nothing of the last one behind.
 QUALITY = {
     "draft": ({"windows": "shifted", "gradient": "exact", "steps": 15, "scheduler": "dpmpp-2m", "guided_fraction": 0.5,
-               "late_gradient": "fast", "coarse_gradient": "refresh", "omega": 14.0, "tile_starts": "any"},
+               "late_gradient": "fast", "coarse_gradient": "refresh", "omega": 14.0, "tile_starts": "any",
+               "fine_steps": "deterministic"},
               "half of Standard's work: DPM-Solver++ 15, the exact gradient for the first half of the steps"),
     "standard": ({"windows": "shifted", "gradient": "exact", "steps": 25, "scheduler": "dpmpp-2m",
                   "guided_fraction": 0.7, "late_gradient": "fast", "coarse_gradient": "refresh", "omega": 14.0,
-                  "tile_starts": "any"},
+                  "tile_starts": "any", "fine_steps": "stochastic"},
                  "the default: shifted tiles, DPM-Solver++ 25, the exact gradient for the first 70 % of the steps, "
                  "the fast one after"),
     "best": ({"windows": "dense", "gradient": "exact", "steps": 50, "scheduler": "ddim", "guided_fraction": 1.0,
-              "late_gradient": "none", "coarse_gradient": "exact", "omega": 10.0, "tile_starts": "even"},
+              "late_gradient": "none", "coarse_gradient": "exact", "omega": 10.0, "tile_starts": "even",
+              "fine_steps": "deterministic"},
              "the paper's dense windows every window/8 and exact gradient, DDIM 50"),
 }
 DEFAULT_QUALITY = "standard"
@@ -104,7 +111,8 @@ _DEFAULTS = QUALITY[DEFAULT_QUALITY][0]
 # was made the earlier way.
 STORED_BEFORE = {"pyramid": "halving", "coarse_noise": "literal", "scheduler": "ddim", "guided_fraction": 1.0,
                  "late_gradient": "none", "coarse_gradient": "exact", "poles": "flat",
-                 "global_move": "fixed", "fine_join": "deterministic", "tile_starts": "even"}
+                 "global_move": "fixed", "fine_join": "deterministic", "tile_starts": "even",
+                 "fine_steps": "deterministic"}
 
 # Seeds drawn at random (CLI, panel, drafts) stay below this: Blender's seed field is a 32-bit IntProperty.
 # Any seed below 2^63 is valid and stored; the panel keeps one above its field's limit as text.
@@ -159,6 +167,7 @@ class GenerationSettings:
     fine_start: float = 0.0
     fine_join: str = "stochastic"  # FINE_JOINS (with fine_start > 0)
     tile_starts: str = _DEFAULTS["tile_starts"]  # TILE_STARTS (shifted tiles of a pyramid's finer levels)
+    fine_steps: str = _DEFAULTS["fine_steps"]  # FINE_STEPS
     # The share of the steps, from the first, that guide the finer levels with `gradient`; the rest guide with
     # `late_gradient`, or with "none" denoise only the finest level (MultiDiffusion).
     guided_fraction: float = _DEFAULTS["guided_fraction"]
@@ -228,6 +237,7 @@ class GenerationSettings:
         _check_choice("global_move", self.global_move, GLOBAL_MOVES)
         _check_choice("fine_join", self.fine_join, FINE_JOINS)
         _check_choice("tile_starts", self.tile_starts, TILE_STARTS)
+        _check_choice("fine_steps", self.fine_steps, FINE_STEPS)
         _check_choice("poles", self.poles, POLE_MODES)
         _check_choice("coarse_noise", self.coarse_noise, COARSE_NOISES)
         _check_choice("scheduler", self.scheduler, SCHEDULERS, hint=SCHEDULER_HINT)

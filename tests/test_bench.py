@@ -385,7 +385,8 @@ def test_the_fine_start_screen_samples_the_landed_setting_as_the_bench_does(one_
     for name, (height, width, wrap) in (("sun", (32, 64, True)), ("river", (32, 128, False))):
         prior = priors.SunPrior() if name == "sun" else priors.RiverPrior()
         settings = GenerationSettings(prompt="bench", width=width * horizon.PRIOR_FACTOR,
-                                      height=height * horizon.PRIOR_FACTOR, wrap=wrap, **{**QUALITY["standard"][0], "steps": 10})
+                                      height=height * horizon.PRIOR_FACTOR, wrap=wrap,
+                                      **{**QUALITY["standard"][0], "steps": 10, "fine_steps": "deterministic"})  # v0.10's
         screened, plan = fine_start_screen.sample(prior, settings, [0, 1], fine_start=0.6, staged=True)
         landed, _ = horizon.sample_with_settings(
             prior, dataclasses.replace(settings, fine_start=0.6, fine_join="deterministic"), [0, 1])

@@ -138,6 +138,11 @@ def test_presets_and_wrap_defaults():
         "refresh", "refresh", "exact")
     assert settings("--coarse-gradient", "exact").coarse_gradient == "exact"
     assert settings("--quality", "best", "--coarse-gradient", "refresh").coarse_gradient == "refresh"
+    # the finest level's steps too: stochastic within its blocks for standard only, or as given
+    assert (settings().fine_steps, settings("--quality", "draft").fine_steps, best.fine_steps) == (
+        "stochastic", "deterministic", "deterministic")
+    assert settings("--quality", "best", "--fine-steps", "stochastic").fine_steps == "stochastic"
+    assert settings("--fine-steps", "deterministic").fine_steps == "deterministic"
     assert (settings().global_move, settings("--global-move", "fixed").global_move) == ("roll", "fixed")
     assert len({settings().seed for _ in range(5)}) > 1  # a fresh seed unless one is given
 

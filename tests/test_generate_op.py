@@ -583,6 +583,9 @@ def test_the_pyramid_and_coarse_noise_are_drawn_in_the_sampler_and_map_both_ways
     # --tile-starts: after the late join, any pixel by default (Standard's), v0.7's even tiles on request, both ways
     assert drawn.index(("prop", "tile_starts")) == drawn.index(("prop", "fine_join")) + 1
     _choice_maps_both_ways(group, properties, "tile_starts", "any", "even", "Tile Starts")
+    # --fine-steps: under the tile starts, stochastic within the finest blocks by default (Standard's), deterministic too
+    assert drawn.index(("prop", "fine_steps")) == drawn.index(("prop", "tile_starts")) + 1
+    _choice_maps_both_ways(group, properties, "fine_steps", "stochastic", "deterministic", "Finest Steps")
     # --coarse-gradient: under the late gradient, refresh by default (Standard's), the paper's exact on request
     assert drawn.index(("prop", "coarse_gradient")) == drawn.index(("prop", "late_gradient")) + 1
     _choice_maps_both_ways(group, properties, "coarse_gradient", "refresh", "exact", "Coarse Gradient")

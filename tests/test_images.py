@@ -353,6 +353,7 @@ def test_settings_restore_writes_every_field(extension, tmp_path):
                 "steps": 12, "omega": 3.5, "guidance": 5.0, "scales": 2, "seed": 99, "method": "msd", "gradient": "fast"}  # fmt: skip
     group = bpy.context.scene.msd_panorama
     group.pyramid, group.coarse_noise, group.global_move, group.fine_join = "global", "drawn", "roll", "stochastic"
+    group.fine_steps = "stochastic"
     path = write_panorama(tmp_path / "pano.png", 64, 32, {"settings": json.dumps(settings)})
     assert bpy.ops.msd.restore_settings(filepath=str(path)) == {"FINISHED"}
     values = panel_values()
@@ -361,4 +362,5 @@ def test_settings_restore_writes_every_field(extension, tmp_path):
     assert (values["pyramid"], values["coarse_noise"]) == ("halving", "literal")
     assert values["global_move"] == "fixed"  # and no global level that moves (v0.6)
     assert values["fine_join"] == "deterministic"  # nor a stochastic join (v0.7)
+    assert values["fine_steps"] == "deterministic"  # nor stochastic finest steps (v0.11)
     assert values["aspect"] == "CUSTOM" and values["random_seed"] is False

@@ -335,6 +335,31 @@ def test_a_batch_of_360_worlds_with_pole_caps_equals_each_world_sampled_alone(pi
     assert not torch.allclose(together[0].caps["zenith"][0], together[1].caps["zenith"][0], atol=0.1)
 
 
+def test_stochastic_finest_steps_run_the_same_unet_calls_draw_from_each_seed_alone_and_are_stored(pipe):
+    # Standard's default on a small 360° world (three levels, pole caps): the finest level's 2×2 blocks take fresh
+    # noise from each seed's own generator every guided step; the UNet sees the same windows as deterministic steps.
+    world = GenerationSettings(prompt="dunes at dusk", width=256, height=128, wrap=True, model="tiny", device="cpu",
+                               view_batch=3, seed=5, **{**QUALITY["standard"][0], "steps": 6})
+    assert world.fine_steps == "stochastic" and pipe.check_inputs(world).levels == 3
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        fresh = pipe(world, decode=False)
+        fresh_calls, calls[:] = list(calls), []
+        plain = pipe(dataclasses.replace(world, fine_steps="deterministic"), decode=False)
+        plain_calls = list(calls)
+    finally:
+        hook.remove()
+    assert fresh_calls == plain_calls
+    assert torch.isfinite(fresh.latents).all() and not torch.allclose(fresh.latents, plain.latents, atol=1e-3)
+    scale = float(fresh.latents.abs().max())
+    torch.testing.assert_close(pipe(world, decode=False).latents, fresh.latents, rtol=0, atol=0)
+    batch = pipe.sample_batch([dataclasses.replace(world, seed=6), world], decode=False)
+    torch.testing.assert_close(batch[1].latents, fresh.latents, rtol=1e-5, atol=1e-5 * scale)
+    assert fresh.metadata["fine_steps"] == "stochastic"
+    assert GenerationSettings.from_stored(json.loads(fresh.metadata[pngmeta.SETTINGS_KEY])).fine_steps == "stochastic"
+
+
 def test_pulling_through_x0_runs_the_same_unet_calls_batches_seeds_apart_and_is_stored(pipe):
     # Standard on a small 360° world, each seed's windows pulled through the tiny UNet's x₀ estimate.
     world = GenerationSettings(prompt="dunes at dusk", width=256, height=128, wrap=True, model="tiny", device="cpu",

@@ -440,7 +440,8 @@ def test_the_finer_levels_join_at_evenly_spaced_shares_of_the_fine_start_and_the
     assert plan.level_start_steps(5, 15, 0.6, 8, "fast") == (0, 0, 3, 6, 9)
     assert plan.level_start_steps(3, 50, 0.6, 20, "none") == (0, 0, 20)  # by the first step that guides nothing
     assert plan.level_start_steps(3, 25, 0.0, 18, "fast") == () and plan.level_start_steps(2, 25, 0.6, 18, "fast") == ()
-    world = GenerationSettings(prompt="x", device="cpu", poles="flat", fine_start=0.6)  # 3 levels, Standard
+    world = GenerationSettings(prompt="x", device="cpu", poles="flat", fine_start=0.6,
+                               fine_steps="deterministic")  # 3 levels, Standard
     late = plan.plan_without_model(world, None, "float32")
     every = plan.plan_without_model(dataclasses.replace(world, fine_start=0.0), None, "float32")
     assert (late.level_starts, every.level_starts) == ((0, 0, 15), ())
@@ -453,6 +454,28 @@ def test_the_finer_levels_join_at_evenly_spaced_shares_of_the_fine_start_and_the
     assert not any(plan_.stochastic_at(index) for plan_ in (every, held) for index in range(25))
     # MultiDiffusion and ω = 0 have no levels to hold.
     assert plan.plan_without_model(dataclasses.replace(world, omega=0.0), None, "float32").level_starts == ()
+
+
+def test_stochastic_finest_steps_take_every_guided_step_the_finest_level_runs_and_yield_to_a_stochastic_join():
+    world = GenerationSettings(prompt="x", device="cpu", poles="flat")  # Standard: 25 steps, 18 exact, then fast
+    assert world.fine_steps == "stochastic" and world.with_quality("draft").fine_steps == "deterministic"
+    every = plan.plan_without_model(world, None, "float32")
+    assert all(every.stochastic_at(index) for index in range(25))
+    assert {every.fresh_scope_at(index) for index in range(25)} == {"finest"}
+    # Best guides only the exact steps: its MultiDiffusion steps stay deterministic, as ω = 0 does.
+    best = dataclasses.replace(world.with_quality("best"), fine_steps="stochastic", guided_fraction=0.5)
+    best_plan = plan.plan_without_model(best, None, "float32")
+    assert [best_plan.stochastic_at(index) for index in (0, 24, 25, 49)] == [True, True, False, False]
+    assert not any(plan.plan_without_model(dataclasses.replace(world, omega=0.0), None, "float32").stochastic_at(index)
+                   for index in range(25))
+    # A late finest level: nothing before it joins; after, the stochastic join's wider blocks, or its own without one.
+    late = plan.plan_without_model(dataclasses.replace(world, fine_start=0.6), None, "float32")
+    held = plan.plan_without_model(dataclasses.replace(world, fine_start=0.6, fine_join="deterministic"), None, "float32")
+    assert [late.stochastic_at(index) for index in (0, 14, 15, 24)] == [False, False, True, True]
+    assert [held.stochastic_at(index) for index in (0, 14, 15, 24)] == [False, False, True, True]
+    assert (late.fresh_scope_at(15), held.fresh_scope_at(15)) == ("join", "finest")
+    assert not any(plan.plan_without_model(dataclasses.replace(world, fine_steps="deterministic"), None,
+                                           "float32").stochastic_at(index) for index in range(25))
 
 
 def test_a_held_step_counts_the_wide_global_window_and_describes_each_levels_own_windows():

@@ -541,6 +541,43 @@ def test_a_stochastic_step_draws_afresh_only_what_lies_beneath_the_top_two_level
     assert torch.equal(*two)
 
 
+def test_stochastic_finest_steps_draw_afresh_only_within_the_finest_levels_own_blocks():
+    """``fresh_scope`` "finest" (``--fine-steps stochastic``): with four levels the finest latent's 2×2 block means,
+    all that the pull from the level above sees, are the deterministic step's, and within them it differs by the
+    step's ``stochastic_increment`` less its 2×2 block means, where "join" keeps the 4×4 blocks beneath the top two
+    levels. With two levels it still applies (a join has none below the top two). At ω = 0 it draws nothing, so
+    the step stays MultiDiffusion's."""
+    train = sd_ddim_scheduler()
+    step = sampler.solver_schedule("dpmpp-2m", train, 10)[6]
+    latents = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    noise = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grids = [WindowGrid(size, size, 8, 8) for size in (8, 16, 32, 64)]
+
+    def model(x, t):
+        return torch.tanh(x) + 0.1 * x.roll(1, -1)
+
+    def run(grids_, omega, scope=None):
+        memory = [torch.zeros(1, 2, grid.height, grid.width, dtype=torch.float64) for grid in grids_[:-1]] + [0.1 * latents]
+        return sampler.msd_step(latents, grids_, step, model, omega, gradient="fast", x0_history=memory,
+                                fresh_noise=None if scope is None else lambda: noise,
+                                fresh_scope=scope or "join"), memory[-1]
+
+    (plain, x0), (finest, _), (join, _) = run(grids, 5.0), run(grids, 5.0, "finest"), run(grids, 5.0, "join")
+    assert torch.allclose(downsample(finest), downsample(plain), atol=1e-12)
+    increment = sampler.stochastic_increment(plain, sampler.solver_data(step, x0, 0.1 * latents), step, noise)
+    up = lambda z: torch.nn.functional.interpolate(downsample(z), scale_factor=2)  # noqa: E731
+    assert torch.allclose(finest - plain, increment - up(increment), atol=1e-12)
+    assert (finest - plain).abs().mean() > 0.05 * plain.abs().mean()
+    quarter = lambda z: downsample(downsample(z))  # noqa: E731
+    assert torch.allclose(quarter(join), quarter(plain), atol=1e-12)
+    assert not torch.allclose(downsample(join), downsample(plain), atol=1e-6)  # the join's blocks are 4×4
+    two = [run(grids[2:], 5.0, scope)[0] for scope in (None, "finest", "join")]
+    assert not torch.allclose(two[1], two[0]) and torch.equal(two[2], two[0])
+    assert torch.equal(run(grids, 0.0, "finest")[0], run(grids, 0.0)[0])
+    with pytest.raises(ValueError, match="fresh_scope"):
+        run(grids, 5.0, "coarse")
+
+
 def _rolled_grids(grids, columns):
     """``grids`` (coarsest first) with every window moved ``columns`` finest-level columns to the left."""
     finest = grids[-1].width

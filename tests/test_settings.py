@@ -28,6 +28,7 @@ def validate(**changes):
         ({"stride": 16}, "stride"), ({"fine_start": 0.95}, "fine_start"), ({"fine_start": -0.1}, "fine_start"),
         ({"fine_join": "ancestral"}, "fine_join"), ({"tile_starts": "odd"}, "tile_starts"),
         ({"coarse_gradient": "fast"}, "coarse_gradient"), ({"pull_through": "solver"}, "pull_through"),
+        ({"fine_steps": "ancestral"}, "fine_steps"),
     ],
 )  # fmt: skip
 def test_each_bad_value_is_refused_naming_its_field(changes, field):
@@ -103,6 +104,9 @@ def test_stored_settings_without_the_newer_fields_mean_what_that_version_did():
     assert GenerationSettings.from_dict(v06).fine_join == "stochastic"
     # Every file before v0.10 pulled through the solver step.
     assert GenerationSettings.from_stored(v06).pull_through == GenerationSettings.from_dict(v06).pull_through == "step"
+    # Every file before v0.11 stepped its finest level deterministically; Standard now steps its blocks stochastically.
+    assert (GenerationSettings.from_stored(v06).fine_steps, GenerationSettings.from_dict(v06).fine_steps) == (
+        "deterministic", "stochastic")
     current = GenerationSettings(prompt="a red desert").to_dict()
     assert GenerationSettings.from_stored(current) == GenerationSettings(prompt="a red desert")
     with pytest.raises(BadInput, match="must be a JSON object"):

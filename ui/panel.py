@@ -243,6 +243,7 @@ class MSD_PT_panorama_sampler(SettingsSubPanel, Panel):
         row = col.row()
         row.active = group.windows == "shifted"
         row.prop(group, "tile_starts")
+        col.prop(group, "fine_steps")
         col.prop(group, "scales")
         layout.prop(group, "poles")  # MultiDiffusion too
         col = layout.column()

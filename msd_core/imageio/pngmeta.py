@@ -17,7 +17,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SETTINGS_KEY = "settings"
 METADATA_KEYS = (
     "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance", "method", "omega",
-    "omega_loss", "gradient", "scales", "pyramid", "global_window", "global_move", "coarse_noise", "fine_start", "fine_join", "tile_starts", "window", "stride", "wrap", "scheduler", "model",
+    "omega_loss", "gradient", "scales", "pyramid", "global_window", "global_move", "coarse_noise", "fine_start", "fine_join", "tile_starts", "fine_steps", "window", "stride", "wrap", "scheduler", "model",
     "msd_core_version", SETTINGS_KEY,
 )  # fmt: skip
 # Also ours: what the pipeline resolved for the run, and a refined panorama's source (msd_core.refine).

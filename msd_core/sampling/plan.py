@@ -309,14 +309,25 @@ class Plan:
     level_starts: tuple[int, ...] = ()
     stochastic_join: bool = False  # ``--fine-join stochastic``: the late levels' part of the steps after the join
     tile_starts: str = "even"  # ``--tile-starts``: "any" lets the finer levels' shifted tiles start on any pixel
+    stochastic_steps: bool = False  # ``--fine-steps stochastic``: the finest level's own blocks, every guided step
 
     def levels_at(self, step_index: int) -> int:
         """How many levels, from the coarsest, a guided step denoises; the finer ones have not joined yet."""
         return sum(start <= step_index for start in self.level_starts) if self.level_starts else self.levels
 
     def stochastic_at(self, step_index: int) -> bool:
-        """Whether a step's finest latent takes fresh noise in the part finer than the top two levels
-        (``sampler.msd_step``'s ``fresh_noise``): from the step the finest level joins on, if it joined late."""
+        """Whether a step's finest latent takes fresh noise (``sampler.msd_step``'s ``fresh_noise``, where
+        ``fresh_scope_at`` says): from the step the finest level joins on, if it joined late; with
+        ``stochastic_steps``, every guided step the finest level runs."""
+        return self._joined_stochastic(step_index) or (self.stochastic_steps and self.gradient_at(step_index) is not None
+                                                       and self.levels_at(step_index) == self.levels)
+
+    def fresh_scope_at(self, step_index: int) -> str:
+        """Where a stochastic step's fresh noise goes (``sampler.msd_step``'s ``fresh_scope``): beneath the top two
+        levels' blocks after a stochastic join ("join"), else within the finest level's own blocks ("finest")."""
+        return "join" if self._joined_stochastic(step_index) else "finest"
+
+    def _joined_stochastic(self, step_index: int) -> bool:
         return self.stochastic_join and bool(self.level_starts) and step_index >= self.level_starts[-1]
 
     def runs_level(self, step_index: int, level: int) -> bool:
@@ -620,7 +631,8 @@ def make_plan(settings: GenerationSettings, factor: int, native_window: int, fre
                 guided_steps=guided_step_count(settings), late_gradient=settings.late_gradient,
                 coarse_gradient=settings.coarse_gradient, wide=wide,
                 start_steps=start_steps, level_starts=level_starts, roll=roll,
-                stochastic_join=bool(level_starts) and settings.fine_join == "stochastic", tile_starts=settings.tile_starts)
+                stochastic_join=bool(level_starts) and settings.fine_join == "stochastic", tile_starts=settings.tile_starts,
+                stochastic_steps=guided and settings.fine_steps == "stochastic")
 
 
 def level_start_steps(levels: int, steps: int, fine_start: float, guided_steps: int, late_gradient: str) -> tuple[int, ...]:

@@ -733,6 +733,7 @@ def msd_step(
     map_batches: BatchMap = run_batches,
     levels_run: int | None = None,
     fresh_noise: Callable[[], torch.Tensor] | None = None,
+    fresh_scope: str = "join",
     pull_through: str = "step",
 ) -> torch.Tensor:
     """Algorithm 1, one timestep: pyramid down from z_t, plain MD at the coarsest level, then each finer
@@ -771,7 +772,9 @@ def msd_step(
     the finest latent finer than the top two levels' blocks takes the step's stochastic form
     (``stochastic_increment``), the rest stays deterministic, so every level the finest is guided towards is
     unchanged. It is how a level that joined late regains the within-block signal its held noise lacked
-    (docs/layout.md 6.8).
+    (docs/layout.md 6.8). ``fresh_scope`` "finest" takes it within the finest level's own blocks instead, the part no
+    pull sees (``--fine-steps stochastic``, docs/layout.md 6.17), and only on a guided step, so ω = 0 stays
+    MultiDiffusion.
     """
     weights = weights or [None] * len(grids)
     history = x0_history if x0_history is not None else [None] * len(grids)
@@ -787,7 +790,8 @@ def msd_step(
         )
         if on_level:
             on_level(LevelResult(len(grids), prev, history[-1]))
-        return _stochastic_beneath(prev, history[-1], finest_memory, step, factors, fresh_noise)
+        return _stochastic_beneath(prev, history[-1], finest_memory, step, factors,
+                                   fresh_noise if fresh_scope == "join" else None, fresh_scope)
     pyramid = build_pyramid(latents, len(grids), factors)
     steps = level_steps(step, factors, coarse_noise, train_alphas)
     prev, x0 = multidiffusion_step(
@@ -812,7 +816,7 @@ def msd_step(
         if on_level:
             on_level(LevelResult(level + 1, prev, x0))
     if levels_run == len(grids):
-        return _stochastic_beneath(prev, x0, finest_memory, step, factors, fresh_noise)
+        return _stochastic_beneath(prev, x0, finest_memory, step, factors, fresh_noise, fresh_scope)
     held = held_latents(latents, prev, math.prod(fh for fh, _ in factors[levels_run - 1:]),
                         math.prod(fw for _, fw in factors[levels_run - 1:]), step)
     levels = build_pyramid(held, len(grids), factors)
@@ -825,12 +829,17 @@ def msd_step(
 
 
 def _stochastic_beneath(prev: torch.Tensor, x0: torch.Tensor, memory: torch.Tensor | None, step: SolverStep,
-                        factors: list[Factor], fresh_noise: Callable[[], torch.Tensor] | None) -> torch.Tensor:
-    """The finest level's new state with the part beneath the top two levels' blocks stepped stochastically
-    (``msd_step``'s ``fresh_noise``; unchanged without it, or with no level below the top two)."""
-    if fresh_noise is None or len(factors) < 2:
+                        factors: list[Factor], fresh_noise: Callable[[], torch.Tensor] | None,
+                        scope: str = "join") -> torch.Tensor:
+    """The finest level's new state with the part beneath the top two levels' blocks ("join") or within its own
+    blocks ("finest") stepped stochastically (``msd_step``'s ``fresh_noise``; unchanged without it, or without the
+    levels that make such blocks)."""
+    if scope not in ("join", "finest"):
+        raise ValueError(f"unknown fresh_scope {scope!r} (join or finest)")
+    if fresh_noise is None or len(factors) < (2 if scope == "join" else 1):
         return prev
-    block = (math.prod(fh for fh, _ in factors[1:]), math.prod(fw for _, fw in factors[1:]))
+    below = factors[1:] if scope == "join" else factors[-1:]
+    block = (math.prod(fh for fh, _ in below), math.prod(fw for _, fw in below))
     increment = stochastic_increment(prev, solver_data(step, x0, memory), step, fresh_noise())
     return prev + with_block_means(increment, torch.zeros_like(downsample(increment, block)), block)
 
