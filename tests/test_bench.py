@@ -504,3 +504,68 @@ def test_the_bilinear_pull_spread_moves_a_blocks_mean_without_a_block_edge_and_p
     assert float(moved_block[2:4, 2:4].mean()) > float(moved_bilinear[2:4, 2:4].mean()) > 0  # less of it in its block
     edge = lambda moved: float((moved[2:4, 3] - moved[2:4, 4]).abs().max())  # across the block's right edge
     assert edge(moved_bilinear) < 0.5 * edge(moved_block)
+
+
+def test_dilated_views_see_every_kth_pixel_and_move_x0_by_their_weight():
+    # bench/dilated_views.py (docs/layout.md 6.18, screened): the views' geometry, the x₀ they read and the mix.
+    import dilated_views
+
+    assert dilated_views.dilation_stride(64, 128, 16) == 4 and dilated_views.dilation_stride(24, 64, 16) == 1
+    views = dilated_views.dilated_grids(34, 64, 4, 8, wrap=True)
+    assert [(a, b) for a, b, _ in views] == [(a, b) for a in range(4) for b in range(4)]
+    assert sum(grid.height * grid.width for _, _, grid in views) == 34 * 64  # every pixel in exactly one view
+    assert {grid.height for _, _, grid in views} == {9, 8} and all(grid.wrap for _, _, grid in views)
+    assert not any(grid.wrap for _, _, grid in dilated_views.dilated_grids(32, 66, 4, 8, wrap=True))  # 66 % 4
+    with pytest.raises(ValueError, match="stride must be ≥ 2"):
+        dilated_views.dilated_grids(32, 64, 1, 8, wrap=False)
+
+    # A denoiser whose ε is its window's mean: a pixel's x₀ tells which pixels its window held.
+    step = ddim_schedule(sd_ddim_scheduler(), 10)[3]
+    alpha_bar = float(sd_ddim_scheduler().alphas_cumprod[int(step.t)])
+    latents = torch.randn(2, 3, 16, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x0 = dilated_views.dilated_x0(latents, 2, 8, False, step, lambda x, t: x.mean((-2, -1), keepdim=True).expand_as(x),
+                                  view_batch=3)
+    for a, b, left in ((0, 0, 0), (1, 0, 8), (1, 1, 0)):
+        view = latents[..., a::2, b::2][..., left:left + 8]  # one 8×8 tile of the view: every other pixel
+        expected = (view - math.sqrt(1 - alpha_bar) * view.mean((-2, -1), keepdim=True)) / math.sqrt(alpha_bar)
+        torch.testing.assert_close(x0[..., a::2, b::2][..., left:left + 8], expected)
+
+    prev, estimate, whole = torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    whole[..., 0, 0], whole[..., 1, 1] = 8.0, 0.5
+    moved_prev, moved = dilated_views.mix_dilated(prev, estimate, whole, 0.25, step)
+    torch.testing.assert_close(moved, 0.25 * whole)
+    torch.testing.assert_close(moved_prev, 0.25 * whole * sampler_x0_weight(step))
+    _, vetoed = dilated_views.mix_dilated(prev, estimate, whole, 1.0, step, shrink=1.0)
+    rms = float(whole.pow(2).mean().sqrt())
+    assert float(vetoed[..., 0, 0]) == pytest.approx(8.0 - rms) and float(vetoed.abs().sum()) == float(vetoed[..., 0, 0])
+
+
+def sampler_x0_weight(step) -> float:
+    from msd_core.sampling.sampler import x0_weight
+
+    return x0_weight(step)
+
+
+def test_dilated_views_leave_fewer_extra_suns_and_put_the_sampling_loop_back(one_thread):
+    # docs/layout.md 6.18: on the sun prior at 64×64 (32×32 in its 8 px windows: views of every 4th pixel), the views
+    # remove a third of the suns the finest level adds (72 seeds: 2.14 → 1.51 per panorama); at weight 0 nothing changes.
+    import dilated_views
+    from msd_core.settings import QUALITY, GenerationSettings
+
+    sample = dilated_views.horizon.sample_with_settings
+    sun = priors.SunPrior()
+    world = GenerationSettings(prompt="bench", width=32 * horizon.PRIOR_FACTOR, height=32 * horizon.PRIOR_FACTOR,
+                               wrap=False, **QUALITY["standard"][0])
+    seeds = list(range(24))
+    plain, _ = sample(sun, world, seeds)
+    runs = {}
+    for weight in (0.0, 0.5):
+        dilated_views.WORK["forwards"] = 0
+        with dilated_views.dilated_views(weight, "exact"):
+            runs[weight], _ = dilated_views.horizon.sample_with_settings(sun, world, seeds)
+        assert dilated_views.horizon.sample_with_settings is sample and dilated_views.horizon.msd_step.__name__ == "msd_step"
+        assert dilated_views.WORK["forwards"] == 16 * 18  # 16 views of one window, the 18 exact steps of 25
+    torch.testing.assert_close(runs[0.0], plain)
+    suns = {name: sum(sun.score(image)["objects"] for image in images) for name, images in
+            (("plain", plain), ("views", runs[0.5]))}
+    assert suns["views"] < 0.8 * suns["plain"], suns
