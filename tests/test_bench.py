@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from msd_core.models.loading import sd_ddim_scheduler
-from msd_core.sampling.sampler import ddim_schedule, msd_step
+from msd_core.sampling.sampler import ddim_schedule, msd_step, x0_weight
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -534,16 +534,10 @@ def test_dilated_views_see_every_kth_pixel_and_move_x0_by_their_weight():
     whole[..., 0, 0], whole[..., 1, 1] = 8.0, 0.5
     moved_prev, moved = dilated_views.mix_dilated(prev, estimate, whole, 0.25, step)
     torch.testing.assert_close(moved, 0.25 * whole)
-    torch.testing.assert_close(moved_prev, 0.25 * whole * sampler_x0_weight(step))
+    torch.testing.assert_close(moved_prev, 0.25 * whole * x0_weight(step))
     _, vetoed = dilated_views.mix_dilated(prev, estimate, whole, 1.0, step, shrink=1.0)
     rms = float(whole.pow(2).mean().sqrt())
     assert float(vetoed[..., 0, 0]) == pytest.approx(8.0 - rms) and float(vetoed.abs().sum()) == float(vetoed[..., 0, 0])
-
-
-def sampler_x0_weight(step) -> float:
-    from msd_core.sampling.sampler import x0_weight
-
-    return x0_weight(step)
 
 
 def test_dilated_views_leave_fewer_extra_suns_and_put_the_sampling_loop_back(one_thread):
