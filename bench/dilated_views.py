@@ -102,10 +102,11 @@ def dilated_views(weight: float, gradient: str, shrink: float = 0.0, num_train_t
         stride = dilation_stride(finest.height, finest.width, finest.window)
         if omega == 0 or options.get("gradient") != gradient or levels_run < len(grids) or len(grids) < 2 or stride < 2:
             return prev
-        x0_whole = dilated_x0(latents, stride, finest.window, finest.wrap, step, denoise,
-                              options.get("prediction_type", "epsilon"), options.get("view_batch", 8))
+        prediction_type = options.get("prediction_type", "epsilon")
+        x0_whole = dilated_x0(latents, stride, finest.window, finest.wrap, step, denoise, prediction_type,
+                              options.get("view_batch", 8))
         prev, history[-1] = mix_dilated(prev, history[-1], x0_whole, weight * cosine_decay(step.t, num_train_timesteps),
-                                        step, options.get("prediction_type", "epsilon"), memory, shrink)
+                                        step, prediction_type, memory, shrink)
         return prev
 
     horizon.msd_step = msd_step
@@ -143,7 +144,6 @@ def layout_rows(settings: dict[str, tuple[dict, float, float]], seeds: int, firs
     rows, views = [], around(settings)
     for name, (changes, _, _) in settings.items():
         layout.ALL_SETTINGS[name] = changes
-        WORK["forwards"] = 0
         run_aspect = layout.run_aspect
 
         def counted(*args, **kwargs):

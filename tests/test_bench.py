@@ -542,11 +542,11 @@ def test_dilated_views_see_every_kth_pixel_and_move_x0_by_their_weight():
 
 def test_dilated_views_leave_fewer_extra_suns_and_put_the_sampling_loop_back(one_thread):
     # docs/layout.md 6.18: on the sun prior at 64×64 (32×32 in its 8 px windows: views of every 4th pixel), the views
-    # remove a third of the suns the finest level adds (72 seeds: 2.14 → 1.51 per panorama); at weight 0 nothing changes.
+    # remove over a quarter of its suns (72 seeds: 2.14 → 1.51 per panorama); at weight 0 nothing changes.
     import dilated_views
     from msd_core.settings import QUALITY, GenerationSettings
 
-    sample = dilated_views.horizon.sample_with_settings
+    sample, step_function = dilated_views.horizon.sample_with_settings, dilated_views.horizon.msd_step
     sun = priors.SunPrior()
     world = GenerationSettings(prompt="bench", width=32 * horizon.PRIOR_FACTOR, height=32 * horizon.PRIOR_FACTOR,
                                wrap=False, **QUALITY["standard"][0])
@@ -557,7 +557,7 @@ def test_dilated_views_leave_fewer_extra_suns_and_put_the_sampling_loop_back(one
         dilated_views.WORK["forwards"] = 0
         with dilated_views.dilated_views(weight, "exact"):
             runs[weight], _ = dilated_views.horizon.sample_with_settings(sun, world, seeds)
-        assert dilated_views.horizon.sample_with_settings is sample and dilated_views.horizon.msd_step.__name__ == "msd_step"
+        assert dilated_views.horizon.sample_with_settings is sample and dilated_views.horizon.msd_step is step_function
         assert dilated_views.WORK["forwards"] == 16 * 18  # 16 views of one window, the 18 exact steps of 25
     torch.testing.assert_close(runs[0.0], plain)
     suns = {name: sum(sun.score(image)["objects"] for image in images) for name, images in
